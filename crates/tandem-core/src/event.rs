@@ -1,0 +1,210 @@
+//! The event model: one normalized Segment message, whatever channel it came
+//! from, and the flat record the log stores for it.
+
+use crate::ids::{MessageId, SourceId};
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::fmt;
+use std::str::FromStr;
+
+/// The six calls of the Segment spec.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventType {
+    Identify,
+    Track,
+    Page,
+    Screen,
+    Group,
+    Alias,
+}
+
+impl EventType {
+    pub const ALL: [EventType; 6] = [
+        EventType::Identify,
+        EventType::Track,
+        EventType::Page,
+        EventType::Screen,
+        EventType::Group,
+        EventType::Alias,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Identify => "identify",
+            EventType::Track => "track",
+            EventType::Page => "page",
+            EventType::Screen => "screen",
+            EventType::Group => "group",
+            EventType::Alias => "alias",
+        }
+    }
+}
+
+impl fmt::Display for EventType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The name is not one of the six Segment calls.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown event type {0:?}")]
+pub struct UnknownEventType(pub String);
+
+impl FromStr for EventType {
+    type Err = UnknownEventType;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        EventType::ALL
+            .into_iter()
+            .find(|event_type| event_type.as_str() == value)
+            .ok_or_else(|| UnknownEventType(value.to_owned()))
+    }
+}
+
+/// One normalized event, with every Segment field under its Segment name.
+///
+/// Invariants established by [`crate::collect`]: `user_id` or `anonymous_id`
+/// is set (for `alias`, `previous_id` and `user_id`); `event` is set for
+/// `track`; `group_id` for `group`; `message_id` is 1 to 100 characters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Event {
+    pub message_id: MessageId,
+    #[serde(rename = "type")]
+    pub event_type: EventType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anonymous_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub properties: Option<Map<String, Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traits: Option<Map<String, Value>>,
+    #[serde(default)]
+    pub context: Map<String, Value>,
+    #[serde(default)]
+    pub integrations: Map<String, Value>,
+    /// When the event happened, corrected for the device's clock skew.
+    #[serde(with = "rfc3339_millis")]
+    pub timestamp: DateTime<Utc>,
+    /// The `timestamp` the client sent, verbatim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_timestamp: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "option_rfc3339_millis"
+    )]
+    pub sent_at: Option<DateTime<Utc>>,
+    /// When Tandem received the request, by the server's clock.
+    #[serde(with = "rfc3339_millis")]
+    pub received_at: DateTime<Utc>,
+    pub source_id: SourceId,
+    /// Top-level fields outside the spec (`channel`, `version`, …), kept as sent.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl Event {
+    /// The flat record the log stores: indexed columns plus the JSON payload.
+    /// Serializing here, on the request's own thread, keeps the single log
+    /// writer free to do nothing but insert.
+    pub fn to_log_record(&self) -> LogRecord {
+        LogRecord {
+            source_id: self.source_id.clone(),
+            message_id: self.message_id.clone(),
+            event_type: self.event_type,
+            received_at_ms: self.received_at.timestamp_millis(),
+            timestamp_ms: self.timestamp.timestamp_millis(),
+            payload: serde_json::to_string(self).expect("an event always serializes"),
+        }
+    }
+}
+
+/// An event as the log stores it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogRecord {
+    pub source_id: SourceId,
+    pub message_id: MessageId,
+    pub event_type: EventType,
+    pub received_at_ms: i64,
+    pub timestamp_ms: i64,
+    /// The event as Segment JSON (see [`Event`]).
+    pub payload: String,
+}
+
+/// Formats a time the way Segment's API does: RFC 3339, UTC, milliseconds.
+pub fn format_timestamp(time: DateTime<Utc>) -> String {
+    time.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+mod rfc3339_millis {
+    use chrono::{DateTime, Utc};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        time: &DateTime<Utc>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&super::format_timestamp(*time))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<DateTime<Utc>, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        crate::collect::parse_timestamp(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+mod option_rfc3339_millis {
+    use chrono::{DateTime, Utc};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        time: &Option<DateTime<Utc>>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match time {
+            Some(time) => super::rfc3339_millis::serialize(time, serializer),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<DateTime<Utc>>, D::Error> {
+        Option::<String>::deserialize(deserializer)?
+            .map(|text| crate::collect::parse_timestamp(&text).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_type_round_trips_through_its_name() {
+        for event_type in EventType::ALL {
+            assert_eq!(event_type.as_str().parse::<EventType>(), Ok(event_type));
+        }
+        assert_eq!(
+            "Track".parse::<EventType>(),
+            Err(UnknownEventType("Track".into()))
+        );
+    }
+}

@@ -1,0 +1,14 @@
+//! Tandem's domain logic, free of I/O: the identifiers that cross module
+//! boundaries, the event model every channel produces, and the rules of the
+//! Segment-compatible tracking API (validation, limits, timestamp correction).
+//! The storage and server crates call into it; it calls nothing outside itself,
+//! so every rule here is tested with plain values.
+
+pub mod collect;
+pub mod event;
+pub mod ids;
+pub mod source;
+
+pub use event::{Event, EventType, LogRecord};
+pub use ids::{LogPosition, MessageId, SourceId, WriteKey};
+pub use source::{Source, SourceKind};

@@ -1,0 +1,151 @@
+//! Storage for Tandem: the one interface ([`Store`]) through which every stage
+//! reads and writes, the embedded SQLite backend behind it, and the shared
+//! test suite ([`store_test_suite!`]) that every backend must pass.
+//!
+//! The interface is synchronous: backends are driven from dedicated threads
+//! (the log writer) or blocking tasks, which lets the embedded backend group
+//! many requests into one transaction without an async runtime in the way.
+
+pub mod sqlite;
+pub mod suite;
+
+use serde::Serialize;
+use std::collections::BTreeMap;
+use tandem_core::source::SourceError;
+use tandem_core::{
+    EventType, LogPosition, LogRecord, MessageId, Source, SourceId, SourceKind, WriteKey,
+};
+
+pub use sqlite::SqliteStore;
+
+/// What went wrong in storage, in the caller's terms.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("a source named {0:?} already exists")]
+    SourceExists(String),
+    #[error("no source named {0:?}")]
+    SourceNotFound(String),
+    #[error(transparent)]
+    InvalidSource(#[from] SourceError),
+    #[error("the data directory was written by a newer tandem (schema {found}, this build knows {known})")]
+    SchemaTooNew { found: i64, known: i64 },
+    #[error("storage failure: {0}")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// A message refused by validation, kept with its reason instead of dropped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuarantineRecord {
+    pub source_id: SourceId,
+    pub received_at_ms: i64,
+    /// Position in its batch, when it came in one.
+    pub batch_index: Option<u32>,
+    pub code: String,
+    pub field: Option<String>,
+    pub message: String,
+    /// The message as the client sent it.
+    pub payload: String,
+}
+
+/// What one request asks the log to store: its valid events and its refusals.
+#[derive(Clone, Debug, Default)]
+pub struct IngestBatch {
+    pub records: Vec<LogRecord>,
+    pub rejected: Vec<QuarantineRecord>,
+}
+
+/// What became of one [`IngestBatch`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IngestOutcome {
+    /// Events newly appended to the log.
+    pub stored: u32,
+    /// Events whose `messageId` the source had sent within the dedup window.
+    pub duplicates: u32,
+    pub quarantined: u32,
+}
+
+/// One event as read back from the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogEntry {
+    pub position: LogPosition,
+    pub source_id: SourceId,
+    pub message_id: MessageId,
+    pub event_type: EventType,
+    pub received_at_ms: i64,
+    /// The event as Segment JSON, including `receivedAt` and `sourceId`.
+    pub payload: String,
+}
+
+/// A quarantined message as read back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct QuarantineEntry {
+    pub id: u64,
+    pub source_id: SourceId,
+    pub received_at_ms: i64,
+    pub batch_index: Option<u32>,
+    pub code: String,
+    pub field: Option<String>,
+    pub message: String,
+    pub payload: String,
+}
+
+/// Ingestion counts for one source.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SourceStats {
+    pub source_id: SourceId,
+    pub name: String,
+    pub events: u64,
+    pub events_by_type: BTreeMap<String, u64>,
+    pub duplicates: u64,
+    pub rejected: u64,
+}
+
+/// Ingestion counts for the whole log.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct IngestStats {
+    /// The position of the newest event; 0 when the log is empty.
+    pub log_head: LogPosition,
+    pub events: u64,
+    pub events_by_type: BTreeMap<String, u64>,
+    pub duplicates: u64,
+    pub rejected: u64,
+    pub sources: Vec<SourceStats>,
+}
+
+/// Everything the pipeline needs from storage.
+pub trait Store: Send + Sync + 'static {
+    /// Registers a source with a fresh id and write key.
+    fn create_source(&self, name: &str, kind: SourceKind) -> Result<Source, StoreError>;
+
+    fn list_sources(&self) -> Result<Vec<Source>, StoreError>;
+
+    fn source_by_write_key(&self, write_key: &WriteKey) -> Result<Option<Source>, StoreError>;
+
+    /// The source with this name; [`StoreError::SourceNotFound`] when there is none.
+    fn source_by_name(&self, name: &str) -> Result<Source, StoreError>;
+
+    /// Appends every batch in one transaction and returns their outcomes in
+    /// order. Nothing is visible, and nothing may be acknowledged, until this
+    /// returns `Ok`. An event whose `(source, messageId)` was stored at or
+    /// after `dedup_since_ms` is counted as a duplicate and not stored again.
+    fn append(
+        &self,
+        batches: &[IngestBatch],
+        dedup_since_ms: i64,
+    ) -> Result<Vec<IngestOutcome>, StoreError>;
+
+    /// Events after `after`, oldest first.
+    fn read_log(&self, after: LogPosition, limit: usize) -> Result<Vec<LogEntry>, StoreError>;
+
+    /// Quarantined messages with an id above `after_id`, oldest first.
+    fn list_quarantine(
+        &self,
+        after_id: u64,
+        limit: usize,
+    ) -> Result<Vec<QuarantineEntry>, StoreError>;
+
+    fn stats(&self) -> Result<IngestStats, StoreError>;
+
+    /// Forgets the `messageId`s received before the dedup window; returns how many.
+    fn forget_message_ids(&self, received_before_ms: i64) -> Result<u64, StoreError>;
+}

@@ -1,0 +1,516 @@
+//! The embedded backend: one SQLite file in WAL mode. One connection writes
+//! (the log writer's group commits and the rare admin change), a small pool
+//! reads, so readers never block the writer. Each commit is fsynced
+//! (`synchronous = FULL`), which is what makes an acknowledgement durable.
+
+use crate::{
+    IngestBatch, IngestOutcome, IngestStats, LogEntry, QuarantineEntry, SourceStats, Store,
+    StoreError,
+};
+use rand::distr::{Alphanumeric, SampleString};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use tandem_core::source::validate_source_name;
+use tandem_core::{EventType, LogPosition, MessageId, Source, SourceId, SourceKind, WriteKey};
+
+/// The file inside the data directory.
+pub const DATABASE_FILE: &str = "tandem.db";
+
+/// Schema versions, applied in order; the index + 1 is `PRAGMA user_version`.
+const MIGRATIONS: &[&str] = &[
+    // 1: sources, the event log, dedup, quarantine, ingest counters.
+    "CREATE TABLE sources (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        kind TEXT NOT NULL,
+        write_key TEXT NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE events (
+        position INTEGER PRIMARY KEY AUTOINCREMENT,
+        source_id TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        type TEXT NOT NULL,
+        received_at INTEGER NOT NULL,
+        timestamp INTEGER NOT NULL,
+        payload TEXT NOT NULL
+    );
+    CREATE TABLE message_ids (
+        source_id TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        received_at INTEGER NOT NULL,
+        PRIMARY KEY (source_id, message_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE quarantine (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        source_id TEXT NOT NULL,
+        received_at INTEGER NOT NULL,
+        batch_index INTEGER,
+        code TEXT NOT NULL,
+        field TEXT,
+        message TEXT NOT NULL,
+        payload TEXT NOT NULL
+    );
+    CREATE TABLE ingest_counters (
+        source_id TEXT NOT NULL,
+        type TEXT NOT NULL,
+        stored INTEGER NOT NULL DEFAULT 0,
+        duplicates INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (source_id, type)
+    ) WITHOUT ROWID;",
+];
+
+const READER_POOL_SIZE: usize = 4;
+
+/// The SQLite implementation of [`Store`].
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: Mutex<Connection>,
+    readers: Mutex<Vec<Connection>>,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(error: rusqlite::Error) -> Self {
+        StoreError::Backend(Box::new(error))
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store in `data_dir` and applies any
+    /// pending migrations.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|error| StoreError::Backend(Box::new(error)))?;
+        let path = data_dir.join(DATABASE_FILE);
+        let mut writer = open_connection(&path)?;
+        migrate(&mut writer)?;
+        Ok(SqliteStore {
+            path,
+            writer: Mutex::new(writer),
+            readers: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn with_writer<T>(
+        &self,
+        work: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut connection = self
+            .writer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        work(&mut connection)
+    }
+
+    fn with_reader<T>(
+        &self,
+        work: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let pooled = self
+            .readers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .pop();
+        let connection = match pooled {
+            Some(connection) => connection,
+            None => open_connection(&self.path)?,
+        };
+        let result = work(&connection);
+        let mut readers = self
+            .readers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if readers.len() < READER_POOL_SIZE {
+            readers.push(connection);
+        }
+        result
+    }
+}
+
+fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let connection = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    // Another process (the CLI beside a running server) may hold the write
+    // lock for a moment; wait rather than fail.
+    connection.busy_timeout(std::time::Duration::from_secs(10))?;
+    connection.pragma_update(None, "journal_mode", "WAL")?;
+    connection.pragma_update(None, "synchronous", "FULL")?;
+    connection.set_prepared_statement_cache_capacity(64);
+    Ok(connection)
+}
+
+fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
+    let known = MIGRATIONS.len() as i64;
+    let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let found: i64 = transaction.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    if found > known {
+        return Err(StoreError::SchemaTooNew { found, known });
+    }
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        transaction.execute_batch(migration)?;
+        transaction.pragma_update(None, "user_version", index as i64 + 1)?;
+        tracing::info!(version = index + 1, "applied storage migration");
+    }
+    transaction.commit()?;
+    Ok(())
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn random_token(length: usize) -> String {
+    Alphanumeric.sample_string(&mut rand::rng(), length)
+}
+
+fn source_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Source> {
+    let kind: String = row.get(2)?;
+    Ok(Source {
+        id: SourceId::new(row.get::<_, String>(0)?),
+        name: row.get(1)?,
+        kind: kind.parse().unwrap_or(SourceKind::Backend),
+        write_key: WriteKey::new(row.get::<_, String>(3)?),
+        created_at_ms: row.get(4)?,
+    })
+}
+
+const SOURCE_COLUMNS: &str = "id, name, kind, write_key, created_at";
+
+impl Store for SqliteStore {
+    fn create_source(&self, name: &str, kind: SourceKind) -> Result<Source, StoreError> {
+        let name = validate_source_name(name)?;
+        let source = Source {
+            id: SourceId::new(format!("src_{}", random_token(20))),
+            name: name.to_owned(),
+            kind,
+            write_key: WriteKey::new(random_token(32)),
+            created_at_ms: now_ms(),
+        };
+        self.with_writer(|connection| {
+            let inserted = connection.execute(
+                "INSERT INTO sources (id, name, kind, write_key, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (name) DO NOTHING",
+                params![
+                    source.id.as_str(),
+                    source.name,
+                    source.kind.as_str(),
+                    source.write_key.as_str(),
+                    source.created_at_ms
+                ],
+            )?;
+            if inserted == 0 {
+                return Err(StoreError::SourceExists(source.name.clone()));
+            }
+            Ok(source.clone())
+        })
+    }
+
+    fn list_sources(&self) -> Result<Vec<Source>, StoreError> {
+        self.with_reader(|connection| {
+            let mut statement = connection.prepare_cached(&format!(
+                "SELECT {SOURCE_COLUMNS} FROM sources ORDER BY rowid"
+            ))?;
+            let sources = statement
+                .query_map([], source_from_row)?
+                .collect::<Result<_, _>>()?;
+            Ok(sources)
+        })
+    }
+
+    fn source_by_write_key(&self, write_key: &WriteKey) -> Result<Option<Source>, StoreError> {
+        self.with_reader(|connection| {
+            let mut statement = connection.prepare_cached(&format!(
+                "SELECT {SOURCE_COLUMNS} FROM sources WHERE write_key = ?1"
+            ))?;
+            Ok(statement
+                .query_row([write_key.as_str()], source_from_row)
+                .optional()?)
+        })
+    }
+
+    fn source_by_name(&self, name: &str) -> Result<Source, StoreError> {
+        self.with_reader(|connection| {
+            let mut statement = connection.prepare_cached(&format!(
+                "SELECT {SOURCE_COLUMNS} FROM sources WHERE name = ?1"
+            ))?;
+            statement
+                .query_row([name.trim()], source_from_row)
+                .optional()?
+                .ok_or_else(|| StoreError::SourceNotFound(name.to_owned()))
+        })
+    }
+
+    fn append(
+        &self,
+        batches: &[IngestBatch],
+        dedup_since_ms: i64,
+    ) -> Result<Vec<IngestOutcome>, StoreError> {
+        self.with_writer(|connection| {
+            let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut outcomes = Vec::with_capacity(batches.len());
+            let mut counters: HashMap<(&str, EventType), (u64, u64)> = HashMap::new();
+            {
+                // A message id is claimed when it is new, or when its last
+                // sighting fell out of the dedup window.
+                let mut claim = transaction.prepare_cached(
+                    "INSERT INTO message_ids (source_id, message_id, received_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (source_id, message_id) DO UPDATE SET received_at = excluded.received_at
+                     WHERE message_ids.received_at < ?4",
+                )?;
+                let mut insert_event = transaction.prepare_cached(
+                    "INSERT INTO events (source_id, message_id, type, received_at, timestamp, payload)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?;
+                let mut insert_quarantine = transaction.prepare_cached(
+                    "INSERT INTO quarantine (source_id, received_at, batch_index, code, field, message, payload)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )?;
+                for batch in batches {
+                    let mut outcome = IngestOutcome::default();
+                    for record in &batch.records {
+                        let claimed = claim.execute(params![
+                            record.source_id.as_str(),
+                            record.message_id.as_str(),
+                            record.received_at_ms,
+                            dedup_since_ms
+                        ])? == 1;
+                        let counter = counters.entry((record.source_id.as_str(), record.event_type)).or_default();
+                        if claimed {
+                            insert_event.execute(params![
+                                record.source_id.as_str(),
+                                record.message_id.as_str(),
+                                record.event_type.as_str(),
+                                record.received_at_ms,
+                                record.timestamp_ms,
+                                record.payload
+                            ])?;
+                            outcome.stored += 1;
+                            counter.0 += 1;
+                        } else {
+                            outcome.duplicates += 1;
+                            counter.1 += 1;
+                        }
+                    }
+                    for rejected in &batch.rejected {
+                        insert_quarantine.execute(params![
+                            rejected.source_id.as_str(),
+                            rejected.received_at_ms,
+                            rejected.batch_index,
+                            rejected.code,
+                            rejected.field,
+                            rejected.message,
+                            rejected.payload
+                        ])?;
+                        outcome.quarantined += 1;
+                    }
+                    outcomes.push(outcome);
+                }
+                let mut count = transaction.prepare_cached(
+                    "INSERT INTO ingest_counters (source_id, type, stored, duplicates) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (source_id, type) DO UPDATE
+                     SET stored = stored + excluded.stored, duplicates = duplicates + excluded.duplicates",
+                )?;
+                for ((source_id, event_type), (stored, duplicates)) in &counters {
+                    count.execute(params![source_id, event_type.as_str(), stored, duplicates])?;
+                }
+            }
+            transaction.commit()?;
+            Ok(outcomes)
+        })
+    }
+
+    fn read_log(&self, after: LogPosition, limit: usize) -> Result<Vec<LogEntry>, StoreError> {
+        self.with_reader(|connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT position, source_id, message_id, type, received_at, payload FROM events
+                 WHERE position > ?1 ORDER BY position LIMIT ?2",
+            )?;
+            let rows = statement.query_map(params![after.0 as i64, limit as i64], |row| {
+                let event_type: String = row.get(3)?;
+                Ok(LogEntry {
+                    position: LogPosition(row.get::<_, i64>(0)? as u64),
+                    source_id: SourceId::new(row.get::<_, String>(1)?),
+                    message_id: MessageId::new(row.get::<_, String>(2)?),
+                    event_type: event_type.parse().map_err(|error| {
+                        rusqlite::Error::FromSqlConversionFailure(
+                            3,
+                            rusqlite::types::Type::Text,
+                            Box::new(error),
+                        )
+                    })?,
+                    received_at_ms: row.get(4)?,
+                    payload: row.get(5)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn list_quarantine(
+        &self,
+        after_id: u64,
+        limit: usize,
+    ) -> Result<Vec<QuarantineEntry>, StoreError> {
+        self.with_reader(|connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT id, source_id, received_at, batch_index, code, field, message, payload FROM quarantine
+                 WHERE id > ?1 ORDER BY id LIMIT ?2",
+            )?;
+            let rows = statement.query_map(params![after_id as i64, limit as i64], |row| {
+                Ok(QuarantineEntry {
+                    id: row.get::<_, i64>(0)? as u64,
+                    source_id: SourceId::new(row.get::<_, String>(1)?),
+                    received_at_ms: row.get(2)?,
+                    batch_index: row.get(3)?,
+                    code: row.get(4)?,
+                    field: row.get(5)?,
+                    message: row.get(6)?,
+                    payload: row.get(7)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn stats(&self) -> Result<IngestStats, StoreError> {
+        self.with_reader(|connection| {
+            // One read transaction, so the figures agree with one another.
+            connection.execute_batch("BEGIN")?;
+            let result = read_stats(connection);
+            connection.execute_batch("COMMIT")?;
+            result
+        })
+    }
+
+    fn forget_message_ids(&self, received_before_ms: i64) -> Result<u64, StoreError> {
+        self.with_writer(|connection| {
+            Ok(connection.execute(
+                "DELETE FROM message_ids WHERE received_at < ?1",
+                [received_before_ms],
+            )? as u64)
+        })
+    }
+}
+
+fn read_stats(connection: &Connection) -> Result<IngestStats, StoreError> {
+    let mut stats = IngestStats::default();
+    let mut per_source: Vec<SourceStats> = Vec::new();
+    let mut index_of: HashMap<String, usize> = HashMap::new();
+    let mut statement = connection.prepare_cached("SELECT id, name FROM sources ORDER BY rowid")?;
+    for row in statement.query_map([], |row| {
+        Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+    })? {
+        let (id, name) = row?;
+        index_of.insert(id.clone(), per_source.len());
+        per_source.push(SourceStats {
+            source_id: SourceId::new(id),
+            name,
+            ..SourceStats::default()
+        });
+    }
+    let mut statement = connection
+        .prepare_cached("SELECT source_id, type, stored, duplicates FROM ingest_counters")?;
+    let counters = statement.query_map([], |row| {
+        Ok((
+            row.get::<_, String>(0)?,
+            row.get::<_, String>(1)?,
+            row.get::<_, i64>(2)? as u64,
+            row.get::<_, i64>(3)? as u64,
+        ))
+    })?;
+    for counter in counters {
+        let (source_id, event_type, stored, duplicates) = counter?;
+        stats.events += stored;
+        stats.duplicates += duplicates;
+        *stats.events_by_type.entry(event_type.clone()).or_default() += stored;
+        if let Some(&index) = index_of.get(&source_id) {
+            let source = &mut per_source[index];
+            source.events += stored;
+            source.duplicates += duplicates;
+            *source.events_by_type.entry(event_type).or_default() += stored;
+        }
+    }
+    let mut statement = connection
+        .prepare_cached("SELECT source_id, COUNT(*) FROM quarantine GROUP BY source_id")?;
+    for row in statement.query_map([], |row| {
+        Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)? as u64))
+    })? {
+        let (source_id, rejected) = row?;
+        stats.rejected += rejected;
+        if let Some(&index) = index_of.get(&source_id) {
+            per_source[index].rejected += rejected;
+        }
+    }
+    stats.log_head = LogPosition(connection.query_row(
+        "SELECT COALESCE(MAX(position), 0) FROM events",
+        [],
+        |row| row.get::<_, i64>(0),
+    )? as u64);
+    stats.sources = per_source;
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    crate::store_test_suite!(
+        |dir: &std::path::Path| SqliteStore::open(dir).expect("open sqlite store")
+    );
+
+    #[test]
+    fn reopening_keeps_everything_and_does_not_migrate_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = {
+            let store = SqliteStore::open(dir.path()).unwrap();
+            store.create_source("web", SourceKind::Website).unwrap()
+        };
+        let store = SqliteStore::open(dir.path()).unwrap();
+        assert_eq!(store.list_sources().unwrap(), vec![source]);
+        let version: i64 = store
+            .with_reader(|connection| {
+                Ok(connection.pragma_query_value(None, "user_version", |row| row.get(0))?)
+            })
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(SqliteStore::open(dir.path()).unwrap());
+        let connection = Connection::open(dir.path().join(DATABASE_FILE)).unwrap();
+        connection.pragma_update(None, "user_version", 99).unwrap();
+        drop(connection);
+        assert!(matches!(
+            SqliteStore::open(dir.path()),
+            Err(StoreError::SchemaTooNew { found: 99, .. })
+        ));
+    }
+
+    #[test]
+    fn the_database_runs_in_wal_mode_with_full_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        store
+            .with_writer(|connection| {
+                let mode: String =
+                    connection.pragma_query_value(None, "journal_mode", |row| row.get(0))?;
+                let sync: i64 =
+                    connection.pragma_query_value(None, "synchronous", |row| row.get(0))?;
+                assert_eq!(mode, "wal");
+                assert_eq!(sync, 2, "synchronous = FULL");
+                Ok(())
+            })
+            .unwrap();
+    }
+}
