@@ -1,1 +1,192 @@
-//! placeholder
+//! Tandem's server: the HTTP API (tracking API, health, metrics), the log
+//! writer that makes events durable, and the lifecycle that ties them to a
+//! store — start, serve, drain on SIGTERM or Ctrl-C.
+
+pub mod auth;
+pub mod collect;
+pub mod error;
+pub mod log_writer;
+pub mod metrics;
+pub mod ops;
+
+use auth::SourceDirectory;
+use axum::routing::get;
+use axum::Router;
+use log_writer::LogWriter;
+use metrics::Metrics;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tandem_store::Store;
+
+/// How long a `messageId` is remembered for deduplication, as Segment does.
+pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(24 * 60 * 60);
+/// How often message ids older than the dedup window are forgotten.
+const DEDUP_PRUNE_INTERVAL: Duration = Duration::from_secs(10 * 60);
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub sources: Arc<SourceDirectory>,
+    pub log: LogWriter,
+    pub metrics: Metrics,
+}
+
+impl AppState {
+    /// Builds the shared state and starts the log writer thread, which stops
+    /// once the state (every clone of it) is dropped.
+    pub fn start(
+        store: Arc<dyn Store>,
+        dedup_window: Duration,
+    ) -> (AppState, std::thread::JoinHandle<()>) {
+        let metrics = Metrics::new();
+        let (log, writer_thread) = LogWriter::spawn(store.clone(), dedup_window, metrics.clone());
+        let state = AppState {
+            sources: Arc::new(SourceDirectory::new(store.clone())),
+            store,
+            log,
+            metrics,
+        };
+        (state, writer_thread)
+    }
+}
+
+/// The full HTTP API.
+pub fn router(state: AppState) -> Router {
+    let mut tracking = Router::new();
+    for (path, route) in collect::routes() {
+        tracking = tracking.route(path, route);
+    }
+    Router::new()
+        .merge(tracking)
+        .route("/health", get(ops::health))
+        .route("/metrics", get(ops::metrics))
+        .fallback(ops::not_found)
+        .method_not_allowed_fallback(ops::method_not_allowed)
+        .with_state(state)
+        // Outermost, so preflights are answered before routing.
+        .layer(axum::middleware::from_fn(ops::cors))
+}
+
+/// Settings of a running server.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    pub listen: SocketAddr,
+    pub dedup_window: Duration,
+}
+
+/// The server could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the server failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A started server: the address it listens on and the state it serves.
+pub struct Running {
+    pub local_addr: SocketAddr,
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    writer_thread: std::thread::JoinHandle<()>,
+    dedup_window: Duration,
+}
+
+/// Binds the listener and starts the log writer; call [`Running::serve`] next.
+pub async fn start(store: Arc<dyn Store>, options: &ServerOptions) -> Result<Running, ServeError> {
+    let listener = tokio::net::TcpListener::bind(options.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            address: options.listen,
+            source,
+        })?;
+    let local_addr = listener.local_addr()?;
+    let (state, writer_thread) = AppState::start(store, options.dedup_window);
+    Ok(Running {
+        local_addr,
+        listener,
+        state,
+        writer_thread,
+        dedup_window: options.dedup_window,
+    })
+}
+
+impl Running {
+    /// Serves until `shutdown` resolves, then stops accepting, finishes the
+    /// requests in flight, and waits for the log writer to commit them.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let Running {
+            local_addr,
+            listener,
+            state,
+            writer_thread,
+            dedup_window,
+        } = self;
+        let pruner = tokio::spawn(prune_message_ids(state.store.clone(), dedup_window));
+        tracing::info!(address = %local_addr, "tandem is listening");
+        let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await?;
+        pruner.abort();
+        // Every handle to the log writer lived in the router, now dropped: the
+        // writer commits what is queued and stops.
+        tokio::task::spawn_blocking(move || writer_thread.join())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_else(|| tracing::error!("the log writer stopped abnormally"));
+        tracing::info!("tandem stopped; every acknowledged event is durable");
+        Ok(())
+    }
+}
+
+async fn prune_message_ids(store: Arc<dyn Store>, dedup_window: Duration) {
+    let mut interval = tokio::time::interval(DEDUP_PRUNE_INTERVAL);
+    loop {
+        interval.tick().await;
+        let cutoff = chrono::Utc::now().timestamp_millis()
+            - i64::try_from(dedup_window.as_millis()).unwrap_or(i64::MAX);
+        let store = store.clone();
+        match tokio::task::spawn_blocking(move || store.forget_message_ids(cutoff)).await {
+            Ok(Ok(forgotten)) if forgotten > 0 => {
+                tracing::debug!(forgotten, "forgot message ids past the dedup window")
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "forgetting old message ids failed"),
+            Err(error) => tracing::warn!(%error, "the dedup pruner panicked"),
+        }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutting down: draining requests in flight");
+}

@@ -1,1 +1,164 @@
-fn main() {}
+//! The `tandem` command: runs the server and administers the embedded store
+//! (sources, the event log, quarantine, statistics) from the command line.
+//! Every command works against the same data directory as a running server.
+
+mod commands;
+mod config;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use config::{Config, LogFormat, Settings};
+use std::sync::Arc;
+use tandem_core::SourceKind;
+use tandem_store::SqliteStore;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tandem",
+    version,
+    about = "Tandem, the customer data platform marketing and IT run together"
+)]
+struct Cli {
+    #[command(flatten)]
+    config: Config,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the server: tracking API, health and metrics
+    Serve,
+    /// Manage sources, the channels events arrive through
+    #[command(subcommand)]
+    Source(SourceCommand),
+    /// Read the event log
+    #[command(subcommand)]
+    Events(EventsCommand),
+    /// Messages refused by validation, kept with their reason
+    #[command(subcommand)]
+    Quarantine(QuarantineCommand),
+    /// Counts per source and per type, duplicates dropped, rejected
+    Stats {
+        /// Print one JSON object
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SourceCommand {
+    /// Create a source and print its write key
+    Create {
+        name: String,
+        /// website, app, backend, import or webhook
+        #[arg(long, default_value = "backend")]
+        kind: SourceKind,
+        /// Print one JSON object
+        #[arg(long)]
+        json: bool,
+    },
+    /// List every source
+    List {
+        /// Print a JSON array
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum EventsCommand {
+    /// Print events oldest first
+    List {
+        /// At most this many events
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Start after this log position
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// One JSON object per line, with every Segment field
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum QuarantineCommand {
+    /// Print quarantined messages oldest first
+    List {
+        /// At most this many messages
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// One JSON object per line
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let settings = cli.config.resolve()?;
+    init_logging(settings.log_format);
+    let open = || -> anyhow::Result<SqliteStore> {
+        SqliteStore::open(&settings.data_dir)
+            .with_context(|| format!("opening the store in {}", settings.data_dir.display()))
+    };
+    let mut out = std::io::stdout().lock();
+    match cli.command {
+        Command::Serve => serve(&settings, open()?),
+        Command::Source(SourceCommand::Create { name, kind, json }) => {
+            commands::create_source(&open()?, &name, kind, json, &mut out)
+        }
+        Command::Source(SourceCommand::List { json }) => {
+            commands::list_sources(&open()?, json, &mut out)
+        }
+        Command::Events(EventsCommand::List { limit, after, json }) => {
+            commands::list_events(&open()?, after, limit, json, &mut out)
+        }
+        Command::Quarantine(QuarantineCommand::List { limit, json }) => {
+            commands::list_quarantine(&open()?, limit, json, &mut out)
+        }
+        Command::Stats { json } => commands::stats(&open()?, json, &mut out),
+    }
+}
+
+fn serve(settings: &Settings, store: SqliteStore) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let options = tandem_server::ServerOptions {
+        listen: settings.listen,
+        dedup_window: settings.dedup_window,
+    };
+    tracing::info!(data = %settings.data_dir.display(), "opened the store");
+    runtime.block_on(async {
+        let running = tandem_server::start(Arc::new(store), &options).await?;
+        running.serve(tandem_server::shutdown_signal()).await?;
+        anyhow::Ok(())
+    })
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,146 @@
+//! Who is writing: reads the write key from `Authorization: Basic` (the key as
+//! user name, password empty, colon optional) and maps it to its source,
+//! caching the sources it has seen so the hot path does not query storage.
+
+use crate::error::{ApiError, ErrorCode};
+use axum::http::{header, HeaderMap};
+use base64::Engine;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use tandem_core::{Source, WriteKey};
+use tandem_store::Store;
+
+/// The write key from an `Authorization: Basic` header; `None` when there is
+/// no such header (the key may then be in the body).
+pub fn basic_auth_write_key(headers: &HeaderMap) -> Result<Option<WriteKey>, ApiError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let malformed = || {
+        ApiError::new(
+            ErrorCode::InvalidWriteKey,
+            "authorization must be Basic with the write key as user name",
+        )
+        .with_field("authorization")
+    };
+    let text = value.to_str().map_err(|_| malformed())?.trim();
+    let Some((scheme, encoded)) = text.split_once(' ') else {
+        return Err(malformed());
+    };
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Err(malformed());
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .map_err(|_| malformed())?;
+    let credentials = String::from_utf8(decoded).map_err(|_| malformed())?;
+    let user = credentials
+        .split_once(':')
+        .map_or(credentials.as_str(), |(user, _password)| user);
+    if user.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(WriteKey::new(user)))
+}
+
+/// Write key → source, backed by storage, with a cache of known keys.
+/// Sources are only ever added, so a cached key never goes stale.
+pub struct SourceDirectory {
+    store: Arc<dyn Store>,
+    known: RwLock<HashMap<WriteKey, Source>>,
+}
+
+impl SourceDirectory {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        SourceDirectory {
+            store,
+            known: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// The source a write key belongs to, or 401.
+    pub async fn authenticate(&self, write_key: Option<WriteKey>) -> Result<Source, ApiError> {
+        let Some(write_key) = write_key else {
+            return Err(ApiError::new(
+                ErrorCode::MissingWriteKey,
+                "a write key is required, as the Basic auth user name or writeKey in the body",
+            )
+            .with_field("writeKey"));
+        };
+        if let Some(source) = self
+            .known
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&write_key)
+        {
+            return Ok(source.clone());
+        }
+        let store = self.store.clone();
+        let key = write_key.clone();
+        let found = tokio::task::spawn_blocking(move || store.source_by_write_key(&key))
+            .await
+            .map_err(|_| ApiError::new(ErrorCode::Internal, "internal error"))?
+            .map_err(|error| {
+                tracing::error!(%error, "looking up a write key failed");
+                ApiError::unavailable()
+            })?;
+        match found {
+            Some(source) => {
+                self.known
+                    .write()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .insert(write_key, source.clone());
+                Ok(source)
+            }
+            None => Err(ApiError::new(
+                ErrorCode::InvalidWriteKey,
+                "the write key matches no source",
+            )
+            .with_field("writeKey")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn headers_with(authorization: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(authorization).unwrap(),
+        );
+        headers
+    }
+
+    fn encode(text: &str) -> String {
+        base64::engine::general_purpose::STANDARD.encode(text)
+    }
+
+    #[test]
+    fn the_user_name_is_the_write_key_with_or_without_a_colon() {
+        for credentials in ["key123:", "key123", "key123:ignored"] {
+            let headers = headers_with(&format!("Basic {}", encode(credentials)));
+            assert_eq!(
+                basic_auth_write_key(&headers).unwrap(),
+                Some(WriteKey::new("key123")),
+                "{credentials}"
+            );
+        }
+        assert_eq!(basic_auth_write_key(&HeaderMap::new()).unwrap(), None);
+    }
+
+    #[test]
+    fn malformed_authorization_is_refused() {
+        for value in ["Bearer abc", "Basic !!!", "Basic"] {
+            let error = basic_auth_write_key(&headers_with(value)).unwrap_err();
+            assert_eq!(
+                error.status(),
+                axum::http::StatusCode::UNAUTHORIZED,
+                "{value}"
+            );
+        }
+    }
+}

@@ -1,0 +1,410 @@
+//! The tracking API over HTTP: Segment's `/v1/track`, `identify`, `page`,
+//! `screen`, `group`, `alias`, `batch` and `import` (plus analytics.js's
+//! one-letter paths), so existing Segment and RudderStack SDKs work unchanged.
+//!
+//! A handler authenticates the source, reads and decompresses the body within
+//! the size limits, lets [`tandem_core::collect`] validate each message, hands
+//! the valid events and the refusals to the log writer, and answers only once
+//! both are durable. Refused messages are quarantined, never dropped.
+
+use crate::error::{ApiError, ErrorCode};
+use crate::AppState;
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{post, MethodRouter};
+use axum::{Extension, Json};
+use chrono::Utc;
+use serde_json::{json, Value};
+use std::io::Read;
+use std::net::SocketAddr;
+use std::time::Instant;
+use tandem_core::collect::{
+    normalize_batch, normalize_message, parse_batch, parse_single, BatchDefaults, RejectedMessage,
+    RequestContext, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES,
+};
+use tandem_core::{EventType, Source, WriteKey};
+use tandem_store::{IngestBatch, IngestOutcome, QuarantineRecord};
+
+/// The tracking API's routes, by path.
+pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
+    let mut routes = Vec::new();
+    for (path, short, event_type) in [
+        ("/v1/identify", "/v1/i", EventType::Identify),
+        ("/v1/track", "/v1/t", EventType::Track),
+        ("/v1/page", "/v1/p", EventType::Page),
+        ("/v1/screen", "/v1/s", EventType::Screen),
+        ("/v1/group", "/v1/g", EventType::Group),
+        ("/v1/alias", "/v1/a", EventType::Alias),
+    ] {
+        routes.push((path, single_route(path, event_type)));
+        routes.push((short, single_route(path, event_type)));
+    }
+    for path in ["/v1/batch", "/v1/import", "/v1/b"] {
+        routes.push((
+            path,
+            post(move |state, connect, headers, body| {
+                batch_endpoint(state, connect, headers, body)
+            }),
+        ));
+    }
+    routes
+}
+
+fn single_route(route: &'static str, event_type: EventType) -> MethodRouter<AppState> {
+    post(
+        move |State(state): State<AppState>,
+              connect: Option<Extension<ConnectInfo<SocketAddr>>>,
+              headers: HeaderMap,
+              body: Body| async move {
+            let started = Instant::now();
+            let client_ip = client_ip(connect);
+            let result =
+                ingest_single(&state, event_type, client_ip.as_deref(), &headers, body).await;
+            finish(&state, route, started, result)
+        },
+    )
+}
+
+async fn batch_endpoint(
+    State(state): State<AppState>,
+    connect: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let client_ip = client_ip(connect);
+    let result = ingest_batch(&state, client_ip.as_deref(), &headers, body).await;
+    finish(&state, "/v1/batch", started, result)
+}
+
+fn client_ip(connect: Option<Extension<ConnectInfo<SocketAddr>>>) -> Option<String> {
+    connect.map(|Extension(ConnectInfo(address))| address.ip().to_string())
+}
+
+fn finish(
+    state: &AppState,
+    route: &'static str,
+    started: Instant,
+    result: Result<Value, ApiError>,
+) -> Response {
+    let response = match result {
+        Ok(body) => (StatusCode::OK, Json(body)).into_response(),
+        Err(error) => {
+            tracing::debug!(route, code = error.code.as_str(), message = %error.message, "tracking request refused");
+            error.into_response()
+        }
+    };
+    state
+        .metrics
+        .observe_request(route, response.status().as_u16(), started.elapsed());
+    response
+}
+
+async fn ingest_single(
+    state: &AppState,
+    event_type: EventType,
+    client_ip: Option<&str>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Value, ApiError> {
+    let header_key = crate::auth::basic_auth_write_key(headers)?;
+    let body = read_body(body, headers, MAX_MESSAGE_BYTES, ErrorCode::MessageTooLarge).await?;
+    let header_source = match header_key {
+        Some(key) => Some(state.sources.authenticate(Some(key)).await?),
+        None => None,
+    };
+    let (message, body_key) = match parse_single(&body) {
+        Ok(parsed) => parsed,
+        Err(error) => {
+            return Err(quarantine_unreadable(state, header_source, &body, error.into()).await)
+        }
+    };
+    let source = match header_source {
+        Some(source) => source,
+        None => {
+            state
+                .sources
+                .authenticate(body_key.map(WriteKey::new))
+                .await?
+        }
+    };
+    let received_at = Utc::now();
+    let request = RequestContext {
+        source_id: &source.id,
+        received_at,
+        client_ip,
+    };
+    match normalize_message(
+        message,
+        Some(event_type),
+        &BatchDefaults::default(),
+        &request,
+    ) {
+        Ok(event) => {
+            let outcome = append(
+                state,
+                IngestBatch {
+                    records: vec![event.to_log_record()],
+                    rejected: Vec::new(),
+                },
+            )
+            .await?;
+            count(state, &outcome);
+            Ok(json!({"success": true}))
+        }
+        Err(rejection) => {
+            let refused = RejectedMessage {
+                index: None,
+                raw: String::from_utf8_lossy(&body).into_owned(),
+                rejection,
+            };
+            let outcome = append(
+                state,
+                IngestBatch {
+                    records: Vec::new(),
+                    rejected: vec![quarantine_record(
+                        &source,
+                        received_at.timestamp_millis(),
+                        &refused,
+                    )],
+                },
+            )
+            .await?;
+            count(state, &outcome);
+            let error = ApiError::new(refused.rejection.code.into(), refused.rejection.message);
+            Err(match refused.rejection.field {
+                Some(field) => error.with_field(field),
+                None => error,
+            })
+        }
+    }
+}
+
+async fn ingest_batch(
+    state: &AppState,
+    client_ip: Option<&str>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Value, ApiError> {
+    let header_key = crate::auth::basic_auth_write_key(headers)?;
+    let body = read_body(body, headers, MAX_REQUEST_BYTES, ErrorCode::RequestTooLarge).await?;
+    let header_source = match header_key {
+        Some(key) => Some(state.sources.authenticate(Some(key)).await?),
+        None => None,
+    };
+    let batch = match parse_batch(&body) {
+        Ok(batch) => batch,
+        Err(error) => {
+            return Err(quarantine_unreadable(state, header_source, &body, error.into()).await)
+        }
+    };
+    let source = match header_source {
+        Some(source) => source,
+        None => {
+            state
+                .sources
+                .authenticate(batch.write_key.clone().map(WriteKey::new))
+                .await?
+        }
+    };
+    let received_at = Utc::now();
+    let request = RequestContext {
+        source_id: &source.id,
+        received_at,
+        client_ip,
+    };
+    let normalized = normalize_batch(&batch, &request);
+    let received_at_ms = received_at.timestamp_millis();
+    let ingest = IngestBatch {
+        records: normalized
+            .events
+            .iter()
+            .map(|event| event.to_log_record())
+            .collect(),
+        rejected: normalized
+            .rejected
+            .iter()
+            .map(|refused| quarantine_record(&source, received_at_ms, refused))
+            .collect(),
+    };
+    let outcome = append(state, ingest).await?;
+    count(state, &outcome);
+    if normalized.rejected.is_empty() {
+        return Ok(json!({"success": true}));
+    }
+    let rejected: Vec<Value> = normalized
+        .rejected
+        .iter()
+        .map(|refused| {
+            json!({
+                "index": refused.index,
+                "code": refused.rejection.code.as_str(),
+                "message": refused.rejection.message,
+                "field": refused.rejection.field,
+            })
+        })
+        .collect();
+    if normalized.events.is_empty() {
+        let first = &normalized.rejected[0];
+        let index = first.index.unwrap_or(0);
+        let field = match &first.rejection.field {
+            Some(field) => format!("batch[{index}].{field}"),
+            None => format!("batch[{index}]"),
+        };
+        let message = format!(
+            "every message was rejected; message {index}: {}",
+            first.rejection.message
+        );
+        return Err(ApiError::new(first.rejection.code.into(), message)
+            .with_field(field)
+            .with_extra("rejected", Value::Array(rejected)));
+    }
+    Ok(json!({"success": true, "rejected": rejected}))
+}
+
+fn count(state: &AppState, outcome: &IngestOutcome) {
+    state
+        .metrics
+        .count_events("stored", u64::from(outcome.stored));
+    state
+        .metrics
+        .count_events("duplicate", u64::from(outcome.duplicates));
+    state
+        .metrics
+        .count_events("rejected", u64::from(outcome.quarantined));
+}
+
+async fn append(state: &AppState, batch: IngestBatch) -> Result<IngestOutcome, ApiError> {
+    state.log.append(batch).await.map_err(|error| {
+        tracing::error!(%error, "events could not be made durable");
+        ApiError::unavailable()
+    })
+}
+
+fn quarantine_record(
+    source: &Source,
+    received_at_ms: i64,
+    refused: &RejectedMessage,
+) -> QuarantineRecord {
+    QuarantineRecord {
+        source_id: source.id.clone(),
+        received_at_ms,
+        batch_index: refused.index.map(|index| index as u32),
+        code: refused.rejection.code.as_str().to_owned(),
+        field: refused.rejection.field.clone(),
+        message: refused.rejection.message.clone(),
+        payload: refused.raw.clone(),
+    }
+}
+
+/// A body that could not be read as a request: keep it in quarantine when we
+/// know whose it is, then return the error for the client.
+async fn quarantine_unreadable(
+    state: &AppState,
+    source: Option<Source>,
+    body: &[u8],
+    error: ApiError,
+) -> ApiError {
+    let Some(source) = source else {
+        return error;
+    };
+    if error.code.status() != StatusCode::BAD_REQUEST {
+        return error;
+    }
+    let record = QuarantineRecord {
+        source_id: source.id,
+        received_at_ms: Utc::now().timestamp_millis(),
+        batch_index: None,
+        code: error.code.as_str().to_owned(),
+        field: error.field.clone(),
+        message: error.message.clone(),
+        payload: String::from_utf8_lossy(body).into_owned(),
+    };
+    match append(
+        state,
+        IngestBatch {
+            records: Vec::new(),
+            rejected: vec![record],
+        },
+    )
+    .await
+    {
+        Ok(outcome) => {
+            count(state, &outcome);
+            error
+        }
+        Err(unavailable) => unavailable,
+    }
+}
+
+/// Reads the body within `limit` bytes, before and after gzip decompression.
+async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+    too_large: ErrorCode,
+) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            too_large,
+            format!("body is larger than the limit of {limit} bytes"),
+        )
+        .with_field("body")
+    };
+    let declared_length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|text| text.parse::<usize>().ok());
+    if declared_length.is_some_and(|length| length > limit) {
+        return Err(too_large());
+    }
+    let raw = axum::body::to_bytes(body, limit).await.map_err(|error| {
+        if is_length_limit(&error) {
+            too_large()
+        } else {
+            ApiError::new(
+                ErrorCode::InvalidRequest,
+                "the request body could not be read",
+            )
+            .with_field("body")
+        }
+    })?;
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .map(|value| value.to_str().unwrap_or("?").trim().to_ascii_lowercase());
+    match encoding.as_deref() {
+        None | Some("") | Some("identity") => Ok(raw),
+        Some("gzip") | Some("x-gzip") => {
+            let mut decompressed = Vec::with_capacity(raw.len() * 4);
+            flate2::read::GzDecoder::new(&raw[..])
+                .take(limit as u64 + 1)
+                .read_to_end(&mut decompressed)
+                .map_err(|_| {
+                    ApiError::new(ErrorCode::InvalidEncoding, "body is not valid gzip")
+                        .with_field("body")
+                })?;
+            if decompressed.len() > limit {
+                return Err(too_large());
+            }
+            Ok(Bytes::from(decompressed))
+        }
+        Some(other) => Err(ApiError::new(
+            ErrorCode::InvalidEncoding,
+            format!("content-encoding {other:?} is not supported, use gzip or none"),
+        )
+        .with_field("content-encoding")),
+    }
+}
+
+fn is_length_limit(error: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = source {
+        if current.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = current.source();
+    }
+    false
+}

@@ -1,0 +1,176 @@
+//! Every Prometheus metric the server exports, declared in one place and
+//! rendered in the text exposition format at `GET /metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::time::Duration;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: &'static str,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 100 µs to about 6.5 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 17))
+}
+
+fn commit_size_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 4.0, 9))
+}
+
+/// The server's metrics; cheap to clone (every handle is shared).
+#[derive(Clone)]
+pub struct Metrics {
+    registry: std::sync::Arc<Registry>,
+    pub http_requests: Family<RequestLabels, Counter>,
+    pub http_request_duration: HistogramFamily<RouteLabels>,
+    pub ingest_events: Family<OutcomeLabels, Counter>,
+    pub log_commits: Counter,
+    pub log_commit_events: Histogram,
+    pub log_commit_duration: Histogram,
+    pub log_commit_failures: Counter,
+    pub log_queue_depth: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tandem");
+        let http_requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests by route and status",
+            http_requests.clone(),
+        );
+        let http_request_duration: HistogramFamily<RouteLabels> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "http_request_duration_seconds",
+            "Time from request to response, including the durable commit",
+            http_request_duration.clone(),
+        );
+        let ingest_events = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "ingest_events",
+            "Tracked messages by outcome: stored, duplicate or rejected",
+            ingest_events.clone(),
+        );
+        let log_commits = Counter::default();
+        registry.register(
+            "log_commits",
+            "Group commits to the event log",
+            log_commits.clone(),
+        );
+        let log_commit_events = commit_size_histogram();
+        registry.register(
+            "log_commit_events",
+            "Events per group commit",
+            log_commit_events.clone(),
+        );
+        let log_commit_duration = latency_histogram();
+        registry.register(
+            "log_commit_duration_seconds",
+            "Time to write and fsync one group commit",
+            log_commit_duration.clone(),
+        );
+        let log_commit_failures = Counter::default();
+        registry.register(
+            "log_commit_failures",
+            "Group commits that failed",
+            log_commit_failures.clone(),
+        );
+        let log_queue_depth = Gauge::default();
+        registry.register(
+            "log_queue_depth",
+            "Requests waiting for the log writer",
+            log_queue_depth.clone(),
+        );
+        Metrics {
+            registry: std::sync::Arc::new(registry),
+            http_requests,
+            http_request_duration,
+            ingest_events,
+            log_commits,
+            log_commit_events,
+            log_commit_duration,
+            log_commit_failures,
+            log_queue_depth,
+        }
+    }
+
+    pub fn observe_request(&self, route: &'static str, status: u16, elapsed: Duration) {
+        self.http_requests
+            .get_or_create(&RequestLabels { route, status })
+            .inc();
+        self.http_request_duration
+            .get_or_create(&RouteLabels { route })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn count_events(&self, outcome: &'static str, count: u64) {
+        if count > 0 {
+            self.ingest_events
+                .get_or_create(&OutcomeLabels { outcome })
+                .inc_by(count);
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_histograms_in_text_format() {
+        let metrics = Metrics::new();
+        metrics.observe_request("/v1/batch", 200, Duration::from_millis(3));
+        metrics.count_events("stored", 100);
+        let text = metrics.render();
+        assert!(
+            text.contains("tandem_http_requests_total{route=\"/v1/batch\",status=\"200\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tandem_ingest_events_total{outcome=\"stored\"} 100"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "tandem_http_request_duration_seconds_bucket{le=\"0.0032\",route=\"/v1/batch\"} 0"
+            ) || text.contains("tandem_http_request_duration_seconds_count{route=\"/v1/batch\"} 1"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

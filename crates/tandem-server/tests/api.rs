@@ -1,0 +1,643 @@
+//! The tracking API end to end through the router (no socket): every call,
+//! authentication, limits, partial batches, quarantine, dedup, operations.
+
+use axum::body::{to_bytes, Body};
+use axum::extract::ConnectInfo;
+use axum::http::{header, Method, Request, StatusCode};
+use axum::Router;
+use base64::Engine;
+use serde_json::{json, Value};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tandem_core::{LogPosition, Source, SourceKind};
+use tandem_server::{router, AppState, DEFAULT_DEDUP_WINDOW};
+use tandem_store::{SqliteStore, Store};
+use tower::ServiceExt;
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    store: Arc<SqliteStore>,
+    app: Router,
+    source: Source,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let source = store.create_source("website", SourceKind::Website).unwrap();
+        let (state, _writer) = AppState::start(store.clone(), DEFAULT_DEDUP_WINDOW);
+        Harness {
+            _dir: dir,
+            store,
+            app: router(state),
+            source,
+        }
+    }
+
+    fn basic(&self) -> String {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{}:", self.source.write_key))
+        )
+    }
+
+    async fn send(&self, request: Request<Body>) -> (StatusCode, Value) {
+        let mut request = request;
+        request
+            .extensions_mut()
+            .insert(ConnectInfo(SocketAddr::from(([192, 0, 2, 7], 5555))));
+        let response = self.app.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = to_bytes(response.into_body(), usize::MAX).await.unwrap();
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
+        (status, body)
+    }
+
+    async fn post(&self, path: &str, body: impl Into<Body>) -> (StatusCode, Value) {
+        let request = Request::post(path)
+            .header(header::AUTHORIZATION, self.basic())
+            .body(body.into())
+            .unwrap();
+        self.send(request).await
+    }
+
+    async fn post_json(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.post(path, body.to_string()).await
+    }
+
+    fn events(&self) -> Vec<Value> {
+        self.store
+            .read_log(LogPosition(0), 100_000)
+            .unwrap()
+            .iter()
+            .map(|entry| serde_json::from_str(&entry.payload).unwrap())
+            .collect()
+    }
+}
+
+fn error_of(body: &Value) -> (&str, Option<&str>) {
+    (
+        body["error"]["code"].as_str().unwrap(),
+        body["error"]["field"].as_str(),
+    )
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(bytes).unwrap();
+    encoder.finish().unwrap()
+}
+
+#[tokio::test]
+async fn every_call_is_accepted_and_stored_with_its_fields() {
+    let harness = Harness::new();
+    let calls = [
+        (
+            "/v1/identify",
+            json!({"userId": "u1", "traits": {"email": "ann@example.com"}, "messageId": "m-identify"}),
+        ),
+        (
+            "/v1/track",
+            json!({"userId": "u1", "event": "Order Completed", "properties": {"revenue": 30}, "messageId": "m-track"}),
+        ),
+        (
+            "/v1/page",
+            json!({"anonymousId": "a1", "name": "Pricing", "category": "Docs", "properties": {"url": "https://x.test/pricing"}, "messageId": "m-page"}),
+        ),
+        (
+            "/v1/screen",
+            json!({"userId": "u1", "name": "Home", "messageId": "m-screen"}),
+        ),
+        (
+            "/v1/group",
+            json!({"userId": "u1", "groupId": "acme", "traits": {"plan": "enterprise"}, "messageId": "m-group"}),
+        ),
+        (
+            "/v1/alias",
+            json!({"previousId": "a1", "userId": "u1", "messageId": "m-alias"}),
+        ),
+    ];
+    for (path, body) in &calls {
+        let (status, response) = harness.post_json(path, body.clone()).await;
+        assert_eq!(
+            (status, &response),
+            (StatusCode::OK, &json!({"success": true})),
+            "{path}"
+        );
+    }
+    let events = harness.events();
+    let types: Vec<_> = events
+        .iter()
+        .map(|event| event["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        vec!["identify", "track", "page", "screen", "group", "alias"]
+    );
+    assert_eq!(events[0]["traits"]["email"], "ann@example.com");
+    assert_eq!(events[1]["event"], "Order Completed");
+    assert_eq!(events[1]["properties"]["revenue"], 30);
+    assert_eq!(events[2]["category"], "Docs");
+    assert_eq!(events[4]["groupId"], "acme");
+    assert_eq!(events[5]["previousId"], "a1");
+    for event in &events {
+        assert_eq!(event["sourceId"], harness.source.id.as_str());
+        assert_eq!(
+            event["context"]["ip"], "192.0.2.7",
+            "ip from the connection"
+        );
+        assert!(event["receivedAt"].is_string() && event["timestamp"].is_string());
+    }
+}
+
+#[tokio::test]
+async fn analytics_js_short_paths_and_import_reach_the_same_log() {
+    let harness = Harness::new();
+    let key = harness.source.write_key.as_str();
+    for (path, body) in [
+        (
+            "/v1/t",
+            json!({"writeKey": key, "anonymousId": "a", "event": "Clicked"}),
+        ),
+        ("/v1/p", json!({"writeKey": key, "anonymousId": "a"})),
+        (
+            "/v1/import",
+            json!({"writeKey": key, "batch": [{"type": "identify", "userId": "u"}]}),
+        ),
+    ] {
+        let request = Request::post(path)
+            .header(header::CONTENT_TYPE, "text/plain")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        assert_eq!(harness.send(request).await.0, StatusCode::OK, "{path}");
+    }
+    assert_eq!(harness.events().len(), 3);
+}
+
+#[tokio::test]
+async fn write_keys_authenticate_by_basic_auth_or_body() {
+    let harness = Harness::new();
+    let key = harness.source.write_key.as_str();
+    let encoded = base64::engine::general_purpose::STANDARD.encode(key);
+    let no_colon = Request::post("/v1/track")
+        .header(header::AUTHORIZATION, format!("Basic {encoded}"))
+        .body(Body::from(r#"{"userId":"u","event":"E"}"#))
+        .unwrap();
+    assert_eq!(harness.send(no_colon).await.0, StatusCode::OK);
+    let in_body = Request::post("/v1/track")
+        .body(Body::from(
+            json!({"writeKey": key, "userId": "u", "event": "E"}).to_string(),
+        ))
+        .unwrap();
+    assert_eq!(harness.send(in_body).await.0, StatusCode::OK);
+
+    let missing = Request::post("/v1/track")
+        .body(Body::from(r#"{"userId":"u","event":"E"}"#))
+        .unwrap();
+    let (status, body) = harness.send(missing).await;
+    assert_eq!(
+        (status, error_of(&body)),
+        (
+            StatusCode::UNAUTHORIZED,
+            ("missing_write_key", Some("writeKey"))
+        )
+    );
+    let unknown = Request::post("/v1/batch")
+        .body(Body::from(r#"{"writeKey":"nope","batch":[]}"#))
+        .unwrap();
+    let (status, body) = harness.send(unknown).await;
+    assert_eq!(
+        (status, error_of(&body)),
+        (
+            StatusCode::UNAUTHORIZED,
+            ("invalid_write_key", Some("writeKey"))
+        )
+    );
+    let wrong_header = Request::post("/v1/track")
+        .header(header::AUTHORIZATION, "Basic bm9wZTo=")
+        .body(Body::from(r#"{"userId":"u","event":"E"}"#))
+        .unwrap();
+    assert_eq!(harness.send(wrong_header).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(harness.events().len(), 2);
+}
+
+#[tokio::test]
+async fn malformed_bodies_get_400_naming_the_problem_and_are_quarantined() {
+    let harness = Harness::new();
+    let (status, body) = harness.post("/v1/track", "{\"userId\": ").await;
+    assert_eq!(
+        (status, error_of(&body).0),
+        (StatusCode::BAD_REQUEST, "invalid_json")
+    );
+    let (status, body) = harness.post("/v1/batch", "[1, 2]").await;
+    assert_eq!(
+        (status, error_of(&body).0),
+        (StatusCode::BAD_REQUEST, "invalid_request")
+    );
+    let (status, body) = harness
+        .post_json("/v1/batch", json!({"batch": "nope"}))
+        .await;
+    assert_eq!(
+        (status, error_of(&body)),
+        (StatusCode::BAD_REQUEST, ("invalid_request", Some("batch")))
+    );
+    let (status, body) = harness
+        .post_json("/v1/batch", json!({"batch": [], "context": [1]}))
+        .await;
+    assert_eq!(
+        (status, error_of(&body)),
+        (
+            StatusCode::BAD_REQUEST,
+            ("invalid_request", Some("context"))
+        )
+    );
+    let quarantine = harness.store.list_quarantine(0, 10).unwrap();
+    assert_eq!(quarantine.len(), 4);
+    assert_eq!(quarantine[0].code, "invalid_json");
+    assert_eq!(quarantine[0].payload, "{\"userId\": ");
+}
+
+#[tokio::test]
+async fn wrong_types_and_missing_ids_name_the_field() {
+    let harness = Harness::new();
+    let cases = [
+        (
+            "/v1/track",
+            json!({"event": "E"}),
+            "missing_field",
+            "userId",
+        ),
+        (
+            "/v1/track",
+            json!({"userId": "u"}),
+            "missing_field",
+            "event",
+        ),
+        (
+            "/v1/track",
+            json!({"userId": ["u"], "event": "E"}),
+            "invalid_type",
+            "userId",
+        ),
+        (
+            "/v1/identify",
+            json!({"userId": "u", "traits": "vip"}),
+            "invalid_type",
+            "traits",
+        ),
+        (
+            "/v1/identify",
+            json!({"userId": "u", "timestamp": "last tuesday"}),
+            "invalid_value",
+            "timestamp",
+        ),
+        (
+            "/v1/identify",
+            json!({"userId": "u", "messageId": "x".repeat(101)}),
+            "invalid_value",
+            "messageId",
+        ),
+        (
+            "/v1/group",
+            json!({"userId": "u"}),
+            "missing_field",
+            "groupId",
+        ),
+        (
+            "/v1/alias",
+            json!({"userId": "u"}),
+            "missing_field",
+            "previousId",
+        ),
+    ];
+    for (path, body, code, field) in cases {
+        let (status, response) = harness.post_json(path, body.clone()).await;
+        assert_eq!(
+            (status, error_of(&response)),
+            (StatusCode::BAD_REQUEST, (code, Some(field))),
+            "{path} {body}"
+        );
+    }
+    assert!(harness.events().is_empty());
+    assert_eq!(
+        harness.store.list_quarantine(0, 100).unwrap().len(),
+        8,
+        "every refusal is kept"
+    );
+    // The server keeps serving.
+    assert_eq!(
+        harness
+            .post_json("/v1/track", json!({"userId": "u", "event": "E"}))
+            .await
+            .0,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn a_batch_stores_its_valid_messages_and_lists_the_rejected_ones() {
+    let harness = Harness::new();
+    let (status, body) = harness
+        .post_json(
+            "/v1/batch",
+            json!({"batch": [
+                {"type": "track", "userId": "u", "event": "A", "messageId": "ok-1"},
+                {"type": "track", "userId": "u"},
+                {"type": "identify", "userId": "u", "messageId": "ok-2"},
+                {"userId": "u"},
+                {"type": "page", "anonymousId": "a", "properties": {"blob": "x".repeat(33 * 1024)}}
+            ]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["success"], true);
+    let rejected: Vec<_> = body["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| {
+            (
+                item["index"].as_u64().unwrap(),
+                item["code"].as_str().unwrap().to_owned(),
+                item["field"].as_str().map(str::to_owned),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rejected,
+        vec![
+            (1, "missing_field".to_owned(), Some("event".to_owned())),
+            (3, "missing_field".to_owned(), Some("type".to_owned())),
+            (4, "message_too_large".to_owned(), None)
+        ]
+    );
+    let stored: Vec<_> = harness
+        .events()
+        .iter()
+        .map(|event| event["messageId"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(stored, vec!["ok-1", "ok-2"]);
+    let quarantine = harness.store.list_quarantine(0, 10).unwrap();
+    assert_eq!(
+        quarantine
+            .iter()
+            .map(|entry| entry.batch_index)
+            .collect::<Vec<_>>(),
+        vec![Some(1), Some(3), Some(4)]
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&quarantine[1].payload).unwrap(),
+        json!({"userId": "u"})
+    );
+}
+
+#[tokio::test]
+async fn a_batch_with_no_valid_message_is_a_400_listing_each() {
+    let harness = Harness::new();
+    let (status, body) = harness
+        .post_json(
+            "/v1/batch",
+            json!({"batch": [{"type": "track"}, {"type": "alias", "userId": "u"}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error_of(&body), ("missing_field", Some("batch[0].userId")));
+    assert_eq!(body["rejected"].as_array().unwrap().len(), 2);
+    assert_eq!(harness.store.list_quarantine(0, 10).unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn size_limits_answer_413() {
+    let harness = Harness::new();
+    let big_message =
+        json!({"userId": "u", "event": "E", "properties": {"blob": "x".repeat(33 * 1024)}});
+    let (status, body) = harness.post_json("/v1/track", big_message).await;
+    assert_eq!(
+        (status, error_of(&body).0),
+        (StatusCode::PAYLOAD_TOO_LARGE, "message_too_large")
+    );
+
+    let message = json!({"type": "track", "userId": "u", "event": "E", "properties": {"blob": "x".repeat(20 * 1024)}});
+    let big_batch = json!({"batch": vec![message; 30]});
+    let (status, body) = harness.post_json("/v1/batch", big_batch).await;
+    assert_eq!(
+        (status, error_of(&body).0),
+        (StatusCode::PAYLOAD_TOO_LARGE, "request_too_large")
+    );
+
+    let many = json!({"batch": vec![json!({"type": "track", "userId": "u", "event": "E"}); 2_501]});
+    let (status, body) = harness.post_json("/v1/batch", many).await;
+    assert_eq!(
+        (status, error_of(&body)),
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ("too_many_messages", Some("batch"))
+        )
+    );
+
+    // A small gzip body that inflates past the limit.
+    let bomb = gzip(
+        format!(
+            "{{\"batch\": [], \"pad\": \"{}\"}}",
+            " ".repeat(2 * 1024 * 1024)
+        )
+        .as_bytes(),
+    );
+    assert!(bomb.len() < 100 * 1024);
+    let request = Request::post("/v1/batch")
+        .header(header::AUTHORIZATION, harness.basic())
+        .header(header::CONTENT_ENCODING, "gzip")
+        .body(Body::from(bomb))
+        .unwrap();
+    let (status, body) = harness.send(request).await;
+    assert_eq!(
+        (status, error_of(&body).0),
+        (StatusCode::PAYLOAD_TOO_LARGE, "request_too_large")
+    );
+    assert!(harness.events().is_empty());
+    assert_eq!(
+        harness
+            .post_json("/v1/track", json!({"userId": "u", "event": "E"}))
+            .await
+            .0,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn gzip_bodies_are_accepted_and_bad_gzip_is_a_400() {
+    let harness = Harness::new();
+    let body = json!({"batch": [{"type": "track", "userId": "u", "event": "Zipped"}]}).to_string();
+    let request = Request::post("/v1/batch")
+        .header(header::AUTHORIZATION, harness.basic())
+        .header(header::CONTENT_ENCODING, "gzip")
+        .body(Body::from(gzip(body.as_bytes())))
+        .unwrap();
+    assert_eq!(harness.send(request).await.0, StatusCode::OK);
+    assert_eq!(harness.events()[0]["event"], "Zipped");
+
+    let request = Request::post("/v1/batch")
+        .header(header::AUTHORIZATION, harness.basic())
+        .header(header::CONTENT_ENCODING, "gzip")
+        .body(Body::from(body.clone()))
+        .unwrap();
+    let (status, response) = harness.send(request).await;
+    assert_eq!(
+        (status, error_of(&response)),
+        (StatusCode::BAD_REQUEST, ("invalid_encoding", Some("body")))
+    );
+    let request = Request::post("/v1/batch")
+        .header(header::AUTHORIZATION, harness.basic())
+        .header(header::CONTENT_ENCODING, "br")
+        .body(Body::from(body))
+        .unwrap();
+    let (status, response) = harness.send(request).await;
+    assert_eq!(
+        (status, error_of(&response)),
+        (
+            StatusCode::BAD_REQUEST,
+            ("invalid_encoding", Some("content-encoding"))
+        )
+    );
+}
+
+#[tokio::test]
+async fn a_repeated_message_id_is_acknowledged_but_stored_once() {
+    let harness = Harness::new();
+    let message = json!({"userId": "u", "event": "Paid", "messageId": "pay-1"});
+    assert_eq!(
+        harness.post_json("/v1/track", message.clone()).await,
+        (StatusCode::OK, json!({"success": true}))
+    );
+    assert_eq!(
+        harness.post_json("/v1/track", message.clone()).await,
+        (StatusCode::OK, json!({"success": true}))
+    );
+    let batch = json!({"batch": [{"type": "track", "userId": "u", "event": "Paid", "messageId": "pay-1"}, {"type": "track", "userId": "u", "event": "Paid", "messageId": "pay-2"}]});
+    assert_eq!(
+        harness.post_json("/v1/batch", batch).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(harness.events().len(), 2);
+    let stats = harness.store.stats().unwrap();
+    assert_eq!((stats.events, stats.duplicates), (2, 2));
+}
+
+#[tokio::test]
+async fn batch_context_merges_and_clock_skew_is_corrected() {
+    let harness = Harness::new();
+    let (status, _) = harness
+        .post_json(
+            "/v1/batch",
+            json!({
+                "batch": [{"type": "track", "userId": "u", "event": "E", "timestamp": "2030-01-01T00:00:00Z", "context": {"ip": "203.0.113.9"}}],
+                "context": {"library": {"name": "analytics-python", "version": "2.4.0"}, "ip": "198.51.100.1"},
+                "integrations": {"All": false},
+                "sentAt": "2030-01-01T00:00:30Z"
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let event = &harness.events()[0];
+    assert_eq!(event["context"]["library"]["name"], "analytics-python");
+    assert_eq!(
+        event["context"]["ip"], "203.0.113.9",
+        "the message's own context wins"
+    );
+    assert_eq!(event["integrations"]["All"], false);
+    assert_eq!(event["originalTimestamp"], "2030-01-01T00:00:00Z");
+    let received =
+        tandem_core::collect::parse_timestamp(event["receivedAt"].as_str().unwrap()).unwrap();
+    let timestamp =
+        tandem_core::collect::parse_timestamp(event["timestamp"].as_str().unwrap()).unwrap();
+    assert_eq!(received - timestamp, chrono::Duration::seconds(30));
+}
+
+#[tokio::test]
+async fn operations_endpoints_and_unknown_routes() {
+    let harness = Harness::new();
+    harness
+        .post_json("/v1/track", json!({"userId": "u", "event": "E"}))
+        .await;
+    harness.post_json("/v1/track", json!({"userId": "u"})).await;
+    let (status, body) = harness
+        .send(Request::get("/health").body(Body::empty()).unwrap())
+        .await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (StatusCode::OK, Some("ok"))
+    );
+    let response = harness
+        .app
+        .clone()
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = String::from_utf8(
+        to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        text.contains("tandem_ingest_events_total{outcome=\"stored\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tandem_ingest_events_total{outcome=\"rejected\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tandem_http_requests_total{route=\"/v1/track\",status=\"400\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tandem_http_request_duration_seconds_bucket"),
+        "{text}"
+    );
+    assert!(text.contains("tandem_log_commits_total"), "{text}");
+    let (status, body) = harness
+        .send(Request::get("/v2/nothing").body(Body::empty()).unwrap())
+        .await;
+    assert_eq!(
+        (status, error_of(&body).0),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
+    let (status, body) = harness
+        .send(Request::get("/v1/track").body(Body::empty()).unwrap())
+        .await;
+    assert_eq!(
+        (status, error_of(&body).0),
+        (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
+    );
+}
+
+#[tokio::test]
+async fn browsers_get_cors_preflight_answers() {
+    let harness = Harness::new();
+    let request = Request::builder()
+        .method(Method::OPTIONS)
+        .uri("/v1/t")
+        .header(header::ORIGIN, "https://shop.example")
+        .body(Body::empty())
+        .unwrap();
+    let response = harness.app.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    assert_eq!(
+        response.headers()[header::ACCESS_CONTROL_ALLOW_ORIGIN],
+        "https://shop.example"
+    );
+    assert!(response.headers()[header::ACCESS_CONTROL_ALLOW_HEADERS]
+        .to_str()
+        .unwrap()
+        .contains("Content-Type"));
+}

@@ -1,0 +1,165 @@
+//! Tandem's configuration: one struct read from command-line flags, `TANDEM_*`
+//! environment variables and `tandem.toml`, in that order of precedence, with
+//! built-in defaults for anything left unset, then checked by `validate()`.
+
+use clap::Args;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const DEFAULT_DATA_DIR: &str = "./tandem-data";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_CONFIG_FILE: &str = "tandem.toml";
+
+/// Settings shared by every command. Flags are global: they may stand before
+/// or after the subcommand.
+#[derive(Args, Deserialize, Debug, Default, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Directory of the embedded store [default: ./tandem-data]
+    #[arg(long, global = true, env = "TANDEM_DATA", value_name = "DIR")]
+    pub data: Option<PathBuf>,
+
+    /// Address the server listens on [default: 127.0.0.1:8080]
+    #[arg(long, global = true, env = "TANDEM_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+
+    /// Hours a messageId is remembered to drop repeats [default: 24]
+    #[arg(
+        long,
+        global = true,
+        env = "TANDEM_DEDUP_WINDOW_HOURS",
+        value_name = "HOURS"
+    )]
+    pub dedup_window_hours: Option<u64>,
+
+    /// Log format: text or json [default: text]
+    #[arg(long, global = true, env = "TANDEM_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+
+    /// Configuration file [default: ./tandem.toml when it exists]
+    #[arg(long, global = true, env = "TANDEM_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(clap::ValueEnum, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The configuration after layering and validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub dedup_window: Duration,
+    pub log_format: LogFormat,
+}
+
+/// The configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("dedup_window_hours must be between 1 and 720, got {0}")]
+    DedupWindow(u64),
+}
+
+impl Config {
+    /// Fills every setting left unset by flags and environment from the
+    /// config file, then from the defaults, and validates the result.
+    pub fn resolve(self) -> Result<Settings, ConfigError> {
+        let file = match &self.config {
+            Some(path) => Some(Config::read_file(path)?),
+            None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
+                Some(Config::read_file(Path::new(DEFAULT_CONFIG_FILE))?)
+            }
+            None => None,
+        };
+        self.layered_over(file.unwrap_or_default()).validate()
+    }
+
+    pub fn read_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|error| ConfigError::Parse {
+            path: path.to_owned(),
+            message: error.to_string(),
+        })
+    }
+
+    fn layered_over(self, lower: Config) -> Config {
+        Config {
+            data: self.data.or(lower.data),
+            listen: self.listen.or(lower.listen),
+            dedup_window_hours: self.dedup_window_hours.or(lower.dedup_window_hours),
+            log_format: self.log_format.or(lower.log_format),
+            config: self.config,
+        }
+    }
+
+    fn validate(self) -> Result<Settings, ConfigError> {
+        let dedup_window_hours = self.dedup_window_hours.unwrap_or(24);
+        if !(1..=720).contains(&dedup_window_hours) {
+            return Err(ConfigError::DedupWindow(dedup_window_hours));
+        }
+        Ok(Settings {
+            data_dir: self.data.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            listen: self
+                .listen
+                .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("the default address parses")),
+            dedup_window: Duration::from_secs(dedup_window_hours * 3600),
+            log_format: self.log_format.unwrap_or_default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_config_parses_and_validates() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tandem.example.toml");
+        let config = Config::read_file(&path).unwrap();
+        let settings = config.layered_over(Config::default()).validate().unwrap();
+        assert_eq!(settings.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(settings.dedup_window, Duration::from_secs(24 * 3600));
+    }
+
+    #[test]
+    fn flags_and_environment_win_over_the_file_which_wins_over_defaults() {
+        let file: Config =
+            toml::from_str("data = \"/srv/tandem\"\nlisten = \"0.0.0.0:9000\"\n").unwrap();
+        let flags = Config {
+            listen: Some("127.0.0.1:7000".parse().unwrap()),
+            ..Config::default()
+        };
+        let settings = flags.layered_over(file).validate().unwrap();
+        assert_eq!(settings.listen, "127.0.0.1:7000".parse().unwrap());
+        assert_eq!(settings.data_dir, PathBuf::from("/srv/tandem"));
+        assert_eq!(settings.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        assert!(toml::from_str::<Config>("dta = \"x\"").is_err());
+        let bad = Config {
+            dedup_window_hours: Some(0),
+            ..Config::default()
+        };
+        assert!(matches!(bad.validate(), Err(ConfigError::DedupWindow(0))));
+    }
+}
