@@ -1,0 +1,156 @@
+//! Helpers to run `tandem` processes and talk to them over loopback.
+
+use serde_json::Value;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BINARY: &str = env!("CARGO_BIN_EXE_tandem");
+
+/// The repository root, where `tests/sdk` lives.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// Runs a `tandem` command against a data directory; panics on failure.
+pub fn tandem(data: &Path, args: &[&str]) -> String {
+    let output = tandem_output(data, args);
+    assert!(
+        output.status.success(),
+        "tandem {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+pub fn tandem_output(data: &Path, args: &[&str]) -> Output {
+    Command::new(BINARY)
+        .arg("--data")
+        .arg(data)
+        .args(args)
+        .env_remove("TANDEM_LISTEN")
+        .env_remove("TANDEM_CONFIG")
+        .output()
+        .unwrap()
+}
+
+/// Creates a source with the CLI; returns its JSON (`id`, `name`, `write_key`).
+pub fn create_source(data: &Path, name: &str) -> Value {
+    serde_json::from_str(&tandem(data, &["source", "create", name, "--json"])).unwrap()
+}
+
+/// Every event in the log, oldest first, as the CLI prints them.
+pub fn events(data: &Path) -> Vec<Value> {
+    tandem(data, &["events", "list", "--json", "--limit", "100000000"])
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `tandem serve` process; killed when dropped.
+pub struct Server {
+    child: Child,
+    pub url: String,
+}
+
+impl Server {
+    pub fn start(data: &Path) -> Server {
+        let port = free_port();
+        let child = Command::new(BINARY)
+            .arg("--data")
+            .arg(data)
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .env("TANDEM_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let server = Server {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        server.wait_until_healthy();
+        server
+    }
+
+    fn wait_until_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if ureq::get(&format!("{}/health", self.url)).call().is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("tandem serve did not become healthy at {}", self.url);
+    }
+
+    /// SIGKILL: no chance to flush or clean up.
+    pub fn kill_hard(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then wait for the process to exit; returns whether it exited cleanly.
+    pub fn terminate(mut self) -> bool {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("tandem serve did not stop within 30 s of SIGTERM");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTP agent that returns 4xx/5xx responses instead of errors.
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into()
+}
+
+/// POSTs JSON with the write key as Basic auth user; returns status and body.
+pub fn post(
+    agent: &ureq::Agent,
+    url: &str,
+    write_key: &str,
+    body: &str,
+) -> Result<(u16, String), ureq::Error> {
+    use base64::Engine;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{write_key}:"));
+    let mut response = agent
+        .post(url)
+        .header("Authorization", &format!("Basic {auth}"))
+        .header("Content-Type", "application/json")
+        .send(body)?;
+    let status = response.status().as_u16();
+    let text = response.body_mut().read_to_string()?;
+    Ok((status, text))
+}

@@ -1,0 +1,8 @@
+//! End-to-end tests of the `tandem` binary as users run it: a real server
+//! process on a loopback port, the command line beside it, real Segment SDKs,
+//! `kill -9` and SIGTERM. One test binary for all of them.
+
+mod cli;
+mod common;
+mod crash;
+mod sdk;
