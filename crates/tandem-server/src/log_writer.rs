@@ -176,6 +176,6 @@ mod tests {
             .unwrap()
             .parse()
             .unwrap();
-        assert!(commits >= 1.0 && commits <= 200.0, "{commits} commits");
+        assert!((1.0..=200.0).contains(&commits), "{commits} commits");
     }
 }

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use config::{Config, LogFormat, Settings};
 use std::sync::Arc;
 use tandem_core::SourceKind;
-use tandem_store::SqliteStore;
+use tandem_store::{SqliteStore, Store};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -143,6 +143,9 @@ fn serve(settings: &Settings, store: SqliteStore) -> anyhow::Result<()> {
         dedup_window: settings.dedup_window,
     };
     tracing::info!(data = %settings.data_dir.display(), "opened the store");
+    if store.list_sources()?.is_empty() {
+        tracing::info!("no sources yet: create one with `tandem source create NAME` to get a write key");
+    }
     runtime.block_on(async {
         let running = tandem_server::start(Arc::new(store), &options).await?;
         running.serve(tandem_server::shutdown_signal()).await?;
