@@ -62,7 +62,13 @@ struct ConnectionResult {
     events: u64,
 }
 
-fn run_connection(options: &Options, run: u128, connection: usize, warmup_end: Instant, end: Instant) -> anyhow::Result<ConnectionResult> {
+fn run_connection(
+    options: &Options,
+    run: u128,
+    connection: usize,
+    warmup_end: Instant,
+    end: Instant,
+) -> anyhow::Result<ConnectionResult> {
     use base64::Engine as _;
     let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
     let url = format!("{}/v1/batch", options.url);
@@ -126,8 +132,15 @@ fn main() -> anyhow::Result<()> {
     }
     latencies.sort();
     let seconds = options.seconds as f64;
-    println!("bench-ingest: {} connections, {} events of ~{} B per request ({} B bodies), {} s measured after {} s warm-up",
-        options.connections, options.batch_size, options.event_bytes, sample.len(), options.seconds, options.warmup_seconds);
+    println!(
+        "bench-ingest: {} connections, {} events of ~{} B per request ({} B bodies), {} s measured after {} s warm-up",
+        options.connections,
+        options.batch_size,
+        options.event_bytes,
+        sample.len(),
+        options.seconds,
+        options.warmup_seconds
+    );
     println!("requests acknowledged: {}", latencies.len());
     println!("events acknowledged:   {events}");
     println!("events/s:              {:.0}", events as f64 / seconds);

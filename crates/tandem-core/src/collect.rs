@@ -57,11 +57,7 @@ pub struct Rejection {
 
 impl Rejection {
     fn new(code: RejectionCode, field: &str, message: impl Into<String>) -> Self {
-        Rejection {
-            code,
-            field: Some(field.to_owned()),
-            message: message.into(),
-        }
+        Rejection { code, field: Some(field.to_owned()), message: message.into() }
     }
 
     fn missing(field: &str, message: impl Into<String>) -> Self {
@@ -69,11 +65,7 @@ impl Rejection {
     }
 
     fn wrong_type(field: &str, expected: &str) -> Self {
-        Rejection::new(
-            RejectionCode::InvalidType,
-            field,
-            format!("{field} must be {expected}"),
-        )
+        Rejection::new(RejectionCode::InvalidType, field, format!("{field} must be {expected}"))
     }
 }
 
@@ -97,10 +89,7 @@ pub enum RequestError {
     #[error("batch has {0} messages, the limit is {MAX_BATCH_MESSAGES}")]
     TooManyMessages(usize),
     #[error("{field} must be {expected}")]
-    InvalidEnvelopeField {
-        field: &'static str,
-        expected: &'static str,
-    },
+    InvalidEnvelopeField { field: &'static str, expected: &'static str },
 }
 
 impl RequestError {
@@ -108,9 +97,9 @@ impl RequestError {
     pub fn field(&self) -> Option<&'static str> {
         match self {
             RequestError::InvalidJson(_) | RequestError::NotAnObject => None,
-            RequestError::MissingBatch
-            | RequestError::BatchNotArray
-            | RequestError::TooManyMessages(_) => Some("batch"),
+            RequestError::MissingBatch | RequestError::BatchNotArray | RequestError::TooManyMessages(_) => {
+                Some("batch")
+            }
             RequestError::InvalidEnvelopeField { field, .. } => Some(field),
         }
     }
@@ -162,42 +151,29 @@ pub fn parse_batch(body: &[u8]) -> Result<ParsedBatch<'_>, RequestError> {
     if body.iter().find(|byte| !byte.is_ascii_whitespace()) == Some(&b'[') {
         return Err(RequestError::NotAnObject);
     }
-    let body: BatchBody =
-        serde_json::from_slice(body).map_err(|error| classify_json_error(&error))?;
+    let body: BatchBody = serde_json::from_slice(body).map_err(|error| classify_json_error(&error))?;
     let raw_batch = body.batch.ok_or(RequestError::MissingBatch)?;
     if raw_batch.get() == "null" {
         return Err(RequestError::MissingBatch);
     }
-    let messages: Vec<&RawValue> =
-        serde_json::from_str(raw_batch.get()).map_err(|_| RequestError::BatchNotArray)?;
+    let messages: Vec<&RawValue> = serde_json::from_str(raw_batch.get()).map_err(|_| RequestError::BatchNotArray)?;
     if messages.len() > MAX_BATCH_MESSAGES {
         return Err(RequestError::TooManyMessages(messages.len()));
     }
-    let defaults =
-        BatchDefaults {
-            context: envelope_object(body.context, "context")?,
-            integrations: envelope_object(body.integrations, "integrations")?,
-            sent_at: match body.sent_at {
-                None | Some(Value::Null) => None,
-                Some(Value::String(text)) => Some(parse_timestamp(&text).map_err(|_| {
-                    RequestError::InvalidEnvelopeField {
-                        field: "sentAt",
-                        expected: "an ISO 8601 timestamp",
-                    }
-                })?),
-                Some(_) => {
-                    return Err(RequestError::InvalidEnvelopeField {
-                        field: "sentAt",
-                        expected: "an ISO 8601 timestamp",
-                    })
-                }
-            },
-        };
-    Ok(ParsedBatch {
-        messages,
-        defaults,
-        write_key: envelope_write_key(body.write_key)?,
-    })
+    let defaults = BatchDefaults {
+        context: envelope_object(body.context, "context")?,
+        integrations: envelope_object(body.integrations, "integrations")?,
+        sent_at: match body.sent_at {
+            None | Some(Value::Null) => None,
+            Some(Value::String(text)) => Some(parse_timestamp(&text).map_err(|_| {
+                RequestError::InvalidEnvelopeField { field: "sentAt", expected: "an ISO 8601 timestamp" }
+            })?),
+            Some(_) => {
+                return Err(RequestError::InvalidEnvelopeField { field: "sentAt", expected: "an ISO 8601 timestamp" })
+            }
+        },
+    };
+    Ok(ParsedBatch { messages, defaults, write_key: envelope_write_key(body.write_key)? })
 }
 
 /// Reads the body of a single call (`/v1/track`, `/v1/identify`, …).
@@ -219,17 +195,11 @@ fn classify_json_error(error: &serde_json::Error) -> RequestError {
     }
 }
 
-fn envelope_object(
-    value: Option<Value>,
-    field: &'static str,
-) -> Result<Map<String, Value>, RequestError> {
+fn envelope_object(value: Option<Value>, field: &'static str) -> Result<Map<String, Value>, RequestError> {
     match value {
         None | Some(Value::Null) => Ok(Map::new()),
         Some(Value::Object(object)) => Ok(object),
-        Some(_) => Err(RequestError::InvalidEnvelopeField {
-            field,
-            expected: "an object",
-        }),
+        Some(_) => Err(RequestError::InvalidEnvelopeField { field, expected: "an object" }),
     }
 }
 
@@ -237,10 +207,7 @@ fn envelope_write_key(value: Option<Value>) -> Result<Option<String>, RequestErr
     match value {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(key)) => Ok(Some(key)),
-        Some(_) => Err(RequestError::InvalidEnvelopeField {
-            field: "writeKey",
-            expected: "a string",
-        }),
+        Some(_) => Err(RequestError::InvalidEnvelopeField { field: "writeKey", expected: "a string" }),
     }
 }
 
@@ -263,18 +230,13 @@ pub struct NormalizedBatch {
 
 /// Validates and normalizes every message of a batch independently.
 pub fn normalize_batch(batch: &ParsedBatch<'_>, request: &RequestContext<'_>) -> NormalizedBatch {
-    let mut outcome = NormalizedBatch {
-        events: Vec::with_capacity(batch.messages.len()),
-        rejected: Vec::new(),
-    };
+    let mut outcome = NormalizedBatch { events: Vec::with_capacity(batch.messages.len()), rejected: Vec::new() };
     for (index, raw) in batch.messages.iter().enumerate() {
         match normalize_raw_message(raw, &batch.defaults, request) {
             Ok(event) => outcome.events.push(event),
-            Err(rejection) => outcome.rejected.push(RejectedMessage {
-                index: Some(index),
-                raw: raw.get().to_owned(),
-                rejection,
-            }),
+            Err(rejection) => {
+                outcome.rejected.push(RejectedMessage { index: Some(index), raw: raw.get().to_owned(), rejection })
+            }
         }
     }
     outcome
@@ -290,10 +252,7 @@ fn normalize_raw_message(
         return Err(Rejection {
             code: RejectionCode::MessageTooLarge,
             field: None,
-            message: format!(
-                "message is {} bytes, the limit is {MAX_MESSAGE_BYTES}",
-                text.len()
-            ),
+            message: format!("message is {} bytes, the limit is {MAX_MESSAGE_BYTES}", text.len()),
         });
     }
     match serde_json::from_str::<Value>(text) {
@@ -353,9 +312,7 @@ pub fn normalize_message(
         None => take_time(&mut message, "originalTimestamp")?,
     };
     message.remove("originalTimestamp");
-    let sent_at = take_time(&mut message, "sentAt")?
-        .map(|(_, time)| time)
-        .or(defaults.sent_at);
+    let sent_at = take_time(&mut message, "sentAt")?.map(|(_, time)| time).or(defaults.sent_at);
     // The server, not the client, decides these.
     for field in ["writeKey", "receivedAt", "sourceId"] {
         message.remove(field);
@@ -364,29 +321,20 @@ pub fn normalize_message(
     match event_type {
         EventType::Alias => {
             if previous_id.is_none() {
-                return Err(Rejection::missing(
-                    "previousId",
-                    "previousId is required for alias",
-                ));
+                return Err(Rejection::missing("previousId", "previousId is required for alias"));
             }
             if user_id.is_none() {
                 return Err(Rejection::missing("userId", "userId is required for alias"));
             }
         }
         _ if user_id.is_none() && anonymous_id.is_none() => {
-            return Err(Rejection::missing(
-                "userId",
-                "userId or anonymousId is required",
-            ));
+            return Err(Rejection::missing("userId", "userId or anonymousId is required"));
         }
         EventType::Track if event.is_none() => {
             return Err(Rejection::missing("event", "event is required for track"));
         }
         EventType::Group if group_id.is_none() => {
-            return Err(Rejection::missing(
-                "groupId",
-                "groupId is required for group",
-            ));
+            return Err(Rejection::missing("groupId", "groupId is required for group"));
         }
         _ => {}
     }
@@ -395,21 +343,14 @@ pub fn normalize_message(
         context.entry(key.clone()).or_insert_with(|| value.clone());
     }
     for (key, value) in &defaults.integrations {
-        integrations
-            .entry(key.clone())
-            .or_insert_with(|| value.clone());
+        integrations.entry(key.clone()).or_insert_with(|| value.clone());
     }
     if let Some(ip) = request.client_ip {
-        context
-            .entry("ip")
-            .or_insert_with(|| Value::String(ip.to_owned()));
+        context.entry("ip").or_insert_with(|| Value::String(ip.to_owned()));
     }
 
     let (timestamp, original_timestamp) = match device_time {
-        Some((text, device_time)) => (
-            corrected_timestamp(request.received_at, sent_at, device_time),
-            Some(text),
-        ),
+        Some((text, device_time)) => (corrected_timestamp(request.received_at, sent_at, device_time), Some(text)),
         None => (request.received_at, None),
     };
 
@@ -458,20 +399,13 @@ pub fn parse_timestamp(text: &str) -> Result<DateTime<Utc>, TimestampError> {
     if let Ok(time) = DateTime::parse_from_rfc3339(text) {
         return Ok(time.with_timezone(&Utc));
     }
-    for format in [
-        "%Y-%m-%dT%H:%M:%S%.f",
-        "%Y-%m-%d %H:%M:%S%.f",
-        "%Y-%m-%dT%H:%M",
-    ] {
+    for format in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M"] {
         if let Ok(time) = NaiveDateTime::parse_from_str(text, format) {
             return Ok(time.and_utc());
         }
     }
     if let Ok(date) = NaiveDate::parse_from_str(text, "%Y-%m-%d") {
-        return Ok(date
-            .and_hms_opt(0, 0, 0)
-            .expect("midnight exists")
-            .and_utc());
+        return Ok(date.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc());
     }
     Err(TimestampError(text.to_owned()))
 }
@@ -515,10 +449,7 @@ fn take_string(message: &mut Map<String, Value>, field: &str) -> Result<Option<S
     }
 }
 
-fn take_object(
-    message: &mut Map<String, Value>,
-    field: &str,
-) -> Result<Option<Map<String, Value>>, Rejection> {
+fn take_object(message: &mut Map<String, Value>, field: &str) -> Result<Option<Map<String, Value>>, Rejection> {
     match message.remove(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Object(object)) => Ok(Some(object)),
@@ -526,10 +457,7 @@ fn take_object(
     }
 }
 
-fn take_time(
-    message: &mut Map<String, Value>,
-    field: &str,
-) -> Result<Option<(String, DateTime<Utc>)>, Rejection> {
+fn take_time(message: &mut Map<String, Value>, field: &str) -> Result<Option<(String, DateTime<Utc>)>, Rejection> {
     match message.remove(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(text)) => match parse_timestamp(&text) {
@@ -557,14 +485,8 @@ mod tests {
 
     fn normalize(message: Value, call: Option<EventType>) -> Result<Event, Rejection> {
         let source = SourceId::new("src_test");
-        let request = RequestContext {
-            source_id: &source,
-            received_at: at(100),
-            client_ip: Some("10.0.0.1"),
-        };
-        let Value::Object(message) = message else {
-            panic!("test message must be an object")
-        };
+        let request = RequestContext { source_id: &source, received_at: at(100), client_ip: Some("10.0.0.1") };
+        let Value::Object(message) = message else { panic!("test message must be an object") };
         normalize_message(message, call, &BatchDefaults::default(), &request)
     }
 
@@ -588,18 +510,10 @@ mod tests {
         assert_eq!(event.message_id.as_str(), "m-1");
         assert_eq!(event.event.as_deref(), Some("Order Completed"));
         assert_eq!(event.properties.unwrap()["revenue"], json!(12.5));
-        assert_eq!(
-            event.context["ip"],
-            json!("1.2.3.4"),
-            "a client-sent ip is kept"
-        );
+        assert_eq!(event.context["ip"], json!("1.2.3.4"), "a client-sent ip is kept");
         assert_eq!(event.extra["channel"], json!("server"));
         assert_eq!(event.received_at, at(100));
-        assert_eq!(
-            event.timestamp,
-            at(100),
-            "no device time: timestamp is receivedAt"
-        );
+        assert_eq!(event.timestamp, at(100), "no device time: timestamp is receivedAt");
         assert_eq!(event.source_id.as_str(), "src_test");
     }
 
@@ -632,30 +546,16 @@ mod tests {
             (RejectionCode::MissingField, Some("previousId".into()))
         );
         assert_eq!(
-            rejection_of(
-                json!({"previousId": "p", "anonymousId": "a"}),
-                Some(EventType::Alias)
-            ),
+            rejection_of(json!({"previousId": "p", "anonymousId": "a"}), Some(EventType::Alias)),
             (RejectionCode::MissingField, Some("userId".into()))
         );
-        assert!(normalize(
-            json!({"previousId": "p", "userId": "u"}),
-            Some(EventType::Alias)
-        )
-        .is_ok());
-        assert!(normalize(
-            json!({"userId": "u", "groupId": 42}),
-            Some(EventType::Group)
-        )
-        .is_ok());
+        assert!(normalize(json!({"previousId": "p", "userId": "u"}), Some(EventType::Alias)).is_ok());
+        assert!(normalize(json!({"userId": "u", "groupId": 42}), Some(EventType::Group)).is_ok());
     }
 
     #[test]
     fn batch_messages_need_a_known_type() {
-        assert_eq!(
-            rejection_of(json!({"userId": "u"}), None),
-            (RejectionCode::MissingField, Some("type".into()))
-        );
+        assert_eq!(rejection_of(json!({"userId": "u"}), None), (RejectionCode::MissingField, Some("type".into())));
         assert_eq!(
             rejection_of(json!({"userId": "u", "type": "purchase"}), None),
             (RejectionCode::InvalidValue, Some("type".into()))
@@ -673,35 +573,22 @@ mod tests {
             (RejectionCode::InvalidType, Some("userId".into()))
         );
         assert_eq!(
-            rejection_of(
-                json!({"userId": "u", "traits": [1]}),
-                Some(EventType::Identify)
-            ),
+            rejection_of(json!({"userId": "u", "traits": [1]}), Some(EventType::Identify)),
             (RejectionCode::InvalidType, Some("traits".into()))
         );
         assert_eq!(
-            rejection_of(
-                json!({"userId": "u", "event": true}),
-                Some(EventType::Track)
-            ),
+            rejection_of(json!({"userId": "u", "event": true}), Some(EventType::Track)),
             (RejectionCode::InvalidType, Some("event".into()))
         );
         assert_eq!(
-            rejection_of(
-                json!({"userId": "u", "timestamp": "yesterday"}),
-                Some(EventType::Identify)
-            ),
+            rejection_of(json!({"userId": "u", "timestamp": "yesterday"}), Some(EventType::Identify)),
             (RejectionCode::InvalidValue, Some("timestamp".into()))
         );
     }
 
     #[test]
     fn numeric_ids_become_strings_and_empty_ids_count_as_absent() {
-        let event = normalize(
-            json!({"userId": 123, "anonymousId": ""}),
-            Some(EventType::Identify),
-        )
-        .unwrap();
+        let event = normalize(json!({"userId": 123, "anonymousId": ""}), Some(EventType::Identify)).unwrap();
         assert_eq!(event.user_id.as_deref(), Some("123"));
         assert_eq!(event.anonymous_id, None);
     }
@@ -709,16 +596,9 @@ mod tests {
     #[test]
     fn message_id_is_limited_to_100_characters_and_generated_when_absent() {
         let hundred = "m".repeat(100);
-        assert!(normalize(
-            json!({"userId": "u", "messageId": hundred}),
-            Some(EventType::Identify)
-        )
-        .is_ok());
+        assert!(normalize(json!({"userId": "u", "messageId": hundred}), Some(EventType::Identify)).is_ok());
         assert_eq!(
-            rejection_of(
-                json!({"userId": "u", "messageId": "m".repeat(101)}),
-                Some(EventType::Identify)
-            ),
+            rejection_of(json!({"userId": "u", "messageId": "m".repeat(101)}), Some(EventType::Identify)),
             (RejectionCode::InvalidValue, Some("messageId".into()))
         );
         let first = normalize(json!({"userId": "u"}), Some(EventType::Identify)).unwrap();
@@ -741,24 +621,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(event.timestamp, at(95));
-        assert_eq!(
-            event.original_timestamp.as_deref(),
-            Some("2023-11-14T23:14:55.000Z")
-        );
+        assert_eq!(event.original_timestamp.as_deref(), Some("2023-11-14T23:14:55.000Z"));
         assert_eq!(event.sent_at, Some(device_now));
     }
 
     #[test]
     fn without_sent_at_the_device_time_stands() {
-        let event = normalize(
-            json!({"userId": "u", "timestamp": "2020-01-02T03:04:05+02:00"}),
-            Some(EventType::Identify),
-        )
-        .unwrap();
-        assert_eq!(
-            crate::event::format_timestamp(event.timestamp),
-            "2020-01-02T01:04:05.000Z"
-        );
+        let event =
+            normalize(json!({"userId": "u", "timestamp": "2020-01-02T03:04:05+02:00"}), Some(EventType::Identify))
+                .unwrap();
+        assert_eq!(crate::event::format_timestamp(event.timestamp), "2020-01-02T01:04:05.000Z");
     }
 
     #[test]
@@ -770,18 +642,9 @@ mod tests {
             "2024-05-06 07:08:09",
         ] {
             let time = parse_timestamp(text).unwrap_or_else(|_| panic!("{text} must parse"));
-            assert_eq!(
-                time.timestamp(),
-                Utc.with_ymd_and_hms(2024, 5, 6, 7, 8, 9)
-                    .unwrap()
-                    .timestamp(),
-                "{text}"
-            );
+            assert_eq!(time.timestamp(), Utc.with_ymd_and_hms(2024, 5, 6, 7, 8, 9).unwrap().timestamp(), "{text}");
         }
-        assert_eq!(
-            parse_timestamp("2024-05-06").unwrap(),
-            Utc.with_ymd_and_hms(2024, 5, 6, 0, 0, 0).unwrap()
-        );
+        assert_eq!(parse_timestamp("2024-05-06").unwrap(), Utc.with_ymd_and_hms(2024, 5, 6, 0, 0, 0).unwrap());
         assert!(parse_timestamp("06/05/2024").is_err());
     }
 
@@ -799,16 +662,10 @@ mod tests {
         .to_string();
         let batch = parse_batch(body.as_bytes()).unwrap();
         let source = SourceId::new("s");
-        let request = RequestContext {
-            source_id: &source,
-            received_at: at(0),
-            client_ip: None,
-        };
+        let request = RequestContext { source_id: &source, received_at: at(0), client_ip: None };
         let normalized = normalize_batch(&batch, &request);
         assert!(normalized.rejected.is_empty());
-        let [first, second] = &normalized.events[..] else {
-            panic!("two events expected")
-        };
+        let [first, second] = &normalized.events[..] else { panic!("two events expected") };
         assert_eq!(first.context["locale"], json!("fr"));
         assert_eq!(first.context["library"], json!({"name": "test"}));
         assert_eq!(second.context["locale"], json!("en"));
@@ -829,18 +686,10 @@ mod tests {
         .to_string();
         let batch = parse_batch(body.as_bytes()).unwrap();
         let source = SourceId::new("s");
-        let request = RequestContext {
-            source_id: &source,
-            received_at: at(0),
-            client_ip: None,
-        };
+        let request = RequestContext { source_id: &source, received_at: at(0), client_ip: None };
         let normalized = normalize_batch(&batch, &request);
         assert_eq!(normalized.events.len(), 2);
-        let refused: Vec<_> = normalized
-            .rejected
-            .iter()
-            .map(|r| (r.index, r.rejection.code))
-            .collect();
+        let refused: Vec<_> = normalized.rejected.iter().map(|r| (r.index, r.rejection.code)).collect();
         assert_eq!(
             refused,
             vec![
@@ -854,43 +703,18 @@ mod tests {
 
     #[test]
     fn request_level_errors() {
-        assert!(matches!(
-            parse_batch(b"{\"batch\": [}"),
-            Err(RequestError::InvalidJson(_))
-        ));
+        assert!(matches!(parse_batch(b"{\"batch\": [}"), Err(RequestError::InvalidJson(_))));
         assert_eq!(parse_batch(b"[1]").unwrap_err(), RequestError::NotAnObject);
         assert_eq!(parse_batch(b"{}").unwrap_err(), RequestError::MissingBatch);
-        assert_eq!(
-            parse_batch(b"{\"batch\": {}}").unwrap_err(),
-            RequestError::BatchNotArray
-        );
-        assert_eq!(
-            parse_batch(b"{\"batch\": [], \"context\": 1}")
-                .unwrap_err()
-                .field(),
-            Some("context")
-        );
-        assert_eq!(
-            parse_batch(b"{\"batch\": [], \"sentAt\": \"soon\"}")
-                .unwrap_err()
-                .field(),
-            Some("sentAt")
-        );
-        let too_many = format!(
-            "{{\"batch\": [{}]}}",
-            vec!["{}"; MAX_BATCH_MESSAGES + 1].join(",")
-        );
-        assert_eq!(
-            parse_batch(too_many.as_bytes()).unwrap_err(),
-            RequestError::TooManyMessages(2501)
-        );
+        assert_eq!(parse_batch(b"{\"batch\": {}}").unwrap_err(), RequestError::BatchNotArray);
+        assert_eq!(parse_batch(b"{\"batch\": [], \"context\": 1}").unwrap_err().field(), Some("context"));
+        assert_eq!(parse_batch(b"{\"batch\": [], \"sentAt\": \"soon\"}").unwrap_err().field(), Some("sentAt"));
+        let too_many = format!("{{\"batch\": [{}]}}", vec!["{}"; MAX_BATCH_MESSAGES + 1].join(","));
+        assert_eq!(parse_batch(too_many.as_bytes()).unwrap_err(), RequestError::TooManyMessages(2501));
         let (message, key) = parse_single(b"{\"writeKey\": \"k\", \"userId\": \"u\"}").unwrap();
         assert_eq!(key.as_deref(), Some("k"));
         assert!(!message.contains_key("writeKey"));
-        assert_eq!(
-            parse_single(b"\"text\"").unwrap_err(),
-            RequestError::NotAnObject
-        );
+        assert_eq!(parse_single(b"\"text\"").unwrap_err(), RequestError::NotAnObject);
     }
 
     #[test]

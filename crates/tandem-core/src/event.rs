@@ -21,14 +21,8 @@ pub enum EventType {
 }
 
 impl EventType {
-    pub const ALL: [EventType; 6] = [
-        EventType::Identify,
-        EventType::Track,
-        EventType::Page,
-        EventType::Screen,
-        EventType::Group,
-        EventType::Alias,
-    ];
+    pub const ALL: [EventType; 6] =
+        [EventType::Identify, EventType::Track, EventType::Page, EventType::Screen, EventType::Group, EventType::Alias];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -103,11 +97,7 @@ pub struct Event {
     /// The `timestamp` the client sent, verbatim.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub original_timestamp: Option<String>,
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        with = "option_rfc3339_millis"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "option_rfc3339_millis")]
     pub sent_at: Option<DateTime<Utc>>,
     /// When Tandem received the request, by the server's clock.
     #[serde(with = "rfc3339_millis")]
@@ -155,16 +145,11 @@ mod rfc3339_millis {
     use chrono::{DateTime, Utc};
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(
-        time: &DateTime<Utc>,
-        serializer: S,
-    ) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(time: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(&super::format_timestamp(*time))
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        deserializer: D,
-    ) -> Result<DateTime<Utc>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<DateTime<Utc>, D::Error> {
         let text = String::deserialize(deserializer)?;
         crate::collect::parse_timestamp(&text).map_err(serde::de::Error::custom)
     }
@@ -174,19 +159,14 @@ mod option_rfc3339_millis {
     use chrono::{DateTime, Utc};
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(
-        time: &Option<DateTime<Utc>>,
-        serializer: S,
-    ) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(time: &Option<DateTime<Utc>>, serializer: S) -> Result<S::Ok, S::Error> {
         match time {
             Some(time) => super::rfc3339_millis::serialize(time, serializer),
             None => serializer.serialize_none(),
         }
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        deserializer: D,
-    ) -> Result<Option<DateTime<Utc>>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<DateTime<Utc>>, D::Error> {
         Option::<String>::deserialize(deserializer)?
             .map(|text| crate::collect::parse_timestamp(&text).map_err(serde::de::Error::custom))
             .transpose()
@@ -202,9 +182,6 @@ mod tests {
         for event_type in EventType::ALL {
             assert_eq!(event_type.as_str().parse::<EventType>(), Ok(event_type));
         }
-        assert_eq!(
-            "Track".parse::<EventType>(),
-            Err(UnknownEventType("Track".into()))
-        );
+        assert_eq!("Track".parse::<EventType>(), Err(UnknownEventType("Track".into())));
     }
 }

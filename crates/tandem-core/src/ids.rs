@@ -44,9 +44,7 @@ string_id!(
 
 /// A position in the event log: strictly increasing in the order events were
 /// committed, so every later stage can read "everything after N".
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct LogPosition(pub u64);
 

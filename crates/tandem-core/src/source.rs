@@ -19,13 +19,8 @@ pub enum SourceKind {
 }
 
 impl SourceKind {
-    pub const ALL: [SourceKind; 5] = [
-        SourceKind::Website,
-        SourceKind::App,
-        SourceKind::Backend,
-        SourceKind::Import,
-        SourceKind::Webhook,
-    ];
+    pub const ALL: [SourceKind; 5] =
+        [SourceKind::Website, SourceKind::App, SourceKind::Backend, SourceKind::Import, SourceKind::Webhook];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -99,10 +94,7 @@ mod tests {
     fn names_are_trimmed_and_bounded() {
         assert_eq!(validate_source_name("  website "), Ok("website"));
         assert_eq!(validate_source_name("   "), Err(SourceError::EmptyName));
-        assert_eq!(
-            validate_source_name(&"n".repeat(101)),
-            Err(SourceError::NameTooLong)
-        );
+        assert_eq!(validate_source_name(&"n".repeat(101)), Err(SourceError::NameTooLong));
     }
 
     #[test]
@@ -110,9 +102,6 @@ mod tests {
         for kind in SourceKind::ALL {
             assert_eq!(kind.as_str().parse::<SourceKind>(), Ok(kind));
         }
-        assert!(matches!(
-            "crm".parse::<SourceKind>(),
-            Err(SourceError::UnknownKind(_))
-        ));
+        assert!(matches!("crm".parse::<SourceKind>(), Err(SourceError::UnknownKind(_))));
     }
 }

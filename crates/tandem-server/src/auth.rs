@@ -17,11 +17,8 @@ pub fn basic_auth_write_key(headers: &HeaderMap) -> Result<Option<WriteKey>, Api
         return Ok(None);
     };
     let malformed = || {
-        ApiError::new(
-            ErrorCode::InvalidWriteKey,
-            "authorization must be Basic with the write key as user name",
-        )
-        .with_field("authorization")
+        ApiError::new(ErrorCode::InvalidWriteKey, "authorization must be Basic with the write key as user name")
+            .with_field("authorization")
     };
     let text = value.to_str().map_err(|_| malformed())?.trim();
     let Some((scheme, encoded)) = text.split_once(' ') else {
@@ -30,13 +27,9 @@ pub fn basic_auth_write_key(headers: &HeaderMap) -> Result<Option<WriteKey>, Api
     if !scheme.eq_ignore_ascii_case("basic") {
         return Err(malformed());
     }
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(encoded.trim())
-        .map_err(|_| malformed())?;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).map_err(|_| malformed())?;
     let credentials = String::from_utf8(decoded).map_err(|_| malformed())?;
-    let user = credentials
-        .split_once(':')
-        .map_or(credentials.as_str(), |(user, _password)| user);
+    let user = credentials.split_once(':').map_or(credentials.as_str(), |(user, _password)| user);
     if user.is_empty() {
         return Ok(None);
     }
@@ -52,10 +45,7 @@ pub struct SourceDirectory {
 
 impl SourceDirectory {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        SourceDirectory {
-            store,
-            known: RwLock::new(HashMap::new()),
-        }
+        SourceDirectory { store, known: RwLock::new(HashMap::new()) }
     }
 
     /// The source a write key belongs to, or 401.
@@ -67,12 +57,7 @@ impl SourceDirectory {
             )
             .with_field("writeKey"));
         };
-        if let Some(source) = self
-            .known
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .get(&write_key)
-        {
+        if let Some(source) = self.known.read().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&write_key) {
             return Ok(source.clone());
         }
         let store = self.store.clone();
@@ -86,17 +71,12 @@ impl SourceDirectory {
             })?;
         match found {
             Some(source) => {
-                self.known
-                    .write()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .insert(write_key, source.clone());
+                self.known.write().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(write_key, source.clone());
                 Ok(source)
             }
-            None => Err(ApiError::new(
-                ErrorCode::InvalidWriteKey,
-                "the write key matches no source",
-            )
-            .with_field("writeKey")),
+            None => {
+                Err(ApiError::new(ErrorCode::InvalidWriteKey, "the write key matches no source").with_field("writeKey"))
+            }
         }
     }
 }
@@ -108,10 +88,7 @@ mod tests {
 
     fn headers_with(authorization: &str) -> HeaderMap {
         let mut headers = HeaderMap::new();
-        headers.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_str(authorization).unwrap(),
-        );
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_str(authorization).unwrap());
         headers
     }
 
@@ -123,11 +100,7 @@ mod tests {
     fn the_user_name_is_the_write_key_with_or_without_a_colon() {
         for credentials in ["key123:", "key123", "key123:ignored"] {
             let headers = headers_with(&format!("Basic {}", encode(credentials)));
-            assert_eq!(
-                basic_auth_write_key(&headers).unwrap(),
-                Some(WriteKey::new("key123")),
-                "{credentials}"
-            );
+            assert_eq!(basic_auth_write_key(&headers).unwrap(), Some(WriteKey::new("key123")), "{credentials}");
         }
         assert_eq!(basic_auth_write_key(&HeaderMap::new()).unwrap(), None);
     }
@@ -136,11 +109,7 @@ mod tests {
     fn malformed_authorization_is_refused() {
         for value in ["Bearer abc", "Basic !!!", "Basic"] {
             let error = basic_auth_write_key(&headers_with(value)).unwrap_err();
-            assert_eq!(
-                error.status(),
-                axum::http::StatusCode::UNAUTHORIZED,
-                "{value}"
-            );
+            assert_eq!(error.status(), axum::http::StatusCode::UNAUTHORIZED, "{value}");
         }
     }
 }

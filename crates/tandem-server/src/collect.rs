@@ -21,8 +21,8 @@ use std::io::Read;
 use std::net::SocketAddr;
 use std::time::Instant;
 use tandem_core::collect::{
-    normalize_batch, normalize_message, parse_batch, parse_single, BatchDefaults, RejectedMessage,
-    RequestContext, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES,
+    normalize_batch, normalize_message, parse_batch, parse_single, BatchDefaults, RejectedMessage, RequestContext,
+    MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES,
 };
 use tandem_core::{EventType, Source, WriteKey};
 use tandem_store::{IngestBatch, IngestOutcome, QuarantineRecord};
@@ -42,12 +42,7 @@ pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
         routes.push((short, single_route(path, event_type)));
     }
     for path in ["/v1/batch", "/v1/import", "/v1/b"] {
-        routes.push((
-            path,
-            post(move |state, connect, headers, body| {
-                batch_endpoint(state, connect, headers, body)
-            }),
-        ));
+        routes.push((path, post(move |state, connect, headers, body| batch_endpoint(state, connect, headers, body))));
     }
     routes
 }
@@ -60,8 +55,7 @@ fn single_route(route: &'static str, event_type: EventType) -> MethodRouter<AppS
               body: Body| async move {
             let started = Instant::now();
             let client_ip = client_ip(connect);
-            let result =
-                ingest_single(&state, event_type, client_ip.as_deref(), &headers, body).await;
+            let result = ingest_single(&state, event_type, client_ip.as_deref(), &headers, body).await;
             finish(&state, route, started, result)
         },
     )
@@ -83,12 +77,7 @@ fn client_ip(connect: Option<Extension<ConnectInfo<SocketAddr>>>) -> Option<Stri
     connect.map(|Extension(ConnectInfo(address))| address.ip().to_string())
 }
 
-fn finish(
-    state: &AppState,
-    route: &'static str,
-    started: Instant,
-    result: Result<Value, ApiError>,
-) -> Response {
+fn finish(state: &AppState, route: &'static str, started: Instant, result: Result<Value, ApiError>) -> Response {
     let response = match result {
         Ok(body) => (StatusCode::OK, Json(body)).into_response(),
         Err(error) => {
@@ -96,9 +85,7 @@ fn finish(
             error.into_response()
         }
     };
-    state
-        .metrics
-        .observe_request(route, response.status().as_u16(), started.elapsed());
+    state.metrics.observe_request(route, response.status().as_u16(), started.elapsed());
     response
 }
 
@@ -117,58 +104,28 @@ async fn ingest_single(
     };
     let (message, body_key) = match parse_single(&body) {
         Ok(parsed) => parsed,
-        Err(error) => {
-            return Err(quarantine_unreadable(state, header_source, &body, error.into()).await)
-        }
+        Err(error) => return Err(quarantine_unreadable(state, header_source, &body, error.into()).await),
     };
     let source = match header_source {
         Some(source) => source,
-        None => {
-            state
-                .sources
-                .authenticate(body_key.map(WriteKey::new))
-                .await?
-        }
+        None => state.sources.authenticate(body_key.map(WriteKey::new)).await?,
     };
     let received_at = Utc::now();
-    let request = RequestContext {
-        source_id: &source.id,
-        received_at,
-        client_ip,
-    };
-    match normalize_message(
-        message,
-        Some(event_type),
-        &BatchDefaults::default(),
-        &request,
-    ) {
+    let request = RequestContext { source_id: &source.id, received_at, client_ip };
+    match normalize_message(message, Some(event_type), &BatchDefaults::default(), &request) {
         Ok(event) => {
-            let outcome = append(
-                state,
-                IngestBatch {
-                    records: vec![event.to_log_record()],
-                    rejected: Vec::new(),
-                },
-            )
-            .await?;
+            let outcome =
+                append(state, IngestBatch { records: vec![event.to_log_record()], rejected: Vec::new() }).await?;
             count(state, &outcome);
             Ok(json!({"success": true}))
         }
         Err(rejection) => {
-            let refused = RejectedMessage {
-                index: None,
-                raw: String::from_utf8_lossy(&body).into_owned(),
-                rejection,
-            };
+            let refused = RejectedMessage { index: None, raw: String::from_utf8_lossy(&body).into_owned(), rejection };
             let outcome = append(
                 state,
                 IngestBatch {
                     records: Vec::new(),
-                    rejected: vec![quarantine_record(
-                        &source,
-                        received_at.timestamp_millis(),
-                        &refused,
-                    )],
+                    rejected: vec![quarantine_record(&source, received_at.timestamp_millis(), &refused)],
                 },
             )
             .await?;
@@ -196,33 +153,18 @@ async fn ingest_batch(
     };
     let batch = match parse_batch(&body) {
         Ok(batch) => batch,
-        Err(error) => {
-            return Err(quarantine_unreadable(state, header_source, &body, error.into()).await)
-        }
+        Err(error) => return Err(quarantine_unreadable(state, header_source, &body, error.into()).await),
     };
     let source = match header_source {
         Some(source) => source,
-        None => {
-            state
-                .sources
-                .authenticate(batch.write_key.clone().map(WriteKey::new))
-                .await?
-        }
+        None => state.sources.authenticate(batch.write_key.clone().map(WriteKey::new)).await?,
     };
     let received_at = Utc::now();
-    let request = RequestContext {
-        source_id: &source.id,
-        received_at,
-        client_ip,
-    };
+    let request = RequestContext { source_id: &source.id, received_at, client_ip };
     let normalized = normalize_batch(&batch, &request);
     let received_at_ms = received_at.timestamp_millis();
     let ingest = IngestBatch {
-        records: normalized
-            .events
-            .iter()
-            .map(|event| event.to_log_record())
-            .collect(),
+        records: normalized.events.iter().map(|event| event.to_log_record()).collect(),
         rejected: normalized
             .rejected
             .iter()
@@ -253,10 +195,7 @@ async fn ingest_batch(
             Some(field) => format!("batch[{index}].{field}"),
             None => format!("batch[{index}]"),
         };
-        let message = format!(
-            "every message was rejected; message {index}: {}",
-            first.rejection.message
-        );
+        let message = format!("every message was rejected; message {index}: {}", first.rejection.message);
         return Err(ApiError::new(first.rejection.code.into(), message)
             .with_field(field)
             .with_extra("rejected", Value::Array(rejected)));
@@ -265,15 +204,9 @@ async fn ingest_batch(
 }
 
 fn count(state: &AppState, outcome: &IngestOutcome) {
-    state
-        .metrics
-        .count_events("stored", u64::from(outcome.stored));
-    state
-        .metrics
-        .count_events("duplicate", u64::from(outcome.duplicates));
-    state
-        .metrics
-        .count_events("rejected", u64::from(outcome.quarantined));
+    state.metrics.count_events("stored", u64::from(outcome.stored));
+    state.metrics.count_events("duplicate", u64::from(outcome.duplicates));
+    state.metrics.count_events("rejected", u64::from(outcome.quarantined));
 }
 
 async fn append(state: &AppState, batch: IngestBatch) -> Result<IngestOutcome, ApiError> {
@@ -283,11 +216,7 @@ async fn append(state: &AppState, batch: IngestBatch) -> Result<IngestOutcome, A
     })
 }
 
-fn quarantine_record(
-    source: &Source,
-    received_at_ms: i64,
-    refused: &RejectedMessage,
-) -> QuarantineRecord {
+fn quarantine_record(source: &Source, received_at_ms: i64, refused: &RejectedMessage) -> QuarantineRecord {
     QuarantineRecord {
         source_id: source.id.clone(),
         received_at_ms,
@@ -301,12 +230,7 @@ fn quarantine_record(
 
 /// A body that could not be read as a request: keep it in quarantine when we
 /// know whose it is, then return the error for the client.
-async fn quarantine_unreadable(
-    state: &AppState,
-    source: Option<Source>,
-    body: &[u8],
-    error: ApiError,
-) -> ApiError {
+async fn quarantine_unreadable(state: &AppState, source: Option<Source>, body: &[u8], error: ApiError) -> ApiError {
     let Some(source) = source else {
         return error;
     };
@@ -322,15 +246,7 @@ async fn quarantine_unreadable(
         message: error.message.clone(),
         payload: String::from_utf8_lossy(body).into_owned(),
     };
-    match append(
-        state,
-        IngestBatch {
-            records: Vec::new(),
-            rejected: vec![record],
-        },
-    )
-    .await
-    {
+    match append(state, IngestBatch { records: Vec::new(), rejected: vec![record] }).await {
         Ok(outcome) => {
             count(state, &outcome);
             error
@@ -340,19 +256,9 @@ async fn quarantine_unreadable(
 }
 
 /// Reads the body within `limit` bytes, before and after gzip decompression.
-async fn read_body(
-    body: Body,
-    headers: &HeaderMap,
-    limit: usize,
-    too_large: ErrorCode,
-) -> Result<Bytes, ApiError> {
-    let too_large = || {
-        ApiError::new(
-            too_large,
-            format!("body is larger than the limit of {limit} bytes"),
-        )
-        .with_field("body")
-    };
+async fn read_body(body: Body, headers: &HeaderMap, limit: usize, too_large: ErrorCode) -> Result<Bytes, ApiError> {
+    let too_large =
+        || ApiError::new(too_large, format!("body is larger than the limit of {limit} bytes")).with_field("body");
     let declared_length = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
@@ -364,16 +270,11 @@ async fn read_body(
         if is_length_limit(&error) {
             too_large()
         } else {
-            ApiError::new(
-                ErrorCode::InvalidRequest,
-                "the request body could not be read",
-            )
-            .with_field("body")
+            ApiError::new(ErrorCode::InvalidRequest, "the request body could not be read").with_field("body")
         }
     })?;
-    let encoding = headers
-        .get(header::CONTENT_ENCODING)
-        .map(|value| value.to_str().unwrap_or("?").trim().to_ascii_lowercase());
+    let encoding =
+        headers.get(header::CONTENT_ENCODING).map(|value| value.to_str().unwrap_or("?").trim().to_ascii_lowercase());
     match encoding.as_deref() {
         None | Some("") | Some("identity") => Ok(raw),
         Some("gzip") | Some("x-gzip") => {
@@ -381,10 +282,7 @@ async fn read_body(
             flate2::read::GzDecoder::new(&raw[..])
                 .take(limit as u64 + 1)
                 .read_to_end(&mut decompressed)
-                .map_err(|_| {
-                    ApiError::new(ErrorCode::InvalidEncoding, "body is not valid gzip")
-                        .with_field("body")
-                })?;
+                .map_err(|_| ApiError::new(ErrorCode::InvalidEncoding, "body is not valid gzip").with_field("body"))?;
             if decompressed.len() > limit {
                 return Err(too_large());
             }

@@ -62,9 +62,9 @@ impl ErrorCode {
             ErrorCode::MissingWriteKey | ErrorCode::InvalidWriteKey => StatusCode::UNAUTHORIZED,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ErrorCode::RequestTooLarge
-            | ErrorCode::MessageTooLarge
-            | ErrorCode::TooManyMessages => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::RequestTooLarge | ErrorCode::MessageTooLarge | ErrorCode::TooManyMessages => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -95,12 +95,7 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ApiError {
-            code,
-            message: message.into(),
-            field: None,
-            extra: None,
-        }
+        ApiError { code, message: message.into(), field: None, extra: None }
     }
 
     pub fn with_field(mut self, field: impl Into<String>) -> Self {
@@ -114,10 +109,7 @@ impl ApiError {
     }
 
     pub fn unavailable() -> Self {
-        ApiError::new(
-            ErrorCode::Unavailable,
-            "the event log cannot accept events right now, retry later",
-        )
+        ApiError::new(ErrorCode::Unavailable, "the event log cannot accept events right now, retry later")
     }
 
     pub fn status(&self) -> StatusCode {
@@ -172,13 +164,7 @@ mod tests {
 
     #[test]
     fn message_rejections_map_to_400_or_413() {
-        assert_eq!(
-            ErrorCode::from(RejectionCode::MissingField).status(),
-            StatusCode::BAD_REQUEST
-        );
-        assert_eq!(
-            ErrorCode::from(RejectionCode::MessageTooLarge).status(),
-            StatusCode::PAYLOAD_TOO_LARGE
-        );
+        assert_eq!(ErrorCode::from(RejectionCode::MissingField).status(), StatusCode::BAD_REQUEST);
+        assert_eq!(ErrorCode::from(RejectionCode::MessageTooLarge).status(), StatusCode::PAYLOAD_TOO_LARGE);
     }
 }

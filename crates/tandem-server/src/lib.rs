@@ -37,18 +37,10 @@ pub struct AppState {
 impl AppState {
     /// Builds the shared state and starts the log writer thread, which stops
     /// once the state (every clone of it) is dropped.
-    pub fn start(
-        store: Arc<dyn Store>,
-        dedup_window: Duration,
-    ) -> (AppState, std::thread::JoinHandle<()>) {
+    pub fn start(store: Arc<dyn Store>, dedup_window: Duration) -> (AppState, std::thread::JoinHandle<()>) {
         let metrics = Metrics::new();
         let (log, writer_thread) = LogWriter::spawn(store.clone(), dedup_window, metrics.clone());
-        let state = AppState {
-            sources: Arc::new(SourceDirectory::new(store.clone())),
-            store,
-            log,
-            metrics,
-        };
+        let state = AppState { sources: Arc::new(SourceDirectory::new(store.clone())), store, log, metrics };
         (state, writer_thread)
     }
 }
@@ -81,10 +73,7 @@ pub struct ServerOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot listen on {address}: {source}")]
-    Bind {
-        address: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { address: SocketAddr, source: std::io::Error },
     #[error("the server failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -102,41 +91,21 @@ pub struct Running {
 pub async fn start(store: Arc<dyn Store>, options: &ServerOptions) -> Result<Running, ServeError> {
     let listener = tokio::net::TcpListener::bind(options.listen)
         .await
-        .map_err(|source| ServeError::Bind {
-            address: options.listen,
-            source,
-        })?;
+        .map_err(|source| ServeError::Bind { address: options.listen, source })?;
     let local_addr = listener.local_addr()?;
     let (state, writer_thread) = AppState::start(store, options.dedup_window);
-    Ok(Running {
-        local_addr,
-        listener,
-        state,
-        writer_thread,
-        dedup_window: options.dedup_window,
-    })
+    Ok(Running { local_addr, listener, state, writer_thread, dedup_window: options.dedup_window })
 }
 
 impl Running {
     /// Serves until `shutdown` resolves, then stops accepting, finishes the
     /// requests in flight, and waits for the log writer to commit them.
-    pub async fn serve(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> Result<(), ServeError> {
-        let Running {
-            local_addr,
-            listener,
-            state,
-            writer_thread,
-            dedup_window,
-        } = self;
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
+        let Running { local_addr, listener, state, writer_thread, dedup_window } = self;
         let pruner = tokio::spawn(prune_message_ids(state.store.clone(), dedup_window));
         tracing::info!(address = %local_addr, "tandem is listening");
         let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await?;
+        axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
         pruner.abort();
         // Every handle to the log writer lived in the router, now dropped: the
         // writer commits what is queued and stops.
@@ -154,8 +123,8 @@ async fn prune_message_ids(store: Arc<dyn Store>, dedup_window: Duration) {
     let mut interval = tokio::time::interval(DEDUP_PRUNE_INTERVAL);
     loop {
         interval.tick().await;
-        let cutoff = chrono::Utc::now().timestamp_millis()
-            - i64::try_from(dedup_window.as_millis()).unwrap_or(i64::MAX);
+        let cutoff =
+            chrono::Utc::now().timestamp_millis() - i64::try_from(dedup_window.as_millis()).unwrap_or(i64::MAX);
         let store = store.clone();
         match tokio::task::spawn_blocking(move || store.forget_message_ids(cutoff)).await {
             Ok(Ok(forgotten)) if forgotten > 0 => {

@@ -41,11 +41,7 @@ pub struct LogWriter {
 impl LogWriter {
     /// Starts the writer thread. `dedup_window` is how long a `messageId`
     /// stays a duplicate after it was last stored.
-    pub fn spawn(
-        store: Arc<dyn Store>,
-        dedup_window: Duration,
-        metrics: Metrics,
-    ) -> (LogWriter, JoinHandle<()>) {
+    pub fn spawn(store: Arc<dyn Store>, dedup_window: Duration, metrics: Metrics) -> (LogWriter, JoinHandle<()>) {
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let thread_metrics = metrics.clone();
         let handle = std::thread::Builder::new()
@@ -72,12 +68,7 @@ impl LogWriter {
     }
 }
 
-fn run(
-    store: Arc<dyn Store>,
-    mut receiver: mpsc::Receiver<AppendRequest>,
-    dedup_window: Duration,
-    metrics: Metrics,
-) {
+fn run(store: Arc<dyn Store>, mut receiver: mpsc::Receiver<AppendRequest>, dedup_window: Duration, metrics: Metrics) {
     let dedup_window_ms = i64::try_from(dedup_window.as_millis()).unwrap_or(i64::MAX);
     while let Some(first) = receiver.blocking_recv() {
         let mut events = first.batch.records.len();
@@ -92,21 +83,15 @@ fn run(
             }
         }
         metrics.log_queue_depth.dec_by(group.len() as i64);
-        let (batches, replies): (Vec<_>, Vec<_>) = group
-            .into_iter()
-            .map(|request| (request.batch, request.reply))
-            .unzip();
+        let (batches, replies): (Vec<_>, Vec<_>) =
+            group.into_iter().map(|request| (request.batch, request.reply)).unzip();
         let started = Instant::now();
-        let dedup_since_ms = chrono::Utc::now()
-            .timestamp_millis()
-            .saturating_sub(dedup_window_ms);
+        let dedup_since_ms = chrono::Utc::now().timestamp_millis().saturating_sub(dedup_window_ms);
         match store.append(&batches, dedup_since_ms) {
             Ok(outcomes) => {
                 metrics.log_commits.inc();
                 metrics.log_commit_events.observe(events as f64);
-                metrics
-                    .log_commit_duration
-                    .observe(started.elapsed().as_secs_f64());
+                metrics.log_commit_duration.observe(started.elapsed().as_secs_f64());
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     // A requester that went away still had its events stored.
                     let _ = reply.send(Ok(outcome));
@@ -137,8 +122,7 @@ mod tests {
         let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
         let source = store.create_source("web", SourceKind::Website).unwrap().id;
         let metrics = Metrics::new();
-        let (writer, thread) =
-            LogWriter::spawn(store.clone(), Duration::from_secs(86_400), metrics.clone());
+        let (writer, thread) = LogWriter::spawn(store.clone(), Duration::from_secs(86_400), metrics.clone());
         let mut tasks = Vec::new();
         for request in 0..200 {
             let writer = writer.clone();
@@ -154,13 +138,7 @@ mod tests {
                         payload: "{}".into(),
                     })
                     .collect();
-                writer
-                    .append(IngestBatch {
-                        records,
-                        rejected: Vec::new(),
-                    })
-                    .await
-                    .unwrap()
+                writer.append(IngestBatch { records, rejected: Vec::new() }).await.unwrap()
             }));
         }
         for task in tasks {
@@ -170,12 +148,8 @@ mod tests {
         thread.join().unwrap();
         assert_eq!(store.read_log(LogPosition(0), 10_000).unwrap().len(), 1_000);
         let text = metrics.render();
-        let commits: f64 = text
-            .lines()
-            .find_map(|line| line.strip_prefix("tandem_log_commits_total "))
-            .unwrap()
-            .parse()
-            .unwrap();
+        let commits: f64 =
+            text.lines().find_map(|line| line.strip_prefix("tandem_log_commits_total ")).unwrap().parse().unwrap();
         assert!((1.0..=200.0).contains(&commits), "{commits} commits");
     }
 }

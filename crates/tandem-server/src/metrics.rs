@@ -60,13 +60,8 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("tandem");
         let http_requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
-            "http_requests",
-            "HTTP requests by route and status",
-            http_requests.clone(),
-        );
-        let http_request_duration: HistogramFamily<RouteLabels> =
-            Family::new_with_constructor(latency_histogram);
+        registry.register("http_requests", "HTTP requests by route and status", http_requests.clone());
+        let http_request_duration: HistogramFamily<RouteLabels> = Family::new_with_constructor(latency_histogram);
         registry.register(
             "http_request_duration_seconds",
             "Time from request to response, including the durable commit",
@@ -79,17 +74,9 @@ impl Metrics {
             ingest_events.clone(),
         );
         let log_commits = Counter::default();
-        registry.register(
-            "log_commits",
-            "Group commits to the event log",
-            log_commits.clone(),
-        );
+        registry.register("log_commits", "Group commits to the event log", log_commits.clone());
         let log_commit_events = commit_size_histogram();
-        registry.register(
-            "log_commit_events",
-            "Events per group commit",
-            log_commit_events.clone(),
-        );
+        registry.register("log_commit_events", "Events per group commit", log_commit_events.clone());
         let log_commit_duration = latency_histogram();
         registry.register(
             "log_commit_duration_seconds",
@@ -97,17 +84,9 @@ impl Metrics {
             log_commit_duration.clone(),
         );
         let log_commit_failures = Counter::default();
-        registry.register(
-            "log_commit_failures",
-            "Group commits that failed",
-            log_commit_failures.clone(),
-        );
+        registry.register("log_commit_failures", "Group commits that failed", log_commit_failures.clone());
         let log_queue_depth = Gauge::default();
-        registry.register(
-            "log_queue_depth",
-            "Requests waiting for the log writer",
-            log_queue_depth.clone(),
-        );
+        registry.register("log_queue_depth", "Requests waiting for the log writer", log_queue_depth.clone());
         Metrics {
             registry: std::sync::Arc::new(registry),
             http_requests,
@@ -122,27 +101,20 @@ impl Metrics {
     }
 
     pub fn observe_request(&self, route: &'static str, status: u16, elapsed: Duration) {
-        self.http_requests
-            .get_or_create(&RequestLabels { route, status })
-            .inc();
-        self.http_request_duration
-            .get_or_create(&RouteLabels { route })
-            .observe(elapsed.as_secs_f64());
+        self.http_requests.get_or_create(&RequestLabels { route, status }).inc();
+        self.http_request_duration.get_or_create(&RouteLabels { route }).observe(elapsed.as_secs_f64());
     }
 
     pub fn count_events(&self, outcome: &'static str, count: u64) {
         if count > 0 {
-            self.ingest_events
-                .get_or_create(&OutcomeLabels { outcome })
-                .inc_by(count);
+            self.ingest_events.get_or_create(&OutcomeLabels { outcome }).inc_by(count);
         }
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &self.registry)
-            .expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("writing to a String cannot fail");
         text
     }
 }
@@ -157,18 +129,11 @@ mod tests {
         metrics.observe_request("/v1/batch", 200, Duration::from_millis(3));
         metrics.count_events("stored", 100);
         let text = metrics.render();
+        assert!(text.contains("tandem_http_requests_total{route=\"/v1/batch\",status=\"200\"} 1"), "{text}");
+        assert!(text.contains("tandem_ingest_events_total{outcome=\"stored\"} 100"), "{text}");
         assert!(
-            text.contains("tandem_http_requests_total{route=\"/v1/batch\",status=\"200\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("tandem_ingest_events_total{outcome=\"stored\"} 100"),
-            "{text}"
-        );
-        assert!(
-            text.contains(
-                "tandem_http_request_duration_seconds_bucket{le=\"0.0032\",route=\"/v1/batch\"} 0"
-            ) || text.contains("tandem_http_request_duration_seconds_count{route=\"/v1/batch\"} 1"),
+            text.contains("tandem_http_request_duration_seconds_bucket{le=\"0.0032\",route=\"/v1/batch\"} 0")
+                || text.contains("tandem_http_request_duration_seconds_count{route=\"/v1/batch\"} 1"),
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"));

@@ -28,43 +28,29 @@ impl Harness {
         let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
         let source = store.create_source("website", SourceKind::Website).unwrap();
         let (state, _writer) = AppState::start(store.clone(), DEFAULT_DEDUP_WINDOW);
-        Harness {
-            _dir: dir,
-            store,
-            app: router(state),
-            source,
-        }
+        Harness { _dir: dir, store, app: router(state), source }
     }
 
     fn basic(&self) -> String {
-        format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(format!("{}:", self.source.write_key))
-        )
+        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{}:", self.source.write_key)))
     }
 
     async fn send(&self, request: Request<Body>) -> (StatusCode, Value) {
         let mut request = request;
-        request
-            .extensions_mut()
-            .insert(ConnectInfo(SocketAddr::from(([192, 0, 2, 7], 5555))));
+        request.extensions_mut().insert(ConnectInfo(SocketAddr::from(([192, 0, 2, 7], 5555))));
         let response = self.app.clone().oneshot(request).await.unwrap();
         let status = response.status();
         let bytes = to_bytes(response.into_body(), usize::MAX).await.unwrap();
         let body = if bytes.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&bytes)
-                .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()))
+            serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()))
         };
         (status, body)
     }
 
     async fn post(&self, path: &str, body: impl Into<Body>) -> (StatusCode, Value) {
-        let request = Request::post(path)
-            .header(header::AUTHORIZATION, self.basic())
-            .body(body.into())
-            .unwrap();
+        let request = Request::post(path).header(header::AUTHORIZATION, self.basic()).body(body.into()).unwrap();
         self.send(request).await
     }
 
@@ -83,10 +69,7 @@ impl Harness {
 }
 
 fn error_of(body: &Value) -> (&str, Option<&str>) {
-    (
-        body["error"]["code"].as_str().unwrap(),
-        body["error"]["field"].as_str(),
-    )
+    (body["error"]["code"].as_str().unwrap(), body["error"]["field"].as_str())
 }
 
 fn gzip(bytes: &[u8]) -> Vec<u8> {
@@ -99,10 +82,7 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
 async fn every_call_is_accepted_and_stored_with_its_fields() {
     let harness = Harness::new();
     let calls = [
-        (
-            "/v1/identify",
-            json!({"userId": "u1", "traits": {"email": "ann@example.com"}, "messageId": "m-identify"}),
-        ),
+        ("/v1/identify", json!({"userId": "u1", "traits": {"email": "ann@example.com"}, "messageId": "m-identify"})),
         (
             "/v1/track",
             json!({"userId": "u1", "event": "Order Completed", "properties": {"revenue": 30}, "messageId": "m-track"}),
@@ -111,36 +91,20 @@ async fn every_call_is_accepted_and_stored_with_its_fields() {
             "/v1/page",
             json!({"anonymousId": "a1", "name": "Pricing", "category": "Docs", "properties": {"url": "https://x.test/pricing"}, "messageId": "m-page"}),
         ),
-        (
-            "/v1/screen",
-            json!({"userId": "u1", "name": "Home", "messageId": "m-screen"}),
-        ),
+        ("/v1/screen", json!({"userId": "u1", "name": "Home", "messageId": "m-screen"})),
         (
             "/v1/group",
             json!({"userId": "u1", "groupId": "acme", "traits": {"plan": "enterprise"}, "messageId": "m-group"}),
         ),
-        (
-            "/v1/alias",
-            json!({"previousId": "a1", "userId": "u1", "messageId": "m-alias"}),
-        ),
+        ("/v1/alias", json!({"previousId": "a1", "userId": "u1", "messageId": "m-alias"})),
     ];
     for (path, body) in &calls {
         let (status, response) = harness.post_json(path, body.clone()).await;
-        assert_eq!(
-            (status, &response),
-            (StatusCode::OK, &json!({"success": true})),
-            "{path}"
-        );
+        assert_eq!((status, &response), (StatusCode::OK, &json!({"success": true})), "{path}");
     }
     let events = harness.events();
-    let types: Vec<_> = events
-        .iter()
-        .map(|event| event["type"].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        types,
-        vec!["identify", "track", "page", "screen", "group", "alias"]
-    );
+    let types: Vec<_> = events.iter().map(|event| event["type"].as_str().unwrap()).collect();
+    assert_eq!(types, vec!["identify", "track", "page", "screen", "group", "alias"]);
     assert_eq!(events[0]["traits"]["email"], "ann@example.com");
     assert_eq!(events[1]["event"], "Order Completed");
     assert_eq!(events[1]["properties"]["revenue"], 30);
@@ -149,10 +113,7 @@ async fn every_call_is_accepted_and_stored_with_its_fields() {
     assert_eq!(events[5]["previousId"], "a1");
     for event in &events {
         assert_eq!(event["sourceId"], harness.source.id.as_str());
-        assert_eq!(
-            event["context"]["ip"], "192.0.2.7",
-            "ip from the connection"
-        );
+        assert_eq!(event["context"]["ip"], "192.0.2.7", "ip from the connection");
         assert!(event["receivedAt"].is_string() && event["timestamp"].is_string());
     }
 }
@@ -162,20 +123,12 @@ async fn analytics_js_short_paths_and_import_reach_the_same_log() {
     let harness = Harness::new();
     let key = harness.source.write_key.as_str();
     for (path, body) in [
-        (
-            "/v1/t",
-            json!({"writeKey": key, "anonymousId": "a", "event": "Clicked"}),
-        ),
+        ("/v1/t", json!({"writeKey": key, "anonymousId": "a", "event": "Clicked"})),
         ("/v1/p", json!({"writeKey": key, "anonymousId": "a"})),
-        (
-            "/v1/import",
-            json!({"writeKey": key, "batch": [{"type": "identify", "userId": "u"}]}),
-        ),
+        ("/v1/import", json!({"writeKey": key, "batch": [{"type": "identify", "userId": "u"}]})),
     ] {
-        let request = Request::post(path)
-            .header(header::CONTENT_TYPE, "text/plain")
-            .body(Body::from(body.to_string()))
-            .unwrap();
+        let request =
+            Request::post(path).header(header::CONTENT_TYPE, "text/plain").body(Body::from(body.to_string())).unwrap();
         assert_eq!(harness.send(request).await.0, StatusCode::OK, "{path}");
     }
     assert_eq!(harness.events().len(), 3);
@@ -192,34 +145,16 @@ async fn write_keys_authenticate_by_basic_auth_or_body() {
         .unwrap();
     assert_eq!(harness.send(no_colon).await.0, StatusCode::OK);
     let in_body = Request::post("/v1/track")
-        .body(Body::from(
-            json!({"writeKey": key, "userId": "u", "event": "E"}).to_string(),
-        ))
+        .body(Body::from(json!({"writeKey": key, "userId": "u", "event": "E"}).to_string()))
         .unwrap();
     assert_eq!(harness.send(in_body).await.0, StatusCode::OK);
 
-    let missing = Request::post("/v1/track")
-        .body(Body::from(r#"{"userId":"u","event":"E"}"#))
-        .unwrap();
+    let missing = Request::post("/v1/track").body(Body::from(r#"{"userId":"u","event":"E"}"#)).unwrap();
     let (status, body) = harness.send(missing).await;
-    assert_eq!(
-        (status, error_of(&body)),
-        (
-            StatusCode::UNAUTHORIZED,
-            ("missing_write_key", Some("writeKey"))
-        )
-    );
-    let unknown = Request::post("/v1/batch")
-        .body(Body::from(r#"{"writeKey":"nope","batch":[]}"#))
-        .unwrap();
+    assert_eq!((status, error_of(&body)), (StatusCode::UNAUTHORIZED, ("missing_write_key", Some("writeKey"))));
+    let unknown = Request::post("/v1/batch").body(Body::from(r#"{"writeKey":"nope","batch":[]}"#)).unwrap();
     let (status, body) = harness.send(unknown).await;
-    assert_eq!(
-        (status, error_of(&body)),
-        (
-            StatusCode::UNAUTHORIZED,
-            ("invalid_write_key", Some("writeKey"))
-        )
-    );
+    assert_eq!((status, error_of(&body)), (StatusCode::UNAUTHORIZED, ("invalid_write_key", Some("writeKey"))));
     let wrong_header = Request::post("/v1/track")
         .header(header::AUTHORIZATION, "Basic bm9wZTo=")
         .body(Body::from(r#"{"userId":"u","event":"E"}"#))
@@ -232,32 +167,13 @@ async fn write_keys_authenticate_by_basic_auth_or_body() {
 async fn malformed_bodies_get_400_naming_the_problem_and_are_quarantined() {
     let harness = Harness::new();
     let (status, body) = harness.post("/v1/track", "{\"userId\": ").await;
-    assert_eq!(
-        (status, error_of(&body).0),
-        (StatusCode::BAD_REQUEST, "invalid_json")
-    );
+    assert_eq!((status, error_of(&body).0), (StatusCode::BAD_REQUEST, "invalid_json"));
     let (status, body) = harness.post("/v1/batch", "[1, 2]").await;
-    assert_eq!(
-        (status, error_of(&body).0),
-        (StatusCode::BAD_REQUEST, "invalid_request")
-    );
-    let (status, body) = harness
-        .post_json("/v1/batch", json!({"batch": "nope"}))
-        .await;
-    assert_eq!(
-        (status, error_of(&body)),
-        (StatusCode::BAD_REQUEST, ("invalid_request", Some("batch")))
-    );
-    let (status, body) = harness
-        .post_json("/v1/batch", json!({"batch": [], "context": [1]}))
-        .await;
-    assert_eq!(
-        (status, error_of(&body)),
-        (
-            StatusCode::BAD_REQUEST,
-            ("invalid_request", Some("context"))
-        )
-    );
+    assert_eq!((status, error_of(&body).0), (StatusCode::BAD_REQUEST, "invalid_request"));
+    let (status, body) = harness.post_json("/v1/batch", json!({"batch": "nope"})).await;
+    assert_eq!((status, error_of(&body)), (StatusCode::BAD_REQUEST, ("invalid_request", Some("batch"))));
+    let (status, body) = harness.post_json("/v1/batch", json!({"batch": [], "context": [1]})).await;
+    assert_eq!((status, error_of(&body)), (StatusCode::BAD_REQUEST, ("invalid_request", Some("context"))));
     let quarantine = harness.store.list_quarantine(0, 10).unwrap();
     assert_eq!(quarantine.len(), 4);
     assert_eq!(quarantine[0].code, "invalid_json");
@@ -268,77 +184,23 @@ async fn malformed_bodies_get_400_naming_the_problem_and_are_quarantined() {
 async fn wrong_types_and_missing_ids_name_the_field() {
     let harness = Harness::new();
     let cases = [
-        (
-            "/v1/track",
-            json!({"event": "E"}),
-            "missing_field",
-            "userId",
-        ),
-        (
-            "/v1/track",
-            json!({"userId": "u"}),
-            "missing_field",
-            "event",
-        ),
-        (
-            "/v1/track",
-            json!({"userId": ["u"], "event": "E"}),
-            "invalid_type",
-            "userId",
-        ),
-        (
-            "/v1/identify",
-            json!({"userId": "u", "traits": "vip"}),
-            "invalid_type",
-            "traits",
-        ),
-        (
-            "/v1/identify",
-            json!({"userId": "u", "timestamp": "last tuesday"}),
-            "invalid_value",
-            "timestamp",
-        ),
-        (
-            "/v1/identify",
-            json!({"userId": "u", "messageId": "x".repeat(101)}),
-            "invalid_value",
-            "messageId",
-        ),
-        (
-            "/v1/group",
-            json!({"userId": "u"}),
-            "missing_field",
-            "groupId",
-        ),
-        (
-            "/v1/alias",
-            json!({"userId": "u"}),
-            "missing_field",
-            "previousId",
-        ),
+        ("/v1/track", json!({"event": "E"}), "missing_field", "userId"),
+        ("/v1/track", json!({"userId": "u"}), "missing_field", "event"),
+        ("/v1/track", json!({"userId": ["u"], "event": "E"}), "invalid_type", "userId"),
+        ("/v1/identify", json!({"userId": "u", "traits": "vip"}), "invalid_type", "traits"),
+        ("/v1/identify", json!({"userId": "u", "timestamp": "last tuesday"}), "invalid_value", "timestamp"),
+        ("/v1/identify", json!({"userId": "u", "messageId": "x".repeat(101)}), "invalid_value", "messageId"),
+        ("/v1/group", json!({"userId": "u"}), "missing_field", "groupId"),
+        ("/v1/alias", json!({"userId": "u"}), "missing_field", "previousId"),
     ];
     for (path, body, code, field) in cases {
         let (status, response) = harness.post_json(path, body.clone()).await;
-        assert_eq!(
-            (status, error_of(&response)),
-            (StatusCode::BAD_REQUEST, (code, Some(field))),
-            "{path} {body}"
-        );
+        assert_eq!((status, error_of(&response)), (StatusCode::BAD_REQUEST, (code, Some(field))), "{path} {body}");
     }
     assert!(harness.events().is_empty());
-    assert_eq!(
-        harness.store.list_quarantine(0, 100).unwrap().len(),
-        8,
-        "every refusal is kept"
-    );
+    assert_eq!(harness.store.list_quarantine(0, 100).unwrap().len(), 8, "every refusal is kept");
     // The server keeps serving.
-    assert_eq!(
-        harness
-            .post_json("/v1/track", json!({"userId": "u", "event": "E"}))
-            .await
-            .0,
-        StatusCode::OK
-    );
+    assert_eq!(harness.post_json("/v1/track", json!({"userId": "u", "event": "E"})).await.0, StatusCode::OK);
 }
 
 #[tokio::test]
@@ -378,35 +240,18 @@ async fn a_batch_stores_its_valid_messages_and_lists_the_rejected_ones() {
             (4, "message_too_large".to_owned(), None)
         ]
     );
-    let stored: Vec<_> = harness
-        .events()
-        .iter()
-        .map(|event| event["messageId"].as_str().unwrap().to_owned())
-        .collect();
+    let stored: Vec<_> = harness.events().iter().map(|event| event["messageId"].as_str().unwrap().to_owned()).collect();
     assert_eq!(stored, vec!["ok-1", "ok-2"]);
     let quarantine = harness.store.list_quarantine(0, 10).unwrap();
-    assert_eq!(
-        quarantine
-            .iter()
-            .map(|entry| entry.batch_index)
-            .collect::<Vec<_>>(),
-        vec![Some(1), Some(3), Some(4)]
-    );
-    assert_eq!(
-        serde_json::from_str::<Value>(&quarantine[1].payload).unwrap(),
-        json!({"userId": "u"})
-    );
+    assert_eq!(quarantine.iter().map(|entry| entry.batch_index).collect::<Vec<_>>(), vec![Some(1), Some(3), Some(4)]);
+    assert_eq!(serde_json::from_str::<Value>(&quarantine[1].payload).unwrap(), json!({"userId": "u"}));
 }
 
 #[tokio::test]
 async fn a_batch_with_no_valid_message_is_a_400_listing_each() {
     let harness = Harness::new();
-    let (status, body) = harness
-        .post_json(
-            "/v1/batch",
-            json!({"batch": [{"type": "track"}, {"type": "alias", "userId": "u"}]}),
-        )
-        .await;
+    let (status, body) =
+        harness.post_json("/v1/batch", json!({"batch": [{"type": "track"}, {"type": "alias", "userId": "u"}]})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(error_of(&body), ("missing_field", Some("batch[0].userId")));
     assert_eq!(body["rejected"].as_array().unwrap().len(), 2);
@@ -416,40 +261,21 @@ async fn a_batch_with_no_valid_message_is_a_400_listing_each() {
 #[tokio::test]
 async fn size_limits_answer_413() {
     let harness = Harness::new();
-    let big_message =
-        json!({"userId": "u", "event": "E", "properties": {"blob": "x".repeat(33 * 1024)}});
+    let big_message = json!({"userId": "u", "event": "E", "properties": {"blob": "x".repeat(33 * 1024)}});
     let (status, body) = harness.post_json("/v1/track", big_message).await;
-    assert_eq!(
-        (status, error_of(&body).0),
-        (StatusCode::PAYLOAD_TOO_LARGE, "message_too_large")
-    );
+    assert_eq!((status, error_of(&body).0), (StatusCode::PAYLOAD_TOO_LARGE, "message_too_large"));
 
     let message = json!({"type": "track", "userId": "u", "event": "E", "properties": {"blob": "x".repeat(20 * 1024)}});
     let big_batch = json!({"batch": vec![message; 30]});
     let (status, body) = harness.post_json("/v1/batch", big_batch).await;
-    assert_eq!(
-        (status, error_of(&body).0),
-        (StatusCode::PAYLOAD_TOO_LARGE, "request_too_large")
-    );
+    assert_eq!((status, error_of(&body).0), (StatusCode::PAYLOAD_TOO_LARGE, "request_too_large"));
 
     let many = json!({"batch": vec![json!({"type": "track", "userId": "u", "event": "E"}); 2_501]});
     let (status, body) = harness.post_json("/v1/batch", many).await;
-    assert_eq!(
-        (status, error_of(&body)),
-        (
-            StatusCode::PAYLOAD_TOO_LARGE,
-            ("too_many_messages", Some("batch"))
-        )
-    );
+    assert_eq!((status, error_of(&body)), (StatusCode::PAYLOAD_TOO_LARGE, ("too_many_messages", Some("batch"))));
 
     // A small gzip body that inflates past the limit.
-    let bomb = gzip(
-        format!(
-            "{{\"batch\": [], \"pad\": \"{}\"}}",
-            " ".repeat(2 * 1024 * 1024)
-        )
-        .as_bytes(),
-    );
+    let bomb = gzip(format!("{{\"batch\": [], \"pad\": \"{}\"}}", " ".repeat(2 * 1024 * 1024)).as_bytes());
     assert!(bomb.len() < 100 * 1024);
     let request = Request::post("/v1/batch")
         .header(header::AUTHORIZATION, harness.basic())
@@ -457,18 +283,9 @@ async fn size_limits_answer_413() {
         .body(Body::from(bomb))
         .unwrap();
     let (status, body) = harness.send(request).await;
-    assert_eq!(
-        (status, error_of(&body).0),
-        (StatusCode::PAYLOAD_TOO_LARGE, "request_too_large")
-    );
+    assert_eq!((status, error_of(&body).0), (StatusCode::PAYLOAD_TOO_LARGE, "request_too_large"));
     assert!(harness.events().is_empty());
-    assert_eq!(
-        harness
-            .post_json("/v1/track", json!({"userId": "u", "event": "E"}))
-            .await
-            .0,
-        StatusCode::OK
-    );
+    assert_eq!(harness.post_json("/v1/track", json!({"userId": "u", "event": "E"})).await.0, StatusCode::OK);
 }
 
 #[tokio::test]
@@ -489,10 +306,7 @@ async fn gzip_bodies_are_accepted_and_bad_gzip_is_a_400() {
         .body(Body::from(body.clone()))
         .unwrap();
     let (status, response) = harness.send(request).await;
-    assert_eq!(
-        (status, error_of(&response)),
-        (StatusCode::BAD_REQUEST, ("invalid_encoding", Some("body")))
-    );
+    assert_eq!((status, error_of(&response)), (StatusCode::BAD_REQUEST, ("invalid_encoding", Some("body"))));
     let request = Request::post("/v1/batch")
         .header(header::AUTHORIZATION, harness.basic())
         .header(header::CONTENT_ENCODING, "br")
@@ -501,10 +315,7 @@ async fn gzip_bodies_are_accepted_and_bad_gzip_is_a_400() {
     let (status, response) = harness.send(request).await;
     assert_eq!(
         (status, error_of(&response)),
-        (
-            StatusCode::BAD_REQUEST,
-            ("invalid_encoding", Some("content-encoding"))
-        )
+        (StatusCode::BAD_REQUEST, ("invalid_encoding", Some("content-encoding")))
     );
 }
 
@@ -512,19 +323,10 @@ async fn gzip_bodies_are_accepted_and_bad_gzip_is_a_400() {
 async fn a_repeated_message_id_is_acknowledged_but_stored_once() {
     let harness = Harness::new();
     let message = json!({"userId": "u", "event": "Paid", "messageId": "pay-1"});
-    assert_eq!(
-        harness.post_json("/v1/track", message.clone()).await,
-        (StatusCode::OK, json!({"success": true}))
-    );
-    assert_eq!(
-        harness.post_json("/v1/track", message.clone()).await,
-        (StatusCode::OK, json!({"success": true}))
-    );
+    assert_eq!(harness.post_json("/v1/track", message.clone()).await, (StatusCode::OK, json!({"success": true})));
+    assert_eq!(harness.post_json("/v1/track", message.clone()).await, (StatusCode::OK, json!({"success": true})));
     let batch = json!({"batch": [{"type": "track", "userId": "u", "event": "Paid", "messageId": "pay-1"}, {"type": "track", "userId": "u", "event": "Paid", "messageId": "pay-2"}]});
-    assert_eq!(
-        harness.post_json("/v1/batch", batch).await.0,
-        StatusCode::OK
-    );
+    assert_eq!(harness.post_json("/v1/batch", batch).await.0, StatusCode::OK);
     assert_eq!(harness.events().len(), 2);
     let stats = harness.store.stats().unwrap();
     assert_eq!((stats.events, stats.duplicates), (2, 2));
@@ -547,78 +349,33 @@ async fn batch_context_merges_and_clock_skew_is_corrected() {
     assert_eq!(status, StatusCode::OK);
     let event = &harness.events()[0];
     assert_eq!(event["context"]["library"]["name"], "analytics-python");
-    assert_eq!(
-        event["context"]["ip"], "203.0.113.9",
-        "the message's own context wins"
-    );
+    assert_eq!(event["context"]["ip"], "203.0.113.9", "the message's own context wins");
     assert_eq!(event["integrations"]["All"], false);
     assert_eq!(event["originalTimestamp"], "2030-01-01T00:00:00Z");
-    let received =
-        tandem_core::collect::parse_timestamp(event["receivedAt"].as_str().unwrap()).unwrap();
-    let timestamp =
-        tandem_core::collect::parse_timestamp(event["timestamp"].as_str().unwrap()).unwrap();
+    let received = tandem_core::collect::parse_timestamp(event["receivedAt"].as_str().unwrap()).unwrap();
+    let timestamp = tandem_core::collect::parse_timestamp(event["timestamp"].as_str().unwrap()).unwrap();
     assert_eq!(received - timestamp, chrono::Duration::seconds(30));
 }
 
 #[tokio::test]
 async fn operations_endpoints_and_unknown_routes() {
     let harness = Harness::new();
-    harness
-        .post_json("/v1/track", json!({"userId": "u", "event": "E"}))
-        .await;
+    harness.post_json("/v1/track", json!({"userId": "u", "event": "E"})).await;
     harness.post_json("/v1/track", json!({"userId": "u"})).await;
-    let (status, body) = harness
-        .send(Request::get("/health").body(Body::empty()).unwrap())
-        .await;
-    assert_eq!(
-        (status, body["status"].as_str()),
-        (StatusCode::OK, Some("ok"))
-    );
-    let response = harness
-        .app
-        .clone()
-        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
-        .await
-        .unwrap();
+    let (status, body) = harness.send(Request::get("/health").body(Body::empty()).unwrap()).await;
+    assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("ok")));
+    let response = harness.app.clone().oneshot(Request::get("/metrics").body(Body::empty()).unwrap()).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    let text = String::from_utf8(
-        to_bytes(response.into_body(), usize::MAX)
-            .await
-            .unwrap()
-            .to_vec(),
-    )
-    .unwrap();
-    assert!(
-        text.contains("tandem_ingest_events_total{outcome=\"stored\"} 1"),
-        "{text}"
-    );
-    assert!(
-        text.contains("tandem_ingest_events_total{outcome=\"rejected\"} 1"),
-        "{text}"
-    );
-    assert!(
-        text.contains("tandem_http_requests_total{route=\"/v1/track\",status=\"400\"} 1"),
-        "{text}"
-    );
-    assert!(
-        text.contains("tandem_http_request_duration_seconds_bucket"),
-        "{text}"
-    );
+    let text = String::from_utf8(to_bytes(response.into_body(), usize::MAX).await.unwrap().to_vec()).unwrap();
+    assert!(text.contains("tandem_ingest_events_total{outcome=\"stored\"} 1"), "{text}");
+    assert!(text.contains("tandem_ingest_events_total{outcome=\"rejected\"} 1"), "{text}");
+    assert!(text.contains("tandem_http_requests_total{route=\"/v1/track\",status=\"400\"} 1"), "{text}");
+    assert!(text.contains("tandem_http_request_duration_seconds_bucket"), "{text}");
     assert!(text.contains("tandem_log_commits_total"), "{text}");
-    let (status, body) = harness
-        .send(Request::get("/v2/nothing").body(Body::empty()).unwrap())
-        .await;
-    assert_eq!(
-        (status, error_of(&body).0),
-        (StatusCode::NOT_FOUND, "not_found")
-    );
-    let (status, body) = harness
-        .send(Request::get("/v1/track").body(Body::empty()).unwrap())
-        .await;
-    assert_eq!(
-        (status, error_of(&body).0),
-        (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
-    );
+    let (status, body) = harness.send(Request::get("/v2/nothing").body(Body::empty()).unwrap()).await;
+    assert_eq!((status, error_of(&body).0), (StatusCode::NOT_FOUND, "not_found"));
+    let (status, body) = harness.send(Request::get("/v1/track").body(Body::empty()).unwrap()).await;
+    assert_eq!((status, error_of(&body).0), (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"));
 }
 
 #[tokio::test]
@@ -632,12 +389,6 @@ async fn browsers_get_cors_preflight_answers() {
         .unwrap();
     let response = harness.app.clone().oneshot(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
-    assert_eq!(
-        response.headers()[header::ACCESS_CONTROL_ALLOW_ORIGIN],
-        "https://shop.example"
-    );
-    assert!(response.headers()[header::ACCESS_CONTROL_ALLOW_HEADERS]
-        .to_str()
-        .unwrap()
-        .contains("Content-Type"));
+    assert_eq!(response.headers()[header::ACCESS_CONTROL_ALLOW_ORIGIN], "https://shop.example");
+    assert!(response.headers()[header::ACCESS_CONTROL_ALLOW_HEADERS].to_str().unwrap().contains("Content-Type"));
 }

@@ -12,9 +12,7 @@ pub mod suite;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use tandem_core::source::SourceError;
-use tandem_core::{
-    EventType, LogPosition, LogRecord, MessageId, Source, SourceId, SourceKind, WriteKey,
-};
+use tandem_core::{EventType, LogPosition, LogRecord, MessageId, Source, SourceId, SourceKind, WriteKey};
 
 pub use sqlite::SqliteStore;
 
@@ -128,21 +126,13 @@ pub trait Store: Send + Sync + 'static {
     /// order. Nothing is visible, and nothing may be acknowledged, until this
     /// returns `Ok`. An event whose `(source, messageId)` was stored at or
     /// after `dedup_since_ms` is counted as a duplicate and not stored again.
-    fn append(
-        &self,
-        batches: &[IngestBatch],
-        dedup_since_ms: i64,
-    ) -> Result<Vec<IngestOutcome>, StoreError>;
+    fn append(&self, batches: &[IngestBatch], dedup_since_ms: i64) -> Result<Vec<IngestOutcome>, StoreError>;
 
     /// Events after `after`, oldest first.
     fn read_log(&self, after: LogPosition, limit: usize) -> Result<Vec<LogEntry>, StoreError>;
 
     /// Quarantined messages with an id above `after_id`, oldest first.
-    fn list_quarantine(
-        &self,
-        after_id: u64,
-        limit: usize,
-    ) -> Result<Vec<QuarantineEntry>, StoreError>;
+    fn list_quarantine(&self, after_id: u64, limit: usize) -> Result<Vec<QuarantineEntry>, StoreError>;
 
     fn stats(&self) -> Result<IngestStats, StoreError>;
 

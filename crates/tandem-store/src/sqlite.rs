@@ -3,10 +3,7 @@
 //! reads, so readers never block the writer. Each commit is fsynced
 //! (`synchronous = FULL`), which is what makes an acknowledgement durable.
 
-use crate::{
-    IngestBatch, IngestOutcome, IngestStats, LogEntry, QuarantineEntry, SourceStats, Store,
-    StoreError,
-};
+use crate::{IngestBatch, IngestOutcome, IngestStats, LogEntry, QuarantineEntry, SourceStats, Store, StoreError};
 use rand::distr::{Alphanumeric, SampleString};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use std::collections::HashMap;
@@ -85,46 +82,26 @@ impl SqliteStore {
         let path = data_dir.join(DATABASE_FILE);
         let mut writer = open_connection(&path)?;
         migrate(&mut writer)?;
-        Ok(SqliteStore {
-            path,
-            writer: Mutex::new(writer),
-            readers: Mutex::new(Vec::new()),
-        })
+        Ok(SqliteStore { path, writer: Mutex::new(writer), readers: Mutex::new(Vec::new()) })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    fn with_writer<T>(
-        &self,
-        work: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        let mut connection = self
-            .writer
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+    fn with_writer<T>(&self, work: impl FnOnce(&mut Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let mut connection = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         work(&mut connection)
     }
 
-    fn with_reader<T>(
-        &self,
-        work: impl FnOnce(&Connection) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        let pooled = self
-            .readers
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .pop();
+    fn with_reader<T>(&self, work: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let pooled = self.readers.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).pop();
         let connection = match pooled {
             Some(connection) => connection,
             None => open_connection(&self.path)?,
         };
         let result = work(&connection);
-        let mut readers = self
-            .readers
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut readers = self.readers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if readers.len() < READER_POOL_SIZE {
             readers.push(connection);
         }
@@ -135,9 +112,7 @@ impl SqliteStore {
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     let connection = Connection::open_with_flags(
         path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     // Another process (the CLI beside a running server) may hold the write
     // lock for a moment; wait rather than fail.
@@ -216,32 +191,25 @@ impl Store for SqliteStore {
 
     fn list_sources(&self) -> Result<Vec<Source>, StoreError> {
         self.with_reader(|connection| {
-            let mut statement = connection.prepare_cached(&format!(
-                "SELECT {SOURCE_COLUMNS} FROM sources ORDER BY rowid"
-            ))?;
-            let sources = statement
-                .query_map([], source_from_row)?
-                .collect::<Result<_, _>>()?;
+            let mut statement =
+                connection.prepare_cached(&format!("SELECT {SOURCE_COLUMNS} FROM sources ORDER BY rowid"))?;
+            let sources = statement.query_map([], source_from_row)?.collect::<Result<_, _>>()?;
             Ok(sources)
         })
     }
 
     fn source_by_write_key(&self, write_key: &WriteKey) -> Result<Option<Source>, StoreError> {
         self.with_reader(|connection| {
-            let mut statement = connection.prepare_cached(&format!(
-                "SELECT {SOURCE_COLUMNS} FROM sources WHERE write_key = ?1"
-            ))?;
-            Ok(statement
-                .query_row([write_key.as_str()], source_from_row)
-                .optional()?)
+            let mut statement =
+                connection.prepare_cached(&format!("SELECT {SOURCE_COLUMNS} FROM sources WHERE write_key = ?1"))?;
+            Ok(statement.query_row([write_key.as_str()], source_from_row).optional()?)
         })
     }
 
     fn source_by_name(&self, name: &str) -> Result<Source, StoreError> {
         self.with_reader(|connection| {
-            let mut statement = connection.prepare_cached(&format!(
-                "SELECT {SOURCE_COLUMNS} FROM sources WHERE name = ?1"
-            ))?;
+            let mut statement =
+                connection.prepare_cached(&format!("SELECT {SOURCE_COLUMNS} FROM sources WHERE name = ?1"))?;
             statement
                 .query_row([name.trim()], source_from_row)
                 .optional()?
@@ -249,11 +217,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn append(
-        &self,
-        batches: &[IngestBatch],
-        dedup_since_ms: i64,
-    ) -> Result<Vec<IngestOutcome>, StoreError> {
+    fn append(&self, batches: &[IngestBatch], dedup_since_ms: i64) -> Result<Vec<IngestOutcome>, StoreError> {
         self.with_writer(|connection| {
             let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut outcomes = Vec::with_capacity(batches.len());
@@ -341,11 +305,7 @@ impl Store for SqliteStore {
                     source_id: SourceId::new(row.get::<_, String>(1)?),
                     message_id: MessageId::new(row.get::<_, String>(2)?),
                     event_type: event_type.parse().map_err(|error| {
-                        rusqlite::Error::FromSqlConversionFailure(
-                            3,
-                            rusqlite::types::Type::Text,
-                            Box::new(error),
-                        )
+                        rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, Box::new(error))
                     })?,
                     received_at_ms: row.get(4)?,
                     payload: row.get(5)?,
@@ -355,11 +315,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn list_quarantine(
-        &self,
-        after_id: u64,
-        limit: usize,
-    ) -> Result<Vec<QuarantineEntry>, StoreError> {
+    fn list_quarantine(&self, after_id: u64, limit: usize) -> Result<Vec<QuarantineEntry>, StoreError> {
         self.with_reader(|connection| {
             let mut statement = connection.prepare_cached(
                 "SELECT id, source_id, received_at, batch_index, code, field, message, payload FROM quarantine
@@ -393,10 +349,7 @@ impl Store for SqliteStore {
 
     fn forget_message_ids(&self, received_before_ms: i64) -> Result<u64, StoreError> {
         self.with_writer(|connection| {
-            Ok(connection.execute(
-                "DELETE FROM message_ids WHERE received_at < ?1",
-                [received_before_ms],
-            )? as u64)
+            Ok(connection.execute("DELETE FROM message_ids WHERE received_at < ?1", [received_before_ms])? as u64)
         })
     }
 }
@@ -406,19 +359,12 @@ fn read_stats(connection: &Connection) -> Result<IngestStats, StoreError> {
     let mut per_source: Vec<SourceStats> = Vec::new();
     let mut index_of: HashMap<String, usize> = HashMap::new();
     let mut statement = connection.prepare_cached("SELECT id, name FROM sources ORDER BY rowid")?;
-    for row in statement.query_map([], |row| {
-        Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
-    })? {
+    for row in statement.query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?)))? {
         let (id, name) = row?;
         index_of.insert(id.clone(), per_source.len());
-        per_source.push(SourceStats {
-            source_id: SourceId::new(id),
-            name,
-            ..SourceStats::default()
-        });
+        per_source.push(SourceStats { source_id: SourceId::new(id), name, ..SourceStats::default() });
     }
-    let mut statement = connection
-        .prepare_cached("SELECT source_id, type, stored, duplicates FROM ingest_counters")?;
+    let mut statement = connection.prepare_cached("SELECT source_id, type, stored, duplicates FROM ingest_counters")?;
     let counters = statement.query_map([], |row| {
         Ok((
             row.get::<_, String>(0)?,
@@ -439,22 +385,17 @@ fn read_stats(connection: &Connection) -> Result<IngestStats, StoreError> {
             *source.events_by_type.entry(event_type).or_default() += stored;
         }
     }
-    let mut statement = connection
-        .prepare_cached("SELECT source_id, COUNT(*) FROM quarantine GROUP BY source_id")?;
-    for row in statement.query_map([], |row| {
-        Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)? as u64))
-    })? {
+    let mut statement = connection.prepare_cached("SELECT source_id, COUNT(*) FROM quarantine GROUP BY source_id")?;
+    for row in statement.query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)? as u64)))? {
         let (source_id, rejected) = row?;
         stats.rejected += rejected;
         if let Some(&index) = index_of.get(&source_id) {
             per_source[index].rejected += rejected;
         }
     }
-    stats.log_head = LogPosition(connection.query_row(
-        "SELECT COALESCE(MAX(position), 0) FROM events",
-        [],
-        |row| row.get::<_, i64>(0),
-    )? as u64);
+    stats.log_head = LogPosition(
+        connection.query_row("SELECT COALESCE(MAX(position), 0) FROM events", [], |row| row.get::<_, i64>(0))? as u64,
+    );
     stats.sources = per_source;
     Ok(stats)
 }
@@ -463,9 +404,7 @@ fn read_stats(connection: &Connection) -> Result<IngestStats, StoreError> {
 mod tests {
     use super::*;
 
-    crate::store_test_suite!(
-        |dir: &std::path::Path| SqliteStore::open(dir).expect("open sqlite store")
-    );
+    crate::store_test_suite!(|dir: &std::path::Path| SqliteStore::open(dir).expect("open sqlite store"));
 
     #[test]
     fn reopening_keeps_everything_and_does_not_migrate_twice() {
@@ -477,9 +416,7 @@ mod tests {
         let store = SqliteStore::open(dir.path()).unwrap();
         assert_eq!(store.list_sources().unwrap(), vec![source]);
         let version: i64 = store
-            .with_reader(|connection| {
-                Ok(connection.pragma_query_value(None, "user_version", |row| row.get(0))?)
-            })
+            .with_reader(|connection| Ok(connection.pragma_query_value(None, "user_version", |row| row.get(0))?))
             .unwrap();
         assert_eq!(version, MIGRATIONS.len() as i64);
     }
@@ -491,10 +428,7 @@ mod tests {
         let connection = Connection::open(dir.path().join(DATABASE_FILE)).unwrap();
         connection.pragma_update(None, "user_version", 99).unwrap();
         drop(connection);
-        assert!(matches!(
-            SqliteStore::open(dir.path()),
-            Err(StoreError::SchemaTooNew { found: 99, .. })
-        ));
+        assert!(matches!(SqliteStore::open(dir.path()), Err(StoreError::SchemaTooNew { found: 99, .. })));
     }
 
     #[test]
@@ -503,10 +437,8 @@ mod tests {
         let store = SqliteStore::open(dir.path()).unwrap();
         store
             .with_writer(|connection| {
-                let mode: String =
-                    connection.pragma_query_value(None, "journal_mode", |row| row.get(0))?;
-                let sync: i64 =
-                    connection.pragma_query_value(None, "synchronous", |row| row.get(0))?;
+                let mode: String = connection.pragma_query_value(None, "journal_mode", |row| row.get(0))?;
+                let sync: i64 = connection.pragma_query_value(None, "synchronous", |row| row.get(0))?;
                 assert_eq!(mode, "wal");
                 assert_eq!(sync, 2, "synchronous = FULL");
                 Ok(())

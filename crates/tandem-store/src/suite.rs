@@ -34,12 +34,7 @@ macro_rules! store_test_suite {
     };
 }
 
-fn record(
-    source: &SourceId,
-    message_id: &str,
-    event_type: EventType,
-    received_at_ms: i64,
-) -> LogRecord {
+fn record(source: &SourceId, message_id: &str, event_type: EventType, received_at_ms: i64) -> LogRecord {
     LogRecord {
         source_id: source.clone(),
         message_id: MessageId::new(message_id),
@@ -51,10 +46,7 @@ fn record(
 }
 
 fn batch(records: Vec<LogRecord>) -> IngestBatch {
-    IngestBatch {
-        records,
-        rejected: Vec::new(),
-    }
+    IngestBatch { records, rejected: Vec::new() }
 }
 
 pub fn sources_have_unique_names_and_write_keys(store: &impl Store) {
@@ -63,59 +55,28 @@ pub fn sources_have_unique_names_and_write_keys(store: &impl Store) {
     assert_eq!(app.name, "app", "names are trimmed");
     assert_ne!(web.id, app.id);
     assert_ne!(web.write_key, app.write_key);
-    assert!(
-        web.write_key.as_str().len() >= 32,
-        "write keys are long enough to be secret"
-    );
-    assert_eq!(
-        store.list_sources().unwrap(),
-        vec![web.clone(), app.clone()]
-    );
-    assert_eq!(
-        store.source_by_write_key(&web.write_key).unwrap(),
-        Some(web.clone())
-    );
-    assert_eq!(
-        store.source_by_write_key(&WriteKey::new("nope")).unwrap(),
-        None
-    );
+    assert!(web.write_key.as_str().len() >= 32, "write keys are long enough to be secret");
+    assert_eq!(store.list_sources().unwrap(), vec![web.clone(), app.clone()]);
+    assert_eq!(store.source_by_write_key(&web.write_key).unwrap(), Some(web.clone()));
+    assert_eq!(store.source_by_write_key(&WriteKey::new("nope")).unwrap(), None);
     assert_eq!(store.source_by_name("app").unwrap(), app);
-    assert!(matches!(
-        store.source_by_name("crm"),
-        Err(StoreError::SourceNotFound(_))
-    ));
-    assert!(matches!(
-        store.create_source("website", SourceKind::Backend),
-        Err(StoreError::SourceExists(_))
-    ));
-    assert!(matches!(
-        store.create_source("  ", SourceKind::Backend),
-        Err(StoreError::InvalidSource(_))
-    ));
+    assert!(matches!(store.source_by_name("crm"), Err(StoreError::SourceNotFound(_))));
+    assert!(matches!(store.create_source("website", SourceKind::Backend), Err(StoreError::SourceExists(_))));
+    assert!(matches!(store.create_source("  ", SourceKind::Backend), Err(StoreError::InvalidSource(_))));
     assert_eq!(store.list_sources().unwrap().len(), 2);
 }
 
 pub fn appended_events_read_back_in_order(store: &impl Store) {
     let source = store.create_source("web", SourceKind::Website).unwrap().id;
-    let first = batch(vec![
-        record(&source, "a", EventType::Track, 1_000),
-        record(&source, "b", EventType::Identify, 1_000),
-    ]);
+    let first =
+        batch(vec![record(&source, "a", EventType::Track, 1_000), record(&source, "b", EventType::Identify, 1_000)]);
     let second = batch(vec![record(&source, "c", EventType::Page, 1_001)]);
     let outcomes = store.append(&[first, second], 0).unwrap();
-    assert_eq!(
-        outcomes
-            .iter()
-            .map(|outcome| outcome.stored)
-            .collect::<Vec<_>>(),
-        vec![2, 1]
-    );
+    assert_eq!(outcomes.iter().map(|outcome| outcome.stored).collect::<Vec<_>>(), vec![2, 1]);
     let log = store.read_log(LogPosition(0), 10).unwrap();
     let ids: Vec<_> = log.iter().map(|entry| entry.message_id.as_str()).collect();
     assert_eq!(ids, vec!["a", "b", "c"]);
-    assert!(log
-        .windows(2)
-        .all(|pair| pair[0].position < pair[1].position));
+    assert!(log.windows(2).all(|pair| pair[0].position < pair[1].position));
     assert_eq!(log[1].event_type, EventType::Identify);
     assert_eq!(log[1].payload, r#"{"messageId":"b","type":"identify"}"#);
     assert_eq!(log[2].received_at_ms, 1_001);
@@ -131,18 +92,11 @@ pub fn duplicates_within_the_window_are_stored_once(store: &impl Store) {
     let app = store.create_source("app", SourceKind::App).unwrap().id;
     let outcomes = store
         .append(
-            &[batch(vec![
-                record(&web, "m1", EventType::Track, 10_000),
-                record(&web, "m1", EventType::Track, 10_000),
-            ])],
+            &[batch(vec![record(&web, "m1", EventType::Track, 10_000), record(&web, "m1", EventType::Track, 10_000)])],
             0,
         )
         .unwrap();
-    assert_eq!(
-        (outcomes[0].stored, outcomes[0].duplicates),
-        (1, 1),
-        "a repeat inside one batch"
-    );
+    assert_eq!((outcomes[0].stored, outcomes[0].duplicates), (1, 1), "a repeat inside one batch");
     let outcomes = store
         .append(
             &[
@@ -152,41 +106,18 @@ pub fn duplicates_within_the_window_are_stored_once(store: &impl Store) {
             5_000,
         )
         .unwrap();
-    assert_eq!(
-        (outcomes[0].stored, outcomes[0].duplicates),
-        (0, 1),
-        "a repeat in a later request"
-    );
-    assert_eq!(
-        (outcomes[1].stored, outcomes[1].duplicates),
-        (1, 0),
-        "another source's id is its own"
-    );
+    assert_eq!((outcomes[0].stored, outcomes[0].duplicates), (0, 1), "a repeat in a later request");
+    assert_eq!((outcomes[1].stored, outcomes[1].duplicates), (1, 0), "another source's id is its own");
     assert_eq!(store.read_log(LogPosition(0), 10).unwrap().len(), 2);
 }
 
 pub fn message_ids_outside_the_window_are_stored_again(store: &impl Store) {
     let web = store.create_source("web", SourceKind::Website).unwrap().id;
-    store
-        .append(
-            &[batch(vec![record(&web, "m1", EventType::Track, 1_000)])],
-            0,
-        )
-        .unwrap();
-    let outcomes = store
-        .append(
-            &[batch(vec![record(&web, "m1", EventType::Track, 90_000)])],
-            2_000,
-        )
-        .unwrap();
+    store.append(&[batch(vec![record(&web, "m1", EventType::Track, 1_000)])], 0).unwrap();
+    let outcomes = store.append(&[batch(vec![record(&web, "m1", EventType::Track, 90_000)])], 2_000).unwrap();
     assert_eq!(outcomes[0].stored, 1);
     // The repeat restarts the window.
-    let outcomes = store
-        .append(
-            &[batch(vec![record(&web, "m1", EventType::Track, 91_000)])],
-            2_000,
-        )
-        .unwrap();
+    let outcomes = store.append(&[batch(vec![record(&web, "m1", EventType::Track, 91_000)])], 2_000).unwrap();
     assert_eq!(outcomes[0].duplicates, 1);
 }
 
@@ -194,20 +125,14 @@ pub fn forgotten_message_ids_no_longer_deduplicate(store: &impl Store) {
     let web = store.create_source("web", SourceKind::Website).unwrap().id;
     store
         .append(
-            &[batch(vec![
-                record(&web, "old", EventType::Track, 1_000),
-                record(&web, "new", EventType::Track, 9_000),
-            ])],
+            &[batch(vec![record(&web, "old", EventType::Track, 1_000), record(&web, "new", EventType::Track, 9_000)])],
             0,
         )
         .unwrap();
     assert_eq!(store.forget_message_ids(5_000).unwrap(), 1);
     let outcomes = store
         .append(
-            &[batch(vec![
-                record(&web, "old", EventType::Track, 9_500),
-                record(&web, "new", EventType::Track, 9_500),
-            ])],
+            &[batch(vec![record(&web, "old", EventType::Track, 9_500), record(&web, "new", EventType::Track, 9_500)])],
             0,
         )
         .unwrap();
@@ -277,35 +202,11 @@ pub fn stats_count_per_source_and_type(store: &impl Store) {
     let stats = store.stats().unwrap();
     assert_eq!((stats.events, stats.duplicates, stats.rejected), (4, 1, 1));
     assert_eq!(stats.events_by_type.get("track"), Some(&2));
-    assert_eq!(
-        stats.log_head,
-        store
-            .read_log(LogPosition(0), 10)
-            .unwrap()
-            .last()
-            .unwrap()
-            .position
-    );
-    let web_stats = stats
-        .sources
-        .iter()
-        .find(|source| source.source_id == web)
-        .unwrap();
-    assert_eq!(
-        (
-            web_stats.name.as_str(),
-            web_stats.events,
-            web_stats.duplicates,
-            web_stats.rejected
-        ),
-        ("web", 3, 1, 0)
-    );
+    assert_eq!(stats.log_head, store.read_log(LogPosition(0), 10).unwrap().last().unwrap().position);
+    let web_stats = stats.sources.iter().find(|source| source.source_id == web).unwrap();
+    assert_eq!((web_stats.name.as_str(), web_stats.events, web_stats.duplicates, web_stats.rejected), ("web", 3, 1, 0));
     assert_eq!(web_stats.events_by_type.get("identify"), Some(&1));
-    let app_stats = stats
-        .sources
-        .iter()
-        .find(|source| source.source_id == app)
-        .unwrap();
+    let app_stats = stats.sources.iter().find(|source| source.source_id == app).unwrap();
     assert_eq!((app_stats.events, app_stats.rejected), (1, 1));
     assert_eq!(app_stats.events_by_type.get("screen"), Some(&1));
 }
@@ -318,14 +219,7 @@ pub fn concurrent_appends_are_all_kept(store: &impl Store) {
             scope.spawn(move || {
                 for round in 0..25 {
                     let records = (0..4)
-                        .map(|n| {
-                            record(
-                                &web,
-                                &format!("t{thread}-r{round}-{n}"),
-                                EventType::Track,
-                                1_000,
-                            )
-                        })
+                        .map(|n| record(&web, &format!("t{thread}-r{round}-{n}"), EventType::Track, 1_000))
                         .collect();
                     store.append(&[batch(records)], 0).unwrap();
                 }

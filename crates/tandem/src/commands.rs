@@ -47,18 +47,10 @@ pub fn create_source(
 pub fn list_sources(store: &impl Store, as_json: bool, out: &mut impl Write) -> anyhow::Result<()> {
     let sources = store.list_sources()?;
     if as_json {
-        writeln!(
-            out,
-            "{}",
-            Value::Array(sources.iter().map(source_json).collect())
-        )?;
+        writeln!(out, "{}", Value::Array(sources.iter().map(source_json).collect()))?;
         return Ok(());
     }
-    writeln!(
-        out,
-        "{:<26} {:<24} {:<8} {:<34} CREATED",
-        "ID", "NAME", "KIND", "WRITE KEY"
-    )?;
+    writeln!(out, "{:<26} {:<24} {:<8} {:<34} CREATED", "ID", "NAME", "KIND", "WRITE KEY")?;
     for source in &sources {
         writeln!(
             out,
@@ -83,11 +75,7 @@ pub fn list_events(
     let mut position = LogPosition(after);
     let mut remaining = limit;
     if !as_json {
-        writeln!(
-            out,
-            "{:>10} {:<24} {:<9} {:<28} {:<24} MESSAGE ID",
-            "POSITION", "RECEIVED", "TYPE", "EVENT", "USER"
-        )?;
+        writeln!(out, "{:>10} {:<24} {:<9} {:<28} {:<24} MESSAGE ID", "POSITION", "RECEIVED", "TYPE", "EVENT", "USER")?;
     }
     while remaining > 0 {
         let page = store.read_log(position, remaining.min(PAGE))?;
@@ -99,28 +87,14 @@ pub fn list_events(
                 writeln!(out, "{}", entry.payload)?;
                 continue;
             }
-            let event: Value =
-                serde_json::from_str(&entry.payload).context("reading an event from the log")?;
-            let text = |key: &str| {
-                event
-                    .get(key)
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_owned()
-            };
-            let what = [
-                text("event"),
-                text("name"),
-                text("groupId"),
-                text("previousId"),
-            ]
-            .into_iter()
-            .find(|value| !value.is_empty())
-            .unwrap_or_default();
-            let who = [text("userId"), text("anonymousId")]
+            let event: Value = serde_json::from_str(&entry.payload).context("reading an event from the log")?;
+            let text = |key: &str| event.get(key).and_then(Value::as_str).unwrap_or("").to_owned();
+            let what = [text("event"), text("name"), text("groupId"), text("previousId")]
                 .into_iter()
                 .find(|value| !value.is_empty())
                 .unwrap_or_default();
+            let who =
+                [text("userId"), text("anonymousId")].into_iter().find(|value| !value.is_empty()).unwrap_or_default();
             writeln!(
                 out,
                 "{:>10} {:<24} {:<9} {:<28} {:<24} {}",
@@ -136,12 +110,7 @@ pub fn list_events(
     Ok(())
 }
 
-pub fn list_quarantine(
-    store: &impl Store,
-    limit: usize,
-    as_json: bool,
-    out: &mut impl Write,
-) -> anyhow::Result<()> {
+pub fn list_quarantine(store: &impl Store, limit: usize, as_json: bool, out: &mut impl Write) -> anyhow::Result<()> {
     let mut after = 0;
     let mut remaining = limit;
     if !as_json {
@@ -181,10 +150,7 @@ pub fn list_quarantine(
                     entry.id,
                     format_ms(entry.received_at_ms),
                     entry.source_id,
-                    entry
-                        .batch_index
-                        .map(|index| index.to_string())
-                        .unwrap_or_else(|| "-".into()),
+                    entry.batch_index.map(|index| index.to_string()).unwrap_or_else(|| "-".into()),
                     entry.code,
                     entry.field.as_deref().unwrap_or("-"),
                     entry.message
@@ -209,17 +175,10 @@ pub fn stats(store: &impl Store, as_json: bool, out: &mut impl Write) -> anyhow:
         writeln!(out, "  {event_type:<10} {count}")?;
     }
     writeln!(out)?;
-    writeln!(
-        out,
-        "{:<24} {:>10} {:>10} {:>10}  BY TYPE",
-        "SOURCE", "EVENTS", "DUPLICATES", "REJECTED"
-    )?;
+    writeln!(out, "{:<24} {:>10} {:>10} {:>10}  BY TYPE", "SOURCE", "EVENTS", "DUPLICATES", "REJECTED")?;
     for source in &stats.sources {
-        let by_type: Vec<String> = source
-            .events_by_type
-            .iter()
-            .map(|(event_type, count)| format!("{event_type}={count}"))
-            .collect();
+        let by_type: Vec<String> =
+            source.events_by_type.iter().map(|(event_type, count)| format!("{event_type}={count}")).collect();
         writeln!(
             out,
             "{:<24} {:>10} {:>10} {:>10}  {}",

@@ -26,12 +26,7 @@ pub struct Config {
     pub listen: Option<SocketAddr>,
 
     /// Hours a messageId is remembered to drop repeats [default: 24]
-    #[arg(
-        long,
-        global = true,
-        env = "TANDEM_DEDUP_WINDOW_HOURS",
-        value_name = "HOURS"
-    )]
+    #[arg(long, global = true, env = "TANDEM_DEDUP_WINDOW_HOURS", value_name = "HOURS")]
     pub dedup_window_hours: Option<u64>,
 
     /// Log format: text or json [default: text]
@@ -65,10 +60,7 @@ pub struct Settings {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("dedup_window_hours must be between 1 and 720, got {0}")]
@@ -81,23 +73,16 @@ impl Config {
     pub fn resolve(self) -> Result<Settings, ConfigError> {
         let file = match &self.config {
             Some(path) => Some(Config::read_file(path)?),
-            None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
-                Some(Config::read_file(Path::new(DEFAULT_CONFIG_FILE))?)
-            }
+            None if Path::new(DEFAULT_CONFIG_FILE).exists() => Some(Config::read_file(Path::new(DEFAULT_CONFIG_FILE))?),
             None => None,
         };
         self.layered_over(file.unwrap_or_default()).validate()
     }
 
     pub fn read_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|error| ConfigError::Parse {
-            path: path.to_owned(),
-            message: error.to_string(),
-        })
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        toml::from_str(&text).map_err(|error| ConfigError::Parse { path: path.to_owned(), message: error.to_string() })
     }
 
     fn layered_over(self, lower: Config) -> Config {
@@ -117,9 +102,7 @@ impl Config {
         }
         Ok(Settings {
             data_dir: self.data.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
-            listen: self
-                .listen
-                .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("the default address parses")),
+            listen: self.listen.unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("the default address parses")),
             dedup_window: Duration::from_secs(dedup_window_hours * 3600),
             log_format: self.log_format.unwrap_or_default(),
         })
@@ -141,12 +124,8 @@ mod tests {
 
     #[test]
     fn flags_and_environment_win_over_the_file_which_wins_over_defaults() {
-        let file: Config =
-            toml::from_str("data = \"/srv/tandem\"\nlisten = \"0.0.0.0:9000\"\n").unwrap();
-        let flags = Config {
-            listen: Some("127.0.0.1:7000".parse().unwrap()),
-            ..Config::default()
-        };
+        let file: Config = toml::from_str("data = \"/srv/tandem\"\nlisten = \"0.0.0.0:9000\"\n").unwrap();
+        let flags = Config { listen: Some("127.0.0.1:7000".parse().unwrap()), ..Config::default() };
         let settings = flags.layered_over(file).validate().unwrap();
         assert_eq!(settings.listen, "127.0.0.1:7000".parse().unwrap());
         assert_eq!(settings.data_dir, PathBuf::from("/srv/tandem"));
@@ -156,10 +135,7 @@ mod tests {
     #[test]
     fn unknown_keys_and_bad_values_are_refused() {
         assert!(toml::from_str::<Config>("dta = \"x\"").is_err());
-        let bad = Config {
-            dedup_window_hours: Some(0),
-            ..Config::default()
-        };
+        let bad = Config { dedup_window_hours: Some(0), ..Config::default() };
         assert!(matches!(bad.validate(), Err(ConfigError::DedupWindow(0))));
     }
 }

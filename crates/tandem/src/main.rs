@@ -13,11 +13,7 @@ use tandem_core::SourceKind;
 use tandem_store::{SqliteStore, Store};
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "tandem",
-    version,
-    about = "Tandem, the customer data platform marketing and IT run together"
-)]
+#[command(name = "tandem", version, about = "Tandem, the customer data platform marketing and IT run together")]
 struct Cli {
     #[command(flatten)]
     config: Config,
@@ -120,9 +116,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Source(SourceCommand::Create { name, kind, json }) => {
             commands::create_source(&open()?, &name, kind, json, &mut out)
         }
-        Command::Source(SourceCommand::List { json }) => {
-            commands::list_sources(&open()?, json, &mut out)
-        }
+        Command::Source(SourceCommand::List { json }) => commands::list_sources(&open()?, json, &mut out),
         Command::Events(EventsCommand::List { limit, after, json }) => {
             commands::list_events(&open()?, after, limit, json, &mut out)
         }
@@ -134,14 +128,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn serve(settings: &Settings, store: SqliteStore) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    let options = tandem_server::ServerOptions {
-        listen: settings.listen,
-        dedup_window: settings.dedup_window,
-    };
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    let options = tandem_server::ServerOptions { listen: settings.listen, dedup_window: settings.dedup_window };
     tracing::info!(data = %settings.data_dir.display(), "opened the store");
     if store.list_sources()?.is_empty() {
         tracing::info!("no sources yet: create one with `tandem source create NAME` to get a write key");

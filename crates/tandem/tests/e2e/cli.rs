@@ -12,30 +12,16 @@ fn sources_created_while_the_server_runs_can_write_at_once() {
     for source in [&first, &second] {
         assert!(source["id"].as_str().unwrap().starts_with("src_"));
         let body = json!({"userId": "u", "event": format!("from {}", source["name"])}).to_string();
-        let (status, _) = post(
-            &agent(),
-            &format!("{}/v1/track", server.url),
-            source["write_key"].as_str().unwrap(),
-            &body,
-        )
-        .unwrap();
+        let (status, _) =
+            post(&agent(), &format!("{}/v1/track", server.url), source["write_key"].as_str().unwrap(), &body).unwrap();
         assert_eq!(status, 200);
     }
-    let listed: Value =
-        serde_json::from_str(&tandem(dir.path(), &["source", "list", "--json"])).unwrap();
-    let names: Vec<_> = listed
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|source| source["name"].as_str().unwrap())
-        .collect();
+    let listed: Value = serde_json::from_str(&tandem(dir.path(), &["source", "list", "--json"])).unwrap();
+    let names: Vec<_> = listed.as_array().unwrap().iter().map(|source| source["name"].as_str().unwrap()).collect();
     assert_eq!(names, vec!["website", "backend"]);
     assert_eq!(listed[1]["write_key"], second["write_key"]);
     let text = tandem(dir.path(), &["source", "list"]);
-    assert!(
-        text.contains("website") && text.contains(second["write_key"].as_str().unwrap()),
-        "{text}"
-    );
+    assert!(text.contains("website") && text.contains(second["write_key"].as_str().unwrap()), "{text}");
 
     let duplicate = tandem_output(dir.path(), &["source", "create", "website"]);
     assert!(!duplicate.status.success());
@@ -49,10 +35,7 @@ fn sources_created_while_the_server_runs_can_write_at_once() {
     assert_eq!(stats["events"], 2);
     assert_eq!(stats["sources"][0]["events_by_type"]["track"], 1);
     let text = tandem(dir.path(), &["events", "list"]);
-    assert!(
-        text.lines().count() == 3 && text.contains("from \"backend\""),
-        "{text}"
-    );
+    assert!(text.lines().count() == 3 && text.contains("from \"backend\""), "{text}");
 }
 
 #[test]
@@ -60,33 +43,21 @@ fn rejected_messages_are_listed_by_the_quarantine_command() {
     let dir = tempfile::tempdir().unwrap();
     let source = create_source(dir.path(), "app");
     let server = Server::start(dir.path());
-    let body = json!({"batch": [{"type": "track", "userId": "u", "event": "ok"}, {"type": "track", "anonymousId": "a"}]}).to_string();
-    let (status, response) = post(
-        &agent(),
-        &format!("{}/v1/batch", server.url),
-        source["write_key"].as_str().unwrap(),
-        &body,
-    )
-    .unwrap();
+    let body =
+        json!({"batch": [{"type": "track", "userId": "u", "event": "ok"}, {"type": "track", "anonymousId": "a"}]})
+            .to_string();
+    let (status, response) =
+        post(&agent(), &format!("{}/v1/batch", server.url), source["write_key"].as_str().unwrap(), &body).unwrap();
     assert_eq!(status, 200, "{response}");
     let lines: Vec<Value> = tandem(dir.path(), &["quarantine", "list", "--json"])
         .lines()
         .map(|line| serde_json::from_str(line).unwrap())
         .collect();
     assert_eq!(lines.len(), 1);
-    assert_eq!(
-        (lines[0]["index"].as_u64(), lines[0]["field"].as_str()),
-        (Some(1), Some("event"))
-    );
-    assert_eq!(
-        lines[0]["payload"],
-        json!({"type": "track", "anonymousId": "a"})
-    );
+    assert_eq!((lines[0]["index"].as_u64(), lines[0]["field"].as_str()), (Some(1), Some("event")));
+    assert_eq!(lines[0]["payload"], json!({"type": "track", "anonymousId": "a"}));
     let stats: Value = serde_json::from_str(&tandem(dir.path(), &["stats", "--json"])).unwrap();
-    assert_eq!(
-        (stats["events"].as_u64(), stats["rejected"].as_u64()),
-        (Some(1), Some(1))
-    );
+    assert_eq!((stats["events"].as_u64(), stats["rejected"].as_u64()), (Some(1), Some(1)));
 }
 
 #[test]
@@ -94,26 +65,15 @@ fn configuration_comes_from_the_environment_and_a_toml_file() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("from-file");
     let config = dir.path().join("tandem.toml");
-    std::fs::write(
-        &config,
-        format!("data = {:?}\n", data.display().to_string()),
-    )
-    .unwrap();
+    std::fs::write(&config, format!("data = {:?}\n", data.display().to_string())).unwrap();
     let output = std::process::Command::new(crate::common::BINARY)
         .args(["source", "create", "crm", "--json"])
         .env("TANDEM_CONFIG", &config)
         .env_remove("TANDEM_DATA")
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        data.join("tandem.db").exists(),
-        "the data directory came from the file"
-    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(data.join("tandem.db").exists(), "the data directory came from the file");
     let output = std::process::Command::new(crate::common::BINARY)
         .args(["source", "list", "--json"])
         .env("TANDEM_DATA", &data)

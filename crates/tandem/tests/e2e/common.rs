@@ -10,20 +10,13 @@ pub const BINARY: &str = env!("CARGO_BIN_EXE_tandem");
 
 /// The repository root, where `tests/sdk` lives.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
 }
 
 /// Runs a `tandem` command against a data directory; panics on failure.
 pub fn tandem(data: &Path, args: &[&str]) -> String {
     let output = tandem_output(data, args);
-    assert!(
-        output.status.success(),
-        "tandem {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "tandem {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
     String::from_utf8(output.stdout).unwrap()
 }
 
@@ -52,11 +45,7 @@ pub fn events(data: &Path) -> Vec<Value> {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A `tandem serve` process; killed when dropped.
@@ -77,10 +66,7 @@ impl Server {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        let server = Server {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        };
+        let server = Server { child, url: format!("http://127.0.0.1:{port}") };
         server.wait_until_healthy();
         server
     }
@@ -104,10 +90,7 @@ impl Server {
 
     /// SIGTERM, then wait for the process to exit; returns whether it exited cleanly.
     pub fn terminate(mut self) -> bool {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
         assert!(status.success());
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
@@ -137,12 +120,7 @@ pub fn agent() -> ureq::Agent {
 }
 
 /// POSTs JSON with the write key as Basic auth user; returns status and body.
-pub fn post(
-    agent: &ureq::Agent,
-    url: &str,
-    write_key: &str,
-    body: &str,
-) -> Result<(u16, String), ureq::Error> {
+pub fn post(agent: &ureq::Agent, url: &str, write_key: &str, body: &str) -> Result<(u16, String), ureq::Error> {
     use base64::Engine;
     let auth = base64::engine::general_purpose::STANDARD.encode(format!("{write_key}:"));
     let mut response = agent

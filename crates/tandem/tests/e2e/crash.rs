@@ -22,8 +22,7 @@ fn load_until_stopped(
         let acknowledged = Arc::new(Mutex::new(HashSet::new()));
         std::thread::scope(|scope| {
             for worker in 0..4 {
-                let (url, write_key, stop, run, acknowledged) =
-                    (&url, &write_key, &stop, &run, &acknowledged);
+                let (url, write_key, stop, run, acknowledged) = (&url, &write_key, &stop, &run, &acknowledged);
                 scope.spawn(move || {
                     let agent = agent();
                     for round in 0.. {
@@ -63,33 +62,18 @@ fn every_acknowledged_event_survives_kill_9() {
         server.kill_hard();
         stop.store(true, Ordering::Relaxed);
         let acknowledged_in_run = load.join().unwrap();
-        assert!(
-            acknowledged_in_run.len() >= 200,
-            "the load ran ({} acknowledged)",
-            acknowledged_in_run.len()
-        );
+        assert!(acknowledged_in_run.len() >= 200, "the load ran ({} acknowledged)", acknowledged_in_run.len());
         acknowledged.extend(acknowledged_in_run);
     }
     // Reopening runs SQLite's WAL recovery, as a restarted server would.
-    let stored: HashSet<String> = events(dir.path())
-        .iter()
-        .map(|event| event["messageId"].as_str().unwrap().to_owned())
-        .collect();
+    let stored: HashSet<String> =
+        events(dir.path()).iter().map(|event| event["messageId"].as_str().unwrap().to_owned()).collect();
     let lost: Vec<_> = acknowledged.difference(&stored).take(5).collect();
-    assert!(
-        lost.is_empty(),
-        "{} acknowledged events lost, e.g. {lost:?}",
-        acknowledged.difference(&stored).count()
-    );
+    assert!(lost.is_empty(), "{} acknowledged events lost, e.g. {lost:?}", acknowledged.difference(&stored).count());
     // A restarted server serves and stores again.
     let server = Server::start(dir.path());
-    let (status, _) = post(
-        &agent(),
-        &format!("{}/v1/track", server.url),
-        write_key,
-        r#"{"userId":"u","event":"after"}"#,
-    )
-    .unwrap();
+    let (status, _) =
+        post(&agent(), &format!("{}/v1/track", server.url), write_key, r#"{"userId":"u","event":"after"}"#).unwrap();
     assert_eq!(status, 200);
 }
 
@@ -99,26 +83,13 @@ fn sigterm_drains_requests_in_flight_and_exits_cleanly() {
     let source = create_source(dir.path(), "backend");
     let server = Server::start(dir.path());
     let stop = Arc::new(AtomicBool::new(false));
-    let load = load_until_stopped(
-        &server.url,
-        source["write_key"].as_str().unwrap(),
-        stop.clone(),
-        "term",
-    );
+    let load = load_until_stopped(&server.url, source["write_key"].as_str().unwrap(), stop.clone(), "term");
     std::thread::sleep(Duration::from_millis(800));
-    assert!(
-        server.terminate(),
-        "tandem serve exits with success after SIGTERM"
-    );
+    assert!(server.terminate(), "tandem serve exits with success after SIGTERM");
     stop.store(true, Ordering::Relaxed);
     let acknowledged = load.join().unwrap();
-    let stored: HashSet<String> = events(dir.path())
-        .iter()
-        .map(|event| event["messageId"].as_str().unwrap().to_owned())
-        .collect();
+    let stored: HashSet<String> =
+        events(dir.path()).iter().map(|event| event["messageId"].as_str().unwrap().to_owned()).collect();
     assert!(!acknowledged.is_empty());
-    assert!(
-        acknowledged.is_subset(&stored),
-        "every acknowledged event is stored"
-    );
+    assert!(acknowledged.is_subset(&stored), "every acknowledged event is stored");
 }

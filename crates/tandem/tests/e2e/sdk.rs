@@ -14,9 +14,7 @@ fn run_sdk(program: &str, script: &str, server: &Server, write_key: &str, tag: &
         .args([server.url.as_str(), write_key, tag])
         .current_dir(script_path.parent().unwrap())
         .output()
-        .unwrap_or_else(|error| {
-            panic!("cannot run {program}: {error}; run scripts/test to install the SDKs")
-        });
+        .unwrap_or_else(|error| panic!("cannot run {program}: {error}; run scripts/test to install the SDKs"));
     assert!(
         output.status.success(),
         "{script} failed (run scripts/test to install the SDKs):\n{}\n{}",
@@ -29,19 +27,9 @@ fn run_sdk(program: &str, script: &str, server: &Server, write_key: &str, tag: &
 fn assert_calls_arrived(all: &[Value], tag: &str, library: &str) {
     let by_id: HashMap<&str, &Value> = all
         .iter()
-        .filter_map(|event| {
-            event["messageId"]
-                .as_str()
-                .filter(|id| id.starts_with(tag))
-                .map(|id| (id, event))
-        })
+        .filter_map(|event| event["messageId"].as_str().filter(|id| id.starts_with(tag)).map(|id| (id, event)))
         .collect();
-    assert_eq!(
-        by_id.len(),
-        6,
-        "six calls from {library}: {:?}",
-        by_id.keys()
-    );
+    assert_eq!(by_id.len(), 6, "six calls from {library}: {:?}", by_id.keys());
     let user = format!("{tag}-user");
     let anonymous = format!("{tag}-anon");
     let event = |call: &str| by_id[format!("{tag}-{call}").as_str()];
@@ -53,31 +41,19 @@ fn assert_calls_arrived(all: &[Value], tag: &str, library: &str) {
     assert_eq!(identify["traits"]["plan"], "pro");
 
     let track = event("track");
-    assert_eq!(
-        (track["type"].as_str(), track["event"].as_str()),
-        (Some("track"), Some("Order Completed"))
-    );
+    assert_eq!((track["type"].as_str(), track["event"].as_str()), (Some("track"), Some("Order Completed")));
     assert_eq!(track["properties"]["revenue"], 42.5);
     assert_eq!(track["properties"]["currency"], "EUR");
     assert_eq!(track["properties"]["items"][0]["sku"], "A-1");
     assert_eq!(track["context"]["campaign"]["source"], "newsletter");
 
     let page = event("page");
-    assert_eq!(
-        (page["type"].as_str(), page["anonymousId"].as_str()),
-        (Some("page"), Some(anonymous.as_str()))
-    );
-    assert_eq!(
-        (page["name"].as_str(), page["category"].as_str()),
-        (Some("Pricing"), Some("Docs"))
-    );
+    assert_eq!((page["type"].as_str(), page["anonymousId"].as_str()), (Some("page"), Some(anonymous.as_str())));
+    assert_eq!((page["name"].as_str(), page["category"].as_str()), (Some("Pricing"), Some("Docs")));
     assert_eq!(page["properties"]["url"], "https://shop.example/pricing");
 
     let screen = event("screen");
-    assert_eq!(
-        (screen["type"].as_str(), screen["name"].as_str()),
-        (Some("screen"), Some("Home"))
-    );
+    assert_eq!((screen["type"].as_str(), screen["name"].as_str()), (Some("screen"), Some("Home")));
     assert_eq!(screen["properties"]["variant"], "b");
 
     let group = event("group");
@@ -91,22 +67,10 @@ fn assert_calls_arrived(all: &[Value], tag: &str, library: &str) {
     );
 
     for event in by_id.values() {
-        let library_name = event["context"]["library"]["name"]
-            .as_str()
-            .unwrap_or_default();
-        assert!(
-            library_name.contains(library),
-            "context.library.name {library_name:?} names {library}"
-        );
-        assert!(
-            event["originalTimestamp"].is_string(),
-            "the SDK's timestamp is kept"
-        );
-        assert!(
-            event["sentAt"].is_string()
-                && event["receivedAt"].is_string()
-                && event["timestamp"].is_string()
-        );
+        let library_name = event["context"]["library"]["name"].as_str().unwrap_or_default();
+        assert!(library_name.contains(library), "context.library.name {library_name:?} names {library}");
+        assert!(event["originalTimestamp"].is_string(), "the SDK's timestamp is kept");
+        assert!(event["sentAt"].is_string() && event["receivedAt"].is_string() && event["timestamp"].is_string());
         assert_eq!(event["context"]["ip"], "127.0.0.1");
     }
 }
