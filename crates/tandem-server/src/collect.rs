@@ -42,7 +42,7 @@ pub fn routes() -> Vec<(&'static str, MethodRouter<AppState>)> {
         routes.push((short, single_route(path, event_type)));
     }
     for path in ["/v1/batch", "/v1/import", "/v1/b"] {
-        routes.push((path, post(move |state, connect, headers, body| batch_endpoint(state, connect, headers, body))));
+        routes.push((path, post(batch_endpoint)));
     }
     routes
 }
