@@ -40,6 +40,7 @@ const MIGRATIONS: &[&str] = &[
         received_at INTEGER NOT NULL,
         PRIMARY KEY (source_id, message_id)
     ) WITHOUT ROWID;
+    CREATE INDEX message_ids_by_received_at ON message_ids (received_at);
     CREATE TABLE quarantine (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         source_id TEXT NOT NULL,
