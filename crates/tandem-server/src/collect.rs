@@ -96,12 +96,8 @@ async fn ingest_single(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Value, ApiError> {
-    let header_key = crate::auth::basic_auth_write_key(headers)?;
-    let body = read_body(body, headers, MAX_MESSAGE_BYTES, ErrorCode::MessageTooLarge).await?;
-    let header_source = match header_key {
-        Some(key) => Some(state.sources.authenticate(Some(key)).await?),
-        None => None,
-    };
+    let (body, header_source) =
+        read_authenticated(state, headers, body, MAX_MESSAGE_BYTES, ErrorCode::MessageTooLarge).await?;
     let (message, body_key) = match parse_single(&body) {
         Ok(parsed) => parsed,
         Err(error) => return Err(quarantine_unreadable(state, header_source, &body, error.into()).await),
@@ -145,12 +141,8 @@ async fn ingest_batch(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Value, ApiError> {
-    let header_key = crate::auth::basic_auth_write_key(headers)?;
-    let body = read_body(body, headers, MAX_REQUEST_BYTES, ErrorCode::RequestTooLarge).await?;
-    let header_source = match header_key {
-        Some(key) => Some(state.sources.authenticate(Some(key)).await?),
-        None => None,
-    };
+    let (body, header_source) =
+        read_authenticated(state, headers, body, MAX_REQUEST_BYTES, ErrorCode::RequestTooLarge).await?;
     let batch = match parse_batch(&body) {
         Ok(batch) => batch,
         Err(error) => return Err(quarantine_unreadable(state, header_source, &body, error.into()).await),
@@ -201,6 +193,24 @@ async fn ingest_batch(
             .with_extra("rejected", Value::Array(rejected)));
     }
     Ok(json!({"success": true, "rejected": rejected}))
+}
+
+/// Reads the body within its limit and, when the request carries Basic auth,
+/// authenticates it first; without Basic auth the key may be in the body.
+async fn read_authenticated(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    too_large: ErrorCode,
+) -> Result<(Bytes, Option<Source>), ApiError> {
+    let header_key = crate::auth::basic_auth_write_key(headers)?;
+    let body = read_body(body, headers, limit, too_large).await?;
+    let header_source = match header_key {
+        Some(key) => Some(state.sources.authenticate(Some(key)).await?),
+        None => None,
+    };
+    Ok((body, header_source))
 }
 
 fn count(state: &AppState, outcome: &IngestOutcome) {

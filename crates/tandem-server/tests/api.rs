@@ -176,8 +176,8 @@ async fn malformed_bodies_get_400_naming_the_problem_and_are_quarantined() {
     assert_eq!((status, error_of(&body)), (StatusCode::BAD_REQUEST, ("invalid_request", Some("context"))));
     let quarantine = harness.store.list_quarantine(0, 10).unwrap();
     assert_eq!(quarantine.len(), 4);
-    assert_eq!(quarantine[0].code, "invalid_json");
-    assert_eq!(quarantine[0].payload, "{\"userId\": ");
+    assert_eq!(quarantine[0].record.code, "invalid_json");
+    assert_eq!(quarantine[0].record.payload, "{\"userId\": ");
 }
 
 #[tokio::test]
@@ -243,8 +243,11 @@ async fn a_batch_stores_its_valid_messages_and_lists_the_rejected_ones() {
     let stored: Vec<_> = harness.events().iter().map(|event| event["messageId"].as_str().unwrap().to_owned()).collect();
     assert_eq!(stored, vec!["ok-1", "ok-2"]);
     let quarantine = harness.store.list_quarantine(0, 10).unwrap();
-    assert_eq!(quarantine.iter().map(|entry| entry.batch_index).collect::<Vec<_>>(), vec![Some(1), Some(3), Some(4)]);
-    assert_eq!(serde_json::from_str::<Value>(&quarantine[1].payload).unwrap(), json!({"userId": "u"}));
+    assert_eq!(
+        quarantine.iter().map(|entry| entry.record.batch_index).collect::<Vec<_>>(),
+        vec![Some(1), Some(3), Some(4)]
+    );
+    assert_eq!(serde_json::from_str::<Value>(&quarantine[1].record.payload).unwrap(), json!({"userId": "u"}));
 }
 
 #[tokio::test]

@@ -74,17 +74,11 @@ pub struct LogEntry {
     pub payload: String,
 }
 
-/// A quarantined message as read back.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// A quarantined message as read back: its id and what was recorded.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QuarantineEntry {
     pub id: u64,
-    pub source_id: SourceId,
-    pub received_at_ms: i64,
-    pub batch_index: Option<u32>,
-    pub code: String,
-    pub field: Option<String>,
-    pub message: String,
-    pub payload: String,
+    pub record: QuarantineRecord,
 }
 
 /// Ingestion counts for one source.

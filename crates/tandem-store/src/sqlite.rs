@@ -3,7 +3,10 @@
 //! reads, so readers never block the writer. Each commit is fsynced
 //! (`synchronous = FULL`), which is what makes an acknowledgement durable.
 
-use crate::{IngestBatch, IngestOutcome, IngestStats, LogEntry, QuarantineEntry, SourceStats, Store, StoreError};
+use crate::{
+    IngestBatch, IngestOutcome, IngestStats, LogEntry, QuarantineEntry, QuarantineRecord, SourceStats, Store,
+    StoreError,
+};
 use rand::distr::{Alphanumeric, SampleString};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use std::collections::HashMap;
@@ -325,13 +328,15 @@ impl Store for SqliteStore {
             let rows = statement.query_map(params![after_id as i64, limit as i64], |row| {
                 Ok(QuarantineEntry {
                     id: row.get::<_, i64>(0)? as u64,
-                    source_id: SourceId::new(row.get::<_, String>(1)?),
-                    received_at_ms: row.get(2)?,
-                    batch_index: row.get(3)?,
-                    code: row.get(4)?,
-                    field: row.get(5)?,
-                    message: row.get(6)?,
-                    payload: row.get(7)?,
+                    record: QuarantineRecord {
+                        source_id: SourceId::new(row.get::<_, String>(1)?),
+                        received_at_ms: row.get(2)?,
+                        batch_index: row.get(3)?,
+                        code: row.get(4)?,
+                        field: row.get(5)?,
+                        message: row.get(6)?,
+                        payload: row.get(7)?,
+                    },
                 })
             })?;
             Ok(rows.collect::<Result<_, _>>()?)

@@ -162,11 +162,11 @@ pub fn rejected_messages_are_kept_in_quarantine(store: &impl Store) {
     assert_eq!((outcomes[0].stored, outcomes[0].quarantined), (1, 2));
     let quarantine = store.list_quarantine(0, 10).unwrap();
     assert_eq!(quarantine.len(), 2);
-    assert_eq!(quarantine[0].batch_index, Some(1));
-    assert_eq!(quarantine[0].field.as_deref(), Some("userId"));
-    assert_eq!(quarantine[1].field, None);
-    assert_eq!(quarantine[1].payload, r#"{"type":"track","i":2}"#);
-    assert_eq!(quarantine[0].source_id, web);
+    assert_eq!(quarantine[0].record.batch_index, Some(1));
+    assert_eq!(quarantine[0].record.field.as_deref(), Some("userId"));
+    assert_eq!(quarantine[1].record.field, None);
+    assert_eq!(quarantine[1].record.payload, r#"{"type":"track","i":2}"#);
+    assert_eq!(quarantine[0].record.source_id, web);
     let after_first = store.list_quarantine(quarantine[0].id, 10).unwrap();
     assert_eq!(after_first, vec![quarantine[1].clone()]);
 }

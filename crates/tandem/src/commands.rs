@@ -127,19 +127,19 @@ pub fn list_quarantine(store: &impl Store, limit: usize, as_json: bool, out: &mu
         remaining -= page.len();
         for entry in &page {
             if as_json {
-                let payload = serde_json::from_str::<Value>(&entry.payload)
-                    .unwrap_or_else(|_| Value::String(entry.payload.clone()));
+                let payload = serde_json::from_str::<Value>(&entry.record.payload)
+                    .unwrap_or_else(|_| Value::String(entry.record.payload.clone()));
                 writeln!(
                     out,
                     "{}",
                     json!({
                         "id": entry.id,
-                        "receivedAt": format_ms(entry.received_at_ms),
-                        "sourceId": entry.source_id,
-                        "index": entry.batch_index,
-                        "code": entry.code,
-                        "field": entry.field,
-                        "message": entry.message,
+                        "receivedAt": format_ms(entry.record.received_at_ms),
+                        "sourceId": entry.record.source_id,
+                        "index": entry.record.batch_index,
+                        "code": entry.record.code,
+                        "field": entry.record.field,
+                        "message": entry.record.message,
                         "payload": payload,
                     })
                 )?;
@@ -148,12 +148,12 @@ pub fn list_quarantine(store: &impl Store, limit: usize, as_json: bool, out: &mu
                     out,
                     "{:>6} {:<24} {:<26} {:>5} {:<18} {:<12} {}",
                     entry.id,
-                    format_ms(entry.received_at_ms),
-                    entry.source_id,
-                    entry.batch_index.map(|index| index.to_string()).unwrap_or_else(|| "-".into()),
-                    entry.code,
-                    entry.field.as_deref().unwrap_or("-"),
-                    entry.message
+                    format_ms(entry.record.received_at_ms),
+                    entry.record.source_id,
+                    entry.record.batch_index.map(|index| index.to_string()).unwrap_or_else(|| "-".into()),
+                    entry.record.code,
+                    entry.record.field.as_deref().unwrap_or("-"),
+                    entry.record.message
                 )?;
             }
         }
