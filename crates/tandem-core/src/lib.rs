@@ -6,7 +6,10 @@
 
 pub mod collect;
 pub mod event;
+pub mod identity;
 pub mod ids;
+pub mod profile;
+pub mod resolve;
 pub mod source;
 
 pub use event::{Event, EventType, LogRecord};

@@ -1,0 +1,617 @@
+//! The identity graph: which identifier belongs to which profile, and the
+//! decision, event by event, to create, attach or merge profiles under the
+//! identity rules. Pure and deterministic: the same events in the same order
+//! give the same graph, which is what makes replay, crash recovery and repair
+//! exact. The resolver stage persists what this module decides.
+
+use crate::event::Event;
+use crate::identity::{CompiledRules, Identifier};
+use crate::profile::{Profile, ProfileId};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+/// Something the graph did, kept so that every link can be explained.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum IdentityChange {
+    /// A new profile, with the identifiers of the event that created it.
+    Created { profile: ProfileId, identifiers: Vec<Identifier> },
+    /// New identifiers joined an existing profile.
+    Attached { profile: ProfileId, identifiers: Vec<Identifier> },
+    /// `merged` profiles became part of `profile` because the event carried
+    /// `identifiers`, which they held between them.
+    Merged { profile: ProfileId, merged: Vec<ProfileId>, identifiers: Vec<Identifier> },
+    /// An identifier of the event was not used, and why.
+    Dropped { profile: Option<ProfileId>, identifier: Identifier, reason: String },
+}
+
+impl IdentityChange {
+    /// The profile the change concerns, if any.
+    pub fn profile(&self) -> Option<ProfileId> {
+        match self {
+            IdentityChange::Created { profile, .. }
+            | IdentityChange::Attached { profile, .. }
+            | IdentityChange::Merged { profile, .. } => Some(*profile),
+            IdentityChange::Dropped { profile, .. } => *profile,
+        }
+    }
+}
+
+/// What resolving one event did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resolution {
+    /// The profile the event belongs to; `None` when it carried no usable identifier.
+    pub profile: Option<ProfileId>,
+    /// Profiles merged into `profile` by this event; they no longer exist on their own.
+    pub merged_away: Vec<ProfileId>,
+    pub changes: Vec<IdentityChange>,
+}
+
+/// Every profile, the identifier index, and where merged profiles went.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct IdentityGraph {
+    profiles: HashMap<ProfileId, Profile>,
+    index: HashMap<Identifier, ProfileId>,
+    merged_into: HashMap<ProfileId, ProfileId>,
+    next_id: u64,
+}
+
+impl IdentityGraph {
+    pub fn new() -> IdentityGraph {
+        IdentityGraph { next_id: 1, ..IdentityGraph::default() }
+    }
+
+    /// Rebuilds the graph from stored profiles and merge redirects.
+    pub fn from_parts(
+        profiles: impl IntoIterator<Item = Profile>,
+        merged_into: impl IntoIterator<Item = (ProfileId, ProfileId)>,
+        next_id: u64,
+    ) -> IdentityGraph {
+        let mut graph = IdentityGraph::new();
+        for profile in profiles {
+            for identifier in &profile.identifiers {
+                graph.index.insert(identifier.clone(), profile.id);
+            }
+            graph.next_id = graph.next_id.max(profile.id.0 + 1);
+            graph.profiles.insert(profile.id, profile);
+        }
+        graph.merged_into.extend(merged_into);
+        graph.next_id = graph.next_id.max(next_id);
+        graph
+    }
+
+    pub fn next_id(&self) -> u64 {
+        self.next_id
+    }
+
+    pub fn profile_count(&self) -> usize {
+        self.profiles.len()
+    }
+
+    pub fn profiles(&self) -> impl Iterator<Item = &Profile> {
+        self.profiles.values()
+    }
+
+    pub fn merged_into(&self) -> impl Iterator<Item = (ProfileId, ProfileId)> + '_ {
+        self.merged_into.iter().map(|(from, into)| (*from, *into))
+    }
+
+    /// The live profile an id refers to, following merges.
+    pub fn canonical(&self, id: ProfileId) -> Option<ProfileId> {
+        let mut current = id;
+        for _ in 0..=self.merged_into.len() {
+            if self.profiles.contains_key(&current) {
+                return Some(current);
+            }
+            current = *self.merged_into.get(&current)?;
+        }
+        None
+    }
+
+    pub fn profile(&self, id: ProfileId) -> Option<&Profile> {
+        self.profiles.get(&self.canonical(id)?)
+    }
+
+    pub fn lookup(&self, identifier: &Identifier) -> Option<ProfileId> {
+        self.index.get(identifier).copied()
+    }
+
+    /// Resolves one event to a profile, creating, attaching or merging as
+    /// the rules allow, and records the event on that profile.
+    pub fn resolve(&mut self, position: u64, event: &Event, rules: &CompiledRules) -> Resolution {
+        let (mut identifiers, blocked) = rules.identifiers_of(event);
+        let mut dropped: Vec<(Identifier, String)> =
+            blocked.into_iter().map(|(identifier, reason)| (identifier, reason.to_owned())).collect();
+        // Drop the least important identifier until linking breaks no limit.
+        while let Some(kind) = self.broken_limit(&identifiers, rules) {
+            let identifier = identifiers.pop().expect("a broken limit needs two identifiers");
+            let reason = format!("linking it would exceed the limit of {} {kind}", rules.limit(&kind));
+            dropped.push((identifier, reason));
+        }
+        let matched: BTreeSet<ProfileId> =
+            identifiers.iter().filter_map(|identifier| self.index.get(identifier).copied()).collect();
+        let mut resolution = Resolution::default();
+        let profile_id = match matched.first().copied() {
+            None if identifiers.is_empty() => None,
+            None => {
+                let id = ProfileId(self.next_id);
+                self.next_id += 1;
+                self.profiles.insert(id, Profile::new(id));
+                resolution.changes.push(IdentityChange::Created { profile: id, identifiers: identifiers.clone() });
+                Some(id)
+            }
+            Some(survivor) => {
+                let merged: Vec<ProfileId> = matched.iter().skip(1).copied().collect();
+                for &other in &merged {
+                    let absorbed = self.profiles.remove(&other).expect("matched profiles exist");
+                    for identifier in &absorbed.identifiers {
+                        self.index.insert(identifier.clone(), survivor);
+                    }
+                    self.profiles.get_mut(&survivor).expect("matched profiles exist").absorb(absorbed);
+                    self.merged_into.insert(other, survivor);
+                }
+                if !merged.is_empty() {
+                    resolution.changes.push(IdentityChange::Merged {
+                        profile: survivor,
+                        merged: merged.clone(),
+                        identifiers: identifiers.clone(),
+                    });
+                }
+                resolution.merged_away = merged;
+                Some(survivor)
+            }
+        };
+        if let Some(id) = profile_id {
+            let profile = self.profiles.get_mut(&id).expect("the resolved profile exists");
+            let added: Vec<Identifier> =
+                identifiers.iter().filter(|identifier| !profile.identifiers.contains(identifier)).cloned().collect();
+            for identifier in &added {
+                profile.identifiers.push(identifier.clone());
+                self.index.insert(identifier.clone(), id);
+            }
+            if !added.is_empty() && !matched.is_empty() {
+                resolution.changes.push(IdentityChange::Attached { profile: id, identifiers: added });
+            }
+            profile.observe(event, position);
+        }
+        for (identifier, reason) in dropped {
+            resolution.changes.push(IdentityChange::Dropped { profile: profile_id, identifier, reason });
+        }
+        resolution.profile = profile_id;
+        resolution
+    }
+
+    /// The identifier type whose limit linking `identifiers` would break, if
+    /// any. A profile already over a limit (the rules changed) does not count
+    /// against the event, only a link that adds to the excess.
+    fn broken_limit(&self, identifiers: &[Identifier], rules: &CompiledRules) -> Option<String> {
+        if identifiers.len() < 2 {
+            return None;
+        }
+        let matched: BTreeSet<ProfileId> =
+            identifiers.iter().filter_map(|identifier| self.index.get(identifier).copied()).collect();
+        let mut values: HashMap<&str, HashSet<&str>> = HashMap::new();
+        let mut largest_existing: HashMap<&str, usize> = HashMap::new();
+        for id in &matched {
+            let profile = &self.profiles[id];
+            for identifier in &profile.identifiers {
+                values.entry(&identifier.kind).or_default().insert(&identifier.value);
+            }
+            for identifier in &profile.identifiers {
+                let existing = profile.count_of(&identifier.kind);
+                let largest = largest_existing.entry(&identifier.kind).or_default();
+                *largest = (*largest).max(existing);
+            }
+        }
+        for identifier in identifiers {
+            values.entry(&identifier.kind).or_default().insert(&identifier.value);
+        }
+        let mut broken: Vec<&str> = values
+            .iter()
+            .filter(|(kind, values)| {
+                let allowed = (rules.limit(kind) as usize).max(largest_existing.get(*kind).copied().unwrap_or(0));
+                values.len() > allowed
+            })
+            .map(|(kind, _)| *kind)
+            .collect();
+        broken.sort_by_key(|kind| rules.rank(kind));
+        broken.first().map(|kind| (*kind).to_owned())
+    }
+
+    /// Keeps profile ids stable across a rebuild: each profile of `rebuilt`
+    /// takes the id of the profile in `self` that held its earliest event
+    /// (`earliest_position` tells where each rebuilt profile began and which
+    /// old profile had that event), the first claim winning; the rest get
+    /// fresh ids above every id `self` ever used.
+    pub fn adopt_ids(
+        &self,
+        rebuilt: IdentityGraph,
+        claims: impl IntoIterator<Item = (ProfileId, Option<ProfileId>)>,
+    ) -> (IdentityGraph, HashMap<ProfileId, ProfileId>) {
+        let mut renames: HashMap<ProfileId, ProfileId> = HashMap::new();
+        let mut taken: HashSet<ProfileId> = HashSet::new();
+        let mut next = self.next_id.max(rebuilt.next_id);
+        for (rebuilt_id, old) in claims {
+            if renames.contains_key(&rebuilt_id) {
+                continue;
+            }
+            let old_live = old.and_then(|old| self.canonical(old));
+            let new_id = match old_live {
+                Some(old) if taken.insert(old) => old,
+                _ => {
+                    let id = ProfileId(next);
+                    next += 1;
+                    id
+                }
+            };
+            renames.insert(rebuilt_id, new_id);
+        }
+        let rename = |id: ProfileId| renames.get(&id).copied().unwrap_or(id);
+        let profiles = rebuilt.profiles.into_values().map(|mut profile| {
+            profile.id = rename(profile.id);
+            profile
+        });
+        // Old ids that no longer name a profile of their own point at the
+        // profile that now holds their earliest event.
+        let mut merged_into: Vec<(ProfileId, ProfileId)> =
+            rebuilt.merged_into.iter().map(|(from, into)| (rename(*from), rename(*into))).collect();
+        merged_into.retain(|(from, into)| from != into);
+        (IdentityGraph::from_parts(profiles, merged_into, next), renames)
+    }
+}
+
+/// A graph rebuilt from the log, with the resolution of every event, ids
+/// already made stable against the graph it replaces.
+#[derive(Debug)]
+pub struct Rebuilt {
+    pub graph: IdentityGraph,
+    pub resolutions: Vec<(u64, Resolution)>,
+}
+
+impl IdentityGraph {
+    /// Resolves `events` (the whole log, in order) from scratch under `rules`,
+    /// which is how a repair makes profiles exactly as if a bad link had never
+    /// existed. `old_owner` says which profile of `self` held the event at a
+    /// position; a rebuilt profile keeps the id of the profile that held its
+    /// first event, when no earlier rebuilt profile claimed it.
+    pub fn rebuild(
+        &self,
+        events: impl IntoIterator<Item = (u64, Event)>,
+        rules: &CompiledRules,
+        old_owner: impl Fn(u64) -> Option<ProfileId>,
+    ) -> Rebuilt {
+        let mut fresh = IdentityGraph::new();
+        let mut resolutions = Vec::new();
+        let mut claims = Vec::new();
+        for (position, event) in events {
+            let resolution = fresh.resolve(position, &event, rules);
+            for change in &resolution.changes {
+                if let IdentityChange::Created { profile, .. } = change {
+                    claims.push((*profile, old_owner(position)));
+                }
+            }
+            resolutions.push((position, resolution));
+        }
+        let (graph, renames) = self.adopt_ids(fresh, claims);
+        let rename = |id: &mut ProfileId| *id = renames.get(id).copied().unwrap_or(*id);
+        for (_, resolution) in &mut resolutions {
+            resolution.profile.as_mut().map(rename);
+            resolution.merged_away.iter_mut().for_each(rename);
+            for change in &mut resolution.changes {
+                match change {
+                    IdentityChange::Created { profile, .. } | IdentityChange::Attached { profile, .. } => {
+                        rename(profile)
+                    }
+                    IdentityChange::Merged { profile, merged, .. } => {
+                        rename(profile);
+                        merged.iter_mut().for_each(rename);
+                    }
+                    IdentityChange::Dropped { profile, .. } => {
+                        profile.as_mut().map(rename);
+                    }
+                }
+            }
+        }
+        Rebuilt { graph, resolutions }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collect::{normalize_message, BatchDefaults, RequestContext};
+    use crate::identity::IdentityRules;
+    use crate::SourceId;
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+
+    fn event(message: Value) -> Event {
+        let source = SourceId::new("src");
+        let received_at = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+        let request = RequestContext { source_id: &source, received_at, client_ip: None };
+        let Value::Object(message) = message else { panic!("object expected") };
+        normalize_message(message, None, &BatchDefaults::default(), &request).expect("valid test event")
+    }
+
+    fn rules() -> CompiledRules {
+        IdentityRules::default().compile().unwrap()
+    }
+
+    fn run(graph: &mut IdentityGraph, events: &[Value]) -> Vec<Resolution> {
+        let rules = rules();
+        events
+            .iter()
+            .enumerate()
+            .map(|(index, message)| graph.resolve(index as u64 + 1, &event(message.clone()), &rules))
+            .collect()
+    }
+
+    fn identifiers_of(graph: &IdentityGraph, identifier: &str) -> Vec<String> {
+        let id = graph.lookup(&identifier.parse().unwrap()).expect("known identifier");
+        let mut identifiers: Vec<String> =
+            graph.profile(id).unwrap().identifiers.iter().map(ToString::to_string).collect();
+        identifiers.sort();
+        identifiers
+    }
+
+    #[test]
+    fn anonymous_browsing_then_login_attaches_the_history() {
+        let mut graph = IdentityGraph::new();
+        let resolutions = run(
+            &mut graph,
+            &[
+                json!({"type": "page", "anonymousId": "anon-1", "name": "Home"}),
+                json!({"type": "track", "anonymousId": "anon-1", "event": "Added to Cart"}),
+                json!({"type": "identify", "anonymousId": "anon-1", "userId": "ann", "traits": {"email": "Ann@Example.com"}}),
+            ],
+        );
+        assert_eq!(graph.profile_count(), 1);
+        assert!(resolutions.iter().all(|resolution| resolution.profile == Some(ProfileId(1))));
+        assert_eq!(
+            identifiers_of(&graph, "user_id:ann"),
+            vec!["anonymous_id:anon-1", "email:ann@example.com", "user_id:ann"]
+        );
+        let profile = graph.profile(ProfileId(1)).unwrap();
+        assert_eq!(profile.event_counts.get("page"), Some(&1));
+        assert_eq!(profile.traits["email"], "Ann@Example.com");
+        assert!(matches!(&resolutions[2].changes[..], [IdentityChange::Attached { .. }]));
+    }
+
+    #[test]
+    fn a_shared_device_does_not_merge_two_logged_in_users() {
+        let mut graph = IdentityGraph::new();
+        let resolutions = run(
+            &mut graph,
+            &[
+                json!({"type": "identify", "userId": "ann", "anonymousId": "family-ipad", "context": {"device": {"id": "ipad-1"}}}),
+                json!({"type": "identify", "userId": "bob", "anonymousId": "family-ipad", "context": {"device": {"id": "ipad-1"}}}),
+            ],
+        );
+        assert_eq!(graph.profile_count(), 2);
+        assert_ne!(resolutions[0].profile, resolutions[1].profile);
+        assert_eq!(identifiers_of(&graph, "user_id:bob"), vec!["user_id:bob"]);
+        let dropped: Vec<String> = resolutions[1]
+            .changes
+            .iter()
+            .filter_map(|change| match change {
+                IdentityChange::Dropped { identifier, reason, .. } => {
+                    assert!(reason.contains("limit of 1 user_id"), "{reason}");
+                    Some(identifier.to_string())
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(dropped, vec!["device_id:ipad-1", "anonymous_id:family-ipad"], "lowest priority first");
+    }
+
+    #[test]
+    fn an_email_links_two_profiles_and_the_older_survives() {
+        let mut graph = IdentityGraph::new();
+        let resolutions = run(
+            &mut graph,
+            &[
+                json!({"type": "track", "anonymousId": "web-1", "event": "Viewed", "context": {"traits": {"email": "c@example.com"}}}),
+                json!({"type": "identify", "userId": "carl"}),
+                json!({"type": "identify", "userId": "carl", "traits": {"email": "C@example.com", "plan": "pro"}}),
+            ],
+        );
+        assert_eq!(graph.profile_count(), 1);
+        assert_eq!(resolutions[2].profile, Some(ProfileId(1)));
+        assert_eq!(resolutions[2].merged_away, vec![ProfileId(2)]);
+        assert_eq!(graph.canonical(ProfileId(2)), Some(ProfileId(1)), "merged-away ids still resolve");
+        assert_eq!(graph.profile(ProfileId(1)).unwrap().event_counts.values().sum::<u64>(), 3);
+    }
+
+    #[test]
+    fn blocked_values_never_match() {
+        let mut graph = IdentityGraph::new();
+        let resolutions = run(
+            &mut graph,
+            &[
+                json!({"type": "identify", "userId": "ann", "traits": {"phone": "0000000"}}),
+                json!({"type": "identify", "userId": "bob", "traits": {"phone": "0000000"}}),
+                json!({"type": "track", "userId": "null", "event": "X"}),
+            ],
+        );
+        assert_eq!(graph.profile_count(), 2);
+        assert_eq!(resolutions[2].profile, None, "an event with only a blocked id lands nowhere");
+        assert!(
+            matches!(&resolutions[2].changes[..], [IdentityChange::Dropped { reason, .. }] if reason == "blocked value")
+        );
+    }
+
+    #[test]
+    fn the_email_limit_drops_the_sixth_email() {
+        let mut graph = IdentityGraph::new();
+        let events: Vec<Value> = (0..7)
+            .map(|n| json!({"type": "identify", "userId": "dana", "traits": {"email": format!("d{n}@example.com")}}))
+            .collect();
+        let resolutions = run(&mut graph, &events);
+        assert_eq!(graph.profile_count(), 1, "the user id still attaches the event");
+        assert_eq!(graph.profile(ProfileId(1)).unwrap().count_of("email"), 5);
+        assert!(resolutions[5].changes.iter().any(|change| matches!(change, IdentityChange::Dropped { identifier, .. } if identifier.value == "d5@example.com")));
+    }
+
+    #[test]
+    fn custom_identifiers_and_external_ids_link_silos() {
+        let rules = IdentityRules { custom_identifiers: vec!["traits.crm_id".into()], ..IdentityRules::default() }
+            .compile()
+            .unwrap();
+        let mut graph = IdentityGraph::new();
+        let crm = graph.resolve(
+            1,
+            &event(json!({"type": "identify", "anonymousId": "crm-import", "traits": {"crm_id": "C-77"}})),
+            &rules,
+        );
+        let app = graph.resolve(
+            2,
+            &event(json!({"type": "identify", "userId": "eve", "traits": {"crm_id": "C-77"}, "context": {"externalIds": [{"id": "H9", "type": "hubspot_id", "collection": "users", "encoding": "none"}]}})),
+            &rules,
+        );
+        assert_eq!(crm.profile, app.profile);
+        assert!(graph.lookup(&Identifier::new("hubspot_id", "H9")).is_some());
+    }
+
+    #[test]
+    fn group_calls_link_an_account_but_never_merge_people() {
+        let mut graph = IdentityGraph::new();
+        run(
+            &mut graph,
+            &[
+                json!({"type": "group", "userId": "ann", "groupId": "acme", "traits": {"name": "Acme", "email": "billing@acme.test"}}),
+                json!({"type": "group", "userId": "bob", "groupId": "acme", "traits": {"name": "Acme", "email": "billing@acme.test"}}),
+            ],
+        );
+        assert_eq!(graph.profile_count(), 2);
+        assert_eq!(graph.profile(ProfileId(1)).unwrap().groups["acme"]["name"], "Acme");
+    }
+
+    /// A small random population: users, anonymous ids, emails, devices.
+    fn arbitrary_event() -> impl Strategy<Value = Value> {
+        (
+            0..4u8,
+            proptest::option::of(0..6u8),
+            proptest::option::of(0..6u8),
+            proptest::option::of(0..5u8),
+            proptest::option::of(0..3u8),
+            0..4u8,
+        )
+            .prop_map(|(kind, user, anonymous, email, device, plan)| {
+                let kind = ["identify", "track", "page", "alias"][kind as usize];
+                let mut message =
+                    json!({"type": kind, "event": "E", "timestamp": format!("2024-01-01T00:00:{:02}Z", plan * 7)});
+                match user {
+                    Some(user) => message["userId"] = json!(format!("u{user}")),
+                    None if anonymous.is_none() => message["anonymousId"] = json!("fallback"),
+                    None => {}
+                }
+                if let Some(anonymous) = anonymous {
+                    message["anonymousId"] = json!(format!("a{anonymous}"));
+                }
+                if kind == "alias" {
+                    message["previousId"] = json!(format!("a{}", anonymous.unwrap_or(0)));
+                    message["userId"] = json!(format!("u{}", user.unwrap_or(0)));
+                }
+                message["traits"] = json!({"plan": plan});
+                if let Some(email) = email {
+                    message["context"] = json!({"traits": {"email": format!("p{email}@example.com")}});
+                }
+                if let Some(device) = device {
+                    message["context"]["device"] = json!({"id": format!("d{device}")});
+                }
+                message
+            })
+    }
+
+    /// The graph as sets of identifier sets with their traits, ignoring ids.
+    fn shape(graph: &IdentityGraph) -> Vec<(Vec<String>, String, u64)> {
+        let mut shape: Vec<_> = graph
+            .profiles()
+            .map(|profile| {
+                let mut identifiers: Vec<String> = profile.identifiers.iter().map(ToString::to_string).collect();
+                identifiers.sort();
+                (identifiers, Value::Object(profile.traits.clone()).to_string(), profile.event_counts.values().sum())
+            })
+            .collect();
+        shape.sort();
+        shape
+    }
+
+    proptest! {
+        /// Repair: blocking a bad identifier and rebuilding gives exactly the
+        /// profiles of resolving the log under that rule from the start, and
+        /// profiles the bad identifier never touched keep their ids.
+        #[test]
+        fn repair_equals_resolving_without_the_bad_link(
+            messages in proptest::collection::vec(arbitrary_event(), 1..50),
+            bad in prop_oneof![Just("device_id:d0"), Just("email:p0@example.com"), Just("anonymous_id:a1")],
+        ) {
+            let events: Vec<(u64, Event)> = messages.into_iter().enumerate().map(|(index, message)| (index as u64 + 1, event(message))).collect();
+            let before_rules = rules();
+            let mut before = IdentityGraph::new();
+            let mut owner = HashMap::new();
+            for (position, event) in &events {
+                if let Some(profile) = before.resolve(*position, event, &before_rules).profile {
+                    owner.insert(*position, profile);
+                }
+            }
+            let bad: Identifier = bad.parse().unwrap();
+            let after_rules = IdentityRules { blocked_identifiers: vec![bad.clone()], ..IdentityRules::default() }.compile().unwrap();
+            let repaired = before.rebuild(events.clone(), &after_rules, |position| owner.get(&position).and_then(|id| before.canonical(*id)));
+            let mut scratch = IdentityGraph::new();
+            for (position, event) in &events {
+                scratch.resolve(*position, event, &after_rules);
+            }
+            prop_assert_eq!(shape(&repaired.graph), shape(&scratch));
+            prop_assert!(repaired.graph.lookup(&bad).is_none());
+            for profile in before.profiles().filter(|profile| !profile.identifiers.contains(&bad)) {
+                if let Some(kept) = repaired.graph.profiles().find(|candidate| candidate.identifiers == profile.identifiers) {
+                    prop_assert_eq!(kept.id, profile.id, "an untouched profile keeps its id");
+                }
+            }
+            for (_, resolution) in &repaired.resolutions {
+                if let Some(profile) = resolution.profile {
+                    prop_assert!(repaired.graph.canonical(profile).is_some());
+                }
+            }
+        }
+
+        #[test]
+        fn no_profile_ever_exceeds_a_limit(messages in proptest::collection::vec(arbitrary_event(), 1..60)) {
+            let rules = IdentityRules { limits: [("user_id".to_owned(), 1), ("email".to_owned(), 2)].into(), ..IdentityRules::default() }.compile().unwrap();
+            let mut graph = IdentityGraph::new();
+            for (position, message) in messages.iter().enumerate() {
+                graph.resolve(position as u64 + 1, &event(message.clone()), &rules);
+                for profile in graph.profiles() {
+                    for identifier in &profile.identifiers {
+                        prop_assert!(profile.count_of(&identifier.kind) as u32 <= rules.limit(&identifier.kind), "{:?}", profile.identifiers);
+                        prop_assert_eq!(graph.lookup(identifier), Some(profile.id));
+                    }
+                }
+            }
+            let events: u64 = graph.profiles().map(|profile| profile.event_counts.values().sum::<u64>()).sum();
+            prop_assert!(events <= messages.len() as u64);
+        }
+
+        #[test]
+        fn replaying_the_same_events_gives_the_same_graph(messages in proptest::collection::vec(arbitrary_event(), 1..40)) {
+            let mut first = IdentityGraph::new();
+            let mut second = IdentityGraph::new();
+            let events: Vec<Event> = messages.into_iter().map(event).collect();
+            let rules = rules();
+            for (position, event) in events.iter().enumerate() {
+                first.resolve(position as u64 + 1, event, &rules);
+            }
+            // Stored and reloaded halfway, as after a restart.
+            let half = events.len() / 2;
+            for (position, event) in events.iter().enumerate().take(half) {
+                second.resolve(position as u64 + 1, event, &rules);
+            }
+            let mut second = IdentityGraph::from_parts(second.profiles().cloned().collect::<Vec<_>>(), second.merged_into().collect::<Vec<_>>(), second.next_id());
+            for (position, event) in events.iter().enumerate().skip(half) {
+                second.resolve(position as u64 + 1, event, &rules);
+            }
+            prop_assert_eq!(first, second);
+        }
+    }
+}
