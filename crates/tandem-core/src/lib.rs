@@ -13,5 +13,8 @@ pub mod resolve;
 pub mod source;
 
 pub use event::{Event, EventType, LogRecord};
+pub use identity::{Identifier, IdentityRules};
 pub use ids::{LogPosition, MessageId, SourceId, WriteKey};
+pub use profile::{Profile, ProfileId};
+pub use resolve::{IdentityChange, IdentityGraph, Resolution};
 pub use source::{Source, SourceKind};

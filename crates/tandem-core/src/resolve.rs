@@ -23,6 +23,9 @@ pub enum IdentityChange {
     Merged { profile: ProfileId, merged: Vec<ProfileId>, identifiers: Vec<Identifier> },
     /// An identifier of the event was not used, and why.
     Dropped { profile: Option<ProfileId>, identifier: Identifier, reason: String },
+    /// An admin removed an identifier (`unlink`) or blocked it (`block`) and
+    /// the profiles were rebuilt without it.
+    Repaired { profile: Option<ProfileId>, identifier: Identifier, action: String },
 }
 
 impl IdentityChange {
@@ -32,7 +35,7 @@ impl IdentityChange {
             IdentityChange::Created { profile, .. }
             | IdentityChange::Attached { profile, .. }
             | IdentityChange::Merged { profile, .. } => Some(*profile),
-            IdentityChange::Dropped { profile, .. } => *profile,
+            IdentityChange::Dropped { profile, .. } | IdentityChange::Repaired { profile, .. } => *profile,
         }
     }
 }
@@ -306,7 +309,7 @@ impl IdentityGraph {
                         rename(profile);
                         merged.iter_mut().for_each(rename);
                     }
-                    IdentityChange::Dropped { profile, .. } => {
+                    IdentityChange::Dropped { profile, .. } | IdentityChange::Repaired { profile, .. } => {
                         profile.as_mut().map(rename);
                     }
                 }

@@ -1,6 +1,8 @@
-//! Who is writing: reads the write key from `Authorization: Basic` (the key as
+//! Who is calling. Tracking clients: reads the write key from `Authorization: Basic` (the key as
 //! user name, password empty, colon optional) and maps it to its source,
 //! caching the sources it has seen so the hot path does not query storage.
+//! Admin clients: a bearer token (`tandem token create`), checked against
+//! its stored hash and cached once verified.
 
 use crate::error::{ApiError, ErrorCode};
 use axum::http::{header, HeaderMap};
@@ -77,6 +79,52 @@ impl SourceDirectory {
             None => {
                 Err(ApiError::new(ErrorCode::InvalidWriteKey, "the write key matches no source").with_field("writeKey"))
             }
+        }
+    }
+}
+
+/// Verified admin tokens, cached by secret.
+pub struct TokenDirectory {
+    store: Arc<dyn Store>,
+    known: RwLock<HashMap<String, tandem_store::TokenInfo>>,
+}
+
+impl TokenDirectory {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        TokenDirectory { store, known: RwLock::new(HashMap::new()) }
+    }
+
+    /// The token of an `Authorization: Bearer` header, or 401.
+    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<tandem_store::TokenInfo, ApiError> {
+        let secret = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")))
+            .map(str::trim)
+            .filter(|secret| !secret.is_empty())
+            .ok_or_else(|| {
+                ApiError::new(ErrorCode::MissingToken, "an admin token is required: Authorization: Bearer TOKEN")
+                    .with_field("authorization")
+            })?
+            .to_owned();
+        if let Some(token) = self.known.read().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&secret) {
+            return Ok(token.clone());
+        }
+        let store = self.store.clone();
+        let lookup = secret.clone();
+        let found = tokio::task::spawn_blocking(move || store.verify_token(&lookup))
+            .await
+            .map_err(|_| ApiError::new(ErrorCode::Internal, "internal error"))?
+            .map_err(|error| {
+                tracing::error!(%error, "checking a token failed");
+                ApiError::unavailable()
+            })?;
+        match found {
+            Some(token) => {
+                self.known.write().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(secret, token.clone());
+                Ok(token)
+            }
+            None => Err(ApiError::new(ErrorCode::InvalidToken, "the token is not valid").with_field("authorization")),
         }
     }
 }

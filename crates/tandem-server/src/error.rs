@@ -24,6 +24,10 @@ pub enum ErrorCode {
     MessageTooLarge,
     TooManyMessages,
     NotFound,
+    ProfileNotFound,
+    InvalidIdentifier,
+    MissingToken,
+    InvalidToken,
     MethodNotAllowed,
     Unavailable,
     Internal,
@@ -44,6 +48,10 @@ impl ErrorCode {
             ErrorCode::MessageTooLarge => "message_too_large",
             ErrorCode::TooManyMessages => "too_many_messages",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::ProfileNotFound => "profile_not_found",
+            ErrorCode::InvalidIdentifier => "invalid_identifier",
+            ErrorCode::MissingToken => "missing_token",
+            ErrorCode::InvalidToken => "invalid_token",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
@@ -58,9 +66,13 @@ impl ErrorCode {
             | ErrorCode::MissingField
             | ErrorCode::InvalidType
             | ErrorCode::InvalidValue
-            | ErrorCode::InvalidEncoding => StatusCode::BAD_REQUEST,
-            ErrorCode::MissingWriteKey | ErrorCode::InvalidWriteKey => StatusCode::UNAUTHORIZED,
-            ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            | ErrorCode::InvalidEncoding
+            | ErrorCode::InvalidIdentifier => StatusCode::BAD_REQUEST,
+            ErrorCode::MissingWriteKey
+            | ErrorCode::InvalidWriteKey
+            | ErrorCode::MissingToken
+            | ErrorCode::InvalidToken => StatusCode::UNAUTHORIZED,
+            ErrorCode::NotFound | ErrorCode::ProfileNotFound => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::RequestTooLarge | ErrorCode::MessageTooLarge | ErrorCode::TooManyMessages => {
                 StatusCode::PAYLOAD_TOO_LARGE

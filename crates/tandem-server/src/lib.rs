@@ -8,6 +8,8 @@ pub mod error;
 pub mod log_writer;
 pub mod metrics;
 pub mod ops;
+pub mod profile;
+pub mod resolve;
 
 use auth::SourceDirectory;
 use axum::routing::get;
@@ -30,8 +32,11 @@ const DEDUP_PRUNE_INTERVAL: Duration = Duration::from_secs(10 * 60);
 pub struct AppState {
     pub store: Arc<dyn Store>,
     pub sources: Arc<SourceDirectory>,
+    pub tokens: Arc<auth::TokenDirectory>,
     pub log: LogWriter,
     pub metrics: Metrics,
+    /// Tells the resolver the log has grown.
+    pub wakeup: Arc<resolve::Wakeup>,
 }
 
 impl AppState {
@@ -39,8 +44,16 @@ impl AppState {
     /// once the state (every clone of it) is dropped.
     pub fn start(store: Arc<dyn Store>, dedup_window: Duration) -> (AppState, std::thread::JoinHandle<()>) {
         let metrics = Metrics::new();
-        let (log, writer_thread) = LogWriter::spawn(store.clone(), dedup_window, metrics.clone());
-        let state = AppState { sources: Arc::new(SourceDirectory::new(store.clone())), store, log, metrics };
+        let wakeup = Arc::new(resolve::Wakeup::default());
+        let (log, writer_thread) = LogWriter::spawn(store.clone(), dedup_window, metrics.clone(), wakeup.clone());
+        let state = AppState {
+            sources: Arc::new(SourceDirectory::new(store.clone())),
+            tokens: Arc::new(auth::TokenDirectory::new(store.clone())),
+            store,
+            log,
+            metrics,
+            wakeup,
+        };
         (state, writer_thread)
     }
 }
@@ -53,6 +66,7 @@ pub fn router(state: AppState) -> Router {
     }
     Router::new()
         .merge(tracking)
+        .merge(profile::routes())
         .route("/health", get(ops::health))
         .route("/metrics", get(ops::metrics))
         .fallback(ops::not_found)
@@ -103,6 +117,9 @@ impl Running {
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
         let Running { local_addr, listener, state, writer_thread, dedup_window } = self;
         let pruner = tokio::spawn(prune_message_ids(state.store.clone(), dedup_window));
+        let stop_resolver = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let wakeup = state.wakeup.clone();
+        let resolver_thread = resolve::spawn(state.store.clone(), wakeup.clone(), stop_resolver.clone());
         tracing::info!(address = %local_addr, "tandem is listening");
         let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
         axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
@@ -114,6 +131,13 @@ impl Running {
             .ok()
             .and_then(Result::ok)
             .unwrap_or_else(|| tracing::error!("the log writer stopped abnormally"));
+        stop_resolver.store(true, std::sync::atomic::Ordering::Relaxed);
+        wakeup.notify();
+        tokio::task::spawn_blocking(move || resolver_thread.join())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_else(|| tracing::error!("the resolver stopped abnormally"));
         tracing::info!("tandem stopped; every acknowledged event is durable");
         Ok(())
     }

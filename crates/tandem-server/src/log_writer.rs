@@ -4,6 +4,7 @@
 //! per request, and it answers each request only after the commit.
 
 use crate::metrics::Metrics;
+use crate::resolve::Wakeup;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -41,12 +42,18 @@ pub struct LogWriter {
 impl LogWriter {
     /// Starts the writer thread. `dedup_window` is how long a `messageId`
     /// stays a duplicate after it was last stored.
-    pub fn spawn(store: Arc<dyn Store>, dedup_window: Duration, metrics: Metrics) -> (LogWriter, JoinHandle<()>) {
+    /// `wakeup` is told after every commit, so later stages see new events at once.
+    pub fn spawn(
+        store: Arc<dyn Store>,
+        dedup_window: Duration,
+        metrics: Metrics,
+        wakeup: Arc<Wakeup>,
+    ) -> (LogWriter, JoinHandle<()>) {
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let thread_metrics = metrics.clone();
         let handle = std::thread::Builder::new()
             .name("tandem-log-writer".into())
-            .spawn(move || run(store, receiver, dedup_window, thread_metrics))
+            .spawn(move || run(store, receiver, dedup_window, thread_metrics, wakeup))
             .expect("spawning the log writer thread");
         (LogWriter { sender, metrics }, handle)
     }
@@ -68,7 +75,13 @@ impl LogWriter {
     }
 }
 
-fn run(store: Arc<dyn Store>, mut receiver: mpsc::Receiver<AppendRequest>, dedup_window: Duration, metrics: Metrics) {
+fn run(
+    store: Arc<dyn Store>,
+    mut receiver: mpsc::Receiver<AppendRequest>,
+    dedup_window: Duration,
+    metrics: Metrics,
+    wakeup: Arc<Wakeup>,
+) {
     let dedup_window_ms = i64::try_from(dedup_window.as_millis()).unwrap_or(i64::MAX);
     while let Some(first) = receiver.blocking_recv() {
         let mut events = first.batch.records.len();
@@ -89,6 +102,7 @@ fn run(store: Arc<dyn Store>, mut receiver: mpsc::Receiver<AppendRequest>, dedup
         let dedup_since_ms = chrono::Utc::now().timestamp_millis().saturating_sub(dedup_window_ms);
         match store.append(&batches, dedup_since_ms) {
             Ok(outcomes) => {
+                wakeup.notify();
                 metrics.log_commits.inc();
                 metrics.log_commit_events.observe(events as f64);
                 metrics.log_commit_duration.observe(started.elapsed().as_secs_f64());
@@ -122,7 +136,8 @@ mod tests {
         let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
         let source = store.create_source("web", SourceKind::Website).unwrap().id;
         let metrics = Metrics::new();
-        let (writer, thread) = LogWriter::spawn(store.clone(), Duration::from_secs(86_400), metrics.clone());
+        let (writer, thread) =
+            LogWriter::spawn(store.clone(), Duration::from_secs(86_400), metrics.clone(), Arc::default());
         let mut tasks = Vec::new();
         for request in 0..200 {
             let writer = writer.clone();

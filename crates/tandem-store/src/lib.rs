@@ -12,7 +12,10 @@ pub mod suite;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use tandem_core::source::SourceError;
-use tandem_core::{EventType, LogPosition, LogRecord, MessageId, Source, SourceId, SourceKind, WriteKey};
+use tandem_core::{
+    EventType, Identifier, IdentityChange, IdentityRules, LogPosition, LogRecord, MessageId, Profile, ProfileId,
+    Source, SourceId, SourceKind, WriteKey,
+};
 
 pub use sqlite::SqliteStore;
 
@@ -102,6 +105,69 @@ pub struct IngestStats {
     pub duplicates: u64,
     pub rejected: u64,
     pub sources: Vec<SourceStats>,
+    /// The last log position the resolver has applied.
+    pub resolver_position: LogPosition,
+    /// Events in the log the resolver has not applied yet.
+    pub resolver_lag: u64,
+    /// Live (not merged-away) profiles.
+    pub profiles: u64,
+}
+
+/// Everything the resolver needs to continue where it stopped.
+#[derive(Clone, Debug, Default)]
+pub struct IdentitySnapshot {
+    pub profiles: Vec<Profile>,
+    pub merged_into: Vec<(ProfileId, ProfileId)>,
+    pub next_profile_id: u64,
+    /// The last log position applied.
+    pub position: LogPosition,
+    /// Changes whenever someone other than the resolver rewrites identity
+    /// state (rules, repairs); a commit made against an older epoch is refused.
+    pub epoch: u64,
+    pub rules: IdentityRules,
+}
+
+/// One entry of a profile's identity history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HistoryRecord {
+    /// The event that caused it; `None` for an admin's repair.
+    pub position: Option<LogPosition>,
+    pub profile: Option<ProfileId>,
+    pub change: IdentityChange,
+    pub recorded_at_ms: i64,
+}
+
+/// What the resolver (or a repair) writes in one transaction.
+#[derive(Clone, Debug, Default)]
+pub struct IdentityCommit {
+    /// The epoch the changes were computed against.
+    pub epoch: u64,
+    /// The resolver position the changes start from; ignored when `replace`.
+    pub from: LogPosition,
+    /// The resolver position once committed.
+    pub to: LogPosition,
+    /// Clear all identity state first (a rebuild), and start a new epoch.
+    pub replace: bool,
+    /// Live profiles to write in full.
+    pub profiles: Vec<Profile>,
+    /// Profiles merged away, in the order it happened: (from, into).
+    pub merged: Vec<(ProfileId, ProfileId)>,
+    /// Identifiers and the profile that now holds each.
+    pub identifiers: Vec<(Identifier, ProfileId)>,
+    /// Which profile each event belongs to.
+    pub events: Vec<(LogPosition, ProfileId)>,
+    pub history: Vec<HistoryRecord>,
+    pub next_profile_id: u64,
+    /// New identity rules to store with the changes (a repair's block).
+    pub rules: Option<IdentityRules>,
+}
+
+/// An admin API token as listed (the secret itself is shown once, at creation).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TokenInfo {
+    pub id: String,
+    pub name: String,
+    pub created_at_ms: i64,
 }
 
 /// Everything the pipeline needs from storage.
@@ -132,4 +198,42 @@ pub trait Store: Send + Sync + 'static {
 
     /// Forgets the `messageId`s received before the dedup window; returns how many.
     fn forget_message_ids(&self, received_before_ms: i64) -> Result<u64, StoreError>;
+
+    /// The identity state as the resolver last committed it.
+    fn load_identity(&self) -> Result<IdentitySnapshot, StoreError>;
+
+    /// Writes resolver (or repair) output with its new position, in one
+    /// transaction. Returns `false`, writing nothing, when the epoch or the
+    /// position moved since the changes were computed.
+    fn commit_identity(&self, commit: &IdentityCommit) -> Result<bool, StoreError>;
+
+    /// Replaces the identity rules and starts a new epoch.
+    fn set_identity_rules(&self, rules: &IdentityRules) -> Result<(), StoreError>;
+
+    /// A profile by id, following merges to the profile that absorbed it.
+    fn profile(&self, id: ProfileId) -> Result<Option<Profile>, StoreError>;
+
+    /// The profile holding an identifier.
+    fn profile_by_identifier(&self, identifier: &Identifier) -> Result<Option<Profile>, StoreError>;
+
+    /// A profile's events, newest first, before `before` (exclusive) when given.
+    fn profile_events(
+        &self,
+        id: ProfileId,
+        before: Option<LogPosition>,
+        limit: usize,
+    ) -> Result<Vec<LogEntry>, StoreError>;
+
+    /// The identity history of a profile and of every profile merged into it, oldest first.
+    fn identity_history(&self, id: ProfileId) -> Result<Vec<HistoryRecord>, StoreError>;
+
+    /// Which profile each event belongs to, for events in `(after, up_to]`.
+    fn event_owners(&self, after: LogPosition, up_to: LogPosition)
+        -> Result<Vec<(LogPosition, ProfileId)>, StoreError>;
+
+    /// Creates an admin API token; returns its listing and the secret.
+    fn create_token(&self, name: &str) -> Result<(TokenInfo, String), StoreError>;
+
+    /// The token a secret belongs to.
+    fn verify_token(&self, secret: &str) -> Result<Option<TokenInfo>, StoreError>;
 }

@@ -3,9 +3,11 @@
 //! reads, so readers never block the writer. Each commit is fsynced
 //! (`synchronous = FULL`), which is what makes an acknowledgement durable.
 
+mod identity;
+
 use crate::{
-    IngestBatch, IngestOutcome, IngestStats, LogEntry, QuarantineEntry, QuarantineRecord, SourceStats, Store,
-    StoreError,
+    HistoryRecord, IdentityCommit, IdentitySnapshot, IngestBatch, IngestOutcome, IngestStats, LogEntry,
+    QuarantineEntry, QuarantineRecord, SourceStats, Store, StoreError, TokenInfo,
 };
 use rand::distr::{Alphanumeric, SampleString};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
@@ -13,7 +15,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use tandem_core::source::validate_source_name;
-use tandem_core::{EventType, LogPosition, MessageId, Source, SourceId, SourceKind, WriteKey};
+use tandem_core::{
+    EventType, Identifier, IdentityRules, LogPosition, MessageId, Profile, ProfileId, Source, SourceId, SourceKind,
+    WriteKey,
+};
 
 /// The file inside the data directory.
 pub const DATABASE_FILE: &str = "tandem.db";
@@ -61,6 +66,51 @@ const MIGRATIONS: &[&str] = &[
         duplicates INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (source_id, type)
     ) WITHOUT ROWID;",
+    // 2: identity resolution and profiles; admin API tokens.
+    "CREATE TABLE profiles (
+        id INTEGER PRIMARY KEY,
+        merged_into INTEGER,
+        state TEXT
+    );
+    CREATE INDEX profiles_by_merged_into ON profiles (merged_into) WHERE merged_into IS NOT NULL;
+    CREATE TABLE identifiers (
+        type TEXT NOT NULL,
+        value TEXT NOT NULL,
+        profile_id INTEGER NOT NULL,
+        PRIMARY KEY (type, value)
+    ) WITHOUT ROWID;
+    CREATE INDEX identifiers_by_profile ON identifiers (profile_id);
+    CREATE TABLE profile_events (
+        profile_id INTEGER NOT NULL,
+        position INTEGER NOT NULL,
+        PRIMARY KEY (profile_id, position)
+    ) WITHOUT ROWID;
+    CREATE TABLE event_owners (
+        position INTEGER PRIMARY KEY,
+        profile_id INTEGER NOT NULL
+    );
+    CREATE TABLE identity_history (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        position INTEGER,
+        profile_id INTEGER,
+        change TEXT NOT NULL,
+        recorded_at INTEGER NOT NULL
+    );
+    CREATE INDEX identity_history_by_profile ON identity_history (profile_id);
+    CREATE TABLE identity_state (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        position INTEGER NOT NULL,
+        next_profile_id INTEGER NOT NULL,
+        epoch INTEGER NOT NULL,
+        rules TEXT
+    );
+    INSERT INTO identity_state (id, position, next_profile_id, epoch, rules) VALUES (1, 0, 1, 0, NULL);
+    CREATE TABLE api_tokens (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        secret_sha256 TEXT NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL
+    );",
 ];
 
 const READER_POOL_SIZE: usize = 4;
@@ -302,19 +352,7 @@ impl Store for SqliteStore {
                 "SELECT position, source_id, message_id, type, received_at, payload FROM events
                  WHERE position > ?1 ORDER BY position LIMIT ?2",
             )?;
-            let rows = statement.query_map(params![after.0 as i64, limit as i64], |row| {
-                let event_type: String = row.get(3)?;
-                Ok(LogEntry {
-                    position: LogPosition(row.get::<_, i64>(0)? as u64),
-                    source_id: SourceId::new(row.get::<_, String>(1)?),
-                    message_id: MessageId::new(row.get::<_, String>(2)?),
-                    event_type: event_type.parse().map_err(|error| {
-                        rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, Box::new(error))
-                    })?,
-                    received_at_ms: row.get(4)?,
-                    payload: row.get(5)?,
-                })
-            })?;
+            let rows = statement.query_map(params![after.0 as i64, limit as i64], log_entry_from_row)?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
     }
@@ -358,6 +396,119 @@ impl Store for SqliteStore {
             Ok(connection.execute("DELETE FROM message_ids WHERE received_at < ?1", [received_before_ms])? as u64)
         })
     }
+
+    fn load_identity(&self) -> Result<IdentitySnapshot, StoreError> {
+        self.with_reader(identity::load)
+    }
+
+    fn commit_identity(&self, commit: &IdentityCommit) -> Result<bool, StoreError> {
+        self.with_writer(|connection| identity::commit(connection, commit))
+    }
+
+    fn set_identity_rules(&self, rules: &IdentityRules) -> Result<(), StoreError> {
+        let text = serde_json::to_string(rules).map_err(|error| StoreError::Backend(Box::new(error)))?;
+        self.with_writer(|connection| {
+            connection.execute("UPDATE identity_state SET rules = ?1, epoch = epoch + 1 WHERE id = 1", [text])?;
+            Ok(())
+        })
+    }
+
+    fn profile(&self, id: ProfileId) -> Result<Option<Profile>, StoreError> {
+        self.with_reader(|connection| identity::profile(connection, id))
+    }
+
+    fn profile_by_identifier(&self, identifier: &Identifier) -> Result<Option<Profile>, StoreError> {
+        self.with_reader(|connection| {
+            let owner: Option<i64> = connection
+                .prepare_cached("SELECT profile_id FROM identifiers WHERE type = ?1 AND value = ?2")?
+                .query_row([&identifier.kind, &identifier.value], |row| row.get(0))
+                .optional()?;
+            match owner {
+                Some(id) => identity::profile(connection, ProfileId(id as u64)),
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn profile_events(
+        &self,
+        id: ProfileId,
+        before: Option<LogPosition>,
+        limit: usize,
+    ) -> Result<Vec<LogEntry>, StoreError> {
+        self.with_reader(|connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT e.position, e.source_id, e.message_id, e.type, e.received_at, e.payload
+                 FROM profile_events p JOIN events e ON e.position = p.position
+                 WHERE p.profile_id = ?1 AND p.position < ?2 ORDER BY p.position DESC LIMIT ?3",
+            )?;
+            let before = before.map_or(i64::MAX, |position| position.0 as i64);
+            let rows = statement.query_map(params![id.0 as i64, before, limit as i64], log_entry_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn identity_history(&self, id: ProfileId) -> Result<Vec<HistoryRecord>, StoreError> {
+        self.with_reader(|connection| identity::history(connection, id))
+    }
+
+    fn event_owners(
+        &self,
+        after: LogPosition,
+        up_to: LogPosition,
+    ) -> Result<Vec<(LogPosition, ProfileId)>, StoreError> {
+        self.with_reader(|connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT position, profile_id FROM event_owners WHERE position > ?1 AND position <= ?2 ORDER BY position",
+            )?;
+            let rows = statement.query_map(params![after.0 as i64, up_to.0 as i64], |row| {
+                Ok((LogPosition(row.get::<_, i64>(0)? as u64), ProfileId(row.get::<_, i64>(1)? as u64)))
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn create_token(&self, name: &str) -> Result<(TokenInfo, String), StoreError> {
+        let secret = format!("tdm_{}", random_token(40));
+        let info = TokenInfo {
+            id: format!("tok_{}", random_token(12)),
+            name: name.trim().to_owned(),
+            created_at_ms: now_ms(),
+        };
+        self.with_writer(|connection| {
+            connection.execute(
+                "INSERT INTO api_tokens (id, name, secret_sha256, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![info.id, info.name, identity::sha256_hex(&secret), info.created_at_ms],
+            )?;
+            Ok(())
+        })?;
+        Ok((info, secret))
+    }
+
+    fn verify_token(&self, secret: &str) -> Result<Option<TokenInfo>, StoreError> {
+        self.with_reader(|connection| {
+            Ok(connection
+                .prepare_cached("SELECT id, name, created_at FROM api_tokens WHERE secret_sha256 = ?1")?
+                .query_row([identity::sha256_hex(secret)], |row| {
+                    Ok(TokenInfo { id: row.get(0)?, name: row.get(1)?, created_at_ms: row.get(2)? })
+                })
+                .optional()?)
+        })
+    }
+}
+
+fn log_entry_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<LogEntry> {
+    let event_type: String = row.get(3)?;
+    Ok(LogEntry {
+        position: LogPosition(row.get::<_, i64>(0)? as u64),
+        source_id: SourceId::new(row.get::<_, String>(1)?),
+        message_id: MessageId::new(row.get::<_, String>(2)?),
+        event_type: event_type.parse().map_err(|error| {
+            rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, Box::new(error))
+        })?,
+        received_at_ms: row.get(4)?,
+        payload: row.get(5)?,
+    })
 }
 
 fn read_stats(connection: &Connection) -> Result<IngestStats, StoreError> {
@@ -403,6 +554,15 @@ fn read_stats(connection: &Connection) -> Result<IngestStats, StoreError> {
         connection.query_row("SELECT COALESCE(MAX(position), 0) FROM events", [], |row| row.get::<_, i64>(0))? as u64,
     );
     stats.sources = per_source;
+    stats.resolver_position = LogPosition(connection.query_row(
+        "SELECT position FROM identity_state WHERE id = 1",
+        [],
+        |row| row.get::<_, i64>(0),
+    )? as u64);
+    stats.resolver_lag = stats.log_head.0.saturating_sub(stats.resolver_position.0);
+    stats.profiles = connection
+        .query_row("SELECT COUNT(*) FROM profiles WHERE state IS NOT NULL", [], |row| row.get::<_, i64>(0))?
+        as u64;
     Ok(stats)
 }
 

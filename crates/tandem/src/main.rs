@@ -35,7 +35,16 @@ enum Command {
     /// Messages refused by validation, kept with their reason
     #[command(subcommand)]
     Quarantine(QuarantineCommand),
-    /// Counts per source and per type, duplicates dropped, rejected
+    /// Admin API tokens
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Unified customer profiles
+    #[command(subcommand)]
+    Profile(ProfileCommand),
+    /// Identity rules and repairs
+    #[command(subcommand)]
+    Identity(IdentityCommand),
+    /// Counts per source and per type, duplicates dropped, rejected, resolver position
     Stats {
         /// Print one JSON object
         #[arg(long)]
@@ -77,6 +86,66 @@ enum EventsCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Create a token for the admin API (shown once)
+    Create {
+        /// A name to tell tokens apart
+        #[arg(long, default_value = "admin")]
+        name: String,
+        /// Print one JSON object
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ProfileCommand {
+    /// Show a profile by id (prof_N) or by any identifier (type:value)
+    Show {
+        target: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Explain why each identifier is on a profile and why profiles were merged
+    Explain {
+        target: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum IdentityCommand {
+    /// Show the identity rules, or change them (changes apply to events resolved from now on)
+    Rules {
+        /// Limit per identifier type, as TYPE=N (repeatable)
+        #[arg(long = "limit", value_name = "TYPE=N")]
+        limits: Vec<String>,
+        /// Limit of every type without its own
+        #[arg(long)]
+        default_limit: Option<u32>,
+        /// Priority order, most important first, as TYPE,TYPE,…
+        #[arg(long, value_delimiter = ',')]
+        priority: Option<Vec<String>>,
+        /// A value that never identifies anyone (repeatable)
+        #[arg(long = "block-value", value_name = "VALUE")]
+        block_values: Vec<String>,
+        /// A regular expression for values that never identify anyone (repeatable)
+        #[arg(long = "block-pattern", value_name = "REGEX")]
+        block_patterns: Vec<String>,
+        /// Declare a field as an identifier, e.g. traits.crm_id (repeatable)
+        #[arg(long = "identifier", value_name = "PATH")]
+        identifiers: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an identifier from a profile and rebuild the profiles as if it had never linked anything
+    Unlink { profile: String, identifier: String },
+    /// Never use an identifier again, and rebuild the profiles it linked
+    Block { identifier: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -124,6 +193,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             commands::list_quarantine(&open()?, limit, json, &mut out)
         }
         Command::Stats { json } => commands::stats(&open()?, json, &mut out),
+        Command::Token(TokenCommand::Create { name, json }) => commands::create_token(&open()?, &name, json, &mut out),
+        Command::Profile(ProfileCommand::Show { target, json }) => {
+            commands::show_profile(Arc::new(open()?), &target, json, &mut out)
+        }
+        Command::Profile(ProfileCommand::Explain { target, json }) => {
+            commands::explain_profile(Arc::new(open()?), &target, json, &mut out)
+        }
+        Command::Identity(IdentityCommand::Rules {
+            limits,
+            default_limit,
+            priority,
+            block_values,
+            block_patterns,
+            identifiers,
+            json,
+        }) => {
+            let change =
+                commands::RulesChange { limits, default_limit, priority, block_values, block_patterns, identifiers };
+            commands::identity_rules(&open()?, change, json, &mut out)
+        }
+        Command::Identity(IdentityCommand::Unlink { profile, identifier }) => {
+            commands::unlink(Arc::new(open()?), &profile, &identifier, &mut out)
+        }
+        Command::Identity(IdentityCommand::Block { identifier }) => {
+            commands::block(Arc::new(open()?), &identifier, &mut out)
+        }
     }
 }
 

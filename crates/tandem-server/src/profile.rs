@@ -1,0 +1,171 @@
+//! The profile API: one customer's unified profile, their event timeline
+//! across every source, and the identity history that explains each link.
+//! Every endpoint needs an admin bearer token.
+
+use crate::error::{ApiError, ErrorCode};
+use crate::AppState;
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tandem_core::event::format_timestamp;
+use tandem_core::{Identifier, LogPosition, Profile, ProfileId};
+use tandem_store::{HistoryRecord, Store, StoreError};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/profiles", get(find_profile))
+        .route("/api/v1/profiles/{id}", get(get_profile))
+        .route("/api/v1/profiles/{id}/events", get(profile_events))
+        .route("/api/v1/profiles/{id}/identities", get(profile_identities))
+}
+
+fn format_ms(ms: i64) -> Value {
+    chrono::DateTime::from_timestamp_millis(ms).map(format_timestamp).map_or(Value::Null, Value::String)
+}
+
+/// A profile as the API and the CLI show it.
+pub fn profile_json(profile: &Profile) -> Value {
+    json!({
+        "id": profile.id,
+        "identifiers": profile.identifiers,
+        "traits": profile.traits,
+        "groups": profile.groups,
+        "first_seen": format_ms(profile.first_seen_ms),
+        "last_seen": format_ms(profile.last_seen_ms),
+        "event_counts": profile.event_counts,
+    })
+}
+
+/// One identity-history entry, with the message id of the event behind it.
+pub fn history_json(store: &dyn Store, record: &HistoryRecord) -> Result<Value, StoreError> {
+    let message_id = match record.position {
+        Some(position) => store
+            .read_log(LogPosition(position.0 - 1), 1)?
+            .into_iter()
+            .next()
+            .filter(|entry| entry.position == position)
+            .map(|entry| entry.message_id.to_string()),
+        None => None,
+    };
+    let mut value = serde_json::to_value(&record.change).unwrap_or(Value::Null);
+    value["position"] = json!(record.position);
+    value["message_id"] = json!(message_id);
+    value["recorded_at"] = format_ms(record.recorded_at_ms);
+    Ok(value)
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::new(ErrorCode::ProfileNotFound, format!("no profile {id}")).with_field("id")
+}
+
+fn storage_error(error: StoreError) -> ApiError {
+    tracing::error!(%error, "profile read failed");
+    ApiError::unavailable()
+}
+
+/// Runs a read on the blocking pool.
+async fn read<T: Send + 'static>(
+    state: &AppState,
+    work: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let store = state.store.clone();
+    tokio::task::spawn_blocking(move || work(store.as_ref()))
+        .await
+        .map_err(|_| ApiError::new(ErrorCode::Internal, "internal error"))?
+        .map_err(storage_error)
+}
+
+async fn load_profile(state: &AppState, id: &str) -> Result<Profile, ApiError> {
+    let profile_id: ProfileId = id.parse().map_err(|_| not_found(id))?;
+    read(state, move |store| store.profile(profile_id)).await?.ok_or_else(|| not_found(id))
+}
+
+#[derive(Deserialize)]
+struct FindQuery {
+    identifier: Option<String>,
+}
+
+async fn find_profile(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<FindQuery>,
+) -> Result<Json<Value>, ApiError> {
+    state.tokens.authenticate(&headers).await?;
+    let text = query.identifier.ok_or_else(|| {
+        ApiError::new(ErrorCode::MissingField, "identifier=type:value is required").with_field("identifier")
+    })?;
+    let identifier: Identifier = text.parse().map_err(|error: tandem_core::identity::MalformedIdentifier| {
+        ApiError::new(ErrorCode::InvalidIdentifier, error.to_string()).with_field("identifier")
+    })?;
+    let shown = identifier.to_string();
+    let profile = read(&state, move |store| store.profile_by_identifier(&identifier)).await?.ok_or_else(|| {
+        ApiError::new(ErrorCode::ProfileNotFound, format!("no profile holds {shown}")).with_field("identifier")
+    })?;
+    Ok(Json(profile_json(&profile)))
+}
+
+async fn get_profile(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    state.tokens.authenticate(&headers).await?;
+    Ok(Json(profile_json(&load_profile(&state, &id).await?)))
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    limit: Option<usize>,
+    before: Option<u64>,
+}
+
+const MAX_PAGE: usize = 1_000;
+
+async fn profile_events(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(query): Query<EventsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    state.tokens.authenticate(&headers).await?;
+    let limit = query.limit.unwrap_or(50);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::new(ErrorCode::InvalidValue, format!("limit must be between 1 and {MAX_PAGE}"))
+            .with_field("limit"));
+    }
+    let profile = load_profile(&state, &id).await?;
+    let before = query.before.map(LogPosition);
+    let entries = read(&state, move |store| store.profile_events(profile.id, before, limit)).await?;
+    let next_before = (entries.len() == limit).then(|| entries.last().map(|entry| entry.position)).flatten();
+    let events: Vec<Value> = entries
+        .into_iter()
+        .map(|entry| {
+            let mut event: Value = serde_json::from_str(&entry.payload).unwrap_or(Value::Null);
+            event["position"] = json!(entry.position);
+            event
+        })
+        .collect();
+    Ok(Json(json!({"profile": profile.id, "events": events, "next_before": next_before})))
+}
+
+async fn profile_identities(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    state.tokens.authenticate(&headers).await?;
+    let profile = load_profile(&state, &id).await?;
+    let profile_id = profile.id;
+    let history = read(&state, move |store| {
+        store
+            .identity_history(profile_id)?
+            .iter()
+            .map(|record| history_json(store, record))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await?;
+    Ok(Json(json!({"id": profile.id, "identifiers": profile.identifiers, "history": history})))
+}

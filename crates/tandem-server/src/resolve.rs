@@ -1,0 +1,377 @@
+//! The resolver stage: reads the event log in order, resolves each event to
+//! a profile with the identity graph (`tandem_core::resolve`), and commits
+//! the changed profiles together with its new log position, so a crash
+//! resumes exactly where the last commit ended and nothing applies twice.
+//! Also the repairs (`unlink`, `block`) that rebuild the graph from the log.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+use tandem_core::identity::{CompiledRules, RulesError};
+use tandem_core::{
+    Event, Identifier, IdentityChange, IdentityGraph, IdentityRules, LogPosition, ProfileId, Resolution,
+};
+use tandem_store::{HistoryRecord, IdentityCommit, Store, StoreError};
+
+/// Events read and resolved per transaction.
+pub const DEFAULT_BATCH: usize = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the stored identity rules are invalid: {0}")]
+    Rules(#[from] RulesError),
+    #[error("{0} is not on profile {1}")]
+    NotOnProfile(Identifier, ProfileId),
+    #[error("no profile {0}")]
+    UnknownProfile(ProfileId),
+    #[error("identity state changed during the repair too often; try again")]
+    Contended,
+}
+
+/// The resolver's in-memory graph and where it stands in the log.
+pub struct Resolver {
+    store: Arc<dyn Store>,
+    graph: IdentityGraph,
+    rules: CompiledRules,
+    position: LogPosition,
+    epoch: u64,
+}
+
+impl Resolver {
+    pub fn load(store: Arc<dyn Store>) -> Result<Resolver, ResolveError> {
+        let snapshot = store.load_identity()?;
+        let graph = IdentityGraph::from_parts(snapshot.profiles, snapshot.merged_into, snapshot.next_profile_id);
+        let rules = snapshot.rules.compile()?;
+        Ok(Resolver { store, graph, rules, position: snapshot.position, epoch: snapshot.epoch })
+    }
+
+    pub fn position(&self) -> LogPosition {
+        self.position
+    }
+
+    pub fn graph(&self) -> &IdentityGraph {
+        &self.graph
+    }
+
+    /// Resolves up to `limit` events after the current position and commits
+    /// them; returns how many were applied (0 when caught up, or when someone
+    /// rewrote identity state meanwhile and the graph had to be reloaded).
+    pub fn step(&mut self, limit: usize) -> Result<usize, ResolveError> {
+        let entries = self.store.read_log(self.position, limit)?;
+        let Some(last) = entries.last() else {
+            return Ok(0);
+        };
+        let to = last.position;
+        let mut batch = BatchChanges::default();
+        for entry in &entries {
+            match serde_json::from_str::<Event>(&entry.payload) {
+                Ok(event) => {
+                    let resolution = self.graph.resolve(entry.position.0, &event, &self.rules);
+                    batch.add(entry.position, resolution);
+                }
+                Err(error) => tracing::warn!(position = %entry.position, %error, "skipping an unreadable event"),
+            }
+        }
+        let commit = batch.into_commit(&self.graph, self.epoch, self.position, to);
+        let applied = entries.len();
+        match self.store.commit_identity(&commit) {
+            Ok(true) => {
+                self.position = to;
+                Ok(applied)
+            }
+            Ok(false) => {
+                tracing::info!("identity state changed outside the resolver; reloading");
+                *self = Resolver::load(self.store.clone())?;
+                Ok(0)
+            }
+            Err(error) => {
+                // The graph holds changes that were not stored: start over from storage.
+                if let Ok(reloaded) = Resolver::load(self.store.clone()) {
+                    *self = reloaded;
+                }
+                Err(error.into())
+            }
+        }
+    }
+
+    /// Steps until the log is exhausted; returns events applied.
+    pub fn catch_up(&mut self, batch: usize) -> Result<u64, ResolveError> {
+        let mut total = 0;
+        loop {
+            let applied = self.step(batch)?;
+            if applied == 0 && self.store.read_log(self.position, 1)?.is_empty() {
+                return Ok(total);
+            }
+            total += applied as u64;
+        }
+    }
+}
+
+/// What a batch of resolutions must write.
+#[derive(Default)]
+struct BatchChanges {
+    touched: BTreeSet<ProfileId>,
+    merged: Vec<(ProfileId, ProfileId)>,
+    added: Vec<Identifier>,
+    events: Vec<(LogPosition, ProfileId)>,
+    history: Vec<(LogPosition, IdentityChange)>,
+}
+
+impl BatchChanges {
+    fn add(&mut self, position: LogPosition, resolution: Resolution) {
+        let Resolution { profile, merged_away, changes } = resolution;
+        if let Some(profile) = profile {
+            self.touched.insert(profile);
+            self.events.push((position, profile));
+            for merged in merged_away {
+                self.merged.push((merged, profile));
+            }
+        }
+        for change in changes {
+            if let IdentityChange::Created { identifiers, .. } | IdentityChange::Attached { identifiers, .. } = &change
+            {
+                self.added.extend(identifiers.iter().cloned());
+            }
+            self.history.push((position, change));
+        }
+    }
+
+    /// Ids as they stand at the end of the batch: a profile merged later in
+    /// the same batch is written under its survivor.
+    fn into_commit(self, graph: &IdentityGraph, epoch: u64, from: LogPosition, to: LogPosition) -> IdentityCommit {
+        let live = |id: ProfileId| graph.canonical(id).unwrap_or(id);
+        let recorded_at_ms = chrono::Utc::now().timestamp_millis();
+        let live_touched: BTreeSet<ProfileId> = self.touched.iter().map(|id| live(*id)).collect();
+        IdentityCommit {
+            epoch,
+            from,
+            to,
+            replace: false,
+            profiles: live_touched.iter().filter_map(|id| graph.profile(*id).cloned()).collect(),
+            merged: self.merged,
+            identifiers: self
+                .added
+                .into_iter()
+                .filter_map(|identifier| graph.lookup(&identifier).map(|owner| (identifier, owner)))
+                .collect(),
+            events: self.events.into_iter().map(|(position, profile)| (position, live(profile))).collect(),
+            history: self
+                .history
+                .into_iter()
+                .map(|(position, change)| HistoryRecord {
+                    position: Some(position),
+                    profile: change.profile().map(live),
+                    change,
+                    recorded_at_ms,
+                })
+                .collect(),
+            next_profile_id: graph.next_id(),
+            rules: None,
+        }
+    }
+}
+
+/// A repair an admin asks for.
+#[derive(Clone, Debug)]
+pub enum Repair {
+    /// Take an identifier off a profile: it stops linking anything.
+    Unlink { profile: ProfileId, identifier: Identifier },
+    /// Never use an identifier again, wherever it is.
+    Block { identifier: Identifier },
+}
+
+/// What a repair did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RepairReport {
+    pub identifier: Identifier,
+    /// The profile that held the identifier before the repair, if any.
+    pub profile_before: Option<ProfileId>,
+    /// Profiles before and after, counted over the whole graph.
+    pub profiles_before: usize,
+    pub profiles_after: usize,
+    /// Events replayed to rebuild.
+    pub events_replayed: u64,
+    /// The live profiles that now hold the events the old profile held.
+    pub profiles_now: Vec<ProfileId>,
+}
+
+/// Blocks the identifier in the rules and rebuilds every profile by replaying
+/// the log under them, so profiles, traits and timelines come out exactly as
+/// if the bad link had never existed. Profile ids stay stable where they can.
+pub fn repair(store: &Arc<dyn Store>, repair: &Repair) -> Result<RepairReport, ResolveError> {
+    for _attempt in 0..5 {
+        let snapshot = store.load_identity()?;
+        let graph = IdentityGraph::from_parts(
+            snapshot.profiles.clone(),
+            snapshot.merged_into.clone(),
+            snapshot.next_profile_id,
+        );
+        let (identifier, action, profile_before) = match repair {
+            Repair::Unlink { profile, identifier } => {
+                let live = graph.canonical(*profile).ok_or(ResolveError::UnknownProfile(*profile))?;
+                if graph.lookup(identifier) != Some(live) {
+                    return Err(ResolveError::NotOnProfile(identifier.clone(), *profile));
+                }
+                (identifier.clone(), "unlink", Some(live))
+            }
+            Repair::Block { identifier } => (identifier.clone(), "block", graph.lookup(identifier)),
+        };
+        let mut rules = snapshot.rules.clone();
+        if !rules.blocked_identifiers.contains(&identifier) {
+            rules.blocked_identifiers.push(identifier.clone());
+        }
+        let compiled = rules.clone().compile()?;
+        let owners: HashMap<u64, ProfileId> = store
+            .event_owners(LogPosition(0), snapshot.position)?
+            .into_iter()
+            .map(|(position, profile)| (position.0, profile))
+            .collect();
+        let mut events = Vec::new();
+        let mut position = LogPosition(0);
+        while position < snapshot.position {
+            let page = store.read_log(position, DEFAULT_BATCH)?;
+            let Some(last) = page.last() else { break };
+            position = last.position;
+            for entry in page.into_iter().filter(|entry| entry.position <= snapshot.position) {
+                if let Ok(event) = serde_json::from_str::<Event>(&entry.payload) {
+                    events.push((entry.position.0, event));
+                }
+            }
+        }
+        let events_replayed = events.len() as u64;
+        let rebuilt = graph.rebuild(events, &compiled, |position| owners.get(&position).copied());
+        let new_owners: HashMap<u64, ProfileId> = rebuilt
+            .resolutions
+            .iter()
+            .filter_map(|(position, resolution)| resolution.profile.map(|profile| (*position, profile)))
+            .collect();
+        let profiles_now: BTreeSet<ProfileId> = owners
+            .iter()
+            .filter(|(_, owner)| Some(graph.canonical(**owner).unwrap_or(**owner)) == profile_before)
+            .filter_map(|(position, _)| new_owners.get(position))
+            .map(|profile| rebuilt.graph.canonical(*profile).unwrap_or(*profile))
+            .collect();
+        let recorded_at_ms = chrono::Utc::now().timestamp_millis();
+        let mut history: Vec<HistoryRecord> = Vec::new();
+        let mut events_owned = Vec::new();
+        for (position, resolution) in &rebuilt.resolutions {
+            if let Some(profile) = resolution.profile {
+                events_owned.push((LogPosition(*position), rebuilt.graph.canonical(profile).unwrap_or(profile)));
+            }
+            for change in &resolution.changes {
+                history.push(HistoryRecord {
+                    position: Some(LogPosition(*position)),
+                    profile: change.profile().map(|id| rebuilt.graph.canonical(id).unwrap_or(id)),
+                    change: change.clone(),
+                    recorded_at_ms,
+                });
+            }
+        }
+        for profile in profiles_now.iter().copied().map(Some).chain(profile_before.is_none().then_some(None)) {
+            history.push(HistoryRecord {
+                position: None,
+                profile,
+                change: IdentityChange::Repaired { profile, identifier: identifier.clone(), action: action.to_owned() },
+                recorded_at_ms,
+            });
+        }
+        let commit = IdentityCommit {
+            epoch: snapshot.epoch,
+            from: snapshot.position,
+            to: snapshot.position,
+            replace: true,
+            profiles: rebuilt.graph.profiles().cloned().collect(),
+            merged: rebuilt.graph.merged_into().collect(),
+            identifiers: rebuilt
+                .graph
+                .profiles()
+                .flat_map(|profile| profile.identifiers.iter().map(move |identifier| (identifier.clone(), profile.id)))
+                .collect(),
+            events: events_owned,
+            history,
+            next_profile_id: rebuilt.graph.next_id(),
+            rules: Some(rules),
+        };
+        if store.commit_identity(&commit)? {
+            return Ok(RepairReport {
+                identifier,
+                profile_before,
+                profiles_before: graph.profile_count(),
+                profiles_after: rebuilt.graph.profile_count(),
+                events_replayed,
+                profiles_now: profiles_now.into_iter().collect(),
+            });
+        }
+    }
+    Err(ResolveError::Contended)
+}
+
+/// Replaces the identity rules (they apply to events resolved from now on).
+pub fn set_rules(store: &dyn Store, rules: IdentityRules) -> Result<(), ResolveError> {
+    rules.clone().compile()?;
+    store.set_identity_rules(&rules)?;
+    Ok(())
+}
+
+/// Wakes the resolver when the log grows.
+#[derive(Default)]
+pub struct Wakeup {
+    pending: Mutex<bool>,
+    signal: Condvar,
+}
+
+impl Wakeup {
+    pub fn notify(&self) {
+        *self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = true;
+        self.signal.notify_one();
+    }
+
+    fn wait(&self, timeout: Duration) {
+        let pending = self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (mut pending, _) = self
+            .signal
+            .wait_timeout_while(pending, timeout, |pending| !*pending)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *pending = false;
+    }
+}
+
+/// Runs the resolver on its own thread until `stop` is set, then finishes
+/// what is already in the log.
+pub fn spawn(store: Arc<dyn Store>, wakeup: Arc<Wakeup>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("tandem-resolver".into())
+        .spawn(move || {
+            let mut resolver = loop {
+                match Resolver::load(store.clone()) {
+                    Ok(resolver) => break resolver,
+                    Err(error) => {
+                        tracing::error!(%error, "the resolver cannot start; retrying");
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                }
+            };
+            loop {
+                match resolver.step(DEFAULT_BATCH) {
+                    Ok(0) if stop.load(Ordering::Relaxed) => break,
+                    Ok(0) => wakeup.wait(Duration::from_millis(250)),
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::error!(%error, "resolving failed; retrying");
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                }
+            }
+            tracing::debug!(position = %resolver.position(), "resolver stopped");
+        })
+        .expect("spawning the resolver thread")
+}

@@ -1,0 +1,186 @@
+//! SQLite storage of the identity graph: profiles (merged ones keep a row
+//! pointing at their survivor), the identifier index, which events belong to
+//! which profile, the identity history, and the resolver's position, epoch
+//! and rules — all written together in one transaction per resolver batch.
+
+use crate::{HistoryRecord, IdentityCommit, IdentitySnapshot, StoreError};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use sha2::{Digest, Sha256};
+use tandem_core::{IdentityChange, LogPosition, Profile, ProfileId};
+
+fn json_error(error: serde_json::Error) -> StoreError {
+    StoreError::Backend(Box::new(error))
+}
+
+pub fn sha256_hex(text: &str) -> String {
+    Sha256::digest(text.as_bytes()).iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+pub fn load(connection: &Connection) -> Result<IdentitySnapshot, StoreError> {
+    connection.execute_batch("BEGIN")?;
+    let result = load_in_transaction(connection);
+    connection.execute_batch("COMMIT")?;
+    result
+}
+
+fn load_in_transaction(connection: &Connection) -> Result<IdentitySnapshot, StoreError> {
+    let (position, next_profile_id, epoch, rules): (i64, i64, i64, Option<String>) = connection.query_row(
+        "SELECT position, next_profile_id, epoch, rules FROM identity_state WHERE id = 1",
+        [],
+        |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+    )?;
+    let mut snapshot = IdentitySnapshot {
+        position: LogPosition(position as u64),
+        next_profile_id: next_profile_id as u64,
+        epoch: epoch as u64,
+        rules: match rules {
+            Some(text) => serde_json::from_str(&text).map_err(json_error)?,
+            None => Default::default(),
+        },
+        ..IdentitySnapshot::default()
+    };
+    let mut statement = connection.prepare("SELECT id, merged_into, state FROM profiles")?;
+    let mut rows = statement.query([])?;
+    while let Some(row) = rows.next()? {
+        let id = ProfileId(row.get::<_, i64>(0)? as u64);
+        match (row.get::<_, Option<i64>>(1)?, row.get::<_, Option<String>>(2)?) {
+            (Some(into), _) => snapshot.merged_into.push((id, ProfileId(into as u64))),
+            (None, Some(state)) => snapshot.profiles.push(serde_json::from_str(&state).map_err(json_error)?),
+            (None, None) => {}
+        }
+    }
+    Ok(snapshot)
+}
+
+pub fn commit(connection: &mut Connection, commit: &IdentityCommit) -> Result<bool, StoreError> {
+    let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let (position, epoch): (i64, i64) =
+        transaction.query_row("SELECT position, epoch FROM identity_state WHERE id = 1", [], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })?;
+    if epoch as u64 != commit.epoch || (!commit.replace && position as u64 != commit.from.0) {
+        return Ok(false);
+    }
+    if commit.replace {
+        transaction.execute_batch(
+            "DELETE FROM profiles; DELETE FROM identifiers; DELETE FROM profile_events;
+             DELETE FROM event_owners; DELETE FROM identity_history;",
+        )?;
+    }
+    {
+        let mut retire = transaction.prepare_cached(
+            "INSERT INTO profiles (id, merged_into, state) VALUES (?1, ?2, NULL)
+             ON CONFLICT (id) DO UPDATE SET merged_into = excluded.merged_into, state = NULL",
+        )?;
+        let mut repoint = transaction.prepare_cached("UPDATE profiles SET merged_into = ?2 WHERE merged_into = ?1")?;
+        let mut move_identifiers =
+            transaction.prepare_cached("UPDATE identifiers SET profile_id = ?2 WHERE profile_id = ?1")?;
+        let mut move_events =
+            transaction.prepare_cached("UPDATE profile_events SET profile_id = ?2 WHERE profile_id = ?1")?;
+        let mut move_owners =
+            transaction.prepare_cached("UPDATE event_owners SET profile_id = ?2 WHERE profile_id = ?1")?;
+        for (from, into) in &commit.merged {
+            let (from, into) = (from.0 as i64, into.0 as i64);
+            retire.execute([from, into])?;
+            repoint.execute([from, into])?;
+            move_identifiers.execute([from, into])?;
+            move_events.execute([from, into])?;
+            move_owners.execute([from, into])?;
+        }
+        let mut save_profile = transaction.prepare_cached(
+            "INSERT INTO profiles (id, merged_into, state) VALUES (?1, NULL, ?2)
+             ON CONFLICT (id) DO UPDATE SET merged_into = NULL, state = excluded.state",
+        )?;
+        for profile in &commit.profiles {
+            save_profile.execute(params![profile.id.0 as i64, serde_json::to_string(profile).map_err(json_error)?])?;
+        }
+        let mut save_identifier = transaction.prepare_cached(
+            "INSERT INTO identifiers (type, value, profile_id) VALUES (?1, ?2, ?3)
+             ON CONFLICT (type, value) DO UPDATE SET profile_id = excluded.profile_id",
+        )?;
+        for (identifier, profile) in &commit.identifiers {
+            save_identifier.execute(params![identifier.kind, identifier.value, profile.0 as i64])?;
+        }
+        let mut save_event =
+            transaction.prepare_cached("INSERT INTO profile_events (profile_id, position) VALUES (?1, ?2)")?;
+        let mut save_owner =
+            transaction.prepare_cached("INSERT INTO event_owners (position, profile_id) VALUES (?1, ?2)")?;
+        for (position, profile) in &commit.events {
+            save_event.execute([profile.0 as i64, position.0 as i64])?;
+            save_owner.execute([position.0 as i64, profile.0 as i64])?;
+        }
+        let mut save_history = transaction.prepare_cached(
+            "INSERT INTO identity_history (position, profile_id, change, recorded_at) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        for record in &commit.history {
+            save_history.execute(params![
+                record.position.map(|position| position.0 as i64),
+                record.profile.map(|profile| profile.0 as i64),
+                serde_json::to_string(&record.change).map_err(json_error)?,
+                record.recorded_at_ms
+            ])?;
+        }
+    }
+    if let Some(rules) = &commit.rules {
+        let text = serde_json::to_string(rules).map_err(json_error)?;
+        transaction.execute("UPDATE identity_state SET rules = ?1 WHERE id = 1", [text])?;
+    }
+    let new_epoch = if commit.replace || commit.rules.is_some() { epoch + 1 } else { epoch };
+    transaction.execute(
+        "UPDATE identity_state SET position = ?1, next_profile_id = ?2, epoch = ?3 WHERE id = 1",
+        params![commit.to.0 as i64, commit.next_profile_id as i64, new_epoch],
+    )?;
+    transaction.commit()?;
+    Ok(true)
+}
+
+/// Follows merges from `id` to the live profile.
+fn live_id(connection: &Connection, id: ProfileId) -> Result<Option<(ProfileId, String)>, StoreError> {
+    let mut statement = connection.prepare_cached("SELECT merged_into, state FROM profiles WHERE id = ?1")?;
+    let mut current = id;
+    for _ in 0..64 {
+        let row: Option<(Option<i64>, Option<String>)> =
+            statement.query_row([current.0 as i64], |row| Ok((row.get(0)?, row.get(1)?))).optional()?;
+        match row {
+            Some((Some(into), _)) => current = ProfileId(into as u64),
+            Some((None, Some(state))) => return Ok(Some((current, state))),
+            _ => return Ok(None),
+        }
+    }
+    Ok(None)
+}
+
+pub fn profile(connection: &Connection, id: ProfileId) -> Result<Option<Profile>, StoreError> {
+    live_id(connection, id)?.map(|(_, state)| serde_json::from_str(&state).map_err(json_error)).transpose()
+}
+
+pub fn history(connection: &Connection, id: ProfileId) -> Result<Vec<HistoryRecord>, StoreError> {
+    let Some((live, _)) = live_id(connection, id)? else {
+        return Ok(Vec::new());
+    };
+    let mut statement = connection.prepare_cached(
+        "SELECT position, profile_id, change, recorded_at FROM identity_history
+         WHERE profile_id = ?1 OR profile_id IN (SELECT id FROM profiles WHERE merged_into = ?1)
+         ORDER BY id",
+    )?;
+    let rows = statement.query_map([live.0 as i64], |row| {
+        Ok((
+            row.get::<_, Option<i64>>(0)?,
+            row.get::<_, Option<i64>>(1)?,
+            row.get::<_, String>(2)?,
+            row.get::<_, i64>(3)?,
+        ))
+    })?;
+    let mut records = Vec::new();
+    for row in rows {
+        let (position, profile, change, recorded_at_ms) = row?;
+        let change: IdentityChange = serde_json::from_str(&change).map_err(json_error)?;
+        records.push(HistoryRecord {
+            position: position.map(|position| LogPosition(position as u64)),
+            profile: profile.map(|profile| ProfileId(profile as u64)),
+            change,
+            recorded_at_ms,
+        });
+    }
+    Ok(records)
+}
