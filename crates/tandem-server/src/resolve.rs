@@ -375,3 +375,152 @@ pub fn spawn(store: Arc<dyn Store>, wakeup: Arc<Wakeup>, stop: Arc<AtomicBool>) 
         })
         .expect("spawning the resolver thread")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+    use tandem_core::collect::{normalize_message, BatchDefaults, RequestContext};
+    use tandem_core::{Profile, SourceKind};
+    use tandem_store::{IngestBatch, SqliteStore};
+
+    /// A store holding `messages` in its log.
+    fn store_with(dir: &std::path::Path, messages: &[Value]) -> Arc<dyn Store> {
+        let store = SqliteStore::open(dir).unwrap();
+        let source = store.create_source("web", SourceKind::Website).unwrap();
+        let received_at = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+        let request = RequestContext { source_id: &source.id, received_at, client_ip: None };
+        let records = messages
+            .iter()
+            .map(|message| {
+                let Value::Object(message) = message.clone() else { panic!("object expected") };
+                normalize_message(message, None, &BatchDefaults::default(), &request).unwrap().to_log_record()
+            })
+            .collect();
+        store.append(&[IngestBatch { records, rejected: Vec::new() }], 0).unwrap();
+        Arc::new(store)
+    }
+
+    fn message(user: Option<u8>, anonymous: u8, email: Option<u8>, device: Option<u8>, plan: u8) -> Value {
+        let mut message = json!({"type": "identify", "anonymousId": format!("a{anonymous}"), "traits": {"plan": plan}});
+        if let Some(user) = user {
+            message["userId"] = json!(format!("u{user}"));
+        }
+        if let Some(email) = email {
+            message["traits"]["email"] = json!(format!("e{email}@example.com"));
+        }
+        if let Some(device) = device {
+            message["context"] = json!({"device": {"id": format!("d{device}")}});
+        }
+        message
+    }
+
+    fn arbitrary_messages() -> impl Strategy<Value = Vec<Value>> {
+        proptest::collection::vec(
+            (proptest::option::of(0..5u8), 0..6u8, proptest::option::of(0..4u8), proptest::option::of(0..3u8), 0..3u8)
+                .prop_map(|(user, anonymous, email, device, plan)| message(user, anonymous, email, device, plan)),
+            1..40,
+        )
+    }
+
+    fn stored_state(store: &Arc<dyn Store>) -> (Vec<Profile>, Vec<(LogPosition, ProfileId)>) {
+        let mut snapshot = store.load_identity().unwrap();
+        snapshot.profiles.sort_by_key(|profile| profile.id);
+        (snapshot.profiles, store.event_owners(LogPosition(0), LogPosition(u64::MAX / 2)).unwrap())
+    }
+
+    /// Identifier sets with their event counts, ids aside.
+    fn shape(store: &Arc<dyn Store>) -> Vec<(Vec<String>, u64)> {
+        let mut shape: Vec<_> = store
+            .load_identity()
+            .unwrap()
+            .profiles
+            .iter()
+            .map(|profile| {
+                let mut identifiers: Vec<String> = profile.identifiers.iter().map(ToString::to_string).collect();
+                identifiers.sort();
+                (identifiers, profile.event_counts.values().sum())
+            })
+            .collect();
+        shape.sort();
+        shape
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// Any batch split, with a restart (reload from storage) between any
+        /// two batches, stores exactly what one uninterrupted pass stores.
+        #[test]
+        fn batch_splits_and_restarts_give_the_same_state(
+            messages in arbitrary_messages(),
+            splits in proptest::collection::vec(1..7usize, 1..20),
+        ) {
+            let (one_dir, split_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+            let one_pass = store_with(one_dir.path(), &messages);
+            Resolver::load(one_pass.clone()).unwrap().catch_up(DEFAULT_BATCH).unwrap();
+            let split = store_with(split_dir.path(), &messages);
+            let mut applied = 0;
+            for size in splits.iter().cycle() {
+                // A fresh resolver each time: what a crash and restart does.
+                applied += Resolver::load(split.clone()).unwrap().step(*size).unwrap();
+                if applied >= messages.len() { break; }
+            }
+            prop_assert_eq!(stored_state(&one_pass), stored_state(&split));
+        }
+
+        /// Blocking an identifier after the fact stores what resolving with it
+        /// blocked from the start stores.
+        #[test]
+        fn repair_matches_resolving_with_the_rule_from_the_start(messages in arbitrary_messages(), bad in 0..3u8) {
+            let bad: Identifier = format!("device_id:d{bad}").parse().unwrap();
+            let (repaired_dir, scratch_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+            let repaired = store_with(repaired_dir.path(), &messages);
+            Resolver::load(repaired.clone()).unwrap().catch_up(DEFAULT_BATCH).unwrap();
+            repair(&repaired, &Repair::Block { identifier: bad.clone() }).unwrap();
+            let scratch = store_with(scratch_dir.path(), &messages);
+            let rules = IdentityRules { blocked_identifiers: vec![bad.clone()], ..IdentityRules::default() };
+            scratch.set_identity_rules(&rules).unwrap();
+            Resolver::load(scratch.clone()).unwrap().catch_up(DEFAULT_BATCH).unwrap();
+            prop_assert_eq!(shape(&repaired), shape(&scratch));
+            prop_assert_eq!(repaired.profile_by_identifier(&bad).unwrap(), None);
+            // The resolver picks up after the repair without redoing anything.
+            prop_assert_eq!(Resolver::load(repaired.clone()).unwrap().step(DEFAULT_BATCH).unwrap(), 0);
+        }
+    }
+
+    #[test]
+    fn unlinking_a_shared_device_splits_the_people_it_merged() {
+        let dir = tempfile::tempdir().unwrap();
+        // Default rules allow 5 device ids and 5 emails: a kiosk device joins two
+        // anonymous visitors who later identify with different emails.
+        let store = store_with(
+            dir.path(),
+            &[
+                json!({"type": "identify", "anonymousId": "v1", "traits": {"email": "ann@example.com", "name": "Ann"}, "context": {"device": {"id": "kiosk"}}}),
+                json!({"type": "identify", "anonymousId": "v2", "traits": {"email": "bob@example.com", "name": "Bob"}, "context": {"device": {"id": "kiosk"}}}),
+            ],
+        );
+        Resolver::load(store.clone()).unwrap().catch_up(DEFAULT_BATCH).unwrap();
+        let merged = store.profile_by_identifier(&"email:ann@example.com".parse().unwrap()).unwrap().unwrap();
+        assert_eq!(merged.count_of("email"), 2, "the kiosk linked both");
+        let report =
+            repair(&store, &Repair::Unlink { profile: merged.id, identifier: "device_id:kiosk".parse().unwrap() })
+                .unwrap();
+        assert_eq!((report.profiles_before, report.profiles_after), (1, 2));
+        let ann = store.profile_by_identifier(&"email:ann@example.com".parse().unwrap()).unwrap().unwrap();
+        let bob = store.profile_by_identifier(&"email:bob@example.com".parse().unwrap()).unwrap().unwrap();
+        assert_eq!(ann.id, merged.id, "the older part keeps the id");
+        assert_ne!(bob.id, ann.id);
+        assert_eq!((ann.traits["name"].as_str(), bob.traits["name"].as_str()), (Some("Ann"), Some("Bob")));
+        assert_eq!(store.profile_events(bob.id, None, 10).unwrap().len(), 1);
+        let history = store.identity_history(ann.id).unwrap();
+        assert!(history
+            .iter()
+            .any(|record| matches!(&record.change, IdentityChange::Repaired { action, .. } if action == "unlink")));
+        let wrong =
+            repair(&store, &Repair::Unlink { profile: bob.id, identifier: "email:ann@example.com".parse().unwrap() });
+        assert!(matches!(wrong, Err(ResolveError::NotOnProfile(..))));
+    }
+}

@@ -395,3 +395,127 @@ async fn browsers_get_cors_preflight_answers() {
     assert_eq!(response.headers()[header::ACCESS_CONTROL_ALLOW_ORIGIN], "https://shop.example");
     assert!(response.headers()[header::ACCESS_CONTROL_ALLOW_HEADERS].to_str().unwrap().contains("Content-Type"));
 }
+
+mod profiles {
+    use super::*;
+    use tandem_server::resolve::{Resolver, DEFAULT_BATCH};
+
+    async fn get(harness: &Harness, path: &str, token: Option<&str>) -> (StatusCode, Value) {
+        let mut request = Request::get(path);
+        if let Some(token) = token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        harness.send(request.body(Body::empty()).unwrap()).await
+    }
+
+    /// Ann browses anonymously, logs in, then is seen by e-mail on another
+    /// device whose anonymous profile merges into hers.
+    async fn with_ann(harness: &Harness) -> String {
+        let (status, _) = harness
+            .post_json(
+                "/v1/batch",
+                json!({"batch": [
+                    {"type": "page", "anonymousId": "anon-1", "name": "Pricing", "messageId": "e1"},
+                    {"type": "track", "anonymousId": "phone-7", "event": "App Opened", "context": {"traits": {"email": "ANN@example.com"}}, "messageId": "e2"},
+                    {"type": "identify", "anonymousId": "anon-1", "userId": "ann", "traits": {"email": "ann@example.com", "plan": "pro"}, "messageId": "e3"},
+                    {"type": "track", "userId": "bob", "event": "Other Person", "messageId": "e4"}
+                ]}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        let store: Arc<dyn Store> = harness.store.clone();
+        Resolver::load(store).unwrap().catch_up(DEFAULT_BATCH).unwrap();
+        harness.store.create_token("test").unwrap().1
+    }
+
+    #[tokio::test]
+    async fn profiles_are_found_by_id_and_by_any_identifier() {
+        let harness = Harness::new();
+        let token = with_ann(&harness).await;
+        let (status, by_email) = get(&harness, "/api/v1/profiles?identifier=email:Ann@Example.com", Some(&token)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(by_email["id"], "prof_1", "the older profile survives the merge");
+        assert_eq!(by_email["traits"]["plan"], "pro");
+        assert_eq!(by_email["event_counts"], json!({"page": 1, "track": 1, "identify": 1}));
+        let identifiers: Vec<String> = by_email["identifiers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|identifier| {
+                format!("{}:{}", identifier["type"].as_str().unwrap(), identifier["value"].as_str().unwrap())
+            })
+            .collect();
+        assert_eq!(identifiers.len(), 4, "{identifiers:?}");
+        assert!(identifiers.contains(&"anonymous_id:phone-7".to_owned()));
+        let (status, by_id) = get(&harness, "/api/v1/profiles/prof_1", Some(&token)).await;
+        assert_eq!((status, &by_id), (StatusCode::OK, &by_email));
+        let (status, merged_away) = get(&harness, "/api/v1/profiles/prof_2", Some(&token)).await;
+        assert_eq!(
+            (status, merged_away["id"].as_str()),
+            (StatusCode::OK, Some("prof_1")),
+            "merged-away ids still resolve"
+        );
+        let (_, bob) = get(&harness, "/api/v1/profiles?identifier=user_id:bob", Some(&token)).await;
+        assert_eq!(bob["id"], "prof_3");
+    }
+
+    #[tokio::test]
+    async fn the_timeline_is_newest_first_and_paginated() {
+        let harness = Harness::new();
+        let token = with_ann(&harness).await;
+        let (status, page) = get(&harness, "/api/v1/profiles/prof_1/events?limit=2", Some(&token)).await;
+        assert_eq!(status, StatusCode::OK);
+        let ids: Vec<&str> =
+            page["events"].as_array().unwrap().iter().map(|event| event["messageId"].as_str().unwrap()).collect();
+        assert_eq!(ids, vec!["e3", "e2"]);
+        let before = page["next_before"].as_u64().unwrap();
+        let (_, rest) =
+            get(&harness, &format!("/api/v1/profiles/prof_1/events?limit=2&before={before}"), Some(&token)).await;
+        let ids: Vec<&str> =
+            rest["events"].as_array().unwrap().iter().map(|event| event["messageId"].as_str().unwrap()).collect();
+        assert_eq!(ids, vec!["e1"]);
+        assert_eq!(rest["next_before"], Value::Null);
+        let (status, body) = get(&harness, "/api/v1/profiles/prof_1/events?limit=0", Some(&token)).await;
+        assert_eq!((status, error_of(&body)), (StatusCode::BAD_REQUEST, ("invalid_value", Some("limit"))));
+    }
+
+    #[tokio::test]
+    async fn identities_explain_every_link_with_its_event() {
+        let harness = Harness::new();
+        let token = with_ann(&harness).await;
+        let (status, body) = get(&harness, "/api/v1/profiles/prof_1/identities", Some(&token)).await;
+        assert_eq!(status, StatusCode::OK);
+        let history = body["history"].as_array().unwrap();
+        let merge = history.iter().find(|entry| entry["kind"] == "merged").expect("the merge is recorded");
+        assert_eq!(merge["merged"], json!(["prof_2"]));
+        assert_eq!(merge["message_id"], "e3", "the triggering event");
+        assert!(merge["identifiers"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"type": "email", "value": "ann@example.com"})));
+        let created = history.iter().filter(|entry| entry["kind"] == "created").count();
+        assert_eq!(created, 2, "both original profiles' creation is part of the story");
+    }
+
+    #[tokio::test]
+    async fn errors_need_a_token_and_name_the_problem() {
+        let harness = Harness::new();
+        let token = with_ann(&harness).await;
+        let (status, body) = get(&harness, "/api/v1/profiles/prof_1", None).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::UNAUTHORIZED, "missing_token"));
+        let (status, body) = get(&harness, "/api/v1/profiles/prof_1", Some("tdm_nope")).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::UNAUTHORIZED, "invalid_token"));
+        let (status, body) = get(&harness, "/api/v1/profiles/prof_99", Some(&token)).await;
+        assert_eq!((status, error_of(&body)), (StatusCode::NOT_FOUND, ("profile_not_found", Some("id"))));
+        let (status, body) = get(&harness, "/api/v1/profiles/ann", Some(&token)).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::NOT_FOUND, "profile_not_found"));
+        let (status, body) = get(&harness, "/api/v1/profiles?identifier=no-colon", Some(&token)).await;
+        assert_eq!((status, error_of(&body)), (StatusCode::BAD_REQUEST, ("invalid_identifier", Some("identifier"))));
+        let (status, body) = get(&harness, "/api/v1/profiles?identifier=email:nobody@example.com", Some(&token)).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::NOT_FOUND, "profile_not_found"));
+        let (status, body) = get(&harness, "/api/v1/profiles", Some(&token)).await;
+        assert_eq!((status, error_of(&body)), (StatusCode::BAD_REQUEST, ("missing_field", Some("identifier"))));
+        let (status, _) = get(&harness, "/api/v1/profiles/prof_99/events", Some(&token)).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+}

@@ -3,8 +3,11 @@
 //! `tandem_store::store_test_suite!(|dir: &Path| -> impl Store { ... })`,
 //! where the closure returns a fresh, empty store.
 
-use crate::{IngestBatch, QuarantineRecord, Store, StoreError};
-use tandem_core::{EventType, LogPosition, LogRecord, MessageId, SourceId, SourceKind, WriteKey};
+use crate::{HistoryRecord, IdentityCommit, IngestBatch, QuarantineRecord, Store, StoreError};
+use tandem_core::{
+    EventType, Identifier, IdentityChange, IdentityRules, LogPosition, LogRecord, MessageId, Profile, ProfileId,
+    SourceId, SourceKind, WriteKey,
+};
 
 /// Generates one `#[test]` per case in this module for a backend.
 #[macro_export]
@@ -18,7 +21,9 @@ macro_rules! store_test_suite {
             forgotten_message_ids_no_longer_deduplicate,
             rejected_messages_are_kept_in_quarantine,
             stats_count_per_source_and_type,
-            concurrent_appends_are_all_kept
+            concurrent_appends_are_all_kept,
+            identity_commits_round_trip_and_refuse_stale_writers,
+            tokens_verify_by_secret_only
         );
     };
     (@cases $make:expr; $($case:ident),*) => {
@@ -232,4 +237,117 @@ pub fn concurrent_appends_are_all_kept(store: &impl Store) {
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 400);
+}
+
+pub fn identity_commits_round_trip_and_refuse_stale_writers(store: &impl Store) {
+    let web = store.create_source("web", SourceKind::Website).unwrap().id;
+    store
+        .append(&[batch((1..=3).map(|n| record(&web, &format!("m{n}"), EventType::Identify, n)).collect())], 0)
+        .unwrap();
+    let empty = store.load_identity().unwrap();
+    assert_eq!((empty.position, empty.next_profile_id, empty.profiles.len()), (LogPosition(0), 1, 0));
+    assert_eq!(empty.rules, IdentityRules::default());
+    let ann = Identifier::new("user_id", "ann");
+    let anon = Identifier::new("anonymous_id", "a1");
+    let mut first = Profile::new(ProfileId(1));
+    first.identifiers = vec![anon.clone()];
+    let mut second = Profile::new(ProfileId(2));
+    second.identifiers = vec![ann.clone()];
+    let commit = IdentityCommit {
+        epoch: empty.epoch,
+        from: LogPosition(0),
+        to: LogPosition(2),
+        profiles: vec![first.clone(), second.clone()],
+        identifiers: vec![(anon.clone(), ProfileId(1)), (ann.clone(), ProfileId(2))],
+        events: vec![(LogPosition(1), ProfileId(1)), (LogPosition(2), ProfileId(2))],
+        history: vec![HistoryRecord {
+            position: Some(LogPosition(1)),
+            profile: Some(ProfileId(1)),
+            change: IdentityChange::Created { profile: ProfileId(1), identifiers: vec![anon.clone()] },
+            recorded_at_ms: 5,
+        }],
+        next_profile_id: 3,
+        ..IdentityCommit::default()
+    };
+    assert!(store.commit_identity(&commit).unwrap());
+    assert!(!store.commit_identity(&commit).unwrap(), "a commit from an old position is refused");
+    // Event 3 merges profile 2 into profile 1.
+    first.identifiers.push(ann.clone());
+    let merge = IdentityCommit {
+        epoch: empty.epoch,
+        from: LogPosition(2),
+        to: LogPosition(3),
+        profiles: vec![first.clone()],
+        merged: vec![(ProfileId(2), ProfileId(1))],
+        events: vec![(LogPosition(3), ProfileId(1))],
+        history: vec![HistoryRecord {
+            position: Some(LogPosition(3)),
+            profile: Some(ProfileId(1)),
+            change: IdentityChange::Merged {
+                profile: ProfileId(1),
+                merged: vec![ProfileId(2)],
+                identifiers: vec![ann.clone()],
+            },
+            recorded_at_ms: 6,
+        }],
+        next_profile_id: 3,
+        ..IdentityCommit::default()
+    };
+    assert!(store.commit_identity(&merge).unwrap());
+    assert_eq!(store.profile(ProfileId(2)).unwrap(), Some(first.clone()), "a merged id resolves to its survivor");
+    assert_eq!(store.profile_by_identifier(&ann).unwrap(), Some(first.clone()));
+    assert_eq!(store.profile_by_identifier(&Identifier::new("email", "x@y.z")).unwrap(), None);
+    let timeline: Vec<u64> =
+        store.profile_events(ProfileId(1), None, 10).unwrap().iter().map(|entry| entry.position.0).collect();
+    assert_eq!(timeline, vec![3, 2, 1], "newest first, merged profile's events included");
+    let page: Vec<u64> = store
+        .profile_events(ProfileId(1), Some(LogPosition(3)), 1)
+        .unwrap()
+        .iter()
+        .map(|entry| entry.position.0)
+        .collect();
+    assert_eq!(page, vec![2]);
+    assert_eq!(store.identity_history(ProfileId(2)).unwrap().len(), 2);
+    assert_eq!(store.event_owners(LogPosition(0), LogPosition(3)).unwrap().len(), 3);
+    let snapshot = store.load_identity().unwrap();
+    assert_eq!(
+        (snapshot.position, snapshot.profiles.len(), snapshot.merged_into.clone()),
+        (LogPosition(3), 1, vec![(ProfileId(2), ProfileId(1))])
+    );
+    let stats = store.stats().unwrap();
+    assert_eq!((stats.resolver_position, stats.resolver_lag, stats.profiles), (LogPosition(3), 0, 1));
+
+    // Changing the rules starts a new epoch: commits computed before are refused.
+    let rules = IdentityRules { default_limit: 3, ..IdentityRules::default() };
+    store.set_identity_rules(&rules).unwrap();
+    let stale =
+        IdentityCommit { epoch: snapshot.epoch, from: LogPosition(3), to: LogPosition(3), ..IdentityCommit::default() };
+    assert!(!store.commit_identity(&stale).unwrap());
+    let reloaded = store.load_identity().unwrap();
+    assert_eq!(reloaded.rules, rules);
+    assert!(reloaded.epoch > snapshot.epoch);
+    // A replacing commit clears everything first.
+    let replace = IdentityCommit {
+        epoch: reloaded.epoch,
+        to: LogPosition(3),
+        replace: true,
+        next_profile_id: 3,
+        ..IdentityCommit::default()
+    };
+    assert!(store.commit_identity(&replace).unwrap());
+    assert_eq!(store.profile(ProfileId(1)).unwrap(), None);
+    assert_eq!(store.stats().unwrap().profiles, 0);
+}
+
+pub fn tokens_verify_by_secret_only(store: &impl Store) {
+    let (info, secret) = store.create_token("ops").unwrap();
+    assert_eq!(info.name, "ops");
+    assert!(secret.len() >= 40);
+    assert_eq!(store.verify_token(&secret).unwrap(), Some(info));
+    assert_eq!(store.verify_token("tdm_wrong").unwrap(), None);
+    assert_eq!(store.verify_token(&info_id_is_not_a_secret(store)).unwrap(), None);
+}
+
+fn info_id_is_not_a_secret(store: &impl Store) -> String {
+    store.create_token("other").unwrap().0.id
 }

@@ -90,3 +90,43 @@ fn configuration_comes_from_the_environment_and_a_toml_file() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("dedup_window_hours"));
 }
+
+#[test]
+fn the_running_server_resolves_events_into_profiles_the_cli_and_api_show() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = create_source(dir.path(), "website");
+    let token: Value = serde_json::from_str(&tandem(dir.path(), &["token", "create", "--json"])).unwrap();
+    let secret = token["token"].as_str().unwrap();
+    let server = Server::start(dir.path());
+    let body = json!({"batch": [
+        {"type": "page", "anonymousId": "visit-1", "name": "Pricing"},
+        {"type": "identify", "anonymousId": "visit-1", "userId": "ann", "traits": {"email": "ann@example.com", "plan": "pro"}}
+    ]})
+    .to_string();
+    let (status, _) =
+        post(&agent(), &format!("{}/v1/batch", server.url), source["write_key"].as_str().unwrap(), &body).unwrap();
+    assert_eq!(status, 200);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let stats: Value = serde_json::from_str(&tandem(dir.path(), &["stats", "--json"])).unwrap();
+        if stats["resolver_position"] == stats["log_head"] && stats["profiles"] == 1 {
+            assert_eq!(stats["resolver_lag"], 0);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the resolver did not catch up: {stats}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let shown: Value =
+        serde_json::from_str(&tandem(dir.path(), &["profile", "show", "anonymous_id:visit-1", "--json"])).unwrap();
+    assert_eq!((shown["id"].as_str(), shown["traits"]["plan"].as_str()), (Some("prof_1"), Some("pro")));
+    let mut response = agent()
+        .get(&format!("{}/api/v1/profiles?identifier=user_id:ann", server.url))
+        .header("Authorization", &format!("Bearer {secret}"))
+        .call()
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let profile: Value = serde_json::from_str(&response.body_mut().read_to_string().unwrap()).unwrap();
+    assert_eq!(profile["id"], "prof_1");
+    let explained = tandem(dir.path(), &["profile", "explain", "email:ann@example.com"]);
+    assert!(explained.contains("attached user_id:ann, email:ann@example.com to prof_1"), "{explained}");
+}
