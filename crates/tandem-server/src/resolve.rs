@@ -14,8 +14,11 @@ use tandem_core::{
 };
 use tandem_store::{HistoryRecord, IdentityCommit, Store, StoreError};
 
-/// Events read and resolved per transaction.
-pub const DEFAULT_BATCH: usize = 10_000;
+/// Events read and resolved per transaction when catching up a backlog.
+pub const DEFAULT_BATCH: usize = 50_000;
+/// Per transaction inside the server, smaller so a resolver commit holds the
+/// store's write lock (and so ingestion) for less time.
+const SERVER_BATCH: usize = 20_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
@@ -29,15 +32,32 @@ pub enum ResolveError {
     UnknownProfile(ProfileId),
     #[error("identity state changed during the repair too often; try again")]
     Contended,
+    #[error("a resolver commit panicked")]
+    CommitPanicked,
 }
 
 /// The resolver's in-memory graph and where it stands in the log.
+///
+/// Resolving and committing overlap: while batch N is being written on a
+/// committer thread, batch N+1 is resolved in memory. Commits are applied in
+/// order, each checked against the position the previous one left, so a
+/// failed or refused commit refuses the ones after it too, and the resolver
+/// reloads from storage. Dropping a resolver waits for its commit.
 pub struct Resolver {
     store: Arc<dyn Store>,
     graph: IdentityGraph,
     rules: CompiledRules,
-    position: LogPosition,
     epoch: u64,
+    /// Resolved in memory (ahead of `committed` while a commit is in flight).
+    resolved: LogPosition,
+    /// Durable in storage.
+    committed: LogPosition,
+    in_flight: Option<InFlight>,
+}
+
+struct InFlight {
+    to: LogPosition,
+    commit: std::thread::JoinHandle<Result<bool, StoreError>>,
 }
 
 impl Resolver {
@@ -45,26 +65,38 @@ impl Resolver {
         let snapshot = store.load_identity()?;
         let graph = IdentityGraph::from_parts(snapshot.profiles, snapshot.merged_into, snapshot.next_profile_id);
         let rules = snapshot.rules.compile()?;
-        Ok(Resolver { store, graph, rules, position: snapshot.position, epoch: snapshot.epoch })
+        Ok(Resolver {
+            store,
+            graph,
+            rules,
+            epoch: snapshot.epoch,
+            resolved: snapshot.position,
+            committed: snapshot.position,
+            in_flight: None,
+        })
     }
 
+    /// The last log position whose effects are durable.
     pub fn position(&self) -> LogPosition {
-        self.position
+        self.committed
     }
 
     pub fn graph(&self) -> &IdentityGraph {
         &self.graph
     }
 
-    /// Resolves up to `limit` events after the current position and commits
-    /// them; returns how many were applied (0 when caught up, or when someone
-    /// rewrote identity state meanwhile and the graph had to be reloaded).
+    /// Resolves up to `limit` events after the last resolved position and
+    /// starts committing them; returns how many were resolved. Returns 0 when
+    /// caught up (after waiting for the last commit), or when identity state
+    /// was rewritten elsewhere and the graph had to be reloaded.
     pub fn step(&mut self, limit: usize) -> Result<usize, ResolveError> {
-        let entries = self.store.read_log(self.position, limit)?;
+        let entries = self.store.read_log(self.resolved, limit)?;
         let Some(last) = entries.last() else {
+            self.flush()?;
             return Ok(0);
         };
         let to = last.position;
+        let started = std::time::Instant::now();
         let mut batch = BatchChanges::default();
         for entry in &entries {
             match serde_json::from_str::<Event>(&entry.payload) {
@@ -75,37 +107,76 @@ impl Resolver {
                 Err(error) => tracing::warn!(position = %entry.position, %error, "skipping an unreadable event"),
             }
         }
-        let commit = batch.into_commit(&self.graph, self.epoch, self.position, to);
-        let applied = entries.len();
-        match self.store.commit_identity(&commit) {
-            Ok(true) => {
-                self.position = to;
-                Ok(applied)
+        let commit = batch.into_commit(&self.graph, self.epoch, self.resolved, to);
+        tracing::debug!(
+            events = entries.len(),
+            profiles = commit.profiles.len(),
+            resolve_ms = started.elapsed().as_millis() as u64,
+            "resolved a batch"
+        );
+        if !self.flush()? {
+            // The graph was reloaded: this batch was computed on stale state.
+            return Ok(0);
+        }
+        let store = self.store.clone();
+        let commit = std::thread::Builder::new()
+            .name("tandem-resolver-commit".into())
+            .spawn(move || store.commit_identity(&commit))
+            .expect("spawning a resolver commit");
+        self.in_flight = Some(InFlight { to, commit });
+        self.resolved = to;
+        Ok(entries.len())
+    }
+
+    /// Waits for the commit in flight. Returns `false` when it was refused
+    /// (identity state changed elsewhere) and the graph was reloaded.
+    pub fn flush(&mut self) -> Result<bool, ResolveError> {
+        let Some(in_flight) = self.in_flight.take() else {
+            return Ok(true);
+        };
+        let outcome = in_flight.commit.join();
+        match outcome {
+            Ok(Ok(true)) => {
+                self.committed = in_flight.to;
+                Ok(true)
             }
-            Ok(false) => {
+            Ok(Ok(false)) => {
                 tracing::info!("identity state changed outside the resolver; reloading");
                 *self = Resolver::load(self.store.clone())?;
-                Ok(0)
+                Ok(false)
             }
-            Err(error) => {
+            Ok(Err(error)) => {
                 // The graph holds changes that were not stored: start over from storage.
                 if let Ok(reloaded) = Resolver::load(self.store.clone()) {
                     *self = reloaded;
                 }
                 Err(error.into())
             }
+            Err(_) => {
+                *self = Resolver::load(self.store.clone())?;
+                Err(ResolveError::CommitPanicked)
+            }
         }
     }
 
-    /// Steps until the log is exhausted; returns events applied.
+    /// Steps until the log is exhausted and everything is committed; returns
+    /// events resolved.
     pub fn catch_up(&mut self, batch: usize) -> Result<u64, ResolveError> {
         let mut total = 0;
         loop {
             let applied = self.step(batch)?;
-            if applied == 0 && self.store.read_log(self.position, 1)?.is_empty() {
+            if applied == 0 && self.in_flight.is_none() && self.store.read_log(self.committed, 1)?.is_empty() {
                 return Ok(total);
             }
             total += applied as u64;
+        }
+    }
+}
+
+impl Drop for Resolver {
+    fn drop(&mut self) {
+        if let Some(in_flight) = self.in_flight.take() {
+            let _ = in_flight.commit.join();
         }
     }
 }
@@ -358,7 +429,7 @@ pub fn spawn(store: Arc<dyn Store>, wakeup: Arc<Wakeup>, stop: Arc<AtomicBool>) 
                 }
             };
             loop {
-                match resolver.step(DEFAULT_BATCH) {
+                match resolver.step(SERVER_BATCH) {
                     Ok(0) if stop.load(Ordering::Relaxed) => break,
                     Ok(0) => wakeup.wait(Duration::from_millis(250)),
                     Ok(_) => {}

@@ -85,10 +85,6 @@ const MIGRATIONS: &[&str] = &[
         position INTEGER NOT NULL,
         PRIMARY KEY (profile_id, position)
     ) WITHOUT ROWID;
-    CREATE TABLE event_owners (
-        position INTEGER PRIMARY KEY,
-        profile_id INTEGER NOT NULL
-    );
     CREATE TABLE identity_history (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         position INTEGER,
@@ -173,6 +169,8 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     connection.busy_timeout(std::time::Duration::from_secs(10))?;
     connection.pragma_update(None, "journal_mode", "WAL")?;
     connection.pragma_update(None, "synchronous", "FULL")?;
+    // 64 MiB of page cache: the identity tables' indexes stay in memory.
+    connection.pragma_update(None, "cache_size", -65_536)?;
     connection.set_prepared_statement_cache_capacity(64);
     Ok(connection)
 }
@@ -459,7 +457,7 @@ impl Store for SqliteStore {
     ) -> Result<Vec<(LogPosition, ProfileId)>, StoreError> {
         self.with_reader(|connection| {
             let mut statement = connection.prepare_cached(
-                "SELECT position, profile_id FROM event_owners WHERE position > ?1 AND position <= ?2 ORDER BY position",
+                "SELECT position, profile_id FROM profile_events WHERE position > ?1 AND position <= ?2",
             )?;
             let rows = statement.query_map(params![after.0 as i64, up_to.0 as i64], |row| {
                 Ok((LogPosition(row.get::<_, i64>(0)? as u64), ProfileId(row.get::<_, i64>(1)? as u64)))

@@ -64,7 +64,7 @@ pub fn commit(connection: &mut Connection, commit: &IdentityCommit) -> Result<bo
     if commit.replace {
         transaction.execute_batch(
             "DELETE FROM profiles; DELETE FROM identifiers; DELETE FROM profile_events;
-             DELETE FROM event_owners; DELETE FROM identity_history;",
+             DELETE FROM identity_history;",
         )?;
     }
     {
@@ -77,15 +77,12 @@ pub fn commit(connection: &mut Connection, commit: &IdentityCommit) -> Result<bo
             transaction.prepare_cached("UPDATE identifiers SET profile_id = ?2 WHERE profile_id = ?1")?;
         let mut move_events =
             transaction.prepare_cached("UPDATE profile_events SET profile_id = ?2 WHERE profile_id = ?1")?;
-        let mut move_owners =
-            transaction.prepare_cached("UPDATE event_owners SET profile_id = ?2 WHERE profile_id = ?1")?;
         for (from, into) in &commit.merged {
             let (from, into) = (from.0 as i64, into.0 as i64);
             retire.execute([from, into])?;
             repoint.execute([from, into])?;
             move_identifiers.execute([from, into])?;
             move_events.execute([from, into])?;
-            move_owners.execute([from, into])?;
         }
         let mut save_profile = transaction.prepare_cached(
             "INSERT INTO profiles (id, merged_into, state) VALUES (?1, NULL, ?2)
@@ -103,11 +100,8 @@ pub fn commit(connection: &mut Connection, commit: &IdentityCommit) -> Result<bo
         }
         let mut save_event =
             transaction.prepare_cached("INSERT INTO profile_events (profile_id, position) VALUES (?1, ?2)")?;
-        let mut save_owner =
-            transaction.prepare_cached("INSERT INTO event_owners (position, profile_id) VALUES (?1, ?2)")?;
         for (position, profile) in &commit.events {
             save_event.execute([profile.0 as i64, position.0 as i64])?;
-            save_owner.execute([position.0 as i64, profile.0 as i64])?;
         }
         let mut save_history = transaction.prepare_cached(
             "INSERT INTO identity_history (position, profile_id, change, recorded_at) VALUES (?1, ?2, ?3, ?4)",

@@ -1,0 +1,148 @@
+//! Resolver benchmark: fills a fresh store's log with a synthetic stream
+//! (people who browse anonymously before identifying, some with several
+//! e-mails), then times the resolver from the log to profiles and prints
+//! events/s, profiles and peak memory. The store is left in `--data` for
+//! the lookup benchmark.
+
+use anyhow::Context;
+use clap::Parser;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+use tandem_core::collect::{normalize_message, BatchDefaults, RequestContext};
+use tandem_core::SourceKind;
+use tandem_server::resolve::{Resolver, DEFAULT_BATCH};
+use tandem_store::{IngestBatch, SqliteStore, Store};
+
+#[derive(Parser, Debug)]
+#[command(about = "Time the resolver from the log to profiles on a synthetic stream")]
+struct Options {
+    /// Data directory to create (must not exist)
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    #[arg(long, default_value_t = 100_000)]
+    people: u64,
+    /// Share of people who browse anonymously before identifying
+    #[arg(long, default_value_t = 0.3)]
+    anonymous_share: f64,
+    /// Share of people who use a second e-mail address
+    #[arg(long, default_value_t = 0.1)]
+    second_email_share: f64,
+}
+
+/// A small deterministic generator (SplitMix64), so every run sees the same stream.
+struct Random(u64);
+
+impl Random {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, bound: u64) -> u64 {
+        self.next() % bound
+    }
+}
+
+/// The `n`-th event of the stream.
+fn message(options: &Options, random: &mut Random, seen: &mut [u8]) -> Value {
+    let person = random.below(options.people);
+    let hashed = person.wrapping_mul(2_654_435_761) % 1_000;
+    let browses_anonymously = (hashed as f64) < options.anonymous_share * 1_000.0;
+    let second_email = ((hashed * 7) % 1_000) as f64 / 1_000.0 < options.second_email_share;
+    let step = &mut seen[person as usize];
+    *step = step.saturating_add(1);
+    let anonymous_id = format!("anon-{person}");
+    let user_id = format!("user-{person}");
+    let timestamp =
+        format!("2026-01-{:02}T{:02}:{:02}:00Z", 1 + (*step as u64 % 28), random.below(24), random.below(60));
+    let sku = random.below(5_000);
+    match (*step, browses_anonymously) {
+        (1..=2, true) => json!({
+            "type": "page", "anonymousId": anonymous_id, "name": "Product", "timestamp": timestamp,
+            "properties": {"url": format!("https://shop.example/p/{sku}"), "referrer": "https://search.example/"},
+            "context": {"userAgent": "Mozilla/5.0 (X11; Linux x86_64)", "locale": "en-US"}
+        }),
+        (3, true) | (1, false) => {
+            let email = if second_email && (*step).is_multiple_of(2) {
+                format!("p{person}@work.example")
+            } else {
+                format!("p{person}@mail.example")
+            };
+            let plan = ["free", "pro", "team"][(person % 3) as usize];
+            json!({
+                "type": "identify", "userId": user_id, "anonymousId": anonymous_id, "timestamp": timestamp,
+                "traits": {"email": email, "name": format!("Person {person}"), "plan": plan},
+                "context": {"userAgent": "Mozilla/5.0 (X11; Linux x86_64)", "locale": "en-US"}
+            })
+        }
+        (step, _) if second_email && step.is_multiple_of(5) => json!({
+            "type": "identify", "userId": user_id, "timestamp": timestamp,
+            "traits": {"email": format!("p{person}@work.example"), "company": "Work Inc"}
+        }),
+        _ => json!({
+            "type": "track", "userId": user_id, "event": "Product Viewed", "timestamp": timestamp,
+            "properties": {"sku": format!("SKU-{sku}"), "price": 19.99, "currency": "EUR", "category": "shoes"},
+            "context": {"userAgent": "Mozilla/5.0 (X11; Linux x86_64)", "locale": "en-US"}
+        }),
+    }
+}
+
+fn peak_memory_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn main() -> anyhow::Result<()> {
+    let options = Options::parse();
+    anyhow::ensure!(!options.data.exists(), "{} exists; give a new directory", options.data.display());
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&options.data).context("opening the store")?);
+    let source = store.create_source("bench", SourceKind::Backend)?;
+    let received_at = chrono::Utc::now();
+    let request = RequestContext { source_id: &source.id, received_at, client_ip: Some("127.0.0.1") };
+    let mut random = Random(42);
+    let mut seen = vec![0u8; options.people as usize];
+    let filling = Instant::now();
+    let mut written = 0;
+    while written < options.events {
+        let count = (options.events - written).min(20_000);
+        let records = (0..count)
+            .map(|_| {
+                let Value::Object(message) = message(&options, &mut random, &mut seen) else { unreachable!() };
+                normalize_message(message, None, &BatchDefaults::default(), &request).map(|event| event.to_log_record())
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|rejection| anyhow::anyhow!("generated an invalid event: {rejection}"))?;
+        store.append(&[IngestBatch { records, rejected: Vec::new() }], 0)?;
+        written += count;
+    }
+    println!("log filled: {} events in {:.1} s", written, filling.elapsed().as_secs_f64());
+
+    let started = Instant::now();
+    let mut resolver = Resolver::load(store.clone())?;
+    let resolved = resolver.catch_up(DEFAULT_BATCH)?;
+    let seconds = started.elapsed().as_secs_f64();
+    let stats = store.stats()?;
+    println!(
+        "bench-resolve: {} events over {} people ({:.0}% anonymous first, {:.0}% with a second e-mail)",
+        options.events,
+        options.people,
+        options.anonymous_share * 100.0,
+        options.second_email_share * 100.0
+    );
+    println!("resolved:              {resolved} events in {seconds:.2} s");
+    println!("events/s:              {:.0}", resolved as f64 / seconds);
+    println!("profiles:              {} (resolver lag {})", stats.profiles, stats.resolver_lag);
+    if let Some(peak) = peak_memory_mib() {
+        println!("peak memory:           {peak:.0} MiB (generator and resolver in one process)");
+    }
+    Ok(())
+}
