@@ -131,6 +131,10 @@ impl SqliteStore {
         std::fs::create_dir_all(data_dir).map_err(|error| StoreError::Backend(Box::new(error)))?;
         let path = data_dir.join(DATABASE_FILE);
         let mut writer = open_connection(&path)?;
+        // 64 MiB of page cache for the writer: the log's and the identity
+        // tables' indexes stay in memory while they are updated. Readers keep
+        // SQLite's default.
+        writer.pragma_update(None, "cache_size", -65_536)?;
         migrate(&mut writer)?;
         Ok(SqliteStore { path, writer: Mutex::new(writer), readers: Mutex::new(Vec::new()) })
     }
@@ -169,8 +173,6 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     connection.busy_timeout(std::time::Duration::from_secs(10))?;
     connection.pragma_update(None, "journal_mode", "WAL")?;
     connection.pragma_update(None, "synchronous", "FULL")?;
-    // 64 MiB of page cache: the identity tables' indexes stay in memory.
-    connection.pragma_update(None, "cache_size", -65_536)?;
     connection.set_prepared_statement_cache_capacity(64);
     Ok(connection)
 }
