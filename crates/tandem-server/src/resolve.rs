@@ -300,20 +300,41 @@ pub fn repair(store: &Arc<dyn Store>, repair: &Repair) -> Result<RepairReport, R
             .into_iter()
             .map(|(position, profile)| (position.0, profile))
             .collect();
-        let mut events = Vec::new();
+        // Stream the log page by page rather than holding every event.
+        let mut events_replayed = 0u64;
+        let mut read_error = None;
         let mut position = LogPosition(0);
-        while position < snapshot.position {
-            let page = store.read_log(position, DEFAULT_BATCH)?;
-            let Some(last) = page.last() else { break };
-            position = last.position;
-            for entry in page.into_iter().filter(|entry| entry.position <= snapshot.position) {
+        let mut page = Vec::new().into_iter();
+        let events = std::iter::from_fn(|| loop {
+            if let Some(entry) = page.next() {
+                let entry: tandem_store::LogEntry = entry;
                 if let Ok(event) = serde_json::from_str::<Event>(&entry.payload) {
-                    events.push((entry.position.0, event));
+                    events_replayed += 1;
+                    return Some((entry.position.0, event));
+                }
+                continue;
+            }
+            if position >= snapshot.position {
+                return None;
+            }
+            match store.read_log(position, DEFAULT_BATCH) {
+                Ok(entries) if !entries.is_empty() => {
+                    position = entries.last().map(|entry| entry.position).unwrap_or(position);
+                    let entries: Vec<_> =
+                        entries.into_iter().filter(|entry| entry.position <= snapshot.position).collect();
+                    page = entries.into_iter();
+                }
+                Ok(_) => return None,
+                Err(error) => {
+                    read_error = Some(error);
+                    return None;
                 }
             }
-        }
-        let events_replayed = events.len() as u64;
+        });
         let rebuilt = graph.rebuild(events, &compiled, |position| owners.get(&position).copied());
+        if let Some(error) = read_error {
+            return Err(error.into());
+        }
         let new_owners: HashMap<u64, ProfileId> = rebuilt
             .resolutions
             .iter()
