@@ -196,14 +196,14 @@ impl IdentityGraph {
         let mut values: HashMap<&str, HashSet<&str>> = HashMap::new();
         let mut largest_existing: HashMap<&str, usize> = HashMap::new();
         for id in &matched {
-            let profile = &self.profiles[id];
-            for identifier in &profile.identifiers {
+            let mut counts: HashMap<&str, usize> = HashMap::new();
+            for identifier in &self.profiles[id].identifiers {
                 values.entry(&identifier.kind).or_default().insert(&identifier.value);
+                *counts.entry(&identifier.kind).or_default() += 1;
             }
-            for identifier in &profile.identifiers {
-                let existing = profile.count_of(&identifier.kind);
-                let largest = largest_existing.entry(&identifier.kind).or_default();
-                *largest = (*largest).max(existing);
+            for (kind, count) in counts {
+                let largest = largest_existing.entry(kind).or_default();
+                *largest = (*largest).max(count);
             }
         }
         for identifier in identifiers {
@@ -221,11 +221,10 @@ impl IdentityGraph {
         broken.first().map(|kind| (*kind).to_owned())
     }
 
-    /// Keeps profile ids stable across a rebuild: each profile of `rebuilt`
-    /// takes the id of the profile in `self` that held its earliest event
-    /// (`earliest_position` tells where each rebuilt profile began and which
-    /// old profile had that event), the first claim winning; the rest get
-    /// fresh ids above every id `self` ever used.
+    /// Keeps profile ids stable across a rebuild: `claims` pairs each profile
+    /// of `rebuilt`, in creation order, with the profile of `self` that held
+    /// its first event; it takes that id unless an earlier claim did, and the
+    /// rest get fresh ids above every id `self` ever used.
     pub fn adopt_ids(
         &self,
         rebuilt: IdentityGraph,

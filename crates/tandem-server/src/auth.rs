@@ -38,16 +38,51 @@ pub fn basic_auth_write_key(headers: &HeaderMap) -> Result<Option<WriteKey>, Api
     Ok(Some(WriteKey::new(user)))
 }
 
-/// Write key → source, backed by storage, with a cache of known keys.
-/// Sources are only ever added, so a cached key never goes stale.
-pub struct SourceDirectory {
+/// A read-through cache of what storage found for a secret (a write key, a
+/// token). Only hits are cached: sources and tokens are only ever added, so a
+/// cached entry never goes stale, and a miss is asked again next time.
+struct Cache<V> {
     store: Arc<dyn Store>,
-    known: RwLock<HashMap<WriteKey, Source>>,
+    known: RwLock<HashMap<String, V>>,
+}
+
+impl<V: Clone + Send + 'static> Cache<V> {
+    fn new(store: Arc<dyn Store>) -> Self {
+        Cache { store, known: RwLock::new(HashMap::new()) }
+    }
+
+    async fn get(
+        &self,
+        key: &str,
+        lookup: fn(&dyn Store, &str) -> Result<Option<V>, tandem_store::StoreError>,
+    ) -> Result<Option<V>, ApiError> {
+        if let Some(value) = self.known.read().unwrap_or_else(|poisoned| poisoned.into_inner()).get(key) {
+            return Ok(Some(value.clone()));
+        }
+        let store = self.store.clone();
+        let owned_key = key.to_owned();
+        let found = tokio::task::spawn_blocking(move || lookup(store.as_ref(), &owned_key))
+            .await
+            .map_err(|_| ApiError::new(ErrorCode::Internal, "internal error"))?
+            .map_err(|error| {
+                tracing::error!(%error, "looking up a credential failed");
+                ApiError::unavailable()
+            })?;
+        if let Some(value) = &found {
+            self.known.write().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(key.to_owned(), value.clone());
+        }
+        Ok(found)
+    }
+}
+
+/// Write key → source, backed by storage, with a cache of known keys.
+pub struct SourceDirectory {
+    cache: Cache<Source>,
 }
 
 impl SourceDirectory {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        SourceDirectory { store, known: RwLock::new(HashMap::new()) }
+        SourceDirectory { cache: Cache::new(store) }
     }
 
     /// The source a write key belongs to, or 401.
@@ -59,39 +94,23 @@ impl SourceDirectory {
             )
             .with_field("writeKey"));
         };
-        if let Some(source) = self.known.read().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&write_key) {
-            return Ok(source.clone());
-        }
-        let store = self.store.clone();
-        let key = write_key.clone();
-        let found = tokio::task::spawn_blocking(move || store.source_by_write_key(&key))
-            .await
-            .map_err(|_| ApiError::new(ErrorCode::Internal, "internal error"))?
-            .map_err(|error| {
-                tracing::error!(%error, "looking up a write key failed");
-                ApiError::unavailable()
-            })?;
-        match found {
-            Some(source) => {
-                self.known.write().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(write_key, source.clone());
-                Ok(source)
-            }
-            None => {
-                Err(ApiError::new(ErrorCode::InvalidWriteKey, "the write key matches no source").with_field("writeKey"))
-            }
-        }
+        self.cache
+            .get(write_key.as_str(), |store, key| store.source_by_write_key(&WriteKey::new(key)))
+            .await?
+            .ok_or_else(|| {
+                ApiError::new(ErrorCode::InvalidWriteKey, "the write key matches no source").with_field("writeKey")
+            })
     }
 }
 
 /// Verified admin tokens, cached by secret.
 pub struct TokenDirectory {
-    store: Arc<dyn Store>,
-    known: RwLock<HashMap<String, tandem_store::TokenInfo>>,
+    cache: Cache<tandem_store::TokenInfo>,
 }
 
 impl TokenDirectory {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        TokenDirectory { store, known: RwLock::new(HashMap::new()) }
+        TokenDirectory { cache: Cache::new(store) }
     }
 
     /// The token of an `Authorization: Bearer` header, or 401.
@@ -105,27 +124,11 @@ impl TokenDirectory {
             .ok_or_else(|| {
                 ApiError::new(ErrorCode::MissingToken, "an admin token is required: Authorization: Bearer TOKEN")
                     .with_field("authorization")
-            })?
-            .to_owned();
-        if let Some(token) = self.known.read().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&secret) {
-            return Ok(token.clone());
-        }
-        let store = self.store.clone();
-        let lookup = secret.clone();
-        let found = tokio::task::spawn_blocking(move || store.verify_token(&lookup))
-            .await
-            .map_err(|_| ApiError::new(ErrorCode::Internal, "internal error"))?
-            .map_err(|error| {
-                tracing::error!(%error, "checking a token failed");
-                ApiError::unavailable()
             })?;
-        match found {
-            Some(token) => {
-                self.known.write().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(secret, token.clone());
-                Ok(token)
-            }
-            None => Err(ApiError::new(ErrorCode::InvalidToken, "the token is not valid").with_field("authorization")),
-        }
+        self.cache
+            .get(secret, |store, secret| store.verify_token(secret))
+            .await?
+            .ok_or_else(|| ApiError::new(ErrorCode::InvalidToken, "the token is not valid").with_field("authorization"))
     }
 }
 

@@ -81,10 +81,6 @@ impl Resolver {
         self.committed
     }
 
-    pub fn graph(&self) -> &IdentityGraph {
-        &self.graph
-    }
-
     /// Resolves up to `limit` events after the last resolved position and
     /// starts committing them; returns how many were resolved. Returns 0 when
     /// caught up (after waiting for the last commit), or when identity state
@@ -304,10 +300,9 @@ pub fn repair(store: &Arc<dyn Store>, repair: &Repair) -> Result<RepairReport, R
         let mut events_replayed = 0u64;
         let mut read_error = None;
         let mut position = LogPosition(0);
-        let mut page = Vec::new().into_iter();
+        let mut page = Vec::<tandem_store::LogEntry>::new().into_iter();
         let events = std::iter::from_fn(|| loop {
             if let Some(entry) = page.next() {
-                let entry: tandem_store::LogEntry = entry;
                 if let Ok(event) = serde_json::from_str::<Event>(&entry.payload) {
                     events_replayed += 1;
                     return Some((entry.position.0, event));
