@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
-use tandem_core::collect::{normalize_message, BatchDefaults, RequestContext};
+use tandem_core::collect::{normalize_message, BatchDefaults, IdRequirement, RequestContext};
 use tandem_core::SourceKind;
 use tandem_server::resolve::{Resolver, DEFAULT_BATCH};
 use tandem_store::{IngestBatch, SqliteStore, Store};
@@ -107,7 +107,12 @@ fn main() -> anyhow::Result<()> {
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&options.data).context("opening the store")?);
     let source = store.create_source("bench", SourceKind::Backend)?;
     let received_at = chrono::Utc::now();
-    let request = RequestContext { source_id: &source.id, received_at, client_ip: Some("127.0.0.1") };
+    let request = RequestContext {
+        source_id: &source.id,
+        received_at,
+        client_ip: Some("127.0.0.1"),
+        ids: IdRequirement::UserOrAnonymousId,
+    };
     let mut random = Random(42);
     let mut seen = vec![0u8; options.people as usize];
     let filling = Instant::now();
@@ -121,7 +126,7 @@ fn main() -> anyhow::Result<()> {
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|rejection| anyhow::anyhow!("generated an invalid event: {rejection}"))?;
-        store.append(&[IngestBatch { records, rejected: Vec::new() }], 0)?;
+        store.append(&[IngestBatch { records, rejected: Vec::new(), ..Default::default() }], 0)?;
         written += count;
     }
     println!("log filled: {} events in {:.1} s", written, filling.elapsed().as_secs_f64());

@@ -112,6 +112,18 @@ pub struct RequestContext<'a> {
     pub received_at: DateTime<Utc>,
     /// The connection's address, used as `context.ip` unless the message has one.
     pub client_ip: Option<&'a str>,
+    pub ids: IdRequirement,
+}
+
+/// Which identifiers a message must carry to be accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdRequirement {
+    /// Segment's rule for the tracking API: `userId` or `anonymousId`.
+    UserOrAnonymousId,
+    /// Rows of a silo and webhook payloads: a CRM contact may be known by its
+    /// e-mail alone. The mapping has already checked that some identifier is
+    /// present, wherever in the message it put it.
+    Mapped,
 }
 
 /// Fields a batch sets at its top level for every message in it.
@@ -327,7 +339,7 @@ pub fn normalize_message(
                 return Err(Rejection::missing("userId", "userId is required for alias"));
             }
         }
-        _ if user_id.is_none() && anonymous_id.is_none() => {
+        _ if user_id.is_none() && anonymous_id.is_none() && request.ids == IdRequirement::UserOrAnonymousId => {
             return Err(Rejection::missing("userId", "userId or anonymousId is required"));
         }
         EventType::Track if event.is_none() => {
@@ -485,7 +497,12 @@ mod tests {
 
     fn normalize(message: Value, call: Option<EventType>) -> Result<Event, Rejection> {
         let source = SourceId::new("src_test");
-        let request = RequestContext { source_id: &source, received_at: at(100), client_ip: Some("10.0.0.1") };
+        let request = RequestContext {
+            source_id: &source,
+            received_at: at(100),
+            client_ip: Some("10.0.0.1"),
+            ids: IdRequirement::UserOrAnonymousId,
+        };
         let Value::Object(message) = message else { panic!("test message must be an object") };
         normalize_message(message, call, &BatchDefaults::default(), &request)
     }
@@ -662,7 +679,12 @@ mod tests {
         .to_string();
         let batch = parse_batch(body.as_bytes()).unwrap();
         let source = SourceId::new("s");
-        let request = RequestContext { source_id: &source, received_at: at(0), client_ip: None };
+        let request = RequestContext {
+            source_id: &source,
+            received_at: at(0),
+            client_ip: None,
+            ids: IdRequirement::UserOrAnonymousId,
+        };
         let normalized = normalize_batch(&batch, &request);
         assert!(normalized.rejected.is_empty());
         let [first, second] = &normalized.events[..] else { panic!("two events expected") };
@@ -686,7 +708,12 @@ mod tests {
         .to_string();
         let batch = parse_batch(body.as_bytes()).unwrap();
         let source = SourceId::new("s");
-        let request = RequestContext { source_id: &source, received_at: at(0), client_ip: None };
+        let request = RequestContext {
+            source_id: &source,
+            received_at: at(0),
+            client_ip: None,
+            ids: IdRequirement::UserOrAnonymousId,
+        };
         let normalized = normalize_batch(&batch, &request);
         assert_eq!(normalized.events.len(), 2);
         let refused: Vec<_> = normalized.rejected.iter().map(|r| (r.index, r.rejection.code)).collect();

@@ -8,6 +8,7 @@ pub mod collect;
 pub mod event;
 pub mod identity;
 pub mod ids;
+pub mod mapping;
 pub mod profile;
 pub mod resolve;
 pub mod source;

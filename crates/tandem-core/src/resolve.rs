@@ -321,7 +321,7 @@ impl IdentityGraph {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::collect::{normalize_message, BatchDefaults, RequestContext};
+    use crate::collect::{normalize_message, BatchDefaults, IdRequirement, RequestContext};
     use crate::identity::IdentityRules;
     use crate::SourceId;
     use proptest::prelude::*;
@@ -330,7 +330,8 @@ mod tests {
     fn event(message: Value) -> Event {
         let source = SourceId::new("src");
         let received_at = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap();
-        let request = RequestContext { source_id: &source, received_at, client_ip: None };
+        let request =
+            RequestContext { source_id: &source, received_at, client_ip: None, ids: IdRequirement::UserOrAnonymousId };
         let Value::Object(message) = message else { panic!("object expected") };
         normalize_message(message, None, &BatchDefaults::default(), &request).expect("valid test event")
     }

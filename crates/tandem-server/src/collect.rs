@@ -21,8 +21,8 @@ use std::io::Read;
 use std::net::SocketAddr;
 use std::time::Instant;
 use tandem_core::collect::{
-    normalize_batch, normalize_message, parse_batch, parse_single, BatchDefaults, RejectedMessage, RequestContext,
-    MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES,
+    normalize_batch, normalize_message, parse_batch, parse_single, BatchDefaults, IdRequirement, RejectedMessage,
+    RequestContext, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES,
 };
 use tandem_core::{EventType, Source, WriteKey};
 use tandem_store::{IngestBatch, IngestOutcome, QuarantineRecord};
@@ -107,11 +107,15 @@ async fn ingest_single(
         None => state.sources.authenticate(body_key.map(WriteKey::new)).await?,
     };
     let received_at = Utc::now();
-    let request = RequestContext { source_id: &source.id, received_at, client_ip };
+    let request =
+        RequestContext { source_id: &source.id, received_at, client_ip, ids: IdRequirement::UserOrAnonymousId };
     match normalize_message(message, Some(event_type), &BatchDefaults::default(), &request) {
         Ok(event) => {
-            let outcome =
-                append(state, IngestBatch { records: vec![event.to_log_record()], rejected: Vec::new() }).await?;
+            let outcome = append(
+                state,
+                IngestBatch { records: vec![event.to_log_record()], rejected: Vec::new(), ..Default::default() },
+            )
+            .await?;
             count(state, &outcome);
             Ok(json!({"success": true}))
         }
@@ -122,6 +126,7 @@ async fn ingest_single(
                 IngestBatch {
                     records: Vec::new(),
                     rejected: vec![quarantine_record(&source, received_at.timestamp_millis(), &refused)],
+                    ..Default::default()
                 },
             )
             .await?;
@@ -152,7 +157,8 @@ async fn ingest_batch(
         None => state.sources.authenticate(batch.write_key.clone().map(WriteKey::new)).await?,
     };
     let received_at = Utc::now();
-    let request = RequestContext { source_id: &source.id, received_at, client_ip };
+    let request =
+        RequestContext { source_id: &source.id, received_at, client_ip, ids: IdRequirement::UserOrAnonymousId };
     let normalized = normalize_batch(&batch, &request);
     let received_at_ms = received_at.timestamp_millis();
     let ingest = IngestBatch {
@@ -162,6 +168,7 @@ async fn ingest_batch(
             .iter()
             .map(|refused| quarantine_record(&source, received_at_ms, refused))
             .collect(),
+        ..Default::default()
     };
     let outcome = append(state, ingest).await?;
     count(state, &outcome);
@@ -256,7 +263,7 @@ async fn quarantine_unreadable(state: &AppState, source: Option<Source>, body: &
         message: error.message.clone(),
         payload: String::from_utf8_lossy(body).into_owned(),
     };
-    match append(state, IngestBatch { records: Vec::new(), rejected: vec![record] }).await {
+    match append(state, IngestBatch { records: Vec::new(), rejected: vec![record], ..Default::default() }).await {
         Ok(outcome) => {
             count(state, &outcome);
             error

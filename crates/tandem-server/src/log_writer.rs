@@ -153,7 +153,7 @@ mod tests {
                         payload: "{}".into(),
                     })
                     .collect();
-                writer.append(IngestBatch { records, rejected: Vec::new() }).await.unwrap()
+                writer.append(IngestBatch { records, rejected: Vec::new(), ..Default::default() }).await.unwrap()
             }));
         }
         for task in tasks {

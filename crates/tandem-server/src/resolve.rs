@@ -468,7 +468,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use serde_json::{json, Value};
-    use tandem_core::collect::{normalize_message, BatchDefaults, RequestContext};
+    use tandem_core::collect::{normalize_message, BatchDefaults, IdRequirement, RequestContext};
     use tandem_core::{Profile, SourceKind};
     use tandem_store::{IngestBatch, SqliteStore};
 
@@ -477,7 +477,12 @@ mod tests {
         let store = SqliteStore::open(dir).unwrap();
         let source = store.create_source("web", SourceKind::Website).unwrap();
         let received_at = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap();
-        let request = RequestContext { source_id: &source.id, received_at, client_ip: None };
+        let request = RequestContext {
+            source_id: &source.id,
+            received_at,
+            client_ip: None,
+            ids: IdRequirement::UserOrAnonymousId,
+        };
         let records = messages
             .iter()
             .map(|message| {
@@ -485,7 +490,7 @@ mod tests {
                 normalize_message(message, None, &BatchDefaults::default(), &request).unwrap().to_log_record()
             })
             .collect();
-        store.append(&[IngestBatch { records, rejected: Vec::new() }], 0).unwrap();
+        store.append(&[IngestBatch { records, rejected: Vec::new(), ..Default::default() }], 0).unwrap();
         Arc::new(store)
     }
 

@@ -53,6 +53,18 @@ pub struct QuarantineRecord {
 pub struct IngestBatch {
     pub records: Vec<LogRecord>,
     pub rejected: Vec<QuarantineRecord>,
+    pub dedup: Dedup,
+}
+
+/// How long the `messageId`s of a batch keep later copies out of the log.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Dedup {
+    /// Within the dedup window, as Segment does for SDK retries.
+    #[default]
+    Window,
+    /// For good: imported rows and webhook deliveries, whose ids are derived
+    /// from the record, so the same file imported months later adds nothing.
+    Forever,
 }
 
 /// What became of one [`IngestBatch`].
@@ -196,7 +208,8 @@ pub trait Store: Send + Sync + 'static {
 
     fn stats(&self) -> Result<IngestStats, StoreError>;
 
-    /// Forgets the `messageId`s received before the dedup window; returns how many.
+    /// Forgets the `messageId`s received before the dedup window, except
+    /// those stored with [`Dedup::Forever`]; returns how many.
     fn forget_message_ids(&self, received_before_ms: i64) -> Result<u64, StoreError>;
 
     /// The identity state as the resolver last committed it.

@@ -6,7 +6,7 @@
 mod identity;
 
 use crate::{
-    HistoryRecord, IdentityCommit, IdentitySnapshot, IngestBatch, IngestOutcome, IngestStats, LogEntry,
+    Dedup, HistoryRecord, IdentityCommit, IdentitySnapshot, IngestBatch, IngestOutcome, IngestStats, LogEntry,
     QuarantineEntry, QuarantineRecord, SourceStats, Store, StoreError, TokenInfo,
 };
 use rand::distr::{Alphanumeric, SampleString};
@@ -295,10 +295,16 @@ impl Store for SqliteStore {
                 for batch in batches {
                     let mut outcome = IngestOutcome::default();
                     for record in &batch.records {
+                        // An id kept for good is stamped with the end of time:
+                        // never outside the window, never forgotten.
+                        let claimed_at = match batch.dedup {
+                            Dedup::Window => record.received_at_ms,
+                            Dedup::Forever => i64::MAX,
+                        };
                         let claimed = claim.execute(params![
                             record.source_id.as_str(),
                             record.message_id.as_str(),
-                            record.received_at_ms,
+                            claimed_at,
                             dedup_since_ms
                         ])? == 1;
                         let counter = counters.entry((record.source_id.as_str(), record.event_type)).or_default();

@@ -19,6 +19,7 @@ macro_rules! store_test_suite {
             duplicates_within_the_window_are_stored_once,
             message_ids_outside_the_window_are_stored_again,
             forgotten_message_ids_no_longer_deduplicate,
+            message_ids_kept_forever_are_never_forgotten,
             rejected_messages_are_kept_in_quarantine,
             stats_count_per_source_and_type,
             concurrent_appends_are_all_kept,
@@ -51,7 +52,7 @@ fn record(source: &SourceId, message_id: &str, event_type: EventType, received_a
 }
 
 fn batch(records: Vec<LogRecord>) -> IngestBatch {
-    IngestBatch { records, rejected: Vec::new() }
+    IngestBatch { records, rejected: Vec::new(), ..Default::default() }
 }
 
 pub fn sources_have_unique_names_and_write_keys(store: &impl Store) {
@@ -144,6 +145,22 @@ pub fn forgotten_message_ids_no_longer_deduplicate(store: &impl Store) {
     assert_eq!((outcomes[0].stored, outcomes[0].duplicates), (1, 1));
 }
 
+pub fn message_ids_kept_forever_are_never_forgotten(store: &impl Store) {
+    let crm = store.create_source("crm", SourceKind::Import).unwrap().id;
+    let imported = IngestBatch {
+        records: vec![record(&crm, "imp-1", EventType::Identify, 1_000)],
+        dedup: crate::Dedup::Forever,
+        ..Default::default()
+    };
+    assert_eq!(store.append(std::slice::from_ref(&imported), 0).unwrap()[0].stored, 1);
+    assert_eq!(store.forget_message_ids(i64::MAX - 1).unwrap(), 0, "a pruner never forgets an imported row");
+    let again = store.append(&[imported], 500_000_000).unwrap();
+    assert_eq!((again[0].stored, again[0].duplicates), (0, 1), "long after any window it is still a duplicate");
+    let later_by_sdk =
+        store.append(&[batch(vec![record(&crm, "imp-1", EventType::Identify, 900_000_000)])], 800_000_000);
+    assert_eq!(later_by_sdk.unwrap()[0].duplicates, 1);
+}
+
 pub fn rejected_messages_are_kept_in_quarantine(store: &impl Store) {
     let web = store.create_source("web", SourceKind::Website).unwrap().id;
     let rejected = |index: u32, field: Option<&str>| QuarantineRecord {
@@ -160,6 +177,7 @@ pub fn rejected_messages_are_kept_in_quarantine(store: &impl Store) {
             &[IngestBatch {
                 records: vec![record(&web, "ok", EventType::Track, 7_000)],
                 rejected: vec![rejected(1, Some("userId")), rejected(2, None)],
+                ..Default::default()
             }],
             0,
         )
@@ -200,6 +218,7 @@ pub fn stats_count_per_source_and_type(store: &impl Store) {
                     message: "bad".into(),
                     payload: "{".into(),
                 }],
+                ..Default::default()
             }],
             0,
         )
