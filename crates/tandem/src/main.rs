@@ -4,6 +4,7 @@
 
 mod commands;
 mod config;
+mod import;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -44,6 +45,23 @@ enum Command {
     /// Identity rules and repairs
     #[command(subcommand)]
     Identity(IdentityCommand),
+    /// Import a silo's export (CSV or JSON Lines, optionally gzipped) into the log
+    Import {
+        /// The file to import
+        file: std::path::PathBuf,
+        /// The source the rows belong to
+        #[arg(long)]
+        source: String,
+        /// The mapping (TOML) that turns a row into an event
+        #[arg(long)]
+        mapping: std::path::PathBuf,
+        /// csv or jsonl; by default the file name's extension decides
+        #[arg(long)]
+        format: Option<String>,
+        /// Print the summary as one JSON object
+        #[arg(long)]
+        json: bool,
+    },
     /// Counts per source and per type, duplicates dropped, rejected, resolver position
     Stats {
         /// Print one JSON object
@@ -191,6 +209,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Quarantine(QuarantineCommand::List { limit, json }) => {
             commands::list_quarantine(&open()?, limit, json, &mut out)
+        }
+        Command::Import { file, source, mapping, format, json } => {
+            let args = import::ImportArgs {
+                file: &file,
+                source: &source,
+                mapping: &mapping,
+                format: format.as_deref(),
+                as_json: json,
+            };
+            import::import(&open()?, args, &mut out)
         }
         Command::Stats { json } => commands::stats(&open()?, json, &mut out),
         Command::Token(TokenCommand::Create { name, json }) => commands::create_token(&open()?, &name, json, &mut out),

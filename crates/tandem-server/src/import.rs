@@ -1,0 +1,685 @@
+//! Bulk import: a silo's export (CSV or JSON Lines, optionally gzipped) read
+//! row by row, each row turned into a message by its [`Mapping`], validated
+//! like any tracking call, and appended to the log in large batches. Rows that
+//! do not fit go to a reject file with their line and reason and the import
+//! goes on; a file that cannot be read as its format stops at the line at
+//! fault. The same runner serves `tandem import` (writing to the store
+//! directly) and `POST /api/v1/imports` (writing through the log writer).
+//!
+//! Reading and mapping run on their own thread while the caller's thread
+//! appends the previous batch, so parsing and committing overlap.
+
+use chrono::Utc;
+use serde::Serialize;
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use tandem_core::collect::{normalize_message, BatchDefaults, IdRequirement, RequestContext};
+use tandem_core::mapping::{Cell, Mapping, Record, RowError};
+use tandem_core::{LogRecord, Source};
+use tandem_store::{Dedup, IngestBatch, IngestOutcome};
+
+/// Rows per append: large enough that a commit's fsync is shared by many
+/// rows, small enough to keep memory flat and progress lively.
+pub const ROWS_PER_BATCH: usize = 10_000;
+/// Reject lines kept in memory for an import job's status.
+const REJECTS_SHOWN: usize = 100;
+
+/// The formats a silo's export may come in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileFormat {
+    Csv,
+    Jsonl,
+}
+
+impl FileFormat {
+    /// The format a file name says (`orders.csv`, `usage.jsonl.gz`).
+    pub fn from_path(path: &Path) -> Option<FileFormat> {
+        let name = path.file_name()?.to_str()?.to_ascii_lowercase();
+        let name = name.strip_suffix(".gz").unwrap_or(&name);
+        match name.rsplit_once('.')?.1 {
+            "csv" => Some(FileFormat::Csv),
+            "jsonl" | "ndjson" | "json" => Some(FileFormat::Jsonl),
+            _ => None,
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<FileFormat> {
+        match name.to_ascii_lowercase().as_str() {
+            "csv" => Some(FileFormat::Csv),
+            "jsonl" | "ndjson" | "json" => Some(FileFormat::Jsonl),
+            _ => None,
+        }
+    }
+
+    fn reject_extension(self) -> &'static str {
+        match self {
+            FileFormat::Csv => "rejects.csv",
+            FileFormat::Jsonl => "rejects.jsonl",
+        }
+    }
+}
+
+/// Why an import stopped before the end of its file.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("cannot read {path}: {source}")]
+    Open { path: PathBuf, source: std::io::Error },
+    #[error("line {line}: {message}")]
+    Malformed { line: u64, message: String },
+    #[error("the mapping names columns the file does not have: {}", .0.join(", "))]
+    MissingColumns(Vec<String>),
+    #[error("cannot write the reject file {path}: {source}")]
+    Rejects { path: PathBuf, source: std::io::Error },
+    #[error("the log refused the rows: {0}")]
+    Append(String),
+}
+
+/// Counts of an import so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ImportCounts {
+    pub rows_read: u64,
+    /// Rows newly stored in the log.
+    pub imported: u64,
+    /// Rows whose message the log already held (an earlier import of them).
+    pub duplicates: u64,
+    pub rejected: u64,
+    /// Bytes of the file read, before decompression.
+    pub bytes_read: u64,
+}
+
+/// One refused row, as written to the reject file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RejectedRow {
+    pub line: u64,
+    pub column: Option<String>,
+    pub reason: String,
+}
+
+/// Where an import's rows go: the store directly, or the server's log writer.
+pub trait RowSink {
+    fn append(&mut self, batch: IngestBatch) -> Result<IngestOutcome, String>;
+}
+
+impl<F: FnMut(IngestBatch) -> Result<IngestOutcome, String>> RowSink for F {
+    fn append(&mut self, batch: IngestBatch) -> Result<IngestOutcome, String> {
+        self(batch)
+    }
+}
+
+/// What an import is asked to do.
+pub struct ImportRequest<'a> {
+    pub source: &'a Source,
+    pub mapping: &'a Mapping,
+    pub format: FileFormat,
+    /// The file; gzip is recognized by its first bytes.
+    pub input: Box<dyn Read + Send + 'a>,
+    /// Where refused rows are written; created only if a row is refused.
+    pub reject_path: PathBuf,
+}
+
+/// The reject file beside an input: `orders.csv` → `orders.csv.rejects.csv`.
+pub fn reject_path_beside(input: &Path, format: FileFormat) -> PathBuf {
+    let mut name = input.file_name().map(|name| name.to_os_string()).unwrap_or_default();
+    name.push(".");
+    name.push(format.reject_extension());
+    input.with_file_name(name)
+}
+
+/// What an import did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ImportSummary {
+    pub counts: ImportCounts,
+    /// The reject file, when a row was refused.
+    pub reject_file: Option<PathBuf>,
+    /// The first refused rows.
+    pub first_rejects: Vec<RejectedRow>,
+    #[serde(serialize_with = "seconds")]
+    pub elapsed: Duration,
+}
+
+fn seconds<S: serde::Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_f64(duration.as_secs_f64())
+}
+
+/// Counts bytes as they are read, for progress by file position.
+struct CountingReader<R> {
+    inner: R,
+    count: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<R: Read> Read for CountingReader<R> {
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        let read = self.inner.read(buffer)?;
+        self.count.fetch_add(read as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(read)
+    }
+}
+
+/// A batch of mapped rows on its way from the reader thread to the sink.
+struct Chunk {
+    records: Vec<LogRecord>,
+    rejects: Vec<(RejectedRow, RawRow)>,
+    rows_read: u64,
+}
+
+/// A refused row as it was in the file, for the reject file.
+enum RawRow {
+    Fields(Vec<String>),
+    Line(String),
+}
+
+/// Runs one import to the end of its file. `progress` is called after every
+/// batch with the counts so far.
+pub fn run_import(
+    request: ImportRequest<'_>,
+    sink: &mut dyn RowSink,
+    progress: &mut dyn FnMut(&ImportCounts),
+) -> Result<ImportSummary, ImportError> {
+    let started = Instant::now();
+    let bytes_read = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counting = CountingReader { inner: request.input, count: bytes_read.clone() };
+    let mut buffered = BufReader::with_capacity(256 * 1024, counting);
+    let gzipped = buffered.fill_buf().map(|start| start.starts_with(&[0x1f, 0x8b])).unwrap_or(false);
+    let input: Box<dyn BufRead + Send + '_> = if gzipped {
+        Box::new(BufReader::with_capacity(256 * 1024, flate2::read::MultiGzDecoder::new(buffered)))
+    } else {
+        Box::new(buffered)
+    };
+
+    let ImportRequest { source, mapping, format, reject_path, .. } = request;
+    let mut counts = ImportCounts::default();
+    let mut rejects = RejectFile::new(reject_path, format);
+    let mut first_rejects = Vec::new();
+    let (sender, receiver) = mpsc::sync_channel::<Result<Chunk, ImportError>>(2);
+
+    std::thread::scope(|scope| {
+        let reader = std::thread::Builder::new()
+            .name("tandem-import-reader".into())
+            .spawn_scoped(scope, move || {
+                let received_at = Utc::now();
+                let mapper = RowMapper { source, mapping, received_at };
+                let result = match format {
+                    FileFormat::Csv => read_csv(input, &mapper, &sender),
+                    FileFormat::Jsonl => read_jsonl(input, &mapper, &sender),
+                };
+                if let Err(error) = result {
+                    let _ = sender.send(Err(error));
+                }
+            })
+            .expect("spawning the import reader thread");
+
+        let mut outcome = Ok(());
+        for chunk in &receiver {
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(error) => {
+                    outcome = Err(error);
+                    break;
+                }
+            };
+            counts.rows_read += chunk.rows_read;
+            counts.rejected += chunk.rejects.len() as u64;
+            for (row, raw) in chunk.rejects {
+                if let Err(error) = rejects.write(&row, raw) {
+                    outcome = Err(error);
+                    break;
+                }
+                if first_rejects.len() < REJECTS_SHOWN {
+                    first_rejects.push(row);
+                }
+            }
+            if outcome.is_err() {
+                break;
+            }
+            if !chunk.records.is_empty() {
+                let batch = IngestBatch { records: chunk.records, rejected: Vec::new(), dedup: Dedup::Forever };
+                match sink.append(batch) {
+                    Ok(appended) => {
+                        counts.imported += u64::from(appended.stored);
+                        counts.duplicates += u64::from(appended.duplicates);
+                    }
+                    Err(message) => {
+                        outcome = Err(ImportError::Append(message));
+                        break;
+                    }
+                }
+            }
+            counts.bytes_read = bytes_read.load(std::sync::atomic::Ordering::Relaxed);
+            progress(&counts);
+        }
+        // Dropping the receiver stops a reader still sending.
+        drop(receiver);
+        reader.join().expect("the import reader panicked");
+        outcome
+    })?;
+    let reject_file = rejects.finish()?;
+    Ok(ImportSummary { counts, reject_file, first_rejects, elapsed: started.elapsed() })
+}
+
+/// Turns records into log records with the import's fixed context.
+struct RowMapper<'a> {
+    source: &'a Source,
+    mapping: &'a Mapping,
+    received_at: chrono::DateTime<Utc>,
+}
+
+impl RowMapper<'_> {
+    fn map(&self, record: &dyn Record) -> Result<LogRecord, RowError> {
+        let message = self.mapping.message_for(&self.source.id, record)?;
+        let request = RequestContext {
+            source_id: &self.source.id,
+            received_at: self.received_at,
+            client_ip: None,
+            ids: IdRequirement::Mapped,
+        };
+        let event = normalize_message(message, None, &BatchDefaults::default(), &request)
+            .map_err(|rejection| RowError { column: rejection.field, reason: rejection.message })?;
+        Ok(event.to_log_record())
+    }
+}
+
+/// A CSV row, its cells found by the header's column positions.
+struct CsvRow<'a> {
+    columns: &'a HashMap<String, usize>,
+    record: &'a csv::StringRecord,
+}
+
+impl Record for CsvRow<'_> {
+    fn cell(&self, column: &str) -> Option<Cell<'_>> {
+        self.columns.get(column).and_then(|index| self.record.get(*index)).map(Cell::Text)
+    }
+
+    fn content(&self) -> String {
+        self.record.iter().collect::<Vec<_>>().join("\u{1f}")
+    }
+}
+
+type Sender = mpsc::SyncSender<Result<Chunk, ImportError>>;
+
+fn read_csv(input: Box<dyn BufRead + Send + '_>, mapper: &RowMapper<'_>, sender: &Sender) -> Result<(), ImportError> {
+    let mut reader = csv::ReaderBuilder::new().has_headers(true).flexible(false).from_reader(input);
+    let header = reader.headers().map_err(|error| csv_error(&error, 1))?.clone();
+    let names: Vec<&str> = header.iter().map(str::trim).collect();
+    let missing = mapper.mapping.missing_columns(&names);
+    if !missing.is_empty() {
+        return Err(ImportError::MissingColumns(missing.into_iter().map(str::to_owned).collect()));
+    }
+    let columns: HashMap<String, usize> =
+        names.iter().enumerate().rev().map(|(index, name)| ((*name).to_owned(), index)).collect();
+    let mut chunk = Chunk { records: Vec::with_capacity(ROWS_PER_BATCH), rejects: Vec::new(), rows_read: 0 };
+    let mut bytes = csv::ByteRecord::new();
+    let mut record = csv::StringRecord::new();
+    loop {
+        match reader.read_byte_record(&mut bytes) {
+            Ok(false) => break,
+            Ok(true) => {}
+            Err(error) => return Err(csv_error(&error, reader.position().line())),
+        }
+        let line = bytes.position().map_or(0, csv::Position::line);
+        record = csv::StringRecord::from_byte_record(std::mem::take(&mut bytes)).map_err(|error| {
+            let column = error.utf8_error().field();
+            let name = names.get(column).copied().unwrap_or("?");
+            ImportError::Malformed { line, message: format!("column {name} is not valid UTF-8") }
+        })?;
+        chunk.rows_read += 1;
+        match mapper.map(&CsvRow { columns: &columns, record: &record }) {
+            Ok(log_record) => chunk.records.push(log_record),
+            Err(error) => chunk.rejects.push((
+                RejectedRow { line, column: error.column, reason: error.reason },
+                RawRow::Fields(record.iter().map(str::to_owned).collect()),
+            )),
+        }
+        bytes = record.into_byte_record();
+        record = csv::StringRecord::new();
+        if chunk.rows_read as usize >= ROWS_PER_BATCH {
+            let full = std::mem::replace(
+                &mut chunk,
+                Chunk { records: Vec::with_capacity(ROWS_PER_BATCH), rejects: Vec::new(), rows_read: 0 },
+            );
+            if sender.send(Ok(full)).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    drop(record);
+    if chunk.rows_read > 0 {
+        let _ = sender.send(Ok(chunk));
+    }
+    Ok(())
+}
+
+fn csv_error(error: &csv::Error, fallback_line: u64) -> ImportError {
+    let line = error.position().map_or(fallback_line, csv::Position::line);
+    let message = match error.kind() {
+        csv::ErrorKind::UnequalLengths { expected_len, len, .. } => format!(
+            "the row has {len} fields but the header has {expected_len} (is a quote left open on this or an earlier line?)"
+        ),
+        csv::ErrorKind::Utf8 { err, .. } => format!("field {} is not valid UTF-8", err.field() + 1),
+        csv::ErrorKind::Io(error) => format!("the file could not be read: {error}"),
+        _ => error.to_string(),
+    };
+    ImportError::Malformed { line, message }
+}
+
+fn read_jsonl(
+    mut input: Box<dyn BufRead + Send + '_>,
+    mapper: &RowMapper<'_>,
+    sender: &Sender,
+) -> Result<(), ImportError> {
+    let mut chunk = Chunk { records: Vec::with_capacity(ROWS_PER_BATCH), rejects: Vec::new(), rows_read: 0 };
+    let mut raw = Vec::new();
+    let mut line = 0u64;
+    let mut checked_columns = false;
+    loop {
+        raw.clear();
+        let read = input.read_until(b'\n', &mut raw).map_err(|error| ImportError::Malformed {
+            line: line + 1,
+            message: format!("the file could not be read: {error}"),
+        })?;
+        if read == 0 {
+            break;
+        }
+        line += 1;
+        let text = std::str::from_utf8(&raw)
+            .map_err(|_| ImportError::Malformed { line, message: "the line is not valid UTF-8".into() })?
+            .trim();
+        if text.is_empty() {
+            continue;
+        }
+        chunk.rows_read += 1;
+        let mapped = match serde_json::from_str::<Value>(text) {
+            Ok(Value::Object(object)) => {
+                if !checked_columns {
+                    check_first_object(mapper.mapping, &object, line)?;
+                    checked_columns = true;
+                }
+                mapper.map(&object)
+            }
+            Ok(_) => Err(RowError::new(None, "the line is not a JSON object")),
+            Err(error) => Err(RowError::new(None, format!("the line is not valid JSON: {error}"))),
+        };
+        match mapped {
+            Ok(log_record) => chunk.records.push(log_record),
+            Err(error) => chunk.rejects.push((
+                RejectedRow { line, column: error.column, reason: error.reason },
+                RawRow::Line(text.to_owned()),
+            )),
+        }
+        if chunk.rows_read as usize >= ROWS_PER_BATCH {
+            let full = std::mem::replace(
+                &mut chunk,
+                Chunk { records: Vec::with_capacity(ROWS_PER_BATCH), rejects: Vec::new(), rows_read: 0 },
+            );
+            if sender.send(Ok(full)).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    if chunk.rows_read > 0 {
+        let _ = sender.send(Ok(chunk));
+    }
+    Ok(())
+}
+
+/// JSON Lines has no header: the first object stands in for one, so a
+/// mapping naming a column the export does not have fails at once rather
+/// than rejecting every row.
+fn check_first_object(mapping: &Mapping, object: &Map<String, Value>, line: u64) -> Result<(), ImportError> {
+    let missing: Vec<String> =
+        mapping.columns().into_iter().filter(|column| object.cell(column).is_none()).map(str::to_owned).collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(ImportError::Malformed {
+            line,
+            message: format!("the first record has none of the mapped columns {}", missing.join(", ")),
+        })
+    }
+}
+
+/// The reject file, opened at the first refused row.
+struct RejectFile {
+    path: PathBuf,
+    format: FileFormat,
+    writer: Option<BufWriter<File>>,
+}
+
+impl RejectFile {
+    fn new(path: PathBuf, format: FileFormat) -> Self {
+        RejectFile { path, format, writer: None }
+    }
+
+    fn write(&mut self, row: &RejectedRow, raw: RawRow) -> Result<(), ImportError> {
+        let failed = |source| ImportError::Rejects { path: self.path.clone(), source };
+        if self.writer.is_none() {
+            let file = File::create(&self.path).map_err(failed)?;
+            let mut writer = BufWriter::new(file);
+            if self.format == FileFormat::Csv {
+                writer.write_all(b"line,column,reason,record\n").map_err(failed)?;
+            }
+            self.writer = Some(writer);
+        }
+        let writer = self.writer.as_mut().expect("opened above");
+        let line = match (self.format, raw) {
+            (FileFormat::Csv, raw) => {
+                let record = match raw {
+                    RawRow::Fields(fields) => csv_line(&fields),
+                    RawRow::Line(text) => text,
+                };
+                let fields = [row.line.to_string(), row.column.clone().unwrap_or_default(), row.reason.clone(), record];
+                csv_line(&fields)
+            }
+            (FileFormat::Jsonl, raw) => {
+                let record = match raw {
+                    RawRow::Line(text) => Value::String(text),
+                    RawRow::Fields(fields) => Value::from(fields),
+                };
+                serde_json::json!({"line": row.line, "column": row.column, "reason": row.reason, "record": record})
+                    .to_string()
+            }
+        };
+        writer.write_all(line.as_bytes()).and_then(|()| writer.write_all(b"\n")).map_err(failed)
+    }
+
+    /// Flushes the file; removes a stale one from an earlier run when no row
+    /// was refused this time.
+    fn finish(self) -> Result<Option<PathBuf>, ImportError> {
+        match self.writer {
+            Some(mut writer) => {
+                writer.flush().map_err(|source| ImportError::Rejects { path: self.path.clone(), source })?;
+                Ok(Some(self.path))
+            }
+            None => {
+                let _ = std::fs::remove_file(&self.path);
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// Fields as one CSV line, quoted where needed.
+fn csv_line(fields: &[String]) -> String {
+    let mut writer =
+        csv::WriterBuilder::new().has_headers(false).terminator(csv::Terminator::Any(b'\n')).from_writer(Vec::new());
+    let _ = writer.write_record(fields);
+    let mut bytes = writer.into_inner().unwrap_or_default();
+    if bytes.last() == Some(&b'\n') {
+        bytes.pop();
+    }
+    String::from_utf8(bytes).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+    use tandem_core::{LogPosition, SourceKind};
+    use tandem_store::{SqliteStore, Store};
+
+    const ORDERS: &str = r#"
+        event = "Order Completed"
+        row_key = "order_id"
+        timestamp = "ordered_at"
+        [identifiers]
+        user_id = "customer_id"
+        email = "email"
+        [properties]
+        revenue = { column = "total", type = "number" }
+    "#;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+        store: SqliteStore,
+        source: Source,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("data")).unwrap();
+        let source = store.create_source("orders", SourceKind::Import).unwrap();
+        Fixture { path: dir.path().to_owned(), _dir: dir, store, source }
+    }
+
+    impl Fixture {
+        fn import(&self, name: &str, bytes: &[u8], mapping: &str) -> Result<ImportSummary, ImportError> {
+            let input = self.path.join(name);
+            std::fs::write(&input, bytes).unwrap();
+            let format = FileFormat::from_path(&input).unwrap();
+            let mapping = Mapping::from_toml(mapping).unwrap();
+            let request = ImportRequest {
+                source: &self.source,
+                mapping: &mapping,
+                format,
+                input: Box::new(File::open(&input).unwrap()),
+                reject_path: reject_path_beside(&input, format),
+            };
+            let mut sink = |batch: IngestBatch| {
+                self.store.append(&[batch], 0).map(|outcomes| outcomes[0]).map_err(|e| e.to_string())
+            };
+            run_import(request, &mut sink, &mut |_| {})
+        }
+
+        fn events(&self) -> usize {
+            self.store.read_log(LogPosition(0), 100_000).unwrap().len()
+        }
+    }
+
+    #[test]
+    fn rows_are_imported_once_however_often_the_file_is() {
+        let fixture = fixture();
+        let csv = "order_id,customer_id,email,ordered_at,total\n\
+                   o1,u1,a@example.com,2026-01-01T00:00:00Z,10\n\
+                   o2,u2,b@example.com,2026-01-02T00:00:00Z,20.5\n";
+        let first = fixture.import("orders.csv", csv.as_bytes(), ORDERS).unwrap();
+        assert_eq!((first.counts.rows_read, first.counts.imported, first.counts.rejected), (2, 2, 0));
+        assert_eq!(first.reject_file, None);
+        let again = fixture.import("orders.csv", csv.as_bytes(), ORDERS).unwrap();
+        assert_eq!((again.counts.imported, again.counts.duplicates), (0, 2));
+        assert_eq!(fixture.events(), 2);
+
+        // The same rows gzipped, with one more: only the new one is stored.
+        let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gzip.write_all(csv.as_bytes()).unwrap();
+        gzip.write_all(b"o3,u3,c@example.com,2026-01-03,30\n").unwrap();
+        let gzipped = fixture.import("orders.csv.gz", &gzip.finish().unwrap(), ORDERS).unwrap();
+        assert_eq!((gzipped.counts.imported, gzipped.counts.duplicates), (1, 2));
+        assert_eq!(fixture.events(), 3);
+    }
+
+    #[test]
+    fn every_kind_of_bad_row_lands_in_the_reject_file_with_its_reason() {
+        let fixture = fixture();
+        let csv = "order_id,customer_id,email,ordered_at,total\n\
+                   o1,u1,a@example.com,2026-01-01T00:00:00Z,10\n\
+                   o2,u2,b@example.com,last tuesday,20\n\
+                   o3,,,2026-01-03T00:00:00Z,30\n\
+                   o4,u4,d@example.com,2026-01-04T00:00:00Z,twelve\n\
+                   ,u5,e@example.com,2026-01-05T00:00:00Z,50\n\
+                   o6,u6,\"f@example.com\",2026-01-06T00:00:00Z,60\n";
+        let summary = fixture.import("orders.csv", csv.as_bytes(), ORDERS).unwrap();
+        assert_eq!((summary.counts.rows_read, summary.counts.imported, summary.counts.rejected), (6, 2, 4));
+        let lines: Vec<(u64, Option<&str>)> =
+            summary.first_rejects.iter().map(|row| (row.line, row.column.as_deref())).collect();
+        assert_eq!(lines, vec![(3, Some("ordered_at")), (4, Some("email")), (5, Some("total")), (6, Some("order_id"))]);
+
+        let path = summary.reject_file.expect("a reject file");
+        assert!(path.ends_with("orders.csv.rejects.csv"), "{}", path.display());
+        let mut reader = csv::Reader::from_path(&path).unwrap();
+        assert_eq!(reader.headers().unwrap(), vec!["line", "column", "reason", "record"]);
+        let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+        assert_eq!(rows.len(), 4);
+        assert_eq!(&rows[0][0], "3");
+        assert!(rows[0][2].contains("\"last tuesday\" is not an ISO 8601 timestamp"), "{:?}", &rows[0][2]);
+        assert!(rows[1][2].starts_with("no identifier"), "{:?}", &rows[1][2]);
+        assert!(rows[2][2].contains("not a number"), "{:?}", &rows[2][2]);
+        assert_eq!(&rows[2][3], "o4,u4,d@example.com,2026-01-04T00:00:00Z,twelve");
+        assert_eq!(&rows[3][2], "row key order_id is empty");
+
+        // Fixed and imported again: the reject file of the last run goes away.
+        let fixed = "order_id,customer_id,email,ordered_at,total\no2,u2,b@example.com,2026-01-02,20\n";
+        let summary = fixture.import("orders.csv", fixed.as_bytes(), ORDERS).unwrap();
+        assert_eq!((summary.counts.imported, summary.reject_file), (1, None));
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn malformed_files_fail_at_the_named_line_or_column() {
+        let fixture = fixture();
+        let missing =
+            fixture.import("orders.csv", b"order_id,customer_id,ordered_at,total\no1,u1,2026-01-01,1\n", ORDERS);
+        match missing {
+            Err(ImportError::MissingColumns(columns)) => assert_eq!(columns, vec!["email"]),
+            other => panic!("expected missing columns, got {other:?}"),
+        }
+
+        let open_quote = "order_id,customer_id,email,ordered_at,total\n\
+                          o1,u1,a@example.com,2026-01-01,1\n\
+                          o2,\"u2,b@example.com,2026-01-02,2\n\
+                          o3,u3,c@example.com,2026-01-03,3\n";
+        match fixture.import("quotes.csv", open_quote.as_bytes(), ORDERS) {
+            Err(ImportError::Malformed { line: 3, message }) => assert!(message.contains("quote"), "{message}"),
+            other => panic!("expected a malformed line 3, got {other:?}"),
+        }
+
+        let mut latin1 = b"order_id,customer_id,email,ordered_at,total\no1,u1,a@example.com,2026-01-01,1\n".to_vec();
+        latin1.extend_from_slice(b"o2,J\xfcrgen,b@example.com,2026-01-02,2\n");
+        match fixture.import("latin1.csv", &latin1, ORDERS) {
+            Err(ImportError::Malformed { line: 3, message }) => {
+                assert_eq!(message, "column customer_id is not valid UTF-8")
+            }
+            other => panic!("expected a malformed line 3, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn json_lines_rows_are_mapped_and_bad_lines_rejected() {
+        let fixture = fixture();
+        let jsonl = concat!(
+            r#"{"order_id":"o1","customer_id":"u1","email":"a@example.com","ordered_at":"2026-01-01","total":10}"#,
+            "\n\n",
+            "{not json\n",
+            r#"["an","array"]"#,
+            "\n",
+            r#"{"order_id":"o2","customer_id":"u2","email":"b@example.com","ordered_at":"2026-01-02","total":"x"}"#,
+            "\n"
+        );
+        let summary = fixture.import("orders.jsonl", jsonl.as_bytes(), ORDERS).unwrap();
+        assert_eq!((summary.counts.rows_read, summary.counts.imported, summary.counts.rejected), (4, 1, 3));
+        let lines: Vec<u64> = summary.first_rejects.iter().map(|row| row.line).collect();
+        assert_eq!(lines, vec![3, 4, 5]);
+        let rejects = std::fs::read_to_string(summary.reject_file.unwrap()).unwrap();
+        let first: Value = serde_json::from_str(rejects.lines().next().unwrap()).unwrap();
+        assert_eq!(first["record"], "{not json");
+        assert!(first["reason"].as_str().unwrap().contains("not valid JSON"));
+
+        let wrong_mapping = fixture.import("other.jsonl", b"{\"id\":1}\n", ORDERS);
+        assert!(matches!(wrong_mapping, Err(ImportError::Malformed { line: 1, .. })), "{wrong_mapping:?}");
+    }
+}

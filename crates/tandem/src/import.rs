@@ -1,0 +1,143 @@
+//! `tandem import`: runs a bulk import against the data directory, with a
+//! progress bar on a terminal and plain progress lines otherwise, then prints
+//! what happened to every row.
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tandem_core::mapping::Mapping;
+use tandem_server::import::{reject_path_beside, run_import, FileFormat, ImportCounts, ImportRequest, ImportSummary};
+use tandem_store::{Dedup, IngestBatch, Store};
+
+/// How often plain progress lines are printed when stderr is not a terminal.
+const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(2);
+
+pub struct ImportArgs<'a> {
+    pub file: &'a Path,
+    pub source: &'a str,
+    pub mapping: &'a Path,
+    pub format: Option<&'a str>,
+    pub as_json: bool,
+}
+
+pub fn import(store: &impl Store, args: ImportArgs<'_>, out: &mut impl Write) -> anyhow::Result<()> {
+    let mapping_text = std::fs::read_to_string(args.mapping)
+        .with_context(|| format!("cannot read the mapping {}", args.mapping.display()))?;
+    let mapping = Mapping::from_toml(&mapping_text)
+        .with_context(|| format!("mapping {} is not usable", args.mapping.display()))?;
+    let format = match args.format {
+        Some(name) => FileFormat::parse(name).with_context(|| format!("--format {name:?} is not csv or jsonl"))?,
+        None => FileFormat::from_path(args.file).with_context(|| {
+            format!("cannot tell the format of {} from its name; pass --format csv or jsonl", args.file.display())
+        })?,
+    };
+    let source = match store.source_by_name(args.source) {
+        Ok(source) => source,
+        Err(tandem_store::StoreError::SourceNotFound(name)) => {
+            bail!("no source named {name:?}; create it with `tandem source create {name} --kind import`")
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let file = std::fs::File::open(args.file).with_context(|| format!("cannot read {}", args.file.display()))?;
+    let size = file.metadata().map(|metadata| metadata.len()).unwrap_or(0);
+    let request = ImportRequest {
+        source: &source,
+        mapping: &mapping,
+        format,
+        input: Box::new(file),
+        reject_path: reject_path_beside(args.file, format),
+    };
+    let mut sink = |batch: IngestBatch| {
+        debug_assert_eq!(batch.dedup, Dedup::Forever);
+        // Imported ids never expire, so the window does not matter here.
+        let since = chrono::Utc::now().timestamp_millis() - tandem_server::DEFAULT_DEDUP_WINDOW.as_millis() as i64;
+        store.append(std::slice::from_ref(&batch), since).map(|outcomes| outcomes[0]).map_err(|error| error.to_string())
+    };
+    let mut progress = Progress::new(size);
+    let summary = run_import(request, &mut sink, &mut |counts| progress.update(counts));
+    progress.finish();
+    let summary = summary.with_context(|| format!("import of {} stopped", args.file.display()))?;
+    report(&summary, args.as_json, out)
+}
+
+fn report(summary: &ImportSummary, as_json: bool, out: &mut impl Write) -> anyhow::Result<()> {
+    if as_json {
+        writeln!(out, "{}", serde_json::to_string(summary)?)?;
+        return Ok(());
+    }
+    let counts = &summary.counts;
+    let seconds = summary.elapsed.as_secs_f64();
+    let rate = if seconds > 0.0 { counts.rows_read as f64 / seconds } else { 0.0 };
+    writeln!(
+        out,
+        "read {} rows in {seconds:.1} s ({rate:.0} rows/s): {} imported, {} duplicates, {} rejected",
+        counts.rows_read, counts.imported, counts.duplicates, counts.rejected
+    )?;
+    if let Some(path) = &summary.reject_file {
+        writeln!(out, "rejected rows, with their line and reason: {}", path.display())?;
+        for row in summary.first_rejects.iter().take(5) {
+            let column = row.column.as_deref().map(|column| format!(" [{column}]")).unwrap_or_default();
+            writeln!(out, "  line {}{column}: {}", row.line, row.reason)?;
+        }
+    }
+    Ok(())
+}
+
+/// A progress bar on a terminal; a line every few seconds otherwise.
+enum Progress {
+    Bar(ProgressBar),
+    Plain { started: Instant, last: Instant },
+}
+
+impl Progress {
+    fn new(file_size: u64) -> Progress {
+        if std::io::stderr().is_terminal() {
+            let bar = ProgressBar::with_draw_target(Some(file_size), ProgressDrawTarget::stderr());
+            bar.set_style(
+                ProgressStyle::with_template("{bar:30} {percent:>3}% {msg} [{elapsed_precise}, eta {eta}]")
+                    .expect("a valid progress template"),
+            );
+            Progress::Bar(bar)
+        } else {
+            let now = Instant::now();
+            Progress::Plain { started: now, last: now }
+        }
+    }
+
+    fn update(&mut self, counts: &ImportCounts) {
+        match self {
+            Progress::Bar(bar) => {
+                let seconds = bar.elapsed().as_secs_f64().max(0.001);
+                bar.set_position(counts.bytes_read);
+                bar.set_message(format!(
+                    "{} rows, {:.0} rows/s, {} rejected",
+                    counts.rows_read,
+                    counts.rows_read as f64 / seconds,
+                    counts.rejected
+                ));
+            }
+            Progress::Plain { started, last } => {
+                if last.elapsed() >= PLAIN_PROGRESS_EVERY {
+                    *last = Instant::now();
+                    let seconds = started.elapsed().as_secs_f64();
+                    eprintln!(
+                        "import: {} rows read ({:.0} rows/s), {} imported, {} duplicates, {} rejected",
+                        counts.rows_read,
+                        counts.rows_read as f64 / seconds,
+                        counts.imported,
+                        counts.duplicates,
+                        counts.rejected
+                    );
+                }
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Progress::Bar(bar) = self {
+            bar.finish_and_clear();
+        }
+    }
+}
