@@ -47,7 +47,17 @@ products = { column = "items", type = "integer" }
 coupon = "coupon"
 skus = "skus"
 status = "status"
+shipping_city = "shipping_city"
 "#;
+
+const CITIES: [&str; 6] = [
+    "Berlin-Kreuzberg",
+    "Hamburg-Altona",
+    "Munich-Schwabing",
+    "Cologne-Ehrenfeld",
+    "Leipzig-Plagwitz",
+    "Dresden-Neustadt",
+];
 
 fn main() -> anyhow::Result<()> {
     let options = Options::parse();
@@ -70,7 +80,7 @@ fn main() -> anyhow::Result<()> {
     let tandem = |args: &[&str]| -> anyhow::Result<String> {
         let output = Command::new(&options.tandem)
             .args(args)
-            .env("TANDEM_DATA_DIR", &data)
+            .env("TANDEM_DATA", &data)
             .env("TANDEM_LOG", "warn")
             .output()
             .with_context(|| format!("running {}", options.tandem.display()))?;
@@ -123,7 +133,7 @@ fn main() -> anyhow::Result<()> {
 /// Writes the CSV; returns its size in bytes.
 fn write_orders(path: &std::path::Path, options: &Options) -> anyhow::Result<u64> {
     let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
-    writeln!(out, "order_id,customer_id,email,ordered_at,total,currency,items,coupon,skus,status")?;
+    writeln!(out, "order_id,customer_id,email,ordered_at,total,currency,items,coupon,skus,status,shipping_city")?;
     let mut state = 0x5eed_u64;
     let mut next = || {
         // SplitMix64: deterministic, so every run imports the same file.
@@ -141,9 +151,10 @@ fn write_orders(path: &std::path::Path, options: &Options) -> anyhow::Result<u64
         let coupon = if next() % 5 == 0 { "SPRING25" } else { "" };
         let items = 1 + next() % 3;
         let skus: Vec<String> = (0..items).map(|_| format!("sku-{:05}", next() % 20_000)).collect();
+        let city = CITIES[(next() % CITIES.len() as u64) as usize];
         writeln!(
             out,
-            "ord-{row:08},cust-{customer:07},customer.{customer:07}@example-shop.com,{},{}.{:02},EUR,{items},{coupon},{},paid",
+            "ord-{row:08},cust-{customer:07},firstname.lastname.{customer:07}@customers.example-shop.com,{},{}.{:02},EUR,{items},{coupon},{},paid,{city}",
             ordered_at.format("%Y-%m-%dT%H:%M:%SZ"),
             cents / 100,
             cents % 100,

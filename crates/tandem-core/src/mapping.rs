@@ -453,7 +453,7 @@ impl Mapping {
                     let cell = cell.ok_or_else(|| RowError::new(Some(column), format!("row key {column} is empty")))?;
                     parts.push(cell.text().into_owned());
                 }
-                parts.join("\u{1f}")
+                parts.join(&ROW_KEY_SEPARATOR.to_string())
             }
         };
         let id = message_id_for(source, self.event_type, event_name.as_deref(), &key);
@@ -471,19 +471,44 @@ fn plural_columns(columns: &[&str]) -> String {
 
 /// The `messageId` of a mapped record: the same source, call, event name and
 /// record key always give the same id, so reimports are duplicates.
+///
+/// It reads `imp-<16 hex digits of a hash of source, call and event>-<key>`:
+/// the key stays legible (a row traces back to its line), and rows whose keys
+/// ascend, as most exports' ids do, get ascending ids, which the log's dedup
+/// index takes far faster than random ones. A key too long or unprintable to
+/// fit is hashed instead.
 pub fn message_id_for(source: &SourceId, event_type: EventType, event: Option<&str>, key: &str) -> String {
     let mut hash = Sha256::new();
-    for part in [source.as_str(), event_type.as_str(), event.unwrap_or(""), key] {
+    for part in [source.as_str(), event_type.as_str(), event.unwrap_or("")] {
         hash.update(part.as_bytes());
         hash.update([0]);
     }
-    let digest = hash.finalize();
-    let mut id = String::with_capacity(4 + 32);
+    let mut id = String::with_capacity(crate::collect::MAX_MESSAGE_ID_CHARS);
     id.push_str("imp-");
-    for byte in &digest[..16] {
-        id.push_str(&format!("{byte:02x}"));
+    push_hex(&mut id, &hash.clone().finalize()[..8]);
+    id.push('-');
+    let legible = id.len() + key.len() <= crate::collect::MAX_MESSAGE_ID_CHARS
+        && !key.is_empty()
+        && key.chars().all(|c| (c.is_ascii_graphic() && c != '|') || c == ' ' || c == ROW_KEY_SEPARATOR);
+    if legible {
+        id.extend(key.chars().map(|c| if c == ROW_KEY_SEPARATOR { '|' } else { c }));
+    } else {
+        hash.update(key.as_bytes());
+        id.push('h');
+        push_hex(&mut id, &hash.finalize()[..16]);
     }
     id
+}
+
+/// Joins the columns of a composite row key; `|` in the id shown.
+const ROW_KEY_SEPARATOR: char = '\u{1f}';
+
+fn push_hex(text: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for byte in bytes {
+        text.push(DIGITS[usize::from(byte >> 4)] as char);
+        text.push(DIGITS[usize::from(byte & 0xf)] as char);
+    }
 }
 
 impl Field {
@@ -710,7 +735,8 @@ mod tests {
         assert_eq!(message["properties"]["currency"], json!("USD"), "an empty cell takes the default");
         assert!(message["properties"].get("coupon").is_none(), "empty cells are left out");
         assert_eq!(message["timestamp"], json!("2026-09-01T10:15:00.000Z"));
-        assert!(message["messageId"].as_str().unwrap().starts_with("imp-"));
+        let id = message["messageId"].as_str().unwrap();
+        assert!(id.starts_with("imp-") && id.ends_with("-o-1"), "{id}");
     }
 
     #[test]
@@ -729,6 +755,23 @@ mod tests {
         let edited = keyless.message_for(&source(), &order("11", "2026-09-01")).unwrap();
         assert_eq!(first["messageId"], again["messageId"]);
         assert_ne!(first["messageId"], edited["messageId"], "without a key the content is the key");
+    }
+
+    #[test]
+    fn message_ids_keep_legible_keys_and_hash_the_rest() {
+        let source = source();
+        let id = message_id_for(&source, EventType::Track, Some("Order Completed"), "ord-1");
+        assert_eq!(id.len(), "imp-".len() + 16 + 1 + "ord-1".len());
+        assert!(id.ends_with("-ord-1"));
+        let composite = message_id_for(&source, EventType::Track, None, "t-1\u{1f}open");
+        assert!(composite.ends_with("-t-1|open"), "{composite}");
+        let piped = message_id_for(&source, EventType::Track, None, "t-1|open");
+        assert_ne!(piped, composite, "a key with | is hashed, so it cannot pass for a composite key");
+        let long = "x".repeat(200);
+        let hashed = message_id_for(&source, EventType::Track, None, &long);
+        assert!(hashed.len() <= crate::collect::MAX_MESSAGE_ID_CHARS);
+        assert_ne!(hashed, message_id_for(&source, EventType::Track, None, &"y".repeat(200)));
+        assert_ne!(id, message_id_for(&source, EventType::Track, Some("Order Refunded"), "ord-1"));
     }
 
     #[test]

@@ -518,7 +518,6 @@ fn csv_line(fields: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write as _;
     use tandem_core::{LogPosition, SourceKind};
     use tandem_store::{SqliteStore, Store};
 

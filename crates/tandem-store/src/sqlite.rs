@@ -107,7 +107,16 @@ const MIGRATIONS: &[&str] = &[
         secret_sha256 TEXT NOT NULL UNIQUE,
         created_at INTEGER NOT NULL
     );",
+    // 3: message ids kept for good (imports, webhooks) stay out of the
+    // pruner's index: they all share one stamp, and indexing them would make
+    // every imported row a second random B-tree insert.
+    "DROP INDEX message_ids_by_received_at;
+    CREATE INDEX message_ids_by_received_at ON message_ids (received_at)
+        WHERE received_at < 9223372036854775807;",
 ];
+
+/// The `received_at` of a message id kept for good ([`Dedup::Forever`]).
+const KEPT_FOREVER: i64 = i64::MAX;
 
 const READER_POOL_SIZE: usize = 4;
 
@@ -299,7 +308,7 @@ impl Store for SqliteStore {
                         // never outside the window, never forgotten.
                         let claimed_at = match batch.dedup {
                             Dedup::Window => record.received_at_ms,
-                            Dedup::Forever => i64::MAX,
+                            Dedup::Forever => KEPT_FOREVER,
                         };
                         let claimed = claim.execute(params![
                             record.source_id.as_str(),
@@ -399,7 +408,11 @@ impl Store for SqliteStore {
 
     fn forget_message_ids(&self, received_before_ms: i64) -> Result<u64, StoreError> {
         self.with_writer(|connection| {
-            Ok(connection.execute("DELETE FROM message_ids WHERE received_at < ?1", [received_before_ms])? as u64)
+            // The literal bound lets SQLite use the partial index.
+            Ok(connection.execute(
+                "DELETE FROM message_ids WHERE received_at < ?1 AND received_at < 9223372036854775807",
+                [received_before_ms],
+            )? as u64)
         })
     }
 
