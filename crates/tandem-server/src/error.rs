@@ -26,6 +26,10 @@ pub enum ErrorCode {
     NotFound,
     ProfileNotFound,
     InvalidIdentifier,
+    InvalidMapping,
+    SourceNotFound,
+    ImportNotFound,
+    InvalidSignature,
     MissingToken,
     InvalidToken,
     MethodNotAllowed,
@@ -50,6 +54,10 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::ProfileNotFound => "profile_not_found",
             ErrorCode::InvalidIdentifier => "invalid_identifier",
+            ErrorCode::InvalidMapping => "invalid_mapping",
+            ErrorCode::SourceNotFound => "source_not_found",
+            ErrorCode::ImportNotFound => "import_not_found",
+            ErrorCode::InvalidSignature => "invalid_signature",
             ErrorCode::MissingToken => "missing_token",
             ErrorCode::InvalidToken => "invalid_token",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
@@ -71,8 +79,13 @@ impl ErrorCode {
             ErrorCode::MissingWriteKey
             | ErrorCode::InvalidWriteKey
             | ErrorCode::MissingToken
-            | ErrorCode::InvalidToken => StatusCode::UNAUTHORIZED,
-            ErrorCode::NotFound | ErrorCode::ProfileNotFound => StatusCode::NOT_FOUND,
+            | ErrorCode::InvalidToken
+            | ErrorCode::InvalidSignature => StatusCode::UNAUTHORIZED,
+            ErrorCode::NotFound
+            | ErrorCode::ProfileNotFound
+            | ErrorCode::SourceNotFound
+            | ErrorCode::ImportNotFound => StatusCode::NOT_FOUND,
+            ErrorCode::InvalidMapping => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::RequestTooLarge | ErrorCode::MessageTooLarge | ErrorCode::TooManyMessages => {
                 StatusCode::PAYLOAD_TOO_LARGE

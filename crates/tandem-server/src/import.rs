@@ -9,6 +9,8 @@
 //! Reading and mapping run on their own thread while the caller's thread
 //! appends the previous batch, so parsing and committing overlap.
 
+pub mod jobs;
+
 use chrono::Utc;
 use serde::Serialize;
 use serde_json::{Map, Value};

@@ -19,6 +19,7 @@ use log_writer::LogWriter;
 use metrics::Metrics;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tandem_store::Store;
@@ -38,12 +39,18 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Tells the resolver the log has grown.
     pub wakeup: Arc<resolve::Wakeup>,
+    pub imports: Arc<import::jobs::ImportJobs>,
 }
 
 impl AppState {
     /// Builds the shared state and starts the log writer thread, which stops
-    /// once the state (every clone of it) is dropped.
-    pub fn start(store: Arc<dyn Store>, dedup_window: Duration) -> (AppState, std::thread::JoinHandle<()>) {
+    /// once the state (every clone of it) is dropped. Uploaded imports are
+    /// spooled to `import_dir`, with their reject files.
+    pub fn start(
+        store: Arc<dyn Store>,
+        dedup_window: Duration,
+        import_dir: PathBuf,
+    ) -> (AppState, std::thread::JoinHandle<()>) {
         let metrics = Metrics::new();
         let wakeup = Arc::new(resolve::Wakeup::default());
         let (log, writer_thread) = LogWriter::spawn(store.clone(), dedup_window, metrics.clone(), wakeup.clone());
@@ -54,6 +61,7 @@ impl AppState {
             log,
             metrics,
             wakeup,
+            imports: Arc::new(import::jobs::ImportJobs::new(import_dir)),
         };
         (state, writer_thread)
     }
@@ -68,6 +76,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(tracking)
         .merge(profile::routes())
+        .merge(import::jobs::routes())
         .route("/health", get(ops::health))
         .route("/metrics", get(ops::metrics))
         .fallback(ops::not_found)
@@ -82,6 +91,8 @@ pub fn router(state: AppState) -> Router {
 pub struct ServerOptions {
     pub listen: SocketAddr,
     pub dedup_window: Duration,
+    /// Where uploaded imports and their reject files are kept.
+    pub import_dir: PathBuf,
 }
 
 /// The server could not start or stopped abnormally.
@@ -108,7 +119,7 @@ pub async fn start(store: Arc<dyn Store>, options: &ServerOptions) -> Result<Run
         .await
         .map_err(|source| ServeError::Bind { address: options.listen, source })?;
     let local_addr = listener.local_addr()?;
-    let (state, writer_thread) = AppState::start(store, options.dedup_window);
+    let (state, writer_thread) = AppState::start(store, options.dedup_window, options.import_dir.clone());
     Ok(Running { local_addr, listener, state, writer_thread, dedup_window: options.dedup_window })
 }
 

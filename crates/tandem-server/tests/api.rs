@@ -27,7 +27,7 @@ impl Harness {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
         let source = store.create_source("website", SourceKind::Website).unwrap();
-        let (state, _writer) = AppState::start(store.clone(), DEFAULT_DEDUP_WINDOW);
+        let (state, _writer) = AppState::start(store.clone(), DEFAULT_DEDUP_WINDOW, dir.path().join("imports"));
         Harness { _dir: dir, store, app: router(state), source }
     }
 
@@ -400,7 +400,7 @@ mod profiles {
     use super::*;
     use tandem_server::resolve::{Resolver, DEFAULT_BATCH};
 
-    async fn get(harness: &Harness, path: &str, token: Option<&str>) -> (StatusCode, Value) {
+    pub(super) async fn get(harness: &Harness, path: &str, token: Option<&str>) -> (StatusCode, Value) {
         let mut request = Request::get(path);
         if let Some(token) = token {
             request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
@@ -517,5 +517,226 @@ mod profiles {
         assert_eq!((status, error_of(&body)), (StatusCode::BAD_REQUEST, ("missing_field", Some("identifier"))));
         let (status, _) = get(&harness, "/api/v1/profiles/prof_99/events", Some(&token)).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+}
+
+mod imports {
+    use super::profiles::get;
+    use super::*;
+    use tandem_server::resolve::{Resolver, DEFAULT_BATCH};
+
+    const BOUNDARY: &str = "tandem-test-boundary";
+
+    fn example(path: &str) -> String {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+        std::fs::read_to_string(root.join(path)).unwrap()
+    }
+
+    /// A multipart/form-data body; a part with a file name is a file.
+    fn multipart(parts: &[(&str, Option<&str>, &str)]) -> String {
+        let mut body = String::new();
+        for (name, file_name, content) in parts {
+            body.push_str(&format!("--{BOUNDARY}\r\n"));
+            match file_name {
+                Some(file_name) => body.push_str(&format!(
+                    "Content-Disposition: form-data; name=\"{name}\"; filename=\"{file_name}\"\r\n\
+                     Content-Type: application/octet-stream\r\n\r\n"
+                )),
+                None => body.push_str(&format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n")),
+            }
+            body.push_str(content);
+            body.push_str("\r\n");
+        }
+        body.push_str(&format!("--{BOUNDARY}--\r\n"));
+        body
+    }
+
+    async fn upload(harness: &Harness, token: &str, parts: &[(&str, Option<&str>, &str)]) -> (StatusCode, Value) {
+        let request = Request::post("/api/v1/imports")
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(header::CONTENT_TYPE, format!("multipart/form-data; boundary={BOUNDARY}"))
+            .body(Body::from(multipart(parts)))
+            .unwrap();
+        harness.send(request).await
+    }
+
+    /// Uploads a file and waits for its job to finish.
+    async fn import(harness: &Harness, token: &str, source: &str, file: &str, mapping: &str) -> Value {
+        let file_name = file.rsplit('/').next().unwrap();
+        let (status, job) = upload(
+            harness,
+            token,
+            &[
+                ("source", None, source),
+                ("mapping", None, &example(mapping)),
+                ("file", Some(file_name), &example(file)),
+            ],
+        )
+        .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+        let id = job["id"].as_str().unwrap().to_owned();
+        for _ in 0..200 {
+            let (status, job) = get(harness, &format!("/api/v1/imports/{id}"), Some(token)).await;
+            assert_eq!(status, StatusCode::OK);
+            if job["status"] != "running" {
+                return job;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("import job {id} did not finish");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_silo_and_the_website_join_into_one_customer() {
+        let harness = Harness::new();
+        let token = harness.store.create_token("test").unwrap().1;
+        for (source, file, mapping) in [
+            ("orders", "data/orders.csv", "mappings/orders.toml"),
+            ("product", "data/product_usage.jsonl", "mappings/product_usage.toml"),
+            ("helpdesk", "data/support_tickets.csv", "mappings/support_tickets.toml"),
+            ("crm", "data/crm_contacts.csv", "mappings/crm_contacts.toml"),
+            ("leads", "data/leads.csv", "mappings/leads.toml"),
+        ] {
+            harness.store.create_source(source, SourceKind::Import).unwrap();
+            let job = import(&harness, &token, source, file, mapping).await;
+            assert_eq!(job["status"], "succeeded", "{job}");
+            assert_eq!(job["counts"]["rejected"], 0, "{source}: {job}");
+            assert!(job["counts"]["imported"].as_u64().unwrap() >= 2, "{source}: {job}");
+        }
+        // Ann browsed the website anonymously, then logged in.
+        let (status, _) = harness
+            .post_json(
+                "/v1/batch",
+                json!({"batch": [
+                    {"type": "page", "anonymousId": "web-anon-9", "name": "Pricing"},
+                    {"type": "identify", "anonymousId": "web-anon-9", "userId": "u-ann"}
+                ]}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        let store: Arc<dyn Store> = harness.store.clone();
+        Resolver::load(store).unwrap().catch_up(DEFAULT_BATCH).unwrap();
+
+        let (status, ann) = get(&harness, "/api/v1/profiles?identifier=anonymous_id:web-anon-9", Some(&token)).await;
+        assert_eq!(status, StatusCode::OK);
+        let identifiers: Vec<String> = ann["identifiers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|identifier| {
+                format!("{}:{}", identifier["type"].as_str().unwrap(), identifier["value"].as_str().unwrap())
+            })
+            .collect();
+        for expected in
+            ["user_id:u-ann", "email:ann.lee@example.com", "crm_id:c-9001", "zendesk_id:zd-77", "phone:+49301234567"]
+        {
+            assert!(identifiers.contains(&expected.to_owned()), "{expected} missing from {identifiers:?}");
+        }
+        assert_eq!(ann["traits"]["company"], "Lee Consulting");
+        // Web page + identify, 2 orders, 2 feature uses, 2 ticket events, CRM identify.
+        assert_eq!(ann["event_counts"], json!({"page": 1, "identify": 2, "track": 6}), "{ann}");
+        // Dan is known to the CRM and the lead form by e-mail only.
+        let (_, dan) = get(&harness, "/api/v1/profiles?identifier=email:dan@example.com", Some(&token)).await;
+        assert_eq!(dan["event_counts"], json!({"identify": 1, "track": 1}), "{dan}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reimports_add_nothing_and_rejects_can_be_fetched() {
+        let harness = Harness::new();
+        let token = harness.store.create_token("test").unwrap().1;
+        harness.store.create_source("orders", SourceKind::Import).unwrap();
+        let first = import(&harness, &token, "orders", "data/orders.csv", "mappings/orders.toml").await;
+        assert_eq!((first["counts"]["imported"].as_u64(), first["counts"]["duplicates"].as_u64()), (Some(3), Some(0)));
+        let again = import(&harness, &token, "orders", "data/orders.csv", "mappings/orders.toml").await;
+        assert_eq!((again["counts"]["imported"].as_u64(), again["counts"]["duplicates"].as_u64()), (Some(0), Some(3)));
+
+        let bad = "order_id,customer_id,email,ordered_at,total,currency,items,coupon\n\
+                   o-9,u-9,x@example.com,not a date,1,EUR,1,\n";
+        let (status, job) = upload(
+            &harness,
+            &token,
+            &[
+                ("file", Some("bad.csv"), bad),
+                ("mapping", None, &example("mappings/orders.toml")),
+                ("source", None, "orders"),
+            ],
+        )
+        .await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        let id = job["id"].as_str().unwrap();
+        let mut job = job.clone();
+        while job["status"] == "running" {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            job = get(&harness, &format!("/api/v1/imports/{id}"), Some(&token)).await.1;
+        }
+        assert_eq!(job["counts"]["rejected"], 1);
+        assert_eq!(job["first_rejects"][0]["line"], 2);
+        assert_eq!(job["first_rejects"][0]["column"], "ordered_at");
+        let request = Request::get(format!("/api/v1/imports/{id}/rejects"))
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Body::empty())
+            .unwrap();
+        let (status, rejects) = harness.send(request).await;
+        assert_eq!(status, StatusCode::OK);
+        let rejects = rejects.as_str().unwrap();
+        assert!(rejects.starts_with("line,column,reason,record\n2,ordered_at,"), "{rejects}");
+    }
+
+    #[tokio::test]
+    async fn bad_uploads_are_refused_naming_the_part() {
+        let harness = Harness::new();
+        let token = harness.store.create_token("test").unwrap().1;
+        harness.store.create_source("orders", SourceKind::Import).unwrap();
+        let mapping = example("mappings/orders.toml");
+        let file = example("data/orders.csv");
+
+        let (status, body) =
+            upload(&harness, &token, &[("source", None, "orders"), ("file", Some("o.csv"), &file)]).await;
+        assert_eq!((status, error_of(&body)), (StatusCode::BAD_REQUEST, ("missing_field", Some("mapping"))));
+        let (status, body) = upload(
+            &harness,
+            &token,
+            &[("source", None, "orders"), ("mapping", None, "type = \"track\"\n"), ("file", Some("o.csv"), &file)],
+        )
+        .await;
+        assert_eq!(
+            (status, error_of(&body)),
+            (StatusCode::UNPROCESSABLE_ENTITY, ("invalid_mapping", Some("mapping.event")))
+        );
+        let (status, body) = upload(
+            &harness,
+            &token,
+            &[("source", None, "nope"), ("mapping", None, &mapping), ("file", Some("o.csv"), &file)],
+        )
+        .await;
+        assert_eq!((status, error_of(&body)), (StatusCode::NOT_FOUND, ("source_not_found", Some("source"))));
+        let (status, body) = upload(
+            &harness,
+            &token,
+            &[("source", None, "orders"), ("mapping", None, &mapping), ("file", Some("orders.xlsx"), &file)],
+        )
+        .await;
+        assert_eq!((status, error_of(&body)), (StatusCode::BAD_REQUEST, ("missing_field", Some("format"))));
+        let (status, body) = upload(&harness, "tdm_wrong", &[("source", None, "orders")]).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::UNAUTHORIZED, "invalid_token"));
+        let (status, body) = get(&harness, "/api/v1/imports/imp_missing", Some(&token)).await;
+        assert_eq!((status, error_of(&body)), (StatusCode::NOT_FOUND, ("import_not_found", Some("id"))));
+
+        let missing_column = "order_id,customer_id,ordered_at\no-1,u-1,2026-01-01\n";
+        let (status, job) = upload(
+            &harness,
+            &token,
+            &[("source", None, "orders"), ("mapping", None, &mapping), ("file", Some("o.csv"), missing_column)],
+        )
+        .await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        let id = job["id"].as_str().unwrap();
+        let mut job = job.clone();
+        while job["status"] == "running" {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            job = get(&harness, &format!("/api/v1/imports/{id}"), Some(&token)).await.1;
+        }
+        assert_eq!(job["status"], "failed");
+        assert!(job["error"].as_str().unwrap().contains("email"), "{job}");
     }
 }

@@ -253,7 +253,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn serve(settings: &Settings, store: SqliteStore) -> anyhow::Result<()> {
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
-    let options = tandem_server::ServerOptions { listen: settings.listen, dedup_window: settings.dedup_window };
+    let options = tandem_server::ServerOptions {
+        listen: settings.listen,
+        dedup_window: settings.dedup_window,
+        import_dir: settings.data_dir.join("imports"),
+    };
     tracing::info!(data = %settings.data_dir.display(), "opened the store");
     if store.list_sources()?.is_empty() {
         tracing::info!("no sources yet: create one with `tandem source create NAME` to get a write key");
