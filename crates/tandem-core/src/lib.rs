@@ -12,6 +12,7 @@ pub mod mapping;
 pub mod profile;
 pub mod resolve;
 pub mod source;
+pub mod webhook;
 
 pub use event::{Event, EventType, LogRecord};
 pub use identity::{Identifier, IdentityRules};

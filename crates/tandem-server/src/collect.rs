@@ -220,7 +220,7 @@ async fn read_authenticated(
     Ok((body, header_source))
 }
 
-fn count(state: &AppState, outcome: &IngestOutcome) {
+pub(crate) fn count(state: &AppState, outcome: &IngestOutcome) {
     state.metrics.count_events("stored", u64::from(outcome.stored));
     state.metrics.count_events("duplicate", u64::from(outcome.duplicates));
     state.metrics.count_events("rejected", u64::from(outcome.quarantined));
@@ -273,7 +273,12 @@ async fn quarantine_unreadable(state: &AppState, source: Option<Source>, body: &
 }
 
 /// Reads the body within `limit` bytes, before and after gzip decompression.
-async fn read_body(body: Body, headers: &HeaderMap, limit: usize, too_large: ErrorCode) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+    too_large: ErrorCode,
+) -> Result<Bytes, ApiError> {
     let too_large =
         || ApiError::new(too_large, format!("body is larger than the limit of {limit} bytes")).with_field("body");
     let declared_length = headers

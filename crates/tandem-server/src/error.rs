@@ -30,6 +30,7 @@ pub enum ErrorCode {
     SourceNotFound,
     ImportNotFound,
     InvalidSignature,
+    InvalidVerifyToken,
     MissingToken,
     InvalidToken,
     MethodNotAllowed,
@@ -58,6 +59,7 @@ impl ErrorCode {
             ErrorCode::SourceNotFound => "source_not_found",
             ErrorCode::ImportNotFound => "import_not_found",
             ErrorCode::InvalidSignature => "invalid_signature",
+            ErrorCode::InvalidVerifyToken => "invalid_verify_token",
             ErrorCode::MissingToken => "missing_token",
             ErrorCode::InvalidToken => "invalid_token",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
@@ -86,6 +88,7 @@ impl ErrorCode {
             | ErrorCode::SourceNotFound
             | ErrorCode::ImportNotFound => StatusCode::NOT_FOUND,
             ErrorCode::InvalidMapping => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::InvalidVerifyToken => StatusCode::FORBIDDEN,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::RequestTooLarge | ErrorCode::MessageTooLarge | ErrorCode::TooManyMessages => {
                 StatusCode::PAYLOAD_TOO_LARGE

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod ops;
 pub mod profile;
 pub mod resolve;
+pub mod webhook;
 
 use auth::SourceDirectory;
 use axum::routing::get;
@@ -77,6 +78,7 @@ pub fn router(state: AppState) -> Router {
         .merge(tracking)
         .merge(profile::routes())
         .merge(import::jobs::routes())
+        .merge(webhook::routes())
         .route("/health", get(ops::health))
         .route("/metrics", get(ops::metrics))
         .fallback(ops::not_found)

@@ -740,3 +740,143 @@ mod imports {
         assert!(job["error"].as_str().unwrap().contains("email"), "{job}");
     }
 }
+
+mod webhooks {
+    use super::*;
+    use tandem_core::mapping::Mapping;
+    use tandem_core::webhook::{sign, WebhookFormat, WebhookSettings};
+
+    const SECRET: &str = "app-secret-42";
+
+    fn hook(harness: &Harness, name: &str, format: WebhookFormat, secret: Option<&str>) -> Source {
+        harness.store.create_source(name, SourceKind::Webhook).unwrap();
+        let mapping = (format == WebhookFormat::Generic).then(|| {
+            Mapping::from_toml(
+                "event = \"Form Submitted\"\nrow_key = \"id\"\n[identifiers]\nemail = \"contact.email\"\n[properties]\nform = \"form\"",
+            )
+            .unwrap()
+        });
+        let settings = WebhookSettings {
+            format,
+            secret: secret.map(str::to_owned),
+            verify_token: Some("verify-me".into()),
+            mapping,
+        };
+        harness.store.set_webhook(name, &settings).unwrap()
+    }
+
+    async fn deliver(harness: &Harness, source: &Source, body: &str, signature: Option<String>) -> (StatusCode, Value) {
+        let mut request = Request::post(format!("/v1/webhooks/{}", source.id));
+        if let Some(signature) = signature {
+            request = request.header("X-Hub-Signature-256", signature);
+        }
+        harness.send(request.body(Body::from(body.to_owned())).unwrap()).await
+    }
+
+    fn events_named(harness: &Harness, name: &str) -> Vec<Value> {
+        harness
+            .store
+            .read_log(LogPosition(0), 100)
+            .unwrap()
+            .into_iter()
+            .map(|entry| serde_json::from_str::<Value>(&entry.payload).unwrap())
+            .filter(|event| event["event"] == name)
+            .collect()
+    }
+
+    const LEAD: &str = r#"{"object":"page","entry":[{"id":"p1","time":1789000000,"changes":[{"field":"leadgen","value":{"leadgen_id":"9001","form_id":"f1","page_id":"p1","created_time":1789000000,"field_data":[{"name":"email","values":["erin@example.com"]}]}}]}]}"#;
+
+    #[tokio::test]
+    async fn signed_lead_notifications_become_lead_submitted_once() {
+        let harness = Harness::new();
+        let leads = hook(&harness, "fb-leads", WebhookFormat::FacebookLeads, Some(SECRET));
+        let (status, body) = deliver(&harness, &leads, LEAD, Some(sign(SECRET, LEAD.as_bytes()))).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!((body["accepted"].as_u64(), body["stored"].as_u64()), (Some(1), Some(1)));
+        let (_, again) = deliver(&harness, &leads, LEAD, Some(sign(SECRET, LEAD.as_bytes()))).await;
+        assert_eq!(again["duplicates"], 1, "a redelivery is stored once");
+        let events = events_named(&harness, "Lead Submitted");
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0]["properties"]["leadgen_id"], "9001");
+        assert_eq!(events[0]["context"]["traits"]["email"], "erin@example.com");
+        assert_eq!(events[0]["sourceId"], leads.id.as_str());
+    }
+
+    #[tokio::test]
+    async fn bad_or_missing_signatures_are_refused_and_nothing_is_stored() {
+        let harness = Harness::new();
+        let leads = hook(&harness, "fb-leads", WebhookFormat::FacebookLeads, Some(SECRET));
+        let (status, body) = deliver(&harness, &leads, LEAD, Some(sign("not-the-secret", LEAD.as_bytes()))).await;
+        assert_eq!(
+            (status, error_of(&body)),
+            (StatusCode::UNAUTHORIZED, ("invalid_signature", Some("x-hub-signature-256")))
+        );
+        let (status, body) = deliver(&harness, &leads, LEAD, None).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::UNAUTHORIZED, "invalid_signature"));
+        let tampered = LEAD.replace("9001", "9002");
+        let (status, _) = deliver(&harness, &leads, &tampered, Some(sign(SECRET, LEAD.as_bytes()))).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(harness.store.read_log(LogPosition(0), 10).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn malformed_deliveries_are_400_naming_the_field() {
+        let harness = Harness::new();
+        let leads = hook(&harness, "fb-leads", WebhookFormat::FacebookLeads, None);
+        let (status, body) = deliver(&harness, &leads, "{not json", None).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::BAD_REQUEST, "invalid_json"));
+        let (status, body) = deliver(&harness, &leads, r#"{"object":"page","entry":"x"}"#, None).await;
+        assert_eq!((status, error_of(&body)), (StatusCode::BAD_REQUEST, ("invalid_request", Some("entry"))));
+        let no_id = r#"{"object":"page","entry":[{"changes":[{"field":"leadgen","value":{"form_id":"f"}}]}]}"#;
+        let (status, body) = deliver(&harness, &leads, no_id, None).await;
+        assert_eq!((status, error_of(&body)), (StatusCode::BAD_REQUEST, ("invalid_value", Some("leadgen_id"))));
+        let (status, body) =
+            harness.send(Request::post("/v1/webhooks/src_unknown").body(Body::from(LEAD)).unwrap()).await;
+        assert_eq!((status, error_of(&body)), (StatusCode::NOT_FOUND, ("source_not_found", Some("source_id"))));
+        assert_eq!(harness.store.list_quarantine(0, 10).unwrap().len(), 1, "the refused lead is kept in quarantine");
+    }
+
+    #[tokio::test]
+    async fn the_subscription_handshake_echoes_the_challenge_for_the_right_token() {
+        let harness = Harness::new();
+        let leads = hook(&harness, "fb-leads", WebhookFormat::FacebookLeads, Some(SECRET));
+        let path = |token: &str| {
+            format!("/v1/webhooks/{}?hub.mode=subscribe&hub.challenge=1158201444&hub.verify_token={token}", leads.id)
+        };
+        let (status, body) = harness.send(Request::get(path("verify-me")).body(Body::empty()).unwrap()).await;
+        assert_eq!((status, body), (StatusCode::OK, json!(1158201444)));
+        let (status, body) = harness.send(Request::get(path("guess")).body(Body::empty()).unwrap()).await;
+        assert_eq!(
+            (status, error_of(&body)),
+            (StatusCode::FORBIDDEN, ("invalid_verify_token", Some("hub.verify_token")))
+        );
+    }
+
+    #[tokio::test]
+    async fn social_mentions_and_generic_payloads_are_stored_with_partial_rejections() {
+        let harness = Harness::new();
+        let social = hook(&harness, "social", WebhookFormat::SocialMentions, None);
+        let mentions = json!({"mentions": [
+            {"platform": "twitter", "author": {"handle": "@ann_lee"}, "text": "Support fixed my invoice in an hour, great!",
+             "url": "https://x.example/ann_lee/1", "time": "2026-10-03T12:00:00Z"},
+            {"platform": "twitter", "text": "who am I"}
+        ]})
+        .to_string();
+        let (status, body) = deliver(&harness, &social, &mentions, None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["accepted"], 1);
+        assert_eq!(body["rejected"][0]["index"], 1);
+        assert_eq!(body["rejected"][0]["field"], "author.handle");
+        let stored = events_named(&harness, "Social Mention");
+        assert_eq!(stored[0]["properties"]["text"], "Support fixed my invoice in an hour, great!");
+        assert_eq!(stored[0]["context"]["externalIds"][0]["type"], "twitter_handle");
+
+        let forms = hook(&harness, "forms", WebhookFormat::Generic, None);
+        let form = json!({"id": "sub-1", "form": "contact", "contact": {"email": "Dan@Example.com"}}).to_string();
+        let (status, body) = deliver(&harness, &forms, &form, None).await;
+        assert_eq!((status, body["stored"].as_u64()), (StatusCode::OK, Some(1)));
+        assert_eq!(events_named(&harness, "Form Submitted")[0]["properties"]["form"], "contact");
+        let (status, body) = deliver(&harness, &forms, &json!({"id": "sub-2", "form": "x"}).to_string(), None).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::BAD_REQUEST, "invalid_value"));
+    }
+}

@@ -12,6 +12,7 @@ pub mod suite;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use tandem_core::source::SourceError;
+use tandem_core::webhook::WebhookSettings;
 use tandem_core::{
     EventType, Identifier, IdentityChange, IdentityRules, LogPosition, LogRecord, MessageId, Profile, ProfileId,
     Source, SourceId, SourceKind, WriteKey,
@@ -188,6 +189,12 @@ pub trait Store: Send + Sync + 'static {
     fn create_source(&self, name: &str, kind: SourceKind) -> Result<Source, StoreError>;
 
     fn list_sources(&self) -> Result<Vec<Source>, StoreError>;
+
+    /// Makes the named source take webhooks with these settings.
+    fn set_webhook(&self, name: &str, settings: &WebhookSettings) -> Result<Source, StoreError>;
+
+    /// A source that takes webhooks, with its settings; `None` for any other id.
+    fn webhook(&self, id: &SourceId) -> Result<Option<(Source, WebhookSettings)>, StoreError>;
 
     fn source_by_write_key(&self, write_key: &WriteKey) -> Result<Option<Source>, StoreError>;
 

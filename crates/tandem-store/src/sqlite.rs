@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use tandem_core::source::validate_source_name;
+use tandem_core::webhook::WebhookSettings;
 use tandem_core::{
     EventType, Identifier, IdentityRules, LogPosition, MessageId, Profile, ProfileId, Source, SourceId, SourceKind,
     WriteKey,
@@ -109,10 +110,11 @@ const MIGRATIONS: &[&str] = &[
     );",
     // 3: message ids kept for good (imports, webhooks) stay out of the
     // pruner's index: they all share one stamp, and indexing them would make
-    // every imported row a second random B-tree insert.
+    // every imported row a second random B-tree insert. Webhook settings.
     "DROP INDEX message_ids_by_received_at;
     CREATE INDEX message_ids_by_received_at ON message_ids (received_at)
-        WHERE received_at < 9223372036854775807;",
+        WHERE received_at < 9223372036854775807;
+    ALTER TABLE sources ADD COLUMN webhook TEXT;",
 ];
 
 /// The `received_at` of a message id kept for good ([`Dedup::Forever`]).
@@ -249,6 +251,31 @@ impl Store for SqliteStore {
                 return Err(StoreError::SourceExists(source.name.clone()));
             }
             Ok(source.clone())
+        })
+    }
+
+    fn set_webhook(&self, name: &str, settings: &WebhookSettings) -> Result<Source, StoreError> {
+        let source = self.source_by_name(name)?;
+        let text = serde_json::to_string(settings).map_err(|error| StoreError::Backend(Box::new(error)))?;
+        self.with_writer(|connection| {
+            connection.execute("UPDATE sources SET webhook = ?1 WHERE id = ?2", params![text, source.id.as_str()])?;
+            Ok(())
+        })?;
+        Ok(source)
+    }
+
+    fn webhook(&self, id: &SourceId) -> Result<Option<(Source, WebhookSettings)>, StoreError> {
+        self.with_reader(|connection| {
+            let mut statement =
+                connection.prepare_cached(&format!("SELECT {SOURCE_COLUMNS}, webhook FROM sources WHERE id = ?1"))?;
+            let found = statement
+                .query_row([id.as_str()], |row| Ok((source_from_row(row)?, row.get::<_, Option<String>>(5)?)))
+                .optional()?;
+            let Some((source, Some(text))) = found else {
+                return Ok(None);
+            };
+            let settings = serde_json::from_str(&text).map_err(|error| StoreError::Backend(Box::new(error)))?;
+            Ok(Some((source, settings)))
         })
     }
 

@@ -24,7 +24,8 @@ macro_rules! store_test_suite {
             stats_count_per_source_and_type,
             concurrent_appends_are_all_kept,
             identity_commits_round_trip_and_refuse_stale_writers,
-            tokens_verify_by_secret_only
+            tokens_verify_by_secret_only,
+            webhook_settings_round_trip
         );
     };
     (@cases $make:expr; $($case:ident),*) => {
@@ -365,4 +366,28 @@ pub fn tokens_verify_by_secret_only(store: &impl Store) {
     assert_eq!(store.verify_token(&secret).unwrap(), Some(info.clone()));
     assert_eq!(store.verify_token("tdm_wrong").unwrap(), None);
     assert_eq!(store.verify_token(&info.id).unwrap(), None, "a token's id is not its secret");
+}
+
+pub fn webhook_settings_round_trip(store: &impl Store) {
+    use tandem_core::webhook::{WebhookFormat, WebhookSettings};
+    let leads = store.create_source("fb-leads", SourceKind::Webhook).unwrap();
+    let plain = store.create_source("web", SourceKind::Website).unwrap();
+    assert_eq!(store.webhook(&leads.id).unwrap(), None, "no settings yet");
+    let settings = WebhookSettings {
+        format: WebhookFormat::FacebookLeads,
+        secret: Some("app-secret-123".into()),
+        verify_token: Some("verify-me".into()),
+        mapping: None,
+    };
+    assert_eq!(store.set_webhook("fb-leads", &settings).unwrap().id, leads.id);
+    assert_eq!(store.webhook(&leads.id).unwrap(), Some((leads.clone(), settings)));
+    assert_eq!(store.webhook(&plain.id).unwrap(), None);
+    assert_eq!(store.webhook(&SourceId::new("src_nope")).unwrap(), None);
+    assert!(matches!(
+        store.set_webhook(
+            "nope",
+            &WebhookSettings { format: WebhookFormat::SocialMentions, secret: None, verify_token: None, mapping: None }
+        ),
+        Err(StoreError::SourceNotFound(_))
+    ));
 }

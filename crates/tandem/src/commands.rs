@@ -5,6 +5,7 @@ use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use std::io::Write;
 use std::sync::Arc;
+use tandem_core::webhook::WebhookSettings;
 use tandem_core::{Identifier, IdentityChange, LogPosition, Profile, ProfileId, Source, SourceKind};
 use tandem_server::profile::{history_json, profile_json};
 use tandem_server::resolve::{self, Repair, Resolver};
@@ -33,17 +34,50 @@ pub fn create_source(
     store: &impl Store,
     name: &str,
     kind: SourceKind,
+    webhook: Option<&WebhookSettings>,
     as_json: bool,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
     let source = store.create_source(name, kind)?;
+    if let Some(settings) = webhook {
+        store.set_webhook(&source.name, settings)?;
+    }
     if as_json {
-        writeln!(out, "{}", source_json(&source))?;
+        let mut shown = source_json(&source);
+        if let Some(settings) = webhook {
+            shown["webhook"] = json!({"format": settings.format, "path": webhook_path(&source)});
+        }
+        writeln!(out, "{shown}")?;
     } else {
         writeln!(out, "created source {:?} ({})", source.name, source.kind)?;
         writeln!(out, "  id         {}", source.id)?;
         writeln!(out, "  write key  {}", source.write_key)?;
+        if let Some(settings) = webhook {
+            writeln!(out, "  webhook    POST {} ({})", webhook_path(&source), settings.format)?;
+        }
     }
+    Ok(())
+}
+
+fn webhook_path(source: &Source) -> String {
+    format!("/v1/webhooks/{}", source.id)
+}
+
+pub fn set_webhook(
+    store: &impl Store,
+    name: &str,
+    settings: &WebhookSettings,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let source = store.set_webhook(name, settings)?;
+    let signed = if settings.secret.is_some() { "signed deliveries only" } else { "unsigned deliveries accepted" };
+    writeln!(
+        out,
+        "source {:?} takes {} webhooks at POST {} ({signed})",
+        source.name,
+        settings.format,
+        webhook_path(&source)
+    )?;
     Ok(())
 }
 

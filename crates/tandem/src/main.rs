@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use config::{Config, LogFormat, Settings};
 use std::sync::Arc;
+use tandem_core::webhook::{WebhookFormat, WebhookSettings};
 use tandem_core::SourceKind;
 use tandem_store::{SqliteStore, Store};
 
@@ -78,9 +79,23 @@ enum SourceCommand {
         /// website, app, backend, import or webhook
         #[arg(long, default_value = "backend")]
         kind: SourceKind,
+        /// Make it a webhook source taking this payload: generic, facebook-leads or social-mentions
+        #[arg(long, value_name = "FORMAT")]
+        webhook: Option<WebhookFormat>,
+        #[command(flatten)]
+        webhook_settings: WebhookArgs,
         /// Print one JSON object
         #[arg(long)]
         json: bool,
+    },
+    /// Change how a source takes webhooks
+    Webhook {
+        name: String,
+        /// generic, facebook-leads or social-mentions
+        #[arg(long, value_name = "FORMAT")]
+        format: WebhookFormat,
+        #[command(flatten)]
+        settings: WebhookArgs,
     },
     /// List every source
     List {
@@ -88,6 +103,39 @@ enum SourceCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// A webhook source's secret, verify token and mapping.
+#[derive(clap::Args, Debug)]
+struct WebhookArgs {
+    /// Shared secret: deliveries must carry X-Hub-Signature-256 (HMAC-SHA256 of the body)
+    #[arg(long)]
+    secret: Option<String>,
+    /// The verify token Facebook sends when subscribing the webhook
+    #[arg(long)]
+    verify_token: Option<String>,
+    /// The mapping (TOML) of a generic webhook's payload
+    #[arg(long, value_name = "FILE")]
+    mapping: Option<std::path::PathBuf>,
+}
+
+impl WebhookArgs {
+    fn settings(self, format: WebhookFormat) -> anyhow::Result<WebhookSettings> {
+        let mapping = match &self.mapping {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read the mapping {}", path.display()))?;
+                Some(
+                    tandem_core::mapping::Mapping::from_toml(&text)
+                        .with_context(|| format!("mapping {} is not usable", path.display()))?,
+                )
+            }
+            None => None,
+        };
+        let settings = WebhookSettings { format, secret: self.secret, verify_token: self.verify_token, mapping };
+        settings.validate().context("webhook settings are not usable")?;
+        Ok(settings)
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -200,8 +248,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match cli.command {
         Command::Serve => serve(&settings, open()?),
-        Command::Source(SourceCommand::Create { name, kind, json }) => {
-            commands::create_source(&open()?, &name, kind, json, &mut out)
+        Command::Source(SourceCommand::Create { name, kind, webhook, webhook_settings, json }) => {
+            let webhook = webhook.map(|format| webhook_settings.settings(format)).transpose()?;
+            let kind = if webhook.is_some() { SourceKind::Webhook } else { kind };
+            commands::create_source(&open()?, &name, kind, webhook.as_ref(), json, &mut out)
+        }
+        Command::Source(SourceCommand::Webhook { name, format, settings }) => {
+            commands::set_webhook(&open()?, &name, &settings.settings(format)?, &mut out)
         }
         Command::Source(SourceCommand::List { json }) => commands::list_sources(&open()?, json, &mut out),
         Command::Events(EventsCommand::List { limit, after, json }) => {
