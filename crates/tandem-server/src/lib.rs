@@ -126,6 +126,11 @@ pub async fn start(store: Arc<dyn Store>, options: &ServerOptions) -> Result<Run
 }
 
 impl Running {
+    /// The state the server will serve, for loading data before it does.
+    pub fn state(&self) -> AppState {
+        self.state.clone()
+    }
+
     /// Serves until `shutdown` resolves, then stops accepting, finishes the
     /// requests in flight, and waits for the log writer to commit them.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {

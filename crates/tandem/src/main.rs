@@ -4,6 +4,7 @@
 
 mod commands;
 mod config;
+mod demo;
 mod import;
 
 use anyhow::Context;
@@ -46,6 +47,16 @@ enum Command {
     /// Identity rules and repairs
     #[command(subcommand)]
     Identity(IdentityCommand),
+    /// Create a realistic synthetic company and serve it: web and app behaviour, orders, product
+    /// usage, tickets, CRM contacts, leads and social mentions (data in ./tandem-demo unless --data)
+    Demo {
+        /// Customers the company has
+        #[arg(long, default_value_t = demo::DEFAULT_CUSTOMERS)]
+        customers: usize,
+        /// The same seed gives the same company
+        #[arg(long, default_value_t = demo::DEFAULT_SEED)]
+        seed: u64,
+    },
     /// Import a silo's export (CSV or JSON Lines, optionally gzipped) into the log
     Import {
         /// The file to import
@@ -248,6 +259,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match cli.command {
         Command::Serve => serve(&settings, open()?),
+        Command::Demo { customers, seed } => {
+            let mut settings = settings.clone();
+            if settings.data_dir == std::path::Path::new(config::DEFAULT_DATA_DIR) {
+                settings.data_dir = std::path::PathBuf::from(demo::DEFAULT_DATA_DIR);
+            }
+            let store = SqliteStore::open(&settings.data_dir)
+                .with_context(|| format!("opening the store in {}", settings.data_dir.display()))?;
+            run_demo(&settings, store, customers, seed)
+        }
         Command::Source(SourceCommand::Create { name, kind, webhook, webhook_settings, json }) => {
             let webhook = webhook.map(|format| webhook_settings.settings(format)).transpose()?;
             let kind = if webhook.is_some() { SourceKind::Webhook } else { kind };
@@ -303,14 +323,62 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn serve(settings: &Settings, store: SqliteStore) -> anyhow::Result<()> {
-    let runtime =
-        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
-    let options = tandem_server::ServerOptions {
+fn server_options(settings: &Settings) -> tandem_server::ServerOptions {
+    tandem_server::ServerOptions {
         listen: settings.listen,
         dedup_window: settings.dedup_window,
         import_dir: settings.data_dir.join("imports"),
-    };
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}
+
+/// Loads the demo company (once per data directory), brings profiles up to
+/// date, prints where to look, then serves like `tandem serve`.
+fn run_demo(settings: &Settings, store: SqliteStore, customers: usize, seed: u64) -> anyhow::Result<()> {
+    let store: Arc<dyn Store> = Arc::new(store);
+    let options = server_options(settings);
+    runtime()?.block_on(async {
+        let running = tandem_server::start(store.clone(), &options).await?;
+        let mut out = std::io::stdout();
+        let company = demo::generate(seed, customers);
+        if demo::already_loaded(&store)? {
+            eprintln!("the demo company is already in {}; serving it", settings.data_dir.display());
+        } else {
+            eprintln!(
+                "generating a company of {customers} customers (seed {seed}) into {}",
+                settings.data_dir.display()
+            );
+            let started = std::time::Instant::now();
+            let loaded = demo::load(&running.state(), &company, &settings.data_dir.join("demo-files")).await?;
+            eprintln!(
+                "sent {} events through the tracking API, imported {} rows, delivered {} webhook events in {:.1} s",
+                loaded.tracked,
+                loaded.imported,
+                loaded.delivered,
+                started.elapsed().as_secs_f64()
+            );
+        }
+        let resolving = store.clone();
+        let started = std::time::Instant::now();
+        tokio::task::spawn_blocking(move || {
+            let mut resolver = tandem_server::resolve::Resolver::load(resolving)?;
+            resolver.catch_up(tandem_server::resolve::DEFAULT_BATCH)
+        })
+        .await??;
+        eprintln!("profiles up to date in {:.1} s", started.elapsed().as_secs_f64());
+        let (_, token) = store.create_token("demo")?;
+        demo::walkthrough(&mut out, store.as_ref(), &company, running.local_addr, &settings.data_dir, &token)?;
+        running.serve(tandem_server::shutdown_signal()).await?;
+        anyhow::Ok(())
+    })
+}
+
+fn serve(settings: &Settings, store: SqliteStore) -> anyhow::Result<()> {
+    let runtime = runtime()?;
+    let options = server_options(settings);
     tracing::info!(data = %settings.data_dir.display(), "opened the store");
     if store.list_sources()?.is_empty() {
         tracing::info!("no sources yet: create one with `tandem source create NAME` to get a write key");
