@@ -134,15 +134,9 @@ fn main() -> anyhow::Result<()> {
 fn write_orders(path: &std::path::Path, options: &Options) -> anyhow::Result<u64> {
     let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
     writeln!(out, "order_id,customer_id,email,ordered_at,total,currency,items,coupon,skus,status,shipping_city")?;
-    let mut state = 0x5eed_u64;
-    let mut next = || {
-        // SplitMix64: deterministic, so every run imports the same file.
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
+    // Deterministic, so every run imports the same file.
+    let mut random = tandem_core::random::Random::new(0x5eed);
+    let mut next = || random.next_u64();
     let start = chrono::DateTime::parse_from_rfc3339("2025-01-01T00:00:00Z").expect("a valid time").timestamp();
     for row in 0..options.rows {
         let customer = next() % options.customers;

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 use tandem_core::collect::{normalize_message, BatchDefaults, IdRequirement, RequestContext};
+use tandem_core::random::Random;
 use tandem_core::SourceKind;
 use tandem_server::resolve::{Resolver, DEFAULT_BATCH};
 use tandem_store::{IngestBatch, SqliteStore, Store};
@@ -31,23 +32,6 @@ struct Options {
     /// Share of people who use a second e-mail address
     #[arg(long, default_value_t = 0.1)]
     second_email_share: f64,
-}
-
-/// A small deterministic generator (SplitMix64), so every run sees the same stream.
-struct Random(u64);
-
-impl Random {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, bound: u64) -> u64 {
-        self.next() % bound
-    }
 }
 
 /// The `n`-th event of the stream.
@@ -113,7 +97,7 @@ fn main() -> anyhow::Result<()> {
         client_ip: Some("127.0.0.1"),
         ids: IdRequirement::UserOrAnonymousId,
     };
-    let mut random = Random(42);
+    let mut random = Random::new(42);
     let mut seen = vec![0u8; options.people as usize];
     let filling = Instant::now();
     let mut written = 0;

@@ -10,6 +10,7 @@ pub mod identity;
 pub mod ids;
 pub mod mapping;
 pub mod profile;
+pub mod random;
 pub mod resolve;
 pub mod source;
 pub mod webhook;

@@ -170,6 +170,27 @@ struct Chunk {
     rows_read: u64,
 }
 
+impl Chunk {
+    fn empty() -> Chunk {
+        Chunk { records: Vec::with_capacity(ROWS_PER_BATCH), rejects: Vec::new(), rows_read: 0 }
+    }
+
+    /// Sends the chunk once it holds a batch's rows; `false` when nobody
+    /// listens any more (the import stopped).
+    fn send_when_full(&mut self, sender: &Sender) -> bool {
+        if (self.rows_read as usize) < ROWS_PER_BATCH {
+            return true;
+        }
+        sender.send(Ok(std::mem::replace(self, Chunk::empty()))).is_ok()
+    }
+
+    fn send_rest(self, sender: &Sender) {
+        if self.rows_read > 0 {
+            let _ = sender.send(Ok(self));
+        }
+    }
+}
+
 /// A refused row as it was in the file, for the reject file.
 enum RawRow {
     Fields(Vec<String>),
@@ -314,9 +335,9 @@ fn read_csv(input: Box<dyn BufRead + Send + '_>, mapper: &RowMapper<'_>, sender:
     }
     let columns: HashMap<String, usize> =
         names.iter().enumerate().rev().map(|(index, name)| ((*name).to_owned(), index)).collect();
-    let mut chunk = Chunk { records: Vec::with_capacity(ROWS_PER_BATCH), rejects: Vec::new(), rows_read: 0 };
+    let mut chunk = Chunk::empty();
+    // One buffer, moved between its byte and text forms, so rows are not allocated anew.
     let mut bytes = csv::ByteRecord::new();
-    let mut record = csv::StringRecord::new();
     loop {
         match reader.read_byte_record(&mut bytes) {
             Ok(false) => break,
@@ -324,7 +345,7 @@ fn read_csv(input: Box<dyn BufRead + Send + '_>, mapper: &RowMapper<'_>, sender:
             Err(error) => return Err(csv_error(&error, reader.position().line())),
         }
         let line = bytes.position().map_or(0, csv::Position::line);
-        record = csv::StringRecord::from_byte_record(std::mem::take(&mut bytes)).map_err(|error| {
+        let record = csv::StringRecord::from_byte_record(std::mem::take(&mut bytes)).map_err(|error| {
             let column = error.utf8_error().field();
             let name = names.get(column).copied().unwrap_or("?");
             ImportError::Malformed { line, message: format!("column {name} is not valid UTF-8") }
@@ -338,21 +359,11 @@ fn read_csv(input: Box<dyn BufRead + Send + '_>, mapper: &RowMapper<'_>, sender:
             )),
         }
         bytes = record.into_byte_record();
-        record = csv::StringRecord::new();
-        if chunk.rows_read as usize >= ROWS_PER_BATCH {
-            let full = std::mem::replace(
-                &mut chunk,
-                Chunk { records: Vec::with_capacity(ROWS_PER_BATCH), rejects: Vec::new(), rows_read: 0 },
-            );
-            if sender.send(Ok(full)).is_err() {
-                return Ok(());
-            }
+        if !chunk.send_when_full(sender) {
+            return Ok(());
         }
     }
-    drop(record);
-    if chunk.rows_read > 0 {
-        let _ = sender.send(Ok(chunk));
-    }
+    chunk.send_rest(sender);
     Ok(())
 }
 
@@ -374,7 +385,7 @@ fn read_jsonl(
     mapper: &RowMapper<'_>,
     sender: &Sender,
 ) -> Result<(), ImportError> {
-    let mut chunk = Chunk { records: Vec::with_capacity(ROWS_PER_BATCH), rejects: Vec::new(), rows_read: 0 };
+    let mut chunk = Chunk::empty();
     let mut raw = Vec::new();
     let mut line = 0u64;
     let mut checked_columns = false;
@@ -413,19 +424,11 @@ fn read_jsonl(
                 RawRow::Line(text.to_owned()),
             )),
         }
-        if chunk.rows_read as usize >= ROWS_PER_BATCH {
-            let full = std::mem::replace(
-                &mut chunk,
-                Chunk { records: Vec::with_capacity(ROWS_PER_BATCH), rejects: Vec::new(), rows_read: 0 },
-            );
-            if sender.send(Ok(full)).is_err() {
-                return Ok(());
-            }
+        if !chunk.send_when_full(sender) {
+            return Ok(());
         }
     }
-    if chunk.rows_read > 0 {
-        let _ = sender.send(Ok(chunk));
-    }
+    chunk.send_rest(sender);
     Ok(())
 }
 

@@ -21,6 +21,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;
 use tandem_core::mapping::Mapping;
+use tandem_core::random::Random;
 use tandem_core::webhook::{WebhookFormat, WebhookSettings};
 use tandem_core::{Source, SourceKind};
 use tandem_server::import::{run_import, FileFormat, ImportRequest};
@@ -156,35 +157,9 @@ pub const TICKETS_MAPPING: &str = include_str!("../../../examples/mappings/suppo
 pub const CRM_MAPPING: &str = include_str!("../../../examples/mappings/crm_contacts.toml");
 pub const LEADS_MAPPING: &str = include_str!("../../../examples/mappings/leads.toml");
 
-/// SplitMix64: small, fast and the same on every platform, so a seed is a dataset.
-struct Random(u64);
-
-impl Random {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, bound: u64) -> u64 {
-        self.next() % bound
-    }
-
-    /// True with probability `percent` / 100.
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
-    }
-
-    /// A moment in the demo's history, in seconds.
-    fn moment(&mut self) -> i64 {
-        HISTORY_START + self.below(HISTORY_DAYS * 86_400) as i64
-    }
+/// A moment in the demo's history, in seconds.
+fn moment(random: &mut Random) -> i64 {
+    HISTORY_START + random.below(HISTORY_DAYS * 86_400) as i64
 }
 
 fn iso(seconds: i64) -> String {
@@ -277,7 +252,7 @@ impl Tracking {
 
 /// Builds a demo company of `customers` customers; the same seed gives the same company.
 pub fn generate(seed: u64, customers: usize) -> Company {
-    let mut random = Random(seed);
+    let mut random = Random::new(seed);
     let mut expected = Expected { customers: customers as u64, ..Expected::default() };
     let mut tracking = Tracking::default();
     let mut orders = String::from("order_id,customer_id,email,ordered_at,total,currency,items,coupon\n");
@@ -316,7 +291,7 @@ pub fn generate(seed: u64, customers: usize) -> Company {
         let browsers = 1 + random.below(2);
         for browser in 0..browsers {
             let anonymous_id = format!("anon-{index}-{browser}");
-            let mut time = random.moment();
+            let mut time = moment(&mut random);
             for _ in 0..(2 + random.below(4)) {
                 let (name, path) = random.pick(&PAGES);
                 tracking.push(
@@ -360,7 +335,7 @@ pub fn generate(seed: u64, customers: usize) -> Company {
                 if device_id.starts_with("family-") && family.is_none() && index % FAMILY_EVERY == 5 {
                     family = Some((user_id.clone(), people[index + 1].user_id.clone().unwrap_or_default()));
                 }
-                let mut time = random.moment();
+                let mut time = moment(&mut random);
                 for _ in 0..(1 + random.below(4)) {
                     tracking.push(
                         "app",
@@ -384,7 +359,7 @@ pub fn generate(seed: u64, customers: usize) -> Company {
                     orders,
                     "o{order_number:07},{user_id},{},{},{}.{:02},EUR,{},{coupon}",
                     email_variant(&mut random, &person.email),
-                    iso(random.moment()),
+                    iso(moment(&mut random)),
                     cents / 100,
                     cents % 100,
                     1 + random.below(4),
@@ -400,7 +375,7 @@ pub fn generate(seed: u64, customers: usize) -> Company {
                     &json!({"usage_id": format!("pu-{usage_number}"),
                             "account": {"user_id": user_id, "plan": random.pick(&["free", "pro", "team"])},
                             "device": device_id, "feature": random.pick(&FEATURES),
-                            "used_at": random.moment(), "duration_s": 5 + random.below(1_800)})
+                            "used_at": moment(&mut random), "duration_s": 5 + random.below(1_800)})
                     .to_string(),
                 );
                 usage.push('\n');
@@ -411,7 +386,7 @@ pub fn generate(seed: u64, customers: usize) -> Company {
         if showcase || random.chance(25) {
             ticket_number += 1;
             let (subject, body, answer) = random.pick(&TICKETS);
-            let opened = random.moment();
+            let opened = moment(&mut random);
             let email = email_variant(&mut random, &person.email);
             let priority = random.pick(&["low", "normal", "high"]);
             let channel = random.pick(&["email", "chat", "phone"]);
@@ -446,7 +421,7 @@ pub fn generate(seed: u64, customers: usize) -> Company {
             person.last,
             csv_field(random.pick(&COMPANIES)),
             if random.chance(60) { "yes" } else { "no" },
-            &iso(random.moment())[..10],
+            &iso(moment(&mut random))[..10],
             person.twitter.as_deref().unwrap_or(""),
         );
 
@@ -460,7 +435,7 @@ pub fn generate(seed: u64, customers: usize) -> Company {
                 person.first,
                 person.last,
                 random.pick(&CAMPAIGNS),
-                iso(random.moment())
+                iso(moment(&mut random))
             );
         }
 
@@ -469,7 +444,7 @@ pub fn generate(seed: u64, customers: usize) -> Company {
             if showcase || random.chance(40) {
                 mentions.push(json!({"platform": "twitter", "author": {"handle": format!("@{handle}"), "name": format!("{} {}", person.first, person.last)},
                     "text": random.pick(&MENTIONS), "url": format!("https://social.example/{handle}/{}", random.below(1_000_000)),
-                    "time": iso(random.moment())}));
+                    "time": iso(moment(&mut random))}));
             }
         }
     }
@@ -487,7 +462,7 @@ pub fn generate(seed: u64, customers: usize) -> Company {
                 "facebook-leads",
                 json!({"object": "page", "entry": [{"id": "page-1", "time": HISTORY_START, "changes": [{"field": "leadgen",
                     "value": {"leadgen_id": format!("fb-{prospect}"), "form_id": "autumn-form", "page_id": "page-1", "ad_id": format!("ad-{}", random.below(20)),
-                              "created_time": random.moment(),
+                              "created_time": moment(&mut random),
                               "field_data": [{"name": "email", "values": [email_variant(&mut random, &email)]},
                                              {"name": "full_name", "values": [format!("{first} {last}")]}]}}]}]}),
             ));
@@ -498,7 +473,7 @@ pub fn generate(seed: u64, customers: usize) -> Company {
                 "l{lead_number:06},{},,{first} {last},{},demo-request,{}",
                 email_variant(&mut random, &email),
                 random.pick(&CAMPAIGNS),
-                iso(random.moment())
+                iso(moment(&mut random))
             );
         }
         if random.chance(40) {
@@ -506,7 +481,7 @@ pub fn generate(seed: u64, customers: usize) -> Company {
                 crm,
                 "p{prospect:06},{},,{first},{last},,lead,no,{},",
                 email_variant(&mut random, &email),
-                &iso(random.moment())[..10]
+                &iso(moment(&mut random))[..10]
             );
         }
     }
@@ -517,7 +492,7 @@ pub fn generate(seed: u64, customers: usize) -> Company {
         for _ in 0..(1 + random.below(2)) {
             mentions.push(json!({"platform": "twitter", "author": {"handle": format!("@fan_{stranger}")},
                 "text": random.pick(&MENTIONS), "url": format!("https://social.example/fan_{stranger}/{}", random.below(1_000_000)),
-                "time": iso(random.moment())}));
+                "time": iso(moment(&mut random))}));
         }
     }
     for chunk in mentions.chunks(100) {
