@@ -27,6 +27,7 @@ pub enum ErrorCode {
     ProfileNotFound,
     InvalidIdentifier,
     InvalidMapping,
+    MalformedFile,
     SourceNotFound,
     ImportNotFound,
     InvalidSignature,
@@ -56,6 +57,7 @@ impl ErrorCode {
             ErrorCode::ProfileNotFound => "profile_not_found",
             ErrorCode::InvalidIdentifier => "invalid_identifier",
             ErrorCode::InvalidMapping => "invalid_mapping",
+            ErrorCode::MalformedFile => "malformed_file",
             ErrorCode::SourceNotFound => "source_not_found",
             ErrorCode::ImportNotFound => "import_not_found",
             ErrorCode::InvalidSignature => "invalid_signature",
@@ -77,7 +79,8 @@ impl ErrorCode {
             | ErrorCode::InvalidType
             | ErrorCode::InvalidValue
             | ErrorCode::InvalidEncoding
-            | ErrorCode::InvalidIdentifier => StatusCode::BAD_REQUEST,
+            | ErrorCode::InvalidIdentifier
+            | ErrorCode::MalformedFile => StatusCode::BAD_REQUEST,
             ErrorCode::MissingWriteKey
             | ErrorCode::InvalidWriteKey
             | ErrorCode::MissingToken

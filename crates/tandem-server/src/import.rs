@@ -206,14 +206,7 @@ pub fn run_import(
 ) -> Result<ImportSummary, ImportError> {
     let started = Instant::now();
     let bytes_read = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let counting = CountingReader { inner: request.input, count: bytes_read.clone() };
-    let mut buffered = BufReader::with_capacity(256 * 1024, counting);
-    let gzipped = buffered.fill_buf().map(|start| start.starts_with(&[0x1f, 0x8b])).unwrap_or(false);
-    let input: Box<dyn BufRead + Send + '_> = if gzipped {
-        Box::new(BufReader::with_capacity(256 * 1024, flate2::read::MultiGzDecoder::new(buffered)))
-    } else {
-        Box::new(buffered)
-    };
+    let input = decompressed(CountingReader { inner: request.input, count: bytes_read.clone() });
 
     let ImportRequest { source, mapping, format, reject_path, .. } = request;
     let mut counts = ImportCounts::default();
@@ -283,6 +276,66 @@ pub fn run_import(
     })?;
     let reject_file = rejects.finish()?;
     Ok(ImportSummary { counts, reject_file, first_rejects, elapsed: started.elapsed() })
+}
+
+/// The file as text: gunzipped when its first bytes say gzip.
+fn decompressed<'a>(input: impl Read + Send + 'a) -> Box<dyn BufRead + Send + 'a> {
+    let mut buffered = BufReader::with_capacity(256 * 1024, input);
+    let gzipped = buffered.fill_buf().map(|start| start.starts_with(&[0x1f, 0x8b])).unwrap_or(false);
+    if gzipped {
+        Box::new(BufReader::with_capacity(256 * 1024, flate2::read::MultiGzDecoder::new(buffered)))
+    } else {
+        Box::new(buffered)
+    }
+}
+
+/// Checks the start of a file against its mapping without importing
+/// anything: a CSV header lacking a mapped column, or a JSON Lines file whose
+/// first record is not a JSON object with the mapped columns. Lets an upload
+/// be refused at once instead of failing as a job.
+pub fn preflight(input: impl Read + Send, format: FileFormat, mapping: &Mapping) -> Result<(), ImportError> {
+    let mut input = decompressed(input);
+    match format {
+        FileFormat::Csv => {
+            let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(input);
+            let header = reader.headers().map_err(|error| csv_error(&error, 1))?;
+            let names: Vec<&str> = header.iter().map(str::trim).collect();
+            let missing = mapping.missing_columns(&names);
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(ImportError::MissingColumns(missing.into_iter().map(str::to_owned).collect()))
+            }
+        }
+        FileFormat::Jsonl => {
+            let mut line = String::new();
+            let mut number = 0;
+            loop {
+                number += 1;
+                line.clear();
+                let read = input.read_line(&mut line).map_err(|_| ImportError::Malformed {
+                    line: number,
+                    message: "the line is not valid UTF-8".into(),
+                })?;
+                if read == 0 {
+                    return Ok(());
+                }
+                if line.trim().is_empty() {
+                    continue;
+                }
+                return match serde_json::from_str::<Value>(line.trim()) {
+                    Ok(Value::Object(object)) => check_first_object(mapping, &object, number),
+                    Ok(_) => {
+                        Err(ImportError::Malformed { line: number, message: "the line is not a JSON object".into() })
+                    }
+                    Err(error) => Err(ImportError::Malformed {
+                        line: number,
+                        message: format!("the line is not valid JSON: {error}"),
+                    }),
+                };
+            }
+        }
+    }
 }
 
 /// Turns records into log records with the import's fixed context.

@@ -723,21 +723,22 @@ mod imports {
         assert_eq!((status, error_of(&body)), (StatusCode::NOT_FOUND, ("import_not_found", Some("id"))));
 
         let missing_column = "order_id,customer_id,ordered_at\no-1,u-1,2026-01-01\n";
-        let (status, job) = upload(
+        let (status, body) = upload(
             &harness,
             &token,
             &[("source", None, "orders"), ("mapping", None, &mapping), ("file", Some("o.csv"), missing_column)],
         )
         .await;
-        assert_eq!(status, StatusCode::ACCEPTED);
-        let id = job["id"].as_str().unwrap();
-        let mut job = job.clone();
-        while job["status"] == "running" {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            job = get(&harness, &format!("/api/v1/imports/{id}"), Some(&token)).await.1;
-        }
-        assert_eq!(job["status"], "failed");
-        assert!(job["error"].as_str().unwrap().contains("email"), "{job}");
+        assert_eq!((status, error_of(&body)), (StatusCode::UNPROCESSABLE_ENTITY, ("invalid_mapping", Some("mapping"))));
+        assert!(body["error"]["message"].as_str().unwrap().contains("email"), "{body}");
+        let (status, body) = upload(
+            &harness,
+            &token,
+            &[("source", None, "orders"), ("mapping", None, &mapping), ("file", Some("o.jsonl"), "order_id,email\n")],
+        )
+        .await;
+        assert_eq!((status, error_of(&body)), (StatusCode::BAD_REQUEST, ("malformed_file", Some("file"))));
+        assert!(body["error"]["message"].as_str().unwrap().starts_with("line 1:"), "{body}");
     }
 }
 

@@ -224,6 +224,28 @@ async fn prepare(
                 ApiError::unavailable()
             }
         })?;
+    let checked_mapping = mapping.clone();
+    let checked_spool = spool.clone();
+    let checked = tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&checked_spool)
+            .map_err(|source| super::ImportError::Open { path: checked_spool.clone(), source })?;
+        super::preflight(file, format, &checked_mapping)
+    })
+    .await
+    .map_err(|_| ApiError::new(ErrorCode::Internal, "internal error"))?;
+    match checked {
+        Ok(()) => {}
+        Err(error @ super::ImportError::MissingColumns(_)) => {
+            return Err(ApiError::new(ErrorCode::InvalidMapping, error.to_string()).with_field("mapping"))
+        }
+        Err(error @ super::ImportError::Malformed { .. }) => {
+            return Err(ApiError::new(ErrorCode::MalformedFile, error.to_string()).with_field("file"))
+        }
+        Err(error) => {
+            tracing::error!(%error, "cannot read a spooled import");
+            return Err(ApiError::unavailable());
+        }
+    }
     let reject_path = reject_path_beside(&state.imports.directory.join(id), format);
     let job = state.imports.insert(Job {
         id: id.to_owned(),
