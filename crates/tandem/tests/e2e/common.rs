@@ -56,13 +56,20 @@ pub struct Server {
 
 impl Server {
     pub fn start(data: &Path) -> Server {
+        Server::run(data, &["serve"], Stdio::null())
+    }
+
+    /// Runs a serving command (`serve`, `demo …`) on a free port, its standard
+    /// output going to `stdout`, and waits until it answers.
+    pub fn run(data: &Path, command: &[&str], stdout: Stdio) -> Server {
         let port = free_port();
         let child = Command::new(BINARY)
             .arg("--data")
             .arg(data)
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(command)
             .env("TANDEM_LOG", "warn")
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();

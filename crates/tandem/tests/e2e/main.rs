@@ -5,5 +5,6 @@
 mod cli;
 mod common;
 mod crash;
+mod demo;
 mod import;
 mod sdk;
