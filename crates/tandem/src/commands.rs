@@ -83,12 +83,35 @@ pub fn set_webhook(
 
 pub fn list_sources(store: &impl Store, as_json: bool, out: &mut impl Write) -> anyhow::Result<()> {
     let sources = store.list_sources()?;
+    let mut webhooks = Vec::with_capacity(sources.len());
+    for source in &sources {
+        let settings = match source.kind {
+            SourceKind::Webhook => store.webhook(&source.id)?.map(|(_, settings)| settings),
+            _ => None,
+        };
+        webhooks.push(settings);
+    }
     if as_json {
-        writeln!(out, "{}", Value::Array(sources.iter().map(source_json).collect()))?;
+        let listed: Vec<Value> = sources
+            .iter()
+            .zip(&webhooks)
+            .map(|(source, webhook)| {
+                let mut shown = source_json(source);
+                if let Some(settings) = webhook {
+                    shown["webhook"] = json!({
+                        "format": settings.format,
+                        "path": webhook_path(source),
+                        "signed": settings.secret.is_some(),
+                    });
+                }
+                shown
+            })
+            .collect();
+        writeln!(out, "{}", Value::Array(listed))?;
         return Ok(());
     }
     writeln!(out, "{:<26} {:<24} {:<8} {:<34} CREATED", "ID", "NAME", "KIND", "WRITE KEY")?;
-    for source in &sources {
+    for (source, webhook) in sources.iter().zip(&webhooks) {
         writeln!(
             out,
             "{:<26} {:<24} {:<8} {:<34} {}",
@@ -98,6 +121,10 @@ pub fn list_sources(store: &impl Store, as_json: bool, out: &mut impl Write) -> 
             source.write_key,
             format_ms(source.created_at_ms)
         )?;
+        if let Some(settings) = webhook {
+            let signed = if settings.secret.is_some() { "signed" } else { "unsigned" };
+            writeln!(out, "  webhook: POST {} ({}, {signed})", webhook_path(source), settings.format)?;
+        }
     }
     Ok(())
 }

@@ -130,3 +130,40 @@ fn the_running_server_resolves_events_into_profiles_the_cli_and_api_show() {
     let explained = tandem(dir.path(), &["profile", "explain", "email:ann@example.com"]);
     assert!(explained.contains("attached user_id:ann, email:ann@example.com to prof_1"), "{explained}");
 }
+
+#[test]
+fn a_webhook_source_made_on_the_command_line_takes_signed_deliveries() {
+    let dir = tempfile::tempdir().unwrap();
+    let created: Value = serde_json::from_str(&tandem(
+        dir.path(),
+        &["source", "create", "fb-leads", "--webhook", "facebook-leads", "--secret", "app-secret-9", "--json"],
+    ))
+    .unwrap();
+    let path = created["webhook"]["path"].as_str().unwrap().to_owned();
+    assert_eq!(path, format!("/v1/webhooks/{}", created["id"].as_str().unwrap()));
+    let listed: Value = serde_json::from_str(&tandem(dir.path(), &["source", "list", "--json"])).unwrap();
+    assert_eq!(listed[0]["webhook"], json!({"format": "facebook_leads", "path": path, "signed": true}));
+
+    let server = Server::start(dir.path());
+    let body = json!({"object": "page", "entry": [{"changes": [{"field": "leadgen", "value": {"leadgen_id": "77", "form_id": "f"}}]}]})
+        .to_string();
+    let deliver = |signature: &str| {
+        let mut response = agent()
+            .post(&format!("{}{path}", server.url))
+            .header("X-Hub-Signature-256", signature)
+            .header("Content-Type", "application/json")
+            .send(&body)
+            .unwrap();
+        (response.status().as_u16(), response.body_mut().read_to_string().unwrap())
+    };
+    let (status, answer) = deliver(&tandem_core::webhook::sign("wrong-secret", body.as_bytes()));
+    assert_eq!(status, 401, "{answer}");
+    let (status, answer) = deliver(&tandem_core::webhook::sign("app-secret-9", body.as_bytes()));
+    assert_eq!(status, 200, "{answer}");
+    let logged = events(dir.path());
+    assert_eq!(logged.len(), 1);
+    assert_eq!(
+        (logged[0]["event"].as_str(), logged[0]["properties"]["leadgen_id"].as_str()),
+        (Some("Lead Submitted"), Some("77"))
+    );
+}
