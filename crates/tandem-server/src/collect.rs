@@ -77,11 +77,17 @@ fn client_ip(connect: Option<Extension<ConnectInfo<SocketAddr>>>) -> Option<Stri
     connect.map(|Extension(ConnectInfo(address))| address.ip().to_string())
 }
 
-fn finish(state: &AppState, route: &'static str, started: Instant, result: Result<Value, ApiError>) -> Response {
+/// Answers a collecting request (tracking call or webhook) and records its metrics.
+pub(crate) fn finish(
+    state: &AppState,
+    route: &'static str,
+    started: Instant,
+    result: Result<Value, ApiError>,
+) -> Response {
     let response = match result {
         Ok(body) => (StatusCode::OK, Json(body)).into_response(),
         Err(error) => {
-            tracing::debug!(route, code = error.code.as_str(), message = %error.message, "tracking request refused");
+            tracing::debug!(route, code = error.code.as_str(), message = %error.message, "collecting request refused");
             error.into_response()
         }
     };
@@ -175,18 +181,7 @@ async fn ingest_batch(
     if normalized.rejected.is_empty() {
         return Ok(json!({"success": true}));
     }
-    let rejected: Vec<Value> = normalized
-        .rejected
-        .iter()
-        .map(|refused| {
-            json!({
-                "index": refused.index,
-                "code": refused.rejection.code.as_str(),
-                "message": refused.rejection.message,
-                "field": refused.rejection.field,
-            })
-        })
-        .collect();
+    let rejected = rejected_json(&normalized.rejected);
     if normalized.events.is_empty() {
         let first = &normalized.rejected[0];
         let index = first.index.unwrap_or(0);
@@ -233,7 +228,22 @@ async fn append(state: &AppState, batch: IngestBatch) -> Result<IngestOutcome, A
     })
 }
 
-fn quarantine_record(source: &Source, received_at_ms: i64, refused: &RejectedMessage) -> QuarantineRecord {
+/// The refused messages as a response lists them.
+pub(crate) fn rejected_json(rejected: &[RejectedMessage]) -> Vec<Value> {
+    rejected
+        .iter()
+        .map(|refused| {
+            json!({
+                "index": refused.index,
+                "code": refused.rejection.code.as_str(),
+                "message": refused.rejection.message,
+                "field": refused.rejection.field,
+            })
+        })
+        .collect()
+}
+
+pub(crate) fn quarantine_record(source: &Source, received_at_ms: i64, refused: &RejectedMessage) -> QuarantineRecord {
     QuarantineRecord {
         source_id: source.id.clone(),
         received_at_ms,

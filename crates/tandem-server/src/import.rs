@@ -11,6 +11,7 @@
 
 pub mod jobs;
 
+use crate::log_writer::LogWriter;
 use chrono::Utc;
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 use tandem_core::collect::{normalize_message, BatchDefaults, IdRequirement, RequestContext};
 use tandem_core::mapping::{Cell, Mapping, Record, RowError};
 use tandem_core::{LogRecord, Source};
-use tandem_store::{Dedup, IngestBatch, IngestOutcome};
+use tandem_store::{Dedup, IngestBatch, IngestOutcome, Store};
 
 /// Rows per append: large enough that a commit's fsync is shared by many
 /// rows, small enough to keep memory flat and progress lively.
@@ -44,13 +45,10 @@ impl FileFormat {
     pub fn from_path(path: &Path) -> Option<FileFormat> {
         let name = path.file_name()?.to_str()?.to_ascii_lowercase();
         let name = name.strip_suffix(".gz").unwrap_or(&name);
-        match name.rsplit_once('.')?.1 {
-            "csv" => Some(FileFormat::Csv),
-            "jsonl" | "ndjson" | "json" => Some(FileFormat::Jsonl),
-            _ => None,
-        }
+        FileFormat::parse(name.rsplit_once('.')?.1)
     }
 
+    /// The format a name (`csv`, `jsonl`, `ndjson`, `json`) says.
     pub fn parse(name: &str) -> Option<FileFormat> {
         match name.to_ascii_lowercase().as_str() {
             "csv" => Some(FileFormat::Csv),
@@ -111,6 +109,25 @@ pub trait RowSink {
 impl<F: FnMut(IngestBatch) -> Result<IngestOutcome, String>> RowSink for F {
     fn append(&mut self, batch: IngestBatch) -> Result<IngestOutcome, String> {
         self(batch)
+    }
+}
+
+/// Straight to a store, as `tandem import` writes beside (or without) a server.
+pub struct StoreSink<'a, S: Store + ?Sized>(pub &'a S);
+
+impl<S: Store + ?Sized> RowSink for StoreSink<'_, S> {
+    fn append(&mut self, batch: IngestBatch) -> Result<IngestOutcome, String> {
+        let dedup_since_ms =
+            Utc::now().timestamp_millis() - i64::try_from(crate::DEFAULT_DEDUP_WINDOW.as_millis()).unwrap_or(i64::MAX);
+        self.0.append(&[batch], dedup_since_ms).map(|outcomes| outcomes[0]).map_err(|error| error.to_string())
+    }
+}
+
+/// Through the server's log writer, from a blocking thread of its runtime
+/// (imports run on `spawn_blocking`), so imported rows share its group commits.
+impl RowSink for LogWriter {
+    fn append(&mut self, batch: IngestBatch) -> Result<IngestOutcome, String> {
+        tokio::runtime::Handle::current().block_on(LogWriter::append(self, batch)).map_err(|error| error.to_string())
     }
 }
 
@@ -193,7 +210,9 @@ impl Chunk {
 
 /// A refused row as it was in the file, for the reject file.
 enum RawRow {
+    /// A CSV row's fields.
     Fields(Vec<String>),
+    /// A JSON Lines line.
     Line(String),
 }
 
@@ -210,7 +229,7 @@ pub fn run_import(
 
     let ImportRequest { source, mapping, format, reject_path, .. } = request;
     let mut counts = ImportCounts::default();
-    let mut rejects = RejectFile::new(reject_path, format);
+    let mut rejects = RejectFile::new(reject_path);
     let mut first_rejects = Vec::new();
     let (sender, receiver) = mpsc::sync_channel::<Result<Chunk, ImportError>>(2);
 
@@ -298,14 +317,7 @@ pub fn preflight(input: impl Read + Send, format: FileFormat, mapping: &Mapping)
     match format {
         FileFormat::Csv => {
             let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(input);
-            let header = reader.headers().map_err(|error| csv_error(&error, 1))?;
-            let names: Vec<&str> = header.iter().map(str::trim).collect();
-            let missing = mapping.missing_columns(&names);
-            if missing.is_empty() {
-                Ok(())
-            } else {
-                Err(ImportError::MissingColumns(missing.into_iter().map(str::to_owned).collect()))
-            }
+            checked_header(&mut reader, mapping).map(drop)
         }
         FileFormat::Jsonl => {
             let mut line = String::new();
@@ -380,12 +392,8 @@ type Sender = mpsc::SyncSender<Result<Chunk, ImportError>>;
 
 fn read_csv(input: Box<dyn BufRead + Send + '_>, mapper: &RowMapper<'_>, sender: &Sender) -> Result<(), ImportError> {
     let mut reader = csv::ReaderBuilder::new().has_headers(true).flexible(false).from_reader(input);
-    let header = reader.headers().map_err(|error| csv_error(&error, 1))?.clone();
+    let header = checked_header(&mut reader, mapper.mapping)?;
     let names: Vec<&str> = header.iter().map(str::trim).collect();
-    let missing = mapper.mapping.missing_columns(&names);
-    if !missing.is_empty() {
-        return Err(ImportError::MissingColumns(missing.into_iter().map(str::to_owned).collect()));
-    }
     let columns: HashMap<String, usize> =
         names.iter().enumerate().rev().map(|(index, name)| ((*name).to_owned(), index)).collect();
     let mut chunk = Chunk::empty();
@@ -418,6 +426,18 @@ fn read_csv(input: Box<dyn BufRead + Send + '_>, mapper: &RowMapper<'_>, sender:
     }
     chunk.send_rest(sender);
     Ok(())
+}
+
+/// The CSV header, once it is known to hold every column the mapping reads.
+fn checked_header<R: Read>(reader: &mut csv::Reader<R>, mapping: &Mapping) -> Result<csv::StringRecord, ImportError> {
+    let header = reader.headers().map_err(|error| csv_error(&error, 1))?.clone();
+    let names: Vec<&str> = header.iter().map(str::trim).collect();
+    let missing = mapping.missing_columns(&names);
+    if missing.is_empty() {
+        Ok(header)
+    } else {
+        Err(ImportError::MissingColumns(missing.into_iter().map(str::to_owned).collect()))
+    }
 }
 
 fn csv_error(error: &csv::Error, fallback_line: u64) -> ImportError {
@@ -504,41 +524,34 @@ fn check_first_object(mapping: &Mapping, object: &Map<String, Value>, line: u64)
 /// The reject file, opened at the first refused row.
 struct RejectFile {
     path: PathBuf,
-    format: FileFormat,
     writer: Option<BufWriter<File>>,
 }
 
 impl RejectFile {
-    fn new(path: PathBuf, format: FileFormat) -> Self {
-        RejectFile { path, format, writer: None }
+    fn new(path: PathBuf) -> Self {
+        RejectFile { path, writer: None }
     }
 
+    /// A CSV row is rejected as a CSV line under a header, a JSON line as JSON.
     fn write(&mut self, row: &RejectedRow, raw: RawRow) -> Result<(), ImportError> {
         let failed = |source| ImportError::Rejects { path: self.path.clone(), source };
         if self.writer.is_none() {
-            let file = File::create(&self.path).map_err(failed)?;
-            let mut writer = BufWriter::new(file);
-            if self.format == FileFormat::Csv {
+            let mut writer = BufWriter::new(File::create(&self.path).map_err(failed)?);
+            if matches!(raw, RawRow::Fields(_)) {
                 writer.write_all(b"line,column,reason,record\n").map_err(failed)?;
             }
             self.writer = Some(writer);
         }
         let writer = self.writer.as_mut().expect("opened above");
-        let line = match (self.format, raw) {
-            (FileFormat::Csv, raw) => {
-                let record = match raw {
-                    RawRow::Fields(fields) => csv_line(&fields),
-                    RawRow::Line(text) => text,
-                };
-                let fields = [row.line.to_string(), row.column.clone().unwrap_or_default(), row.reason.clone(), record];
-                csv_line(&fields)
-            }
-            (FileFormat::Jsonl, raw) => {
-                let record = match raw {
-                    RawRow::Line(text) => Value::String(text),
-                    RawRow::Fields(fields) => Value::from(fields),
-                };
-                serde_json::json!({"line": row.line, "column": row.column, "reason": row.reason, "record": record})
+        let line = match raw {
+            RawRow::Fields(fields) => csv_line(&[
+                row.line.to_string(),
+                row.column.clone().unwrap_or_default(),
+                row.reason.clone(),
+                csv_line(&fields),
+            ]),
+            RawRow::Line(text) => {
+                serde_json::json!({"line": row.line, "column": row.column, "reason": row.reason, "record": text})
                     .to_string()
             }
         };
@@ -617,10 +630,7 @@ mod tests {
                 input: Box::new(File::open(&input).unwrap()),
                 reject_path: reject_path_beside(&input, format),
             };
-            let mut sink = |batch: IngestBatch| {
-                self.store.append(&[batch], 0).map(|outcomes| outcomes[0]).map_err(|e| e.to_string())
-            };
-            run_import(request, &mut sink, &mut |_| {})
+            run_import(request, &mut StoreSink(&self.store), &mut |_| {})
         }
 
         fn events(&self) -> usize {

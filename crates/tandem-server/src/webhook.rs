@@ -9,19 +9,22 @@ use crate::error::{ApiError, ErrorCode};
 use crate::AppState;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Extension, Json, Router};
+use axum::{Extension, Router};
 use chrono::Utc;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Instant;
-use tandem_core::collect::{normalize_message, BatchDefaults, IdRequirement, RequestContext, MAX_REQUEST_BYTES};
+use tandem_core::collect::{
+    normalize_message, BatchDefaults, IdRequirement, RejectedMessage, Rejection, RejectionCode, RequestContext,
+    MAX_REQUEST_BYTES,
+};
 use tandem_core::webhook::{messages_for, verify_signature, WebhookSettings, SIGNATURE_HEADER};
 use tandem_core::{Source, SourceId};
-use tandem_store::{Dedup, IngestBatch, QuarantineRecord};
+use tandem_store::{Dedup, IngestBatch};
 
 pub fn routes() -> Router<AppState> {
     Router::new().route("/v1/webhooks/{source_id}", get(verify_subscription).post(deliver))
@@ -73,12 +76,7 @@ async fn deliver(
 ) -> Response {
     let started = Instant::now();
     let result = receive(&state, connect, source_id, &headers, body).await;
-    let response = match result {
-        Ok(body) => (StatusCode::OK, Json(body)).into_response(),
-        Err(error) => error.into_response(),
-    };
-    state.metrics.observe_request("/v1/webhooks", response.status().as_u16(), started.elapsed());
-    response
+    crate::collect::finish(&state, "/v1/webhooks", started, result)
 }
 
 async fn receive(
@@ -110,45 +108,40 @@ async fn receive(
         ids: IdRequirement::Mapped,
     };
     let mut batch = IngestBatch { dedup: Dedup::Forever, ..Default::default() };
-    let mut rejected = Vec::new();
+    let mut refused = Vec::new();
     for (index, message) in messages.into_iter().enumerate() {
-        let refusal = match message {
-            Ok(message) => {
-                let raw = Value::Object(message.clone()).to_string();
-                match normalize_message(message, None, &BatchDefaults::default(), &request) {
-                    Ok(event) => {
-                        batch.records.push(event.to_log_record());
-                        continue;
-                    }
-                    Err(rejection) => (rejection.field, rejection.message, rejection.code.as_str(), raw),
+        let rejection = match message {
+            Ok(message) => match normalize_message(message, None, &BatchDefaults::default(), &request) {
+                Ok(event) => {
+                    batch.records.push(event.to_log_record());
+                    continue;
                 }
-            }
-            Err(error) => (error.column, error.reason, "invalid_value", payload.to_string()),
+                Err(rejection) => rejection,
+            },
+            Err(error) => Rejection { code: RejectionCode::InvalidValue, field: error.column, message: error.reason },
         };
-        let (field, message, code, raw) = refusal;
-        rejected.push(json!({"index": index, "code": code, "field": field, "message": message}));
-        batch.rejected.push(QuarantineRecord {
-            source_id: source.id.clone(),
-            received_at_ms: received_at.timestamp_millis(),
-            batch_index: Some(index as u32),
-            code: code.to_owned(),
-            field,
-            message,
-            payload: raw,
+        // Quarantine keeps what the sender sent: the delivery.
+        refused.push(RejectedMessage {
+            index: Some(index),
+            raw: String::from_utf8_lossy(&body).into_owned(),
+            rejection,
         });
     }
+    let received_at_ms = received_at.timestamp_millis();
+    batch.rejected =
+        refused.iter().map(|message| crate::collect::quarantine_record(&source, received_at_ms, message)).collect();
+    let rejected = crate::collect::rejected_json(&refused);
     let accepted = batch.records.len();
     let outcome = state.log.append(batch).await.map_err(|error| {
         tracing::error!(%error, "webhook events could not be made durable");
         ApiError::unavailable()
     })?;
     crate::collect::count(state, &outcome);
-    if accepted == 0 && !rejected.is_empty() {
-        let first = rejected[0].clone();
-        let message = format!("no event in the delivery was accepted: {}", first["message"].as_str().unwrap_or(""));
+    if let (0, Some(first)) = (accepted, refused.first()) {
+        let message = format!("no event in the delivery was accepted: {}", first.rejection.message);
         let error = ApiError::new(ErrorCode::InvalidValue, message).with_extra("rejected", Value::Array(rejected));
-        return Err(match first["field"].as_str() {
-            Some(field) => error.with_field(field.to_owned()),
+        return Err(match &first.rejection.field {
+            Some(field) => error.with_field(field.clone()),
             None => error,
         });
     }

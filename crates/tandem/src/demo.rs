@@ -26,7 +26,7 @@ use tandem_core::webhook::{WebhookFormat, WebhookSettings};
 use tandem_core::{Source, SourceKind};
 use tandem_server::import::{run_import, FileFormat, ImportRequest};
 use tandem_server::AppState;
-use tandem_store::{IngestBatch, Store};
+use tandem_store::Store;
 use tower::ServiceExt;
 
 /// Where `tandem demo` keeps its data unless told otherwise, apart from a real store.
@@ -148,7 +148,6 @@ pub struct Company {
 pub struct Showcase {
     pub user_id: String,
     pub email: String,
-    pub crm_id: String,
 }
 
 pub const ORDERS_MAPPING: &str = include_str!("../../../examples/mappings/orders.toml");
@@ -512,11 +511,7 @@ pub fn generate(seed: u64, customers: usize) -> Company {
         files,
         webhooks,
         expected,
-        showcase: Showcase {
-            user_id: first.user_id.clone().unwrap_or_default(),
-            email: first.email.clone(),
-            crm_id: "c000000".into(),
-        },
+        showcase: Showcase { user_id: first.user_id.clone().unwrap_or_default(), email: first.email.clone() },
         family,
     }
 }
@@ -577,8 +572,7 @@ pub async fn load(state: &AppState, company: &Company, files_dir: &Path) -> anyh
         let source: Source = sources[file.source].clone();
         let mapping = Mapping::from_toml(file.mapping)?;
         let format = FileFormat::from_path(&path).context("demo files are csv or jsonl")?;
-        let log = state.log.clone();
-        let runtime = tokio::runtime::Handle::current();
+        let mut log = state.log.clone();
         let summary = tokio::task::spawn_blocking(move || {
             let request = ImportRequest {
                 source: &source,
@@ -587,8 +581,7 @@ pub async fn load(state: &AppState, company: &Company, files_dir: &Path) -> anyh
                 input: Box::new(std::fs::File::open(&path)?),
                 reject_path: tandem_server::import::reject_path_beside(&path, format),
             };
-            let mut sink = |batch: IngestBatch| runtime.block_on(log.append(batch)).map_err(|error| error.to_string());
-            anyhow::Ok(run_import(request, &mut sink, &mut |_| {})?)
+            anyhow::Ok(run_import(request, &mut log, &mut |_| {})?)
         })
         .await??;
         loaded.imported += summary.counts.imported;

@@ -8,8 +8,10 @@ use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tandem_core::mapping::Mapping;
-use tandem_server::import::{reject_path_beside, run_import, FileFormat, ImportCounts, ImportRequest, ImportSummary};
-use tandem_store::{Dedup, IngestBatch, Store};
+use tandem_server::import::{
+    reject_path_beside, run_import, FileFormat, ImportCounts, ImportRequest, ImportSummary, StoreSink,
+};
+use tandem_store::Store;
 
 /// How often plain progress lines are printed when stderr is not a terminal.
 const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(2);
@@ -49,14 +51,8 @@ pub fn import(store: &impl Store, args: ImportArgs<'_>, out: &mut impl Write) ->
         input: Box::new(file),
         reject_path: reject_path_beside(args.file, format),
     };
-    let mut sink = |batch: IngestBatch| {
-        debug_assert_eq!(batch.dedup, Dedup::Forever);
-        // Imported ids never expire, so the window does not matter here.
-        let since = chrono::Utc::now().timestamp_millis() - tandem_server::DEFAULT_DEDUP_WINDOW.as_millis() as i64;
-        store.append(std::slice::from_ref(&batch), since).map(|outcomes| outcomes[0]).map_err(|error| error.to_string())
-    };
     let mut progress = Progress::new(size);
-    let summary = run_import(request, &mut sink, &mut |counts| progress.update(counts));
+    let summary = run_import(request, &mut StoreSink(store), &mut |counts| progress.update(counts));
     progress.finish();
     let summary = summary.with_context(|| format!("import of {} stopped", args.file.display()))?;
     report(&summary, args.as_json, out)

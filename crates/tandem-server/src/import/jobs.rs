@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use tandem_core::mapping::Mapping;
-use tandem_store::{IngestBatch, StoreError};
+use tandem_store::StoreError;
 use tokio::io::AsyncWriteExt;
 
 /// The largest file one upload may carry.
@@ -265,7 +265,6 @@ async fn prepare(
 
 /// Runs on the blocking pool; appends through the log writer.
 fn run_job(state: AppState, job: Arc<Mutex<Job>>, parts: JobParts) {
-    let runtime = tokio::runtime::Handle::current();
     let outcome = std::fs::File::open(&parts.spool)
         .map_err(|source| super::ImportError::Open { path: parts.spool.clone(), source });
     let outcome = outcome.and_then(|file| {
@@ -276,10 +275,8 @@ fn run_job(state: AppState, job: Arc<Mutex<Job>>, parts: JobParts) {
             input: Box::new(file),
             reject_path: parts.reject_path.clone(),
         };
-        let log = state.log.clone();
-        let mut sink = |batch: IngestBatch| runtime.block_on(log.append(batch)).map_err(|error| error.to_string());
         let progress_job = job.clone();
-        run_import(request, &mut sink, &mut |counts| lock(&progress_job).counts = *counts)
+        run_import(request, &mut state.log.clone(), &mut |counts| lock(&progress_job).counts = *counts)
     });
     let _ = std::fs::remove_file(&parts.spool);
     let mut job = lock(&job);
