@@ -398,7 +398,19 @@ pub struct RulesChange {
     pub priority: Option<Vec<String>>,
     pub block_values: Vec<String>,
     pub block_patterns: Vec<String>,
+    /// `TYPE=REGEX`
+    pub block_type_patterns: Vec<String>,
+    pub placeholder_phones: Option<PlaceholderPhones>,
+    /// A region code, or `none`.
+    pub phone_region: Option<String>,
     pub identifiers: Vec<String>,
+}
+
+/// Whether placeholder phone numbers identify anyone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PlaceholderPhones {
+    Block,
+    Allow,
 }
 
 pub fn identity_rules(
@@ -423,6 +435,25 @@ pub fn identity_rules(
     if let Some(priority) = change.priority {
         rules.priority =
             priority.into_iter().map(|kind| kind.trim().to_owned()).filter(|kind| !kind.is_empty()).collect();
+        changed = true;
+    }
+    for addition in &change.block_type_patterns {
+        let Some((kind, pattern)) = addition.split_once('=') else {
+            bail!("--block-type-pattern must be TYPE=REGEX, got {addition:?}")
+        };
+        let patterns = rules.blocked_patterns_by_type.entry(kind.trim().to_ascii_lowercase()).or_default();
+        if !patterns.iter().any(|known| known == pattern) {
+            patterns.push(pattern.to_owned());
+            changed = true;
+        }
+    }
+    if let Some(placeholder_phones) = change.placeholder_phones {
+        rules.block_placeholder_phones = placeholder_phones == PlaceholderPhones::Block;
+        changed = true;
+    }
+    if let Some(region) = change.phone_region {
+        let region = region.trim();
+        rules.phone_region = (!region.eq_ignore_ascii_case("none")).then(|| region.to_ascii_uppercase());
         changed = true;
     }
     for (list, additions) in [

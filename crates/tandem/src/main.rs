@@ -219,6 +219,15 @@ enum IdentityCommand {
         /// A regular expression for values that never identify anyone (repeatable)
         #[arg(long = "block-pattern", value_name = "REGEX")]
         block_patterns: Vec<String>,
+        /// A regular expression for values of one type that never identify anyone, e.g. email='^info@' (repeatable)
+        #[arg(long = "block-type-pattern", value_name = "TYPE=REGEX")]
+        block_type_patterns: Vec<String>,
+        /// Whether phone numbers such as 111 111 1111 or 1234567890 identify anyone
+        #[arg(long, value_name = "block|allow")]
+        placeholder_phones: Option<commands::PlaceholderPhones>,
+        /// Region of phone numbers written without a country code, e.g. US or DE; "none" for international numbers only
+        #[arg(long, value_name = "REGION")]
+        phone_region: Option<String>,
         /// Declare a field as an identifier, e.g. traits.crm_id (repeatable)
         #[arg(long = "identifier", value_name = "PATH")]
         identifiers: Vec<String>,
@@ -313,11 +322,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             priority,
             block_values,
             block_patterns,
+            block_type_patterns,
+            placeholder_phones,
+            phone_region,
             identifiers,
             json,
         }) => {
-            let change =
-                commands::RulesChange { limits, default_limit, priority, block_values, block_patterns, identifiers };
+            let change = commands::RulesChange {
+                limits,
+                default_limit,
+                priority,
+                block_values,
+                block_patterns,
+                block_type_patterns,
+                placeholder_phones,
+                phone_region,
+                identifiers,
+            };
             commands::identity_rules(&open()?, change, json, &mut out)
         }
         Command::Identity(IdentityCommand::Unlink { profile, identifier }) => {
