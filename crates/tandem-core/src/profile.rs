@@ -99,27 +99,24 @@ impl Profile {
         self.first_seen_ms = self.first_seen_ms.min(stamp.timestamp_ms);
         self.last_seen_ms = self.last_seen_ms.max(stamp.timestamp_ms);
         *self.event_counts.entry(event.event_type.as_str().to_owned()).or_default() += 1;
+        // An identify call's own `traits` are what the caller meant to set:
+        // they go first, and a `context.traits` value for the same key, with
+        // the same stamp, does not replace them.
+        if let (EventType::Identify, Some(traits)) = (event.event_type, &event.traits) {
+            self.set_traits(traits, stamp);
+        }
         if let Some(Value::Object(traits)) = event.context.get("traits") {
             self.set_traits(traits, stamp);
         }
-        match event.event_type {
-            EventType::Identify => {
-                if let Some(traits) = &event.traits {
-                    self.set_traits(traits, stamp);
-                }
+        if let (EventType::Group, Some(group_id)) = (event.event_type, &event.group_id) {
+            let group = self.groups.entry(group_id.clone()).or_default();
+            for (key, value) in event.traits.iter().flatten() {
+                group.insert(key.clone(), value.clone());
             }
-            EventType::Group => {
-                if let Some(group_id) = &event.group_id {
-                    let group = self.groups.entry(group_id.clone()).or_default();
-                    for (key, value) in event.traits.iter().flatten() {
-                        group.insert(key.clone(), value.clone());
-                    }
-                }
-            }
-            _ => {}
         }
     }
 
+    /// Sets each trait unless a value with the same or a newer stamp is held.
     fn set_traits(&mut self, traits: &Map<String, Value>, stamp: Stamp) {
         for (key, value) in traits {
             let newer = self.trait_stamps.get(key).is_none_or(|current| stamp > *current);
@@ -189,5 +186,27 @@ mod tests {
         assert_eq!(first.traits, second.traits);
         assert_eq!(first.traits["plan"], "pro");
         assert_eq!(first.traits["city"], "Oslo");
+    }
+
+    /// Regression: in an identify call a `context.traits` value beat the
+    /// call's own `traits` value for the same key.
+    #[test]
+    fn regression_an_identify_calls_own_traits_beat_its_context_traits() {
+        use crate::collect::{normalize_message, BatchDefaults, IdRequirement, RequestContext};
+        let source = crate::SourceId::new("src");
+        let received_at = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+        let request =
+            RequestContext { source_id: &source, received_at, client_ip: None, ids: IdRequirement::UserOrAnonymousId };
+        let message = serde_json::json!({
+            "type": "identify", "userId": "ann",
+            "traits": {"plan": "pro"},
+            "context": {"traits": {"plan": "free", "city": "Oslo"}}
+        });
+        let serde_json::Value::Object(message) = message else { unreachable!() };
+        let event = normalize_message(message, None, &BatchDefaults::default(), &request).unwrap();
+        let mut profile = Profile::new(ProfileId(1));
+        profile.observe(&event, 1);
+        assert_eq!(profile.traits["plan"], "pro");
+        assert_eq!(profile.traits["city"], "Oslo", "context traits still fill keys the call did not set");
     }
 }
