@@ -4,8 +4,8 @@
 //! give the same graph, which is what makes replay, crash recovery and repair
 //! exact. The resolver stage persists what this module decides.
 
-use crate::event::Event;
-use crate::identity::{CompiledRules, Identifier};
+use crate::event::{Event, EventType};
+use crate::identity::{CompiledRules, Identifier, ANONYMOUS_ID, USER_ID};
 use crate::profile::{Profile, ProfileId};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -123,6 +123,9 @@ impl IdentityGraph {
     /// the rules allow, and records the event on that profile.
     pub fn resolve(&mut self, position: u64, event: &Event, rules: &CompiledRules) -> Resolution {
         let (mut identifiers, blocked) = rules.identifiers_of(event);
+        if event.event_type == EventType::Alias {
+            self.type_previous_id(event, rules, &mut identifiers);
+        }
         let mut dropped: Vec<(Identifier, String)> =
             blocked.into_iter().map(|(identifier, reason)| (identifier, reason.to_owned())).collect();
         // Drop the least important identifier until linking breaks no limit.
@@ -182,6 +185,35 @@ impl IdentityGraph {
         }
         resolution.profile = profile_id;
         resolution
+    }
+
+    /// An alias's `previousId` is whatever the person was known by before.
+    /// [`CompiledRules::identifiers_of`] offers it as an anonymous id; when a
+    /// profile holds it as a user id, it is that user id instead (and an
+    /// anonymous id as well only if a profile holds it as one too, or the
+    /// event's own `anonymousId` is the same value).
+    fn type_previous_id(&self, event: &Event, rules: &CompiledRules, identifiers: &mut Vec<Identifier>) {
+        let Some(previous) = event.previous_id.as_deref() else {
+            return;
+        };
+        let normalizer = rules.normalizer();
+        let (Some(as_user), Some(as_anonymous)) =
+            (normalizer.identifier(USER_ID, previous), normalizer.identifier(ANONYMOUS_ID, previous))
+        else {
+            return;
+        };
+        if !self.index.contains_key(&as_user) || rules.blocked(&as_user, previous).is_some() {
+            return;
+        }
+        let own_anonymous_id = event.anonymous_id.as_deref().and_then(|id| normalizer.identifier(ANONYMOUS_ID, id));
+        if !self.index.contains_key(&as_anonymous) && own_anonymous_id.as_ref() != Some(&as_anonymous) {
+            identifiers.retain(|identifier| identifier != &as_anonymous);
+        }
+        if !identifiers.contains(&as_user) {
+            identifiers.push(as_user);
+            // Stable: the call's own `userId` stays ahead of the previous one.
+            identifiers.sort_by_key(|identifier| rules.rank(&identifier.kind));
+        }
     }
 
     /// The identifier type whose limit linking `identifiers` would break, if
@@ -487,6 +519,41 @@ mod tests {
         );
         assert_eq!(graph.profile_count(), 2);
         assert_eq!(graph.profile(ProfileId(1)).unwrap().groups["acme"]["name"], "Acme");
+    }
+
+    /// Regression: `alias previousId=u1 userId=u2` attached a new
+    /// `anonymous_id:u1` to u2's profile instead of meeting `user_id:u1`.
+    #[test]
+    fn regression_an_alias_of_a_user_id_meets_that_user_id() {
+        let messages = [
+            json!({"type": "identify", "userId": "u1", "traits": {"plan": "free"}}),
+            json!({"type": "identify", "userId": "u2"}),
+            json!({"type": "alias", "previousId": "u1", "userId": "u2"}),
+        ];
+        // Under the default limit of one user id, the link is refused and recorded as a drop.
+        let mut graph = IdentityGraph::new();
+        let resolutions = run(&mut graph, &messages);
+        assert_eq!(graph.profile_count(), 2);
+        assert_eq!(identifiers_of(&graph, "user_id:u2"), vec!["user_id:u2"], "no anonymous_id:u1 was invented");
+        assert!(
+            resolutions[2].changes.iter().any(|change| matches!(change,
+                IdentityChange::Dropped { identifier, reason, .. } if identifier.to_string() == "user_id:u1" && reason.contains("limit of 1 user_id"))),
+            "{:?}",
+            resolutions[2].changes
+        );
+        // Under a higher limit the two users merge.
+        let rules =
+            IdentityRules { limits: [("user_id".to_owned(), 2)].into(), ..IdentityRules::default() }.compile().unwrap();
+        let mut graph = IdentityGraph::new();
+        for (index, message) in messages.iter().enumerate() {
+            graph.resolve(index as u64 + 1, &event(message.clone()), &rules);
+        }
+        assert_eq!(graph.profile_count(), 1);
+        assert_eq!(identifiers_of(&graph, "user_id:u1"), vec!["user_id:u1", "user_id:u2"]);
+        // An alias of an id nobody holds as a user id is an anonymous id, as before.
+        let mut graph = IdentityGraph::new();
+        run(&mut graph, &[json!({"type": "alias", "previousId": "visitor-9", "userId": "u3"})]);
+        assert_eq!(identifiers_of(&graph, "user_id:u3"), vec!["anonymous_id:visitor-9", "user_id:u3"]);
     }
 
     /// A small random population: users, anonymous ids, emails, devices.
