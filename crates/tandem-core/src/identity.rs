@@ -523,12 +523,19 @@ mod tests {
     fn regression_placeholder_phones_never_identify() {
         let rules = IdentityRules { phone_region: Some("US".into()), ..IdentityRules::default() }.compile().unwrap();
         let normalizer = rules.normalizer();
-        for sent in ["000-000-0000", "0000000000", "+1 111 111 1111", "+49 1234567890", "+44 7777 777777"] {
+        for sent in
+            ["000-000-0000", "0000000000", "+1 111 111 1111", "+49 1234567890", "+44 7777 777777", "+33 1 23 45 67 89"]
+        {
             let blocked = match normalizer.identifier(PHONE, sent) {
                 None => true,
                 Some(identifier) => rules.blocked(&identifier, sent).is_some(),
             };
             assert!(blocked, "{sent} must not identify anyone");
+        }
+        // Valid numbers by the metadata, caught as placeholders.
+        for sent in ["+44 7777 777777", "+33 1 23 45 67 89"] {
+            let identifier = normalizer.identifier(PHONE, sent).expect("a valid number");
+            assert_eq!(rules.blocked(&identifier, sent), Some("placeholder phone number"), "{sent}");
         }
         // The value as sent is checked too: a pattern on the written form
         // catches it whatever it normalizes to.
