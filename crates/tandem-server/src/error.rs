@@ -122,11 +122,22 @@ pub struct ApiError {
     pub message: String,
     pub field: Option<String>,
     pub extra: Option<(&'static str, Value)>,
+    /// Also put `code` and `message` at the top level of the body.
+    pub top_level_code: bool,
 }
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ApiError { code, message: message.into(), field: None, extra: None }
+        ApiError { code, message: message.into(), field: None, extra: None, top_level_code: false }
+    }
+
+    /// Repeats `code` and `message` at the top level, beside the `error`
+    /// object, as the tracking API answers: Segment's older libraries
+    /// (`analytics-python`) read them there, and without them take a
+    /// permanent refusal for a transient one and retry it.
+    pub fn with_top_level_code(mut self) -> Self {
+        self.top_level_code = true;
+        self
     }
 
     pub fn with_field(mut self, field: impl Into<String>) -> Self {
@@ -172,6 +183,10 @@ impl IntoResponse for ApiError {
         let mut body = json!({
             "error": {"code": self.code.as_str(), "message": self.message, "field": self.field}
         });
+        if self.top_level_code {
+            body["code"] = json!(self.code.as_str());
+            body["message"] = json!(self.message);
+        }
         if let Some((key, value)) = self.extra {
             body[key] = value;
         }

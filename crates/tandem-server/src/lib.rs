@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod collect;
 pub mod error;
+pub mod extract;
 pub mod import;
 pub mod log_writer;
 pub mod metrics;

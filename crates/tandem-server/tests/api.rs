@@ -881,3 +881,117 @@ mod webhooks {
         assert_eq!((status, error_of(&body).0), (StatusCode::BAD_REQUEST, "invalid_value"));
     }
 }
+
+/// One test per defect found by trying the edge with hostile and unlucky input.
+mod hardening {
+    use super::profiles::get;
+    use super::*;
+    use tandem_server::resolve::{Resolver, DEFAULT_BATCH};
+
+    fn resolve(harness: &Harness) {
+        let store: Arc<dyn Store> = harness.store.clone();
+        Resolver::load(store).unwrap().catch_up(DEFAULT_BATCH).unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_acknowledged_event_with_absurd_skew_never_reached_a_profile() {
+        let harness = Harness::new();
+        let (status, body) = harness
+            .post_json(
+                "/v1/track",
+                json!({"userId": "ts-user", "event": "E", "timestamp": "0001-01-01T00:00:00Z", "sentAt": "9999-12-31T23:59:59Z"}),
+            )
+            .await;
+        assert_eq!((status, body), (StatusCode::OK, json!({"success": true})));
+        let event = &harness.events()[0];
+        assert_eq!(event["timestamp"], event["receivedAt"], "an absurd sentAt falls back to receivedAt");
+        resolve(&harness);
+        let token = harness.store.create_token("test").unwrap().1;
+        let (status, profile) = get(&harness, "/api/v1/profiles?identifier=user_id:ts-user", Some(&token)).await;
+        assert_eq!(status, StatusCode::OK, "{profile}");
+        assert_eq!(profile["event_counts"], json!({"track": 1}));
+    }
+
+    #[tokio::test]
+    async fn framework_rejections_were_text_and_came_before_the_token_check() {
+        let harness = Harness::new();
+        let token = harness.store.create_token("test").unwrap().1;
+        for (path, field) in [
+            ("/api/v1/profiles/prof_1/events?limit=abc", "limit"),
+            ("/api/v1/profiles/prof_1/events?limit=", "limit"),
+            ("/api/v1/profiles/prof_1/events?before=99999999999999999999999", "before"),
+            ("/api/v1/profiles?identifier=a:b&identifier=c:d", "identifier"),
+            ("/api/v1/profiles/%ff", "id"),
+            ("/api/v1/imports/%ff", "id"),
+        ] {
+            let (status, body) = get(&harness, path, None).await;
+            assert_eq!((status, error_of(&body).0), (StatusCode::UNAUTHORIZED, "missing_token"), "{path}");
+            let (status, body) = get(&harness, path, Some(&token)).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {body}");
+            assert_eq!(error_of(&body), ("invalid_value", Some(field)), "{path}: {body}");
+        }
+        let (status, body) = harness.send(Request::post("/v1/webhooks/%ff").body(Body::from("{}")).unwrap()).await;
+        assert_eq!((status, error_of(&body)), (StatusCode::BAD_REQUEST, ("invalid_value", Some("source_id"))));
+        for (content_type, field) in [
+            ("application/json", "content-type"),
+            ("multipart/form-data", "content-type"),
+            ("multipart/form-data; boundary=", "body"),
+        ] {
+            let request = |token: Option<&str>| {
+                let mut request = Request::post("/api/v1/imports").header(header::CONTENT_TYPE, content_type);
+                if let Some(token) = token {
+                    request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+                }
+                request.body(Body::from("not multipart")).unwrap()
+            };
+            let (status, body) = harness.send(request(None)).await;
+            assert_eq!((status, error_of(&body).0), (StatusCode::UNAUTHORIZED, "missing_token"), "{content_type}");
+            let (status, body) = harness.send(request(Some(&token))).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{content_type}: {body}");
+            assert_eq!(error_of(&body).1, Some(field), "{content_type}: {body}");
+        }
+    }
+
+    #[tokio::test]
+    async fn analytics_python_read_a_top_level_code_and_message() {
+        let harness = Harness::new();
+        let (status, body) = harness.post_json("/v1/track", json!({"userId": "u"})).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["code"], "missing_field");
+        assert_eq!(body["message"], body["error"]["message"]);
+        assert_eq!(error_of(&body), ("missing_field", Some("event")), "the error object keeps its shape");
+        let request = Request::post("/v1/batch").body(Body::from(r#"{"batch": []}"#)).unwrap();
+        let (status, body) = harness.send(request).await;
+        assert_eq!((status, body["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("missing_write_key")));
+        assert!(body["message"].is_string());
+    }
+
+    #[tokio::test]
+    async fn a_lone_surrogate_spoiled_the_whole_batch() {
+        let harness = Harness::new();
+        let body = r#"{"batch": [
+            {"type": "track", "userId": "u", "event": "Liked \ud83d", "messageId": "s1"},
+            {"type": "track", "userId": "u", "event": "Fine", "messageId": "s2"}
+        ]}"#;
+        let (status, response) = harness.post("/v1/batch", body).await;
+        assert_eq!((status, response), (StatusCode::OK, json!({"success": true})));
+        let names: Vec<Value> = harness.events().iter().map(|event| event["event"].clone()).collect();
+        assert_eq!(names, [json!("Liked \u{FFFD}"), json!("Fine")]);
+        let (status, _) = harness.post("/v1/track", r#"{"userId": "u", "event": "\udc00 alone"}"#).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn integers_beyond_64_bits_became_floats() {
+        // Documented: JSON numbers are kept as 64-bit integers when they fit,
+        // and otherwise as the nearest double; this pins that documented rule.
+        let harness = Harness::new();
+        let (status, _) = harness
+            .post("/v1/track", r#"{"userId": "u", "event": "E", "properties": {"big": 18446744073709551617, "fits": 18446744073709551615}}"#)
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        let properties = &harness.events()[0]["properties"];
+        assert_eq!(properties["fits"].as_u64(), Some(u64::MAX));
+        assert_eq!(properties["big"].as_f64(), Some(18446744073709551617.0));
+    }
+}

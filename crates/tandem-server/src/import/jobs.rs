@@ -8,9 +8,10 @@
 
 use super::{reject_path_beside, run_import, FileFormat, ImportCounts, ImportRequest, RejectedRow};
 use crate::error::{ApiError, ErrorCode};
+use crate::extract::{AdminToken, ApiMultipart, ApiPath};
 use crate::AppState;
-use axum::extract::{DefaultBodyLimit, Multipart, Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{DefaultBodyLimit, Multipart, State};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -158,10 +159,9 @@ async fn read_upload(multipart: &mut Multipart, spool: PathBuf) -> Result<Upload
 
 async fn create_job(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    mut multipart: Multipart,
+    _token: AdminToken,
+    ApiMultipart(mut multipart): ApiMultipart,
 ) -> Result<Response, ApiError> {
-    state.tokens.authenticate(&headers).await?;
     let id = format!("imp_{}", uuid::Uuid::new_v4().simple());
     let directory = state.imports.directory.clone();
     tokio::fs::create_dir_all(&directory).await.map_err(|error| {
@@ -300,10 +300,9 @@ fn run_job(state: AppState, job: Arc<Mutex<Job>>, parts: JobParts) {
 
 async fn job_status(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+    _token: AdminToken,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
-    state.tokens.authenticate(&headers).await?;
     let job = state.imports.get(&id).ok_or_else(|| not_found(&id))?;
     let view = job_json(&lock(&job));
     Ok(Json(view))
@@ -311,10 +310,9 @@ async fn job_status(
 
 async fn job_rejects(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+    _token: AdminToken,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    state.tokens.authenticate(&headers).await?;
     let job = state.imports.get(&id).ok_or_else(|| not_found(&id))?;
     let (path, format) = {
         let job = lock(&job);
