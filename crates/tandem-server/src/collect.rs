@@ -302,6 +302,9 @@ pub(crate) async fn read_body(
     let raw = axum::body::to_bytes(body, limit).await.map_err(|error| {
         if is_length_limit(&error) {
             too_large()
+        } else if crate::connection::is_body_timeout(&error) {
+            ApiError::new(ErrorCode::RequestTimeout, "the request body stalled; send it without pausing")
+                .with_field("body")
         } else {
             ApiError::new(ErrorCode::InvalidRequest, "the request body could not be read").with_field("body")
         }

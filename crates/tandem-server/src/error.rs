@@ -35,6 +35,7 @@ pub enum ErrorCode {
     MissingToken,
     InvalidToken,
     MethodNotAllowed,
+    RequestTimeout,
     Unavailable,
     Internal,
 }
@@ -65,6 +66,7 @@ impl ErrorCode {
             ErrorCode::MissingToken => "missing_token",
             ErrorCode::InvalidToken => "invalid_token",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }
@@ -93,6 +95,7 @@ impl ErrorCode {
             ErrorCode::InvalidMapping => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::InvalidVerifyToken => StatusCode::FORBIDDEN,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorCode::RequestTooLarge | ErrorCode::MessageTooLarge | ErrorCode::TooManyMessages => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }

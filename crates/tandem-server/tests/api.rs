@@ -995,3 +995,81 @@ mod hardening {
         assert_eq!(properties["big"].as_f64(), Some(18446744073709551617.0));
     }
 }
+
+/// Slow clients against a real socket: the bounds only exist on a connection.
+mod slow_clients {
+    use super::*;
+    use std::time::{Duration, Instant};
+    use tandem_server::connection::ConnectionLimits;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    async fn server(limits: ConnectionLimits) -> (SocketAddr, tokio::sync::oneshot::Sender<()>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let options = tandem_server::ServerOptions {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            dedup_window: DEFAULT_DEDUP_WINDOW,
+            import_dir: dir.path().join("imports"),
+        };
+        let running = tandem_server::start(store, &options).await.unwrap().with_limits(limits);
+        let address = running.local_addr;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(running.serve(async move {
+            let _ = stopped.await;
+        }));
+        (address, stop, dir)
+    }
+
+    /// Reads until the server closes the connection; what it sent, and when.
+    async fn until_closed(stream: &mut TcpStream) -> (String, Duration) {
+        let started = Instant::now();
+        let mut received = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut received)).await;
+        (String::from_utf8_lossy(&received).into_owned(), started.elapsed())
+    }
+
+    const LIMITS: ConnectionLimits = ConnectionLimits {
+        header_read_timeout: Duration::from_millis(300),
+        body_idle_timeout: Duration::from_millis(300),
+        max_connections: 2,
+    };
+
+    #[tokio::test]
+    async fn slow_clients_held_connections_open_indefinitely() {
+        let (address, _stop, _dir) = server(LIMITS).await;
+
+        let mut half_headers = TcpStream::connect(address).await.unwrap();
+        half_headers.write_all(b"POST /v1/track HTTP/1.1\r\nHost: tandem\r\n").await.unwrap();
+        let (_, waited) = until_closed(&mut half_headers).await;
+        assert!(waited < Duration::from_secs(5), "half-sent headers closed after {waited:?}");
+
+        let mut half_body = TcpStream::connect(address).await.unwrap();
+        half_body
+            .write_all(b"POST /v1/track HTTP/1.1\r\nHost: tandem\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"userId\"")
+            .await
+            .unwrap();
+        let (answer, waited) = until_closed(&mut half_body).await;
+        assert!(waited < Duration::from_secs(5), "a stalled body closed after {waited:?}");
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("\"request_timeout\""), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_cap_wait_for_a_free_slot() {
+        let (address, _stop, _dir) = server(ConnectionLimits { max_connections: 1, ..LIMITS }).await;
+        let mut idle = TcpStream::connect(address).await.unwrap();
+        idle.write_all(b"GET /health HTTP/1.1\r\nHost: tandem\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = Instant::now();
+        let mut waiting = TcpStream::connect(address).await.unwrap();
+        waiting.write_all(b"GET /health HTTP/1.1\r\nHost: tandem\r\nConnection: close\r\n\r\n").await.unwrap();
+        let (answer, _) = until_closed(&mut waiting).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(200),
+            "served only once the idle connection timed out: {:?}",
+            started.elapsed()
+        );
+    }
+}
