@@ -156,7 +156,11 @@ impl Running {
         let wakeup = state.wakeup.clone();
         let resolver_thread = resolve::spawn(state.store.clone(), wakeup.clone(), stop_resolver.clone());
         tracing::info!(address = %local_addr, "tandem is listening");
+        let imports = state.imports.clone();
         connection::serve(listener, router(state), limits, shutdown).await;
+        // Running imports hold the log writer open; stop them within a row
+        // rather than wait for their files to end.
+        imports.stop_all();
         pruner.abort();
         // Every handle to the log writer lived in the router, now dropped: the
         // writer commits what is queued and stops.

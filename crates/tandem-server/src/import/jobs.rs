@@ -6,7 +6,7 @@
 //! the refused rows. Job statuses live in memory: a restarted server has
 //! forgotten them, while the rows they imported stay in the log.
 
-use super::{reject_path_beside, run_import, FileFormat, ImportCounts, ImportRequest, RejectedRow};
+use super::{reject_path_beside, run_import_until, FileFormat, ImportCounts, ImportRequest, RejectedRow};
 use crate::error::{ApiError, ErrorCode};
 use crate::extract::{AdminToken, ApiMultipart, ApiPath};
 use crate::AppState;
@@ -65,11 +65,20 @@ pub struct Job {
 pub struct ImportJobs {
     directory: PathBuf,
     jobs: Mutex<HashMap<String, Arc<Mutex<Job>>>>,
+    /// Set on shutdown: running jobs stop within a row, new ones are refused.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl ImportJobs {
     pub fn new(directory: PathBuf) -> Self {
-        ImportJobs { directory, jobs: Mutex::new(HashMap::new()) }
+        ImportJobs { directory, jobs: Mutex::new(HashMap::new()), stopping: Default::default() }
+    }
+
+    /// Stops every running job promptly (each fails, saying it can be run
+    /// again to finish) and refuses new ones; the server calls it on shutdown
+    /// so that draining does not wait for a long import.
+    pub fn stop_all(&self) {
+        self.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn get(&self, id: &str) -> Option<Arc<Mutex<Job>>> {
@@ -195,6 +204,9 @@ async fn prepare(
     upload: Result<Upload, ApiError>,
 ) -> Result<(Arc<Mutex<Job>>, JobParts), ApiError> {
     let upload = upload?;
+    if state.imports.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(ApiError::new(ErrorCode::Unavailable, "the server is shutting down; upload again once it is back"));
+    }
     let (file_name, spool) = upload.file.ok_or_else(|| missing("file"))?;
     let mapping_text = upload.mapping.ok_or_else(|| missing("mapping"))?;
     let source_name = upload.source.ok_or_else(|| missing("source"))?;
@@ -276,7 +288,12 @@ fn run_job(state: AppState, job: Arc<Mutex<Job>>, parts: JobParts) {
             reject_path: parts.reject_path.clone(),
         };
         let progress_job = job.clone();
-        run_import(request, &mut state.log.clone(), &mut |counts| lock(&progress_job).counts = *counts)
+        run_import_until(
+            request,
+            &mut state.log.clone(),
+            &mut |counts| lock(&progress_job).counts = *counts,
+            &state.imports.stopping,
+        )
     });
     let _ = std::fs::remove_file(&parts.spool);
     let mut job = lock(&job);
@@ -291,6 +308,9 @@ fn run_job(state: AppState, job: Arc<Mutex<Job>>, parts: JobParts) {
             job.reject_file = summary.reject_file;
         }
         Err(error) => {
+            if matches!(error, super::ImportError::Stopped { .. }) {
+                tracing::warn!(job = %job.id, %error, "import job stopped by shutdown");
+            }
             job.status = JobStatus::Failed;
             job.error = Some(error.to_string());
         }
