@@ -1073,3 +1073,195 @@ mod slow_clients {
         );
     }
 }
+
+/// Random requests over the whole router: never a 5xx, never an error that is
+/// not JSON, and every event a `200` acknowledges becomes part of a profile.
+mod random_requests {
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    use tandem_server::resolve::{Resolver, DEFAULT_BATCH};
+
+    #[derive(Clone, Debug)]
+    struct RandomRequest {
+        method: Method,
+        path: String,
+        auth: u8,
+        gzip: bool,
+        body: Vec<u8>,
+    }
+
+    fn id() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            8 => "u-[a-z0-9]{1,6}".prop_map(Value::from),
+            1 => (1u32..1_000_000).prop_map(|n| json!(n)),
+            1 => Just(json!({"nested": true})),
+            1 => Just(Value::Null),
+        ]
+    }
+
+    fn time() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            1 => Just(json!("0001-01-01T00:00:00Z")),
+            1 => Just(json!("9999-12-31T23:59:59Z")),
+            1 => Just(json!("0000-01-01T00:00:00+01:00")),
+            1 => Just(json!("9999-12-31T23:30:00-01:00")),
+            1 => Just(json!("2024-02-30T00:00:00Z")),
+            1 => Just(json!("yesterday")),
+            1 => Just(json!(12)),
+            8 => (0i64..4_000_000_000).prop_map(|seconds| json!(chrono::DateTime::from_timestamp(seconds, 0)
+                .unwrap()
+                .to_rfc3339())),
+        ]
+    }
+
+    fn text() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            6 => "[ -~]{0,12}".prop_map(Value::from),
+            1 => Just(json!(18446744073709551617u128 as f64)),
+            1 => (any::<i64>()).prop_map(|n| json!(n)),
+            1 => Just(json!("\u{1F600}")),
+        ]
+    }
+
+    fn message() -> impl Strategy<Value = Value> {
+        (
+            prop_oneof![
+                Just("track"),
+                Just("identify"),
+                Just("page"),
+                Just("screen"),
+                Just("group"),
+                Just("alias"),
+                Just("other")
+            ],
+            proptest::option::weighted(0.85, id()),
+            proptest::option::of(id()),
+            proptest::option::weighted(0.3, id()),
+            proptest::option::weighted(0.9, text()),
+            proptest::option::of(time()),
+            proptest::option::of(time()),
+            proptest::collection::btree_map("[a-z]{1,4}", text(), 0..3),
+        )
+            .prop_map(|(kind, user, anonymous, previous, event, timestamp, sent_at, properties)| {
+                let mut message = json!({"type": kind, "properties": properties, "groupId": "g-1"});
+                for (key, value) in [
+                    ("userId", user),
+                    ("anonymousId", anonymous),
+                    ("previousId", previous),
+                    ("event", event),
+                    ("timestamp", timestamp),
+                    ("sentAt", sent_at),
+                ] {
+                    if let Some(value) = value {
+                        message[key] = value;
+                    }
+                }
+                message
+            })
+    }
+
+    fn body() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            3 => message().prop_map(|message| message.to_string().into_bytes()),
+            3 => proptest::collection::vec(message(), 0..4)
+                .prop_map(|batch| json!({"batch": batch}).to_string().into_bytes()),
+            1 => Just(br#"{"userId": "u-s", "event": "\ud83d cut", "type": "track"}"#.to_vec()),
+            1 => proptest::collection::vec(any::<u8>(), 0..64),
+        ]
+    }
+
+    fn request() -> impl Strategy<Value = RandomRequest> {
+        let path = prop_oneof![
+            6 => prop_oneof![
+                Just("/v1/track"), Just("/v1/identify"), Just("/v1/page"), Just("/v1/screen"), Just("/v1/group"),
+                Just("/v1/alias"), Just("/v1/batch"), Just("/v1/import"), Just("/v1/t"), Just("/v1/b")
+            ]
+            .prop_map(str::to_owned),
+            1 => prop_oneof![
+                Just("/api/v1/profiles?identifier=user_id:u-1"), Just("/api/v1/profiles?limit=abc&identifier=x"),
+                Just("/api/v1/profiles/%ff"), Just("/api/v1/profiles/prof_1/events?limit="),
+                Just("/api/v1/imports"), Just("/api/v1/imports/%ff"), Just("/v1/webhooks/%ff"),
+                Just("/v1/webhooks/src_none"), Just("/health"), Just("/metrics"), Just("/nowhere")
+            ]
+            .prop_map(str::to_owned),
+            1 => "/[a-z0-9%/]{0,16}",
+        ];
+        let method = prop_oneof![
+            12 => Just(Method::POST),
+            1 => Just(Method::GET),
+            1 => Just(Method::PUT),
+            1 => Just(Method::DELETE),
+            1 => Just(Method::OPTIONS)
+        ];
+        let auth = prop_oneof![1 => Just(0u8), 6 => Just(1u8), 1 => Just(3u8), 1 => Just(4u8)];
+        (method, path, auth, proptest::bool::weighted(0.2), body()).prop_map(|(method, path, auth, gzip, body)| {
+            // Mostly give each tracking endpoint the shape it reads, so that
+            // many requests get past the envelope to the message rules.
+            let batch_path = ["/v1/batch", "/v1/import", "/v1/b"].contains(&path.as_str());
+            let body = match serde_json::from_slice::<Value>(&body) {
+                Ok(message) if batch_path && message.get("batch").is_none() => {
+                    json!({"batch": [message]}).to_string().into_bytes()
+                }
+                Ok(batch) if !batch_path && batch["batch"][0].is_object() => batch["batch"][0].to_string().into_bytes(),
+                _ => body,
+            };
+            RandomRequest { method, path, auth, gzip, body }
+        })
+    }
+
+    fn identifier_of(event: &Value) -> Option<String> {
+        [("userId", "user_id"), ("anonymousId", "anonymous_id")]
+            .into_iter()
+            .find_map(|(field, kind)| event[field].as_str().map(|value| format!("{kind}:{value}")))
+    }
+
+    #[test]
+    fn random_requests_never_answer_5xx_or_non_json_errors_and_every_200_reaches_a_profile() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let harness = Harness::new();
+        let token = harness.store.create_token("random").unwrap().1;
+        let mut runner = TestRunner::new(Config { cases: 256, failure_persistence: None, ..Config::default() });
+        runner
+            .run(&request(), |random| {
+                let before = harness.store.read_log(LogPosition(0), 1_000_000).unwrap().len();
+                let mut builder = Request::builder().method(random.method.clone()).uri(random.path.as_str());
+                builder = match random.auth {
+                    0 => builder,
+                    1 | 2 => builder.header(header::AUTHORIZATION, harness.basic()),
+                    3 => builder.header(header::AUTHORIZATION, format!("Bearer {token}")),
+                    _ => builder.header(header::AUTHORIZATION, "Basic !!!"),
+                };
+                let body = if random.gzip {
+                    builder = builder.header(header::CONTENT_ENCODING, "gzip");
+                    gzip(&random.body)
+                } else {
+                    random.body.clone()
+                };
+                let request = builder.body(Body::from(body)).unwrap();
+                let (status, answer) = runtime.block_on(harness.send(request));
+                prop_assert!(status.as_u16() < 500, "{random:?} answered {status}: {answer}");
+                if status.is_client_error() {
+                    prop_assert!(
+                        answer["error"]["code"].is_string() && answer["error"]["message"].is_string(),
+                        "{random:?} answered {status} with a body that is not a JSON error: {answer}"
+                    );
+                }
+                let events = harness.store.read_log(LogPosition(0), 1_000_000).unwrap();
+                if status == StatusCode::OK && events.len() > before {
+                    let store: Arc<dyn Store> = harness.store.clone();
+                    Resolver::load(store).unwrap().catch_up(DEFAULT_BATCH).unwrap();
+                    for entry in &events[before..] {
+                        let event: Value = serde_json::from_str(&entry.payload).unwrap();
+                        let identifier = identifier_of(&event).expect("an accepted event names someone");
+                        let found = harness.store.profile_by_identifier(&identifier.parse().unwrap()).unwrap();
+                        prop_assert!(found.is_some(), "{random:?}: no profile holds {identifier} of {event}");
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+        let stored = harness.store.read_log(LogPosition(0), 1_000_000).unwrap().len();
+        assert!(stored >= 15, "the random requests must get events accepted, not only refused: {stored}");
+    }
+}
