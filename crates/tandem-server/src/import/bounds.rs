@@ -92,17 +92,43 @@ pub struct RowBound<R> {
     limit: usize,
     /// Bytes of the current row passed on so far.
     row_bytes: usize,
-    /// Inside a quoted CSV field, in the input.
-    in_quotes: bool,
-    /// Inside a quoted CSV field, in what was passed on.
-    passed_in_quotes: bool,
+    /// Where the input is within a CSV record.
+    field: FieldState,
     /// Skipping the rest of a cut row.
     skipping: bool,
-    /// A closing quote to pass on before the cut row's line break.
-    pending_quote: bool,
+    /// The cut row was cut inside a quoted field, whose quote must be closed
+    /// before its line break.
+    close_quote: bool,
     /// Bytes passed on so far.
     offset: u64,
     cuts: RowCuts,
+}
+
+/// Where a CSV reader is within a record, as the `csv` crate reads it: a
+/// quote opens a quoted field only at the start of a field, elsewhere it is
+/// text, so a stray `5" screen` does not swallow the lines after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FieldState {
+    Start,
+    Unquoted,
+    Quoted,
+    /// A quote inside a quoted field: its end, or the first of a `""` pair.
+    QuoteInQuoted,
+}
+
+impl FieldState {
+    /// The state after `byte`, and whether `byte` ends the record.
+    fn next(self, byte: u8) -> (FieldState, bool) {
+        match (self, byte) {
+            (FieldState::Quoted, b'"') => (FieldState::QuoteInQuoted, false),
+            (FieldState::Quoted, _) => (FieldState::Quoted, false),
+            (FieldState::QuoteInQuoted, b'"') => (FieldState::Quoted, false),
+            (_, b'\n') => (FieldState::Start, true),
+            (_, b',') => (FieldState::Start, false),
+            (FieldState::Start, b'"') => (FieldState::Quoted, false),
+            _ => (FieldState::Unquoted, false),
+        }
+    }
 }
 
 /// The output offsets at which rows were cut, oldest first.
@@ -141,10 +167,9 @@ impl<R: BufRead> RowBound<R> {
             syntax,
             limit,
             row_bytes: 0,
-            in_quotes: false,
-            passed_in_quotes: false,
+            field: FieldState::Start,
             skipping: false,
-            pending_quote: false,
+            close_quote: false,
             offset: 0,
             cuts: RowCuts::default(),
         }
@@ -162,13 +187,6 @@ impl<R: BufRead> Read for RowBound<R> {
             return Ok(0);
         }
         loop {
-            if self.pending_quote {
-                out[0] = b'"';
-                self.pending_quote = false;
-                self.passed_in_quotes = false;
-                self.offset += 1;
-                return Ok(1);
-            }
             let available = self.inner.fill_buf()?;
             if available.is_empty() {
                 return Ok(0);
@@ -176,16 +194,20 @@ impl<R: BufRead> Read for RowBound<R> {
             let (mut consumed, mut written) = (0, 0);
             while consumed < available.len() && written < out.len() {
                 let byte = available[consumed];
-                let quote = self.syntax == RowSyntax::Csv && byte == b'"';
-                let ends_row = byte == b'\n' && !self.in_quotes;
-                if self.skipping && ends_row && self.passed_in_quotes {
-                    // Close the quote the cut left open before the line break,
-                    // which is read again on the next call.
-                    self.pending_quote = true;
-                    break;
+                let (field, ends_row) = match self.syntax {
+                    RowSyntax::Csv => self.field.next(byte),
+                    RowSyntax::Lines => (FieldState::Start, byte == b'\n'),
+                };
+                if self.skipping && ends_row && self.close_quote {
+                    // Close the quote the cut left open; the line break
+                    // follows in the next pass of this loop.
+                    out[written] = b'"';
+                    written += 1;
+                    self.close_quote = false;
+                    continue;
                 }
                 consumed += 1;
-                self.in_quotes ^= quote;
+                let before = std::mem::replace(&mut self.field, field);
                 if self.skipping && !ends_row {
                     continue;
                 }
@@ -196,11 +218,14 @@ impl<R: BufRead> Read for RowBound<R> {
                     self.row_bytes += 1;
                     if self.row_bytes > self.limit {
                         self.skipping = true;
+                        // What was passed on ends where the input was before
+                        // this byte: inside a quoted field, the cut leaves it
+                        // open. (After a quote in one, the line break closes it.)
+                        self.close_quote = before == FieldState::Quoted;
                         self.cuts.push(self.offset + written as u64);
                         continue;
                     }
                 }
-                self.passed_in_quotes ^= quote;
                 out[written] = byte;
                 written += 1;
             }
@@ -258,6 +283,24 @@ mod tests {
             .map(|record| record.unwrap().get(0).unwrap().to_owned())
             .collect();
         assert_eq!(rows, ["a", "x\ny", "long\n", "z"]);
+    }
+
+    #[test]
+    fn a_stray_quote_inside_an_unquoted_field_is_text_as_for_the_csv_reader() {
+        let (out, cuts) = bounded("a,5\" screen\nb,ok\nc,0123456789\nd,ok\n", RowSyntax::Csv, 8);
+        assert_eq!(out, "a,5\" scr\nb,ok\nc,012345\nd,ok\n", "the stray quote opens nothing");
+        assert!(cuts.cut_within(0, 9), "the first row is cut");
+        assert!(!cuts.cut_within(10, 14), "the second is whole");
+        assert!(cuts.cut_within(15, 23), "the third is cut");
+        let (out, _) = bounded("a,\"x\"\"y\"\nb,\"quoted, with \"\"escapes\"\"\"\nc\n", RowSyntax::Csv, 12);
+        let rows: Vec<_> = csv::ReaderBuilder::new()
+            .has_headers(false)
+            .flexible(true)
+            .from_reader(out.as_bytes())
+            .records()
+            .map(|record| record.unwrap().iter().collect::<Vec<_>>().join("|"))
+            .collect();
+        assert_eq!(rows, ["a|x\"y", "b|quoted, w", "c"]);
     }
 
     #[test]
