@@ -7,12 +7,13 @@
 //! message, 500 KB and 2,500 messages per batch, `messageId` at most 100
 //! characters, `userId` or `anonymousId` on every call but `alias`.
 
-use crate::event::{Event, EventType};
+use crate::event::{is_loggable_time, Event, EventType};
 use crate::ids::{MessageId, SourceId};
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 use std::fmt;
 
 /// The largest single message, in bytes of JSON.
@@ -177,9 +178,12 @@ pub fn parse_batch(body: &[u8]) -> Result<ParsedBatch<'_>, RequestError> {
         integrations: envelope_object(body.integrations, "integrations")?,
         sent_at: match body.sent_at {
             None | Some(Value::Null) => None,
-            Some(Value::String(text)) => Some(parse_timestamp(&text).map_err(|_| {
-                RequestError::InvalidEnvelopeField { field: "sentAt", expected: "an ISO 8601 timestamp" }
-            })?),
+            Some(Value::String(text)) => Some(
+                parse_timestamp(&text)
+                    .ok()
+                    .filter(|time| is_loggable_time(*time))
+                    .ok_or(RequestError::InvalidEnvelopeField { field: "sentAt", expected: "an ISO 8601 timestamp" })?,
+            ),
             Some(_) => {
                 return Err(RequestError::InvalidEnvelopeField { field: "sentAt", expected: "an ISO 8601 timestamp" })
             }
@@ -366,7 +370,7 @@ pub fn normalize_message(
         None => (request.received_at, None),
     };
 
-    Ok(Event {
+    let event = Event {
         message_id: MessageId::new(message_id),
         event_type,
         user_id,
@@ -386,22 +390,97 @@ pub fn normalize_message(
         received_at: request.received_at,
         source_id: request.source_id.clone(),
         extra: message,
-    })
+    };
+    // Every event accepted here is written to the log and read back by each
+    // later stage, so it must be one the log's reader accepts. The checks
+    // above already guarantee it; this makes a slip a visible refusal of one
+    // message (quarantined, answered 400) rather than an acknowledged event
+    // that no stage can read.
+    match event.unreadable_field() {
+        None => Ok(event),
+        Some(field) => Err(Rejection::new(
+            RejectionCode::InvalidValue,
+            field,
+            format!("{field} cannot be stored: it is outside the years 0000 to 9999"),
+        )),
+    }
 }
 
 /// Segment's clock-skew correction: the device's clock may be off, but the
 /// time between the event and sending it is not, so
 /// `timestamp = receivedAt − (sentAt − originalTimestamp)`. Without `sentAt`
 /// the device's time is taken as it is.
+///
+/// When the correction lands outside the years 0000 to 9999 (an absurd
+/// `sentAt` far from the event's own time), the time falls back to
+/// `receivedAt`, as Segment does: the server's clock is the one time known to
+/// be sane, and the log's timestamp format holds no other years.
 pub fn corrected_timestamp(
     received_at: DateTime<Utc>,
     sent_at: Option<DateTime<Utc>>,
     original_timestamp: DateTime<Utc>,
 ) -> DateTime<Utc> {
-    match sent_at {
-        Some(sent_at) => received_at - (sent_at - original_timestamp),
-        None => original_timestamp,
+    let corrected = match sent_at {
+        Some(sent_at) => received_at.checked_sub_signed(sent_at - original_timestamp),
+        None => Some(original_timestamp),
+    };
+    corrected.filter(|time| is_loggable_time(*time)).unwrap_or(received_at)
+}
+
+/// Replaces every lone UTF-16 surrogate escape in a JSON text (`"\ud83d"`,
+/// what a truncated emoji leaves) with `\ufffd`, the replacement character.
+///
+/// JSON parsers refuse such escapes, and one of them would otherwise make a
+/// whole batch unreadable; browsers and Segment's libraries replace them the
+/// same way. Both escapes are six bytes, so the text keeps its length, and the
+/// body is copied only when it holds one. Linear in the input.
+pub fn replace_lone_surrogates(json: &[u8]) -> Cow<'_, [u8]> {
+    const REPLACEMENT: &[u8; 6] = b"\\ufffd";
+    let mut repaired: Option<Vec<u8>> = None;
+    let mut in_string = false;
+    let mut index = 0;
+    while index < json.len() {
+        match json[index] {
+            b'"' => {
+                in_string = !in_string;
+                index += 1;
+            }
+            b'\\' if in_string => {
+                let Some(unit) = unicode_escape(json, index) else {
+                    // `\"`, `\\` and the like: skip the escaped byte with it.
+                    index += 2;
+                    continue;
+                };
+                let is_high = (0xD800..0xDC00).contains(&unit);
+                let is_low = (0xDC00..0xE000).contains(&unit);
+                let pairs =
+                    is_high && unicode_escape(json, index + 6).is_some_and(|next| (0xDC00..0xE000).contains(&next));
+                if pairs {
+                    index += 12;
+                } else if is_high || is_low {
+                    repaired.get_or_insert_with(|| json.to_vec())[index..index + 6].copy_from_slice(REPLACEMENT);
+                    index += 6;
+                } else {
+                    index += 6;
+                }
+            }
+            _ => index += 1,
+        }
     }
+    match repaired {
+        Some(repaired) => Cow::Owned(repaired),
+        None => Cow::Borrowed(json),
+    }
+}
+
+/// The code unit of a `\uXXXX` escape starting at `at`, if there is one.
+fn unicode_escape(json: &[u8], at: usize) -> Option<u32> {
+    let escape = json.get(at..at + 6)?;
+    if escape[0] != b'\\' || escape[1] != b'u' {
+        return None;
+    }
+    let hex = std::str::from_utf8(&escape[2..]).ok()?;
+    u32::from_str_radix(hex, 16).ok().filter(|_| hex.bytes().all(|byte| byte.is_ascii_hexdigit()))
 }
 
 /// Parses the timestamps clients send: RFC 3339 / ISO 8601 with an offset,
@@ -469,10 +548,18 @@ fn take_object(message: &mut Map<String, Value>, field: &str) -> Result<Option<M
     }
 }
 
+/// A time the client sent. Its UTC value must lie in the years 0000 to 9999
+/// (an offset can push `0000-01-01T00:00:00+01:00` into the year −1), the
+/// range the log's timestamp format holds.
 fn take_time(message: &mut Map<String, Value>, field: &str) -> Result<Option<(String, DateTime<Utc>)>, Rejection> {
     match message.remove(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(text)) => match parse_timestamp(&text) {
+            Ok(time) if !is_loggable_time(time) => Err(Rejection::new(
+                RejectionCode::InvalidValue,
+                field,
+                format!("{field} must lie between the years 0000 and 9999 in UTC"),
+            )),
             Ok(time) => Ok(Some((text, time))),
             Err(_) => Err(Rejection::new(
                 RejectionCode::InvalidValue,
@@ -757,6 +844,77 @@ mod tests {
         assert_eq!(record.timestamp_ms, event.timestamp.timestamp_millis());
     }
 
+    #[test]
+    fn skew_correction_outside_years_0000_to_9999_falls_back_to_received_at() {
+        // The reproduction: the correction gave "-7973-11-24T…", which was
+        // acknowledged, logged, and never read by the resolver.
+        for (timestamp, sent_at) in
+            [("0001-01-01T00:00:00Z", "9999-12-31T23:59:59Z"), ("9999-12-31T23:59:59Z", "0001-01-01T00:00:00Z")]
+        {
+            let event = normalize(
+                json!({"userId": "ts-user", "event": "E", "timestamp": timestamp, "sentAt": sent_at}),
+                Some(EventType::Track),
+            )
+            .unwrap();
+            assert_eq!(event.timestamp, at(100), "{timestamp} sent at {sent_at}");
+            assert_eq!(event.original_timestamp.as_deref(), Some(timestamp));
+            let record = event.to_log_record();
+            let back: Event = serde_json::from_str(&record.payload).expect("the log record reads back");
+            assert_eq!(back.user_id.as_deref(), Some("ts-user"));
+        }
+    }
+
+    #[test]
+    fn times_whose_utc_value_leaves_years_0000_to_9999_are_refused_naming_the_field() {
+        assert_eq!(
+            rejection_of(json!({"userId": "u", "sentAt": "0000-01-01T00:00:00+01:00"}), Some(EventType::Identify)),
+            (RejectionCode::InvalidValue, Some("sentAt".into()))
+        );
+        assert_eq!(
+            rejection_of(json!({"userId": "u", "timestamp": "9999-12-31T23:30:00-01:00"}), Some(EventType::Identify)),
+            (RejectionCode::InvalidValue, Some("timestamp".into()))
+        );
+        assert_eq!(
+            parse_batch(br#"{"batch": [], "sentAt": "0000-01-01T00:00:00+01:00"}"#).unwrap_err().field(),
+            Some("sentAt")
+        );
+        let event = normalize(json!({"userId": "u", "timestamp": "0000-01-01T00:00:00Z"}), Some(EventType::Identify))
+            .expect("year 0000 is storable");
+        assert!(serde_json::from_str::<Event>(&event.to_log_record().payload).is_ok());
+    }
+
+    #[test]
+    fn an_event_whose_extra_repeats_a_field_is_unreadable() {
+        let mut event = normalize(json!({"userId": "u"}), Some(EventType::Identify)).unwrap();
+        assert_eq!(event.unreadable_field(), None);
+        event.extra.insert("userId".into(), json!("other"));
+        assert_eq!(event.unreadable_field(), Some("userId"));
+    }
+
+    #[test]
+    fn a_lone_surrogate_spoiled_the_whole_batch() {
+        let body = br#"{"batch": [{"type": "track", "userId": "u", "event": "Cut \ud83d"},
+            {"type": "track", "userId": "u", "event": "Whole \ud83d\ude00"},
+            {"type": "track", "userId": "u", "event": "Low \uDE00 and \\ud83d kept"}]}"#;
+        let source = SourceId::new("s");
+        let request = RequestContext {
+            source_id: &source,
+            received_at: at(0),
+            client_ip: None,
+            ids: IdRequirement::UserOrAnonymousId,
+        };
+        let unrepaired = normalize_batch(&parse_batch(body).unwrap(), &request);
+        assert_eq!(unrepaired.rejected.len(), 2, "serde_json refuses lone surrogates");
+        let repaired = replace_lone_surrogates(body);
+        assert_eq!(repaired.len(), body.len());
+        let normalized = normalize_batch(&parse_batch(&repaired).unwrap(), &request);
+        assert!(normalized.rejected.is_empty());
+        let names: Vec<_> = normalized.events.iter().map(|event| event.event.clone().unwrap()).collect();
+        assert_eq!(names, ["Cut \u{FFFD}", "Whole \u{1F600}", "Low \u{FFFD} and \\ud83d kept"]);
+        assert!(matches!(replace_lone_surrogates(b"{\"a\": \"\\ud83d\\ude00\"}"), Cow::Borrowed(_)));
+        assert_eq!(&*replace_lone_surrogates(br#"["\ud83d"#), br#"["\ufffd"#, "a truncated body is repaired too");
+    }
+
     proptest! {
         /// The correction preserves the interval between the event and its sending.
         #[test]
@@ -766,6 +924,23 @@ mod tests {
             let original = sent - chrono::Duration::seconds(delay);
             let corrected = corrected_timestamp(received, Some(sent), original);
             prop_assert_eq!(received - corrected, chrono::Duration::seconds(delay));
+        }
+
+        /// Whatever times a client sends, an accepted event's log record reads back.
+        #[test]
+        fn every_accepted_event_reads_back_from_its_log_record(
+            timestamp in -62_135_596_800_000i64..253_402_300_799_999,
+            sent_at in proptest::option::of(-62_135_596_800_000i64..253_402_300_799_999),
+            offset_hours in -23i32..=23,
+        ) {
+            let offset = chrono::FixedOffset::east_opt(offset_hours * 3600).unwrap();
+            let text = |millis: i64| DateTime::from_timestamp_millis(millis).unwrap().with_timezone(&offset).to_rfc3339();
+            let mut message = json!({"userId": "u", "timestamp": text(timestamp)});
+            if let Some(sent_at) = sent_at { message["sentAt"] = json!(text(sent_at)); }
+            if let Ok(event) = normalize(message, Some(EventType::Identify)) {
+                let back: Event = serde_json::from_str(&event.to_log_record().payload).unwrap();
+                prop_assert_eq!(back.user_id.as_deref(), Some("u"));
+            }
         }
 
         /// Any JSON object either becomes an event or is refused with a code; never a panic.

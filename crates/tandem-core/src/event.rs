@@ -2,7 +2,7 @@
 //! from, and the flat record the log stores for it.
 
 use crate::ids::{MessageId, SourceId};
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::fmt;
@@ -108,18 +108,75 @@ pub struct Event {
     pub extra: Map<String, Value>,
 }
 
+/// The names the event's own fields take in its JSON; `extra` never holds one.
+const FIELD_NAMES: [&str; 18] = [
+    "messageId",
+    "type",
+    "userId",
+    "anonymousId",
+    "event",
+    "name",
+    "category",
+    "groupId",
+    "previousId",
+    "properties",
+    "traits",
+    "context",
+    "integrations",
+    "timestamp",
+    "originalTimestamp",
+    "sentAt",
+    "receivedAt",
+    "sourceId",
+];
+
+/// Whether the log's timestamp format (RFC 3339, four-digit years) can hold
+/// `time`: outside the years 0000 to 9999 it would be written as `+12025-…`
+/// or `-7973-…`, which no RFC 3339 reader accepts.
+pub fn is_loggable_time(time: DateTime<Utc>) -> bool {
+    (0..=9999).contains(&time.year())
+}
+
 impl Event {
+    /// The field that would make this event's log record unreadable, if any:
+    /// a time outside [`is_loggable_time`], or an `extra` member that repeats
+    /// one of the event's own fields. [`crate::collect::normalize_message`],
+    /// the one way events are made, refuses such events, so the log holds only
+    /// records every stage can read.
+    pub fn unreadable_field(&self) -> Option<&'static str> {
+        if !is_loggable_time(self.timestamp) {
+            return Some("timestamp");
+        }
+        if !is_loggable_time(self.received_at) {
+            return Some("receivedAt");
+        }
+        if self.sent_at.is_some_and(|time| !is_loggable_time(time)) {
+            return Some("sentAt");
+        }
+        FIELD_NAMES.into_iter().find(|name| self.extra.contains_key(*name))
+    }
+
     /// The flat record the log stores: indexed columns plus the JSON payload.
     /// Serializing here, on the request's own thread, keeps the single log
     /// writer free to do nothing but insert.
+    ///
+    /// The payload reads back as an event (checked in debug builds, by the
+    /// unit tests and by the fuzz targets) as long as
+    /// [`Event::unreadable_field`] finds nothing, which `normalize_message`
+    /// ensures.
     pub fn to_log_record(&self) -> LogRecord {
+        let payload = serde_json::to_string(self).expect("an event always serializes");
+        debug_assert!(
+            self.unreadable_field().is_some() || serde_json::from_str::<Event>(&payload).is_ok(),
+            "a normalized event must read back from its log record: {payload}"
+        );
         LogRecord {
             source_id: self.source_id.clone(),
             message_id: self.message_id.clone(),
             event_type: self.event_type,
             received_at_ms: self.received_at.timestamp_millis(),
             timestamp_ms: self.timestamp.timestamp_millis(),
-            payload: serde_json::to_string(self).expect("an event always serializes"),
+            payload,
         }
     }
 }

@@ -21,8 +21,8 @@ use std::io::Read;
 use std::net::SocketAddr;
 use std::time::Instant;
 use tandem_core::collect::{
-    normalize_batch, normalize_message, parse_batch, parse_single, BatchDefaults, IdRequirement, RejectedMessage,
-    RequestContext, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES,
+    normalize_batch, normalize_message, parse_batch, parse_single, replace_lone_surrogates, BatchDefaults,
+    IdRequirement, RejectedMessage, RequestContext, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES,
 };
 use tandem_core::{EventType, Source, WriteKey};
 use tandem_store::{IngestBatch, IngestOutcome, QuarantineRecord};
@@ -56,7 +56,7 @@ fn single_route(route: &'static str, event_type: EventType) -> MethodRouter<AppS
             let started = Instant::now();
             let client_ip = client_ip(connect);
             let result = ingest_single(&state, event_type, client_ip.as_deref(), &headers, body).await;
-            finish(&state, route, started, result)
+            finish(&state, route, started, result.map_err(ApiError::with_top_level_code))
         },
     )
 }
@@ -70,7 +70,7 @@ async fn batch_endpoint(
     let started = Instant::now();
     let client_ip = client_ip(connect);
     let result = ingest_batch(&state, client_ip.as_deref(), &headers, body).await;
-    finish(&state, "/v1/batch", started, result)
+    finish(&state, "/v1/batch", started, result.map_err(ApiError::with_top_level_code))
 }
 
 fn client_ip(connect: Option<Extension<ConnectInfo<SocketAddr>>>) -> Option<String> {
@@ -104,7 +104,7 @@ async fn ingest_single(
 ) -> Result<Value, ApiError> {
     let (body, header_source) =
         read_authenticated(state, headers, body, MAX_MESSAGE_BYTES, ErrorCode::MessageTooLarge).await?;
-    let (message, body_key) = match parse_single(&body) {
+    let (message, body_key) = match parse_single(&replace_lone_surrogates(&body)) {
         Ok(parsed) => parsed,
         Err(error) => return Err(quarantine_unreadable(state, header_source, &body, error.into()).await),
     };
@@ -154,7 +154,8 @@ async fn ingest_batch(
 ) -> Result<Value, ApiError> {
     let (body, header_source) =
         read_authenticated(state, headers, body, MAX_REQUEST_BYTES, ErrorCode::RequestTooLarge).await?;
-    let batch = match parse_batch(&body) {
+    let repaired = replace_lone_surrogates(&body);
+    let batch = match parse_batch(&repaired) {
         Ok(batch) => batch,
         Err(error) => return Err(quarantine_unreadable(state, header_source, &body, error.into()).await),
     };
@@ -197,8 +198,9 @@ async fn ingest_batch(
     Ok(json!({"success": true, "rejected": rejected}))
 }
 
-/// Reads the body within its limit and, when the request carries Basic auth,
-/// authenticates it first; without Basic auth the key may be in the body.
+/// When the request carries Basic auth, authenticates it before reading the
+/// body; then reads the body within its limit. Without Basic auth the key may
+/// be in the body, so the caller authenticates after parsing.
 async fn read_authenticated(
     state: &AppState,
     headers: &HeaderMap,
@@ -206,12 +208,11 @@ async fn read_authenticated(
     limit: usize,
     too_large: ErrorCode,
 ) -> Result<(Bytes, Option<Source>), ApiError> {
-    let header_key = crate::auth::basic_auth_write_key(headers)?;
-    let body = read_body(body, headers, limit, too_large).await?;
-    let header_source = match header_key {
+    let header_source = match crate::auth::basic_auth_write_key(headers)? {
         Some(key) => Some(state.sources.authenticate(Some(key)).await?),
         None => None,
     };
+    let body = read_body(body, headers, limit, too_large).await?;
     Ok((body, header_source))
 }
 
@@ -301,6 +302,9 @@ pub(crate) async fn read_body(
     let raw = axum::body::to_bytes(body, limit).await.map_err(|error| {
         if is_length_limit(&error) {
             too_large()
+        } else if crate::connection::is_body_timeout(&error) {
+            ApiError::new(ErrorCode::RequestTimeout, "the request body stalled; send it without pausing")
+                .with_field("body")
         } else {
             ApiError::new(ErrorCode::InvalidRequest, "the request body could not be read").with_field("body")
         }

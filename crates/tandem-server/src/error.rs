@@ -35,6 +35,7 @@ pub enum ErrorCode {
     MissingToken,
     InvalidToken,
     MethodNotAllowed,
+    RequestTimeout,
     Unavailable,
     Internal,
 }
@@ -65,6 +66,7 @@ impl ErrorCode {
             ErrorCode::MissingToken => "missing_token",
             ErrorCode::InvalidToken => "invalid_token",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }
@@ -93,6 +95,7 @@ impl ErrorCode {
             ErrorCode::InvalidMapping => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::InvalidVerifyToken => StatusCode::FORBIDDEN,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorCode::RequestTooLarge | ErrorCode::MessageTooLarge | ErrorCode::TooManyMessages => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
@@ -122,11 +125,22 @@ pub struct ApiError {
     pub message: String,
     pub field: Option<String>,
     pub extra: Option<(&'static str, Value)>,
+    /// Also put `code` and `message` at the top level of the body.
+    pub top_level_code: bool,
 }
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ApiError { code, message: message.into(), field: None, extra: None }
+        ApiError { code, message: message.into(), field: None, extra: None, top_level_code: false }
+    }
+
+    /// Repeats `code` and `message` at the top level, beside the `error`
+    /// object, as the tracking API answers: Segment's older libraries
+    /// (`analytics-python`) read them there, and without them take a
+    /// permanent refusal for a transient one and retry it.
+    pub fn with_top_level_code(mut self) -> Self {
+        self.top_level_code = true;
+        self
     }
 
     pub fn with_field(mut self, field: impl Into<String>) -> Self {
@@ -172,6 +186,10 @@ impl IntoResponse for ApiError {
         let mut body = json!({
             "error": {"code": self.code.as_str(), "message": self.message, "field": self.field}
         });
+        if self.top_level_code {
+            body["code"] = json!(self.code.as_str());
+            body["message"] = json!(self.message);
+        }
         if let Some((key, value)) = self.extra {
             body[key] = value;
         }

@@ -9,9 +9,14 @@
 //! Reading and mapping run on their own thread while the caller's thread
 //! appends the previous batch, so parsing and committing overlap.
 
+pub mod bounds;
 pub mod jobs;
 
 use crate::log_writer::LogWriter;
+use bounds::{
+    truncated, CountingReader, ExpansionBound, RowBound, RowSyntax, MAX_ECHOED_FIELD_BYTES, MAX_REASON_CHARS,
+    MAX_ROW_BYTES,
+};
 use chrono::Utc;
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -19,7 +24,9 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_core::collect::{normalize_message, BatchDefaults, IdRequirement, RequestContext};
 use tandem_core::mapping::{Cell, Mapping, Record, RowError};
@@ -78,6 +85,8 @@ pub enum ImportError {
     Rejects { path: PathBuf, source: std::io::Error },
     #[error("the log refused the rows: {0}")]
     Append(String),
+    #[error("stopped at line {line} because the server is shutting down; import the file again to finish (rows already imported are recognized and stored once)")]
+    Stopped { line: u64 },
 }
 
 /// Counts of an import so far.
@@ -166,20 +175,6 @@ fn seconds<S: serde::Serializer>(duration: &Duration, serializer: S) -> Result<S
     serializer.serialize_f64(duration.as_secs_f64())
 }
 
-/// Counts bytes as they are read, for progress by file position.
-struct CountingReader<R> {
-    inner: R,
-    count: std::sync::Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl<R: Read> Read for CountingReader<R> {
-    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
-        let read = self.inner.read(buffer)?;
-        self.count.fetch_add(read as u64, std::sync::atomic::Ordering::Relaxed);
-        Ok(read)
-    }
-}
-
 /// A batch of mapped rows on its way from the reader thread to the sink.
 struct Chunk {
     records: Vec<LogRecord>,
@@ -223,9 +218,22 @@ pub fn run_import(
     sink: &mut dyn RowSink,
     progress: &mut dyn FnMut(&ImportCounts),
 ) -> Result<ImportSummary, ImportError> {
+    run_import_until(request, sink, progress, &AtomicBool::new(false))
+}
+
+/// [`run_import`], stopping with [`ImportError::Stopped`] within a row of
+/// `stop` being set (the server shutting down). Rows appended before the stop
+/// stay; importing the file again stores only the rest, as every row's
+/// message id is derived from the row and kept for good.
+pub fn run_import_until(
+    request: ImportRequest<'_>,
+    sink: &mut dyn RowSink,
+    progress: &mut dyn FnMut(&ImportCounts),
+    stop: &AtomicBool,
+) -> Result<ImportSummary, ImportError> {
     let started = Instant::now();
-    let bytes_read = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let input = decompressed(CountingReader { inner: request.input, count: bytes_read.clone() });
+    let bytes_read = Arc::new(AtomicU64::new(0));
+    let input = decompressed(CountingReader { inner: request.input, count: bytes_read.clone() }, bytes_read.clone());
 
     let ImportRequest { source, mapping, format, reject_path, .. } = request;
     let mut counts = ImportCounts::default();
@@ -238,7 +246,7 @@ pub fn run_import(
             .name("tandem-import-reader".into())
             .spawn_scoped(scope, move || {
                 let received_at = Utc::now();
-                let mapper = RowMapper { source, mapping, received_at };
+                let mapper = RowMapper { source, mapping, received_at, stop };
                 let result = match format {
                     FileFormat::Csv => read_csv(input, &mapper, &sender),
                     FileFormat::Jsonl => read_jsonl(input, &mapper, &sender),
@@ -285,7 +293,7 @@ pub fn run_import(
                     }
                 }
             }
-            counts.bytes_read = bytes_read.load(std::sync::atomic::Ordering::Relaxed);
+            counts.bytes_read = bytes_read.load(Ordering::Relaxed);
             progress(&counts);
         }
         // Dropping the receiver stops a reader still sending.
@@ -297,12 +305,15 @@ pub fn run_import(
     Ok(ImportSummary { counts, reject_file, first_rejects, elapsed: started.elapsed() })
 }
 
-/// The file as text: gunzipped when its first bytes say gzip.
-fn decompressed<'a>(input: impl Read + Send + 'a) -> Box<dyn BufRead + Send + 'a> {
+/// The file as text: gunzipped when its first bytes say gzip, within the
+/// expansion bound measured against `compressed`, the bytes `input` has
+/// read so far.
+fn decompressed<'a>(input: impl Read + Send + 'a, compressed: Arc<AtomicU64>) -> Box<dyn BufRead + Send + 'a> {
     let mut buffered = BufReader::with_capacity(256 * 1024, input);
     let gzipped = buffered.fill_buf().map(|start| start.starts_with(&[0x1f, 0x8b])).unwrap_or(false);
     if gzipped {
-        Box::new(BufReader::with_capacity(256 * 1024, flate2::read::MultiGzDecoder::new(buffered)))
+        let decoder = flate2::read::MultiGzDecoder::new(buffered);
+        Box::new(BufReader::with_capacity(256 * 1024, ExpansionBound { inner: decoder, compressed, decompressed: 0 }))
     } else {
         Box::new(buffered)
     }
@@ -313,13 +324,16 @@ fn decompressed<'a>(input: impl Read + Send + 'a) -> Box<dyn BufRead + Send + 'a
 /// first record is not a JSON object with the mapped columns. Lets an upload
 /// be refused at once instead of failing as a job.
 pub fn preflight(input: impl Read + Send, format: FileFormat, mapping: &Mapping) -> Result<(), ImportError> {
-    let mut input = decompressed(input);
+    let compressed = Arc::new(AtomicU64::new(0));
+    let input = decompressed(CountingReader { inner: input, count: compressed.clone() }, compressed);
     match format {
         FileFormat::Csv => {
-            let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(input);
+            let mut reader =
+                csv::ReaderBuilder::new().has_headers(true).from_reader(RowBound::new(input, RowSyntax::Csv));
             checked_header(&mut reader, mapping).map(drop)
         }
         FileFormat::Jsonl => {
+            let mut input = BufReader::new(RowBound::new(input, RowSyntax::Lines));
             let mut line = String::new();
             let mut number = 0;
             loop {
@@ -355,9 +369,18 @@ struct RowMapper<'a> {
     source: &'a Source,
     mapping: &'a Mapping,
     received_at: chrono::DateTime<Utc>,
+    stop: &'a AtomicBool,
 }
 
 impl RowMapper<'_> {
+    fn check_stop(&self, line: u64) -> Result<(), ImportError> {
+        if self.stop.load(Ordering::Relaxed) {
+            Err(ImportError::Stopped { line })
+        } else {
+            Ok(())
+        }
+    }
+
     fn map(&self, record: &dyn Record) -> Result<LogRecord, RowError> {
         let message = self.mapping.message_for(&self.source.id, record)?;
         let request = RequestContext {
@@ -391,7 +414,10 @@ impl Record for CsvRow<'_> {
 type Sender = mpsc::SyncSender<Result<Chunk, ImportError>>;
 
 fn read_csv(input: Box<dyn BufRead + Send + '_>, mapper: &RowMapper<'_>, sender: &Sender) -> Result<(), ImportError> {
-    let mut reader = csv::ReaderBuilder::new().has_headers(true).flexible(false).from_reader(input);
+    let bounded = RowBound::new(input, RowSyntax::Csv);
+    let cuts = bounded.cuts();
+    // Flexible, because a cut row is short; the field count is checked below.
+    let mut reader = csv::ReaderBuilder::new().has_headers(true).flexible(true).from_reader(bounded);
     let header = checked_header(&mut reader, mapper.mapping)?;
     let names: Vec<&str> = header.iter().map(str::trim).collect();
     let columns: HashMap<String, usize> =
@@ -406,6 +432,29 @@ fn read_csv(input: Box<dyn BufRead + Send + '_>, mapper: &RowMapper<'_>, sender:
             Err(error) => return Err(csv_error(&error, reader.position().line())),
         }
         let line = bytes.position().map_or(0, csv::Position::line);
+        mapper.check_stop(line)?;
+        let start = bytes.position().map_or(0, csv::Position::byte);
+        if cuts.cut_within(start, reader.position().byte()) {
+            chunk.rows_read += 1;
+            chunk.rejects.push((
+                too_long(line),
+                RawRow::Fields(bytes.iter().map(|field| echo(&String::from_utf8_lossy(field))).collect()),
+            ));
+            if !chunk.send_when_full(sender) {
+                return Ok(());
+            }
+            continue;
+        }
+        if bytes.len() != header.len() {
+            return Err(ImportError::Malformed {
+                line,
+                message: format!(
+                    "the row has {} fields but the header has {} (is a quote left open on this or an earlier line?)",
+                    bytes.len(),
+                    header.len()
+                ),
+            });
+        }
         let record = csv::StringRecord::from_byte_record(std::mem::take(&mut bytes)).map_err(|error| {
             let column = error.utf8_error().field();
             let name = names.get(column).copied().unwrap_or("?");
@@ -415,8 +464,8 @@ fn read_csv(input: Box<dyn BufRead + Send + '_>, mapper: &RowMapper<'_>, sender:
         match mapper.map(&CsvRow { columns: &columns, record: &record }) {
             Ok(log_record) => chunk.records.push(log_record),
             Err(error) => chunk.rejects.push((
-                RejectedRow { line, column: error.column, reason: error.reason },
-                RawRow::Fields(record.iter().map(str::to_owned).collect()),
+                RejectedRow { line, column: error.column, reason: truncated(&error.reason, MAX_REASON_CHARS).into() },
+                RawRow::Fields(record.iter().map(echo).collect()),
             )),
         }
         bytes = record.into_byte_record();
@@ -453,14 +502,14 @@ fn csv_error(error: &csv::Error, fallback_line: u64) -> ImportError {
     ImportError::Malformed { line, message }
 }
 
-fn read_jsonl(
-    mut input: Box<dyn BufRead + Send + '_>,
-    mapper: &RowMapper<'_>,
-    sender: &Sender,
-) -> Result<(), ImportError> {
+fn read_jsonl(input: Box<dyn BufRead + Send + '_>, mapper: &RowMapper<'_>, sender: &Sender) -> Result<(), ImportError> {
+    let bounded = RowBound::new(input, RowSyntax::Lines);
+    let cuts = bounded.cuts();
+    let mut input = BufReader::with_capacity(256 * 1024, bounded);
     let mut chunk = Chunk::empty();
     let mut raw = Vec::new();
     let mut line = 0u64;
+    let mut offset = 0u64;
     let mut checked_columns = false;
     loop {
         raw.clear();
@@ -472,6 +521,17 @@ fn read_jsonl(
             break;
         }
         line += 1;
+        mapper.check_stop(line)?;
+        let start = offset;
+        offset += read as u64;
+        if cuts.cut_within(start, offset) {
+            chunk.rows_read += 1;
+            chunk.rejects.push((too_long(line), RawRow::Line(echo(&String::from_utf8_lossy(&raw)))));
+            if !chunk.send_when_full(sender) {
+                return Ok(());
+            }
+            continue;
+        }
         let text = std::str::from_utf8(&raw)
             .map_err(|_| ImportError::Malformed { line, message: "the line is not valid UTF-8".into() })?
             .trim();
@@ -493,8 +553,8 @@ fn read_jsonl(
         match mapped {
             Ok(log_record) => chunk.records.push(log_record),
             Err(error) => chunk.rejects.push((
-                RejectedRow { line, column: error.column, reason: error.reason },
-                RawRow::Line(text.to_owned()),
+                RejectedRow { line, column: error.column, reason: truncated(&error.reason, MAX_REASON_CHARS).into() },
+                RawRow::Line(echo(text)),
             )),
         }
         if !chunk.send_when_full(sender) {
@@ -503,6 +563,22 @@ fn read_jsonl(
     }
     chunk.send_rest(sender);
     Ok(())
+}
+
+/// The refusal of a row longer than [`MAX_ROW_BYTES`].
+fn too_long(line: u64) -> RejectedRow {
+    RejectedRow {
+        line,
+        column: None,
+        reason: format!("the row is longer than the limit of {MAX_ROW_BYTES} bytes; its start is shown"),
+    }
+}
+
+/// A refused field as a reject file shows it: whole up to
+/// [`MAX_ECHOED_FIELD_BYTES`], so the usual reject can be fixed and imported
+/// again, and cut beyond (no such field fits in a message anyway).
+fn echo(field: &str) -> String {
+    truncated(field, MAX_ECHOED_FIELD_BYTES).into_owned()
 }
 
 /// JSON Lines has no header: the first object stands in for one, so a
@@ -748,5 +824,78 @@ mod tests {
 
         let wrong_mapping = fixture.import("other.jsonl", b"{\"id\":1}\n", ORDERS);
         assert!(matches!(wrong_mapping, Err(ImportError::Malformed { line: 1, .. })), "{wrong_mapping:?}");
+    }
+
+    fn gzip_fast(bytes: &[u8]) -> Vec<u8> {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        encoder.write_all(bytes).unwrap();
+        encoder.finish().unwrap()
+    }
+
+    #[test]
+    fn an_import_decompression_bomb_expanded_without_bound() {
+        let fixture = fixture();
+        let mut csv = b"customer_id,order_id,ordered_at,email,total\nc1,o1,2024-01-01,\"".to_vec();
+        csv.resize(csv.len() + 40 * 1024 * 1024, b'x');
+        csv.extend_from_slice(b"\",1\n");
+        let bomb = gzip_fast(&csv);
+        assert!(bomb.len() * 200 < csv.len(), "the test file must expand more than the bound");
+        let error = fixture.import("bomb.csv.gz", &bomb, ORDERS).unwrap_err();
+        assert!(error.to_string().contains("decompression bomb"), "{error}");
+        assert_eq!(fixture.events(), 0);
+    }
+
+    #[test]
+    fn an_import_row_with_a_huge_field_was_buffered_and_echoed_whole() {
+        let fixture = fixture();
+        let mut csv =
+            b"customer_id,order_id,ordered_at,email,total\nc1,o1,2024-01-01,a@x.test,1\nc2,o2,2024-01-01,\"".to_vec();
+        csv.resize(csv.len() + 5 * MAX_ROW_BYTES, b'y');
+        csv.extend_from_slice(b"\",2\nc3,o3,2024-01-01,c@x.test,not-a-number-");
+        csv.resize(csv.len() + 200 * 1024, b'z');
+        csv.extend_from_slice(b"\nc4,o4,2024-01-02,d@x.test,4\n");
+        let summary = fixture.import("huge.csv", &csv, ORDERS).unwrap();
+        assert_eq!((summary.counts.rows_read, summary.counts.imported, summary.counts.rejected), (4, 2, 2));
+        assert_eq!(fixture.events(), 2);
+        let [long, bad_total] = &summary.first_rejects[..] else { panic!("two rejects: {:?}", summary.first_rejects) };
+        assert_eq!(long.line, 3);
+        assert!(long.reason.contains("longer than the limit"), "{}", long.reason);
+        assert_eq!(bad_total.line, 4);
+        assert!(bad_total.reason.len() <= MAX_REASON_CHARS + 50, "the status echoes at most a short reason");
+        let reject_file = std::fs::metadata(summary.reject_file.unwrap()).unwrap().len();
+        assert!(
+            reject_file < 4 * MAX_ECHOED_FIELD_BYTES as u64,
+            "the reject file echoes cut fields: {reject_file} bytes"
+        );
+    }
+
+    #[test]
+    fn a_json_line_longer_than_the_limit_is_refused_alone() {
+        let fixture = fixture();
+        let long = format!("{{\"customer_id\": \"c2\", \"order_id\": \"{}\"}}", "9".repeat(2 * MAX_ROW_BYTES));
+        let jsonl = format!("{{\"customer_id\": \"c1\", \"order_id\": \"o1\"}}\n{long}\n{{\"customer_id\": \"c3\", \"order_id\": \"o3\"}}\n");
+        let mapping = "event = \"Order Completed\"\nrow_key = \"order_id\"\n[identifiers]\nuser_id = \"customer_id\"\n";
+        let summary = fixture.import("orders.jsonl", jsonl.as_bytes(), mapping).unwrap();
+        assert_eq!((summary.counts.imported, summary.counts.rejected), (2, 1));
+        assert_eq!(summary.first_rejects[0].line, 2);
+    }
+
+    #[test]
+    fn an_import_stops_within_a_row_when_asked() {
+        let fixture = fixture();
+        let input = fixture.path.join("orders.csv");
+        std::fs::write(&input, "customer_id,order_id,ordered_at,email,total\nc1,o1,2024-01-01,a@x.test,1\n").unwrap();
+        let mapping = Mapping::from_toml(ORDERS).unwrap();
+        let request = ImportRequest {
+            source: &fixture.source,
+            mapping: &mapping,
+            format: FileFormat::Csv,
+            input: Box::new(File::open(&input).unwrap()),
+            reject_path: reject_path_beside(&input, FileFormat::Csv),
+        };
+        let stop = AtomicBool::new(true);
+        let error = run_import_until(request, &mut StoreSink(&fixture.store), &mut |_| {}, &stop).unwrap_err();
+        assert!(matches!(error, ImportError::Stopped { line: 2 }), "{error}");
+        assert!(error.to_string().contains("import the file again"));
     }
 }

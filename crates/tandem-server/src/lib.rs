@@ -4,7 +4,9 @@
 
 pub mod auth;
 pub mod collect;
+pub mod connection;
 pub mod error;
+pub mod extract;
 pub mod import;
 pub mod log_writer;
 pub mod metrics;
@@ -113,6 +115,7 @@ pub struct Running {
     state: AppState,
     writer_thread: std::thread::JoinHandle<()>,
     dedup_window: Duration,
+    limits: connection::ConnectionLimits,
 }
 
 /// Binds the listener and starts the log writer; call [`Running::serve`] next.
@@ -122,10 +125,23 @@ pub async fn start(store: Arc<dyn Store>, options: &ServerOptions) -> Result<Run
         .map_err(|source| ServeError::Bind { address: options.listen, source })?;
     let local_addr = listener.local_addr()?;
     let (state, writer_thread) = AppState::start(store, options.dedup_window, options.import_dir.clone());
-    Ok(Running { local_addr, listener, state, writer_thread, dedup_window: options.dedup_window })
+    Ok(Running {
+        local_addr,
+        listener,
+        state,
+        writer_thread,
+        dedup_window: options.dedup_window,
+        limits: connection::ConnectionLimits::default(),
+    })
 }
 
 impl Running {
+    /// Serves with other connection limits than the defaults.
+    pub fn with_limits(mut self, limits: connection::ConnectionLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
     /// The state the server will serve, for loading data before it does.
     pub fn state(&self) -> AppState {
         self.state.clone()
@@ -134,14 +150,17 @@ impl Running {
     /// Serves until `shutdown` resolves, then stops accepting, finishes the
     /// requests in flight, and waits for the log writer to commit them.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
-        let Running { local_addr, listener, state, writer_thread, dedup_window } = self;
+        let Running { local_addr, listener, state, writer_thread, dedup_window, limits } = self;
         let pruner = tokio::spawn(prune_message_ids(state.store.clone(), dedup_window));
         let stop_resolver = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let wakeup = state.wakeup.clone();
         let resolver_thread = resolve::spawn(state.store.clone(), wakeup.clone(), stop_resolver.clone());
         tracing::info!(address = %local_addr, "tandem is listening");
-        let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-        axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+        let imports = state.imports.clone();
+        connection::serve(listener, router(state), limits, shutdown).await;
+        // Running imports hold the log writer open; stop them within a row
+        // rather than wait for their files to end.
+        imports.stop_all();
         pruner.abort();
         // Every handle to the log writer lived in the router, now dropped: the
         // writer commits what is queued and stops.

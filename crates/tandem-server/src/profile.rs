@@ -3,9 +3,9 @@
 //! Every endpoint needs an admin bearer token.
 
 use crate::error::{ApiError, ErrorCode};
+use crate::extract::{AdminToken, ApiPath, ApiQuery};
 use crate::AppState;
-use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
+use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
@@ -90,10 +90,9 @@ struct FindQuery {
 
 async fn find_profile(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Query(query): Query<FindQuery>,
+    _token: AdminToken,
+    ApiQuery(query): ApiQuery<FindQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    state.tokens.authenticate(&headers).await?;
     let text = query.identifier.ok_or_else(|| {
         ApiError::new(ErrorCode::MissingField, "identifier=type:value is required").with_field("identifier")
     })?;
@@ -109,10 +108,9 @@ async fn find_profile(
 
 async fn get_profile(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+    _token: AdminToken,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
-    state.tokens.authenticate(&headers).await?;
     Ok(Json(profile_json(&load_profile(&state, &id).await?)))
 }
 
@@ -126,11 +124,10 @@ const MAX_PAGE: usize = 1_000;
 
 async fn profile_events(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    Query(query): Query<EventsQuery>,
+    _token: AdminToken,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<EventsQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    state.tokens.authenticate(&headers).await?;
     let limit = query.limit.unwrap_or(50);
     if limit == 0 || limit > MAX_PAGE {
         return Err(ApiError::new(ErrorCode::InvalidValue, format!("limit must be between 1 and {MAX_PAGE}"))
@@ -153,10 +150,9 @@ async fn profile_events(
 
 async fn profile_identities(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+    _token: AdminToken,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
-    state.tokens.authenticate(&headers).await?;
     let profile = load_profile(&state, &id).await?;
     let profile_id = profile.id;
     let history = read(&state, move |store| {

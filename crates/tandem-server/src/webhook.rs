@@ -6,9 +6,10 @@
 //! ids derived from the delivery, so a redelivered webhook is stored once.
 
 use crate::error::{ApiError, ErrorCode};
+use crate::extract::{ApiPath, ApiQuery};
 use crate::AppState;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -19,8 +20,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Instant;
 use tandem_core::collect::{
-    normalize_message, BatchDefaults, IdRequirement, RejectedMessage, Rejection, RejectionCode, RequestContext,
-    MAX_REQUEST_BYTES,
+    normalize_message, replace_lone_surrogates, BatchDefaults, IdRequirement, RejectedMessage, Rejection,
+    RejectionCode, RequestContext, MAX_REQUEST_BYTES,
 };
 use tandem_core::webhook::{messages_for, verify_signature, WebhookSettings, SIGNATURE_HEADER};
 use tandem_core::{Source, SourceId};
@@ -48,8 +49,8 @@ async fn webhook_source(state: &AppState, source_id: String) -> Result<(Source, 
 /// Facebook's handshake: echo `hub.challenge` when the verify token matches.
 async fn verify_subscription(
     State(state): State<AppState>,
-    Path(source_id): Path<String>,
-    Query(query): Query<HashMap<String, String>>,
+    ApiPath(source_id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let (_, settings) = webhook_source(&state, source_id).await?;
     if query.get("hub.mode").map(String::as_str) != Some("subscribe") {
@@ -70,7 +71,7 @@ async fn verify_subscription(
 async fn deliver(
     State(state): State<AppState>,
     connect: Option<Extension<ConnectInfo<SocketAddr>>>,
-    Path(source_id): Path<String>,
+    ApiPath(source_id): ApiPath<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -94,7 +95,7 @@ async fn receive(
             ApiError::new(ErrorCode::InvalidSignature, error.to_string()).with_field(SIGNATURE_HEADER)
         })?;
     }
-    let payload: Value = serde_json::from_slice(&body)
+    let payload: Value = serde_json::from_slice(&replace_lone_surrogates(&body))
         .map_err(|error| ApiError::new(ErrorCode::InvalidJson, format!("body is not valid json: {error}")))?;
     let messages = messages_for(&settings, &source.id, &payload)
         .map_err(|error| ApiError::new(ErrorCode::InvalidRequest, error.message).with_field(error.field))?;

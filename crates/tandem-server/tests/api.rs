@@ -881,3 +881,387 @@ mod webhooks {
         assert_eq!((status, error_of(&body).0), (StatusCode::BAD_REQUEST, "invalid_value"));
     }
 }
+
+/// One test per defect found by trying the edge with hostile and unlucky input.
+mod hardening {
+    use super::profiles::get;
+    use super::*;
+    use tandem_server::resolve::{Resolver, DEFAULT_BATCH};
+
+    fn resolve(harness: &Harness) {
+        let store: Arc<dyn Store> = harness.store.clone();
+        Resolver::load(store).unwrap().catch_up(DEFAULT_BATCH).unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_acknowledged_event_with_absurd_skew_never_reached_a_profile() {
+        let harness = Harness::new();
+        let (status, body) = harness
+            .post_json(
+                "/v1/track",
+                json!({"userId": "ts-user", "event": "E", "timestamp": "0001-01-01T00:00:00Z", "sentAt": "9999-12-31T23:59:59Z"}),
+            )
+            .await;
+        assert_eq!((status, body), (StatusCode::OK, json!({"success": true})));
+        let event = &harness.events()[0];
+        assert_eq!(event["timestamp"], event["receivedAt"], "an absurd sentAt falls back to receivedAt");
+        resolve(&harness);
+        let token = harness.store.create_token("test").unwrap().1;
+        let (status, profile) = get(&harness, "/api/v1/profiles?identifier=user_id:ts-user", Some(&token)).await;
+        assert_eq!(status, StatusCode::OK, "{profile}");
+        assert_eq!(profile["event_counts"], json!({"track": 1}));
+    }
+
+    #[tokio::test]
+    async fn framework_rejections_were_text_and_came_before_the_token_check() {
+        let harness = Harness::new();
+        let token = harness.store.create_token("test").unwrap().1;
+        for (path, field) in [
+            ("/api/v1/profiles/prof_1/events?limit=abc", "limit"),
+            ("/api/v1/profiles/prof_1/events?limit=", "limit"),
+            ("/api/v1/profiles/prof_1/events?before=99999999999999999999999", "before"),
+            ("/api/v1/profiles?identifier=a:b&identifier=c:d", "identifier"),
+            ("/api/v1/profiles/%ff", "id"),
+            ("/api/v1/imports/%ff", "id"),
+        ] {
+            let (status, body) = get(&harness, path, None).await;
+            assert_eq!((status, error_of(&body).0), (StatusCode::UNAUTHORIZED, "missing_token"), "{path}");
+            let (status, body) = get(&harness, path, Some(&token)).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {body}");
+            assert_eq!(error_of(&body), ("invalid_value", Some(field)), "{path}: {body}");
+        }
+        let (status, body) = harness.send(Request::post("/v1/webhooks/%ff").body(Body::from("{}")).unwrap()).await;
+        assert_eq!((status, error_of(&body)), (StatusCode::BAD_REQUEST, ("invalid_value", Some("source_id"))));
+        for (content_type, field) in [
+            ("application/json", "content-type"),
+            ("multipart/form-data", "content-type"),
+            ("multipart/form-data; boundary=", "body"),
+        ] {
+            let request = |token: Option<&str>| {
+                let mut request = Request::post("/api/v1/imports").header(header::CONTENT_TYPE, content_type);
+                if let Some(token) = token {
+                    request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+                }
+                request.body(Body::from("not multipart")).unwrap()
+            };
+            let (status, body) = harness.send(request(None)).await;
+            assert_eq!((status, error_of(&body).0), (StatusCode::UNAUTHORIZED, "missing_token"), "{content_type}");
+            let (status, body) = harness.send(request(Some(&token))).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{content_type}: {body}");
+            assert_eq!(error_of(&body).1, Some(field), "{content_type}: {body}");
+        }
+    }
+
+    #[tokio::test]
+    async fn analytics_python_read_a_top_level_code_and_message() {
+        let harness = Harness::new();
+        let (status, body) = harness.post_json("/v1/track", json!({"userId": "u"})).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["code"], "missing_field");
+        assert_eq!(body["message"], body["error"]["message"]);
+        assert_eq!(error_of(&body), ("missing_field", Some("event")), "the error object keeps its shape");
+        let request = Request::post("/v1/batch").body(Body::from(r#"{"batch": []}"#)).unwrap();
+        let (status, body) = harness.send(request).await;
+        assert_eq!((status, body["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("missing_write_key")));
+        assert!(body["message"].is_string());
+    }
+
+    #[tokio::test]
+    async fn a_lone_surrogate_spoiled_the_whole_batch() {
+        let harness = Harness::new();
+        let body = r#"{"batch": [
+            {"type": "track", "userId": "u", "event": "Liked \ud83d", "messageId": "s1"},
+            {"type": "track", "userId": "u", "event": "Fine", "messageId": "s2"}
+        ]}"#;
+        let (status, response) = harness.post("/v1/batch", body).await;
+        assert_eq!((status, response), (StatusCode::OK, json!({"success": true})));
+        let names: Vec<Value> = harness.events().iter().map(|event| event["event"].clone()).collect();
+        assert_eq!(names, [json!("Liked \u{FFFD}"), json!("Fine")]);
+        let (status, _) = harness.post("/v1/track", r#"{"userId": "u", "event": "\udc00 alone"}"#).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn integers_beyond_64_bits_became_floats() {
+        // Documented: JSON numbers are kept as 64-bit integers when they fit,
+        // and otherwise as the nearest double; this pins that documented rule.
+        let harness = Harness::new();
+        let (status, _) = harness
+            .post("/v1/track", r#"{"userId": "u", "event": "E", "properties": {"big": 18446744073709551617, "fits": 18446744073709551615}}"#)
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        let properties = &harness.events()[0]["properties"];
+        assert_eq!(properties["fits"].as_u64(), Some(u64::MAX));
+        assert_eq!(properties["big"].as_f64(), Some(18446744073709551617.0));
+    }
+}
+
+/// Slow clients against a real socket: the bounds only exist on a connection.
+mod slow_clients {
+    use super::*;
+    use std::time::{Duration, Instant};
+    use tandem_server::connection::ConnectionLimits;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    async fn server(limits: ConnectionLimits) -> (SocketAddr, tokio::sync::oneshot::Sender<()>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let options = tandem_server::ServerOptions {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            dedup_window: DEFAULT_DEDUP_WINDOW,
+            import_dir: dir.path().join("imports"),
+        };
+        let running = tandem_server::start(store, &options).await.unwrap().with_limits(limits);
+        let address = running.local_addr;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(running.serve(async move {
+            let _ = stopped.await;
+        }));
+        (address, stop, dir)
+    }
+
+    /// Reads until the server closes the connection; what it sent, and when.
+    async fn until_closed(stream: &mut TcpStream) -> (String, Duration) {
+        let started = Instant::now();
+        let mut received = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut received)).await;
+        (String::from_utf8_lossy(&received).into_owned(), started.elapsed())
+    }
+
+    const LIMITS: ConnectionLimits = ConnectionLimits {
+        header_read_timeout: Duration::from_millis(300),
+        body_idle_timeout: Duration::from_millis(300),
+        max_connections: 2,
+    };
+
+    #[tokio::test]
+    async fn slow_clients_held_connections_open_indefinitely() {
+        let (address, _stop, _dir) = server(LIMITS).await;
+
+        let mut half_headers = TcpStream::connect(address).await.unwrap();
+        half_headers.write_all(b"POST /v1/track HTTP/1.1\r\nHost: tandem\r\n").await.unwrap();
+        let (_, waited) = until_closed(&mut half_headers).await;
+        assert!(waited < Duration::from_secs(5), "half-sent headers closed after {waited:?}");
+
+        let mut half_body = TcpStream::connect(address).await.unwrap();
+        half_body
+            .write_all(b"POST /v1/track HTTP/1.1\r\nHost: tandem\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"userId\"")
+            .await
+            .unwrap();
+        let (answer, waited) = until_closed(&mut half_body).await;
+        assert!(waited < Duration::from_secs(5), "a stalled body closed after {waited:?}");
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("\"request_timeout\""), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_cap_wait_for_a_free_slot() {
+        let (address, _stop, _dir) = server(ConnectionLimits { max_connections: 1, ..LIMITS }).await;
+        let mut idle = TcpStream::connect(address).await.unwrap();
+        idle.write_all(b"GET /health HTTP/1.1\r\nHost: tandem\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = Instant::now();
+        let mut waiting = TcpStream::connect(address).await.unwrap();
+        waiting.write_all(b"GET /health HTTP/1.1\r\nHost: tandem\r\nConnection: close\r\n\r\n").await.unwrap();
+        let (answer, _) = until_closed(&mut waiting).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(200),
+            "served only once the idle connection timed out: {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+/// Random requests over the whole router: never a 5xx, never an error that is
+/// not JSON, and every event a `200` acknowledges becomes part of a profile.
+mod random_requests {
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    use tandem_server::resolve::{Resolver, DEFAULT_BATCH};
+
+    #[derive(Clone, Debug)]
+    struct RandomRequest {
+        method: Method,
+        path: String,
+        auth: u8,
+        gzip: bool,
+        body: Vec<u8>,
+    }
+
+    fn id() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            8 => "u-[a-z0-9]{1,6}".prop_map(Value::from),
+            1 => (1u32..1_000_000).prop_map(|n| json!(n)),
+            1 => Just(json!({"nested": true})),
+            1 => Just(Value::Null),
+        ]
+    }
+
+    fn time() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            1 => Just(json!("0001-01-01T00:00:00Z")),
+            1 => Just(json!("9999-12-31T23:59:59Z")),
+            1 => Just(json!("0000-01-01T00:00:00+01:00")),
+            1 => Just(json!("9999-12-31T23:30:00-01:00")),
+            1 => Just(json!("2024-02-30T00:00:00Z")),
+            1 => Just(json!("yesterday")),
+            1 => Just(json!(12)),
+            8 => (0i64..4_000_000_000).prop_map(|seconds| json!(chrono::DateTime::from_timestamp(seconds, 0)
+                .unwrap()
+                .to_rfc3339())),
+        ]
+    }
+
+    fn text() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            6 => "[ -~]{0,12}".prop_map(Value::from),
+            1 => Just(json!(18446744073709551617u128 as f64)),
+            1 => (any::<i64>()).prop_map(|n| json!(n)),
+            1 => Just(json!("\u{1F600}")),
+        ]
+    }
+
+    fn message() -> impl Strategy<Value = Value> {
+        (
+            prop_oneof![
+                Just("track"),
+                Just("identify"),
+                Just("page"),
+                Just("screen"),
+                Just("group"),
+                Just("alias"),
+                Just("other")
+            ],
+            proptest::option::weighted(0.85, id()),
+            proptest::option::of(id()),
+            proptest::option::weighted(0.3, id()),
+            proptest::option::weighted(0.9, text()),
+            proptest::option::of(time()),
+            proptest::option::of(time()),
+            proptest::collection::btree_map("[a-z]{1,4}", text(), 0..3),
+        )
+            .prop_map(|(kind, user, anonymous, previous, event, timestamp, sent_at, properties)| {
+                let mut message = json!({"type": kind, "properties": properties, "groupId": "g-1"});
+                for (key, value) in [
+                    ("userId", user),
+                    ("anonymousId", anonymous),
+                    ("previousId", previous),
+                    ("event", event),
+                    ("timestamp", timestamp),
+                    ("sentAt", sent_at),
+                ] {
+                    if let Some(value) = value {
+                        message[key] = value;
+                    }
+                }
+                message
+            })
+    }
+
+    fn body() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            3 => message().prop_map(|message| message.to_string().into_bytes()),
+            3 => proptest::collection::vec(message(), 0..4)
+                .prop_map(|batch| json!({"batch": batch}).to_string().into_bytes()),
+            1 => Just(br#"{"userId": "u-s", "event": "\ud83d cut", "type": "track"}"#.to_vec()),
+            1 => proptest::collection::vec(any::<u8>(), 0..64),
+        ]
+    }
+
+    fn request() -> impl Strategy<Value = RandomRequest> {
+        let path = prop_oneof![
+            6 => prop_oneof![
+                Just("/v1/track"), Just("/v1/identify"), Just("/v1/page"), Just("/v1/screen"), Just("/v1/group"),
+                Just("/v1/alias"), Just("/v1/batch"), Just("/v1/import"), Just("/v1/t"), Just("/v1/b")
+            ]
+            .prop_map(str::to_owned),
+            1 => prop_oneof![
+                Just("/api/v1/profiles?identifier=user_id:u-1"), Just("/api/v1/profiles?limit=abc&identifier=x"),
+                Just("/api/v1/profiles/%ff"), Just("/api/v1/profiles/prof_1/events?limit="),
+                Just("/api/v1/imports"), Just("/api/v1/imports/%ff"), Just("/v1/webhooks/%ff"),
+                Just("/v1/webhooks/src_none"), Just("/health"), Just("/metrics"), Just("/nowhere")
+            ]
+            .prop_map(str::to_owned),
+            1 => "/[a-z0-9%/]{0,16}",
+        ];
+        let method = prop_oneof![
+            12 => Just(Method::POST),
+            1 => Just(Method::GET),
+            1 => Just(Method::PUT),
+            1 => Just(Method::DELETE),
+            1 => Just(Method::OPTIONS)
+        ];
+        let auth = prop_oneof![1 => Just(0u8), 6 => Just(1u8), 1 => Just(3u8), 1 => Just(4u8)];
+        (method, path, auth, proptest::bool::weighted(0.2), body()).prop_map(|(method, path, auth, gzip, body)| {
+            // Mostly give each tracking endpoint the shape it reads, so that
+            // many requests get past the envelope to the message rules.
+            let batch_path = ["/v1/batch", "/v1/import", "/v1/b"].contains(&path.as_str());
+            let body = match serde_json::from_slice::<Value>(&body) {
+                Ok(message) if batch_path && message.get("batch").is_none() => {
+                    json!({"batch": [message]}).to_string().into_bytes()
+                }
+                Ok(batch) if !batch_path && batch["batch"][0].is_object() => batch["batch"][0].to_string().into_bytes(),
+                _ => body,
+            };
+            RandomRequest { method, path, auth, gzip, body }
+        })
+    }
+
+    fn identifier_of(event: &Value) -> Option<String> {
+        [("userId", "user_id"), ("anonymousId", "anonymous_id")]
+            .into_iter()
+            .find_map(|(field, kind)| event[field].as_str().map(|value| format!("{kind}:{value}")))
+    }
+
+    #[test]
+    fn random_requests_never_answer_5xx_or_non_json_errors_and_every_200_reaches_a_profile() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let harness = Harness::new();
+        let token = harness.store.create_token("random").unwrap().1;
+        let mut runner = TestRunner::new(Config { cases: 256, failure_persistence: None, ..Config::default() });
+        runner
+            .run(&request(), |random| {
+                let before = harness.store.read_log(LogPosition(0), 1_000_000).unwrap().len();
+                let mut builder = Request::builder().method(random.method.clone()).uri(random.path.as_str());
+                builder = match random.auth {
+                    0 => builder,
+                    1 | 2 => builder.header(header::AUTHORIZATION, harness.basic()),
+                    3 => builder.header(header::AUTHORIZATION, format!("Bearer {token}")),
+                    _ => builder.header(header::AUTHORIZATION, "Basic !!!"),
+                };
+                let body = if random.gzip {
+                    builder = builder.header(header::CONTENT_ENCODING, "gzip");
+                    gzip(&random.body)
+                } else {
+                    random.body.clone()
+                };
+                let request = builder.body(Body::from(body)).unwrap();
+                let (status, answer) = runtime.block_on(harness.send(request));
+                prop_assert!(status.as_u16() < 500, "{random:?} answered {status}: {answer}");
+                if status.is_client_error() {
+                    prop_assert!(
+                        answer["error"]["code"].is_string() && answer["error"]["message"].is_string(),
+                        "{random:?} answered {status} with a body that is not a JSON error: {answer}"
+                    );
+                }
+                let events = harness.store.read_log(LogPosition(0), 1_000_000).unwrap();
+                if status == StatusCode::OK && events.len() > before {
+                    let store: Arc<dyn Store> = harness.store.clone();
+                    Resolver::load(store).unwrap().catch_up(DEFAULT_BATCH).unwrap();
+                    for entry in &events[before..] {
+                        let event: Value = serde_json::from_str(&entry.payload).unwrap();
+                        let identifier = identifier_of(&event).expect("an accepted event names someone");
+                        let found = harness.store.profile_by_identifier(&identifier.parse().unwrap()).unwrap();
+                        prop_assert!(found.is_some(), "{random:?}: no profile holds {identifier} of {event}");
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+        let stored = harness.store.read_log(LogPosition(0), 1_000_000).unwrap().len();
+        assert!(stored >= 15, "the random requests must get events accepted, not only refused: {stored}");
+    }
+}

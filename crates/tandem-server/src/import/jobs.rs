@@ -6,11 +6,12 @@
 //! the refused rows. Job statuses live in memory: a restarted server has
 //! forgotten them, while the rows they imported stay in the log.
 
-use super::{reject_path_beside, run_import, FileFormat, ImportCounts, ImportRequest, RejectedRow};
+use super::{reject_path_beside, run_import_until, FileFormat, ImportCounts, ImportRequest, RejectedRow};
 use crate::error::{ApiError, ErrorCode};
+use crate::extract::{AdminToken, ApiMultipart, ApiPath};
 use crate::AppState;
-use axum::extract::{DefaultBodyLimit, Multipart, Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{DefaultBodyLimit, Multipart, State};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -64,11 +65,20 @@ pub struct Job {
 pub struct ImportJobs {
     directory: PathBuf,
     jobs: Mutex<HashMap<String, Arc<Mutex<Job>>>>,
+    /// Set on shutdown: running jobs stop within a row, new ones are refused.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl ImportJobs {
     pub fn new(directory: PathBuf) -> Self {
-        ImportJobs { directory, jobs: Mutex::new(HashMap::new()) }
+        ImportJobs { directory, jobs: Mutex::new(HashMap::new()), stopping: Default::default() }
+    }
+
+    /// Stops every running job promptly (each fails, saying it can be run
+    /// again to finish) and refuses new ones; the server calls it on shutdown
+    /// so that draining does not wait for a long import.
+    pub fn stop_all(&self) {
+        self.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn get(&self, id: &str) -> Option<Arc<Mutex<Job>>> {
@@ -158,10 +168,9 @@ async fn read_upload(multipart: &mut Multipart, spool: PathBuf) -> Result<Upload
 
 async fn create_job(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    mut multipart: Multipart,
+    _token: AdminToken,
+    ApiMultipart(mut multipart): ApiMultipart,
 ) -> Result<Response, ApiError> {
-    state.tokens.authenticate(&headers).await?;
     let id = format!("imp_{}", uuid::Uuid::new_v4().simple());
     let directory = state.imports.directory.clone();
     tokio::fs::create_dir_all(&directory).await.map_err(|error| {
@@ -195,6 +204,9 @@ async fn prepare(
     upload: Result<Upload, ApiError>,
 ) -> Result<(Arc<Mutex<Job>>, JobParts), ApiError> {
     let upload = upload?;
+    if state.imports.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(ApiError::new(ErrorCode::Unavailable, "the server is shutting down; upload again once it is back"));
+    }
     let (file_name, spool) = upload.file.ok_or_else(|| missing("file"))?;
     let mapping_text = upload.mapping.ok_or_else(|| missing("mapping"))?;
     let source_name = upload.source.ok_or_else(|| missing("source"))?;
@@ -276,7 +288,12 @@ fn run_job(state: AppState, job: Arc<Mutex<Job>>, parts: JobParts) {
             reject_path: parts.reject_path.clone(),
         };
         let progress_job = job.clone();
-        run_import(request, &mut state.log.clone(), &mut |counts| lock(&progress_job).counts = *counts)
+        run_import_until(
+            request,
+            &mut state.log.clone(),
+            &mut |counts| lock(&progress_job).counts = *counts,
+            &state.imports.stopping,
+        )
     });
     let _ = std::fs::remove_file(&parts.spool);
     let mut job = lock(&job);
@@ -291,6 +308,9 @@ fn run_job(state: AppState, job: Arc<Mutex<Job>>, parts: JobParts) {
             job.reject_file = summary.reject_file;
         }
         Err(error) => {
+            if matches!(error, super::ImportError::Stopped { .. }) {
+                tracing::warn!(job = %job.id, %error, "import job stopped by shutdown");
+            }
             job.status = JobStatus::Failed;
             job.error = Some(error.to_string());
         }
@@ -300,10 +320,9 @@ fn run_job(state: AppState, job: Arc<Mutex<Job>>, parts: JobParts) {
 
 async fn job_status(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+    _token: AdminToken,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
-    state.tokens.authenticate(&headers).await?;
     let job = state.imports.get(&id).ok_or_else(|| not_found(&id))?;
     let view = job_json(&lock(&job));
     Ok(Json(view))
@@ -311,10 +330,9 @@ async fn job_status(
 
 async fn job_rejects(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+    _token: AdminToken,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    state.tokens.authenticate(&headers).await?;
     let job = state.imports.get(&id).ok_or_else(|| not_found(&id))?;
     let (path, format) = {
         let job = lock(&job);
