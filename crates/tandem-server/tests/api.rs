@@ -396,6 +396,79 @@ async fn browsers_get_cors_preflight_answers() {
     assert!(response.headers()[header::ACCESS_CONTROL_ALLOW_HEADERS].to_str().unwrap().contains("Content-Type"));
 }
 
+#[tokio::test]
+async fn browser_retries_with_x_retry_count_pass_the_cors_preflight() {
+    let harness = Harness::new();
+    let request = Request::builder()
+        .method(Method::OPTIONS)
+        .uri("/v1/t")
+        .header(header::ORIGIN, "https://shop.example")
+        .header(header::ACCESS_CONTROL_REQUEST_METHOD, "POST")
+        .header(header::ACCESS_CONTROL_REQUEST_HEADERS, "content-type,x-retry-count")
+        .body(Body::empty())
+        .unwrap();
+    let response = harness.app.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    assert_eq!(response.headers()[header::ACCESS_CONTROL_ALLOW_HEADERS], "content-type,x-retry-count");
+    assert!(response.headers()[header::VARY].to_str().unwrap().contains("Access-Control-Request-Headers"));
+    // The admin API keeps its fixed list.
+    let request = Request::builder()
+        .method(Method::OPTIONS)
+        .uri("/api/v1/profiles")
+        .header(header::ORIGIN, "https://shop.example")
+        .header(header::ACCESS_CONTROL_REQUEST_HEADERS, "x-anything")
+        .body(Body::empty())
+        .unwrap();
+    let response = harness.app.clone().oneshot(request).await.unwrap();
+    assert_eq!(
+        response.headers()[header::ACCESS_CONTROL_ALLOW_HEADERS],
+        "Authorization, Content-Type, Content-Encoding"
+    );
+}
+
+#[tokio::test]
+async fn browser_sdks_load_their_settings_for_website_sources() {
+    let harness = Harness::new();
+    let key = harness.source.write_key.to_string();
+    let request = Request::get(format!("/v1/projects/{key}/settings"))
+        .header(header::HOST, "cdp.internal:8080")
+        .header(header::ORIGIN, "https://shop.example")
+        .body(Body::empty())
+        .unwrap();
+    let (status, body) = harness.send(request).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let segment = &body["integrations"]["Segment.io"];
+    assert_eq!(segment["apiKey"], key.as_str());
+    assert_eq!(segment["apiHost"], "cdp.internal:8080/v1");
+    assert_eq!(segment["protocol"], "http");
+    assert_eq!(body["metrics"]["sampleRate"], 0);
+
+    let request = Request::get("/sourceConfig/?p=npm&v=3.0.0")
+        .header(header::AUTHORIZATION, harness.basic())
+        .body(Body::empty())
+        .unwrap();
+    let (status, body) = harness.send(request).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["source"]["id"], harness.source.id.to_string());
+    assert_eq!(body["source"]["writeKey"], key.as_str());
+    assert_eq!(body["source"]["enabled"], true);
+    assert_eq!(body["source"]["destinations"], json!([]));
+    let (status, body) =
+        harness.send(Request::get(format!("/sourceConfig?writeKey={key}")).body(Body::empty()).unwrap()).await;
+    assert_eq!((status, body["source"]["name"].as_str()), (StatusCode::OK, Some("website")));
+
+    let (status, body) =
+        harness.send(Request::get("/v1/projects/no-such-key/settings").body(Body::empty()).unwrap()).await;
+    assert_eq!((status, error_of(&body).0), (StatusCode::UNAUTHORIZED, "invalid_write_key"));
+    let backend = harness.store.create_source("backend", SourceKind::Backend).unwrap();
+    let (status, body) = harness
+        .send(Request::get(format!("/v1/projects/{}/settings", backend.write_key)).body(Body::empty()).unwrap())
+        .await;
+    assert_eq!((status, error_of(&body).0), (StatusCode::NOT_FOUND, "source_not_found"));
+    let (status, body) = harness.send(Request::get("/sourceConfig").body(Body::empty()).unwrap()).await;
+    assert_eq!((status, error_of(&body).0), (StatusCode::UNAUTHORIZED, "missing_write_key"));
+}
+
 mod profiles {
     use super::*;
     use tandem_server::resolve::{Resolver, DEFAULT_BATCH};

@@ -198,7 +198,7 @@ fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
     for (index, migration) in MIGRATIONS.iter().enumerate().skip(found as usize) {
         transaction.execute_batch(migration)?;
         transaction.pragma_update(None, "user_version", index as i64 + 1)?;
-        tracing::info!(version = index + 1, "applied storage migration");
+        tracing::debug!(version = index + 1, "applied storage migration");
     }
     transaction.commit()?;
     Ok(())

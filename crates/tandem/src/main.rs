@@ -92,27 +92,35 @@ enum Command {
 enum SourceCommand {
     /// Create a source and print its write key
     Create {
+        /// The source's name, unique
         name: String,
         /// website, app, backend, import or webhook
         #[arg(long, default_value = "backend")]
         kind: SourceKind,
-        /// Make it a webhook source taking this payload: generic, facebook-leads or social-mentions
-        #[arg(long, value_name = "FORMAT")]
-        webhook: Option<WebhookFormat>,
+        /// The webhook payload it takes: generic, facebook_leads or social_mentions (makes it a webhook source)
+        #[arg(long, visible_alias = "webhook", value_name = "FORMAT")]
+        format: Option<WebhookFormat>,
         #[command(flatten)]
         webhook_settings: WebhookArgs,
         /// Print one JSON object
         #[arg(long)]
         json: bool,
     },
-    /// Change how a source takes webhooks
+    /// Change how a source takes webhooks; settings not given stay as they are
     Webhook {
+        /// The source's name
         name: String,
-        /// generic, facebook-leads or social-mentions
+        /// generic, facebook_leads or social_mentions (required the first time)
         #[arg(long, value_name = "FORMAT")]
-        format: WebhookFormat,
+        format: Option<WebhookFormat>,
         #[command(flatten)]
         settings: WebhookArgs,
+        /// Accept unsigned deliveries again (removes the secret)
+        #[arg(long, conflicts_with = "secret")]
+        no_secret: bool,
+        /// Remove the verify token
+        #[arg(long, conflicts_with = "verify_token")]
+        no_verify_token: bool,
     },
     /// List every source
     List {
@@ -123,7 +131,7 @@ enum SourceCommand {
 }
 
 /// A webhook source's secret, verify token and mapping.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Default)]
 struct WebhookArgs {
     /// Shared secret: deliveries must carry X-Hub-Signature-256 (HMAC-SHA256 of the body)
     #[arg(long)]
@@ -136,22 +144,80 @@ struct WebhookArgs {
     mapping: Option<std::path::PathBuf>,
 }
 
+/// Settings a user asked to remove from a webhook source.
+#[derive(Debug, Default, Clone, Copy)]
+struct WebhookRemovals {
+    secret: bool,
+    verify_token: bool,
+}
+
 impl WebhookArgs {
-    fn settings(self, format: WebhookFormat) -> anyhow::Result<WebhookSettings> {
-        let mapping = match &self.mapping {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read the mapping {}", path.display()))?;
-                Some(
-                    tandem_core::mapping::Mapping::from_toml(&text)
-                        .with_context(|| format!("mapping {} is not usable", path.display()))?,
-                )
+    fn is_empty(&self) -> bool {
+        self.secret.is_none() && self.verify_token.is_none() && self.mapping.is_none()
+    }
+
+    fn read_mapping(&self) -> anyhow::Result<Option<tandem_core::mapping::Mapping>> {
+        let Some(path) = &self.mapping else { return Ok(None) };
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read the mapping {}", path.display()))?;
+        let mapping = tandem_core::mapping::Mapping::from_toml(&text)
+            .with_context(|| format!("mapping {} is not usable", path.display()))?;
+        Ok(Some(mapping))
+    }
+
+    /// The settings after this change: what is given replaces, what is not
+    /// given stays, so changing one setting never drops another (a secret
+    /// above all: losing it would silently accept unsigned deliveries). A
+    /// mapping only belongs to a generic webhook, so it goes when the format
+    /// changes to another.
+    fn apply(
+        self,
+        current: Option<WebhookSettings>,
+        format: Option<WebhookFormat>,
+        removals: WebhookRemovals,
+    ) -> anyhow::Result<WebhookSettings> {
+        let mapping = self.read_mapping()?;
+        let mut settings = match (current, format) {
+            (Some(current), format) => {
+                let format = format.unwrap_or(current.format);
+                current.with_format(format)
             }
-            None => None,
+            (None, Some(format)) => WebhookSettings { format, secret: None, verify_token: None, mapping: None },
+            (None, None) => anyhow::bail!(
+                "the source takes no webhooks yet: give --format (generic, facebook_leads or social_mentions)"
+            ),
         };
-        let settings = WebhookSettings { format, secret: self.secret, verify_token: self.verify_token, mapping };
+        if let Some(secret) = self.secret {
+            settings.secret = Some(secret);
+        }
+        if let Some(verify_token) = self.verify_token {
+            settings.verify_token = Some(verify_token);
+        }
+        if mapping.is_some() {
+            settings.mapping = mapping;
+        }
+        if removals.secret {
+            settings.secret = None;
+        }
+        if removals.verify_token {
+            settings.verify_token = None;
+        }
         settings.validate().context("webhook settings are not usable")?;
         Ok(settings)
+    }
+}
+
+trait WithFormat {
+    fn with_format(self, format: WebhookFormat) -> Self;
+}
+
+impl WithFormat for WebhookSettings {
+    fn with_format(mut self, format: WebhookFormat) -> Self {
+        if format != self.format && format != WebhookFormat::Generic {
+            self.mapping = None;
+        }
+        self.format = format;
+        self
     }
 }
 
@@ -249,10 +315,28 @@ fn main() -> std::process::ExitCode {
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", describe_error(&error));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each said once: library errors often include
+/// their source in their own message, and repeating it after a colon
+/// doubles it ("address in use: address in use").
+fn describe_error(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -274,13 +358,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("opening the store in {}", settings.data_dir.display()))?;
             run_demo(&settings, store, customers, seed)
         }
-        Command::Source(SourceCommand::Create { name, kind, webhook, webhook_settings, json }) => {
-            let webhook = webhook.map(|format| webhook_settings.settings(format)).transpose()?;
+        Command::Source(SourceCommand::Create { name, kind, format, webhook_settings, json }) => {
+            let webhook = match format {
+                Some(format) => Some(webhook_settings.apply(None, Some(format), WebhookRemovals::default())?),
+                None if kind == SourceKind::Webhook => {
+                    anyhow::bail!("a webhook source needs --format FORMAT (generic, facebook_leads or social_mentions)")
+                }
+                None if !webhook_settings.is_empty() => {
+                    anyhow::bail!(
+                        "--secret, --verify-token and --mapping belong to a webhook source: add --format FORMAT"
+                    )
+                }
+                None => None,
+            };
             let kind = if webhook.is_some() { SourceKind::Webhook } else { kind };
             commands::create_source(&open()?, &name, kind, webhook.as_ref(), json, &mut out)
         }
-        Command::Source(SourceCommand::Webhook { name, format, settings }) => {
-            commands::set_webhook(&open()?, &name, &settings.settings(format)?, &mut out)
+        Command::Source(SourceCommand::Webhook { name, format, settings, no_secret, no_verify_token }) => {
+            let store = open()?;
+            let source = store.source_by_name(&name)?;
+            let current = store.webhook(&source.id)?.map(|(_, settings)| settings);
+            let removals = WebhookRemovals { secret: no_secret, verify_token: no_verify_token };
+            commands::set_webhook(&store, &name, &settings.apply(current, format, removals)?, &mut out)
         }
         Command::Source(SourceCommand::List { json }) => commands::list_sources(&open()?, json, &mut out),
         Command::Events(EventsCommand::List { limit, after, json }) => {
@@ -406,5 +505,75 @@ fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signed_leads() -> WebhookSettings {
+        WebhookSettings {
+            format: WebhookFormat::FacebookLeads,
+            secret: Some("app-secret-9".into()),
+            verify_token: Some("verify".into()),
+            mapping: None,
+        }
+    }
+
+    #[test]
+    fn changing_the_webhook_format_keeps_the_secret_and_verify_token() {
+        let changed = WebhookArgs::default()
+            .apply(Some(signed_leads()), Some(WebhookFormat::SocialMentions), WebhookRemovals::default())
+            .unwrap();
+        assert_eq!(changed.format, WebhookFormat::SocialMentions);
+        assert_eq!(changed.secret.as_deref(), Some("app-secret-9"));
+        assert_eq!(changed.verify_token.as_deref(), Some("verify"));
+    }
+
+    #[test]
+    fn changing_the_secret_keeps_the_format_and_removing_it_must_be_explicit() {
+        let args = WebhookArgs { secret: Some("new-secret-10".into()), ..WebhookArgs::default() };
+        let changed = args.apply(Some(signed_leads()), None, WebhookRemovals::default()).unwrap();
+        assert_eq!((changed.format, changed.secret.as_deref()), (WebhookFormat::FacebookLeads, Some("new-secret-10")));
+        let removals = WebhookRemovals { secret: true, verify_token: false };
+        let unsigned = WebhookArgs::default().apply(Some(signed_leads()), None, removals).unwrap();
+        assert_eq!((unsigned.secret, unsigned.verify_token.as_deref()), (None, Some("verify")));
+    }
+
+    #[test]
+    fn a_first_webhook_setting_needs_a_format() {
+        let error = WebhookArgs::default().apply(None, None, WebhookRemovals::default()).unwrap_err();
+        assert!(error.to_string().contains("--format"), "{error}");
+    }
+
+    #[test]
+    fn leaving_the_generic_format_drops_its_mapping() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/mappings/leads.toml");
+        let mapping = tandem_core::mapping::Mapping::from_toml(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let generic = WebhookSettings {
+            format: WebhookFormat::Generic,
+            secret: None,
+            verify_token: None,
+            mapping: Some(mapping),
+        };
+        let changed = WebhookArgs::default()
+            .apply(Some(generic.clone()), Some(WebhookFormat::SocialMentions), WebhookRemovals::default())
+            .unwrap();
+        assert_eq!(changed.mapping, None);
+        let kept = WebhookArgs::default().apply(Some(generic.clone()), None, WebhookRemovals::default()).unwrap();
+        assert_eq!(kept, generic);
+    }
+
+    #[test]
+    fn an_error_says_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::AddrInUse, "Address already in use (os error 98)");
+        let error = anyhow::Error::new(tandem_server::ServeError::Bind {
+            address: "127.0.0.1:8080".parse().unwrap(),
+            source: io,
+        });
+        assert_eq!(describe_error(&error), "cannot listen on 127.0.0.1:8080: Address already in use (os error 98)");
+        let chained = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(describe_error(&chained), "outer: inner");
     }
 }
