@@ -448,7 +448,7 @@ fn run_demo(settings: &Settings, store: SqliteStore, customers: usize, seed: u64
     runtime()?.block_on(async {
         let running = tandem_server::start(store.clone(), &options).await?;
         let mut out = std::io::stdout();
-        let company = demo::generate(seed, customers);
+        let company = demo::generate(seed, customers, demo::History::until_now());
         if demo::already_loaded(&store)? {
             eprintln!("the demo company is already in {}; serving it", settings.data_dir.display());
         } else {
