@@ -136,6 +136,11 @@ impl From<rusqlite::Error> for StoreError {
 }
 
 impl SqliteStore {
+    /// Whether `data_dir` holds a store, without creating anything.
+    pub fn exists(data_dir: &Path) -> bool {
+        data_dir.join(DATABASE_FILE).is_file()
+    }
+
     /// Opens (creating if needed) the store in `data_dir` and applies any
     /// pending migrations.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {

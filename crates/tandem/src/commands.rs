@@ -175,12 +175,15 @@ pub fn list_events(
 }
 
 pub fn list_quarantine(store: &impl Store, limit: usize, as_json: bool, out: &mut impl Write) -> anyhow::Result<()> {
+    let names: std::collections::HashMap<String, String> =
+        store.list_sources()?.into_iter().map(|source| (source.id.to_string(), source.name)).collect();
+    let source_name = |id: &str| names.get(id).cloned().unwrap_or_else(|| id.to_owned());
     let mut after = 0;
     let mut remaining = limit;
     if !as_json {
         writeln!(
             out,
-            "{:>6} {:<24} {:<26} {:>5} {:<18} {:<12} MESSAGE",
+            "{:>6} {:<24} {:<24} {:>5} {:<18} {:<12} MESSAGE",
             "ID", "RECEIVED", "SOURCE", "INDEX", "CODE", "FIELD"
         )?;
     }
@@ -200,6 +203,7 @@ pub fn list_quarantine(store: &impl Store, limit: usize, as_json: bool, out: &mu
                         "id": entry.id,
                         "receivedAt": format_ms(entry.record.received_at_ms),
                         "sourceId": entry.record.source_id,
+                        "source": source_name(entry.record.source_id.as_str()),
                         "index": entry.record.batch_index,
                         "code": entry.record.code,
                         "field": entry.record.field,
@@ -210,10 +214,10 @@ pub fn list_quarantine(store: &impl Store, limit: usize, as_json: bool, out: &mu
             } else {
                 writeln!(
                     out,
-                    "{:>6} {:<24} {:<26} {:>5} {:<18} {:<12} {}",
+                    "{:>6} {:<24} {:<24} {:>5} {:<18} {:<12} {}",
                     entry.id,
                     format_ms(entry.record.received_at_ms),
-                    entry.record.source_id,
+                    source_name(entry.record.source_id.as_str()),
                     entry.record.batch_index.map(|index| index.to_string()).unwrap_or_else(|| "-".into()),
                     entry.record.code,
                     entry.record.field.as_deref().unwrap_or("-"),
@@ -401,6 +405,18 @@ pub struct RulesChange {
     pub identifiers: Vec<String>,
 }
 
+impl RulesChange {
+    /// True when nothing is to change: the command only shows the rules.
+    pub fn is_empty(&self) -> bool {
+        self.limits.is_empty()
+            && self.default_limit.is_none()
+            && self.priority.is_none()
+            && self.block_values.is_empty()
+            && self.block_patterns.is_empty()
+            && self.identifiers.is_empty()
+    }
+}
+
 pub fn identity_rules(
     store: &impl Store,
     change: RulesChange,
@@ -443,11 +459,26 @@ pub fn identity_rules(
     if as_json {
         writeln!(out, "{}", serde_json::to_string(&rules)?)?;
     } else {
-        writeln!(out, "{}", serde_json::to_string_pretty(&rules)?)?;
+        write_rules_table(&rules, out)?;
         if changed {
             writeln!(out, "rules saved; they apply to events resolved from now on (use `identity block` to rebuild)")?;
         }
     }
+    Ok(())
+}
+
+/// The identity rules as a two-column table, one rule per line.
+fn write_rules_table(rules: &tandem_core::IdentityRules, out: &mut impl Write) -> anyhow::Result<()> {
+    let list = |items: &[String]| if items.is_empty() { "-".to_owned() } else { items.join(", ") };
+    let limits: Vec<String> = rules.limits.iter().map(|(kind, limit)| format!("{kind}={limit}")).collect();
+    let blocked: Vec<String> = rules.blocked_identifiers.iter().map(ToString::to_string).collect();
+    writeln!(out, "{:<22} {}", "limits", list(&limits))?;
+    writeln!(out, "{:<22} {}", "other types' limit", rules.default_limit)?;
+    writeln!(out, "{:<22} {} (unlisted types after, by name)", "priority", list(&rules.priority))?;
+    writeln!(out, "{:<22} {}", "blocked values", list(&rules.blocked_values))?;
+    writeln!(out, "{:<22} {}", "blocked patterns", list(&rules.blocked_patterns))?;
+    writeln!(out, "{:<22} {}", "blocked identifiers", list(&blocked))?;
+    writeln!(out, "{:<22} {}", "declared identifiers", list(&rules.custom_identifiers))?;
     Ok(())
 }
 

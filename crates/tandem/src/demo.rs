@@ -648,7 +648,8 @@ pub fn walkthrough(
 ) -> anyhow::Result<()> {
     let stats = store.stats()?;
     let base = format!("http://{address}");
-    let data = format!("--data {}", data_dir.display());
+    // Absolute, so the setting works from any directory in the user's other shell.
+    let data_dir = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_owned());
     let expected = &company.expected;
     let showcase = &company.showcase;
     let profile = store
@@ -658,6 +659,9 @@ pub fn walkthrough(
     let website = store.source_by_name("website")?;
     writeln!(out)?;
     writeln!(out, "Tandem demo is running at {base}")?;
+    writeln!(out)?;
+    writeln!(out, "Every command below works on the demo's store once your shell says where it is:")?;
+    writeln!(out, "  export TANDEM_DATA={}", data_dir.display())?;
     writeln!(out)?;
     writeln!(out, "What is in it")?;
     writeln!(
@@ -683,15 +687,15 @@ pub fn walkthrough(
         out,
         "One customer, seen by the website, the app, orders, product usage, the helpdesk, the CRM and Twitter"
     )?;
-    writeln!(out, "  tandem {data} profile show email:{}", showcase.email)?;
-    writeln!(out, "  tandem {data} profile explain user_id:{}      # why each identifier belongs", showcase.user_id)?;
+    writeln!(out, "  tandem profile show email:{}", showcase.email)?;
+    writeln!(out, "  tandem profile explain user_id:{}      # why each identifier belongs", showcase.user_id)?;
     writeln!(out, "  curl -H 'Authorization: Bearer {token}' \\")?;
     writeln!(out, "       '{base}/api/v1/profiles/{profile}/events?limit=5'")?;
     if let Some((first, second)) = &company.family {
         writeln!(out)?;
         writeln!(out, "Two people sharing a family tablet stay two customers (user ids allow one per profile)")?;
-        writeln!(out, "  tandem {data} profile explain user_id:{first}")?;
-        writeln!(out, "  tandem {data} profile explain user_id:{second}")?;
+        writeln!(out, "  tandem profile explain user_id:{first}")?;
+        writeln!(out, "  tandem profile explain user_id:{second}")?;
     }
     writeln!(out)?;
     writeln!(
@@ -701,14 +705,14 @@ pub fn walkthrough(
     )?;
     writeln!(
         out,
-        "  tandem {data} import {} --source orders --mapping examples/mappings/orders.toml",
+        "  tandem import {} --source orders --mapping examples/mappings/orders.toml",
         data_dir.join("demo-files/orders.csv").display()
     )?;
     writeln!(out)?;
     writeln!(out, "Send an event of your own, as any Segment SDK would")?;
     writeln!(out, "  curl -u {}: {base}/v1/track -H 'Content-Type: application/json' \\", website.write_key)?;
     writeln!(out, "       -d '{{\"userId\":\"{}\",\"event\":\"Demo Explored\"}}'", showcase.user_id)?;
-    writeln!(out, "  tandem {data} stats")?;
+    writeln!(out, "  tandem stats")?;
     writeln!(out)?;
     writeln!(out, "Admin token for the API: {token}")?;
     writeln!(out, "Stop with Ctrl-C; run `tandem demo` again to serve the same company.")?;

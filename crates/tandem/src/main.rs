@@ -10,6 +10,7 @@ mod import;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use config::{Config, LogFormat, Settings};
+use std::path::Path;
 use std::sync::Arc;
 use tandem_core::webhook::{WebhookFormat, WebhookSettings};
 use tandem_core::SourceKind;
@@ -33,8 +34,11 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the server: tracking API, health and metrics
-    Serve,
+    /// Run the server: tracking API, admin API, health and metrics
+    Serve {
+        #[command(flatten)]
+        server: config::ServerArgs,
+    },
     /// Manage sources, the channels events arrive through
     #[command(subcommand)]
     Source(SourceCommand),
@@ -54,8 +58,12 @@ enum Command {
     #[command(subcommand)]
     Identity(IdentityCommand),
     /// Create a realistic synthetic company and serve it: web and app behaviour, orders, product
-    /// usage, tickets, CRM contacts, leads and social mentions (data in ./tandem-demo unless --data)
+    /// usage, tickets, CRM contacts, leads and social mentions
+    ///
+    /// Its store is ./tandem-demo, not ./tandem-data, unless --data or TANDEM_DATA says otherwise.
     Demo {
+        #[command(flatten)]
+        server: config::ServerArgs,
         /// Customers the company has
         #[arg(long, default_value_t = demo::DEFAULT_CUSTOMERS)]
         customers: usize,
@@ -254,13 +262,17 @@ enum TokenCommand {
 enum ProfileCommand {
     /// Show a profile by id (prof_N) or by any identifier (type:value)
     Show {
+        /// A profile id (prof_N) or an identifier as TYPE:VALUE (email:ann@example.com)
         target: String,
+        /// Print one JSON object
         #[arg(long)]
         json: bool,
     },
     /// Explain why each identifier is on a profile and why profiles were merged
     Explain {
+        /// A profile id (prof_N) or an identifier as TYPE:VALUE; an identifier also gets the reason it is there
         target: String,
+        /// Print one JSON object: the profile, the asked identifier's reason and the whole history
         #[arg(long)]
         json: bool,
     },
@@ -288,13 +300,22 @@ enum IdentityCommand {
         /// Declare a field as an identifier, e.g. traits.crm_id (repeatable)
         #[arg(long = "identifier", value_name = "PATH")]
         identifiers: Vec<String>,
+        /// Print the rules as one JSON object
         #[arg(long)]
         json: bool,
     },
     /// Remove an identifier from a profile and rebuild the profiles as if it had never linked anything
-    Unlink { profile: String, identifier: String },
+    Unlink {
+        /// The profile id (prof_N)
+        profile: String,
+        /// The identifier to take off it, as TYPE:VALUE
+        identifier: String,
+    },
     /// Never use an identifier again, and rebuild the profiles it linked
-    Block { identifier: String },
+    Block {
+        /// The identifier, as TYPE:VALUE
+        identifier: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -339,19 +360,68 @@ fn describe_error(error: &anyhow::Error) -> String {
     text
 }
 
+/// Whether a command may create the store when its directory has none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Access {
+    /// Reads or changes what is there: a directory without a store is a
+    /// mistake (a mistyped `--data`, another directory than the server's),
+    /// refused rather than answered from a new empty store.
+    Existing,
+    /// Adds the first things to a store (a source, a token, rules) and
+    /// creates it when missing, saying so.
+    CreateIfMissing,
+}
+
+/// Opens the store in `data_dir` as `access` allows.
+fn open_store(data_dir: &Path, access: Access) -> anyhow::Result<SqliteStore> {
+    let exists = SqliteStore::exists(data_dir);
+    if !exists && access == Access::Existing {
+        anyhow::bail!("{}", missing_store(data_dir));
+    }
+    let store = SqliteStore::open(data_dir).with_context(|| format!("opening the store in {}", data_dir.display()))?;
+    if !exists {
+        eprintln!("created a new store in {}{}", data_dir.display(), demo_hint(data_dir));
+    }
+    Ok(store)
+}
+
+fn missing_store(data_dir: &Path) -> String {
+    format!(
+        "no Tandem store in {} (create one with `tandem source create NAME`, or pass --data DIR / set TANDEM_DATA to the server's){}",
+        data_dir.display(),
+        demo_hint(data_dir)
+    )
+}
+
+/// Points at the demo's store when it exists and is not the directory in use:
+/// the commands the README teaches first run against the default directory
+/// while a demo serves its own.
+fn demo_hint(data_dir: &Path) -> String {
+    let demo_dir = Path::new(demo::DEFAULT_DATA_DIR);
+    if data_dir != demo_dir && SqliteStore::exists(demo_dir) {
+        format!(
+            "; the demo's store is {0}: add --data {0} or `export TANDEM_DATA={0}` to work on it",
+            demo_dir.display()
+        )
+    } else {
+        String::new()
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let settings = cli.config.resolve()?;
-    init_logging(settings.log_format);
-    let open = || -> anyhow::Result<SqliteStore> {
-        SqliteStore::open(&settings.data_dir)
-            .with_context(|| format!("opening the store in {}", settings.data_dir.display()))
+    let config = match &cli.command {
+        Command::Serve { server } | Command::Demo { server, .. } => cli.config.with_server(server.clone()),
+        _ => cli.config,
     };
+    let settings = config.resolve()?;
+    init_logging(settings.log_format);
+    let open = |access: Access| open_store(&settings.data_dir, access);
     let mut out = std::io::stdout().lock();
     match cli.command {
-        Command::Serve => serve(&settings, open()?),
-        Command::Demo { customers, seed } => {
+        Command::Serve { .. } => serve(&settings, open(Access::CreateIfMissing)?),
+        Command::Demo { customers, seed, .. } => {
             let mut settings = settings.clone();
-            if settings.data_dir == std::path::Path::new(config::DEFAULT_DATA_DIR) {
+            if settings.data_dir == Path::new(config::DEFAULT_DATA_DIR) {
                 settings.data_dir = std::path::PathBuf::from(demo::DEFAULT_DATA_DIR);
             }
             let store = SqliteStore::open(&settings.data_dir)
@@ -372,21 +442,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 None => None,
             };
             let kind = if webhook.is_some() { SourceKind::Webhook } else { kind };
-            commands::create_source(&open()?, &name, kind, webhook.as_ref(), json, &mut out)
+            commands::create_source(&open(Access::CreateIfMissing)?, &name, kind, webhook.as_ref(), json, &mut out)
         }
         Command::Source(SourceCommand::Webhook { name, format, settings, no_secret, no_verify_token }) => {
-            let store = open()?;
+            let store = open(Access::Existing)?;
             let source = store.source_by_name(&name)?;
             let current = store.webhook(&source.id)?.map(|(_, settings)| settings);
             let removals = WebhookRemovals { secret: no_secret, verify_token: no_verify_token };
             commands::set_webhook(&store, &name, &settings.apply(current, format, removals)?, &mut out)
         }
-        Command::Source(SourceCommand::List { json }) => commands::list_sources(&open()?, json, &mut out),
+        Command::Source(SourceCommand::List { json }) => {
+            commands::list_sources(&open(Access::Existing)?, json, &mut out)
+        }
         Command::Events(EventsCommand::List { limit, after, json }) => {
-            commands::list_events(&open()?, after, limit, json, &mut out)
+            commands::list_events(&open(Access::Existing)?, after, limit, json, &mut out)
         }
         Command::Quarantine(QuarantineCommand::List { limit, json }) => {
-            commands::list_quarantine(&open()?, limit, json, &mut out)
+            commands::list_quarantine(&open(Access::Existing)?, limit, json, &mut out)
         }
         Command::Import { file, source, mapping, format, json } => {
             let args = import::ImportArgs {
@@ -396,15 +468,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 format: format.as_deref(),
                 as_json: json,
             };
-            import::import(&open()?, args, &mut out)
+            import::import(&open(Access::Existing)?, args, &mut out)
         }
-        Command::Stats { json } => commands::stats(&open()?, json, &mut out),
-        Command::Token(TokenCommand::Create { name, json }) => commands::create_token(&open()?, &name, json, &mut out),
+        Command::Stats { json } => commands::stats(&open(Access::Existing)?, json, &mut out),
+        Command::Token(TokenCommand::Create { name, json }) => {
+            commands::create_token(&open(Access::CreateIfMissing)?, &name, json, &mut out)
+        }
         Command::Profile(ProfileCommand::Show { target, json }) => {
-            commands::show_profile(Arc::new(open()?), &target, json, &mut out)
+            commands::show_profile(Arc::new(open(Access::Existing)?), &target, json, &mut out)
         }
         Command::Profile(ProfileCommand::Explain { target, json }) => {
-            commands::explain_profile(Arc::new(open()?), &target, json, &mut out)
+            commands::explain_profile(Arc::new(open(Access::Existing)?), &target, json, &mut out)
         }
         Command::Identity(IdentityCommand::Rules {
             limits,
@@ -417,13 +491,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }) => {
             let change =
                 commands::RulesChange { limits, default_limit, priority, block_values, block_patterns, identifiers };
-            commands::identity_rules(&open()?, change, json, &mut out)
+            let access = if change.is_empty() { Access::Existing } else { Access::CreateIfMissing };
+            commands::identity_rules(&open(access)?, change, json, &mut out)
         }
         Command::Identity(IdentityCommand::Unlink { profile, identifier }) => {
-            commands::unlink(Arc::new(open()?), &profile, &identifier, &mut out)
+            commands::unlink(Arc::new(open(Access::Existing)?), &profile, &identifier, &mut out)
         }
         Command::Identity(IdentityCommand::Block { identifier }) => {
-            commands::block(Arc::new(open()?), &identifier, &mut out)
+            commands::block(Arc::new(open(Access::Existing)?), &identifier, &mut out)
         }
     }
 }
@@ -511,6 +586,64 @@ fn init_logging(format: LogFormat) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
+
+    fn long_help(path: &[&str]) -> String {
+        let mut command = Cli::command();
+        command.build();
+        let mut current = &mut command;
+        for name in path {
+            current = current.find_subcommand_mut(name).unwrap_or_else(|| panic!("no subcommand {name}"));
+        }
+        current.render_long_help().to_string()
+    }
+
+    #[test]
+    fn server_flags_are_offered_only_by_the_commands_that_serve() {
+        Cli::command().debug_assert();
+        for path in [&["serve"][..], &["demo"]] {
+            let help = long_help(path);
+            assert!(help.contains("--listen") && help.contains("--dedup-window-hours"), "{path:?}: {help}");
+        }
+        for path in [&["events", "list"][..], &["stats"], &["source", "create"], &["profile", "show"], &["import"]] {
+            let help = long_help(path);
+            assert!(!help.contains("--listen") && !help.contains("--dedup-window-hours"), "{path:?}: {help}");
+            assert!(help.contains("--data"), "{path:?}: {help}");
+        }
+        assert!(long_help(&["demo"]).contains("./tandem-demo"));
+    }
+
+    /// Every argument of every command says what it is for, `--json` included.
+    #[test]
+    fn every_argument_has_a_description() {
+        fn check(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for argument in command.get_arguments() {
+                if argument.get_help().is_none() && argument.get_long_help().is_none() {
+                    missing.push(format!("{path} {}", argument.get_id()));
+                }
+            }
+            for sub in command.get_subcommands() {
+                check(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut command = Cli::command();
+        command.build();
+        let mut missing = Vec::new();
+        check(&command, "tandem", &mut missing);
+        assert!(missing.is_empty(), "arguments without a description: {missing:?}");
+    }
+
+    #[test]
+    fn read_commands_refuse_a_directory_without_a_store_and_create_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mistyped = dir.path().join("tandem-dta");
+        let error = open_store(&mistyped, Access::Existing).err().unwrap();
+        assert!(error.to_string().contains("no Tandem store in"), "{error}");
+        assert!(!mistyped.exists(), "a refused read leaves no directory behind");
+        open_store(&mistyped, Access::CreateIfMissing).unwrap();
+        assert!(SqliteStore::exists(&mistyped));
+        open_store(&mistyped, Access::Existing).unwrap();
+    }
 
     fn signed_leads() -> WebhookSettings {
         WebhookSettings {

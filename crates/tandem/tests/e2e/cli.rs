@@ -167,3 +167,37 @@ fn a_webhook_source_made_on_the_command_line_takes_signed_deliveries() {
         (Some("Lead Submitted"), Some("77"))
     );
 }
+
+/// A mistyped `--data` used to print zeros from a new empty store.
+#[test]
+fn read_commands_on_a_mistyped_data_directory_fail_instead_of_creating_a_store() {
+    let dir = tempfile::tempdir().unwrap();
+    create_source(&dir.path().join("tandem-data"), "website");
+    let mistyped = dir.path().join("tandem-dta");
+    for command in [&["stats"][..], &["events", "list"], &["source", "list"], &["profile", "show", "user_id:ann"]] {
+        let output = tandem_output(&mistyped, command);
+        assert!(!output.status.success(), "{command:?} succeeded on a directory with no store");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("no Tandem store in"), "{command:?}: {stderr}");
+        assert!(!mistyped.exists(), "{command:?} created {}", mistyped.display());
+    }
+}
+
+#[test]
+fn a_webhook_source_keeps_its_secret_when_its_format_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = tandem_output(dir.path(), &["source", "create", "hooks", "--kind", "webhook"]);
+    assert!(!output.status.success(), "a webhook source without a format is refused");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--format"));
+    tandem(dir.path(), &["source", "create", "hooks", "--format", "facebook_leads", "--secret", "app-secret-9"]);
+    tandem(dir.path(), &["source", "webhook", "hooks", "--format", "social_mentions"]);
+    let listed: Value = serde_json::from_str(&tandem(dir.path(), &["source", "list", "--json"])).unwrap();
+    assert_eq!(listed[0]["webhook"]["format"], "social_mentions");
+    assert_eq!(listed[0]["webhook"]["signed"], true, "{listed}");
+    tandem(dir.path(), &["source", "webhook", "hooks", "--no-secret"]);
+    let listed: Value = serde_json::from_str(&tandem(dir.path(), &["source", "list", "--json"])).unwrap();
+    assert_eq!(
+        (listed[0]["webhook"]["format"].as_str(), listed[0]["webhook"]["signed"].as_bool()),
+        (Some("social_mentions"), Some(false))
+    );
+}
