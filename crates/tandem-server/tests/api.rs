@@ -676,6 +676,14 @@ mod imports {
             assert_eq!(job["counts"]["rejected"], 0, "{source}: {job}");
             assert!(job["counts"]["imported"].as_u64().unwrap() >= 2, "{source}: {job}");
         }
+        let (status, listed) = get(&harness, "/api/v1/imports", Some(&token)).await;
+        assert_eq!(status, StatusCode::OK, "{listed}");
+        let sources: Vec<&str> =
+            listed["imports"].as_array().unwrap().iter().map(|job| job["source"].as_str().unwrap()).collect();
+        assert_eq!(sources, ["leads", "crm", "helpdesk", "product", "orders"], "newest first");
+        assert!(listed["imports"][0].get("first_rejects").is_none() && listed["imports"][0]["counts"].is_object());
+        let (status, body) = get(&harness, "/api/v1/imports", None).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::UNAUTHORIZED, "missing_token"));
         // Ann browsed the website anonymously, then logged in.
         let (status, _) = harness
             .post_json(
