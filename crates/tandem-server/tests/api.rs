@@ -553,6 +553,35 @@ mod profiles {
     }
 
     #[tokio::test]
+    async fn profiles_are_listed_and_searched_by_identifier_and_trait_a_page_at_a_time() {
+        let harness = Harness::new();
+        let token = with_ann(&harness).await;
+        let ids = |body: &Value| -> Vec<String> {
+            body["profiles"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|profile| profile["id"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        let (status, all) = get(&harness, "/api/v1/profiles", Some(&token)).await;
+        assert_eq!(status, StatusCode::OK, "{all}");
+        assert_eq!(ids(&all).len(), 2, "ann (with the merged phone profile) and bob: {all}");
+        assert_eq!(all["next_after"], Value::Null);
+        let (_, first) = get(&harness, "/api/v1/profiles?limit=1", Some(&token)).await;
+        let after = first["next_after"].as_str().unwrap_or_else(|| panic!("{first}")).to_owned();
+        let (_, second) = get(&harness, &format!("/api/v1/profiles?limit=1&after={after}"), Some(&token)).await;
+        assert_eq!([ids(&first), ids(&second)].concat(), ids(&all));
+        let (_, anns) = get(&harness, "/api/v1/profiles?search=email:ANN", Some(&token)).await;
+        assert_eq!(anns["profiles"].as_array().unwrap().len(), 1, "{anns}");
+        assert_eq!(anns["profiles"][0]["traits"]["plan"], "pro");
+        let (_, pro) = get(&harness, "/api/v1/profiles?trait=plan:PRO", Some(&token)).await;
+        assert_eq!(ids(&pro), ids(&anns));
+        let (_, bob) = get(&harness, "/api/v1/profiles?search=user_id:b&trait=plan:pro", Some(&token)).await;
+        assert!(ids(&bob).is_empty(), "{bob}");
+    }
+
+    #[tokio::test]
     async fn identities_explain_every_link_with_its_event() {
         let harness = Harness::new();
         let token = with_ann(&harness).await;
@@ -586,8 +615,17 @@ mod profiles {
         assert_eq!((status, error_of(&body)), (StatusCode::BAD_REQUEST, ("invalid_identifier", Some("identifier"))));
         let (status, body) = get(&harness, "/api/v1/profiles?identifier=email:nobody@example.com", Some(&token)).await;
         assert_eq!((status, error_of(&body).0), (StatusCode::NOT_FOUND, "profile_not_found"));
-        let (status, body) = get(&harness, "/api/v1/profiles", Some(&token)).await;
-        assert_eq!((status, error_of(&body)), (StatusCode::BAD_REQUEST, ("missing_field", Some("identifier"))));
+        for (query, field) in
+            [("limit=abc", "limit"), ("limit=0", "limit"), ("trait=plan", "trait"), ("after=x", "after")]
+        {
+            let (status, body) = get(&harness, &format!("/api/v1/profiles?{query}"), Some(&token)).await;
+            assert_eq!((status, error_of(&body).1), (StatusCode::BAD_REQUEST, Some(field)), "{query}: {body}");
+        }
+        let (status, body) =
+            get(&harness, "/api/v1/profiles?identifier=user_id:a&identifier=user_id:b", Some(&token)).await;
+        assert_eq!((status, error_of(&body).1), (StatusCode::BAD_REQUEST, Some("identifier")));
+        let (status, body) = get(&harness, "/api/v1/profiles?limit=5", None).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::UNAUTHORIZED, "missing_token"));
         let (status, _) = get(&harness, "/api/v1/profiles/prof_99/events", Some(&token)).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
     }

@@ -6,6 +6,7 @@
 //! (the log writer) or blocking tasks, which lets the embedded backend group
 //! many requests into one transaction without an async runtime in the way.
 
+pub mod browse;
 pub mod sqlite;
 pub mod suite;
 
@@ -27,6 +28,10 @@ pub enum StoreError {
     SourceExists(String),
     #[error("no source named {0:?}")]
     SourceNotFound(String),
+    #[error("source {name:?} has {events} events in the log, which keep naming it; rotate its write key to stop senders instead")]
+    SourceInUse { name: String, events: u64 },
+    #[error("no token {0:?}")]
+    TokenNotFound(String),
     #[error(transparent)]
     InvalidSource(#[from] SourceError),
     #[error("the data directory was written by a newer tandem (schema {found}, this build knows {known})")]
@@ -88,6 +93,25 @@ pub struct LogEntry {
     pub received_at_ms: i64,
     /// The event as Segment JSON, including `receivedAt` and `sourceId`.
     pub payload: String,
+}
+
+/// Which events of the log to read, by what storage can index: the source,
+/// the type, the event's time and a position range, oldest or newest first.
+/// Filters on the payload (event name, user) are [`browse::EventQuery`]'s.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LogFilter {
+    pub source_id: Option<SourceId>,
+    pub event_type: Option<EventType>,
+    /// Event time (`timestamp`) at or after, in milliseconds since the epoch.
+    pub since_ms: Option<i64>,
+    /// Event time before, in milliseconds since the epoch.
+    pub until_ms: Option<i64>,
+    /// Only positions above this one.
+    pub after: Option<LogPosition>,
+    /// Only positions below this one.
+    pub before: Option<LogPosition>,
+    /// Newest (highest position) first instead of oldest first.
+    pub newest_first: bool,
 }
 
 /// A quarantined message as read back: its id and what was recorded.
@@ -256,4 +280,41 @@ pub trait Store: Send + Sync + 'static {
 
     /// The token a secret belongs to.
     fn verify_token(&self, secret: &str) -> Result<Option<TokenInfo>, StoreError>;
+
+    // Browsing, for people (CLI and admin API); see [`browse`].
+
+    /// Events matching `filter`, in its order, at most `limit`.
+    fn filter_log(&self, filter: &LogFilter, limit: usize) -> Result<Vec<LogEntry>, StoreError>;
+
+    /// Live (not merged-away) profiles with an id above `after`, by id, at
+    /// most `limit`; decoded as [`Store::profile`] decodes one.
+    fn list_profiles(&self, after: Option<ProfileId>, limit: usize) -> Result<Vec<Profile>, StoreError>;
+
+    /// Identifiers of type `kind` whose value starts with `prefix` and sorts
+    /// after `after`, by value, at most `limit`, with the profile holding each.
+    fn identifiers_with_prefix(
+        &self,
+        kind: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(Identifier, ProfileId)>, StoreError>;
+
+    // Administration of sources and tokens.
+
+    /// Every admin token, oldest first (never their secrets).
+    fn list_tokens(&self) -> Result<Vec<TokenInfo>, StoreError>;
+
+    /// Deletes a token by id, so its secret no longer verifies.
+    fn revoke_token(&self, id: &str) -> Result<TokenInfo, StoreError>;
+
+    /// Gives a source a new name; its id, key and events stay.
+    fn rename_source(&self, name: &str, new_name: &str) -> Result<Source, StoreError>;
+
+    /// Gives a source a new write key; the old one stops working.
+    fn rotate_write_key(&self, name: &str) -> Result<Source, StoreError>;
+
+    /// Deletes a source that has no events in the log (the log is append-only
+    /// and its events name their source); [`StoreError::SourceInUse`] otherwise.
+    fn delete_source(&self, name: &str) -> Result<Source, StoreError>;
 }

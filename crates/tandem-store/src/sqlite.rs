@@ -4,10 +4,11 @@
 //! (`synchronous = FULL`), which is what makes an acknowledgement durable.
 
 mod identity;
+mod manage;
 
 use crate::{
     Dedup, HistoryRecord, IdentityCommit, IdentitySnapshot, IngestBatch, IngestOutcome, IngestStats, LogEntry,
-    QuarantineEntry, QuarantineRecord, SourceStats, Store, StoreError, TokenInfo,
+    LogFilter, QuarantineEntry, QuarantineRecord, SourceStats, Store, StoreError, TokenInfo,
 };
 use rand::distr::{Alphanumeric, SampleString};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
@@ -545,6 +546,44 @@ impl Store for SqliteStore {
                 })
                 .optional()?)
         })
+    }
+
+    fn filter_log(&self, filter: &LogFilter, limit: usize) -> Result<Vec<LogEntry>, StoreError> {
+        self.with_reader(|connection| manage::filter_log(connection, filter, limit))
+    }
+
+    fn list_profiles(&self, after: Option<ProfileId>, limit: usize) -> Result<Vec<Profile>, StoreError> {
+        self.with_reader(|connection| manage::list_profiles(connection, after, limit))
+    }
+
+    fn identifiers_with_prefix(
+        &self,
+        kind: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(Identifier, ProfileId)>, StoreError> {
+        self.with_reader(|connection| manage::identifiers_with_prefix(connection, kind, prefix, after, limit))
+    }
+
+    fn list_tokens(&self) -> Result<Vec<TokenInfo>, StoreError> {
+        self.with_reader(manage::list_tokens)
+    }
+
+    fn revoke_token(&self, id: &str) -> Result<TokenInfo, StoreError> {
+        self.with_writer(|connection| manage::revoke_token(connection, id))
+    }
+
+    fn rename_source(&self, name: &str, new_name: &str) -> Result<Source, StoreError> {
+        self.with_writer(|connection| manage::rename_source(connection, name, new_name))
+    }
+
+    fn rotate_write_key(&self, name: &str) -> Result<Source, StoreError> {
+        self.with_writer(|connection| manage::rotate_write_key(connection, name))
+    }
+
+    fn delete_source(&self, name: &str) -> Result<Source, StoreError> {
+        self.with_writer(|connection| manage::delete_source(connection, name))
     }
 }
 

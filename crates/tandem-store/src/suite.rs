@@ -3,7 +3,8 @@
 //! `tandem_store::store_test_suite!(|dir: &Path| -> impl Store { ... })`,
 //! where the closure returns a fresh, empty store.
 
-use crate::{HistoryRecord, IdentityCommit, IngestBatch, QuarantineRecord, Store, StoreError};
+use crate::browse::{find_events, find_profiles, EventQuery, ProfileQuery};
+use crate::{HistoryRecord, IdentityCommit, IngestBatch, LogFilter, QuarantineRecord, Store, StoreError};
 use tandem_core::{
     EventType, Identifier, IdentityChange, IdentityRules, LogPosition, LogRecord, MessageId, Profile, ProfileId,
     SourceId, SourceKind, WriteKey,
@@ -25,7 +26,12 @@ macro_rules! store_test_suite {
             concurrent_appends_are_all_kept,
             identity_commits_round_trip_and_refuse_stale_writers,
             tokens_verify_by_secret_only,
-            webhook_settings_round_trip
+            webhook_settings_round_trip,
+            the_log_filters_by_source_type_time_and_direction,
+            browsing_events_filters_by_name_and_user_across_chunks,
+            profiles_list_by_id_and_search_by_identifier_prefix_and_trait,
+            revoked_tokens_no_longer_verify,
+            sources_rename_rotate_and_delete_only_without_events
         );
     };
     (@cases $make:expr; $($case:ident),*) => {
@@ -390,4 +396,170 @@ pub fn webhook_settings_round_trip(store: &impl Store) {
         ),
         Err(StoreError::SourceNotFound(_))
     ));
+}
+
+fn named(source: &SourceId, message_id: &str, event_type: EventType, at_ms: i64, name: &str, user: &str) -> LogRecord {
+    LogRecord {
+        payload: format!(r#"{{"messageId":"{message_id}","type":"{event_type}","event":"{name}","userId":"{user}"}}"#),
+        ..record(source, message_id, event_type, at_ms)
+    }
+}
+
+fn ids(entries: &[crate::LogEntry]) -> Vec<&str> {
+    entries.iter().map(|entry| entry.message_id.as_str()).collect()
+}
+
+pub fn the_log_filters_by_source_type_time_and_direction(store: &impl Store) {
+    let web = store.create_source("web", SourceKind::Website).unwrap().id;
+    let app = store.create_source("app", SourceKind::App).unwrap().id;
+    store
+        .append(
+            &[batch(vec![
+                record(&web, "w1", EventType::Track, 1_000),
+                record(&app, "a1", EventType::Track, 2_000),
+                record(&web, "w2", EventType::Page, 3_000),
+                record(&web, "w3", EventType::Track, 4_000),
+            ])],
+            0,
+        )
+        .unwrap();
+    let all = |filter: LogFilter| store.filter_log(&filter, 10).unwrap();
+    assert_eq!(ids(&all(LogFilter::default())), ["w1", "a1", "w2", "w3"]);
+    assert_eq!(ids(&all(LogFilter { newest_first: true, ..LogFilter::default() })), ["w3", "w2", "a1", "w1"]);
+    assert_eq!(ids(&all(LogFilter { source_id: Some(web.clone()), ..LogFilter::default() })), ["w1", "w2", "w3"]);
+    assert_eq!(ids(&all(LogFilter { event_type: Some(EventType::Track), ..LogFilter::default() })), ["w1", "a1", "w3"]);
+    // record() dates each event 5 ms before it was received.
+    let window = LogFilter { since_ms: Some(1_995), until_ms: Some(3_995), ..LogFilter::default() };
+    assert_eq!(ids(&all(window)), ["a1", "w2"]);
+    let newest = store.filter_log(&LogFilter { newest_first: true, ..LogFilter::default() }, 2).unwrap();
+    assert_eq!(ids(&newest), ["w3", "w2"]);
+    let older = LogFilter { newest_first: true, before: Some(newest[1].position), ..LogFilter::default() };
+    assert_eq!(ids(&all(older)), ["a1", "w1"]);
+    let later = LogFilter { after: Some(newest[1].position), ..LogFilter::default() };
+    assert_eq!(ids(&all(later)), ["w3"]);
+}
+
+pub fn browsing_events_filters_by_name_and_user_across_chunks(store: &impl Store) {
+    let web = store.create_source("web", SourceKind::Website).unwrap().id;
+    let records: Vec<LogRecord> = (0..1_200)
+        .map(|n| {
+            let name = if n % 100 == 7 { "Order Completed" } else { "Page Viewed" };
+            let user = if (n / 100) % 2 == 0 { "ann" } else { "bob" };
+            named(&web, &format!("m{n}"), EventType::Track, 1_000 + n, name, user)
+        })
+        .collect();
+    store.append(&[batch(records)], 0).unwrap();
+    let orders = EventQuery { event_name: Some("Order Completed".into()), ..EventQuery::default() };
+    let page = find_events(store, &orders, 100, usize::MAX).unwrap();
+    assert_eq!(page.events.len(), 12, "one order every 100 events, found across chunks");
+    assert!(page.next.is_none(), "the whole log was read");
+    let bob_orders = EventQuery {
+        event_name: Some("Order Completed".into()),
+        user: Some("bob".into()),
+        filter: LogFilter { newest_first: true, ..LogFilter::default() },
+    };
+    let page = find_events(store, &bob_orders, 2, usize::MAX).unwrap();
+    assert_eq!(ids(&page.events), ["m1107", "m907"]);
+    let rest = EventQuery {
+        filter: LogFilter { newest_first: true, before: page.next, ..LogFilter::default() },
+        ..bob_orders.clone()
+    };
+    let page = find_events(store, &rest, 100, usize::MAX).unwrap();
+    assert_eq!(ids(&page.events), ["m707", "m507", "m307", "m107"]);
+    let budgeted = find_events(store, &orders, 100, 150).unwrap();
+    assert_eq!(
+        (budgeted.events.len(), budgeted.next.map(|position| position.0)),
+        (2, Some(150)),
+        "stops at the budget"
+    );
+}
+
+pub fn profiles_list_by_id_and_search_by_identifier_prefix_and_trait(store: &impl Store) {
+    let empty = store.load_identity().unwrap();
+    let mut profiles = Vec::new();
+    let mut identifiers = Vec::new();
+    for n in 1..=7u64 {
+        let mut profile = Profile::new(ProfileId(n));
+        let email = Identifier::new("email", format!("{}{n}@example.com", if n % 2 == 0 { "ann" } else { "bob" }));
+        profile.identifiers = vec![email.clone()];
+        profile.traits.insert("plan".into(), serde_json::json!(if n <= 3 { "Pro" } else { "free" }));
+        profile.traits.insert("seats".into(), serde_json::json!(n));
+        identifiers.push((email, ProfileId(n)));
+        profiles.push(profile);
+    }
+    let commit =
+        IdentityCommit { epoch: empty.epoch, profiles, identifiers, next_profile_id: 8, ..IdentityCommit::default() };
+    assert!(store.commit_identity(&commit).unwrap());
+    // Profile 7 is then merged into profile 6: it is no longer listed.
+    let merge = IdentityCommit {
+        epoch: empty.epoch,
+        merged: vec![(ProfileId(7), ProfileId(6))],
+        next_profile_id: 8,
+        ..IdentityCommit::default()
+    };
+    assert!(store.commit_identity(&merge).unwrap());
+    let listed: Vec<u64> = store.list_profiles(None, 10).unwrap().iter().map(|profile| profile.id.0).collect();
+    assert_eq!(listed, [1, 2, 3, 4, 5, 6]);
+    let after: Vec<u64> =
+        store.list_profiles(Some(ProfileId(4)), 10).unwrap().iter().map(|profile| profile.id.0).collect();
+    assert_eq!(after, [5, 6]);
+
+    let page_ids =
+        |page: &crate::browse::ProfilePage| page.profiles.iter().map(|profile| profile.id.0).collect::<Vec<_>>();
+    let first = find_profiles(store, &ProfileQuery::default(), 4, usize::MAX).unwrap();
+    assert_eq!((page_ids(&first), first.next_after.as_deref()), (vec![1, 2, 3, 4], Some("prof_4")));
+    let second =
+        find_profiles(store, &ProfileQuery { after: first.next_after, ..ProfileQuery::default() }, 4, usize::MAX);
+    let second = second.unwrap();
+    assert_eq!((page_ids(&second), second.next_after), (vec![5, 6], None));
+    let pro = ProfileQuery { traits: vec![("plan".into(), "pro".into())], ..ProfileQuery::default() };
+    assert_eq!(page_ids(&find_profiles(store, &pro, 10, usize::MAX).unwrap()), [1, 2, 3], "strings match in any case");
+    let three_seats = ProfileQuery { traits: vec![("seats".into(), "3".into())], ..ProfileQuery::default() };
+    assert_eq!(page_ids(&find_profiles(store, &three_seats, 10, usize::MAX).unwrap()), [3]);
+    let anns = ProfileQuery { identifier_prefix: Some(Identifier::new("email", "ann")), ..ProfileQuery::default() };
+    assert_eq!(page_ids(&find_profiles(store, &anns, 10, usize::MAX).unwrap()), [2, 4, 6]);
+    let first_ann = find_profiles(store, &anns, 1, usize::MAX).unwrap();
+    let next = ProfileQuery { after: first_ann.next_after, ..anns.clone() };
+    assert_eq!(page_ids(&find_profiles(store, &next, 10, usize::MAX).unwrap()), [4, 6]);
+    let free_anns = ProfileQuery { traits: vec![("plan".into(), "free".into())], ..anns };
+    assert_eq!(page_ids(&find_profiles(store, &free_anns, 10, usize::MAX).unwrap()), [4, 6]);
+    let bad = ProfileQuery { after: Some("nonsense".into()), ..ProfileQuery::default() };
+    assert!(find_profiles(store, &bad, 10, usize::MAX).is_err());
+}
+
+pub fn revoked_tokens_no_longer_verify(store: &impl Store) {
+    let (ops, ops_secret) = store.create_token("ops").unwrap();
+    let (demo, demo_secret) = store.create_token("demo").unwrap();
+    let listed = store.list_tokens().unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(listed.contains(&ops) && listed.contains(&demo));
+    assert_eq!(store.revoke_token(&demo.id).unwrap(), demo);
+    assert_eq!(store.verify_token(&demo_secret).unwrap(), None);
+    assert_eq!(store.verify_token(&ops_secret).unwrap(), Some(ops.clone()));
+    assert_eq!(store.list_tokens().unwrap(), vec![ops]);
+    assert!(matches!(store.revoke_token(&demo.id), Err(StoreError::TokenNotFound(_))));
+}
+
+pub fn sources_rename_rotate_and_delete_only_without_events(store: &impl Store) {
+    let web = store.create_source("web", SourceKind::Website).unwrap();
+    let spare = store.create_source("spare", SourceKind::Backend).unwrap();
+    store.append(&[batch(vec![record(&web.id, "m1", EventType::Track, 1_000)])], 0).unwrap();
+    let renamed = store.rename_source("web", "website").unwrap();
+    assert_eq!(
+        (renamed.id.clone(), renamed.name.as_str(), &renamed.write_key),
+        (web.id.clone(), "website", &web.write_key)
+    );
+    assert!(matches!(store.source_by_name("web"), Err(StoreError::SourceNotFound(_))));
+    assert!(matches!(store.rename_source("website", "spare"), Err(StoreError::SourceExists(_))));
+    assert!(matches!(store.rename_source("website", "  "), Err(StoreError::InvalidSource(_))));
+
+    let rotated = store.rotate_write_key("website").unwrap();
+    assert_ne!(rotated.write_key, web.write_key);
+    assert_eq!(store.source_by_write_key(&web.write_key).unwrap(), None, "the old key stops working");
+    assert_eq!(store.source_by_write_key(&rotated.write_key).unwrap().map(|source| source.id), Some(web.id.clone()));
+
+    assert!(matches!(store.delete_source("website"), Err(StoreError::SourceInUse { events: 1, .. })));
+    assert_eq!(store.delete_source("spare").unwrap().id, spare.id);
+    assert_eq!(store.list_sources().unwrap().len(), 1);
+    assert!(matches!(store.delete_source("spare"), Err(StoreError::SourceNotFound(_))));
 }

@@ -10,6 +10,7 @@ mod import;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use config::{Config, LogFormat, Settings};
+use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 use tandem_core::webhook::{WebhookFormat, WebhookSettings};
@@ -136,6 +137,26 @@ enum SourceCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Give a source a new name; its id, write key and events stay
+    Rename {
+        /// The source's name now
+        name: String,
+        /// Its new name
+        new_name: String,
+    },
+    /// Give a source a new write key; the old one stops working (on a running server within seconds)
+    RotateKey {
+        /// The source's name
+        name: String,
+        /// Print one JSON object
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a source that has no events in the log; one with events is refused (rotate its key instead)
+    Delete {
+        /// The source's name
+        name: String,
+    },
 }
 
 /// A webhook source's secret, verify token and mapping.
@@ -231,14 +252,38 @@ impl WithFormat for WebhookSettings {
 
 #[derive(Subcommand, Debug)]
 enum EventsCommand {
-    /// Print events oldest first
+    /// Print events in log order (oldest first), or the newest first with --tail
     List {
         /// At most this many events
         #[arg(long, default_value_t = 100)]
         limit: usize,
-        /// Start after this log position
-        #[arg(long, default_value_t = 0)]
-        after: u64,
+        /// The newest events first
+        #[arg(long, visible_alias = "newest-first")]
+        tail: bool,
+        /// Only events after this log position
+        #[arg(long, value_name = "POS")]
+        after: Option<u64>,
+        /// Only events before this log position (to page back with --tail)
+        #[arg(long, value_name = "POS")]
+        before: Option<u64>,
+        /// Only events of this source (its name)
+        #[arg(long, value_name = "NAME")]
+        source: Option<String>,
+        /// Only events of this type: track, identify, page, screen, group or alias
+        #[arg(long = "type", value_name = "TYPE")]
+        event_type: Option<tandem_core::EventType>,
+        /// Only events with this name (a track's event, a page's or screen's name)
+        #[arg(long, value_name = "NAME")]
+        event: Option<String>,
+        /// Only events of this user (userId or anonymousId)
+        #[arg(long, value_name = "ID")]
+        user: Option<String>,
+        /// Only events that happened at or after: RFC 3339, a date (2026-11-01) or a span ago (30d, 12h)
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        /// Only events that happened before: RFC 3339, a date or a span ago
+        #[arg(long, value_name = "TIME")]
+        until: Option<String>,
         /// One JSON object per line, with every Segment field
         #[arg(long)]
         json: bool,
@@ -256,10 +301,39 @@ enum TokenCommand {
         #[arg(long)]
         json: bool,
     },
+    /// List tokens (their ids and names; secrets are never shown again)
+    List {
+        /// Print a JSON array
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by id: its secret stops working (on a running server within seconds)
+    Revoke {
+        /// The token's id (tok_…), as `token list` shows it
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 enum ProfileCommand {
+    /// List profiles by id, or search them by identifier prefix and by trait
+    List {
+        /// Profiles per page
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Continue after this cursor (the `more: --after …` a previous page printed)
+        #[arg(long, value_name = "CURSOR")]
+        after: Option<String>,
+        /// Only profiles holding an identifier of this type starting so, as TYPE:PREFIX (email:ann)
+        #[arg(long, value_name = "TYPE:PREFIX")]
+        search: Option<String>,
+        /// Only profiles whose trait has this value, as NAME=VALUE (repeatable; text ignores case)
+        #[arg(long = "trait", value_name = "NAME=VALUE")]
+        traits: Vec<String>,
+        /// Print one JSON object: the profiles and next_after
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a profile by id (prof_N) or by any identifier (type:value)
     Show {
         /// A profile id (prof_N) or an identifier as TYPE:VALUE (email:ann@example.com)
@@ -313,6 +387,11 @@ enum IdentityCommand {
     },
     /// Never use an identifier again, and rebuild the profiles it linked
     Block {
+        /// The identifier, as TYPE:VALUE
+        identifier: String,
+    },
+    /// Let a blocked identifier match again, for events resolved from now on
+    Unblock {
         /// The identifier, as TYPE:VALUE
         identifier: String,
     },
@@ -454,8 +533,61 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Source(SourceCommand::List { json }) => {
             commands::list_sources(&open(Access::Existing)?, json, &mut out)
         }
-        Command::Events(EventsCommand::List { limit, after, json }) => {
-            commands::list_events(&open(Access::Existing)?, after, limit, json, &mut out)
+        Command::Events(EventsCommand::List {
+            limit,
+            tail,
+            after,
+            before,
+            source,
+            event_type,
+            event,
+            user,
+            since,
+            until,
+            json,
+        }) => {
+            let now = chrono::Utc::now();
+            let time = |text: Option<String>| text.map(|text| commands::parse_time(&text, now)).transpose();
+            let filter = tandem_store::LogFilter {
+                source_id: None,
+                event_type,
+                since_ms: time(since)?,
+                until_ms: time(until)?,
+                after: after.map(tandem_core::LogPosition),
+                before: before.map(tandem_core::LogPosition),
+                newest_first: tail,
+            };
+            let query = tandem_store::browse::EventQuery { filter, event_name: event, user };
+            let listing = commands::EventListing { query, source, limit, as_json: json };
+            commands::list_events(&open(Access::Existing)?, listing, &mut out)
+        }
+        Command::Profile(ProfileCommand::List { limit, after, search, traits, json }) => {
+            let listing = commands::profile_listing(limit, after, search, &traits, json)?;
+            commands::list_profiles(Arc::new(open(Access::Existing)?), listing, &mut out)
+        }
+        Command::Token(TokenCommand::List { json }) => commands::list_tokens(&open(Access::Existing)?, json, &mut out),
+        Command::Token(TokenCommand::Revoke { id }) => commands::revoke_token(&open(Access::Existing)?, &id, &mut out),
+        Command::Source(SourceCommand::Rename { name, new_name }) => {
+            let source = open(Access::Existing)?.rename_source(&name, &new_name)?;
+            writeln!(
+                out,
+                "source {:?} is now {:?} (id {}, same write key and events)",
+                name.trim(),
+                source.name,
+                source.id
+            )?;
+            Ok(())
+        }
+        Command::Source(SourceCommand::RotateKey { name, json }) => {
+            commands::rotate_key(&open(Access::Existing)?, &name, json, &mut out)
+        }
+        Command::Source(SourceCommand::Delete { name }) => {
+            let source = open(Access::Existing)?.delete_source(&name)?;
+            writeln!(out, "deleted source {:?} ({}); it had no events", source.name, source.id)?;
+            Ok(())
+        }
+        Command::Identity(IdentityCommand::Unblock { identifier }) => {
+            commands::unblock(&open(Access::Existing)?, &identifier, &mut out)
         }
         Command::Quarantine(QuarantineCommand::List { limit, json }) => {
             commands::list_quarantine(&open(Access::Existing)?, limit, json, &mut out)

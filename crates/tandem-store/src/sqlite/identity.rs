@@ -145,7 +145,12 @@ fn live_id(connection: &Connection, id: ProfileId) -> Result<Option<(ProfileId, 
 }
 
 pub fn profile(connection: &Connection, id: ProfileId) -> Result<Option<Profile>, StoreError> {
-    live_id(connection, id)?.map(|(_, state)| serde_json::from_str(&state).map_err(json_error)).transpose()
+    live_id(connection, id)?.map(|(_, state)| decode_profile(&state)).transpose()
+}
+
+/// A profile from its stored state: the one decoder every read of a profile uses.
+pub fn decode_profile(state: &str) -> Result<Profile, StoreError> {
+    serde_json::from_str(state).map_err(json_error)
 }
 
 pub fn history(connection: &Connection, id: ProfileId) -> Result<Vec<HistoryRecord>, StoreError> {
