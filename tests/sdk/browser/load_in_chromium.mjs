@@ -3,19 +3,26 @@
 // `writeKey` and `cdnURL` pointing at Tandem, and sends a page, an identify
 // and a track call tagged TAG. Exits once Tandem has answered 200 to each.
 //
+// With --rudderstack, RudderStack's JavaScript SDK (@rudderstack/analytics-js,
+// its bundled browser build) instead, loaded with Tandem as both the data
+// plane URL and `configUrl`.
+//
 // With --fail-first, a small proxy stands between the browser and Tandem and
 // answers the first tracking request with a 503, so analytics.js retries it
 // with an X-Retry-Count header; the script then also waits for that retry to
 // be accepted.
 //
-// usage: node load_in_chromium.mjs TANDEM_URL WRITE_KEY TAG [--fail-first]
+// usage: node load_in_chromium.mjs TANDEM_URL WRITE_KEY TAG [--fail-first | --rudderstack]
 import http from 'node:http'
 import { readFile } from 'node:fs/promises'
 import { chromium } from 'playwright-core'
 
 const [tandemUrl, writeKey, tag, mode] = process.argv.slice(2)
 const failFirst = mode === '--fail-first'
-const bundle = new URL('./node_modules/@segment/analytics-next/dist/umd/', import.meta.url)
+const rudderstack = mode === '--rudderstack'
+const bundle = rudderstack
+  ? new URL('./node_modules/@rudderstack/analytics-js/dist/npm/modern/bundled/umd/', import.meta.url)
+  : new URL('./node_modules/@segment/analytics-next/dist/umd/', import.meta.url)
 
 function listen(server) {
   return new Promise((resolve) => server.listen(0, '127.0.0.1', () => resolve(server.address().port)))
@@ -25,11 +32,11 @@ function listen(server) {
 const site = http.createServer(async (request, response) => {
   if (request.url === '/') {
     response.writeHead(200, { 'Content-Type': 'text/html' })
-    response.end('<!doctype html><title>shop</title><script src="/ajs/index.js"></script>')
+    response.end('<!doctype html><title>shop</title><script src="/sdk/index.js"></script>')
     return
   }
   try {
-    const body = await readFile(new URL('.' + request.url.replace(/^\/ajs/, '').split('?')[0], bundle))
+    const body = await readFile(new URL('.' + request.url.replace(/^\/sdk/, '').split('?')[0], bundle))
     response.writeHead(200, { 'Content-Type': 'text/javascript' })
     response.end(body)
   } catch {
@@ -96,15 +103,30 @@ try {
     if (request.headers()['x-retry-count']) retriesAccepted.push(request.headers()['x-retry-count'])
   })
   await page.goto(`http://127.0.0.1:${sitePort}/`)
-  await page.evaluate(
-    async ({ writeKey, cdnURL, tag }) => {
-      const [analytics] = await window.AnalyticsNext.AnalyticsBrowser.load({ writeKey, cdnURL })
-      await analytics.page('Docs', `${tag} Pricing`, { plan: 'pro' })
-      await analytics.identify(`${tag}-user`, { email: `${tag}@example.com`, plan: 'pro' })
-      await analytics.track(`${tag} Order Completed`, { revenue: 42.5, currency: 'EUR' })
-    },
-    { writeKey, cdnURL: cdnUrl, tag },
-  )
+  if (rudderstack) {
+    await page.evaluate(
+      async ({ writeKey, tandem, tag }) => {
+        const analytics = new window.rudderanalytics.RudderAnalytics()
+        await new Promise((resolve) => {
+          analytics.load(writeKey, tandem, { configUrl: tandem, onLoaded: resolve })
+        })
+        analytics.page('Docs', `${tag} Pricing`, { plan: 'pro' })
+        analytics.identify(`${tag}-user`, { email: `${tag}@example.com`, plan: 'pro' })
+        analytics.track(`${tag} Order Completed`, { revenue: 42.5, currency: 'EUR' })
+      },
+      { writeKey, tandem: cdnUrl, tag },
+    )
+  } else {
+    await page.evaluate(
+      async ({ writeKey, cdnURL, tag }) => {
+        const [analytics] = await window.AnalyticsNext.AnalyticsBrowser.load({ writeKey, cdnURL })
+        await analytics.page('Docs', `${tag} Pricing`, { plan: 'pro' })
+        await analytics.identify(`${tag}-user`, { email: `${tag}@example.com`, plan: 'pro' })
+        await analytics.track(`${tag} Order Completed`, { revenue: 42.5, currency: 'EUR' })
+      },
+      { writeKey, cdnURL: cdnUrl, tag },
+    )
+  }
   const deadline = Date.now() + 30000
   const done = () => accepted.length >= 3 && (!failFirst || retriesAccepted.length >= 1)
   while (!done() && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 100))

@@ -1,6 +1,8 @@
 //! Compatibility: Segment's official Python and Node SDKs, unchanged but for
-//! their host, deliver every call to Tandem with its fields intact. The test
-//! command (`scripts/test`) installs both SDKs.
+//! their host, deliver every call to Tandem with its fields intact; Segment's
+//! analytics.js and RudderStack's JavaScript SDK do so from headless Chromium,
+//! loading their settings from Tandem. The test command (`scripts/test`)
+//! installs the SDKs and Chromium.
 
 use crate::common::{create_source, events, repo_root, tandem, Server};
 use serde_json::Value;
@@ -44,7 +46,9 @@ fn assert_calls_arrived(all: &[Value], tag: &str, library: &str) {
     let identify = event("identify");
     assert_eq!(identify["type"], "identify");
     assert_eq!(identify["userId"], user.as_str());
-    assert_eq!(identify["traits"]["email"], format!("{tag}@example.com"));
+    // RudderStack's SDK sends an identify's traits in context.traits.
+    let traits = if identify["traits"].is_object() { &identify["traits"] } else { &identify["context"]["traits"] };
+    assert_eq!(traits["email"], format!("{tag}@example.com"));
     assert_eq!(identify["traits"]["plan"], "pro");
 
     let track = event("track");
@@ -104,7 +108,7 @@ fn run_browser(server: &Server, write_key: &str, tag: &str, extra: &[&str]) -> V
 }
 
 /// Checks the page, identify and track calls a browser sent under `tag`.
-fn assert_browser_calls_arrived(all: &[Value], tag: &str, source_id: &Value) {
+fn assert_browser_calls_arrived(all: &[Value], tag: &str, source_id: &Value, library: &str) {
     let mine: Vec<&Value> = all
         .iter()
         .filter(|event| {
@@ -127,7 +131,9 @@ fn assert_browser_calls_arrived(all: &[Value], tag: &str, source_id: &Value) {
     assert!(page["context"]["page"]["url"].as_str().unwrap().starts_with("http://127.0.0.1:"));
     let identify = of_type("identify");
     assert_eq!(identify["userId"], format!("{tag}-user"));
-    assert_eq!(identify["traits"]["email"], format!("{tag}@example.com"));
+    // RudderStack's SDK sends an identify's traits in context.traits.
+    let traits = if identify["traits"].is_object() { &identify["traits"] } else { &identify["context"]["traits"] };
+    assert_eq!(traits["email"], format!("{tag}@example.com"));
     let track = of_type("track");
     assert_eq!(track["event"], format!("{tag} Order Completed"));
     assert_eq!(track["userId"], format!("{tag}-user"));
@@ -136,7 +142,7 @@ fn assert_browser_calls_arrived(all: &[Value], tag: &str, source_id: &Value) {
         (Some(42.5), Some("EUR"))
     );
     for event in [page, identify, track] {
-        assert_eq!(event["context"]["library"]["name"], "analytics.js");
+        assert_eq!(event["context"]["library"]["name"], library);
         assert!(event["context"]["userAgent"].as_str().unwrap().contains("Chrome"));
         assert!(event["anonymousId"].is_string() && event["messageId"].is_string());
         assert_eq!(&event["sourceId"], source_id);
@@ -159,6 +165,20 @@ fn segment_analytics_js_in_chromium_loads_from_tandem_and_its_retries_get_throug
     assert_eq!(retried["refused"], 1, "{retried}");
     assert_eq!(retried["retriesAccepted"], serde_json::json!(["1"]), "{retried}");
     let all = events(dir.path());
-    assert_browser_calls_arrived(&all, "br", &source["id"]);
-    assert_browser_calls_arrived(&all, "retry", &source["id"]);
+    assert_browser_calls_arrived(&all, "br", &source["id"], "analytics.js");
+    assert_browser_calls_arrived(&all, "retry", &source["id"], "analytics.js");
+}
+
+/// RudderStack's JavaScript SDK fetches `{configUrl}/sourceConfig` before it
+/// sends anything, with its write key as Basic auth, and sends a custom
+/// `AnonymousId` header with every event.
+#[test]
+fn rudderstack_javascript_sdk_in_chromium_loads_its_source_config_from_tandem() {
+    let dir = tempfile::tempdir().unwrap();
+    let source: Value =
+        serde_json::from_str(&tandem(dir.path(), &["source", "create", "web", "--kind", "website", "--json"])).unwrap();
+    let server = Server::start(dir.path());
+    let sent = run_browser(&server, source["write_key"].as_str().unwrap(), "rs", &["--rudderstack"]);
+    assert_eq!(sent["accepted"].as_array().unwrap().len(), 3, "{sent}");
+    assert_browser_calls_arrived(&events(dir.path()), "rs", &source["id"], "RudderLabs JavaScript SDK");
 }
