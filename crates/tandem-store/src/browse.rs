@@ -73,37 +73,61 @@ pub fn find_events(
     limit: usize,
     scan_budget: usize,
 ) -> Result<EventPage, StoreError> {
-    let mut filter = query.filter.clone();
-    let mut page = EventPage::default();
-    let mut scanned = 0;
-    while page.events.len() < limit {
-        if scanned >= scan_budget {
-            return Ok(page);
-        }
-        let chunk = store.filter_log(&filter, CHUNK.min(scan_budget - scanned).max(1))?;
-        let exhausted = chunk.len() < CHUNK.min(scan_budget - scanned).max(1);
-        for entry in chunk {
-            scanned += 1;
-            let position = entry.position;
-            if filter.newest_first {
-                filter.before = Some(position);
-            } else {
-                filter.after = Some(position);
+    let (events, next) = scan(
+        limit,
+        scan_budget,
+        None,
+        |after: Option<&LogPosition>, want| {
+            let mut filter = query.filter.clone();
+            if let Some(position) = after {
+                if filter.newest_first {
+                    filter.before = Some(*position);
+                } else {
+                    filter.after = Some(*position);
+                }
             }
-            page.next = Some(position);
-            if query.matches(&entry) {
-                page.events.push(entry);
-                if page.events.len() == limit {
-                    return Ok(page);
+            store.filter_log(&filter, want)
+        },
+        |entry| entry.position,
+        |entry| Ok(query.matches(&entry).then_some(entry)),
+    )?;
+    Ok(EventPage { events, next })
+}
+
+/// The one paging loop of browsing: reads rows a chunk at a time from
+/// `fetch(cursor, how_many)` and keeps those `keep` returns, until `limit`
+/// are kept, the rows run out, or `scan_budget` rows were read. Returns what
+/// was kept and the cursor of the last row read, or `None` when the rows ran
+/// out.
+fn scan<Row, Cursor, Kept, Error>(
+    limit: usize,
+    scan_budget: usize,
+    mut cursor: Option<Cursor>,
+    mut fetch: impl FnMut(Option<&Cursor>, usize) -> Result<Vec<Row>, Error>,
+    cursor_of: impl Fn(&Row) -> Cursor,
+    mut keep: impl FnMut(Row) -> Result<Option<Kept>, Error>,
+) -> Result<(Vec<Kept>, Option<Cursor>), Error> {
+    let mut kept = Vec::new();
+    let mut scanned = 0;
+    while scanned < scan_budget {
+        let want = CHUNK.min(scan_budget - scanned);
+        let rows = fetch(cursor.as_ref(), want)?;
+        let exhausted = rows.len() < want;
+        for row in rows {
+            scanned += 1;
+            cursor = Some(cursor_of(&row));
+            if let Some(item) = keep(row)? {
+                kept.push(item);
+                if kept.len() == limit {
+                    return Ok((kept, cursor));
                 }
             }
         }
         if exhausted {
-            page.next = None;
-            return Ok(page);
+            return Ok((kept, None));
         }
     }
-    Ok(page)
+    Ok((kept, cursor))
 }
 
 /// Which profiles to list: all of them, or those holding an identifier of a
@@ -171,33 +195,19 @@ fn list_profiles(
     limit: usize,
     scan_budget: usize,
 ) -> Result<ProfilePage, BrowseError> {
-    let mut after = match &query.after {
+    let after = match &query.after {
         Some(cursor) => Some(cursor.parse::<ProfileId>().map_err(|_| BrowseError::InvalidCursor(cursor.clone()))?),
         None => None,
     };
-    let mut page = ProfilePage::default();
-    let mut scanned = 0;
-    while scanned < scan_budget {
-        let want = CHUNK.min(scan_budget - scanned);
-        let chunk = store.list_profiles(after, want)?;
-        let exhausted = chunk.len() < want;
-        for profile in chunk {
-            scanned += 1;
-            after = Some(profile.id);
-            if query.traits_match(&profile) {
-                page.profiles.push(profile);
-                if page.profiles.len() == limit {
-                    page.next_after = after.map(|id| id.to_string());
-                    return Ok(page);
-                }
-            }
-        }
-        if exhausted {
-            return Ok(page);
-        }
-    }
-    page.next_after = after.map(|id| id.to_string());
-    Ok(page)
+    let (profiles, next) = scan(
+        limit,
+        scan_budget,
+        after,
+        |after: Option<&ProfileId>, want| store.list_profiles(after.copied(), want),
+        |profile| profile.id,
+        |profile| Ok::<_, StoreError>(query.traits_match(&profile).then_some(profile)),
+    )?;
+    Ok(ProfilePage { profiles, next_after: next.map(|id| id.to_string()) })
 }
 
 fn search_identifiers(
@@ -207,34 +217,22 @@ fn search_identifiers(
     limit: usize,
     scan_budget: usize,
 ) -> Result<ProfilePage, BrowseError> {
-    let mut after = query.after.clone();
-    let mut page = ProfilePage::default();
     // A profile holding several matching identifiers is listed once per page.
     let mut seen = HashSet::new();
-    let mut scanned = 0;
-    while scanned < scan_budget {
-        let want = CHUNK.min(scan_budget - scanned);
-        let chunk = store.identifiers_with_prefix(&prefix.kind, &prefix.value, after.as_deref(), want)?;
-        let exhausted = chunk.len() < want;
-        for (identifier, profile_id) in chunk {
-            scanned += 1;
-            after = Some(identifier.value);
+    let (profiles, next_after) = scan(
+        limit,
+        scan_budget,
+        query.after.clone(),
+        |after: Option<&String>, want| {
+            store.identifiers_with_prefix(&prefix.kind, &prefix.value, after.map(String::as_str), want)
+        },
+        |(identifier, _)| identifier.value.clone(),
+        |(_, profile_id)| {
             if !seen.insert(profile_id) {
-                continue;
+                return Ok(None);
             }
-            let Some(profile) = store.profile(profile_id)? else { continue };
-            if query.traits_match(&profile) {
-                page.profiles.push(profile);
-                if page.profiles.len() == limit {
-                    page.next_after = after;
-                    return Ok(page);
-                }
-            }
-        }
-        if exhausted {
-            return Ok(page);
-        }
-    }
-    page.next_after = after;
-    Ok(page)
+            Ok(store.profile(profile_id)?.filter(|profile| query.traits_match(profile)))
+        },
+    )?;
+    Ok(ProfilePage { profiles, next_after })
 }
