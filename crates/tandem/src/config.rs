@@ -20,7 +20,7 @@ pub const DEFAULT_CONFIG_FILE: &str = "tandem.toml";
 #[derive(Args, Deserialize, Debug, Default, Clone, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Directory of the embedded store [default: ./tandem-data]
+    /// Directory of the embedded store [default: ./tandem-data; for demo ./tandem-demo]
     #[arg(long, global = true, env = "TANDEM_DATA", value_name = "DIR")]
     pub data: Option<PathBuf>,
 

@@ -742,7 +742,8 @@ mod tests {
             assert!(!help.contains("--listen") && !help.contains("--dedup-window-hours"), "{path:?}: {help}");
             assert!(help.contains("--data"), "{path:?}: {help}");
         }
-        assert!(long_help(&["demo"]).contains("./tandem-demo"));
+        let demo = long_help(&["demo"]);
+        assert!(demo.contains("for demo ./tandem-demo") && demo.contains("Its store is ./tandem-demo"), "{demo}");
     }
 
     /// Every argument of every command says what it is for, `--json` included.
