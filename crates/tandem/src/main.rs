@@ -13,7 +13,7 @@ use config::{Config, LogFormat, Settings};
 use std::sync::Arc;
 use tandem_core::webhook::{WebhookFormat, WebhookSettings};
 use tandem_core::SourceKind;
-use tandem_store::{SqliteStore, Store};
+use tandem_store::{Sources, SqliteStore, Store};
 
 /// mimalloc instead of the system allocator: request handling, importing and
 /// resolving allocate many small, short-lived values across threads, where
