@@ -12,7 +12,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tandem_core::{LogPosition, Source, SourceKind};
 use tandem_server::{router, AppState, DEFAULT_DEDUP_WINDOW};
-use tandem_store::{SqliteStore, Store};
+use tandem_store::prelude::*;
+use tandem_store::SqliteStore;
 use tower::ServiceExt;
 
 struct Harness {

@@ -1,7 +1,7 @@
 //! Browsing for people: the event log filtered by source, type, time, event
 //! name and user, newest or oldest first, and profiles listed or searched by
 //! identifier prefix and by trait, a page at a time. Written once over the
-//! [`Store`] interface, so every backend browses alike: storage filters what
+//! storage interfaces ([`EventLog`], [`IdentityStore`]), so every backend browses alike: storage filters what
 //! it can index ([`LogFilter`], profile ids, the identifier index), and the
 //! rest is checked here in Rust — profiles are decoded by the store's own
 //! profile reader and their traits compared here, never by querying the
@@ -10,7 +10,7 @@
 //! Each call reads at most a scan budget of rows, so a search that matches
 //! little answers promptly with a cursor to continue from.
 
-use crate::{LogEntry, LogFilter, Store, StoreError};
+use crate::{EventLog, IdentityStore, LogEntry, LogFilter, StoreError};
 use serde_json::Value;
 use std::collections::HashSet;
 use tandem_core::{Identifier, LogPosition, Profile, ProfileId};
@@ -68,7 +68,7 @@ pub struct EventPage {
 
 /// Up to `limit` events matching `query`, reading at most `scan_budget` rows.
 pub fn find_events(
-    store: &(impl Store + ?Sized),
+    store: &(impl EventLog + ?Sized),
     query: &EventQuery,
     limit: usize,
     scan_budget: usize,
@@ -178,7 +178,7 @@ pub struct ProfilePage {
 
 /// Up to `limit` profiles matching `query`, reading at most `scan_budget` rows.
 pub fn find_profiles(
-    store: &(impl Store + ?Sized),
+    store: &(impl IdentityStore + ?Sized),
     query: &ProfileQuery,
     limit: usize,
     scan_budget: usize,
@@ -190,7 +190,7 @@ pub fn find_profiles(
 }
 
 fn list_profiles(
-    store: &(impl Store + ?Sized),
+    store: &(impl IdentityStore + ?Sized),
     query: &ProfileQuery,
     limit: usize,
     scan_budget: usize,
@@ -211,7 +211,7 @@ fn list_profiles(
 }
 
 fn search_identifiers(
-    store: &(impl Store + ?Sized),
+    store: &(impl IdentityStore + ?Sized),
     query: &ProfileQuery,
     prefix: &Identifier,
     limit: usize,

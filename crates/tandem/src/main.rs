@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 use tandem_core::webhook::{WebhookFormat, WebhookSettings};
 use tandem_core::SourceKind;
-use tandem_store::{SqliteStore, Store};
+use tandem_store::{Sources, SqliteStore, Store};
 
 /// mimalloc instead of the system allocator: request handling, importing and
 /// resolving allocate many small, short-lived values across threads, where

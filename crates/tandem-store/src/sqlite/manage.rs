@@ -3,7 +3,7 @@
 //! sources and tokens.
 
 use super::identity::decode_profile;
-use super::{log_entry_from_row, random_token, source_from_row, SOURCE_COLUMNS};
+use super::{log_entry_from_row, source_from_row, SOURCE_COLUMNS};
 use crate::{LogEntry, LogFilter, StoreError, TokenInfo};
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
@@ -124,13 +124,11 @@ pub fn rename_source(connection: &Connection, name: &str, new_name: &str) -> Res
     Ok(source)
 }
 
-pub fn rotate_write_key(connection: &Connection, name: &str) -> Result<Source, StoreError> {
+pub fn set_write_key(connection: &Connection, name: &str, write_key: &WriteKey) -> Result<Source, StoreError> {
     let mut source = source_named(connection, name)?;
-    source.write_key = WriteKey::new(random_token(32));
-    connection.execute(
-        "UPDATE sources SET write_key = ?1 WHERE id = ?2",
-        params![source.write_key.as_str(), source.id.as_str()],
-    )?;
+    connection
+        .execute("UPDATE sources SET write_key = ?1 WHERE id = ?2", params![write_key.as_str(), source.id.as_str()])?;
+    source.write_key = write_key.clone();
     Ok(source)
 }
 
