@@ -2,13 +2,15 @@
 //! user name, password empty, colon optional) and maps it to its source,
 //! caching the sources it has seen so the hot path does not query storage.
 //! Admin clients: a bearer token (`tandem token create`), checked against
-//! its stored hash and cached once verified.
+//! its stored hash. Both are cached for a few seconds once found, so a
+//! revoked token or a rotated key stops working without a restart.
 
 use crate::error::{ApiError, ErrorCode};
 use axum::http::{header, HeaderMap};
 use base64::Engine;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 use tandem_core::{Source, WriteKey};
 use tandem_store::Store;
 
@@ -38,17 +40,24 @@ pub fn basic_auth_write_key(headers: &HeaderMap) -> Result<Option<WriteKey>, Api
     Ok(Some(WriteKey::new(user)))
 }
 
+/// How long a credential found in storage is trusted without asking again:
+/// a revoked token or a rotated or deleted write key stops working within
+/// this time, also when another process (the CLI) changed it.
+pub const CACHE_TTL: Duration = Duration::from_secs(10);
+
 /// A read-through cache of what storage found for a secret (a write key, a
-/// token). Only hits are cached: sources and tokens are only ever added, so a
-/// cached entry never goes stale, and a miss is asked again next time.
+/// token). Only hits are cached, each for [`CACHE_TTL`]: a miss is asked
+/// again next time, and a hit is asked again once it is older, so revoking
+/// needs no message to every server.
 struct Cache<V> {
     store: Arc<dyn Store>,
-    known: RwLock<HashMap<String, V>>,
+    known: RwLock<HashMap<String, (V, Instant)>>,
+    ttl: Duration,
 }
 
 impl<V: Clone + Send + 'static> Cache<V> {
     fn new(store: Arc<dyn Store>) -> Self {
-        Cache { store, known: RwLock::new(HashMap::new()) }
+        Cache { store, known: RwLock::new(HashMap::new()), ttl: CACHE_TTL }
     }
 
     async fn get(
@@ -56,8 +65,10 @@ impl<V: Clone + Send + 'static> Cache<V> {
         key: &str,
         lookup: fn(&dyn Store, &str) -> Result<Option<V>, tandem_store::StoreError>,
     ) -> Result<Option<V>, ApiError> {
-        if let Some(value) = self.known.read().unwrap_or_else(|poisoned| poisoned.into_inner()).get(key) {
-            return Ok(Some(value.clone()));
+        if let Some((value, found_at)) = self.known.read().unwrap_or_else(|poisoned| poisoned.into_inner()).get(key) {
+            if found_at.elapsed() < self.ttl {
+                return Ok(Some(value.clone()));
+            }
         }
         let store = self.store.clone();
         let owned_key = key.to_owned();
@@ -68,8 +79,14 @@ impl<V: Clone + Send + 'static> Cache<V> {
                 tracing::error!(%error, "looking up a credential failed");
                 ApiError::unavailable()
             })?;
-        if let Some(value) = &found {
-            self.known.write().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(key.to_owned(), value.clone());
+        let mut known = self.known.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match &found {
+            Some(value) => {
+                known.insert(key.to_owned(), (value.clone(), Instant::now()));
+            }
+            None => {
+                known.remove(key);
+            }
         }
         Ok(found)
     }
@@ -154,6 +171,26 @@ mod tests {
             assert_eq!(basic_auth_write_key(&headers).unwrap(), Some(WriteKey::new("key123")), "{credentials}");
         }
         assert_eq!(basic_auth_write_key(&HeaderMap::new()).unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_revoked_token_is_refused_once_its_cache_entry_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(tandem_store::SqliteStore::open(dir.path()).unwrap());
+        let (info, secret) = store.create_token("ops").unwrap();
+        let lookup: fn(&dyn Store, &str) -> Result<Option<tandem_store::TokenInfo>, tandem_store::StoreError> =
+            |store, secret| store.verify_token(secret);
+        let cached = Cache::new(store.clone());
+        let expiring = Cache { ttl: Duration::ZERO, ..Cache::new(store.clone()) };
+        assert_eq!(cached.get(&secret, lookup).await.unwrap(), Some(info.clone()));
+        assert_eq!(expiring.get(&secret, lookup).await.unwrap(), Some(info.clone()));
+        store.revoke_token(&info.id).unwrap();
+        assert_eq!(
+            cached.get(&secret, lookup).await.unwrap(),
+            Some(info),
+            "trusted until the entry is older than the ttl"
+        );
+        assert_eq!(expiring.get(&secret, lookup).await.unwrap(), None);
     }
 
     #[test]

@@ -666,7 +666,8 @@ fn csv_line(fields: &[String]) -> String {
 mod tests {
     use super::*;
     use tandem_core::{LogPosition, SourceKind};
-    use tandem_store::{SqliteStore, Store};
+    use tandem_store::prelude::*;
+    use tandem_store::SqliteStore;
 
     const ORDERS: &str = r#"
         event = "Order Completed"

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod ops;
 pub mod profile;
 pub mod resolve;
+pub mod sdk_settings;
 pub mod webhook;
 
 use auth::SourceDirectory;
@@ -81,6 +82,7 @@ pub fn router(state: AppState) -> Router {
         .merge(profile::routes())
         .merge(import::jobs::routes())
         .merge(webhook::routes())
+        .merge(sdk_settings::routes())
         .route("/health", get(ops::health))
         .route("/metrics", get(ops::metrics))
         .fallback(ops::not_found)

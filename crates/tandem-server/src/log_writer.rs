@@ -128,6 +128,7 @@ fn run(
 mod tests {
     use super::*;
     use tandem_core::{EventType, LogPosition, LogRecord, MessageId, SourceKind};
+    use tandem_store::prelude::*;
     use tandem_store::SqliteStore;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

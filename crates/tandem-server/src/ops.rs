@@ -27,18 +27,32 @@ pub async fn method_not_allowed() -> ApiError {
     ApiError::new(ErrorCode::MethodNotAllowed, "this endpoint does not accept that method").with_field("method")
 }
 
-/// Browser SDKs (analytics.js) post across origins: answer preflights and
-/// allow any origin on the tracking API, as Segment's endpoint does.
+/// What a preflight allows when it does not echo the requested headers.
+const ALLOWED_HEADERS: &str = "Authorization, Content-Type, Content-Encoding";
+
+/// Paths browser SDKs call across origins: the tracking API and the SDK
+/// settings (`/v1/...`, `/sourceConfig`).
+fn is_browser_sdk_path(path: &str) -> bool {
+    path.starts_with("/v1/") || path.starts_with("/sourceConfig")
+}
+
+/// Browser SDKs (analytics.js, RudderStack's) post across origins: answer
+/// preflights and allow any origin, as Segment's endpoint does. On the paths
+/// browser SDKs use, a preflight allows exactly the headers it asks for: the
+/// SDKs add headers over time (analytics.js retries carry `X-Retry-Count`),
+/// and a fixed list silently blocks every request that carries a new one.
 pub async fn cors(request: Request, next: Next) -> Response {
     let origin = request.headers().get(header::ORIGIN).cloned();
     let mut response = if request.method() == Method::OPTIONS {
+        let requested = request.headers().get(header::ACCESS_CONTROL_REQUEST_HEADERS).cloned();
         let mut preflight = StatusCode::NO_CONTENT.into_response();
         let headers = preflight.headers_mut();
-        headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("POST, OPTIONS"));
-        headers.insert(
-            header::ACCESS_CONTROL_ALLOW_HEADERS,
-            HeaderValue::from_static("Authorization, Content-Type, Content-Encoding"),
-        );
+        headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
+        let allowed = match requested {
+            Some(requested) if is_browser_sdk_path(request.uri().path()) => requested,
+            _ => HeaderValue::from_static(ALLOWED_HEADERS),
+        };
+        headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, allowed);
         headers.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("86400"));
         preflight
     } else {
@@ -49,7 +63,7 @@ pub async fn cors(request: Request, next: Next) -> Response {
         Some(origin) => {
             headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
             headers.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
-            headers.insert(header::VARY, HeaderValue::from_static("Origin"));
+            headers.insert(header::VARY, HeaderValue::from_static("Origin, Access-Control-Request-Headers"));
         }
         None => {
             headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));

@@ -1,17 +1,19 @@
-//! The profile API: one customer's unified profile, their event timeline
-//! across every source, and the identity history that explains each link.
+//! The profile API: profiles listed and searched (by identifier prefix and by
+//! trait, a page at a time), one customer's unified profile, their event
+//! timeline across every source, and the identity history that explains each link.
 //! Every endpoint needs an admin bearer token.
 
 use crate::error::{ApiError, ErrorCode};
 use crate::extract::{AdminToken, ApiPath, ApiQuery};
 use crate::AppState;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tandem_core::event::format_timestamp;
 use tandem_core::{Identifier, LogPosition, Profile, ProfileId};
+use tandem_store::browse::{self, BrowseError, ProfileQuery};
 use tandem_store::{HistoryRecord, Store, StoreError};
 
 pub fn routes() -> Router<AppState> {
@@ -83,27 +85,78 @@ async fn load_profile(state: &AppState, id: &str) -> Result<Profile, ApiError> {
     read(state, move |store| store.profile(profile_id)).await?.ok_or_else(|| not_found(id))
 }
 
-#[derive(Deserialize)]
-struct FindQuery {
-    identifier: Option<String>,
+/// Profiles per page of a listing, unless `limit` says otherwise.
+const DEFAULT_PROFILE_PAGE: usize = 50;
+
+fn invalid(field: &str, message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorCode::InvalidValue, message).with_field(field)
 }
 
+fn parse_identifier(field: &str, text: &str) -> Result<Identifier, ApiError> {
+    text.parse().map_err(|error: tandem_core::identity::MalformedIdentifier| {
+        ApiError::new(ErrorCode::InvalidIdentifier, error.to_string()).with_field(field)
+    })
+}
+
+/// `GET /api/v1/profiles`: with `identifier=type:value` the one profile
+/// holding it; otherwise a page of profiles, by id, optionally only those
+/// holding an identifier starting with `search=type:prefix` and having every
+/// `trait=key:value`; `after` continues from `next_after`.
 async fn find_profile(
     State(state): State<AppState>,
     _token: AdminToken,
-    ApiQuery(query): ApiQuery<FindQuery>,
+    RawQuery(raw): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    let text = query.identifier.ok_or_else(|| {
-        ApiError::new(ErrorCode::MissingField, "identifier=type:value is required").with_field("identifier")
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.as_deref().unwrap_or(""))
+        .map_err(|_| ApiError::new(ErrorCode::InvalidRequest, "the query string is malformed").with_field("query"))?;
+    let mut query = ProfileQuery::default();
+    let (mut identifier, mut limit) = (None, DEFAULT_PROFILE_PAGE);
+    for (key, value) in pairs {
+        let repeated = || invalid(&key, format!("{key} is given twice"));
+        match key.as_str() {
+            "identifier" if identifier.is_some() => return Err(repeated()),
+            "identifier" => identifier = Some(parse_identifier("identifier", &value)?),
+            "search" if query.identifier_prefix.is_some() => return Err(repeated()),
+            "search" => {
+                query.identifier_prefix = Some(browse::parse_identifier_prefix(&value).ok_or_else(|| {
+                    ApiError::new(ErrorCode::InvalidIdentifier, "search must be type:prefix").with_field("search")
+                })?)
+            }
+            "trait" => {
+                let (name, wanted) =
+                    value.split_once(':').ok_or_else(|| invalid("trait", "trait must be name:value"))?;
+                query.traits.push((name.trim().to_owned(), wanted.trim().to_owned()));
+            }
+            "after" => query.after = Some(value),
+            "limit" => {
+                limit = value
+                    .parse()
+                    .ok()
+                    .filter(|limit| (1..=MAX_PAGE).contains(limit))
+                    .ok_or_else(|| invalid("limit", format!("limit must be between 1 and {MAX_PAGE}")))?;
+            }
+            _ => return Err(invalid(&key, format!("unknown parameter {key}"))),
+        }
+    }
+    if let Some(identifier) = identifier {
+        let shown = identifier.to_string();
+        let profile = read(&state, move |store| store.profile_by_identifier(&identifier)).await?.ok_or_else(|| {
+            ApiError::new(ErrorCode::ProfileNotFound, format!("no profile holds {shown}")).with_field("identifier")
+        })?;
+        return Ok(Json(profile_json(&profile)));
+    }
+    let store = state.store.clone();
+    let page = tokio::task::spawn_blocking(move || {
+        browse::find_profiles(store.as_ref(), &query, limit, browse::DEFAULT_SCAN_BUDGET)
+    })
+    .await
+    .map_err(|_| ApiError::new(ErrorCode::Internal, "internal error"))?
+    .map_err(|error| match error {
+        BrowseError::InvalidCursor(_) => invalid("after", error.to_string()),
+        BrowseError::Store(error) => storage_error(error),
     })?;
-    let identifier: Identifier = text.parse().map_err(|error: tandem_core::identity::MalformedIdentifier| {
-        ApiError::new(ErrorCode::InvalidIdentifier, error.to_string()).with_field("identifier")
-    })?;
-    let shown = identifier.to_string();
-    let profile = read(&state, move |store| store.profile_by_identifier(&identifier)).await?.ok_or_else(|| {
-        ApiError::new(ErrorCode::ProfileNotFound, format!("no profile holds {shown}")).with_field("identifier")
-    })?;
-    Ok(Json(profile_json(&profile)))
+    let profiles: Vec<Value> = page.profiles.iter().map(profile_json).collect();
+    Ok(Json(json!({"profiles": profiles, "next_after": page.next_after})))
 }
 
 async fn get_profile(

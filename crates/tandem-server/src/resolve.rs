@@ -12,7 +12,7 @@ use tandem_core::identity::{CompiledRules, RulesError};
 use tandem_core::{
     Event, Identifier, IdentityChange, IdentityGraph, IdentityRules, LogPosition, ProfileId, Resolution,
 };
-use tandem_store::{HistoryRecord, IdentityCommit, Store, StoreError};
+use tandem_store::{CommitOutcome, HistoryRecord, IdentityCommit, Store, StoreError};
 
 /// Events read and resolved per transaction when catching up a backlog.
 pub const DEFAULT_BATCH: usize = 50_000;
@@ -57,7 +57,7 @@ pub struct Resolver {
 
 struct InFlight {
     to: LogPosition,
-    commit: std::thread::JoinHandle<Result<bool, StoreError>>,
+    commit: std::thread::JoinHandle<Result<CommitOutcome, StoreError>>,
 }
 
 impl Resolver {
@@ -132,12 +132,12 @@ impl Resolver {
         };
         let outcome = in_flight.commit.join();
         match outcome {
-            Ok(Ok(true)) => {
+            Ok(Ok(CommitOutcome::Committed)) => {
                 self.committed = in_flight.to;
                 Ok(true)
             }
-            Ok(Ok(false)) => {
-                tracing::info!("identity state changed outside the resolver; reloading");
+            Ok(Ok(outcome @ (CommitOutcome::StalePosition | CommitOutcome::EpochChanged))) => {
+                tracing::info!(?outcome, "identity state changed outside the resolver; reloading");
                 *self = Resolver::load(self.store.clone())?;
                 Ok(false)
             }
@@ -216,7 +216,6 @@ impl BatchChanges {
             epoch,
             from,
             to,
-            replace: false,
             profiles: live_touched.iter().filter_map(|id| graph.profile(*id).cloned()).collect(),
             merged: self.merged,
             identifiers: self
@@ -369,7 +368,6 @@ pub fn repair(store: &Arc<dyn Store>, repair: &Repair) -> Result<RepairReport, R
             epoch: snapshot.epoch,
             from: snapshot.position,
             to: snapshot.position,
-            replace: true,
             profiles: rebuilt.graph.profiles().cloned().collect(),
             merged: rebuilt.graph.merged_into().collect(),
             identifiers: rebuilt
@@ -382,7 +380,7 @@ pub fn repair(store: &Arc<dyn Store>, repair: &Repair) -> Result<RepairReport, R
             next_profile_id: rebuilt.graph.next_id(),
             rules: Some(rules),
         };
-        if store.commit_identity(&commit)? {
+        if store.replace_identity(&commit)? == CommitOutcome::Committed {
             return Ok(RepairReport {
                 identifier,
                 profile_before,
@@ -470,6 +468,7 @@ mod tests {
     use serde_json::{json, Value};
     use tandem_core::collect::{normalize_message, BatchDefaults, IdRequirement, RequestContext};
     use tandem_core::{Profile, SourceKind};
+    use tandem_store::prelude::*;
     use tandem_store::{IngestBatch, SqliteStore};
 
     /// A store holding `messages` in its log.

@@ -12,7 +12,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tandem_core::{LogPosition, Source, SourceKind};
 use tandem_server::{router, AppState, DEFAULT_DEDUP_WINDOW};
-use tandem_store::{SqliteStore, Store};
+use tandem_store::prelude::*;
+use tandem_store::SqliteStore;
 use tower::ServiceExt;
 
 struct Harness {
@@ -396,6 +397,79 @@ async fn browsers_get_cors_preflight_answers() {
     assert!(response.headers()[header::ACCESS_CONTROL_ALLOW_HEADERS].to_str().unwrap().contains("Content-Type"));
 }
 
+#[tokio::test]
+async fn browser_retries_with_x_retry_count_pass_the_cors_preflight() {
+    let harness = Harness::new();
+    let request = Request::builder()
+        .method(Method::OPTIONS)
+        .uri("/v1/t")
+        .header(header::ORIGIN, "https://shop.example")
+        .header(header::ACCESS_CONTROL_REQUEST_METHOD, "POST")
+        .header(header::ACCESS_CONTROL_REQUEST_HEADERS, "content-type,x-retry-count")
+        .body(Body::empty())
+        .unwrap();
+    let response = harness.app.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    assert_eq!(response.headers()[header::ACCESS_CONTROL_ALLOW_HEADERS], "content-type,x-retry-count");
+    assert!(response.headers()[header::VARY].to_str().unwrap().contains("Access-Control-Request-Headers"));
+    // The admin API keeps its fixed list.
+    let request = Request::builder()
+        .method(Method::OPTIONS)
+        .uri("/api/v1/profiles")
+        .header(header::ORIGIN, "https://shop.example")
+        .header(header::ACCESS_CONTROL_REQUEST_HEADERS, "x-anything")
+        .body(Body::empty())
+        .unwrap();
+    let response = harness.app.clone().oneshot(request).await.unwrap();
+    assert_eq!(
+        response.headers()[header::ACCESS_CONTROL_ALLOW_HEADERS],
+        "Authorization, Content-Type, Content-Encoding"
+    );
+}
+
+#[tokio::test]
+async fn browser_sdks_load_their_settings_for_website_sources() {
+    let harness = Harness::new();
+    let key = harness.source.write_key.to_string();
+    let request = Request::get(format!("/v1/projects/{key}/settings"))
+        .header(header::HOST, "cdp.internal:8080")
+        .header(header::ORIGIN, "https://shop.example")
+        .body(Body::empty())
+        .unwrap();
+    let (status, body) = harness.send(request).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let segment = &body["integrations"]["Segment.io"];
+    assert_eq!(segment["apiKey"], key.as_str());
+    assert_eq!(segment["apiHost"], "cdp.internal:8080/v1");
+    assert_eq!(segment["protocol"], "http");
+    assert_eq!(body["metrics"]["sampleRate"], 0);
+
+    let request = Request::get("/sourceConfig/?p=npm&v=3.0.0")
+        .header(header::AUTHORIZATION, harness.basic())
+        .body(Body::empty())
+        .unwrap();
+    let (status, body) = harness.send(request).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["source"]["id"], harness.source.id.to_string());
+    assert_eq!(body["source"]["writeKey"], key.as_str());
+    assert_eq!(body["source"]["enabled"], true);
+    assert_eq!(body["source"]["destinations"], json!([]));
+    let (status, body) =
+        harness.send(Request::get(format!("/sourceConfig?writeKey={key}")).body(Body::empty()).unwrap()).await;
+    assert_eq!((status, body["source"]["name"].as_str()), (StatusCode::OK, Some("website")));
+
+    let (status, body) =
+        harness.send(Request::get("/v1/projects/no-such-key/settings").body(Body::empty()).unwrap()).await;
+    assert_eq!((status, error_of(&body).0), (StatusCode::UNAUTHORIZED, "invalid_write_key"));
+    let backend = harness.store.create_source("backend", SourceKind::Backend).unwrap();
+    let (status, body) = harness
+        .send(Request::get(format!("/v1/projects/{}/settings", backend.write_key)).body(Body::empty()).unwrap())
+        .await;
+    assert_eq!((status, error_of(&body).0), (StatusCode::NOT_FOUND, "source_not_found"));
+    let (status, body) = harness.send(Request::get("/sourceConfig").body(Body::empty()).unwrap()).await;
+    assert_eq!((status, error_of(&body).0), (StatusCode::UNAUTHORIZED, "missing_write_key"));
+}
+
 mod profiles {
     use super::*;
     use tandem_server::resolve::{Resolver, DEFAULT_BATCH};
@@ -480,6 +554,35 @@ mod profiles {
     }
 
     #[tokio::test]
+    async fn profiles_are_listed_and_searched_by_identifier_and_trait_a_page_at_a_time() {
+        let harness = Harness::new();
+        let token = with_ann(&harness).await;
+        let ids = |body: &Value| -> Vec<String> {
+            body["profiles"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|profile| profile["id"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        let (status, all) = get(&harness, "/api/v1/profiles", Some(&token)).await;
+        assert_eq!(status, StatusCode::OK, "{all}");
+        assert_eq!(ids(&all).len(), 2, "ann (with the merged phone profile) and bob: {all}");
+        assert_eq!(all["next_after"], Value::Null);
+        let (_, first) = get(&harness, "/api/v1/profiles?limit=1", Some(&token)).await;
+        let after = first["next_after"].as_str().unwrap_or_else(|| panic!("{first}")).to_owned();
+        let (_, second) = get(&harness, &format!("/api/v1/profiles?limit=1&after={after}"), Some(&token)).await;
+        assert_eq!([ids(&first), ids(&second)].concat(), ids(&all));
+        let (_, anns) = get(&harness, "/api/v1/profiles?search=email:ANN", Some(&token)).await;
+        assert_eq!(anns["profiles"].as_array().unwrap().len(), 1, "{anns}");
+        assert_eq!(anns["profiles"][0]["traits"]["plan"], "pro");
+        let (_, pro) = get(&harness, "/api/v1/profiles?trait=plan:PRO", Some(&token)).await;
+        assert_eq!(ids(&pro), ids(&anns));
+        let (_, bob) = get(&harness, "/api/v1/profiles?search=user_id:b&trait=plan:pro", Some(&token)).await;
+        assert!(ids(&bob).is_empty(), "{bob}");
+    }
+
+    #[tokio::test]
     async fn identities_explain_every_link_with_its_event() {
         let harness = Harness::new();
         let token = with_ann(&harness).await;
@@ -513,8 +616,17 @@ mod profiles {
         assert_eq!((status, error_of(&body)), (StatusCode::BAD_REQUEST, ("invalid_identifier", Some("identifier"))));
         let (status, body) = get(&harness, "/api/v1/profiles?identifier=email:nobody@example.com", Some(&token)).await;
         assert_eq!((status, error_of(&body).0), (StatusCode::NOT_FOUND, "profile_not_found"));
-        let (status, body) = get(&harness, "/api/v1/profiles", Some(&token)).await;
-        assert_eq!((status, error_of(&body)), (StatusCode::BAD_REQUEST, ("missing_field", Some("identifier"))));
+        for (query, field) in
+            [("limit=abc", "limit"), ("limit=0", "limit"), ("trait=plan", "trait"), ("after=x", "after")]
+        {
+            let (status, body) = get(&harness, &format!("/api/v1/profiles?{query}"), Some(&token)).await;
+            assert_eq!((status, error_of(&body).1), (StatusCode::BAD_REQUEST, Some(field)), "{query}: {body}");
+        }
+        let (status, body) =
+            get(&harness, "/api/v1/profiles?identifier=user_id:a&identifier=user_id:b", Some(&token)).await;
+        assert_eq!((status, error_of(&body).1), (StatusCode::BAD_REQUEST, Some("identifier")));
+        let (status, body) = get(&harness, "/api/v1/profiles?limit=5", None).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::UNAUTHORIZED, "missing_token"));
         let (status, _) = get(&harness, "/api/v1/profiles/prof_99/events", Some(&token)).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
     }
@@ -603,6 +715,14 @@ mod imports {
             assert_eq!(job["counts"]["rejected"], 0, "{source}: {job}");
             assert!(job["counts"]["imported"].as_u64().unwrap() >= 2, "{source}: {job}");
         }
+        let (status, listed) = get(&harness, "/api/v1/imports", Some(&token)).await;
+        assert_eq!(status, StatusCode::OK, "{listed}");
+        let sources: Vec<&str> =
+            listed["imports"].as_array().unwrap().iter().map(|job| job["source"].as_str().unwrap()).collect();
+        assert_eq!(sources, ["leads", "crm", "helpdesk", "product", "orders"], "newest first");
+        assert!(listed["imports"][0].get("first_rejects").is_none() && listed["imports"][0]["counts"].is_object());
+        let (status, body) = get(&harness, "/api/v1/imports", None).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::UNAUTHORIZED, "missing_token"));
         // Ann browsed the website anonymously, then logged in.
         let (status, _) = harness
             .post_json(

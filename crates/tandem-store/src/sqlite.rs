@@ -4,17 +4,17 @@
 //! (`synchronous = FULL`), which is what makes an acknowledgement durable.
 
 mod identity;
+mod manage;
 
 use crate::{
-    Dedup, HistoryRecord, IdentityCommit, IdentitySnapshot, IngestBatch, IngestOutcome, IngestStats, LogEntry,
-    QuarantineEntry, QuarantineRecord, SourceStats, Store, StoreError, TokenInfo,
+    CommitOutcome, Dedup, EventLog, HistoryRecord, IdentityCommit, IdentitySnapshot, IdentityStore, IngestBatch,
+    IngestOutcome, IngestStats, LogEntry, LogFilter, QuarantineEntry, QuarantineRecord, SourceStats, Sources, Stage,
+    StoreError, TokenInfo,
 };
-use rand::distr::{Alphanumeric, SampleString};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use tandem_core::source::validate_source_name;
 use tandem_core::webhook::WebhookSettings;
 use tandem_core::{
     EventType, Identifier, IdentityRules, LogPosition, MessageId, Profile, ProfileId, Source, SourceId, SourceKind,
@@ -115,6 +115,17 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX message_ids_by_received_at ON message_ids (received_at)
         WHERE received_at < 9223372036854775807;
     ALTER TABLE sources ADD COLUMN webhook TEXT;",
+    // 4: every stage's log position and epoch in one table, written in the
+    // same transaction as that stage's effects.
+    "CREATE TABLE stage_cursors (
+        stage TEXT PRIMARY KEY,
+        position INTEGER NOT NULL,
+        epoch INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    INSERT INTO stage_cursors (stage, position, epoch)
+        SELECT 'resolve', position, epoch FROM identity_state WHERE id = 1;
+    ALTER TABLE identity_state DROP COLUMN position;
+    ALTER TABLE identity_state DROP COLUMN epoch;",
 ];
 
 /// The `received_at` of a message id kept for good ([`Dedup::Forever`]).
@@ -136,6 +147,11 @@ impl From<rusqlite::Error> for StoreError {
 }
 
 impl SqliteStore {
+    /// Whether `data_dir` holds a store, without creating anything.
+    pub fn exists(data_dir: &Path) -> bool {
+        data_dir.join(DATABASE_FILE).is_file()
+    }
+
     /// Opens (creating if needed) the store in `data_dir` and applies any
     /// pending migrations.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
@@ -198,18 +214,10 @@ fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
     for (index, migration) in MIGRATIONS.iter().enumerate().skip(found as usize) {
         transaction.execute_batch(migration)?;
         transaction.pragma_update(None, "user_version", index as i64 + 1)?;
-        tracing::info!(version = index + 1, "applied storage migration");
+        tracing::debug!(version = index + 1, "applied storage migration");
     }
     transaction.commit()?;
     Ok(())
-}
-
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
-fn random_token(length: usize) -> String {
-    Alphanumeric.sample_string(&mut rand::rng(), length)
 }
 
 fn source_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Source> {
@@ -225,16 +233,8 @@ fn source_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Source> {
 
 const SOURCE_COLUMNS: &str = "id, name, kind, write_key, created_at";
 
-impl Store for SqliteStore {
-    fn create_source(&self, name: &str, kind: SourceKind) -> Result<Source, StoreError> {
-        let name = validate_source_name(name)?;
-        let source = Source {
-            id: SourceId::new(format!("src_{}", random_token(20))),
-            name: name.to_owned(),
-            kind,
-            write_key: WriteKey::new(random_token(32)),
-            created_at_ms: now_ms(),
-        };
+impl Sources for SqliteStore {
+    fn insert_source(&self, source: &Source) -> Result<(), StoreError> {
         self.with_writer(|connection| {
             let inserted = connection.execute(
                 "INSERT INTO sources (id, name, kind, write_key, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
@@ -250,7 +250,7 @@ impl Store for SqliteStore {
             if inserted == 0 {
                 return Err(StoreError::SourceExists(source.name.clone()));
             }
-            Ok(source.clone())
+            Ok(())
         })
     }
 
@@ -307,6 +307,49 @@ impl Store for SqliteStore {
         })
     }
 
+    fn insert_token(&self, info: &TokenInfo, secret_digest: &str) -> Result<(), StoreError> {
+        self.with_writer(|connection| {
+            connection.execute(
+                "INSERT INTO api_tokens (id, name, secret_sha256, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![info.id, info.name, secret_digest, info.created_at_ms],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn token_by_digest(&self, secret_digest: &str) -> Result<Option<TokenInfo>, StoreError> {
+        self.with_reader(|connection| {
+            Ok(connection
+                .prepare_cached("SELECT id, name, created_at FROM api_tokens WHERE secret_sha256 = ?1")?
+                .query_row([secret_digest], |row| {
+                    Ok(TokenInfo { id: row.get(0)?, name: row.get(1)?, created_at_ms: row.get(2)? })
+                })
+                .optional()?)
+        })
+    }
+
+    fn list_tokens(&self) -> Result<Vec<TokenInfo>, StoreError> {
+        self.with_reader(manage::list_tokens)
+    }
+
+    fn revoke_token(&self, id: &str) -> Result<TokenInfo, StoreError> {
+        self.with_writer(|connection| manage::revoke_token(connection, id))
+    }
+
+    fn rename_source(&self, name: &str, new_name: &str) -> Result<Source, StoreError> {
+        self.with_writer(|connection| manage::rename_source(connection, name, new_name))
+    }
+
+    fn set_write_key(&self, name: &str, write_key: &WriteKey) -> Result<Source, StoreError> {
+        self.with_writer(|connection| manage::set_write_key(connection, name, write_key))
+    }
+
+    fn delete_source(&self, name: &str) -> Result<Source, StoreError> {
+        self.with_writer(|connection| manage::delete_source(connection, name))
+    }
+}
+
+impl EventLog for SqliteStore {
     fn append(&self, batches: &[IngestBatch], dedup_since_ms: i64) -> Result<Vec<IngestOutcome>, StoreError> {
         self.with_writer(|connection| {
             let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -443,18 +486,31 @@ impl Store for SqliteStore {
         })
     }
 
+    fn filter_log(&self, filter: &LogFilter, limit: usize) -> Result<Vec<LogEntry>, StoreError> {
+        self.with_reader(|connection| manage::filter_log(connection, filter, limit))
+    }
+}
+
+impl IdentityStore for SqliteStore {
     fn load_identity(&self) -> Result<IdentitySnapshot, StoreError> {
         self.with_reader(identity::load)
     }
 
-    fn commit_identity(&self, commit: &IdentityCommit) -> Result<bool, StoreError> {
-        self.with_writer(|connection| identity::commit(connection, commit))
+    fn commit_identity(&self, commit: &IdentityCommit) -> Result<CommitOutcome, StoreError> {
+        self.with_writer(|connection| identity::commit(connection, commit, false))
+    }
+
+    fn replace_identity(&self, commit: &IdentityCommit) -> Result<CommitOutcome, StoreError> {
+        self.with_writer(|connection| identity::commit(connection, commit, true))
     }
 
     fn set_identity_rules(&self, rules: &IdentityRules) -> Result<(), StoreError> {
         let text = serde_json::to_string(rules).map_err(|error| StoreError::Backend(Box::new(error)))?;
         self.with_writer(|connection| {
-            connection.execute("UPDATE identity_state SET rules = ?1, epoch = epoch + 1 WHERE id = 1", [text])?;
+            let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            transaction.execute("UPDATE identity_state SET rules = ?1 WHERE id = 1", [text])?;
+            transaction.execute("UPDATE stage_cursors SET epoch = epoch + 1 WHERE stage = ?1", [Stage::RESOLVE.0])?;
+            transaction.commit()?;
             Ok(())
         })
     }
@@ -514,32 +570,26 @@ impl Store for SqliteStore {
         })
     }
 
-    fn create_token(&self, name: &str) -> Result<(TokenInfo, String), StoreError> {
-        let secret = format!("tdm_{}", random_token(40));
-        let info = TokenInfo {
-            id: format!("tok_{}", random_token(12)),
-            name: name.trim().to_owned(),
-            created_at_ms: now_ms(),
-        };
-        self.with_writer(|connection| {
-            connection.execute(
-                "INSERT INTO api_tokens (id, name, secret_sha256, created_at) VALUES (?1, ?2, ?3, ?4)",
-                params![info.id, info.name, identity::sha256_hex(&secret), info.created_at_ms],
-            )?;
-            Ok(())
-        })?;
-        Ok((info, secret))
+    fn identifier_owners(&self, identifiers: &[Identifier]) -> Result<Vec<(Identifier, ProfileId)>, StoreError> {
+        self.with_reader(|connection| identity::identifier_owners(connection, identifiers))
     }
 
-    fn verify_token(&self, secret: &str) -> Result<Option<TokenInfo>, StoreError> {
-        self.with_reader(|connection| {
-            Ok(connection
-                .prepare_cached("SELECT id, name, created_at FROM api_tokens WHERE secret_sha256 = ?1")?
-                .query_row([identity::sha256_hex(secret)], |row| {
-                    Ok(TokenInfo { id: row.get(0)?, name: row.get(1)?, created_at_ms: row.get(2)? })
-                })
-                .optional()?)
-        })
+    fn profiles(&self, ids: &[ProfileId]) -> Result<Vec<Profile>, StoreError> {
+        self.with_reader(|connection| identity::profiles(connection, ids))
+    }
+
+    fn list_profiles(&self, after: Option<ProfileId>, limit: usize) -> Result<Vec<Profile>, StoreError> {
+        self.with_reader(|connection| manage::list_profiles(connection, after, limit))
+    }
+
+    fn identifiers_with_prefix(
+        &self,
+        kind: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(Identifier, ProfileId)>, StoreError> {
+        self.with_reader(|connection| manage::identifiers_with_prefix(connection, kind, prefix, after, limit))
     }
 }
 
@@ -601,8 +651,8 @@ fn read_stats(connection: &Connection) -> Result<IngestStats, StoreError> {
     );
     stats.sources = per_source;
     stats.resolver_position = LogPosition(connection.query_row(
-        "SELECT position FROM identity_state WHERE id = 1",
-        [],
+        "SELECT position FROM stage_cursors WHERE stage = ?1",
+        [Stage::RESOLVE.0],
         |row| row.get::<_, i64>(0),
     )? as u64);
     stats.resolver_lag = stats.log_head.0.saturating_sub(stats.resolver_position.0);
@@ -631,6 +681,23 @@ mod tests {
             .with_reader(|connection| Ok(connection.pragma_query_value(None, "user_version", |row| row.get(0))?))
             .unwrap();
         assert_eq!(version, MIGRATIONS.len() as i64);
+    }
+
+    #[test]
+    fn the_resolver_position_and_epoch_move_into_stage_cursors() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let connection = open_connection(&dir.path().join(DATABASE_FILE)).unwrap();
+            for (index, migration) in MIGRATIONS.iter().take(3).enumerate() {
+                connection.execute_batch(migration).unwrap();
+                connection.pragma_update(None, "user_version", index as i64 + 1).unwrap();
+            }
+            connection.execute("UPDATE identity_state SET position = 7, epoch = 2, next_profile_id = 5", []).unwrap();
+        }
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let snapshot = store.load_identity().unwrap();
+        assert_eq!((snapshot.position, snapshot.epoch, snapshot.next_profile_id), (LogPosition(7), 2, 5));
+        assert_eq!(store.stats().unwrap().resolver_position, LogPosition(7));
     }
 
     #[test]

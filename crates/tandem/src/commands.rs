@@ -6,9 +6,10 @@ use serde_json::{json, Value};
 use std::io::Write;
 use std::sync::Arc;
 use tandem_core::webhook::WebhookSettings;
-use tandem_core::{Identifier, IdentityChange, LogPosition, Profile, ProfileId, Source, SourceKind};
+use tandem_core::{Identifier, IdentityChange, Profile, ProfileId, Source, SourceId, SourceKind};
 use tandem_server::profile::{history_json, profile_json};
 use tandem_server::resolve::{self, Repair, Resolver};
+use tandem_store::browse::{self, EventQuery, ProfileQuery};
 use tandem_store::Store;
 
 /// How many rows one read fetches while streaming long listings.
@@ -129,25 +130,57 @@ pub fn list_sources(store: &impl Store, as_json: bool, out: &mut impl Write) -> 
     Ok(())
 }
 
-pub fn list_events(
-    store: &impl Store,
-    after: u64,
-    limit: usize,
-    as_json: bool,
-    out: &mut impl Write,
-) -> anyhow::Result<()> {
-    let mut position = LogPosition(after);
-    let mut remaining = limit;
-    if !as_json {
-        writeln!(out, "{:>10} {:<24} {:<9} {:<28} {:<24} MESSAGE ID", "POSITION", "RECEIVED", "TYPE", "EVENT", "USER")?;
+/// What `events list` shows.
+pub struct EventListing {
+    pub query: EventQuery,
+    pub source: Option<String>,
+    pub limit: usize,
+    pub as_json: bool,
+}
+
+/// A point in time as the CLI takes it: RFC 3339, a date (`2026-11-01`, its
+/// midnight UTC), or a span ago (`30d`, `12h`, `45m`); milliseconds since the epoch.
+pub fn parse_time(text: &str, now: chrono::DateTime<chrono::Utc>) -> anyhow::Result<i64> {
+    let text = text.trim();
+    if let Ok(time) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Ok(time.timestamp_millis());
     }
+    if let Ok(date) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        return Ok(date.and_time(chrono::NaiveTime::MIN).and_utc().timestamp_millis());
+    }
+    let unit = text.chars().last().unwrap_or(' ');
+    let amount: Option<i64> = text[..text.len() - unit.len_utf8().min(text.len())].parse().ok();
+    let span = match (amount, unit) {
+        (Some(amount), 'd') => chrono::Duration::try_days(amount),
+        (Some(amount), 'h') => chrono::Duration::try_hours(amount),
+        (Some(amount), 'm') => chrono::Duration::try_minutes(amount),
+        _ => None,
+    };
+    match span {
+        Some(span) => Ok((now - span).timestamp_millis()),
+        None => bail!("{text:?} is not a time: use RFC 3339 (2026-11-01T08:00:00Z), a date (2026-11-01) or a span ago (30d, 12h, 45m)"),
+    }
+}
+
+pub fn list_events(store: &impl Store, mut listing: EventListing, out: &mut impl Write) -> anyhow::Result<()> {
+    if let Some(name) = &listing.source {
+        listing.query.filter.source_id = Some(store.source_by_name(name)?.id);
+    }
+    let names: std::collections::HashMap<SourceId, String> =
+        store.list_sources()?.into_iter().map(|source| (source.id, source.name)).collect();
+    if !listing.as_json {
+        writeln!(
+            out,
+            "{:>10} {:<24} {:<16} {:<9} {:<28} {:<24} MESSAGE ID",
+            "POSITION", "EVENT TIME", "SOURCE", "TYPE", "EVENT", "USER"
+        )?;
+    }
+    let mut remaining = listing.limit;
     while remaining > 0 {
-        let page = store.read_log(position, remaining.min(PAGE))?;
-        let Some(last) = page.last() else { break };
-        position = last.position;
-        remaining -= page.len();
-        for entry in &page {
-            if as_json {
+        let page = browse::find_events(store, &listing.query, remaining.min(PAGE), usize::MAX)?;
+        remaining -= page.events.len();
+        for entry in &page.events {
+            if listing.as_json {
                 writeln!(out, "{}", entry.payload)?;
                 continue;
             }
@@ -159,28 +192,77 @@ pub fn list_events(
                 .unwrap_or_default();
             let who =
                 [text("userId"), text("anonymousId")].into_iter().find(|value| !value.is_empty()).unwrap_or_default();
+            let source = names.get(&entry.source_id).map_or(entry.source_id.as_str(), String::as_str);
             writeln!(
                 out,
-                "{:>10} {:<24} {:<9} {:<28} {:<24} {}",
+                "{:>10} {:<24} {:<16} {:<9} {:<28} {:<24} {}",
                 entry.position,
-                format_ms(entry.received_at_ms),
+                text("timestamp"),
+                source,
                 entry.event_type,
                 what,
                 who,
                 entry.message_id
             )?;
         }
+        let Some(next) = page.next else { break };
+        let filter = &mut listing.query.filter;
+        if filter.newest_first {
+            filter.before = Some(next);
+        } else {
+            filter.after = Some(next);
+        }
+    }
+    Ok(())
+}
+
+/// What `profile list` shows.
+pub struct ProfileListing {
+    pub query: ProfileQuery,
+    pub limit: usize,
+    pub as_json: bool,
+}
+
+pub fn list_profiles(store: Arc<dyn Store>, listing: ProfileListing, out: &mut impl Write) -> anyhow::Result<()> {
+    catch_up(&store)?;
+    let page = browse::find_profiles(store.as_ref(), &listing.query, listing.limit, usize::MAX)?;
+    if listing.as_json {
+        let profiles: Vec<Value> = page.profiles.iter().map(profile_json).collect();
+        writeln!(out, "{}", json!({"profiles": profiles, "next_after": page.next_after}))?;
+        return Ok(());
+    }
+    writeln!(out, "{:<12} {:<24} {:<24} {:>7}  IDENTIFIERS", "PROFILE", "FIRST SEEN", "LAST SEEN", "EVENTS")?;
+    for profile in &page.profiles {
+        let events: u64 = profile.event_counts.values().sum();
+        let identifiers: Vec<String> = profile.identifiers.iter().take(4).map(ToString::to_string).collect();
+        let more = profile.identifiers.len().saturating_sub(4);
+        writeln!(
+            out,
+            "{:<12} {:<24} {:<24} {:>7}  {}{}",
+            profile.id,
+            format_ms(profile.first_seen_ms),
+            format_ms(profile.last_seen_ms),
+            events,
+            identifiers.join(" "),
+            if more > 0 { format!(" (+{more})") } else { String::new() }
+        )?;
+    }
+    if let Some(next) = &page.next_after {
+        writeln!(out, "more: --after {next}")?;
     }
     Ok(())
 }
 
 pub fn list_quarantine(store: &impl Store, limit: usize, as_json: bool, out: &mut impl Write) -> anyhow::Result<()> {
+    let names: std::collections::HashMap<String, String> =
+        store.list_sources()?.into_iter().map(|source| (source.id.to_string(), source.name)).collect();
+    let source_name = |id: &str| names.get(id).cloned().unwrap_or_else(|| id.to_owned());
     let mut after = 0;
     let mut remaining = limit;
     if !as_json {
         writeln!(
             out,
-            "{:>6} {:<24} {:<26} {:>5} {:<18} {:<12} MESSAGE",
+            "{:>6} {:<24} {:<24} {:>5} {:<18} {:<12} MESSAGE",
             "ID", "RECEIVED", "SOURCE", "INDEX", "CODE", "FIELD"
         )?;
     }
@@ -200,6 +282,7 @@ pub fn list_quarantine(store: &impl Store, limit: usize, as_json: bool, out: &mu
                         "id": entry.id,
                         "receivedAt": format_ms(entry.record.received_at_ms),
                         "sourceId": entry.record.source_id,
+                        "source": source_name(entry.record.source_id.as_str()),
                         "index": entry.record.batch_index,
                         "code": entry.record.code,
                         "field": entry.record.field,
@@ -210,10 +293,10 @@ pub fn list_quarantine(store: &impl Store, limit: usize, as_json: bool, out: &mu
             } else {
                 writeln!(
                     out,
-                    "{:>6} {:<24} {:<26} {:>5} {:<18} {:<12} {}",
+                    "{:>6} {:<24} {:<24} {:>5} {:<18} {:<12} {}",
                     entry.id,
                     format_ms(entry.record.received_at_ms),
-                    entry.record.source_id,
+                    source_name(entry.record.source_id.as_str()),
                     entry.record.batch_index.map(|index| index.to_string()).unwrap_or_else(|| "-".into()),
                     entry.record.code,
                     entry.record.field.as_deref().unwrap_or("-"),
@@ -272,6 +355,75 @@ pub fn create_token(store: &impl Store, name: &str, as_json: bool, out: &mut imp
         writeln!(out, "use it as: Authorization: Bearer {secret}")?;
     }
     Ok(())
+}
+
+pub fn list_tokens(store: &impl Store, as_json: bool, out: &mut impl Write) -> anyhow::Result<()> {
+    let tokens = store.list_tokens()?;
+    if as_json {
+        let listed: Vec<Value> = tokens
+            .iter()
+            .map(|token| json!({"id": token.id, "name": token.name, "created_at": format_ms(token.created_at_ms)}))
+            .collect();
+        writeln!(out, "{}", Value::Array(listed))?;
+        return Ok(());
+    }
+    writeln!(out, "{:<18} {:<24} CREATED", "ID", "NAME")?;
+    for token in &tokens {
+        writeln!(out, "{:<18} {:<24} {}", token.id, token.name, format_ms(token.created_at_ms))?;
+    }
+    Ok(())
+}
+
+pub fn revoke_token(store: &impl Store, id: &str, out: &mut impl Write) -> anyhow::Result<()> {
+    let token = store.revoke_token(id)?;
+    writeln!(
+        out,
+        "revoked token {:?} ({}); a running server refuses it within {} s",
+        token.name,
+        token.id,
+        tandem_server::auth::CACHE_TTL.as_secs()
+    )?;
+    Ok(())
+}
+
+pub fn rotate_key(store: &impl Store, name: &str, as_json: bool, out: &mut impl Write) -> anyhow::Result<()> {
+    let source = store.rotate_write_key(name)?;
+    if as_json {
+        writeln!(out, "{}", source_json(&source))?;
+    } else {
+        writeln!(out, "source {:?} has a new write key; the old one stops working", source.name)?;
+        writeln!(out, "  write key  {}", source.write_key)?;
+        writeln!(out, "a running server refuses the old key within {} s", tandem_server::auth::CACHE_TTL.as_secs())?;
+    }
+    Ok(())
+}
+
+/// The listing `profile list` asked for.
+pub fn profile_listing(
+    limit: usize,
+    after: Option<String>,
+    search: Option<String>,
+    traits: &[String],
+    as_json: bool,
+) -> anyhow::Result<ProfileListing> {
+    if limit == 0 {
+        bail!("--limit must be at least 1");
+    }
+    let identifier_prefix = search
+        .map(|text| {
+            browse::parse_identifier_prefix(&text)
+                .with_context(|| format!("--search {text:?} must be TYPE:PREFIX, such as email:ann"))
+        })
+        .transpose()?;
+    let traits = traits
+        .iter()
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(name, value)| (name.trim().to_owned(), value.trim().to_owned()))
+                .with_context(|| format!("--trait {pair:?} must be NAME=VALUE"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(ProfileListing { query: ProfileQuery { identifier_prefix, traits, after }, limit, as_json })
 }
 
 /// Brings profiles up to date with the log first, so the command line sees
@@ -406,6 +558,21 @@ pub struct RulesChange {
     pub identifiers: Vec<String>,
 }
 
+impl RulesChange {
+    /// True when nothing is to change: the command only shows the rules.
+    pub fn is_empty(&self) -> bool {
+        self.limits.is_empty()
+            && self.default_limit.is_none()
+            && self.priority.is_none()
+            && self.block_values.is_empty()
+            && self.block_patterns.is_empty()
+            && self.block_type_patterns.is_empty()
+            && self.placeholder_phones.is_none()
+            && self.phone_region.is_none()
+            && self.identifiers.is_empty()
+    }
+}
+
 /// Whether placeholder phone numbers identify anyone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum PlaceholderPhones {
@@ -474,11 +641,26 @@ pub fn identity_rules(
     if as_json {
         writeln!(out, "{}", serde_json::to_string(&rules)?)?;
     } else {
-        writeln!(out, "{}", serde_json::to_string_pretty(&rules)?)?;
+        write_rules_table(&rules, out)?;
         if changed {
             writeln!(out, "rules saved; they apply to events resolved from now on (use `identity block` to rebuild)")?;
         }
     }
+    Ok(())
+}
+
+/// The identity rules as a two-column table, one rule per line.
+fn write_rules_table(rules: &tandem_core::IdentityRules, out: &mut impl Write) -> anyhow::Result<()> {
+    let list = |items: &[String]| if items.is_empty() { "-".to_owned() } else { items.join(", ") };
+    let limits: Vec<String> = rules.limits.iter().map(|(kind, limit)| format!("{kind}={limit}")).collect();
+    let blocked: Vec<String> = rules.blocked_identifiers.iter().map(ToString::to_string).collect();
+    writeln!(out, "{:<22} {}", "limits", list(&limits))?;
+    writeln!(out, "{:<22} {}", "other types' limit", rules.default_limit)?;
+    writeln!(out, "{:<22} {} (unlisted types after, by name)", "priority", list(&rules.priority))?;
+    writeln!(out, "{:<22} {}", "blocked values", list(&rules.blocked_values))?;
+    writeln!(out, "{:<22} {}", "blocked patterns", list(&rules.blocked_patterns))?;
+    writeln!(out, "{:<22} {}", "blocked identifiers", list(&blocked))?;
+    writeln!(out, "{:<22} {}", "declared identifiers", list(&rules.custom_identifiers))?;
     Ok(())
 }
 
@@ -498,6 +680,20 @@ pub fn unlink(store: Arc<dyn Store>, profile: &str, identifier: &str, out: &mut 
     let identifier: Identifier = identifier.parse()?;
     let report = resolve::repair(&store, &Repair::Unlink { profile, identifier })?;
     report_repair(&report, out)
+}
+
+pub fn unblock(store: &impl Store, identifier: &str, out: &mut impl Write) -> anyhow::Result<()> {
+    let identifier: Identifier = identifier.parse()?;
+    let mut rules = store.load_identity()?.rules;
+    let before = rules.blocked_identifiers.len();
+    rules.blocked_identifiers.retain(|blocked| *blocked != identifier);
+    if rules.blocked_identifiers.len() == before {
+        bail!("{identifier} is not blocked (blocked identifiers: `tandem identity rules`)");
+    }
+    resolve::set_rules(store, rules)?;
+    writeln!(out, "{identifier} matches again for events resolved from now on")?;
+    writeln!(out, "events resolved while it was blocked stay where they are; `identity block` and `unlink` rebuild")?;
+    Ok(())
 }
 
 pub fn block(store: Arc<dyn Store>, identifier: &str, out: &mut impl Write) -> anyhow::Result<()> {

@@ -13,20 +13,23 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_CONFIG_FILE: &str = "tandem.toml";
 
 /// Settings shared by every command. Flags are global: they may stand before
-/// or after the subcommand.
+/// or after the subcommand. The server's own settings (`listen`,
+/// `dedup_window_hours`) come from the file here, and from flags and the
+/// environment only on the commands that serve ([`ServerArgs`]), so other
+/// commands' help does not offer options they ignore.
 #[derive(Args, Deserialize, Debug, Default, Clone, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Directory of the embedded store [default: ./tandem-data]
+    /// Directory of the embedded store [default: ./tandem-data; for demo ./tandem-demo]
     #[arg(long, global = true, env = "TANDEM_DATA", value_name = "DIR")]
     pub data: Option<PathBuf>,
 
-    /// Address the server listens on [default: 127.0.0.1:8080]
-    #[arg(long, global = true, env = "TANDEM_LISTEN", value_name = "ADDR")]
+    /// The server's address; set by [`ServerArgs`] on the serving commands.
+    #[arg(skip)]
     pub listen: Option<SocketAddr>,
 
-    /// Hours a messageId is remembered to drop repeats [default: 24]
-    #[arg(long, global = true, env = "TANDEM_DEDUP_WINDOW_HOURS", value_name = "HOURS")]
+    /// Hours a messageId is remembered; set by [`ServerArgs`] on the serving commands.
+    #[arg(skip)]
     pub dedup_window_hours: Option<u64>,
 
     /// Log format: text or json [default: text]
@@ -37,6 +40,29 @@ pub struct Config {
     #[arg(long, global = true, env = "TANDEM_CONFIG", value_name = "FILE")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+}
+
+/// Flags of the commands that run a server (`serve`, `demo`).
+#[derive(Args, Debug, Default, Clone, PartialEq)]
+pub struct ServerArgs {
+    /// Address the server listens on [default: 127.0.0.1:8080]
+    #[arg(long, env = "TANDEM_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+
+    /// Hours a messageId is remembered to drop repeats [default: 24]
+    #[arg(long, env = "TANDEM_DEDUP_WINDOW_HOURS", value_name = "HOURS")]
+    pub dedup_window_hours: Option<u64>,
+}
+
+impl Config {
+    /// The configuration with a serving command's flags over it.
+    pub fn with_server(self, server: ServerArgs) -> Config {
+        Config {
+            listen: server.listen.or(self.listen),
+            dedup_window_hours: server.dedup_window_hours.or(self.dedup_window_hours),
+            ..self
+        }
+    }
 }
 
 #[derive(clap::ValueEnum, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -36,9 +36,12 @@ pub const DEFAULT_CUSTOMERS: usize = 10_000;
 pub const DEFAULT_SEED: u64 = 42;
 /// Messages per tracking-API batch the demo sends.
 const BATCH_MESSAGES: usize = 400;
-/// The demo's history ends here, so the same seed gives the same data on any day.
-const HISTORY_START: i64 = 1_785_542_400; // 2026-08-01T00:00:00Z
+/// Days of history a demo company has, ending shortly before the day it is made.
 const HISTORY_DAYS: u64 = 90;
+/// Follow-ups (a ticket resolved after it was opened, clicks after a page
+/// view) come at most about two days after the moment they follow, so the
+/// moments end this many days before "now" and every event is in the past.
+const FOLLOW_UP_DAYS: u64 = 3;
 
 const FIRST_NAMES: [&str; 40] = [
     "Ann", "Bob", "Carla", "Dan", "Erin", "Farid", "Greta", "Hugo", "Ines", "Jonas", "Kira", "Luis", "Maya", "Nils",
@@ -156,9 +159,33 @@ pub const TICKETS_MAPPING: &str = include_str!("../../../examples/mappings/suppo
 pub const CRM_MAPPING: &str = include_str!("../../../examples/mappings/crm_contacts.toml");
 pub const LEADS_MAPPING: &str = include_str!("../../../examples/mappings/leads.toml");
 
-/// A moment in the demo's history, in seconds.
-fn moment(random: &mut Random) -> i64 {
-    HISTORY_START + random.below(HISTORY_DAYS * 86_400) as i64
+/// When a demo company's history happens: relative to the moment it is made,
+/// so "in the last 30 days" finds its customers on any day. The same seed
+/// with another "now" gives the same company shifted in time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct History {
+    /// Seconds since the Unix epoch of the earliest moment.
+    start: i64,
+}
+
+impl History {
+    /// The history of a company made at `now` (seconds since the Unix
+    /// epoch), which counts as its hour, so a company made twice in the same
+    /// hour is the same to the second.
+    pub fn ending_before(now: i64) -> History {
+        let hour = now - now.rem_euclid(3_600);
+        History { start: hour - ((HISTORY_DAYS + FOLLOW_UP_DAYS) * 86_400) as i64 }
+    }
+
+    /// A history ending before the current time.
+    pub fn until_now() -> History {
+        History::ending_before(chrono::Utc::now().timestamp())
+    }
+
+    /// A moment in the history, in seconds.
+    fn moment(self, random: &mut Random) -> i64 {
+        self.start + random.below(HISTORY_DAYS * 86_400) as i64
+    }
 }
 
 fn iso(seconds: i64) -> String {
@@ -249,8 +276,9 @@ impl Tracking {
     }
 }
 
-/// Builds a demo company of `customers` customers; the same seed gives the same company.
-pub fn generate(seed: u64, customers: usize) -> Company {
+/// Builds a demo company of `customers` customers whose records fall in
+/// `history`; the same seed gives the same company.
+pub fn generate(seed: u64, customers: usize, history: History) -> Company {
     let mut random = Random::new(seed);
     let mut expected = Expected { customers: customers as u64, ..Expected::default() };
     let mut tracking = Tracking::default();
@@ -290,7 +318,7 @@ pub fn generate(seed: u64, customers: usize) -> Company {
         let browsers = 1 + random.below(2);
         for browser in 0..browsers {
             let anonymous_id = format!("anon-{index}-{browser}");
-            let mut time = moment(&mut random);
+            let mut time = history.moment(&mut random);
             for _ in 0..(2 + random.below(4)) {
                 let (name, path) = random.pick(&PAGES);
                 tracking.push(
@@ -334,7 +362,7 @@ pub fn generate(seed: u64, customers: usize) -> Company {
                 if device_id.starts_with("family-") && family.is_none() && index % FAMILY_EVERY == 5 {
                     family = Some((user_id.clone(), people[index + 1].user_id.clone().unwrap_or_default()));
                 }
-                let mut time = moment(&mut random);
+                let mut time = history.moment(&mut random);
                 for _ in 0..(1 + random.below(4)) {
                     tracking.push(
                         "app",
@@ -358,7 +386,7 @@ pub fn generate(seed: u64, customers: usize) -> Company {
                     orders,
                     "o{order_number:07},{user_id},{},{},{}.{:02},EUR,{},{coupon}",
                     email_variant(&mut random, &person.email),
-                    iso(moment(&mut random)),
+                    iso(history.moment(&mut random)),
                     cents / 100,
                     cents % 100,
                     1 + random.below(4),
@@ -374,7 +402,7 @@ pub fn generate(seed: u64, customers: usize) -> Company {
                     &json!({"usage_id": format!("pu-{usage_number}"),
                             "account": {"user_id": user_id, "plan": random.pick(&["free", "pro", "team"])},
                             "device": device_id, "feature": random.pick(&FEATURES),
-                            "used_at": moment(&mut random), "duration_s": 5 + random.below(1_800)})
+                            "used_at": history.moment(&mut random), "duration_s": 5 + random.below(1_800)})
                     .to_string(),
                 );
                 usage.push('\n');
@@ -385,7 +413,7 @@ pub fn generate(seed: u64, customers: usize) -> Company {
         if showcase || random.chance(25) {
             ticket_number += 1;
             let (subject, body, answer) = random.pick(&TICKETS);
-            let opened = moment(&mut random);
+            let opened = history.moment(&mut random);
             let email = email_variant(&mut random, &person.email);
             let priority = random.pick(&["low", "normal", "high"]);
             let channel = random.pick(&["email", "chat", "phone"]);
@@ -420,7 +448,7 @@ pub fn generate(seed: u64, customers: usize) -> Company {
             person.last,
             csv_field(random.pick(&COMPANIES)),
             if random.chance(60) { "yes" } else { "no" },
-            &iso(moment(&mut random))[..10],
+            &iso(history.moment(&mut random))[..10],
             person.twitter.as_deref().unwrap_or(""),
         );
 
@@ -434,7 +462,7 @@ pub fn generate(seed: u64, customers: usize) -> Company {
                 person.first,
                 person.last,
                 random.pick(&CAMPAIGNS),
-                iso(moment(&mut random))
+                iso(history.moment(&mut random))
             );
         }
 
@@ -443,7 +471,7 @@ pub fn generate(seed: u64, customers: usize) -> Company {
             if showcase || random.chance(40) {
                 mentions.push(json!({"platform": "twitter", "author": {"handle": format!("@{handle}"), "name": format!("{} {}", person.first, person.last)},
                     "text": random.pick(&MENTIONS), "url": format!("https://social.example/{handle}/{}", random.below(1_000_000)),
-                    "time": iso(moment(&mut random))}));
+                    "time": iso(history.moment(&mut random))}));
             }
         }
     }
@@ -459,9 +487,9 @@ pub fn generate(seed: u64, customers: usize) -> Company {
         if random.chance(50) {
             webhooks.push((
                 "facebook-leads",
-                json!({"object": "page", "entry": [{"id": "page-1", "time": HISTORY_START, "changes": [{"field": "leadgen",
+                json!({"object": "page", "entry": [{"id": "page-1", "time": history.start, "changes": [{"field": "leadgen",
                     "value": {"leadgen_id": format!("fb-{prospect}"), "form_id": "autumn-form", "page_id": "page-1", "ad_id": format!("ad-{}", random.below(20)),
-                              "created_time": moment(&mut random),
+                              "created_time": history.moment(&mut random),
                               "field_data": [{"name": "email", "values": [email_variant(&mut random, &email)]},
                                              {"name": "full_name", "values": [format!("{first} {last}")]}]}}]}]}),
             ));
@@ -472,7 +500,7 @@ pub fn generate(seed: u64, customers: usize) -> Company {
                 "l{lead_number:06},{},,{first} {last},{},demo-request,{}",
                 email_variant(&mut random, &email),
                 random.pick(&CAMPAIGNS),
-                iso(moment(&mut random))
+                iso(history.moment(&mut random))
             );
         }
         if random.chance(40) {
@@ -480,7 +508,7 @@ pub fn generate(seed: u64, customers: usize) -> Company {
                 crm,
                 "p{prospect:06},{},,{first},{last},,lead,no,{},",
                 email_variant(&mut random, &email),
-                &iso(moment(&mut random))[..10]
+                &iso(history.moment(&mut random))[..10]
             );
         }
     }
@@ -491,7 +519,7 @@ pub fn generate(seed: u64, customers: usize) -> Company {
         for _ in 0..(1 + random.below(2)) {
             mentions.push(json!({"platform": "twitter", "author": {"handle": format!("@fan_{stranger}")},
                 "text": random.pick(&MENTIONS), "url": format!("https://social.example/fan_{stranger}/{}", random.below(1_000_000)),
-                "time": iso(moment(&mut random))}));
+                "time": iso(history.moment(&mut random))}));
         }
     }
     for chunk in mentions.chunks(100) {
@@ -620,7 +648,8 @@ pub fn walkthrough(
 ) -> anyhow::Result<()> {
     let stats = store.stats()?;
     let base = format!("http://{address}");
-    let data = format!("--data {}", data_dir.display());
+    // Absolute, so the setting works from any directory in the user's other shell.
+    let data_dir = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_owned());
     let expected = &company.expected;
     let showcase = &company.showcase;
     let profile = store
@@ -630,6 +659,9 @@ pub fn walkthrough(
     let website = store.source_by_name("website")?;
     writeln!(out)?;
     writeln!(out, "Tandem demo is running at {base}")?;
+    writeln!(out)?;
+    writeln!(out, "Every command below works on the demo's store once your shell says where it is:")?;
+    writeln!(out, "  export TANDEM_DATA={}", data_dir.display())?;
     writeln!(out)?;
     writeln!(out, "What is in it")?;
     writeln!(
@@ -655,15 +687,15 @@ pub fn walkthrough(
         out,
         "One customer, seen by the website, the app, orders, product usage, the helpdesk, the CRM and Twitter"
     )?;
-    writeln!(out, "  tandem {data} profile show email:{}", showcase.email)?;
-    writeln!(out, "  tandem {data} profile explain user_id:{}      # why each identifier belongs", showcase.user_id)?;
+    writeln!(out, "  tandem profile show email:{}", showcase.email)?;
+    writeln!(out, "  tandem profile explain user_id:{}      # why each identifier belongs", showcase.user_id)?;
     writeln!(out, "  curl -H 'Authorization: Bearer {token}' \\")?;
     writeln!(out, "       '{base}/api/v1/profiles/{profile}/events?limit=5'")?;
     if let Some((first, second)) = &company.family {
         writeln!(out)?;
         writeln!(out, "Two people sharing a family tablet stay two customers (user ids allow one per profile)")?;
-        writeln!(out, "  tandem {data} profile explain user_id:{first}")?;
-        writeln!(out, "  tandem {data} profile explain user_id:{second}")?;
+        writeln!(out, "  tandem profile explain user_id:{first}")?;
+        writeln!(out, "  tandem profile explain user_id:{second}")?;
     }
     writeln!(out)?;
     writeln!(
@@ -673,14 +705,14 @@ pub fn walkthrough(
     )?;
     writeln!(
         out,
-        "  tandem {data} import {} --source orders --mapping examples/mappings/orders.toml",
+        "  tandem import {} --source orders --mapping examples/mappings/orders.toml",
         data_dir.join("demo-files/orders.csv").display()
     )?;
     writeln!(out)?;
     writeln!(out, "Send an event of your own, as any Segment SDK would")?;
     writeln!(out, "  curl -u {}: {base}/v1/track -H 'Content-Type: application/json' \\", website.write_key)?;
     writeln!(out, "       -d '{{\"userId\":\"{}\",\"event\":\"Demo Explored\"}}'", showcase.user_id)?;
-    writeln!(out, "  tandem {data} stats")?;
+    writeln!(out, "  tandem stats")?;
     writeln!(out)?;
     writeln!(out, "Admin token for the API: {token}")?;
     writeln!(out, "Stop with Ctrl-C; run `tandem demo` again to serve the same company.")?;
@@ -694,11 +726,51 @@ mod tests {
     use tandem_core::Identifier;
     use tandem_server::resolve::{Resolver, DEFAULT_BATCH};
 
+    /// 2026-11-23T21:30:00Z.
+    const NOW: i64 = 1_795_469_400;
+
+    fn tracked_messages(company: &Company) -> Vec<Value> {
+        company.tracking.iter().flat_map(|(_, body)| body["batch"].as_array().unwrap().clone()).collect()
+    }
+
+    fn seconds(text: &str) -> i64 {
+        chrono::DateTime::parse_from_rfc3339(text).unwrap().timestamp()
+    }
+
+    #[test]
+    fn the_history_ends_before_now_and_reaches_into_the_last_days() {
+        let company = generate(7, 200, History::ending_before(NOW));
+        let times: Vec<i64> =
+            tracked_messages(&company).iter().map(|message| seconds(message["timestamp"].as_str().unwrap())).collect();
+        let (earliest, latest) = (*times.iter().min().unwrap(), *times.iter().max().unwrap());
+        assert!(latest < NOW, "every event is in the past");
+        assert!(latest > NOW - 5 * 86_400, "the history reaches the last days: {latest}");
+        assert!(earliest >= NOW - 94 * 86_400, "90 days of history: {earliest}");
+        let last_30_days = times.iter().filter(|time| **time > NOW - 30 * 86_400).count();
+        assert!(last_30_days * 5 > times.len(), "about a third of events fall in the last 30 days");
+    }
+
+    #[test]
+    fn the_same_seed_later_gives_the_same_company_shifted_in_time() {
+        let shift = 10 * 86_400 + 3_600;
+        let before = tracked_messages(&generate(7, 100, History::ending_before(NOW)));
+        let after = tracked_messages(&generate(7, 100, History::ending_before(NOW + shift)));
+        assert_eq!(before.len(), after.len());
+        for (mut earlier, mut later) in before.into_iter().zip(after) {
+            let earlier_time = seconds(earlier["timestamp"].as_str().unwrap());
+            assert_eq!(seconds(later["timestamp"].as_str().unwrap()) - earlier_time, shift);
+            earlier["timestamp"] = Value::Null;
+            later["timestamp"] = Value::Null;
+            assert_eq!(earlier, later);
+        }
+    }
+
     #[test]
     fn the_same_seed_gives_the_same_company() {
-        let first = generate(7, 200);
-        assert_eq!(first, generate(7, 200));
-        assert_ne!(first.files, generate(8, 200).files);
+        let history = History::ending_before(NOW);
+        let first = generate(7, 200, history);
+        assert_eq!(first, generate(7, 200, history));
+        assert_ne!(first.files, generate(8, 200, history).files);
         assert_eq!(first.expected.customers, 200);
         assert_eq!(first.expected.prospects, 20);
         assert!(first.expected.anonymous_visitors > 0);
@@ -717,7 +789,7 @@ mod tests {
         let store: Arc<dyn Store> = Arc::new(tandem_store::SqliteStore::open(&dir.path().join("data")).unwrap());
         let (state, writer) =
             AppState::start(store.clone(), tandem_server::DEFAULT_DEDUP_WINDOW, dir.path().join("imports"));
-        let company = generate(DEFAULT_SEED, 300);
+        let company = generate(DEFAULT_SEED, 300, History::until_now());
         let loaded = load(&state, &company, &dir.path().join("files")).await.unwrap();
         drop(state);
         tokio::task::spawn_blocking(move || writer.join().unwrap()).await.unwrap();

@@ -10,10 +10,12 @@ mod import;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use config::{Config, LogFormat, Settings};
+use std::io::Write;
+use std::path::Path;
 use std::sync::Arc;
 use tandem_core::webhook::{WebhookFormat, WebhookSettings};
 use tandem_core::SourceKind;
-use tandem_store::{SqliteStore, Store};
+use tandem_store::{Sources, SqliteStore, Store};
 
 /// mimalloc instead of the system allocator: request handling, importing and
 /// resolving allocate many small, short-lived values across threads, where
@@ -33,8 +35,11 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the server: tracking API, health and metrics
-    Serve,
+    /// Run the server: tracking API, admin API, health and metrics
+    Serve {
+        #[command(flatten)]
+        server: config::ServerArgs,
+    },
     /// Manage sources, the channels events arrive through
     #[command(subcommand)]
     Source(SourceCommand),
@@ -54,8 +59,12 @@ enum Command {
     #[command(subcommand)]
     Identity(IdentityCommand),
     /// Create a realistic synthetic company and serve it: web and app behaviour, orders, product
-    /// usage, tickets, CRM contacts, leads and social mentions (data in ./tandem-demo unless --data)
+    /// usage, tickets, CRM contacts, leads and social mentions
+    ///
+    /// Its store is ./tandem-demo, not ./tandem-data, unless --data or TANDEM_DATA says otherwise.
     Demo {
+        #[command(flatten)]
+        server: config::ServerArgs,
         /// Customers the company has
         #[arg(long, default_value_t = demo::DEFAULT_CUSTOMERS)]
         customers: usize,
@@ -92,27 +101,35 @@ enum Command {
 enum SourceCommand {
     /// Create a source and print its write key
     Create {
+        /// The source's name, unique
         name: String,
         /// website, app, backend, import or webhook
         #[arg(long, default_value = "backend")]
         kind: SourceKind,
-        /// Make it a webhook source taking this payload: generic, facebook-leads or social-mentions
-        #[arg(long, value_name = "FORMAT")]
-        webhook: Option<WebhookFormat>,
+        /// The webhook payload it takes: generic, facebook_leads or social_mentions (makes it a webhook source)
+        #[arg(long, visible_alias = "webhook", value_name = "FORMAT")]
+        format: Option<WebhookFormat>,
         #[command(flatten)]
         webhook_settings: WebhookArgs,
         /// Print one JSON object
         #[arg(long)]
         json: bool,
     },
-    /// Change how a source takes webhooks
+    /// Change how a source takes webhooks; settings not given stay as they are
     Webhook {
+        /// The source's name
         name: String,
-        /// generic, facebook-leads or social-mentions
+        /// generic, facebook_leads or social_mentions (required the first time)
         #[arg(long, value_name = "FORMAT")]
-        format: WebhookFormat,
+        format: Option<WebhookFormat>,
         #[command(flatten)]
         settings: WebhookArgs,
+        /// Accept unsigned deliveries again (removes the secret)
+        #[arg(long, conflicts_with = "secret")]
+        no_secret: bool,
+        /// Remove the verify token
+        #[arg(long, conflicts_with = "verify_token")]
+        no_verify_token: bool,
     },
     /// List every source
     List {
@@ -120,10 +137,30 @@ enum SourceCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Give a source a new name; its id, write key and events stay
+    Rename {
+        /// The source's name now
+        name: String,
+        /// Its new name
+        new_name: String,
+    },
+    /// Give a source a new write key; the old one stops working (on a running server within seconds)
+    RotateKey {
+        /// The source's name
+        name: String,
+        /// Print one JSON object
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a source that has no events in the log; one with events is refused (rotate its key instead)
+    Delete {
+        /// The source's name
+        name: String,
+    },
 }
 
 /// A webhook source's secret, verify token and mapping.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Default)]
 struct WebhookArgs {
     /// Shared secret: deliveries must carry X-Hub-Signature-256 (HMAC-SHA256 of the body)
     #[arg(long)]
@@ -136,35 +173,117 @@ struct WebhookArgs {
     mapping: Option<std::path::PathBuf>,
 }
 
+/// Settings a user asked to remove from a webhook source.
+#[derive(Debug, Default, Clone, Copy)]
+struct WebhookRemovals {
+    secret: bool,
+    verify_token: bool,
+}
+
 impl WebhookArgs {
-    fn settings(self, format: WebhookFormat) -> anyhow::Result<WebhookSettings> {
-        let mapping = match &self.mapping {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read the mapping {}", path.display()))?;
-                Some(
-                    tandem_core::mapping::Mapping::from_toml(&text)
-                        .with_context(|| format!("mapping {} is not usable", path.display()))?,
-                )
+    fn is_empty(&self) -> bool {
+        self.secret.is_none() && self.verify_token.is_none() && self.mapping.is_none()
+    }
+
+    fn read_mapping(&self) -> anyhow::Result<Option<tandem_core::mapping::Mapping>> {
+        let Some(path) = &self.mapping else { return Ok(None) };
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read the mapping {}", path.display()))?;
+        let mapping = tandem_core::mapping::Mapping::from_toml(&text)
+            .with_context(|| format!("mapping {} is not usable", path.display()))?;
+        Ok(Some(mapping))
+    }
+
+    /// The settings after this change: what is given replaces, what is not
+    /// given stays, so changing one setting never drops another (a secret
+    /// above all: losing it would silently accept unsigned deliveries). A
+    /// mapping only belongs to a generic webhook, so it goes when the format
+    /// changes to another.
+    fn apply(
+        self,
+        current: Option<WebhookSettings>,
+        format: Option<WebhookFormat>,
+        removals: WebhookRemovals,
+    ) -> anyhow::Result<WebhookSettings> {
+        let mapping = self.read_mapping()?;
+        let mut settings = match (current, format) {
+            (Some(current), format) => {
+                let format = format.unwrap_or(current.format);
+                current.with_format(format)
             }
-            None => None,
+            (None, Some(format)) => WebhookSettings { format, secret: None, verify_token: None, mapping: None },
+            (None, None) => anyhow::bail!(
+                "the source takes no webhooks yet: give --format (generic, facebook_leads or social_mentions)"
+            ),
         };
-        let settings = WebhookSettings { format, secret: self.secret, verify_token: self.verify_token, mapping };
+        if let Some(secret) = self.secret {
+            settings.secret = Some(secret);
+        }
+        if let Some(verify_token) = self.verify_token {
+            settings.verify_token = Some(verify_token);
+        }
+        if mapping.is_some() {
+            settings.mapping = mapping;
+        }
+        if removals.secret {
+            settings.secret = None;
+        }
+        if removals.verify_token {
+            settings.verify_token = None;
+        }
         settings.validate().context("webhook settings are not usable")?;
         Ok(settings)
     }
 }
 
+trait WithFormat {
+    fn with_format(self, format: WebhookFormat) -> Self;
+}
+
+impl WithFormat for WebhookSettings {
+    fn with_format(mut self, format: WebhookFormat) -> Self {
+        if format != self.format && format != WebhookFormat::Generic {
+            self.mapping = None;
+        }
+        self.format = format;
+        self
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum EventsCommand {
-    /// Print events oldest first
+    /// Print events in log order (oldest first), or the newest first with --tail
     List {
         /// At most this many events
         #[arg(long, default_value_t = 100)]
         limit: usize,
-        /// Start after this log position
-        #[arg(long, default_value_t = 0)]
-        after: u64,
+        /// The newest events first
+        #[arg(long, visible_alias = "newest-first")]
+        tail: bool,
+        /// Only events after this log position
+        #[arg(long, value_name = "POS")]
+        after: Option<u64>,
+        /// Only events before this log position (to page back with --tail)
+        #[arg(long, value_name = "POS")]
+        before: Option<u64>,
+        /// Only events of this source (its name)
+        #[arg(long, value_name = "NAME")]
+        source: Option<String>,
+        /// Only events of this type: track, identify, page, screen, group or alias
+        #[arg(long = "type", value_name = "TYPE")]
+        event_type: Option<tandem_core::EventType>,
+        /// Only events with this name (a track's event, a page's or screen's name)
+        #[arg(long, value_name = "NAME")]
+        event: Option<String>,
+        /// Only events of this user (userId or anonymousId)
+        #[arg(long, value_name = "ID")]
+        user: Option<String>,
+        /// Only events that happened at or after: RFC 3339, a date (2026-11-01) or a span ago (30d, 12h)
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        /// Only events that happened before: RFC 3339, a date or a span ago
+        #[arg(long, value_name = "TIME")]
+        until: Option<String>,
         /// One JSON object per line, with every Segment field
         #[arg(long)]
         json: bool,
@@ -182,19 +301,52 @@ enum TokenCommand {
         #[arg(long)]
         json: bool,
     },
+    /// List tokens (their ids and names; secrets are never shown again)
+    List {
+        /// Print a JSON array
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by id: its secret stops working (on a running server within seconds)
+    Revoke {
+        /// The token's id (tok_…), as `token list` shows it
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 enum ProfileCommand {
+    /// List profiles by id, or search them by identifier prefix and by trait
+    List {
+        /// Profiles per page
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Continue after this cursor (the `more: --after …` a previous page printed)
+        #[arg(long, value_name = "CURSOR")]
+        after: Option<String>,
+        /// Only profiles holding an identifier of this type starting so, as TYPE:PREFIX (email:ann)
+        #[arg(long, value_name = "TYPE:PREFIX")]
+        search: Option<String>,
+        /// Only profiles whose trait has this value, as NAME=VALUE (repeatable; text ignores case)
+        #[arg(long = "trait", value_name = "NAME=VALUE")]
+        traits: Vec<String>,
+        /// Print one JSON object: the profiles and next_after
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a profile by id (prof_N) or by any identifier (type:value)
     Show {
+        /// A profile id (prof_N) or an identifier as TYPE:VALUE (email:ann@example.com)
         target: String,
+        /// Print one JSON object
         #[arg(long)]
         json: bool,
     },
     /// Explain why each identifier is on a profile and why profiles were merged
     Explain {
+        /// A profile id (prof_N) or an identifier as TYPE:VALUE; an identifier also gets the reason it is there
         target: String,
+        /// Print one JSON object: the profile, the asked identifier's reason and the whole history
         #[arg(long)]
         json: bool,
     },
@@ -231,13 +383,27 @@ enum IdentityCommand {
         /// Declare a field as an identifier, e.g. traits.crm_id (repeatable)
         #[arg(long = "identifier", value_name = "PATH")]
         identifiers: Vec<String>,
+        /// Print the rules as one JSON object
         #[arg(long)]
         json: bool,
     },
     /// Remove an identifier from a profile and rebuild the profiles as if it had never linked anything
-    Unlink { profile: String, identifier: String },
+    Unlink {
+        /// The profile id (prof_N)
+        profile: String,
+        /// The identifier to take off it, as TYPE:VALUE
+        identifier: String,
+    },
     /// Never use an identifier again, and rebuild the profiles it linked
-    Block { identifier: String },
+    Block {
+        /// The identifier, as TYPE:VALUE
+        identifier: String,
+    },
+    /// Let a blocked identifier match again, for events resolved from now on
+    Unblock {
+        /// The identifier, as TYPE:VALUE
+        identifier: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -258,45 +424,182 @@ fn main() -> std::process::ExitCode {
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", describe_error(&error));
             std::process::ExitCode::FAILURE
         }
     }
 }
 
+/// The error and its causes, each said once: library errors often include
+/// their source in their own message, and repeating it after a colon
+/// doubles it ("address in use: address in use").
+fn describe_error(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
+}
+
+/// Whether a command may create the store when its directory has none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Access {
+    /// Reads or changes what is there: a directory without a store is a
+    /// mistake (a mistyped `--data`, another directory than the server's),
+    /// refused rather than answered from a new empty store.
+    Existing,
+    /// Adds the first things to a store (a source, a token, rules) and
+    /// creates it when missing, saying so.
+    CreateIfMissing,
+}
+
+/// Opens the store in `data_dir` as `access` allows.
+fn open_store(data_dir: &Path, access: Access) -> anyhow::Result<SqliteStore> {
+    let exists = SqliteStore::exists(data_dir);
+    if !exists && access == Access::Existing {
+        anyhow::bail!("{}", missing_store(data_dir));
+    }
+    let store = SqliteStore::open(data_dir).with_context(|| format!("opening the store in {}", data_dir.display()))?;
+    if !exists {
+        eprintln!("created a new store in {}{}", data_dir.display(), demo_hint(data_dir));
+    }
+    Ok(store)
+}
+
+fn missing_store(data_dir: &Path) -> String {
+    format!(
+        "no Tandem store in {} (create one with `tandem source create NAME`, or pass --data DIR / set TANDEM_DATA to the server's){}",
+        data_dir.display(),
+        demo_hint(data_dir)
+    )
+}
+
+/// Points at the demo's store when it exists and is not the directory in use:
+/// the commands the README teaches first run against the default directory
+/// while a demo serves its own.
+fn demo_hint(data_dir: &Path) -> String {
+    let demo_dir = Path::new(demo::DEFAULT_DATA_DIR);
+    if data_dir != demo_dir && SqliteStore::exists(demo_dir) {
+        format!(
+            "; the demo's store is {0}: add --data {0} or `export TANDEM_DATA={0}` to work on it",
+            demo_dir.display()
+        )
+    } else {
+        String::new()
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let settings = cli.config.resolve()?;
-    init_logging(settings.log_format);
-    let open = || -> anyhow::Result<SqliteStore> {
-        SqliteStore::open(&settings.data_dir)
-            .with_context(|| format!("opening the store in {}", settings.data_dir.display()))
+    let config = match &cli.command {
+        Command::Serve { server } | Command::Demo { server, .. } => cli.config.with_server(server.clone()),
+        _ => cli.config,
     };
+    let settings = config.resolve()?;
+    init_logging(settings.log_format);
+    let open = |access: Access| open_store(&settings.data_dir, access);
     let mut out = std::io::stdout().lock();
     match cli.command {
-        Command::Serve => serve(&settings, open()?),
-        Command::Demo { customers, seed } => {
+        Command::Serve { .. } => serve(&settings, open(Access::CreateIfMissing)?),
+        Command::Demo { customers, seed, .. } => {
             let mut settings = settings.clone();
-            if settings.data_dir == std::path::Path::new(config::DEFAULT_DATA_DIR) {
+            if settings.data_dir == Path::new(config::DEFAULT_DATA_DIR) {
                 settings.data_dir = std::path::PathBuf::from(demo::DEFAULT_DATA_DIR);
             }
             let store = SqliteStore::open(&settings.data_dir)
                 .with_context(|| format!("opening the store in {}", settings.data_dir.display()))?;
             run_demo(&settings, store, customers, seed)
         }
-        Command::Source(SourceCommand::Create { name, kind, webhook, webhook_settings, json }) => {
-            let webhook = webhook.map(|format| webhook_settings.settings(format)).transpose()?;
+        Command::Source(SourceCommand::Create { name, kind, format, webhook_settings, json }) => {
+            let webhook = match format {
+                Some(format) => Some(webhook_settings.apply(None, Some(format), WebhookRemovals::default())?),
+                None if kind == SourceKind::Webhook => {
+                    anyhow::bail!("a webhook source needs --format FORMAT (generic, facebook_leads or social_mentions)")
+                }
+                None if !webhook_settings.is_empty() => {
+                    anyhow::bail!(
+                        "--secret, --verify-token and --mapping belong to a webhook source: add --format FORMAT"
+                    )
+                }
+                None => None,
+            };
             let kind = if webhook.is_some() { SourceKind::Webhook } else { kind };
-            commands::create_source(&open()?, &name, kind, webhook.as_ref(), json, &mut out)
+            commands::create_source(&open(Access::CreateIfMissing)?, &name, kind, webhook.as_ref(), json, &mut out)
         }
-        Command::Source(SourceCommand::Webhook { name, format, settings }) => {
-            commands::set_webhook(&open()?, &name, &settings.settings(format)?, &mut out)
+        Command::Source(SourceCommand::Webhook { name, format, settings, no_secret, no_verify_token }) => {
+            let store = open(Access::Existing)?;
+            let source = store.source_by_name(&name)?;
+            let current = store.webhook(&source.id)?.map(|(_, settings)| settings);
+            let removals = WebhookRemovals { secret: no_secret, verify_token: no_verify_token };
+            commands::set_webhook(&store, &name, &settings.apply(current, format, removals)?, &mut out)
         }
-        Command::Source(SourceCommand::List { json }) => commands::list_sources(&open()?, json, &mut out),
-        Command::Events(EventsCommand::List { limit, after, json }) => {
-            commands::list_events(&open()?, after, limit, json, &mut out)
+        Command::Source(SourceCommand::List { json }) => {
+            commands::list_sources(&open(Access::Existing)?, json, &mut out)
+        }
+        Command::Events(EventsCommand::List {
+            limit,
+            tail,
+            after,
+            before,
+            source,
+            event_type,
+            event,
+            user,
+            since,
+            until,
+            json,
+        }) => {
+            let now = chrono::Utc::now();
+            let time = |text: Option<String>| text.map(|text| commands::parse_time(&text, now)).transpose();
+            let filter = tandem_store::LogFilter {
+                source_id: None,
+                event_type,
+                since_ms: time(since)?,
+                until_ms: time(until)?,
+                after: after.map(tandem_core::LogPosition),
+                before: before.map(tandem_core::LogPosition),
+                newest_first: tail,
+            };
+            let query = tandem_store::browse::EventQuery { filter, event_name: event, user };
+            let listing = commands::EventListing { query, source, limit, as_json: json };
+            commands::list_events(&open(Access::Existing)?, listing, &mut out)
+        }
+        Command::Profile(ProfileCommand::List { limit, after, search, traits, json }) => {
+            let listing = commands::profile_listing(limit, after, search, &traits, json)?;
+            commands::list_profiles(Arc::new(open(Access::Existing)?), listing, &mut out)
+        }
+        Command::Token(TokenCommand::List { json }) => commands::list_tokens(&open(Access::Existing)?, json, &mut out),
+        Command::Token(TokenCommand::Revoke { id }) => commands::revoke_token(&open(Access::Existing)?, &id, &mut out),
+        Command::Source(SourceCommand::Rename { name, new_name }) => {
+            let source = open(Access::Existing)?.rename_source(&name, &new_name)?;
+            writeln!(
+                out,
+                "source {:?} is now {:?} (id {}, same write key and events)",
+                name.trim(),
+                source.name,
+                source.id
+            )?;
+            Ok(())
+        }
+        Command::Source(SourceCommand::RotateKey { name, json }) => {
+            commands::rotate_key(&open(Access::Existing)?, &name, json, &mut out)
+        }
+        Command::Source(SourceCommand::Delete { name }) => {
+            let source = open(Access::Existing)?.delete_source(&name)?;
+            writeln!(out, "deleted source {:?} ({}); it had no events", source.name, source.id)?;
+            Ok(())
+        }
+        Command::Identity(IdentityCommand::Unblock { identifier }) => {
+            commands::unblock(&open(Access::Existing)?, &identifier, &mut out)
         }
         Command::Quarantine(QuarantineCommand::List { limit, json }) => {
-            commands::list_quarantine(&open()?, limit, json, &mut out)
+            commands::list_quarantine(&open(Access::Existing)?, limit, json, &mut out)
         }
         Command::Import { file, source, mapping, format, json } => {
             let args = import::ImportArgs {
@@ -306,15 +609,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 format: format.as_deref(),
                 as_json: json,
             };
-            import::import(&open()?, args, &mut out)
+            import::import(&open(Access::Existing)?, args, &mut out)
         }
-        Command::Stats { json } => commands::stats(&open()?, json, &mut out),
-        Command::Token(TokenCommand::Create { name, json }) => commands::create_token(&open()?, &name, json, &mut out),
+        Command::Stats { json } => commands::stats(&open(Access::Existing)?, json, &mut out),
+        Command::Token(TokenCommand::Create { name, json }) => {
+            commands::create_token(&open(Access::CreateIfMissing)?, &name, json, &mut out)
+        }
         Command::Profile(ProfileCommand::Show { target, json }) => {
-            commands::show_profile(Arc::new(open()?), &target, json, &mut out)
+            commands::show_profile(Arc::new(open(Access::Existing)?), &target, json, &mut out)
         }
         Command::Profile(ProfileCommand::Explain { target, json }) => {
-            commands::explain_profile(Arc::new(open()?), &target, json, &mut out)
+            commands::explain_profile(Arc::new(open(Access::Existing)?), &target, json, &mut out)
         }
         Command::Identity(IdentityCommand::Rules {
             limits,
@@ -339,13 +644,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 phone_region,
                 identifiers,
             };
-            commands::identity_rules(&open()?, change, json, &mut out)
+            let access = if change.is_empty() { Access::Existing } else { Access::CreateIfMissing };
+            commands::identity_rules(&open(access)?, change, json, &mut out)
         }
         Command::Identity(IdentityCommand::Unlink { profile, identifier }) => {
-            commands::unlink(Arc::new(open()?), &profile, &identifier, &mut out)
+            commands::unlink(Arc::new(open(Access::Existing)?), &profile, &identifier, &mut out)
         }
         Command::Identity(IdentityCommand::Block { identifier }) => {
-            commands::block(Arc::new(open()?), &identifier, &mut out)
+            commands::block(Arc::new(open(Access::Existing)?), &identifier, &mut out)
         }
     }
 }
@@ -370,7 +676,7 @@ fn run_demo(settings: &Settings, store: SqliteStore, customers: usize, seed: u64
     runtime()?.block_on(async {
         let running = tandem_server::start(store.clone(), &options).await?;
         let mut out = std::io::stdout();
-        let company = demo::generate(seed, customers);
+        let company = demo::generate(seed, customers, demo::History::until_now());
         if demo::already_loaded(&store)? {
             eprintln!("the demo company is already in {}; serving it", settings.data_dir.display());
         } else {
@@ -427,5 +733,134 @@ fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn long_help(path: &[&str]) -> String {
+        let mut command = Cli::command();
+        command.build();
+        let mut current = &mut command;
+        for name in path {
+            current = current.find_subcommand_mut(name).unwrap_or_else(|| panic!("no subcommand {name}"));
+        }
+        current.render_long_help().to_string()
+    }
+
+    #[test]
+    fn server_flags_are_offered_only_by_the_commands_that_serve() {
+        Cli::command().debug_assert();
+        for path in [&["serve"][..], &["demo"]] {
+            let help = long_help(path);
+            assert!(help.contains("--listen") && help.contains("--dedup-window-hours"), "{path:?}: {help}");
+        }
+        for path in [&["events", "list"][..], &["stats"], &["source", "create"], &["profile", "show"], &["import"]] {
+            let help = long_help(path);
+            assert!(!help.contains("--listen") && !help.contains("--dedup-window-hours"), "{path:?}: {help}");
+            assert!(help.contains("--data"), "{path:?}: {help}");
+        }
+        let demo = long_help(&["demo"]);
+        assert!(demo.contains("for demo ./tandem-demo") && demo.contains("Its store is ./tandem-demo"), "{demo}");
+    }
+
+    /// Every argument of every command says what it is for, `--json` included.
+    #[test]
+    fn every_argument_has_a_description() {
+        fn check(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for argument in command.get_arguments() {
+                if argument.get_help().is_none() && argument.get_long_help().is_none() {
+                    missing.push(format!("{path} {}", argument.get_id()));
+                }
+            }
+            for sub in command.get_subcommands() {
+                check(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut command = Cli::command();
+        command.build();
+        let mut missing = Vec::new();
+        check(&command, "tandem", &mut missing);
+        assert!(missing.is_empty(), "arguments without a description: {missing:?}");
+    }
+
+    #[test]
+    fn read_commands_refuse_a_directory_without_a_store_and_create_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mistyped = dir.path().join("tandem-dta");
+        let error = open_store(&mistyped, Access::Existing).err().unwrap();
+        assert!(error.to_string().contains("no Tandem store in"), "{error}");
+        assert!(!mistyped.exists(), "a refused read leaves no directory behind");
+        open_store(&mistyped, Access::CreateIfMissing).unwrap();
+        assert!(SqliteStore::exists(&mistyped));
+        open_store(&mistyped, Access::Existing).unwrap();
+    }
+
+    fn signed_leads() -> WebhookSettings {
+        WebhookSettings {
+            format: WebhookFormat::FacebookLeads,
+            secret: Some("app-secret-9".into()),
+            verify_token: Some("verify".into()),
+            mapping: None,
+        }
+    }
+
+    #[test]
+    fn changing_the_webhook_format_keeps_the_secret_and_verify_token() {
+        let changed = WebhookArgs::default()
+            .apply(Some(signed_leads()), Some(WebhookFormat::SocialMentions), WebhookRemovals::default())
+            .unwrap();
+        assert_eq!(changed.format, WebhookFormat::SocialMentions);
+        assert_eq!(changed.secret.as_deref(), Some("app-secret-9"));
+        assert_eq!(changed.verify_token.as_deref(), Some("verify"));
+    }
+
+    #[test]
+    fn changing_the_secret_keeps_the_format_and_removing_it_must_be_explicit() {
+        let args = WebhookArgs { secret: Some("new-secret-10".into()), ..WebhookArgs::default() };
+        let changed = args.apply(Some(signed_leads()), None, WebhookRemovals::default()).unwrap();
+        assert_eq!((changed.format, changed.secret.as_deref()), (WebhookFormat::FacebookLeads, Some("new-secret-10")));
+        let removals = WebhookRemovals { secret: true, verify_token: false };
+        let unsigned = WebhookArgs::default().apply(Some(signed_leads()), None, removals).unwrap();
+        assert_eq!((unsigned.secret, unsigned.verify_token.as_deref()), (None, Some("verify")));
+    }
+
+    #[test]
+    fn a_first_webhook_setting_needs_a_format() {
+        let error = WebhookArgs::default().apply(None, None, WebhookRemovals::default()).unwrap_err();
+        assert!(error.to_string().contains("--format"), "{error}");
+    }
+
+    #[test]
+    fn leaving_the_generic_format_drops_its_mapping() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/mappings/leads.toml");
+        let mapping = tandem_core::mapping::Mapping::from_toml(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let generic = WebhookSettings {
+            format: WebhookFormat::Generic,
+            secret: None,
+            verify_token: None,
+            mapping: Some(mapping),
+        };
+        let changed = WebhookArgs::default()
+            .apply(Some(generic.clone()), Some(WebhookFormat::SocialMentions), WebhookRemovals::default())
+            .unwrap();
+        assert_eq!(changed.mapping, None);
+        let kept = WebhookArgs::default().apply(Some(generic.clone()), None, WebhookRemovals::default()).unwrap();
+        assert_eq!(kept, generic);
+    }
+
+    #[test]
+    fn an_error_says_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::AddrInUse, "Address already in use (os error 98)");
+        let error = anyhow::Error::new(tandem_server::ServeError::Bind {
+            address: "127.0.0.1:8080".parse().unwrap(),
+            source: io,
+        });
+        assert_eq!(describe_error(&error), "cannot listen on 127.0.0.1:8080: Address already in use (os error 98)");
+        let chained = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(describe_error(&chained), "outer: inner");
     }
 }

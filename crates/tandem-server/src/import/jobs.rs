@@ -29,7 +29,7 @@ pub const MAX_UPLOAD_BYTES: usize = 4 * 1024 * 1024 * 1024;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
-        .route("/api/v1/imports", post(create_job).layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES)))
+        .route("/api/v1/imports", post(create_job).layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES)).get(list_jobs))
         .route("/api/v1/imports/{id}", get(job_status))
         .route("/api/v1/imports/{id}/rejects", get(job_rejects))
 }
@@ -59,6 +59,9 @@ pub struct Job {
     pub finished_at: Option<String>,
     #[serde(skip)]
     reject_file: Option<PathBuf>,
+    /// Order of arrival on this server, for listing newest first.
+    #[serde(skip)]
+    sequence: u64,
 }
 
 /// The import jobs of this server and the directory their files go to.
@@ -85,10 +88,21 @@ impl ImportJobs {
         self.jobs.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(id).cloned()
     }
 
-    fn insert(&self, job: Job) -> Arc<Mutex<Job>> {
+    /// Every job this server ran or runs, newest first.
+    fn all(&self) -> Vec<Job> {
+        let jobs: Vec<Arc<Mutex<Job>>> =
+            self.jobs.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).values().cloned().collect();
+        let mut jobs: Vec<Job> = jobs.iter().map(|job| lock(job).clone()).collect();
+        jobs.sort_by_key(|job| std::cmp::Reverse(job.sequence));
+        jobs
+    }
+
+    fn insert(&self, mut job: Job) -> Arc<Mutex<Job>> {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        job.sequence = jobs.len() as u64;
         let id = job.id.clone();
         let job = Arc::new(Mutex::new(job));
-        self.jobs.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(id, job.clone());
+        jobs.insert(id, job.clone());
         job
     }
 }
@@ -271,6 +285,7 @@ async fn prepare(
         created_at: now(),
         finished_at: None,
         reject_file: None,
+        sequence: 0,
     });
     Ok((job, JobParts { source, mapping, format, spool, reject_path }))
 }
@@ -328,6 +343,21 @@ async fn job_status(
     Ok(Json(view))
 }
 
+/// Jobs as a list: each as its status shows it, without the sample of
+/// rejected rows (`GET /api/v1/imports/{id}` has them).
+fn job_summary_json(job: &Job) -> Value {
+    let mut view = job_json(job);
+    if let Some(object) = view.as_object_mut() {
+        object.remove("first_rejects");
+    }
+    view
+}
+
+async fn list_jobs(State(state): State<AppState>, _token: AdminToken) -> Result<Json<Value>, ApiError> {
+    let jobs: Vec<Value> = state.imports.all().iter().map(job_summary_json).collect();
+    Ok(Json(serde_json::json!({ "imports": jobs })))
+}
+
 async fn job_rejects(
     State(state): State<AppState>,
     _token: AdminToken,
@@ -371,8 +401,10 @@ mod tests {
             created_at: now(),
             finished_at: None,
             reject_file: Some(PathBuf::from("/secret/place")),
+            sequence: 0,
         };
         let view = job_json(&job);
+        assert!(job_summary_json(&job).get("first_rejects").is_none());
         assert_eq!(view["status"], json!("running"));
         assert_eq!(view["counts"]["rows_read"], json!(3));
         assert!(view.get("reject_file").is_none());

@@ -3,17 +3,12 @@
 //! which profile, the identity history, and the resolver's position, epoch
 //! and rules — all written together in one transaction per resolver batch.
 
-use crate::{HistoryRecord, IdentityCommit, IdentitySnapshot, StoreError};
+use crate::{CommitOutcome, HistoryRecord, IdentityCommit, IdentitySnapshot, Stage, StoreError};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
-use sha2::{Digest, Sha256};
-use tandem_core::{IdentityChange, LogPosition, Profile, ProfileId};
+use tandem_core::{Identifier, IdentityChange, LogPosition, Profile, ProfileId};
 
 fn json_error(error: serde_json::Error) -> StoreError {
     StoreError::Backend(Box::new(error))
-}
-
-pub fn sha256_hex(text: &str) -> String {
-    Sha256::digest(text.as_bytes()).iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 pub fn load(connection: &Connection) -> Result<IdentitySnapshot, StoreError> {
@@ -24,11 +19,11 @@ pub fn load(connection: &Connection) -> Result<IdentitySnapshot, StoreError> {
 }
 
 fn load_in_transaction(connection: &Connection) -> Result<IdentitySnapshot, StoreError> {
-    let (position, next_profile_id, epoch, rules): (i64, i64, i64, Option<String>) = connection.query_row(
-        "SELECT position, next_profile_id, epoch, rules FROM identity_state WHERE id = 1",
-        [],
-        |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
-    )?;
+    let (next_profile_id, rules): (i64, Option<String>) =
+        connection.query_row("SELECT next_profile_id, rules FROM identity_state WHERE id = 1", [], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })?;
+    let (position, epoch) = cursor(connection)?;
     let mut snapshot = IdentitySnapshot {
         position: LogPosition(position as u64),
         next_profile_id: next_profile_id as u64,
@@ -52,16 +47,31 @@ fn load_in_transaction(connection: &Connection) -> Result<IdentitySnapshot, Stor
     Ok(snapshot)
 }
 
-pub fn commit(connection: &mut Connection, commit: &IdentityCommit) -> Result<bool, StoreError> {
+/// The resolver's `(position, epoch)` from `stage_cursors`.
+fn cursor(connection: &Connection) -> Result<(i64, i64), StoreError> {
+    Ok(connection.query_row(
+        "SELECT position, epoch FROM stage_cursors WHERE stage = ?1",
+        [Stage::RESOLVE.0],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )?)
+}
+
+/// Writes `commit` and moves the resolver's cursor; `replace` clears the
+/// graph first and starts a new epoch.
+pub fn commit(
+    connection: &mut Connection,
+    commit: &IdentityCommit,
+    replace: bool,
+) -> Result<CommitOutcome, StoreError> {
     let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let (position, epoch): (i64, i64) =
-        transaction.query_row("SELECT position, epoch FROM identity_state WHERE id = 1", [], |row| {
-            Ok((row.get(0)?, row.get(1)?))
-        })?;
-    if epoch as u64 != commit.epoch || (!commit.replace && position as u64 != commit.from.0) {
-        return Ok(false);
+    let (position, epoch) = cursor(&transaction)?;
+    if epoch as u64 != commit.epoch {
+        return Ok(CommitOutcome::EpochChanged);
     }
-    if commit.replace {
+    if !replace && position as u64 != commit.from.0 {
+        return Ok(CommitOutcome::StalePosition);
+    }
+    if replace {
         transaction.execute_batch(
             "DELETE FROM profiles; DELETE FROM identifiers; DELETE FROM profile_events;
              DELETE FROM identity_history;",
@@ -119,13 +129,51 @@ pub fn commit(connection: &mut Connection, commit: &IdentityCommit) -> Result<bo
         let text = serde_json::to_string(rules).map_err(json_error)?;
         transaction.execute("UPDATE identity_state SET rules = ?1 WHERE id = 1", [text])?;
     }
-    let new_epoch = if commit.replace || commit.rules.is_some() { epoch + 1 } else { epoch };
+    let new_epoch = if replace || commit.rules.is_some() { epoch + 1 } else { epoch };
     transaction.execute(
-        "UPDATE identity_state SET position = ?1, next_profile_id = ?2, epoch = ?3 WHERE id = 1",
-        params![commit.to.0 as i64, commit.next_profile_id as i64, new_epoch],
+        "UPDATE identity_state SET next_profile_id = ?1 WHERE id = 1",
+        params![commit.next_profile_id as i64],
+    )?;
+    transaction.execute(
+        "UPDATE stage_cursors SET position = ?1, epoch = ?2 WHERE stage = ?3",
+        params![commit.to.0 as i64, new_epoch, Stage::RESOLVE.0],
     )?;
     transaction.commit()?;
-    Ok(true)
+    Ok(CommitOutcome::Committed)
+}
+
+/// The live owner of each identifier found, one indexed look-up each inside
+/// one read transaction (prepared once; SQLite has no cheaper batched form
+/// for composite keys).
+pub fn identifier_owners(
+    connection: &Connection,
+    identifiers: &[Identifier],
+) -> Result<Vec<(Identifier, ProfileId)>, StoreError> {
+    let mut statement =
+        connection.prepare_cached("SELECT profile_id FROM identifiers WHERE type = ?1 AND value = ?2")?;
+    let mut owners = Vec::new();
+    for identifier in identifiers {
+        let owner: Option<i64> =
+            statement.query_row([&identifier.kind, &identifier.value], |row| row.get(0)).optional()?;
+        if let Some(owner) = owner {
+            owners.push((identifier.clone(), ProfileId(owner as u64)));
+        }
+    }
+    Ok(owners)
+}
+
+/// The live profiles among `ids`.
+pub fn profiles(connection: &Connection, ids: &[ProfileId]) -> Result<Vec<Profile>, StoreError> {
+    let mut statement =
+        connection.prepare_cached("SELECT state FROM profiles WHERE id = ?1 AND merged_into IS NULL")?;
+    let mut profiles = Vec::with_capacity(ids.len());
+    for id in ids {
+        let state: Option<Option<String>> = statement.query_row([id.0 as i64], |row| row.get(0)).optional()?;
+        if let Some(Some(state)) = state {
+            profiles.push(decode_profile(&state)?);
+        }
+    }
+    Ok(profiles)
 }
 
 /// Follows merges from `id` to the live profile.
@@ -145,7 +193,12 @@ fn live_id(connection: &Connection, id: ProfileId) -> Result<Option<(ProfileId, 
 }
 
 pub fn profile(connection: &Connection, id: ProfileId) -> Result<Option<Profile>, StoreError> {
-    live_id(connection, id)?.map(|(_, state)| serde_json::from_str(&state).map_err(json_error)).transpose()
+    live_id(connection, id)?.map(|(_, state)| decode_profile(&state)).transpose()
+}
+
+/// A profile from its stored state: the one decoder every read of a profile uses.
+pub fn decode_profile(state: &str) -> Result<Profile, StoreError> {
+    serde_json::from_str(state).map_err(json_error)
 }
 
 pub fn history(connection: &Connection, id: ProfileId) -> Result<Vec<HistoryRecord>, StoreError> {

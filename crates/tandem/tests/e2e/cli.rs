@@ -167,3 +167,166 @@ fn a_webhook_source_made_on_the_command_line_takes_signed_deliveries() {
         (Some("Lead Submitted"), Some("77"))
     );
 }
+
+/// A mistyped `--data` used to print zeros from a new empty store.
+#[test]
+fn read_commands_on_a_mistyped_data_directory_fail_instead_of_creating_a_store() {
+    let dir = tempfile::tempdir().unwrap();
+    create_source(&dir.path().join("tandem-data"), "website");
+    let mistyped = dir.path().join("tandem-dta");
+    for command in [&["stats"][..], &["events", "list"], &["source", "list"], &["profile", "show", "user_id:ann"]] {
+        let output = tandem_output(&mistyped, command);
+        assert!(!output.status.success(), "{command:?} succeeded on a directory with no store");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("no Tandem store in"), "{command:?}: {stderr}");
+        assert!(!mistyped.exists(), "{command:?} created {}", mistyped.display());
+    }
+}
+
+#[test]
+fn a_webhook_source_keeps_its_secret_when_its_format_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = tandem_output(dir.path(), &["source", "create", "hooks", "--kind", "webhook"]);
+    assert!(!output.status.success(), "a webhook source without a format is refused");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--format"));
+    tandem(dir.path(), &["source", "create", "hooks", "--format", "facebook_leads", "--secret", "app-secret-9"]);
+    tandem(dir.path(), &["source", "webhook", "hooks", "--format", "social_mentions"]);
+    let listed: Value = serde_json::from_str(&tandem(dir.path(), &["source", "list", "--json"])).unwrap();
+    assert_eq!(listed[0]["webhook"]["format"], "social_mentions");
+    assert_eq!(listed[0]["webhook"]["signed"], true, "{listed}");
+    tandem(dir.path(), &["source", "webhook", "hooks", "--no-secret"]);
+    let listed: Value = serde_json::from_str(&tandem(dir.path(), &["source", "list", "--json"])).unwrap();
+    assert_eq!(
+        (listed[0]["webhook"]["format"].as_str(), listed[0]["webhook"]["signed"].as_bool()),
+        (Some("social_mentions"), Some(false))
+    );
+}
+
+/// Sends a batch through a running server and stops it, so the CLI reads a quiet store.
+fn with_events(data: &std::path::Path, batch: Value) -> Value {
+    let source = create_source(data, "web");
+    let server = Server::start(data);
+    let (status, _) = post(
+        &agent(),
+        &format!("{}/v1/batch", server.url),
+        source["write_key"].as_str().unwrap(),
+        &json!({ "batch": batch }).to_string(),
+    )
+    .unwrap();
+    assert_eq!(status, 200);
+    drop(server);
+    source
+}
+
+fn message_ids(output: &str) -> Vec<String> {
+    output
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap()["messageId"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn events_list_shows_the_newest_first_and_filters_by_source_type_name_user_and_time() {
+    let dir = tempfile::tempdir().unwrap();
+    with_events(
+        dir.path(),
+        json!([
+            {"type": "track", "userId": "ann", "event": "Order Completed", "messageId": "e1", "timestamp": "2026-08-01T10:00:00Z"},
+            {"type": "page", "anonymousId": "a-9", "name": "Pricing", "messageId": "e2", "timestamp": "2026-10-01T10:00:00Z"},
+            {"type": "track", "userId": "bob", "event": "Order Completed", "messageId": "e3", "timestamp": "2026-10-02T10:00:00Z"},
+            {"type": "identify", "userId": "ann", "messageId": "e4", "timestamp": "2026-10-03T10:00:00Z"}
+        ]),
+    );
+    let other = create_source(dir.path(), "app");
+    assert_eq!(other["name"], "app");
+    let list = |args: &[&str]| message_ids(&tandem(dir.path(), &[&["events", "list", "--json"], args].concat()));
+    assert_eq!(list(&[]), ["e1", "e2", "e3", "e4"]);
+    assert_eq!(list(&["--tail", "--limit", "2"]), ["e4", "e3"]);
+    assert_eq!(list(&["--tail", "--before", "3"]), ["e2", "e1"]);
+    assert_eq!(list(&["--event", "Order Completed"]), ["e1", "e3"]);
+    assert_eq!(list(&["--user", "ann"]), ["e1", "e4"]);
+    assert_eq!(list(&["--user", "a-9", "--type", "page"]), ["e2"]);
+    assert_eq!(list(&["--since", "2026-10-01", "--until", "2026-10-03"]), ["e2", "e3"]);
+    assert_eq!(list(&["--source", "web", "--type", "identify"]), ["e4"]);
+    assert!(list(&["--source", "app"]).is_empty());
+    let table = tandem(dir.path(), &["events", "list", "--tail", "--limit", "1"]);
+    assert!(table.contains("2026-10-03T10:00:00") && table.contains("web"), "{table}");
+    let output = tandem_output(dir.path(), &["events", "list", "--since", "last tuesday"]);
+    assert!(!output.status.success() && String::from_utf8_lossy(&output.stderr).contains("is not a time"));
+}
+
+#[test]
+fn profiles_are_listed_and_searched_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    with_events(
+        dir.path(),
+        json!([
+            {"type": "identify", "userId": "ann", "traits": {"email": "ann@example.com", "plan": "pro"}, "messageId": "i1"},
+            {"type": "identify", "userId": "anna", "traits": {"email": "anna@example.com", "plan": "free"}, "messageId": "i2"},
+            {"type": "identify", "userId": "bob", "traits": {"email": "bob@example.com", "plan": "pro"}, "messageId": "i3"}
+        ]),
+    );
+    let list = |args: &[&str]| -> Value {
+        serde_json::from_str(&tandem(dir.path(), &[&["profile", "list", "--json"], args].concat())).unwrap()
+    };
+    let emails = |page: &Value| -> Vec<String> {
+        page["profiles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|profile| profile["traits"]["email"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(emails(&list(&[])), ["ann@example.com", "anna@example.com", "bob@example.com"]);
+    assert_eq!(emails(&list(&["--search", "email:ANN"])), ["ann@example.com", "anna@example.com"]);
+    assert_eq!(emails(&list(&["--search", "email:ann", "--trait", "plan=pro"])), ["ann@example.com"]);
+    let first = list(&["--limit", "2"]);
+    let rest = list(&["--limit", "2", "--after", first["next_after"].as_str().unwrap()]);
+    assert_eq!(emails(&rest), ["bob@example.com"]);
+    assert_eq!(rest["next_after"], Value::Null);
+    let table = tandem(dir.path(), &["profile", "list", "--limit", "1"]);
+    assert!(table.contains("user_id:ann") && table.contains("more: --after prof_1"), "{table}");
+}
+
+#[test]
+fn tokens_sources_and_blocked_identifiers_can_be_managed() {
+    let dir = tempfile::tempdir().unwrap();
+    let created: Value =
+        serde_json::from_str(&tandem(dir.path(), &["token", "create", "--name", "demo", "--json"])).unwrap();
+    let listed: Value = serde_json::from_str(&tandem(dir.path(), &["token", "list", "--json"])).unwrap();
+    assert_eq!((listed[0]["id"].clone(), listed[0]["name"].clone()), (created["id"].clone(), json!("demo")));
+    assert!(listed[0].get("token").is_none(), "secrets are shown once");
+    tandem(dir.path(), &["token", "revoke", created["id"].as_str().unwrap()]);
+    assert_eq!(tandem(dir.path(), &["token", "list", "--json"]).trim(), "[]");
+
+    let source = with_events(dir.path(), json!([{"type": "track", "userId": "ann", "event": "E", "messageId": "m1"}]));
+    tandem(dir.path(), &["source", "rename", "web", "website"]);
+    let rotated: Value =
+        serde_json::from_str(&tandem(dir.path(), &["source", "rotate-key", "website", "--json"])).unwrap();
+    assert_eq!(rotated["id"], source["id"]);
+    assert_ne!(rotated["write_key"], source["write_key"]);
+    let server = Server::start(dir.path());
+    let send = |key: &Value| {
+        post(&agent(), &format!("{}/v1/track", server.url), key.as_str().unwrap(), r#"{"userId":"u","event":"E"}"#)
+    };
+    assert_eq!(send(&source["write_key"]).unwrap().0, 401, "the old key is refused");
+    assert_eq!(send(&rotated["write_key"]).unwrap().0, 200);
+    drop(server);
+    let output = tandem_output(dir.path(), &["source", "delete", "website"]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("events in the log"), "{output:?}");
+    create_source(dir.path(), "unused");
+    tandem(dir.path(), &["source", "delete", "unused"]);
+    let names: Value = serde_json::from_str(&tandem(dir.path(), &["source", "list", "--json"])).unwrap();
+    assert_eq!(names.as_array().unwrap().len(), 1);
+
+    tandem(dir.path(), &["identity", "block", "user_id:ann"]);
+    let rules: Value = serde_json::from_str(&tandem(dir.path(), &["identity", "rules", "--json"])).unwrap();
+    assert_eq!(rules["blocked_identifiers"], json!([{"type": "user_id", "value": "ann"}]));
+    tandem(dir.path(), &["identity", "unblock", "user_id:ann"]);
+    let rules: Value = serde_json::from_str(&tandem(dir.path(), &["identity", "rules", "--json"])).unwrap();
+    assert_eq!(rules["blocked_identifiers"], json!([]));
+    assert!(!tandem_output(dir.path(), &["identity", "unblock", "user_id:ann"]).status.success());
+    let table = tandem(dir.path(), &["identity", "rules"]);
+    assert!(table.contains("limits") && table.contains("user_id=1"), "{table}");
+}

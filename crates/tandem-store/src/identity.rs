@@ -1,0 +1,126 @@
+//! The identity graph's storage interface: the resolver's state, batched
+//! look-ups, commits answered with a typed outcome, and the profile reads the
+//! API and the CLI make.
+
+use serde::Serialize;
+use tandem_core::{Identifier, IdentityChange, IdentityRules, LogPosition, Profile, ProfileId};
+
+use crate::log::LogEntry;
+use crate::StoreError;
+
+/// Everything the resolver needs to continue where it stopped.
+#[derive(Clone, Debug, Default)]
+pub struct IdentitySnapshot {
+    pub profiles: Vec<Profile>,
+    pub merged_into: Vec<(ProfileId, ProfileId)>,
+    pub next_profile_id: u64,
+    /// The last log position applied.
+    pub position: LogPosition,
+    /// Changes whenever someone other than the resolver rewrites identity
+    /// state (rules, repairs); a commit made against an older epoch is refused.
+    pub epoch: u64,
+    pub rules: IdentityRules,
+}
+
+/// One entry of a profile's identity history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HistoryRecord {
+    /// The event that caused it; `None` for an admin's repair.
+    pub position: Option<LogPosition>,
+    pub profile: Option<ProfileId>,
+    pub change: IdentityChange,
+    pub recorded_at_ms: i64,
+}
+
+/// What the resolver (or a repair) writes in one transaction.
+#[derive(Clone, Debug, Default)]
+pub struct IdentityCommit {
+    /// The epoch the changes were computed against.
+    pub epoch: u64,
+    /// The resolver position the changes start from; ignored by a replace.
+    pub from: LogPosition,
+    /// The resolver position once committed.
+    pub to: LogPosition,
+    /// Live profiles to write in full.
+    pub profiles: Vec<Profile>,
+    /// Profiles merged away, in the order it happened: (from, into).
+    pub merged: Vec<(ProfileId, ProfileId)>,
+    /// Identifiers and the profile that now holds each.
+    pub identifiers: Vec<(Identifier, ProfileId)>,
+    /// Which profile each event belongs to.
+    pub events: Vec<(LogPosition, ProfileId)>,
+    pub history: Vec<HistoryRecord>,
+    pub next_profile_id: u64,
+    /// New identity rules to store with the changes (a repair's block).
+    pub rules: Option<IdentityRules>,
+}
+
+/// What became of an [`IdentityCommit`]; only `Committed` wrote anything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommitOutcome {
+    Committed,
+    /// The resolver's position is no longer the commit's `from`: someone else
+    /// applied those events first.
+    StalePosition,
+    /// The rules changed or a repair rewrote the graph since the changes were
+    /// computed against `epoch`.
+    EpochChanged,
+}
+
+/// The identity stage's storage.
+pub trait IdentityStore: Send + Sync + 'static {
+    /// The identity state as the resolver last committed it.
+    fn load_identity(&self) -> Result<IdentitySnapshot, StoreError>;
+
+    /// Writes resolver (or repair) output and moves the resolver's cursor from
+    /// `commit.from` to `commit.to`, in one transaction.
+    fn commit_identity(&self, commit: &IdentityCommit) -> Result<CommitOutcome, StoreError>;
+
+    /// Clears all identity state, writes `commit` in its place and starts a
+    /// new epoch, in one transaction (a rebuild); `commit.from` is ignored.
+    fn replace_identity(&self, commit: &IdentityCommit) -> Result<CommitOutcome, StoreError>;
+
+    /// Replaces the identity rules and starts a new epoch.
+    fn set_identity_rules(&self, rules: &IdentityRules) -> Result<(), StoreError>;
+
+    /// The live profile holding each identifier that has one, in no order.
+    fn identifier_owners(&self, identifiers: &[Identifier]) -> Result<Vec<(Identifier, ProfileId)>, StoreError>;
+
+    /// The live profiles with these ids (merged-away ids are skipped), in no order.
+    fn profiles(&self, ids: &[ProfileId]) -> Result<Vec<Profile>, StoreError>;
+
+    /// A profile by id, following merges to the profile that absorbed it.
+    fn profile(&self, id: ProfileId) -> Result<Option<Profile>, StoreError>;
+
+    /// The profile holding an identifier.
+    fn profile_by_identifier(&self, identifier: &Identifier) -> Result<Option<Profile>, StoreError>;
+
+    /// A profile's events, newest first, before `before` (exclusive) when given.
+    fn profile_events(
+        &self,
+        id: ProfileId,
+        before: Option<LogPosition>,
+        limit: usize,
+    ) -> Result<Vec<LogEntry>, StoreError>;
+
+    /// The identity history of a profile and of every profile merged into it, oldest first.
+    fn identity_history(&self, id: ProfileId) -> Result<Vec<HistoryRecord>, StoreError>;
+
+    /// Which profile each event belongs to, for events in `(after, up_to]`.
+    fn event_owners(&self, after: LogPosition, up_to: LogPosition)
+        -> Result<Vec<(LogPosition, ProfileId)>, StoreError>;
+
+    /// Live (not merged-away) profiles with an id above `after`, by id, at
+    /// most `limit`; decoded as [`IdentityStore::profile`] decodes one.
+    fn list_profiles(&self, after: Option<ProfileId>, limit: usize) -> Result<Vec<Profile>, StoreError>;
+
+    /// Identifiers of type `kind` whose value starts with `prefix` and sorts
+    /// after `after`, by value, at most `limit`, with the profile holding each.
+    fn identifiers_with_prefix(
+        &self,
+        kind: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(Identifier, ProfileId)>, StoreError>;
+}

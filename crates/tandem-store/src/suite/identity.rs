@@ -1,0 +1,196 @@
+//! What every backend's [`IdentityStore`](crate::IdentityStore) must do.
+
+use super::{batch, record};
+use crate::browse::{find_profiles, ProfileQuery};
+use crate::{CommitOutcome, HistoryRecord, IdentityCommit, Store};
+use tandem_core::{EventType, Identifier, IdentityChange, IdentityRules, LogPosition, Profile, ProfileId, SourceKind};
+
+pub fn identity_commits_round_trip_and_refuse_stale_writers(store: &impl Store) {
+    let web = store.create_source("web", SourceKind::Website).unwrap().id;
+    store
+        .append(&[batch((1..=3).map(|n| record(&web, &format!("m{n}"), EventType::Identify, n)).collect())], 0)
+        .unwrap();
+    let empty = store.load_identity().unwrap();
+    assert_eq!((empty.position, empty.next_profile_id, empty.profiles.len()), (LogPosition(0), 1, 0));
+    assert_eq!(empty.rules, IdentityRules::default());
+    let ann = Identifier::new("user_id", "ann");
+    let anon = Identifier::new("anonymous_id", "a1");
+    let mut first = Profile::new(ProfileId(1));
+    first.identifiers = vec![anon.clone()];
+    let mut second = Profile::new(ProfileId(2));
+    second.identifiers = vec![ann.clone()];
+    let commit = IdentityCommit {
+        epoch: empty.epoch,
+        from: LogPosition(0),
+        to: LogPosition(2),
+        profiles: vec![first.clone(), second.clone()],
+        identifiers: vec![(anon.clone(), ProfileId(1)), (ann.clone(), ProfileId(2))],
+        events: vec![(LogPosition(1), ProfileId(1)), (LogPosition(2), ProfileId(2))],
+        history: vec![HistoryRecord {
+            position: Some(LogPosition(1)),
+            profile: Some(ProfileId(1)),
+            change: IdentityChange::Created { profile: ProfileId(1), identifiers: vec![anon.clone()] },
+            recorded_at_ms: 5,
+        }],
+        next_profile_id: 3,
+        ..IdentityCommit::default()
+    };
+    assert_eq!(store.commit_identity(&commit).unwrap(), CommitOutcome::Committed);
+    assert_eq!(
+        store.commit_identity(&commit).unwrap(),
+        CommitOutcome::StalePosition,
+        "a commit from an old position is refused"
+    );
+    // Event 3 merges profile 2 into profile 1.
+    first.identifiers.push(ann.clone());
+    let merge = IdentityCommit {
+        epoch: empty.epoch,
+        from: LogPosition(2),
+        to: LogPosition(3),
+        profiles: vec![first.clone()],
+        merged: vec![(ProfileId(2), ProfileId(1))],
+        events: vec![(LogPosition(3), ProfileId(1))],
+        history: vec![HistoryRecord {
+            position: Some(LogPosition(3)),
+            profile: Some(ProfileId(1)),
+            change: IdentityChange::Merged {
+                profile: ProfileId(1),
+                merged: vec![ProfileId(2)],
+                identifiers: vec![ann.clone()],
+            },
+            recorded_at_ms: 6,
+        }],
+        next_profile_id: 3,
+        ..IdentityCommit::default()
+    };
+    assert_eq!(store.commit_identity(&merge).unwrap(), CommitOutcome::Committed);
+    assert_eq!(store.profile(ProfileId(2)).unwrap(), Some(first.clone()), "a merged id resolves to its survivor");
+    assert_eq!(store.profile_by_identifier(&ann).unwrap(), Some(first.clone()));
+    assert_eq!(store.profile_by_identifier(&Identifier::new("email", "x@y.z")).unwrap(), None);
+    let timeline: Vec<u64> =
+        store.profile_events(ProfileId(1), None, 10).unwrap().iter().map(|entry| entry.position.0).collect();
+    assert_eq!(timeline, vec![3, 2, 1], "newest first, merged profile's events included");
+    let page: Vec<u64> = store
+        .profile_events(ProfileId(1), Some(LogPosition(3)), 1)
+        .unwrap()
+        .iter()
+        .map(|entry| entry.position.0)
+        .collect();
+    assert_eq!(page, vec![2]);
+    assert_eq!(store.identity_history(ProfileId(2)).unwrap().len(), 2);
+    assert_eq!(store.event_owners(LogPosition(0), LogPosition(3)).unwrap().len(), 3);
+    let snapshot = store.load_identity().unwrap();
+    assert_eq!(
+        (snapshot.position, snapshot.profiles.len(), snapshot.merged_into.clone()),
+        (LogPosition(3), 1, vec![(ProfileId(2), ProfileId(1))])
+    );
+    let stats = store.stats().unwrap();
+    assert_eq!((stats.resolver_position, stats.resolver_lag, stats.profiles), (LogPosition(3), 0, 1));
+
+    // Changing the rules starts a new epoch: commits computed before are refused.
+    let rules = IdentityRules { default_limit: 3, ..IdentityRules::default() };
+    store.set_identity_rules(&rules).unwrap();
+    let stale =
+        IdentityCommit { epoch: snapshot.epoch, from: LogPosition(3), to: LogPosition(3), ..IdentityCommit::default() };
+    assert_eq!(store.commit_identity(&stale).unwrap(), CommitOutcome::EpochChanged);
+    let reloaded = store.load_identity().unwrap();
+    assert_eq!(reloaded.rules, rules);
+    assert!(reloaded.epoch > snapshot.epoch);
+    // A replacing commit clears everything first.
+    let replace =
+        IdentityCommit { epoch: reloaded.epoch, to: LogPosition(3), next_profile_id: 3, ..IdentityCommit::default() };
+    assert_eq!(store.replace_identity(&replace).unwrap(), CommitOutcome::Committed);
+    assert!(store.load_identity().unwrap().epoch > reloaded.epoch, "a replace starts a new epoch");
+    assert_eq!(store.profile(ProfileId(1)).unwrap(), None);
+    assert_eq!(store.stats().unwrap().profiles, 0);
+}
+
+pub fn batched_look_ups_find_live_owners_and_profiles(store: &impl Store) {
+    let ann = Identifier::new("user_id", "ann");
+    let bob = Identifier::new("user_id", "bob");
+    let mut first = Profile::new(ProfileId(1));
+    first.identifiers = vec![ann.clone()];
+    let mut second = Profile::new(ProfileId(2));
+    second.identifiers = vec![bob.clone()];
+    let epoch = store.load_identity().unwrap().epoch;
+    let commit = IdentityCommit {
+        epoch,
+        profiles: vec![first.clone(), second.clone()],
+        identifiers: vec![(ann.clone(), ProfileId(1)), (bob.clone(), ProfileId(2))],
+        next_profile_id: 3,
+        ..IdentityCommit::default()
+    };
+    assert_eq!(store.commit_identity(&commit).unwrap(), CommitOutcome::Committed);
+    let mut owners =
+        store.identifier_owners(&[ann.clone(), Identifier::new("email", "nobody@x.y"), bob.clone()]).unwrap();
+    owners.sort_by_key(|(_, profile)| *profile);
+    assert_eq!(owners, vec![(ann.clone(), ProfileId(1)), (bob.clone(), ProfileId(2))], "unknown ids are left out");
+    first.identifiers.push(bob.clone());
+    let merge = IdentityCommit {
+        epoch,
+        profiles: vec![first.clone()],
+        merged: vec![(ProfileId(2), ProfileId(1))],
+        next_profile_id: 3,
+        ..IdentityCommit::default()
+    };
+    assert_eq!(store.commit_identity(&merge).unwrap(), CommitOutcome::Committed);
+    assert_eq!(store.identifier_owners(std::slice::from_ref(&bob)).unwrap(), vec![(bob, ProfileId(1))]);
+    assert_eq!(
+        store.profiles(&[ProfileId(1), ProfileId(2), ProfileId(9)]).unwrap(),
+        vec![first],
+        "merged-away and unknown ids are skipped"
+    );
+}
+
+pub fn profiles_list_by_id_and_search_by_identifier_prefix_and_trait(store: &impl Store) {
+    let empty = store.load_identity().unwrap();
+    let mut profiles = Vec::new();
+    let mut identifiers = Vec::new();
+    for n in 1..=7u64 {
+        let mut profile = Profile::new(ProfileId(n));
+        let email = Identifier::new("email", format!("{}{n}@example.com", if n % 2 == 0 { "ann" } else { "bob" }));
+        profile.identifiers = vec![email.clone()];
+        profile.traits.insert("plan".into(), serde_json::json!(if n <= 3 { "Pro" } else { "free" }));
+        profile.traits.insert("seats".into(), serde_json::json!(n));
+        identifiers.push((email, ProfileId(n)));
+        profiles.push(profile);
+    }
+    let commit =
+        IdentityCommit { epoch: empty.epoch, profiles, identifiers, next_profile_id: 8, ..IdentityCommit::default() };
+    assert_eq!(store.commit_identity(&commit).unwrap(), CommitOutcome::Committed);
+    // Profile 7 is then merged into profile 6: it is no longer listed.
+    let merge = IdentityCommit {
+        epoch: empty.epoch,
+        merged: vec![(ProfileId(7), ProfileId(6))],
+        next_profile_id: 8,
+        ..IdentityCommit::default()
+    };
+    assert_eq!(store.commit_identity(&merge).unwrap(), CommitOutcome::Committed);
+    let listed: Vec<u64> = store.list_profiles(None, 10).unwrap().iter().map(|profile| profile.id.0).collect();
+    assert_eq!(listed, [1, 2, 3, 4, 5, 6]);
+    let after: Vec<u64> =
+        store.list_profiles(Some(ProfileId(4)), 10).unwrap().iter().map(|profile| profile.id.0).collect();
+    assert_eq!(after, [5, 6]);
+
+    let page_ids =
+        |page: &crate::browse::ProfilePage| page.profiles.iter().map(|profile| profile.id.0).collect::<Vec<_>>();
+    let first = find_profiles(store, &ProfileQuery::default(), 4, usize::MAX).unwrap();
+    assert_eq!((page_ids(&first), first.next_after.as_deref()), (vec![1, 2, 3, 4], Some("prof_4")));
+    let second =
+        find_profiles(store, &ProfileQuery { after: first.next_after, ..ProfileQuery::default() }, 4, usize::MAX);
+    let second = second.unwrap();
+    assert_eq!((page_ids(&second), second.next_after), (vec![5, 6], None));
+    let pro = ProfileQuery { traits: vec![("plan".into(), "pro".into())], ..ProfileQuery::default() };
+    assert_eq!(page_ids(&find_profiles(store, &pro, 10, usize::MAX).unwrap()), [1, 2, 3], "strings match in any case");
+    let three_seats = ProfileQuery { traits: vec![("seats".into(), "3".into())], ..ProfileQuery::default() };
+    assert_eq!(page_ids(&find_profiles(store, &three_seats, 10, usize::MAX).unwrap()), [3]);
+    let anns = ProfileQuery { identifier_prefix: Some(Identifier::new("email", "ann")), ..ProfileQuery::default() };
+    assert_eq!(page_ids(&find_profiles(store, &anns, 10, usize::MAX).unwrap()), [2, 4, 6]);
+    let first_ann = find_profiles(store, &anns, 1, usize::MAX).unwrap();
+    let next = ProfileQuery { after: first_ann.next_after, ..anns.clone() };
+    assert_eq!(page_ids(&find_profiles(store, &next, 10, usize::MAX).unwrap()), [4, 6]);
+    let free_anns = ProfileQuery { traits: vec![("plan".into(), "free".into())], ..anns };
+    assert_eq!(page_ids(&find_profiles(store, &free_anns, 10, usize::MAX).unwrap()), [4, 6]);
+    let bad = ProfileQuery { after: Some("nonsense".into()), ..ProfileQuery::default() };
+    assert!(find_profiles(store, &bad, 10, usize::MAX).is_err());
+}
