@@ -21,7 +21,10 @@ pub mod suite;
 
 use tandem_core::source::SourceError;
 
-pub use identity::{CommitOutcome, HistoryRecord, IdentityCommit, IdentitySnapshot, IdentityStore};
+pub use identity::{
+    CommitOutcome, HistoryRecord, IdentityCommit, IdentitySnapshot, IdentityStore, TimelineCursor, TimelineCursorError,
+    UnresolvedEvent,
+};
 pub use log::{
     Dedup, EventLog, IngestBatch, IngestOutcome, IngestStats, LogEntry, QuarantineEntry, QuarantineRecord, SourceStats,
 };

@@ -24,7 +24,8 @@ macro_rules! event_log_test_suite {
             message_ids_kept_forever_are_never_forgotten,
             rejected_messages_are_kept_in_quarantine,
             stats_count_per_source_and_type,
-            concurrent_appends_are_all_kept
+            concurrent_appends_are_all_kept,
+            a_reader_following_concurrent_appends_skips_nothing
         );
     };
 }
@@ -47,7 +48,8 @@ macro_rules! identity_store_test_suite {
     ($make:expr) => {
         $crate::suite_cases!(identity, $make;
             identity_commits_round_trip_and_refuse_stale_writers,
-            batched_look_ups_find_live_owners_and_profiles
+            batched_look_ups_find_live_owners_and_profiles,
+            timelines_follow_event_time_and_page_by_cursor
         );
     };
 }
