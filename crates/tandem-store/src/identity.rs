@@ -130,6 +130,9 @@ pub trait IdentityStore: Send + Sync + 'static {
     /// new epoch, in one transaction (a rebuild); `commit.from` is ignored.
     fn replace_identity(&self, commit: &IdentityCommit) -> Result<CommitOutcome, StoreError>;
 
+    /// The identity rules in force, without loading the graph.
+    fn identity_rules(&self) -> Result<IdentityRules, StoreError>;
+
     /// Replaces the identity rules and starts a new epoch.
     fn set_identity_rules(&self, rules: &IdentityRules) -> Result<(), StoreError>;
 

@@ -27,6 +27,7 @@ pub use identity::{
 };
 pub use log::{
     Dedup, EventLog, IngestBatch, IngestOutcome, IngestStats, LogEntry, QuarantineEntry, QuarantineRecord, SourceStats,
+    StageCursor,
 };
 pub use sources::{Sources, TokenInfo};
 pub use sqlite::SqliteStore;

@@ -6,7 +6,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use tandem_core::{EventType, LogPosition, LogRecord, MessageId, SourceId};
 
-use crate::StoreError;
+use crate::{Stage, StoreError};
 
 /// A message refused by validation, kept with its reason instead of dropped.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,6 +103,14 @@ pub struct IngestStats {
     pub unresolved: u64,
 }
 
+/// A stage's place in the log: the last position whose effects it committed,
+/// and the epoch those effects were computed in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StageCursor {
+    pub position: LogPosition,
+    pub epoch: u64,
+}
+
 /// The event log: what the collect stage writes and every later stage reads.
 ///
 /// **Append order.** Positions are assigned when an append commits, and a
@@ -122,6 +130,10 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// The position of the newest committed event; 0 when the log is empty.
     fn head(&self) -> Result<LogPosition, StoreError>;
+
+    /// Where a stage stands in the log (its `stage_cursors` row); `None`
+    /// for a stage that has never committed.
+    fn stage_cursor(&self, stage: Stage) -> Result<Option<StageCursor>, StoreError>;
 
     /// Events after `after`, oldest first.
     fn read_log(&self, after: LogPosition, limit: usize) -> Result<Vec<LogEntry>, StoreError>;

@@ -7,8 +7,8 @@ mod identity;
 
 use crate::{
     CommitOutcome, Dedup, EventLog, HistoryRecord, IdentityCommit, IdentitySnapshot, IdentityStore, IngestBatch,
-    IngestOutcome, IngestStats, LogEntry, QuarantineEntry, QuarantineRecord, SourceStats, Sources, Stage, StoreError,
-    TimelineCursor, TokenInfo, UnresolvedEvent,
+    IngestOutcome, IngestStats, LogEntry, QuarantineEntry, QuarantineRecord, SourceStats, Sources, Stage, StageCursor,
+    StoreError, TimelineCursor, TokenInfo, UnresolvedEvent,
 };
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use std::collections::HashMap;
@@ -431,6 +431,20 @@ impl EventLog for SqliteStore {
         })
     }
 
+    fn stage_cursor(&self, stage: Stage) -> Result<Option<StageCursor>, StoreError> {
+        self.with_reader(|connection| {
+            Ok(connection
+                .prepare_cached("SELECT position, epoch FROM stage_cursors WHERE stage = ?1")?
+                .query_row([stage.0], |row| {
+                    Ok(StageCursor {
+                        position: LogPosition(row.get::<_, i64>(0)? as u64),
+                        epoch: row.get::<_, i64>(1)? as u64,
+                    })
+                })
+                .optional()?)
+        })
+    }
+
     fn read_log(&self, after: LogPosition, limit: usize) -> Result<Vec<LogEntry>, StoreError> {
         self.with_reader(|connection| {
             let mut statement = connection.prepare_cached(
@@ -498,6 +512,17 @@ impl IdentityStore for SqliteStore {
 
     fn replace_identity(&self, commit: &IdentityCommit) -> Result<CommitOutcome, StoreError> {
         self.with_writer(|connection| identity::commit(connection, commit, true))
+    }
+
+    fn identity_rules(&self) -> Result<IdentityRules, StoreError> {
+        self.with_reader(|connection| {
+            let text: Option<String> =
+                connection.query_row("SELECT rules FROM identity_state WHERE id = 1", [], |row| row.get(0))?;
+            match text {
+                Some(text) => serde_json::from_str(&text).map_err(|error| StoreError::Backend(Box::new(error))),
+                None => Ok(IdentityRules::default()),
+            }
+        })
     }
 
     fn set_identity_rules(&self, rules: &IdentityRules) -> Result<(), StoreError> {

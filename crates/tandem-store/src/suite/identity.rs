@@ -97,6 +97,12 @@ pub fn identity_commits_round_trip_and_refuse_stale_writers(store: &impl Store) 
     assert_eq!(store.commit_identity(&stale).unwrap(), CommitOutcome::EpochChanged);
     let reloaded = store.load_identity().unwrap();
     assert_eq!(reloaded.rules, rules);
+    assert_eq!(store.identity_rules().unwrap(), rules, "the rules alone");
+    assert_eq!(
+        store.stage_cursor(crate::Stage::RESOLVE).unwrap(),
+        Some(crate::StageCursor { position: LogPosition(3), epoch: reloaded.epoch })
+    );
+    assert_eq!(store.stage_cursor(crate::Stage("audience")).unwrap(), None);
     assert!(reloaded.epoch > snapshot.epoch);
     // A replacing commit clears everything first.
     let replace =
