@@ -85,6 +85,13 @@ fn peak_memory_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// Bytes this process has caused to be written to storage (`write_bytes` in
+/// `/proc/self/io`, Linux only): the WAL and checkpoints included.
+fn bytes_written() -> Option<u64> {
+    let io = std::fs::read_to_string("/proc/self/io").ok()?;
+    io.lines().find_map(|line| line.strip_prefix("write_bytes: ")).and_then(|value| value.trim().parse().ok())
+}
+
 fn main() -> anyhow::Result<()> {
     let options = Options::parse();
     anyhow::ensure!(!options.data.exists(), "{} exists; give a new directory", options.data.display());
@@ -115,10 +122,12 @@ fn main() -> anyhow::Result<()> {
     }
     println!("log filled: {} events in {:.1} s", written, filling.elapsed().as_secs_f64());
 
+    let written_before = bytes_written();
     let started = Instant::now();
     let mut resolver = Resolver::load(store.clone())?;
     let resolved = resolver.catch_up(DEFAULT_BATCH)?;
     let seconds = started.elapsed().as_secs_f64();
+    let resolver_writes = bytes_written().zip(written_before).map(|(after, before)| after.saturating_sub(before));
     let stats = store.stats()?;
     println!(
         "bench-resolve: {} events over {} people ({:.0}% anonymous first, {:.0}% with a second e-mail)",
@@ -130,6 +139,13 @@ fn main() -> anyhow::Result<()> {
     println!("resolved:              {resolved} events in {seconds:.2} s");
     println!("events/s:              {:.0}", resolved as f64 / seconds);
     println!("profiles:              {} (resolver lag {})", stats.profiles, stats.resolver_lag);
+    if let Some(bytes) = resolver_writes {
+        println!(
+            "written to disk:       {:.0} MiB by the resolver, {:.0} bytes per event",
+            bytes as f64 / 1_048_576.0,
+            bytes as f64 / resolved.max(1) as f64
+        );
+    }
     if let Some(peak) = peak_memory_mib() {
         println!("peak memory:           {peak:.0} MiB (generator and resolver in one process)");
     }

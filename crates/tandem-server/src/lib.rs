@@ -8,6 +8,7 @@ pub mod connection;
 pub mod error;
 pub mod extract;
 pub mod import;
+pub mod log_head;
 pub mod log_writer;
 pub mod metrics;
 pub mod ops;
@@ -30,6 +31,10 @@ use tandem_store::Store;
 
 /// How long a `messageId` is remembered for deduplication, as Segment does.
 pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(24 * 60 * 60);
+/// How often the log head is read from the store, so that appends by
+/// another process (the CLI importer) reach the stages within this interval.
+const HEAD_POLL_INTERVAL: Duration = Duration::from_millis(250);
+
 /// How often message ids older than the dedup window are forgotten.
 const DEDUP_PRUNE_INTERVAL: Duration = Duration::from_secs(10 * 60);
 
@@ -41,8 +46,8 @@ pub struct AppState {
     pub tokens: Arc<auth::TokenDirectory>,
     pub log: LogWriter,
     pub metrics: Metrics,
-    /// Tells the resolver the log has grown.
-    pub wakeup: Arc<resolve::Wakeup>,
+    /// The committed head of the log, which every stage follows.
+    pub head: log_head::LogHead,
     pub imports: Arc<import::jobs::ImportJobs>,
 }
 
@@ -56,15 +61,15 @@ impl AppState {
         import_dir: PathBuf,
     ) -> (AppState, std::thread::JoinHandle<()>) {
         let metrics = Metrics::new();
-        let wakeup = Arc::new(resolve::Wakeup::default());
-        let (log, writer_thread) = LogWriter::spawn(store.clone(), dedup_window, metrics.clone(), wakeup.clone());
+        let head = log_head::LogHead::new(store.head().unwrap_or_default());
+        let (log, writer_thread) = LogWriter::spawn(store.clone(), dedup_window, metrics.clone(), head.clone());
         let state = AppState {
             sources: Arc::new(SourceDirectory::new(store.clone())),
             tokens: Arc::new(auth::TokenDirectory::new(store.clone())),
             store,
             log,
             metrics,
-            wakeup,
+            head,
             imports: Arc::new(import::jobs::ImportJobs::new(import_dir)),
         };
         (state, writer_thread)
@@ -155,8 +160,10 @@ impl Running {
         let Running { local_addr, listener, state, writer_thread, dedup_window, limits } = self;
         let pruner = tokio::spawn(prune_message_ids(state.store.clone(), dedup_window));
         let stop_resolver = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let wakeup = state.wakeup.clone();
-        let resolver_thread = resolve::spawn(state.store.clone(), wakeup.clone(), stop_resolver.clone());
+        let head = state.head.clone();
+        let head_poller = tokio::spawn(head.clone().poll_store(state.store.clone(), HEAD_POLL_INTERVAL));
+        let resolver_thread =
+            resolve::spawn(state.store.clone(), head.clone(), state.metrics.clone(), stop_resolver.clone());
         tracing::info!(address = %local_addr, "tandem is listening");
         let imports = state.imports.clone();
         connection::serve(listener, router(state), limits, shutdown).await;
@@ -164,6 +171,7 @@ impl Running {
         // rather than wait for their files to end.
         imports.stop_all();
         pruner.abort();
+        head_poller.abort();
         // Every handle to the log writer lived in the router, now dropped: the
         // writer commits what is queued and stops.
         tokio::task::spawn_blocking(move || writer_thread.join())
@@ -172,7 +180,7 @@ impl Running {
             .and_then(Result::ok)
             .unwrap_or_else(|| tracing::error!("the log writer stopped abnormally"));
         stop_resolver.store(true, std::sync::atomic::Ordering::Relaxed);
-        wakeup.notify();
+        head.nudge();
         tokio::task::spawn_blocking(move || resolver_thread.join())
             .await
             .ok()

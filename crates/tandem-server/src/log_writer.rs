@@ -3,8 +3,8 @@
 //! one transaction (group commit), so throughput does not depend on one fsync
 //! per request, and it answers each request only after the commit.
 
+use crate::log_head::LogHead;
 use crate::metrics::Metrics;
-use crate::resolve::Wakeup;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -42,18 +42,18 @@ pub struct LogWriter {
 impl LogWriter {
     /// Starts the writer thread. `dedup_window` is how long a `messageId`
     /// stays a duplicate after it was last stored.
-    /// `wakeup` is told after every commit, so later stages see new events at once.
+    /// `head` is published after every commit, so later stages see new events at once.
     pub fn spawn(
         store: Arc<dyn Store>,
         dedup_window: Duration,
         metrics: Metrics,
-        wakeup: Arc<Wakeup>,
+        head: LogHead,
     ) -> (LogWriter, JoinHandle<()>) {
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let thread_metrics = metrics.clone();
         let handle = std::thread::Builder::new()
             .name("tandem-log-writer".into())
-            .spawn(move || run(store, receiver, dedup_window, thread_metrics, wakeup))
+            .spawn(move || run(store, receiver, dedup_window, thread_metrics, head))
             .expect("spawning the log writer thread");
         (LogWriter { sender, metrics }, handle)
     }
@@ -80,7 +80,7 @@ fn run(
     mut receiver: mpsc::Receiver<AppendRequest>,
     dedup_window: Duration,
     metrics: Metrics,
-    wakeup: Arc<Wakeup>,
+    head: LogHead,
 ) {
     let dedup_window_ms = i64::try_from(dedup_window.as_millis()).unwrap_or(i64::MAX);
     while let Some(first) = receiver.blocking_recv() {
@@ -102,7 +102,15 @@ fn run(
         let dedup_since_ms = chrono::Utc::now().timestamp_millis().saturating_sub(dedup_window_ms);
         match store.append(&batches, dedup_since_ms) {
             Ok(outcomes) => {
-                wakeup.notify();
+                // Read back rather than computed: the head is the store's, so
+                // an append from another process in between is included.
+                match store.head() {
+                    Ok(position) => {
+                        head.publish(position);
+                        metrics.log_head.set(position.0 as i64);
+                    }
+                    Err(error) => tracing::warn!(%error, "reading the log head failed"),
+                }
                 metrics.log_commits.inc();
                 metrics.log_commit_events.observe(events as f64);
                 metrics.log_commit_duration.observe(started.elapsed().as_secs_f64());
@@ -137,8 +145,9 @@ mod tests {
         let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
         let source = store.create_source("web", SourceKind::Website).unwrap().id;
         let metrics = Metrics::new();
+        let head = LogHead::new(LogPosition(0));
         let (writer, thread) =
-            LogWriter::spawn(store.clone(), Duration::from_secs(86_400), metrics.clone(), Arc::default());
+            LogWriter::spawn(store.clone(), Duration::from_secs(86_400), metrics.clone(), head.clone());
         let mut tasks = Vec::new();
         for request in 0..200 {
             let writer = writer.clone();
@@ -162,7 +171,9 @@ mod tests {
         }
         drop(writer);
         thread.join().unwrap();
-        assert_eq!(store.read_log(LogPosition(0), 10_000).unwrap().len(), 1_000);
+        let log = store.read_log(LogPosition(0), 10_000).unwrap();
+        assert_eq!(log.len(), 1_000);
+        assert_eq!(head.current(), log.last().unwrap().position, "the head is published after each commit");
         let text = metrics.render();
         let commits: f64 =
             text.lines().find_map(|line| line.strip_prefix("tandem_log_commits_total ")).unwrap().parse().unwrap();

@@ -48,6 +48,12 @@ pub struct Metrics {
     pub log_commit_duration: Histogram,
     pub log_commit_failures: Counter,
     pub log_queue_depth: Gauge,
+    pub log_head: Gauge,
+    pub resolver_position: Gauge,
+    pub resolver_lag_events: Gauge,
+    pub resolver_batch_duration: Histogram,
+    pub resolver_profiles: Gauge,
+    pub resolver_unusable_events: Counter,
 }
 
 impl Default for Metrics {
@@ -87,8 +93,38 @@ impl Metrics {
         registry.register("log_commit_failures", "Group commits that failed", log_commit_failures.clone());
         let log_queue_depth = Gauge::default();
         registry.register("log_queue_depth", "Requests waiting for the log writer", log_queue_depth.clone());
+        let log_head = Gauge::default();
+        registry.register("log_head", "Position of the newest committed event", log_head.clone());
+        let resolver_position = Gauge::default();
+        registry.register("resolver_position", "Last log position the resolver committed", resolver_position.clone());
+        let resolver_lag_events = Gauge::default();
+        registry.register(
+            "resolver_lag_events",
+            "Events in the log the resolver has not committed yet",
+            resolver_lag_events.clone(),
+        );
+        let resolver_batch_duration = latency_histogram();
+        registry.register(
+            "resolver_batch_duration_seconds",
+            "Time to resolve one batch of events (before its commit)",
+            resolver_batch_duration.clone(),
+        );
+        let resolver_profiles = Gauge::default();
+        registry.register("resolver_profiles", "Live profiles in the identity graph", resolver_profiles.clone());
+        let resolver_unusable_events = Counter::default();
+        registry.register(
+            "resolver_unusable_events",
+            "Events the resolver could not use (kept in the unresolved list, never silently skipped)",
+            resolver_unusable_events.clone(),
+        );
         Metrics {
             registry: std::sync::Arc::new(registry),
+            log_head,
+            resolver_position,
+            resolver_lag_events,
+            resolver_batch_duration,
+            resolver_profiles,
+            resolver_unusable_events,
             http_requests,
             http_request_duration,
             ingest_events,

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use tandem_core::event::format_timestamp;
 use tandem_core::{Identifier, LogPosition, Profile, ProfileId};
 use tandem_store::browse::{self, BrowseError, ProfileQuery};
-use tandem_store::{HistoryRecord, Store, StoreError};
+use tandem_store::{HistoryRecord, Store, StoreError, TimelineCursor};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -170,7 +170,8 @@ async fn get_profile(
 #[derive(Deserialize)]
 struct EventsQuery {
     limit: Option<usize>,
-    before: Option<u64>,
+    /// A `next_before` from the previous page.
+    before: Option<String>,
 }
 
 const MAX_PAGE: usize = 1_000;
@@ -186,10 +187,14 @@ async fn profile_events(
         return Err(ApiError::new(ErrorCode::InvalidValue, format!("limit must be between 1 and {MAX_PAGE}"))
             .with_field("limit"));
     }
+    let before = match query.before.as_deref().map(str::parse::<TimelineCursor>).transpose() {
+        Ok(before) => before,
+        Err(error) => return Err(ApiError::new(ErrorCode::InvalidValue, error.to_string()).with_field("before")),
+    };
     let profile = load_profile(&state, &id).await?;
-    let before = query.before.map(LogPosition);
     let entries = read(&state, move |store| store.profile_events(profile.id, before, limit)).await?;
-    let next_before = (entries.len() == limit).then(|| entries.last().map(|entry| entry.position)).flatten();
+    let next_before =
+        (entries.len() == limit).then(|| entries.last().map(|entry| TimelineCursor::at(entry).to_string())).flatten();
     let events: Vec<Value> = entries
         .into_iter()
         .map(|entry| {

@@ -6,19 +6,25 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tandem_core::identity::{CompiledRules, RulesError};
 use tandem_core::{
     Event, Identifier, IdentityChange, IdentityGraph, IdentityRules, LogPosition, ProfileId, Resolution,
 };
-use tandem_store::{CommitOutcome, HistoryRecord, IdentityCommit, Store, StoreError};
+use tandem_store::{CommitOutcome, HistoryRecord, IdentityCommit, Store, StoreError, UnresolvedEvent};
+
+use crate::log_head::LogHead;
+use crate::metrics::Metrics;
 
 /// Events read and resolved per transaction when catching up a backlog.
 pub const DEFAULT_BATCH: usize = 50_000;
 /// Per transaction inside the server, smaller so a resolver commit holds the
 /// store's write lock (and so ingestion) for less time.
 const SERVER_BATCH: usize = 20_000;
+/// How long an idle resolver waits on the log head before reading the log
+/// anyway (a safety net; the head poller notices other processes' appends).
+const IDLE_RECHECK: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
@@ -53,6 +59,36 @@ pub struct Resolver {
     /// Durable in storage.
     committed: LogPosition,
     in_flight: Option<InFlight>,
+    metrics: Metrics,
+    unusable_warning: RateLimitedWarning,
+}
+
+/// A warning that repeats at most once per interval, saying how many were
+/// held back, so a stream of bad events cannot flood the log.
+struct RateLimitedWarning {
+    interval: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimitedWarning {
+    fn new(interval: Duration) -> Self {
+        RateLimitedWarning { interval, last: None, suppressed: 0 }
+    }
+
+    /// Whether to log now; `Some(n)` with the number held back since the last one.
+    fn admit(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(last) if now.duration_since(last) < self.interval => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
 }
 
 struct InFlight {
@@ -73,7 +109,24 @@ impl Resolver {
             resolved: snapshot.position,
             committed: snapshot.position,
             in_flight: None,
+            metrics: Metrics::new(),
+            unusable_warning: RateLimitedWarning::new(Duration::from_secs(10)),
         })
+    }
+
+    /// Reports to these metrics (the server's) instead of private ones.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self.metrics.resolver_position.set(self.committed.0 as i64);
+        self.metrics.resolver_profiles.set(self.graph.profile_count() as i64);
+        self
+    }
+
+    /// Starts again from storage, keeping the metrics.
+    fn reload(&mut self) -> Result<(), ResolveError> {
+        let metrics = self.metrics.clone();
+        *self = Resolver::load(self.store.clone())?.with_metrics(metrics);
+        Ok(())
     }
 
     /// The last log position whose effects are durable.
@@ -98,11 +151,16 @@ impl Resolver {
             match serde_json::from_str::<Event>(&entry.payload) {
                 Ok(event) => {
                     let resolution = self.graph.resolve(entry.position.0, &event, &self.rules);
+                    if resolution.profile.is_none() && resolution.changes.is_empty() {
+                        self.unusable(&mut batch, entry.position, "the event carries no identifier".to_owned());
+                    }
                     batch.add(entry.position, resolution);
                 }
-                Err(error) => tracing::warn!(position = %entry.position, %error, "skipping an unreadable event"),
+                Err(error) => self.unusable(&mut batch, entry.position, format!("unreadable event: {error}")),
             }
         }
+        self.metrics.resolver_batch_duration.observe(started.elapsed().as_secs_f64());
+        self.metrics.resolver_profiles.set(self.graph.profile_count() as i64);
         let commit = batch.into_commit(&self.graph, self.epoch, self.resolved, to);
         tracing::debug!(
             events = entries.len(),
@@ -124,6 +182,16 @@ impl Resolver {
         Ok(entries.len())
     }
 
+    /// Keeps an event the graph could not use in the commit's unresolved
+    /// list, counts it, and warns (rate-limited).
+    fn unusable(&mut self, batch: &mut BatchChanges, position: LogPosition, reason: String) {
+        self.metrics.resolver_unusable_events.inc();
+        if let Some(held_back) = self.unusable_warning.admit(Instant::now()) {
+            tracing::warn!(%position, %reason, held_back, "an event the resolver cannot use was listed as unresolved");
+        }
+        batch.unresolved.push(UnresolvedEvent { position, reason });
+    }
+
     /// Waits for the commit in flight. Returns `false` when it was refused
     /// (identity state changed elsewhere) and the graph was reloaded.
     pub fn flush(&mut self) -> Result<bool, ResolveError> {
@@ -134,22 +202,21 @@ impl Resolver {
         match outcome {
             Ok(Ok(CommitOutcome::Committed)) => {
                 self.committed = in_flight.to;
+                self.metrics.resolver_position.set(self.committed.0 as i64);
                 Ok(true)
             }
             Ok(Ok(outcome @ (CommitOutcome::StalePosition | CommitOutcome::EpochChanged))) => {
                 tracing::info!(?outcome, "identity state changed outside the resolver; reloading");
-                *self = Resolver::load(self.store.clone())?;
+                self.reload()?;
                 Ok(false)
             }
             Ok(Err(error)) => {
                 // The graph holds changes that were not stored: start over from storage.
-                if let Ok(reloaded) = Resolver::load(self.store.clone()) {
-                    *self = reloaded;
-                }
+                let _ = self.reload();
                 Err(error.into())
             }
             Err(_) => {
-                *self = Resolver::load(self.store.clone())?;
+                self.reload()?;
                 Err(ResolveError::CommitPanicked)
             }
         }
@@ -185,6 +252,7 @@ struct BatchChanges {
     added: Vec<Identifier>,
     events: Vec<(LogPosition, ProfileId)>,
     history: Vec<(LogPosition, IdentityChange)>,
+    unresolved: Vec<UnresolvedEvent>,
 }
 
 impl BatchChanges {
@@ -224,6 +292,7 @@ impl BatchChanges {
                 .filter_map(|identifier| graph.lookup(&identifier).map(|owner| (identifier, owner)))
                 .collect(),
             events: self.events.into_iter().map(|(position, profile)| (position, live(profile))).collect(),
+            unresolved: self.unresolved,
             history: self
                 .history
                 .into_iter()
@@ -377,6 +446,8 @@ pub fn repair(store: &Arc<dyn Store>, repair: &Repair) -> Result<RepairReport, R
                 .collect(),
             events: events_owned,
             history,
+            // The list is kept across a replace; the replay meets the same events.
+            unresolved: Vec::new(),
             next_profile_id: rebuilt.graph.next_id(),
             rules: Some(rules),
         };
@@ -401,38 +472,22 @@ pub fn set_rules(store: &dyn Store, rules: IdentityRules) -> Result<(), ResolveE
     Ok(())
 }
 
-/// Wakes the resolver when the log grows.
-#[derive(Default)]
-pub struct Wakeup {
-    pending: Mutex<bool>,
-    signal: Condvar,
-}
-
-impl Wakeup {
-    pub fn notify(&self) {
-        *self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = true;
-        self.signal.notify_one();
-    }
-
-    fn wait(&self, timeout: Duration) {
-        let pending = self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let (mut pending, _) = self
-            .signal
-            .wait_timeout_while(pending, timeout, |pending| !*pending)
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        *pending = false;
-    }
-}
-
 /// Runs the resolver on its own thread until `stop` is set, then finishes
 /// what is already in the log.
-pub fn spawn(store: Arc<dyn Store>, wakeup: Arc<Wakeup>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+/// It waits on the log head, and re-reads the log at least every
+/// [`IDLE_RECHECK`] whatever the head says.
+pub fn spawn(
+    store: Arc<dyn Store>,
+    head: LogHead,
+    metrics: Metrics,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("tandem-resolver".into())
         .spawn(move || {
             let mut resolver = loop {
                 match Resolver::load(store.clone()) {
-                    Ok(resolver) => break resolver,
+                    Ok(resolver) => break resolver.with_metrics(metrics.clone()),
                     Err(error) => {
                         tracing::error!(%error, "the resolver cannot start; retrying");
                         if stop.load(Ordering::Relaxed) {
@@ -442,10 +497,16 @@ pub fn spawn(store: Arc<dyn Store>, wakeup: Arc<Wakeup>, stop: Arc<AtomicBool>) 
                     }
                 }
             };
+            let mut follower = head.follow();
             loop {
-                match resolver.step(SERVER_BATCH) {
+                let stepped = resolver.step(SERVER_BATCH);
+                let lag = head.current().0.saturating_sub(resolver.position().0);
+                metrics.resolver_lag_events.set(lag as i64);
+                match stepped {
                     Ok(0) if stop.load(Ordering::Relaxed) => break,
-                    Ok(0) => wakeup.wait(Duration::from_millis(250)),
+                    Ok(0) => {
+                        follower.wait_beyond(resolver.position(), IDLE_RECHECK);
+                    }
                     Ok(_) => {}
                     Err(error) => {
                         tracing::error!(%error, "resolving failed; retrying");
@@ -613,5 +674,51 @@ mod tests {
         let wrong =
             repair(&store, &Repair::Unlink { profile: bob.id, identifier: "email:ann@example.com".parse().unwrap() });
         assert!(matches!(wrong, Err(ResolveError::NotOnProfile(..))));
+    }
+
+    #[test]
+    fn unreadable_events_are_listed_and_counted_not_skipped_silently() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with(dir.path(), &[message(Some(1), 1, None, None, 0)]);
+        let source = store.list_sources().unwrap().remove(0).id;
+        let raw = |id: &str, payload: &str| tandem_core::LogRecord {
+            source_id: source.clone(),
+            message_id: tandem_core::MessageId::new(id),
+            event_type: tandem_core::EventType::Track,
+            received_at_ms: 1,
+            timestamp_ms: 1,
+            payload: payload.into(),
+        };
+        // A well-formed event whose identifiers are gone.
+        let mut bare: Value = serde_json::from_str(&store.read_log(LogPosition(0), 1).unwrap()[0].payload).unwrap();
+        for field in ["userId", "anonymousId", "traits", "context"] {
+            bare.as_object_mut().unwrap().remove(field);
+        }
+        bare["messageId"] = json!("bare");
+        let records = vec![raw("bad", "{not json"), raw("bare", &bare.to_string())];
+        store.append(&[IngestBatch { records, ..Default::default() }], 0).unwrap();
+        let metrics = Metrics::new();
+        let mut resolver = Resolver::load(store.clone()).unwrap().with_metrics(metrics.clone());
+        resolver.catch_up(DEFAULT_BATCH).unwrap();
+        let unresolved = store.unresolved_events(LogPosition(0), 10).unwrap();
+        assert_eq!(unresolved.iter().map(|event| event.position.0).collect::<Vec<_>>(), vec![2, 3]);
+        assert!(unresolved[0].reason.starts_with("unreadable event"), "{}", unresolved[0].reason);
+        assert_eq!(unresolved[1].reason, "the event carries no identifier");
+        assert_eq!(store.stats().unwrap().unresolved, 2);
+        let text = metrics.render();
+        assert!(text.contains("tandem_resolver_unusable_events_total 2"), "{text}");
+        assert!(text.contains("tandem_resolver_position 3"), "{text}");
+        assert!(text.contains("tandem_resolver_profiles 1"), "{text}");
+        assert!(text.contains("tandem_resolver_batch_duration_seconds_count 1"), "{text}");
+    }
+
+    #[test]
+    fn repeated_warnings_are_held_back_and_counted() {
+        let mut warning = RateLimitedWarning::new(Duration::from_secs(10));
+        let start = Instant::now();
+        assert_eq!(warning.admit(start), Some(0));
+        assert_eq!(warning.admit(start + Duration::from_secs(1)), None);
+        assert_eq!(warning.admit(start + Duration::from_secs(2)), None);
+        assert_eq!(warning.admit(start + Duration::from_secs(11)), Some(2), "says how many were held back");
     }
 }

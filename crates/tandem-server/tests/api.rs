@@ -542,13 +542,15 @@ mod profiles {
         let ids: Vec<&str> =
             page["events"].as_array().unwrap().iter().map(|event| event["messageId"].as_str().unwrap()).collect();
         assert_eq!(ids, vec!["e3", "e2"]);
-        let before = page["next_before"].as_u64().unwrap();
+        let before = page["next_before"].as_str().unwrap().to_owned();
         let (_, rest) =
             get(&harness, &format!("/api/v1/profiles/prof_1/events?limit=2&before={before}"), Some(&token)).await;
         let ids: Vec<&str> =
             rest["events"].as_array().unwrap().iter().map(|event| event["messageId"].as_str().unwrap()).collect();
         assert_eq!(ids, vec!["e1"]);
         assert_eq!(rest["next_before"], Value::Null);
+        let (status, body) = get(&harness, "/api/v1/profiles/prof_1/events?before=12", Some(&token)).await;
+        assert_eq!((status, error_of(&body)), (StatusCode::BAD_REQUEST, ("invalid_value", Some("before"))));
         let (status, body) = get(&harness, "/api/v1/profiles/prof_1/events?limit=0", Some(&token)).await;
         assert_eq!((status, error_of(&body)), (StatusCode::BAD_REQUEST, ("invalid_value", Some("limit"))));
     }

@@ -50,9 +50,59 @@ pub struct IdentityCommit {
     /// Which profile each event belongs to.
     pub events: Vec<(LogPosition, ProfileId)>,
     pub history: Vec<HistoryRecord>,
+    /// Events the resolver could not use, kept so that none is skipped
+    /// silently; a repair's replace keeps the list (it is about the log).
+    pub unresolved: Vec<UnresolvedEvent>,
     pub next_profile_id: u64,
     /// New identity rules to store with the changes (a repair's block).
     pub rules: Option<IdentityRules>,
+}
+
+/// An event in the log that the resolver could not use, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct UnresolvedEvent {
+    pub position: LogPosition,
+    pub reason: String,
+}
+
+/// A place in a profile's timeline, which is ordered by event time
+/// (`timestamp`), then by log position to break ties. Written as
+/// `TIMESTAMPMS_POSITION` (for example `1700000000000_42`) where it crosses
+/// the API as an opaque paging cursor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TimelineCursor {
+    pub timestamp_ms: i64,
+    pub position: LogPosition,
+}
+
+impl TimelineCursor {
+    /// The cursor just at `entry`: a page read before it starts after it.
+    pub fn at(entry: &LogEntry) -> Self {
+        TimelineCursor { timestamp_ms: entry.timestamp_ms, position: entry.position }
+    }
+}
+
+impl std::fmt::Display for TimelineCursor {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "{}_{}", self.timestamp_ms, self.position.0)
+    }
+}
+
+/// A timeline cursor that is not `TIMESTAMPMS_POSITION`.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("a timeline cursor looks like 1700000000000_42 (as given in next_before)")]
+pub struct TimelineCursorError;
+
+impl std::str::FromStr for TimelineCursor {
+    type Err = TimelineCursorError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (timestamp, position) = text.rsplit_once('_').ok_or(TimelineCursorError)?;
+        Ok(TimelineCursor {
+            timestamp_ms: timestamp.parse().map_err(|_| TimelineCursorError)?,
+            position: LogPosition(position.parse().map_err(|_| TimelineCursorError)?),
+        })
+    }
 }
 
 /// What became of an [`IdentityCommit`]; only `Committed` wrote anything.
@@ -80,6 +130,9 @@ pub trait IdentityStore: Send + Sync + 'static {
     /// new epoch, in one transaction (a rebuild); `commit.from` is ignored.
     fn replace_identity(&self, commit: &IdentityCommit) -> Result<CommitOutcome, StoreError>;
 
+    /// The identity rules in force, without loading the graph.
+    fn identity_rules(&self) -> Result<IdentityRules, StoreError>;
+
     /// Replaces the identity rules and starts a new epoch.
     fn set_identity_rules(&self, rules: &IdentityRules) -> Result<(), StoreError>;
 
@@ -89,17 +142,22 @@ pub trait IdentityStore: Send + Sync + 'static {
     /// The live profiles with these ids (merged-away ids are skipped), in no order.
     fn profiles(&self, ids: &[ProfileId]) -> Result<Vec<Profile>, StoreError>;
 
+    /// Events the resolver could not use, after `after`, oldest first.
+    fn unresolved_events(&self, after: LogPosition, limit: usize) -> Result<Vec<UnresolvedEvent>, StoreError>;
+
     /// A profile by id, following merges to the profile that absorbed it.
     fn profile(&self, id: ProfileId) -> Result<Option<Profile>, StoreError>;
 
     /// The profile holding an identifier.
     fn profile_by_identifier(&self, identifier: &Identifier) -> Result<Option<Profile>, StoreError>;
 
-    /// A profile's events, newest first, before `before` (exclusive) when given.
+    /// A profile's events (with those of every profile merged into it),
+    /// newest first by event time — `timestamp` descending, then log position
+    /// descending — strictly before `before` when given.
     fn profile_events(
         &self,
         id: ProfileId,
-        before: Option<LogPosition>,
+        before: Option<TimelineCursor>,
         limit: usize,
     ) -> Result<Vec<LogEntry>, StoreError>;
 

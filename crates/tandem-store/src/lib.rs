@@ -22,10 +22,13 @@ pub mod suite;
 
 use tandem_core::source::SourceError;
 
-pub use identity::{CommitOutcome, HistoryRecord, IdentityCommit, IdentitySnapshot, IdentityStore};
+pub use identity::{
+    CommitOutcome, HistoryRecord, IdentityCommit, IdentitySnapshot, IdentityStore, TimelineCursor, TimelineCursorError,
+    UnresolvedEvent,
+};
 pub use log::{
     Dedup, EventLog, IngestBatch, IngestOutcome, IngestStats, LogEntry, LogFilter, QuarantineEntry, QuarantineRecord,
-    SourceStats,
+    SourceStats, StageCursor,
 };
 pub use sources::{Sources, TokenInfo};
 pub use sqlite::SqliteStore;

@@ -6,7 +6,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use tandem_core::{EventType, LogPosition, LogRecord, MessageId, SourceId};
 
-use crate::StoreError;
+use crate::{Stage, StoreError};
 
 /// A message refused by validation, kept with its reason instead of dropped.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,6 +59,8 @@ pub struct LogEntry {
     pub message_id: MessageId,
     pub event_type: EventType,
     pub received_at_ms: i64,
+    /// When the event happened (its corrected `timestamp`), in milliseconds.
+    pub timestamp_ms: i64,
     /// The event as Segment JSON, including `receivedAt` and `sourceId`.
     pub payload: String,
 }
@@ -116,15 +118,41 @@ pub struct IngestStats {
     pub resolver_lag: u64,
     /// Live (not merged-away) profiles.
     pub profiles: u64,
+    /// Events the resolver could not use (listed by `unresolved_events`).
+    pub unresolved: u64,
+}
+
+/// A stage's place in the log: the last position whose effects it committed,
+/// and the epoch those effects were computed in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StageCursor {
+    pub position: LogPosition,
+    pub epoch: u64,
 }
 
 /// The event log: what the collect stage writes and every later stage reads.
+///
+/// **Append order.** Positions are assigned when an append commits, and a
+/// later commit always gets higher positions than an earlier one: a reader
+/// that has read everything up to position N never later finds an event at
+/// a position ≤ N, so "read after my cursor" never skips an event. The SQLite
+/// backend keeps this by assigning positions inside the database's single
+/// write lock (also across processes: the CLI importer appends through the
+/// same lock); a backend with concurrent writers must assign positions at
+/// commit or make readers stop at a committed watermark.
 pub trait EventLog: Send + Sync + 'static {
     /// Appends every batch in one transaction and returns their outcomes in
     /// order. Nothing is visible, and nothing may be acknowledged, until this
     /// returns `Ok`. An event whose `(source, messageId)` was stored at or
     /// after `dedup_since_ms` is counted as a duplicate and not stored again.
     fn append(&self, batches: &[IngestBatch], dedup_since_ms: i64) -> Result<Vec<IngestOutcome>, StoreError>;
+
+    /// The position of the newest committed event; 0 when the log is empty.
+    fn head(&self) -> Result<LogPosition, StoreError>;
+
+    /// Where a stage stands in the log (its `stage_cursors` row); `None`
+    /// for a stage that has never committed.
+    fn stage_cursor(&self, stage: Stage) -> Result<Option<StageCursor>, StoreError>;
 
     /// Events after `after`, oldest first.
     fn read_log(&self, after: LogPosition, limit: usize) -> Result<Vec<LogEntry>, StoreError>;

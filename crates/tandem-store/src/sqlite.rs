@@ -9,7 +9,7 @@ mod manage;
 use crate::{
     CommitOutcome, Dedup, EventLog, HistoryRecord, IdentityCommit, IdentitySnapshot, IdentityStore, IngestBatch,
     IngestOutcome, IngestStats, LogEntry, LogFilter, QuarantineEntry, QuarantineRecord, SourceStats, Sources, Stage,
-    StoreError, TokenInfo,
+    StageCursor, StoreError, TimelineCursor, TokenInfo, UnresolvedEvent,
 };
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use std::collections::HashMap;
@@ -126,6 +126,23 @@ const MIGRATIONS: &[&str] = &[
         SELECT 'resolve', position, epoch FROM identity_state WHERE id = 1;
     ALTER TABLE identity_state DROP COLUMN position;
     ALTER TABLE identity_state DROP COLUMN epoch;",
+    // 5: events the resolver could not use, listed rather than skipped.
+    "CREATE TABLE unresolved_events (
+        position INTEGER PRIMARY KEY,
+        reason TEXT NOT NULL
+    );",
+    // 6: timelines ordered by event time: each profile's event links carry
+    // the event's timestamp, and the key is (profile, timestamp, position).
+    "CREATE TABLE profile_events_by_time (
+        profile_id INTEGER NOT NULL,
+        timestamp INTEGER NOT NULL,
+        position INTEGER NOT NULL,
+        PRIMARY KEY (profile_id, timestamp, position)
+    ) WITHOUT ROWID;
+    INSERT INTO profile_events_by_time (profile_id, timestamp, position)
+        SELECT p.profile_id, e.timestamp, p.position FROM profile_events p JOIN events e ON e.position = p.position;
+    DROP TABLE profile_events;
+    ALTER TABLE profile_events_by_time RENAME TO profile_events;",
 ];
 
 /// The `received_at` of a message id kept for good ([`Dedup::Forever`]).
@@ -431,10 +448,33 @@ impl EventLog for SqliteStore {
         })
     }
 
+    fn head(&self) -> Result<LogPosition, StoreError> {
+        self.with_reader(|connection| {
+            let head: i64 = connection
+                .prepare_cached("SELECT COALESCE(MAX(position), 0) FROM events")?
+                .query_row([], |row| row.get(0))?;
+            Ok(LogPosition(head as u64))
+        })
+    }
+
+    fn stage_cursor(&self, stage: Stage) -> Result<Option<StageCursor>, StoreError> {
+        self.with_reader(|connection| {
+            Ok(connection
+                .prepare_cached("SELECT position, epoch FROM stage_cursors WHERE stage = ?1")?
+                .query_row([stage.0], |row| {
+                    Ok(StageCursor {
+                        position: LogPosition(row.get::<_, i64>(0)? as u64),
+                        epoch: row.get::<_, i64>(1)? as u64,
+                    })
+                })
+                .optional()?)
+        })
+    }
+
     fn read_log(&self, after: LogPosition, limit: usize) -> Result<Vec<LogEntry>, StoreError> {
         self.with_reader(|connection| {
             let mut statement = connection.prepare_cached(
-                "SELECT position, source_id, message_id, type, received_at, payload FROM events
+                "SELECT position, source_id, message_id, type, received_at, payload, timestamp FROM events
                  WHERE position > ?1 ORDER BY position LIMIT ?2",
             )?;
             let rows = statement.query_map(params![after.0 as i64, limit as i64], log_entry_from_row)?;
@@ -504,6 +544,17 @@ impl IdentityStore for SqliteStore {
         self.with_writer(|connection| identity::commit(connection, commit, true))
     }
 
+    fn identity_rules(&self) -> Result<IdentityRules, StoreError> {
+        self.with_reader(|connection| {
+            let text: Option<String> =
+                connection.query_row("SELECT rules FROM identity_state WHERE id = 1", [], |row| row.get(0))?;
+            match text {
+                Some(text) => serde_json::from_str(&text).map_err(|error| StoreError::Backend(Box::new(error))),
+                None => Ok(IdentityRules::default()),
+            }
+        })
+    }
+
     fn set_identity_rules(&self, rules: &IdentityRules) -> Result<(), StoreError> {
         let text = serde_json::to_string(rules).map_err(|error| StoreError::Backend(Box::new(error)))?;
         self.with_writer(|connection| {
@@ -512,6 +563,18 @@ impl IdentityStore for SqliteStore {
             transaction.execute("UPDATE stage_cursors SET epoch = epoch + 1 WHERE stage = ?1", [Stage::RESOLVE.0])?;
             transaction.commit()?;
             Ok(())
+        })
+    }
+
+    fn unresolved_events(&self, after: LogPosition, limit: usize) -> Result<Vec<UnresolvedEvent>, StoreError> {
+        self.with_reader(|connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT position, reason FROM unresolved_events WHERE position > ?1 ORDER BY position LIMIT ?2",
+            )?;
+            let rows = statement.query_map(params![after.0 as i64, limit as i64], |row| {
+                Ok(UnresolvedEvent { position: LogPosition(row.get::<_, i64>(0)? as u64), reason: row.get(1)? })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
         })
     }
 
@@ -535,17 +598,20 @@ impl IdentityStore for SqliteStore {
     fn profile_events(
         &self,
         id: ProfileId,
-        before: Option<LogPosition>,
+        before: Option<TimelineCursor>,
         limit: usize,
     ) -> Result<Vec<LogEntry>, StoreError> {
         self.with_reader(|connection| {
             let mut statement = connection.prepare_cached(
-                "SELECT e.position, e.source_id, e.message_id, e.type, e.received_at, e.payload
+                "SELECT e.position, e.source_id, e.message_id, e.type, e.received_at, e.payload, e.timestamp
                  FROM profile_events p JOIN events e ON e.position = p.position
-                 WHERE p.profile_id = ?1 AND p.position < ?2 ORDER BY p.position DESC LIMIT ?3",
+                 WHERE p.profile_id = ?1 AND (p.timestamp, p.position) < (?2, ?3)
+                 ORDER BY p.timestamp DESC, p.position DESC LIMIT ?4",
             )?;
-            let before = before.map_or(i64::MAX, |position| position.0 as i64);
-            let rows = statement.query_map(params![id.0 as i64, before, limit as i64], log_entry_from_row)?;
+            let (timestamp, position) =
+                before.map_or((i64::MAX, i64::MAX), |cursor| (cursor.timestamp_ms, cursor.position.0 as i64));
+            let rows =
+                statement.query_map(params![id.0 as i64, timestamp, position, limit as i64], log_entry_from_row)?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
     }
@@ -604,6 +670,7 @@ fn log_entry_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<LogEntry> {
         })?,
         received_at_ms: row.get(4)?,
         payload: row.get(5)?,
+        timestamp_ms: row.get(6)?,
     })
 }
 
@@ -659,6 +726,8 @@ fn read_stats(connection: &Connection) -> Result<IngestStats, StoreError> {
     stats.profiles = connection
         .query_row("SELECT COUNT(*) FROM profiles WHERE state IS NOT NULL", [], |row| row.get::<_, i64>(0))?
         as u64;
+    stats.unresolved =
+        connection.query_row("SELECT COUNT(*) FROM unresolved_events", [], |row| row.get::<_, i64>(0))? as u64;
     Ok(stats)
 }
 
@@ -693,11 +762,29 @@ mod tests {
                 connection.pragma_update(None, "user_version", index as i64 + 1).unwrap();
             }
             connection.execute("UPDATE identity_state SET position = 7, epoch = 2, next_profile_id = 5", []).unwrap();
+            connection
+                .execute_batch(
+                    "INSERT INTO events (source_id, message_id, type, received_at, timestamp, payload)
+                         VALUES ('s', 'a', 'track', 1, 900, '{}'), ('s', 'b', 'track', 1, 100, '{}');
+                     INSERT INTO profile_events (profile_id, position) VALUES (1, 1), (1, 2);",
+                )
+                .unwrap();
+            let profile = serde_json::to_string(&Profile::new(ProfileId(1))).unwrap();
+            connection
+                .execute("INSERT INTO profiles (id, merged_into, state) VALUES (1, NULL, ?1)", [profile])
+                .unwrap();
         }
         let store = SqliteStore::open(dir.path()).unwrap();
         let snapshot = store.load_identity().unwrap();
         assert_eq!((snapshot.position, snapshot.epoch, snapshot.next_profile_id), (LogPosition(7), 2, 5));
         assert_eq!(store.stats().unwrap().resolver_position, LogPosition(7));
+        let timeline: Vec<_> = store
+            .profile_events(ProfileId(1), None, 10)
+            .unwrap()
+            .iter()
+            .map(|entry| (entry.position.0, entry.timestamp_ms))
+            .collect();
+        assert_eq!(timeline, vec![(1, 900), (2, 100)], "old links gain their event's time");
     }
 
     #[test]

@@ -26,7 +26,8 @@ macro_rules! event_log_test_suite {
             stats_count_per_source_and_type,
             concurrent_appends_are_all_kept,
             the_log_filters_by_source_type_time_and_direction,
-            browsing_events_filters_by_name_and_user_across_chunks
+            browsing_events_filters_by_name_and_user_across_chunks,
+            a_reader_following_concurrent_appends_skips_nothing
         );
     };
 }
@@ -52,7 +53,8 @@ macro_rules! identity_store_test_suite {
         $crate::suite_cases!(identity, $make;
             identity_commits_round_trip_and_refuse_stale_writers,
             batched_look_ups_find_live_owners_and_profiles,
-            profiles_list_by_id_and_search_by_identifier_prefix_and_trait
+            profiles_list_by_id_and_search_by_identifier_prefix_and_trait,
+            timelines_follow_event_time_and_page_by_cursor
         );
     };
 }

@@ -10,7 +10,7 @@ use tandem_core::{Identifier, IdentityChange, Profile, ProfileId, Source, Source
 use tandem_server::profile::{history_json, profile_json};
 use tandem_server::resolve::{self, Repair, Resolver};
 use tandem_store::browse::{self, EventQuery, ProfileQuery};
-use tandem_store::Store;
+use tandem_store::{Stage, Store};
 
 /// How many rows one read fetches while streaming long listings.
 const PAGE: usize = 1_000;
@@ -428,7 +428,13 @@ pub fn profile_listing(
 
 /// Brings profiles up to date with the log first, so the command line sees
 /// every event even when no server is running.
+/// When the resolver is already at the log head (a running server keeps it
+/// there), nothing is loaded.
 fn catch_up(store: &Arc<dyn Store>) -> anyhow::Result<()> {
+    let resolved = store.stage_cursor(Stage::RESOLVE)?.unwrap_or_default().position;
+    if resolved >= store.head()? {
+        return Ok(());
+    }
     let mut resolver = Resolver::load(store.clone())?;
     resolver.catch_up(resolve::DEFAULT_BATCH)?;
     Ok(())
@@ -586,7 +592,7 @@ pub fn identity_rules(
     as_json: bool,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
-    let mut rules = store.load_identity()?.rules;
+    let mut rules = store.identity_rules()?;
     let mut changed = false;
     for limit in &change.limits {
         let Some((kind, number)) = limit.split_once('=') else { bail!("--limit must be TYPE=N, got {limit:?}") };

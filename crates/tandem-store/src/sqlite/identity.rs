@@ -108,8 +108,12 @@ pub fn commit(
         for (identifier, profile) in &commit.identifiers {
             save_identifier.execute(params![identifier.kind, identifier.value, profile.0 as i64])?;
         }
-        let mut save_event =
-            transaction.prepare_cached("INSERT INTO profile_events (profile_id, position) VALUES (?1, ?2)")?;
+        // The event's time comes from the log itself, so the timeline's order
+        // needs nothing from the resolver beyond the link.
+        let mut save_event = transaction.prepare_cached(
+            "INSERT INTO profile_events (profile_id, timestamp, position)
+             SELECT ?1, timestamp, position FROM events WHERE position = ?2",
+        )?;
         for (position, profile) in &commit.events {
             save_event.execute([profile.0 as i64, position.0 as i64])?;
         }
@@ -123,6 +127,12 @@ pub fn commit(
                 serde_json::to_string(&record.change).map_err(json_error)?,
                 record.recorded_at_ms
             ])?;
+        }
+        let mut save_unresolved = transaction.prepare_cached(
+            "INSERT INTO unresolved_events (position, reason) VALUES (?1, ?2) ON CONFLICT (position) DO NOTHING",
+        )?;
+        for unresolved in &commit.unresolved {
+            save_unresolved.execute(params![unresolved.position.0 as i64, unresolved.reason])?;
         }
     }
     if let Some(rules) = &commit.rules {

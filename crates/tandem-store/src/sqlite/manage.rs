@@ -39,7 +39,7 @@ pub fn filter_log(connection: &Connection, filter: &LogFilter, limit: usize) -> 
     let order = if filter.newest_first { "DESC" } else { "ASC" };
     values.push(SqlValue::Integer(limit as i64));
     let sql = format!(
-        "SELECT position, source_id, message_id, type, received_at, payload FROM events {clause}
+        "SELECT position, source_id, message_id, type, received_at, payload, timestamp FROM events {clause}
          ORDER BY position {order} LIMIT ?{}",
         values.len()
     );

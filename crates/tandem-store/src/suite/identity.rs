@@ -2,7 +2,7 @@
 
 use super::{batch, record};
 use crate::browse::{find_profiles, ProfileQuery};
-use crate::{CommitOutcome, HistoryRecord, IdentityCommit, Store};
+use crate::{CommitOutcome, HistoryRecord, IdentityCommit, IngestBatch, Store, TimelineCursor, UnresolvedEvent};
 use tandem_core::{EventType, Identifier, IdentityChange, IdentityRules, LogPosition, Profile, ProfileId, SourceKind};
 
 pub fn identity_commits_round_trip_and_refuse_stale_writers(store: &impl Store) {
@@ -61,21 +61,24 @@ pub fn identity_commits_round_trip_and_refuse_stale_writers(store: &impl Store) 
             recorded_at_ms: 6,
         }],
         next_profile_id: 3,
+        unresolved: vec![UnresolvedEvent { position: LogPosition(3), reason: "unreadable".into() }],
         ..IdentityCommit::default()
     };
     assert_eq!(store.commit_identity(&merge).unwrap(), CommitOutcome::Committed);
+    assert_eq!(
+        store.unresolved_events(LogPosition(0), 10).unwrap(),
+        vec![UnresolvedEvent { position: LogPosition(3), reason: "unreadable".into() }]
+    );
+    assert!(store.unresolved_events(LogPosition(3), 10).unwrap().is_empty());
     assert_eq!(store.profile(ProfileId(2)).unwrap(), Some(first.clone()), "a merged id resolves to its survivor");
     assert_eq!(store.profile_by_identifier(&ann).unwrap(), Some(first.clone()));
     assert_eq!(store.profile_by_identifier(&Identifier::new("email", "x@y.z")).unwrap(), None);
     let timeline: Vec<u64> =
         store.profile_events(ProfileId(1), None, 10).unwrap().iter().map(|entry| entry.position.0).collect();
     assert_eq!(timeline, vec![3, 2, 1], "newest first, merged profile's events included");
-    let page: Vec<u64> = store
-        .profile_events(ProfileId(1), Some(LogPosition(3)), 1)
-        .unwrap()
-        .iter()
-        .map(|entry| entry.position.0)
-        .collect();
+    let newest = TimelineCursor::at(&store.profile_events(ProfileId(1), None, 1).unwrap()[0]);
+    let page: Vec<u64> =
+        store.profile_events(ProfileId(1), Some(newest), 1).unwrap().iter().map(|entry| entry.position.0).collect();
     assert_eq!(page, vec![2]);
     assert_eq!(store.identity_history(ProfileId(2)).unwrap().len(), 2);
     assert_eq!(store.event_owners(LogPosition(0), LogPosition(3)).unwrap().len(), 3);
@@ -95,6 +98,12 @@ pub fn identity_commits_round_trip_and_refuse_stale_writers(store: &impl Store) 
     assert_eq!(store.commit_identity(&stale).unwrap(), CommitOutcome::EpochChanged);
     let reloaded = store.load_identity().unwrap();
     assert_eq!(reloaded.rules, rules);
+    assert_eq!(store.identity_rules().unwrap(), rules, "the rules alone");
+    assert_eq!(
+        store.stage_cursor(crate::Stage::RESOLVE).unwrap(),
+        Some(crate::StageCursor { position: LogPosition(3), epoch: reloaded.epoch })
+    );
+    assert_eq!(store.stage_cursor(crate::Stage("audience")).unwrap(), None);
     assert!(reloaded.epoch > snapshot.epoch);
     // A replacing commit clears everything first.
     let replace =
@@ -103,6 +112,7 @@ pub fn identity_commits_round_trip_and_refuse_stale_writers(store: &impl Store) 
     assert!(store.load_identity().unwrap().epoch > reloaded.epoch, "a replace starts a new epoch");
     assert_eq!(store.profile(ProfileId(1)).unwrap(), None);
     assert_eq!(store.stats().unwrap().profiles, 0);
+    assert_eq!(store.stats().unwrap().unresolved, 1, "a replace keeps the unresolved list");
 }
 
 pub fn batched_look_ups_find_live_owners_and_profiles(store: &impl Store) {
@@ -193,4 +203,50 @@ pub fn profiles_list_by_id_and_search_by_identifier_prefix_and_trait(store: &imp
     assert_eq!(page_ids(&find_profiles(store, &free_anns, 10, usize::MAX).unwrap()), [4, 6]);
     let bad = ProfileQuery { after: Some("nonsense".into()), ..ProfileQuery::default() };
     assert!(find_profiles(store, &bad, 10, usize::MAX).is_err());
+}
+
+/// Timelines are ordered by event time, then position; an event that arrives
+/// late with an old timestamp takes its place in time, and paging with the
+/// cursor of each page's last event visits every event once.
+pub fn timelines_follow_event_time_and_page_by_cursor(store: &impl Store) {
+    let web = store.create_source("web", SourceKind::Website).unwrap().id;
+    // Positions 1..=5 with times 50, 10, 30, 10, 40: two share a time.
+    let times = [50, 10, 30, 10, 40];
+    let records = times
+        .iter()
+        .enumerate()
+        .map(|(index, time)| {
+            let mut record = record(&web, &format!("m{index}"), EventType::Track, 1_000);
+            record.timestamp_ms = *time;
+            record
+        })
+        .collect();
+    store.append(&[IngestBatch { records, ..Default::default() }], 0).unwrap();
+    let epoch = store.load_identity().unwrap().epoch;
+    let commit = IdentityCommit {
+        epoch,
+        to: LogPosition(5),
+        profiles: vec![Profile::new(ProfileId(1))],
+        events: (1..=5).map(|position| (LogPosition(position), ProfileId(1))).collect(),
+        next_profile_id: 2,
+        ..IdentityCommit::default()
+    };
+    assert_eq!(store.commit_identity(&commit).unwrap(), CommitOutcome::Committed);
+    let all: Vec<u64> = store.profile_events(ProfileId(1), None, 10).unwrap().iter().map(|e| e.position.0).collect();
+    assert_eq!(all, vec![1, 5, 3, 4, 2], "newest event time first; equal times by position, higher first");
+    let mut paged = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = store.profile_events(ProfileId(1), cursor, 2).unwrap();
+        paged.extend(page.iter().map(|entry| entry.position.0));
+        match page.last() {
+            Some(last) if page.len() == 2 => cursor = Some(TimelineCursor::at(last)),
+            _ => break,
+        }
+    }
+    assert_eq!(paged, all, "pages of two visit every event once, in order");
+    let cursor = TimelineCursor { timestamp_ms: 10, position: LogPosition(4) };
+    assert_eq!(cursor.to_string().parse::<TimelineCursor>(), Ok(cursor));
+    assert!("10".parse::<TimelineCursor>().is_err());
+    assert!("x_4".parse::<TimelineCursor>().is_err());
 }

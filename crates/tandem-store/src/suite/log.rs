@@ -7,6 +7,7 @@ use tandem_core::{EventType, LogPosition, LogRecord, SourceId, SourceKind};
 
 pub fn appended_events_read_back_in_order(store: &impl Store) {
     let source = store.create_source("web", SourceKind::Website).unwrap().id;
+    assert_eq!(store.head().unwrap(), LogPosition(0), "an empty log's head");
     let first =
         batch(vec![record(&source, "a", EventType::Track, 1_000), record(&source, "b", EventType::Identify, 1_000)]);
     let second = batch(vec![record(&source, "c", EventType::Page, 1_001)]);
@@ -24,6 +25,7 @@ pub fn appended_events_read_back_in_order(store: &impl Store) {
     assert_eq!(rest.len(), 1);
     assert_eq!(rest[0].message_id.as_str(), "b");
     assert!(store.read_log(log[2].position, 10).unwrap().is_empty());
+    assert_eq!(store.head().unwrap(), log[2].position, "the head is the newest event");
 }
 
 pub fn duplicates_within_the_window_are_stored_once(store: &impl Store) {
@@ -265,4 +267,42 @@ pub fn browsing_events_filters_by_name_and_user_across_chunks(store: &impl Store
         (2, Some(150)),
         "stops at the budget"
     );
+}
+
+/// The append-order contract: a reader that has read up to N while others
+/// append never later finds an event at a position ≤ N.
+pub fn a_reader_following_concurrent_appends_skips_nothing(store: &impl Store) {
+    let web = store.create_source("web", SourceKind::Website).unwrap().id;
+    let writers_done = std::sync::atomic::AtomicUsize::new(0);
+    let mut seen = Vec::new();
+    std::thread::scope(|scope| {
+        for thread in 0..4 {
+            let (web, writers_done) = (web.clone(), &writers_done);
+            scope.spawn(move || {
+                for round in 0..25 {
+                    let records = (0..3)
+                        .map(|n| record(&web, &format!("t{thread}-r{round}-{n}"), EventType::Track, 1_000))
+                        .collect();
+                    store.append(&[batch(records)], 0).unwrap();
+                }
+                writers_done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
+        let mut cursor = LogPosition(0);
+        loop {
+            let finished = writers_done.load(std::sync::atomic::Ordering::SeqCst) == 4;
+            for entry in store.read_log(cursor, 7).unwrap() {
+                assert!(entry.position > cursor, "positions only grow after what was read");
+                cursor = entry.position;
+                seen.push(entry.position);
+            }
+            if finished && store.read_log(cursor, 1).unwrap().is_empty() {
+                break;
+            }
+        }
+    });
+    let everything: Vec<_> =
+        store.read_log(LogPosition(0), 1_000).unwrap().iter().map(|entry| entry.position).collect();
+    assert_eq!(everything.len(), 300);
+    assert_eq!(seen, everything, "the follower read every event exactly once, in order");
 }
