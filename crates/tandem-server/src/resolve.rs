@@ -12,7 +12,7 @@ use tandem_core::identity::{CompiledRules, RulesError};
 use tandem_core::{
     Event, Identifier, IdentityChange, IdentityGraph, IdentityRules, LogPosition, ProfileId, Resolution,
 };
-use tandem_store::{CommitOutcome, HistoryRecord, IdentityCommit, Store, StoreError, UnresolvedEvent};
+use tandem_store::{CommitOutcome, EventLink, HistoryRecord, IdentityCommit, Store, StoreError, UnresolvedEvent};
 
 use crate::log_head::LogHead;
 use crate::metrics::Metrics;
@@ -154,7 +154,7 @@ impl Resolver {
                     if resolution.profile.is_none() && resolution.changes.is_empty() {
                         self.unusable(&mut batch, entry.position, "the event carries no identifier".to_owned());
                     }
-                    batch.add(entry.position, resolution);
+                    batch.add(entry.position, entry.timestamp_ms, resolution);
                 }
                 Err(error) => self.unusable(&mut batch, entry.position, format!("unreadable event: {error}")),
             }
@@ -250,17 +250,17 @@ struct BatchChanges {
     touched: BTreeSet<ProfileId>,
     merged: Vec<(ProfileId, ProfileId)>,
     added: Vec<Identifier>,
-    events: Vec<(LogPosition, ProfileId)>,
+    events: Vec<EventLink>,
     history: Vec<(LogPosition, IdentityChange)>,
     unresolved: Vec<UnresolvedEvent>,
 }
 
 impl BatchChanges {
-    fn add(&mut self, position: LogPosition, resolution: Resolution) {
+    fn add(&mut self, position: LogPosition, timestamp_ms: i64, resolution: Resolution) {
         let Resolution { profile, merged_away, changes } = resolution;
         if let Some(profile) = profile {
             self.touched.insert(profile);
-            self.events.push((position, profile));
+            self.events.push(EventLink { position, timestamp_ms, profile });
             for merged in merged_away {
                 self.merged.push((merged, profile));
             }
@@ -291,7 +291,7 @@ impl BatchChanges {
                 .into_iter()
                 .filter_map(|identifier| graph.lookup(&identifier).map(|owner| (identifier, owner)))
                 .collect(),
-            events: self.events.into_iter().map(|(position, profile)| (position, live(profile))).collect(),
+            events: self.events.into_iter().map(|link| EventLink { profile: live(link.profile), ..link }).collect(),
             unresolved: self.unresolved,
             history: self
                 .history
@@ -369,10 +369,13 @@ pub fn repair(store: &Arc<dyn Store>, repair: &Repair) -> Result<RepairReport, R
         let mut read_error = None;
         let mut position = LogPosition(0);
         let mut page = Vec::<tandem_store::LogEntry>::new().into_iter();
+        // Each replayed event's time, by position (ascending), for its timeline link.
+        let mut times: Vec<(u64, i64)> = Vec::new();
         let events = std::iter::from_fn(|| loop {
             if let Some(entry) = page.next() {
                 if let Ok(event) = serde_json::from_str::<Event>(&entry.payload) {
                     events_replayed += 1;
+                    times.push((entry.position.0, entry.timestamp_ms));
                     return Some((entry.position.0, event));
                 }
                 continue;
@@ -414,7 +417,15 @@ pub fn repair(store: &Arc<dyn Store>, repair: &Repair) -> Result<RepairReport, R
         let mut events_owned = Vec::new();
         for (position, resolution) in &rebuilt.resolutions {
             if let Some(profile) = resolution.profile {
-                events_owned.push((LogPosition(*position), rebuilt.graph.canonical(profile).unwrap_or(profile)));
+                let timestamp_ms = times
+                    .binary_search_by_key(position, |(at, _)| *at)
+                    .map(|index| times[index].1)
+                    .expect("every resolved event was replayed");
+                events_owned.push(EventLink {
+                    position: LogPosition(*position),
+                    timestamp_ms,
+                    profile: rebuilt.graph.canonical(profile).unwrap_or(profile),
+                });
             }
             for change in &resolution.changes {
                 history.push(HistoryRecord {

@@ -32,6 +32,17 @@ pub struct HistoryRecord {
     pub recorded_at_ms: i64,
 }
 
+/// An event tied to the profile it belongs to, with the event's time (its
+/// Segment `timestamp`), which orders the profile's timeline. The resolver
+/// has read the event, so it passes the time along rather than the store
+/// looking each event up again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventLink {
+    pub position: LogPosition,
+    pub timestamp_ms: i64,
+    pub profile: ProfileId,
+}
+
 /// What the resolver (or a repair) writes in one transaction.
 #[derive(Clone, Debug, Default)]
 pub struct IdentityCommit {
@@ -48,7 +59,7 @@ pub struct IdentityCommit {
     /// Identifiers and the profile that now holds each.
     pub identifiers: Vec<(Identifier, ProfileId)>,
     /// Which profile each event belongs to.
-    pub events: Vec<(LogPosition, ProfileId)>,
+    pub events: Vec<EventLink>,
     pub history: Vec<HistoryRecord>,
     /// Events the resolver could not use, kept so that none is skipped
     /// silently; a repair's replace keeps the list (it is about the log).

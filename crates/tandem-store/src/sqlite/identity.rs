@@ -108,14 +108,10 @@ pub fn commit(
         for (identifier, profile) in &commit.identifiers {
             save_identifier.execute(params![identifier.kind, identifier.value, profile.0 as i64])?;
         }
-        // The event's time comes from the log itself, so the timeline's order
-        // needs nothing from the resolver beyond the link.
-        let mut save_event = transaction.prepare_cached(
-            "INSERT INTO profile_events (profile_id, timestamp, position)
-             SELECT ?1, timestamp, position FROM events WHERE position = ?2",
-        )?;
-        for (position, profile) in &commit.events {
-            save_event.execute([profile.0 as i64, position.0 as i64])?;
+        let mut save_event = transaction
+            .prepare_cached("INSERT INTO profile_events (profile_id, timestamp, position) VALUES (?1, ?2, ?3)")?;
+        for link in &commit.events {
+            save_event.execute([link.profile.0 as i64, link.timestamp_ms, link.position.0 as i64])?;
         }
         let mut save_history = transaction.prepare_cached(
             "INSERT INTO identity_history (position, profile_id, change, recorded_at) VALUES (?1, ?2, ?3, ?4)",

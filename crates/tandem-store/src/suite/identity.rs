@@ -2,7 +2,9 @@
 
 use super::{batch, record};
 use crate::browse::{find_profiles, ProfileQuery};
-use crate::{CommitOutcome, HistoryRecord, IdentityCommit, IngestBatch, Store, TimelineCursor, UnresolvedEvent};
+use crate::{
+    CommitOutcome, EventLink, HistoryRecord, IdentityCommit, IngestBatch, Store, TimelineCursor, UnresolvedEvent,
+};
 use tandem_core::{EventType, Identifier, IdentityChange, IdentityRules, LogPosition, Profile, ProfileId, SourceKind};
 
 pub fn identity_commits_round_trip_and_refuse_stale_writers(store: &impl Store) {
@@ -25,7 +27,7 @@ pub fn identity_commits_round_trip_and_refuse_stale_writers(store: &impl Store) 
         to: LogPosition(2),
         profiles: vec![first.clone(), second.clone()],
         identifiers: vec![(anon.clone(), ProfileId(1)), (ann.clone(), ProfileId(2))],
-        events: vec![(LogPosition(1), ProfileId(1)), (LogPosition(2), ProfileId(2))],
+        events: vec![link(1, 1), link(2, 2)],
         history: vec![HistoryRecord {
             position: Some(LogPosition(1)),
             profile: Some(ProfileId(1)),
@@ -49,7 +51,7 @@ pub fn identity_commits_round_trip_and_refuse_stale_writers(store: &impl Store) 
         to: LogPosition(3),
         profiles: vec![first.clone()],
         merged: vec![(ProfileId(2), ProfileId(1))],
-        events: vec![(LogPosition(3), ProfileId(1))],
+        events: vec![link(3, 1)],
         history: vec![HistoryRecord {
             position: Some(LogPosition(3)),
             profile: Some(ProfileId(1)),
@@ -227,7 +229,13 @@ pub fn timelines_follow_event_time_and_page_by_cursor(store: &impl Store) {
         epoch,
         to: LogPosition(5),
         profiles: vec![Profile::new(ProfileId(1))],
-        events: (1..=5).map(|position| (LogPosition(position), ProfileId(1))).collect(),
+        events: (1..=5u64)
+            .map(|position| EventLink {
+                position: LogPosition(position),
+                timestamp_ms: times[position as usize - 1],
+                profile: ProfileId(1),
+            })
+            .collect(),
         next_profile_id: 2,
         ..IdentityCommit::default()
     };
@@ -249,4 +257,10 @@ pub fn timelines_follow_event_time_and_page_by_cursor(store: &impl Store) {
     assert_eq!(cursor.to_string().parse::<TimelineCursor>(), Ok(cursor));
     assert!("10".parse::<TimelineCursor>().is_err());
     assert!("x_4".parse::<TimelineCursor>().is_err());
+}
+
+/// Event `position` tied to profile `profile`, with the time `record()` gave
+/// it: received at `position` ms, dated 5 ms earlier.
+fn link(position: u64, profile: u64) -> EventLink {
+    EventLink { position: LogPosition(position), timestamp_ms: position as i64 - 5, profile: ProfileId(profile) }
 }
