@@ -244,6 +244,22 @@ pub struct CompiledRules {
 }
 
 impl IdentityRules {
+    /// How identifier values are normalized under these rules (the phone
+    /// region), without compiling the rest: what a look-up needs.
+    pub fn normalizer(&self) -> Result<Normalizer, RulesError> {
+        let phone_region = match &self.phone_region {
+            None => None,
+            Some(region) => Some(
+                region
+                    .trim()
+                    .to_ascii_uppercase()
+                    .parse::<phonenumber::country::Id>()
+                    .map_err(|_| RulesError::BadPhoneRegion(region.clone()))?,
+            ),
+        };
+        Ok(Normalizer { phone_region })
+    }
+
     pub fn compile(self) -> Result<CompiledRules, RulesError> {
         if self.default_limit == 0 {
             return Err(RulesError::ZeroLimit("every other type".into()));
@@ -274,22 +290,13 @@ impl IdentityRules {
             }
             blocked_patterns_by_type.insert(kind.clone(), compile_all(patterns)?);
         }
-        let phone_region = match &self.phone_region {
-            None => None,
-            Some(region) => Some(
-                region
-                    .trim()
-                    .to_ascii_uppercase()
-                    .parse::<phonenumber::country::Id>()
-                    .map_err(|_| RulesError::BadPhoneRegion(region.clone()))?,
-            ),
-        };
+        let normalizer = self.normalizer()?;
         Ok(CompiledRules {
             blocked_values: self.blocked_values.iter().map(|value| value.trim().to_lowercase()).collect(),
             blocked_identifiers: self.blocked_identifiers.iter().cloned().collect(),
             blocked_patterns: compile_all(&self.blocked_patterns)?,
             blocked_patterns_by_type,
-            normalizer: Normalizer { phone_region },
+            normalizer,
             rules: self,
         })
     }

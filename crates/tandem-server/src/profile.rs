@@ -12,6 +12,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tandem_core::event::format_timestamp;
+use tandem_core::identity::Normalizer;
 use tandem_core::{Identifier, LogPosition, Profile, ProfileId};
 use tandem_store::browse::{self, BrowseError, ProfileQuery};
 use tandem_store::{HistoryRecord, Store, StoreError, TimelineCursor};
@@ -92,10 +93,12 @@ fn invalid(field: &str, message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorCode::InvalidValue, message).with_field(field)
 }
 
-fn parse_identifier(field: &str, text: &str) -> Result<Identifier, ApiError> {
-    text.parse().map_err(|error: tandem_core::identity::MalformedIdentifier| {
-        ApiError::new(ErrorCode::InvalidIdentifier, error.to_string()).with_field(field)
-    })
+/// Parses `type:value` exactly as an event's identifier is normalized,
+/// with the identity rules' phone region.
+fn parse_identifier(normalizer: &Normalizer, field: &str, text: &str) -> Result<Identifier, ApiError> {
+    normalizer
+        .parse(text)
+        .map_err(|error| ApiError::new(ErrorCode::InvalidIdentifier, error.to_string()).with_field(field))
 }
 
 /// `GET /api/v1/profiles`: with `identifier=type:value` the one profile
@@ -115,7 +118,7 @@ async fn find_profile(
         let repeated = || invalid(&key, format!("{key} is given twice"));
         match key.as_str() {
             "identifier" if identifier.is_some() => return Err(repeated()),
-            "identifier" => identifier = Some(parse_identifier("identifier", &value)?),
+            "identifier" => identifier = Some(value),
             "search" if query.identifier_prefix.is_some() => return Err(repeated()),
             "search" => {
                 query.identifier_prefix = Some(browse::parse_identifier_prefix(&value).ok_or_else(|| {
@@ -138,7 +141,10 @@ async fn find_profile(
             _ => return Err(invalid(&key, format!("unknown parameter {key}"))),
         }
     }
-    if let Some(identifier) = identifier {
+    if let Some(text) = identifier {
+        let rules = read(&state, |store| store.identity_rules()).await?;
+        let normalizer = rules.normalizer().unwrap_or_default();
+        let identifier = parse_identifier(&normalizer, "identifier", &text)?;
         let shown = identifier.to_string();
         let profile = read(&state, move |store| store.profile_by_identifier(&identifier)).await?.ok_or_else(|| {
             ApiError::new(ErrorCode::ProfileNotFound, format!("no profile holds {shown}")).with_field("identifier")

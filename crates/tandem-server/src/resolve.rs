@@ -151,8 +151,23 @@ impl Resolver {
             match serde_json::from_str::<Event>(&entry.payload) {
                 Ok(event) => {
                     let resolution = self.graph.resolve(entry.position.0, &event, &self.rules);
-                    if resolution.profile.is_none() && resolution.changes.is_empty() {
-                        self.unusable(&mut batch, entry.position, "the event carries no identifier".to_owned());
+                    if resolution.profile.is_none() {
+                        let dropped: Vec<String> = resolution
+                            .changes
+                            .iter()
+                            .filter_map(|change| match change {
+                                IdentityChange::Dropped { identifier, reason, .. } => {
+                                    Some(format!("{identifier} ({reason})"))
+                                }
+                                _ => None,
+                            })
+                            .collect();
+                        let reason = if dropped.is_empty() {
+                            "the event carries no identifier".to_owned()
+                        } else {
+                            format!("no usable identifier: {}", dropped.join(", "))
+                        };
+                        self.unusable(&mut batch, entry.position, reason);
                     }
                     batch.add(entry.position, entry.timestamp_ms, resolution);
                 }

@@ -533,6 +533,32 @@ mod profiles {
         assert_eq!(bob["id"], "prof_3");
     }
 
+    /// Regression: a stored identifier could not always be looked up. A
+    /// phone written without its country code, under a region, is found by
+    /// the same writing and by its E.164 form, which is what the profile shows.
+    #[tokio::test]
+    async fn phones_are_looked_up_as_events_normalize_them() {
+        let harness = Harness::new();
+        let rules = tandem_core::IdentityRules { phone_region: Some("DE".into()), ..Default::default() };
+        tandem_server::resolve::set_rules(harness.store.as_ref(), rules).unwrap();
+        let message =
+            json!({"type": "identify", "userId": "jan", "traits": {"phone": "030 1234567"}, "messageId": "p1"});
+        assert_eq!(harness.post_json("/v1/identify", message).await.0, StatusCode::OK);
+        let store: Arc<dyn Store> = harness.store.clone();
+        Resolver::load(store).unwrap().catch_up(DEFAULT_BATCH).unwrap();
+        let token = harness.store.create_token("test").unwrap().1;
+        let (status, shown) = get(&harness, "/api/v1/profiles?identifier=user_id:jan", Some(&token)).await;
+        assert_eq!(status, StatusCode::OK);
+        let phone = shown["identifiers"].as_array().unwrap().iter().find(|identifier| identifier["type"] == "phone");
+        assert_eq!(phone.unwrap()["value"], "+49301234567");
+        for written in ["phone:%2B49301234567", "phone:030%201234567", "phone:(0049)%2030%201234567"] {
+            let (status, found) = get(&harness, &format!("/api/v1/profiles?identifier={written}"), Some(&token)).await;
+            assert_eq!((status, &found["id"]), (StatusCode::OK, &shown["id"]), "{written}");
+        }
+        let (status, body) = get(&harness, "/api/v1/profiles?identifier=phone:00000", Some(&token)).await;
+        assert_eq!((status, body["error"]["field"].as_str()), (StatusCode::BAD_REQUEST, Some("identifier")));
+    }
+
     #[tokio::test]
     async fn the_timeline_is_newest_first_and_paginated() {
         let harness = Harness::new();

@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use std::io::Write;
 use std::sync::Arc;
 use tandem_core::webhook::WebhookSettings;
-use tandem_core::{Identifier, IdentityChange, Profile, ProfileId, Source, SourceId, SourceKind};
+use tandem_core::{Identifier, IdentityChange, LogPosition, Profile, ProfileId, Source, SourceId, SourceKind};
 use tandem_server::profile::{history_json, profile_json};
 use tandem_server::resolve::{self, Repair, Resolver};
 use tandem_store::browse::{self, EventQuery, ProfileQuery};
@@ -317,6 +317,11 @@ pub fn stats(store: &impl Store, as_json: bool, out: &mut impl Write) -> anyhow:
     writeln!(out, "log head     {}", stats.log_head)?;
     writeln!(out, "resolved     {} (lag {})", stats.resolver_position, stats.resolver_lag)?;
     writeln!(out, "profiles     {}", stats.profiles)?;
+    writeln!(
+        out,
+        "unresolved   {} (events that belong to no profile: no usable identifier, or unreadable)",
+        stats.unresolved
+    )?;
     writeln!(out, "events       {}", stats.events)?;
     writeln!(out, "duplicates   {}", stats.duplicates)?;
     writeln!(out, "rejected     {}", stats.rejected)?;
@@ -444,8 +449,11 @@ fn find_profile(store: &Arc<dyn Store>, target: &str) -> anyhow::Result<Profile>
     let found = if let Ok(id) = target.parse::<ProfileId>() {
         store.profile(id)?
     } else {
-        let identifier: Identifier =
-            target.parse().with_context(|| format!("{target:?} is neither a profile id (prof_N) nor an identifier"))?;
+        // Normalized as events are, phone region included.
+        let normalizer = store.identity_rules()?.normalizer()?;
+        let identifier: Identifier = normalizer
+            .parse(target)
+            .with_context(|| format!("{target:?} is neither a profile id (prof_N) nor an identifier"))?;
         store.profile_by_identifier(&identifier)?
     };
     found.with_context(|| format!("no profile {target}"))
@@ -545,6 +553,32 @@ pub fn explain_profile(store: Arc<dyn Store>, target: &str, as_json: bool, out: 
             entry["message_id"].as_str().unwrap_or("-"),
             describe(&record.change)
         )?;
+    }
+    Ok(())
+}
+
+/// Events the resolver tied to no profile, oldest first, with the reason
+/// and the event as stored.
+pub fn list_unresolved(
+    store: Arc<dyn Store>,
+    after: LogPosition,
+    limit: usize,
+    as_json: bool,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    catch_up(&store)?;
+    for unresolved in store.unresolved_events(after, limit)? {
+        let position = unresolved.position;
+        let entry =
+            store.read_log(LogPosition(position.0 - 1), 1)?.into_iter().find(|entry| entry.position == position);
+        let payload = entry.map(|entry| entry.payload).unwrap_or_default();
+        if as_json {
+            let event: serde_json::Value = serde_json::from_str(&payload).unwrap_or(serde_json::Value::String(payload));
+            let line = serde_json::json!({"position": position, "reason": unresolved.reason, "event": event});
+            writeln!(out, "{line}")?;
+        } else {
+            writeln!(out, "{:>8}  {}  {}", position.0, unresolved.reason, payload)?;
+        }
     }
     Ok(())
 }

@@ -288,6 +288,18 @@ enum EventsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print the events that belong to no profile (no usable identifier, or unreadable), with the reason
+    Unresolved {
+        /// At most this many events
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Only events after this log position
+        #[arg(long, value_name = "POS", default_value_t = 0)]
+        after: u64,
+        /// One JSON object per line: position, reason and the event
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -570,6 +582,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let listing = commands::EventListing { query, source, limit, as_json: json };
             commands::list_events(&open(Access::Existing)?, listing, &mut out)
         }
+        Command::Events(EventsCommand::Unresolved { limit, after, json }) => commands::list_unresolved(
+            Arc::new(open(Access::Existing)?),
+            tandem_core::LogPosition(after),
+            limit,
+            json,
+            &mut out,
+        ),
         Command::Profile(ProfileCommand::List { limit, after, search, traits, json }) => {
             let listing = commands::profile_listing(limit, after, search, &traits, json)?;
             commands::list_profiles(Arc::new(open(Access::Existing)?), listing, &mut out)

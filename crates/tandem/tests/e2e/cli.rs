@@ -330,3 +330,27 @@ fn tokens_sources_and_blocked_identifiers_can_be_managed() {
     let table = tandem(dir.path(), &["identity", "rules"]);
     assert!(table.contains("limits") && table.contains("user_id=1"), "{table}");
 }
+
+/// An event whose only identifier is blocked belongs to no profile: it is
+/// counted and listed with its reason, never dropped in silence.
+#[test]
+fn events_that_belong_to_no_profile_are_counted_and_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    with_events(
+        dir.path(),
+        json!([
+            {"type": "track", "userId": "ann", "event": "Order Completed", "messageId": "e1"},
+            {"type": "track", "userId": "null", "event": "Order Completed", "messageId": "e2"}
+        ]),
+    );
+    let listed: Vec<Value> = tandem(dir.path(), &["events", "unresolved", "--json"])
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["event"]["messageId"], "e2");
+    assert_eq!(listed[0]["reason"], "no usable identifier: user_id:null (blocked value)");
+    let stats: Value = serde_json::from_str(&tandem(dir.path(), &["stats", "--json"])).unwrap();
+    assert_eq!(stats["unresolved"], 1);
+    assert!(tandem(dir.path(), &["stats"]).contains("unresolved   1"));
+}
