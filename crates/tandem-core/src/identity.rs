@@ -97,6 +97,15 @@ impl Normalizer {
     }
 }
 
+/// Whether `type:value` failed to parse only for want of a phone region: a
+/// phone number written without its country code. Every other identifier
+/// normalizes the same under any rules, so a look-up reads the rules only
+/// for this case.
+pub fn needs_phone_region(text: &str) -> bool {
+    Normalizer::default().parse(text).is_err()
+        && text.split_once(':').is_some_and(|(kind, _)| kind.trim().eq_ignore_ascii_case(PHONE))
+}
+
 /// Identifier types are lower-case names of letters, digits, `_` and `.`.
 pub fn is_identifier_type(kind: &str) -> bool {
     !kind.is_empty() && kind.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.')

@@ -12,7 +12,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tandem_core::event::format_timestamp;
-use tandem_core::identity::Normalizer;
+use tandem_core::identity::{needs_phone_region, Normalizer};
 use tandem_core::{Identifier, LogPosition, Profile, ProfileId};
 use tandem_store::browse::{self, BrowseError, ProfileQuery};
 use tandem_store::{HistoryRecord, Store, StoreError, TimelineCursor};
@@ -142,8 +142,11 @@ async fn find_profile(
         }
     }
     if let Some(text) = identifier {
-        let rules = read(&state, |store| store.identity_rules()).await?;
-        let normalizer = rules.normalizer().unwrap_or_default();
+        let normalizer = if needs_phone_region(&text) {
+            read(&state, |store| store.identity_rules()).await?.normalizer().unwrap_or_default()
+        } else {
+            Normalizer::default()
+        };
         let identifier = parse_identifier(&normalizer, "identifier", &text)?;
         let shown = identifier.to_string();
         let profile = read(&state, move |store| store.profile_by_identifier(&identifier)).await?.ok_or_else(|| {

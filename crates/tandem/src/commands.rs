@@ -449,8 +449,12 @@ fn find_profile(store: &Arc<dyn Store>, target: &str) -> anyhow::Result<Profile>
     let found = if let Ok(id) = target.parse::<ProfileId>() {
         store.profile(id)?
     } else {
-        // Normalized as events are, phone region included.
-        let normalizer = store.identity_rules()?.normalizer()?;
+        // Normalized as events are, with the phone region when it matters.
+        let normalizer = if tandem_core::identity::needs_phone_region(target) {
+            store.identity_rules()?.normalizer()?
+        } else {
+            tandem_core::identity::Normalizer::default()
+        };
         let identifier: Identifier = normalizer
             .parse(target)
             .with_context(|| format!("{target:?} is neither a profile id (prof_N) nor an identifier"))?;
@@ -584,17 +588,34 @@ pub fn list_unresolved(
 }
 
 /// A change to the identity rules from the command line.
+#[derive(Debug, clap::Args)]
 pub struct RulesChange {
+    /// Limit per identifier type, as TYPE=N (repeatable)
+    #[arg(long = "limit", value_name = "TYPE=N")]
     pub limits: Vec<String>,
+    /// Limit of every type without its own
+    #[arg(long)]
     pub default_limit: Option<u32>,
+    /// Priority order, most important first, as TYPE,TYPE,…
+    #[arg(long, value_delimiter = ',')]
     pub priority: Option<Vec<String>>,
+    /// A value that never identifies anyone (repeatable)
+    #[arg(long = "block-value", value_name = "VALUE")]
     pub block_values: Vec<String>,
+    /// A regular expression for values that never identify anyone (repeatable)
+    #[arg(long = "block-pattern", value_name = "REGEX")]
     pub block_patterns: Vec<String>,
-    /// `TYPE=REGEX`
+    /// A regular expression for values of one type that never identify anyone, e.g. email='^info@' (repeatable)
+    #[arg(long = "block-type-pattern", value_name = "TYPE=REGEX")]
     pub block_type_patterns: Vec<String>,
+    /// Whether phone numbers such as 111 111 1111 or 1234567890 identify anyone
+    #[arg(long, value_name = "block|allow")]
     pub placeholder_phones: Option<PlaceholderPhones>,
-    /// A region code, or `none`.
+    /// Region of phone numbers written without a country code, e.g. US or DE; "none" for international numbers only
+    #[arg(long, value_name = "REGION")]
     pub phone_region: Option<String>,
+    /// Declare a field as an identifier, e.g. traits.crm_id (repeatable)
+    #[arg(long = "identifier", value_name = "PATH")]
     pub identifiers: Vec<String>,
 }
 

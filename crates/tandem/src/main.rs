@@ -368,33 +368,8 @@ enum ProfileCommand {
 enum IdentityCommand {
     /// Show the identity rules, or change them (changes apply to events resolved from now on)
     Rules {
-        /// Limit per identifier type, as TYPE=N (repeatable)
-        #[arg(long = "limit", value_name = "TYPE=N")]
-        limits: Vec<String>,
-        /// Limit of every type without its own
-        #[arg(long)]
-        default_limit: Option<u32>,
-        /// Priority order, most important first, as TYPE,TYPE,…
-        #[arg(long, value_delimiter = ',')]
-        priority: Option<Vec<String>>,
-        /// A value that never identifies anyone (repeatable)
-        #[arg(long = "block-value", value_name = "VALUE")]
-        block_values: Vec<String>,
-        /// A regular expression for values that never identify anyone (repeatable)
-        #[arg(long = "block-pattern", value_name = "REGEX")]
-        block_patterns: Vec<String>,
-        /// A regular expression for values of one type that never identify anyone, e.g. email='^info@' (repeatable)
-        #[arg(long = "block-type-pattern", value_name = "TYPE=REGEX")]
-        block_type_patterns: Vec<String>,
-        /// Whether phone numbers such as 111 111 1111 or 1234567890 identify anyone
-        #[arg(long, value_name = "block|allow")]
-        placeholder_phones: Option<commands::PlaceholderPhones>,
-        /// Region of phone numbers written without a country code, e.g. US or DE; "none" for international numbers only
-        #[arg(long, value_name = "REGION")]
-        phone_region: Option<String>,
-        /// Declare a field as an identifier, e.g. traits.crm_id (repeatable)
-        #[arg(long = "identifier", value_name = "PATH")]
-        identifiers: Vec<String>,
+        #[command(flatten)]
+        change: commands::RulesChange,
         /// Print the rules as one JSON object
         #[arg(long)]
         json: bool,
@@ -640,29 +615,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Profile(ProfileCommand::Explain { target, json }) => {
             commands::explain_profile(Arc::new(open(Access::Existing)?), &target, json, &mut out)
         }
-        Command::Identity(IdentityCommand::Rules {
-            limits,
-            default_limit,
-            priority,
-            block_values,
-            block_patterns,
-            block_type_patterns,
-            placeholder_phones,
-            phone_region,
-            identifiers,
-            json,
-        }) => {
-            let change = commands::RulesChange {
-                limits,
-                default_limit,
-                priority,
-                block_values,
-                block_patterns,
-                block_type_patterns,
-                placeholder_phones,
-                phone_region,
-                identifiers,
-            };
+        Command::Identity(IdentityCommand::Rules { change, json }) => {
             let access = if change.is_empty() { Access::Existing } else { Access::CreateIfMissing };
             commands::identity_rules(&open(access)?, change, json, &mut out)
         }
