@@ -525,11 +525,6 @@ pub(crate) fn check_window(window: Option<&Window>) -> Result<(), Problem> {
         Some(Window::Between { start, end }) if start >= end => {
             Err(Problem::WindowEndsBeforeItStarts { start: *start, end: *end })
         }
-        Some(Window::Between { start, end })
-            if !crate::event::is_loggable_time(*start) || !crate::event::is_loggable_time(*end) =>
-        {
-            Err(Problem::WindowTooLong(WindowLength { amount: (*end - *start).num_days(), unit: TimeUnit::Days }))
-        }
         Some(Window::Between { .. }) => Ok(()),
     }
 }

@@ -377,6 +377,17 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn between_bounds_below_a_millisecond_round_up() {
+        let start = DateTime::parse_from_rfc3339("2026-01-01T00:00:00.0005Z").unwrap().with_timezone(&Utc);
+        let end = DateTime::parse_from_rfc3339("2026-01-01T00:00:01Z").unwrap().with_timezone(&Utc);
+        let range = TimeRange::new(Some(&Window::Between { start, end }));
+        let start_ms = start.timestamp_millis();
+        assert_eq!(range, TimeRange::Between(start_ms + 1, start_ms + 1000));
+        assert!(!range.contains(start_ms, NOW_MS), "the event's millisecond began before the window");
+        assert!(range.contains(start_ms + 1, NOW_MS));
+    }
+
+    #[test]
     fn events_from_the_future_count_within_windows() {
         let profile = Profile::with_events(vec![track("Ticket Opened", NOW_MS + MINUTE, json!({}))]);
         let rule = compiled(r#"performed "Ticket Opened" within 1m"#);

@@ -332,7 +332,6 @@ impl<'a> Parser<'a> {
     }
 
     fn leaf(&mut self) -> Result<Condition, ParseError> {
-        let start = self.peek().start;
         if self.eat_keyword("trait") {
             return Ok(Condition::Trait(self.value_condition()?));
         }
@@ -384,7 +383,6 @@ impl<'a> Parser<'a> {
             };
             return Ok(Condition::Count(CountCondition { event, filters, window, operator, value }));
         }
-        let _ = start;
         Err(self.unexpected(EXPECTED_CONDITION))
     }
 
