@@ -15,17 +15,20 @@
 //! and add an incremental per-profile state with bounded memory.
 //!
 //! The submodules: [`text`] (lexer, parser, printer, [`ParseError`]),
-//! [`evaluate`] (the compiled form and the batch evaluator), [`computed`]
+//! [`evaluate`] (the compiled form and the batch evaluator), [`incremental`]
+//! (the per-profile state updated one event at a time), [`computed`]
 //! (computed-trait definitions, incremental state), `compare` (how a value
 //! test, a property filter and a window match, shared by both).
 
 mod compare;
 pub mod computed;
 pub mod evaluate;
+pub mod incremental;
 pub mod text;
 
 pub use computed::{CompiledComputedTrait, ComputedTraitDefinition, ComputedTraitState};
-pub use evaluate::{CompiledAudience, ProfileFacts};
+pub use evaluate::{CompiledAudience, ProfileFacts, ProfileValues};
+pub use incremental::AudienceState;
 pub use text::ParseError;
 
 use chrono::{DateTime, Utc};

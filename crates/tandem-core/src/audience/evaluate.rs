@@ -57,6 +57,16 @@ impl TimeRange {
         }
     }
 
+    /// The earliest timestamp in the window at `now_ms` (the range may also
+    /// end, for `between`).
+    pub fn earliest(self, now_ms: i64) -> i64 {
+        match self {
+            TimeRange::Always => i64::MIN,
+            TimeRange::Within(length) => now_ms.saturating_sub(length).saturating_add(1),
+            TimeRange::Between(start, _) => start,
+        }
+    }
+
     /// When an event stamped `timestamp_ms` stops counting, if ever.
     pub fn leaves_at(self, timestamp_ms: i64) -> Option<i64> {
         match self {
@@ -89,6 +99,15 @@ enum Node {
         name: String,
         test: ValueTest,
     },
+    /// An event leaf ([`Leaf`]) by its index in [`CompiledAudience::leaves`].
+    Events(usize),
+    InAudience(String),
+}
+
+/// A condition on the event history; the only part of a rule whose answer
+/// depends on events and on time.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Leaf {
     /// `performed` is `count >= 1`.
     Count {
         matcher: EventMatcher,
@@ -100,7 +119,34 @@ enum Node {
         steps: Vec<EventMatcher>,
         range: TimeRange,
     },
-    InAudience(String),
+}
+
+/// Where the answers of event leaves come from: a full history (batch) or
+/// an incremental state ([`super::incremental`]).
+pub(crate) trait EventLeaves {
+    /// The number of events counted by `leaf` at `now_ms`, or any number
+    /// above its threshold when it is above it.
+    fn count(&self, index: usize, leaf: &Leaf, now_ms: i64) -> u64;
+    /// Whether the funnel `leaf` is completed at `now_ms`.
+    fn funnel_completed(&self, index: usize, leaf: &Leaf, now_ms: i64) -> bool;
+    /// Adds the instants after `now_ms` at which an event counted by `leaf`
+    /// leaves its window: the only instants its answer can change at.
+    fn leaving_instants(&self, index: usize, leaf: &Leaf, now_ms: i64, instants: &mut BTreeSet<i64>);
+}
+
+/// The values of a profile that are read as they are (no history).
+#[derive(Clone, Copy, Debug)]
+pub struct ProfileValues<'a> {
+    pub traits: &'a Map<String, Value>,
+    pub computed_traits: &'a Map<String, Value>,
+    pub audiences: &'a BTreeSet<String>,
+}
+
+impl ProfileFacts<'_> {
+    /// The facts without the history.
+    pub fn values(&self) -> ProfileValues<'_> {
+        ProfileValues { traits: self.traits, computed_traits: self.computed_traits, audiences: self.audiences }
+    }
 }
 
 /// A validated audience rule, ready to evaluate many times
@@ -108,17 +154,25 @@ enum Node {
 #[derive(Clone, Debug, PartialEq)]
 pub struct CompiledAudience {
     root: Node,
+    leaves: Vec<Leaf>,
 }
 
 impl CompiledAudience {
     /// Compiles a tree that [`Condition::validate`] accepted.
     pub(crate) fn new(condition: &Condition) -> CompiledAudience {
-        CompiledAudience { root: compile(condition) }
+        let mut leaves = Vec::new();
+        let root = compile(condition, &mut leaves);
+        CompiledAudience { root, leaves }
+    }
+
+    /// The rule's event leaves, in the order of their indices.
+    pub(crate) fn leaves(&self) -> &[Leaf] {
+        &self.leaves
     }
 
     /// Whether the profile is a member at `now`.
     pub fn is_member(&self, facts: &ProfileFacts<'_>, now: DateTime<Utc>) -> bool {
-        evaluate(&self.root, facts, millis(&now))
+        self.evaluate(&facts.values(), &History(facts.events), millis(&now))
     }
 
     /// The earliest instant after `now` at which [`Self::is_member`] gives
@@ -132,112 +186,138 @@ impl CompiledAudience {
     /// Costs one evaluation per distinct instant at which a matching event
     /// leaves a window, until the answer changes.
     pub fn next_change_at(&self, facts: &ProfileFacts<'_>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        let now_ms = millis(&now);
+        self.next_change(&facts.values(), &History(facts.events), millis(&now))
+    }
+
+    pub(crate) fn evaluate(&self, values: &ProfileValues<'_>, events: &impl EventLeaves, now_ms: i64) -> bool {
+        evaluate(&self.root, &self.leaves, values, events, now_ms)
+    }
+
+    pub(crate) fn next_change(
+        &self,
+        values: &ProfileValues<'_>,
+        events: &impl EventLeaves,
+        now_ms: i64,
+    ) -> Option<DateTime<Utc>> {
         let mut instants = BTreeSet::new();
-        collect_leaving_instants(&self.root, facts.events, now_ms, &mut instants);
-        let answer = evaluate(&self.root, facts, now_ms);
+        for (index, leaf) in self.leaves.iter().enumerate() {
+            events.leaving_instants(index, leaf, now_ms, &mut instants);
+        }
+        let answer = self.evaluate(values, events, now_ms);
         instants
             .into_iter()
-            .find(|&instant| evaluate(&self.root, facts, instant) != answer)
+            .find(|&instant| self.evaluate(values, events, instant) != answer)
             .and_then(DateTime::from_timestamp_millis)
     }
 }
 
-fn compile(condition: &Condition) -> Node {
+fn compile(condition: &Condition, leaves: &mut Vec<Leaf>) -> Node {
+    let mut leaf = |leaf: Leaf| {
+        leaves.push(leaf);
+        Node::Events(leaves.len() - 1)
+    };
     match condition {
-        Condition::And { conditions } => Node::And(conditions.iter().map(compile).collect()),
-        Condition::Or { conditions } => Node::Or(conditions.iter().map(compile).collect()),
-        Condition::Not { condition } => Node::Not(Box::new(compile(condition))),
+        Condition::And { conditions } => Node::And(conditions.iter().map(|c| compile(c, leaves)).collect()),
+        Condition::Or { conditions } => Node::Or(conditions.iter().map(|c| compile(c, leaves)).collect()),
+        Condition::Not { condition } => Node::Not(Box::new(compile(condition, leaves))),
         Condition::Trait(test) => {
             Node::Trait { name: test.name.clone(), test: ValueTest::new(test.operator, test.value.as_ref()) }
         }
         Condition::ComputedTrait(test) => {
             Node::ComputedTrait { name: test.name.clone(), test: ValueTest::new(test.operator, test.value.as_ref()) }
         }
-        Condition::Performed(performed) => Node::Count {
+        Condition::Performed(performed) => leaf(Leaf::Count {
             matcher: EventMatcher::new(&performed.event, &performed.filters),
             range: TimeRange::new(performed.window.as_ref()),
             comparison: Comparison::GreaterOrEqual,
             threshold: 1,
-        },
-        Condition::Count(count) => Node::Count {
+        }),
+        Condition::Count(count) => leaf(Leaf::Count {
             matcher: EventMatcher::new(&count.event, &count.filters),
             range: TimeRange::new(count.window.as_ref()),
             comparison: count.operator,
             threshold: count.value,
-        },
-        Condition::Funnel(funnel) => Node::Funnel {
+        }),
+        Condition::Funnel(funnel) => leaf(Leaf::Funnel {
             steps: funnel.steps.iter().map(|step| EventMatcher::new(&step.event, &step.filters)).collect(),
             range: TimeRange::new(funnel.window.as_ref()),
-        },
+        }),
         Condition::InAudience { audience } => Node::InAudience(audience.clone()),
     }
 }
 
-fn evaluate(node: &Node, facts: &ProfileFacts<'_>, now_ms: i64) -> bool {
+fn evaluate(node: &Node, leaves: &[Leaf], values: &ProfileValues<'_>, events: &impl EventLeaves, now_ms: i64) -> bool {
     match node {
-        Node::And(nodes) => nodes.iter().all(|node| evaluate(node, facts, now_ms)),
-        Node::Or(nodes) => nodes.iter().any(|node| evaluate(node, facts, now_ms)),
-        Node::Not(node) => !evaluate(node, facts, now_ms),
-        Node::Trait { name, test } => test.passes(facts.traits.get(name)),
-        Node::ComputedTrait { name, test } => test.passes(facts.computed_traits.get(name)),
-        Node::Count { matcher, range, comparison, threshold } => {
-            let count = facts
-                .events
+        Node::And(nodes) => nodes.iter().all(|node| evaluate(node, leaves, values, events, now_ms)),
+        Node::Or(nodes) => nodes.iter().any(|node| evaluate(node, leaves, values, events, now_ms)),
+        Node::Not(node) => !evaluate(node, leaves, values, events, now_ms),
+        Node::Trait { name, test } => test.passes(values.traits.get(name)),
+        Node::ComputedTrait { name, test } => test.passes(values.computed_traits.get(name)),
+        Node::Events(index) => match &leaves[*index] {
+            leaf @ Leaf::Count { comparison, threshold, .. } => {
+                comparison.holds(events.count(*index, leaf, now_ms), *threshold)
+            }
+            leaf @ Leaf::Funnel { .. } => events.funnel_completed(*index, leaf, now_ms),
+        },
+        Node::InAudience(audience) => values.audiences.contains(audience),
+    }
+}
+
+/// A full history: every leaf reads every event.
+struct History<'a>(&'a [Event]);
+
+impl EventLeaves for History<'_> {
+    fn count(&self, _: usize, leaf: &Leaf, now_ms: i64) -> u64 {
+        let Leaf::Count { matcher, range, .. } = leaf else { return 0 };
+        let counted = |event: &&Event| range.contains(millis(&event.timestamp), now_ms) && matcher.matches(event);
+        self.0.iter().filter(counted).count() as u64
+    }
+
+    fn funnel_completed(&self, _: usize, leaf: &Leaf, now_ms: i64) -> bool {
+        let Leaf::Funnel { steps, range } = leaf else { return false };
+        let timestamps = |step: &EventMatcher| {
+            self.0
                 .iter()
-                .filter(|event| range.contains(millis(&event.timestamp), now_ms) && matcher.matches(event))
-                .count();
-            comparison.holds(count as u64, *threshold)
-        }
-        Node::Funnel { steps, range } => funnel_completed(steps, *range, facts.events, now_ms),
-        Node::InAudience(audience) => facts.audiences.contains(audience),
+                .filter(|event| step.matches(event))
+                .map(|event| millis(&event.timestamp))
+                .filter(|&timestamp| range.contains(timestamp, now_ms))
+                .collect::<BTreeSet<_>>()
+        };
+        funnel_completed(steps.iter().map(timestamps), i64::MIN)
     }
-}
 
-/// Whether events in the range match every step, each strictly later than
-/// the one before. Taking the earliest match of each step after the previous
-/// one is optimal: an earlier step leaves the most room for the next.
-fn funnel_completed(steps: &[EventMatcher], range: TimeRange, events: &[Event], now_ms: i64) -> bool {
-    let mut after: Option<i64> = None;
-    for step in steps {
-        let earliest = events
-            .iter()
-            .map(|event| (event, millis(&event.timestamp)))
-            .filter(|(event, timestamp)| {
-                after.is_none_or(|after| *timestamp > after)
-                    && range.contains(*timestamp, now_ms)
-                    && step.matches(event)
-            })
-            .map(|(_, timestamp)| timestamp)
-            .min();
-        match earliest {
-            Some(timestamp) => after = Some(timestamp),
-            None => return false,
-        }
-    }
-    true
-}
-
-fn collect_leaving_instants(node: &Node, events: &[Event], now_ms: i64, instants: &mut BTreeSet<i64>) {
-    let mut add = |matcher: &EventMatcher, range: TimeRange| {
-        for event in events {
-            let leaves = range.leaves_at(millis(&event.timestamp));
-            if let Some(leaves) = leaves.filter(|&leaves| leaves > now_ms) {
-                if matcher.matches(event) {
+    fn leaving_instants(&self, _: usize, leaf: &Leaf, now_ms: i64, instants: &mut BTreeSet<i64>) {
+        let (matchers, range) = match leaf {
+            Leaf::Count { matcher, range, .. } => (std::slice::from_ref(matcher), *range),
+            Leaf::Funnel { steps, range } => (steps.as_slice(), *range),
+        };
+        for event in self.0 {
+            let leaves = range.leaves_at(millis(&event.timestamp)).filter(|&leaves| leaves > now_ms);
+            if let Some(leaves) = leaves {
+                if matchers.iter().any(|matcher| matcher.matches(event)) {
                     instants.insert(leaves);
                 }
             }
         }
-    };
-    match node {
-        Node::And(nodes) | Node::Or(nodes) => {
-            nodes.iter().for_each(|node| collect_leaving_instants(node, events, now_ms, instants))
-        }
-        Node::Not(node) => collect_leaving_instants(node, events, now_ms, instants),
-        Node::Count { matcher, range, .. } => add(matcher, *range),
-        Node::Funnel { steps, range } => steps.iter().for_each(|step| add(step, *range)),
-        Node::Trait { .. } | Node::ComputedTrait { .. } | Node::InAudience(_) => {}
     }
+}
+
+/// Whether one timestamp from each step's set, the first at or after
+/// `earliest`, can be taken strictly increasing. Taking the earliest of each
+/// step after the previous one is optimal: an earlier step leaves the most
+/// room for the next.
+pub(crate) fn funnel_completed<S: std::borrow::Borrow<BTreeSet<i64>>>(
+    steps: impl IntoIterator<Item = S>,
+    earliest: i64,
+) -> bool {
+    let mut from = earliest;
+    for timestamps in steps {
+        match timestamps.borrow().range(from..).next() {
+            Some(&timestamp) => from = timestamp.saturating_add(1),
+            None => return false,
+        }
+    }
+    true
 }
 
 #[cfg(test)]
@@ -285,7 +365,7 @@ pub(crate) mod tests {
     }
 
     #[derive(Debug)]
-    struct Profile {
+    pub(crate) struct Profile {
         traits: Map<String, Value>,
         computed_traits: Map<String, Value>,
         events: Vec<Event>,
@@ -297,7 +377,11 @@ pub(crate) mod tests {
             Profile { traits: Map::new(), computed_traits: Map::new(), events, audiences: BTreeSet::new() }
         }
 
-        fn facts(&self) -> ProfileFacts<'_> {
+        pub(crate) fn with_history(self, events: Vec<Event>) -> Profile {
+            Profile { events, ..self }
+        }
+
+        pub(crate) fn facts(&self) -> ProfileFacts<'_> {
             ProfileFacts {
                 traits: &self.traits,
                 computed_traits: &self.computed_traits,
@@ -548,7 +632,7 @@ pub(crate) mod tests {
         prop::collection::btree_map(crate::audience::text::tests::name(), trait_value, 0..5)
     }
 
-    fn profile() -> impl Strategy<Value = Profile> {
+    pub(crate) fn profile() -> impl Strategy<Value = Profile> {
         let audiences = prop::collection::btree_set(prop::sample::select(vec!["vip", "churned", "and"]), 0..3);
         (traits(), traits(), history(), audiences).prop_map(|(traits, computed, events, audiences)| Profile {
             traits: traits.into_iter().collect(),
