@@ -14,7 +14,7 @@ use super::{Comparison, Condition, Window};
 use crate::event::Event;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// What the evaluator may know of one profile.
 #[derive(Clone, Copy, Debug)]
@@ -64,14 +64,6 @@ impl TimeRange {
             TimeRange::Always => i64::MIN,
             TimeRange::Within(length) => now_ms.saturating_sub(length).saturating_add(1),
             TimeRange::Between(start, _) => start,
-        }
-    }
-
-    /// When an event stamped `timestamp_ms` stops counting, if ever.
-    pub fn leaves_at(self, timestamp_ms: i64) -> Option<i64> {
-        match self {
-            TimeRange::Within(length) => Some(timestamp_ms.saturating_add(length)),
-            TimeRange::Always | TimeRange::Between(..) => None,
         }
     }
 }
@@ -129,9 +121,13 @@ pub(crate) trait EventLeaves {
     fn count(&self, index: usize, leaf: &Leaf, now_ms: i64) -> u64;
     /// Whether the funnel `leaf` is completed at `now_ms`.
     fn funnel_completed(&self, index: usize, leaf: &Leaf, now_ms: i64) -> bool;
-    /// Adds the instants after `now_ms` at which an event counted by `leaf`
-    /// leaves its window: the only instants its answer can change at.
-    fn leaving_instants(&self, index: usize, leaf: &Leaf, now_ms: i64, instants: &mut BTreeSet<i64>);
+    /// For a count `within` a window: the timestamps of the events it counts
+    /// at `now_ms`, each with how many events carry it — all of them, or at
+    /// least the threshold + 1 newest.
+    fn counted_timestamps(&self, index: usize, leaf: &Leaf, now_ms: i64) -> BTreeMap<i64, u64>;
+    /// For a funnel `within` a window: each step's matching timestamps in the
+    /// window at `now_ms`.
+    fn funnel_timestamps(&self, index: usize, leaf: &Leaf, now_ms: i64) -> Vec<BTreeSet<i64>>;
 }
 
 /// The values of a profile that are read as they are (no history).
@@ -183,8 +179,10 @@ impl CompiledAudience {
     /// event, a changed trait or another audience's change calls for a new
     /// evaluation anyway.
     ///
-    /// Costs one evaluation per distinct instant at which a matching event
-    /// leaves a window, until the answer changes.
+    /// Each `within` condition's answer changes at most twice as its events
+    /// leave (a count falls; a funnel stops being completed once): those
+    /// instants are found from the events' timestamps, then the rule is
+    /// evaluated at each in order until its answer changes.
     pub fn next_change_at(&self, facts: &ProfileFacts<'_>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
         self.next_change(&facts.values(), &History(facts.events), millis(&now))
     }
@@ -201,7 +199,27 @@ impl CompiledAudience {
     ) -> Option<DateTime<Utc>> {
         let mut instants = BTreeSet::new();
         for (index, leaf) in self.leaves.iter().enumerate() {
-            events.leaving_instants(index, leaf, now_ms, &mut instants);
+            match leaf {
+                Leaf::Count { range: TimeRange::Within(length), comparison, threshold, .. } => {
+                    let counted = events.counted_timestamps(index, leaf, now_ms);
+                    let mut count: u64 = counted.values().sum();
+                    let mut answer = comparison.holds(count, *threshold);
+                    for (timestamp, events) in counted {
+                        count -= events;
+                        if comparison.holds(count, *threshold) != answer {
+                            answer = !answer;
+                            instants.insert(timestamp.saturating_add(*length));
+                        }
+                    }
+                }
+                Leaf::Funnel { range: TimeRange::Within(length), .. } => {
+                    let steps = events.funnel_timestamps(index, leaf, now_ms);
+                    if let Some(start) = funnel_latest_start(&steps) {
+                        instants.insert(start.saturating_add(*length));
+                    }
+                }
+                Leaf::Count { .. } | Leaf::Funnel { .. } => {}
+            }
         }
         let answer = self.evaluate(values, events, now_ms);
         instants
@@ -273,33 +291,49 @@ impl EventLeaves for History<'_> {
         self.0.iter().filter(counted).count() as u64
     }
 
-    fn funnel_completed(&self, _: usize, leaf: &Leaf, now_ms: i64) -> bool {
-        let Leaf::Funnel { steps, range } = leaf else { return false };
-        let timestamps = |step: &EventMatcher| {
-            self.0
-                .iter()
-                .filter(|event| step.matches(event))
-                .map(|event| millis(&event.timestamp))
-                .filter(|&timestamp| range.contains(timestamp, now_ms))
-                .collect::<BTreeSet<_>>()
-        };
-        funnel_completed(steps.iter().map(timestamps), i64::MIN)
+    fn funnel_completed(&self, index: usize, leaf: &Leaf, now_ms: i64) -> bool {
+        funnel_completed(self.funnel_timestamps(index, leaf, now_ms), i64::MIN)
     }
 
-    fn leaving_instants(&self, _: usize, leaf: &Leaf, now_ms: i64, instants: &mut BTreeSet<i64>) {
-        let (matchers, range) = match leaf {
-            Leaf::Count { matcher, range, .. } => (std::slice::from_ref(matcher), *range),
-            Leaf::Funnel { steps, range } => (steps.as_slice(), *range),
-        };
-        for event in self.0 {
-            let leaves = range.leaves_at(millis(&event.timestamp)).filter(|&leaves| leaves > now_ms);
-            if let Some(leaves) = leaves {
-                if matchers.iter().any(|matcher| matcher.matches(event)) {
-                    instants.insert(leaves);
+    fn counted_timestamps(&self, _: usize, leaf: &Leaf, now_ms: i64) -> BTreeMap<i64, u64> {
+        let mut counted = BTreeMap::new();
+        if let Leaf::Count { matcher, range, .. } = leaf {
+            for event in self.0 {
+                let timestamp = millis(&event.timestamp);
+                if range.contains(timestamp, now_ms) && matcher.matches(event) {
+                    *counted.entry(timestamp).or_default() += 1;
                 }
             }
         }
+        counted
     }
+
+    fn funnel_timestamps(&self, _: usize, leaf: &Leaf, now_ms: i64) -> Vec<BTreeSet<i64>> {
+        let Leaf::Funnel { steps, range } = leaf else { return Vec::new() };
+        steps
+            .iter()
+            .map(|step| {
+                self.0
+                    .iter()
+                    .filter(|event| step.matches(event))
+                    .map(|event| millis(&event.timestamp))
+                    .filter(|&timestamp| range.contains(timestamp, now_ms))
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+/// The latest first-step timestamp of any way to take one timestamp from
+/// each step's set strictly increasing; `None` when there is none. Taking,
+/// from the last step back, the latest timestamp before the next step's is
+/// optimal: a later step leaves the most room for the one before.
+pub(crate) fn funnel_latest_start(steps: &[BTreeSet<i64>]) -> Option<i64> {
+    let mut before = i64::MAX;
+    for timestamps in steps.iter().rev() {
+        before = *timestamps.range(..before).next_back()?;
+    }
+    (!steps.is_empty()).then_some(before)
 }
 
 /// Whether one timestamp from each step's set, the first at or after
@@ -642,15 +676,53 @@ pub(crate) mod tests {
         })
     }
 
+    /// Instants after [`NOW_MS`], often on whole minutes (where events
+    /// stamped on whole minutes leave windows) or just before.
+    pub(crate) fn offset() -> impl Strategy<Value = i64> {
+        prop_oneof![
+            Just(0i64),
+            0i64..(40 * DAY),
+            (0i64..(9 * 24 * 60)).prop_map(|minutes| minutes * 60_000),
+            (1i64..(9 * 24 * 60)).prop_map(|minutes| minutes * 60_000 - 1),
+        ]
+    }
+
+    /// Single event conditions over histories of one event name, where
+    /// counts near their thresholds and windows' edges are common.
+    pub(crate) fn event_leaf() -> impl Strategy<Value = Condition> {
+        let within = (1i64..4, prop::sample::select(vec!["m", "h", "d"]));
+        (0u64..4, prop::sample::select(vec!["=", "!=", "<", "<=", ">", ">="]), within, any::<bool>()).prop_map(
+            |(threshold, comparison, (amount, unit), funnel)| {
+                let text = if funnel {
+                    format!(r#"performed "Order Completed" then "Order Completed" within {amount}{unit}"#)
+                } else {
+                    format!(r#"count(event "Order Completed", within {amount}{unit}) {comparison} {threshold}"#)
+                };
+                Condition::parse(&text).unwrap()
+            },
+        )
+    }
+
+    pub(crate) fn dense_history() -> impl Strategy<Value = Vec<Event>> {
+        prop::collection::vec(prop_oneof![-10i64..3, (-4 * 24 * 60i64)..60], 0..8).prop_map(|minutes| {
+            minutes.into_iter().map(|minute| track("Order Completed", NOW_MS + minute * 60_000, json!({}))).collect()
+        })
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
 
         #[test]
         fn compiled_evaluation_equals_the_naive_reference(
-            condition in condition(),
+            condition in prop_oneof![condition(), event_leaf()],
             profile in profile(),
-            later in prop_oneof![Just(0i64), 0i64..(40 * DAY)],
+            dense in prop::option::of(dense_history()),
+            later in offset(),
         ) {
+            let profile = match dense {
+                Some(events) => profile.with_history(events),
+                None => profile,
+            };
             let compiled = condition.compile().unwrap();
             let now = at(NOW_MS + later);
             prop_assert_eq!(compiled.is_member(&profile.facts(), now), reference(&condition, &profile, now), "{}", condition);
@@ -658,10 +730,15 @@ pub(crate) mod tests {
 
         #[test]
         fn the_answer_holds_until_next_change_at_and_changes_there(
-            condition in condition(),
+            condition in prop_oneof![condition(), event_leaf()],
             profile in profile(),
-            probes in prop::collection::vec(0i64..(120 * DAY), 1..6),
+            dense in prop::option::of(dense_history()),
+            probes in prop::collection::vec(prop_oneof![0i64..(120 * DAY), offset()], 1..6),
         ) {
+            let profile = match dense {
+                Some(events) => profile.with_history(events),
+                None => profile,
+            };
             let compiled = condition.compile().unwrap();
             let now = at(NOW_MS);
             let answer = reference(&condition, &profile, now);

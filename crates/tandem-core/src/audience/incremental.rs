@@ -190,19 +190,21 @@ impl EventLeaves for AudienceState {
         }
     }
 
-    fn leaving_instants(&self, index: usize, leaf: &Leaf, now_ms: i64, instants: &mut BTreeSet<i64>) {
-        let range = match leaf {
-            Leaf::Count { range, .. } | Leaf::Funnel { range, .. } => *range,
-        };
-        let mut add = |timestamp: i64| {
-            if let Some(leaves) = range.leaves_at(timestamp).filter(|&leaves| leaves > now_ms) {
-                instants.insert(leaves);
+    fn counted_timestamps(&self, index: usize, leaf: &Leaf, now_ms: i64) -> BTreeMap<i64, u64> {
+        match (self.leaves.get(index), leaf) {
+            (Some(LeafState::Newest(newest)), Leaf::Count { range, .. }) => {
+                newest.range(range.earliest(now_ms)..).map(|(timestamp, count)| (*timestamp, *count)).collect()
             }
-        };
-        match self.leaves.get(index) {
-            Some(LeafState::Newest(newest)) => newest.keys().copied().for_each(&mut add),
-            Some(LeafState::Funnel { steps, .. }) => steps.iter().flatten().copied().for_each(&mut add),
-            Some(LeafState::Counter(_)) | None => {}
+            _ => BTreeMap::new(),
+        }
+    }
+
+    fn funnel_timestamps(&self, index: usize, leaf: &Leaf, now_ms: i64) -> Vec<BTreeSet<i64>> {
+        match (self.leaves.get(index), leaf) {
+            (Some(LeafState::Funnel { steps, .. }), Leaf::Funnel { range, .. }) => {
+                steps.iter().map(|timestamps| timestamps.range(range.earliest(now_ms)..).copied().collect()).collect()
+            }
+            _ => Vec::new(),
         }
     }
 }
@@ -210,7 +212,7 @@ impl EventLeaves for AudienceState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audience::evaluate::tests::{at, history, profile, track, NOW_MS};
+    use crate::audience::evaluate::tests::{at, dense_history, event_leaf, history, offset, profile, track, NOW_MS};
     use crate::audience::text::tests::condition;
     use crate::audience::Condition;
     use proptest::prelude::*;
@@ -268,39 +270,6 @@ mod tests {
         let (traits, audiences) = (Map::new(), BTreeSet::new());
         let values = ProfileValues { traits: &traits, computed_traits: &traits, audiences: &audiences };
         assert!(rule.is_member_by_state(&state, &values, at(NOW_MS + 1000 * DAY)));
-    }
-
-    /// Instants after [`NOW_MS`], often on whole minutes (where events
-    /// stamped on whole minutes leave windows) or just before.
-    fn offset() -> impl Strategy<Value = i64> {
-        prop_oneof![
-            Just(0i64),
-            0i64..(40 * DAY),
-            (0i64..(9 * 24 * 60)).prop_map(|minutes| minutes * 60_000),
-            (1i64..(9 * 24 * 60)).prop_map(|minutes| minutes * 60_000 - 1),
-        ]
-    }
-
-    /// Single event conditions over histories of one event name, where
-    /// counts near their thresholds and windows' edges are common.
-    fn event_leaf() -> impl Strategy<Value = Condition> {
-        let within = (1i64..4, prop::sample::select(vec!["m", "h", "d"]));
-        (0u64..4, prop::sample::select(vec!["=", "!=", "<", "<=", ">", ">="]), within, any::<bool>()).prop_map(
-            |(threshold, comparison, (amount, unit), funnel)| {
-                let text = if funnel {
-                    format!(r#"performed "Order Completed" then "Order Completed" within {amount}{unit}"#)
-                } else {
-                    format!(r#"count(event "Order Completed", within {amount}{unit}) {comparison} {threshold}"#)
-                };
-                Condition::parse(&text).unwrap()
-            },
-        )
-    }
-
-    fn dense_history() -> impl Strategy<Value = Vec<crate::event::Event>> {
-        prop::collection::vec(prop_oneof![-10i64..3, (-4 * 24 * 60i64)..60], 0..8).prop_map(|minutes| {
-            minutes.into_iter().map(|minute| track("Order Completed", NOW_MS + minute * 60_000, json!({}))).collect()
-        })
     }
 
     proptest! {
