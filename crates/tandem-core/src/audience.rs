@@ -367,7 +367,34 @@ pub struct InvalidRule {
     pub problem: Problem,
 }
 
+/// A rule's JSON form that cannot be used: not JSON of the rule's shape
+/// (an unknown operator, kind or field), or a well-formed rule that breaks a
+/// [`Problem`].
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum RuleJsonError {
+    /// `position` is serde's line and column, when it knows them (it does
+    /// not inside a condition, which is read whole to find its `kind`).
+    #[error("{message}")]
+    Malformed { position: Option<(usize, usize)>, message: String },
+    #[error(transparent)]
+    Invalid(#[from] InvalidRule),
+}
+
+impl From<serde_json::Error> for RuleJsonError {
+    fn from(error: serde_json::Error) -> Self {
+        let position = (error.line() > 0).then(|| (error.line(), error.column()));
+        RuleJsonError::Malformed { position, message: error.to_string() }
+    }
+}
+
 impl Condition {
+    /// Reads and validates the JSON form, as the admin API receives it.
+    pub fn from_json(json: &str) -> Result<Condition, RuleJsonError> {
+        let condition: Condition = serde_json::from_str(json)?;
+        condition.validate()?;
+        Ok(condition)
+    }
+
     /// Parses the text syntax (see [`text`]), validating as it goes.
     pub fn parse(text: &str) -> Result<Condition, ParseError> {
         text::parse_condition(text)
@@ -376,7 +403,7 @@ impl Condition {
     /// Checks the whole tree; the JSON form needs this, the parser already
     /// did it.
     pub fn validate(&self) -> Result<(), InvalidRule> {
-        self.validate_at(&mut String::new(), 0)
+        self.validate_at("", 0)
     }
 
     /// Validates and compiles the rule into its evaluable form.
@@ -410,21 +437,12 @@ impl Condition {
         }
     }
 
-    fn validate_at(&self, at: &mut String, depth: usize) -> Result<(), InvalidRule> {
+    fn validate_at(&self, at: &str, depth: usize) -> Result<(), InvalidRule> {
         let fail = |at: &str, problem| Err(InvalidRule { at: at.to_owned(), problem });
         if depth > MAX_DEPTH {
             return fail(at, Problem::TooDeep);
         }
-        let nested = |at: &mut String, suffix: &str, check: &mut dyn FnMut(&mut String) -> Result<(), InvalidRule>| {
-            let length = at.len();
-            if !at.is_empty() && !suffix.starts_with('[') {
-                at.push('.');
-            }
-            at.push_str(suffix);
-            let result = check(at);
-            at.truncate(length);
-            result
-        };
+        let window = |window: Option<&Window>| check_window(window).or_else(|p| fail(&path(at, "window"), p));
         match self {
             Condition::And { conditions } | Condition::Or { conditions } => {
                 if conditions.len() < 2 {
@@ -432,30 +450,30 @@ impl Condition {
                     return fail(at, Problem::TooFewConditions(operator));
                 }
                 for (index, condition) in conditions.iter().enumerate() {
-                    nested(at, &format!("conditions[{index}]"), &mut |at| condition.validate_at(at, depth + 1))?;
+                    condition.validate_at(&path(at, &format!("conditions[{index}]")), depth + 1)?;
                 }
                 Ok(())
             }
-            Condition::Not { condition } => nested(at, "condition", &mut |at| condition.validate_at(at, depth + 1)),
+            Condition::Not { condition } => condition.validate_at(&path(at, "condition"), depth + 1),
             Condition::Trait(test) | Condition::ComputedTrait(test) => {
                 check_value_test("trait", &test.name, test.operator, test.value.as_ref()).or_else(|p| fail(at, p))
             }
             Condition::Performed(condition) => {
                 check_event(&condition.event, &condition.filters, at)?;
-                check_window(condition.window.as_ref()).or_else(|p| fail(at, p))
+                window(condition.window.as_ref())
             }
             Condition::Count(condition) => {
                 check_event(&condition.event, &condition.filters, at)?;
-                check_window(condition.window.as_ref()).or_else(|p| fail(at, p))
+                window(condition.window.as_ref())
             }
             Condition::Funnel(funnel) => {
                 if funnel.steps.len() < 2 {
                     return fail(at, Problem::TooFewSteps);
                 }
                 for (index, step) in funnel.steps.iter().enumerate() {
-                    nested(at, &format!("steps[{index}]"), &mut |at| check_event(&step.event, &step.filters, at))?;
+                    check_event(&step.event, &step.filters, &path(at, &format!("steps[{index}]")))?;
                 }
-                check_window(funnel.window.as_ref()).or_else(|p| fail(at, p))
+                window(funnel.window.as_ref())
             }
             Condition::InAudience { audience } => {
                 if audience.trim().is_empty() {
@@ -467,17 +485,22 @@ impl Condition {
     }
 }
 
+/// `at.field`, or `field` at the root.
+fn path(at: &str, field: &str) -> String {
+    if at.is_empty() {
+        field.to_owned()
+    } else {
+        format!("{at}.{field}")
+    }
+}
+
 /// An event name and its filters, with problems located at `at`.
 fn check_event(event: &str, filters: &[PropertyFilter], at: &str) -> Result<(), InvalidRule> {
-    let locate = |suffix: String, problem| InvalidRule {
-        at: if at.is_empty() { suffix } else { format!("{at}.{suffix}") },
-        problem,
-    };
     if event.trim().is_empty() {
-        return Err(locate("event".into(), Problem::EmptyName("event")));
+        return Err(InvalidRule { at: path(at, "event"), problem: Problem::EmptyName("event") });
     }
     for (index, filter) in filters.iter().enumerate() {
-        check_filter(filter).map_err(|problem| locate(format!("where[{index}]"), problem))?;
+        check_filter(filter).map_err(|problem| InvalidRule { at: path(at, &format!("where[{index}]")), problem })?;
     }
     Ok(())
 }
@@ -573,6 +596,19 @@ mod tests {
     }
 
     #[test]
+    fn from_json_reads_and_validates_in_one_step() {
+        let error = Condition::from_json(r#"{"kind": "trait", "name": "plan", "operator": "=>", "value": "pro"}"#);
+        let Err(RuleJsonError::Malformed { message, .. }) = error else { panic!("{error:?}") };
+        assert!(message.starts_with("unknown variant `=>`, expected one of `=`"), "{message}");
+        let error = Condition::from_json(r#"{"kind": "in_audience", "audience": "vip""#).unwrap_err();
+        assert!(matches!(error, RuleJsonError::Malformed { position: Some((1, _)), .. }), "{error:?}");
+        let error = Condition::from_json(r#"{"kind": "in_audience", "audience": ""}"#).unwrap_err();
+        assert_eq!(error.to_string(), "empty audience name");
+        let rule = Condition::from_json(r#"{"kind": "in_audience", "audience": "vip"}"#).unwrap();
+        assert_eq!(rule.to_string(), r#"in audience "vip""#);
+    }
+
+    #[test]
     fn json_form_refuses_unknown_operators_and_fields() {
         let unknown_operator = json!({"kind": "trait", "name": "plan", "operator": "=>", "value": "pro"});
         let error = serde_json::from_value::<Condition>(unknown_operator).unwrap_err().to_string();
@@ -588,9 +624,12 @@ mod tests {
             {"kind": "in_audience", "audience": "vip"},
             {"kind": "performed", "event": "Order Completed", "window": {"within": {"amount": -3, "unit": "days"}}}
         ]}));
-        assert_eq!(error.at, "conditions[1]");
+        assert_eq!(error.at, "conditions[1].window");
         assert_eq!(error.problem, Problem::WindowNotPositive(WindowLength { amount: -3, unit: TimeUnit::Days }));
-        assert_eq!(error.to_string(), "conditions[1]: window must be positive, got -3d");
+        assert_eq!(error.to_string(), "conditions[1].window: window must be positive, got -3d");
+        let error = invalid(json!({"kind": "not", "condition": {"kind": "funnel",
+            "steps": [{"event": "A"}, {"event": "B", "where": [{"property": "x", "operator": "contains"}]}]}}));
+        assert_eq!(error.to_string(), "condition.steps[1].where[0]: contains needs a value");
 
         let error = invalid(json!({"kind": "count", "event": "A", "operator": ">", "value": 1,
             "where": [{"property": "x", "operator": "=", "value": 1}, {"property": "", "operator": "exists"}]}));

@@ -31,10 +31,15 @@
 //! are 64-bit floats: exact for whole numbers (and halves, quarters…) up to
 //! 2^53, and otherwise subject to rounding that can depend on the order the
 //! events arrived in.
+//!
+//! A state belongs to the definition that made it: when a definition
+//! changes, build new states from the history.
 
 use super::compare::{property, EventMatcher};
 use super::evaluate::{millis, TimeRange};
-use super::{check_filter, check_window, text, ParseError, Problem, PropertyFilter, Window};
+use super::{
+    check_filter, check_window, text, InvalidRule, ParseError, Problem, PropertyFilter, RuleJsonError, Window,
+};
 use crate::event::Event;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -112,6 +117,13 @@ impl ComputedTraitDefinition {
     /// Parses the text form, validating it.
     pub fn parse(text: &str) -> Result<ComputedTraitDefinition, ParseError> {
         text::parse_computed(text)
+    }
+
+    /// Reads and validates the JSON form, as the admin API receives it.
+    pub fn from_json(json: &str) -> Result<ComputedTraitDefinition, RuleJsonError> {
+        let definition: ComputedTraitDefinition = serde_json::from_str(json)?;
+        definition.validate().map_err(|problem| InvalidRule { at: String::new(), problem })?;
+        Ok(definition)
     }
 
     /// Checks the definition; the JSON form needs this, the parser did it.
@@ -477,8 +489,12 @@ mod tests {
         );
         assert_eq!(error(r#"sum(total) of "A" within 0h"#), "at column 19: window must be positive, got 0h");
         let json = json!({"function": "max", "event": "A"});
-        let definition: ComputedTraitDefinition = serde_json::from_value(json).unwrap();
+        let definition: ComputedTraitDefinition = serde_json::from_value(json.clone()).unwrap();
         assert_eq!(definition.compile().unwrap_err(), Problem::Computed("the function needs a property"));
+        let error = ComputedTraitDefinition::from_json(&json.to_string()).unwrap_err();
+        assert_eq!(error.to_string(), "the function needs a property");
+        let error = ComputedTraitDefinition::from_json(r#"{"function": "median", "property": "x", "event": "A"}"#);
+        assert!(matches!(error, Err(RuleJsonError::Malformed { .. })), "{error:?}");
     }
 
     #[test]
