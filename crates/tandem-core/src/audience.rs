@@ -354,8 +354,10 @@ pub enum Problem {
     MissingValue(Operator),
     #[error("{operator} needs {expected}, got {found}")]
     UnsupportedValue { operator: Operator, expected: &'static str, found: String },
-    #[error("{0}")]
-    Computed(&'static str),
+    #[error("count takes no property")]
+    CountTakesNoProperty,
+    #[error("{} needs a property", .0.as_str())]
+    PropertyNeeded(computed::AggregateFunction),
 }
 
 /// A rule that breaks a [`Problem`], with where in the JSON tree

@@ -129,9 +129,9 @@ impl ComputedTraitDefinition {
     /// Checks the definition; the JSON form needs this, the parser did it.
     pub fn validate(&self) -> Result<(), Problem> {
         match (self.function, &self.property) {
-            (AggregateFunction::Count, Some(_)) => return Err(Problem::Computed("count takes no property")),
+            (AggregateFunction::Count, Some(_)) => return Err(Problem::CountTakesNoProperty),
             (AggregateFunction::Count, None) => {}
-            (_, None) => return Err(Problem::Computed("the function needs a property")),
+            (function, None) => return Err(Problem::PropertyNeeded(function)),
             (_, Some(property)) if property.split('.').any(|part| part.trim().is_empty()) => {
                 return Err(Problem::EmptyName("property"))
             }
@@ -481,7 +481,7 @@ mod tests {
                    "window": {"within": {"amount": 30, "unit": "days"}}})
         );
         let error = |text: &str| ComputedTraitDefinition::parse(text).unwrap_err().to_string();
-        assert_eq!(error(r#"sum of "A""#), "at column 1: the function needs a property");
+        assert_eq!(error(r#"sum of "A""#), "at column 1: sum needs a property");
         assert_eq!(error(r#"count(total) of "A""#), "at column 1: count takes no property");
         assert_eq!(
             error(r#"median(total) of "A""#),
@@ -490,9 +490,9 @@ mod tests {
         assert_eq!(error(r#"sum(total) of "A" within 0h"#), "at column 19: window must be positive, got 0h");
         let json = json!({"function": "max", "event": "A"});
         let definition: ComputedTraitDefinition = serde_json::from_value(json.clone()).unwrap();
-        assert_eq!(definition.compile().unwrap_err(), Problem::Computed("the function needs a property"));
+        assert_eq!(definition.compile().unwrap_err(), Problem::PropertyNeeded(AggregateFunction::Max));
         let error = ComputedTraitDefinition::from_json(&json.to_string()).unwrap_err();
-        assert_eq!(error.to_string(), "the function needs a property");
+        assert_eq!(error.to_string(), "max needs a property");
         let error = ComputedTraitDefinition::from_json(r#"{"function": "median", "property": "x", "event": "A"}"#);
         assert!(matches!(error, Err(RuleJsonError::Malformed { .. })), "{error:?}");
     }

@@ -965,10 +965,15 @@ pub(crate) mod tests {
         }
 
         #[test]
-        fn any_text_parses_or_fails_with_a_position_inside_it(text in "[a-z\"()=<>!,. 0-9-]{0,40}") {
+        fn any_text_parses_or_fails_with_a_position_inside_it(text in "[a-zé€\"()=<>!,. 0-9-]{0,40}") {
             match Condition::parse(&text) {
                 Ok(condition) => prop_assert_eq!(Condition::parse(&condition.to_string()).unwrap(), condition),
                 Err(error) => prop_assert!(error.offset <= text.len()),
+            }
+            let definition = format!("sum(total) of {text}");
+            match ComputedTraitDefinition::parse(&definition) {
+                Ok(parsed) => prop_assert_eq!(ComputedTraitDefinition::parse(&parsed.to_string()).unwrap(), parsed),
+                Err(error) => prop_assert!(error.offset <= definition.len()),
             }
         }
     }
