@@ -27,9 +27,10 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
-/// One profile's incremental state for one audience rule. Serializable, so
-/// the stage can store it with the profile.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// One profile's incremental state for one audience rule, made by
+/// [`CompiledAudience::new_state`]. Serializable, so the stage can store it
+/// with the profile.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AudienceState {
     leaves: Vec<LeafState>,
     /// The latest instant the state was aged to, in milliseconds.
@@ -78,6 +79,16 @@ impl CompiledAudience {
             })
             .collect();
         AudienceState { leaves, aged_to_ms: None }
+    }
+
+    /// Whether `event` can change one of the rule's event conditions: the
+    /// stage need neither observe nor re-evaluate for any other event
+    /// (unless it changed the traits the rule reads).
+    pub fn reads_event(&self, event: &Event) -> bool {
+        self.leaves().iter().any(|leaf| match leaf {
+            Leaf::Count { matcher, .. } => matcher.matches(event),
+            Leaf::Funnel { steps, .. } => steps.iter().any(|step| step.matches(event)),
+        })
     }
 
     /// Adds one of the profile's events; each event once.
@@ -242,6 +253,19 @@ mod tests {
         assert!(!rule.is_member_by_state(&state, &values, at(NOW_MS + 28 * DAY)));
         rule.observe(&mut state, &track("Order Completed", NOW_MS - 10 * DAY, json!({})));
         assert_eq!(state.timestamp_count(), 1, "an event already out of the window is ignored");
+    }
+
+    #[test]
+    fn only_matching_events_are_read() {
+        let rule = Condition::parse(r#"count(event "A" where x > 1) >= 1 or performed "B" then "C" where y exists"#)
+            .unwrap()
+            .compile()
+            .unwrap();
+        assert!(rule.reads_event(&track("A", NOW_MS, json!({"x": 2}))));
+        assert!(!rule.reads_event(&track("A", NOW_MS, json!({"x": 1}))));
+        assert!(rule.reads_event(&track("B", NOW_MS, json!({}))));
+        assert!(!rule.reads_event(&track("C", NOW_MS, json!({}))));
+        assert!(!rule.reads_event(&track("D", NOW_MS, json!({"x": 2, "y": 1}))));
     }
 
     #[test]
