@@ -1,6 +1,8 @@
 //! The compiled form of an audience rule and its batch evaluator: given what
 //! is known of one profile at an instant, is it a member, and when would the
-//! answer change if no new event arrived?
+//! answer change if no new event arrived? The incremental evaluator
+//! ([`super::incremental`]) answers through the same compiled tree; only
+//! where the event conditions' answers come from differs (`EventLeaves`).
 //!
 //! Time is counted in whole milliseconds (event timestamps and `now` are
 //! floored to the millisecond). An event is `within 7d` of `now` while
@@ -130,11 +132,15 @@ pub(crate) trait EventLeaves {
     fn funnel_timestamps(&self, index: usize, leaf: &Leaf, now_ms: i64) -> Vec<BTreeSet<i64>>;
 }
 
-/// The values of a profile that are read as they are (no history).
+/// The values of a profile that are read as they are (no history): what
+/// the incremental evaluator needs besides its state.
 #[derive(Clone, Copy, Debug)]
 pub struct ProfileValues<'a> {
+    /// The profile's traits (newest value per trait).
     pub traits: &'a Map<String, Value>,
+    /// The profile's computed traits by name.
     pub computed_traits: &'a Map<String, Value>,
+    /// The audiences the profile is a member of now.
     pub audiences: &'a BTreeSet<String>,
 }
 
