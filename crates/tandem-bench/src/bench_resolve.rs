@@ -17,6 +17,10 @@ use tandem_server::metrics::Metrics;
 use tandem_server::resolve::{Resolver, DEFAULT_BATCH, DEFAULT_CACHE_PROFILES};
 use tandem_store::{IngestBatch, SqliteStore, Store};
 
+/// The allocator the shipped binary uses, so the resolver is measured as it runs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(about = "Time the resolver from the log to profiles on a synthetic stream")]
 struct Options {

@@ -21,5 +21,5 @@ pub use event::{Event, EventType, LogRecord};
 pub use identity::{Identifier, IdentityRules};
 pub use ids::{LogPosition, MessageId, SourceId, WriteKey};
 pub use profile::{Profile, ProfileId};
-pub use resolve::{IdentityChange, IdentityGraph, Resolution};
+pub use resolve::{EventIdentifiers, IdentityChange, IdentityGraph, Resolution};
 pub use source::{Source, SourceKind};

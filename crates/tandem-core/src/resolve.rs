@@ -129,16 +129,6 @@ impl IdentityGraph {
         self.merged_into.clear();
     }
 
-    /// Every identifier whose owner [`IdentityGraph::resolve`] may look up
-    /// for `event`: its usable identifiers, and for an alias the `previousId`
-    /// as a user id too. Loading the owners of these (with their profiles)
-    /// into a partial graph is all resolving the event needs.
-    pub fn identifiers_to_look_up(event: &Event, rules: &CompiledRules) -> Vec<Identifier> {
-        let (mut identifiers, _blocked) = rules.identifiers_of(event);
-        identifiers.extend(Self::previous_id_as_user(event, rules));
-        identifiers
-    }
-
     /// Every identifier `event` carries, blocked ones included, with an
     /// alias's `previousId` as a user id too: what could link the event to
     /// anything under any rules.
@@ -191,7 +181,20 @@ impl IdentityGraph {
     /// Resolves one event to a profile, creating, attaching or merging as
     /// the rules allow, and records the event on that profile.
     pub fn resolve(&mut self, position: u64, event: &Event, rules: &CompiledRules) -> Resolution {
-        let (mut identifiers, blocked) = rules.identifiers_of(event);
+        self.resolve_identified(position, event, rules, EventIdentifiers::of(event, rules))
+    }
+
+    /// [`IdentityGraph::resolve`] with the event's identifiers already read
+    /// (by [`EventIdentifiers::of`] under the same rules), so a caller that
+    /// needed them first does not normalize them twice.
+    pub fn resolve_identified(
+        &mut self,
+        position: u64,
+        event: &Event,
+        rules: &CompiledRules,
+        identified: EventIdentifiers,
+    ) -> Resolution {
+        let EventIdentifiers { usable: mut identifiers, blocked, .. } = identified;
         if event.event_type == EventType::Alias {
             self.type_previous_id(event, rules, &mut identifiers);
         }
@@ -360,6 +363,31 @@ impl IdentityGraph {
             rebuilt.merged_into.iter().map(|(from, into)| (rename(*from), rename(*into))).collect();
         merged_into.retain(|(from, into)| from != into);
         (IdentityGraph::from_parts(profiles, merged_into, next), renames)
+    }
+}
+
+/// An event's identifiers under the rules, read once: those it may link by,
+/// those the rules block (with why), and for an alias its `previousId` as a
+/// user id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventIdentifiers {
+    pub usable: Vec<Identifier>,
+    pub blocked: Vec<(Identifier, &'static str)>,
+    pub previous_id_as_user: Option<Identifier>,
+}
+
+impl EventIdentifiers {
+    pub fn of(event: &Event, rules: &CompiledRules) -> Self {
+        let (usable, blocked) = rules.identifiers_of(event);
+        EventIdentifiers { usable, blocked, previous_id_as_user: IdentityGraph::previous_id_as_user(event, rules) }
+    }
+
+    /// Every identifier whose owner [`IdentityGraph::resolve`] may look up
+    /// for the event: the usable ones, and an alias's `previousId` as a user
+    /// id. Loading the owners of these (with their profiles) into a partial
+    /// graph is all resolving the event needs.
+    pub fn to_look_up(&self) -> impl Iterator<Item = &Identifier> {
+        self.usable.iter().chain(self.previous_id_as_user.as_ref())
     }
 }
 

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_core::identity::{CompiledRules, RulesError};
 use tandem_core::{
-    Event, Identifier, IdentityChange, IdentityGraph, IdentityRules, LogPosition, Profile, ProfileId, Resolution,
+    Event, EventIdentifiers, Identifier, IdentityChange, IdentityGraph, IdentityRules, LogPosition, Profile, ProfileId,
+    Resolution,
 };
 use tandem_store::{
     CommitOutcome, EventLink, HistoryRecord, IdentityCommit, IdentityRepair, Store, StoreError, UnresolvedEvent,
@@ -87,13 +88,22 @@ struct CacheBook {
     /// Batches resolved so far; the current one's number.
     batch: u64,
     last_used: HashMap<ProfileId, u64>,
+    /// Memory holds every stored profile (none was ever dropped): an
+    /// identifier not in memory belongs to no one, without asking storage.
+    complete: bool,
 }
 
 impl CacheBook {
     fn new(capacity: usize) -> Self {
-        CacheBook { capacity, batch: 0, last_used: HashMap::new() }
+        CacheBook { capacity, batch: 0, last_used: HashMap::new(), complete: false }
     }
 }
+
+/// Events resolved per look-up of their identifiers' owners.
+const LOOK_UP_CHUNK: usize = 512;
+
+/// Profiles read per page when a store small enough for the cache is loaded whole.
+const PRELOAD_PAGE: usize = 10_000;
 
 /// A warning that repeats at most once per interval, saying how many were
 /// held back, so a stream of bad events cannot flood the log.
@@ -139,15 +149,34 @@ impl Resolver {
     pub fn with_cache(store: Arc<dyn Store>, cache_profiles: usize) -> Result<Resolver, ResolveError> {
         let state = store.identity_state()?;
         let rules = state.rules.compile()?;
+        let mut graph = IdentityGraph::from_parts([], [], state.next_profile_id);
+        let mut cache = CacheBook::new(cache_profiles);
+        // A store that fits in three quarters of the cache is loaded whole:
+        // then a miss means a new identifier, and needs no read.
+        if state.live_profiles as usize <= cache_profiles / 4 * 3 {
+            let mut after = None;
+            loop {
+                let page = store.list_profiles(after, PRELOAD_PAGE)?;
+                let Some(last) = page.last() else {
+                    break;
+                };
+                after = Some(last.id);
+                for profile in page {
+                    cache.last_used.insert(profile.id, 0);
+                    graph.insert_profile(profile);
+                }
+            }
+            cache.complete = graph.profile_count() as u64 == state.live_profiles;
+        }
         Ok(Resolver {
             store,
-            graph: IdentityGraph::from_parts([], [], state.next_profile_id),
+            graph,
             rules,
             epoch: state.epoch,
             resolved: state.position,
             committed: state.position,
             in_flight: None,
-            cache: CacheBook::new(cache_profiles),
+            cache,
             live_profiles: state.live_profiles,
             metrics: Metrics::new(),
             unusable_warning: RateLimitedWarning::new(Duration::from_secs(10)),
@@ -194,34 +223,46 @@ impl Resolver {
         let started = std::time::Instant::now();
         self.cache.batch += 1;
         self.graph.forget_merges();
-        let events: Vec<Result<Event, serde_json::Error>> =
-            entries.iter().map(|entry| serde_json::from_str::<Event>(&entry.payload)).collect();
-        let mut wanted: HashSet<Identifier> = HashSet::new();
-        for event in events.iter().flatten() {
-            wanted.extend(IdentityGraph::identifiers_to_look_up(event, &self.rules));
-        }
-        if let Err(error) = self.load_owners(&wanted) {
-            // The graph may hold a partial load: start again from storage.
-            self.flush()?;
-            self.reload()?;
-            return Err(error);
-        }
         let mut batch = BatchChanges::default();
-        for (entry, event) in entries.iter().zip(events) {
-            match event {
-                Ok(event) => {
-                    let resolution = self.graph.resolve(entry.position.0, &event, &self.rules);
-                    if resolution.profile.is_none() {
-                        self.unusable(&mut batch, entry.position, unusable_reason(&resolution));
+        // Parsed events are held a chunk at a time: storage is read once per
+        // chunk, and memory is reused rather than grown with the batch.
+        for chunk in entries.chunks(LOOK_UP_CHUNK) {
+            let events: Vec<Result<(Event, EventIdentifiers), serde_json::Error>> = chunk
+                .iter()
+                .map(|entry| {
+                    let event = serde_json::from_str::<Event>(&entry.payload)?;
+                    let identifiers = EventIdentifiers::of(&event, &self.rules);
+                    Ok((event, identifiers))
+                })
+                .collect();
+            let wanted: HashSet<&Identifier> =
+                events.iter().flatten().flat_map(|(_, identifiers)| identifiers.to_look_up()).collect();
+            if let Err(error) = self.load_owners(&wanted) {
+                // Memory may hold part of a load: start again from storage.
+                self.flush()?;
+                self.reload()?;
+                return Err(error);
+            }
+            drop(wanted);
+            for (entry, event) in chunk.iter().zip(events) {
+                match event {
+                    Ok((event, identifiers)) => {
+                        let resolution =
+                            self.graph.resolve_identified(entry.position.0, &event, &self.rules, identifiers);
+                        if resolution.profile.is_none() {
+                            self.unusable(&mut batch, entry.position, unusable_reason(&resolution));
+                        }
+                        batch.add(entry.position, entry.timestamp_ms, resolution);
                     }
-                    batch.add(entry.position, entry.timestamp_ms, resolution);
+                    Err(error) => self.unusable(&mut batch, entry.position, format!("unreadable event: {error}")),
                 }
-                Err(error) => self.unusable(&mut batch, entry.position, format!("unreadable event: {error}")),
             }
         }
-        for identifier in &wanted {
-            if let Some(owner) = self.graph.lookup(identifier) {
-                self.cache.last_used.insert(owner, self.cache.batch);
+        // What the batch changed stays in memory until its commit is durable
+        // (eviction skips the current batch), and counts as recently used.
+        for id in &batch.touched {
+            if let Some(live) = self.graph.canonical(*id) {
+                self.cache.last_used.insert(live, self.cache.batch);
             }
         }
         self.metrics.resolver_batch_duration.observe(started.elapsed().as_secs_f64());
@@ -252,14 +293,15 @@ impl Resolver {
 
     /// Puts in memory the owner of every identifier in `wanted` that has one,
     /// with its whole profile, reading storage once for those not in memory.
-    fn load_owners(&mut self, wanted: &HashSet<Identifier>) -> Result<(), ResolveError> {
-        let missing: Vec<Identifier> =
-            wanted.iter().filter(|identifier| self.graph.lookup(identifier).is_none()).cloned().collect();
+    fn load_owners(&mut self, wanted: &HashSet<&Identifier>) -> Result<(), ResolveError> {
+        let missing: Vec<&Identifier> =
+            wanted.iter().copied().filter(|identifier| self.graph.lookup(identifier).is_none()).collect();
         self.metrics.resolver_cache_hits.inc_by((wanted.len() - missing.len()) as u64);
         self.metrics.resolver_cache_misses.inc_by(missing.len() as u64);
-        if missing.is_empty() {
+        if missing.is_empty() || self.cache.complete {
             return Ok(());
         }
+        let missing: Vec<Identifier> = missing.into_iter().cloned().collect();
         let owners = self.store.identifier_owners(&missing)?;
         // A profile in memory is never older than storage's copy, and holds
         // every identifier storage gives it: only absent profiles are read.
@@ -298,6 +340,7 @@ impl Resolver {
             for (_, id) in candidates.into_iter().take(excess) {
                 self.graph.evict(id);
                 self.cache.last_used.remove(&id);
+                self.cache.complete = false;
             }
         }
         self.metrics.resolver_cached_profiles.set(self.graph.profile_count() as i64);

@@ -161,21 +161,55 @@ pub fn commit(
     Ok(CommitOutcome::Committed)
 }
 
-/// The live owner of each identifier found, one indexed look-up each inside
-/// one read transaction (prepared once; SQLite has no cheaper batched form
-/// for composite keys).
+/// Identifiers or profile ids per statement in the batched look-ups: a
+/// statement per chunk rather than per key saves SQLite's per-statement
+/// work, and keys are sorted so neighbouring look-ups share B-tree pages.
+const LOOK_UP_CHUNK: usize = 256;
+
+/// A statement text with `count` copies of `row` joined by commas, for a
+/// `VALUES` list or an `IN` list.
+fn repeated(head: &str, row: &str, count: usize, tail: &str) -> String {
+    let mut text = String::with_capacity(head.len() + tail.len() + count * (row.len() + 1));
+    text.push_str(head);
+    for index in 0..count {
+        if index > 0 {
+            text.push(',');
+        }
+        text.push_str(row);
+    }
+    text.push_str(tail);
+    text
+}
+
+/// The live owner of each identifier found, in sorted chunks inside one read
+/// transaction.
 pub fn identifier_owners(
     connection: &Connection,
     identifiers: &[Identifier],
 ) -> Result<Vec<(Identifier, ProfileId)>, StoreError> {
-    let mut statement =
-        connection.prepare_cached("SELECT profile_id FROM identifiers WHERE type = ?1 AND value = ?2")?;
+    let mut sorted: Vec<&Identifier> = identifiers.iter().collect();
+    sorted.sort();
+    sorted.dedup();
     let mut owners = Vec::new();
-    for identifier in identifiers {
-        let owner: Option<i64> =
-            statement.query_row([&identifier.kind, &identifier.value], |row| row.get(0)).optional()?;
-        if let Some(owner) = owner {
-            owners.push((identifier.clone(), ProfileId(owner as u64)));
+    for chunk in sorted.chunks(LOOK_UP_CHUNK) {
+        let text = repeated(
+            "WITH wanted (type, value) AS (VALUES ",
+            "(?, ?)",
+            chunk.len(),
+            ") SELECT i.type, i.value, i.profile_id FROM wanted w
+               JOIN identifiers i ON i.type = w.type AND i.value = w.value",
+        );
+        let mut statement = connection.prepare_cached(&text)?;
+        let parameters =
+            rusqlite::params_from_iter(chunk.iter().flat_map(|identifier| [&identifier.kind, &identifier.value]));
+        let rows = statement.query_map(parameters, |row| {
+            Ok((
+                Identifier::new(row.get::<_, String>(0)?, row.get::<_, String>(1)?),
+                ProfileId(row.get::<_, i64>(2)? as u64),
+            ))
+        })?;
+        for row in rows {
+            owners.push(row?);
         }
     }
     Ok(owners)
@@ -205,15 +239,23 @@ pub fn dropped_at(
     Ok(found)
 }
 
-/// The live profiles among `ids`.
+/// The live profiles among `ids`, in sorted chunks.
 pub fn profiles(connection: &Connection, ids: &[ProfileId]) -> Result<Vec<Profile>, StoreError> {
-    let mut statement =
-        connection.prepare_cached("SELECT state FROM profiles WHERE id = ?1 AND merged_into IS NULL")?;
-    let mut profiles = Vec::with_capacity(ids.len());
-    for id in ids {
-        let state: Option<Option<String>> = statement.query_row([id.0 as i64], |row| row.get(0)).optional()?;
-        if let Some(Some(state)) = state {
-            profiles.push(decode_profile(&state)?);
+    let mut sorted: Vec<i64> = ids.iter().map(|id| id.0 as i64).collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut profiles = Vec::with_capacity(sorted.len());
+    for chunk in sorted.chunks(LOOK_UP_CHUNK) {
+        let text = repeated(
+            "SELECT state FROM profiles WHERE id IN (",
+            "?",
+            chunk.len(),
+            ") AND merged_into IS NULL AND state IS NOT NULL",
+        );
+        let mut statement = connection.prepare_cached(&text)?;
+        let rows = statement.query_map(rusqlite::params_from_iter(chunk), |row| row.get::<_, String>(0))?;
+        for state in rows {
+            profiles.push(decode_profile(&state?)?);
         }
     }
     Ok(profiles)
