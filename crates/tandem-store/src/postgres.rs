@@ -4,8 +4,8 @@
 //!
 //! The interfaces are synchronous and the server calls them from blocking
 //! threads, so this backend uses the synchronous `postgres` client and a
-//! small pool of idle connections of its own ([`PostgresStore`] keeps up to
-//! [`IDLE_CONNECTIONS`]; a caller that finds none idle opens one). Each
+//! small bounded pool of its own (`pool.rs`, [`DEFAULT_MAX_CONNECTIONS`]
+//! per store unless told otherwise). Each
 //! module below owns one stage's queries: [`log`] the event log and its
 //! append order, [`sources`] sources and tokens, [`identity`] the identity
 //! graph. The schema is created and upgraded here, by numbered migrations
@@ -18,25 +18,24 @@
 
 mod identity;
 mod log;
+mod pool;
 mod sources;
 #[cfg(test)]
 pub(crate) mod testing;
 
 use crate::StoreError;
-use postgres::{Client, Config, NoTls};
-use std::sync::{Mutex, PoisonError};
+use pool::Pool;
+use postgres::{Client, Config};
 use std::time::Duration;
 
-/// Idle connections kept for reuse; more are opened while callers need them
-/// at once and closed when they are returned to a full pool.
-pub const IDLE_CONNECTIONS: usize = 8;
+pub use pool::PoolExhausted;
+
+/// Connections one store opens at most, unless told otherwise: enough for
+/// the log writer, the resolver and a few API readers at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16;
 
 /// How long opening a connection may take before it counts as a failure.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long a connection that saw a failure gets to answer before it is
-/// dropped instead of pooled.
-const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The advisory lock that lets one node at a time migrate the schema.
 const MIGRATION_LOCK: i64 = 0x7461_6e64_656d_0001;
@@ -148,8 +147,7 @@ const MIGRATIONS: &[&str] = &[
 
 /// The PostgreSQL implementation of [`crate::Store`].
 pub struct PostgresStore {
-    config: Config,
-    idle: Mutex<Vec<Client>>,
+    pool: Pool,
     /// The throwaway database a test made for this store, dropped with it.
     #[cfg(test)]
     test_database: Option<testing::TestDatabase>,
@@ -167,18 +165,18 @@ impl PostgresStore {
     /// connection is not encrypted: TLS is not supported yet.
     pub fn connect(url: &str) -> Result<Self, StoreError> {
         let config: Config = url.parse()?;
-        Self::connect_with(config)
+        Self::connect_with(config, DEFAULT_MAX_CONNECTIONS)
     }
 
-    /// Like [`PostgresStore::connect`], with the connection settings parsed.
-    pub fn connect_with(mut config: Config) -> Result<Self, StoreError> {
+    /// Like [`PostgresStore::connect`], with the connection settings parsed
+    /// and the most connections this store opens at once.
+    pub fn connect_with(mut config: Config, max_connections: usize) -> Result<Self, StoreError> {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
         config.application_name("tandem");
         let store = PostgresStore {
-            config,
-            idle: Mutex::new(Vec::new()),
+            pool: Pool::new(config, max_connections),
             #[cfg(test)]
             test_database: None,
         };
@@ -191,28 +189,9 @@ impl PostgresStore {
         MIGRATIONS.len() as i64
     }
 
-    /// Runs `work` on an idle connection (or a new one) and keeps the
-    /// connection for the next caller unless it broke. A transaction `work`
-    /// left open is rolled back when it is dropped, so a returned connection
-    /// is always outside a transaction.
+    /// Runs `work` on a pooled connection (see `pool.rs`).
     fn with_client<T>(&self, work: impl FnOnce(&mut Client) -> Result<T, StoreError>) -> Result<T, StoreError> {
-        let pooled = self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop();
-        let mut client = match pooled {
-            Some(client) if !client.is_closed() => client,
-            _ => self.config.connect(NoTls)?,
-        };
-        let result = work(&mut client);
-        // A storage failure may have been the connection dying, which the
-        // client only notices on its next use: check before pooling it.
-        let broken = client.is_closed()
-            || (matches!(result, Err(StoreError::Backend(_))) && client.is_valid(HEALTH_CHECK_TIMEOUT).is_err());
-        if !broken {
-            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-            if idle.len() < IDLE_CONNECTIONS {
-                idle.push(client);
-            }
-        }
-        result
+        self.pool.run(work)
     }
 }
 
@@ -265,7 +244,7 @@ mod tests {
     fn reconnecting_keeps_everything_and_does_not_migrate_twice() {
         let Some(store) = testing::fresh_store() else { return };
         let source = store.create_source("web", SourceKind::Website).unwrap();
-        let again = PostgresStore::connect_with(store.config.clone()).unwrap();
+        let again = PostgresStore::connect_with(store.pool.config().clone(), 4).unwrap();
         assert_eq!(again.list_sources().unwrap(), vec![source]);
         let versions: Vec<i64> = store
             .with_client(|client| {
@@ -286,7 +265,7 @@ mod tests {
             .with_client(|client| Ok(client.execute("INSERT INTO schema_migrations (version) VALUES (99)", &[])?))
             .unwrap();
         assert!(matches!(
-            PostgresStore::connect_with(store.config.clone()),
+            PostgresStore::connect_with(store.pool.config().clone(), 4),
             Err(StoreError::SchemaTooNew { found: 99, .. })
         ));
     }
@@ -299,7 +278,9 @@ mod tests {
             .unwrap();
         std::thread::scope(|scope| {
             for _ in 0..4 {
-                scope.spawn(|| PostgresStore::connect_with(store.config.clone()).expect("connect and migrate"));
+                scope.spawn(|| {
+                    PostgresStore::connect_with(store.pool.config().clone(), 4).expect("connect and migrate")
+                });
             }
         });
         assert_eq!(store.head().unwrap(), tandem_core::LogPosition(0));
@@ -313,8 +294,44 @@ mod tests {
         let failed =
             store.with_client(|client| Ok(client.batch_execute("SELECT pg_terminate_backend(pg_backend_pid())")?));
         assert!(matches!(failed, Err(StoreError::Backend(_))));
-        assert!(store.idle.lock().unwrap().is_empty(), "the dead connection was dropped");
+        assert_eq!(store.pool.open(), 0, "the dead connection was closed");
         assert_eq!(store.list_sources().unwrap().len(), 1, "the next call opens a fresh connection");
+    }
+
+    #[test]
+    fn callers_beyond_the_connection_bound_wait_for_a_connection() {
+        let Some(fresh) = testing::fresh_store() else { return };
+        let store = PostgresStore::connect_with(fresh.pool.config().clone(), 2).unwrap();
+        let (busy, peak) = (std::sync::atomic::AtomicUsize::new(0), std::sync::atomic::AtomicUsize::new(0));
+        std::thread::scope(|scope| {
+            for _ in 0..6 {
+                scope.spawn(|| {
+                    store
+                        .with_client(|client| {
+                            let now = busy.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                            peak.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+                            client.batch_execute("SELECT pg_sleep(0.05)")?;
+                            busy.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                            Ok(())
+                        })
+                        .unwrap();
+                });
+            }
+        });
+        assert_eq!(peak.load(std::sync::atomic::Ordering::SeqCst), 2, "two at a time, the others waited");
+        assert_eq!(store.pool.open(), 2);
+        let backends: i64 = store
+            .with_client(|client| {
+                Ok(client
+                    .query_one(
+                        "SELECT COUNT(*) FROM pg_stat_activity
+                         WHERE datname = current_database() AND application_name = 'tandem'",
+                        &[],
+                    )?
+                    .get(0))
+            })
+            .unwrap();
+        assert_eq!(backends as usize, fresh.pool.open() + store.pool.open(), "no connection beyond the pools'");
     }
 
     #[test]

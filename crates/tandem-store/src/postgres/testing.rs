@@ -69,7 +69,8 @@ impl Drop for TestDatabase {
 /// A store on a fresh, empty database of its own; `None` when skipped.
 pub fn fresh_store() -> Option<PostgresStore> {
     let (database, config) = TestDatabase::create()?;
-    let mut store = PostgresStore::connect_with(config).expect("connect to the test database and migrate it");
+    let mut store = PostgresStore::connect_with(config, super::DEFAULT_MAX_CONNECTIONS)
+        .expect("connect to the test database and migrate it");
     store.test_database = Some(database);
     Some(store)
 }
