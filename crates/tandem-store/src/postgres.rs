@@ -11,10 +11,15 @@
 //! graph. The schema is created and upgraded here, by numbered migrations
 //! recorded in `schema_migrations`.
 //!
-//! Text that a client sent and that PostgreSQL's `TEXT` cannot hold (a NUL
-//! character, which JSON can carry as `\u0000`) is stored as `BYTEA`:
-//! message ids, quarantined messages and identifier values. Text Tandem
-//! writes itself (event and profile JSON, which escapes NUL) stays `TEXT`.
+//! Text that may hold what PostgreSQL's `TEXT` cannot (a NUL character,
+//! which JSON carries as `\u0000` and a client can put in a `messageId` or
+//! an identifier) is stored as UTF-8 in `BYTEA`: message ids, event
+//! payloads, quarantined messages, identifier values and the reasons events
+//! went unresolved (which quote identifiers). Otherwise one such
+//! request would fail every request grouped into the same append. Text
+//! Tandem writes itself (profile and history JSON, which escape NUL, names,
+//! codes) stays `TEXT`. To read a payload in `psql`:
+//! `convert_from(payload, 'UTF8')`.
 
 mod identity;
 mod log;
@@ -73,7 +78,7 @@ const MIGRATIONS: &[&str] = &[
         event_type TEXT NOT NULL,
         received_at BIGINT NOT NULL,
         timestamp_ms BIGINT NOT NULL,
-        payload TEXT NOT NULL
+        payload BYTEA NOT NULL
     );
     CREATE TABLE message_ids (
         source_id TEXT NOT NULL,
@@ -141,7 +146,7 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO identity_state (id, next_profile_id, rules) VALUES (1, 1, NULL);
     CREATE TABLE unresolved_events (
         position BIGINT PRIMARY KEY,
-        reason TEXT NOT NULL
+        reason BYTEA NOT NULL
     );"#,
 ];
 

@@ -105,9 +105,9 @@ fn commit(
     save_history(transaction, &commit.history)?;
     if !commit.unresolved.is_empty() {
         let positions: Vec<i64> = commit.unresolved.iter().map(|event| event.position.0 as i64).collect();
-        let reasons: Vec<&str> = commit.unresolved.iter().map(|event| event.reason.as_str()).collect();
+        let reasons: Vec<&[u8]> = commit.unresolved.iter().map(|event| event.reason.as_bytes()).collect();
         transaction.execute(
-            "INSERT INTO unresolved_events (position, reason) SELECT * FROM unnest($1::bigint[], $2::text[])
+            "INSERT INTO unresolved_events (position, reason) SELECT * FROM unnest($1::bigint[], $2::bytea[])
              ON CONFLICT (position) DO NOTHING",
             &[&positions, &reasons],
         )?;
@@ -341,7 +341,7 @@ impl IdentityStore for PostgresStore {
                 .map(|row| {
                     Ok(UnresolvedEvent {
                         position: LogPosition(row.try_get::<_, i64>(0)? as u64),
-                        reason: row.try_get(1)?,
+                        reason: text_from_bytes(row.try_get(1)?)?,
                     })
                 })
                 .collect()
@@ -451,5 +451,63 @@ impl IdentityStore for PostgresStore {
                 &[&kind, &prefix.as_bytes(), &upper, &lower, &(limit as i64)],
             )?)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing;
+    use crate::prelude::*;
+    use crate::{CommitOutcome, IdentityCommit, UnresolvedEvent};
+    use tandem_core::{Identifier, LogPosition, Profile, ProfileId};
+
+    /// Regression: an identifier value (and so an unresolved reason quoting
+    /// it) can hold a NUL character from the event's JSON; storing it must
+    /// not fail the resolver's commit, which would stop resolution for good.
+    #[test]
+    fn identifiers_with_a_nul_character_are_stored_and_found() {
+        let Some(store) = testing::fresh_store() else { return };
+        let odd = Identifier::new("user_id", "ann\0x");
+        let mut profile = Profile::new(ProfileId(1));
+        profile.identifiers = vec![odd.clone()];
+        let reason = UnresolvedEvent { position: LogPosition(2), reason: "user_id:\0 (blocked value)".into() };
+        let commit = IdentityCommit {
+            to: LogPosition(2),
+            profiles: vec![profile.clone()],
+            identifiers: vec![(odd.clone(), ProfileId(1))],
+            unresolved: vec![reason.clone()],
+            next_profile_id: 2,
+            ..IdentityCommit::default()
+        };
+        assert_eq!(store.commit_identity(&commit).unwrap(), CommitOutcome::Committed);
+        assert_eq!(store.identifier_owners(std::slice::from_ref(&odd)).unwrap(), vec![(odd.clone(), ProfileId(1))]);
+        assert_eq!(store.profile_by_identifier(&odd).unwrap(), Some(profile));
+        assert_eq!(store.identifiers_with_prefix("user_id", "ann", None, 10).unwrap(), vec![(odd, ProfileId(1))]);
+        assert_eq!(store.unresolved_events(LogPosition(0), 10).unwrap(), vec![reason]);
+    }
+
+    #[test]
+    fn prefix_search_orders_by_character_whatever_the_database_collation() {
+        let Some(store) = testing::fresh_store() else { return };
+        let values = ["b", "B", "a-1", "a_1", "a1", "a\u{e9}", "ab", "a"];
+        let commit = IdentityCommit {
+            to: LogPosition(0),
+            identifiers: values.iter().map(|value| (Identifier::new("email", *value), ProfileId(1))).collect(),
+            next_profile_id: 2,
+            ..IdentityCommit::default()
+        };
+        assert_eq!(store.commit_identity(&commit).unwrap(), CommitOutcome::Committed);
+        let found = |prefix: &str, after: Option<&str>| -> Vec<String> {
+            store
+                .identifiers_with_prefix("email", prefix, after, 10)
+                .unwrap()
+                .into_iter()
+                .map(|(identifier, _)| identifier.value)
+                .collect()
+        };
+        assert_eq!(found("a", None), ["a", "a-1", "a1", "a_1", "ab", "a\u{e9}"], "by code point, as SQLite orders");
+        assert_eq!(found("a", Some("a1")), ["a_1", "ab", "a\u{e9}"]);
+        assert_eq!(found("B", None), ["B"]);
+        assert!(found("c", None).is_empty());
     }
 }

@@ -51,7 +51,7 @@ pub(super) fn log_entry_from_row(row: &Row) -> Result<LogEntry, StoreError> {
         event_type: event_type.parse().map_err(|error| StoreError::Backend(Box::new(error)))?,
         received_at_ms: row.try_get(4)?,
         timestamp_ms: row.try_get(5)?,
-        payload: row.try_get(6)?,
+        payload: text_from_bytes(row.try_get(6)?)?,
     })
 }
 
@@ -147,7 +147,7 @@ fn append(
     if !events.positions.is_empty() {
         transaction.execute(
             "INSERT INTO events (position, source_id, message_id, event_type, received_at, timestamp_ms, payload)
-             SELECT * FROM unnest($1::bigint[], $2::text[], $3::bytea[], $4::text[], $5::bigint[], $6::bigint[], $7::text[])",
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::bytea[], $4::text[], $5::bigint[], $6::bigint[], $7::bytea[])",
             &[
                 &events.positions,
                 &events.sources,
@@ -208,7 +208,7 @@ struct EventColumns<'a> {
     types: Vec<&'static str>,
     received_at: Vec<i64>,
     timestamps: Vec<i64>,
-    payloads: Vec<&'a str>,
+    payloads: Vec<&'a [u8]>,
 }
 
 impl<'a> EventColumns<'a> {
@@ -219,7 +219,7 @@ impl<'a> EventColumns<'a> {
         self.types.push(record.event_type.as_str());
         self.received_at.push(record.received_at_ms);
         self.timestamps.push(record.timestamp_ms);
-        self.payloads.push(&record.payload);
+        self.payloads.push(record.payload.as_bytes());
     }
 }
 
