@@ -290,8 +290,10 @@ impl IdentityStore for PostgresStore {
         let text = serde_json::to_string(rules).map_err(json_error)?;
         self.with_client(|client| {
             let mut transaction = client.transaction()?;
-            transaction.execute("UPDATE identity_state SET rules = $1 WHERE id = 1", &[&text])?;
+            // The cursor row first, as a commit locks it first: the same lock
+            // order in both, so they queue rather than deadlock.
             transaction.execute("UPDATE stage_cursors SET epoch = epoch + 1 WHERE stage = $1", &[&Stage::RESOLVE.0])?;
+            transaction.execute("UPDATE identity_state SET rules = $1 WHERE id = 1", &[&text])?;
             transaction.commit()?;
             Ok(())
         })
@@ -484,6 +486,62 @@ mod tests {
         assert_eq!(store.profile_by_identifier(&odd).unwrap(), Some(profile));
         assert_eq!(store.identifiers_with_prefix("user_id", "ann", None, 10).unwrap(), vec![(odd, ProfileId(1))]);
         assert_eq!(store.unresolved_events(LogPosition(0), 10).unwrap(), vec![reason]);
+    }
+
+    #[test]
+    fn resolvers_committing_from_one_position_cannot_both_win() {
+        let Some(store) = testing::fresh_store() else { return };
+        let outcomes: Vec<CommitOutcome> = std::thread::scope(|scope| {
+            let racers: Vec<_> = (1..=4)
+                .map(|racer| {
+                    let store = &store;
+                    scope.spawn(move || {
+                        let commit = IdentityCommit {
+                            to: LogPosition(10),
+                            profiles: vec![Profile::new(ProfileId(racer))],
+                            next_profile_id: racer + 1,
+                            ..IdentityCommit::default()
+                        };
+                        store.commit_identity(&commit).unwrap()
+                    })
+                })
+                .collect();
+            racers.into_iter().map(|racer| racer.join().unwrap()).collect()
+        });
+        let won = outcomes.iter().filter(|outcome| **outcome == CommitOutcome::Committed).count();
+        assert_eq!(won, 1, "{outcomes:?}");
+        assert!(outcomes
+            .iter()
+            .all(|outcome| matches!(outcome, CommitOutcome::Committed | CommitOutcome::StalePosition)));
+        assert_eq!(store.load_identity().unwrap().profiles.len(), 1, "only the winner's profile was written");
+    }
+
+    #[test]
+    fn rule_changes_during_commits_refuse_them_without_deadlock() {
+        let Some(store) = testing::fresh_store() else { return };
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for _ in 0..20 {
+                    store.set_identity_rules(&tandem_core::IdentityRules::default()).unwrap();
+                }
+            });
+            scope.spawn(|| {
+                for round in 0..40_u64 {
+                    let snapshot = store.load_identity().unwrap();
+                    let commit = IdentityCommit {
+                        epoch: snapshot.epoch,
+                        from: snapshot.position,
+                        to: LogPosition(snapshot.position.0 + 1),
+                        profiles: vec![Profile::new(ProfileId(round + 1))],
+                        next_profile_id: round + 2,
+                        ..IdentityCommit::default()
+                    };
+                    let outcome = store.commit_identity(&commit).unwrap();
+                    assert!(matches!(outcome, CommitOutcome::Committed | CommitOutcome::EpochChanged), "{outcome:?}");
+                }
+            });
+        });
+        assert_eq!(store.load_identity().unwrap().epoch, 20, "every rule change started an epoch");
     }
 
     #[test]
