@@ -50,7 +50,15 @@ pub struct Resolution {
     pub changes: Vec<IdentityChange>,
 }
 
-/// Every profile, the identifier index, and where merged profiles went.
+/// Profiles, the identifier index, and where merged profiles went.
+///
+/// The graph may hold the whole customer base or only part of it: the
+/// resolver keeps a bounded part in memory (a cache over storage) and loads,
+/// before each batch, the owner of every identifier the batch will look up
+/// ([`IdentityGraph::identifiers_to_look_up`]) with its whole profile.
+/// Resolving an event reads nothing else, so a partial graph that holds those
+/// profiles decides exactly what the whole graph would. Invariant: an
+/// identifier is indexed exactly when the profile holding it is in memory.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct IdentityGraph {
     profiles: HashMap<ProfileId, Profile>,
@@ -85,6 +93,67 @@ impl IdentityGraph {
 
     pub fn next_id(&self) -> u64 {
         self.next_id
+    }
+
+    /// Whether the profile is in memory (live and loaded).
+    pub fn holds(&self, id: ProfileId) -> bool {
+        self.profiles.contains_key(&id)
+    }
+
+    /// Puts a stored profile in memory, its identifiers pointing at it.
+    pub fn insert_profile(&mut self, profile: Profile) {
+        for identifier in &profile.identifiers {
+            self.index.insert(identifier.clone(), profile.id);
+        }
+        self.next_id = self.next_id.max(profile.id.0 + 1);
+        self.profiles.insert(profile.id, profile);
+    }
+
+    /// Drops a profile from memory (it stays in storage), with its
+    /// identifiers; `false` when it was not in memory.
+    pub fn evict(&mut self, id: ProfileId) -> bool {
+        let Some(profile) = self.profiles.remove(&id) else {
+            return false;
+        };
+        for identifier in &profile.identifiers {
+            if self.index.get(identifier) == Some(&id) {
+                self.index.remove(identifier);
+            }
+        }
+        true
+    }
+
+    /// Forgets where merged profiles went: a partial graph keeps them only
+    /// for the batch that merged them (storage keeps them for good).
+    pub fn forget_merges(&mut self) {
+        self.merged_into.clear();
+    }
+
+    /// Every identifier whose owner [`IdentityGraph::resolve`] may look up
+    /// for `event`: its usable identifiers, and for an alias the `previousId`
+    /// as a user id too. Loading the owners of these (with their profiles)
+    /// into a partial graph is all resolving the event needs.
+    pub fn identifiers_to_look_up(event: &Event, rules: &CompiledRules) -> Vec<Identifier> {
+        let (mut identifiers, _blocked) = rules.identifiers_of(event);
+        identifiers.extend(Self::previous_id_as_user(event, rules));
+        identifiers
+    }
+
+    /// Every identifier `event` carries, blocked ones included, with an
+    /// alias's `previousId` as a user id too: what could link the event to
+    /// anything under any rules.
+    pub fn identifiers_carried(event: &Event, rules: &CompiledRules) -> Vec<Identifier> {
+        let (mut identifiers, blocked) = rules.identifiers_of(event);
+        identifiers.extend(blocked.into_iter().map(|(identifier, _)| identifier));
+        identifiers.extend(Self::previous_id_as_user(event, rules));
+        identifiers
+    }
+
+    fn previous_id_as_user(event: &Event, rules: &CompiledRules) -> Option<Identifier> {
+        if event.event_type != EventType::Alias {
+            return None;
+        }
+        rules.normalizer().identifier(USER_ID, event.previous_id.as_deref()?)
     }
 
     pub fn profile_count(&self) -> usize {

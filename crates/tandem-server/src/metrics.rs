@@ -54,6 +54,9 @@ pub struct Metrics {
     pub resolver_batch_duration: Histogram,
     pub resolver_profiles: Gauge,
     pub resolver_unusable_events: Counter,
+    pub resolver_cache_hits: Counter,
+    pub resolver_cache_misses: Counter,
+    pub resolver_cached_profiles: Gauge,
 }
 
 impl Default for Metrics {
@@ -117,8 +120,29 @@ impl Metrics {
             "Events the resolver could not use (kept in the unresolved list, never silently skipped)",
             resolver_unusable_events.clone(),
         );
+        let resolver_cache_hits = Counter::default();
+        registry.register(
+            "resolver_cache_hits",
+            "Identifiers the resolver found in memory with their profile",
+            resolver_cache_hits.clone(),
+        );
+        let resolver_cache_misses = Counter::default();
+        registry.register(
+            "resolver_cache_misses",
+            "Identifiers the resolver looked up in storage (new identifiers included)",
+            resolver_cache_misses.clone(),
+        );
+        let resolver_cached_profiles = Gauge::default();
+        registry.register(
+            "resolver_cached_profiles",
+            "Profiles the resolver holds in memory (bounded by its cache size)",
+            resolver_cached_profiles.clone(),
+        );
         Metrics {
             registry: std::sync::Arc::new(registry),
+            resolver_cache_hits,
+            resolver_cache_misses,
+            resolver_cached_profiles,
             log_head,
             resolver_position,
             resolver_lag_events,

@@ -4,15 +4,17 @@
 //! resumes exactly where the last commit ended and nothing applies twice.
 //! Also the repairs (`unlink`, `block`) that rebuild the graph from the log.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_core::identity::{CompiledRules, RulesError};
 use tandem_core::{
-    Event, Identifier, IdentityChange, IdentityGraph, IdentityRules, LogPosition, ProfileId, Resolution,
+    Event, Identifier, IdentityChange, IdentityGraph, IdentityRules, LogPosition, Profile, ProfileId, Resolution,
 };
-use tandem_store::{CommitOutcome, EventLink, HistoryRecord, IdentityCommit, Store, StoreError, UnresolvedEvent};
+use tandem_store::{
+    CommitOutcome, EventLink, HistoryRecord, IdentityCommit, IdentityRepair, Store, StoreError, UnresolvedEvent,
+};
 
 use crate::log_head::LogHead;
 use crate::metrics::Metrics;
@@ -40,15 +42,28 @@ pub enum ResolveError {
     Contended,
     #[error("a resolver commit panicked")]
     CommitPanicked,
+    #[error("identity storage is inconsistent: {0}")]
+    Inconsistent(String),
 }
 
-/// The resolver's in-memory graph and where it stands in the log.
+/// Profiles the resolver keeps in memory by default (about 1-2 KB each).
+pub const DEFAULT_CACHE_PROFILES: usize = 200_000;
+
+/// The resolver's bounded graph and where it stands in the log.
+///
+/// The graph in memory is a cache over storage: before each batch, the
+/// owners of every identifier the batch looks up are loaded (one batched
+/// read), and after the batch's commit the least recently used profiles are
+/// dropped until at most the cache size remains. Memory is set by the cache
+/// size, not by the number of customers.
 ///
 /// Resolving and committing overlap: while batch N is being written on a
-/// committer thread, batch N+1 is resolved in memory. Commits are applied in
+/// committer thread, batch N+1 is resolved in memory. Profiles batch N
+/// touched stay in memory until its commit is durable (they are the overlay
+/// over storage that reads during batch N+1 need). Commits are applied in
 /// order, each checked against the position the previous one left, so a
 /// failed or refused commit refuses the ones after it too, and the resolver
-/// reloads from storage. Dropping a resolver waits for its commit.
+/// starts again from storage. Dropping a resolver waits for its commit.
 pub struct Resolver {
     store: Arc<dyn Store>,
     graph: IdentityGraph,
@@ -59,8 +74,25 @@ pub struct Resolver {
     /// Durable in storage.
     committed: LogPosition,
     in_flight: Option<InFlight>,
+    cache: CacheBook,
+    /// Live profiles in storage once every resolved batch is committed.
+    live_profiles: u64,
     metrics: Metrics,
     unusable_warning: RateLimitedWarning,
+}
+
+/// Which profiles in memory were used when, to drop the least recently used.
+struct CacheBook {
+    capacity: usize,
+    /// Batches resolved so far; the current one's number.
+    batch: u64,
+    last_used: HashMap<ProfileId, u64>,
+}
+
+impl CacheBook {
+    fn new(capacity: usize) -> Self {
+        CacheBook { capacity, batch: 0, last_used: HashMap::new() }
+    }
 }
 
 /// A warning that repeats at most once per interval, saying how many were
@@ -97,18 +129,26 @@ struct InFlight {
 }
 
 impl Resolver {
+    /// A resolver continuing where the last commit ended, with the default cache size.
     pub fn load(store: Arc<dyn Store>) -> Result<Resolver, ResolveError> {
-        let snapshot = store.load_identity()?;
-        let graph = IdentityGraph::from_parts(snapshot.profiles, snapshot.merged_into, snapshot.next_profile_id);
-        let rules = snapshot.rules.compile()?;
+        Resolver::with_cache(store, DEFAULT_CACHE_PROFILES)
+    }
+
+    /// A resolver keeping at most `cache_profiles` profiles in memory
+    /// (more only while one batch needs more at once).
+    pub fn with_cache(store: Arc<dyn Store>, cache_profiles: usize) -> Result<Resolver, ResolveError> {
+        let state = store.identity_state()?;
+        let rules = state.rules.compile()?;
         Ok(Resolver {
             store,
-            graph,
+            graph: IdentityGraph::from_parts([], [], state.next_profile_id),
             rules,
-            epoch: snapshot.epoch,
-            resolved: snapshot.position,
-            committed: snapshot.position,
+            epoch: state.epoch,
+            resolved: state.position,
+            committed: state.position,
             in_flight: None,
+            cache: CacheBook::new(cache_profiles),
+            live_profiles: state.live_profiles,
             metrics: Metrics::new(),
             unusable_warning: RateLimitedWarning::new(Duration::from_secs(10)),
         })
@@ -118,14 +158,15 @@ impl Resolver {
     pub fn with_metrics(mut self, metrics: Metrics) -> Self {
         self.metrics = metrics;
         self.metrics.resolver_position.set(self.committed.0 as i64);
-        self.metrics.resolver_profiles.set(self.graph.profile_count() as i64);
+        self.metrics.resolver_profiles.set(self.live_profiles as i64);
+        self.metrics.resolver_cached_profiles.set(self.graph.profile_count() as i64);
         self
     }
 
-    /// Starts again from storage, keeping the metrics.
+    /// Starts again from storage, keeping the metrics and the cache size.
     fn reload(&mut self) -> Result<(), ResolveError> {
         let metrics = self.metrics.clone();
-        *self = Resolver::load(self.store.clone())?.with_metrics(metrics);
+        *self = Resolver::with_cache(self.store.clone(), self.cache.capacity)?.with_metrics(metrics);
         Ok(())
     }
 
@@ -134,10 +175,15 @@ impl Resolver {
         self.committed
     }
 
+    /// Profiles held in memory now.
+    pub fn cached_profiles(&self) -> usize {
+        self.graph.profile_count()
+    }
+
     /// Resolves up to `limit` events after the last resolved position and
     /// starts committing them; returns how many were resolved. Returns 0 when
     /// caught up (after waiting for the last commit), or when identity state
-    /// was rewritten elsewhere and the graph had to be reloaded.
+    /// was rewritten elsewhere and the resolver had to start again.
     pub fn step(&mut self, limit: usize) -> Result<usize, ResolveError> {
         let entries = self.store.read_log(self.resolved, limit)?;
         let Some(last) = entries.last() else {
@@ -146,36 +192,41 @@ impl Resolver {
         };
         let to = last.position;
         let started = std::time::Instant::now();
+        self.cache.batch += 1;
+        self.graph.forget_merges();
+        let events: Vec<Result<Event, serde_json::Error>> =
+            entries.iter().map(|entry| serde_json::from_str::<Event>(&entry.payload)).collect();
+        let mut wanted: HashSet<Identifier> = HashSet::new();
+        for event in events.iter().flatten() {
+            wanted.extend(IdentityGraph::identifiers_to_look_up(event, &self.rules));
+        }
+        if let Err(error) = self.load_owners(&wanted) {
+            // The graph may hold a partial load: start again from storage.
+            self.flush()?;
+            self.reload()?;
+            return Err(error);
+        }
         let mut batch = BatchChanges::default();
-        for entry in &entries {
-            match serde_json::from_str::<Event>(&entry.payload) {
+        for (entry, event) in entries.iter().zip(events) {
+            match event {
                 Ok(event) => {
                     let resolution = self.graph.resolve(entry.position.0, &event, &self.rules);
                     if resolution.profile.is_none() {
-                        let dropped: Vec<String> = resolution
-                            .changes
-                            .iter()
-                            .filter_map(|change| match change {
-                                IdentityChange::Dropped { identifier, reason, .. } => {
-                                    Some(format!("{identifier} ({reason})"))
-                                }
-                                _ => None,
-                            })
-                            .collect();
-                        let reason = if dropped.is_empty() {
-                            "the event carries no identifier".to_owned()
-                        } else {
-                            format!("no usable identifier: {}", dropped.join(", "))
-                        };
-                        self.unusable(&mut batch, entry.position, reason);
+                        self.unusable(&mut batch, entry.position, unusable_reason(&resolution));
                     }
                     batch.add(entry.position, entry.timestamp_ms, resolution);
                 }
                 Err(error) => self.unusable(&mut batch, entry.position, format!("unreadable event: {error}")),
             }
         }
+        for identifier in &wanted {
+            if let Some(owner) = self.graph.lookup(identifier) {
+                self.cache.last_used.insert(owner, self.cache.batch);
+            }
+        }
         self.metrics.resolver_batch_duration.observe(started.elapsed().as_secs_f64());
-        self.metrics.resolver_profiles.set(self.graph.profile_count() as i64);
+        self.live_profiles = (self.live_profiles + batch.created).saturating_sub(batch.merged.len() as u64);
+        self.metrics.resolver_profiles.set(self.live_profiles as i64);
         let commit = batch.into_commit(&self.graph, self.epoch, self.resolved, to);
         tracing::debug!(
             events = entries.len(),
@@ -184,9 +235,11 @@ impl Resolver {
             "resolved a batch"
         );
         if !self.flush()? {
-            // The graph was reloaded: this batch was computed on stale state.
+            // The resolver started again: this batch was computed on stale state.
             return Ok(0);
         }
+        // The previous batch is durable: what only it used may leave memory.
+        self.evict();
         let store = self.store.clone();
         let commit = std::thread::Builder::new()
             .name("tandem-resolver-commit".into())
@@ -195,6 +248,59 @@ impl Resolver {
         self.in_flight = Some(InFlight { to, commit });
         self.resolved = to;
         Ok(entries.len())
+    }
+
+    /// Puts in memory the owner of every identifier in `wanted` that has one,
+    /// with its whole profile, reading storage once for those not in memory.
+    fn load_owners(&mut self, wanted: &HashSet<Identifier>) -> Result<(), ResolveError> {
+        let missing: Vec<Identifier> =
+            wanted.iter().filter(|identifier| self.graph.lookup(identifier).is_none()).cloned().collect();
+        self.metrics.resolver_cache_hits.inc_by((wanted.len() - missing.len()) as u64);
+        self.metrics.resolver_cache_misses.inc_by(missing.len() as u64);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let owners = self.store.identifier_owners(&missing)?;
+        // A profile in memory is never older than storage's copy, and holds
+        // every identifier storage gives it: only absent profiles are read.
+        let absent: BTreeSet<ProfileId> =
+            owners.iter().map(|(_, owner)| *owner).filter(|owner| !self.graph.holds(*owner)).collect();
+        let absent: Vec<ProfileId> = absent.into_iter().collect();
+        for profile in self.store.profiles(&absent)? {
+            self.cache.last_used.insert(profile.id, self.cache.batch);
+            self.graph.insert_profile(profile);
+        }
+        if let Some((identifier, owner)) = owners.iter().find(|(_, owner)| !self.graph.holds(*owner)) {
+            return Err(ResolveError::Inconsistent(format!("{identifier} belongs to {owner}, which is not stored")));
+        }
+        Ok(())
+    }
+
+    /// Drops the least recently used profiles down to three quarters of the
+    /// cache size once it is exceeded (so eviction runs once per quarter of
+    /// the cache, not every batch). Profiles the current batch used stay.
+    fn evict(&mut self) {
+        let graph = &self.graph;
+        let cache = &mut self.cache;
+        if graph.profile_count() > cache.capacity {
+            cache.last_used.retain(|id, _| graph.holds(*id));
+            let keep = cache.capacity * 3 / 4;
+            let mut candidates: Vec<(u64, ProfileId)> = cache
+                .last_used
+                .iter()
+                .filter(|(_, batch)| **batch < cache.batch)
+                .map(|(id, batch)| (*batch, *id))
+                .collect();
+            let excess = graph.profile_count().saturating_sub(keep).min(candidates.len());
+            if excess > 0 && excess < candidates.len() {
+                candidates.select_nth_unstable(excess);
+            }
+            for (_, id) in candidates.into_iter().take(excess) {
+                self.graph.evict(id);
+                self.cache.last_used.remove(&id);
+            }
+        }
+        self.metrics.resolver_cached_profiles.set(self.graph.profile_count() as i64);
     }
 
     /// Keeps an event the graph could not use in the commit's unresolved
@@ -208,7 +314,7 @@ impl Resolver {
     }
 
     /// Waits for the commit in flight. Returns `false` when it was refused
-    /// (identity state changed elsewhere) and the graph was reloaded.
+    /// (identity state changed elsewhere) and the resolver started again.
     pub fn flush(&mut self) -> Result<bool, ResolveError> {
         let Some(in_flight) = self.in_flight.take() else {
             return Ok(true);
@@ -226,7 +332,7 @@ impl Resolver {
                 Ok(false)
             }
             Ok(Err(error)) => {
-                // The graph holds changes that were not stored: start over from storage.
+                // Memory holds changes that were not stored: start over from storage.
                 let _ = self.reload();
                 Err(error.into())
             }
@@ -251,6 +357,23 @@ impl Resolver {
     }
 }
 
+/// Why an event that resolved to no profile is listed as unresolved.
+fn unusable_reason(resolution: &Resolution) -> String {
+    let dropped: Vec<String> = resolution
+        .changes
+        .iter()
+        .filter_map(|change| match change {
+            IdentityChange::Dropped { identifier, reason, .. } => Some(format!("{identifier} ({reason})")),
+            _ => None,
+        })
+        .collect();
+    if dropped.is_empty() {
+        "the event carries no identifier".to_owned()
+    } else {
+        format!("no usable identifier: {}", dropped.join(", "))
+    }
+}
+
 impl Drop for Resolver {
     fn drop(&mut self) {
         if let Some(in_flight) = self.in_flight.take() {
@@ -264,6 +387,7 @@ impl Drop for Resolver {
 struct BatchChanges {
     touched: BTreeSet<ProfileId>,
     merged: Vec<(ProfileId, ProfileId)>,
+    created: u64,
     added: Vec<Identifier>,
     events: Vec<EventLink>,
     history: Vec<(LogPosition, IdentityChange)>,
@@ -284,6 +408,9 @@ impl BatchChanges {
             if let IdentityChange::Created { identifiers, .. } | IdentityChange::Attached { identifiers, .. } = &change
             {
                 self.added.extend(identifiers.iter().cloned());
+            }
+            if let IdentityChange::Created { .. } = &change {
+                self.created += 1;
             }
             self.history.push((position, change));
         }
@@ -339,113 +466,190 @@ pub struct RepairReport {
     pub identifier: Identifier,
     /// The profile that held the identifier before the repair, if any.
     pub profile_before: Option<ProfileId>,
-    /// Profiles before and after, counted over the whole graph.
-    pub profiles_before: usize,
-    pub profiles_after: usize,
-    /// Events replayed to rebuild.
+    /// Live profiles in the whole graph before and after.
+    pub profiles_before: u64,
+    pub profiles_after: u64,
+    /// Events replayed to rebuild the part of the graph the identifier touched.
     pub events_replayed: u64,
+    /// Profiles the replay rewrote.
+    pub profiles_replayed: u64,
     /// The live profiles that now hold the events the old profile held.
     pub profiles_now: Vec<ProfileId>,
 }
 
-/// Blocks the identifier in the rules and rebuilds every profile by replaying
-/// the log under them, so profiles, traits and timelines come out exactly as
-/// if the bad link had never existed. Profile ids stay stable where they can.
+/// The part of the graph an identifier touched, closed under every link an
+/// event could make: the profiles holding it or having dropped it, and
+/// repeatedly the profiles holding or having dropped any identifier their
+/// events carry. Events outside it share no identifier with events inside
+/// it, so resolving the part again on its own gives exactly what resolving
+/// the whole log again would.
+struct AffectedPart {
+    /// The old profiles, by id.
+    profiles: BTreeMap<ProfileId, Profile>,
+    /// Their events and the events that dropped one of their identifiers
+    /// without landing on a profile, by position, with the event time.
+    events: BTreeMap<u64, (i64, Event)>,
+    /// Which old profile held each event.
+    owners: HashMap<u64, ProfileId>,
+}
+
+/// Events read per page while collecting a profile's timeline.
+const REPAIR_PAGE: usize = 1_000;
+
+fn affected_part(
+    store: &Arc<dyn Store>,
+    rules: &CompiledRules,
+    identifier: &Identifier,
+    up_to: LogPosition,
+) -> Result<AffectedPart, ResolveError> {
+    let mut part = AffectedPart { profiles: BTreeMap::new(), events: BTreeMap::new(), owners: HashMap::new() };
+    let mut seen: HashSet<Identifier> = HashSet::from([identifier.clone()]);
+    let mut pending_identifiers = vec![identifier.clone()];
+    let mut pending_profiles: Vec<ProfileId> = Vec::new();
+    let carried = |event: &Event, seen: &mut HashSet<Identifier>, pending: &mut Vec<Identifier>| {
+        for carried in IdentityGraph::identifiers_carried(event, rules) {
+            if seen.insert(carried.clone()) {
+                pending.push(carried);
+            }
+        }
+    };
+    loop {
+        if !pending_identifiers.is_empty() {
+            let identifiers = std::mem::take(&mut pending_identifiers);
+            pending_profiles.extend(store.identifier_owners(&identifiers)?.into_iter().map(|(_, owner)| owner));
+            for (position, profile) in store.dropped_at(&identifiers)? {
+                match profile {
+                    Some(profile) => pending_profiles.push(profile),
+                    None if position <= up_to && !part.events.contains_key(&position.0) => {
+                        let Some(entry) = store.read_log(LogPosition(position.0 - 1), 1)?.into_iter().next() else {
+                            continue;
+                        };
+                        if let Ok(event) = serde_json::from_str::<Event>(&entry.payload) {
+                            carried(&event, &mut seen, &mut pending_identifiers);
+                            part.events.insert(position.0, (entry.timestamp_ms, event));
+                        }
+                    }
+                    None => {}
+                }
+            }
+            continue;
+        }
+        let Some(id) = pending_profiles.pop() else {
+            return Ok(part);
+        };
+        // Ids in history may have merged since: follow them to the live profile.
+        let Some(profile) = store.profile(id)? else {
+            continue;
+        };
+        if part.profiles.contains_key(&profile.id) {
+            continue;
+        }
+        let live = profile.id;
+        for identifier in &profile.identifiers {
+            if seen.insert(identifier.clone()) {
+                pending_identifiers.push(identifier.clone());
+            }
+        }
+        part.profiles.insert(live, profile);
+        let mut before = None;
+        loop {
+            let page = store.profile_events(live, before, REPAIR_PAGE)?;
+            let Some(last) = page.last() else {
+                break;
+            };
+            before = Some(tandem_store::TimelineCursor::at(last));
+            for entry in page {
+                if entry.position > up_to {
+                    continue;
+                }
+                if let Ok(event) = serde_json::from_str::<Event>(&entry.payload) {
+                    carried(&event, &mut seen, &mut pending_identifiers);
+                    part.owners.insert(entry.position.0, live);
+                    part.events.insert(entry.position.0, (entry.timestamp_ms, event));
+                }
+            }
+        }
+    }
+}
+
+/// Blocks the identifier in the rules and replays the part of the graph it
+/// touched under them, so profiles, traits and timelines come out exactly as
+/// if the bad link had never existed; the rest of the graph is not read.
+/// Profile ids stay stable where they can.
 pub fn repair(store: &Arc<dyn Store>, repair: &Repair) -> Result<RepairReport, ResolveError> {
-    for _attempt in 0..5 {
-        let snapshot = store.load_identity()?;
-        let graph = IdentityGraph::from_parts(
-            snapshot.profiles.clone(),
-            snapshot.merged_into.clone(),
-            snapshot.next_profile_id,
-        );
+    for _attempt in 0..20 {
+        let state = store.identity_state()?;
         let (identifier, action, profile_before) = match repair {
             Repair::Unlink { profile, identifier } => {
-                let live = graph.canonical(*profile).ok_or(ResolveError::UnknownProfile(*profile))?;
-                if graph.lookup(identifier) != Some(live) {
+                let live = store.profile(*profile)?.ok_or(ResolveError::UnknownProfile(*profile))?;
+                if !live.identifiers.contains(identifier) {
                     return Err(ResolveError::NotOnProfile(identifier.clone(), *profile));
                 }
-                (identifier.clone(), "unlink", Some(live))
+                (identifier.clone(), "unlink", Some(live.id))
             }
-            Repair::Block { identifier } => (identifier.clone(), "block", graph.lookup(identifier)),
+            Repair::Block { identifier } => {
+                (identifier.clone(), "block", store.profile_by_identifier(identifier)?.map(|profile| profile.id))
+            }
         };
-        let mut rules = snapshot.rules.clone();
+        let old_rules = state.rules.clone().compile()?;
+        let mut rules = state.rules.clone();
         if !rules.blocked_identifiers.contains(&identifier) {
             rules.blocked_identifiers.push(identifier.clone());
         }
         let compiled = rules.clone().compile()?;
-        let owners: HashMap<u64, ProfileId> = store
-            .event_owners(LogPosition(0), snapshot.position)?
-            .into_iter()
-            .map(|(position, profile)| (position.0, profile))
-            .collect();
-        // Stream the log page by page rather than holding every event.
-        let mut events_replayed = 0u64;
-        let mut read_error = None;
-        let mut position = LogPosition(0);
-        let mut page = Vec::<tandem_store::LogEntry>::new().into_iter();
-        // Each replayed event's time, by position (ascending), for its timeline link.
-        let mut times: Vec<(u64, i64)> = Vec::new();
-        let events = std::iter::from_fn(|| loop {
-            if let Some(entry) = page.next() {
-                if let Ok(event) = serde_json::from_str::<Event>(&entry.payload) {
-                    events_replayed += 1;
-                    times.push((entry.position.0, entry.timestamp_ms));
-                    return Some((entry.position.0, event));
-                }
-                continue;
-            }
-            if position >= snapshot.position {
-                return None;
-            }
-            match store.read_log(position, DEFAULT_BATCH) {
-                Ok(entries) if !entries.is_empty() => {
-                    position = entries.last().map(|entry| entry.position).unwrap_or(position);
-                    let entries: Vec<_> =
-                        entries.into_iter().filter(|entry| entry.position <= snapshot.position).collect();
-                    page = entries.into_iter();
-                }
-                Ok(_) => return None,
-                Err(error) => {
-                    read_error = Some(error);
-                    return None;
-                }
-            }
-        });
-        let rebuilt = graph.rebuild(events, &compiled, |position| owners.get(&position).copied());
-        if let Some(error) = read_error {
-            return Err(error.into());
-        }
+        let part = affected_part(store, &old_rules, &identifier, state.position)?;
+        let old = IdentityGraph::from_parts(part.profiles.values().cloned(), [], state.next_profile_id);
+        let replay = part.events.iter().map(|(position, (_, event))| (*position, event.clone()));
+        let rebuilt = old.rebuild(replay, &compiled, |position| part.owners.get(&position).copied());
+        let live = |id: ProfileId| rebuilt.graph.canonical(id).unwrap_or(id);
         let new_owners: HashMap<u64, ProfileId> = rebuilt
             .resolutions
             .iter()
-            .filter_map(|(position, resolution)| resolution.profile.map(|profile| (*position, profile)))
+            .filter_map(|(position, resolution)| resolution.profile.map(|profile| (*position, live(profile))))
             .collect();
-        let profiles_now: BTreeSet<ProfileId> = owners
+        let profiles_now: BTreeSet<ProfileId> = part
+            .owners
             .iter()
-            .filter(|(_, owner)| Some(graph.canonical(**owner).unwrap_or(**owner)) == profile_before)
-            .filter_map(|(position, _)| new_owners.get(position))
-            .map(|profile| rebuilt.graph.canonical(*profile).unwrap_or(*profile))
+            .filter(|(_, owner)| Some(**owner) == profile_before)
+            .filter_map(|(position, _)| new_owners.get(position).copied())
             .collect();
+        // Old ids that no longer name a profile point at the profile now
+        // holding their earliest event.
+        let mut earliest: BTreeMap<ProfileId, u64> = BTreeMap::new();
+        for (position, owner) in &part.owners {
+            let first = earliest.entry(*owner).or_insert(*position);
+            *first = (*first).min(*position);
+        }
+        let mut merged: Vec<(ProfileId, ProfileId)> =
+            rebuilt.graph.merged_into().map(|(from, _)| (from, live(from))).collect();
+        for (old_id, position) in earliest {
+            if !rebuilt.graph.holds(old_id) {
+                if let Some(now) = new_owners.get(&position) {
+                    merged.push((old_id, *now));
+                }
+            }
+        }
+        merged.retain(|(from, into)| from != into && !rebuilt.graph.holds(*from));
+        merged.sort();
+        merged.dedup_by_key(|(from, _)| *from);
         let recorded_at_ms = chrono::Utc::now().timestamp_millis();
         let mut history: Vec<HistoryRecord> = Vec::new();
-        let mut events_owned = Vec::new();
+        let mut events = Vec::new();
+        let mut unresolved = Vec::new();
         for (position, resolution) in &rebuilt.resolutions {
-            if let Some(profile) = resolution.profile {
-                let timestamp_ms = times
-                    .binary_search_by_key(position, |(at, _)| *at)
-                    .map(|index| times[index].1)
-                    .expect("every resolved event was replayed");
-                events_owned.push(EventLink {
+            match resolution.profile {
+                Some(profile) => events.push(EventLink {
                     position: LogPosition(*position),
-                    timestamp_ms,
-                    profile: rebuilt.graph.canonical(profile).unwrap_or(profile),
-                });
+                    timestamp_ms: part.events[position].0,
+                    profile: live(profile),
+                }),
+                None => unresolved
+                    .push(UnresolvedEvent { position: LogPosition(*position), reason: unusable_reason(resolution) }),
             }
             for change in &resolution.changes {
                 history.push(HistoryRecord {
                     position: Some(LogPosition(*position)),
-                    profile: change.profile().map(|id| rebuilt.graph.canonical(id).unwrap_or(id)),
+                    profile: change.profile().map(live),
                     change: change.clone(),
                     recorded_at_ms,
                 });
@@ -459,31 +663,37 @@ pub fn repair(store: &Arc<dyn Store>, repair: &Repair) -> Result<RepairReport, R
                 recorded_at_ms,
             });
         }
+        let profiles: Vec<Profile> = rebuilt.graph.profiles().cloned().collect();
+        let profiles_after = (state.live_profiles + profiles.len() as u64).saturating_sub(part.profiles.len() as u64);
         let commit = IdentityCommit {
-            epoch: snapshot.epoch,
-            from: snapshot.position,
-            to: snapshot.position,
-            profiles: rebuilt.graph.profiles().cloned().collect(),
-            merged: rebuilt.graph.merged_into().collect(),
-            identifiers: rebuilt
-                .graph
-                .profiles()
+            epoch: state.epoch,
+            from: state.position,
+            to: state.position,
+            identifiers: profiles
+                .iter()
                 .flat_map(|profile| profile.identifiers.iter().map(move |identifier| (identifier.clone(), profile.id)))
                 .collect(),
-            events: events_owned,
+            profiles,
+            merged,
+            events,
             history,
-            // The list is kept across a replace; the replay meets the same events.
-            unresolved: Vec::new(),
+            unresolved,
             next_profile_id: rebuilt.graph.next_id(),
             rules: Some(rules),
         };
-        if store.replace_identity(&commit)? == CommitOutcome::Committed {
+        let repair = IdentityRepair {
+            commit,
+            replaced_profiles: part.profiles.keys().copied().collect(),
+            replayed: part.events.keys().map(|position| LogPosition(*position)).collect(),
+        };
+        if store.repair_identity(&repair)? == CommitOutcome::Committed {
             return Ok(RepairReport {
                 identifier,
                 profile_before,
-                profiles_before: graph.profile_count(),
-                profiles_after: rebuilt.graph.profile_count(),
-                events_replayed,
+                profiles_before: state.live_profiles,
+                profiles_after,
+                events_replayed: part.events.len() as u64,
+                profiles_replayed: part.profiles.len() as u64,
                 profiles_now: profiles_now.into_iter().collect(),
             });
         }
@@ -602,18 +812,35 @@ mod tests {
         )
     }
 
-    fn stored_state(store: &Arc<dyn Store>) -> (Vec<Profile>, Vec<(LogPosition, ProfileId)>) {
-        let mut snapshot = store.load_identity().unwrap();
-        snapshot.profiles.sort_by_key(|profile| profile.id);
-        (snapshot.profiles, store.event_owners(LogPosition(0), LogPosition(u64::MAX / 2)).unwrap())
+    /// Every live profile, by id.
+    fn all_profiles(store: &Arc<dyn Store>) -> Vec<Profile> {
+        let mut profiles: Vec<Profile> = Vec::new();
+        loop {
+            let page = store.list_profiles(profiles.last().map(|profile| profile.id), 100).unwrap();
+            if page.is_empty() {
+                return profiles;
+            }
+            profiles.extend(page);
+        }
+    }
+
+    /// Profiles, which profile holds each event and each identifier.
+    type StoredState = (Vec<Profile>, Vec<(LogPosition, ProfileId)>, Vec<(Identifier, ProfileId)>);
+
+    fn stored_state(store: &Arc<dyn Store>) -> StoredState {
+        let profiles = all_profiles(store);
+        let mut events = store.event_owners(LogPosition(0), LogPosition(u64::MAX / 2)).unwrap();
+        events.sort();
+        let identifiers: Vec<Identifier> =
+            profiles.iter().flat_map(|profile| profile.identifiers.iter().cloned()).collect();
+        let mut owners = store.identifier_owners(&identifiers).unwrap();
+        owners.sort();
+        (profiles, events, owners)
     }
 
     /// Identifier sets with their event counts, ids aside.
     fn shape(store: &Arc<dyn Store>) -> Vec<(Vec<String>, u64)> {
-        let mut shape: Vec<_> = store
-            .load_identity()
-            .unwrap()
-            .profiles
+        let mut shape: Vec<_> = all_profiles(store)
             .iter()
             .map(|profile| {
                 let mut identifiers: Vec<String> = profile.identifiers.iter().map(ToString::to_string).collect();
@@ -648,11 +875,39 @@ mod tests {
             prop_assert_eq!(stored_state(&one_pass), stored_state(&split));
         }
 
+        /// A resolver that keeps almost nothing in memory, over any batch
+        /// size (so commits overlap the next batch), stores exactly what one
+        /// holding every profile stores.
+        #[test]
+        fn a_tiny_cache_stores_exactly_what_an_unbounded_one_stores(
+            messages in arbitrary_messages(),
+            cache in 0..4usize,
+            batch in 1..7usize,
+        ) {
+            let (unbounded_dir, bounded_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+            let unbounded = store_with(unbounded_dir.path(), &messages);
+            Resolver::with_cache(unbounded.clone(), usize::MAX).unwrap().catch_up(DEFAULT_BATCH).unwrap();
+            let bounded = store_with(bounded_dir.path(), &messages);
+            let mut resolver = Resolver::with_cache(bounded.clone(), cache).unwrap();
+            resolver.catch_up(batch).unwrap();
+            // At most the cache, or what the last two batches used (an event
+            // looks up at most five identifiers here).
+            prop_assert!(resolver.cached_profiles() <= cache.max(2 * 5 * batch), "{} in memory", resolver.cached_profiles());
+            prop_assert_eq!(stored_state(&unbounded), stored_state(&bounded));
+        }
+
         /// Blocking an identifier after the fact stores what resolving with it
         /// blocked from the start stores.
         #[test]
-        fn repair_matches_resolving_with_the_rule_from_the_start(messages in arbitrary_messages(), bad in 0..3u8) {
-            let bad: Identifier = format!("device_id:d{bad}").parse().unwrap();
+        fn repair_matches_resolving_with_the_rule_from_the_start(
+            messages in arbitrary_messages(),
+            bad in prop_oneof![
+                (0..3u8).prop_map(|n| format!("device_id:d{n}")),
+                (0..4u8).prop_map(|n| format!("email:e{n}@example.com")),
+                (0..6u8).prop_map(|n| format!("anonymous_id:a{n}")),
+            ],
+        ) {
+            let bad: Identifier = bad.parse().unwrap();
             let (repaired_dir, scratch_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
             let repaired = store_with(repaired_dir.path(), &messages);
             Resolver::load(repaired.clone()).unwrap().catch_up(DEFAULT_BATCH).unwrap();
@@ -736,6 +991,35 @@ mod tests {
         assert!(text.contains("tandem_resolver_position 3"), "{text}");
         assert!(text.contains("tandem_resolver_profiles 1"), "{text}");
         assert!(text.contains("tandem_resolver_batch_duration_seconds_count 1"), "{text}");
+    }
+
+    #[test]
+    fn memory_is_set_by_the_cache_size_not_by_the_customer_base() {
+        let dir = tempfile::tempdir().unwrap();
+        // Half the traffic from twenty regulars, half spread over 500 others.
+        let people: Vec<u32> = (0..3_000u32).map(|n| if n % 2 == 0 { n % 40 } else { n * 7 % 1_000 }).collect();
+        let messages: Vec<Value> = people
+            .iter()
+            .map(|person| json!({"type": "identify", "userId": format!("u{person}"), "anonymousId": format!("a{person}")}))
+            .collect();
+        let store = store_with(dir.path(), &messages);
+        let metrics = Metrics::new();
+        let mut resolver = Resolver::with_cache(store.clone(), 100).unwrap().with_metrics(metrics.clone());
+        assert_eq!(resolver.catch_up(50).unwrap(), 3_000);
+        assert_eq!(store.stats().unwrap().profiles, 520);
+        assert!(resolver.cached_profiles() <= 100, "{} profiles in memory", resolver.cached_profiles());
+        let text = metrics.render();
+        assert!(text.contains("tandem_resolver_profiles 520"), "{text}");
+        let counter = |name: &str| -> u64 {
+            text.lines()
+                .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+                .unwrap_or_else(|| panic!("{name} in {text}"))
+        };
+        // Each person's first event looks up two new identifiers; later
+        // events find the regulars in memory, the rest in storage again.
+        let (hits, misses) =
+            (counter("tandem_resolver_cache_hits_total "), counter("tandem_resolver_cache_misses_total "));
+        assert!(misses >= 2 * 520 && hits >= 1_000, "hits {hits}, misses {misses}");
     }
 
     #[test]

@@ -8,11 +8,10 @@ use tandem_core::{Identifier, IdentityChange, IdentityRules, LogPosition, Profil
 use crate::log::LogEntry;
 use crate::StoreError;
 
-/// Everything the resolver needs to continue where it stopped.
+/// Where the resolver stands, without any profile: what it needs to continue
+/// where it stopped. Profiles are read as events need them.
 #[derive(Clone, Debug, Default)]
-pub struct IdentitySnapshot {
-    pub profiles: Vec<Profile>,
-    pub merged_into: Vec<(ProfileId, ProfileId)>,
+pub struct IdentityState {
     pub next_profile_id: u64,
     /// The last log position applied.
     pub position: LogPosition,
@@ -20,6 +19,8 @@ pub struct IdentitySnapshot {
     /// state (rules, repairs); a commit made against an older epoch is refused.
     pub epoch: u64,
     pub rules: IdentityRules,
+    /// Live (not merged-away) profiles.
+    pub live_profiles: u64,
 }
 
 /// One entry of a profile's identity history.
@@ -48,7 +49,7 @@ pub struct EventLink {
 pub struct IdentityCommit {
     /// The epoch the changes were computed against.
     pub epoch: u64,
-    /// The resolver position the changes start from; ignored by a replace.
+    /// The resolver position the changes start from.
     pub from: LogPosition,
     /// The resolver position once committed.
     pub to: LogPosition,
@@ -62,11 +63,27 @@ pub struct IdentityCommit {
     pub events: Vec<EventLink>,
     pub history: Vec<HistoryRecord>,
     /// Events the resolver could not use, kept so that none is skipped
-    /// silently; a repair's replace keeps the list (it is about the log).
+    /// silently; the list is about the log, so a repair only adds to it.
     pub unresolved: Vec<UnresolvedEvent>,
     pub next_profile_id: u64,
     /// New identity rules to store with the changes (a repair's block).
     pub rules: Option<IdentityRules>,
+}
+
+/// A repair's rewrite of part of the graph: the profiles it replaces and
+/// the events it replayed, with what resolving those events again gave.
+#[derive(Clone, Debug, Default)]
+pub struct IdentityRepair {
+    /// The new state of the replayed part: `from` and `to` are both the
+    /// resolver position the repair read up to; `merged` retires old ids
+    /// that no longer name a profile of their own, pointing each at the
+    /// profile that now holds its earliest event; `rules` are the new rules.
+    pub commit: IdentityCommit,
+    /// The old profiles whose identifiers, timeline links and state the
+    /// repair replaces.
+    pub replaced_profiles: Vec<ProfileId>,
+    /// The events replayed: their identity history is replaced.
+    pub replayed: Vec<LogPosition>,
 }
 
 /// An event in the log that the resolver could not use, and why.
@@ -130,16 +147,25 @@ pub enum CommitOutcome {
 
 /// The identity stage's storage.
 pub trait IdentityStore: Send + Sync + 'static {
-    /// The identity state as the resolver last committed it.
-    fn load_identity(&self) -> Result<IdentitySnapshot, StoreError>;
+    /// Where the resolver stands, as it last committed (no profiles).
+    fn identity_state(&self) -> Result<IdentityState, StoreError>;
 
-    /// Writes resolver (or repair) output and moves the resolver's cursor from
+    /// Writes resolver output and moves the resolver's cursor from
     /// `commit.from` to `commit.to`, in one transaction.
     fn commit_identity(&self, commit: &IdentityCommit) -> Result<CommitOutcome, StoreError>;
 
-    /// Clears all identity state, writes `commit` in its place and starts a
-    /// new epoch, in one transaction (a rebuild); `commit.from` is ignored.
-    fn replace_identity(&self, commit: &IdentityCommit) -> Result<CommitOutcome, StoreError>;
+    /// Replaces part of the graph with a repair's replay, in one
+    /// transaction: `replaced_profiles` with their identifiers and timeline
+    /// links, and the history of the `replayed` events, are removed; `commit`
+    /// is written in their place (a replaced id it neither writes nor retires
+    /// no longer names a profile), and a new epoch starts.
+    /// Refused unless the resolver is still at `commit.from` in `commit.epoch`.
+    fn repair_identity(&self, repair: &IdentityRepair) -> Result<CommitOutcome, StoreError>;
+
+    /// Where identifiers were dropped (blocked, or over a limit): the event
+    /// and the profile it went to, if any, for every event that carried one
+    /// of `identifiers` without linking it, in no order.
+    fn dropped_at(&self, identifiers: &[Identifier]) -> Result<Vec<(LogPosition, Option<ProfileId>)>, StoreError>;
 
     /// The identity rules in force, without loading the graph.
     fn identity_rules(&self) -> Result<IdentityRules, StoreError>;

@@ -26,8 +26,8 @@ use tandem_core::source::SourceError;
 
 pub use self::postgres::PostgresStore;
 pub use identity::{
-    CommitOutcome, EventLink, HistoryRecord, IdentityCommit, IdentitySnapshot, IdentityStore, TimelineCursor,
-    TimelineCursorError, UnresolvedEvent,
+    CommitOutcome, EventLink, HistoryRecord, IdentityCommit, IdentityRepair, IdentityState, IdentityStore,
+    TimelineCursor, TimelineCursorError, UnresolvedEvent,
 };
 pub use log::{
     Dedup, EventLog, IngestBatch, IngestOutcome, IngestStats, LogEntry, LogFilter, QuarantineEntry, QuarantineRecord,

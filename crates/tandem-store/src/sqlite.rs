@@ -7,9 +7,9 @@ mod identity;
 mod manage;
 
 use crate::{
-    CommitOutcome, Dedup, EventLog, HistoryRecord, IdentityCommit, IdentitySnapshot, IdentityStore, IngestBatch,
-    IngestOutcome, IngestStats, LogEntry, LogFilter, QuarantineEntry, QuarantineRecord, SourceStats, Sources, Stage,
-    StageCursor, StoreError, TimelineCursor, TokenInfo, UnresolvedEvent,
+    CommitOutcome, Dedup, EventLog, HistoryRecord, IdentityCommit, IdentityRepair, IdentityState, IdentityStore,
+    IngestBatch, IngestOutcome, IngestStats, LogEntry, LogFilter, QuarantineEntry, QuarantineRecord, SourceStats,
+    Sources, Stage, StageCursor, StoreError, TimelineCursor, TokenInfo, UnresolvedEvent,
 };
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use std::collections::HashMap;
@@ -143,6 +143,15 @@ const MIGRATIONS: &[&str] = &[
         SELECT p.profile_id, e.timestamp, p.position FROM profile_events p JOIN events e ON e.position = p.position;
     DROP TABLE profile_events;
     ALTER TABLE profile_events_by_time RENAME TO profile_events;",
+    // 7: repairs replay only the part of the graph an identifier touched:
+    // they find the events that dropped an identifier, and replace the
+    // history of the events they replay.
+    "ALTER TABLE identity_history ADD COLUMN dropped TEXT;
+    UPDATE identity_history
+        SET dropped = json_extract(change, '$.identifier.type') || ':' || json_extract(change, '$.identifier.value')
+        WHERE json_extract(change, '$.kind') = 'dropped';
+    CREATE INDEX identity_history_by_dropped ON identity_history (dropped) WHERE dropped IS NOT NULL;
+    CREATE INDEX identity_history_by_position ON identity_history (position);",
 ];
 
 /// The `received_at` of a message id kept for good ([`Dedup::Forever`]).
@@ -532,16 +541,21 @@ impl EventLog for SqliteStore {
 }
 
 impl IdentityStore for SqliteStore {
-    fn load_identity(&self) -> Result<IdentitySnapshot, StoreError> {
-        self.with_reader(identity::load)
+    fn identity_state(&self) -> Result<IdentityState, StoreError> {
+        self.with_reader(identity::state)
     }
 
     fn commit_identity(&self, commit: &IdentityCommit) -> Result<CommitOutcome, StoreError> {
-        self.with_writer(|connection| identity::commit(connection, commit, false))
+        self.with_writer(|connection| identity::commit(connection, commit, None))
     }
 
-    fn replace_identity(&self, commit: &IdentityCommit) -> Result<CommitOutcome, StoreError> {
-        self.with_writer(|connection| identity::commit(connection, commit, true))
+    fn repair_identity(&self, repair: &IdentityRepair) -> Result<CommitOutcome, StoreError> {
+        let cleared = identity::Cleared { profiles: &repair.replaced_profiles, replayed: &repair.replayed };
+        self.with_writer(|connection| identity::commit(connection, &repair.commit, Some(cleared)))
+    }
+
+    fn dropped_at(&self, identifiers: &[Identifier]) -> Result<Vec<(LogPosition, Option<ProfileId>)>, StoreError> {
+        self.with_reader(|connection| identity::dropped_at(connection, identifiers))
     }
 
     fn identity_rules(&self) -> Result<IdentityRules, StoreError> {
@@ -766,7 +780,10 @@ mod tests {
                 .execute_batch(
                     "INSERT INTO events (source_id, message_id, type, received_at, timestamp, payload)
                          VALUES ('s', 'a', 'track', 1, 900, '{}'), ('s', 'b', 'track', 1, 100, '{}');
-                     INSERT INTO profile_events (profile_id, position) VALUES (1, 1), (1, 2);",
+                     INSERT INTO profile_events (profile_id, position) VALUES (1, 1), (1, 2);
+                     INSERT INTO identity_history (position, profile_id, change, recorded_at) VALUES
+                         (2, 1, '{\"kind\":\"dropped\",\"profile\":\"prof_1\",\"identifier\":{\"type\":\"email\",\"value\":\"x@y.z\"},\"reason\":\"blocked value\"}', 5),
+                         (1, 1, '{\"kind\":\"created\",\"profile\":\"prof_1\",\"identifiers\":[]}', 5);",
                 )
                 .unwrap();
             let profile = serde_json::to_string(&Profile::new(ProfileId(1))).unwrap();
@@ -775,8 +792,16 @@ mod tests {
                 .unwrap();
         }
         let store = SqliteStore::open(dir.path()).unwrap();
-        let snapshot = store.load_identity().unwrap();
-        assert_eq!((snapshot.position, snapshot.epoch, snapshot.next_profile_id), (LogPosition(7), 2, 5));
+        let state = store.identity_state().unwrap();
+        assert_eq!(
+            (state.position, state.epoch, state.next_profile_id, state.live_profiles),
+            (LogPosition(7), 2, 5, 1)
+        );
+        assert_eq!(
+            store.dropped_at(&["email:x@y.z".parse().unwrap()]).unwrap(),
+            vec![(LogPosition(2), Some(ProfileId(1)))],
+            "old history rows name the identifier they dropped"
+        );
         assert_eq!(store.stats().unwrap().resolver_position, LogPosition(7));
         let timeline: Vec<_> = store
             .profile_events(ProfileId(1), None, 10)

@@ -726,7 +726,11 @@ fn write_rules_table(rules: &tandem_core::IdentityRules, out: &mut impl Write) -
 }
 
 fn report_repair(report: &resolve::RepairReport, out: &mut impl Write) -> anyhow::Result<()> {
-    writeln!(out, "{} is no longer used for matching; replayed {} events", report.identifier, report.events_replayed)?;
+    writeln!(
+        out,
+        "{} is no longer used for matching; replayed {} events of {} profiles it touched",
+        report.identifier, report.events_replayed, report.profiles_replayed
+    )?;
     writeln!(out, "profiles: {} before, {} after", report.profiles_before, report.profiles_after)?;
     if let Some(before) = report.profile_before {
         let now: Vec<String> = report.profiles_now.iter().map(ToString::to_string).collect();
@@ -745,7 +749,7 @@ pub fn unlink(store: Arc<dyn Store>, profile: &str, identifier: &str, out: &mut 
 
 pub fn unblock(store: &impl Store, identifier: &str, out: &mut impl Write) -> anyhow::Result<()> {
     let identifier: Identifier = identifier.parse()?;
-    let mut rules = store.load_identity()?.rules;
+    let mut rules = store.identity_rules()?;
     let before = rules.blocked_identifiers.len();
     rules.blocked_identifiers.retain(|blocked| *blocked != identifier);
     if rules.blocked_identifiers.len() == before {

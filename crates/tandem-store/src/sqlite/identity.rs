@@ -3,7 +3,7 @@
 //! which profile, the identity history, and the resolver's position, epoch
 //! and rules — all written together in one transaction per resolver batch.
 
-use crate::{CommitOutcome, HistoryRecord, IdentityCommit, IdentitySnapshot, Stage, StoreError};
+use crate::{CommitOutcome, HistoryRecord, IdentityCommit, IdentityState, Stage, StoreError};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tandem_core::{Identifier, IdentityChange, LogPosition, Profile, ProfileId};
 
@@ -11,20 +11,22 @@ fn json_error(error: serde_json::Error) -> StoreError {
     StoreError::Backend(Box::new(error))
 }
 
-pub fn load(connection: &Connection) -> Result<IdentitySnapshot, StoreError> {
+pub fn state(connection: &Connection) -> Result<IdentityState, StoreError> {
     connection.execute_batch("BEGIN")?;
-    let result = load_in_transaction(connection);
+    let result = state_in_transaction(connection);
     connection.execute_batch("COMMIT")?;
     result
 }
 
-fn load_in_transaction(connection: &Connection) -> Result<IdentitySnapshot, StoreError> {
+fn state_in_transaction(connection: &Connection) -> Result<IdentityState, StoreError> {
     let (next_profile_id, rules): (i64, Option<String>) =
         connection.query_row("SELECT next_profile_id, rules FROM identity_state WHERE id = 1", [], |row| {
             Ok((row.get(0)?, row.get(1)?))
         })?;
     let (position, epoch) = cursor(connection)?;
-    let mut snapshot = IdentitySnapshot {
+    let live_profiles: i64 =
+        connection.query_row("SELECT COUNT(*) FROM profiles WHERE state IS NOT NULL", [], |row| row.get(0))?;
+    Ok(IdentityState {
         position: LogPosition(position as u64),
         next_profile_id: next_profile_id as u64,
         epoch: epoch as u64,
@@ -32,19 +34,8 @@ fn load_in_transaction(connection: &Connection) -> Result<IdentitySnapshot, Stor
             Some(text) => serde_json::from_str(&text).map_err(json_error)?,
             None => Default::default(),
         },
-        ..IdentitySnapshot::default()
-    };
-    let mut statement = connection.prepare("SELECT id, merged_into, state FROM profiles")?;
-    let mut rows = statement.query([])?;
-    while let Some(row) = rows.next()? {
-        let id = ProfileId(row.get::<_, i64>(0)? as u64);
-        match (row.get::<_, Option<i64>>(1)?, row.get::<_, Option<String>>(2)?) {
-            (Some(into), _) => snapshot.merged_into.push((id, ProfileId(into as u64))),
-            (None, Some(state)) => snapshot.profiles.push(serde_json::from_str(&state).map_err(json_error)?),
-            (None, None) => {}
-        }
-    }
-    Ok(snapshot)
+        live_profiles: live_profiles as u64,
+    })
 }
 
 /// The resolver's `(position, epoch)` from `stage_cursors`.
@@ -56,26 +47,42 @@ fn cursor(connection: &Connection) -> Result<(i64, i64), StoreError> {
     )?)
 }
 
-/// Writes `commit` and moves the resolver's cursor; `replace` clears the
-/// graph first and starts a new epoch.
+/// What a repair clears before its commit is written: the replaced
+/// profiles' identifiers and timeline links, the replayed events' history.
+pub struct Cleared<'a> {
+    pub profiles: &'a [ProfileId],
+    pub replayed: &'a [LogPosition],
+}
+
+/// Writes `commit` and moves the resolver's cursor; a repair clears what it
+/// replaces first and starts a new epoch.
 pub fn commit(
     connection: &mut Connection,
     commit: &IdentityCommit,
-    replace: bool,
+    repair: Option<Cleared<'_>>,
 ) -> Result<CommitOutcome, StoreError> {
     let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let (position, epoch) = cursor(&transaction)?;
     if epoch as u64 != commit.epoch {
         return Ok(CommitOutcome::EpochChanged);
     }
-    if !replace && position as u64 != commit.from.0 {
+    if position as u64 != commit.from.0 {
         return Ok(CommitOutcome::StalePosition);
     }
-    if replace {
-        transaction.execute_batch(
-            "DELETE FROM profiles; DELETE FROM identifiers; DELETE FROM profile_events;
-             DELETE FROM identity_history;",
-        )?;
+    let repairing = repair.is_some();
+    if let Some(cleared) = repair {
+        let mut clear_identifiers = transaction.prepare_cached("DELETE FROM identifiers WHERE profile_id = ?1")?;
+        let mut clear_events = transaction.prepare_cached("DELETE FROM profile_events WHERE profile_id = ?1")?;
+        let mut clear_profile = transaction.prepare_cached("DELETE FROM profiles WHERE id = ?1")?;
+        for profile in cleared.profiles {
+            clear_identifiers.execute([profile.0 as i64])?;
+            clear_events.execute([profile.0 as i64])?;
+            clear_profile.execute([profile.0 as i64])?;
+        }
+        let mut clear_history = transaction.prepare_cached("DELETE FROM identity_history WHERE position = ?1")?;
+        for position in cleared.replayed {
+            clear_history.execute([position.0 as i64])?;
+        }
     }
     {
         let mut retire = transaction.prepare_cached(
@@ -114,14 +121,20 @@ pub fn commit(
             save_event.execute([link.profile.0 as i64, link.timestamp_ms, link.position.0 as i64])?;
         }
         let mut save_history = transaction.prepare_cached(
-            "INSERT INTO identity_history (position, profile_id, change, recorded_at) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO identity_history (position, profile_id, change, recorded_at, dropped)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
         for record in &commit.history {
+            let dropped = match &record.change {
+                IdentityChange::Dropped { identifier, .. } => Some(identifier.to_string()),
+                _ => None,
+            };
             save_history.execute(params![
                 record.position.map(|position| position.0 as i64),
                 record.profile.map(|profile| profile.0 as i64),
                 serde_json::to_string(&record.change).map_err(json_error)?,
-                record.recorded_at_ms
+                record.recorded_at_ms,
+                dropped
             ])?;
         }
         let mut save_unresolved = transaction.prepare_cached(
@@ -135,7 +148,7 @@ pub fn commit(
         let text = serde_json::to_string(rules).map_err(json_error)?;
         transaction.execute("UPDATE identity_state SET rules = ?1 WHERE id = 1", [text])?;
     }
-    let new_epoch = if replace || commit.rules.is_some() { epoch + 1 } else { epoch };
+    let new_epoch = if repairing || commit.rules.is_some() { epoch + 1 } else { epoch };
     transaction.execute(
         "UPDATE identity_state SET next_profile_id = ?1 WHERE id = 1",
         params![commit.next_profile_id as i64],
@@ -166,6 +179,30 @@ pub fn identifier_owners(
         }
     }
     Ok(owners)
+}
+
+/// Events that carried one of `identifiers` and dropped it, with the profile
+/// each went to.
+pub fn dropped_at(
+    connection: &Connection,
+    identifiers: &[Identifier],
+) -> Result<Vec<(LogPosition, Option<ProfileId>)>, StoreError> {
+    let mut statement = connection.prepare_cached(
+        "SELECT position, profile_id FROM identity_history WHERE dropped = ?1 AND position IS NOT NULL",
+    )?;
+    let mut found = Vec::new();
+    for identifier in identifiers {
+        let rows = statement.query_map([identifier.to_string()], |row| {
+            Ok((
+                LogPosition(row.get::<_, i64>(0)? as u64),
+                row.get::<_, Option<i64>>(1)?.map(|id| ProfileId(id as u64)),
+            ))
+        })?;
+        for row in rows {
+            found.push(row?);
+        }
+    }
+    Ok(found)
 }
 
 /// The live profiles among `ids`.

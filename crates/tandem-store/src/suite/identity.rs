@@ -3,7 +3,8 @@
 use super::{batch, record};
 use crate::browse::{find_profiles, ProfileQuery};
 use crate::{
-    CommitOutcome, EventLink, HistoryRecord, IdentityCommit, IngestBatch, Store, TimelineCursor, UnresolvedEvent,
+    CommitOutcome, EventLink, HistoryRecord, IdentityCommit, IdentityRepair, IngestBatch, Store, TimelineCursor,
+    UnresolvedEvent,
 };
 use tandem_core::{EventType, Identifier, IdentityChange, IdentityRules, LogPosition, Profile, ProfileId, SourceKind};
 
@@ -12,8 +13,8 @@ pub fn identity_commits_round_trip_and_refuse_stale_writers(store: &impl Store) 
     store
         .append(&[batch((1..=3).map(|n| record(&web, &format!("m{n}"), EventType::Identify, n)).collect())], 0)
         .unwrap();
-    let empty = store.load_identity().unwrap();
-    assert_eq!((empty.position, empty.next_profile_id, empty.profiles.len()), (LogPosition(0), 1, 0));
+    let empty = store.identity_state().unwrap();
+    assert_eq!((empty.position, empty.next_profile_id, empty.live_profiles), (LogPosition(0), 1, 0));
     assert_eq!(empty.rules, IdentityRules::default());
     let ann = Identifier::new("user_id", "ann");
     let anon = Identifier::new("anonymous_id", "a1");
@@ -84,11 +85,8 @@ pub fn identity_commits_round_trip_and_refuse_stale_writers(store: &impl Store) 
     assert_eq!(page, vec![2]);
     assert_eq!(store.identity_history(ProfileId(2)).unwrap().len(), 2);
     assert_eq!(store.event_owners(LogPosition(0), LogPosition(3)).unwrap().len(), 3);
-    let snapshot = store.load_identity().unwrap();
-    assert_eq!(
-        (snapshot.position, snapshot.profiles.len(), snapshot.merged_into.clone()),
-        (LogPosition(3), 1, vec![(ProfileId(2), ProfileId(1))])
-    );
+    let snapshot = store.identity_state().unwrap();
+    assert_eq!((snapshot.position, snapshot.live_profiles, snapshot.next_profile_id), (LogPosition(3), 1, 3));
     let stats = store.stats().unwrap();
     assert_eq!((stats.resolver_position, stats.resolver_lag, stats.profiles), (LogPosition(3), 0, 1));
 
@@ -98,7 +96,7 @@ pub fn identity_commits_round_trip_and_refuse_stale_writers(store: &impl Store) 
     let stale =
         IdentityCommit { epoch: snapshot.epoch, from: LogPosition(3), to: LogPosition(3), ..IdentityCommit::default() };
     assert_eq!(store.commit_identity(&stale).unwrap(), CommitOutcome::EpochChanged);
-    let reloaded = store.load_identity().unwrap();
+    let reloaded = store.identity_state().unwrap();
     assert_eq!(reloaded.rules, rules);
     assert_eq!(store.identity_rules().unwrap(), rules, "the rules alone");
     assert_eq!(
@@ -107,14 +105,78 @@ pub fn identity_commits_round_trip_and_refuse_stale_writers(store: &impl Store) 
     );
     assert_eq!(store.stage_cursor(crate::Stage("audience")).unwrap(), None);
     assert!(reloaded.epoch > snapshot.epoch);
-    // A replacing commit clears everything first.
-    let replace =
-        IdentityCommit { epoch: reloaded.epoch, to: LogPosition(3), next_profile_id: 3, ..IdentityCommit::default() };
-    assert_eq!(store.replace_identity(&replace).unwrap(), CommitOutcome::Committed);
-    assert!(store.load_identity().unwrap().epoch > reloaded.epoch, "a replace starts a new epoch");
+    // A repair replays part of the graph: here `user_id:ann` is blocked, so
+    // event 3 no longer merges, and profile 2 comes back on its own.
+    let mut kept = Profile::new(ProfileId(1));
+    kept.identifiers = vec![anon.clone()];
+    let blocked = IdentityRules { blocked_identifiers: vec![ann.clone()], ..rules.clone() };
+    let repair = IdentityRepair {
+        commit: IdentityCommit {
+            epoch: reloaded.epoch,
+            from: LogPosition(3),
+            to: LogPosition(3),
+            profiles: vec![kept.clone(), second.clone()],
+            identifiers: vec![(anon.clone(), ProfileId(1)), (ann.clone(), ProfileId(2))],
+            events: vec![link(1, 1), link(2, 2), link(3, 1)],
+            history: vec![HistoryRecord {
+                position: Some(LogPosition(3)),
+                profile: Some(ProfileId(1)),
+                change: IdentityChange::Dropped {
+                    profile: Some(ProfileId(1)),
+                    identifier: ann.clone(),
+                    reason: "blocked identifier".into(),
+                },
+                recorded_at_ms: 7,
+            }],
+            next_profile_id: 3,
+            rules: Some(blocked.clone()),
+            ..IdentityCommit::default()
+        },
+        replaced_profiles: vec![ProfileId(1)],
+        replayed: vec![LogPosition(1), LogPosition(2), LogPosition(3)],
+    };
+    let stale_repair = IdentityRepair {
+        commit: IdentityCommit { from: LogPosition(2), to: LogPosition(2), ..repair.commit.clone() },
+        ..repair.clone()
+    };
+    assert_eq!(store.repair_identity(&stale_repair).unwrap(), CommitOutcome::StalePosition);
+    assert_eq!(store.repair_identity(&repair).unwrap(), CommitOutcome::Committed);
+    assert_eq!(store.repair_identity(&repair).unwrap(), CommitOutcome::EpochChanged, "a repair starts a new epoch");
+    let repaired = store.identity_state().unwrap();
+    assert_eq!((repaired.rules, repaired.live_profiles), (blocked, 2));
+    assert_eq!(store.profile(ProfileId(2)).unwrap(), Some(second.clone()), "a merged-away id can live again");
+    assert_eq!(store.profile_by_identifier(&ann).unwrap(), Some(second.clone()));
+    assert_eq!(store.profile_by_identifier(&anon).unwrap(), Some(kept));
+    let timeline = |id: u64| -> Vec<u64> {
+        store.profile_events(ProfileId(id), None, 10).unwrap().iter().map(|entry| entry.position.0).collect()
+    };
+    assert_eq!((timeline(1), timeline(2)), (vec![3, 1], vec![2]));
+    let history = store.identity_history(ProfileId(1)).unwrap();
+    assert_eq!(history.len(), 1, "the replayed events' old history is replaced: {history:?}");
+    assert!(matches!(history[0].change, IdentityChange::Dropped { .. }));
+    assert_eq!(store.dropped_at(&[ann.clone(), bob()]).unwrap(), vec![(LogPosition(3), Some(ProfileId(1)))]);
+    assert_eq!(store.stats().unwrap().unresolved, 1, "a repair keeps the unresolved list");
+    // A replaced profile the repair neither writes nor retires is gone.
+    let gone = IdentityRepair {
+        commit: IdentityCommit {
+            epoch: repaired.epoch,
+            from: LogPosition(3),
+            to: LogPosition(3),
+            next_profile_id: 3,
+            ..IdentityCommit::default()
+        },
+        replaced_profiles: vec![ProfileId(1)],
+        replayed: vec![LogPosition(1), LogPosition(3)],
+    };
+    assert_eq!(store.repair_identity(&gone).unwrap(), CommitOutcome::Committed);
     assert_eq!(store.profile(ProfileId(1)).unwrap(), None);
-    assert_eq!(store.stats().unwrap().profiles, 0);
-    assert_eq!(store.stats().unwrap().unresolved, 1, "a replace keeps the unresolved list");
+    assert_eq!(store.profile_by_identifier(&anon).unwrap(), None);
+    assert_eq!(store.identity_state().unwrap().live_profiles, 1);
+    assert_eq!(store.profile_by_identifier(&ann).unwrap(), Some(second), "profiles it does not replace stay");
+}
+
+fn bob() -> Identifier {
+    Identifier::new("user_id", "bob")
 }
 
 pub fn batched_look_ups_find_live_owners_and_profiles(store: &impl Store) {
@@ -124,7 +186,7 @@ pub fn batched_look_ups_find_live_owners_and_profiles(store: &impl Store) {
     first.identifiers = vec![ann.clone()];
     let mut second = Profile::new(ProfileId(2));
     second.identifiers = vec![bob.clone()];
-    let epoch = store.load_identity().unwrap().epoch;
+    let epoch = store.identity_state().unwrap().epoch;
     let commit = IdentityCommit {
         epoch,
         profiles: vec![first.clone(), second.clone()],
@@ -155,7 +217,7 @@ pub fn batched_look_ups_find_live_owners_and_profiles(store: &impl Store) {
 }
 
 pub fn profiles_list_by_id_and_search_by_identifier_prefix_and_trait(store: &impl Store) {
-    let empty = store.load_identity().unwrap();
+    let empty = store.identity_state().unwrap();
     let mut profiles = Vec::new();
     let mut identifiers = Vec::new();
     for n in 1..=7u64 {
@@ -224,7 +286,7 @@ pub fn timelines_follow_event_time_and_page_by_cursor(store: &impl Store) {
         })
         .collect();
     store.append(&[IngestBatch { records, ..Default::default() }], 0).unwrap();
-    let epoch = store.load_identity().unwrap().epoch;
+    let epoch = store.identity_state().unwrap().epoch;
     let commit = IdentityCommit {
         epoch,
         to: LogPosition(5),
