@@ -14,8 +14,9 @@
 //! Text that may hold what PostgreSQL's `TEXT` cannot (a NUL character,
 //! which JSON carries as `\u0000` and a client can put in a `messageId` or
 //! an identifier) is stored as UTF-8 in `BYTEA`: message ids, event
-//! payloads, quarantined messages, identifier values and the reasons events
-//! went unresolved (which quote identifiers). Otherwise one such
+//! payloads, quarantined messages, identifier values (also as the
+//! `type:value` a history entry dropped) and the reasons events went
+//! unresolved (which quote identifiers). Otherwise one such
 //! request would fail every request grouped into the same append. Text
 //! Tandem writes itself (profile and history JSON, which escape NUL, names,
 //! codes) stays `TEXT`. To read a payload in `psql`:
@@ -135,9 +136,12 @@ const MIGRATIONS: &[&str] = &[
         position BIGINT,
         profile_id BIGINT,
         change TEXT NOT NULL,
-        recorded_at BIGINT NOT NULL
+        recorded_at BIGINT NOT NULL,
+        dropped BYTEA
     );
     CREATE INDEX identity_history_by_profile ON identity_history (profile_id);
+    CREATE INDEX identity_history_by_position ON identity_history (position);
+    CREATE INDEX identity_history_by_dropped ON identity_history (dropped) WHERE dropped IS NOT NULL;
     CREATE TABLE identity_state (
         id INTEGER PRIMARY KEY CHECK (id = 1),
         next_profile_id BIGINT NOT NULL,

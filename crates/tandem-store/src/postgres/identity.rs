@@ -12,8 +12,8 @@
 use super::log::{log_entry_from_row, LOG_ENTRY_COLUMNS};
 use super::{json_error, text_from_bytes, PostgresStore};
 use crate::{
-    CommitOutcome, HistoryRecord, IdentityCommit, IdentitySnapshot, IdentityStore, LogEntry, Stage, StoreError,
-    TimelineCursor, UnresolvedEvent,
+    CommitOutcome, HistoryRecord, IdentityCommit, IdentityRepair, IdentityState, IdentityStore, LogEntry, Stage,
+    StoreError, TimelineCursor, UnresolvedEvent,
 };
 use postgres::{GenericClient, IsolationLevel, Transaction};
 use std::collections::HashMap;
@@ -27,13 +27,15 @@ fn decode_profile(state: &str) -> Result<Profile, StoreError> {
     serde_json::from_str(state).map_err(json_error)
 }
 
-fn load(transaction: &mut Transaction<'_>) -> Result<IdentitySnapshot, StoreError> {
+fn state(transaction: &mut Transaction<'_>) -> Result<IdentityState, StoreError> {
     let row = transaction.query_one("SELECT next_profile_id, rules FROM identity_state WHERE id = 1", &[])?;
     let next_profile_id: i64 = row.try_get(0)?;
     let rules: Option<String> = row.try_get(1)?;
     let cursor =
         transaction.query_one("SELECT position, epoch FROM stage_cursors WHERE stage = $1", &[&Stage::RESOLVE.0])?;
-    let mut snapshot = IdentitySnapshot {
+    let live_profiles: i64 =
+        transaction.query_one("SELECT COUNT(*) FROM profiles WHERE state IS NOT NULL", &[])?.try_get(0)?;
+    Ok(IdentityState {
         position: LogPosition(cursor.try_get::<_, i64>(0)? as u64),
         epoch: cursor.try_get::<_, i64>(1)? as u64,
         next_profile_id: next_profile_id as u64,
@@ -41,25 +43,24 @@ fn load(transaction: &mut Transaction<'_>) -> Result<IdentitySnapshot, StoreErro
             Some(text) => serde_json::from_str(&text).map_err(json_error)?,
             None => IdentityRules::default(),
         },
-        ..IdentitySnapshot::default()
-    };
-    for row in transaction.query("SELECT id, merged_into, state FROM profiles", &[])? {
-        let id = ProfileId(row.try_get::<_, i64>(0)? as u64);
-        match (row.try_get::<_, Option<i64>>(1)?, row.try_get::<_, Option<String>>(2)?) {
-            (Some(into), _) => snapshot.merged_into.push((id, ProfileId(into as u64))),
-            (None, Some(state)) => snapshot.profiles.push(decode_profile(&state)?),
-            (None, None) => {}
-        }
-    }
-    Ok(snapshot)
+        live_profiles: live_profiles as u64,
+    })
 }
 
-/// Writes `commit` and moves the resolver's cursor; `replace` clears the
-/// graph first and starts a new epoch.
+/// What a repair clears before its commit is written: the replaced
+/// profiles with their identifiers and timeline links, the replayed events'
+/// history.
+struct Cleared<'a> {
+    profiles: &'a [ProfileId],
+    replayed: &'a [LogPosition],
+}
+
+/// Writes `commit` and moves the resolver's cursor; a repair clears what it
+/// replaces first and starts a new epoch.
 fn commit(
     transaction: &mut Transaction<'_>,
     commit: &IdentityCommit,
-    replace: bool,
+    repair: Option<Cleared<'_>>,
 ) -> Result<CommitOutcome, StoreError> {
     let cursor = transaction
         .query_one("SELECT position, epoch FROM stage_cursors WHERE stage = $1 FOR UPDATE", &[&Stage::RESOLVE.0])?;
@@ -67,13 +68,21 @@ fn commit(
     if epoch as u64 != commit.epoch {
         return Ok(CommitOutcome::EpochChanged);
     }
-    if !replace && position as u64 != commit.from.0 {
+    if position as u64 != commit.from.0 {
         return Ok(CommitOutcome::StalePosition);
     }
-    if replace {
-        transaction.batch_execute(
-            "DELETE FROM profiles; DELETE FROM identifiers; DELETE FROM profile_events; DELETE FROM identity_history;",
-        )?;
+    let repairing = repair.is_some();
+    if let Some(cleared) = repair {
+        let profiles: Vec<i64> = cleared.profiles.iter().map(|id| id.0 as i64).collect();
+        for sql in [
+            "DELETE FROM identifiers WHERE profile_id = ANY($1)",
+            "DELETE FROM profile_events WHERE profile_id = ANY($1)",
+            "DELETE FROM profiles WHERE id = ANY($1)",
+        ] {
+            transaction.execute(sql, &[&profiles])?;
+        }
+        let replayed: Vec<i64> = cleared.replayed.iter().map(|position| position.0 as i64).collect();
+        transaction.execute("DELETE FROM identity_history WHERE position = ANY($1)", &[&replayed])?;
     }
     if !commit.merged.is_empty() {
         let retire = transaction.prepare(
@@ -116,7 +125,7 @@ fn commit(
         let text = serde_json::to_string(rules).map_err(json_error)?;
         transaction.execute("UPDATE identity_state SET rules = $1 WHERE id = 1", &[&text])?;
     }
-    let new_epoch = if replace || commit.rules.is_some() { epoch + 1 } else { epoch };
+    let new_epoch = if repairing || commit.rules.is_some() { epoch + 1 } else { epoch };
     transaction
         .execute("UPDATE identity_state SET next_profile_id = $1 WHERE id = 1", &[&(commit.next_profile_id as i64)])?;
     transaction.execute(
@@ -185,13 +194,21 @@ fn save_history(transaction: &mut Transaction<'_>, history: &[HistoryRecord]) ->
         .map(|record| serde_json::to_string(&record.change).map_err(json_error))
         .collect::<Result<_, _>>()?;
     let recorded_at: Vec<i64> = history.iter().map(|record| record.recorded_at_ms).collect();
+    // The identifier a drop was about, as `type:value`, which `dropped_at` finds.
+    let dropped: Vec<Option<Vec<u8>>> = history
+        .iter()
+        .map(|record| match &record.change {
+            IdentityChange::Dropped { identifier, .. } => Some(identifier.to_string().into_bytes()),
+            _ => None,
+        })
+        .collect();
     transaction.execute(
-        "INSERT INTO identity_history (position, profile_id, change, recorded_at)
-         SELECT position, profile_id, change, recorded_at
-         FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[]) WITH ORDINALITY
-             AS saved (position, profile_id, change, recorded_at, ordinal)
+        "INSERT INTO identity_history (position, profile_id, change, recorded_at, dropped)
+         SELECT position, profile_id, change, recorded_at, dropped
+         FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::bytea[]) WITH ORDINALITY
+             AS saved (position, profile_id, change, recorded_at, dropped, ordinal)
          ORDER BY ordinal",
-        &[&positions, &profiles, &changes, &recorded_at],
+        &[&positions, &profiles, &changes, &recorded_at, &dropped],
     )?;
     Ok(())
 }
@@ -247,31 +264,54 @@ fn identifiers_and_owners(rows: Vec<postgres::Row>) -> Result<Vec<(Identifier, P
 }
 
 impl IdentityStore for PostgresStore {
-    fn load_identity(&self) -> Result<IdentitySnapshot, StoreError> {
+    fn identity_state(&self) -> Result<IdentityState, StoreError> {
         self.with_client(|client| {
+            // One snapshot, so the count agrees with the position.
             let mut transaction =
                 client.build_transaction().isolation_level(IsolationLevel::RepeatableRead).read_only(true).start()?;
-            let snapshot = load(&mut transaction)?;
+            let state = state(&mut transaction)?;
             transaction.commit()?;
-            Ok(snapshot)
+            Ok(state)
         })
     }
 
     fn commit_identity(&self, identity: &IdentityCommit) -> Result<CommitOutcome, StoreError> {
         self.with_client(|client| {
             let mut transaction = client.transaction()?;
-            let outcome = commit(&mut transaction, identity, false)?;
+            let outcome = commit(&mut transaction, identity, None)?;
             transaction.commit()?;
             Ok(outcome)
         })
     }
 
-    fn replace_identity(&self, identity: &IdentityCommit) -> Result<CommitOutcome, StoreError> {
+    fn repair_identity(&self, repair: &IdentityRepair) -> Result<CommitOutcome, StoreError> {
+        let cleared = Cleared { profiles: &repair.replaced_profiles, replayed: &repair.replayed };
         self.with_client(|client| {
             let mut transaction = client.transaction()?;
-            let outcome = commit(&mut transaction, identity, true)?;
+            let outcome = commit(&mut transaction, &repair.commit, Some(cleared))?;
             transaction.commit()?;
             Ok(outcome)
+        })
+    }
+
+    fn dropped_at(&self, identifiers: &[Identifier]) -> Result<Vec<(LogPosition, Option<ProfileId>)>, StoreError> {
+        if identifiers.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<Vec<u8>> = identifiers.iter().map(|identifier| identifier.to_string().into_bytes()).collect();
+        self.with_client(|client| {
+            client
+                .query(
+                    "SELECT position, profile_id FROM identity_history
+                     WHERE dropped = ANY($1) AND position IS NOT NULL",
+                    &[&keys],
+                )?
+                .iter()
+                .map(|row| {
+                    let profile: Option<i64> = row.try_get(1)?;
+                    Ok((LogPosition(row.try_get::<_, i64>(0)? as u64), profile.map(|id| ProfileId(id as u64))))
+                })
+                .collect()
         })
     }
 
@@ -513,7 +553,7 @@ mod tests {
         assert!(outcomes
             .iter()
             .all(|outcome| matches!(outcome, CommitOutcome::Committed | CommitOutcome::StalePosition)));
-        assert_eq!(store.load_identity().unwrap().profiles.len(), 1, "only the winner's profile was written");
+        assert_eq!(store.identity_state().unwrap().live_profiles, 1, "only the winner's profile was written");
     }
 
     #[test]
@@ -527,7 +567,7 @@ mod tests {
             });
             scope.spawn(|| {
                 for round in 0..40_u64 {
-                    let snapshot = store.load_identity().unwrap();
+                    let snapshot = store.identity_state().unwrap();
                     let commit = IdentityCommit {
                         epoch: snapshot.epoch,
                         from: snapshot.position,
@@ -541,7 +581,7 @@ mod tests {
                 }
             });
         });
-        assert_eq!(store.load_identity().unwrap().epoch, 20, "every rule change started an epoch");
+        assert_eq!(store.identity_state().unwrap().epoch, 20, "every rule change started an epoch");
     }
 
     #[test]
