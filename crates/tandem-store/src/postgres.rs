@@ -4,22 +4,21 @@
 //!
 //! The interfaces are synchronous and the server calls them from blocking
 //! threads, so this backend uses the synchronous `postgres` client and a
-//! small bounded pool of its own (`pool.rs`, [`DEFAULT_MAX_CONNECTIONS`]
-//! per store unless told otherwise). Each
-//! module below owns one stage's queries: [`log`] the event log and its
-//! append order, [`sources`] sources and tokens, [`identity`] the identity
-//! graph. The schema is created and upgraded here, by numbered migrations
-//! recorded in `schema_migrations`.
+//! small bounded pool of its own (`pool.rs`, [`DEFAULT_MAX_CONNECTIONS`] per
+//! store unless told otherwise). Each module below owns one stage's queries:
+//! `log.rs` the event log and its append order, `sources.rs` sources and
+//! tokens, `identity.rs` the identity graph. The schema is created and
+//! upgraded here, by numbered migrations recorded in `schema_migrations`.
 //!
 //! Text that may hold what PostgreSQL's `TEXT` cannot (a NUL character,
 //! which JSON carries as `\u0000` and a client can put in a `messageId` or
 //! an identifier) is stored as UTF-8 in `BYTEA`: message ids, event
 //! payloads, quarantined messages, identifier values (also as the
 //! `type:value` a history entry dropped) and the reasons events went
-//! unresolved (which quote identifiers). Otherwise one such
-//! request would fail every request grouped into the same append. Text
-//! Tandem writes itself (profile and history JSON, which escape NUL, names,
-//! codes) stays `TEXT`. To read a payload in `psql`:
+//! unresolved (which quote identifiers). Otherwise one such request would
+//! fail every request grouped into the same append, or stop the resolver.
+//! Text Tandem writes itself (profile and history JSON, which escape NUL;
+//! names, codes) stays `TEXT`. To read a payload in `psql`:
 //! `convert_from(payload, 'UTF8')`.
 
 mod identity;
@@ -178,7 +177,7 @@ impl PostgresStore {
     }
 
     /// Like [`PostgresStore::connect`], with the connection settings parsed
-    /// and the most connections this store opens at once.
+    /// and the most connections this store opens at once (at least one).
     pub fn connect_with(mut config: Config, max_connections: usize) -> Result<Self, StoreError> {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
