@@ -14,7 +14,8 @@ use std::time::Instant;
 use tandem_core::collect::{normalize_message, BatchDefaults, IdRequirement, RequestContext};
 use tandem_core::random::Random;
 use tandem_core::SourceKind;
-use tandem_server::resolve::{Resolver, DEFAULT_BATCH};
+use tandem_server::metrics::Metrics;
+use tandem_server::resolve::{Resolver, DEFAULT_BATCH, DEFAULT_CACHE_PROFILES};
 use tandem_store::{IngestBatch, PostgresStore, SqliteStore, Store};
 
 #[derive(Parser, Debug)]
@@ -36,6 +37,9 @@ struct Options {
     /// Share of people who use a second e-mail address
     #[arg(long, default_value_t = 0.1)]
     second_email_share: f64,
+    /// Profiles the resolver keeps in memory
+    #[arg(long, default_value_t = DEFAULT_CACHE_PROFILES)]
+    cache_profiles: usize,
 }
 
 /// The `n`-th event of the stream.
@@ -134,8 +138,11 @@ fn main() -> anyhow::Result<()> {
 
     let written_before = bytes_written();
     let started = Instant::now();
-    let mut resolver = Resolver::load(store.clone())?;
+    let metrics = Metrics::new();
+    let mut resolver = Resolver::with_cache(store.clone(), options.cache_profiles)?.with_metrics(metrics.clone());
     let resolved = resolver.catch_up(DEFAULT_BATCH)?;
+    let cached = resolver.cached_profiles();
+    drop(resolver);
     let seconds = started.elapsed().as_secs_f64();
     let resolver_writes = bytes_written().zip(written_before).map(|(after, before)| after.saturating_sub(before));
     let stats = store.stats()?;
@@ -157,8 +164,20 @@ fn main() -> anyhow::Result<()> {
             bytes as f64 / resolved.max(1) as f64
         );
     }
+    let counter = |name: &str| -> f64 {
+        metrics.render().lines().find_map(|line| line.strip_prefix(name)?.trim().parse().ok()).unwrap_or(0.0)
+    };
+    let (hits, misses) = (counter("tandem_resolver_cache_hits_total "), counter("tandem_resolver_cache_misses_total "));
+    println!(
+        "resolver cache:        {} profiles at most, {cached} held at the end; {:.0}% of identifier look-ups found in memory",
+        options.cache_profiles,
+        100.0 * hits / (hits + misses).max(1.0)
+    );
     if let Some(peak) = peak_memory_mib() {
-        println!("peak memory:           {peak:.0} MiB (generator and resolver in one process)");
+        println!(
+            "peak memory:           {peak:.0} MiB (generator and resolver in one process), {:.0} bytes per profile",
+            peak * 1_048_576.0 / stats.profiles.max(1) as f64
+        );
     }
     Ok(())
 }

@@ -104,6 +104,8 @@ pub struct ServerOptions {
     pub dedup_window: Duration,
     /// Where uploaded imports and their reject files are kept.
     pub import_dir: PathBuf,
+    /// Profiles the resolver keeps in memory.
+    pub resolver_cache_profiles: usize,
 }
 
 /// The server could not start or stopped abnormally.
@@ -122,6 +124,7 @@ pub struct Running {
     state: AppState,
     writer_thread: std::thread::JoinHandle<()>,
     dedup_window: Duration,
+    resolver_cache_profiles: usize,
     limits: connection::ConnectionLimits,
 }
 
@@ -138,6 +141,7 @@ pub async fn start(store: Arc<dyn Store>, options: &ServerOptions) -> Result<Run
         state,
         writer_thread,
         dedup_window: options.dedup_window,
+        resolver_cache_profiles: options.resolver_cache_profiles,
         limits: connection::ConnectionLimits::default(),
     })
 }
@@ -157,13 +161,19 @@ impl Running {
     /// Serves until `shutdown` resolves, then stops accepting, finishes the
     /// requests in flight, and waits for the log writer to commit them.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
-        let Running { local_addr, listener, state, writer_thread, dedup_window, limits } = self;
+        let Running { local_addr, listener, state, writer_thread, dedup_window, resolver_cache_profiles, limits } =
+            self;
         let pruner = tokio::spawn(prune_message_ids(state.store.clone(), dedup_window));
         let stop_resolver = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let head = state.head.clone();
         let head_poller = tokio::spawn(head.clone().poll_store(state.store.clone(), HEAD_POLL_INTERVAL));
-        let resolver_thread =
-            resolve::spawn(state.store.clone(), head.clone(), state.metrics.clone(), stop_resolver.clone());
+        let resolver_thread = resolve::spawn(
+            state.store.clone(),
+            head.clone(),
+            state.metrics.clone(),
+            resolver_cache_profiles,
+            stop_resolver.clone(),
+        );
         tracing::info!(address = %local_addr, "tandem is listening");
         let imports = state.imports.clone();
         connection::serve(listener, router(state), limits, shutdown).await;

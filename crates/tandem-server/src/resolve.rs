@@ -716,13 +716,14 @@ pub fn spawn(
     store: Arc<dyn Store>,
     head: LogHead,
     metrics: Metrics,
+    cache_profiles: usize,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("tandem-resolver".into())
         .spawn(move || {
             let mut resolver = loop {
-                match Resolver::load(store.clone()) {
+                match Resolver::with_cache(store.clone(), cache_profiles) {
                     Ok(resolver) => break resolver.with_metrics(metrics.clone()),
                     Err(error) => {
                         tracing::error!(%error, "the resolver cannot start; retrying");

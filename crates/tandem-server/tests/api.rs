@@ -1159,6 +1159,7 @@ mod slow_clients {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             dedup_window: DEFAULT_DEDUP_WINDOW,
             import_dir: dir.path().join("imports"),
+            resolver_cache_profiles: tandem_server::resolve::DEFAULT_CACHE_PROFILES,
         };
         let running = tandem_server::start(store, &options).await.unwrap().with_limits(limits);
         let address = running.local_addr;

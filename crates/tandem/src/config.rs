@@ -32,6 +32,10 @@ pub struct Config {
     #[arg(skip)]
     pub dedup_window_hours: Option<u64>,
 
+    /// Profiles the resolver keeps in memory; set by [`ServerArgs`] on the serving commands.
+    #[arg(skip)]
+    pub resolver_cache_profiles: Option<usize>,
+
     /// Log format: text or json [default: text]
     #[arg(long, global = true, env = "TANDEM_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -52,6 +56,11 @@ pub struct ServerArgs {
     /// Hours a messageId is remembered to drop repeats [default: 24]
     #[arg(long, env = "TANDEM_DEDUP_WINDOW_HOURS", value_name = "HOURS")]
     pub dedup_window_hours: Option<u64>,
+
+    /// Profiles the resolver keeps in memory, about 1-2 KB each; sets the
+    /// server's memory, whatever the number of customers [default: 200000]
+    #[arg(long, env = "TANDEM_RESOLVER_CACHE_PROFILES", value_name = "PROFILES")]
+    pub resolver_cache_profiles: Option<usize>,
 }
 
 impl Config {
@@ -60,6 +69,7 @@ impl Config {
         Config {
             listen: server.listen.or(self.listen),
             dedup_window_hours: server.dedup_window_hours.or(self.dedup_window_hours),
+            resolver_cache_profiles: server.resolver_cache_profiles.or(self.resolver_cache_profiles),
             ..self
         }
     }
@@ -79,6 +89,7 @@ pub struct Settings {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
     pub dedup_window: Duration,
+    pub resolver_cache_profiles: usize,
     pub log_format: LogFormat,
 }
 
@@ -91,6 +102,8 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("dedup_window_hours must be between 1 and 720, got {0}")]
     DedupWindow(u64),
+    #[error("resolver_cache_profiles must be between 1000 and 100000000, got {0}")]
+    ResolverCache(usize),
 }
 
 impl Config {
@@ -116,6 +129,7 @@ impl Config {
             data: self.data.or(lower.data),
             listen: self.listen.or(lower.listen),
             dedup_window_hours: self.dedup_window_hours.or(lower.dedup_window_hours),
+            resolver_cache_profiles: self.resolver_cache_profiles.or(lower.resolver_cache_profiles),
             log_format: self.log_format.or(lower.log_format),
             config: self.config,
         }
@@ -126,10 +140,16 @@ impl Config {
         if !(1..=720).contains(&dedup_window_hours) {
             return Err(ConfigError::DedupWindow(dedup_window_hours));
         }
+        let resolver_cache_profiles =
+            self.resolver_cache_profiles.unwrap_or(tandem_server::resolve::DEFAULT_CACHE_PROFILES);
+        if !(1_000..=100_000_000).contains(&resolver_cache_profiles) {
+            return Err(ConfigError::ResolverCache(resolver_cache_profiles));
+        }
         Ok(Settings {
             data_dir: self.data.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             listen: self.listen.unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("the default address parses")),
             dedup_window: Duration::from_secs(dedup_window_hours * 3600),
+            resolver_cache_profiles,
             log_format: self.log_format.unwrap_or_default(),
         })
     }
@@ -146,6 +166,7 @@ mod tests {
         let settings = config.layered_over(Config::default()).validate().unwrap();
         assert_eq!(settings.listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(settings.dedup_window, Duration::from_secs(24 * 3600));
+        assert_eq!(settings.resolver_cache_profiles, 200_000);
     }
 
     #[test]
@@ -163,5 +184,7 @@ mod tests {
         assert!(toml::from_str::<Config>("dta = \"x\"").is_err());
         let bad = Config { dedup_window_hours: Some(0), ..Config::default() };
         assert!(matches!(bad.validate(), Err(ConfigError::DedupWindow(0))));
+        let tiny = Config { resolver_cache_profiles: Some(10), ..Config::default() };
+        assert!(matches!(tiny.validate(), Err(ConfigError::ResolverCache(10))));
     }
 }
