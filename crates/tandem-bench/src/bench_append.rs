@@ -44,7 +44,9 @@ fn batch(source: &tandem_core::SourceId, run: &str, batch: usize, size: usize, n
                 "type": "track", "messageId": message_id, "userId": format!("user-{}", n % 5_000),
                 "event": "Product Viewed", "timestamp": "2026-01-05T10:00:00.000Z",
                 "receivedAt": "2026-01-05T10:00:00.100Z", "sourceId": source.as_str(),
-                "properties": {"sku": format!("SKU-{}", n % 997), "price": 19.99, "currency": "EUR", "category": "shoes"},
+                "properties": {
+                    "sku": format!("SKU-{}", n % 997), "price": 19.99, "currency": "EUR", "category": "shoes"
+                },
                 "context": {"userAgent": "Mozilla/5.0 (X11; Linux x86_64)", "locale": "en-US",
                             "page": {"url": "https://shop.example/p/shoes", "referrer": "https://search.example/"}}
             })

@@ -2,9 +2,10 @@
 //! test cases, one module per stage's interface. A backend runs them all with
 //! `tandem_store::store_test_suite!(|dir: &Path| -> impl Store { ... })`, or
 //! one stage's with that stage's macro; the closure returns a fresh, empty
-//! store, or `None` when the backend is skipped on purpose (see
-//! [`MadeStore`]). The cases take a whole [`Store`](crate::Store) because each needs a
-//! little of the others (a source to append for, a log to resolve).
+//! store, or `Option` of one that is `None` when the backend is skipped on
+//! purpose (see [`MadeStore`]). The cases take a whole
+//! [`Store`](crate::Store) because each needs a little of the others (a
+//! source to append for, a log to resolve).
 
 pub mod identity;
 pub mod log;

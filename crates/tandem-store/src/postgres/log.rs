@@ -147,7 +147,9 @@ fn append(
     if !events.positions.is_empty() {
         transaction.execute(
             "INSERT INTO events (position, source_id, message_id, event_type, received_at, timestamp_ms, payload)
-             SELECT * FROM unnest($1::bigint[], $2::text[], $3::bytea[], $4::text[], $5::bigint[], $6::bigint[], $7::bytea[])",
+             SELECT * FROM unnest(
+                 $1::bigint[], $2::text[], $3::bytea[], $4::text[], $5::bigint[], $6::bigint[], $7::bytea[]
+             )",
             &[
                 &events.positions,
                 &events.sources,
@@ -166,7 +168,8 @@ fn append(
             "INSERT INTO quarantine (source_id, received_at, batch_index, code, field, message, payload)
              SELECT source_id, received_at, batch_index, code, field, message, payload
              FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::bytea[], $6::bytea[], $7::bytea[])
-                 WITH ORDINALITY AS rejected (source_id, received_at, batch_index, code, field, message, payload, ordinal)
+                 WITH ORDINALITY
+                 AS rejected (source_id, received_at, batch_index, code, field, message, payload, ordinal)
              ORDER BY ordinal",
             &[
                 &quarantine.sources,
