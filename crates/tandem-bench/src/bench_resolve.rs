@@ -2,7 +2,8 @@
 //! (people who browse anonymously before identifying, some with several
 //! e-mails), then times the resolver from the log to profiles and prints
 //! events/s, profiles and peak memory. The store is left in `--data` for
-//! the lookup benchmark.
+//! the lookup benchmark. With `--postgres URL` the store is that PostgreSQL
+//! database instead (an empty one), for the resolver figures only.
 
 use anyhow::Context;
 use clap::Parser;
@@ -15,7 +16,7 @@ use tandem_core::random::Random;
 use tandem_core::SourceKind;
 use tandem_server::metrics::Metrics;
 use tandem_server::resolve::{Resolver, DEFAULT_BATCH, DEFAULT_CACHE_PROFILES};
-use tandem_store::{IngestBatch, SqliteStore, Store};
+use tandem_store::{IngestBatch, PostgresStore, SqliteStore, Store};
 
 /// The allocator the shipped binary uses, so the resolver is measured as it runs.
 #[global_allocator]
@@ -25,8 +26,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(about = "Time the resolver from the log to profiles on a synthetic stream")]
 struct Options {
     /// Data directory to create (must not exist)
-    #[arg(long)]
-    data: PathBuf,
+    #[arg(long, required_unless_present = "postgres")]
+    data: Option<PathBuf>,
+    /// Resolve in this PostgreSQL database (empty) instead of a SQLite store
+    #[arg(long, conflicts_with = "data")]
+    postgres: Option<String>,
     #[arg(long, default_value_t = 1_000_000)]
     events: u64,
     #[arg(long, default_value_t = 100_000)]
@@ -102,8 +106,14 @@ fn bytes_written() -> Option<u64> {
 
 fn main() -> anyhow::Result<()> {
     let options = Options::parse();
-    anyhow::ensure!(!options.data.exists(), "{} exists; give a new directory", options.data.display());
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&options.data).context("opening the store")?);
+    let store: Arc<dyn Store> = match (&options.postgres, &options.data) {
+        (Some(url), _) => Arc::new(PostgresStore::connect(url).context("connecting to PostgreSQL")?),
+        (None, Some(data)) => {
+            anyhow::ensure!(!data.exists(), "{} exists; give a new directory", data.display());
+            Arc::new(SqliteStore::open(data).context("opening the store")?)
+        }
+        (None, None) => anyhow::bail!("give --data DIR or --postgres URL"),
+    };
     let source = store.create_source("bench", SourceKind::Backend)?;
     let received_at = chrono::Utc::now();
     let request = RequestContext {
@@ -150,7 +160,8 @@ fn main() -> anyhow::Result<()> {
     println!("resolved:              {resolved} events in {seconds:.2} s");
     println!("events/s:              {:.0}", resolved as f64 / seconds);
     println!("profiles:              {} (resolver lag {})", stats.profiles, stats.resolver_lag);
-    if let Some(bytes) = resolver_writes {
+    // A PostgreSQL server's writes are its own process's, not counted here.
+    if let (Some(bytes), None) = (resolver_writes, &options.postgres) {
         println!(
             "written to disk:       {:.0} MiB by the resolver, {:.0} bytes per event",
             bytes as f64 / 1_048_576.0,

@@ -306,3 +306,32 @@ pub fn a_reader_following_concurrent_appends_skips_nothing(store: &impl Store) {
     assert_eq!(everything.len(), 300);
     assert_eq!(seen, everything, "the follower read every event exactly once, in order");
 }
+
+/// Regression: JSON can carry a NUL character (`\u0000`) in a `messageId`,
+/// and a refused message may hold raw NUL bytes. A backend whose text type
+/// cannot hold NUL (PostgreSQL's) must still store them, or one such request
+/// would fail every request grouped into the same append.
+pub fn client_text_with_a_nul_character_is_kept_as_sent(store: &impl Store) {
+    let web = store.create_source("web", SourceKind::Website).unwrap().id;
+    let refused = QuarantineRecord {
+        source_id: web.clone(),
+        received_at_ms: 1_000,
+        batch_index: Some(0),
+        code: "invalid_json".into(),
+        field: Some("user\0Id".into()),
+        message: "bad \0 byte".into(),
+        payload: "{\"type\":\0".into(),
+    };
+    let with_nul = IngestBatch {
+        records: vec![record(&web, "m\0a", EventType::Track, 1_000), record(&web, "m\0b", EventType::Track, 1_000)],
+        rejected: vec![refused.clone()],
+        ..Default::default()
+    };
+    let outcomes = store.append(&[with_nul], 0).unwrap();
+    assert_eq!((outcomes[0].stored, outcomes[0].quarantined), (2, 1));
+    let log = store.read_log(LogPosition(0), 10).unwrap();
+    assert_eq!(ids(&log), ["m\0a", "m\0b"]);
+    assert_eq!(store.list_quarantine(0, 10).unwrap()[0].record, refused);
+    let again = store.append(&[batch(vec![record(&web, "m\0a", EventType::Track, 2_000)])], 0).unwrap();
+    assert_eq!(again[0].duplicates, 1, "the id still deduplicates");
+}
