@@ -3,6 +3,7 @@
 //! store — start, serve, drain on SIGTERM or Ctrl-C.
 
 pub mod auth;
+pub mod cluster;
 pub mod collect;
 pub mod connection;
 pub mod error;
@@ -49,6 +50,8 @@ pub struct AppState {
     /// The committed head of the log, which every stage follows.
     pub head: log_head::LogHead,
     pub imports: Arc<import::jobs::ImportJobs>,
+    /// The stage leases this node holds (the resolver's), for `/health`.
+    pub leases: cluster::LeaseBoard,
 }
 
 impl AppState {
@@ -71,6 +74,7 @@ impl AppState {
             metrics,
             head,
             imports: Arc::new(import::jobs::ImportJobs::new(import_dir)),
+            leases: cluster::LeaseBoard::default(),
         };
         (state, writer_thread)
     }
@@ -88,6 +92,7 @@ pub fn router(state: AppState) -> Router {
         .merge(import::jobs::routes())
         .merge(webhook::routes())
         .merge(sdk_settings::routes())
+        .merge(cluster::routes())
         .route("/health", get(ops::health))
         .route("/metrics", get(ops::metrics))
         .fallback(ops::not_found)
@@ -173,6 +178,7 @@ impl Running {
             state.metrics.clone(),
             resolver_cache_profiles,
             stop_resolver.clone(),
+            state.leases.clone(),
         );
         tracing::info!(address = %local_addr, "tandem is listening");
         let imports = state.imports.clone();

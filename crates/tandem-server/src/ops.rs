@@ -10,8 +10,42 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-pub async fn health() -> Response {
-    Json(json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")})).into_response()
+/// How long `/health` waits for the store to answer before calling it down.
+const STORE_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `GET /health`: 200 when the store answers, 503 with the store's error when
+/// it does not; either way the store's kind and this node's stage leases
+/// (`{"resolve": true}` on the node running the resolver).
+pub async fn health(State(state): State<AppState>) -> Response {
+    let store = state.store.clone();
+    let kind = store.kind().name();
+    let check = tokio::task::spawn_blocking(move || store.ping());
+    let problem = match tokio::time::timeout(STORE_CHECK_TIMEOUT, check).await {
+        Ok(Ok(Ok(()))) => None,
+        Ok(Ok(Err(error))) => Some(error.to_string()),
+        Ok(Err(_)) => Some("the store check panicked".to_owned()),
+        Err(_) => Some(format!("the store did not answer within {} s", STORE_CHECK_TIMEOUT.as_secs())),
+    };
+    let leases = state.leases.snapshot();
+    match problem {
+        None => Json(json!({
+            "status": "ok",
+            "version": env!("CARGO_PKG_VERSION"),
+            "store": {"kind": kind, "ok": true},
+            "leases": leases,
+        }))
+        .into_response(),
+        Some(error) => {
+            tracing::warn!(%error, "health check: the store does not answer");
+            let body = json!({
+                "status": "unavailable",
+                "version": env!("CARGO_PKG_VERSION"),
+                "store": {"kind": kind, "ok": false, "error": error},
+                "leases": leases,
+            });
+            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+        }
+    }
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Response {

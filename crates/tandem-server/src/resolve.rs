@@ -14,9 +14,11 @@ use tandem_core::{
     Resolution,
 };
 use tandem_store::{
-    CommitOutcome, EventLink, HistoryRecord, IdentityCommit, IdentityRepair, Store, StoreError, UnresolvedEvent,
+    CommitOutcome, EventLink, HistoryRecord, IdentityCommit, IdentityRepair, LeaseLost, Stage, StageLease, Store,
+    StoreError, UnresolvedEvent,
 };
 
+use crate::cluster::LeaseBoard;
 use crate::log_head::LogHead;
 use crate::metrics::Metrics;
 
@@ -751,55 +753,134 @@ pub fn set_rules(store: &dyn Store, rules: IdentityRules) -> Result<(), ResolveE
     Ok(())
 }
 
-/// Runs the resolver on its own thread until `stop` is set, then finishes
-/// what is already in the log.
-/// It waits on the log head, and re-reads the log at least every
-/// [`IDLE_RECHECK`] whatever the head says.
+/// How often a node without the resolver lease asks for it again, and how
+/// often the holder checks that it still has it.
+const LEASE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Starts the resolver thread: it takes the resolver's stage lease (at once
+/// on the embedded store; on PostgreSQL when no other node holds it, asking
+/// again every [`LEASE_INTERVAL`]), resolves whatever reaches the log head
+/// while it holds the lease, and goes back to waiting if it loses it. It
+/// waits on the log head, and re-reads the log at least every
+/// [`IDLE_RECHECK`] whatever the head says. Stops once `stop` is set, after
+/// finishing what is already in the log.
 pub fn spawn(
     store: Arc<dyn Store>,
     head: LogHead,
     metrics: Metrics,
     cache_profiles: usize,
     stop: Arc<AtomicBool>,
+    leases: LeaseBoard,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("tandem-resolver".into())
         .spawn(move || {
-            let mut resolver = loop {
-                match Resolver::with_cache(store.clone(), cache_profiles) {
-                    Ok(resolver) => break resolver.with_metrics(metrics.clone()),
-                    Err(error) => {
-                        tracing::error!(%error, "the resolver cannot start; retrying");
-                        if stop.load(Ordering::Relaxed) {
-                            return;
-                        }
-                        std::thread::sleep(Duration::from_secs(1));
-                    }
+            let node = ResolverNode { store, head, metrics, cache_profiles, stop, leases };
+            while let Some(lease) = node.wait_for_lease() {
+                node.leases.set(Stage::RESOLVE, true);
+                tracing::info!("this node holds the resolver lease and runs the resolver");
+                let lost = node.resolve_while_held(lease);
+                node.leases.set(Stage::RESOLVE, false);
+                match lost {
+                    Some(lost) => tracing::warn!(%lost, "stopped resolving; waiting for the lease again"),
+                    None => break,
                 }
-            };
-            let mut follower = head.follow();
-            loop {
-                let stepped = resolver.step(SERVER_BATCH);
-                let lag = head.current().0.saturating_sub(resolver.position().0);
-                metrics.resolver_lag_events.set(lag as i64);
-                match stepped {
-                    Ok(0) if stop.load(Ordering::Relaxed) => break,
-                    Ok(0) => {
-                        follower.wait_beyond(resolver.position(), IDLE_RECHECK);
+            }
+        })
+        .expect("spawning the resolver thread")
+}
+
+/// What the resolver thread works with.
+struct ResolverNode {
+    store: Arc<dyn Store>,
+    head: LogHead,
+    metrics: Metrics,
+    cache_profiles: usize,
+    stop: Arc<AtomicBool>,
+    leases: LeaseBoard,
+}
+
+impl ResolverNode {
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Asks for the resolver lease until granted; `None` once told to stop.
+    fn wait_for_lease(&self) -> Option<StageLease> {
+        self.leases.set(Stage::RESOLVE, false);
+        let mut said_waiting = false;
+        loop {
+            if self.stopping() {
+                return None;
+            }
+            match self.store.try_lease(Stage::RESOLVE) {
+                Ok(Some(lease)) => return Some(lease),
+                Ok(None) if !said_waiting => {
+                    tracing::info!("another node runs the resolver; waiting to take over its lease");
+                    said_waiting = true;
+                }
+                Ok(None) => {}
+                Err(error) => tracing::warn!(%error, "asking for the resolver lease failed; retrying"),
+            }
+            std::thread::sleep(LEASE_INTERVAL);
+        }
+    }
+
+    /// Resolves while `lease` holds: `None` once told to stop (caught up),
+    /// or why the lease was lost.
+    fn resolve_while_held(&self, mut lease: StageLease) -> Option<LeaseLost> {
+        let mut last_check = Instant::now();
+        let mut check = |lease: &mut StageLease| -> Result<(), LeaseLost> {
+            if last_check.elapsed() < LEASE_INTERVAL {
+                return Ok(());
+            }
+            last_check = Instant::now();
+            lease.check()
+        };
+        let mut resolver = loop {
+            match Resolver::with_cache(self.store.clone(), self.cache_profiles) {
+                Ok(resolver) => break resolver.with_metrics(self.metrics.clone()),
+                Err(error) => {
+                    tracing::error!(%error, "the resolver cannot start; retrying");
+                    if self.stopping() {
+                        return None;
                     }
-                    Ok(_) => {}
-                    Err(error) => {
-                        tracing::error!(%error, "resolving failed; retrying");
-                        if stop.load(Ordering::Relaxed) {
-                            break;
-                        }
-                        std::thread::sleep(Duration::from_secs(1));
+                    std::thread::sleep(Duration::from_secs(1));
+                    if let Err(lost) = check(&mut lease) {
+                        return Some(lost);
                     }
                 }
             }
-            tracing::debug!(position = %resolver.position(), "resolver stopped");
-        })
-        .expect("spawning the resolver thread")
+        };
+        let mut follower = self.head.follow();
+        loop {
+            let stepped = resolver.step(SERVER_BATCH);
+            let lag = self.head.current().0.saturating_sub(resolver.position().0);
+            self.metrics.resolver_lag_events.set(lag as i64);
+            match stepped {
+                Ok(0) if self.stopping() => break,
+                Ok(0) => {
+                    follower.wait_beyond(resolver.position(), IDLE_RECHECK);
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::error!(%error, "resolving failed; retrying");
+                    if self.stopping() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+            if let Err(lost) = check(&mut lease) {
+                // Dropping the resolver waits for its commit in flight; a
+                // commit the next holder got ahead of is refused as stale.
+                drop(resolver);
+                return Some(lost);
+            }
+        }
+        tracing::debug!(position = %resolver.position(), "resolver stopped");
+        None
+    }
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@
 
 pub mod browse;
 pub mod identity;
+pub mod lease;
 pub mod log;
 pub mod postgres;
 pub mod sources;
@@ -29,6 +30,7 @@ pub use identity::{
     CommitOutcome, EventLink, HistoryRecord, IdentityCommit, IdentityRepair, IdentityState, IdentityStore,
     TimelineCursor, TimelineCursorError, UnresolvedEvent,
 };
+pub use lease::{Coordination, LeaseHolder, LeaseKeeper, LeaseLost, StageLease, StoreKind};
 pub use log::{
     Dedup, EventLog, IngestBatch, IngestOutcome, IngestStats, LogEntry, LogFilter, QuarantineEntry, QuarantineRecord,
     SourceStats, StageCursor,
@@ -65,13 +67,16 @@ pub struct Stage(pub &'static str);
 impl Stage {
     /// The identity resolver.
     pub const RESOLVE: Stage = Stage("resolve");
+
+    /// Every stage that reads the log, in the flow's order.
+    pub const ALL: &'static [Stage] = &[Stage::RESOLVE];
 }
 
 /// Every stage's storage, for the server and the CLI, which use all of them.
 /// Implemented for anything that implements each stage's interface.
-pub trait Store: EventLog + Sources + IdentityStore {}
+pub trait Store: EventLog + Sources + IdentityStore + Coordination {}
 
-impl<T: EventLog + Sources + IdentityStore + ?Sized> Store for T {}
+impl<T: EventLog + Sources + IdentityStore + Coordination + ?Sized> Store for T {}
 
 /// Runs every stage's shared suite against one backend: `$make` turns a fresh
 /// directory into a fresh, empty store.
@@ -115,5 +120,5 @@ macro_rules! suite_cases {
 /// The stage interfaces, for code that calls them on a concrete backend
 /// (`use tandem_store::prelude::*`).
 pub mod prelude {
-    pub use crate::{EventLog, IdentityStore, Sources, Store};
+    pub use crate::{Coordination, EventLog, IdentityStore, Sources, Store};
 }

@@ -7,7 +7,8 @@
 //! small bounded pool of its own (`pool.rs`, [`DEFAULT_MAX_CONNECTIONS`] per
 //! store unless told otherwise). Each module below owns one stage's queries:
 //! `log.rs` the event log and its append order, `sources.rs` sources and
-//! tokens, `identity.rs` the identity graph. The schema is created and
+//! tokens, `identity.rs` the identity graph, `lease.rs` the stage leases
+//! (advisory locks held on connections outside the pool). The schema is created and
 //! upgraded here, by numbered migrations recorded in `schema_migrations`.
 //!
 //! Text that may hold what PostgreSQL's `TEXT` cannot (a NUL character,
@@ -22,11 +23,11 @@
 //! `convert_from(payload, 'UTF8')`.
 
 mod identity;
+mod lease;
 mod log;
 mod pool;
 mod sources;
-#[cfg(test)]
-pub(crate) mod testing;
+pub mod testing;
 
 use crate::StoreError;
 use pool::Pool;

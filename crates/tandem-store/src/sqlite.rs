@@ -375,6 +375,26 @@ impl Sources for SqliteStore {
     }
 }
 
+/// One process owns the file's stages, as before scale-out: every lease is
+/// granted at once and nothing can take it away.
+impl crate::Coordination for SqliteStore {
+    fn kind(&self) -> crate::StoreKind {
+        crate::StoreKind::Sqlite
+    }
+
+    fn ping(&self) -> Result<(), StoreError> {
+        self.with_reader(|connection| Ok(connection.query_row("SELECT 1", [], |_| Ok(()))?))
+    }
+
+    fn try_lease(&self, stage: crate::Stage) -> Result<Option<crate::StageLease>, StoreError> {
+        Ok(Some(crate::StageLease::granted(stage)))
+    }
+
+    fn lease_holder(&self, _stage: crate::Stage) -> Result<crate::LeaseHolder, StoreError> {
+        Ok(crate::LeaseHolder::Embedded)
+    }
+}
+
 impl EventLog for SqliteStore {
     fn append(&self, batches: &[IngestBatch], dedup_since_ms: i64) -> Result<Vec<IngestOutcome>, StoreError> {
         self.with_writer(|connection| {

@@ -32,7 +32,7 @@ fn format_ms(ms: i64) -> String {
 }
 
 pub fn create_source(
-    store: &impl Store,
+    store: &dyn Store,
     name: &str,
     kind: SourceKind,
     webhook: Option<&WebhookSettings>,
@@ -65,7 +65,7 @@ fn webhook_path(source: &Source) -> String {
 }
 
 pub fn set_webhook(
-    store: &impl Store,
+    store: &dyn Store,
     name: &str,
     settings: &WebhookSettings,
     out: &mut impl Write,
@@ -82,7 +82,7 @@ pub fn set_webhook(
     Ok(())
 }
 
-pub fn list_sources(store: &impl Store, as_json: bool, out: &mut impl Write) -> anyhow::Result<()> {
+pub fn list_sources(store: &dyn Store, as_json: bool, out: &mut impl Write) -> anyhow::Result<()> {
     let sources = store.list_sources()?;
     let mut webhooks = Vec::with_capacity(sources.len());
     for source in &sources {
@@ -162,7 +162,7 @@ pub fn parse_time(text: &str, now: chrono::DateTime<chrono::Utc>) -> anyhow::Res
     }
 }
 
-pub fn list_events(store: &impl Store, mut listing: EventListing, out: &mut impl Write) -> anyhow::Result<()> {
+pub fn list_events(store: &dyn Store, mut listing: EventListing, out: &mut impl Write) -> anyhow::Result<()> {
     if let Some(name) = &listing.source {
         listing.query.filter.source_id = Some(store.source_by_name(name)?.id);
     }
@@ -253,7 +253,7 @@ pub fn list_profiles(store: Arc<dyn Store>, listing: ProfileListing, out: &mut i
     Ok(())
 }
 
-pub fn list_quarantine(store: &impl Store, limit: usize, as_json: bool, out: &mut impl Write) -> anyhow::Result<()> {
+pub fn list_quarantine(store: &dyn Store, limit: usize, as_json: bool, out: &mut impl Write) -> anyhow::Result<()> {
     let names: std::collections::HashMap<String, String> =
         store.list_sources()?.into_iter().map(|source| (source.id.to_string(), source.name)).collect();
     let source_name = |id: &str| names.get(id).cloned().unwrap_or_else(|| id.to_owned());
@@ -308,7 +308,7 @@ pub fn list_quarantine(store: &impl Store, limit: usize, as_json: bool, out: &mu
     Ok(())
 }
 
-pub fn stats(store: &impl Store, as_json: bool, out: &mut impl Write) -> anyhow::Result<()> {
+pub fn stats(store: &dyn Store, as_json: bool, out: &mut impl Write) -> anyhow::Result<()> {
     let stats = store.stats()?;
     if as_json {
         writeln!(out, "{}", serde_json::to_string(&stats)?)?;
@@ -346,7 +346,7 @@ pub fn stats(store: &impl Store, as_json: bool, out: &mut impl Write) -> anyhow:
     Ok(())
 }
 
-pub fn create_token(store: &impl Store, name: &str, as_json: bool, out: &mut impl Write) -> anyhow::Result<()> {
+pub fn create_token(store: &dyn Store, name: &str, as_json: bool, out: &mut impl Write) -> anyhow::Result<()> {
     let (info, secret) = store.create_token(name)?;
     if as_json {
         writeln!(
@@ -362,7 +362,7 @@ pub fn create_token(store: &impl Store, name: &str, as_json: bool, out: &mut imp
     Ok(())
 }
 
-pub fn list_tokens(store: &impl Store, as_json: bool, out: &mut impl Write) -> anyhow::Result<()> {
+pub fn list_tokens(store: &dyn Store, as_json: bool, out: &mut impl Write) -> anyhow::Result<()> {
     let tokens = store.list_tokens()?;
     if as_json {
         let listed: Vec<Value> = tokens
@@ -379,7 +379,7 @@ pub fn list_tokens(store: &impl Store, as_json: bool, out: &mut impl Write) -> a
     Ok(())
 }
 
-pub fn revoke_token(store: &impl Store, id: &str, out: &mut impl Write) -> anyhow::Result<()> {
+pub fn revoke_token(store: &dyn Store, id: &str, out: &mut impl Write) -> anyhow::Result<()> {
     let token = store.revoke_token(id)?;
     writeln!(
         out,
@@ -391,7 +391,7 @@ pub fn revoke_token(store: &impl Store, id: &str, out: &mut impl Write) -> anyho
     Ok(())
 }
 
-pub fn rotate_key(store: &impl Store, name: &str, as_json: bool, out: &mut impl Write) -> anyhow::Result<()> {
+pub fn rotate_key(store: &dyn Store, name: &str, as_json: bool, out: &mut impl Write) -> anyhow::Result<()> {
     let source = store.rotate_write_key(name)?;
     if as_json {
         writeln!(out, "{}", source_json(&source))?;
@@ -642,7 +642,7 @@ pub enum PlaceholderPhones {
 }
 
 pub fn identity_rules(
-    store: &impl Store,
+    store: &dyn Store,
     change: RulesChange,
     as_json: bool,
     out: &mut impl Write,
@@ -747,7 +747,7 @@ pub fn unlink(store: Arc<dyn Store>, profile: &str, identifier: &str, out: &mut 
     report_repair(&report, out)
 }
 
-pub fn unblock(store: &impl Store, identifier: &str, out: &mut impl Write) -> anyhow::Result<()> {
+pub fn unblock(store: &dyn Store, identifier: &str, out: &mut impl Write) -> anyhow::Result<()> {
     let identifier: Identifier = identifier.parse()?;
     let mut rules = store.identity_rules()?;
     let before = rules.blocked_identifiers.len();
@@ -766,4 +766,32 @@ pub fn block(store: Arc<dyn Store>, identifier: &str, out: &mut impl Write) -> a
     let identifier: Identifier = identifier.parse()?;
     let report = resolve::repair(&store, &Repair::Block { identifier })?;
     report_repair(&report, out)
+}
+
+/// `tandem cluster status`: the store's kind, and each stage's position, lag
+/// and lease as every node sees them.
+pub fn cluster_status(store: &dyn Store, as_json: bool, out: &mut impl Write) -> anyhow::Result<()> {
+    let status = tandem_server::cluster::cluster_status(store)?;
+    if as_json {
+        writeln!(out, "{}", serde_json::to_string(&status)?)?;
+        return Ok(());
+    }
+    match status.store {
+        tandem_store::StoreKind::Sqlite => writeln!(out, "store        sqlite (embedded: one node runs every stage)")?,
+        tandem_store::StoreKind::Postgres => {
+            writeln!(out, "store        postgres (shared: each stage runs on the node holding its lease)")?
+        }
+    }
+    writeln!(out, "log head     {}", status.head)?;
+    writeln!(out)?;
+    writeln!(out, "{:<12} {:>12} {:>12}  LEASE", "STAGE", "POSITION", "LAG")?;
+    for stage in &status.stages {
+        let lease = match stage.lease {
+            tandem_store::LeaseHolder::Held => "held by a node",
+            tandem_store::LeaseHolder::Vacant => "vacant: no node runs this stage",
+            tandem_store::LeaseHolder::Embedded => "this store's process",
+        };
+        writeln!(out, "{:<12} {:>12} {:>12}  {lease}", stage.stage, stage.position, stage.lag)?;
+    }
+    Ok(())
 }

@@ -24,6 +24,11 @@ pub struct Config {
     #[arg(long, global = true, env = "TANDEM_DATA", value_name = "DIR")]
     pub data: Option<PathBuf>,
 
+    /// The store: a postgres://user@host:port/database URL to share one
+    /// PostgreSQL database between nodes [default: SQLite in the data directory]
+    #[arg(long, global = true, env = "TANDEM_STORE", value_name = "URL")]
+    pub store: Option<String>,
+
     /// The server's address; set by [`ServerArgs`] on the serving commands.
     #[arg(skip)]
     pub listen: Option<SocketAddr>,
@@ -87,6 +92,8 @@ pub enum LogFormat {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     pub data_dir: PathBuf,
+    /// A PostgreSQL URL; `None` for the embedded store in `data_dir`.
+    pub store: Option<StoreUrl>,
     pub listen: SocketAddr,
     pub dedup_window: Duration,
     pub resolver_cache_profiles: usize,
@@ -104,6 +111,68 @@ pub enum ConfigError {
     DedupWindow(u64),
     #[error("resolver_cache_profiles must be between 1000 and 100000000, got {0}")]
     ResolverCache(usize),
+    #[error("store must be a postgres:// or postgresql:// URL, got {0:?}")]
+    StoreUrl(String),
+}
+
+/// A PostgreSQL connection URL, shown only without its password.
+#[derive(Clone, PartialEq)]
+pub struct StoreUrl(String);
+
+impl StoreUrl {
+    /// Accepts `postgres://…` and `postgresql://…`.
+    pub fn parse(url: &str) -> Result<StoreUrl, ConfigError> {
+        let url = url.trim();
+        let scheme_ends = ["postgres://", "postgresql://"].iter().any(|scheme| url.starts_with(scheme));
+        if !scheme_ends || url.len() <= "postgres://".len() {
+            return Err(ConfigError::StoreUrl(redact(url)));
+        }
+        Ok(StoreUrl(url.to_owned()))
+    }
+
+    /// The URL with its password, to connect with.
+    pub fn secret(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Shows the URL without its password, never the secret itself.
+impl std::fmt::Display for StoreUrl {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(&redact(&self.0))
+    }
+}
+
+impl std::fmt::Debug for StoreUrl {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "StoreUrl({:?})", redact(&self.0))
+    }
+}
+
+/// `url` with any password (`user:PASSWORD@` or `password=PASSWORD`) replaced by `***`.
+pub fn redact(url: &str) -> String {
+    let mut text = url.to_owned();
+    if let Some(scheme) = text.find("://") {
+        let authority_start = scheme + 3;
+        let authority_end = text[authority_start..].find('/').map_or(text.len(), |end| authority_start + end);
+        if let Some(at) = text[authority_start..authority_end].rfind('@') {
+            let userinfo = &text[authority_start..authority_start + at];
+            if let Some(colon) = userinfo.find(':') {
+                text.replace_range(authority_start + colon + 1..authority_start + at, "***");
+            }
+        }
+    }
+    let mut redacted = String::with_capacity(text.len());
+    let mut rest = text.as_str();
+    while let Some(found) = rest.find("password=") {
+        let value_start = found + "password=".len();
+        redacted.push_str(&rest[..value_start]);
+        redacted.push_str("***");
+        let value_end = rest[value_start..].find(['&', ' ']).map_or(rest.len(), |end| value_start + end);
+        rest = &rest[value_end..];
+    }
+    redacted.push_str(rest);
+    redacted
 }
 
 impl Config {
@@ -127,6 +196,7 @@ impl Config {
     fn layered_over(self, lower: Config) -> Config {
         Config {
             data: self.data.or(lower.data),
+            store: self.store.or(lower.store),
             listen: self.listen.or(lower.listen),
             dedup_window_hours: self.dedup_window_hours.or(lower.dedup_window_hours),
             resolver_cache_profiles: self.resolver_cache_profiles.or(lower.resolver_cache_profiles),
@@ -145,8 +215,10 @@ impl Config {
         if !(1_000..=100_000_000).contains(&resolver_cache_profiles) {
             return Err(ConfigError::ResolverCache(resolver_cache_profiles));
         }
+        let store = self.store.as_deref().map(StoreUrl::parse).transpose()?;
         Ok(Settings {
             data_dir: self.data.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            store,
             listen: self.listen.unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("the default address parses")),
             dedup_window: Duration::from_secs(dedup_window_hours * 3600),
             resolver_cache_profiles,
@@ -186,5 +258,36 @@ mod tests {
         assert!(matches!(bad.validate(), Err(ConfigError::DedupWindow(0))));
         let tiny = Config { resolver_cache_profiles: Some(10), ..Config::default() };
         assert!(matches!(tiny.validate(), Err(ConfigError::ResolverCache(10))));
+    }
+
+    #[test]
+    fn the_store_url_comes_from_flags_or_the_file_and_must_be_postgres() {
+        let file: Config = toml::from_str("store = \"postgres://tandem@db:5432/tandem\"\n").unwrap();
+        let settings = Config::default().layered_over(file.clone()).validate().unwrap();
+        assert_eq!(settings.store.as_ref().map(StoreUrl::secret), Some("postgres://tandem@db:5432/tandem"));
+        let flag = Config { store: Some("postgresql://other@db2/x".into()), ..Config::default() };
+        let settings = flag.layered_over(file).validate().unwrap();
+        assert_eq!(settings.store.map(|url| url.secret().to_owned()).as_deref(), Some("postgresql://other@db2/x"));
+        assert_eq!(Config::default().validate().unwrap().store, None, "without it, the embedded store");
+        let wrong = Config { store: Some("mysql://root:hunter2@db/x".into()), ..Config::default() };
+        let error = wrong.validate().unwrap_err().to_string();
+        assert!(error.contains("postgres://") && error.contains("mysql://root:***@db/x"), "{error}");
+        assert!(!error.contains("hunter2"), "{error}");
+    }
+
+    #[test]
+    fn passwords_never_show() {
+        assert_eq!(redact("postgres://tandem:s3cret@db:5432/tandem"), "postgres://tandem:***@db:5432/tandem");
+        assert_eq!(redact("postgres://tandem@db/tandem"), "postgres://tandem@db/tandem");
+        assert_eq!(
+            redact("postgres://db/t?password=s3cret&sslmode=disable"),
+            "postgres://db/t?password=***&sslmode=disable"
+        );
+        assert_eq!(redact("postgres://a:b@c@db/t"), "postgres://a:***@db/t");
+        let url = StoreUrl::parse("postgres://u:pw@h/d").unwrap();
+        assert_eq!(
+            (url.to_string(), format!("{url:?}")),
+            ("postgres://u:***@h/d".into(), "StoreUrl(\"postgres://u:***@h/d\")".into())
+        );
     }
 }

@@ -24,7 +24,7 @@ pub struct ImportArgs<'a> {
     pub as_json: bool,
 }
 
-pub fn import(store: &impl Store, args: ImportArgs<'_>, out: &mut impl Write) -> anyhow::Result<()> {
+pub fn import(store: &dyn Store, args: ImportArgs<'_>, out: &mut impl Write) -> anyhow::Result<()> {
     let mapping_text = std::fs::read_to_string(args.mapping)
         .with_context(|| format!("cannot read the mapping {}", args.mapping.display()))?;
     let mapping = Mapping::from_toml(&mapping_text)

@@ -1,6 +1,8 @@
-//! The `tandem` command: runs the server and administers the embedded store
+//! The `tandem` command: runs the server and administers its store
 //! (sources, the event log, quarantine, statistics) from the command line.
-//! Every command works against the same data directory as a running server.
+//! Every command works against the same store as a running server: the
+//! embedded one in the data directory, or the PostgreSQL database `--store`
+//! names, which several servers can share.
 
 mod commands;
 mod config;
@@ -15,7 +17,7 @@ use std::path::Path;
 use std::sync::Arc;
 use tandem_core::webhook::{WebhookFormat, WebhookSettings};
 use tandem_core::SourceKind;
-use tandem_store::{Sources, SqliteStore, Store};
+use tandem_store::{PostgresStore, SqliteStore, Store};
 
 /// mimalloc instead of the system allocator: request handling, importing and
 /// resolving allocate many small, short-lived values across threads, where
@@ -91,6 +93,19 @@ enum Command {
     },
     /// Counts per source and per type, duplicates dropped, rejected, resolver position
     Stats {
+        /// Print one JSON object
+        #[arg(long)]
+        json: bool,
+    },
+    /// Nodes sharing the store
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// The store's stages: each one's position and lag behind the log head, and whether a node runs it
+    Status {
         /// Print one JSON object
         #[arg(long)]
         json: bool,
@@ -447,8 +462,41 @@ enum Access {
     CreateIfMissing,
 }
 
-/// Opens the store in `data_dir` as `access` allows.
-fn open_store(data_dir: &Path, access: Access) -> anyhow::Result<SqliteStore> {
+/// Opens the store the settings name, as `access` allows: the PostgreSQL
+/// database of `--store`, or else the embedded store in the data directory.
+fn open_store(settings: &Settings, access: Access) -> anyhow::Result<Arc<dyn Store>> {
+    match &settings.store {
+        Some(url) => Ok(Arc::new(connect_postgres(url)?)),
+        None => Ok(Arc::new(open_sqlite(&settings.data_dir, access)?)),
+    }
+}
+
+/// Connects to the PostgreSQL store (creating or upgrading its schema); the
+/// error names the URL without its password.
+fn connect_postgres(url: &config::StoreUrl) -> anyhow::Result<PostgresStore> {
+    PostgresStore::connect(url.secret()).map_err(|error| {
+        let cause = config::redact(&error_chain(&error));
+        anyhow::anyhow!("cannot open the PostgreSQL store at {url}: {cause}")
+    })
+}
+
+/// An error with its sources, as one line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let said = cause.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Opens the embedded store in `data_dir` as `access` allows.
+fn open_sqlite(data_dir: &Path, access: Access) -> anyhow::Result<SqliteStore> {
     let exists = SqliteStore::exists(data_dir);
     if !exists && access == Access::Existing {
         anyhow::bail!("{}", missing_store(data_dir));
@@ -490,7 +538,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let settings = config.resolve()?;
     init_logging(settings.log_format);
-    let open = |access: Access| open_store(&settings.data_dir, access);
+    let open = |access: Access| open_store(&settings, access);
     let mut out = std::io::stdout().lock();
     match cli.command {
         Command::Serve { .. } => serve(&settings, open(Access::CreateIfMissing)?),
@@ -499,8 +547,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if settings.data_dir == Path::new(config::DEFAULT_DATA_DIR) {
                 settings.data_dir = std::path::PathBuf::from(demo::DEFAULT_DATA_DIR);
             }
-            let store = SqliteStore::open(&settings.data_dir)
-                .with_context(|| format!("opening the store in {}", settings.data_dir.display()))?;
+            let store: Arc<dyn Store> = match &settings.store {
+                Some(url) => Arc::new(connect_postgres(url)?),
+                None => Arc::new(
+                    SqliteStore::open(&settings.data_dir)
+                        .with_context(|| format!("opening the store in {}", settings.data_dir.display()))?,
+                ),
+            };
             run_demo(&settings, store, customers, seed)
         }
         Command::Source(SourceCommand::Create { name, kind, format, webhook_settings, json }) => {
@@ -517,17 +570,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 None => None,
             };
             let kind = if webhook.is_some() { SourceKind::Webhook } else { kind };
-            commands::create_source(&open(Access::CreateIfMissing)?, &name, kind, webhook.as_ref(), json, &mut out)
+            commands::create_source(&*open(Access::CreateIfMissing)?, &name, kind, webhook.as_ref(), json, &mut out)
         }
         Command::Source(SourceCommand::Webhook { name, format, settings, no_secret, no_verify_token }) => {
             let store = open(Access::Existing)?;
             let source = store.source_by_name(&name)?;
             let current = store.webhook(&source.id)?.map(|(_, settings)| settings);
             let removals = WebhookRemovals { secret: no_secret, verify_token: no_verify_token };
-            commands::set_webhook(&store, &name, &settings.apply(current, format, removals)?, &mut out)
+            commands::set_webhook(&*store, &name, &settings.apply(current, format, removals)?, &mut out)
         }
         Command::Source(SourceCommand::List { json }) => {
-            commands::list_sources(&open(Access::Existing)?, json, &mut out)
+            commands::list_sources(&*open(Access::Existing)?, json, &mut out)
         }
         Command::Events(EventsCommand::List {
             limit,
@@ -555,21 +608,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let query = tandem_store::browse::EventQuery { filter, event_name: event, user };
             let listing = commands::EventListing { query, source, limit, as_json: json };
-            commands::list_events(&open(Access::Existing)?, listing, &mut out)
+            commands::list_events(&*open(Access::Existing)?, listing, &mut out)
         }
-        Command::Events(EventsCommand::Unresolved { limit, after, json }) => commands::list_unresolved(
-            Arc::new(open(Access::Existing)?),
-            tandem_core::LogPosition(after),
-            limit,
-            json,
-            &mut out,
-        ),
+        Command::Events(EventsCommand::Unresolved { limit, after, json }) => {
+            commands::list_unresolved(open(Access::Existing)?, tandem_core::LogPosition(after), limit, json, &mut out)
+        }
         Command::Profile(ProfileCommand::List { limit, after, search, traits, json }) => {
             let listing = commands::profile_listing(limit, after, search, &traits, json)?;
-            commands::list_profiles(Arc::new(open(Access::Existing)?), listing, &mut out)
+            commands::list_profiles(open(Access::Existing)?, listing, &mut out)
         }
-        Command::Token(TokenCommand::List { json }) => commands::list_tokens(&open(Access::Existing)?, json, &mut out),
-        Command::Token(TokenCommand::Revoke { id }) => commands::revoke_token(&open(Access::Existing)?, &id, &mut out),
+        Command::Token(TokenCommand::List { json }) => commands::list_tokens(&*open(Access::Existing)?, json, &mut out),
+        Command::Token(TokenCommand::Revoke { id }) => commands::revoke_token(&*open(Access::Existing)?, &id, &mut out),
         Command::Source(SourceCommand::Rename { name, new_name }) => {
             let source = open(Access::Existing)?.rename_source(&name, &new_name)?;
             writeln!(
@@ -582,7 +631,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Source(SourceCommand::RotateKey { name, json }) => {
-            commands::rotate_key(&open(Access::Existing)?, &name, json, &mut out)
+            commands::rotate_key(&*open(Access::Existing)?, &name, json, &mut out)
         }
         Command::Source(SourceCommand::Delete { name }) => {
             let source = open(Access::Existing)?.delete_source(&name)?;
@@ -590,10 +639,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Identity(IdentityCommand::Unblock { identifier }) => {
-            commands::unblock(&open(Access::Existing)?, &identifier, &mut out)
+            commands::unblock(&*open(Access::Existing)?, &identifier, &mut out)
         }
         Command::Quarantine(QuarantineCommand::List { limit, json }) => {
-            commands::list_quarantine(&open(Access::Existing)?, limit, json, &mut out)
+            commands::list_quarantine(&*open(Access::Existing)?, limit, json, &mut out)
         }
         Command::Import { file, source, mapping, format, json } => {
             let args = import::ImportArgs {
@@ -603,27 +652,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 format: format.as_deref(),
                 as_json: json,
             };
-            import::import(&open(Access::Existing)?, args, &mut out)
+            import::import(&*open(Access::Existing)?, args, &mut out)
         }
-        Command::Stats { json } => commands::stats(&open(Access::Existing)?, json, &mut out),
+        Command::Stats { json } => commands::stats(&*open(Access::Existing)?, json, &mut out),
+        Command::Cluster(ClusterCommand::Status { json }) => {
+            commands::cluster_status(&*open(Access::Existing)?, json, &mut out)
+        }
         Command::Token(TokenCommand::Create { name, json }) => {
-            commands::create_token(&open(Access::CreateIfMissing)?, &name, json, &mut out)
+            commands::create_token(&*open(Access::CreateIfMissing)?, &name, json, &mut out)
         }
         Command::Profile(ProfileCommand::Show { target, json }) => {
-            commands::show_profile(Arc::new(open(Access::Existing)?), &target, json, &mut out)
+            commands::show_profile(open(Access::Existing)?, &target, json, &mut out)
         }
         Command::Profile(ProfileCommand::Explain { target, json }) => {
-            commands::explain_profile(Arc::new(open(Access::Existing)?), &target, json, &mut out)
+            commands::explain_profile(open(Access::Existing)?, &target, json, &mut out)
         }
         Command::Identity(IdentityCommand::Rules { change, json }) => {
             let access = if change.is_empty() { Access::Existing } else { Access::CreateIfMissing };
-            commands::identity_rules(&open(access)?, change, json, &mut out)
+            commands::identity_rules(&*open(access)?, change, json, &mut out)
         }
         Command::Identity(IdentityCommand::Unlink { profile, identifier }) => {
-            commands::unlink(Arc::new(open(Access::Existing)?), &profile, &identifier, &mut out)
+            commands::unlink(open(Access::Existing)?, &profile, &identifier, &mut out)
         }
         Command::Identity(IdentityCommand::Block { identifier }) => {
-            commands::block(Arc::new(open(Access::Existing)?), &identifier, &mut out)
+            commands::block(open(Access::Existing)?, &identifier, &mut out)
         }
     }
 }
@@ -643,8 +695,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// Loads the demo company (once per data directory), brings profiles up to
 /// date, prints where to look, then serves like `tandem serve`.
-fn run_demo(settings: &Settings, store: SqliteStore, customers: usize, seed: u64) -> anyhow::Result<()> {
-    let store: Arc<dyn Store> = Arc::new(store);
+fn run_demo(settings: &Settings, store: Arc<dyn Store>, customers: usize, seed: u64) -> anyhow::Result<()> {
     let options = server_options(settings);
     runtime()?.block_on(async {
         let running = tandem_server::start(store.clone(), &options).await?;
@@ -682,15 +733,20 @@ fn run_demo(settings: &Settings, store: SqliteStore, customers: usize, seed: u64
     })
 }
 
-fn serve(settings: &Settings, store: SqliteStore) -> anyhow::Result<()> {
+fn serve(settings: &Settings, store: Arc<dyn Store>) -> anyhow::Result<()> {
     let runtime = runtime()?;
     let options = server_options(settings);
-    tracing::info!(data = %settings.data_dir.display(), "opened the store");
+    match &settings.store {
+        Some(url) => {
+            tracing::info!(store = %url, imports = %settings.data_dir.display(), "opened the PostgreSQL store")
+        }
+        None => tracing::info!(data = %settings.data_dir.display(), "opened the store"),
+    }
     if store.list_sources()?.is_empty() {
         tracing::info!("no sources yet: create one with `tandem source create NAME` to get a write key");
     }
     runtime.block_on(async {
-        let running = tandem_server::start(Arc::new(store), &options).await?;
+        let running = tandem_server::start(store, &options).await?;
         running.serve(tandem_server::shutdown_signal()).await?;
         anyhow::Ok(())
     })
@@ -764,12 +820,12 @@ mod tests {
     fn read_commands_refuse_a_directory_without_a_store_and_create_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let mistyped = dir.path().join("tandem-dta");
-        let error = open_store(&mistyped, Access::Existing).err().unwrap();
+        let error = open_sqlite(&mistyped, Access::Existing).err().unwrap();
         assert!(error.to_string().contains("no Tandem store in"), "{error}");
         assert!(!mistyped.exists(), "a refused read leaves no directory behind");
-        open_store(&mistyped, Access::CreateIfMissing).unwrap();
+        open_sqlite(&mistyped, Access::CreateIfMissing).unwrap();
         assert!(SqliteStore::exists(&mistyped));
-        open_store(&mistyped, Access::Existing).unwrap();
+        open_sqlite(&mistyped, Access::Existing).unwrap();
     }
 
     fn signed_leads() -> WebhookSettings {

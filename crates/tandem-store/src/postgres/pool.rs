@@ -52,7 +52,7 @@ impl Pool {
         }
     }
 
-    #[cfg(test)]
+    /// The settings every connection of this pool is opened with.
     pub fn config(&self) -> &Config {
         &self.config
     }

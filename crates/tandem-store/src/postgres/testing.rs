@@ -6,7 +6,12 @@
 //! A server that does not answer fails the test with a message saying how to
 //! provide one: CI must never pass without having run these suites. Only
 //! `TANDEM_TEST_POSTGRES=skip`, set on purpose, skips them.
+//!
+//! Public for other crates' tests (the binary's end-to-end tests start
+//! servers on a fresh database with [`TestDatabase::url`]); not for use
+//! outside tests.
 
+#[cfg(test)]
 use super::PostgresStore;
 use postgres::{Config, NoTls};
 use rand::distr::{Alphanumeric, SampleString};
@@ -21,6 +26,7 @@ pub const DEFAULT_SERVER: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 /// it) when this is dropped.
 pub struct TestDatabase {
     server: Config,
+    server_url: String,
     name: String,
 }
 
@@ -51,7 +57,20 @@ impl TestDatabase {
             .unwrap_or_else(|error| panic!("cannot create the test database {name}: {error}"));
         let mut config = server.clone();
         config.dbname(&name);
-        Some((TestDatabase { server, name }, config))
+        Some((TestDatabase { server, server_url: url, name }, config))
+    }
+
+    /// The database's own `postgres://` URL, for a process to connect to:
+    /// the test server's URL with this database's name as its path. `None`
+    /// when the server was named in `key=value` form, which has no URL.
+    pub fn url(&self) -> Option<String> {
+        let url = self.server_url.trim();
+        let after_scheme = ["postgres://", "postgresql://"].iter().find_map(|scheme| url.strip_prefix(scheme))?;
+        let scheme = &url[..url.len() - after_scheme.len()];
+        let (before_query, query) = after_scheme.split_once('?').map_or((after_scheme, None), |(a, q)| (a, Some(q)));
+        let authority = before_query.split_once('/').map_or(before_query, |(authority, _)| authority);
+        let query = query.map(|query| format!("?{query}")).unwrap_or_default();
+        Some(format!("{scheme}{authority}/{}{query}", self.name))
     }
 }
 
@@ -67,6 +86,7 @@ impl Drop for TestDatabase {
 }
 
 /// A store on a fresh, empty database of its own; `None` when skipped.
+#[cfg(test)]
 pub fn fresh_store() -> Option<PostgresStore> {
     let (database, config) = TestDatabase::create()?;
     let mut store = PostgresStore::connect_with(config, super::DEFAULT_MAX_CONNECTIONS)

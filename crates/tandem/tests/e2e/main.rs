@@ -3,6 +3,7 @@
 //! `kill -9` and SIGTERM. One test binary for all of them.
 
 mod cli;
+mod cluster;
 mod common;
 mod crash;
 mod demo;

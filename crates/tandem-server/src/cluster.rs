@@ -1,0 +1,122 @@
+//! Several nodes on one store: which stage leases this node holds
+//! ([`LeaseBoard`], reported by `/health`), and the whole store's view
+//! ([`ClusterStatus`]: each stage's position and lag against the log head,
+//! and whether some node holds its lease), which `tandem cluster status`
+//! and `/api/v1/cluster` print.
+
+use crate::error::{ApiError, ErrorCode};
+use crate::extract::AdminToken;
+use crate::AppState;
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use tandem_store::{LeaseHolder, Stage, Store, StoreError, StoreKind};
+
+/// `GET /api/v1/cluster`, for an admin token.
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/api/v1/cluster", get(cluster))
+}
+
+async fn cluster(State(state): State<AppState>, _token: AdminToken) -> Result<Json<ClusterStatus>, ApiError> {
+    let store = state.store.clone();
+    match tokio::task::spawn_blocking(move || cluster_status(store.as_ref())).await {
+        Ok(Ok(status)) => Ok(Json(status)),
+        Ok(Err(error)) => {
+            tracing::error!(%error, "reading the cluster status failed");
+            Err(ApiError::new(ErrorCode::Unavailable, "the store cannot be read right now, retry later"))
+        }
+        Err(_) => Err(ApiError::new(ErrorCode::Internal, "internal error")),
+    }
+}
+
+/// The stage leases this node holds now; cheap to clone and share.
+#[derive(Clone, Default)]
+pub struct LeaseBoard {
+    held: Arc<Mutex<BTreeMap<&'static str, bool>>>,
+}
+
+impl LeaseBoard {
+    /// Records whether this node holds `stage`'s lease.
+    pub fn set(&self, stage: Stage, held: bool) {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner).insert(stage.0, held);
+    }
+
+    /// Whether this node holds `stage`'s lease (false before it tried).
+    pub fn holds(&self, stage: Stage) -> bool {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner).get(stage.0).copied().unwrap_or(false)
+    }
+
+    /// Every stage this node runs or waits to run, with whether it holds the lease.
+    pub fn snapshot(&self) -> BTreeMap<&'static str, bool> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+/// The store's stages as every node sees them.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ClusterStatus {
+    /// `sqlite` (one node) or `postgres` (any number).
+    pub store: StoreKind,
+    /// The newest committed log position.
+    pub head: u64,
+    /// Each stage that has committed a position, in the flow's order.
+    pub stages: Vec<StageStatus>,
+}
+
+/// One stage's place in the log and who runs it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct StageStatus {
+    pub stage: &'static str,
+    /// The last log position whose effects this stage committed.
+    pub position: u64,
+    /// Events in the log this stage has not committed yet.
+    pub lag: u64,
+    /// `held`, `vacant` (no node runs it), or `embedded` (SQLite).
+    pub lease: LeaseHolder,
+}
+
+/// Reads the cluster's status from the store (a few small queries).
+pub fn cluster_status(store: &dyn Store) -> Result<ClusterStatus, StoreError> {
+    let head = store.head()?.0;
+    let mut stages = Vec::new();
+    for &stage in Stage::ALL {
+        let Some(cursor) = store.stage_cursor(stage)? else { continue };
+        stages.push(StageStatus {
+            stage: stage.0,
+            position: cursor.position.0,
+            lag: head.saturating_sub(cursor.position.0),
+            lease: store.lease_holder(stage)?,
+        });
+    }
+    Ok(ClusterStatus { store: store.kind(), head, stages })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_board_remembers_each_stage() {
+        let board = LeaseBoard::default();
+        assert!(!board.holds(Stage::RESOLVE));
+        board.clone().set(Stage::RESOLVE, true);
+        assert!(board.holds(Stage::RESOLVE));
+        board.set(Stage::RESOLVE, false);
+        assert_eq!(board.snapshot().get("resolve"), Some(&false));
+    }
+
+    #[test]
+    fn an_embedded_store_reports_its_resolver_lag() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = tandem_store::SqliteStore::open(dir.path()).unwrap();
+        let status = cluster_status(&store).unwrap();
+        assert_eq!(status.store, StoreKind::Sqlite);
+        assert_eq!(status.head, 0);
+        assert_eq!(
+            status.stages,
+            vec![StageStatus { stage: "resolve", position: 0, lag: 0, lease: LeaseHolder::Embedded }]
+        );
+    }
+}
