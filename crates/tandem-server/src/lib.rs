@@ -64,7 +64,11 @@ impl AppState {
         import_dir: PathBuf,
     ) -> (AppState, std::thread::JoinHandle<()>) {
         let metrics = Metrics::new();
-        let head = log_head::LogHead::new(store.head().unwrap_or_default());
+        // Read on a thread of its own: `start` runs on the async runtime,
+        // where a backend's synchronous client (PostgreSQL's drives its own
+        // small runtime) must not block.
+        let committed = std::thread::scope(|scope| scope.spawn(|| store.head()).join());
+        let head = log_head::LogHead::new(committed.ok().and_then(Result::ok).unwrap_or_default());
         let (log, writer_thread) = LogWriter::spawn(store.clone(), dedup_window, metrics.clone(), head.clone());
         let state = AppState {
             sources: Arc::new(SourceDirectory::new(store.clone())),

@@ -569,14 +569,19 @@ pub struct Loaded {
 /// and the webhooks. `files_dir` receives the silo exports.
 pub async fn load(state: &AppState, company: &Company, files_dir: &Path) -> anyhow::Result<Loaded> {
     let store = state.store.clone();
-    let mut sources = std::collections::HashMap::new();
-    for (name, kind) in SOURCES.into_iter().chain([("social", SourceKind::Webhook)]) {
-        sources.insert(name, store.create_source(name, kind)?);
-    }
-    let hook =
-        |format| WebhookSettings { format, secret: None, verify_token: Some("tandem-demo".into()), mapping: None };
-    store.set_webhook("facebook-leads", &hook(WebhookFormat::FacebookLeads))?;
-    store.set_webhook("social", &hook(WebhookFormat::SocialMentions))?;
+    // The store's interfaces block; off the async worker (PostgreSQL's
+    // client must not block one), which needs the multi-threaded runtime.
+    let sources = tokio::task::block_in_place(|| -> anyhow::Result<_> {
+        let mut sources = std::collections::HashMap::new();
+        for (name, kind) in SOURCES.into_iter().chain([("social", SourceKind::Webhook)]) {
+            sources.insert(name, store.create_source(name, kind)?);
+        }
+        let hook =
+            |format| WebhookSettings { format, secret: None, verify_token: Some("tandem-demo".into()), mapping: None };
+        store.set_webhook("facebook-leads", &hook(WebhookFormat::FacebookLeads))?;
+        store.set_webhook("social", &hook(WebhookFormat::SocialMentions))?;
+        Ok(sources)
+    })?;
     let app = tandem_server::router(state.clone());
     let mut loaded = Loaded::default();
 

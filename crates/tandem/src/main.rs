@@ -701,7 +701,8 @@ fn run_demo(settings: &Settings, store: Arc<dyn Store>, customers: usize, seed: 
         let running = tandem_server::start(store.clone(), &options).await?;
         let mut out = std::io::stdout();
         let company = demo::generate(seed, customers, demo::History::until_now());
-        if demo::already_loaded(&store)? {
+        // The store's calls block, so they run off the async workers here.
+        if tokio::task::block_in_place(|| demo::already_loaded(&store))? {
             eprintln!("the demo company is already in {}; serving it", settings.data_dir.display());
         } else {
             eprintln!(
@@ -726,8 +727,10 @@ fn run_demo(settings: &Settings, store: Arc<dyn Store>, customers: usize, seed: 
         })
         .await??;
         eprintln!("profiles up to date in {:.1} s", started.elapsed().as_secs_f64());
-        let (_, token) = store.create_token("demo")?;
-        demo::walkthrough(&mut out, store.as_ref(), &company, running.local_addr, &settings.data_dir, &token)?;
+        tokio::task::block_in_place(|| {
+            let (_, token) = store.create_token("demo")?;
+            demo::walkthrough(&mut out, store.as_ref(), &company, running.local_addr, &settings.data_dir, &token)
+        })?;
         running.serve(tandem_server::shutdown_signal()).await?;
         anyhow::Ok(())
     })
