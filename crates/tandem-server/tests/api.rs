@@ -368,6 +368,7 @@ async fn operations_endpoints_and_unknown_routes() {
     harness.post_json("/v1/track", json!({"userId": "u"})).await;
     let (status, body) = harness.send(Request::get("/health").body(Body::empty()).unwrap()).await;
     assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("ok")));
+    assert_eq!(body["store"], json!({"kind": "sqlite", "ok": true}));
     let response = harness.app.clone().oneshot(Request::get("/metrics").body(Body::empty()).unwrap()).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     let text = String::from_utf8(to_bytes(response.into_body(), usize::MAX).await.unwrap().to_vec()).unwrap();
