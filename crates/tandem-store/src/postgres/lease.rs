@@ -11,10 +11,19 @@
 use super::PostgresStore;
 use crate::{Coordination, LeaseHolder, LeaseKeeper, LeaseLost, Stage, StageLease, StoreError, StoreKind};
 use postgres::{Client, NoTls};
+use std::time::Duration;
 
 /// The high half of every stage lease's advisory-lock key ("tdm\0"); the
 /// low half is the FNV-1a hash of the stage's name.
 const LEASE_KEY_PREFIX: u32 = 0x7464_6d00;
+
+/// Idle time before a lease connection is probed, the time between probes,
+/// and the unanswered probes after which it counts as dead: a vanished
+/// holder frees its lease within about [`DEAD_AFTER`].
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+const KEEPALIVE_RETRIES: u32 = 3;
+const DEAD_AFTER: Duration = Duration::from_secs(11);
 
 /// The advisory-lock key of `stage`'s lease.
 pub(super) fn lease_key(stage: Stage) -> (u32, u32) {
@@ -67,7 +76,27 @@ impl Coordination for PostgresStore {
     }
 
     fn try_lease(&self, stage: Stage) -> Result<Option<StageLease>, StoreError> {
-        let mut client = self.pool.config().connect(NoTls)?;
+        let mut config = self.pool.config().clone();
+        // A holder that vanishes without closing its connection (power
+        // loss, a partition) must not keep the lock for the operating
+        // system's default two hours: both ends probe the idle connection
+        // every few seconds and give up after DEAD_AFTER, and the client does
+        // not wait longer than that for an unacknowledged write.
+        config
+            .keepalives(true)
+            .keepalives_idle(KEEPALIVE_IDLE)
+            .keepalives_interval(KEEPALIVE_INTERVAL)
+            .keepalives_retries(KEEPALIVE_RETRIES)
+            .tcp_user_timeout(DEAD_AFTER);
+        let mut client = config.connect(NoTls)?;
+        client.batch_execute(&format!(
+            "SET tcp_keepalives_idle = {}; SET tcp_keepalives_interval = {}; SET tcp_keepalives_count = {};
+             SET tcp_user_timeout = {}; SET idle_session_timeout = 0",
+            KEEPALIVE_IDLE.as_secs(),
+            KEEPALIVE_INTERVAL.as_secs(),
+            KEEPALIVE_RETRIES,
+            DEAD_AFTER.as_millis()
+        ))?;
         let taken: bool =
             client.query_one("SELECT pg_try_advisory_lock($1)", &[&as_bigint(lease_key(stage))])?.try_get(0)?;
         if !taken {
@@ -88,7 +117,7 @@ impl Coordination for PostgresStore {
 mod tests {
     use super::*;
     use crate::postgres::testing;
-    use std::time::{Duration, Instant};
+    use std::time::Instant;
 
     #[test]
     fn one_node_holds_a_stage_lease_until_it_lets_go() {
