@@ -435,11 +435,24 @@ pub fn profile_listing(
 /// every event even when no server is running.
 /// When the resolver is already at the log head (a running server keeps it
 /// there), nothing is loaded.
+///
+/// On a shared store the command resolves only while holding the resolver's
+/// lease: when a server holds it, that server is catching up already, and
+/// resolving here too would only race it, so the answer is what it has
+/// committed so far (the lag is said on standard error).
 fn catch_up(store: &Arc<dyn Store>) -> anyhow::Result<()> {
     let resolved = store.stage_cursor(Stage::RESOLVE)?.unwrap_or_default().position;
-    if resolved >= store.head()? {
+    let head = store.head()?;
+    if resolved >= head {
         return Ok(());
     }
+    let Some(_lease) = store.try_lease(Stage::RESOLVE)? else {
+        eprintln!(
+            "a server is resolving the log: {} newer events are not in profiles yet",
+            head.0.saturating_sub(resolved.0)
+        );
+        return Ok(());
+    };
     let mut resolver = Resolver::load(store.clone())?;
     resolver.catch_up(resolve::DEFAULT_BATCH)?;
     Ok(())

@@ -129,3 +129,42 @@ fn a_bad_or_unreachable_store_is_a_clear_error_without_the_password() {
     assert!(!stderr.contains("hunter2"), "{stderr}");
     assert!(!tandem_store::SqliteStore::exists(dir.path()), "nothing fell back to the embedded store");
 }
+
+#[test]
+fn a_node_waits_for_the_lease_and_the_cli_does_not_race_its_holder() {
+    let Some((database, _)) = TestDatabase::create() else { return };
+    let url = database.url().expect("TANDEM_TEST_POSTGRES is a postgres:// URL");
+    let dir = tempfile::tempdir().unwrap();
+    let source: Value =
+        serde_json::from_str(&tandem(dir.path(), &["--store", &url, "source", "create", "web", "--json"])).unwrap();
+    let token: Value =
+        serde_json::from_str(&tandem(dir.path(), &["--store", &url, "token", "create", "--json"])).unwrap();
+    let token = token["token"].as_str().unwrap();
+    // This test holds the resolver's lease, as another node would.
+    let other_node = tandem_store::PostgresStore::connect(&url).unwrap();
+    let lease = tandem_store::Coordination::try_lease(&other_node, tandem_store::Stage::RESOLVE).unwrap().unwrap();
+
+    let node = serve_on(dir.path(), &url);
+    identify(&node, source["write_key"].as_str().unwrap(), "cid", "team");
+    std::thread::sleep(Duration::from_millis(1_500));
+    assert!(!holds_resolver_lease(&node.url), "the lease is held elsewhere, so the node waits");
+    assert!(profile_of(&node, token, "cid").is_none(), "nothing resolved while it waits");
+    let shown = tandem_output(dir.path(), &["--store", &url, "profile", "show", "user_id:cid"]);
+    let stderr = String::from_utf8_lossy(&shown.stderr);
+    assert!(stderr.contains("a server is resolving the log: 2 newer events are not in profiles yet"), "{stderr}");
+    let status: Value =
+        serde_json::from_str(&tandem(dir.path(), &["--store", &url, "cluster", "status", "--json"])).unwrap();
+    assert_eq!((status["stages"][0]["lag"].as_u64(), status["stages"][0]["lease"].as_str()), (Some(2), Some("held")));
+
+    drop(lease);
+    eventually(10, "the node taking the released lease", || holds_resolver_lease(&node.url).then_some(()));
+    let cid = eventually(10, "cid's profile", || profile_of(&node, token, "cid"));
+    assert_eq!(cid["traits"]["plan"], "team");
+    let shown: Value =
+        serde_json::from_str(&tandem(dir.path(), &["--store", &url, "profile", "show", "user_id:cid", "--json"]))
+            .unwrap();
+    assert_eq!(shown["id"], cid["id"]);
+    drop(node);
+    drop(other_node);
+    drop(database);
+}
