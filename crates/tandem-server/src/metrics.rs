@@ -51,6 +51,8 @@ pub struct Metrics {
     pub log_head: Gauge,
     pub resolver_position: Gauge,
     pub resolver_lag_events: Gauge,
+    /// 1 while this node holds the resolver's stage lease, else 0.
+    pub resolver_lease_held: Gauge,
     pub resolver_batch_duration: Histogram,
     pub resolver_profiles: Gauge,
     pub resolver_unusable_events: Counter,
@@ -106,6 +108,12 @@ impl Metrics {
             "Events in the log the resolver has not committed yet",
             resolver_lag_events.clone(),
         );
+        let resolver_lease_held = Gauge::default();
+        registry.register(
+            "resolver_lease_held",
+            "1 while this node holds the resolver's stage lease and runs the resolver, else 0",
+            resolver_lease_held.clone(),
+        );
         let resolver_batch_duration = latency_histogram();
         registry.register(
             "resolver_batch_duration_seconds",
@@ -146,6 +154,7 @@ impl Metrics {
             log_head,
             resolver_position,
             resolver_lag_events,
+            resolver_lease_held,
             resolver_batch_duration,
             resolver_profiles,
             resolver_unusable_events,

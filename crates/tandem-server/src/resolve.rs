@@ -778,9 +778,11 @@ pub fn spawn(
             let node = ResolverNode { store, head, metrics, cache_profiles, stop, leases };
             while let Some(lease) = node.wait_for_lease() {
                 node.leases.set(Stage::RESOLVE, true);
+                node.metrics.resolver_lease_held.set(1);
                 tracing::info!("this node holds the resolver lease and runs the resolver");
                 let lost = node.resolve_while_held(lease);
                 node.leases.set(Stage::RESOLVE, false);
+                node.metrics.resolver_lease_held.set(0);
                 match lost {
                     Some(lost) => tracing::warn!(%lost, "stopped resolving; waiting for the lease again"),
                     None => break,

@@ -102,6 +102,9 @@ fn two_nodes_share_one_database_and_the_survivor_takes_over_the_resolver() {
     holder.kill_hard();
     identify(&survivor, write_key, "bob", "free");
     eventually(15, "the survivor taking over the resolver lease", || holds_resolver_lease(&survivor.url).then_some(()));
+    let metrics =
+        agent().get(&format!("{}/metrics", survivor.url)).call().unwrap().body_mut().read_to_string().unwrap();
+    assert!(metrics.contains("tandem_resolver_lease_held 1"), "{metrics}");
     let bob = eventually(15, "bob's profile on the survivor", || profile_of(&survivor, token, "bob"));
     assert_eq!(bob["traits"]["plan"], "free");
     assert_ne!(bob["id"], ann["id"]);
