@@ -25,7 +25,7 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/profiles/{id}/identities", get(profile_identities))
 }
 
-fn format_ms(ms: i64) -> Value {
+pub(crate) fn format_ms(ms: i64) -> Value {
     chrono::DateTime::from_timestamp_millis(ms).map(format_timestamp).map_or(Value::Null, Value::String)
 }
 
@@ -70,7 +70,7 @@ fn storage_error(error: StoreError) -> ApiError {
 }
 
 /// Runs a read on the blocking pool.
-async fn read<T: Send + 'static>(
+pub(crate) async fn read<T: Send + 'static>(
     state: &AppState,
     work: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, ApiError> {
@@ -173,7 +173,15 @@ async fn get_profile(
     _token: AdminToken,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(profile_json(&load_profile(&state, &id).await?)))
+    let profile = load_profile(&state, &id).await?;
+    let profile_id = profile.id;
+    let memberships = read(&state, move |store| store.profile_audiences(profile_id)).await?;
+    let mut body = profile_json(&profile);
+    body["audiences"] = memberships
+        .iter()
+        .map(|membership| json!({"name": membership.audience, "entered_at": format_ms(membership.entered_at_ms)}))
+        .collect();
+    Ok(Json(body))
 }
 
 #[derive(Deserialize)]

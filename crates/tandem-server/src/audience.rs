@@ -1,0 +1,597 @@
+//! The audience stage: keeps every audience's membership current as events
+//! arrive and as time passes. It follows the log but never passes the
+//! resolver's committed position (an event must have its profile first);
+//! for each event it finds the profile in the store, observes the event in
+//! the incremental state ([`AudienceState`]) of every audience whose rule
+//! reads it, re-evaluates the profile's audiences (traits may have changed)
+//! and records who entered and who left, stamped with the event's time.
+//! Every evaluation also sets a due-timer: the instant time alone changes
+//! the answer (a qualifying event leaving its window), so a member leaves
+//! on time without a new event. States, memberships, timers and the stage's
+//! cursor are committed together ([`tandem_store::AudienceStore::commit_audience`]).
+//!
+//! A new audience is backfilled over the profiles that existed before it, a
+//! page of profiles at a time, with the batch evaluator over each profile's
+//! timeline (up to the stage's cursor, so no event counts twice). A profile
+//! merged away leaves its audiences, and its survivor's states are rebuilt
+//! from the survivor's timeline: the simplest way to be right about events
+//! that were counted on two profiles.
+//!
+//! The definitions themselves (validation of names, rules and references,
+//! preview, deletion) are here too, so the HTTP API and the CLI share them.
+
+use chrono::{DateTime, Utc};
+use serde_json::Map;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tandem_core::audience::{AudienceState, CompiledAudience, Condition, InvalidRule, ProfileFacts, ProfileValues};
+use tandem_core::{Event, LogPosition, Profile, ProfileId};
+use tandem_store::{
+    AudienceCommit, AudienceCommitOutcome, AudienceDefinition, AudienceStateWrite, Backfill, MembershipChange,
+    MembershipChangeKind, Stage, Store, StoreError, TimelineCursor,
+};
+
+use crate::log_head::LogHead;
+
+/// Events read per step.
+const EVENT_BATCH: usize = 2_000;
+/// Profiles backfilled per commit for a new audience.
+const BACKFILL_PAGE: usize = 500;
+/// Due timers processed per commit.
+const TIMER_BATCH: usize = 2_000;
+/// Retired (merged-away) profiles handled per commit.
+const RETIRED_BATCH: usize = 500;
+/// Events read per page of a profile's timeline.
+const TIMELINE_PAGE: usize = 1_000;
+/// How often an idle stage looks at its due timers and the resolver's
+/// position: the delay with which a member leaves after its time.
+pub const TIMER_INTERVAL: Duration = Duration::from_millis(250);
+/// Longest audience name.
+pub const MAX_NAME_LENGTH: usize = 100;
+
+/// The stage's notion of now; injectable so tests move time by hand.
+pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    Arc::new(Utc::now)
+}
+
+/// What the stage could not do.
+#[derive(Debug, thiserror::Error)]
+pub enum AudienceError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What one [`AudienceStage::step`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StepReport {
+    pub events: usize,
+    pub timers: usize,
+    pub backfilled: usize,
+    pub retired: usize,
+}
+
+impl StepReport {
+    /// Whether the step found nothing to do.
+    pub fn is_idle(&self) -> bool {
+        *self == StepReport::default()
+    }
+}
+
+/// One stored audience, compiled, with how far it is backfilled.
+struct LiveAudience {
+    name: String,
+    compiled: CompiledAudience,
+    backfill: Backfill,
+}
+
+impl LiveAudience {
+    /// Whether the profile's state for this audience is kept incrementally
+    /// (it was backfilled, or was created after the backfill began).
+    fn covers(&self, profile: ProfileId) -> bool {
+        match self.backfill {
+            Backfill::Done => true,
+            Backfill::Pending { after } => after.is_some_and(|after| profile <= after),
+        }
+    }
+}
+
+/// What the stage knows of one profile while it evaluates it.
+struct ProfileWork {
+    profile: Profile,
+    /// State and due-timer per audience, as loaded.
+    loaded: HashMap<String, (AudienceState, Option<i64>)>,
+    /// State per audience, as updated.
+    states: HashMap<String, AudienceState>,
+    /// Audiences the profile is a member of now.
+    members: BTreeSet<String>,
+}
+
+/// The audience stage, driven by [`AudienceStage::step`] (see [`spawn`]).
+pub struct AudienceStage {
+    store: Arc<dyn Store>,
+    clock: Clock,
+}
+
+impl AudienceStage {
+    pub fn new(store: Arc<dyn Store>, clock: Clock) -> Self {
+        AudienceStage { store, clock }
+    }
+
+    /// Does one round of work: backfills a page of each new audience,
+    /// retires merged-away profiles, applies a batch of resolved events,
+    /// and processes due timers, each in its own commit.
+    pub fn step(&mut self) -> Result<StepReport, AudienceError> {
+        let now = (self.clock)();
+        let audiences = self.load_audiences()?;
+        let mut report = StepReport::default();
+        for index in 0..audiences.len() {
+            if matches!(audiences[index].backfill, Backfill::Pending { .. }) {
+                report.backfilled += self.backfill_page(&audiences, index, now)?;
+            }
+        }
+        report.retired = self.retire_profiles(&audiences, now)?;
+        report.events = self.apply_events(&audiences, now)?;
+        report.timers = self.process_timers(&audiences, now)?;
+        Ok(report)
+    }
+
+    /// Steps until a step finds nothing to do.
+    pub fn catch_up(&mut self) -> Result<(), AudienceError> {
+        while !self.step()?.is_idle() {}
+        Ok(())
+    }
+
+    /// Stored audiences, compiled, those another refers to first.
+    fn load_audiences(&self) -> Result<Vec<LiveAudience>, AudienceError> {
+        let mut compiled = Vec::new();
+        for record in self.store.list_audiences()? {
+            match record.definition.rule.compile() {
+                Ok(rule) => compiled.push((
+                    record.definition.rule.referenced_audiences().iter().map(|name| name.to_string()).collect(),
+                    LiveAudience { name: record.definition.name, compiled: rule, backfill: record.backfill },
+                )),
+                Err(error) => tracing::warn!(audience = %record.definition.name, %error, "stored rule is invalid"),
+            }
+        }
+        Ok(dependency_order(compiled))
+    }
+
+    fn cursor(&self) -> Result<LogPosition, AudienceError> {
+        Ok(self.store.stage_cursor(Stage::AUDIENCE)?.map(|cursor| cursor.position).unwrap_or_default())
+    }
+
+    fn commit(&self, commit: &AudienceCommit) -> Result<bool, AudienceError> {
+        match self.store.commit_audience(commit)? {
+            AudienceCommitOutcome::Committed => Ok(true),
+            AudienceCommitOutcome::StalePosition => {
+                tracing::warn!("another audience stage moved the cursor; starting again from storage");
+                Ok(false)
+            }
+        }
+    }
+
+    /// Evaluates one page of profiles for a new audience over their
+    /// timelines up to the stage's cursor.
+    fn backfill_page(&self, audiences: &[LiveAudience], index: usize, now: DateTime<Utc>) -> Result<usize, AudienceError> {
+        let audience = &audiences[index];
+        let Backfill::Pending { after } = audience.backfill else { return Ok(0) };
+        let cursor = self.cursor()?;
+        let page = self.store.list_profiles(after, BACKFILL_PAGE)?;
+        let mut commit = AudienceCommit { from: cursor, to: cursor, ..AudienceCommit::default() };
+        let now_ms = now.timestamp_millis();
+        let empty = Map::new();
+        for profile in &page {
+            let events = timeline(self.store.as_ref(), profile.id, cursor)?;
+            let members: BTreeSet<String> =
+                self.store.profile_audiences(profile.id)?.into_iter().map(|membership| membership.audience).collect();
+            let facts =
+                ProfileFacts { traits: &profile.traits, computed_traits: &empty, events: &events, audiences: &members };
+            let mut state = audience.compiled.new_state();
+            for event in &events {
+                audience.compiled.observe(&mut state, event);
+            }
+            audience.compiled.age_to(&mut state, now);
+            let next = audience.compiled.next_change_at(&facts, now).map(|at| at.timestamp_millis());
+            if audience.compiled.is_member(&facts, now) {
+                commit.changes.push(change(&audience.name, profile.id, MembershipChangeKind::Entered, now_ms));
+            }
+            commit.states.push(AudienceStateWrite {
+                audience: audience.name.clone(),
+                profile: profile.id,
+                state: Some(state),
+                next_change_at_ms: next,
+            });
+        }
+        let progress = match page.last() {
+            Some(last) if page.len() == BACKFILL_PAGE => Backfill::Pending { after: Some(last.id) },
+            _ => Backfill::Done,
+        };
+        commit.backfill.push((audience.name.clone(), progress));
+        self.commit(&commit)?;
+        if progress == Backfill::Done {
+            tracing::info!(audience = %audience.name, "audience backfilled");
+        }
+        Ok(page.len().max(1))
+    }
+
+    /// Profiles merged away (or replaced by a repair) leave their audiences;
+    /// their survivors are rebuilt from their timelines.
+    fn retire_profiles(&self, audiences: &[LiveAudience], now: DateTime<Utc>) -> Result<usize, AudienceError> {
+        let retired = self.store.retired_audience_profiles(RETIRED_BATCH)?;
+        if retired.is_empty() {
+            return Ok(0);
+        }
+        let cursor = self.cursor()?;
+        let now_ms = now.timestamp_millis();
+        let mut commit = AudienceCommit { from: cursor, to: cursor, ..AudienceCommit::default() };
+        let mut survivors = BTreeSet::new();
+        for state in self.store.audience_states(&retired)? {
+            commit.states.push(AudienceStateWrite {
+                audience: state.audience,
+                profile: state.profile,
+                state: None,
+                next_change_at_ms: None,
+            });
+        }
+        for id in &retired {
+            for membership in self.store.profile_audiences(*id)? {
+                commit.changes.push(change(&membership.audience, *id, MembershipChangeKind::Exited, now_ms));
+            }
+            if let Some(survivor) = self.store.profile(*id)? {
+                survivors.insert(survivor.id);
+            }
+        }
+        for survivor in survivors {
+            if let Some(profile) = self.store.profile(survivor)? {
+                let events = timeline(self.store.as_ref(), survivor, cursor)?;
+                let mut work = self.load_work(profile)?;
+                work.states.clear();
+                for event in &events {
+                    observe(audiences, &mut work, event);
+                }
+                evaluate(audiences, &mut work, now, now_ms, &mut commit);
+            }
+        }
+        self.commit(&commit)?;
+        Ok(retired.len())
+    }
+
+    fn load_work(&self, profile: Profile) -> Result<ProfileWork, AudienceError> {
+        let loaded: HashMap<String, (AudienceState, Option<i64>)> = self
+            .store
+            .audience_states(&[profile.id])?
+            .into_iter()
+            .map(|stored| (stored.audience, (stored.state, stored.next_change_at_ms)))
+            .collect();
+        let members =
+            self.store.profile_audiences(profile.id)?.into_iter().map(|membership| membership.audience).collect();
+        let states = loaded.iter().map(|(name, (state, _))| (name.clone(), state.clone())).collect();
+        Ok(ProfileWork { profile, loaded, states, members })
+    }
+
+    /// Applies the next batch of events the resolver has committed.
+    fn apply_events(&self, audiences: &[LiveAudience], now: DateTime<Utc>) -> Result<usize, AudienceError> {
+        let cursor = self.cursor()?;
+        let resolved = self.store.stage_cursor(Stage::RESOLVE)?.map(|cursor| cursor.position).unwrap_or_default();
+        if resolved <= cursor {
+            return Ok(0);
+        }
+        let entries: Vec<_> = self
+            .store
+            .read_log(cursor, EVENT_BATCH)?
+            .into_iter()
+            .take_while(|entry| entry.position <= resolved)
+            .collect();
+        let Some(to) = entries.last().map(|entry| entry.position) else { return Ok(0) };
+        let owners: HashMap<LogPosition, ProfileId> = self.store.event_owners(cursor, to)?.into_iter().collect();
+        let mut by_owner: BTreeMap<ProfileId, Vec<Event>> = BTreeMap::new();
+        for entry in &entries {
+            let Some(owner) = owners.get(&entry.position) else { continue };
+            match serde_json::from_str::<Event>(&entry.payload) {
+                Ok(event) => by_owner.entry(*owner).or_default().push(event),
+                Err(error) => tracing::warn!(position = %entry.position, %error, "unreadable event skipped"),
+            }
+        }
+        let mut commit = AudienceCommit { from: cursor, to, ..AudienceCommit::default() };
+        let live: HashMap<ProfileId, Profile> = self
+            .store
+            .profiles(&by_owner.keys().copied().collect::<Vec<_>>())?
+            .into_iter()
+            .map(|profile| (profile.id, profile))
+            .collect();
+        let mut rebuilt = HashSet::new();
+        for (owner, events) in by_owner {
+            let at_ms = events.iter().map(|event| event.timestamp.timestamp_millis()).max().unwrap_or_default();
+            let (profile, rebuild) = match live.get(&owner) {
+                Some(profile) => (profile.clone(), false),
+                // Merged away since the resolver linked the event: the
+                // survivor is rebuilt from its whole timeline.
+                None => match self.store.profile(owner)? {
+                    Some(profile) => (profile, true),
+                    None => continue,
+                },
+            };
+            if rebuild {
+                if !rebuilt.insert(profile.id) {
+                    continue;
+                }
+                let events = timeline(self.store.as_ref(), profile.id, to)?;
+                let mut work = self.load_work(profile)?;
+                work.states.clear();
+                for event in &events {
+                    observe(audiences, &mut work, event);
+                }
+                evaluate(audiences, &mut work, now, at_ms, &mut commit);
+                continue;
+            }
+            let mut work = self.load_work(profile)?;
+            for event in &events {
+                observe(audiences, &mut work, event);
+            }
+            evaluate(audiences, &mut work, now, at_ms, &mut commit);
+        }
+        self.commit(&commit)?;
+        Ok(entries.len())
+    }
+
+    /// Re-evaluates the profiles whose answer changes by time alone now.
+    fn process_timers(&self, audiences: &[LiveAudience], now: DateTime<Utc>) -> Result<usize, AudienceError> {
+        let due = self.store.due_audience_states(now.timestamp_millis(), TIMER_BATCH)?;
+        if due.is_empty() {
+            return Ok(0);
+        }
+        let cursor = self.cursor()?;
+        let mut commit = AudienceCommit { from: cursor, to: cursor, ..AudienceCommit::default() };
+        let mut earliest: BTreeMap<ProfileId, i64> = BTreeMap::new();
+        for state in &due {
+            let at = state.next_change_at_ms.unwrap_or_else(|| now.timestamp_millis());
+            earliest.entry(state.profile).and_modify(|known| *known = (*known).min(at)).or_insert(at);
+        }
+        for (id, at_ms) in earliest {
+            match self.store.profile(id)? {
+                Some(profile) if profile.id == id => {
+                    let mut work = self.load_work(profile)?;
+                    evaluate(audiences, &mut work, now, at_ms, &mut commit);
+                }
+                // Retired: its states go with the next retirement round;
+                // meanwhile its timers must not fire again.
+                _ => {
+                    for state in due.iter().filter(|state| state.profile == id) {
+                        commit.states.push(AudienceStateWrite {
+                            audience: state.audience.clone(),
+                            profile: id,
+                            state: Some(state.state.clone()),
+                            next_change_at_ms: None,
+                        });
+                    }
+                }
+            }
+        }
+        self.commit(&commit)?;
+        Ok(due.len())
+    }
+}
+
+fn change(audience: &str, profile: ProfileId, kind: MembershipChangeKind, at_ms: i64) -> MembershipChange {
+    MembershipChange { audience: audience.to_owned(), profile, kind, at_ms }
+}
+
+/// Adds one event to the state of every audience covering the profile whose
+/// rule reads it.
+fn observe(audiences: &[LiveAudience], work: &mut ProfileWork, event: &Event) {
+    for audience in audiences {
+        if audience.covers(work.profile.id) && audience.compiled.reads_event(event) {
+            let state = work.states.entry(audience.name.clone()).or_insert_with(|| audience.compiled.new_state());
+            audience.compiled.observe(state, event);
+        }
+    }
+}
+
+/// Evaluates every audience covering the profile at `now`, in dependency
+/// order, recording entries and exits stamped `at_ms` and the states and
+/// timers that changed.
+fn evaluate(
+    audiences: &[LiveAudience],
+    work: &mut ProfileWork,
+    now: DateTime<Utc>,
+    at_ms: i64,
+    commit: &mut AudienceCommit,
+) {
+    let empty = Map::new();
+    for audience in audiences.iter().filter(|audience| audience.covers(work.profile.id)) {
+        let state = work.states.entry(audience.name.clone()).or_insert_with(|| audience.compiled.new_state());
+        audience.compiled.age_to(state, now);
+        let values =
+            ProfileValues { traits: &work.profile.traits, computed_traits: &empty, audiences: &work.members };
+        let member = audience.compiled.is_member_by_state(state, &values, now);
+        let next = audience.compiled.next_change_at_by_state(state, &values, now).map(|at| at.timestamp_millis());
+        let state = state.clone();
+        if member != work.members.contains(&audience.name) {
+            let kind = if member { MembershipChangeKind::Entered } else { MembershipChangeKind::Exited };
+            commit.changes.push(change(&audience.name, work.profile.id, kind, at_ms));
+            if member {
+                work.members.insert(audience.name.clone());
+            } else {
+                work.members.remove(&audience.name);
+            }
+        }
+        if work.loaded.get(&audience.name) != Some(&(state.clone(), next)) {
+            commit.states.push(AudienceStateWrite {
+                audience: audience.name.clone(),
+                profile: work.profile.id,
+                state: Some(state.clone()),
+                next_change_at_ms: next,
+            });
+            work.loaded.insert(audience.name.clone(), (state, next));
+        }
+    }
+}
+
+/// Audiences ordered so that each comes after those its rule refers to;
+/// a cycle (which creation refuses) keeps its stored order at the end.
+fn dependency_order(mut pending: Vec<(Vec<String>, LiveAudience)>) -> Vec<LiveAudience> {
+    let mut ordered: Vec<LiveAudience> = Vec::with_capacity(pending.len());
+    let names: HashSet<String> = pending.iter().map(|(_, audience)| audience.name.clone()).collect();
+    while !pending.is_empty() {
+        let placed: HashSet<&str> = ordered.iter().map(|audience| audience.name.as_str()).collect();
+        let ready = pending.iter().position(|(references, _)| {
+            references.iter().all(|name| placed.contains(name.as_str()) || !names.contains(name))
+        });
+        let index = ready.unwrap_or(0);
+        ordered.push(pending.remove(index).1);
+    }
+    ordered
+}
+
+/// A profile's events (with those of profiles merged into it) up to the
+/// log position `up_to`, oldest first.
+pub fn timeline(store: &dyn Store, profile: ProfileId, up_to: LogPosition) -> Result<Vec<Event>, StoreError> {
+    let mut events = Vec::new();
+    let mut before: Option<TimelineCursor> = None;
+    loop {
+        let page = store.profile_events(profile, before, TIMELINE_PAGE)?;
+        let Some(last) = page.last() else { break };
+        before = Some(TimelineCursor::at(last));
+        let full = page.len() == TIMELINE_PAGE;
+        for entry in page.into_iter().filter(|entry| entry.position <= up_to) {
+            match serde_json::from_str::<Event>(&entry.payload) {
+                Ok(event) => events.push(event),
+                Err(error) => tracing::warn!(position = %entry.position, %error, "unreadable event skipped"),
+            }
+        }
+        if !full {
+            break;
+        }
+    }
+    events.reverse();
+    Ok(events)
+}
+
+/// Runs the stage on its own thread until `stop` is set. It wakes when the
+/// log head moves and at least every [`TIMER_INTERVAL`], for due timers and
+/// the resolver's progress.
+pub fn spawn(store: Arc<dyn Store>, head: LogHead, clock: Clock, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("tandem-audiences".into())
+        .spawn(move || {
+            let mut stage = AudienceStage::new(store, clock);
+            let mut follower = head.follow();
+            while !stop.load(Ordering::Relaxed) {
+                match stage.step() {
+                    Ok(report) if report.is_idle() => {
+                        follower.wait_beyond(head.current(), TIMER_INTERVAL);
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::error!(%error, "evaluating audiences failed; retrying");
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                }
+            }
+            tracing::debug!("audience stage stopped");
+        })
+        .expect("spawning the audience thread")
+}
+
+/// A definition that cannot be stored, in the caller's terms.
+#[derive(Debug, thiserror::Error)]
+pub enum DefineError {
+    #[error("an audience name is 1 to {MAX_NAME_LENGTH} characters without control characters")]
+    InvalidName,
+    #[error(transparent)]
+    InvalidRule(#[from] InvalidRule),
+    #[error("the rule refers to {0:?}, which is no audience")]
+    UnknownAudience(String),
+    #[error("audience {name:?} is used by {used_by:?}; delete that first")]
+    InUse { name: String, used_by: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn check_name(name: &str) -> Result<(), DefineError> {
+    let length = name.chars().count();
+    if length == 0 || length > MAX_NAME_LENGTH || name.trim() != name || name.chars().any(char::is_control) {
+        return Err(DefineError::InvalidName);
+    }
+    Ok(())
+}
+
+/// Validates and stores a new audience; the stage backfills it.
+pub fn create_audience(
+    store: &dyn Store,
+    name: &str,
+    rule: Condition,
+    now: DateTime<Utc>,
+) -> Result<AudienceDefinition, DefineError> {
+    check_name(name)?;
+    rule.validate()?;
+    let known: HashSet<String> =
+        store.list_audiences()?.into_iter().map(|record| record.definition.name).collect();
+    if let Some(unknown) = rule.referenced_audiences().into_iter().find(|reference| !known.contains(*reference)) {
+        return Err(DefineError::UnknownAudience(unknown.to_owned()));
+    }
+    let definition = AudienceDefinition { name: name.to_owned(), rule, created_at_ms: now.timestamp_millis() };
+    store.create_audience(&definition)?;
+    Ok(definition)
+}
+
+/// Deletes an audience no other audience refers to.
+pub fn delete_audience(store: &dyn Store, name: &str) -> Result<(), DefineError> {
+    for record in store.list_audiences()? {
+        if record.definition.rule.referenced_audiences().contains(&name) {
+            return Err(DefineError::InUse { name: name.to_owned(), used_by: record.definition.name });
+        }
+    }
+    store.delete_audience(name)?;
+    Ok(())
+}
+
+/// What a rule would select now, without storing anything.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Preview {
+    pub size: u64,
+    pub profiles_evaluated: u64,
+    /// The first members by profile id.
+    pub sample: Vec<ProfileId>,
+}
+
+/// Evaluates a rule over every live profile's timeline (the batch
+/// evaluator), with their current memberships of other audiences.
+pub fn preview(store: &dyn Store, rule: &Condition, now: DateTime<Utc>, sample: usize) -> Result<Preview, DefineError> {
+    let compiled = rule.compile()?;
+    let known: HashSet<String> =
+        store.list_audiences()?.into_iter().map(|record| record.definition.name).collect();
+    if let Some(unknown) = rule.referenced_audiences().into_iter().find(|reference| !known.contains(*reference)) {
+        return Err(DefineError::UnknownAudience(unknown.to_owned()));
+    }
+    let mut result = Preview { size: 0, profiles_evaluated: 0, sample: Vec::new() };
+    let empty = Map::new();
+    let mut after = None;
+    loop {
+        let page = store.list_profiles(after, BACKFILL_PAGE)?;
+        for profile in &page {
+            let events = timeline(store, profile.id, LogPosition(u64::MAX >> 1))?;
+            let members: BTreeSet<String> =
+                store.profile_audiences(profile.id)?.into_iter().map(|membership| membership.audience).collect();
+            let facts =
+                ProfileFacts { traits: &profile.traits, computed_traits: &empty, events: &events, audiences: &members };
+            result.profiles_evaluated += 1;
+            if compiled.is_member(&facts, now) {
+                result.size += 1;
+                if result.sample.len() < sample {
+                    result.sample.push(profile.id);
+                }
+            }
+        }
+        match page.last() {
+            Some(last) if page.len() == BACKFILL_PAGE => after = Some(last.id),
+            _ => break,
+        }
+    }
+    Ok(result)
+}
