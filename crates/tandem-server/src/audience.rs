@@ -595,3 +595,212 @@ pub fn preview(store: &dyn Store, rule: &Condition, now: DateTime<Utc>, sample: 
     }
     Ok(result)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resolve::Resolver;
+    use serde_json::{json, Value};
+    use std::sync::Mutex;
+    use tandem_core::collect::{normalize_message, BatchDefaults, IdRequirement, RequestContext};
+    use tandem_core::SourceKind;
+    use tandem_store::prelude::*;
+    use tandem_store::{IngestBatch, Membership, SqliteStore};
+
+    const DAY_MS: i64 = 86_400_000;
+
+    fn at(ms: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp_millis(ms).unwrap()
+    }
+
+    /// A clock the test moves by hand.
+    fn manual_clock(start: DateTime<Utc>) -> (Clock, Arc<Mutex<DateTime<Utc>>>) {
+        let now = Arc::new(Mutex::new(start));
+        let read = now.clone();
+        (Arc::new(move || *read.lock().unwrap()), now)
+    }
+
+    /// Appends `messages` (each with its own `timestamp`) and resolves them.
+    fn append_and_resolve(store: &Arc<dyn Store>, messages: &[Value]) {
+        let source = match store.list_sources().unwrap().into_iter().next() {
+            Some(source) => source,
+            None => store.create_source("web", SourceKind::Website).unwrap(),
+        };
+        let request = RequestContext {
+            source_id: &source.id,
+            received_at: at(1_700_000_000_000),
+            client_ip: None,
+            ids: IdRequirement::UserOrAnonymousId,
+        };
+        let records = messages
+            .iter()
+            .map(|message| {
+                let Value::Object(message) = message.clone() else { panic!("object expected") };
+                normalize_message(message, None, &BatchDefaults::default(), &request).unwrap().to_log_record()
+            })
+            .collect();
+        store.append(&[IngestBatch { records, ..Default::default() }], 0).unwrap();
+        Resolver::load(store.clone()).unwrap().catch_up(1_000).unwrap();
+    }
+
+    fn order(user: &str, timestamp_ms: i64) -> Value {
+        let timestamp = tandem_core::event::format_timestamp(at(timestamp_ms));
+        json!({"type": "track", "event": "Order Completed", "userId": user, "timestamp": timestamp})
+    }
+
+    fn member_ids(store: &Arc<dyn Store>, audience: &str) -> Vec<ProfileId> {
+        store.audience_members(audience, None, 100).unwrap().iter().map(|member| member.profile).collect()
+    }
+
+    fn rule(text: &str) -> Condition {
+        Condition::parse(text).unwrap()
+    }
+
+    #[test]
+    fn a_member_leaves_when_its_order_ages_out_of_the_window_without_a_new_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let start = 1_700_000_000_000;
+        let (clock, now) = manual_clock(at(start));
+        create_audience(store.as_ref(), "recent buyers", rule(r#"performed "Order Completed" within 7d"#), at(start))
+            .unwrap();
+        let mut stage = AudienceStage::new(store.clone(), clock);
+        stage.catch_up().unwrap();
+        append_and_resolve(&store, &[order("ann", start - DAY_MS), order("bob", start - 3 * DAY_MS)]);
+        stage.catch_up().unwrap();
+        let ann = store.profile_by_identifier(&"user_id:ann".parse().unwrap()).unwrap().unwrap().id;
+        let bob = store.profile_by_identifier(&"user_id:bob".parse().unwrap()).unwrap().unwrap().id;
+        assert_eq!(member_ids(&store, "recent buyers"), vec![ann, bob]);
+        assert_eq!(
+            store.profile_audiences(ann).unwrap(),
+            vec![Membership { audience: "recent buyers".into(), profile: ann, entered_at_ms: start - DAY_MS }],
+            "entered at the event's time"
+        );
+
+        // Bob's order leaves the window 4 days from the start; no event arrives.
+        *now.lock().unwrap() = at(start + 4 * DAY_MS - 1);
+        stage.catch_up().unwrap();
+        assert_eq!(member_ids(&store, "recent buyers"), vec![ann, bob], "not a millisecond early");
+        *now.lock().unwrap() = at(start + 4 * DAY_MS + 300);
+        let report = stage.step().unwrap();
+        assert_eq!(report.timers, 1, "one timer was due");
+        assert_eq!(member_ids(&store, "recent buyers"), vec![ann]);
+        let history = store.membership_history("recent buyers", bob).unwrap();
+        assert_eq!(
+            history.iter().map(|change| (change.kind, change.at_ms)).collect::<Vec<_>>(),
+            vec![
+                (MembershipChangeKind::Entered, start - 3 * DAY_MS),
+                (MembershipChangeKind::Exited, start + 4 * DAY_MS)
+            ],
+            "the exit is stamped with the instant the order left the window"
+        );
+        *now.lock().unwrap() = at(start + 6 * DAY_MS);
+        stage.catch_up().unwrap();
+        assert!(member_ids(&store, "recent buyers").is_empty(), "ann's order left too");
+        assert!(stage.step().unwrap().is_idle(), "no timer is left to fire");
+    }
+
+    #[test]
+    fn a_new_audience_is_backfilled_from_history_and_then_follows_events_and_traits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let start = 1_700_000_000_000;
+        let (clock, _now) = manual_clock(at(start));
+        append_and_resolve(
+            &store,
+            &[
+                order("ann", start - DAY_MS),
+                order("ann", start - 2 * DAY_MS),
+                order("bob", start - DAY_MS),
+                json!({"type": "identify", "userId": "cy", "traits": {"plan": "pro"},
+                       "timestamp": tandem_core::event::format_timestamp(at(start - 2 * DAY_MS))}),
+            ],
+        );
+        let mut stage = AudienceStage::new(store.clone(), clock);
+        stage.catch_up().unwrap();
+        create_audience(
+            store.as_ref(),
+            "repeat buyers",
+            rule(r#"count(event "Order Completed", within 30d) >= 2"#),
+            at(start),
+        )
+        .unwrap();
+        create_audience(store.as_ref(), "pro", rule(r#"trait plan = "pro""#), at(start)).unwrap();
+        create_audience(
+            store.as_ref(),
+            "pro or repeat",
+            rule(r#"in audience "pro" or in audience "repeat buyers""#),
+            at(start),
+        )
+        .unwrap();
+        let preview = preview(store.as_ref(), &rule(r#"count(event "Order Completed", within 30d) >= 2"#), at(start), 5)
+            .unwrap();
+        assert_eq!((preview.size, preview.profiles_evaluated), (1, 3));
+        stage.catch_up().unwrap();
+        let id = |user: &str| store.profile_by_identifier(&format!("user_id:{user}").parse().unwrap()).unwrap().unwrap().id;
+        assert_eq!(member_ids(&store, "repeat buyers"), vec![id("ann")]);
+        assert_eq!(member_ids(&store, "pro"), vec![id("cy")]);
+        assert_eq!(member_ids(&store, "pro or repeat"), vec![id("ann"), id("cy")]);
+        assert_eq!(store.audience("pro").unwrap().unwrap().backfill, Backfill::Done);
+
+        // New events: bob orders again, cy leaves the plan; each event's
+        // time is its entry's or exit's.
+        append_and_resolve(
+            &store,
+            &[
+                order("bob", start - 100),
+                json!({"type": "identify", "userId": "cy", "traits": {"plan": "free"},
+                       "timestamp": tandem_core::event::format_timestamp(at(start - 50))}),
+            ],
+        );
+        stage.catch_up().unwrap();
+        assert_eq!(member_ids(&store, "repeat buyers"), vec![id("ann"), id("bob")]);
+        assert!(member_ids(&store, "pro").is_empty());
+        assert_eq!(member_ids(&store, "pro or repeat"), vec![id("ann"), id("bob")]);
+        let cy = store.membership_history("pro", id("cy")).unwrap();
+        assert_eq!(cy.last().map(|change| (change.kind, change.at_ms)), Some((MembershipChangeKind::Exited, start - 50)));
+        assert!(matches!(
+            delete_audience(store.as_ref(), "pro"),
+            Err(DefineError::InUse { used_by, .. }) if used_by == "pro or repeat"
+        ));
+        assert!(matches!(
+            create_audience(store.as_ref(), "typo", rule(r#"in audience "nope""#), at(start)),
+            Err(DefineError::UnknownAudience(name)) if name == "nope"
+        ));
+    }
+
+    #[test]
+    fn a_merge_moves_memberships_to_the_survivor_rebuilt_from_its_timeline() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let start = 1_700_000_000_000;
+        let (clock, _now) = manual_clock(at(start));
+        create_audience(
+            store.as_ref(),
+            "repeat buyers",
+            rule(r#"count(event "Order Completed", within 30d) >= 2"#),
+            at(start),
+        )
+        .unwrap();
+        let mut stage = AudienceStage::new(store.clone(), clock);
+        let anonymous = |id: &str, timestamp_ms: i64| {
+            let mut message = order("x", timestamp_ms);
+            message.as_object_mut().unwrap().remove("userId");
+            message["anonymousId"] = json!(id);
+            message
+        };
+        append_and_resolve(&store, &[anonymous("device-1", start - DAY_MS), order("dana", start - DAY_MS)]);
+        stage.catch_up().unwrap();
+        assert!(member_ids(&store, "repeat buyers").is_empty(), "one order each");
+        // The device logs in as dana: the two profiles merge, with two orders.
+        append_and_resolve(
+            &store,
+            &[json!({"type": "identify", "userId": "dana", "anonymousId": "device-1",
+                     "timestamp": tandem_core::event::format_timestamp(at(start - 10))})],
+        );
+        stage.catch_up().unwrap();
+        let dana = store.profile_by_identifier(&"user_id:dana".parse().unwrap()).unwrap().unwrap().id;
+        assert_eq!(member_ids(&store, "repeat buyers"), vec![dana], "the survivor counts both orders");
+        assert!(store.retired_audience_profiles(10).unwrap().is_empty(), "the merged-away profile left");
+    }
+}

@@ -42,6 +42,19 @@ pub fn profile_json(profile: &Profile) -> Value {
     })
 }
 
+/// A profile as one profile's endpoint shows it: [`profile_json`] with its
+/// current audience memberships (`audiences`: name and `entered_at`).
+async fn profile_with_audiences(state: &AppState, profile: &Profile) -> Result<Value, ApiError> {
+    let profile_id = profile.id;
+    let memberships = read(state, move |store| store.profile_audiences(profile_id)).await?;
+    let mut body = profile_json(profile);
+    body["audiences"] = memberships
+        .iter()
+        .map(|membership| json!({"name": membership.audience, "entered_at": format_ms(membership.entered_at_ms)}))
+        .collect();
+    Ok(body)
+}
+
 /// One identity-history entry, with the message id of the event behind it.
 pub fn history_json(store: &dyn Store, record: &HistoryRecord) -> Result<Value, StoreError> {
     let message_id = match record.position {
@@ -152,7 +165,7 @@ async fn find_profile(
         let profile = read(&state, move |store| store.profile_by_identifier(&identifier)).await?.ok_or_else(|| {
             ApiError::new(ErrorCode::ProfileNotFound, format!("no profile holds {shown}")).with_field("identifier")
         })?;
-        return Ok(Json(profile_json(&profile)));
+        return Ok(Json(profile_with_audiences(&state, &profile).await?));
     }
     let store = state.store.clone();
     let page = tokio::task::spawn_blocking(move || {
@@ -174,14 +187,7 @@ async fn get_profile(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let profile = load_profile(&state, &id).await?;
-    let profile_id = profile.id;
-    let memberships = read(&state, move |store| store.profile_audiences(profile_id)).await?;
-    let mut body = profile_json(&profile);
-    body["audiences"] = memberships
-        .iter()
-        .map(|membership| json!({"name": membership.audience, "entered_at": format_ms(membership.entered_at_ms)}))
-        .collect();
-    Ok(Json(body))
+    Ok(Json(profile_with_audiences(&state, &profile).await?))
 }
 
 #[derive(Deserialize)]

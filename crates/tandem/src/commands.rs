@@ -435,7 +435,7 @@ pub fn profile_listing(
 /// every event even when no server is running.
 /// When the resolver is already at the log head (a running server keeps it
 /// there), nothing is loaded.
-fn catch_up(store: &Arc<dyn Store>) -> anyhow::Result<()> {
+pub fn catch_up(store: &Arc<dyn Store>) -> anyhow::Result<()> {
     let resolved = store.stage_cursor(Stage::RESOLVE)?.unwrap_or_default().position;
     if resolved >= store.head()? {
         return Ok(());

@@ -2,6 +2,7 @@
 //! (sources, the event log, quarantine, statistics) from the command line.
 //! Every command works against the same data directory as a running server.
 
+mod audience;
 mod commands;
 mod config;
 mod demo;
@@ -58,6 +59,9 @@ enum Command {
     /// Identity rules and repairs
     #[command(subcommand)]
     Identity(IdentityCommand),
+    /// Audiences: profiles selected by a rule, kept current as events arrive and time passes
+    #[command(subcommand)]
+    Audience(AudienceCommand),
     /// Create a realistic synthetic company and serve it: web and app behaviour, orders, product
     /// usage, tickets, CRM contacts, leads and social mentions
     ///
@@ -324,6 +328,55 @@ enum TokenCommand {
         /// The token's id (tok_…), as `token list` shows it
         id: String,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum AudienceCommand {
+    /// Create an audience from a rule; profiles already there are evaluated at once
+    Create {
+        /// A unique name
+        name: String,
+        /// The rule, in the text syntax (or the JSON tree)
+        #[arg(long)]
+        rule: String,
+    },
+    /// How many profiles a rule selects now, and some of them; nothing is saved
+    Preview {
+        /// The rule, in the text syntax (or the JSON tree)
+        #[arg(long)]
+        rule: String,
+        /// Print one JSON object
+        #[arg(long)]
+        json: bool,
+    },
+    /// List audiences with their sizes
+    List {
+        /// Print a JSON array
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an audience's rule (text and JSON) and size
+    Show {
+        name: String,
+        /// Print one JSON object
+        #[arg(long)]
+        json: bool,
+    },
+    /// List an audience's members by profile id, with when each entered
+    Members {
+        name: String,
+        /// Members per page
+        #[arg(long, default_value_t = audience::DEFAULT_MEMBER_PAGE)]
+        limit: usize,
+        /// Continue after this profile (the `more: --after …` a previous page printed)
+        #[arg(long, value_name = "PROFILE")]
+        after: Option<String>,
+        /// Print one JSON object: the members and next_after
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete an audience with its memberships
+    Delete { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -621,6 +674,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Identity(IdentityCommand::Unlink { profile, identifier }) => {
             commands::unlink(Arc::new(open(Access::Existing)?), &profile, &identifier, &mut out)
+        }
+        Command::Audience(AudienceCommand::Create { name, rule }) => {
+            audience::create(Arc::new(open(Access::Existing)?), &name, &rule, &mut out)
+        }
+        Command::Audience(AudienceCommand::Preview { rule, json }) => {
+            audience::preview(Arc::new(open(Access::Existing)?), &rule, json, &mut out)
+        }
+        Command::Audience(AudienceCommand::List { json }) => {
+            audience::list(Arc::new(open(Access::Existing)?), json, &mut out)
+        }
+        Command::Audience(AudienceCommand::Show { name, json }) => {
+            audience::show(Arc::new(open(Access::Existing)?), &name, json, &mut out)
+        }
+        Command::Audience(AudienceCommand::Members { name, limit, after, json }) => {
+            audience::members(Arc::new(open(Access::Existing)?), &name, after.as_deref(), limit, json, &mut out)
+        }
+        Command::Audience(AudienceCommand::Delete { name }) => {
+            audience::delete(Arc::new(open(Access::Existing)?), &name, &mut out)
         }
         Command::Identity(IdentityCommand::Block { identifier }) => {
             commands::block(Arc::new(open(Access::Existing)?), &identifier, &mut out)
