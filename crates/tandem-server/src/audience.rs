@@ -604,7 +604,6 @@ mod tests {
     use std::sync::Mutex;
     use tandem_core::collect::{normalize_message, BatchDefaults, IdRequirement, RequestContext};
     use tandem_core::SourceKind;
-    use tandem_store::prelude::*;
     use tandem_store::{IngestBatch, Membership, SqliteStore};
 
     const DAY_MS: i64 = 86_400_000;
