@@ -127,12 +127,17 @@ impl AudienceStage {
     /// and processes due timers, each in its own commit.
     pub fn step(&mut self) -> Result<StepReport, AudienceError> {
         let now = (self.clock)();
-        let audiences = self.load_audiences()?;
+        let mut audiences = self.load_audiences()?;
         let mut report = StepReport::default();
         for index in 0..audiences.len() {
             if matches!(audiences[index].backfill, Backfill::Pending { .. }) {
                 report.backfilled += self.backfill_page(&audiences, index, now)?;
             }
+        }
+        if report.backfilled > 0 {
+            // Which profiles each audience covers moved with the backfill:
+            // events for them are applied from now on.
+            audiences = self.load_audiences()?;
         }
         report.retired = self.retire_profiles(&audiences, now)?;
         report.events = self.apply_events(&audiences, now)?;
@@ -177,7 +182,12 @@ impl AudienceStage {
 
     /// Evaluates one page of profiles for a new audience over their
     /// timelines up to the stage's cursor.
-    fn backfill_page(&self, audiences: &[LiveAudience], index: usize, now: DateTime<Utc>) -> Result<usize, AudienceError> {
+    fn backfill_page(
+        &self,
+        audiences: &[LiveAudience],
+        index: usize,
+        now: DateTime<Utc>,
+    ) -> Result<usize, AudienceError> {
         let audience = &audiences[index];
         let Backfill::Pending { after } = audience.backfill else { return Ok(0) };
         let cursor = self.cursor()?;
@@ -406,8 +416,7 @@ fn evaluate(
     for audience in audiences.iter().filter(|audience| audience.covers(work.profile.id)) {
         let state = work.states.entry(audience.name.clone()).or_insert_with(|| audience.compiled.new_state());
         audience.compiled.age_to(state, now);
-        let values =
-            ProfileValues { traits: &work.profile.traits, computed_traits: &empty, audiences: &work.members };
+        let values = ProfileValues { traits: &work.profile.traits, computed_traits: &empty, audiences: &work.members };
         let member = audience.compiled.is_member_by_state(state, &values, now);
         let next = audience.compiled.next_change_at_by_state(state, &values, now).map(|at| at.timestamp_millis());
         let state = state.clone();
@@ -530,8 +539,7 @@ pub fn create_audience(
 ) -> Result<AudienceDefinition, DefineError> {
     check_name(name)?;
     rule.validate()?;
-    let known: HashSet<String> =
-        store.list_audiences()?.into_iter().map(|record| record.definition.name).collect();
+    let known: HashSet<String> = store.list_audiences()?.into_iter().map(|record| record.definition.name).collect();
     if let Some(unknown) = rule.referenced_audiences().into_iter().find(|reference| !known.contains(*reference)) {
         return Err(DefineError::UnknownAudience(unknown.to_owned()));
     }
@@ -564,8 +572,7 @@ pub struct Preview {
 /// evaluator), with their current memberships of other audiences.
 pub fn preview(store: &dyn Store, rule: &Condition, now: DateTime<Utc>, sample: usize) -> Result<Preview, DefineError> {
     let compiled = rule.compile()?;
-    let known: HashSet<String> =
-        store.list_audiences()?.into_iter().map(|record| record.definition.name).collect();
+    let known: HashSet<String> = store.list_audiences()?.into_iter().map(|record| record.definition.name).collect();
     if let Some(unknown) = rule.referenced_audiences().into_iter().find(|reference| !known.contains(*reference)) {
         return Err(DefineError::UnknownAudience(unknown.to_owned()));
     }
@@ -732,11 +739,12 @@ mod tests {
             at(start),
         )
         .unwrap();
-        let preview = preview(store.as_ref(), &rule(r#"count(event "Order Completed", within 30d) >= 2"#), at(start), 5)
-            .unwrap();
+        let preview =
+            preview(store.as_ref(), &rule(r#"count(event "Order Completed", within 30d) >= 2"#), at(start), 5).unwrap();
         assert_eq!((preview.size, preview.profiles_evaluated), (1, 3));
         stage.catch_up().unwrap();
-        let id = |user: &str| store.profile_by_identifier(&format!("user_id:{user}").parse().unwrap()).unwrap().unwrap().id;
+        let id =
+            |user: &str| store.profile_by_identifier(&format!("user_id:{user}").parse().unwrap()).unwrap().unwrap().id;
         assert_eq!(member_ids(&store, "repeat buyers"), vec![id("ann")]);
         assert_eq!(member_ids(&store, "pro"), vec![id("cy")]);
         assert_eq!(member_ids(&store, "pro or repeat"), vec![id("ann"), id("cy")]);
@@ -757,7 +765,10 @@ mod tests {
         assert!(member_ids(&store, "pro").is_empty());
         assert_eq!(member_ids(&store, "pro or repeat"), vec![id("ann"), id("bob")]);
         let cy = store.membership_history("pro", id("cy")).unwrap();
-        assert_eq!(cy.last().map(|change| (change.kind, change.at_ms)), Some((MembershipChangeKind::Exited, start - 50)));
+        assert_eq!(
+            cy.last().map(|change| (change.kind, change.at_ms)),
+            Some((MembershipChangeKind::Exited, start - 50))
+        );
         assert!(matches!(
             delete_audience(store.as_ref(), "pro"),
             Err(DefineError::InUse { used_by, .. }) if used_by == "pro or repeat"

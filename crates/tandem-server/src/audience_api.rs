@@ -140,10 +140,8 @@ async fn blocking<T: Send + 'static>(
 /// `GET /api/v1/audiences`: every audience with its size, by name.
 async fn list_audiences(State(state): State<AppState>, _token: AdminToken) -> Result<Json<Value>, ApiError> {
     let records = read(&state, |store| store.list_audiences()).await?;
-    let audiences: Vec<Value> = records
-        .iter()
-        .map(|record| json!({"name": record.definition.name, "size": record.size}))
-        .collect();
+    let audiences: Vec<Value> =
+        records.iter().map(|record| json!({"name": record.definition.name, "size": record.size})).collect();
     Ok(Json(json!({ "audiences": audiences })))
 }
 

@@ -1462,8 +1462,13 @@ mod audiences {
         )
         .await;
         assert_eq!((status, error_of(&body)), (StatusCode::UNPROCESSABLE_ENTITY, ("invalid_rule", Some("rule.text"))));
-        assert_eq!((body["details"]["line"].as_u64(), body["details"]["column"].as_u64()), (Some(1), Some(13)), "{body}");
-        assert!(body["details"]["expected"].as_str().unwrap().contains("value"), "{body}");
+        assert_eq!(
+            (body["details"]["line"].as_u64(), body["details"]["column"].as_u64()),
+            (Some(1), Some(12)),
+            "{body}"
+        );
+        assert_eq!(body["details"]["found"], "\"==\"");
+        assert!(body["details"]["expected"].as_str().unwrap().starts_with("an operator"), "{body}");
         let (status, body) = send_json(
             &harness,
             Method::POST,
@@ -1526,7 +1531,10 @@ mod audiences {
         assert_eq!(shown["rule_text"], r#"performed "Order Completed" where total > 50"#);
         let (status, page) = get(&harness, "/api/v1/audiences/pro/members?limit=1", Some(&token)).await;
         assert_eq!(status, StatusCode::OK);
-        assert_eq!((page["members"][0]["profile"].as_str(), page["next_after"].as_str()), (Some("prof_1"), Some("prof_1")));
+        assert_eq!(
+            (page["members"][0]["profile"].as_str(), page["next_after"].as_str()),
+            (Some("prof_1"), Some("prof_1"))
+        );
         let (_, page) = get(&harness, "/api/v1/audiences/pro/members?limit=1&after=prof_1", Some(&token)).await;
         assert_eq!(page["members"][0]["profile"], "prof_2");
         let (status, body) = get(&harness, "/api/v1/audiences/nobody/members", Some(&token)).await;
@@ -1534,7 +1542,8 @@ mod audiences {
 
         let (status, ann) = get(&harness, "/api/v1/profiles/prof_1", Some(&token)).await;
         assert_eq!(status, StatusCode::OK);
-        let names: Vec<&str> = ann["audiences"].as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect();
+        let names: Vec<&str> =
+            ann["audiences"].as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect();
         assert_eq!(names, vec!["big buyers", "pro"]);
         assert!(ann["audiences"][0]["entered_at"].is_string());
         assert_eq!(ann["traits"]["plan"], "pro", "the rest of the profile is unchanged");

@@ -8,10 +8,10 @@ mod identity;
 mod manage;
 
 use crate::{
-    AudienceCommit, AudienceCommitOutcome, AudienceDefinition, AudienceRecord, AudienceStore, Membership,
-    MembershipChange, StoredAudienceState, CommitOutcome, Dedup, EventLog, HistoryRecord, IdentityCommit, IdentityRepair, IdentityState, IdentityStore,
-    IngestBatch, IngestOutcome, IngestStats, LogEntry, LogFilter, QuarantineEntry, QuarantineRecord, SourceStats,
-    Sources, Stage, StageCursor, StoreError, TimelineCursor, TokenInfo, UnresolvedEvent,
+    AudienceCommit, AudienceCommitOutcome, AudienceDefinition, AudienceRecord, AudienceStore, CommitOutcome, Dedup,
+    EventLog, HistoryRecord, IdentityCommit, IdentityRepair, IdentityState, IdentityStore, IngestBatch, IngestOutcome,
+    IngestStats, LogEntry, LogFilter, Membership, MembershipChange, QuarantineEntry, QuarantineRecord, SourceStats,
+    Sources, Stage, StageCursor, StoreError, StoredAudienceState, TimelineCursor, TokenInfo, UnresolvedEvent,
 };
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use std::collections::HashMap;

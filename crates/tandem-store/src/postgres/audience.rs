@@ -74,7 +74,11 @@ impl AudienceStore for PostgresStore {
 
     fn audience(&self, name: &str) -> Result<Option<AudienceRecord>, StoreError> {
         self.with_client(|client| {
-            client.query_opt(&format!("{RECORD_QUERY} WHERE a.name = $1"), &[&name])?.as_ref().map(decode_record).transpose()
+            client
+                .query_opt(&format!("{RECORD_QUERY} WHERE a.name = $1"), &[&name])?
+                .as_ref()
+                .map(decode_record)
+                .transpose()
         })
     }
 

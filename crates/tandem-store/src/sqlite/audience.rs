@@ -206,13 +206,15 @@ pub fn commit(connection: &mut Connection, commit: &AudienceCommit) -> Result<Au
         for change in &commit.changes {
             let profile = change.profile.0 as i64;
             match change.kind {
-                crate::MembershipChangeKind::Entered => enter.execute(params![change.audience, profile, change.at_ms])?,
+                crate::MembershipChangeKind::Entered => {
+                    enter.execute(params![change.audience, profile, change.at_ms])?
+                }
                 crate::MembershipChangeKind::Exited => exit.execute(params![change.audience, profile])?,
             };
             record.execute(params![change.audience, profile, change.kind.as_str(), change.at_ms])?;
         }
-        let mut progress = transaction
-            .prepare_cached("UPDATE audiences SET backfilled = ?2, backfill_after = ?3 WHERE name = ?1")?;
+        let mut progress =
+            transaction.prepare_cached("UPDATE audiences SET backfilled = ?2, backfill_after = ?3 WHERE name = ?1")?;
         for (name, backfill) in &commit.backfill {
             let (backfilled, after) = backfill_columns(*backfill);
             progress.execute(params![name, backfilled, after])?;

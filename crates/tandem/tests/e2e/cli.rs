@@ -383,7 +383,10 @@ fn audiences_are_created_previewed_listed_shown_paged_and_deleted_from_the_comma
     assert_eq!((shown["size"].as_u64(), shown["rule_text"].as_str()), (Some(2), Some(r#"trait plan = "pro""#)));
     let members: Value =
         serde_json::from_str(&tandem(dir.path(), &["audience", "members", "pro", "--json", "--limit", "1"])).unwrap();
-    assert_eq!((members["members"][0]["profile"].as_str(), members["next_after"].as_str()), (Some("prof_1"), Some("prof_1")));
+    assert_eq!(
+        (members["members"][0]["profile"].as_str(), members["next_after"].as_str()),
+        (Some("prof_1"), Some("prof_1"))
+    );
     let rest = tandem(dir.path(), &["audience", "members", "pro", "--after", "prof_1"]);
     assert!(rest.starts_with("prof_2"), "{rest}");
     let support = tandem(dir.path(), &["audience", "members", "support"]);
