@@ -357,6 +357,7 @@ enum AudienceCommand {
     },
     /// Show an audience's rule (text and JSON) and size
     Show {
+        /// The audience's name
         name: String,
         /// Print one JSON object
         #[arg(long)]
@@ -364,6 +365,7 @@ enum AudienceCommand {
     },
     /// List an audience's members by profile id, with when each entered
     Members {
+        /// The audience's name
         name: String,
         /// Members per page
         #[arg(long, default_value_t = audience::DEFAULT_MEMBER_PAGE)]
@@ -376,7 +378,10 @@ enum AudienceCommand {
         json: bool,
     },
     /// Delete an audience with its memberships
-    Delete { name: String },
+    Delete {
+        /// The audience's name
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
