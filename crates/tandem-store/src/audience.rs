@@ -166,7 +166,9 @@ pub trait AudienceStore: Send + Sync + 'static {
     fn retired_audience_profiles(&self, limit: usize) -> Result<Vec<ProfileId>, StoreError>;
 
     /// Writes the stage's effects and moves its cursor from `commit.from` to
-    /// `commit.to`, in one transaction.
+    /// `commit.to`, in one transaction. States, memberships and history of an
+    /// audience that no longer exists (deleted while the stage evaluated it)
+    /// are not written.
     fn commit_audience(&self, commit: &AudienceCommit) -> Result<AudienceCommitOutcome, StoreError>;
 }
 

@@ -224,7 +224,8 @@ impl AudienceStore for PostgresStore {
                 return Ok(AudienceCommitOutcome::StalePosition);
             }
             let upsert = transaction.prepare(
-                "INSERT INTO audience_states (audience, profile_id, state, next_change_at) VALUES ($1, $2, $3, $4)
+                "INSERT INTO audience_states (audience, profile_id, state, next_change_at)
+                 SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM audiences WHERE name = $1)
                  ON CONFLICT (audience, profile_id) DO UPDATE SET state = excluded.state,
                      next_change_at = excluded.next_change_at",
             )?;
@@ -236,12 +237,15 @@ impl AudienceStore for PostgresStore {
                 };
             }
             let enter = transaction.prepare(
-                "INSERT INTO audience_members (audience, profile_id, entered_at) VALUES ($1, $2, $3)
+                "INSERT INTO audience_members (audience, profile_id, entered_at)
+                 SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM audiences WHERE name = $1)
                  ON CONFLICT (audience, profile_id) DO NOTHING",
             )?;
             let exit = transaction.prepare("DELETE FROM audience_members WHERE audience = $1 AND profile_id = $2")?;
-            let record = transaction
-                .prepare("INSERT INTO audience_history (audience, profile_id, change, at) VALUES ($1, $2, $3, $4)")?;
+            let record = transaction.prepare(
+                "INSERT INTO audience_history (audience, profile_id, change, at)
+                 SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM audiences WHERE name = $1)",
+            )?;
             for change in &commit.changes {
                 let profile = change.profile.0 as i64;
                 match change.kind {

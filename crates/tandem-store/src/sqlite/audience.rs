@@ -166,6 +166,9 @@ pub fn retired(connection: &Connection, limit: usize) -> Result<Vec<ProfileId>, 
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+/// Rows are written only for audiences that still exist: one deleted while
+/// the stage evaluated it leaves nothing behind (nor in a new audience that
+/// takes its name).
 pub fn commit(connection: &mut Connection, commit: &AudienceCommit) -> Result<AudienceCommitOutcome, StoreError> {
     let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let position: i64 = transaction
@@ -177,7 +180,8 @@ pub fn commit(connection: &mut Connection, commit: &AudienceCommit) -> Result<Au
     }
     {
         let mut upsert = transaction.prepare_cached(
-            "INSERT INTO audience_states (audience, profile_id, state, next_change_at) VALUES (?1, ?2, ?3, ?4)
+            "INSERT INTO audience_states (audience, profile_id, state, next_change_at)
+             SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM audiences WHERE name = ?1)
              ON CONFLICT (audience, profile_id) DO UPDATE SET state = excluded.state,
                  next_change_at = excluded.next_change_at",
         )?;
@@ -195,13 +199,15 @@ pub fn commit(connection: &mut Connection, commit: &AudienceCommit) -> Result<Au
             };
         }
         let mut enter = transaction.prepare_cached(
-            "INSERT INTO audience_members (audience, profile_id, entered_at) VALUES (?1, ?2, ?3)
+            "INSERT INTO audience_members (audience, profile_id, entered_at)
+             SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM audiences WHERE name = ?1)
              ON CONFLICT (audience, profile_id) DO NOTHING",
         )?;
         let mut exit =
             transaction.prepare_cached("DELETE FROM audience_members WHERE audience = ?1 AND profile_id = ?2")?;
         let mut record = transaction.prepare_cached(
-            "INSERT INTO audience_history (audience, profile_id, change, at) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO audience_history (audience, profile_id, change, at)
+             SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM audiences WHERE name = ?1)",
         )?;
         for change in &commit.changes {
             let profile = change.profile.0 as i64;

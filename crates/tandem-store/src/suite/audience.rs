@@ -68,9 +68,16 @@ pub fn audiences_have_unique_names_and_delete_with_their_members(store: &impl St
         vec![Membership { audience: "pro".into(), profile: ProfileId(1), entered_at_ms: 60 }],
         "other audiences keep their members"
     );
+    // A stage that evaluated the audience before it was deleted writes
+    // nothing for it.
+    assert_eq!(store.commit_audience(&commit).unwrap(), AudienceCommitOutcome::Committed);
+    assert!(store.audience_states(&[ProfileId(1)]).unwrap().is_empty());
+    assert_eq!(store.profile_audiences(ProfileId(1)).unwrap().len(), 1, "only pro's membership");
+    assert_eq!(store.membership_history("pro", ProfileId(1)).unwrap().len(), 2, "pro is still written");
     // The name is free again, for a new audience that starts empty.
     store.create_audience(&buyers).unwrap();
     assert_eq!(store.audience("buyers").unwrap().unwrap().size, 0);
+    assert!(store.membership_history("buyers", ProfileId(1)).unwrap().is_empty());
 }
 
 pub fn commits_record_memberships_history_and_states_and_refuse_stale_writers(store: &impl Store) {
