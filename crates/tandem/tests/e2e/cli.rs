@@ -396,3 +396,40 @@ fn audiences_are_created_previewed_listed_shown_paged_and_deleted_from_the_comma
     let gone = tandem_output(dir.path(), &["audience", "show", "pro"]);
     assert!(!gone.status.success() && String::from_utf8_lossy(&gone.stderr).contains("no audience named"));
 }
+
+/// The server's own audience stage keeps memberships current: an audience
+/// created over HTTP gains the customer whose event arrives afterwards,
+/// with no command line reading in between.
+#[test]
+fn the_running_server_keeps_audiences_current_as_events_arrive() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = create_source(dir.path(), "website");
+    let token: Value = serde_json::from_str(&tandem(dir.path(), &["token", "create", "--json"])).unwrap();
+    let bearer = format!("Bearer {}", token["token"].as_str().unwrap());
+    let server = Server::start(dir.path());
+    let mut created = agent()
+        .post(&format!("{}/api/v1/audiences", server.url))
+        .header("Authorization", &bearer)
+        .send(json!({"name": "buyers", "rule": {"text": r#"performed "Order Completed" within 7d"#}}).to_string())
+        .unwrap();
+    assert_eq!(created.status().as_u16(), 201, "{}", created.body_mut().read_to_string().unwrap());
+    let body = json!({"userId": "ann", "event": "Order Completed"}).to_string();
+    let (status, _) =
+        post(&agent(), &format!("{}/v1/track", server.url), source["write_key"].as_str().unwrap(), &body).unwrap();
+    assert_eq!(status, 200);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let mut response = agent()
+            .get(&format!("{}/api/v1/audiences/buyers/members", server.url))
+            .header("Authorization", &bearer)
+            .call()
+            .unwrap();
+        let members: Value = serde_json::from_str(&response.body_mut().read_to_string().unwrap()).unwrap();
+        if members["members"].as_array().is_some_and(|members| !members.is_empty()) {
+            assert_eq!(members["members"][0]["profile"], "prof_1");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the audience stage did not catch up: {members}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
