@@ -34,6 +34,7 @@ use tandem_store::{
 };
 
 use crate::log_head::LogHead;
+use crate::metrics::Metrics;
 
 /// Events read per step.
 const EVENT_BATCH: usize = 2_000;
@@ -115,11 +116,18 @@ struct ProfileWork {
 pub struct AudienceStage {
     store: Arc<dyn Store>,
     clock: Clock,
+    metrics: Option<Metrics>,
 }
 
 impl AudienceStage {
     pub fn new(store: Arc<dyn Store>, clock: Clock) -> Self {
-        AudienceStage { store, clock }
+        AudienceStage { store, clock, metrics: None }
+    }
+
+    /// Reports the stage's lag and membership changes to `metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Does one round of work: backfills a page of each new audience,
@@ -172,7 +180,12 @@ impl AudienceStage {
 
     fn commit(&self, commit: &AudienceCommit) -> Result<bool, AudienceError> {
         match self.store.commit_audience(commit)? {
-            AudienceCommitOutcome::Committed => Ok(true),
+            AudienceCommitOutcome::Committed => {
+                if let Some(metrics) = &self.metrics {
+                    metrics.audience_membership_changes.inc_by(commit.changes.len() as u64);
+                }
+                Ok(true)
+            }
             AudienceCommitOutcome::StalePosition => {
                 tracing::warn!("another audience stage moved the cursor; starting again from storage");
                 Ok(false)
@@ -288,6 +301,9 @@ impl AudienceStage {
     fn apply_events(&self, audiences: &[LiveAudience], now: DateTime<Utc>) -> Result<usize, AudienceError> {
         let cursor = self.cursor()?;
         let resolved = self.store.stage_cursor(Stage::RESOLVE)?.map(|cursor| cursor.position).unwrap_or_default();
+        if let Some(metrics) = &self.metrics {
+            metrics.audience_lag_events.set(resolved.0.saturating_sub(cursor.0) as i64);
+        }
         if resolved <= cursor {
             return Ok(0);
         }
@@ -484,11 +500,17 @@ pub fn timeline(store: &dyn Store, profile: ProfileId, up_to: LogPosition) -> Re
 /// Runs the stage on its own thread until `stop` is set. It wakes when the
 /// log head moves and at least every [`TIMER_INTERVAL`], for due timers and
 /// the resolver's progress.
-pub fn spawn(store: Arc<dyn Store>, head: LogHead, clock: Clock, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+pub fn spawn(
+    store: Arc<dyn Store>,
+    head: LogHead,
+    clock: Clock,
+    metrics: Metrics,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("tandem-audiences".into())
         .spawn(move || {
-            let mut stage = AudienceStage::new(store, clock);
+            let mut stage = AudienceStage::new(store, clock).with_metrics(metrics);
             let mut follower = head.follow();
             while !stop.load(Ordering::Relaxed) {
                 match stage.step() {
@@ -670,7 +692,8 @@ mod tests {
         let (clock, now) = manual_clock(at(start));
         create_audience(store.as_ref(), "recent buyers", rule(r#"performed "Order Completed" within 7d"#), at(start))
             .unwrap();
-        let mut stage = AudienceStage::new(store.clone(), clock);
+        let metrics = Metrics::new();
+        let mut stage = AudienceStage::new(store.clone(), clock).with_metrics(metrics.clone());
         stage.catch_up().unwrap();
         append_and_resolve(&store, &[order("ann", start - DAY_MS), order("bob", start - 3 * DAY_MS)]);
         stage.catch_up().unwrap();
@@ -691,6 +714,8 @@ mod tests {
         let report = stage.step().unwrap();
         assert_eq!(report.timers, 1, "one timer was due");
         assert_eq!(member_ids(&store, "recent buyers"), vec![ann]);
+        assert_eq!(metrics.audience_membership_changes.get(), 3, "two entries and one exit");
+        assert_eq!(metrics.audience_lag_events.get(), 0);
         let history = store.membership_history("recent buyers", bob).unwrap();
         assert_eq!(
             history.iter().map(|change| (change.kind, change.at_ms)).collect::<Vec<_>>(),

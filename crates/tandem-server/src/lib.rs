@@ -178,8 +178,13 @@ impl Running {
             stop_resolver.clone(),
         );
         let stop_audiences = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let audience_thread =
-            audience::spawn(state.store.clone(), head.clone(), audience::system_clock(), stop_audiences.clone());
+        let audience_thread = audience::spawn(
+            state.store.clone(),
+            head.clone(),
+            audience::system_clock(),
+            state.metrics.clone(),
+            stop_audiences.clone(),
+        );
         tracing::info!(address = %local_addr, "tandem is listening");
         let imports = state.imports.clone();
         connection::serve(listener, router(state), limits, shutdown).await;
