@@ -137,6 +137,9 @@ impl AudienceStage {
         let now = (self.clock)();
         let mut audiences = self.load_audiences()?;
         let mut report = StepReport::default();
+        if self.follow_repairs(&audiences)? {
+            audiences = self.load_audiences()?;
+        }
         for index in 0..audiences.len() {
             if matches!(audiences[index].backfill, Backfill::Pending { .. }) {
                 report.backfilled += self.backfill_page(&audiences, index, now)?;
@@ -174,8 +177,32 @@ impl AudienceStage {
         Ok(dependency_order(compiled))
     }
 
-    fn cursor(&self) -> Result<LogPosition, AudienceError> {
-        Ok(self.store.stage_cursor(Stage::AUDIENCE)?.map(|cursor| cursor.position).unwrap_or_default())
+    /// A commit of work that starts at the stage's stored cursor (and
+    /// stays there unless `to` is moved).
+    fn commit_at_cursor(&self) -> Result<AudienceCommit, AudienceError> {
+        let cursor = self.store.stage_cursor(Stage::AUDIENCE)?.unwrap_or_default();
+        Ok(AudienceCommit {
+            from: cursor.position,
+            to: cursor.position,
+            epoch: cursor.epoch,
+            ..AudienceCommit::default()
+        })
+    }
+
+    /// After a repair rewrote part of the identity graph (a new resolver
+    /// epoch), profiles may hold other events than their states counted:
+    /// every audience is evaluated again from the profiles' timelines.
+    fn follow_repairs(&self, audiences: &[LiveAudience]) -> Result<bool, AudienceError> {
+        let resolver = self.store.stage_cursor(Stage::RESOLVE)?.unwrap_or_default().epoch;
+        let mut commit = self.commit_at_cursor()?;
+        if commit.epoch == resolver {
+            return Ok(false);
+        }
+        tracing::info!(epoch = resolver, "the identity graph was repaired; evaluating every audience again");
+        commit.epoch = resolver;
+        commit.backfill =
+            audiences.iter().map(|audience| (audience.name.clone(), Backfill::Pending { after: None })).collect();
+        self.commit(&commit)
     }
 
     fn commit(&self, commit: &AudienceCommit) -> Result<bool, AudienceError> {
@@ -203,9 +230,9 @@ impl AudienceStage {
     ) -> Result<usize, AudienceError> {
         let audience = &audiences[index];
         let Backfill::Pending { after } = audience.backfill else { return Ok(0) };
-        let cursor = self.cursor()?;
+        let mut commit = self.commit_at_cursor()?;
+        let cursor = commit.from;
         let page = self.store.list_profiles(after, BACKFILL_PAGE)?;
-        let mut commit = AudienceCommit { from: cursor, to: cursor, ..AudienceCommit::default() };
         let now_ms = now.timestamp_millis();
         let empty = Map::new();
         for profile in &page {
@@ -220,8 +247,12 @@ impl AudienceStage {
             }
             audience.compiled.age_to(&mut state, now);
             let next = audience.compiled.next_change_at(&facts, now).map(|at| at.timestamp_millis());
-            if audience.compiled.is_member(&facts, now) {
-                commit.changes.push(change(&audience.name, profile.id, MembershipChangeKind::Entered, now_ms));
+            // A new audience has no members yet; one evaluated again after a
+            // repair may have.
+            let member = audience.compiled.is_member(&facts, now);
+            if member != members.contains(&audience.name) {
+                let kind = if member { MembershipChangeKind::Entered } else { MembershipChangeKind::Exited };
+                commit.changes.push(change(&audience.name, profile.id, kind, now_ms));
             }
             commit.states.push(AudienceStateWrite {
                 audience: audience.name.clone(),
@@ -249,9 +280,9 @@ impl AudienceStage {
         if retired.is_empty() {
             return Ok(0);
         }
-        let cursor = self.cursor()?;
+        let mut commit = self.commit_at_cursor()?;
+        let cursor = commit.from;
         let now_ms = now.timestamp_millis();
-        let mut commit = AudienceCommit { from: cursor, to: cursor, ..AudienceCommit::default() };
         let mut survivors = BTreeSet::new();
         for state in self.store.audience_states(&retired)? {
             commit.states.push(AudienceStateWrite {
@@ -299,7 +330,8 @@ impl AudienceStage {
 
     /// Applies the next batch of events the resolver has committed.
     fn apply_events(&self, audiences: &[LiveAudience], now: DateTime<Utc>) -> Result<usize, AudienceError> {
-        let cursor = self.cursor()?;
+        let mut commit = self.commit_at_cursor()?;
+        let cursor = commit.from;
         let resolved = self.store.stage_cursor(Stage::RESOLVE)?.map(|cursor| cursor.position).unwrap_or_default();
         if let Some(metrics) = &self.metrics {
             metrics.audience_lag_events.set(resolved.0.saturating_sub(cursor.0) as i64);
@@ -323,7 +355,7 @@ impl AudienceStage {
                 Err(error) => tracing::warn!(position = %entry.position, %error, "unreadable event skipped"),
             }
         }
-        let mut commit = AudienceCommit { from: cursor, to, ..AudienceCommit::default() };
+        commit.to = to;
         let live: HashMap<ProfileId, Profile> = self
             .store
             .profiles(&by_owner.keys().copied().collect::<Vec<_>>())?
@@ -371,8 +403,7 @@ impl AudienceStage {
         if due.is_empty() {
             return Ok(0);
         }
-        let cursor = self.cursor()?;
-        let mut commit = AudienceCommit { from: cursor, to: cursor, ..AudienceCommit::default() };
+        let mut commit = self.commit_at_cursor()?;
         let mut earliest: BTreeMap<ProfileId, i64> = BTreeMap::new();
         for state in &due {
             let at = state.next_change_at_ms.unwrap_or_else(|| now.timestamp_millis());
@@ -837,5 +868,15 @@ mod tests {
         let dana = store.profile_by_identifier(&"user_id:dana".parse().unwrap()).unwrap().unwrap().id;
         assert_eq!(member_ids(&store, "repeat buyers"), vec![dana], "the survivor counts both orders");
         assert!(store.retired_audience_profiles(10).unwrap().is_empty(), "the merged-away profile left");
+
+        // A repair takes the device off dana again: her profile holds one
+        // order, and the stage, seeing the new epoch, evaluates again.
+        let repair =
+            crate::resolve::Repair::Unlink { profile: dana, identifier: "anonymous_id:device-1".parse().unwrap() };
+        crate::resolve::repair(&store, &repair).unwrap();
+        stage.catch_up().unwrap();
+        assert!(member_ids(&store, "repeat buyers").is_empty(), "one order each again");
+        let history = store.membership_history("repeat buyers", dana).unwrap();
+        assert_eq!(history.last().map(|change| change.kind), Some(MembershipChangeKind::Exited));
     }
 }

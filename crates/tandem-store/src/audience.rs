@@ -107,6 +107,10 @@ pub struct AudienceCommit {
     /// The stage position once committed (`from` for timer and backfill
     /// work, which reads no new event).
     pub to: LogPosition,
+    /// The resolver's epoch the effects were computed in, kept in the
+    /// stage's `stage_cursors` row: when a repair moves the resolver to a
+    /// new epoch, the stage evaluates every audience again.
+    pub epoch: u64,
     pub states: Vec<AudienceStateWrite>,
     /// Applied in order: `Entered` adds the membership, `Exited` removes
     /// it; each is also appended to the history.

@@ -264,8 +264,8 @@ impl AudienceStore for PostgresStore {
                 )?;
             }
             transaction.execute(
-                "UPDATE stage_cursors SET position = $2 WHERE stage = $1",
-                &[&Stage::AUDIENCE.0, &(commit.to.0 as i64)],
+                "UPDATE stage_cursors SET position = $2, epoch = $3 WHERE stage = $1",
+                &[&Stage::AUDIENCE.0, &(commit.to.0 as i64), &(commit.epoch as i64)],
             )?;
             transaction.commit()?;
             Ok(AudienceCommitOutcome::Committed)

@@ -227,9 +227,9 @@ pub fn commit(connection: &mut Connection, commit: &AudienceCommit) -> Result<Au
         }
     }
     transaction.execute(
-        "INSERT INTO stage_cursors (stage, position, epoch) VALUES (?1, ?2, 0)
-         ON CONFLICT (stage) DO UPDATE SET position = excluded.position",
-        params![Stage::AUDIENCE.0, commit.to.0 as i64],
+        "INSERT INTO stage_cursors (stage, position, epoch) VALUES (?1, ?2, ?3)
+         ON CONFLICT (stage) DO UPDATE SET position = excluded.position, epoch = excluded.epoch",
+        params![Stage::AUDIENCE.0, commit.to.0 as i64, commit.epoch as i64],
     )?;
     transaction.commit()?;
     Ok(AudienceCommitOutcome::Committed)

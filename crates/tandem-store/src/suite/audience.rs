@@ -94,6 +94,7 @@ pub fn commits_record_memberships_history_and_states_and_refuse_stale_writers(st
             change("buyers", 3, MembershipChangeKind::Entered, 120),
         ],
         backfill: vec![("buyers".into(), Backfill::Pending { after: Some(ProfileId(2)) })],
+        epoch: 0,
     };
     assert_eq!(store.commit_audience(&first).unwrap(), AudienceCommitOutcome::Committed);
     assert_eq!(
@@ -111,8 +112,14 @@ pub fn commits_record_memberships_history_and_states_and_refuse_stale_writers(st
         states: vec![write("buyers", 2, None, None)],
         changes: vec![change("buyers", 2, MembershipChangeKind::Exited, 200)],
         backfill: vec![("buyers".into(), Backfill::Done)],
+        epoch: 3,
     };
     assert_eq!(store.commit_audience(&second).unwrap(), AudienceCommitOutcome::Committed);
+    assert_eq!(
+        store.stage_cursor(Stage::AUDIENCE).unwrap(),
+        Some(StageCursor { position: LogPosition(6), epoch: 3 }),
+        "the epoch is kept with the position"
+    );
     let record = store.audience("buyers").unwrap().unwrap();
     assert_eq!((record.size, record.backfill), (2, Backfill::Done));
     let members: Vec<(u64, i64)> = store
