@@ -117,11 +117,16 @@ pub struct AudienceStage {
     store: Arc<dyn Store>,
     clock: Clock,
     metrics: Option<Metrics>,
+    /// The resolver's cursor when retired profiles were last looked for:
+    /// profiles are merged away only by resolver commits, so the look-up
+    /// (a scan of the audience states) runs only after one.
+    retired_checked_at: Option<tandem_store::StageCursor>,
 }
 
 impl AudienceStage {
+    /// A stage reading `store`, with `clock` for now.
     pub fn new(store: Arc<dyn Store>, clock: Clock) -> Self {
-        AudienceStage { store, clock, metrics: None }
+        AudienceStage { store, clock, metrics: None, retired_checked_at: None }
     }
 
     /// Reports the stage's lag and membership changes to `metrics`.
@@ -150,7 +155,13 @@ impl AudienceStage {
             // events for them are applied from now on.
             audiences = self.load_audiences()?;
         }
-        report.retired = self.retire_profiles(&audiences, now)?;
+        let resolver = self.store.stage_cursor(Stage::RESOLVE)?;
+        if resolver != self.retired_checked_at {
+            report.retired = self.retire_profiles(&audiences, now)?;
+            if report.retired < RETIRED_BATCH {
+                self.retired_checked_at = resolver;
+            }
+        }
         report.events = self.apply_events(&audiences, now)?;
         report.timers = self.process_timers(&audiences, now)?;
         Ok(report)

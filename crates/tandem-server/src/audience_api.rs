@@ -22,6 +22,7 @@ use tandem_core::audience::{Condition, ParseError, RuleJsonError};
 use tandem_core::ProfileId;
 use tandem_store::{AudienceRecord, Backfill, StoreError};
 
+/// The audience routes, for [`crate::router`].
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/v1/audiences", get(list_audiences).post(create_audience))

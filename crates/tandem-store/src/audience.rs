@@ -63,6 +63,7 @@ pub enum MembershipChangeKind {
 }
 
 impl MembershipChangeKind {
+    /// The change as stored and shown: `entered` or `exited`.
     pub fn as_str(self) -> &'static str {
         match self {
             MembershipChangeKind::Entered => "entered",
