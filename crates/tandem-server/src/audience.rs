@@ -890,4 +890,97 @@ mod tests {
         let history = store.membership_history("repeat buyers", dana).unwrap();
         assert_eq!(history.last().map(|change| change.kind), Some(MembershipChangeKind::Exited));
     }
+
+    /// One thing that happens in the property test below.
+    #[derive(Clone, Debug)]
+    enum Happening {
+        /// An order by a user (`u0`…) or a device (`a0`…), this long before now.
+        Order { who: String, age_ms: i64 },
+        /// A device logs in as a user: their profiles merge.
+        LogIn { user: u8, device: u8 },
+        /// Time passes.
+        Wait { ms: i64 },
+    }
+
+    fn happening() -> impl proptest::strategy::Strategy<Value = Happening> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => (prop_oneof![Just("u"), Just("a")], 0..3u8, 0..4 * DAY_MS)
+                .prop_map(|(kind, n, age_ms)| Happening::Order { who: format!("{kind}{n}"), age_ms }),
+            1 => (0..3u8, 0..3u8).prop_map(|(user, device)| Happening::LogIn { user, device }),
+            2 => (0..2 * DAY_MS).prop_map(|ms| Happening::Wait { ms }),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+        /// Whatever events, merges and waits happen, every membership the
+        /// stage keeps equals the batch evaluator over the profile's whole
+        /// timeline at that moment, and each history alternates entries
+        /// and exits.
+        #[test]
+        fn memberships_equal_the_batch_evaluator_over_each_timeline(
+            happenings in proptest::collection::vec(happening(), 1..16)
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+            let start = 1_700_000_000_000;
+            let (clock, now) = manual_clock(at(start));
+            let rules = [
+                ("twice", r#"count(event "Order Completed", within 3d) >= 2"#),
+                ("lately", r#"performed "Order Completed" within 1d"#),
+                ("quiet", r#"not performed "Order Completed" within 2d"#),
+            ];
+            for (name, text) in rules {
+                create_audience(store.as_ref(), name, rule(text), at(start)).unwrap();
+            }
+            let mut stage = AudienceStage::new(store.clone(), clock);
+            let mut messages = 0;
+            for happening in happenings {
+                let now_ms = now.lock().unwrap().timestamp_millis();
+                messages += 1;
+                match happening {
+                    Happening::Order { who, age_ms } => {
+                        let mut message = order("x", now_ms - age_ms);
+                        message.as_object_mut().unwrap().remove("userId");
+                        let key = if who.starts_with('u') { "userId" } else { "anonymousId" };
+                        message[key] = json!(who);
+                        message["messageId"] = json!(format!("m{messages}"));
+                        append_and_resolve(&store, &[message]);
+                    }
+                    Happening::LogIn { user, device } => append_and_resolve(
+                        &store,
+                        &[json!({"type": "identify", "userId": format!("u{user}"), "anonymousId": format!("a{device}"),
+                                 "messageId": format!("m{messages}"),
+                                 "timestamp": tandem_core::event::format_timestamp(at(now_ms))})],
+                    ),
+                    Happening::Wait { ms } => *now.lock().unwrap() = at(now_ms + ms),
+                }
+                stage.catch_up().unwrap();
+                let now_time = *now.lock().unwrap();
+                let empty = Map::new();
+                for profile in store.list_profiles(None, 100).unwrap() {
+                    let events = timeline(store.as_ref(), profile.id, LogPosition(u64::MAX >> 1)).unwrap();
+                    let members: BTreeSet<String> =
+                        store.profile_audiences(profile.id).unwrap().into_iter().map(|m| m.audience).collect();
+                    let none = BTreeSet::new();
+                    let facts = ProfileFacts { traits: &profile.traits, computed_traits: &empty, events: &events, audiences: &none };
+                    for (name, text) in rules {
+                        let expected = rule(text).compile().unwrap().is_member(&facts, now_time);
+                        proptest::prop_assert_eq!(
+                            members.contains(name), expected,
+                            "{} in {} at {}: {:?}", profile.id, name, now_time, events.iter().map(|e| e.timestamp).collect::<Vec<_>>()
+                        );
+                        let history = store.membership_history(name, profile.id).unwrap();
+                        for (index, change) in history.iter().enumerate() {
+                            let entered = index % 2 == 0;
+                            proptest::prop_assert_eq!(change.kind == MembershipChangeKind::Entered, entered, "{:?}", history);
+                        }
+                    }
+                }
+                proptest::prop_assert!(store.retired_audience_profiles(10).unwrap().is_empty());
+            }
+        }
+    }
 }
