@@ -980,6 +980,10 @@ mod tests {
                     }
                 }
                 proptest::prop_assert!(store.retired_audience_profiles(10).unwrap().is_empty());
+                for record in store.list_audiences().unwrap() {
+                    let members = store.audience_members(&record.definition.name, None, 1_000).unwrap();
+                    proptest::prop_assert_eq!(record.size, members.len() as u64, "the kept size is the member count");
+                }
             }
         }
     }

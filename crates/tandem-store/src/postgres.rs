@@ -159,7 +159,8 @@ const MIGRATIONS: &[&str] = &[
         rule TEXT NOT NULL,
         created_at BIGINT NOT NULL,
         backfilled BOOLEAN NOT NULL,
-        backfill_after BIGINT NOT NULL
+        backfill_after BIGINT NOT NULL,
+        size BIGINT NOT NULL DEFAULT 0
     );
     CREATE TABLE audience_members (
         audience TEXT NOT NULL,

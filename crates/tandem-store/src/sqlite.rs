@@ -154,7 +154,8 @@ const MIGRATIONS: &[&str] = &[
         WHERE json_extract(change, '$.kind') = 'dropped';
     CREATE INDEX identity_history_by_dropped ON identity_history (dropped) WHERE dropped IS NOT NULL;
     CREATE INDEX identity_history_by_position ON identity_history (position);",
-    // 8: audiences: definitions (with how far a new one is backfilled),
+    // 8: audiences: definitions (with how far a new one is backfilled, and
+    // their number of members, kept by each commit so listing is cheap),
     // memberships and their history, per-profile evaluation states with the
     // instant time alone changes their answer (the due-timer).
     "CREATE TABLE audiences (
@@ -162,7 +163,8 @@ const MIGRATIONS: &[&str] = &[
         rule TEXT NOT NULL,
         created_at INTEGER NOT NULL,
         backfilled INTEGER NOT NULL,
-        backfill_after INTEGER NOT NULL
+        backfill_after INTEGER NOT NULL,
+        size INTEGER NOT NULL DEFAULT 0
     );
     CREATE TABLE audience_members (
         audience TEXT NOT NULL,

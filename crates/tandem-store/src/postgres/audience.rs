@@ -15,8 +15,7 @@ use crate::{
 use postgres::Row;
 use tandem_core::ProfileId;
 
-const RECORD_QUERY: &str = "SELECT a.name, a.rule, a.created_at, a.backfilled, a.backfill_after,
-        (SELECT COUNT(*) FROM audience_members m WHERE m.audience = a.name)
+const RECORD_QUERY: &str = "SELECT a.name, a.rule, a.created_at, a.backfilled, a.backfill_after, a.size
      FROM audiences a";
 
 fn decode_record(row: &Row) -> Result<AudienceRecord, StoreError> {
@@ -246,14 +245,20 @@ impl AudienceStore for PostgresStore {
                 "INSERT INTO audience_history (audience, profile_id, change, at)
                  SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM audiences WHERE name = $1)",
             )?;
+            let resize = transaction.prepare("UPDATE audiences SET size = size + $2 WHERE name = $1")?;
             for change in &commit.changes {
                 let profile = change.profile.0 as i64;
-                match change.kind {
+                let moved = match change.kind {
                     MembershipChangeKind::Entered => {
-                        transaction.execute(&enter, &[&change.audience, &profile, &change.at_ms])?
+                        transaction.execute(&enter, &[&change.audience, &profile, &change.at_ms])? as i64
                     }
-                    MembershipChangeKind::Exited => transaction.execute(&exit, &[&change.audience, &profile])?,
+                    MembershipChangeKind::Exited => {
+                        -(transaction.execute(&exit, &[&change.audience, &profile])? as i64)
+                    }
                 };
+                if moved != 0 {
+                    transaction.execute(&resize, &[&change.audience, &moved])?;
+                }
                 transaction.execute(&record, &[&change.audience, &profile, &change.kind.as_str(), &change.at_ms])?;
             }
             for (name, backfill) in &commit.backfill {

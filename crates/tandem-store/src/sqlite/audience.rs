@@ -24,8 +24,7 @@ pub fn create(connection: &Connection, definition: &AudienceDefinition) -> Resul
     Ok(())
 }
 
-const RECORD_QUERY: &str = "SELECT a.name, a.rule, a.created_at, a.backfilled, a.backfill_after,
-        (SELECT COUNT(*) FROM audience_members m WHERE m.audience = a.name)
+const RECORD_QUERY: &str = "SELECT a.name, a.rule, a.created_at, a.backfilled, a.backfill_after, a.size
      FROM audiences a";
 
 fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, i64, bool, i64, i64)> {
@@ -209,14 +208,18 @@ pub fn commit(connection: &mut Connection, commit: &AudienceCommit) -> Result<Au
             "INSERT INTO audience_history (audience, profile_id, change, at)
              SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM audiences WHERE name = ?1)",
         )?;
+        let mut resize = transaction.prepare_cached("UPDATE audiences SET size = size + ?2 WHERE name = ?1")?;
         for change in &commit.changes {
             let profile = change.profile.0 as i64;
-            match change.kind {
+            let moved = match change.kind {
                 crate::MembershipChangeKind::Entered => {
-                    enter.execute(params![change.audience, profile, change.at_ms])?
+                    enter.execute(params![change.audience, profile, change.at_ms])? as i64
                 }
-                crate::MembershipChangeKind::Exited => exit.execute(params![change.audience, profile])?,
+                crate::MembershipChangeKind::Exited => -(exit.execute(params![change.audience, profile])? as i64),
             };
+            if moved != 0 {
+                resize.execute(params![change.audience, moved])?;
+            }
             record.execute(params![change.audience, profile, change.kind.as_str(), change.at_ms])?;
         }
         let mut progress =

@@ -74,6 +74,7 @@ pub fn audiences_have_unique_names_and_delete_with_their_members(store: &impl St
     assert!(store.audience_states(&[ProfileId(1)]).unwrap().is_empty());
     assert_eq!(store.profile_audiences(ProfileId(1)).unwrap().len(), 1, "only pro's membership");
     assert_eq!(store.membership_history("pro", ProfileId(1)).unwrap().len(), 2, "pro is still written");
+    assert_eq!(store.audience("pro").unwrap().unwrap().size, 1, "entering twice counts once");
     // The name is free again, for a new audience that starts empty.
     store.create_audience(&buyers).unwrap();
     assert_eq!(store.audience("buyers").unwrap().unwrap().size, 0);
