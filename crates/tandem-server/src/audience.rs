@@ -425,6 +425,21 @@ impl AudienceStage {
                 Some(profile) if profile.id == id => {
                     let mut work = self.load_work(profile)?;
                     evaluate(audiences, &mut work, now, at_ms, &mut commit);
+                    // A timer of an audience not evaluated here (waiting for
+                    // its backfill, which sets a new timer, or whose stored
+                    // rule no longer compiles) must not fire again and again.
+                    let stale = due.iter().filter(|state| {
+                        state.profile == id
+                            && !audiences.iter().any(|audience| audience.name == state.audience && audience.covers(id))
+                    });
+                    for state in stale {
+                        commit.states.push(AudienceStateWrite {
+                            audience: state.audience.clone(),
+                            profile: id,
+                            state: Some(state.state.clone()),
+                            next_change_at_ms: None,
+                        });
+                    }
                 }
                 // Retired: its states go with the next retirement round;
                 // meanwhile its timers must not fire again.
@@ -889,6 +904,39 @@ mod tests {
         assert!(member_ids(&store, "repeat buyers").is_empty(), "one order each again");
         let history = store.membership_history("repeat buyers", dana).unwrap();
         assert_eq!(history.last().map(|change| change.kind), Some(MembershipChangeKind::Exited));
+    }
+
+    /// Regression: a due timer of an audience the stage does not evaluate
+    /// (here, a stored rule that no longer compiles) fired on every round,
+    /// so the stage never went idle.
+    #[test]
+    fn a_timer_of_an_audience_that_is_not_evaluated_is_cleared_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let start = 1_700_000_000_000;
+        let (clock, _now) = manual_clock(at(start));
+        append_and_resolve(&store, &[order("ann", start - DAY_MS)]);
+        let ann = store.profile_by_identifier(&"user_id:ann".parse().unwrap()).unwrap().unwrap().id;
+        let lonely = Condition::And { conditions: vec![rule(r#"trait plan = "pro""#)] };
+        assert!(lonely.validate().is_err(), "an and of one condition is refused by validation");
+        let broken = AudienceDefinition { name: "broken".into(), rule: lonely, created_at_ms: start };
+        store.create_audience(&broken).unwrap();
+        let state = rule(r#"performed "Order Completed" within 7d"#).compile().unwrap().new_state();
+        let timer = AudienceCommit {
+            states: vec![AudienceStateWrite {
+                audience: "broken".into(),
+                profile: ann,
+                state: Some(state),
+                next_change_at_ms: Some(start - 1),
+            }],
+            ..AudienceCommit::default()
+        };
+        assert_eq!(store.commit_audience(&timer).unwrap(), AudienceCommitOutcome::Committed);
+        let mut stage = AudienceStage::new(store.clone(), clock);
+        assert_eq!(stage.step().unwrap().timers, 1);
+        stage.catch_up().unwrap();
+        assert!(store.due_audience_states(start, 10).unwrap().is_empty());
+        assert!(stage.step().unwrap().is_idle());
     }
 
     /// One thing that happens in the property test below.
