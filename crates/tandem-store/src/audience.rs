@@ -114,7 +114,9 @@ pub struct AudienceCommit {
     pub epoch: u64,
     pub states: Vec<AudienceStateWrite>,
     /// Applied in order: `Entered` adds the membership, `Exited` removes
-    /// it; each is also appended to the history.
+    /// it; each that changed a membership is appended to the history (one
+    /// that changed nothing, such as a second stage applying the same
+    /// timer, is dropped).
     pub changes: Vec<MembershipChange>,
     /// Backfill progress of new audiences.
     pub backfill: Vec<(String, Backfill)>,

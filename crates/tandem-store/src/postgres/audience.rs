@@ -256,10 +256,13 @@ impl AudienceStore for PostgresStore {
                         -(transaction.execute(&exit, &[&change.audience, &profile])? as i64)
                     }
                 };
+                // A change that changes nothing (a second stage applying
+                // the same timer) is neither counted nor recorded.
                 if moved != 0 {
                     transaction.execute(&resize, &[&change.audience, &moved])?;
+                    transaction
+                        .execute(&record, &[&change.audience, &profile, &change.kind.as_str(), &change.at_ms])?;
                 }
-                transaction.execute(&record, &[&change.audience, &profile, &change.kind.as_str(), &change.at_ms])?;
             }
             for (name, backfill) in &commit.backfill {
                 let (backfilled, after) = backfill_columns(*backfill);

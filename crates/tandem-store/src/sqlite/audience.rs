@@ -217,10 +217,12 @@ pub fn commit(connection: &mut Connection, commit: &AudienceCommit) -> Result<Au
                 }
                 crate::MembershipChangeKind::Exited => -(exit.execute(params![change.audience, profile])? as i64),
             };
+            // A change that changes nothing (a second stage applying the
+            // same timer) is neither counted nor recorded.
             if moved != 0 {
                 resize.execute(params![change.audience, moved])?;
+                record.execute(params![change.audience, profile, change.kind.as_str(), change.at_ms])?;
             }
-            record.execute(params![change.audience, profile, change.kind.as_str(), change.at_ms])?;
         }
         let mut progress =
             transaction.prepare_cached("UPDATE audiences SET backfilled = ?2, backfill_after = ?3 WHERE name = ?1")?;
