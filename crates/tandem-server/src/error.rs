@@ -27,6 +27,10 @@ pub enum ErrorCode {
     ProfileNotFound,
     InvalidIdentifier,
     InvalidMapping,
+    InvalidRule,
+    AudienceNotFound,
+    AudienceExists,
+    AudienceInUse,
     MalformedFile,
     SourceNotFound,
     ImportNotFound,
@@ -58,6 +62,10 @@ impl ErrorCode {
             ErrorCode::ProfileNotFound => "profile_not_found",
             ErrorCode::InvalidIdentifier => "invalid_identifier",
             ErrorCode::InvalidMapping => "invalid_mapping",
+            ErrorCode::InvalidRule => "invalid_rule",
+            ErrorCode::AudienceNotFound => "audience_not_found",
+            ErrorCode::AudienceExists => "audience_exists",
+            ErrorCode::AudienceInUse => "audience_in_use",
             ErrorCode::MalformedFile => "malformed_file",
             ErrorCode::SourceNotFound => "source_not_found",
             ErrorCode::ImportNotFound => "import_not_found",
@@ -91,8 +99,10 @@ impl ErrorCode {
             ErrorCode::NotFound
             | ErrorCode::ProfileNotFound
             | ErrorCode::SourceNotFound
-            | ErrorCode::ImportNotFound => StatusCode::NOT_FOUND,
-            ErrorCode::InvalidMapping => StatusCode::UNPROCESSABLE_ENTITY,
+            | ErrorCode::ImportNotFound
+            | ErrorCode::AudienceNotFound => StatusCode::NOT_FOUND,
+            ErrorCode::InvalidMapping | ErrorCode::InvalidRule => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::AudienceExists | ErrorCode::AudienceInUse => StatusCode::CONFLICT,
             ErrorCode::InvalidVerifyToken => StatusCode::FORBIDDEN,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,

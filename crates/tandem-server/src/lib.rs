@@ -2,6 +2,8 @@
 //! writer that makes events durable, and the lifecycle that ties them to a
 //! store — start, serve, drain on SIGTERM or Ctrl-C.
 
+pub mod audience;
+pub mod audience_api;
 pub mod auth;
 pub mod cluster;
 pub mod collect;
@@ -93,6 +95,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(tracking)
         .merge(profile::routes())
+        .merge(audience_api::routes())
         .merge(import::jobs::routes())
         .merge(webhook::routes())
         .merge(sdk_settings::routes())
@@ -184,6 +187,14 @@ impl Running {
             stop_resolver.clone(),
             state.leases.clone(),
         );
+        let stop_audiences = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let audience_thread = audience::spawn(
+            state.store.clone(),
+            head.clone(),
+            audience::system_clock(),
+            state.metrics.clone(),
+            stop_audiences.clone(),
+        );
         tracing::info!(address = %local_addr, "tandem is listening");
         let imports = state.imports.clone();
         connection::serve(listener, router(state), limits, shutdown).await;
@@ -206,6 +217,13 @@ impl Running {
             .ok()
             .and_then(Result::ok)
             .unwrap_or_else(|| tracing::error!("the resolver stopped abnormally"));
+        stop_audiences.store(true, std::sync::atomic::Ordering::Relaxed);
+        head.nudge();
+        tokio::task::spawn_blocking(move || audience_thread.join())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_else(|| tracing::error!("the audience stage stopped abnormally"));
         tracing::info!("tandem stopped; every acknowledged event is durable");
         Ok(())
     }

@@ -59,6 +59,8 @@ pub struct Metrics {
     pub resolver_cache_hits: Counter,
     pub resolver_cache_misses: Counter,
     pub resolver_cached_profiles: Gauge,
+    pub audience_lag_events: Gauge,
+    pub audience_membership_changes: Counter,
 }
 
 impl Default for Metrics {
@@ -146,8 +148,22 @@ impl Metrics {
             "Profiles the resolver holds in memory (bounded by its cache size)",
             resolver_cached_profiles.clone(),
         );
+        let audience_lag_events = Gauge::default();
+        registry.register(
+            "audience_lag_events",
+            "Events the resolver committed that the audience stage has not applied yet",
+            audience_lag_events.clone(),
+        );
+        let audience_membership_changes = Counter::default();
+        registry.register(
+            "audience_membership_changes",
+            "Profiles that entered or left an audience (by event, by timer, by backfill or merge)",
+            audience_membership_changes.clone(),
+        );
         Metrics {
             registry: std::sync::Arc::new(registry),
+            audience_lag_events,
+            audience_membership_changes,
             resolver_cache_hits,
             resolver_cache_misses,
             resolver_cached_profiles,

@@ -25,7 +25,7 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/profiles/{id}/identities", get(profile_identities))
 }
 
-fn format_ms(ms: i64) -> Value {
+pub(crate) fn format_ms(ms: i64) -> Value {
     chrono::DateTime::from_timestamp_millis(ms).map(format_timestamp).map_or(Value::Null, Value::String)
 }
 
@@ -40,6 +40,19 @@ pub fn profile_json(profile: &Profile) -> Value {
         "last_seen": format_ms(profile.last_seen_ms),
         "event_counts": profile.event_counts,
     })
+}
+
+/// A profile as one profile's endpoint shows it: [`profile_json`] with its
+/// current audience memberships (`audiences`: name and `entered_at`).
+async fn profile_with_audiences(state: &AppState, profile: &Profile) -> Result<Value, ApiError> {
+    let profile_id = profile.id;
+    let memberships = read(state, move |store| store.profile_audiences(profile_id)).await?;
+    let mut body = profile_json(profile);
+    body["audiences"] = memberships
+        .iter()
+        .map(|membership| json!({"name": membership.audience, "entered_at": format_ms(membership.entered_at_ms)}))
+        .collect();
+    Ok(body)
 }
 
 /// One identity-history entry, with the message id of the event behind it.
@@ -70,7 +83,7 @@ fn storage_error(error: StoreError) -> ApiError {
 }
 
 /// Runs a read on the blocking pool.
-async fn read<T: Send + 'static>(
+pub(crate) async fn read<T: Send + 'static>(
     state: &AppState,
     work: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, ApiError> {
@@ -152,7 +165,7 @@ async fn find_profile(
         let profile = read(&state, move |store| store.profile_by_identifier(&identifier)).await?.ok_or_else(|| {
             ApiError::new(ErrorCode::ProfileNotFound, format!("no profile holds {shown}")).with_field("identifier")
         })?;
-        return Ok(Json(profile_json(&profile)));
+        return Ok(Json(profile_with_audiences(&state, &profile).await?));
     }
     let store = state.store.clone();
     let page = tokio::task::spawn_blocking(move || {
@@ -173,7 +186,8 @@ async fn get_profile(
     _token: AdminToken,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(profile_json(&load_profile(&state, &id).await?)))
+    let profile = load_profile(&state, &id).await?;
+    Ok(Json(profile_with_audiences(&state, &profile).await?))
 }
 
 #[derive(Deserialize)]

@@ -1415,3 +1415,145 @@ mod random_requests {
         assert!(stored >= 15, "the random requests must get events accepted, not only refused: {stored}");
     }
 }
+
+mod audiences {
+    use super::profiles::get;
+    use super::*;
+    use tandem_server::audience::{system_clock, AudienceStage};
+    use tandem_server::resolve::{Resolver, DEFAULT_BATCH};
+
+    async fn send_json(harness: &Harness, method: Method, path: &str, token: &str, body: Value) -> (StatusCode, Value) {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        harness.send(request).await
+    }
+
+    #[tokio::test]
+    async fn audiences_are_created_in_either_form_previewed_listed_paged_and_deleted() {
+        let harness = Harness::new();
+        let (status, _) = harness
+            .post_json(
+                "/v1/batch",
+                json!({"batch": [
+                    {"type": "identify", "userId": "ann", "traits": {"plan": "pro"}, "messageId": "a1"},
+                    {"type": "track", "userId": "ann", "event": "Order Completed", "properties": {"total": 80}, "messageId": "a2"},
+                    {"type": "identify", "userId": "bob", "traits": {"plan": "pro"}, "messageId": "b1"},
+                    {"type": "identify", "userId": "cy", "traits": {"plan": "free"}, "messageId": "c1"}
+                ]}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        let store: Arc<dyn Store> = harness.store.clone();
+        Resolver::load(store.clone()).unwrap().catch_up(DEFAULT_BATCH).unwrap();
+        let token = harness.store.create_token("test").unwrap().1;
+        let (status, body) = get(&harness, "/api/v1/audiences", None).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::UNAUTHORIZED, "missing_token"));
+
+        // A text rule that does not parse: 422 with where and what was expected.
+        let (status, body) = send_json(
+            &harness,
+            Method::POST,
+            "/api/v1/audiences",
+            &token,
+            json!({"name": "pro", "rule": {"text": "trait plan == \"pro\""}}),
+        )
+        .await;
+        assert_eq!((status, error_of(&body)), (StatusCode::UNPROCESSABLE_ENTITY, ("invalid_rule", Some("rule.text"))));
+        assert_eq!(
+            (body["details"]["line"].as_u64(), body["details"]["column"].as_u64()),
+            (Some(1), Some(12)),
+            "{body}"
+        );
+        assert_eq!(body["details"]["found"], "\"==\"");
+        assert!(body["details"]["expected"].as_str().unwrap().starts_with("an operator"), "{body}");
+        let (status, body) = send_json(
+            &harness,
+            Method::POST,
+            "/api/v1/audiences",
+            &token,
+            json!({"name": "pro", "rule": {"kind": "trait", "name": "plan", "operator": "~"}}),
+        )
+        .await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_rule"));
+
+        let (status, preview) = send_json(
+            &harness,
+            Method::POST,
+            "/api/v1/audiences/preview",
+            &token,
+            json!({"rule": {"text": "trait plan = \"pro\""}}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{preview}");
+        assert_eq!((preview["size"].as_u64(), preview["sample"].clone()), (Some(2), json!(["prof_1", "prof_2"])));
+        assert!(harness.store.list_audiences().unwrap().is_empty(), "a preview saves nothing");
+
+        let (status, created) = send_json(
+            &harness,
+            Method::POST,
+            "/api/v1/audiences",
+            &token,
+            json!({"name": "pro", "rule": {"text": "trait plan = \"pro\""}}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        assert_eq!(created["rule"], json!({"kind": "trait", "name": "plan", "operator": "=", "value": "pro"}));
+        let tree = json!({"kind": "performed", "event": "Order Completed", "where": [
+            {"property": "total", "operator": ">", "value": 50}]});
+        let (status, _) =
+            send_json(&harness, Method::POST, "/api/v1/audiences", &token, json!({"name": "big buyers", "rule": tree}))
+                .await;
+        assert_eq!(status, StatusCode::CREATED);
+        let (status, body) = send_json(
+            &harness,
+            Method::POST,
+            "/api/v1/audiences",
+            &token,
+            json!({"name": "pro", "rule": {"text": "trait plan = \"free\""}}),
+        )
+        .await;
+        assert_eq!((status, error_of(&body)), (StatusCode::CONFLICT, ("audience_exists", Some("name"))));
+
+        AudienceStage::new(store.clone(), system_clock()).catch_up().unwrap();
+        let (status, listed) = get(&harness, "/api/v1/audiences", Some(&token)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            listed["audiences"],
+            json!([{"name": "big buyers", "size": 1}, {"name": "pro", "size": 2}]),
+            "by name, with sizes"
+        );
+        let (status, shown) = get(&harness, "/api/v1/audiences/big%20buyers", Some(&token)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(shown["rule"], tree);
+        assert_eq!(shown["rule_text"], r#"performed "Order Completed" where total > 50"#);
+        let (status, page) = get(&harness, "/api/v1/audiences/pro/members?limit=1", Some(&token)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            (page["members"][0]["profile"].as_str(), page["next_after"].as_str()),
+            (Some("prof_1"), Some("prof_1"))
+        );
+        let (_, page) = get(&harness, "/api/v1/audiences/pro/members?limit=1&after=prof_1", Some(&token)).await;
+        assert_eq!(page["members"][0]["profile"], "prof_2");
+        let (status, body) = get(&harness, "/api/v1/audiences/nobody/members", Some(&token)).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::NOT_FOUND, "audience_not_found"));
+
+        let (status, ann) = get(&harness, "/api/v1/profiles/prof_1", Some(&token)).await;
+        assert_eq!(status, StatusCode::OK);
+        let names: Vec<&str> =
+            ann["audiences"].as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect();
+        assert_eq!(names, vec!["big buyers", "pro"]);
+        assert!(ann["audiences"][0]["entered_at"].is_string());
+        assert_eq!(ann["traits"]["plan"], "pro", "the rest of the profile is unchanged");
+
+        let (status, _) = send_json(&harness, Method::DELETE, "/api/v1/audiences/pro", &token, json!({})).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let (status, body) = get(&harness, "/api/v1/audiences/pro", Some(&token)).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::NOT_FOUND, "audience_not_found"));
+        let (_, ann) = get(&harness, "/api/v1/profiles/prof_1", Some(&token)).await;
+        assert_eq!(ann["audiences"].as_array().unwrap().len(), 1);
+    }
+}

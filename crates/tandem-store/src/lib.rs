@@ -1,9 +1,10 @@
 //! Storage for Tandem: one interface per stage of the flow — the event log
 //! ([`EventLog`]), sources and tokens ([`Sources`]), the identity graph
-//! ([`IdentityStore`]) — the embedded SQLite backend behind them (and
+//! ([`IdentityStore`]), audiences and memberships ([`AudienceStore`]) — the embedded SQLite backend behind them (and
 //! PostgreSQL for scale-out, in preview: [`PostgresStore`]), and one
 //! shared test suite per interface ([`event_log_test_suite!`],
-//! [`sources_test_suite!`], [`identity_store_test_suite!`]) that every backend
+//! [`sources_test_suite!`], [`identity_store_test_suite!`],
+//! [`audience_store_test_suite!`]) that every backend
 //! must pass. [`Store`] bundles the interfaces for the server, which needs
 //! all of them.
 //!
@@ -14,6 +15,7 @@
 //! (the log writer) or blocking tasks, which lets the embedded backend group
 //! many requests into one transaction without an async runtime in the way.
 
+pub mod audience;
 pub mod browse;
 pub mod identity;
 pub mod lease;
@@ -26,6 +28,10 @@ pub mod suite;
 use tandem_core::source::SourceError;
 
 pub use self::postgres::PostgresStore;
+pub use audience::{
+    AudienceCommit, AudienceCommitOutcome, AudienceDefinition, AudienceRecord, AudienceStateWrite, AudienceStore,
+    Backfill, Membership, MembershipChange, MembershipChangeKind, StoredAudienceState,
+};
 pub use identity::{
     CommitOutcome, EventLink, HistoryRecord, IdentityCommit, IdentityRepair, IdentityState, IdentityStore,
     TimelineCursor, TimelineCursorError, UnresolvedEvent,
@@ -47,6 +53,10 @@ pub enum StoreError {
     SourceNotFound(String),
     #[error("source {name:?} has {events} events in the log, which keep naming it; rotate its write key to stop senders instead")]
     SourceInUse { name: String, events: u64 },
+    #[error("an audience named {0:?} already exists")]
+    AudienceExists(String),
+    #[error("no audience named {0:?}")]
+    AudienceNotFound(String),
     #[error("no token {0:?}")]
     TokenNotFound(String),
     #[error(transparent)]
@@ -69,14 +79,14 @@ impl Stage {
     pub const RESOLVE: Stage = Stage("resolve");
 
     /// Every stage that reads the log, in the flow's order.
-    pub const ALL: &'static [Stage] = &[Stage::RESOLVE];
+    pub const ALL: &'static [Stage] = &[Stage::RESOLVE, Stage::AUDIENCE];
 }
 
 /// Every stage's storage, for the server and the CLI, which use all of them.
 /// Implemented for anything that implements each stage's interface.
-pub trait Store: EventLog + Sources + IdentityStore + Coordination {}
+pub trait Store: EventLog + Sources + IdentityStore + AudienceStore + Coordination {}
 
-impl<T: EventLog + Sources + IdentityStore + Coordination + ?Sized> Store for T {}
+impl<T: EventLog + Sources + IdentityStore + AudienceStore + Coordination + ?Sized> Store for T {}
 
 /// Runs every stage's shared suite against one backend: `$make` turns a fresh
 /// directory into a fresh, empty store.
@@ -94,6 +104,10 @@ macro_rules! store_test_suite {
         mod identity_store_suite {
             use super::*;
             $crate::identity_store_test_suite!($make);
+        }
+        mod audience_store_suite {
+            use super::*;
+            $crate::audience_store_test_suite!($make);
         }
     };
 }
@@ -120,5 +134,5 @@ macro_rules! suite_cases {
 /// The stage interfaces, for code that calls them on a concrete backend
 /// (`use tandem_store::prelude::*`).
 pub mod prelude {
-    pub use crate::{Coordination, EventLog, IdentityStore, Sources, Store};
+    pub use crate::{AudienceStore, Coordination, EventLog, IdentityStore, Sources, Store};
 }

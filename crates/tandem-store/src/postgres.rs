@@ -7,8 +7,9 @@
 //! small bounded pool of its own (`pool.rs`, [`DEFAULT_MAX_CONNECTIONS`] per
 //! store unless told otherwise). Each module below owns one stage's queries:
 //! `log.rs` the event log and its append order, `sources.rs` sources and
-//! tokens, `identity.rs` the identity graph, `lease.rs` the stage leases
-//! (advisory locks held on connections outside the pool). The schema is created and
+//! tokens, `identity.rs` the identity graph, `audience.rs` audiences and
+//! memberships, `lease.rs` the stage leases (advisory locks held on
+//! connections outside the pool). The schema is created and
 //! upgraded here, by numbered migrations recorded in `schema_migrations`.
 //!
 //! Text that may hold what PostgreSQL's `TEXT` cannot (a NUL character,
@@ -22,6 +23,7 @@
 //! names, codes) stays `TEXT`. To read a payload in `psql`:
 //! `convert_from(payload, 'UTF8')`.
 
+mod audience;
 mod identity;
 mod lease;
 mod log;
@@ -152,6 +154,39 @@ const MIGRATIONS: &[&str] = &[
         position BIGINT PRIMARY KEY,
         reason BYTEA NOT NULL
     );"#,
+    // 2: audiences (see `sqlite.rs`, migration 8).
+    r#"CREATE TABLE audiences (
+        name TEXT PRIMARY KEY,
+        rule TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        backfilled BOOLEAN NOT NULL,
+        backfill_after BIGINT NOT NULL,
+        size BIGINT NOT NULL DEFAULT 0
+    );
+    CREATE TABLE audience_members (
+        audience TEXT NOT NULL,
+        profile_id BIGINT NOT NULL,
+        entered_at BIGINT NOT NULL,
+        PRIMARY KEY (audience, profile_id)
+    );
+    CREATE INDEX audience_members_by_profile ON audience_members (profile_id);
+    CREATE TABLE audience_history (
+        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        audience TEXT NOT NULL,
+        profile_id BIGINT NOT NULL,
+        change TEXT NOT NULL,
+        at BIGINT NOT NULL
+    );
+    CREATE INDEX audience_history_by_member ON audience_history (audience, profile_id);
+    CREATE TABLE audience_states (
+        audience TEXT NOT NULL,
+        profile_id BIGINT NOT NULL,
+        state TEXT NOT NULL,
+        next_change_at BIGINT,
+        PRIMARY KEY (audience, profile_id)
+    );
+    CREATE INDEX audience_states_by_profile ON audience_states (profile_id);
+    CREATE INDEX audience_states_by_timer ON audience_states (next_change_at) WHERE next_change_at IS NOT NULL;"#,
 ];
 
 /// The PostgreSQL implementation of [`crate::Store`].

@@ -3,13 +3,15 @@
 //! reads, so readers never block the writer. Each commit is fsynced
 //! (`synchronous = FULL`), which is what makes an acknowledgement durable.
 
+mod audience;
 mod identity;
 mod manage;
 
 use crate::{
-    CommitOutcome, Dedup, EventLog, HistoryRecord, IdentityCommit, IdentityRepair, IdentityState, IdentityStore,
-    IngestBatch, IngestOutcome, IngestStats, LogEntry, LogFilter, QuarantineEntry, QuarantineRecord, SourceStats,
-    Sources, Stage, StageCursor, StoreError, TimelineCursor, TokenInfo, UnresolvedEvent,
+    AudienceCommit, AudienceCommitOutcome, AudienceDefinition, AudienceRecord, AudienceStore, CommitOutcome, Dedup,
+    EventLog, HistoryRecord, IdentityCommit, IdentityRepair, IdentityState, IdentityStore, IngestBatch, IngestOutcome,
+    IngestStats, LogEntry, LogFilter, Membership, MembershipChange, QuarantineEntry, QuarantineRecord, SourceStats,
+    Sources, Stage, StageCursor, StoreError, StoredAudienceState, TimelineCursor, TokenInfo, UnresolvedEvent,
 };
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use std::collections::HashMap;
@@ -152,6 +154,42 @@ const MIGRATIONS: &[&str] = &[
         WHERE json_extract(change, '$.kind') = 'dropped';
     CREATE INDEX identity_history_by_dropped ON identity_history (dropped) WHERE dropped IS NOT NULL;
     CREATE INDEX identity_history_by_position ON identity_history (position);",
+    // 8: audiences: definitions (with how far a new one is backfilled, and
+    // their number of members, kept by each commit so listing is cheap),
+    // memberships and their history, per-profile evaluation states with the
+    // instant time alone changes their answer (the due-timer).
+    "CREATE TABLE audiences (
+        name TEXT PRIMARY KEY,
+        rule TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        backfilled INTEGER NOT NULL,
+        backfill_after INTEGER NOT NULL,
+        size INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE audience_members (
+        audience TEXT NOT NULL,
+        profile_id INTEGER NOT NULL,
+        entered_at INTEGER NOT NULL,
+        PRIMARY KEY (audience, profile_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX audience_members_by_profile ON audience_members (profile_id);
+    CREATE TABLE audience_history (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        audience TEXT NOT NULL,
+        profile_id INTEGER NOT NULL,
+        change TEXT NOT NULL,
+        at INTEGER NOT NULL
+    );
+    CREATE INDEX audience_history_by_member ON audience_history (audience, profile_id);
+    CREATE TABLE audience_states (
+        audience TEXT NOT NULL,
+        profile_id INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        next_change_at INTEGER,
+        PRIMARY KEY (audience, profile_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX audience_states_by_profile ON audience_states (profile_id);
+    CREATE INDEX audience_states_by_timer ON audience_states (next_change_at) WHERE next_change_at IS NOT NULL;",
 ];
 
 /// The `received_at` of a message id kept for good ([`Dedup::Forever`]).
@@ -690,6 +728,57 @@ impl IdentityStore for SqliteStore {
         limit: usize,
     ) -> Result<Vec<(Identifier, ProfileId)>, StoreError> {
         self.with_reader(|connection| manage::identifiers_with_prefix(connection, kind, prefix, after, limit))
+    }
+}
+
+impl AudienceStore for SqliteStore {
+    fn create_audience(&self, definition: &AudienceDefinition) -> Result<(), StoreError> {
+        self.with_writer(|connection| audience::create(connection, definition))
+    }
+
+    fn list_audiences(&self) -> Result<Vec<AudienceRecord>, StoreError> {
+        self.with_reader(audience::list)
+    }
+
+    fn audience(&self, name: &str) -> Result<Option<AudienceRecord>, StoreError> {
+        self.with_reader(|connection| audience::get(connection, name))
+    }
+
+    fn delete_audience(&self, name: &str) -> Result<(), StoreError> {
+        self.with_writer(|connection| audience::delete(connection, name))
+    }
+
+    fn audience_members(
+        &self,
+        name: &str,
+        after: Option<ProfileId>,
+        limit: usize,
+    ) -> Result<Vec<Membership>, StoreError> {
+        self.with_reader(|connection| audience::members(connection, name, after, limit))
+    }
+
+    fn profile_audiences(&self, profile: ProfileId) -> Result<Vec<Membership>, StoreError> {
+        self.with_reader(|connection| audience::profile_audiences(connection, profile))
+    }
+
+    fn membership_history(&self, name: &str, profile: ProfileId) -> Result<Vec<MembershipChange>, StoreError> {
+        self.with_reader(|connection| audience::history(connection, name, profile))
+    }
+
+    fn audience_states(&self, profiles: &[ProfileId]) -> Result<Vec<StoredAudienceState>, StoreError> {
+        self.with_reader(|connection| audience::states(connection, profiles))
+    }
+
+    fn due_audience_states(&self, now_ms: i64, limit: usize) -> Result<Vec<StoredAudienceState>, StoreError> {
+        self.with_reader(|connection| audience::due(connection, now_ms, limit))
+    }
+
+    fn retired_audience_profiles(&self, limit: usize) -> Result<Vec<ProfileId>, StoreError> {
+        self.with_reader(|connection| audience::retired(connection, limit))
+    }
+
+    fn commit_audience(&self, commit: &AudienceCommit) -> Result<AudienceCommitOutcome, StoreError> {
+        self.with_writer(|connection| audience::commit(connection, commit))
     }
 }
 

@@ -7,6 +7,7 @@
 //! [`Store`](crate::Store) because each needs a little of the others (a
 //! source to append for, a log to resolve).
 
+pub mod audience;
 pub mod identity;
 pub mod log;
 pub mod sources;
@@ -58,6 +59,19 @@ macro_rules! identity_store_test_suite {
             batched_look_ups_find_live_owners_and_profiles,
             profiles_list_by_id_and_search_by_identifier_prefix_and_trait,
             timelines_follow_event_time_and_page_by_cursor
+        );
+    };
+}
+
+/// The [`AudienceStore`](crate::AudienceStore) suite: one `#[test]` per case.
+#[macro_export]
+macro_rules! audience_store_test_suite {
+    ($make:expr) => {
+        $crate::suite_cases!(audience, $make;
+            audiences_have_unique_names_and_delete_with_their_members,
+            commits_record_memberships_history_and_states_and_refuse_stale_writers,
+            due_timers_come_back_soonest_first_until_cleared,
+            retired_profiles_are_found_after_a_merge
         );
     };
 }

@@ -440,7 +440,7 @@ pub fn profile_listing(
 /// lease: when a server holds it, that server is catching up already, and
 /// resolving here too would only race it, so the answer is what it has
 /// committed so far (the lag is said on standard error).
-fn catch_up(store: &Arc<dyn Store>) -> anyhow::Result<()> {
+pub fn catch_up(store: &Arc<dyn Store>) -> anyhow::Result<()> {
     let resolved = store.stage_cursor(Stage::RESOLVE)?.unwrap_or_default().position;
     let head = store.head()?;
     if resolved >= head {

@@ -4,6 +4,7 @@
 //! embedded one in the data directory, or the PostgreSQL database `--store`
 //! names, which several servers can share.
 
+mod audience;
 mod commands;
 mod config;
 mod demo;
@@ -60,6 +61,9 @@ enum Command {
     /// Identity rules and repairs
     #[command(subcommand)]
     Identity(IdentityCommand),
+    /// Audiences: profiles selected by a rule, kept current as events arrive and time passes
+    #[command(subcommand)]
+    Audience(AudienceCommand),
     /// Create a realistic synthetic company and serve it: web and app behaviour, orders, product
     /// usage, tickets, CRM contacts, leads and social mentions
     ///
@@ -338,6 +342,60 @@ enum TokenCommand {
     Revoke {
         /// The token's id (tok_…), as `token list` shows it
         id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AudienceCommand {
+    /// Create an audience from a rule; profiles already there are evaluated at once
+    Create {
+        /// A unique name
+        name: String,
+        /// The rule, in the text syntax (or the JSON tree)
+        #[arg(long)]
+        rule: String,
+    },
+    /// How many profiles a rule selects now, and some of them; nothing is saved
+    Preview {
+        /// The rule, in the text syntax (or the JSON tree)
+        #[arg(long)]
+        rule: String,
+        /// Print one JSON object
+        #[arg(long)]
+        json: bool,
+    },
+    /// List audiences with their sizes
+    List {
+        /// Print a JSON array
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an audience's rule (text and JSON) and size
+    Show {
+        /// The audience's name
+        name: String,
+        /// Print one JSON object
+        #[arg(long)]
+        json: bool,
+    },
+    /// List an audience's members by profile id, with when each entered
+    Members {
+        /// The audience's name
+        name: String,
+        /// Members per page
+        #[arg(long, default_value_t = audience::DEFAULT_MEMBER_PAGE)]
+        limit: usize,
+        /// Continue after this profile (the `more: --after …` a previous page printed)
+        #[arg(long, value_name = "PROFILE")]
+        after: Option<String>,
+        /// Print one JSON object: the members and next_after
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete an audience with its memberships
+    Delete {
+        /// The audience's name
+        name: String,
     },
 }
 
@@ -673,6 +731,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Identity(IdentityCommand::Unlink { profile, identifier }) => {
             commands::unlink(open(Access::Existing)?, &profile, &identifier, &mut out)
+        }
+        Command::Audience(AudienceCommand::Create { name, rule }) => {
+            audience::create(open(Access::Existing)?, &name, &rule, &mut out)
+        }
+        Command::Audience(AudienceCommand::Preview { rule, json }) => {
+            audience::preview(open(Access::Existing)?, &rule, json, &mut out)
+        }
+        Command::Audience(AudienceCommand::List { json }) => audience::list(open(Access::Existing)?, json, &mut out),
+        Command::Audience(AudienceCommand::Show { name, json }) => {
+            audience::show(open(Access::Existing)?, &name, json, &mut out)
+        }
+        Command::Audience(AudienceCommand::Members { name, limit, after, json }) => {
+            audience::members(open(Access::Existing)?, &name, after.as_deref(), limit, json, &mut out)
+        }
+        Command::Audience(AudienceCommand::Delete { name }) => {
+            audience::delete(open(Access::Existing)?, &name, &mut out)
         }
         Command::Identity(IdentityCommand::Block { identifier }) => {
             commands::block(open(Access::Existing)?, &identifier, &mut out)

@@ -354,3 +354,82 @@ fn events_that_belong_to_no_profile_are_counted_and_listed() {
     assert_eq!(stats["unresolved"], 1);
     assert!(tandem(dir.path(), &["stats"]).contains("unresolved   1"));
 }
+
+#[test]
+fn audiences_are_created_previewed_listed_shown_paged_and_deleted_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    with_events(
+        dir.path(),
+        json!([
+            {"type": "identify", "userId": "ann", "traits": {"plan": "pro"}, "messageId": "i1"},
+            {"type": "identify", "userId": "bob", "traits": {"plan": "pro"}, "messageId": "i2"},
+            {"type": "identify", "userId": "cy", "traits": {"plan": "free"}, "messageId": "i3"},
+            {"type": "track", "userId": "cy", "event": "Ticket Opened", "messageId": "t1"}
+        ]),
+    );
+    let preview = tandem(dir.path(), &["audience", "preview", "--rule", r#"trait plan = "pro""#]);
+    assert!(preview.starts_with("2 of 3 profiles match"), "{preview}");
+    let bad = tandem_output(dir.path(), &["audience", "create", "pro", "--rule", r#"trait plan = "#]);
+    assert!(!bad.status.success());
+    let error = String::from_utf8_lossy(&bad.stderr);
+    assert!(error.contains("column") && error.contains("expected"), "{error}");
+
+    let created = tandem(dir.path(), &["audience", "create", "pro", "--rule", r#"trait plan = "pro""#]);
+    assert!(created.contains("created audience \"pro\" with 2 members"), "{created}");
+    tandem(dir.path(), &["audience", "create", "support", "--rule", r#"performed "Ticket Opened" within 30d"#]);
+    let listed = tandem(dir.path(), &["audience", "list"]);
+    assert!(listed.contains("pro") && listed.contains("support"), "{listed}");
+    let shown: Value = serde_json::from_str(&tandem(dir.path(), &["audience", "show", "pro", "--json"])).unwrap();
+    assert_eq!((shown["size"].as_u64(), shown["rule_text"].as_str()), (Some(2), Some(r#"trait plan = "pro""#)));
+    let members: Value =
+        serde_json::from_str(&tandem(dir.path(), &["audience", "members", "pro", "--json", "--limit", "1"])).unwrap();
+    assert_eq!(
+        (members["members"][0]["profile"].as_str(), members["next_after"].as_str()),
+        (Some("prof_1"), Some("prof_1"))
+    );
+    let rest = tandem(dir.path(), &["audience", "members", "pro", "--after", "prof_1"]);
+    assert!(rest.starts_with("prof_2"), "{rest}");
+    let support = tandem(dir.path(), &["audience", "members", "support"]);
+    assert!(support.starts_with("prof_3"), "{support}");
+
+    tandem(dir.path(), &["audience", "delete", "pro"]);
+    let gone = tandem_output(dir.path(), &["audience", "show", "pro"]);
+    assert!(!gone.status.success() && String::from_utf8_lossy(&gone.stderr).contains("no audience named"));
+}
+
+/// The server's own audience stage keeps memberships current: an audience
+/// created over HTTP gains the customer whose event arrives afterwards,
+/// with no command line reading in between.
+#[test]
+fn the_running_server_keeps_audiences_current_as_events_arrive() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = create_source(dir.path(), "website");
+    let token: Value = serde_json::from_str(&tandem(dir.path(), &["token", "create", "--json"])).unwrap();
+    let bearer = format!("Bearer {}", token["token"].as_str().unwrap());
+    let server = Server::start(dir.path());
+    let mut created = agent()
+        .post(&format!("{}/api/v1/audiences", server.url))
+        .header("Authorization", &bearer)
+        .send(json!({"name": "buyers", "rule": {"text": r#"performed "Order Completed" within 7d"#}}).to_string())
+        .unwrap();
+    assert_eq!(created.status().as_u16(), 201, "{}", created.body_mut().read_to_string().unwrap());
+    let body = json!({"userId": "ann", "event": "Order Completed"}).to_string();
+    let (status, _) =
+        post(&agent(), &format!("{}/v1/track", server.url), source["write_key"].as_str().unwrap(), &body).unwrap();
+    assert_eq!(status, 200);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let mut response = agent()
+            .get(&format!("{}/api/v1/audiences/buyers/members", server.url))
+            .header("Authorization", &bearer)
+            .call()
+            .unwrap();
+        let members: Value = serde_json::from_str(&response.body_mut().read_to_string().unwrap()).unwrap();
+        if members["members"].as_array().is_some_and(|members| !members.is_empty()) {
+            assert_eq!(members["members"][0]["profile"], "prof_1");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the audience stage did not catch up: {members}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

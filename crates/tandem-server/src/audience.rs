@@ -1,0 +1,1069 @@
+//! The audience stage: keeps every audience's membership current as events
+//! arrive and as time passes. It follows the log but never passes the
+//! resolver's committed position (an event must have its profile first);
+//! for each event it finds the profile in the store, observes the event in
+//! the incremental state ([`AudienceState`]) of every audience whose rule
+//! reads it, re-evaluates the profile's audiences (traits may have changed)
+//! and records who entered and who left, stamped with the event's time.
+//! Every evaluation also sets a due-timer: the instant time alone changes
+//! the answer (a qualifying event leaving its window), so a member leaves
+//! on time without a new event. States, memberships, timers and the stage's
+//! cursor are committed together ([`tandem_store::AudienceStore::commit_audience`]).
+//!
+//! A new audience is backfilled over the profiles that existed before it, a
+//! page of profiles at a time, with the batch evaluator over each profile's
+//! timeline (up to the stage's cursor, so no event counts twice). A profile
+//! merged away leaves its audiences, and its survivor's states are rebuilt
+//! from the survivor's timeline: the simplest way to be right about events
+//! that were counted on two profiles.
+//!
+//! The definitions themselves (validation of names, rules and references,
+//! preview, deletion) are here too, so the HTTP API and the CLI share them.
+
+use chrono::{DateTime, Utc};
+use serde_json::Map;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tandem_core::audience::{AudienceState, CompiledAudience, Condition, InvalidRule, ProfileFacts, ProfileValues};
+use tandem_core::{Event, LogPosition, Profile, ProfileId};
+use tandem_store::{
+    AudienceCommit, AudienceCommitOutcome, AudienceDefinition, AudienceStateWrite, Backfill, MembershipChange,
+    MembershipChangeKind, Stage, StageLease, Store, StoreError, TimelineCursor,
+};
+
+use crate::log_head::LogHead;
+use crate::metrics::Metrics;
+
+/// Events read per step.
+const EVENT_BATCH: usize = 2_000;
+/// Profiles backfilled per commit for a new audience.
+const BACKFILL_PAGE: usize = 500;
+/// Due timers processed per commit.
+const TIMER_BATCH: usize = 2_000;
+/// Retired (merged-away) profiles handled per commit.
+const RETIRED_BATCH: usize = 500;
+/// Events read per page of a profile's timeline.
+const TIMELINE_PAGE: usize = 1_000;
+/// How often an idle stage looks at its due timers and the resolver's
+/// position: the delay with which a member leaves after its time.
+pub const TIMER_INTERVAL: Duration = Duration::from_millis(250);
+/// Longest audience name.
+pub const MAX_NAME_LENGTH: usize = 100;
+
+/// The stage's notion of now; injectable so tests move time by hand.
+pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    Arc::new(Utc::now)
+}
+
+/// What the stage could not do.
+#[derive(Debug, thiserror::Error)]
+pub enum AudienceError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What one [`AudienceStage::step`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StepReport {
+    pub events: usize,
+    pub timers: usize,
+    pub backfilled: usize,
+    pub retired: usize,
+}
+
+impl StepReport {
+    /// Whether the step found nothing to do.
+    pub fn is_idle(&self) -> bool {
+        *self == StepReport::default()
+    }
+}
+
+/// One stored audience, compiled, with how far it is backfilled.
+struct LiveAudience {
+    name: String,
+    compiled: CompiledAudience,
+    backfill: Backfill,
+}
+
+impl LiveAudience {
+    /// Whether the profile's state for this audience is kept incrementally
+    /// (it was backfilled, or was created after the backfill began).
+    fn covers(&self, profile: ProfileId) -> bool {
+        match self.backfill {
+            Backfill::Done => true,
+            Backfill::Pending { after } => after.is_some_and(|after| profile <= after),
+        }
+    }
+}
+
+/// What the stage knows of one profile while it evaluates it.
+struct ProfileWork {
+    profile: Profile,
+    /// State and due-timer per audience, as loaded.
+    loaded: HashMap<String, (AudienceState, Option<i64>)>,
+    /// State per audience, as updated.
+    states: HashMap<String, AudienceState>,
+    /// Audiences the profile is a member of now.
+    members: BTreeSet<String>,
+}
+
+/// The audience stage, driven by [`AudienceStage::step`] (see [`spawn`]).
+pub struct AudienceStage {
+    store: Arc<dyn Store>,
+    clock: Clock,
+    metrics: Option<Metrics>,
+    /// The resolver's cursor when retired profiles were last looked for:
+    /// profiles are merged away only by resolver commits, so the look-up
+    /// (a scan of the audience states) runs only after one.
+    retired_checked_at: Option<tandem_store::StageCursor>,
+}
+
+impl AudienceStage {
+    /// A stage reading `store`, with `clock` for now.
+    pub fn new(store: Arc<dyn Store>, clock: Clock) -> Self {
+        AudienceStage { store, clock, metrics: None, retired_checked_at: None }
+    }
+
+    /// Reports the stage's lag and membership changes to `metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Does one round of work: backfills a page of each new audience,
+    /// retires merged-away profiles, applies a batch of resolved events,
+    /// and processes due timers, each in its own commit.
+    pub fn step(&mut self) -> Result<StepReport, AudienceError> {
+        let now = (self.clock)();
+        let mut audiences = self.load_audiences()?;
+        let mut report = StepReport::default();
+        if self.follow_repairs(&audiences)? {
+            audiences = self.load_audiences()?;
+        }
+        for index in 0..audiences.len() {
+            if matches!(audiences[index].backfill, Backfill::Pending { .. }) {
+                report.backfilled += self.backfill_page(&audiences, index, now)?;
+            }
+        }
+        if report.backfilled > 0 {
+            // Which profiles each audience covers moved with the backfill:
+            // events for them are applied from now on.
+            audiences = self.load_audiences()?;
+        }
+        let resolver = self.store.stage_cursor(Stage::RESOLVE)?;
+        if resolver != self.retired_checked_at {
+            report.retired = self.retire_profiles(&audiences, now)?;
+            if report.retired < RETIRED_BATCH {
+                self.retired_checked_at = resolver;
+            }
+        }
+        report.events = self.apply_events(&audiences, now)?;
+        report.timers = self.process_timers(&audiences, now)?;
+        Ok(report)
+    }
+
+    /// Steps until a step finds nothing to do.
+    pub fn catch_up(&mut self) -> Result<(), AudienceError> {
+        while !self.step()?.is_idle() {}
+        Ok(())
+    }
+
+    /// Stored audiences, compiled, those another refers to first.
+    fn load_audiences(&self) -> Result<Vec<LiveAudience>, AudienceError> {
+        let mut compiled = Vec::new();
+        for record in self.store.list_audiences()? {
+            match record.definition.rule.compile() {
+                Ok(rule) => compiled.push((
+                    record.definition.rule.referenced_audiences().iter().map(|name| name.to_string()).collect(),
+                    LiveAudience { name: record.definition.name, compiled: rule, backfill: record.backfill },
+                )),
+                Err(error) => tracing::warn!(audience = %record.definition.name, %error, "stored rule is invalid"),
+            }
+        }
+        Ok(dependency_order(compiled))
+    }
+
+    /// A commit of work that starts at the stage's stored cursor (and
+    /// stays there unless `to` is moved).
+    fn commit_at_cursor(&self) -> Result<AudienceCommit, AudienceError> {
+        let cursor = self.store.stage_cursor(Stage::AUDIENCE)?.unwrap_or_default();
+        Ok(AudienceCommit {
+            from: cursor.position,
+            to: cursor.position,
+            epoch: cursor.epoch,
+            ..AudienceCommit::default()
+        })
+    }
+
+    /// After a repair rewrote part of the identity graph (a new resolver
+    /// epoch), profiles may hold other events than their states counted:
+    /// every audience is evaluated again from the profiles' timelines.
+    fn follow_repairs(&self, audiences: &[LiveAudience]) -> Result<bool, AudienceError> {
+        let resolver = self.store.stage_cursor(Stage::RESOLVE)?.unwrap_or_default().epoch;
+        let mut commit = self.commit_at_cursor()?;
+        if commit.epoch == resolver {
+            return Ok(false);
+        }
+        tracing::info!(epoch = resolver, "the identity graph was repaired; evaluating every audience again");
+        commit.epoch = resolver;
+        commit.backfill =
+            audiences.iter().map(|audience| (audience.name.clone(), Backfill::Pending { after: None })).collect();
+        self.commit(&commit)
+    }
+
+    fn commit(&self, commit: &AudienceCommit) -> Result<bool, AudienceError> {
+        match self.store.commit_audience(commit)? {
+            AudienceCommitOutcome::Committed => {
+                if let Some(metrics) = &self.metrics {
+                    metrics.audience_membership_changes.inc_by(commit.changes.len() as u64);
+                }
+                Ok(true)
+            }
+            AudienceCommitOutcome::StalePosition => {
+                tracing::warn!("another audience stage moved the cursor; starting again from storage");
+                Ok(false)
+            }
+        }
+    }
+
+    /// Evaluates one page of profiles for a new audience over their
+    /// timelines up to the stage's cursor.
+    fn backfill_page(
+        &self,
+        audiences: &[LiveAudience],
+        index: usize,
+        now: DateTime<Utc>,
+    ) -> Result<usize, AudienceError> {
+        let audience = &audiences[index];
+        let Backfill::Pending { after } = audience.backfill else { return Ok(0) };
+        let mut commit = self.commit_at_cursor()?;
+        let cursor = commit.from;
+        let page = self.store.list_profiles(after, BACKFILL_PAGE)?;
+        let now_ms = now.timestamp_millis();
+        let empty = Map::new();
+        for profile in &page {
+            let events = timeline(self.store.as_ref(), profile.id, cursor)?;
+            let members: BTreeSet<String> =
+                self.store.profile_audiences(profile.id)?.into_iter().map(|membership| membership.audience).collect();
+            let facts =
+                ProfileFacts { traits: &profile.traits, computed_traits: &empty, events: &events, audiences: &members };
+            let mut state = audience.compiled.new_state();
+            for event in &events {
+                audience.compiled.observe(&mut state, event);
+            }
+            audience.compiled.age_to(&mut state, now);
+            let next = audience.compiled.next_change_at(&facts, now).map(|at| at.timestamp_millis());
+            // A new audience has no members yet; one evaluated again after a
+            // repair may have.
+            let member = audience.compiled.is_member(&facts, now);
+            if member != members.contains(&audience.name) {
+                let kind = if member { MembershipChangeKind::Entered } else { MembershipChangeKind::Exited };
+                commit.changes.push(change(&audience.name, profile.id, kind, now_ms));
+            }
+            commit.states.push(AudienceStateWrite {
+                audience: audience.name.clone(),
+                profile: profile.id,
+                state: Some(state),
+                next_change_at_ms: next,
+            });
+        }
+        let progress = match page.last() {
+            Some(last) if page.len() == BACKFILL_PAGE => Backfill::Pending { after: Some(last.id) },
+            _ => Backfill::Done,
+        };
+        commit.backfill.push((audience.name.clone(), progress));
+        self.commit(&commit)?;
+        if progress == Backfill::Done {
+            tracing::info!(audience = %audience.name, "audience backfilled");
+        }
+        Ok(page.len().max(1))
+    }
+
+    /// Profiles merged away (or replaced by a repair) leave their audiences;
+    /// their survivors are rebuilt from their timelines.
+    fn retire_profiles(&self, audiences: &[LiveAudience], now: DateTime<Utc>) -> Result<usize, AudienceError> {
+        let retired = self.store.retired_audience_profiles(RETIRED_BATCH)?;
+        if retired.is_empty() {
+            return Ok(0);
+        }
+        let mut commit = self.commit_at_cursor()?;
+        let cursor = commit.from;
+        let now_ms = now.timestamp_millis();
+        let mut survivors = BTreeSet::new();
+        for state in self.store.audience_states(&retired)? {
+            commit.states.push(AudienceStateWrite {
+                audience: state.audience,
+                profile: state.profile,
+                state: None,
+                next_change_at_ms: None,
+            });
+        }
+        for id in &retired {
+            for membership in self.store.profile_audiences(*id)? {
+                commit.changes.push(change(&membership.audience, *id, MembershipChangeKind::Exited, now_ms));
+            }
+            if let Some(survivor) = self.store.profile(*id)? {
+                survivors.insert(survivor.id);
+            }
+        }
+        for survivor in survivors {
+            if let Some(profile) = self.store.profile(survivor)? {
+                let events = timeline(self.store.as_ref(), survivor, cursor)?;
+                let mut work = self.load_work(profile)?;
+                work.states.clear();
+                for event in &events {
+                    observe(audiences, &mut work, event);
+                }
+                evaluate(audiences, &mut work, now, now_ms, &mut commit);
+            }
+        }
+        self.commit(&commit)?;
+        Ok(retired.len())
+    }
+
+    fn load_work(&self, profile: Profile) -> Result<ProfileWork, AudienceError> {
+        let loaded: HashMap<String, (AudienceState, Option<i64>)> = self
+            .store
+            .audience_states(&[profile.id])?
+            .into_iter()
+            .map(|stored| (stored.audience, (stored.state, stored.next_change_at_ms)))
+            .collect();
+        let members =
+            self.store.profile_audiences(profile.id)?.into_iter().map(|membership| membership.audience).collect();
+        let states = loaded.iter().map(|(name, (state, _))| (name.clone(), state.clone())).collect();
+        Ok(ProfileWork { profile, loaded, states, members })
+    }
+
+    /// Applies the next batch of events the resolver has committed.
+    fn apply_events(&self, audiences: &[LiveAudience], now: DateTime<Utc>) -> Result<usize, AudienceError> {
+        let mut commit = self.commit_at_cursor()?;
+        let cursor = commit.from;
+        let resolved = self.store.stage_cursor(Stage::RESOLVE)?.map(|cursor| cursor.position).unwrap_or_default();
+        if let Some(metrics) = &self.metrics {
+            metrics.audience_lag_events.set(resolved.0.saturating_sub(cursor.0) as i64);
+        }
+        if resolved <= cursor {
+            return Ok(0);
+        }
+        let entries: Vec<_> = self
+            .store
+            .read_log(cursor, EVENT_BATCH)?
+            .into_iter()
+            .take_while(|entry| entry.position <= resolved)
+            .collect();
+        let Some(to) = entries.last().map(|entry| entry.position) else { return Ok(0) };
+        let owners: HashMap<LogPosition, ProfileId> = self.store.event_owners(cursor, to)?.into_iter().collect();
+        let mut by_owner: BTreeMap<ProfileId, Vec<Event>> = BTreeMap::new();
+        for entry in &entries {
+            let Some(owner) = owners.get(&entry.position) else { continue };
+            match serde_json::from_str::<Event>(&entry.payload) {
+                Ok(event) => by_owner.entry(*owner).or_default().push(event),
+                Err(error) => tracing::warn!(position = %entry.position, %error, "unreadable event skipped"),
+            }
+        }
+        commit.to = to;
+        let live: HashMap<ProfileId, Profile> = self
+            .store
+            .profiles(&by_owner.keys().copied().collect::<Vec<_>>())?
+            .into_iter()
+            .map(|profile| (profile.id, profile))
+            .collect();
+        let mut rebuilt = HashSet::new();
+        for (owner, events) in by_owner {
+            let at_ms = events.iter().map(|event| event.timestamp.timestamp_millis()).max().unwrap_or_default();
+            let (profile, rebuild) = match live.get(&owner) {
+                Some(profile) => (profile.clone(), false),
+                // Merged away since the resolver linked the event: the
+                // survivor is rebuilt from its whole timeline.
+                None => match self.store.profile(owner)? {
+                    Some(profile) => (profile, true),
+                    None => continue,
+                },
+            };
+            if rebuild {
+                if !rebuilt.insert(profile.id) {
+                    continue;
+                }
+                let events = timeline(self.store.as_ref(), profile.id, to)?;
+                let mut work = self.load_work(profile)?;
+                work.states.clear();
+                for event in &events {
+                    observe(audiences, &mut work, event);
+                }
+                evaluate(audiences, &mut work, now, at_ms, &mut commit);
+                continue;
+            }
+            let mut work = self.load_work(profile)?;
+            for event in &events {
+                observe(audiences, &mut work, event);
+            }
+            evaluate(audiences, &mut work, now, at_ms, &mut commit);
+        }
+        self.commit(&commit)?;
+        Ok(entries.len())
+    }
+
+    /// Re-evaluates the profiles whose answer changes by time alone now.
+    fn process_timers(&self, audiences: &[LiveAudience], now: DateTime<Utc>) -> Result<usize, AudienceError> {
+        let due = self.store.due_audience_states(now.timestamp_millis(), TIMER_BATCH)?;
+        if due.is_empty() {
+            return Ok(0);
+        }
+        let mut commit = self.commit_at_cursor()?;
+        let mut earliest: BTreeMap<ProfileId, i64> = BTreeMap::new();
+        for state in &due {
+            let at = state.next_change_at_ms.unwrap_or_else(|| now.timestamp_millis());
+            earliest.entry(state.profile).and_modify(|known| *known = (*known).min(at)).or_insert(at);
+        }
+        for (id, at_ms) in earliest {
+            match self.store.profile(id)? {
+                Some(profile) if profile.id == id => {
+                    let mut work = self.load_work(profile)?;
+                    evaluate(audiences, &mut work, now, at_ms, &mut commit);
+                    // A timer of an audience not evaluated here (waiting for
+                    // its backfill, which sets a new timer, or whose stored
+                    // rule no longer compiles) must not fire again and again.
+                    let stale = due.iter().filter(|state| {
+                        state.profile == id
+                            && !audiences.iter().any(|audience| audience.name == state.audience && audience.covers(id))
+                    });
+                    for state in stale {
+                        commit.states.push(AudienceStateWrite {
+                            audience: state.audience.clone(),
+                            profile: id,
+                            state: Some(state.state.clone()),
+                            next_change_at_ms: None,
+                        });
+                    }
+                }
+                // Retired: its states go with the next retirement round;
+                // meanwhile its timers must not fire again.
+                _ => {
+                    for state in due.iter().filter(|state| state.profile == id) {
+                        commit.states.push(AudienceStateWrite {
+                            audience: state.audience.clone(),
+                            profile: id,
+                            state: Some(state.state.clone()),
+                            next_change_at_ms: None,
+                        });
+                    }
+                }
+            }
+        }
+        self.commit(&commit)?;
+        Ok(due.len())
+    }
+}
+
+fn change(audience: &str, profile: ProfileId, kind: MembershipChangeKind, at_ms: i64) -> MembershipChange {
+    MembershipChange { audience: audience.to_owned(), profile, kind, at_ms }
+}
+
+/// Adds one event to the state of every audience covering the profile whose
+/// rule reads it.
+fn observe(audiences: &[LiveAudience], work: &mut ProfileWork, event: &Event) {
+    for audience in audiences {
+        if audience.covers(work.profile.id) && audience.compiled.reads_event(event) {
+            let state = work.states.entry(audience.name.clone()).or_insert_with(|| audience.compiled.new_state());
+            audience.compiled.observe(state, event);
+        }
+    }
+}
+
+/// Evaluates every audience covering the profile at `now`, in dependency
+/// order, recording entries and exits stamped `at_ms` and the states and
+/// timers that changed.
+fn evaluate(
+    audiences: &[LiveAudience],
+    work: &mut ProfileWork,
+    now: DateTime<Utc>,
+    at_ms: i64,
+    commit: &mut AudienceCommit,
+) {
+    let empty = Map::new();
+    for audience in audiences.iter().filter(|audience| audience.covers(work.profile.id)) {
+        let state = work.states.entry(audience.name.clone()).or_insert_with(|| audience.compiled.new_state());
+        audience.compiled.age_to(state, now);
+        let values = ProfileValues { traits: &work.profile.traits, computed_traits: &empty, audiences: &work.members };
+        let member = audience.compiled.is_member_by_state(state, &values, now);
+        let next = audience.compiled.next_change_at_by_state(state, &values, now).map(|at| at.timestamp_millis());
+        let state = state.clone();
+        if member != work.members.contains(&audience.name) {
+            let kind = if member { MembershipChangeKind::Entered } else { MembershipChangeKind::Exited };
+            commit.changes.push(change(&audience.name, work.profile.id, kind, at_ms));
+            if member {
+                work.members.insert(audience.name.clone());
+            } else {
+                work.members.remove(&audience.name);
+            }
+        }
+        if work.loaded.get(&audience.name) != Some(&(state.clone(), next)) {
+            commit.states.push(AudienceStateWrite {
+                audience: audience.name.clone(),
+                profile: work.profile.id,
+                state: Some(state.clone()),
+                next_change_at_ms: next,
+            });
+            work.loaded.insert(audience.name.clone(), (state, next));
+        }
+    }
+}
+
+/// Audiences ordered so that each comes after those its rule refers to;
+/// a cycle (which creation refuses) keeps its stored order at the end.
+fn dependency_order(mut pending: Vec<(Vec<String>, LiveAudience)>) -> Vec<LiveAudience> {
+    let mut ordered: Vec<LiveAudience> = Vec::with_capacity(pending.len());
+    let names: HashSet<String> = pending.iter().map(|(_, audience)| audience.name.clone()).collect();
+    while !pending.is_empty() {
+        let placed: HashSet<&str> = ordered.iter().map(|audience| audience.name.as_str()).collect();
+        let ready = pending.iter().position(|(references, _)| {
+            references.iter().all(|name| placed.contains(name.as_str()) || !names.contains(name))
+        });
+        let index = ready.unwrap_or(0);
+        ordered.push(pending.remove(index).1);
+    }
+    ordered
+}
+
+/// A profile's events (with those of profiles merged into it) up to the
+/// log position `up_to`, oldest first.
+pub fn timeline(store: &dyn Store, profile: ProfileId, up_to: LogPosition) -> Result<Vec<Event>, StoreError> {
+    let mut events = Vec::new();
+    let mut before: Option<TimelineCursor> = None;
+    loop {
+        let page = store.profile_events(profile, before, TIMELINE_PAGE)?;
+        let Some(last) = page.last() else { break };
+        before = Some(TimelineCursor::at(last));
+        let full = page.len() == TIMELINE_PAGE;
+        for entry in page.into_iter().filter(|entry| entry.position <= up_to) {
+            match serde_json::from_str::<Event>(&entry.payload) {
+                Ok(event) => events.push(event),
+                Err(error) => tracing::warn!(position = %entry.position, %error, "unreadable event skipped"),
+            }
+        }
+        if !full {
+            break;
+        }
+    }
+    events.reverse();
+    Ok(events)
+}
+
+/// Runs the stage on its own thread until `stop` is set. It wakes when the
+/// log head moves and at least every [`TIMER_INTERVAL`], for due timers and
+/// the resolver's progress.
+pub fn spawn(
+    store: Arc<dyn Store>,
+    head: LogHead,
+    clock: Clock,
+    metrics: Metrics,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("tandem-audiences".into())
+        .spawn(move || {
+            let mut stage = AudienceStage::new(store.clone(), clock).with_metrics(metrics);
+            let mut follower = head.follow();
+            // Like the resolver, the stage runs on one node of a shared store
+            // at a time (a lease saves duplicate work; stale commits are
+            // refused anyway); the embedded store grants it at once.
+            let mut lease: Option<StageLease> = None;
+            let mut last_check = std::time::Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                match &mut lease {
+                    None => match store.try_lease(Stage::AUDIENCE) {
+                        Ok(Some(granted)) => {
+                            lease = Some(granted);
+                            last_check = std::time::Instant::now();
+                        }
+                        Ok(None) => {
+                            std::thread::sleep(Duration::from_secs(1));
+                            continue;
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "asking for the audience lease failed; retrying");
+                            std::thread::sleep(Duration::from_secs(1));
+                            continue;
+                        }
+                    },
+                    Some(held) if last_check.elapsed() >= Duration::from_secs(1) => {
+                        last_check = std::time::Instant::now();
+                        if let Err(lost) = held.check() {
+                            tracing::warn!(%lost, "stopped evaluating audiences; waiting for the lease again");
+                            lease = None;
+                            continue;
+                        }
+                    }
+                    Some(_) => {}
+                }
+                match stage.step() {
+                    Ok(report) if report.is_idle() => {
+                        follower.wait_beyond(head.current(), TIMER_INTERVAL);
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::error!(%error, "evaluating audiences failed; retrying");
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                }
+            }
+            tracing::debug!("audience stage stopped");
+        })
+        .expect("spawning the audience thread")
+}
+
+/// A definition that cannot be stored, in the caller's terms.
+#[derive(Debug, thiserror::Error)]
+pub enum DefineError {
+    #[error("an audience name is 1 to {MAX_NAME_LENGTH} characters without control characters")]
+    InvalidName,
+    #[error(transparent)]
+    InvalidRule(#[from] InvalidRule),
+    #[error("the rule refers to {0:?}, which is no audience")]
+    UnknownAudience(String),
+    #[error("audience {name:?} is used by {used_by:?}; delete that first")]
+    InUse { name: String, used_by: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn check_name(name: &str) -> Result<(), DefineError> {
+    let length = name.chars().count();
+    if length == 0 || length > MAX_NAME_LENGTH || name.trim() != name || name.chars().any(char::is_control) {
+        return Err(DefineError::InvalidName);
+    }
+    Ok(())
+}
+
+/// Validates and stores a new audience; the stage backfills it.
+pub fn create_audience(
+    store: &dyn Store,
+    name: &str,
+    rule: Condition,
+    now: DateTime<Utc>,
+) -> Result<AudienceDefinition, DefineError> {
+    check_name(name)?;
+    rule.validate()?;
+    let known: HashSet<String> = store.list_audiences()?.into_iter().map(|record| record.definition.name).collect();
+    if let Some(unknown) = rule.referenced_audiences().into_iter().find(|reference| !known.contains(*reference)) {
+        return Err(DefineError::UnknownAudience(unknown.to_owned()));
+    }
+    let definition = AudienceDefinition { name: name.to_owned(), rule, created_at_ms: now.timestamp_millis() };
+    store.create_audience(&definition)?;
+    Ok(definition)
+}
+
+/// Deletes an audience no other audience refers to.
+pub fn delete_audience(store: &dyn Store, name: &str) -> Result<(), DefineError> {
+    for record in store.list_audiences()? {
+        if record.definition.rule.referenced_audiences().contains(&name) {
+            return Err(DefineError::InUse { name: name.to_owned(), used_by: record.definition.name });
+        }
+    }
+    store.delete_audience(name)?;
+    Ok(())
+}
+
+/// What a rule would select now, without storing anything.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Preview {
+    pub size: u64,
+    pub profiles_evaluated: u64,
+    /// The first members by profile id.
+    pub sample: Vec<ProfileId>,
+}
+
+/// Evaluates a rule over every live profile's timeline (the batch
+/// evaluator), with their current memberships of other audiences.
+pub fn preview(store: &dyn Store, rule: &Condition, now: DateTime<Utc>, sample: usize) -> Result<Preview, DefineError> {
+    let compiled = rule.compile()?;
+    let known: HashSet<String> = store.list_audiences()?.into_iter().map(|record| record.definition.name).collect();
+    if let Some(unknown) = rule.referenced_audiences().into_iter().find(|reference| !known.contains(*reference)) {
+        return Err(DefineError::UnknownAudience(unknown.to_owned()));
+    }
+    let mut result = Preview { size: 0, profiles_evaluated: 0, sample: Vec::new() };
+    let empty = Map::new();
+    let mut after = None;
+    loop {
+        let page = store.list_profiles(after, BACKFILL_PAGE)?;
+        for profile in &page {
+            let events = timeline(store, profile.id, LogPosition(u64::MAX >> 1))?;
+            let members: BTreeSet<String> =
+                store.profile_audiences(profile.id)?.into_iter().map(|membership| membership.audience).collect();
+            let facts =
+                ProfileFacts { traits: &profile.traits, computed_traits: &empty, events: &events, audiences: &members };
+            result.profiles_evaluated += 1;
+            if compiled.is_member(&facts, now) {
+                result.size += 1;
+                if result.sample.len() < sample {
+                    result.sample.push(profile.id);
+                }
+            }
+        }
+        match page.last() {
+            Some(last) if page.len() == BACKFILL_PAGE => after = Some(last.id),
+            _ => break,
+        }
+    }
+    Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resolve::Resolver;
+    use serde_json::{json, Value};
+    use std::sync::Mutex;
+    use tandem_core::collect::{normalize_message, BatchDefaults, IdRequirement, RequestContext};
+    use tandem_core::SourceKind;
+    use tandem_store::{IngestBatch, Membership, SqliteStore};
+
+    const DAY_MS: i64 = 86_400_000;
+
+    fn at(ms: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp_millis(ms).unwrap()
+    }
+
+    /// A clock the test moves by hand.
+    fn manual_clock(start: DateTime<Utc>) -> (Clock, Arc<Mutex<DateTime<Utc>>>) {
+        let now = Arc::new(Mutex::new(start));
+        let read = now.clone();
+        (Arc::new(move || *read.lock().unwrap()), now)
+    }
+
+    /// Appends `messages` (each with its own `timestamp`) and resolves them.
+    fn append_and_resolve(store: &Arc<dyn Store>, messages: &[Value]) {
+        let source = match store.list_sources().unwrap().into_iter().next() {
+            Some(source) => source,
+            None => store.create_source("web", SourceKind::Website).unwrap(),
+        };
+        let request = RequestContext {
+            source_id: &source.id,
+            received_at: at(1_700_000_000_000),
+            client_ip: None,
+            ids: IdRequirement::UserOrAnonymousId,
+        };
+        let records = messages
+            .iter()
+            .map(|message| {
+                let Value::Object(message) = message.clone() else { panic!("object expected") };
+                normalize_message(message, None, &BatchDefaults::default(), &request).unwrap().to_log_record()
+            })
+            .collect();
+        store.append(&[IngestBatch { records, ..Default::default() }], 0).unwrap();
+        Resolver::load(store.clone()).unwrap().catch_up(1_000).unwrap();
+    }
+
+    fn order(user: &str, timestamp_ms: i64) -> Value {
+        let timestamp = tandem_core::event::format_timestamp(at(timestamp_ms));
+        json!({"type": "track", "event": "Order Completed", "userId": user, "timestamp": timestamp})
+    }
+
+    fn member_ids(store: &Arc<dyn Store>, audience: &str) -> Vec<ProfileId> {
+        store.audience_members(audience, None, 100).unwrap().iter().map(|member| member.profile).collect()
+    }
+
+    fn rule(text: &str) -> Condition {
+        Condition::parse(text).unwrap()
+    }
+
+    #[test]
+    fn a_member_leaves_when_its_order_ages_out_of_the_window_without_a_new_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let start = 1_700_000_000_000;
+        let (clock, now) = manual_clock(at(start));
+        create_audience(store.as_ref(), "recent buyers", rule(r#"performed "Order Completed" within 7d"#), at(start))
+            .unwrap();
+        let metrics = Metrics::new();
+        let mut stage = AudienceStage::new(store.clone(), clock).with_metrics(metrics.clone());
+        stage.catch_up().unwrap();
+        append_and_resolve(&store, &[order("ann", start - DAY_MS), order("bob", start - 3 * DAY_MS)]);
+        stage.catch_up().unwrap();
+        let ann = store.profile_by_identifier(&"user_id:ann".parse().unwrap()).unwrap().unwrap().id;
+        let bob = store.profile_by_identifier(&"user_id:bob".parse().unwrap()).unwrap().unwrap().id;
+        assert_eq!(member_ids(&store, "recent buyers"), vec![ann, bob]);
+        assert_eq!(
+            store.profile_audiences(ann).unwrap(),
+            vec![Membership { audience: "recent buyers".into(), profile: ann, entered_at_ms: start - DAY_MS }],
+            "entered at the event's time"
+        );
+
+        // Bob's order leaves the window 4 days from the start; no event arrives.
+        *now.lock().unwrap() = at(start + 4 * DAY_MS - 1);
+        stage.catch_up().unwrap();
+        assert_eq!(member_ids(&store, "recent buyers"), vec![ann, bob], "not a millisecond early");
+        *now.lock().unwrap() = at(start + 4 * DAY_MS + 300);
+        let report = stage.step().unwrap();
+        assert_eq!(report.timers, 1, "one timer was due");
+        assert_eq!(member_ids(&store, "recent buyers"), vec![ann]);
+        assert_eq!(metrics.audience_membership_changes.get(), 3, "two entries and one exit");
+        assert_eq!(metrics.audience_lag_events.get(), 0);
+        let history = store.membership_history("recent buyers", bob).unwrap();
+        assert_eq!(
+            history.iter().map(|change| (change.kind, change.at_ms)).collect::<Vec<_>>(),
+            vec![
+                (MembershipChangeKind::Entered, start - 3 * DAY_MS),
+                (MembershipChangeKind::Exited, start + 4 * DAY_MS)
+            ],
+            "the exit is stamped with the instant the order left the window"
+        );
+        *now.lock().unwrap() = at(start + 6 * DAY_MS);
+        stage.catch_up().unwrap();
+        assert!(member_ids(&store, "recent buyers").is_empty(), "ann's order left too");
+        assert!(stage.step().unwrap().is_idle(), "no timer is left to fire");
+    }
+
+    #[test]
+    fn a_new_audience_is_backfilled_from_history_and_then_follows_events_and_traits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let start = 1_700_000_000_000;
+        let (clock, _now) = manual_clock(at(start));
+        append_and_resolve(
+            &store,
+            &[
+                order("ann", start - DAY_MS),
+                order("ann", start - 2 * DAY_MS),
+                order("bob", start - DAY_MS),
+                json!({"type": "identify", "userId": "cy", "traits": {"plan": "pro"},
+                       "timestamp": tandem_core::event::format_timestamp(at(start - 2 * DAY_MS))}),
+            ],
+        );
+        let mut stage = AudienceStage::new(store.clone(), clock);
+        stage.catch_up().unwrap();
+        create_audience(
+            store.as_ref(),
+            "repeat buyers",
+            rule(r#"count(event "Order Completed", within 30d) >= 2"#),
+            at(start),
+        )
+        .unwrap();
+        create_audience(store.as_ref(), "pro", rule(r#"trait plan = "pro""#), at(start)).unwrap();
+        create_audience(
+            store.as_ref(),
+            "pro or repeat",
+            rule(r#"in audience "pro" or in audience "repeat buyers""#),
+            at(start),
+        )
+        .unwrap();
+        let preview =
+            preview(store.as_ref(), &rule(r#"count(event "Order Completed", within 30d) >= 2"#), at(start), 5).unwrap();
+        assert_eq!((preview.size, preview.profiles_evaluated), (1, 3));
+        stage.catch_up().unwrap();
+        let id =
+            |user: &str| store.profile_by_identifier(&format!("user_id:{user}").parse().unwrap()).unwrap().unwrap().id;
+        assert_eq!(member_ids(&store, "repeat buyers"), vec![id("ann")]);
+        assert_eq!(member_ids(&store, "pro"), vec![id("cy")]);
+        assert_eq!(member_ids(&store, "pro or repeat"), vec![id("ann"), id("cy")]);
+        assert_eq!(store.audience("pro").unwrap().unwrap().backfill, Backfill::Done);
+
+        // New events: bob orders again, cy leaves the plan; each event's
+        // time is its entry's or exit's.
+        append_and_resolve(
+            &store,
+            &[
+                order("bob", start - 100),
+                json!({"type": "identify", "userId": "cy", "traits": {"plan": "free"},
+                       "timestamp": tandem_core::event::format_timestamp(at(start - 50))}),
+            ],
+        );
+        stage.catch_up().unwrap();
+        assert_eq!(member_ids(&store, "repeat buyers"), vec![id("ann"), id("bob")]);
+        assert!(member_ids(&store, "pro").is_empty());
+        assert_eq!(member_ids(&store, "pro or repeat"), vec![id("ann"), id("bob")]);
+        let cy = store.membership_history("pro", id("cy")).unwrap();
+        assert_eq!(
+            cy.last().map(|change| (change.kind, change.at_ms)),
+            Some((MembershipChangeKind::Exited, start - 50))
+        );
+        assert!(matches!(
+            delete_audience(store.as_ref(), "pro"),
+            Err(DefineError::InUse { used_by, .. }) if used_by == "pro or repeat"
+        ));
+        assert!(matches!(
+            create_audience(store.as_ref(), "typo", rule(r#"in audience "nope""#), at(start)),
+            Err(DefineError::UnknownAudience(name)) if name == "nope"
+        ));
+    }
+
+    #[test]
+    fn a_merge_moves_memberships_to_the_survivor_rebuilt_from_its_timeline() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let start = 1_700_000_000_000;
+        let (clock, _now) = manual_clock(at(start));
+        create_audience(
+            store.as_ref(),
+            "repeat buyers",
+            rule(r#"count(event "Order Completed", within 30d) >= 2"#),
+            at(start),
+        )
+        .unwrap();
+        let mut stage = AudienceStage::new(store.clone(), clock);
+        let anonymous = |id: &str, timestamp_ms: i64| {
+            let mut message = order("x", timestamp_ms);
+            message.as_object_mut().unwrap().remove("userId");
+            message["anonymousId"] = json!(id);
+            message
+        };
+        append_and_resolve(&store, &[anonymous("device-1", start - DAY_MS), order("dana", start - DAY_MS)]);
+        stage.catch_up().unwrap();
+        assert!(member_ids(&store, "repeat buyers").is_empty(), "one order each");
+        // The device logs in as dana: the two profiles merge, with two orders.
+        append_and_resolve(
+            &store,
+            &[json!({"type": "identify", "userId": "dana", "anonymousId": "device-1",
+                     "timestamp": tandem_core::event::format_timestamp(at(start - 10))})],
+        );
+        stage.catch_up().unwrap();
+        let dana = store.profile_by_identifier(&"user_id:dana".parse().unwrap()).unwrap().unwrap().id;
+        assert_eq!(member_ids(&store, "repeat buyers"), vec![dana], "the survivor counts both orders");
+        assert!(store.retired_audience_profiles(10).unwrap().is_empty(), "the merged-away profile left");
+
+        // A repair takes the device off dana again: her profile holds one
+        // order, and the stage, seeing the new epoch, evaluates again.
+        let repair =
+            crate::resolve::Repair::Unlink { profile: dana, identifier: "anonymous_id:device-1".parse().unwrap() };
+        crate::resolve::repair(&store, &repair).unwrap();
+        stage.catch_up().unwrap();
+        assert!(member_ids(&store, "repeat buyers").is_empty(), "one order each again");
+        let history = store.membership_history("repeat buyers", dana).unwrap();
+        assert_eq!(history.last().map(|change| change.kind), Some(MembershipChangeKind::Exited));
+    }
+
+    /// Regression: a due timer of an audience the stage does not evaluate
+    /// (here, a stored rule that no longer compiles) fired on every round,
+    /// so the stage never went idle.
+    #[test]
+    fn a_timer_of_an_audience_that_is_not_evaluated_is_cleared_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let start = 1_700_000_000_000;
+        let (clock, _now) = manual_clock(at(start));
+        append_and_resolve(&store, &[order("ann", start - DAY_MS)]);
+        let ann = store.profile_by_identifier(&"user_id:ann".parse().unwrap()).unwrap().unwrap().id;
+        let lonely = Condition::And { conditions: vec![rule(r#"trait plan = "pro""#)] };
+        assert!(lonely.validate().is_err(), "an and of one condition is refused by validation");
+        let broken = AudienceDefinition { name: "broken".into(), rule: lonely, created_at_ms: start };
+        store.create_audience(&broken).unwrap();
+        let state = rule(r#"performed "Order Completed" within 7d"#).compile().unwrap().new_state();
+        let timer = AudienceCommit {
+            states: vec![AudienceStateWrite {
+                audience: "broken".into(),
+                profile: ann,
+                state: Some(state),
+                next_change_at_ms: Some(start - 1),
+            }],
+            ..AudienceCommit::default()
+        };
+        assert_eq!(store.commit_audience(&timer).unwrap(), AudienceCommitOutcome::Committed);
+        let mut stage = AudienceStage::new(store.clone(), clock);
+        assert_eq!(stage.step().unwrap().timers, 1);
+        stage.catch_up().unwrap();
+        assert!(store.due_audience_states(start, 10).unwrap().is_empty());
+        assert!(stage.step().unwrap().is_idle());
+    }
+
+    /// One thing that happens in the property test below.
+    #[derive(Clone, Debug)]
+    enum Happening {
+        /// An order by a user (`u0`…) or a device (`a0`…), this long before now.
+        Order { who: String, age_ms: i64 },
+        /// A device logs in as a user: their profiles merge.
+        LogIn { user: u8, device: u8 },
+        /// Time passes.
+        Wait { ms: i64 },
+    }
+
+    fn happening() -> impl proptest::strategy::Strategy<Value = Happening> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => (prop_oneof![Just("u"), Just("a")], 0..3u8, 0..4 * DAY_MS)
+                .prop_map(|(kind, n, age_ms)| Happening::Order { who: format!("{kind}{n}"), age_ms }),
+            1 => (0..3u8, 0..3u8).prop_map(|(user, device)| Happening::LogIn { user, device }),
+            2 => (0..2 * DAY_MS).prop_map(|ms| Happening::Wait { ms }),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+        /// Whatever events, merges and waits happen, every membership the
+        /// stage keeps equals the batch evaluator over the profile's whole
+        /// timeline at that moment, and each history alternates entries
+        /// and exits.
+        #[test]
+        fn memberships_equal_the_batch_evaluator_over_each_timeline(
+            happenings in proptest::collection::vec(happening(), 1..16)
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+            let start = 1_700_000_000_000;
+            let (clock, now) = manual_clock(at(start));
+            let rules = [
+                ("twice", r#"count(event "Order Completed", within 3d) >= 2"#),
+                ("lately", r#"performed "Order Completed" within 1d"#),
+                ("quiet", r#"not performed "Order Completed" within 2d"#),
+            ];
+            for (name, text) in rules {
+                create_audience(store.as_ref(), name, rule(text), at(start)).unwrap();
+            }
+            let mut stage = AudienceStage::new(store.clone(), clock);
+            let mut messages = 0;
+            for happening in happenings {
+                let now_ms = now.lock().unwrap().timestamp_millis();
+                messages += 1;
+                match happening {
+                    Happening::Order { who, age_ms } => {
+                        let mut message = order("x", now_ms - age_ms);
+                        message.as_object_mut().unwrap().remove("userId");
+                        let key = if who.starts_with('u') { "userId" } else { "anonymousId" };
+                        message[key] = json!(who);
+                        message["messageId"] = json!(format!("m{messages}"));
+                        append_and_resolve(&store, &[message]);
+                    }
+                    Happening::LogIn { user, device } => append_and_resolve(
+                        &store,
+                        &[json!({"type": "identify", "userId": format!("u{user}"), "anonymousId": format!("a{device}"),
+                                 "messageId": format!("m{messages}"),
+                                 "timestamp": tandem_core::event::format_timestamp(at(now_ms))})],
+                    ),
+                    Happening::Wait { ms } => *now.lock().unwrap() = at(now_ms + ms),
+                }
+                stage.catch_up().unwrap();
+                let now_time = *now.lock().unwrap();
+                let empty = Map::new();
+                for profile in store.list_profiles(None, 100).unwrap() {
+                    let events = timeline(store.as_ref(), profile.id, LogPosition(u64::MAX >> 1)).unwrap();
+                    let members: BTreeSet<String> =
+                        store.profile_audiences(profile.id).unwrap().into_iter().map(|m| m.audience).collect();
+                    let none = BTreeSet::new();
+                    let facts = ProfileFacts { traits: &profile.traits, computed_traits: &empty, events: &events, audiences: &none };
+                    for (name, text) in rules {
+                        let expected = rule(text).compile().unwrap().is_member(&facts, now_time);
+                        proptest::prop_assert_eq!(
+                            members.contains(name), expected,
+                            "{} in {} at {}: {:?}", profile.id, name, now_time, events.iter().map(|e| e.timestamp).collect::<Vec<_>>()
+                        );
+                        let history = store.membership_history(name, profile.id).unwrap();
+                        for (index, change) in history.iter().enumerate() {
+                            let entered = index % 2 == 0;
+                            proptest::prop_assert_eq!(change.kind == MembershipChangeKind::Entered, entered, "{:?}", history);
+                        }
+                    }
+                }
+                proptest::prop_assert!(store.retired_audience_profiles(10).unwrap().is_empty());
+                for record in store.list_audiences().unwrap() {
+                    let members = store.audience_members(&record.definition.name, None, 1_000).unwrap();
+                    proptest::prop_assert_eq!(record.size, members.len() as u64, "the kept size is the member count");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! The audience stage's storage interface: audience definitions, each
+//! profile's membership with its enter/exit history, the per-profile
+//! evaluation state of every audience (a serialized
+//! [`AudienceState`]) with its due-timer (when time alone changes the
+//! answer), and the stage's cursor in `stage_cursors`, all written together
+//! by [`AudienceStore::commit_audience`] so a crash replays from exactly the
+//! last committed effects.
+
+use serde::Serialize;
+use tandem_core::audience::{AudienceState, Condition};
+use tandem_core::{LogPosition, ProfileId};
+
+use crate::{Stage, StoreError};
+
+impl Stage {
+    /// The audience stage.
+    pub const AUDIENCE: Stage = Stage("audience");
+}
+
+/// An audience as defined by a person: a unique name and its rule.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AudienceDefinition {
+    pub name: String,
+    pub rule: Condition,
+    pub created_at_ms: i64,
+}
+
+/// How far the stage has evaluated a new audience over the profiles that
+/// existed before it: profiles are backfilled by id, a page at a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backfill {
+    /// Profiles with an id above `after` (all of them for `None`) are not
+    /// evaluated yet.
+    Pending { after: Option<ProfileId> },
+    /// Every profile is evaluated; new events keep the audience current.
+    Done,
+}
+
+/// A stored audience with its current number of members.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AudienceRecord {
+    pub definition: AudienceDefinition,
+    pub size: u64,
+    pub backfill: Backfill,
+}
+
+/// A profile's current membership of one audience.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Membership {
+    pub audience: String,
+    pub profile: ProfileId,
+    /// When the profile entered (the time of the event, or of the timer,
+    /// that made it a member), in milliseconds.
+    pub entered_at_ms: i64,
+}
+
+/// Whether a profile entered or left an audience.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MembershipChangeKind {
+    Entered,
+    Exited,
+}
+
+impl MembershipChangeKind {
+    /// The change as stored and shown: `entered` or `exited`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MembershipChangeKind::Entered => "entered",
+            MembershipChangeKind::Exited => "exited",
+        }
+    }
+}
+
+/// One entry of a membership's history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MembershipChange {
+    pub audience: String,
+    pub profile: ProfileId,
+    pub kind: MembershipChangeKind,
+    pub at_ms: i64,
+}
+
+/// One profile's evaluation state for one audience, and when its answer
+/// next changes without a new event (its due-timer), if ever.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredAudienceState {
+    pub audience: String,
+    pub profile: ProfileId,
+    pub state: AudienceState,
+    pub next_change_at_ms: Option<i64>,
+}
+
+/// A state to write (`state: Some`) or to remove (`None`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AudienceStateWrite {
+    pub audience: String,
+    pub profile: ProfileId,
+    pub state: Option<AudienceState>,
+    pub next_change_at_ms: Option<i64>,
+}
+
+/// What the audience stage writes in one transaction.
+#[derive(Clone, Debug, Default)]
+pub struct AudienceCommit {
+    /// The stage position the effects start from.
+    pub from: LogPosition,
+    /// The stage position once committed (`from` for timer and backfill
+    /// work, which reads no new event).
+    pub to: LogPosition,
+    /// The resolver's epoch the effects were computed in, kept in the
+    /// stage's `stage_cursors` row: when a repair moves the resolver to a
+    /// new epoch, the stage evaluates every audience again.
+    pub epoch: u64,
+    pub states: Vec<AudienceStateWrite>,
+    /// Applied in order: `Entered` adds the membership, `Exited` removes
+    /// it; each that changed a membership is appended to the history (one
+    /// that changed nothing, such as a second stage applying the same
+    /// timer, is dropped).
+    pub changes: Vec<MembershipChange>,
+    /// Backfill progress of new audiences.
+    pub backfill: Vec<(String, Backfill)>,
+}
+
+/// What became of an [`AudienceCommit`]; only `Committed` wrote anything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AudienceCommitOutcome {
+    Committed,
+    /// The stage's position is no longer the commit's `from`: another
+    /// audience stage applied those events first.
+    StalePosition,
+}
+
+/// The audience stage's storage.
+pub trait AudienceStore: Send + Sync + 'static {
+    /// Stores a new audience, to be backfilled; refused with
+    /// [`StoreError::AudienceExists`] when the name is taken.
+    fn create_audience(&self, definition: &AudienceDefinition) -> Result<(), StoreError>;
+
+    /// Every audience, by name.
+    fn list_audiences(&self) -> Result<Vec<AudienceRecord>, StoreError>;
+
+    /// One audience by name.
+    fn audience(&self, name: &str) -> Result<Option<AudienceRecord>, StoreError>;
+
+    /// Removes an audience with its memberships, history and states;
+    /// [`StoreError::AudienceNotFound`] when there is none of that name.
+    fn delete_audience(&self, name: &str) -> Result<(), StoreError>;
+
+    /// Members of an audience with a profile id above `after`, by id, at most `limit`.
+    fn audience_members(
+        &self,
+        name: &str,
+        after: Option<ProfileId>,
+        limit: usize,
+    ) -> Result<Vec<Membership>, StoreError>;
+
+    /// The audiences a profile is a member of now, by audience name.
+    fn profile_audiences(&self, profile: ProfileId) -> Result<Vec<Membership>, StoreError>;
+
+    /// A profile's history in one audience, oldest first.
+    fn membership_history(&self, name: &str, profile: ProfileId) -> Result<Vec<MembershipChange>, StoreError>;
+
+    /// The stored states of these profiles, for every audience, in no order.
+    fn audience_states(&self, profiles: &[ProfileId]) -> Result<Vec<StoredAudienceState>, StoreError>;
+
+    /// States whose timer is due at `now_ms` (at or before it), soonest
+    /// first, at most `limit`.
+    fn due_audience_states(&self, now_ms: i64, limit: usize) -> Result<Vec<StoredAudienceState>, StoreError>;
+
+    /// Profiles that have audience states or memberships but no longer name
+    /// a live profile (merged away, or replaced by a repair), at most `limit`.
+    fn retired_audience_profiles(&self, limit: usize) -> Result<Vec<ProfileId>, StoreError>;
+
+    /// Writes the stage's effects and moves its cursor from `commit.from` to
+    /// `commit.to`, in one transaction. States, memberships and history of an
+    /// audience that no longer exists (deleted while the stage evaluated it)
+    /// are not written.
+    fn commit_audience(&self, commit: &AudienceCommit) -> Result<AudienceCommitOutcome, StoreError>;
+}
+
+/// A state as stored: JSON text.
+pub(crate) fn state_to_text(state: &AudienceState) -> Result<String, StoreError> {
+    serde_json::to_string(state).map_err(|error| StoreError::Backend(Box::new(error)))
+}
+
+pub(crate) fn state_from_text(text: &str) -> Result<AudienceState, StoreError> {
+    serde_json::from_str(text).map_err(|error| StoreError::Backend(Box::new(error)))
+}
+
+pub(crate) fn rule_to_text(rule: &Condition) -> Result<String, StoreError> {
+    serde_json::to_string(rule).map_err(|error| StoreError::Backend(Box::new(error)))
+}
+
+pub(crate) fn rule_from_text(text: &str) -> Result<Condition, StoreError> {
+    serde_json::from_str(text).map_err(|error| StoreError::Backend(Box::new(error)))
+}
+
+/// The stored form of [`Backfill`]: `backfilled` and the last profile id done
+/// (0 for none).
+pub(crate) fn backfill_columns(backfill: Backfill) -> (bool, i64) {
+    match backfill {
+        Backfill::Done => (true, 0),
+        Backfill::Pending { after } => (false, after.map_or(0, |id| id.0 as i64)),
+    }
+}
+
+pub(crate) fn backfill_from_columns(backfilled: bool, after: i64) -> Backfill {
+    if backfilled {
+        Backfill::Done
+    } else {
+        Backfill::Pending { after: (after > 0).then_some(ProfileId(after as u64)) }
+    }
+}
+
+pub(crate) fn change_kind_from_text(text: &str) -> MembershipChangeKind {
+    if text == "entered" {
+        MembershipChangeKind::Entered
+    } else {
+        MembershipChangeKind::Exited
+    }
+}
