@@ -187,6 +187,9 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX audience_states_by_profile ON audience_states (profile_id);
     CREATE INDEX audience_states_by_timer ON audience_states (next_change_at) WHERE next_change_at IS NOT NULL;"#,
+    // 3: the live profile count, kept by every identity commit (see `sqlite.rs`, migration 9).
+    r#"ALTER TABLE identity_state ADD COLUMN live_profiles BIGINT NOT NULL DEFAULT 0;
+    UPDATE identity_state SET live_profiles = (SELECT COUNT(*) FROM profiles WHERE state IS NOT NULL);"#,
 ];
 
 /// The PostgreSQL implementation of [`crate::Store`].

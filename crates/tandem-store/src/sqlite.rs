@@ -190,6 +190,10 @@ const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     CREATE INDEX audience_states_by_profile ON audience_states (profile_id);
     CREATE INDEX audience_states_by_timer ON audience_states (next_change_at) WHERE next_change_at IS NOT NULL;",
+    // 9: the live profile count, kept by every identity commit, so the
+    // resolver's start and `stats` do not count a table of millions of rows.
+    "ALTER TABLE identity_state ADD COLUMN live_profiles INTEGER NOT NULL DEFAULT 0;
+    UPDATE identity_state SET live_profiles = (SELECT COUNT(*) FROM profiles WHERE state IS NOT NULL);",
 ];
 
 /// The `received_at` of a message id kept for good ([`Dedup::Forever`]).
@@ -847,7 +851,7 @@ fn read_stats(connection: &Connection) -> Result<IngestStats, StoreError> {
     )? as u64);
     stats.resolver_lag = stats.log_head.0.saturating_sub(stats.resolver_position.0);
     stats.profiles = connection
-        .query_row("SELECT COUNT(*) FROM profiles WHERE state IS NOT NULL", [], |row| row.get::<_, i64>(0))?
+        .query_row("SELECT live_profiles FROM identity_state WHERE id = 1", [], |row| row.get::<_, i64>(0))?
         as u64;
     stats.unresolved =
         connection.query_row("SELECT COUNT(*) FROM unresolved_events", [], |row| row.get::<_, i64>(0))? as u64;

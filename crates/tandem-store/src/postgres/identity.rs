@@ -34,7 +34,7 @@ fn state(transaction: &mut Transaction<'_>) -> Result<IdentityState, StoreError>
     let cursor =
         transaction.query_one("SELECT position, epoch FROM stage_cursors WHERE stage = $1", &[&Stage::RESOLVE.0])?;
     let live_profiles: i64 =
-        transaction.query_one("SELECT COUNT(*) FROM profiles WHERE state IS NOT NULL", &[])?.try_get(0)?;
+        transaction.query_one("SELECT live_profiles FROM identity_state WHERE id = 1", &[])?.try_get(0)?;
     Ok(IdentityState {
         position: LogPosition(cursor.try_get::<_, i64>(0)? as u64),
         epoch: cursor.try_get::<_, i64>(1)? as u64,
@@ -72,8 +72,17 @@ fn commit(
         return Ok(CommitOutcome::StalePosition);
     }
     let repairing = repair.is_some();
+    // Live profiles gained (new or revived) minus lost (removed or merged
+    // away), counted as each write happens, kept in `identity_state`.
+    let mut live_delta: i64 = 0;
+    let live_among = |transaction: &mut Transaction<'_>, ids: &[i64]| -> Result<i64, StoreError> {
+        Ok(transaction
+            .query_one("SELECT COUNT(*) FROM profiles WHERE id = ANY($1) AND state IS NOT NULL", &[&ids])?
+            .try_get(0)?)
+    };
     if let Some(cleared) = repair {
         let profiles: Vec<i64> = cleared.profiles.iter().map(|id| id.0 as i64).collect();
+        live_delta -= live_among(transaction, &profiles)?;
         for sql in [
             "DELETE FROM identifiers WHERE profile_id = ANY($1)",
             "DELETE FROM profile_events WHERE profile_id = ANY($1)",
@@ -94,11 +103,20 @@ fn commit(
         let move_events = transaction.prepare("UPDATE profile_events SET profile_id = $2 WHERE profile_id = $1")?;
         for (from, into) in &commit.merged {
             let (from, into) = (from.0 as i64, into.0 as i64);
+            live_delta -= live_among(transaction, &[from])?;
             for statement in [&retire, &repoint, &move_identifiers, &move_events] {
                 transaction.execute(statement, &[&from, &into])?;
             }
         }
     }
+    let saved: Vec<i64> = commit
+        .profiles
+        .iter()
+        .map(|profile| profile.id.0 as i64)
+        .collect::<std::collections::BTreeSet<i64>>()
+        .into_iter()
+        .collect();
+    live_delta += saved.len() as i64 - live_among(transaction, &saved)?;
     save_profiles(transaction, &commit.profiles)?;
     save_identifiers(transaction, &commit.identifiers)?;
     if !commit.events.is_empty() {
@@ -126,8 +144,10 @@ fn commit(
         transaction.execute("UPDATE identity_state SET rules = $1 WHERE id = 1", &[&text])?;
     }
     let new_epoch = if repairing || commit.rules.is_some() { epoch + 1 } else { epoch };
-    transaction
-        .execute("UPDATE identity_state SET next_profile_id = $1 WHERE id = 1", &[&(commit.next_profile_id as i64)])?;
+    transaction.execute(
+        "UPDATE identity_state SET next_profile_id = $1, live_profiles = live_profiles + $2 WHERE id = 1",
+        &[&(commit.next_profile_id as i64), &live_delta],
+    )?;
     transaction.execute(
         "UPDATE stage_cursors SET position = $1, epoch = $2 WHERE stage = $3",
         &[&(commit.to.0 as i64), &new_epoch, &Stage::RESOLVE.0],

@@ -425,7 +425,7 @@ fn read_stats(transaction: &mut Transaction<'_>) -> Result<IngestStats, StoreErr
     stats.resolver_position = LogPosition(resolver as u64);
     stats.resolver_lag = stats.log_head.0.saturating_sub(stats.resolver_position.0);
     let profiles: i64 =
-        transaction.query_one("SELECT COUNT(*) FROM profiles WHERE state IS NOT NULL", &[])?.try_get(0)?;
+        transaction.query_one("SELECT live_profiles FROM identity_state WHERE id = 1", &[])?.try_get(0)?;
     stats.profiles = profiles as u64;
     let unresolved: i64 = transaction.query_one("SELECT COUNT(*) FROM unresolved_events", &[])?.try_get(0)?;
     stats.unresolved = unresolved as u64;

@@ -25,7 +25,7 @@ fn state_in_transaction(connection: &Connection) -> Result<IdentityState, StoreE
         })?;
     let (position, epoch) = cursor(connection)?;
     let live_profiles: i64 =
-        connection.query_row("SELECT COUNT(*) FROM profiles WHERE state IS NOT NULL", [], |row| row.get(0))?;
+        connection.query_row("SELECT live_profiles FROM identity_state WHERE id = 1", [], |row| row.get(0))?;
     Ok(IdentityState {
         position: LogPosition(position as u64),
         next_profile_id: next_profile_id as u64,
@@ -70,7 +70,17 @@ pub fn commit(
         return Ok(CommitOutcome::StalePosition);
     }
     let repairing = repair.is_some();
+    // Live profiles gained (new or revived) minus lost (removed or merged
+    // away), counted as each write happens, kept in `identity_state`.
+    let mut live_delta: i64 = 0;
+    let mut is_live = transaction.prepare_cached("SELECT state IS NOT NULL FROM profiles WHERE id = ?1")?;
+    let mut live = |id: ProfileId| -> Result<bool, StoreError> {
+        Ok(is_live.query_row([id.0 as i64], |row| row.get::<_, bool>(0)).optional()?.unwrap_or(false))
+    };
     if let Some(cleared) = repair {
+        for profile in cleared.profiles {
+            live_delta -= i64::from(live(*profile)?);
+        }
         let mut clear_identifiers = transaction.prepare_cached("DELETE FROM identifiers WHERE profile_id = ?1")?;
         let mut clear_events = transaction.prepare_cached("DELETE FROM profile_events WHERE profile_id = ?1")?;
         let mut clear_profile = transaction.prepare_cached("DELETE FROM profiles WHERE id = ?1")?;
@@ -95,6 +105,7 @@ pub fn commit(
         let mut move_events =
             transaction.prepare_cached("UPDATE profile_events SET profile_id = ?2 WHERE profile_id = ?1")?;
         for (from, into) in &commit.merged {
+            live_delta -= i64::from(live(*from)?);
             let (from, into) = (from.0 as i64, into.0 as i64);
             retire.execute([from, into])?;
             repoint.execute([from, into])?;
@@ -106,6 +117,7 @@ pub fn commit(
              ON CONFLICT (id) DO UPDATE SET merged_into = NULL, state = excluded.state",
         )?;
         for profile in &commit.profiles {
+            live_delta += i64::from(!live(profile.id)?);
             save_profile.execute(params![profile.id.0 as i64, serde_json::to_string(profile).map_err(json_error)?])?;
         }
         let mut save_identifier = transaction.prepare_cached(
@@ -150,13 +162,14 @@ pub fn commit(
     }
     let new_epoch = if repairing || commit.rules.is_some() { epoch + 1 } else { epoch };
     transaction.execute(
-        "UPDATE identity_state SET next_profile_id = ?1 WHERE id = 1",
-        params![commit.next_profile_id as i64],
+        "UPDATE identity_state SET next_profile_id = ?1, live_profiles = live_profiles + ?2 WHERE id = 1",
+        params![commit.next_profile_id as i64, live_delta],
     )?;
     transaction.execute(
         "UPDATE stage_cursors SET position = ?1, epoch = ?2 WHERE stage = ?3",
         params![commit.to.0 as i64, new_epoch, Stage::RESOLVE.0],
     )?;
+    drop(is_live);
     transaction.commit()?;
     Ok(CommitOutcome::Committed)
 }
