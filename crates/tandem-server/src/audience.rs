@@ -574,6 +574,7 @@ pub fn spawn(
             // refused anyway); the embedded store grants it at once.
             let mut lease: Option<StageLease> = None;
             let mut last_check = std::time::Instant::now();
+            let mut failing = crate::resolve::RateLimitedWarning::new(Duration::from_secs(30));
             while !stop.load(Ordering::Relaxed) {
                 match &mut lease {
                     None => match store.try_lease(Stage::AUDIENCE) {
@@ -586,7 +587,9 @@ pub fn spawn(
                             continue;
                         }
                         Err(error) => {
-                            tracing::warn!(%error, "asking for the audience lease failed; retrying");
+                            if let Some(held_back) = failing.admit(std::time::Instant::now()) {
+                                tracing::warn!(%error, held_back, "asking for the audience lease failed; retrying");
+                            }
                             std::thread::sleep(Duration::from_secs(1));
                             continue;
                         }

@@ -109,19 +109,19 @@ const PRELOAD_PAGE: usize = 10_000;
 
 /// A warning that repeats at most once per interval, saying how many were
 /// held back, so a stream of bad events cannot flood the log.
-struct RateLimitedWarning {
+pub(crate) struct RateLimitedWarning {
     interval: Duration,
     last: Option<Instant>,
     suppressed: u64,
 }
 
 impl RateLimitedWarning {
-    fn new(interval: Duration) -> Self {
+    pub(crate) fn new(interval: Duration) -> Self {
         RateLimitedWarning { interval, last: None, suppressed: 0 }
     }
 
     /// Whether to log now; `Some(n)` with the number held back since the last one.
-    fn admit(&mut self, now: Instant) -> Option<u64> {
+    pub(crate) fn admit(&mut self, now: Instant) -> Option<u64> {
         match self.last {
             Some(last) if now.duration_since(last) < self.interval => {
                 self.suppressed += 1;
@@ -811,6 +811,7 @@ impl ResolverNode {
     fn wait_for_lease(&self) -> Option<StageLease> {
         self.leases.set(Stage::RESOLVE, false);
         let mut said_waiting = false;
+        let mut failing = RateLimitedWarning::new(Duration::from_secs(30));
         loop {
             if self.stopping() {
                 return None;
@@ -822,7 +823,11 @@ impl ResolverNode {
                     said_waiting = true;
                 }
                 Ok(None) => {}
-                Err(error) => tracing::warn!(%error, "asking for the resolver lease failed; retrying"),
+                Err(error) => {
+                    if let Some(held_back) = failing.admit(Instant::now()) {
+                        tracing::warn!(%error, held_back, "asking for the resolver lease failed; retrying");
+                    }
+                }
             }
             std::thread::sleep(LEASE_INTERVAL);
         }
