@@ -713,10 +713,11 @@ fn evaluate_computed(
         .filter_map(|(name, (_, value, _))| Some((name.clone(), value.clone()?)))
         .collect();
     let profile = work.profile.id;
+    let backfilling = work.backfilling.clone();
     let evaluated = definitions
         .computed
         .iter()
-        .filter(|computed| computed.covers(profile) || work.backfilling.as_deref() == Some(computed.name.as_str()));
+        .filter(|computed| computed.covers(profile) || backfilling.as_deref() == Some(computed.name.as_str()));
     for computed in evaluated {
         let state = work.computed_states.entry(computed.name.clone()).or_insert_with(|| computed.compiled.new_state());
         computed.compiled.age_to(state, now);
@@ -1235,7 +1236,7 @@ mod tests {
     fn a_computed_trait_is_backfilled_ages_out_on_time_and_decides_an_audience() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
-        let start = 1_700_000_000_000; // 22:13 UTC
+        let start: i64 = 1_700_000_000_000; // 22:13 UTC
         let day_start = start - start.rem_euclid(DAY_MS);
         let (clock, now) = manual_clock(at(start));
         append_and_resolve(

@@ -77,7 +77,9 @@ fn parse_error(error: ParseError) -> ApiError {
 
 fn define_error(error: DefineError) -> ApiError {
     match error {
-        DefineError::InvalidName => ApiError::new(ErrorCode::InvalidValue, error.to_string()).with_field("name"),
+        DefineError::InvalidName | DefineError::InvalidComputedTraitName => {
+            ApiError::new(ErrorCode::InvalidValue, error.to_string()).with_field("name")
+        }
         DefineError::InvalidRule(invalid) => {
             ApiError::new(ErrorCode::InvalidRule, invalid.to_string()).with_field("rule")
         }

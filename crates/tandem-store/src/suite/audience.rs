@@ -100,6 +100,7 @@ pub fn commits_record_memberships_history_and_states_and_refuse_stale_writers(st
         ],
         backfill: vec![("buyers".into(), Backfill::Pending { after: Some(ProfileId(2)) })],
         epoch: 0,
+        ..AudienceCommit::default()
     };
     assert_eq!(store.commit_audience(&first).unwrap(), AudienceCommitOutcome::Committed);
     assert_eq!(
@@ -118,6 +119,7 @@ pub fn commits_record_memberships_history_and_states_and_refuse_stale_writers(st
         changes: vec![change("buyers", 2, MembershipChangeKind::Exited, 200)],
         backfill: vec![("buyers".into(), Backfill::Done)],
         epoch: 3,
+        ..AudienceCommit::default()
     };
     assert_eq!(store.commit_audience(&second).unwrap(), AudienceCommitOutcome::Committed);
     assert_eq!(
