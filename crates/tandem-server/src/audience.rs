@@ -1263,7 +1263,7 @@ mod tests {
         ));
         create_audience(store.as_ref(), "repeat buyers", rule(r#"computed "recent orders" >= 2"#), at(start)).unwrap();
         let report = stage.step().unwrap();
-        assert_eq!(report.computed_backfilled, 2, "one page for each computed trait");
+        assert_eq!(report.computed_backfilled, 4, "both profiles, for each of the two computed traits");
         stage.catch_up().unwrap();
         assert_eq!(store.computed_trait("spent").unwrap().unwrap().backfill, Backfill::Done);
         assert_eq!(computed_values(&store, ann), json!({"recent orders": 2, "spent": 42.5}).as_object().cloned().unwrap());
