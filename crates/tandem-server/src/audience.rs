@@ -236,9 +236,7 @@ impl AudienceStage {
         let mut computed = Vec::new();
         for record in self.store.list_computed_traits()? {
             match record.definition.compile() {
-                Ok(compiled) => {
-                    computed.push(LiveComputed { name: record.name, compiled, backfill: record.backfill })
-                }
+                Ok(compiled) => computed.push(LiveComputed { name: record.name, compiled, backfill: record.backfill }),
                 Err(error) => tracing::warn!(computed_trait = %record.name, %error, "stored definition is invalid"),
             }
         }
@@ -646,7 +644,8 @@ fn change(audience: &str, profile: ProfileId, kind: MembershipChangeKind, at_ms:
 fn observe(definitions: &Definitions, work: &mut ProfileWork, event: &Event) {
     for computed in &definitions.computed {
         if computed.covers(work.profile.id) && computed.compiled.reads_event(event) {
-            let state = work.computed_states.entry(computed.name.clone()).or_insert_with(|| computed.compiled.new_state());
+            let state =
+                work.computed_states.entry(computed.name.clone()).or_insert_with(|| computed.compiled.new_state());
             computed.compiled.observe(state, event);
         }
     }
@@ -707,11 +706,8 @@ fn evaluate_computed(
     now: DateTime<Utc>,
     commit: &mut AudienceCommit,
 ) -> Map<String, Value> {
-    let mut values: Map<String, Value> = work
-        .computed_loaded
-        .iter()
-        .filter_map(|(name, (_, value, _))| Some((name.clone(), value.clone()?)))
-        .collect();
+    let mut values: Map<String, Value> =
+        work.computed_loaded.iter().filter_map(|(name, (_, value, _))| Some((name.clone(), value.clone()?))).collect();
     let profile = work.profile.id;
     let backfilling = work.backfilling.clone();
     let evaluated = definitions
@@ -943,8 +939,12 @@ pub fn preview(store: &dyn Store, rule: &Condition, now: DateTime<Utc>, sample: 
             let members: BTreeSet<String> =
                 store.profile_audiences(profile.id)?.into_iter().map(|membership| membership.audience).collect();
             let computed = stored_computed_values(store, profile.id)?;
-            let facts =
-                ProfileFacts { traits: &profile.traits, computed_traits: &computed, events: &events, audiences: &members };
+            let facts = ProfileFacts {
+                traits: &profile.traits,
+                computed_traits: &computed,
+                events: &events,
+                audiences: &members,
+            };
             result.profiles_evaluated += 1;
             if compiled.is_member(&facts, now) {
                 result.size += 1;
@@ -1241,7 +1241,11 @@ mod tests {
         let (clock, now) = manual_clock(at(start));
         append_and_resolve(
             &store,
-            &[purchase("ann", 30.0, start - DAY_MS), purchase("ann", 12.5, start - 60_000), purchase("bob", 5.0, start)],
+            &[
+                purchase("ann", 30.0, start - DAY_MS),
+                purchase("ann", 12.5, start - 60_000),
+                purchase("bob", 5.0, start),
+            ],
         );
         let mut stage = AudienceStage::new(store.clone(), clock);
         stage.catch_up().unwrap();
@@ -1249,8 +1253,13 @@ mod tests {
         let bob = store.profile_by_identifier(&"user_id:bob".parse().unwrap()).unwrap().unwrap().id;
 
         // Created after the events: the backfill computes them from timelines.
-        create_computed_trait(store.as_ref(), "recent orders", &definition(r#"count of "Order Completed" within 2d"#), at(start))
-            .unwrap();
+        create_computed_trait(
+            store.as_ref(),
+            "recent orders",
+            &definition(r#"count of "Order Completed" within 2d"#),
+            at(start),
+        )
+        .unwrap();
         create_computed_trait(store.as_ref(), "spent", &definition(r#"sum(total) of "Order Completed""#), at(start))
             .unwrap();
         assert!(matches!(
@@ -1266,7 +1275,10 @@ mod tests {
         assert_eq!(report.computed_backfilled, 4, "both profiles, for each of the two computed traits");
         stage.catch_up().unwrap();
         assert_eq!(store.computed_trait("spent").unwrap().unwrap().backfill, Backfill::Done);
-        assert_eq!(computed_values(&store, ann), json!({"recent orders": 2, "spent": 42.5}).as_object().cloned().unwrap());
+        assert_eq!(
+            computed_values(&store, ann),
+            json!({"recent orders": 2, "spent": 42.5}).as_object().cloned().unwrap()
+        );
         assert_eq!(computed_values(&store, bob), json!({"recent orders": 1, "spent": 5}).as_object().cloned().unwrap());
         assert_eq!(member_ids(&store, "repeat buyers"), vec![ann]);
 
@@ -1291,7 +1303,10 @@ mod tests {
         // A new order: the event updates the value and the audience at once.
         append_and_resolve(&store, &[purchase("ann", 7.5, day_start + DAY_MS + 50)]);
         stage.catch_up().unwrap();
-        assert_eq!(computed_values(&store, ann), json!({"recent orders": 2, "spent": 50}).as_object().cloned().unwrap());
+        assert_eq!(
+            computed_values(&store, ann),
+            json!({"recent orders": 2, "spent": 50}).as_object().cloned().unwrap()
+        );
         assert_eq!(member_ids(&store, "repeat buyers"), vec![ann]);
 
         // Days later every order has left the window; nothing is left to fire.

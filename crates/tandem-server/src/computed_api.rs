@@ -30,8 +30,7 @@ pub fn routes() -> Router<AppState> {
 
 /// A definition as a request gives it: the JSON object, or `{"text": "…"}`.
 pub fn parse_definition(definition: &Value) -> Result<ComputedTraitDefinition, ApiError> {
-    if let Some(text) =
-        definition.as_object().filter(|object| object.len() == 1).and_then(|object| object.get("text"))
+    if let Some(text) = definition.as_object().filter(|object| object.len() == 1).and_then(|object| object.get("text"))
     {
         let text = text.as_str().ok_or_else(|| {
             ApiError::new(ErrorCode::InvalidComputedTrait, "definition.text must be a string")
@@ -40,11 +39,10 @@ pub fn parse_definition(definition: &Value) -> Result<ComputedTraitDefinition, A
         return ComputedTraitDefinition::parse(text).map_err(parse_error);
     }
     ComputedTraitDefinition::from_json(&definition.to_string()).map_err(|error| match error {
-        RuleJsonError::Malformed { message, .. } => ApiError::new(
-            ErrorCode::InvalidComputedTrait,
-            format!("definition is not a computed trait: {message}"),
-        )
-        .with_field("definition"),
+        RuleJsonError::Malformed { message, .. } => {
+            ApiError::new(ErrorCode::InvalidComputedTrait, format!("definition is not a computed trait: {message}"))
+                .with_field("definition")
+        }
         RuleJsonError::Invalid(invalid) => {
             ApiError::new(ErrorCode::InvalidComputedTrait, invalid.problem.to_string()).with_field("definition")
         }

@@ -1629,7 +1629,10 @@ mod computed_traits {
         .await;
         assert_eq!(status, StatusCode::CREATED, "{created}");
         assert_eq!(created["definition"], json!({"function": "sum", "property": "total", "event": "Order Completed"}));
-        assert_eq!((created["backfilled"].as_bool(), created["backfilled_through"].clone()), (Some(false), Value::Null));
+        assert_eq!(
+            (created["backfilled"].as_bool(), created["backfilled_through"].clone()),
+            (Some(false), Value::Null)
+        );
         let (status, _) = send_json(
             &harness,
             Method::POST,
@@ -1669,8 +1672,7 @@ mod computed_traits {
         let (_, bob) = get(&harness, "/api/v1/profiles/prof_2", Some(&token)).await;
         assert_eq!(bob["computed_traits"], json!({"orders": 0, "spent": 0}), "no orders count as 0");
 
-        let (status, _) =
-            send_json(&harness, Method::DELETE, "/api/v1/computed-traits/spent", &token, json!({})).await;
+        let (status, _) = send_json(&harness, Method::DELETE, "/api/v1/computed-traits/spent", &token, json!({})).await;
         assert_eq!(status, StatusCode::NO_CONTENT);
         let (status, body) = get(&harness, "/api/v1/computed-traits/spent", Some(&token)).await;
         assert_eq!((status, error_of(&body).0), (StatusCode::NOT_FOUND, "computed_trait_not_found"));

@@ -15,11 +15,11 @@ use crate::{
     Sources, Stage, StageCursor, StoreError, StoredAudienceState, TimelineCursor, TokenInfo, UnresolvedEvent,
 };
 use crate::{ComputedTraitRecord, StoredComputedTrait};
-use tandem_core::audience::ComputedTraitDefinition;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use tandem_core::audience::ComputedTraitDefinition;
 use tandem_core::webhook::WebhookSettings;
 use tandem_core::{
     EventType, Identifier, IdentityRules, LogPosition, MessageId, Profile, ProfileId, Source, SourceId, SourceKind,

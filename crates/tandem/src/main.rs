@@ -5,8 +5,8 @@
 //! names, which several servers can share.
 
 mod audience;
-mod computed;
 mod commands;
+mod computed;
 mod config;
 mod demo;
 mod import;
@@ -790,7 +790,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Computed(ComputedCommand::Show { name, json }) => {
             computed::show(open(Access::Existing)?, &name, json, &mut out)
         }
-        Command::Computed(ComputedCommand::Delete { name }) => computed::delete(open(Access::Existing)?, &name, &mut out),
+        Command::Computed(ComputedCommand::Delete { name }) => {
+            computed::delete(open(Access::Existing)?, &name, &mut out)
+        }
         Command::Identity(IdentityCommand::Block { identifier }) => {
             commands::block(open(Access::Existing)?, &identifier, &mut out)
         }

@@ -110,10 +110,14 @@ pub fn due(store: &PostgresStore, now_ms: i64, limit: usize) -> Result<Vec<Store
     })
 }
 
+/// One state row to write: name, profile, state text (`None` removes the
+/// row), value text and due-timer.
+type EncodedState = (String, i64, Option<String>, Option<String>, Option<i64>);
+
 /// The computed-trait part of a commit, encoded before the transaction
 /// opens.
 pub struct Encoded {
-    states: Vec<(String, i64, Option<String>, Option<String>, Option<i64>)>,
+    states: Vec<EncodedState>,
     backfill: Vec<(String, bool, i64)>,
 }
 

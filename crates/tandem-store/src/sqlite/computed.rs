@@ -36,7 +36,9 @@ fn record_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RecordRow> {
     Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?))
 }
 
-fn decode_record((name, definition, created_at_ms, backfilled, after): RecordRow) -> Result<ComputedTraitRecord, StoreError> {
+fn decode_record(
+    (name, definition, created_at_ms, backfilled, after): RecordRow,
+) -> Result<ComputedTraitRecord, StoreError> {
     Ok(ComputedTraitRecord {
         name,
         definition: definition_from_text(&definition)?,
@@ -113,7 +115,8 @@ pub fn write(transaction: &Transaction<'_>, commit: &AudienceCommit) -> Result<(
          ON CONFLICT (name, profile_id) DO UPDATE SET state = excluded.state, value = excluded.value,
              next_change_at = excluded.next_change_at",
     )?;
-    let mut remove = transaction.prepare_cached("DELETE FROM computed_trait_states WHERE name = ?1 AND profile_id = ?2")?;
+    let mut remove =
+        transaction.prepare_cached("DELETE FROM computed_trait_states WHERE name = ?1 AND profile_id = ?2")?;
     for write in &commit.computed {
         match &write.state {
             Some(state) => upsert.execute(params![
@@ -126,8 +129,8 @@ pub fn write(transaction: &Transaction<'_>, commit: &AudienceCommit) -> Result<(
             None => remove.execute(params![write.name, write.profile.0 as i64])?,
         };
     }
-    let mut progress =
-        transaction.prepare_cached("UPDATE computed_traits SET backfilled = ?2, backfill_after = ?3 WHERE name = ?1")?;
+    let mut progress = transaction
+        .prepare_cached("UPDATE computed_traits SET backfilled = ?2, backfill_after = ?3 WHERE name = ?1")?;
     for (name, backfill) in &commit.computed_backfill {
         let (backfilled, after) = backfill_columns(*backfill);
         progress.execute(params![name, backfilled, after])?;

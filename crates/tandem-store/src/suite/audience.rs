@@ -229,7 +229,13 @@ fn computed_write(
     value: Option<serde_json::Value>,
     next: Option<i64>,
 ) -> crate::ComputedTraitWrite {
-    crate::ComputedTraitWrite { name: name.to_owned(), profile: ProfileId(profile), state, value, next_change_at_ms: next }
+    crate::ComputedTraitWrite {
+        name: name.to_owned(),
+        profile: ProfileId(profile),
+        state,
+        value,
+        next_change_at_ms: next,
+    }
 }
 
 pub fn computed_traits_have_unique_names_and_delete_with_their_values(store: &impl Store) {
@@ -259,7 +265,10 @@ pub fn computed_traits_have_unique_names_and_delete_with_their_values(store: &im
         ..AudienceCommit::default()
     };
     assert_eq!(store.commit_audience(&commit).unwrap(), AudienceCommitOutcome::Committed);
-    assert_eq!(store.computed_trait("orders").unwrap().unwrap().backfill, Backfill::Pending { after: Some(ProfileId(1)) });
+    assert_eq!(
+        store.computed_trait("orders").unwrap().unwrap().backfill,
+        Backfill::Pending { after: Some(ProfileId(1)) }
+    );
     let mut stored = store.computed_trait_states(&[ProfileId(1), ProfileId(2)]).unwrap();
     stored.sort_by(|a, b| a.name.cmp(&b.name));
     assert_eq!(
@@ -291,9 +300,8 @@ pub fn computed_trait_timers_come_back_soonest_first_until_cleared(store: &impl 
         ..AudienceCommit::default()
     };
     assert_eq!(store.commit_audience(&commit).unwrap(), AudienceCommitOutcome::Committed);
-    let due = |now| {
-        store.due_computed_trait_states(now, 10).unwrap().into_iter().map(|s| s.profile.0).collect::<Vec<_>>()
-    };
+    let due =
+        |now| store.due_computed_trait_states(now, 10).unwrap().into_iter().map(|s| s.profile.0).collect::<Vec<_>>();
     assert_eq!(due(299), Vec::<u64>::new());
     assert_eq!(due(500), vec![2, 1]);
     assert_eq!(store.due_computed_trait_states(500, 1).unwrap().len(), 1, "the limit holds");

@@ -428,10 +428,7 @@ fn computed_traits_are_created_listed_shown_printed_on_profiles_and_deleted_from
 
     let profile = tandem(dir.path(), &["profile", "show", "user_id:ann"]);
     assert!(profile.contains("computed traits"), "{profile}");
-    assert!(
-        profile.lines().any(|line| line.split_whitespace().collect::<Vec<_>>() == ["spent", "42.5"]),
-        "{profile}"
-    );
+    assert!(profile.lines().any(|line| line.split_whitespace().collect::<Vec<_>>() == ["spent", "42.5"]), "{profile}");
     let profile: Value =
         serde_json::from_str(&tandem(dir.path(), &["profile", "show", "user_id:ann", "--json"])).unwrap();
     assert_eq!(profile["computed_traits"], json!({"orders": 2, "spent": 42.5}));
