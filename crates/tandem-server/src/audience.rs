@@ -1374,10 +1374,10 @@ mod tests {
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
 
-        /// Whatever events, merges and waits happen, every membership the
-        /// stage keeps equals the batch evaluator over the profile's whole
-        /// timeline at that moment, and each history alternates entries
-        /// and exits.
+        /// Whatever events, merges and waits happen, every membership and
+        /// computed-trait value the stage keeps equals the batch evaluator
+        /// over the profile's whole timeline at that moment, and each
+        /// history alternates entries and exits.
         #[test]
         fn memberships_equal_the_batch_evaluator_over_each_timeline(
             happenings in proptest::collection::vec(happening(), 1..16)
@@ -1390,7 +1390,11 @@ mod tests {
                 ("twice", r#"count(event "Order Completed", within 3d) >= 2"#),
                 ("lately", r#"performed "Order Completed" within 1d"#),
                 ("quiet", r#"not performed "Order Completed" within 2d"#),
+                ("frequent", r#"computed recent >= 2"#),
             ];
+            let recent = definition(r#"count of "Order Completed" within 2d"#);
+            create_computed_trait(store.as_ref(), "recent", &recent, at(start)).unwrap();
+            let recent = recent.compile().unwrap();
             for (name, text) in rules {
                 create_audience(store.as_ref(), name, rule(text), at(start)).unwrap();
             }
@@ -1418,13 +1422,20 @@ mod tests {
                 }
                 stage.catch_up().unwrap();
                 let now_time = *now.lock().unwrap();
-                let empty = Map::new();
                 for profile in store.list_profiles(None, 100).unwrap() {
                     let events = timeline(store.as_ref(), profile.id, LogPosition(u64::MAX >> 1)).unwrap();
                     let members: BTreeSet<String> =
                         store.profile_audiences(profile.id).unwrap().into_iter().map(|m| m.audience).collect();
                     let none = BTreeSet::new();
-                    let facts = ProfileFacts { traits: &profile.traits, computed_traits: &empty, events: &events, audiences: &none };
+                    let mut computed = Map::new();
+                    if let Some(value) = recent.compute(&events, now_time) {
+                        computed.insert("recent".to_owned(), value);
+                    }
+                    proptest::prop_assert_eq!(
+                        &computed_values(&store, profile.id), &computed,
+                        "the kept value of {} equals the batch computation", profile.id
+                    );
+                    let facts = ProfileFacts { traits: &profile.traits, computed_traits: &computed, events: &events, audiences: &none };
                     for (name, text) in rules {
                         let expected = rule(text).compile().unwrap().is_member(&facts, now_time);
                         proptest::prop_assert_eq!(
