@@ -852,6 +852,10 @@ pub enum DefineError {
     UnknownAudience(String),
     #[error("a computed trait name is 1 to {MAX_NAME_LENGTH} characters without control characters")]
     InvalidComputedTraitName,
+    #[error("the rule tests computed trait {0:?}, which does not exist")]
+    UnknownComputedTrait(String),
+    #[error("computed trait {name:?} is used by audience {used_by:?}; delete that first")]
+    ComputedTraitInUse { name: String, used_by: String },
     #[error("audience {name:?} is used by {used_by:?}; delete that first")]
     InUse { name: String, used_by: String },
     #[error(transparent)]
@@ -866,6 +870,21 @@ fn check_name(name: &str) -> Result<(), DefineError> {
     Ok(())
 }
 
+/// Refuses a rule naming an audience or a computed trait that does not exist.
+fn check_references(store: &dyn Store, rule: &Condition) -> Result<(), DefineError> {
+    let known: HashSet<String> = store.list_audiences()?.into_iter().map(|record| record.definition.name).collect();
+    if let Some(unknown) = rule.referenced_audiences().into_iter().find(|reference| !known.contains(*reference)) {
+        return Err(DefineError::UnknownAudience(unknown.to_owned()));
+    }
+    let computed: HashSet<String> = store.list_computed_traits()?.into_iter().map(|record| record.name).collect();
+    if let Some(unknown) =
+        rule.referenced_computed_traits().into_iter().find(|reference| !computed.contains(*reference))
+    {
+        return Err(DefineError::UnknownComputedTrait(unknown.to_owned()));
+    }
+    Ok(())
+}
+
 /// Validates and stores a new audience; the stage backfills it.
 pub fn create_audience(
     store: &dyn Store,
@@ -875,10 +894,7 @@ pub fn create_audience(
 ) -> Result<AudienceDefinition, DefineError> {
     check_name(name)?;
     rule.validate()?;
-    let known: HashSet<String> = store.list_audiences()?.into_iter().map(|record| record.definition.name).collect();
-    if let Some(unknown) = rule.referenced_audiences().into_iter().find(|reference| !known.contains(*reference)) {
-        return Err(DefineError::UnknownAudience(unknown.to_owned()));
-    }
+    check_references(store, &rule)?;
     let definition = AudienceDefinition { name: name.to_owned(), rule, created_at_ms: now.timestamp_millis() };
     store.create_audience(&definition)?;
     Ok(definition)
@@ -913,6 +929,17 @@ pub fn create_computed_trait(
     })
 }
 
+/// Deletes a computed trait (with its values) no audience tests.
+pub fn delete_computed_trait(store: &dyn Store, name: &str) -> Result<(), DefineError> {
+    for record in store.list_audiences()? {
+        if record.definition.rule.referenced_computed_traits().contains(&name) {
+            return Err(DefineError::ComputedTraitInUse { name: name.to_owned(), used_by: record.definition.name });
+        }
+    }
+    store.delete_computed_trait(name)?;
+    Ok(())
+}
+
 /// What a rule would select now, without storing anything.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Preview {
@@ -926,10 +953,7 @@ pub struct Preview {
 /// evaluator), with their current memberships of other audiences.
 pub fn preview(store: &dyn Store, rule: &Condition, now: DateTime<Utc>, sample: usize) -> Result<Preview, DefineError> {
     let compiled = rule.compile()?;
-    let known: HashSet<String> = store.list_audiences()?.into_iter().map(|record| record.definition.name).collect();
-    if let Some(unknown) = rule.referenced_audiences().into_iter().find(|reference| !known.contains(*reference)) {
-        return Err(DefineError::UnknownAudience(unknown.to_owned()));
-    }
+    check_references(store, &rule)?;
     let mut result = Preview { size: 0, profiles_evaluated: 0, sample: Vec::new() };
     let mut after = None;
     loop {
@@ -1270,7 +1294,15 @@ mod tests {
             create_computed_trait(store.as_ref(), " spent", &definition(r#"count of "A""#), at(start)),
             Err(DefineError::InvalidComputedTraitName)
         ));
+        assert!(matches!(
+            create_audience(store.as_ref(), "typo", rule(r#"computed "recent order" >= 2"#), at(start)),
+            Err(DefineError::UnknownComputedTrait(name)) if name == "recent order"
+        ));
         create_audience(store.as_ref(), "repeat buyers", rule(r#"computed "recent orders" >= 2"#), at(start)).unwrap();
+        assert!(matches!(
+            delete_computed_trait(store.as_ref(), "recent orders"),
+            Err(DefineError::ComputedTraitInUse { used_by, .. }) if used_by == "repeat buyers"
+        ));
         let report = stage.step().unwrap();
         assert_eq!(report.computed_backfilled, 4, "both profiles, for each of the two computed traits");
         stage.catch_up().unwrap();
@@ -1318,7 +1350,7 @@ mod tests {
         assert!(store.due_computed_trait_states(i64::MAX, 10).unwrap().is_empty());
         assert!(stage.step().unwrap().is_idle());
 
-        store.delete_computed_trait("spent").unwrap();
+        delete_computed_trait(store.as_ref(), "spent").unwrap();
         assert_eq!(computed_values(&store, ann).len(), 1, "a deleted trait's values go");
     }
 

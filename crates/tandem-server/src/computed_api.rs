@@ -79,6 +79,9 @@ fn define_error(error: DefineError) -> ApiError {
                 .with_field("name")
         }
         DefineError::Store(StoreError::ComputedTraitNotFound(name)) => not_found(&name),
+        DefineError::ComputedTraitInUse { .. } => {
+            ApiError::new(ErrorCode::ComputedTraitInUse, error.to_string()).with_field("name")
+        }
         error => {
             tracing::error!(%error, "computed-trait storage failed");
             ApiError::new(ErrorCode::Unavailable, "computed traits cannot be read or written right now, retry later")
@@ -165,12 +168,13 @@ async fn show_computed_trait(
     Ok(Json(computed_trait_json(&record)))
 }
 
-/// `DELETE /api/v1/computed-traits/{name}`: `204`; its values go with it.
+/// `DELETE /api/v1/computed-traits/{name}`: `204`, its values go with it;
+/// refused while an audience tests it.
 async fn delete_computed_trait(
     State(state): State<AppState>,
     _token: AdminToken,
     ApiPath(name): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    blocking(&state, move |store| Ok(store.delete_computed_trait(&name)?)).await?;
+    blocking(&state, move |store| audience::delete_computed_trait(store, &name)).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -34,6 +34,7 @@ pub enum ErrorCode {
     InvalidComputedTrait,
     ComputedTraitNotFound,
     ComputedTraitExists,
+    ComputedTraitInUse,
     MalformedFile,
     SourceNotFound,
     ImportNotFound,
@@ -72,6 +73,7 @@ impl ErrorCode {
             ErrorCode::InvalidComputedTrait => "invalid_computed_trait",
             ErrorCode::ComputedTraitNotFound => "computed_trait_not_found",
             ErrorCode::ComputedTraitExists => "computed_trait_exists",
+            ErrorCode::ComputedTraitInUse => "computed_trait_in_use",
             ErrorCode::MalformedFile => "malformed_file",
             ErrorCode::SourceNotFound => "source_not_found",
             ErrorCode::ImportNotFound => "import_not_found",
@@ -111,9 +113,10 @@ impl ErrorCode {
             ErrorCode::InvalidMapping | ErrorCode::InvalidRule | ErrorCode::InvalidComputedTrait => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
-            ErrorCode::AudienceExists | ErrorCode::AudienceInUse | ErrorCode::ComputedTraitExists => {
-                StatusCode::CONFLICT
-            }
+            ErrorCode::AudienceExists
+            | ErrorCode::AudienceInUse
+            | ErrorCode::ComputedTraitExists
+            | ErrorCode::ComputedTraitInUse => StatusCode::CONFLICT,
             ErrorCode::InvalidVerifyToken => StatusCode::FORBIDDEN,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,

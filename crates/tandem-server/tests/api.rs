@@ -1672,6 +1672,34 @@ mod computed_traits {
         let (_, bob) = get(&harness, "/api/v1/profiles/prof_2", Some(&token)).await;
         assert_eq!(bob["computed_traits"], json!({"orders": 0, "spent": 0}), "no orders count as 0");
 
+        // An audience over a computed trait: an unknown name is refused, and
+        // the trait cannot be deleted while the audience tests it.
+        let (status, body) = send_json(
+            &harness,
+            Method::POST,
+            "/api/v1/audiences",
+            &token,
+            json!({"name": "big", "rule": {"text": "computed spnt > 50"}}),
+        )
+        .await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_rule"), "{body}");
+        let (status, _) = send_json(
+            &harness,
+            Method::POST,
+            "/api/v1/audiences",
+            &token,
+            json!({"name": "big", "rule": {"text": "computed spent > 50"}}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED);
+        AudienceStage::new(store.clone(), system_clock()).catch_up().unwrap();
+        let (_, big) = get(&harness, "/api/v1/audiences/big", Some(&token)).await;
+        assert_eq!(big["size"], 1, "ann spent 100.5");
+        let (status, body) =
+            send_json(&harness, Method::DELETE, "/api/v1/computed-traits/spent", &token, json!({})).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::CONFLICT, "computed_trait_in_use"));
+        let (status, _) = send_json(&harness, Method::DELETE, "/api/v1/audiences/big", &token, json!({})).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
         let (status, _) = send_json(&harness, Method::DELETE, "/api/v1/computed-traits/spent", &token, json!({})).await;
         assert_eq!(status, StatusCode::NO_CONTENT);
         let (status, body) = get(&harness, "/api/v1/computed-traits/spent", Some(&token)).await;

@@ -83,7 +83,7 @@ pub fn show(store: Arc<dyn Store>, name: &str, as_json: bool, out: &mut impl Wri
 }
 
 pub fn delete(store: Arc<dyn Store>, name: &str, out: &mut impl Write) -> anyhow::Result<()> {
-    store.delete_computed_trait(name)?;
+    audience::delete_computed_trait(store.as_ref(), name)?;
     writeln!(out, "deleted computed trait {name:?}")?;
     Ok(())
 }

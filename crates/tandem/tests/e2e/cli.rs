@@ -437,6 +437,8 @@ fn computed_traits_are_created_listed_shown_printed_on_profiles_and_deleted_from
     let created = tandem(dir.path(), &["audience", "create", "big spenders", "--rule", "computed spent > 40"]);
     assert!(created.contains("with 1 members"), "{created}");
 
+    let in_use = tandem_output(dir.path(), &["computed", "delete", "spent"]);
+    assert!(!in_use.status.success() && String::from_utf8_lossy(&in_use.stderr).contains("used by audience"));
     tandem(dir.path(), &["computed", "delete", "orders"]);
     let gone = tandem_output(dir.path(), &["computed", "show", "orders"]);
     assert!(!gone.status.success() && String::from_utf8_lossy(&gone.stderr).contains("no computed trait named"));
