@@ -953,7 +953,7 @@ pub struct Preview {
 /// evaluator), with their current memberships of other audiences.
 pub fn preview(store: &dyn Store, rule: &Condition, now: DateTime<Utc>, sample: usize) -> Result<Preview, DefineError> {
     let compiled = rule.compile()?;
-    check_references(store, &rule)?;
+    check_references(store, rule)?;
     let mut result = Preview { size: 0, profiles_evaluated: 0, sample: Vec::new() };
     let mut after = None;
     loop {
