@@ -1355,7 +1355,7 @@ mod tests {
     }
 
     #[test]
-    fn a_merge_rebuilds_the_survivors_computed_traits_from_its_timeline() {
+    fn a_merge_and_a_repair_rebuild_computed_traits_from_timelines() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
         let start = 1_700_000_000_000;
@@ -1380,6 +1380,17 @@ mod tests {
         let dana = store.profile_by_identifier(&"user_id:dana".parse().unwrap()).unwrap().unwrap().id;
         assert_eq!(computed_values(&store, dana)["spent"], json!(14), "the survivor counts both orders once");
         assert!(store.retired_audience_profiles(10).unwrap().is_empty(), "the merged-away profile's values went");
+
+        // A repair takes the device off dana again: the new resolver epoch
+        // has every computed trait computed again from repaired timelines.
+        let repair =
+            crate::resolve::Repair::Unlink { profile: dana, identifier: "anonymous_id:device-1".parse().unwrap() };
+        crate::resolve::repair(&store, &repair).unwrap();
+        stage.catch_up().unwrap();
+        let dana = store.profile_by_identifier(&"user_id:dana".parse().unwrap()).unwrap().unwrap().id;
+        assert_eq!(computed_values(&store, dana)["spent"], json!(4), "only her own order again");
+        assert!(store.retired_audience_profiles(10).unwrap().is_empty());
+        assert_eq!(store.computed_trait("spent").unwrap().unwrap().backfill, Backfill::Done);
     }
 
     /// One thing that happens in the property test below.
