@@ -298,6 +298,7 @@ impl AudienceStage {
             AudienceCommitOutcome::Committed => {
                 if let Some(metrics) = &self.metrics {
                     metrics.audience_membership_changes.inc_by(commit.changes.len() as u64);
+                    metrics.computed_trait_writes.inc_by(commit.computed.len() as u64);
                 }
                 Ok(true)
             }
@@ -1271,7 +1272,8 @@ mod tests {
                 purchase("bob", 5.0, start),
             ],
         );
-        let mut stage = AudienceStage::new(store.clone(), clock);
+        let metrics = Metrics::new();
+        let mut stage = AudienceStage::new(store.clone(), clock).with_metrics(metrics.clone());
         stage.catch_up().unwrap();
         let ann = store.profile_by_identifier(&"user_id:ann".parse().unwrap()).unwrap().unwrap().id;
         let bob = store.profile_by_identifier(&"user_id:bob".parse().unwrap()).unwrap().unwrap().id;
@@ -1320,8 +1322,11 @@ mod tests {
         stage.catch_up().unwrap();
         assert_eq!(computed_values(&store, ann)["recent orders"], json!(2), "not a millisecond early");
         *now.lock().unwrap() = at(day_start + DAY_MS + 100);
+        let writes = metrics.computed_trait_writes.get();
+        assert!(writes >= 4, "the backfill wrote each profile's values");
         let report = stage.step().unwrap();
         assert_eq!(report.timers, 1, "ann's computed-trait timer was due");
+        assert_eq!(metrics.computed_trait_writes.get(), writes + 1, "one value changed, one row written");
         assert_eq!(computed_values(&store, ann)["recent orders"], json!(1));
         assert_eq!(computed_values(&store, ann)["spent"], json!(42.5), "a trait without a window keeps its value");
         assert!(member_ids(&store, "repeat buyers").is_empty(), "the audience reads the aged value");
