@@ -428,6 +428,20 @@ impl Condition {
         names
     }
 
+    /// Every computed trait this rule tests (`computed NAME …`), so an
+    /// audience cannot name one that does not exist, nor outlive one it uses.
+    pub fn referenced_computed_traits(&self) -> Vec<&str> {
+        let mut names = Vec::new();
+        self.visit(&mut |condition| {
+            if let Condition::ComputedTrait(test) = condition {
+                names.push(test.name.as_str());
+            }
+        });
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+
     fn visit<'a>(&'a self, visitor: &mut impl FnMut(&'a Condition)) {
         visitor(self);
         match self {

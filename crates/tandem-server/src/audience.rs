@@ -17,20 +17,33 @@
 //! from the survivor's timeline: the simplest way to be right about events
 //! that were counted on two profiles.
 //!
+//! Computed traits are kept by the same stage, from the same events, in
+//! the same commits: each event is observed in the incremental state
+//! ([`ComputedTraitState`]) of every computed trait whose event and filters
+//! match it; every evaluation ages those states to now, stores each value
+//! with a due-timer (when the oldest counted bucket leaves the window) and
+//! hands the values to the profile's audiences, so `computed …` conditions
+//! read values computed from exactly the events applied. A new computed
+//! trait is backfilled like an audience, from profile timelines, and merges
+//! rebuild the survivor's states the same way.
+//!
 //! The definitions themselves (validation of names, rules and references,
 //! preview, deletion) are here too, so the HTTP API and the CLI share them.
 
 use chrono::{DateTime, Utc};
-use serde_json::Map;
+use serde_json::{Map, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tandem_core::audience::{AudienceState, CompiledAudience, Condition, InvalidRule, ProfileFacts, ProfileValues};
+use tandem_core::audience::{
+    AudienceState, CompiledAudience, CompiledComputedTrait, ComputedTraitDefinition, ComputedTraitState, Condition,
+    InvalidRule, ProfileFacts, ProfileValues,
+};
 use tandem_core::{Event, LogPosition, Profile, ProfileId};
 use tandem_store::{
-    AudienceCommit, AudienceCommitOutcome, AudienceDefinition, AudienceStateWrite, Backfill, MembershipChange,
-    MembershipChangeKind, Stage, StageLease, Store, StoreError, TimelineCursor,
+    AudienceCommit, AudienceCommitOutcome, AudienceDefinition, AudienceStateWrite, Backfill, ComputedTraitRecord,
+    ComputedTraitWrite, MembershipChange, MembershipChangeKind, Stage, StageLease, Store, StoreError, TimelineCursor,
 };
 
 use crate::log_head::LogHead;
@@ -74,6 +87,8 @@ pub struct StepReport {
     pub timers: usize,
     pub backfilled: usize,
     pub retired: usize,
+    /// Profiles computed for new computed traits.
+    pub computed_backfilled: usize,
 }
 
 impl StepReport {
@@ -101,9 +116,43 @@ impl LiveAudience {
     }
 }
 
+/// One stored computed trait, compiled, with how far it is backfilled.
+struct LiveComputed {
+    name: String,
+    compiled: CompiledComputedTrait,
+    backfill: Backfill,
+}
+
+impl LiveComputed {
+    /// Whether the profile's state for this trait is kept incrementally.
+    fn covers(&self, profile: ProfileId) -> bool {
+        match self.backfill {
+            Backfill::Done => true,
+            Backfill::Pending { after } => after.is_some_and(|after| profile <= after),
+        }
+    }
+}
+
+/// Everything the stage evaluates: audiences (those another refers to
+/// first) and computed traits.
+struct Definitions {
+    audiences: Vec<LiveAudience>,
+    computed: Vec<LiveComputed>,
+}
+
+/// A computed trait's state, value and due-timer, as stored.
+type LoadedComputed = (ComputedTraitState, Option<Value>, Option<i64>);
+
 /// What the stage knows of one profile while it evaluates it.
 struct ProfileWork {
     profile: Profile,
+    /// State, value and due-timer per computed trait, as loaded.
+    computed_loaded: HashMap<String, LoadedComputed>,
+    /// State per computed trait, as updated.
+    computed_states: HashMap<String, ComputedTraitState>,
+    /// A computed trait being backfilled for this profile, evaluated though
+    /// it does not cover the profile yet.
+    backfilling: Option<String>,
     /// State and due-timer per audience, as loaded.
     loaded: HashMap<String, (AudienceState, Option<i64>)>,
     /// State per audience, as updated.
@@ -145,8 +194,16 @@ impl AudienceStage {
         if self.follow_repairs(&audiences)? {
             audiences = self.load_audiences()?;
         }
-        for index in 0..audiences.len() {
-            if matches!(audiences[index].backfill, Backfill::Pending { .. }) {
+        for index in 0..audiences.computed.len() {
+            if matches!(audiences.computed[index].backfill, Backfill::Pending { .. }) {
+                report.computed_backfilled += self.backfill_computed_page(&audiences, index, now)?;
+            }
+        }
+        if report.computed_backfilled > 0 {
+            audiences = self.load_audiences()?;
+        }
+        for index in 0..audiences.audiences.len() {
+            if matches!(audiences.audiences[index].backfill, Backfill::Pending { .. }) {
                 report.backfilled += self.backfill_page(&audiences, index, now)?;
             }
         }
@@ -173,8 +230,20 @@ impl AudienceStage {
         Ok(())
     }
 
-    /// Stored audiences, compiled, those another refers to first.
-    fn load_audiences(&self) -> Result<Vec<LiveAudience>, AudienceError> {
+    /// Stored audiences, compiled, those another refers to first, and
+    /// stored computed traits.
+    fn load_audiences(&self) -> Result<Definitions, AudienceError> {
+        let mut computed = Vec::new();
+        for record in self.store.list_computed_traits()? {
+            match record.definition.compile() {
+                Ok(compiled) => computed.push(LiveComputed { name: record.name, compiled, backfill: record.backfill }),
+                Err(error) => tracing::warn!(computed_trait = %record.name, %error, "stored definition is invalid"),
+            }
+        }
+        Ok(Definitions { audiences: self.load_audience_definitions()?, computed })
+    }
+
+    fn load_audience_definitions(&self) -> Result<Vec<LiveAudience>, AudienceError> {
         let mut compiled = Vec::new();
         for record in self.store.list_audiences()? {
             match record.definition.rule.compile() {
@@ -203,7 +272,7 @@ impl AudienceStage {
     /// After a repair rewrote part of the identity graph (a new resolver
     /// epoch), profiles may hold other events than their states counted:
     /// every audience is evaluated again from the profiles' timelines.
-    fn follow_repairs(&self, audiences: &[LiveAudience]) -> Result<bool, AudienceError> {
+    fn follow_repairs(&self, definitions: &Definitions) -> Result<bool, AudienceError> {
         let resolver = self.store.stage_cursor(Stage::RESOLVE)?.unwrap_or_default().epoch;
         let mut commit = self.commit_at_cursor()?;
         if commit.epoch == resolver {
@@ -211,8 +280,16 @@ impl AudienceStage {
         }
         tracing::info!(epoch = resolver, "the identity graph was repaired; evaluating every audience again");
         commit.epoch = resolver;
-        commit.backfill =
-            audiences.iter().map(|audience| (audience.name.clone(), Backfill::Pending { after: None })).collect();
+        commit.backfill = definitions
+            .audiences
+            .iter()
+            .map(|audience| (audience.name.clone(), Backfill::Pending { after: None }))
+            .collect();
+        commit.computed_backfill = definitions
+            .computed
+            .iter()
+            .map(|computed| (computed.name.clone(), Backfill::Pending { after: None }))
+            .collect();
         self.commit(&commit)
     }
 
@@ -221,6 +298,7 @@ impl AudienceStage {
             AudienceCommitOutcome::Committed => {
                 if let Some(metrics) = &self.metrics {
                     metrics.audience_membership_changes.inc_by(commit.changes.len() as u64);
+                    metrics.computed_trait_writes.inc_by(commit.computed.len() as u64);
                 }
                 Ok(true)
             }
@@ -235,23 +313,27 @@ impl AudienceStage {
     /// timelines up to the stage's cursor.
     fn backfill_page(
         &self,
-        audiences: &[LiveAudience],
+        definitions: &Definitions,
         index: usize,
         now: DateTime<Utc>,
     ) -> Result<usize, AudienceError> {
-        let audience = &audiences[index];
+        let audience = &definitions.audiences[index];
         let Backfill::Pending { after } = audience.backfill else { return Ok(0) };
         let mut commit = self.commit_at_cursor()?;
         let cursor = commit.from;
         let page = self.store.list_profiles(after, BACKFILL_PAGE)?;
         let now_ms = now.timestamp_millis();
-        let empty = Map::new();
         for profile in &page {
             let events = timeline(self.store.as_ref(), profile.id, cursor)?;
             let members: BTreeSet<String> =
                 self.store.profile_audiences(profile.id)?.into_iter().map(|membership| membership.audience).collect();
-            let facts =
-                ProfileFacts { traits: &profile.traits, computed_traits: &empty, events: &events, audiences: &members };
+            let computed = stored_computed_values(self.store.as_ref(), profile.id)?;
+            let facts = ProfileFacts {
+                traits: &profile.traits,
+                computed_traits: &computed,
+                events: &events,
+                audiences: &members,
+            };
             let mut state = audience.compiled.new_state();
             for event in &events {
                 audience.compiled.observe(&mut state, event);
@@ -284,9 +366,46 @@ impl AudienceStage {
         Ok(page.len().max(1))
     }
 
+    /// Computes one page of profiles for a new computed trait over their
+    /// timelines up to the stage's cursor, and evaluates their audiences
+    /// with the new value.
+    fn backfill_computed_page(
+        &self,
+        definitions: &Definitions,
+        index: usize,
+        now: DateTime<Utc>,
+    ) -> Result<usize, AudienceError> {
+        let computed = &definitions.computed[index];
+        let Backfill::Pending { after } = computed.backfill else { return Ok(0) };
+        let mut commit = self.commit_at_cursor()?;
+        let cursor = commit.from;
+        let page = self.store.list_profiles(after, BACKFILL_PAGE)?;
+        for profile in &page {
+            let events = timeline(self.store.as_ref(), profile.id, cursor)?;
+            let mut work = self.load_work(profile.clone())?;
+            let mut state = computed.compiled.new_state();
+            for event in events.iter().filter(|event| computed.compiled.reads_event(event)) {
+                computed.compiled.observe(&mut state, event);
+            }
+            work.computed_states.insert(computed.name.clone(), state);
+            work.backfilling = Some(computed.name.clone());
+            evaluate(definitions, &mut work, now, now.timestamp_millis(), &mut commit);
+        }
+        let progress = match page.last() {
+            Some(last) if page.len() == BACKFILL_PAGE => Backfill::Pending { after: Some(last.id) },
+            _ => Backfill::Done,
+        };
+        commit.computed_backfill.push((computed.name.clone(), progress));
+        self.commit(&commit)?;
+        if progress == Backfill::Done {
+            tracing::info!(computed_trait = %computed.name, "computed trait backfilled");
+        }
+        Ok(page.len().max(1))
+    }
+
     /// Profiles merged away (or replaced by a repair) leave their audiences;
     /// their survivors are rebuilt from their timelines.
-    fn retire_profiles(&self, audiences: &[LiveAudience], now: DateTime<Utc>) -> Result<usize, AudienceError> {
+    fn retire_profiles(&self, audiences: &Definitions, now: DateTime<Utc>) -> Result<usize, AudienceError> {
         let retired = self.store.retired_audience_profiles(RETIRED_BATCH)?;
         if retired.is_empty() {
             return Ok(0);
@@ -303,6 +422,15 @@ impl AudienceStage {
                 next_change_at_ms: None,
             });
         }
+        for stored in self.store.computed_trait_states(&retired)? {
+            commit.computed.push(ComputedTraitWrite {
+                name: stored.name,
+                profile: stored.profile,
+                state: None,
+                value: None,
+                next_change_at_ms: None,
+            });
+        }
         for id in &retired {
             for membership in self.store.profile_audiences(*id)? {
                 commit.changes.push(change(&membership.audience, *id, MembershipChangeKind::Exited, now_ms));
@@ -316,6 +444,7 @@ impl AudienceStage {
                 let events = timeline(self.store.as_ref(), survivor, cursor)?;
                 let mut work = self.load_work(profile)?;
                 work.states.clear();
+                work.computed_states.clear();
                 for event in &events {
                     observe(audiences, &mut work, event);
                 }
@@ -336,11 +465,18 @@ impl AudienceStage {
         let members =
             self.store.profile_audiences(profile.id)?.into_iter().map(|membership| membership.audience).collect();
         let states = loaded.iter().map(|(name, (state, _))| (name.clone(), state.clone())).collect();
-        Ok(ProfileWork { profile, loaded, states, members })
+        let computed_loaded: HashMap<String, LoadedComputed> = self
+            .store
+            .computed_trait_states(&[profile.id])?
+            .into_iter()
+            .map(|stored| (stored.name, (stored.state, stored.value, stored.next_change_at_ms)))
+            .collect();
+        let computed_states = computed_loaded.iter().map(|(name, (state, ..))| (name.clone(), state.clone())).collect();
+        Ok(ProfileWork { profile, computed_loaded, computed_states, backfilling: None, loaded, states, members })
     }
 
     /// Applies the next batch of events the resolver has committed.
-    fn apply_events(&self, audiences: &[LiveAudience], now: DateTime<Utc>) -> Result<usize, AudienceError> {
+    fn apply_events(&self, audiences: &Definitions, now: DateTime<Utc>) -> Result<usize, AudienceError> {
         let mut commit = self.commit_at_cursor()?;
         let cursor = commit.from;
         let resolved = self.store.stage_cursor(Stage::RESOLVE)?.map(|cursor| cursor.position).unwrap_or_default();
@@ -392,6 +528,7 @@ impl AudienceStage {
                 let events = timeline(self.store.as_ref(), profile.id, to)?;
                 let mut work = self.load_work(profile)?;
                 work.states.clear();
+                work.computed_states.clear();
                 for event in &events {
                     observe(audiences, &mut work, event);
                 }
@@ -409,22 +546,28 @@ impl AudienceStage {
     }
 
     /// Re-evaluates the profiles whose answer changes by time alone now.
-    fn process_timers(&self, audiences: &[LiveAudience], now: DateTime<Utc>) -> Result<usize, AudienceError> {
+    fn process_timers(&self, definitions: &Definitions, now: DateTime<Utc>) -> Result<usize, AudienceError> {
+        let audiences = &definitions.audiences;
         let due = self.store.due_audience_states(now.timestamp_millis(), TIMER_BATCH)?;
-        if due.is_empty() {
+        let due_computed = self.store.due_computed_trait_states(now.timestamp_millis(), TIMER_BATCH)?;
+        if due.is_empty() && due_computed.is_empty() {
             return Ok(0);
         }
         let mut commit = self.commit_at_cursor()?;
         let mut earliest: BTreeMap<ProfileId, i64> = BTreeMap::new();
-        for state in &due {
-            let at = state.next_change_at_ms.unwrap_or_else(|| now.timestamp_millis());
-            earliest.entry(state.profile).and_modify(|known| *known = (*known).min(at)).or_insert(at);
+        let timers = due
+            .iter()
+            .map(|state| (state.profile, state.next_change_at_ms))
+            .chain(due_computed.iter().map(|stored| (stored.profile, stored.next_change_at_ms)));
+        for (profile, next_change_at_ms) in timers {
+            let at = next_change_at_ms.unwrap_or_else(|| now.timestamp_millis());
+            earliest.entry(profile).and_modify(|known| *known = (*known).min(at)).or_insert(at);
         }
         for (id, at_ms) in earliest {
             match self.store.profile(id)? {
                 Some(profile) if profile.id == id => {
                     let mut work = self.load_work(profile)?;
-                    evaluate(audiences, &mut work, now, at_ms, &mut commit);
+                    evaluate(definitions, &mut work, now, at_ms, &mut commit);
                     // A timer of an audience not evaluated here (waiting for
                     // its backfill, which sets a new timer, or whose stored
                     // rule no longer compiles) must not fire again and again.
@@ -440,6 +583,16 @@ impl AudienceStage {
                             next_change_at_ms: None,
                         });
                     }
+                    let stale_computed = due_computed.iter().filter(|stored| {
+                        stored.profile == id
+                            && !definitions
+                                .computed
+                                .iter()
+                                .any(|computed| computed.name == stored.name && computed.covers(id))
+                    });
+                    for stored in stale_computed {
+                        commit.computed.push(clear_timer(stored));
+                    }
                 }
                 // Retired: its states go with the next retirement round;
                 // meanwhile its timers must not fire again.
@@ -452,12 +605,35 @@ impl AudienceStage {
                             next_change_at_ms: None,
                         });
                     }
+                    for stored in due_computed.iter().filter(|stored| stored.profile == id) {
+                        commit.computed.push(clear_timer(stored));
+                    }
                 }
             }
         }
         self.commit(&commit)?;
-        Ok(due.len())
+        Ok(due.len() + due_computed.len())
     }
+}
+
+/// The same computed-trait state and value without its timer.
+fn clear_timer(stored: &tandem_store::StoredComputedTrait) -> ComputedTraitWrite {
+    ComputedTraitWrite {
+        name: stored.name.clone(),
+        profile: stored.profile,
+        state: Some(stored.state.clone()),
+        value: stored.value.clone(),
+        next_change_at_ms: None,
+    }
+}
+
+/// A profile's stored computed-trait values by name.
+fn stored_computed_values(store: &dyn Store, profile: ProfileId) -> Result<Map<String, Value>, StoreError> {
+    Ok(store
+        .computed_trait_states(&[profile])?
+        .into_iter()
+        .filter_map(|stored| Some((stored.name, stored.value?)))
+        .collect())
 }
 
 fn change(audience: &str, profile: ProfileId, kind: MembershipChangeKind, at_ms: i64) -> MembershipChange {
@@ -466,8 +642,15 @@ fn change(audience: &str, profile: ProfileId, kind: MembershipChangeKind, at_ms:
 
 /// Adds one event to the state of every audience covering the profile whose
 /// rule reads it.
-fn observe(audiences: &[LiveAudience], work: &mut ProfileWork, event: &Event) {
-    for audience in audiences {
+fn observe(definitions: &Definitions, work: &mut ProfileWork, event: &Event) {
+    for computed in &definitions.computed {
+        if computed.covers(work.profile.id) && computed.compiled.reads_event(event) {
+            let state =
+                work.computed_states.entry(computed.name.clone()).or_insert_with(|| computed.compiled.new_state());
+            computed.compiled.observe(state, event);
+        }
+    }
+    for audience in &definitions.audiences {
         if audience.covers(work.profile.id) && audience.compiled.reads_event(event) {
             let state = work.states.entry(audience.name.clone()).or_insert_with(|| audience.compiled.new_state());
             audience.compiled.observe(state, event);
@@ -479,17 +662,18 @@ fn observe(audiences: &[LiveAudience], work: &mut ProfileWork, event: &Event) {
 /// order, recording entries and exits stamped `at_ms` and the states and
 /// timers that changed.
 fn evaluate(
-    audiences: &[LiveAudience],
+    definitions: &Definitions,
     work: &mut ProfileWork,
     now: DateTime<Utc>,
     at_ms: i64,
     commit: &mut AudienceCommit,
 ) {
-    let empty = Map::new();
-    for audience in audiences.iter().filter(|audience| audience.covers(work.profile.id)) {
+    let computed_values = evaluate_computed(definitions, work, now, commit);
+    for audience in definitions.audiences.iter().filter(|audience| audience.covers(work.profile.id)) {
         let state = work.states.entry(audience.name.clone()).or_insert_with(|| audience.compiled.new_state());
         audience.compiled.age_to(state, now);
-        let values = ProfileValues { traits: &work.profile.traits, computed_traits: &empty, audiences: &work.members };
+        let values =
+            ProfileValues { traits: &work.profile.traits, computed_traits: &computed_values, audiences: &work.members };
         let member = audience.compiled.is_member_by_state(state, &values, now);
         let next = audience.compiled.next_change_at_by_state(state, &values, now).map(|at| at.timestamp_millis());
         let state = state.clone();
@@ -512,6 +696,47 @@ fn evaluate(
             work.loaded.insert(audience.name.clone(), (state, next));
         }
     }
+}
+
+/// Ages the profile's computed traits to `now`, records the states, values
+/// and timers that changed, and returns every value by name (those of
+/// traits not computed here as stored).
+fn evaluate_computed(
+    definitions: &Definitions,
+    work: &mut ProfileWork,
+    now: DateTime<Utc>,
+    commit: &mut AudienceCommit,
+) -> Map<String, Value> {
+    let mut values: Map<String, Value> =
+        work.computed_loaded.iter().filter_map(|(name, (_, value, _))| Some((name.clone(), value.clone()?))).collect();
+    let profile = work.profile.id;
+    let backfilling = work.backfilling.clone();
+    let evaluated = definitions
+        .computed
+        .iter()
+        .filter(|computed| computed.covers(profile) || backfilling.as_deref() == Some(computed.name.as_str()));
+    for computed in evaluated {
+        let state = work.computed_states.entry(computed.name.clone()).or_insert_with(|| computed.compiled.new_state());
+        computed.compiled.age_to(state, now);
+        let value = computed.compiled.value(state, now);
+        let next = computed.compiled.next_change_at(state, now).map(|at| at.timestamp_millis());
+        match &value {
+            Some(value) => values.insert(computed.name.clone(), value.clone()),
+            None => values.remove(&computed.name),
+        };
+        let current = (state.clone(), value, next);
+        if work.computed_loaded.get(&computed.name) != Some(&current) {
+            commit.computed.push(ComputedTraitWrite {
+                name: computed.name.clone(),
+                profile,
+                state: Some(current.0.clone()),
+                value: current.1.clone(),
+                next_change_at_ms: current.2,
+            });
+            work.computed_loaded.insert(computed.name.clone(), current);
+        }
+    }
+    values
 }
 
 /// Audiences ordered so that each comes after those its rule refers to;
@@ -629,6 +854,12 @@ pub enum DefineError {
     InvalidRule(#[from] InvalidRule),
     #[error("the rule refers to {0:?}, which is no audience")]
     UnknownAudience(String),
+    #[error("a computed trait name is 1 to {MAX_NAME_LENGTH} characters without control characters")]
+    InvalidComputedTraitName,
+    #[error("the rule tests computed trait {0:?}, which does not exist")]
+    UnknownComputedTrait(String),
+    #[error("computed trait {name:?} is used by audience {used_by:?}; delete that first")]
+    ComputedTraitInUse { name: String, used_by: String },
     #[error("audience {name:?} is used by {used_by:?}; delete that first")]
     InUse { name: String, used_by: String },
     #[error(transparent)]
@@ -643,6 +874,21 @@ fn check_name(name: &str) -> Result<(), DefineError> {
     Ok(())
 }
 
+/// Refuses a rule naming an audience or a computed trait that does not exist.
+fn check_references(store: &dyn Store, rule: &Condition) -> Result<(), DefineError> {
+    let known: HashSet<String> = store.list_audiences()?.into_iter().map(|record| record.definition.name).collect();
+    if let Some(unknown) = rule.referenced_audiences().into_iter().find(|reference| !known.contains(*reference)) {
+        return Err(DefineError::UnknownAudience(unknown.to_owned()));
+    }
+    let computed: HashSet<String> = store.list_computed_traits()?.into_iter().map(|record| record.name).collect();
+    if let Some(unknown) =
+        rule.referenced_computed_traits().into_iter().find(|reference| !computed.contains(*reference))
+    {
+        return Err(DefineError::UnknownComputedTrait(unknown.to_owned()));
+    }
+    Ok(())
+}
+
 /// Validates and stores a new audience; the stage backfills it.
 pub fn create_audience(
     store: &dyn Store,
@@ -652,10 +898,7 @@ pub fn create_audience(
 ) -> Result<AudienceDefinition, DefineError> {
     check_name(name)?;
     rule.validate()?;
-    let known: HashSet<String> = store.list_audiences()?.into_iter().map(|record| record.definition.name).collect();
-    if let Some(unknown) = rule.referenced_audiences().into_iter().find(|reference| !known.contains(*reference)) {
-        return Err(DefineError::UnknownAudience(unknown.to_owned()));
-    }
+    check_references(store, &rule)?;
     let definition = AudienceDefinition { name: name.to_owned(), rule, created_at_ms: now.timestamp_millis() };
     store.create_audience(&definition)?;
     Ok(definition)
@@ -672,6 +915,35 @@ pub fn delete_audience(store: &dyn Store, name: &str) -> Result<(), DefineError>
     Ok(())
 }
 
+/// Validates and stores a new computed trait; the stage backfills it.
+pub fn create_computed_trait(
+    store: &dyn Store,
+    name: &str,
+    definition: &ComputedTraitDefinition,
+    now: DateTime<Utc>,
+) -> Result<ComputedTraitRecord, DefineError> {
+    check_name(name).map_err(|_| DefineError::InvalidComputedTraitName)?;
+    definition.validate().map_err(|problem| InvalidRule { at: String::new(), problem })?;
+    store.create_computed_trait(name, definition, now.timestamp_millis())?;
+    Ok(ComputedTraitRecord {
+        name: name.to_owned(),
+        definition: definition.clone(),
+        created_at_ms: now.timestamp_millis(),
+        backfill: Backfill::Pending { after: None },
+    })
+}
+
+/// Deletes a computed trait (with its values) no audience tests.
+pub fn delete_computed_trait(store: &dyn Store, name: &str) -> Result<(), DefineError> {
+    for record in store.list_audiences()? {
+        if record.definition.rule.referenced_computed_traits().contains(&name) {
+            return Err(DefineError::ComputedTraitInUse { name: name.to_owned(), used_by: record.definition.name });
+        }
+    }
+    store.delete_computed_trait(name)?;
+    Ok(())
+}
+
 /// What a rule would select now, without storing anything.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Preview {
@@ -685,12 +957,8 @@ pub struct Preview {
 /// evaluator), with their current memberships of other audiences.
 pub fn preview(store: &dyn Store, rule: &Condition, now: DateTime<Utc>, sample: usize) -> Result<Preview, DefineError> {
     let compiled = rule.compile()?;
-    let known: HashSet<String> = store.list_audiences()?.into_iter().map(|record| record.definition.name).collect();
-    if let Some(unknown) = rule.referenced_audiences().into_iter().find(|reference| !known.contains(*reference)) {
-        return Err(DefineError::UnknownAudience(unknown.to_owned()));
-    }
+    check_references(store, rule)?;
     let mut result = Preview { size: 0, profiles_evaluated: 0, sample: Vec::new() };
-    let empty = Map::new();
     let mut after = None;
     loop {
         let page = store.list_profiles(after, BACKFILL_PAGE)?;
@@ -698,8 +966,13 @@ pub fn preview(store: &dyn Store, rule: &Condition, now: DateTime<Utc>, sample: 
             let events = timeline(store, profile.id, LogPosition(u64::MAX >> 1))?;
             let members: BTreeSet<String> =
                 store.profile_audiences(profile.id)?.into_iter().map(|membership| membership.audience).collect();
-            let facts =
-                ProfileFacts { traits: &profile.traits, computed_traits: &empty, events: &events, audiences: &members };
+            let computed = stored_computed_values(store, profile.id)?;
+            let facts = ProfileFacts {
+                traits: &profile.traits,
+                computed_traits: &computed,
+                events: &events,
+                audiences: &members,
+            };
             result.profiles_evaluated += 1;
             if compiled.is_member(&facts, now) {
                 result.size += 1;
@@ -973,6 +1246,161 @@ mod tests {
         assert!(stage.step().unwrap().is_idle());
     }
 
+    fn purchase(user: &str, total: f64, timestamp_ms: i64) -> Value {
+        let mut message = order(user, timestamp_ms);
+        message["properties"] = json!({"total": total});
+        message
+    }
+
+    fn computed_values(store: &Arc<dyn Store>, profile: ProfileId) -> Map<String, Value> {
+        stored_computed_values(store.as_ref(), profile).unwrap()
+    }
+
+    fn definition(text: &str) -> ComputedTraitDefinition {
+        ComputedTraitDefinition::parse(text).unwrap()
+    }
+
+    #[test]
+    fn a_computed_trait_is_backfilled_ages_out_on_time_and_decides_an_audience() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let start: i64 = 1_700_000_000_000; // 22:13 UTC
+        let day_start = start - start.rem_euclid(DAY_MS);
+        let (clock, now) = manual_clock(at(start));
+        append_and_resolve(
+            &store,
+            &[
+                purchase("ann", 30.0, start - DAY_MS),
+                purchase("ann", 12.5, start - 60_000),
+                purchase("bob", 5.0, start),
+            ],
+        );
+        let metrics = Metrics::new();
+        let mut stage = AudienceStage::new(store.clone(), clock).with_metrics(metrics.clone());
+        stage.catch_up().unwrap();
+        let ann = store.profile_by_identifier(&"user_id:ann".parse().unwrap()).unwrap().unwrap().id;
+        let bob = store.profile_by_identifier(&"user_id:bob".parse().unwrap()).unwrap().unwrap().id;
+
+        // Created after the events: the backfill computes them from timelines.
+        create_computed_trait(
+            store.as_ref(),
+            "recent orders",
+            &definition(r#"count of "Order Completed" within 2d"#),
+            at(start),
+        )
+        .unwrap();
+        create_computed_trait(store.as_ref(), "spent", &definition(r#"sum(total) of "Order Completed""#), at(start))
+            .unwrap();
+        assert!(matches!(
+            create_computed_trait(store.as_ref(), "spent", &definition(r#"count of "A""#), at(start)),
+            Err(DefineError::Store(StoreError::ComputedTraitExists(_)))
+        ));
+        assert!(matches!(
+            create_computed_trait(store.as_ref(), " spent", &definition(r#"count of "A""#), at(start)),
+            Err(DefineError::InvalidComputedTraitName)
+        ));
+        assert!(matches!(
+            create_audience(store.as_ref(), "typo", rule(r#"computed "recent order" >= 2"#), at(start)),
+            Err(DefineError::UnknownComputedTrait(name)) if name == "recent order"
+        ));
+        create_audience(store.as_ref(), "repeat buyers", rule(r#"computed "recent orders" >= 2"#), at(start)).unwrap();
+        assert!(matches!(
+            delete_computed_trait(store.as_ref(), "recent orders"),
+            Err(DefineError::ComputedTraitInUse { used_by, .. }) if used_by == "repeat buyers"
+        ));
+        let report = stage.step().unwrap();
+        assert_eq!(report.computed_backfilled, 4, "both profiles, for each of the two computed traits");
+        stage.catch_up().unwrap();
+        assert_eq!(store.computed_trait("spent").unwrap().unwrap().backfill, Backfill::Done);
+        assert_eq!(
+            computed_values(&store, ann),
+            json!({"recent orders": 2, "spent": 42.5}).as_object().cloned().unwrap()
+        );
+        assert_eq!(computed_values(&store, bob), json!({"recent orders": 1, "spent": 5}).as_object().cloned().unwrap());
+        assert_eq!(member_ids(&store, "repeat buyers"), vec![ann]);
+
+        // Yesterday's order leaves the 2-day window at the next midnight
+        // (UTC), without any new event.
+        *now.lock().unwrap() = at(day_start + DAY_MS - 1);
+        stage.catch_up().unwrap();
+        assert_eq!(computed_values(&store, ann)["recent orders"], json!(2), "not a millisecond early");
+        *now.lock().unwrap() = at(day_start + DAY_MS + 100);
+        let writes = metrics.computed_trait_writes.get();
+        assert!(writes >= 4, "the backfill wrote each profile's values");
+        let report = stage.step().unwrap();
+        assert_eq!(report.timers, 1, "ann's computed-trait timer was due");
+        assert_eq!(metrics.computed_trait_writes.get(), writes + 1, "one value changed, one row written");
+        assert_eq!(computed_values(&store, ann)["recent orders"], json!(1));
+        assert_eq!(computed_values(&store, ann)["spent"], json!(42.5), "a trait without a window keeps its value");
+        assert!(member_ids(&store, "repeat buyers").is_empty(), "the audience reads the aged value");
+        let history = store.membership_history("repeat buyers", ann).unwrap();
+        assert_eq!(
+            history.last().map(|change| (change.kind, change.at_ms)),
+            Some((MembershipChangeKind::Exited, day_start + DAY_MS)),
+            "the exit is stamped with the instant the order left the window"
+        );
+
+        // A new order: the event updates the value and the audience at once.
+        append_and_resolve(&store, &[purchase("ann", 7.5, day_start + DAY_MS + 50)]);
+        stage.catch_up().unwrap();
+        assert_eq!(
+            computed_values(&store, ann),
+            json!({"recent orders": 2, "spent": 50}).as_object().cloned().unwrap()
+        );
+        assert_eq!(member_ids(&store, "repeat buyers"), vec![ann]);
+
+        // Days later every order has left the window; nothing is left to fire.
+        *now.lock().unwrap() = at(day_start + 5 * DAY_MS);
+        stage.catch_up().unwrap();
+        assert_eq!(computed_values(&store, ann)["recent orders"], json!(0));
+        assert_eq!(computed_values(&store, bob)["recent orders"], json!(0));
+        assert!(member_ids(&store, "repeat buyers").is_empty());
+        assert!(store.due_computed_trait_states(i64::MAX, 10).unwrap().is_empty());
+        assert!(stage.step().unwrap().is_idle());
+
+        delete_computed_trait(store.as_ref(), "spent").unwrap();
+        assert_eq!(computed_values(&store, ann).len(), 1, "a deleted trait's values go");
+    }
+
+    #[test]
+    fn a_merge_and_a_repair_rebuild_computed_traits_from_timelines() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let start = 1_700_000_000_000;
+        let (clock, _now) = manual_clock(at(start));
+        create_computed_trait(store.as_ref(), "spent", &definition(r#"sum(total) of "Order Completed""#), at(start))
+            .unwrap();
+        let mut stage = AudienceStage::new(store.clone(), clock);
+        stage.catch_up().unwrap();
+        let mut anonymous = purchase("x", 10.0, start - DAY_MS);
+        anonymous.as_object_mut().unwrap().remove("userId");
+        anonymous["anonymousId"] = json!("device-1");
+        append_and_resolve(&store, &[anonymous, purchase("dana", 4.0, start - DAY_MS)]);
+        stage.catch_up().unwrap();
+        let dana = store.profile_by_identifier(&"user_id:dana".parse().unwrap()).unwrap().unwrap().id;
+        assert_eq!(computed_values(&store, dana)["spent"], json!(4));
+        append_and_resolve(
+            &store,
+            &[json!({"type": "identify", "userId": "dana", "anonymousId": "device-1",
+                     "timestamp": tandem_core::event::format_timestamp(at(start - 10))})],
+        );
+        stage.catch_up().unwrap();
+        let dana = store.profile_by_identifier(&"user_id:dana".parse().unwrap()).unwrap().unwrap().id;
+        assert_eq!(computed_values(&store, dana)["spent"], json!(14), "the survivor counts both orders once");
+        assert!(store.retired_audience_profiles(10).unwrap().is_empty(), "the merged-away profile's values went");
+
+        // A repair takes the device off dana again: the new resolver epoch
+        // has every computed trait computed again from repaired timelines.
+        let repair =
+            crate::resolve::Repair::Unlink { profile: dana, identifier: "anonymous_id:device-1".parse().unwrap() };
+        crate::resolve::repair(&store, &repair).unwrap();
+        stage.catch_up().unwrap();
+        let dana = store.profile_by_identifier(&"user_id:dana".parse().unwrap()).unwrap().unwrap().id;
+        assert_eq!(computed_values(&store, dana)["spent"], json!(4), "only her own order again");
+        assert!(store.retired_audience_profiles(10).unwrap().is_empty());
+        assert_eq!(store.computed_trait("spent").unwrap().unwrap().backfill, Backfill::Done);
+    }
+
     /// One thing that happens in the property test below.
     #[derive(Clone, Debug)]
     enum Happening {
@@ -997,10 +1425,10 @@ mod tests {
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
 
-        /// Whatever events, merges and waits happen, every membership the
-        /// stage keeps equals the batch evaluator over the profile's whole
-        /// timeline at that moment, and each history alternates entries
-        /// and exits.
+        /// Whatever events, merges and waits happen, every membership and
+        /// computed-trait value the stage keeps equals the batch evaluator
+        /// over the profile's whole timeline at that moment, and each
+        /// history alternates entries and exits.
         #[test]
         fn memberships_equal_the_batch_evaluator_over_each_timeline(
             happenings in proptest::collection::vec(happening(), 1..16)
@@ -1013,7 +1441,11 @@ mod tests {
                 ("twice", r#"count(event "Order Completed", within 3d) >= 2"#),
                 ("lately", r#"performed "Order Completed" within 1d"#),
                 ("quiet", r#"not performed "Order Completed" within 2d"#),
+                ("frequent", r#"computed recent >= 2"#),
             ];
+            let recent = definition(r#"count of "Order Completed" within 2d"#);
+            create_computed_trait(store.as_ref(), "recent", &recent, at(start)).unwrap();
+            let recent = recent.compile().unwrap();
             for (name, text) in rules {
                 create_audience(store.as_ref(), name, rule(text), at(start)).unwrap();
             }
@@ -1041,13 +1473,20 @@ mod tests {
                 }
                 stage.catch_up().unwrap();
                 let now_time = *now.lock().unwrap();
-                let empty = Map::new();
                 for profile in store.list_profiles(None, 100).unwrap() {
                     let events = timeline(store.as_ref(), profile.id, LogPosition(u64::MAX >> 1)).unwrap();
                     let members: BTreeSet<String> =
                         store.profile_audiences(profile.id).unwrap().into_iter().map(|m| m.audience).collect();
                     let none = BTreeSet::new();
-                    let facts = ProfileFacts { traits: &profile.traits, computed_traits: &empty, events: &events, audiences: &none };
+                    let mut computed = Map::new();
+                    if let Some(value) = recent.compute(&events, now_time) {
+                        computed.insert("recent".to_owned(), value);
+                    }
+                    proptest::prop_assert_eq!(
+                        &computed_values(&store, profile.id), &computed,
+                        "the kept value of {} equals the batch computation", profile.id
+                    );
+                    let facts = ProfileFacts { traits: &profile.traits, computed_traits: &computed, events: &events, audiences: &none };
                     for (name, text) in rules {
                         let expected = rule(text).compile().unwrap().is_member(&facts, now_time);
                         proptest::prop_assert_eq!(

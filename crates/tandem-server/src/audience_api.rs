@@ -77,12 +77,19 @@ fn parse_error(error: ParseError) -> ApiError {
 
 fn define_error(error: DefineError) -> ApiError {
     match error {
-        DefineError::InvalidName => ApiError::new(ErrorCode::InvalidValue, error.to_string()).with_field("name"),
+        DefineError::InvalidName | DefineError::InvalidComputedTraitName => {
+            ApiError::new(ErrorCode::InvalidValue, error.to_string()).with_field("name")
+        }
         DefineError::InvalidRule(invalid) => {
             ApiError::new(ErrorCode::InvalidRule, invalid.to_string()).with_field("rule")
         }
-        DefineError::UnknownAudience(_) => ApiError::new(ErrorCode::InvalidRule, error.to_string()).with_field("rule"),
+        DefineError::UnknownAudience(_) | DefineError::UnknownComputedTrait(_) => {
+            ApiError::new(ErrorCode::InvalidRule, error.to_string()).with_field("rule")
+        }
         DefineError::InUse { .. } => ApiError::new(ErrorCode::AudienceInUse, error.to_string()).with_field("name"),
+        DefineError::ComputedTraitInUse { .. } => {
+            ApiError::new(ErrorCode::ComputedTraitInUse, error.to_string()).with_field("name")
+        }
         DefineError::Store(StoreError::AudienceExists(name)) => {
             ApiError::new(ErrorCode::AudienceExists, format!("an audience named {name:?} already exists"))
                 .with_field("name")

@@ -31,6 +31,10 @@ pub enum ErrorCode {
     AudienceNotFound,
     AudienceExists,
     AudienceInUse,
+    InvalidComputedTrait,
+    ComputedTraitNotFound,
+    ComputedTraitExists,
+    ComputedTraitInUse,
     MalformedFile,
     SourceNotFound,
     ImportNotFound,
@@ -66,6 +70,10 @@ impl ErrorCode {
             ErrorCode::AudienceNotFound => "audience_not_found",
             ErrorCode::AudienceExists => "audience_exists",
             ErrorCode::AudienceInUse => "audience_in_use",
+            ErrorCode::InvalidComputedTrait => "invalid_computed_trait",
+            ErrorCode::ComputedTraitNotFound => "computed_trait_not_found",
+            ErrorCode::ComputedTraitExists => "computed_trait_exists",
+            ErrorCode::ComputedTraitInUse => "computed_trait_in_use",
             ErrorCode::MalformedFile => "malformed_file",
             ErrorCode::SourceNotFound => "source_not_found",
             ErrorCode::ImportNotFound => "import_not_found",
@@ -100,9 +108,15 @@ impl ErrorCode {
             | ErrorCode::ProfileNotFound
             | ErrorCode::SourceNotFound
             | ErrorCode::ImportNotFound
-            | ErrorCode::AudienceNotFound => StatusCode::NOT_FOUND,
-            ErrorCode::InvalidMapping | ErrorCode::InvalidRule => StatusCode::UNPROCESSABLE_ENTITY,
-            ErrorCode::AudienceExists | ErrorCode::AudienceInUse => StatusCode::CONFLICT,
+            | ErrorCode::AudienceNotFound
+            | ErrorCode::ComputedTraitNotFound => StatusCode::NOT_FOUND,
+            ErrorCode::InvalidMapping | ErrorCode::InvalidRule | ErrorCode::InvalidComputedTrait => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            ErrorCode::AudienceExists
+            | ErrorCode::AudienceInUse
+            | ErrorCode::ComputedTraitExists
+            | ErrorCode::ComputedTraitInUse => StatusCode::CONFLICT,
             ErrorCode::InvalidVerifyToken => StatusCode::FORBIDDEN,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,

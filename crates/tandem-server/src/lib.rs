@@ -7,6 +7,7 @@ pub mod audience_api;
 pub mod auth;
 pub mod cluster;
 pub mod collect;
+pub mod computed_api;
 pub mod connection;
 pub mod error;
 pub mod extract;
@@ -96,6 +97,7 @@ pub fn router(state: AppState) -> Router {
         .merge(tracking)
         .merge(profile::routes())
         .merge(audience_api::routes())
+        .merge(computed_api::routes())
         .merge(import::jobs::routes())
         .merge(webhook::routes())
         .merge(sdk_settings::routes())

@@ -61,6 +61,7 @@ pub struct Metrics {
     pub resolver_cached_profiles: Gauge,
     pub audience_lag_events: Gauge,
     pub audience_membership_changes: Counter,
+    pub computed_trait_writes: Counter,
 }
 
 impl Default for Metrics {
@@ -160,7 +161,14 @@ impl Metrics {
             "Profiles that entered or left an audience (by event, by timer, by backfill or merge)",
             audience_membership_changes.clone(),
         );
+        let computed_trait_writes = Counter::default();
+        registry.register(
+            "computed_trait_writes",
+            "Computed-trait states or values the audience stage stored or removed (by event, timer, backfill or merge)",
+            computed_trait_writes.clone(),
+        );
         Metrics {
+            computed_trait_writes,
             registry: std::sync::Arc::new(registry),
             audience_lag_events,
             audience_membership_changes,

@@ -43,15 +43,23 @@ pub fn profile_json(profile: &Profile) -> Value {
 }
 
 /// A profile as one profile's endpoint shows it: [`profile_json`] with its
-/// current audience memberships (`audiences`: name and `entered_at`).
+/// current audience memberships (`audiences`: name and `entered_at`) and its
+/// computed traits (`computed_traits`: name to value, as the audience stage
+/// last computed them; a trait with no value is left out).
 async fn profile_with_audiences(state: &AppState, profile: &Profile) -> Result<Value, ApiError> {
     let profile_id = profile.id;
-    let memberships = read(state, move |store| store.profile_audiences(profile_id)).await?;
+    let (memberships, computed) = read(state, move |store| {
+        Ok((store.profile_audiences(profile_id)?, store.computed_trait_states(&[profile_id])?))
+    })
+    .await?;
     let mut body = profile_json(profile);
     body["audiences"] = memberships
         .iter()
         .map(|membership| json!({"name": membership.audience, "entered_at": format_ms(membership.entered_at_ms)}))
         .collect();
+    let computed: std::collections::BTreeMap<String, Value> =
+        computed.into_iter().filter_map(|stored| Some((stored.name, stored.value?))).collect();
+    body["computed_traits"] = json!(computed);
     Ok(body)
 }
 

@@ -1557,3 +1557,157 @@ mod audiences {
         assert_eq!(ann["audiences"].as_array().unwrap().len(), 1);
     }
 }
+
+mod computed_traits {
+    use super::profiles::get;
+    use super::*;
+    use tandem_server::audience::{system_clock, AudienceStage};
+    use tandem_server::resolve::{Resolver, DEFAULT_BATCH};
+
+    async fn send_json(harness: &Harness, method: Method, path: &str, token: &str, body: Value) -> (StatusCode, Value) {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        harness.send(request).await
+    }
+
+    #[tokio::test]
+    async fn computed_traits_are_created_in_either_form_shown_on_profiles_and_deleted() {
+        let harness = Harness::new();
+        let (status, _) = harness
+            .post_json(
+                "/v1/batch",
+                json!({"batch": [
+                    {"type": "track", "userId": "ann", "event": "Order Completed", "properties": {"total": 80}, "messageId": "a1"},
+                    {"type": "track", "userId": "ann", "event": "Order Completed", "properties": {"total": 20.5}, "messageId": "a2"},
+                    {"type": "identify", "userId": "bob", "traits": {"plan": "pro"}, "messageId": "b1"}
+                ]}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        let store: Arc<dyn Store> = harness.store.clone();
+        Resolver::load(store.clone()).unwrap().catch_up(DEFAULT_BATCH).unwrap();
+        let token = harness.store.create_token("test").unwrap().1;
+        let (status, body) = get(&harness, "/api/v1/computed-traits", None).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::UNAUTHORIZED, "missing_token"));
+
+        // A text definition that does not parse: 422 with the position.
+        let (status, body) = send_json(
+            &harness,
+            Method::POST,
+            "/api/v1/computed-traits",
+            &token,
+            json!({"name": "spent", "definition": {"text": "sum(total) off \"Order Completed\""}}),
+        )
+        .await;
+        assert_eq!(
+            (status, error_of(&body)),
+            (StatusCode::UNPROCESSABLE_ENTITY, ("invalid_computed_trait", Some("definition.text"))),
+            "{body}"
+        );
+        assert_eq!((body["details"]["line"].as_u64(), body["details"]["column"].as_u64()), (Some(1), Some(12)));
+        let (status, body) = send_json(
+            &harness,
+            Method::POST,
+            "/api/v1/computed-traits",
+            &token,
+            json!({"name": "spent", "definition": {"function": "sum", "event": "Order Completed"}}),
+        )
+        .await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_computed_trait"), "{body}");
+
+        let (status, created) = send_json(
+            &harness,
+            Method::POST,
+            "/api/v1/computed-traits",
+            &token,
+            json!({"name": "spent", "definition": {"text": "sum(total) of \"Order Completed\""}}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        assert_eq!(created["definition"], json!({"function": "sum", "property": "total", "event": "Order Completed"}));
+        assert_eq!(
+            (created["backfilled"].as_bool(), created["backfilled_through"].clone()),
+            (Some(false), Value::Null)
+        );
+        let (status, _) = send_json(
+            &harness,
+            Method::POST,
+            "/api/v1/computed-traits",
+            &token,
+            json!({"name": "orders", "definition": {"function": "count", "event": "Order Completed"}}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED);
+        let (status, body) = send_json(
+            &harness,
+            Method::POST,
+            "/api/v1/computed-traits",
+            &token,
+            json!({"name": "orders", "definition": {"text": "count of \"Signed Up\""}}),
+        )
+        .await;
+        assert_eq!((status, error_of(&body)), (StatusCode::CONFLICT, ("computed_trait_exists", Some("name"))));
+
+        AudienceStage::new(store.clone(), system_clock()).catch_up().unwrap();
+        let (status, listed) = get(&harness, "/api/v1/computed-traits", Some(&token)).await;
+        assert_eq!(status, StatusCode::OK);
+        let names: Vec<(&str, bool)> = listed["computed_traits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| (t["name"].as_str().unwrap(), t["backfilled"].as_bool().unwrap()))
+            .collect();
+        assert_eq!(names, vec![("orders", true), ("spent", true)], "by name, backfilled");
+        let (status, shown) = get(&harness, "/api/v1/computed-traits/spent", Some(&token)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(shown["definition_text"], r#"sum(total) of "Order Completed""#);
+
+        let (status, ann) = get(&harness, "/api/v1/profiles/prof_1", Some(&token)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(ann["computed_traits"], json!({"orders": 2, "spent": 100.5}));
+        let (_, bob) = get(&harness, "/api/v1/profiles/prof_2", Some(&token)).await;
+        assert_eq!(bob["computed_traits"], json!({"orders": 0, "spent": 0}), "no orders count as 0");
+
+        // An audience over a computed trait: an unknown name is refused, and
+        // the trait cannot be deleted while the audience tests it.
+        let (status, body) = send_json(
+            &harness,
+            Method::POST,
+            "/api/v1/audiences",
+            &token,
+            json!({"name": "big", "rule": {"text": "computed spnt > 50"}}),
+        )
+        .await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_rule"), "{body}");
+        let (status, _) = send_json(
+            &harness,
+            Method::POST,
+            "/api/v1/audiences",
+            &token,
+            json!({"name": "big", "rule": {"text": "computed spent > 50"}}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED);
+        AudienceStage::new(store.clone(), system_clock()).catch_up().unwrap();
+        let (_, big) = get(&harness, "/api/v1/audiences/big", Some(&token)).await;
+        assert_eq!(big["size"], 1, "ann spent 100.5");
+        let (status, body) =
+            send_json(&harness, Method::DELETE, "/api/v1/computed-traits/spent", &token, json!({})).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::CONFLICT, "computed_trait_in_use"));
+        let (status, _) = send_json(&harness, Method::DELETE, "/api/v1/audiences/big", &token, json!({})).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let (status, _) = send_json(&harness, Method::DELETE, "/api/v1/computed-traits/spent", &token, json!({})).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let (status, body) = get(&harness, "/api/v1/computed-traits/spent", Some(&token)).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::NOT_FOUND, "computed_trait_not_found"));
+        let (status, body) =
+            send_json(&harness, Method::DELETE, "/api/v1/computed-traits/spent", &token, json!({})).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::NOT_FOUND, "computed_trait_not_found"));
+        let (_, ann) = get(&harness, "/api/v1/profiles/prof_1", Some(&token)).await;
+        assert_eq!(ann["computed_traits"], json!({"orders": 2}));
+    }
+}

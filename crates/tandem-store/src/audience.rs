@@ -5,9 +5,17 @@
 //! answer), and the stage's cursor in `stage_cursors`, all written together
 //! by [`AudienceStore::commit_audience`] so a crash replays from exactly the
 //! last committed effects.
+//!
+//! Computed traits live here too: their definitions with their backfill
+//! progress, and per (trait, profile) the incremental state
+//! ([`ComputedTraitState`]), the current value and a due-timer. The audience
+//! stage keeps them in the same commit as memberships, so an audience that
+//! tests a computed trait reads a value computed from exactly the events
+//! the stage has applied.
 
 use serde::Serialize;
-use tandem_core::audience::{AudienceState, Condition};
+use serde_json::Value;
+use tandem_core::audience::{AudienceState, ComputedTraitDefinition, ComputedTraitState, Condition};
 use tandem_core::{LogPosition, ProfileId};
 
 use crate::{Stage, StoreError};
@@ -120,6 +128,43 @@ pub struct AudienceCommit {
     pub changes: Vec<MembershipChange>,
     /// Backfill progress of new audiences.
     pub backfill: Vec<(String, Backfill)>,
+    /// Computed-trait states and values to write or remove; those of a
+    /// computed trait that no longer exists are not written.
+    pub computed: Vec<ComputedTraitWrite>,
+    /// Backfill progress of new computed traits.
+    pub computed_backfill: Vec<(String, Backfill)>,
+}
+
+/// A computed trait as stored: its unique name, definition and how far the
+/// stage has computed it over the profiles that existed before it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ComputedTraitRecord {
+    pub name: String,
+    pub definition: ComputedTraitDefinition,
+    pub created_at_ms: i64,
+    pub backfill: Backfill,
+}
+
+/// One profile's state and value of one computed trait, and when the value
+/// next changes without a new event (its due-timer), if ever.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredComputedTrait {
+    pub name: String,
+    pub profile: ProfileId,
+    pub state: ComputedTraitState,
+    /// `None` when the function has no value for no events (`min`, `last`…).
+    pub value: Option<Value>,
+    pub next_change_at_ms: Option<i64>,
+}
+
+/// A computed-trait state to write (`state: Some`) or to remove (`None`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ComputedTraitWrite {
+    pub name: String,
+    pub profile: ProfileId,
+    pub state: Option<ComputedTraitState>,
+    pub value: Option<Value>,
+    pub next_change_at_ms: Option<i64>,
 }
 
 /// What became of an [`AudienceCommit`]; only `Committed` wrote anything.
@@ -177,6 +222,56 @@ pub trait AudienceStore: Send + Sync + 'static {
     /// audience that no longer exists (deleted while the stage evaluated it)
     /// are not written.
     fn commit_audience(&self, commit: &AudienceCommit) -> Result<AudienceCommitOutcome, StoreError>;
+
+    /// Stores a new computed trait, to be backfilled; refused with
+    /// [`StoreError::ComputedTraitExists`] when the name is taken.
+    fn create_computed_trait(
+        &self,
+        name: &str,
+        definition: &ComputedTraitDefinition,
+        created_at_ms: i64,
+    ) -> Result<(), StoreError>;
+
+    /// Every computed trait, by name.
+    fn list_computed_traits(&self) -> Result<Vec<ComputedTraitRecord>, StoreError>;
+
+    /// One computed trait by name.
+    fn computed_trait(&self, name: &str) -> Result<Option<ComputedTraitRecord>, StoreError>;
+
+    /// Removes a computed trait with its states and values;
+    /// [`StoreError::ComputedTraitNotFound`] when there is none of that name.
+    fn delete_computed_trait(&self, name: &str) -> Result<(), StoreError>;
+
+    /// The stored computed traits of these profiles, in no order.
+    fn computed_trait_states(&self, profiles: &[ProfileId]) -> Result<Vec<StoredComputedTrait>, StoreError>;
+
+    /// Computed-trait states whose timer is due at `now_ms` (at or before
+    /// it), soonest first, at most `limit`.
+    fn due_computed_trait_states(&self, now_ms: i64, limit: usize) -> Result<Vec<StoredComputedTrait>, StoreError>;
+}
+
+pub(crate) fn computed_state_to_text(state: &ComputedTraitState) -> Result<String, StoreError> {
+    serde_json::to_string(state).map_err(|error| StoreError::Backend(Box::new(error)))
+}
+
+pub(crate) fn computed_state_from_text(text: &str) -> Result<ComputedTraitState, StoreError> {
+    serde_json::from_str(text).map_err(|error| StoreError::Backend(Box::new(error)))
+}
+
+pub(crate) fn definition_to_text(definition: &ComputedTraitDefinition) -> Result<String, StoreError> {
+    serde_json::to_string(definition).map_err(|error| StoreError::Backend(Box::new(error)))
+}
+
+pub(crate) fn definition_from_text(text: &str) -> Result<ComputedTraitDefinition, StoreError> {
+    serde_json::from_str(text).map_err(|error| StoreError::Backend(Box::new(error)))
+}
+
+pub(crate) fn value_to_text(value: Option<&Value>) -> Option<String> {
+    value.map(Value::to_string)
+}
+
+pub(crate) fn value_from_text(text: Option<&str>) -> Result<Option<Value>, StoreError> {
+    text.map(serde_json::from_str).transpose().map_err(|error| StoreError::Backend(Box::new(error)))
 }
 
 /// A state as stored: JSON text.

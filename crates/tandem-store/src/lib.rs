@@ -30,7 +30,8 @@ use tandem_core::source::SourceError;
 pub use self::postgres::PostgresStore;
 pub use audience::{
     AudienceCommit, AudienceCommitOutcome, AudienceDefinition, AudienceRecord, AudienceStateWrite, AudienceStore,
-    Backfill, Membership, MembershipChange, MembershipChangeKind, StoredAudienceState,
+    Backfill, ComputedTraitRecord, ComputedTraitWrite, Membership, MembershipChange, MembershipChangeKind,
+    StoredAudienceState, StoredComputedTrait,
 };
 pub use identity::{
     CommitOutcome, EventLink, HistoryRecord, IdentityCommit, IdentityRepair, IdentityState, IdentityStore,
@@ -57,6 +58,10 @@ pub enum StoreError {
     AudienceExists(String),
     #[error("no audience named {0:?}")]
     AudienceNotFound(String),
+    #[error("a computed trait named {0:?} already exists")]
+    ComputedTraitExists(String),
+    #[error("no computed trait named {0:?}")]
+    ComputedTraitNotFound(String),
     #[error("no token {0:?}")]
     TokenNotFound(String),
     #[error(transparent)]

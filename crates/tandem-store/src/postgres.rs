@@ -24,6 +24,7 @@
 //! `convert_from(payload, 'UTF8')`.
 
 mod audience;
+mod computed;
 mod identity;
 mod lease;
 mod log;
@@ -190,6 +191,25 @@ const MIGRATIONS: &[&str] = &[
     // 3: the live profile count, kept by every identity commit (see `sqlite.rs`, migration 9).
     r#"ALTER TABLE identity_state ADD COLUMN live_profiles BIGINT NOT NULL DEFAULT 0;
     UPDATE identity_state SET live_profiles = (SELECT COUNT(*) FROM profiles WHERE state IS NOT NULL);"#,
+    // 4: computed traits (see `sqlite.rs`, migration 10).
+    r#"CREATE TABLE computed_traits (
+        name TEXT PRIMARY KEY,
+        definition TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        backfilled BOOLEAN NOT NULL,
+        backfill_after BIGINT NOT NULL
+    );
+    CREATE TABLE computed_trait_states (
+        name TEXT NOT NULL,
+        profile_id BIGINT NOT NULL,
+        state TEXT NOT NULL,
+        value TEXT,
+        next_change_at BIGINT,
+        PRIMARY KEY (name, profile_id)
+    );
+    CREATE INDEX computed_trait_states_by_profile ON computed_trait_states (profile_id);
+    CREATE INDEX computed_trait_states_by_timer ON computed_trait_states (next_change_at)
+        WHERE next_change_at IS NOT NULL;"#,
 ];
 
 /// The PostgreSQL implementation of [`crate::Store`].

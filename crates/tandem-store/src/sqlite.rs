@@ -4,6 +4,7 @@
 //! (`synchronous = FULL`), which is what makes an acknowledgement durable.
 
 mod audience;
+mod computed;
 mod identity;
 mod manage;
 
@@ -13,10 +14,12 @@ use crate::{
     IngestStats, LogEntry, LogFilter, Membership, MembershipChange, QuarantineEntry, QuarantineRecord, SourceStats,
     Sources, Stage, StageCursor, StoreError, StoredAudienceState, TimelineCursor, TokenInfo, UnresolvedEvent,
 };
+use crate::{ComputedTraitRecord, StoredComputedTrait};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use tandem_core::audience::ComputedTraitDefinition;
 use tandem_core::webhook::WebhookSettings;
 use tandem_core::{
     EventType, Identifier, IdentityRules, LogPosition, MessageId, Profile, ProfileId, Source, SourceId, SourceKind,
@@ -194,6 +197,28 @@ const MIGRATIONS: &[&str] = &[
     // resolver's start and `stats` do not count a table of millions of rows.
     "ALTER TABLE identity_state ADD COLUMN live_profiles INTEGER NOT NULL DEFAULT 0;
     UPDATE identity_state SET live_profiles = (SELECT COUNT(*) FROM profiles WHERE state IS NOT NULL);",
+    // 10: computed traits: definitions (with how far a new one is
+    // backfilled), and per profile the incremental state, the current value
+    // (JSON text, NULL for none) and the due-timer, kept by the audience
+    // stage's commit.
+    "CREATE TABLE computed_traits (
+        name TEXT PRIMARY KEY,
+        definition TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        backfilled INTEGER NOT NULL,
+        backfill_after INTEGER NOT NULL
+    );
+    CREATE TABLE computed_trait_states (
+        name TEXT NOT NULL,
+        profile_id INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        value TEXT,
+        next_change_at INTEGER,
+        PRIMARY KEY (name, profile_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX computed_trait_states_by_profile ON computed_trait_states (profile_id);
+    CREATE INDEX computed_trait_states_by_timer ON computed_trait_states (next_change_at)
+        WHERE next_change_at IS NOT NULL;",
 ];
 
 /// The `received_at` of a message id kept for good ([`Dedup::Forever`]).
@@ -783,6 +808,35 @@ impl AudienceStore for SqliteStore {
 
     fn commit_audience(&self, commit: &AudienceCommit) -> Result<AudienceCommitOutcome, StoreError> {
         self.with_writer(|connection| audience::commit(connection, commit))
+    }
+
+    fn create_computed_trait(
+        &self,
+        name: &str,
+        definition: &ComputedTraitDefinition,
+        created_at_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.with_writer(|connection| computed::create(connection, name, definition, created_at_ms))
+    }
+
+    fn list_computed_traits(&self) -> Result<Vec<ComputedTraitRecord>, StoreError> {
+        self.with_reader(computed::list)
+    }
+
+    fn computed_trait(&self, name: &str) -> Result<Option<ComputedTraitRecord>, StoreError> {
+        self.with_reader(|connection| computed::get(connection, name))
+    }
+
+    fn delete_computed_trait(&self, name: &str) -> Result<(), StoreError> {
+        self.with_writer(|connection| computed::delete(connection, name))
+    }
+
+    fn computed_trait_states(&self, profiles: &[ProfileId]) -> Result<Vec<StoredComputedTrait>, StoreError> {
+        self.with_reader(|connection| computed::states(connection, profiles))
+    }
+
+    fn due_computed_trait_states(&self, now_ms: i64, limit: usize) -> Result<Vec<StoredComputedTrait>, StoreError> {
+        self.with_reader(|connection| computed::due(connection, now_ms, limit))
     }
 }
 

@@ -71,7 +71,9 @@ macro_rules! audience_store_test_suite {
             audiences_have_unique_names_and_delete_with_their_members,
             commits_record_memberships_history_and_states_and_refuse_stale_writers,
             due_timers_come_back_soonest_first_until_cleared,
-            retired_profiles_are_found_after_a_merge
+            retired_profiles_are_found_after_a_merge,
+            computed_traits_have_unique_names_and_delete_with_their_values,
+            computed_trait_timers_come_back_soonest_first_until_cleared
         );
     };
 }

@@ -478,9 +478,18 @@ fn find_profile(store: &Arc<dyn Store>, target: &str) -> anyhow::Result<Profile>
 
 pub fn show_profile(store: Arc<dyn Store>, target: &str, as_json: bool, out: &mut impl Write) -> anyhow::Result<()> {
     catch_up(&store)?;
+    // Computed traits are kept by the audience stage: bring it up to date too.
+    tandem_server::audience::AudienceStage::new(store.clone(), tandem_server::audience::system_clock()).catch_up()?;
     let profile = find_profile(&store, target)?;
+    let computed: std::collections::BTreeMap<String, Value> = store
+        .computed_trait_states(&[profile.id])?
+        .into_iter()
+        .filter_map(|stored| Some((stored.name, stored.value?)))
+        .collect();
     if as_json {
-        writeln!(out, "{}", profile_json(&profile))?;
+        let mut body = profile_json(&profile);
+        body["computed_traits"] = json!(computed);
+        writeln!(out, "{body}")?;
         return Ok(());
     }
     writeln!(out, "profile {}", profile.id)?;
@@ -496,6 +505,12 @@ pub fn show_profile(store: Arc<dyn Store>, target: &str, as_json: bool, out: &mu
     }
     for (group, traits) in &profile.groups {
         writeln!(out, "account {group}  {}", Value::Object(traits.clone()))?;
+    }
+    if !computed.is_empty() {
+        writeln!(out, "computed traits")?;
+        for (name, value) in &computed {
+            writeln!(out, "  {name:<20} {value}")?;
+        }
     }
     let counts: Vec<String> = profile.event_counts.iter().map(|(kind, count)| format!("{kind}={count}")).collect();
     writeln!(out, "events  {}", counts.join(" "))?;

@@ -6,6 +6,7 @@
 
 mod audience;
 mod commands;
+mod computed;
 mod config;
 mod demo;
 mod import;
@@ -64,6 +65,9 @@ enum Command {
     /// Audiences: profiles selected by a rule, kept current as events arrive and time passes
     #[command(subcommand)]
     Audience(AudienceCommand),
+    /// Computed traits: a value per profile aggregated from its events, kept current like audiences
+    #[command(subcommand)]
+    Computed(ComputedCommand),
     /// Create a realistic synthetic company and serve it: web and app behaviour, orders, product
     /// usage, tickets, CRM contacts, leads and social mentions
     ///
@@ -395,6 +399,37 @@ enum AudienceCommand {
     /// Delete an audience with its memberships
     Delete {
         /// The audience's name
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ComputedCommand {
+    /// Create a computed trait; profiles already there are computed at once
+    Create {
+        /// A unique name (audience rules test it as `computed NAME …`)
+        name: String,
+        /// The definition, in the text syntax (or the JSON object)
+        #[arg(long)]
+        definition: String,
+    },
+    /// List computed traits with their definitions and backfill progress
+    List {
+        /// Print a JSON array
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a computed trait's definition (text and JSON) and backfill progress
+    Show {
+        /// The computed trait's name
+        name: String,
+        /// Print one JSON object
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a computed trait with its values
+    Delete {
+        /// The computed trait's name
         name: String,
     },
 }
@@ -747,6 +782,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Audience(AudienceCommand::Delete { name }) => {
             audience::delete(open(Access::Existing)?, &name, &mut out)
+        }
+        Command::Computed(ComputedCommand::Create { name, definition }) => {
+            computed::create(open(Access::Existing)?, &name, &definition, &mut out)
+        }
+        Command::Computed(ComputedCommand::List { json }) => computed::list(open(Access::Existing)?, json, &mut out),
+        Command::Computed(ComputedCommand::Show { name, json }) => {
+            computed::show(open(Access::Existing)?, &name, json, &mut out)
+        }
+        Command::Computed(ComputedCommand::Delete { name }) => {
+            computed::delete(open(Access::Existing)?, &name, &mut out)
         }
         Command::Identity(IdentityCommand::Block { identifier }) => {
             commands::block(open(Access::Existing)?, &identifier, &mut out)

@@ -348,6 +348,12 @@ impl CompiledComputedTrait {
         self.finish(total)
     }
 
+    /// Whether the event is one this trait aggregates (its name and
+    /// filters match), so a stage observes only those.
+    pub fn reads_event(&self, event: &Event) -> bool {
+        self.matcher.matches(event)
+    }
+
     /// A fresh incremental state for one profile.
     pub fn new_state(&self) -> ComputedTraitState {
         ComputedTraitState::default()

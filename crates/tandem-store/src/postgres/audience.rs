@@ -12,7 +12,9 @@ use crate::{
     AudienceCommit, AudienceCommitOutcome, AudienceDefinition, AudienceRecord, AudienceStore, Membership,
     MembershipChange, MembershipChangeKind, Stage, StoreError, StoredAudienceState,
 };
+use crate::{ComputedTraitRecord, StoredComputedTrait};
 use postgres::Row;
+use tandem_core::audience::ComputedTraitDefinition;
 use tandem_core::ProfileId;
 
 const RECORD_QUERY: &str = "SELECT a.name, a.rule, a.created_at, a.backfilled, a.backfill_after, a.size
@@ -190,6 +192,7 @@ impl AudienceStore for PostgresStore {
                 .query(
                     "SELECT DISTINCT t.profile_id FROM (
                          SELECT profile_id FROM audience_states UNION SELECT profile_id FROM audience_members
+                         UNION SELECT profile_id FROM computed_trait_states
                      ) t LEFT JOIN profiles p ON p.id = t.profile_id
                      WHERE p.id IS NULL OR p.merged_into IS NOT NULL OR p.state IS NULL
                      ORDER BY t.profile_id LIMIT $1",
@@ -210,6 +213,7 @@ impl AudienceStore for PostgresStore {
                 Ok((write.audience.clone(), write.profile.0 as i64, state, write.next_change_at_ms))
             })
             .collect::<Result<_, StoreError>>()?;
+        let computed = super::computed::Encoded::new(commit)?;
         self.with_client(|client| {
             let mut transaction = client.transaction()?;
             transaction.execute(
@@ -271,6 +275,7 @@ impl AudienceStore for PostgresStore {
                     &[name, &backfilled, &after],
                 )?;
             }
+            super::computed::write(&mut transaction, &computed)?;
             transaction.execute(
                 "UPDATE stage_cursors SET position = $2, epoch = $3 WHERE stage = $1",
                 &[&Stage::AUDIENCE.0, &(commit.to.0 as i64), &(commit.epoch as i64)],
@@ -278,5 +283,34 @@ impl AudienceStore for PostgresStore {
             transaction.commit()?;
             Ok(AudienceCommitOutcome::Committed)
         })
+    }
+
+    fn create_computed_trait(
+        &self,
+        name: &str,
+        definition: &ComputedTraitDefinition,
+        created_at_ms: i64,
+    ) -> Result<(), StoreError> {
+        super::computed::create(self, name, definition, created_at_ms)
+    }
+
+    fn list_computed_traits(&self) -> Result<Vec<ComputedTraitRecord>, StoreError> {
+        super::computed::list(self)
+    }
+
+    fn computed_trait(&self, name: &str) -> Result<Option<ComputedTraitRecord>, StoreError> {
+        super::computed::get(self, name)
+    }
+
+    fn delete_computed_trait(&self, name: &str) -> Result<(), StoreError> {
+        super::computed::delete(self, name)
+    }
+
+    fn computed_trait_states(&self, profiles: &[ProfileId]) -> Result<Vec<StoredComputedTrait>, StoreError> {
+        super::computed::states(self, profiles)
+    }
+
+    fn due_computed_trait_states(&self, now_ms: i64, limit: usize) -> Result<Vec<StoredComputedTrait>, StoreError> {
+        super::computed::due(self, now_ms, limit)
     }
 }

@@ -157,6 +157,7 @@ pub fn retired(connection: &Connection, limit: usize) -> Result<Vec<ProfileId>, 
     let mut statement = connection.prepare_cached(
         "SELECT DISTINCT t.profile_id FROM (
              SELECT profile_id FROM audience_states UNION SELECT profile_id FROM audience_members
+             UNION SELECT profile_id FROM computed_trait_states
          ) t LEFT JOIN profiles p ON p.id = t.profile_id
          WHERE p.id IS NULL OR p.merged_into IS NOT NULL OR p.state IS NULL
          ORDER BY t.profile_id LIMIT ?1",
@@ -231,6 +232,7 @@ pub fn commit(connection: &mut Connection, commit: &AudienceCommit) -> Result<Au
             progress.execute(params![name, backfilled, after])?;
         }
     }
+    super::computed::write(&transaction, commit)?;
     transaction.execute(
         "INSERT INTO stage_cursors (stage, position, epoch) VALUES (?1, ?2, ?3)
          ON CONFLICT (stage) DO UPDATE SET position = excluded.position, epoch = excluded.epoch",

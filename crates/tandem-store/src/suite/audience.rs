@@ -100,6 +100,7 @@ pub fn commits_record_memberships_history_and_states_and_refuse_stale_writers(st
         ],
         backfill: vec![("buyers".into(), Backfill::Pending { after: Some(ProfileId(2)) })],
         epoch: 0,
+        ..AudienceCommit::default()
     };
     assert_eq!(store.commit_audience(&first).unwrap(), AudienceCommitOutcome::Committed);
     assert_eq!(
@@ -118,6 +119,7 @@ pub fn commits_record_memberships_history_and_states_and_refuse_stale_writers(st
         changes: vec![change("buyers", 2, MembershipChangeKind::Exited, 200)],
         backfill: vec![("buyers".into(), Backfill::Done)],
         epoch: 3,
+        ..AudienceCommit::default()
     };
     assert_eq!(store.commit_audience(&second).unwrap(), AudienceCommitOutcome::Committed);
     assert_eq!(
@@ -218,4 +220,105 @@ pub fn retired_profiles_are_found_after_a_merge(store: &impl Store) {
     };
     assert_eq!(store.commit_audience(&cleared).unwrap(), AudienceCommitOutcome::Committed);
     assert!(store.retired_audience_profiles(10).unwrap().is_empty());
+}
+
+fn computed_write(
+    name: &str,
+    profile: u64,
+    state: Option<tandem_core::audience::ComputedTraitState>,
+    value: Option<serde_json::Value>,
+    next: Option<i64>,
+) -> crate::ComputedTraitWrite {
+    crate::ComputedTraitWrite {
+        name: name.to_owned(),
+        profile: ProfileId(profile),
+        state,
+        value,
+        next_change_at_ms: next,
+    }
+}
+
+pub fn computed_traits_have_unique_names_and_delete_with_their_values(store: &impl Store) {
+    use tandem_core::audience::ComputedTraitDefinition;
+    let orders = ComputedTraitDefinition::parse(r#"count of "Order Completed" within 30d"#).unwrap();
+    let spent = ComputedTraitDefinition::parse(r#"sum(total) of "Order Completed""#).unwrap();
+    store.create_computed_trait("orders", &orders, 1_000).unwrap();
+    store.create_computed_trait("spent", &spent, 2_000).unwrap();
+    assert!(matches!(
+        store.create_computed_trait("orders", &spent, 3_000),
+        Err(StoreError::ComputedTraitExists(name)) if name == "orders"
+    ));
+    let listed: Vec<_> = store.list_computed_traits().unwrap().into_iter().map(|record| record.name).collect();
+    assert_eq!(listed, vec!["orders", "spent"]);
+    let record = store.computed_trait("orders").unwrap().expect("stored");
+    assert_eq!(record.definition, orders, "the definition round-trips");
+    assert_eq!((record.created_at_ms, record.backfill), (1_000, Backfill::Pending { after: None }));
+    assert_eq!(store.computed_trait("nothing").unwrap(), None);
+
+    let state = orders.compile().unwrap().new_state();
+    let commit = AudienceCommit {
+        computed: vec![
+            computed_write("orders", 1, Some(state.clone()), Some(serde_json::json!(2)), Some(900)),
+            computed_write("spent", 1, Some(state.clone()), Some(serde_json::json!(12.5)), None),
+        ],
+        computed_backfill: vec![("orders".into(), Backfill::Pending { after: Some(ProfileId(1)) })],
+        ..AudienceCommit::default()
+    };
+    assert_eq!(store.commit_audience(&commit).unwrap(), AudienceCommitOutcome::Committed);
+    assert_eq!(
+        store.computed_trait("orders").unwrap().unwrap().backfill,
+        Backfill::Pending { after: Some(ProfileId(1)) }
+    );
+    let mut stored = store.computed_trait_states(&[ProfileId(1), ProfileId(2)]).unwrap();
+    stored.sort_by(|a, b| a.name.cmp(&b.name));
+    assert_eq!(
+        stored.iter().map(|s| (s.name.as_str(), s.value.clone(), s.next_change_at_ms)).collect::<Vec<_>>(),
+        vec![("orders", Some(serde_json::json!(2)), Some(900)), ("spent", Some(serde_json::json!(12.5)), None)]
+    );
+    assert_eq!(stored[0].state, state, "the state round-trips");
+
+    store.delete_computed_trait("orders").unwrap();
+    assert!(matches!(store.delete_computed_trait("orders"), Err(StoreError::ComputedTraitNotFound(_))));
+    assert_eq!(store.computed_trait_states(&[ProfileId(1)]).unwrap().len(), 1, "its values go, spent's stay");
+    // A stage that computed the trait before it was deleted writes nothing for it.
+    assert_eq!(store.commit_audience(&commit).unwrap(), AudienceCommitOutcome::Committed);
+    assert_eq!(store.computed_trait_states(&[ProfileId(1)]).unwrap().len(), 1);
+}
+
+pub fn computed_trait_timers_come_back_soonest_first_until_cleared(store: &impl Store) {
+    use tandem_core::audience::ComputedTraitDefinition;
+    let orders = ComputedTraitDefinition::parse(r#"count of "Order Completed" within 7d"#).unwrap();
+    store.create_computed_trait("orders", &orders, 1_000).unwrap();
+    let state = orders.compile().unwrap().new_state();
+    let value = Some(serde_json::json!(1));
+    let commit = AudienceCommit {
+        computed: vec![
+            computed_write("orders", 1, Some(state.clone()), value.clone(), Some(500)),
+            computed_write("orders", 2, Some(state.clone()), value.clone(), Some(300)),
+            computed_write("orders", 3, Some(state.clone()), value.clone(), None),
+        ],
+        ..AudienceCommit::default()
+    };
+    assert_eq!(store.commit_audience(&commit).unwrap(), AudienceCommitOutcome::Committed);
+    let due =
+        |now| store.due_computed_trait_states(now, 10).unwrap().into_iter().map(|s| s.profile.0).collect::<Vec<_>>();
+    assert_eq!(due(299), Vec::<u64>::new());
+    assert_eq!(due(500), vec![2, 1]);
+    assert_eq!(store.due_computed_trait_states(500, 1).unwrap().len(), 1, "the limit holds");
+    let clear = AudienceCommit {
+        computed: vec![
+            computed_write("orders", 2, Some(state.clone()), Some(serde_json::json!(0)), None),
+            computed_write("orders", 1, None, None, None),
+        ],
+        ..AudienceCommit::default()
+    };
+    assert_eq!(store.commit_audience(&clear).unwrap(), AudienceCommitOutcome::Committed);
+    assert_eq!(due(i64::MAX), Vec::<u64>::new());
+    assert!(store.computed_trait_states(&[ProfileId(1)]).unwrap().is_empty(), "a removed state is gone");
+    let two = store.computed_trait_states(&[ProfileId(2)]).unwrap();
+    assert_eq!(two[0].value, Some(serde_json::json!(0)));
+    // Profiles holding only computed-trait states are found once retired
+    // (no live profile of those ids exists in this store).
+    let retired = store.retired_audience_profiles(10).unwrap();
+    assert_eq!(retired, vec![ProfileId(2), ProfileId(3)]);
 }

@@ -397,6 +397,92 @@ fn audiences_are_created_previewed_listed_shown_paged_and_deleted_from_the_comma
     assert!(!gone.status.success() && String::from_utf8_lossy(&gone.stderr).contains("no audience named"));
 }
 
+#[test]
+fn computed_traits_are_created_listed_shown_printed_on_profiles_and_deleted_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    with_events(
+        dir.path(),
+        json!([
+            {"type": "track", "userId": "ann", "event": "Order Completed", "properties": {"total": 30}, "messageId": "o1"},
+            {"type": "track", "userId": "ann", "event": "Order Completed", "properties": {"total": 12.5}, "messageId": "o2"},
+            {"type": "identify", "userId": "bob", "traits": {"plan": "pro"}, "messageId": "i1"}
+        ]),
+    );
+    let bad = tandem_output(dir.path(), &["computed", "create", "spent", "--definition", r#"sum(total) off "A""#]);
+    assert!(!bad.status.success());
+    let error = String::from_utf8_lossy(&bad.stderr);
+    assert!(error.contains("column") && error.contains("expected"), "{error}");
+
+    let created =
+        tandem(dir.path(), &["computed", "create", "spent", "--definition", r#"sum(total) of "Order Completed""#]);
+    assert!(created.contains(r#"created computed trait "spent" (backfilled)"#), "{created}");
+    tandem(
+        dir.path(),
+        &["computed", "create", "orders", "--definition", r#"{"function": "count", "event": "Order Completed"}"#],
+    );
+    let listed = tandem(dir.path(), &["computed", "list"]);
+    assert!(listed.contains("orders") && listed.contains("spent") && listed.contains("(backfilled)"), "{listed}");
+    let shown: Value = serde_json::from_str(&tandem(dir.path(), &["computed", "show", "spent", "--json"])).unwrap();
+    assert_eq!(shown["definition_text"], r#"sum(total) of "Order Completed""#);
+    assert_eq!(shown["backfilled"], true);
+
+    let profile = tandem(dir.path(), &["profile", "show", "user_id:ann"]);
+    assert!(profile.contains("computed traits"), "{profile}");
+    assert!(profile.lines().any(|line| line.split_whitespace().collect::<Vec<_>>() == ["spent", "42.5"]), "{profile}");
+    let profile: Value =
+        serde_json::from_str(&tandem(dir.path(), &["profile", "show", "user_id:ann", "--json"])).unwrap();
+    assert_eq!(profile["computed_traits"], json!({"orders": 2, "spent": 42.5}));
+
+    // An audience over a computed trait.
+    let created = tandem(dir.path(), &["audience", "create", "big spenders", "--rule", "computed spent > 40"]);
+    assert!(created.contains("with 1 members"), "{created}");
+
+    let in_use = tandem_output(dir.path(), &["computed", "delete", "spent"]);
+    assert!(!in_use.status.success() && String::from_utf8_lossy(&in_use.stderr).contains("used by audience"));
+    tandem(dir.path(), &["computed", "delete", "orders"]);
+    let gone = tandem_output(dir.path(), &["computed", "show", "orders"]);
+    assert!(!gone.status.success() && String::from_utf8_lossy(&gone.stderr).contains("no computed trait named"));
+}
+
+/// The server's audience stage keeps computed traits current too: a trait
+/// created over HTTP shows the value of an event that arrives afterwards on
+/// the profile, with no command line reading in between.
+#[test]
+fn the_running_server_keeps_computed_traits_current_as_events_arrive() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = create_source(dir.path(), "website");
+    let token: Value = serde_json::from_str(&tandem(dir.path(), &["token", "create", "--json"])).unwrap();
+    let bearer = format!("Bearer {}", token["token"].as_str().unwrap());
+    let server = Server::start(dir.path());
+    let mut created = agent()
+        .post(&format!("{}/api/v1/computed-traits", server.url))
+        .header("Authorization", &bearer)
+        .send(
+            json!({"name": "spent", "definition": {"text": r#"sum(total) of "Order Completed" within 30d"#}})
+                .to_string(),
+        )
+        .unwrap();
+    assert_eq!(created.status().as_u16(), 201, "{}", created.body_mut().read_to_string().unwrap());
+    let body = json!({"userId": "ann", "event": "Order Completed", "properties": {"total": 19.5}}).to_string();
+    let (status, _) =
+        post(&agent(), &format!("{}/v1/track", server.url), source["write_key"].as_str().unwrap(), &body).unwrap();
+    assert_eq!(status, 200);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let mut response = agent()
+            .get(&format!("{}/api/v1/profiles/prof_1", server.url))
+            .header("Authorization", &bearer)
+            .call()
+            .unwrap();
+        let profile: Value = serde_json::from_str(&response.body_mut().read_to_string().unwrap()).unwrap();
+        if profile["computed_traits"]["spent"] == json!(19.5) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the stage did not compute the value: {profile}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// The server's own audience stage keeps memberships current: an audience
 /// created over HTTP gains the customer whose event arrives afterwards,
 /// with no command line reading in between.
