@@ -31,6 +31,9 @@ pub enum ErrorCode {
     AudienceNotFound,
     AudienceExists,
     AudienceInUse,
+    DestinationNotFound,
+    DestinationExists,
+    InvalidDestination,
     MalformedFile,
     SourceNotFound,
     ImportNotFound,
@@ -66,6 +69,9 @@ impl ErrorCode {
             ErrorCode::AudienceNotFound => "audience_not_found",
             ErrorCode::AudienceExists => "audience_exists",
             ErrorCode::AudienceInUse => "audience_in_use",
+            ErrorCode::DestinationNotFound => "destination_not_found",
+            ErrorCode::DestinationExists => "destination_exists",
+            ErrorCode::InvalidDestination => "invalid_destination",
             ErrorCode::MalformedFile => "malformed_file",
             ErrorCode::SourceNotFound => "source_not_found",
             ErrorCode::ImportNotFound => "import_not_found",
@@ -100,9 +106,12 @@ impl ErrorCode {
             | ErrorCode::ProfileNotFound
             | ErrorCode::SourceNotFound
             | ErrorCode::ImportNotFound
-            | ErrorCode::AudienceNotFound => StatusCode::NOT_FOUND,
-            ErrorCode::InvalidMapping | ErrorCode::InvalidRule => StatusCode::UNPROCESSABLE_ENTITY,
-            ErrorCode::AudienceExists | ErrorCode::AudienceInUse => StatusCode::CONFLICT,
+            | ErrorCode::AudienceNotFound
+            | ErrorCode::DestinationNotFound => StatusCode::NOT_FOUND,
+            ErrorCode::InvalidMapping | ErrorCode::InvalidRule | ErrorCode::InvalidDestination => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            ErrorCode::AudienceExists | ErrorCode::AudienceInUse | ErrorCode::DestinationExists => StatusCode::CONFLICT,
             ErrorCode::InvalidVerifyToken => StatusCode::FORBIDDEN,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
