@@ -34,9 +34,12 @@ pub const DEFAULT_SIGNATURE_HEADER: &str = "x-tandem-signature";
 pub struct DestinationDefinition {
     pub name: String,
     pub destination: DestinationSettings,
-    /// The events of the log this destination receives.
-    #[serde(default)]
-    pub events: EventFilter,
+    /// The events of the log this destination receives; none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<EventFilter>,
+    /// The audiences whose entries and exits this destination receives.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audiences: Vec<AudienceSubscription>,
     #[serde(default)]
     pub retry: RetrySettings,
 }
@@ -114,6 +117,17 @@ impl EventFilter {
     }
 }
 
+/// One audience a destination follows: each profile's entry and exit is
+/// delivered with the profile's `traits` named here (their values when the
+/// change is enqueued).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AudienceSubscription {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub traits: Vec<String>,
+}
+
 /// How a destination retries: the first delay, the longest delay, and how
 /// long after an item's first attempt it gives up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -174,8 +188,19 @@ impl DestinationDefinition {
                 }
             }
         }
-        if self.events.names.iter().any(|name| name.is_empty()) {
+        if self.events.as_ref().is_some_and(|events| events.names.iter().any(|name| name.is_empty())) {
             return Err(invalid("events.names", "an event name must not be empty"));
+        }
+        if self.events.is_none() && self.audiences.is_empty() {
+            return Err(invalid("events", "a destination receives events, audiences or both; name one"));
+        }
+        for audience in &self.audiences {
+            if audience.name.trim().is_empty() {
+                return Err(invalid("audiences.name", "must not be empty"));
+            }
+            if audience.traits.iter().any(|name| name.is_empty()) {
+                return Err(invalid("audiences.traits", "a trait name must not be empty"));
+            }
         }
         let retry = &self.retry;
         if retry.initial_backoff_ms == 0 {
@@ -364,7 +389,8 @@ mod tests {
                 headers: BTreeMap::new(),
                 timeout_ms: 1000,
             }),
-            events: EventFilter::default(),
+            events: Some(EventFilter::default()),
+            audiences: Vec::new(),
             retry: RetrySettings::default(),
         }
     }
@@ -413,6 +439,17 @@ mod tests {
             ..webhook("http://x")
         };
         assert_eq!(file.validate().unwrap_err().field, "destination.path");
+        let nothing = DestinationDefinition { events: None, ..webhook("http://x") };
+        assert_eq!(nothing.validate().unwrap_err().field, "events");
+        let audiences_only: DestinationDefinition = serde_json::from_value(serde_json::json!({
+            "name": "ads",
+            "destination": {"kind": "file", "path": "ads.jsonl"},
+            "audiences": [{"name": "Active Pro", "traits": ["email"]}]
+        }))
+        .unwrap();
+        audiences_only.validate().unwrap();
+        assert_eq!(audiences_only.events, None);
+        assert_eq!(audiences_only.audiences[0].traits, vec!["email"]);
     }
 
     #[test]

@@ -27,14 +27,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_core::activate::{
-    AttemptFailure, DestinationDefinition, DestinationError, DestinationSettings, FileSettings, NextStep,
-    WebhookSettings,
+    AttemptFailure, AudienceSubscription, DestinationDefinition, DestinationError, DestinationSettings, FileSettings,
+    NextStep, WebhookSettings,
 };
 use tandem_core::random::Random;
 use tandem_core::{EventType, LogPosition};
 use tandem_store::{
-    DeadLetter, DestinationRecord, FailedAttempt, NewOutboxItem, OutboxCommit, OutboxCommitOutcome, OutboxItem, Stage,
-    StageLease, Store, StoreError,
+    DeadLetter, DestinationRecord, FailedAttempt, NewOutboxItem, OutboxCommit, OutboxCommitOutcome, OutboxCursor,
+    OutboxItem, Stage, StageLease, Store, StoreError,
 };
 
 use crate::log_head::LogHead;
@@ -119,9 +119,67 @@ impl OutboxStage {
         OutboxStage { store }
     }
 
-    /// Enqueues the next batch of events the resolver has committed;
-    /// returns how many events it read (0 when caught up).
+    /// Enqueues the next batch of events the resolver has committed and of
+    /// audience entries and exits; returns how many it read (0 when caught up).
     pub fn step(&mut self) -> Result<usize, StoreError> {
+        Ok(self.step_events()? + self.step_audiences()?)
+    }
+
+    /// Enqueues the next entries and exits of the audiences destinations
+    /// follow, each with the profile's chosen traits, after the stage's own
+    /// cursor in the audience history.
+    fn step_audiences(&mut self) -> Result<usize, StoreError> {
+        let from = self.store.stage_cursor(Stage::OUTBOX_AUDIENCES)?.map_or(0, |cursor| cursor.position.0);
+        let changes = self.store.membership_changes_after(from, EVENT_BATCH)?;
+        let Some(&(to, _)) = changes.last() else { return Ok(0) };
+        let destinations = self.store.list_destinations()?;
+        let mut profiles: Vec<_> = changes
+            .iter()
+            .filter(|(_, change)| !followers(&destinations, &change.audience).is_empty())
+            .map(|(_, c)| c.profile)
+            .collect();
+        profiles.sort_unstable();
+        profiles.dedup();
+        let traits: HashMap<_, _> =
+            self.store.profiles(&profiles)?.into_iter().map(|profile| (profile.id, profile.traits)).collect();
+        let mut items = Vec::new();
+        for (id, change) in &changes {
+            for (destination, subscription) in followers(&destinations, &change.audience) {
+                let profile_traits = traits.get(&change.profile);
+                let chosen: serde_json::Map<String, serde_json::Value> = subscription
+                    .traits
+                    .iter()
+                    .filter_map(|name| Some((name.clone(), profile_traits?.get(name)?.clone())))
+                    .collect();
+                let at = chrono::DateTime::from_timestamp_millis(change.at_ms)
+                    .map(tandem_core::event::format_timestamp)
+                    .unwrap_or_default();
+                let payload = serde_json::json!({
+                    "type": "audience",
+                    "messageId": format!("audience-{id}"),
+                    "audience": change.audience,
+                    "change": change.kind.as_str(),
+                    "profile": change.profile.to_string(),
+                    "timestamp": at,
+                    "traits": chosen,
+                });
+                items.push(NewOutboxItem {
+                    destination: destination.to_owned(),
+                    // The history id: audience items have no log position.
+                    position: LogPosition(*id),
+                    payload: payload.to_string(),
+                });
+            }
+        }
+        let commit =
+            OutboxCommit { cursor: OutboxCursor::AudienceHistory, from: LogPosition(from), to: LogPosition(to), items };
+        match self.store.commit_outbox(&commit)? {
+            OutboxCommitOutcome::Committed => Ok(changes.len()),
+            OutboxCommitOutcome::StalePosition => Ok(0),
+        }
+    }
+
+    fn step_events(&mut self) -> Result<usize, StoreError> {
         let from = self.store.stage_cursor(Stage::OUTBOX)?.map_or(LogPosition(0), |cursor| cursor.position);
         let resolved = self.store.stage_cursor(Stage::RESOLVE)?.map_or(LogPosition(0), |cursor| cursor.position);
         if resolved <= from {
@@ -136,7 +194,8 @@ impl OutboxStage {
         for entry in &entries {
             let name = event_name(entry.event_type, &entry.payload);
             for record in &destinations {
-                if record.definition.events.matches(entry.event_type, name.as_deref()) {
+                let events = record.definition.events.as_ref();
+                if events.is_some_and(|events| events.matches(entry.event_type, name.as_deref())) {
                     items.push(NewOutboxItem {
                         destination: record.definition.name.clone(),
                         position: entry.position,
@@ -145,7 +204,7 @@ impl OutboxStage {
                 }
             }
         }
-        match self.store.commit_outbox(&OutboxCommit { from, to, items })? {
+        match self.store.commit_outbox(&OutboxCommit { cursor: OutboxCursor::Log, from, to, items })? {
             OutboxCommitOutcome::Committed => Ok(entries.len()),
             // Another node's stage enqueued these; read on from its cursor.
             OutboxCommitOutcome::StalePosition => Ok(0),
@@ -157,6 +216,21 @@ impl OutboxStage {
         while self.step()? > 0 {}
         Ok(())
     }
+}
+
+/// The destinations that follow `audience`, with how each follows it.
+fn followers<'a>(destinations: &'a [DestinationRecord], audience: &str) -> Vec<(&'a str, &'a AudienceSubscription)> {
+    destinations
+        .iter()
+        .flat_map(|record| {
+            record
+                .definition
+                .audiences
+                .iter()
+                .filter(|subscription| subscription.name == audience)
+                .map(|subscription| (record.definition.name.as_str(), subscription))
+        })
+        .collect()
 }
 
 /// What one [`DeliveryWorker::deliver_once`] did.
@@ -543,7 +617,8 @@ mod tests {
                 headers: Default::default(),
                 timeout_ms: 5_000,
             }),
-            events: EventFilter { types: vec![EventType::Track], names: vec!["Order Completed".to_owned()] },
+            events: Some(EventFilter { types: vec![EventType::Track], names: vec!["Order Completed".to_owned()] }),
+            audiences: Vec::new(),
             retry,
         }
     }
@@ -686,7 +761,8 @@ mod tests {
         let definition = DestinationDefinition {
             name: "archive".to_owned(),
             destination: DestinationSettings::File(FileSettings { path: path.to_string_lossy().into_owned() }),
-            events: EventFilter::default(),
+            events: Some(EventFilter::default()),
+            audiences: Vec::new(),
             retry: RetrySettings::default(),
         };
         create_destination(&*store, &definition, 0).unwrap();
@@ -701,6 +777,51 @@ mod tests {
         let lines: Vec<Value> = text.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
         assert_eq!(numbers(&lines), vec![1, 2, 3]);
         assert_eq!(lines[0]["event"], "A");
+    }
+
+    #[test]
+    fn audience_entries_and_exits_are_delivered_with_the_chosen_traits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path().join("data").as_path()).unwrap());
+        let path = dir.path().join("audiences.jsonl");
+        let definition: DestinationDefinition = serde_json::from_value(json!({
+            "name": "ads",
+            "destination": {"kind": "file", "path": path},
+            "audiences": [{"name": "pro", "traits": ["email", "plan"]}]
+        }))
+        .unwrap();
+        create_destination(&*store, &definition, 0).unwrap();
+        let now = chrono::Utc::now();
+        let rule = tandem_core::audience::Condition::parse(r#"trait plan = "pro""#).unwrap();
+        crate::audience::create_audience(&*store, "pro", rule, now).unwrap();
+        let rule = tandem_core::audience::Condition::parse(r#"trait plan = "free""#).unwrap();
+        crate::audience::create_audience(&*store, "free", rule, now).unwrap();
+        let settle = |store: &Arc<dyn Store>| {
+            crate::audience::AudienceStage::new(store.clone(), crate::audience::system_clock()).catch_up().unwrap();
+            OutboxStage::new(store.clone()).catch_up().unwrap();
+        };
+        append_and_resolve(
+            &store,
+            &[
+                json!({"type": "identify", "userId": "ann", "traits": {"plan": "pro", "email": "ann@example.com", "age": 40}}),
+                json!({"type": "identify", "userId": "bob", "traits": {"plan": "free"}}),
+            ],
+        );
+        settle(&store);
+        append_and_resolve(&store, &[json!({"type": "identify", "userId": "ann", "traits": {"plan": "free"}})]);
+        settle(&store);
+        let (clock, now) = manual_clock(0);
+        let mut worker = DeliveryWorker::new(store.clone(), "ads", clock, Metrics::new());
+        drain(&mut worker, &now);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<Value> = text.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+        assert_eq!(lines.len(), 2, "ann entered and left pro; nothing of free, nor the events: {text}");
+        assert_eq!((lines[0]["type"].as_str(), lines[0]["audience"].as_str()), (Some("audience"), Some("pro")));
+        assert_eq!(lines[0]["change"], "entered");
+        assert_eq!(lines[1]["change"], "exited");
+        assert_eq!(lines[0]["profile"], lines[1]["profile"]);
+        assert_eq!(lines[1]["traits"], json!({"email": "ann@example.com", "plan": "free"}), "the chosen traits only");
+        assert_ne!(lines[0]["messageId"], lines[1]["messageId"]);
     }
 
     #[test]

@@ -45,7 +45,7 @@ pub use log::{
 };
 pub use outbox::{
     DeadLetter, DestinationRecord, FailedAttempt, NewOutboxItem, OutboxCommit, OutboxCommitOutcome, OutboxCounts,
-    OutboxItem, OutboxItemId, OutboxStore,
+    OutboxCursor, OutboxItem, OutboxItemId, OutboxStore,
 };
 pub use sources::{Sources, TokenInfo};
 pub use sqlite::SqliteStore;

@@ -11,11 +11,33 @@ use serde::Serialize;
 use tandem_core::activate::DestinationDefinition;
 use tandem_core::LogPosition;
 
-use crate::{Stage, StoreError};
+use crate::{MembershipChange, Stage, StoreError};
 
 impl Stage {
     /// The outbox stage: enqueues the log's events for each destination.
     pub const OUTBOX: Stage = Stage("outbox");
+    /// The outbox stage's position in the audience history (the id of the
+    /// last membership change it enqueued, not a log position).
+    pub const OUTBOX_AUDIENCES: Stage = Stage("outbox-audiences");
+}
+
+/// Which cursor an [`OutboxCommit`] moves: the log's, or the audience
+/// history's (whose "positions" are history ids).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OutboxCursor {
+    #[default]
+    Log,
+    AudienceHistory,
+}
+
+impl OutboxCursor {
+    /// The `stage_cursors` row this cursor is kept in.
+    pub fn stage(self) -> Stage {
+        match self {
+            OutboxCursor::Log => Stage::OUTBOX,
+            OutboxCursor::AudienceHistory => Stage::OUTBOX_AUDIENCES,
+        }
+    }
 }
 
 /// An outbox item's id: increasing in enqueue order across all
@@ -86,6 +108,8 @@ pub struct DeadLetter {
 /// What the outbox stage writes in one transaction.
 #[derive(Clone, Debug, Default)]
 pub struct OutboxCommit {
+    /// The cursor `from` and `to` belong to.
+    pub cursor: OutboxCursor,
     /// The stage position the items were read from.
     pub from: LogPosition,
     /// The stage position once committed.
@@ -130,9 +154,13 @@ pub trait OutboxStore: Send + Sync + 'static {
     /// [`StoreError::DestinationNotFound`] when there is none of that name.
     fn delete_destination(&self, name: &str) -> Result<(), StoreError>;
 
-    /// Enqueues the commit's items and moves the outbox stage's cursor from
-    /// `commit.from` to `commit.to`, in one transaction.
+    /// Enqueues the commit's items and moves the outbox stage's cursor
+    /// (`commit.cursor`) from `commit.from` to `commit.to`, in one transaction.
     fn commit_outbox(&self, commit: &OutboxCommit) -> Result<OutboxCommitOutcome, StoreError>;
+
+    /// The entries and exits the audience stage recorded after history id
+    /// `after` (0 for all), oldest first, at most `limit`, each with its id.
+    fn membership_changes_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, MembershipChange)>, StoreError>;
 
     /// The first `limit` items of a destination's outbox, in enqueue order
     /// (due or not: the head's due time holds back everything behind it).

@@ -112,7 +112,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
         let mut out = Vec::new();
-        let definition = r#"{"name": "archive", "destination": {"kind": "file", "path": "/tmp/archive.jsonl"}}"#;
+        let definition =
+            r#"{"name": "archive", "destination": {"kind": "file", "path": "/tmp/archive.jsonl"}, "events": {}}"#;
         create(store.clone(), definition, &mut out).unwrap();
         assert!(create(store.clone(), r#"{"name": "Bad", "destination": {"kind": "file", "path": "x"}}"#, &mut out)
             .unwrap_err()

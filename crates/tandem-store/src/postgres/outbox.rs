@@ -5,14 +5,15 @@
 //! Payloads are `BYTEA` (see `postgres.rs` on NUL characters).
 
 use super::{text_from_bytes, PostgresStore};
+use crate::audience::change_kind_from_text;
 use crate::outbox::{definition_from_text, definition_to_text};
 use crate::{
-    DeadLetter, DestinationRecord, FailedAttempt, OutboxCommit, OutboxCommitOutcome, OutboxCounts, OutboxItem,
-    OutboxItemId, OutboxStore, Stage, StoreError,
+    DeadLetter, DestinationRecord, FailedAttempt, MembershipChange, OutboxCommit, OutboxCommitOutcome, OutboxCounts,
+    OutboxItem, OutboxItemId, OutboxStore, StoreError,
 };
 use postgres::Row;
 use tandem_core::activate::DestinationDefinition;
-use tandem_core::LogPosition;
+use tandem_core::{LogPosition, ProfileId};
 
 const RECORD_QUERY: &str = "SELECT d.name, d.definition, d.created_at, d.delivered,
         (SELECT COUNT(*) FROM outbox o WHERE o.destination = d.name AND o.attempts = 0),
@@ -109,10 +110,13 @@ impl OutboxStore for PostgresStore {
             let mut transaction = client.transaction()?;
             transaction.execute(
                 "INSERT INTO stage_cursors (stage, position, epoch) VALUES ($1, 0, 0) ON CONFLICT (stage) DO NOTHING",
-                &[&Stage::OUTBOX.0],
+                &[&commit.cursor.stage().0],
             )?;
             let position: i64 = transaction
-                .query_one("SELECT position FROM stage_cursors WHERE stage = $1 FOR UPDATE", &[&Stage::OUTBOX.0])?
+                .query_one(
+                    "SELECT position FROM stage_cursors WHERE stage = $1 FOR UPDATE",
+                    &[&commit.cursor.stage().0],
+                )?
                 .try_get(0)?;
             if position as u64 != commit.from.0 {
                 return Ok(OutboxCommitOutcome::StalePosition);
@@ -127,10 +131,33 @@ impl OutboxStore for PostgresStore {
             }
             transaction.execute(
                 "UPDATE stage_cursors SET position = $2 WHERE stage = $1",
-                &[&Stage::OUTBOX.0, &(commit.to.0 as i64)],
+                &[&commit.cursor.stage().0, &(commit.to.0 as i64)],
             )?;
             transaction.commit()?;
             Ok(OutboxCommitOutcome::Committed)
+        })
+    }
+
+    fn membership_changes_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, MembershipChange)>, StoreError> {
+        self.with_client(|client| {
+            let rows = client.query(
+                "SELECT id, audience, profile_id, change, at FROM audience_history WHERE id > $1 ORDER BY id LIMIT $2",
+                &[&(after as i64), &(limit as i64)],
+            )?;
+            rows.iter()
+                .map(|row| {
+                    let change: String = row.try_get(3)?;
+                    Ok((
+                        row.try_get::<_, i64>(0)? as u64,
+                        MembershipChange {
+                            audience: row.try_get(1)?,
+                            profile: ProfileId(row.try_get::<_, i64>(2)? as u64),
+                            kind: change_kind_from_text(&change),
+                            at_ms: row.try_get(4)?,
+                        },
+                    ))
+                })
+                .collect()
         })
     }
 

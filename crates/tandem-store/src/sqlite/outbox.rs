@@ -2,14 +2,15 @@
 //! outbox in enqueue order, dead letters, and the outbox stage's commit.
 
 use super::SqliteStore;
+use crate::audience::change_kind_from_text;
 use crate::outbox::{definition_from_text, definition_to_text};
 use crate::{
-    DeadLetter, DestinationRecord, FailedAttempt, OutboxCommit, OutboxCommitOutcome, OutboxCounts, OutboxItem,
-    OutboxItemId, OutboxStore, Stage, StoreError,
+    DeadLetter, DestinationRecord, FailedAttempt, MembershipChange, OutboxCommit, OutboxCommitOutcome, OutboxCounts,
+    OutboxItem, OutboxItemId, OutboxStore, StoreError,
 };
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tandem_core::activate::DestinationDefinition;
-use tandem_core::LogPosition;
+use tandem_core::{LogPosition, ProfileId};
 
 const RECORD_QUERY: &str = "SELECT d.name, d.definition, d.created_at, d.delivered,
         (SELECT COUNT(*) FROM outbox o WHERE o.destination = d.name AND o.attempts = 0),
@@ -66,7 +67,7 @@ fn dead_letter_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter>
 fn commit(connection: &mut Connection, commit: &OutboxCommit) -> Result<OutboxCommitOutcome, StoreError> {
     let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let position: i64 = transaction
-        .query_row("SELECT position FROM stage_cursors WHERE stage = ?1", [Stage::OUTBOX.0], |row| row.get(0))
+        .query_row("SELECT position FROM stage_cursors WHERE stage = ?1", [commit.cursor.stage().0], |row| row.get(0))
         .optional()?
         .unwrap_or(0);
     if position as u64 != commit.from.0 {
@@ -84,7 +85,7 @@ fn commit(connection: &mut Connection, commit: &OutboxCommit) -> Result<OutboxCo
     transaction.execute(
         "INSERT INTO stage_cursors (stage, position, epoch) VALUES (?1, ?2, 0)
          ON CONFLICT (stage) DO UPDATE SET position = excluded.position",
-        params![Stage::OUTBOX.0, commit.to.0 as i64],
+        params![commit.cursor.stage().0, commit.to.0 as i64],
     )?;
     transaction.commit()?;
     Ok(OutboxCommitOutcome::Committed)
@@ -136,6 +137,26 @@ impl OutboxStore for SqliteStore {
 
     fn commit_outbox(&self, outbox_commit: &OutboxCommit) -> Result<OutboxCommitOutcome, StoreError> {
         self.with_writer(|connection| commit(connection, outbox_commit))
+    }
+
+    fn membership_changes_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, MembershipChange)>, StoreError> {
+        self.with_reader(|connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT id, audience, profile_id, change, at FROM audience_history WHERE id > ?1 ORDER BY id LIMIT ?2",
+            )?;
+            let rows = statement.query_map(params![after as i64, limit as i64], |row| {
+                Ok((
+                    row.get::<_, i64>(0)? as u64,
+                    MembershipChange {
+                        audience: row.get(1)?,
+                        profile: ProfileId(row.get::<_, i64>(2)? as u64),
+                        kind: change_kind_from_text(&row.get::<_, String>(3)?),
+                        at_ms: row.get(4)?,
+                    },
+                ))
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
     }
 
     fn outbox_head(&self, destination: &str, limit: usize) -> Result<Vec<OutboxItem>, StoreError> {

@@ -1,8 +1,8 @@
 //! What every backend's [`OutboxStore`](crate::OutboxStore) must do.
 
 use crate::{
-    FailedAttempt, NewOutboxItem, OutboxCommit, OutboxCommitOutcome, OutboxCounts, OutboxItemId, Stage, StageCursor,
-    Store, StoreError,
+    AudienceCommit, AudienceDefinition, FailedAttempt, MembershipChange, MembershipChangeKind, NewOutboxItem,
+    OutboxCommit, OutboxCommitOutcome, OutboxCounts, OutboxCursor, OutboxItemId, Stage, StageCursor, Store, StoreError,
 };
 use tandem_core::activate::{DestinationDefinition, DestinationSettings, EventFilter, FileSettings, RetrySettings};
 use tandem_core::LogPosition;
@@ -11,7 +11,8 @@ fn definition(name: &str) -> DestinationDefinition {
     DestinationDefinition {
         name: name.to_owned(),
         destination: DestinationSettings::File(FileSettings { path: format!("/tmp/{name}.jsonl") }),
-        events: EventFilter::default(),
+        events: Some(EventFilter::default()),
+        audiences: Vec::new(),
         retry: RetrySettings::default(),
     }
 }
@@ -26,7 +27,9 @@ fn item(destination: &str, position: u64) -> NewOutboxItem {
 }
 
 fn enqueue(store: &impl Store, from: u64, to: u64, items: Vec<NewOutboxItem>) -> OutboxCommitOutcome {
-    store.commit_outbox(&OutboxCommit { from: LogPosition(from), to: LogPosition(to), items }).unwrap()
+    store
+        .commit_outbox(&OutboxCommit { from: LogPosition(from), to: LogPosition(to), items, ..Default::default() })
+        .unwrap()
 }
 
 pub fn destinations_have_unique_names_and_delete_with_their_items(store: &impl Store) {
@@ -142,4 +145,42 @@ pub fn failures_retry_in_place_then_dead_letters_replay_in_order(store: &impl St
     // New items still come after everything replayed.
     enqueue(store, 4, 5, vec![item("crm", 5)]);
     assert_eq!(store.outbox_head("crm", 10).unwrap().last().unwrap().position, LogPosition(5));
+}
+
+pub fn audience_changes_are_read_after_their_own_cursor(store: &impl Store) {
+    let rule = tandem_core::audience::Condition::parse(r#"trait plan = "pro""#).unwrap();
+    store.create_audience(&AudienceDefinition { name: "pro".to_owned(), rule, created_at_ms: 1 }).unwrap();
+    let change = |profile: u64, kind: MembershipChangeKind, at_ms: i64| MembershipChange {
+        audience: "pro".to_owned(),
+        profile: tandem_core::ProfileId(profile),
+        kind,
+        at_ms,
+    };
+    let changes = vec![
+        change(1, MembershipChangeKind::Entered, 10),
+        change(2, MembershipChangeKind::Entered, 20),
+        change(1, MembershipChangeKind::Exited, 30),
+    ];
+    store.commit_audience(&AudienceCommit { changes: changes.clone(), ..Default::default() }).unwrap();
+    let read = store.membership_changes_after(0, 10).unwrap();
+    assert_eq!(read.iter().map(|(_, change)| change.clone()).collect::<Vec<_>>(), changes);
+    assert!(read.windows(2).all(|pair| pair[0].0 < pair[1].0), "ids increase");
+    let after_first = store.membership_changes_after(read[0].0, 1).unwrap();
+    assert_eq!(after_first, vec![read[1].clone()]);
+
+    store.create_destination(&definition("ads"), 1).unwrap();
+    let commit = |from: u64, to: u64| OutboxCommit {
+        cursor: OutboxCursor::AudienceHistory,
+        from: LogPosition(from),
+        to: LogPosition(to),
+        items: vec![item("ads", to)],
+    };
+    assert_eq!(store.commit_outbox(&commit(0, read[2].0)).unwrap(), OutboxCommitOutcome::Committed);
+    assert_eq!(store.commit_outbox(&commit(0, read[2].0)).unwrap(), OutboxCommitOutcome::StalePosition);
+    assert_eq!(
+        store.stage_cursor(Stage::OUTBOX_AUDIENCES).unwrap().map(|cursor| cursor.position),
+        Some(LogPosition(read[2].0))
+    );
+    assert_eq!(store.stage_cursor(Stage::OUTBOX).unwrap(), None, "the log's cursor is another row");
+    assert_eq!(store.outbox_head("ads", 10).unwrap().len(), 1);
 }
