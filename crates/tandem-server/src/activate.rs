@@ -546,6 +546,10 @@ mod tests {
     /// first `fail_first` requests, then 200, and keeps what it accepted.
     #[derive(Default)]
     struct Receiver {
+        /// Answers the first this many requests only after this long.
+        slow_first: (usize, Duration),
+        /// Requests that arrived, answered or not.
+        arrived: usize,
         fail_first: usize,
         failure: u16,
         requests: usize,
@@ -556,6 +560,15 @@ mod tests {
     type SharedReceiver = Arc<Mutex<Receiver>>;
 
     async fn receive(State(receiver): State<SharedReceiver>, headers: HeaderMap, body: String) -> StatusCode {
+        let delay = {
+            let mut receiver = receiver.lock().unwrap();
+            receiver.arrived += 1;
+            let (slow, delay) = receiver.slow_first;
+            (receiver.arrived <= slow).then_some(delay)
+        };
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
         let mut receiver = receiver.lock().unwrap();
         receiver.requests += 1;
         if receiver.requests <= receiver.fail_first {
@@ -731,6 +744,33 @@ mod tests {
             store.destination("crm").unwrap().unwrap().counts,
             OutboxCounts { pending: 0, retrying: 0, delivered: 3, dead: 0 }
         );
+    }
+
+    #[test]
+    fn a_request_that_times_out_is_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let runtime = runtime();
+        let receiver =
+            Arc::new(Mutex::new(Receiver { slow_first: (1, Duration::from_millis(600)), ..Default::default() }));
+        let url = start_receiver(&runtime, receiver.clone());
+        let mut definition = webhook("crm", &url, RetrySettings::default());
+        if let DestinationSettings::Webhook(settings) = &mut definition.destination {
+            settings.timeout_ms = 150;
+        }
+        create_destination(&*store, &definition, 0).unwrap();
+        append_and_resolve(&store, &[track("ann", "Order Completed", 1)]);
+        OutboxStage::new(store.clone()).catch_up().unwrap();
+        let (clock, now) = manual_clock(1_000_000);
+        let mut worker = DeliveryWorker::new(store.clone(), "crm", clock, Metrics::new());
+        assert_eq!(worker.deliver_once().unwrap(), DeliveryReport::Retrying);
+        let head = &store.outbox_head("crm", 1).unwrap()[0];
+        assert_eq!(head.last_error.as_deref(), Some("the receiver did not answer in time"));
+        drain(&mut worker, &now);
+        let receiver = receiver.lock().unwrap();
+        assert_eq!(receiver.arrived, 2, "the timed-out request, then the retry");
+        assert_eq!(numbers(&receiver.accepted), vec![1]);
+        assert_eq!(store.destination("crm").unwrap().unwrap().counts.delivered, 1);
     }
 
     #[test]
