@@ -1,10 +1,12 @@
 //! Tandem's domain logic, free of I/O: the identifiers that cross module
 //! boundaries, the event model every channel produces, and the rules of the
 //! Segment-compatible tracking API (validation, limits, timestamp correction),
-//! and the rule language of audiences and computed traits.
+//! the rule language of audiences and computed traits, and the delivery
+//! policy of destinations.
 //! The storage and server crates call into it; it calls nothing outside itself,
 //! so every rule here is tested with plain values.
 
+pub mod activate;
 pub mod audience;
 pub mod collect;
 pub mod event;

@@ -35,6 +35,9 @@ pub enum ErrorCode {
     ComputedTraitNotFound,
     ComputedTraitExists,
     ComputedTraitInUse,
+    DestinationNotFound,
+    DestinationExists,
+    InvalidDestination,
     MalformedFile,
     SourceNotFound,
     ImportNotFound,
@@ -74,6 +77,9 @@ impl ErrorCode {
             ErrorCode::ComputedTraitNotFound => "computed_trait_not_found",
             ErrorCode::ComputedTraitExists => "computed_trait_exists",
             ErrorCode::ComputedTraitInUse => "computed_trait_in_use",
+            ErrorCode::DestinationNotFound => "destination_not_found",
+            ErrorCode::DestinationExists => "destination_exists",
+            ErrorCode::InvalidDestination => "invalid_destination",
             ErrorCode::MalformedFile => "malformed_file",
             ErrorCode::SourceNotFound => "source_not_found",
             ErrorCode::ImportNotFound => "import_not_found",
@@ -109,14 +115,17 @@ impl ErrorCode {
             | ErrorCode::SourceNotFound
             | ErrorCode::ImportNotFound
             | ErrorCode::AudienceNotFound
-            | ErrorCode::ComputedTraitNotFound => StatusCode::NOT_FOUND,
-            ErrorCode::InvalidMapping | ErrorCode::InvalidRule | ErrorCode::InvalidComputedTrait => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            | ErrorCode::ComputedTraitNotFound
+            | ErrorCode::DestinationNotFound => StatusCode::NOT_FOUND,
+            ErrorCode::InvalidMapping
+            | ErrorCode::InvalidRule
+            | ErrorCode::InvalidComputedTrait
+            | ErrorCode::InvalidDestination => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::AudienceExists
             | ErrorCode::AudienceInUse
             | ErrorCode::ComputedTraitExists
-            | ErrorCode::ComputedTraitInUse => StatusCode::CONFLICT,
+            | ErrorCode::ComputedTraitInUse
+            | ErrorCode::DestinationExists => StatusCode::CONFLICT,
             ErrorCode::InvalidVerifyToken => StatusCode::FORBIDDEN,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,

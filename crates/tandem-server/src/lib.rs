@@ -2,6 +2,7 @@
 //! writer that makes events durable, and the lifecycle that ties them to a
 //! store — start, serve, drain on SIGTERM or Ctrl-C.
 
+pub mod activate;
 pub mod audience;
 pub mod audience_api;
 pub mod auth;
@@ -9,6 +10,7 @@ pub mod cluster;
 pub mod collect;
 pub mod computed_api;
 pub mod connection;
+pub mod destination_api;
 pub mod error;
 pub mod extract;
 pub mod import;
@@ -98,6 +100,7 @@ pub fn router(state: AppState) -> Router {
         .merge(profile::routes())
         .merge(audience_api::routes())
         .merge(computed_api::routes())
+        .merge(destination_api::routes())
         .merge(import::jobs::routes())
         .merge(webhook::routes())
         .merge(sdk_settings::routes())
@@ -197,6 +200,14 @@ impl Running {
             state.metrics.clone(),
             stop_audiences.clone(),
         );
+        let stop_delivery = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let delivery_thread = activate::spawn(
+            state.store.clone(),
+            head.clone(),
+            activate::system_clock(),
+            state.metrics.clone(),
+            stop_delivery.clone(),
+        );
         tracing::info!(address = %local_addr, "tandem is listening");
         let imports = state.imports.clone();
         connection::serve(listener, router(state), limits, shutdown).await;
@@ -226,6 +237,15 @@ impl Running {
             .ok()
             .and_then(Result::ok)
             .unwrap_or_else(|| tracing::error!("the audience stage stopped abnormally"));
+        // Deliveries in flight finish their request; what is not marked
+        // delivered is delivered again at the next start (at least once).
+        stop_delivery.store(true, std::sync::atomic::Ordering::Relaxed);
+        head.nudge();
+        tokio::task::spawn_blocking(move || delivery_thread.join())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_else(|| tracing::error!("the delivery stage stopped abnormally"));
         tracing::info!("tandem stopped; every acknowledged event is durable");
         Ok(())
     }

@@ -25,6 +25,13 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeliveryLabels {
+    pub destination: String,
+    /// `delivered`, `retrying` or `dead`.
+    pub outcome: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -62,6 +69,9 @@ pub struct Metrics {
     pub audience_lag_events: Gauge,
     pub audience_membership_changes: Counter,
     pub computed_trait_writes: Counter,
+    /// Items per destination by what became of their attempt.
+    pub destination_items: Family<DeliveryLabels, Counter>,
+    pub outbox_lag_events: Gauge,
 }
 
 impl Default for Metrics {
@@ -167,9 +177,23 @@ impl Metrics {
             "Computed-trait states or values the audience stage stored or removed (by event, timer, backfill or merge)",
             computed_trait_writes.clone(),
         );
+        let destination_items = Family::<DeliveryLabels, Counter>::default();
+        registry.register(
+            "destination_items",
+            "Outbox items per destination: delivered, failed and kept for a retry, or moved to the dead letters",
+            destination_items.clone(),
+        );
+        let outbox_lag_events = Gauge::default();
+        registry.register(
+            "outbox_lag_events",
+            "Events the resolver committed that the outbox stage has not enqueued yet",
+            outbox_lag_events.clone(),
+        );
         Metrics {
             computed_trait_writes,
             registry: std::sync::Arc::new(registry),
+            destination_items,
+            outbox_lag_events,
             audience_lag_events,
             audience_membership_changes,
             resolver_cache_hits,
@@ -201,6 +225,15 @@ impl Metrics {
     pub fn count_events(&self, outcome: &'static str, count: u64) {
         if count > 0 {
             self.ingest_events.get_or_create(&OutcomeLabels { outcome }).inc_by(count);
+        }
+    }
+
+    /// Counts `count` items of `destination` with this outcome.
+    pub fn count_destination_items(&self, destination: &str, outcome: &'static str, count: u64) {
+        if count > 0 {
+            self.destination_items
+                .get_or_create(&DeliveryLabels { destination: destination.to_owned(), outcome })
+                .inc_by(count);
         }
     }
 

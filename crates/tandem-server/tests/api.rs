@@ -1711,3 +1711,111 @@ mod computed_traits {
         assert_eq!(ann["computed_traits"], json!({"orders": 2}));
     }
 }
+
+mod destinations {
+    use super::profiles::get;
+    use super::*;
+    use std::sync::atomic::{AtomicI64, Ordering};
+    use tandem_server::activate::{DeliveryReport, DeliveryWorker, OutboxStage};
+    use tandem_server::metrics::Metrics;
+    use tandem_server::resolve::{Resolver, DEFAULT_BATCH};
+
+    async fn send_json(harness: &Harness, method: Method, path: &str, token: &str, body: Value) -> (StatusCode, Value) {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        harness.send(request).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn destinations_are_created_listed_dead_lettered_replayed_and_deleted() {
+        let harness = Harness::new();
+        let token = harness.store.create_token("test").unwrap().1;
+        let (status, body) = get(&harness, "/api/v1/destinations", None).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::UNAUTHORIZED, "missing_token"));
+
+        let bad = json!({"name": "crm", "destination": {"kind": "webhook", "url": "ftp://crm"}});
+        let (status, body) = send_json(&harness, Method::POST, "/api/v1/destinations", &token, bad).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(error_of(&body), ("invalid_destination", Some("destination.url")));
+        let unknown = json!({"name": "crm", "destination": {"kind": "webhook", "url": "http://x", "colour": 1}});
+        let (status, body) = send_json(&harness, Method::POST, "/api/v1/destinations", &token, unknown).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_destination"));
+
+        // Nothing listens on port 9 of this host: every attempt fails.
+        let crm = json!({
+            "name": "crm",
+            "destination": {"kind": "webhook", "url": "http://127.0.0.1:9/hook", "secret": "shh", "timeout_ms": 2000},
+            "events": {"types": ["track"]},
+            "retry": {"initial_backoff_ms": 1000, "max_backoff_ms": 1000, "give_up_after_ms": 5000}
+        });
+        let (status, created) = send_json(&harness, Method::POST, "/api/v1/destinations", &token, crm.clone()).await;
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        assert_eq!(created["kind"], "webhook");
+        assert_eq!(created["definition"]["destination"]["secret_set"], true);
+        assert!(created["definition"]["destination"].get("secret").is_none(), "the secret is never shown");
+        let (status, body) = send_json(&harness, Method::POST, "/api/v1/destinations", &token, crm).await;
+        assert_eq!(error_of(&body), ("destination_exists", Some("name")));
+        assert_eq!(status, StatusCode::CONFLICT);
+
+        let (status, _) = harness
+            .post_json(
+                "/v1/batch",
+                json!({"batch": [
+                    {"type": "track", "userId": "ann", "event": "Order Completed", "messageId": "t1"},
+                    {"type": "identify", "userId": "ann", "traits": {"plan": "pro"}, "messageId": "i1"}
+                ]}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        let store: Arc<dyn Store> = harness.store.clone();
+        let dead = tokio::task::spawn_blocking(move || {
+            Resolver::load(store.clone()).unwrap().catch_up(DEFAULT_BATCH).unwrap();
+            OutboxStage::new(store.clone()).catch_up().unwrap();
+            // A clock that jumps 2 s at every reading, so the 5 s limit
+            // passes within a few attempts.
+            let now = Arc::new(AtomicI64::new(1_000_000));
+            let clock = Arc::new(move || now.fetch_add(2_000, Ordering::SeqCst));
+            let mut worker = DeliveryWorker::new(store.clone(), "crm", clock, Metrics::new());
+            let mut reports = Vec::new();
+            while !reports.contains(&DeliveryReport::DeadLettered) && reports.len() < 20 {
+                reports.push(worker.deliver_once().unwrap());
+            }
+            reports
+        })
+        .await
+        .unwrap();
+        assert!(dead.contains(&DeliveryReport::DeadLettered), "{dead:?}");
+
+        let (status, listed) = get(&harness, "/api/v1/destinations", Some(&token)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(listed["destinations"][0]["name"], "crm");
+        assert_eq!(
+            listed["destinations"][0]["counts"],
+            json!({"pending": 0, "retrying": 0, "delivered": 0, "dead": 1})
+        );
+
+        let (status, letters) = get(&harness, "/api/v1/destinations/crm/dead-letters", Some(&token)).await;
+        assert_eq!(status, StatusCode::OK);
+        let letter = &letters["dead_letters"][0];
+        assert_eq!(letter["event"]["messageId"], "t1", "only the track matched");
+        assert!(letter["last_error"].as_str().unwrap().starts_with("could not reach the receiver"), "{letter}");
+        assert!(letter["attempts"].as_u64().unwrap() >= 2);
+
+        let (status, replayed) =
+            send_json(&harness, Method::POST, "/api/v1/destinations/crm/replay", &token, json!({})).await;
+        assert_eq!((status, replayed["replayed"].clone()), (StatusCode::OK, json!(1)));
+        let (_, shown) = get(&harness, "/api/v1/destinations/crm", Some(&token)).await;
+        assert_eq!(shown["counts"], json!({"pending": 1, "retrying": 0, "delivered": 0, "dead": 0}));
+
+        let (status, _) = send_json(&harness, Method::DELETE, "/api/v1/destinations/crm", &token, json!({})).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let (status, body) = get(&harness, "/api/v1/destinations/crm", Some(&token)).await;
+        assert_eq!((status, error_of(&body)), (StatusCode::NOT_FOUND, ("destination_not_found", Some("name"))));
+        let (status, body) = get(&harness, "/api/v1/destinations/crm/dead-letters", Some(&token)).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::NOT_FOUND, "destination_not_found"));
+    }
+}

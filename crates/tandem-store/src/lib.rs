@@ -1,10 +1,11 @@
 //! Storage for Tandem: one interface per stage of the flow — the event log
 //! ([`EventLog`]), sources and tokens ([`Sources`]), the identity graph
-//! ([`IdentityStore`]), audiences and memberships ([`AudienceStore`]) — the embedded SQLite backend behind them (and
+//! ([`IdentityStore`]), audiences and memberships ([`AudienceStore`]), destinations and their
+//! outbox ([`OutboxStore`]) — the embedded SQLite backend behind them (and
 //! PostgreSQL for scale-out, in preview: [`PostgresStore`]), and one
 //! shared test suite per interface ([`event_log_test_suite!`],
 //! [`sources_test_suite!`], [`identity_store_test_suite!`],
-//! [`audience_store_test_suite!`]) that every backend
+//! [`audience_store_test_suite!`], [`outbox_store_test_suite!`]) that every backend
 //! must pass. [`Store`] bundles the interfaces for the server, which needs
 //! all of them.
 //!
@@ -20,6 +21,7 @@ pub mod browse;
 pub mod identity;
 pub mod lease;
 pub mod log;
+pub mod outbox;
 pub mod postgres;
 pub mod sources;
 pub mod sqlite;
@@ -42,6 +44,10 @@ pub use log::{
     Dedup, EventLog, IngestBatch, IngestOutcome, IngestStats, LogEntry, LogFilter, QuarantineEntry, QuarantineRecord,
     SourceStats, StageCursor,
 };
+pub use outbox::{
+    DeadLetter, DestinationRecord, FailedAttempt, NewOutboxItem, OutboxCommit, OutboxCommitOutcome, OutboxCounts,
+    OutboxCursor, OutboxItem, OutboxItemId, OutboxStore,
+};
 pub use sources::{Sources, TokenInfo};
 pub use sqlite::SqliteStore;
 
@@ -62,6 +68,10 @@ pub enum StoreError {
     ComputedTraitExists(String),
     #[error("no computed trait named {0:?}")]
     ComputedTraitNotFound(String),
+    #[error("a destination named {0:?} already exists")]
+    DestinationExists(String),
+    #[error("no destination named {0:?}")]
+    DestinationNotFound(String),
     #[error("no token {0:?}")]
     TokenNotFound(String),
     #[error(transparent)]
@@ -84,14 +94,14 @@ impl Stage {
     pub const RESOLVE: Stage = Stage("resolve");
 
     /// Every stage that reads the log, in the flow's order.
-    pub const ALL: &'static [Stage] = &[Stage::RESOLVE, Stage::AUDIENCE];
+    pub const ALL: &'static [Stage] = &[Stage::RESOLVE, Stage::AUDIENCE, Stage::OUTBOX];
 }
 
 /// Every stage's storage, for the server and the CLI, which use all of them.
 /// Implemented for anything that implements each stage's interface.
-pub trait Store: EventLog + Sources + IdentityStore + AudienceStore + Coordination {}
+pub trait Store: EventLog + Sources + IdentityStore + AudienceStore + OutboxStore + Coordination {}
 
-impl<T: EventLog + Sources + IdentityStore + AudienceStore + Coordination + ?Sized> Store for T {}
+impl<T: EventLog + Sources + IdentityStore + AudienceStore + OutboxStore + Coordination + ?Sized> Store for T {}
 
 /// Runs every stage's shared suite against one backend: `$make` turns a fresh
 /// directory into a fresh, empty store.
@@ -113,6 +123,10 @@ macro_rules! store_test_suite {
         mod audience_store_suite {
             use super::*;
             $crate::audience_store_test_suite!($make);
+        }
+        mod outbox_store_suite {
+            use super::*;
+            $crate::outbox_store_test_suite!($make);
         }
     };
 }
@@ -139,5 +153,5 @@ macro_rules! suite_cases {
 /// The stage interfaces, for code that calls them on a concrete backend
 /// (`use tandem_store::prelude::*`).
 pub mod prelude {
-    pub use crate::{AudienceStore, Coordination, EventLog, IdentityStore, Sources, Store};
+    pub use crate::{AudienceStore, Coordination, EventLog, IdentityStore, OutboxStore, Sources, Store};
 }

@@ -7,6 +7,7 @@ mod audience;
 mod computed;
 mod identity;
 mod manage;
+mod outbox;
 
 use crate::{
     AudienceCommit, AudienceCommitOutcome, AudienceDefinition, AudienceRecord, AudienceStore, CommitOutcome, Dedup,
@@ -219,6 +220,36 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX computed_trait_states_by_profile ON computed_trait_states (profile_id);
     CREATE INDEX computed_trait_states_by_timer ON computed_trait_states (next_change_at)
         WHERE next_change_at IS NOT NULL;",
+    // 11: destinations (with the number of items delivered), each
+    // destination's outbox in enqueue order (the id: never reused, so a
+    // replayed dead letter takes back its place), dead letters.
+    "CREATE TABLE destinations (
+        name TEXT PRIMARY KEY,
+        definition TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        delivered INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        destination TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        payload TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        first_failed_at INTEGER,
+        next_attempt_at INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT
+    );
+    CREATE INDEX outbox_by_destination ON outbox (destination, id);
+    CREATE TABLE dead_letters (
+        id INTEGER PRIMARY KEY,
+        destination TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        payload TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        last_error TEXT NOT NULL,
+        dead_at INTEGER NOT NULL
+    );
+    CREATE INDEX dead_letters_by_destination ON dead_letters (destination, id);",
 ];
 
 /// The `received_at` of a message id kept for good ([`Dedup::Forever`]).

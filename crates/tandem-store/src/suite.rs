@@ -10,6 +10,7 @@
 pub mod audience;
 pub mod identity;
 pub mod log;
+pub mod outbox;
 pub mod sources;
 
 use crate::{IngestBatch, Store};
@@ -74,6 +75,19 @@ macro_rules! audience_store_test_suite {
             retired_profiles_are_found_after_a_merge,
             computed_traits_have_unique_names_and_delete_with_their_values,
             computed_trait_timers_come_back_soonest_first_until_cleared
+        );
+    };
+}
+
+/// The [`OutboxStore`](crate::OutboxStore) suite: one `#[test]` per case.
+#[macro_export]
+macro_rules! outbox_store_test_suite {
+    ($make:expr) => {
+        $crate::suite_cases!(outbox, $make;
+            destinations_have_unique_names_and_delete_with_their_items,
+            commits_enqueue_in_order_and_refuse_stale_writers,
+            failures_retry_in_place_then_dead_letters_replay_in_order,
+            audience_changes_are_read_after_their_own_cursor
         );
     };
 }

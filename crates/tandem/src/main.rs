@@ -9,6 +9,7 @@ mod commands;
 mod computed;
 mod config;
 mod demo;
+mod destination;
 mod import;
 
 use anyhow::Context;
@@ -68,6 +69,9 @@ enum Command {
     /// Computed traits: a value per profile aggregated from its events, kept current like audiences
     #[command(subcommand)]
     Computed(ComputedCommand),
+    /// Destinations: webhooks and files that receive events, in order, at least once
+    #[command(subcommand)]
+    Destination(DestinationCommand),
     /// Create a realistic synthetic company and serve it: web and app behaviour, orders, product
     /// usage, tickets, CRM contacts, leads and social mentions
     ///
@@ -346,6 +350,47 @@ enum TokenCommand {
     Revoke {
         /// The token's id (tok_…), as `token list` shows it
         id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DestinationCommand {
+    /// Create a destination from its JSON definition (inline, or @FILE)
+    Create {
+        /// The definition: {"name", "destination": {"kind": "webhook"|"file", …}, "events", "retry"}
+        definition: String,
+    },
+    /// List destinations with their delivered, pending, retrying and dead counts
+    List {
+        /// Print a JSON array
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a destination's definition and counts (a webhook's secret is not shown)
+    Show {
+        /// The destination's name
+        name: String,
+    },
+    /// List a destination's dead letters, oldest first, with their last error
+    DeadLetters {
+        /// The destination's name
+        name: String,
+        /// Dead letters to print
+        #[arg(long, default_value_t = destination::DEFAULT_DEAD_LETTER_PAGE)]
+        limit: usize,
+        /// Print a JSON array
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a destination's dead letters back in its outbox, at their places in the order
+    Replay {
+        /// The destination's name
+        name: String,
+    },
+    /// Delete a destination with its outbox and dead letters
+    Delete {
+        /// The destination's name
+        name: String,
     },
 }
 
@@ -779,6 +824,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Audience(AudienceCommand::Members { name, limit, after, json }) => {
             audience::members(open(Access::Existing)?, &name, after.as_deref(), limit, json, &mut out)
+        }
+        Command::Destination(DestinationCommand::Create { definition }) => {
+            destination::create(open(Access::Existing)?, &definition, &mut out)
+        }
+        Command::Destination(DestinationCommand::List { json }) => {
+            destination::list(open(Access::Existing)?, json, &mut out)
+        }
+        Command::Destination(DestinationCommand::Show { name }) => {
+            destination::show(open(Access::Existing)?, &name, &mut out)
+        }
+        Command::Destination(DestinationCommand::DeadLetters { name, limit, json }) => {
+            destination::dead_letters(open(Access::Existing)?, &name, limit, json, &mut out)
+        }
+        Command::Destination(DestinationCommand::Replay { name }) => {
+            destination::replay(open(Access::Existing)?, &name, &mut out)
+        }
+        Command::Destination(DestinationCommand::Delete { name }) => {
+            destination::delete(open(Access::Existing)?, &name, &mut out)
         }
         Command::Audience(AudienceCommand::Delete { name }) => {
             audience::delete(open(Access::Existing)?, &name, &mut out)

@@ -7,5 +7,6 @@ mod cluster;
 mod common;
 mod crash;
 mod demo;
+mod destination;
 mod import;
 mod sdk;

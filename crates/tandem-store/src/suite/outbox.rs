@@ -1,0 +1,186 @@
+//! What every backend's [`OutboxStore`](crate::OutboxStore) must do.
+
+use crate::{
+    AudienceCommit, AudienceDefinition, FailedAttempt, MembershipChange, MembershipChangeKind, NewOutboxItem,
+    OutboxCommit, OutboxCommitOutcome, OutboxCounts, OutboxCursor, OutboxItemId, Stage, StageCursor, Store, StoreError,
+};
+use tandem_core::activate::{DestinationDefinition, DestinationSettings, EventFilter, FileSettings, RetrySettings};
+use tandem_core::LogPosition;
+
+fn definition(name: &str) -> DestinationDefinition {
+    DestinationDefinition {
+        name: name.to_owned(),
+        destination: DestinationSettings::File(FileSettings { path: format!("/tmp/{name}.jsonl") }),
+        events: Some(EventFilter::default()),
+        audiences: Vec::new(),
+        retry: RetrySettings::default(),
+    }
+}
+
+fn item(destination: &str, position: u64) -> NewOutboxItem {
+    NewOutboxItem {
+        destination: destination.to_owned(),
+        position: LogPosition(position),
+        // A NUL character, as a client may send one inside a string.
+        payload: format!(r#"{{"position":{position},"note":"a\u0000b"}}"#),
+    }
+}
+
+fn enqueue(store: &impl Store, from: u64, to: u64, items: Vec<NewOutboxItem>) -> OutboxCommitOutcome {
+    store
+        .commit_outbox(&OutboxCommit { from: LogPosition(from), to: LogPosition(to), items, ..Default::default() })
+        .unwrap()
+}
+
+pub fn destinations_have_unique_names_and_delete_with_their_items(store: &impl Store) {
+    let crm = definition("crm");
+    store.create_destination(&crm, 1_000).unwrap();
+    store.create_destination(&definition("archive"), 2_000).unwrap();
+    assert!(matches!(
+        store.create_destination(&definition("crm"), 3_000),
+        Err(StoreError::DestinationExists(name)) if name == "crm"
+    ));
+    let names: Vec<_> = store.list_destinations().unwrap().into_iter().map(|record| record.definition.name).collect();
+    assert_eq!(names, vec!["archive", "crm"]);
+    let record = store.destination("crm").unwrap().expect("stored");
+    assert_eq!(record.definition, crm, "the definition round-trips");
+    assert_eq!((record.created_at_ms, record.counts), (1_000, OutboxCounts::default()));
+    assert_eq!(store.destination("nobody").unwrap(), None);
+
+    assert_eq!(
+        enqueue(store, 0, 2, vec![item("crm", 1), item("crm", 2), item("archive", 2)]),
+        OutboxCommitOutcome::Committed
+    );
+    store.delete_destination("crm").unwrap();
+    assert!(matches!(store.delete_destination("crm"), Err(StoreError::DestinationNotFound(_))));
+    assert!(store.outbox_head("crm", 10).unwrap().is_empty(), "its items went with it");
+    assert_eq!(store.outbox_head("archive", 10).unwrap().len(), 1);
+    assert!(matches!(store.replay_dead_letters("crm"), Err(StoreError::DestinationNotFound(_))));
+}
+
+pub fn commits_enqueue_in_order_and_refuse_stale_writers(store: &impl Store) {
+    store.create_destination(&definition("crm"), 1_000).unwrap();
+    assert_eq!(
+        enqueue(store, 0, 3, vec![item("crm", 1), item("crm", 3), item("gone", 3)]),
+        OutboxCommitOutcome::Committed
+    );
+    assert_eq!(store.stage_cursor(Stage::OUTBOX).unwrap(), Some(StageCursor { position: LogPosition(3), epoch: 0 }));
+    assert_eq!(enqueue(store, 0, 5, vec![item("crm", 4)]), OutboxCommitOutcome::StalePosition);
+    assert_eq!(enqueue(store, 3, 5, vec![item("crm", 5)]), OutboxCommitOutcome::Committed);
+
+    let head = store.outbox_head("crm", 10).unwrap();
+    let positions: Vec<u64> = head.iter().map(|item| item.position.0).collect();
+    assert_eq!(positions, vec![1, 3, 5], "the stale commit wrote nothing, the unknown destination was dropped");
+    assert!(head.windows(2).all(|pair| pair[0].id < pair[1].id));
+    assert_eq!(head[0].payload, item("crm", 1).payload, "payloads round-trip, NUL included");
+    assert_eq!((head[0].attempts, head[0].next_attempt_at_ms, head[0].last_error.clone()), (0, 0, None));
+    assert_eq!(store.outbox_head("crm", 2).unwrap().len(), 2);
+
+    store.mark_delivered("crm", &[head[0].id, head[1].id, OutboxItemId(999_999)]).unwrap();
+    let record = store.destination("crm").unwrap().unwrap();
+    assert_eq!(record.counts, OutboxCounts { pending: 1, retrying: 0, delivered: 2, dead: 0 });
+    assert_eq!(store.outbox_head("crm", 10).unwrap()[0].position, LogPosition(5));
+}
+
+pub fn failures_retry_in_place_then_dead_letters_replay_in_order(store: &impl Store) {
+    store.create_destination(&definition("crm"), 1_000).unwrap();
+    enqueue(store, 0, 3, vec![item("crm", 1), item("crm", 2), item("crm", 3)]);
+    let head = store.outbox_head("crm", 10).unwrap();
+
+    let retry = FailedAttempt::Retry {
+        first_failed_at_ms: 10,
+        next_attempt_at_ms: 500,
+        error: "the receiver answered 503".to_owned(),
+    };
+    store.record_failure(head[0].id, &retry).unwrap();
+    store
+        .record_failure(
+            head[0].id,
+            &FailedAttempt::Retry { first_failed_at_ms: 10, next_attempt_at_ms: 900, error: "timeout".to_owned() },
+        )
+        .unwrap();
+    let first = &store.outbox_head("crm", 1).unwrap()[0];
+    assert_eq!(first.id, head[0].id, "a retrying item keeps its place");
+    assert_eq!((first.attempts, first.first_failed_at_ms, first.next_attempt_at_ms), (2, Some(10), 900));
+    assert_eq!(first.last_error.as_deref(), Some("timeout"));
+    assert_eq!(
+        store.destination("crm").unwrap().unwrap().counts,
+        OutboxCounts { pending: 2, retrying: 1, delivered: 0, dead: 0 }
+    );
+
+    store
+        .record_failure(head[0].id, &FailedAttempt::DeadLetter { at_ms: 2_000, error: "gave up: 503".to_owned() })
+        .unwrap();
+    store.mark_delivered("crm", &[head[1].id]).unwrap();
+    store
+        .record_failure(
+            head[2].id,
+            &FailedAttempt::DeadLetter { at_ms: 3_000, error: "the receiver answered 400".to_owned() },
+        )
+        .unwrap();
+    enqueue(store, 3, 4, vec![item("crm", 4)]);
+
+    let dead = store.dead_letters("crm", 10).unwrap();
+    assert_eq!(dead.iter().map(|letter| letter.position.0).collect::<Vec<_>>(), vec![1, 3]);
+    assert_eq!((dead[0].attempts, dead[0].last_error.as_str(), dead[0].dead_at_ms), (3, "gave up: 503", 2_000));
+    assert_eq!(dead[1].attempts, 1);
+    assert_eq!(dead[0].payload, item("crm", 1).payload);
+    assert_eq!(
+        store.destination("crm").unwrap().unwrap().counts,
+        OutboxCounts { pending: 1, retrying: 0, delivered: 1, dead: 2 }
+    );
+
+    assert_eq!(store.replay_dead_letters("crm").unwrap(), 2);
+    assert!(store.dead_letters("crm", 10).unwrap().is_empty());
+    let replayed = store.outbox_head("crm", 10).unwrap();
+    assert_eq!(
+        replayed.iter().map(|item| item.position.0).collect::<Vec<_>>(),
+        vec![1, 3, 4],
+        "replayed items take back their place ahead of later ones"
+    );
+    assert!(replayed
+        .iter()
+        .all(|item| item.attempts == 0 && item.next_attempt_at_ms == 0 && item.last_error.is_none()));
+    assert_eq!(store.replay_dead_letters("crm").unwrap(), 0);
+    // New items still come after everything replayed.
+    enqueue(store, 4, 5, vec![item("crm", 5)]);
+    assert_eq!(store.outbox_head("crm", 10).unwrap().last().unwrap().position, LogPosition(5));
+}
+
+pub fn audience_changes_are_read_after_their_own_cursor(store: &impl Store) {
+    let rule = tandem_core::audience::Condition::parse(r#"trait plan = "pro""#).unwrap();
+    store.create_audience(&AudienceDefinition { name: "pro".to_owned(), rule, created_at_ms: 1 }).unwrap();
+    let change = |profile: u64, kind: MembershipChangeKind, at_ms: i64| MembershipChange {
+        audience: "pro".to_owned(),
+        profile: tandem_core::ProfileId(profile),
+        kind,
+        at_ms,
+    };
+    let changes = vec![
+        change(1, MembershipChangeKind::Entered, 10),
+        change(2, MembershipChangeKind::Entered, 20),
+        change(1, MembershipChangeKind::Exited, 30),
+    ];
+    store.commit_audience(&AudienceCommit { changes: changes.clone(), ..Default::default() }).unwrap();
+    let read = store.membership_changes_after(0, 10).unwrap();
+    assert_eq!(read.iter().map(|(_, change)| change.clone()).collect::<Vec<_>>(), changes);
+    assert!(read.windows(2).all(|pair| pair[0].0 < pair[1].0), "ids increase");
+    let after_first = store.membership_changes_after(read[0].0, 1).unwrap();
+    assert_eq!(after_first, vec![read[1].clone()]);
+
+    store.create_destination(&definition("ads"), 1).unwrap();
+    let commit = |from: u64, to: u64| OutboxCommit {
+        cursor: OutboxCursor::AudienceHistory,
+        from: LogPosition(from),
+        to: LogPosition(to),
+        items: vec![item("ads", to)],
+    };
+    assert_eq!(store.commit_outbox(&commit(0, read[2].0)).unwrap(), OutboxCommitOutcome::Committed);
+    assert_eq!(store.commit_outbox(&commit(0, read[2].0)).unwrap(), OutboxCommitOutcome::StalePosition);
+    assert_eq!(
+        store.stage_cursor(Stage::OUTBOX_AUDIENCES).unwrap().map(|cursor| cursor.position),
+        Some(LogPosition(read[2].0))
+    );
+    assert_eq!(store.stage_cursor(Stage::OUTBOX).unwrap(), None, "the log's cursor is another row");
+    assert_eq!(store.outbox_head("ads", 10).unwrap().len(), 1);
+}

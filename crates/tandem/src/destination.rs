@@ -1,0 +1,133 @@
+//! `tandem destination`: create, list, show, delete destinations in the
+//! data directory, list their dead letters and replay them. A definition is
+//! given as JSON (inline, or `@FILE`) and validated before anything is
+//! stored. Delivery itself runs in the server (`tandem serve`); `replay`
+//! puts dead letters back in the outbox for it.
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+use std::io::Write;
+use std::sync::Arc;
+use tandem_core::activate::DestinationDefinition;
+use tandem_server::activate;
+use tandem_server::destination_api::destination_json;
+use tandem_store::Store;
+
+/// Dead letters printed unless told otherwise.
+pub const DEFAULT_DEAD_LETTER_PAGE: usize = 100;
+
+/// A definition from the command line: JSON text, or `@FILE` naming a file of it.
+fn read_definition(definition: &str) -> anyhow::Result<DestinationDefinition> {
+    let text = match definition.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?,
+        None => definition.to_owned(),
+    };
+    serde_json::from_str(&text).context("the definition is not a destination")
+}
+
+pub fn create(store: Arc<dyn Store>, definition: &str, out: &mut impl Write) -> anyhow::Result<()> {
+    let definition = read_definition(definition)?;
+    activate::create_destination(store.as_ref(), &definition, chrono::Utc::now().timestamp_millis())?;
+    writeln!(
+        out,
+        "created {} destination {:?}; the server delivers events logged from now on",
+        definition.destination.kind(),
+        definition.name
+    )?;
+    Ok(())
+}
+
+pub fn list(store: Arc<dyn Store>, as_json: bool, out: &mut impl Write) -> anyhow::Result<()> {
+    let records = store.list_destinations()?;
+    if as_json {
+        let list: Vec<Value> = records.iter().map(destination_json).collect();
+        writeln!(out, "{}", Value::Array(list))?;
+        return Ok(());
+    }
+    if records.is_empty() {
+        writeln!(out, "no destinations; create one with tandem destination create '{{…}}'")?;
+    }
+    for record in &records {
+        let counts = record.counts;
+        writeln!(
+            out,
+            "{:<24} {:<8} {:>8} delivered {:>6} pending {:>6} retrying {:>6} dead",
+            record.definition.name,
+            record.definition.destination.kind(),
+            counts.delivered,
+            counts.pending,
+            counts.retrying,
+            counts.dead
+        )?;
+    }
+    Ok(())
+}
+
+pub fn show(store: Arc<dyn Store>, name: &str, out: &mut impl Write) -> anyhow::Result<()> {
+    let Some(record) = store.destination(name)? else { bail!("no destination named {name:?}") };
+    writeln!(out, "{}", serde_json::to_string_pretty(&destination_json(&record))?)?;
+    Ok(())
+}
+
+pub fn dead_letters(
+    store: Arc<dyn Store>,
+    name: &str,
+    limit: usize,
+    as_json: bool,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let letters = activate::dead_letters(store.as_ref(), name, limit)?;
+    if as_json {
+        writeln!(out, "{}", serde_json::to_string(&letters)?)?;
+        return Ok(());
+    }
+    if letters.is_empty() {
+        writeln!(out, "no dead letters for {name:?}")?;
+    }
+    for letter in &letters {
+        writeln!(out, "position {:<10} attempts {:<4} {}", letter.position.0, letter.attempts, letter.last_error)?;
+    }
+    Ok(())
+}
+
+pub fn replay(store: Arc<dyn Store>, name: &str, out: &mut impl Write) -> anyhow::Result<()> {
+    let replayed = activate::replay(store.as_ref(), name)?;
+    writeln!(out, "put {replayed} dead letters of {name:?} back in its outbox, in their order")?;
+    Ok(())
+}
+
+pub fn delete(store: Arc<dyn Store>, name: &str, out: &mut impl Write) -> anyhow::Result<()> {
+    store.delete_destination(name)?;
+    writeln!(out, "deleted destination {name:?} with its outbox and dead letters")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_store::SqliteStore;
+
+    #[test]
+    fn create_list_replay_and_delete_a_destination() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let mut out = Vec::new();
+        let definition =
+            r#"{"name": "archive", "destination": {"kind": "file", "path": "/tmp/archive.jsonl"}, "events": {}}"#;
+        create(store.clone(), definition, &mut out).unwrap();
+        assert!(create(store.clone(), r#"{"name": "Bad", "destination": {"kind": "file", "path": "x"}}"#, &mut out)
+            .unwrap_err()
+            .to_string()
+            .contains("name"));
+        list(store.clone(), false, &mut out).unwrap();
+        replay(store.clone(), "archive", &mut out).unwrap();
+        dead_letters(store.clone(), "archive", 10, false, &mut out).unwrap();
+        delete(store.clone(), "archive", &mut out).unwrap();
+        assert!(replay(store.clone(), "archive", &mut out).is_err());
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("created file destination \"archive\""), "{text}");
+        assert!(text.contains("archive                  file            0 delivered"), "{text}");
+        assert!(text.contains("put 0 dead letters"), "{text}");
+        assert!(text.contains("no dead letters for \"archive\""), "{text}");
+    }
+}
