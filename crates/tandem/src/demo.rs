@@ -643,6 +643,39 @@ pub fn already_loaded(store: &Arc<dyn Store>) -> anyhow::Result<bool> {
 }
 
 /// Tells a newcomer what is in the demo and where to look.
+/// The demo's computed trait and audiences, as a marketer would set them
+/// up, in the rule language's text form. The audience stage of the running
+/// server backfills them; defining them again (a second `tandem demo`) keeps
+/// what is there.
+pub const DEMO_COMPUTED_TRAITS: &[(&str, &str)] = &[("revenue 90d", r#"sum(revenue) of "Order Completed" within 90d"#)];
+
+/// See [`DEMO_COMPUTED_TRAITS`].
+pub const DEMO_AUDIENCES: &[(&str, &str)] = &[
+    ("recent buyers", r#"performed "Order Completed" within 30d"#),
+    ("high value", r#"computed "revenue 90d" >= 500"#),
+    ("browsed, not bought", r#"performed "Product Viewed" within 7d and not performed "Order Completed" within 7d"#),
+];
+
+/// Defines [`DEMO_COMPUTED_TRAITS`] and [`DEMO_AUDIENCES`] unless they exist.
+pub fn define_audiences(store: &dyn tandem_store::Store) -> anyhow::Result<()> {
+    let now = chrono::Utc::now();
+    let existing: Vec<String> = store.list_computed_traits()?.into_iter().map(|record| record.name).collect();
+    for (name, text) in DEMO_COMPUTED_TRAITS {
+        if !existing.iter().any(|known| known == name) {
+            let definition = tandem_core::audience::ComputedTraitDefinition::parse(text)?;
+            tandem_server::audience::create_computed_trait(store, name, &definition, now)?;
+        }
+    }
+    let existing: Vec<String> = store.list_audiences()?.into_iter().map(|record| record.definition.name).collect();
+    for (name, text) in DEMO_AUDIENCES {
+        if !existing.iter().any(|known| known == name) {
+            let rule = tandem_core::audience::Condition::parse(text)?;
+            tandem_server::audience::create_audience(store, name, rule, now)?;
+        }
+    }
+    Ok(())
+}
+
 pub fn walkthrough(
     out: &mut impl std::io::Write,
     store: &dyn Store,
@@ -714,6 +747,14 @@ pub fn walkthrough(
         data_dir.join("demo-files/orders.csv").display()
     )?;
     writeln!(out)?;
+    writeln!(out, "Audiences, kept current as events arrive (members leave on time when a window passes)")?;
+    for (name, rule) in DEMO_AUDIENCES {
+        writeln!(out, "  {name:<22} {rule}")?;
+    }
+    writeln!(out, "  tandem audience list")?;
+    writeln!(out, "  tandem audience members \"recent buyers\"")?;
+    writeln!(out, "  tandem audience preview --rule 'count(event \"Order Completed\", within 90d) >= 3'")?;
+    writeln!(out)?;
     writeln!(out, "Send an event of your own, as any Segment SDK would")?;
     writeln!(out, "  curl -u {}: {base}/v1/track -H 'Content-Type: application/json' \\", website.write_key)?;
     writeln!(out, "       -d '{{\"userId\":\"{}\",\"event\":\"Demo Explored\"}}'", showcase.user_id)?;
@@ -740,6 +781,19 @@ mod tests {
 
     fn seconds(text: &str) -> i64 {
         chrono::DateTime::parse_from_rfc3339(text).unwrap().timestamp()
+    }
+
+    #[test]
+    fn the_demo_audiences_parse_and_are_defined_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: std::sync::Arc<dyn tandem_store::Store> =
+            std::sync::Arc::new(tandem_store::SqliteStore::open(dir.path()).unwrap());
+        define_audiences(store.as_ref()).unwrap();
+        define_audiences(store.as_ref()).unwrap();
+        let names: Vec<String> =
+            store.list_audiences().unwrap().into_iter().map(|record| record.definition.name).collect();
+        assert_eq!(names.len(), DEMO_AUDIENCES.len(), "defined once: {names:?}");
+        assert_eq!(store.list_computed_traits().unwrap().len(), DEMO_COMPUTED_TRAITS.len());
     }
 
     #[test]

@@ -909,6 +909,8 @@ fn run_demo(settings: &Settings, store: Arc<dyn Store>, customers: usize, seed: 
         })
         .await??;
         eprintln!("profiles up to date in {:.1} s", started.elapsed().as_secs_f64());
+        let defining = store.clone();
+        tokio::task::spawn_blocking(move || demo::define_audiences(defining.as_ref())).await??;
         tokio::task::block_in_place(|| {
             let (_, token) = store.create_token("demo")?;
             demo::walkthrough(&mut out, store.as_ref(), &company, running.local_addr, &settings.data_dir, &token)

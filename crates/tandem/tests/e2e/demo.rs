@@ -35,6 +35,16 @@ fn the_demo_serves_a_resolved_company_and_its_walkthrough_works() {
     }
     let stats: Value = serde_json::from_str(&tandem(&data, &["stats", "--json"])).unwrap();
     assert_eq!(stats["profiles"].as_u64(), Some(expected));
+    // The demo's audiences are defined and filled from its company.
+    let audiences: Value = serde_json::from_str(&tandem(&data, &["audience", "list", "--json"])).unwrap();
+    let listed = audiences.to_string();
+    for name in ["recent buyers", "high value", "browsed, not bought"] {
+        assert!(listed.contains(name), "{name} missing from {listed}");
+    }
+    let members: Value =
+        serde_json::from_str(&tandem(&data, &["audience", "members", "recent buyers", "--json"])).unwrap();
+    let count = members["members"].as_array().map_or(0, Vec::len);
+    assert!(count > 0, "recent buyers is empty: {members}");
     assert!(server.terminate(), "the demo stops cleanly");
 
     // Run again: the same company is served, not loaded twice.
