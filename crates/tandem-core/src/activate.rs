@@ -290,6 +290,21 @@ pub enum AttemptFailure {
     Connection(String),
     /// A local write failed (a file destination).
     Io(String),
+    /// The receiver answered a retryable status (429, 503, …) with a
+    /// `Retry-After` header: it asked to be left alone this long.
+    RetryAfter { status: u16, after_ms: u64 },
+}
+
+/// The delay a `Retry-After` header asks for, in milliseconds, at `now_ms`:
+/// either whole seconds (`120`) or an HTTP date (`Wed, 21 Oct 2026 07:28:00
+/// GMT`, zero when past); `None` when it is neither.
+pub fn retry_after_ms(value: &str, now_ms: i64) -> Option<u64> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(seconds.saturating_mul(1_000));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(value).ok()?.timestamp_millis();
+    Some(at.saturating_sub(now_ms).max(0) as u64)
 }
 
 impl std::fmt::Display for AttemptFailure {
@@ -299,6 +314,9 @@ impl std::fmt::Display for AttemptFailure {
             AttemptFailure::Timeout => f.write_str("the receiver did not answer in time"),
             AttemptFailure::Connection(reason) => write!(f, "could not reach the receiver: {reason}"),
             AttemptFailure::Io(reason) => write!(f, "could not write: {reason}"),
+            AttemptFailure::RetryAfter { status, after_ms } => {
+                write!(f, "the receiver answered {status} and asked to wait {} s", after_ms.div_ceil(1_000))
+            }
         }
     }
 }
@@ -322,7 +340,10 @@ impl AttemptFailure {
                 500..=599 => FailureClass::Retryable,
                 _ => FailureClass::Permanent,
             },
-            AttemptFailure::Timeout | AttemptFailure::Connection(_) | AttemptFailure::Io(_) => FailureClass::Retryable,
+            AttemptFailure::Timeout
+            | AttemptFailure::Connection(_)
+            | AttemptFailure::Io(_)
+            | AttemptFailure::RetryAfter { .. } => FailureClass::Retryable,
         }
     }
 }
@@ -364,7 +385,14 @@ impl RetrySettings {
         if failure.class() == FailureClass::Permanent {
             return NextStep::DeadLetter;
         }
-        let retry_at = now_ms.saturating_add(self.backoff_ms(failed_attempts, jitter) as i64);
+        // A receiver's own `Retry-After` wins when it asks for longer than
+        // the backoff: it knows when it will be ready.
+        let asked = match failure {
+            AttemptFailure::RetryAfter { after_ms, .. } => *after_ms,
+            _ => 0,
+        };
+        let delay = self.backoff_ms(failed_attempts, jitter).max(asked);
+        let retry_at = now_ms.saturating_add(delay.min(i64::MAX as u64) as i64);
         let give_up_at = first_attempt_ms.saturating_add(self.give_up_after_ms as i64);
         if retry_at > give_up_at {
             NextStep::DeadLetter
@@ -472,6 +500,23 @@ mod tests {
         assert_eq!(AttemptFailure::Connection("refused".into()).class(), FailureClass::Retryable);
         assert_eq!(AttemptFailure::Status(400).class(), FailureClass::Permanent);
         assert_eq!(AttemptFailure::Status(404).class(), FailureClass::Permanent);
+    }
+
+    #[test]
+    fn a_receivers_retry_after_is_honoured_when_longer_than_the_backoff() {
+        let retry = RetrySettings { initial_backoff_ms: 1_000, max_backoff_ms: 8_000, give_up_after_ms: 60_000 };
+        let asked = AttemptFailure::RetryAfter { status: 429, after_ms: 30_000 };
+        assert_eq!(asked.class(), FailureClass::Retryable);
+        assert_eq!(retry.after_failure(&asked, 0, 1, 0, 0.5), NextStep::RetryAt(30_000));
+        let short = AttemptFailure::RetryAfter { status: 503, after_ms: 10 };
+        assert_eq!(retry.after_failure(&short, 0, 1, 0, 0.0), NextStep::RetryAt(500), "the backoff when longer");
+        let past_the_limit = AttemptFailure::RetryAfter { status: 429, after_ms: 120_000 };
+        assert_eq!(retry.after_failure(&past_the_limit, 0, 1, 0, 0.0), NextStep::DeadLetter);
+        assert_eq!(retry_after_ms("120", 0), Some(120_000));
+        let now = chrono::DateTime::parse_from_rfc2822("Wed, 21 Oct 2026 07:28:00 GMT").unwrap().timestamp_millis();
+        assert_eq!(retry_after_ms("Wed, 21 Oct 2026 07:28:30 GMT", now), Some(30_000));
+        assert_eq!(retry_after_ms("Wed, 21 Oct 2026 07:27:00 GMT", now), Some(0), "a date already past");
+        assert_eq!(retry_after_ms("soon", now), None);
     }
 
     #[test]

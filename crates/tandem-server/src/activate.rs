@@ -379,7 +379,20 @@ fn post_batch(webhook: &WebhookSettings, batch: &[OutboxItem]) -> Result<(), Att
     }
     match request.send(body.as_bytes()) {
         Ok(response) if response.status().is_success() => Ok(()),
-        Ok(response) => Err(AttemptFailure::Status(response.status().as_u16())),
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let failure = AttemptFailure::Status(status);
+            let asked =
+                response.headers().get("retry-after").and_then(|value| value.to_str().ok()).and_then(|value| {
+                    tandem_core::activate::retry_after_ms(value, chrono::Utc::now().timestamp_millis())
+                });
+            match asked {
+                Some(after_ms) if failure.class() == tandem_core::activate::FailureClass::Retryable => {
+                    Err(AttemptFailure::RetryAfter { status, after_ms })
+                }
+                _ => Err(failure),
+            }
+        }
         Err(ureq::Error::Timeout(_)) => Err(AttemptFailure::Timeout),
         Err(error) => Err(AttemptFailure::Connection(error.to_string())),
     }
@@ -552,6 +565,8 @@ mod tests {
         arrived: usize,
         fail_first: usize,
         failure: u16,
+        /// A `Retry-After` header sent with each failure.
+        retry_after: Option<&'static str>,
         requests: usize,
         accepted: Vec<Value>,
         signatures: Vec<Option<String>>,
@@ -559,7 +574,11 @@ mod tests {
 
     type SharedReceiver = Arc<Mutex<Receiver>>;
 
-    async fn receive(State(receiver): State<SharedReceiver>, headers: HeaderMap, body: String) -> StatusCode {
+    async fn receive(
+        State(receiver): State<SharedReceiver>,
+        headers: HeaderMap,
+        body: String,
+    ) -> (StatusCode, HeaderMap) {
         let delay = {
             let mut receiver = receiver.lock().unwrap();
             receiver.arrived += 1;
@@ -572,13 +591,17 @@ mod tests {
         let mut receiver = receiver.lock().unwrap();
         receiver.requests += 1;
         if receiver.requests <= receiver.fail_first {
-            return StatusCode::from_u16(receiver.failure).unwrap();
+            let mut answer = HeaderMap::new();
+            if let Some(after) = receiver.retry_after {
+                answer.insert("retry-after", after.parse().unwrap());
+            }
+            return (StatusCode::from_u16(receiver.failure).unwrap(), answer);
         }
         let signature = headers.get("x-tandem-signature").map(|value| value.to_str().unwrap().to_owned());
         receiver.signatures.push(signature);
         let Value::Array(events) = serde_json::from_str(&body).unwrap() else { panic!("a JSON array expected") };
         receiver.accepted.extend(events);
-        StatusCode::OK
+        (StatusCode::OK, HeaderMap::new())
     }
 
     /// Starts a receiver; returns its URL. The runtime must outlive the test.
@@ -695,6 +718,36 @@ mod tests {
             OutboxCounts { pending: 0, retrying: 0, delivered: 5, dead: 0 }
         );
         assert!(metrics.render().contains(r#"destination_items_total{destination="crm",outcome="delivered"} 5"#));
+    }
+
+    #[test]
+    fn a_receiver_that_asks_to_wait_with_retry_after_is_left_alone_that_long() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let runtime = runtime();
+        let receiver = Arc::new(Mutex::new(Receiver {
+            fail_first: 1,
+            failure: 429,
+            retry_after: Some("30"),
+            ..Default::default()
+        }));
+        let url = start_receiver(&runtime, receiver.clone());
+        let (clock, now) = manual_clock(1_000_000);
+        create_destination(&*store, &webhook("crm", &url, RetrySettings::default()), 0).unwrap();
+        append_and_resolve(&store, &[track("ann", "Order Completed", 1)]);
+        OutboxStage::new(store.clone()).catch_up().unwrap();
+        let mut worker = DeliveryWorker::new(store.clone(), "crm", clock, Metrics::new());
+        assert_eq!(worker.deliver_once().unwrap(), DeliveryReport::Retrying);
+        // The default backoff starts at 10 s; the receiver asked for 30 s.
+        match worker.deliver_once().unwrap() {
+            DeliveryReport::WaitingUntil(due) => assert!(due >= 1_030_000, "retried too early: at {due}"),
+            report => panic!("expected to wait, got {report:?}"),
+        }
+        assert!(store.dead_letters("crm", 10).unwrap().is_empty());
+        *now.lock().unwrap() = 1_030_000;
+        drain(&mut worker, &now);
+        let receiver = receiver.lock().unwrap();
+        assert_eq!((receiver.requests, numbers(&receiver.accepted)), (2, vec![1]));
     }
 
     #[test]
