@@ -42,6 +42,10 @@ pub struct DestinationDefinition {
     pub audiences: Vec<AudienceSubscription>,
     #[serde(default)]
     pub retry: RetrySettings,
+    /// At most this many events per second go to the receiver (batches are
+    /// spaced out to keep the rate); unlimited when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_events_per_second: Option<u32>,
 }
 
 /// Where deliveries go: one variant per kind of destination.
@@ -187,6 +191,9 @@ impl DestinationDefinition {
                     return Err(invalid("destination.path", "must not be empty"));
                 }
             }
+        }
+        if self.max_events_per_second == Some(0) {
+            return Err(invalid("max_events_per_second", "must be above 0 (leave it out for no limit)"));
         }
         if self.events.as_ref().is_some_and(|events| events.names.iter().any(|name| name.is_empty())) {
             return Err(invalid("events.names", "an event name must not be empty"));
@@ -420,6 +427,7 @@ mod tests {
             events: Some(EventFilter::default()),
             audiences: Vec::new(),
             retry: RetrySettings::default(),
+            max_events_per_second: None,
         }
     }
 

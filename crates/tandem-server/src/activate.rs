@@ -260,6 +260,8 @@ pub struct DeliveryWorker {
     /// After a batch was refused for good, its items are sent one at a time
     /// up to this id, to find the one the receiver refuses.
     isolate_through: Option<tandem_store::OutboxItemId>,
+    /// With a rate limit, no attempt starts before this instant (ms).
+    next_allowed_at_ms: i64,
 }
 
 impl DeliveryWorker {
@@ -272,17 +274,22 @@ impl DeliveryWorker {
             metrics,
             random: Random::new(seed),
             isolate_through: None,
+            next_allowed_at_ms: i64::MIN,
         }
     }
 
     /// Attempts the head of the outbox once, if it is due.
     pub fn deliver_once(&mut self) -> Result<DeliveryReport, StoreError> {
         let Some(record) = self.store.destination(&self.name)? else { return Ok(DeliveryReport::Gone) };
-        let mut batch = self.store.outbox_head(&self.name, DELIVERY_BATCH)?;
+        // A rate limit also caps a batch at one second's worth of events.
+        let rate = record.definition.max_events_per_second;
+        let batch_size = rate.map_or(DELIVERY_BATCH, |rate| (rate as usize).clamp(1, DELIVERY_BATCH));
+        let mut batch = self.store.outbox_head(&self.name, batch_size)?;
         let Some(head) = batch.first() else { return Ok(DeliveryReport::Idle) };
         let now = (self.clock)();
-        if head.next_attempt_at_ms > now {
-            return Ok(DeliveryReport::WaitingUntil(head.next_attempt_at_ms));
+        let due = head.next_attempt_at_ms.max(self.next_allowed_at_ms);
+        if due > now {
+            return Ok(DeliveryReport::WaitingUntil(due));
         }
         let isolated = self.isolate_through.is_some_and(|through| head.id <= through);
         if head.attempts > 0 || isolated {
@@ -292,6 +299,11 @@ impl DeliveryWorker {
         }
         let attempt = deliver(&record, &batch);
         let now = (self.clock)();
+        if let Some(rate) = rate {
+            // The next attempt waits the time these events take at the rate.
+            let spacing = (batch.len() as u64 * 1_000).div_ceil(u64::from(rate.max(1))) as i64;
+            self.next_allowed_at_ms = now.saturating_add(spacing);
+        }
         match attempt {
             Ok(()) => {
                 let ids: Vec<_> = batch.iter().map(|item| item.id).collect();
@@ -656,6 +668,7 @@ mod tests {
             events: Some(EventFilter { types: vec![EventType::Track], names: vec!["Order Completed".to_owned()] }),
             audiences: Vec::new(),
             retry,
+            max_events_per_second: None,
         }
     }
 
@@ -718,6 +731,36 @@ mod tests {
             OutboxCounts { pending: 0, retrying: 0, delivered: 5, dead: 0 }
         );
         assert!(metrics.render().contains(r#"destination_items_total{destination="crm",outcome="delivered"} 5"#));
+    }
+
+    #[test]
+    fn a_rate_limit_spaces_batches_to_the_configured_events_per_second() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let runtime = runtime();
+        let receiver = Arc::new(Mutex::new(Receiver::default()));
+        let url = start_receiver(&runtime, receiver.clone());
+        let (clock, now) = manual_clock(1_000_000);
+        let definition =
+            DestinationDefinition { max_events_per_second: Some(2), ..webhook("crm", &url, RetrySettings::default()) };
+        create_destination(&*store, &definition, 0).unwrap();
+        append_and_resolve(&store, &(1..=5).map(|n| track("ann", "Order Completed", n)).collect::<Vec<_>>());
+        OutboxStage::new(store.clone()).catch_up().unwrap();
+        let mut worker = DeliveryWorker::new(store.clone(), "crm", clock, Metrics::new());
+        let mut sent_at = Vec::new();
+        for _ in 0..20 {
+            match worker.deliver_once().unwrap() {
+                DeliveryReport::Delivered(count) => sent_at.push((*now.lock().unwrap(), count)),
+                DeliveryReport::WaitingUntil(due) => *now.lock().unwrap() = due,
+                DeliveryReport::Idle => break,
+                report => panic!("unexpected {report:?}"),
+            }
+        }
+        // Two events per batch, a second apart: 5 events over 2 seconds.
+        assert_eq!(sent_at, vec![(1_000_000, 2), (1_001_000, 2), (1_002_000, 1)]);
+        assert_eq!(numbers(&receiver.lock().unwrap().accepted), vec![1, 2, 3, 4, 5]);
+        let zero = DestinationDefinition { max_events_per_second: Some(0), ..definition };
+        assert!(zero.validate().is_err(), "a rate of 0 is refused");
     }
 
     #[test]
@@ -857,6 +900,7 @@ mod tests {
             events: Some(EventFilter::default()),
             audiences: Vec::new(),
             retry: RetrySettings::default(),
+            max_events_per_second: None,
         };
         create_destination(&*store, &definition, 0).unwrap();
         append_and_resolve(&store, &[track("ann", "A", 1), track("ann", "B", 2)]);

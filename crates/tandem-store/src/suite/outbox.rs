@@ -14,6 +14,7 @@ fn definition(name: &str) -> DestinationDefinition {
         events: Some(EventFilter::default()),
         audiences: Vec::new(),
         retry: RetrySettings::default(),
+        max_events_per_second: None,
     }
 }
 
