@@ -134,6 +134,21 @@ pub fn audience_json(record: &AudienceRecord) -> Value {
     })
 }
 
+/// An audience's size at the end of each UTC day that changed it, as the
+/// API and the CLI show it: `[{"date": "2026-11-20", "size": 42}, …]`.
+pub fn size_over_time_json(changes: &[tandem_store::DailyChanges]) -> Value {
+    let days: Vec<Value> = tandem_store::size_over_time(changes)
+        .iter()
+        .map(|day| {
+            let date = chrono::DateTime::from_timestamp_millis(day.day_start_ms)
+                .map(|at| at.format("%Y-%m-%d").to_string())
+                .unwrap_or_default();
+            json!({"date": date, "size": day.size})
+        })
+        .collect();
+    Value::Array(days)
+}
+
 async fn blocking<T: Send + 'static>(
     state: &AppState,
     work: impl FnOnce(&dyn tandem_store::Store) -> Result<T, DefineError> + Send + 'static,
@@ -196,15 +211,20 @@ async fn preview_audience(
     })))
 }
 
-/// `GET /api/v1/audiences/{name}`: the definition in both forms and the size.
+/// `GET /api/v1/audiences/{name}`: the definition in both forms, the size,
+/// and the size at the end of each day that changed it.
 async fn show_audience(
     State(state): State<AppState>,
     _token: AdminToken,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let wanted = name.clone();
-    let record = read(&state, move |store| store.audience(&wanted)).await?.ok_or_else(|| not_found(&name))?;
-    Ok(Json(audience_json(&record)))
+    let (record, days) =
+        read(&state, move |store| Ok((store.audience(&wanted)?, store.audience_changes_by_day(&wanted)?))).await?;
+    let record = record.ok_or_else(|| not_found(&name))?;
+    let mut body = audience_json(&record);
+    body["size_over_time"] = size_over_time_json(&days);
+    Ok(Json(body))
 }
 
 #[derive(Deserialize)]

@@ -1530,6 +1530,9 @@ mod audiences {
         assert_eq!(status, StatusCode::OK);
         assert_eq!(shown["rule"], tree);
         assert_eq!(shown["rule_text"], r#"performed "Order Completed" where total > 50"#);
+        let days = shown["size_over_time"].as_array().expect("size over time");
+        assert_eq!(days.last().map(|day| day["size"].clone()), Some(json!(1)), "{shown}");
+        assert_eq!(days.last().unwrap()["date"].as_str().map(str::len), Some(10), "a YYYY-MM-DD date");
         let (status, page) = get(&harness, "/api/v1/audiences/pro/members?limit=1", Some(&token)).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(

@@ -25,6 +25,35 @@ impl Stage {
     pub const AUDIENCE: Stage = Stage("audience");
 }
 
+/// How many profiles entered and left an audience on one UTC day.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DailyChanges {
+    /// Midnight UTC starting the day, in milliseconds since the epoch.
+    pub day_start_ms: i64,
+    pub entered: u64,
+    pub exited: u64,
+}
+
+/// One day of an audience's size: the members at the end of that UTC day.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DailySize {
+    pub day_start_ms: i64,
+    pub size: u64,
+}
+
+/// The size at the end of each day that saw a change, from the day's
+/// entries and exits (the history starts empty).
+pub fn size_over_time(changes: &[DailyChanges]) -> Vec<DailySize> {
+    let mut size: u64 = 0;
+    changes
+        .iter()
+        .map(|day| {
+            size = (size + day.entered).saturating_sub(day.exited);
+            DailySize { day_start_ms: day.day_start_ms, size }
+        })
+        .collect()
+}
+
 /// An audience as defined by a person: a unique name and its rule.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AudienceDefinition {
@@ -205,6 +234,10 @@ pub trait AudienceStore: Send + Sync + 'static {
 
     /// A profile's history in one audience, oldest first.
     fn membership_history(&self, name: &str, profile: ProfileId) -> Result<Vec<MembershipChange>, StoreError>;
+
+    /// An audience's entries and exits per UTC day, oldest day first: what
+    /// its size over time is computed from.
+    fn audience_changes_by_day(&self, name: &str) -> Result<Vec<DailyChanges>, StoreError>;
 
     /// The stored states of these profiles, for every audience, in no order.
     fn audience_states(&self, profiles: &[ProfileId]) -> Result<Vec<StoredAudienceState>, StoreError>;

@@ -31,9 +31,9 @@ use tandem_core::source::SourceError;
 
 pub use self::postgres::PostgresStore;
 pub use audience::{
-    AudienceCommit, AudienceCommitOutcome, AudienceDefinition, AudienceRecord, AudienceStateWrite, AudienceStore,
-    Backfill, ComputedTraitRecord, ComputedTraitWrite, Membership, MembershipChange, MembershipChangeKind,
-    StoredAudienceState, StoredComputedTrait,
+    size_over_time, AudienceCommit, AudienceCommitOutcome, AudienceDefinition, AudienceRecord, AudienceStateWrite,
+    AudienceStore, Backfill, ComputedTraitRecord, ComputedTraitWrite, DailyChanges, DailySize, Membership,
+    MembershipChange, MembershipChangeKind, StoredAudienceState, StoredComputedTrait,
 };
 pub use identity::{
     CommitOutcome, EventLink, HistoryRecord, IdentityCommit, IdentityRepair, IdentityState, IdentityStore,

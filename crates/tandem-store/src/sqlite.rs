@@ -829,6 +829,10 @@ impl AudienceStore for SqliteStore {
         self.with_reader(|connection| audience::states(connection, profiles))
     }
 
+    fn audience_changes_by_day(&self, name: &str) -> Result<Vec<crate::DailyChanges>, StoreError> {
+        self.with_reader(|connection| audience::changes_by_day(connection, name))
+    }
+
     fn due_audience_states(&self, now_ms: i64, limit: usize) -> Result<Vec<StoredAudienceState>, StoreError> {
         self.with_reader(|connection| audience::due(connection, now_ms, limit))
     }

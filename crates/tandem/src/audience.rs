@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tandem_core::audience::Condition;
 use tandem_core::ProfileId;
 use tandem_server::audience::{self, AudienceStage};
-use tandem_server::audience_api::audience_json;
+use tandem_server::audience_api::{audience_json, size_over_time_json};
 use tandem_store::{Backfill, Store};
 
 /// Members printed per page unless told otherwise.
@@ -84,14 +84,26 @@ pub fn list(store: Arc<dyn Store>, as_json: bool, out: &mut impl Write) -> anyho
 pub fn show(store: Arc<dyn Store>, name: &str, as_json: bool, out: &mut impl Write) -> anyhow::Result<()> {
     catch_up(&store)?;
     let Some(record) = store.audience(name)? else { bail!("no audience named {name:?}") };
+    let days = store.audience_changes_by_day(name)?;
+    let over_time = size_over_time_json(&days);
     if as_json {
-        writeln!(out, "{}", audience_json(&record))?;
+        let mut body = audience_json(&record);
+        body["size_over_time"] = over_time;
+        writeln!(out, "{body}")?;
         return Ok(());
     }
     writeln!(out, "audience {}", record.definition.name)?;
     writeln!(out, "  rule     {}", record.definition.rule)?;
     writeln!(out, "  members  {}", record.size)?;
     writeln!(out, "  json     {}", serde_json::to_string(&record.definition.rule)?)?;
+    // The last two weeks that changed it, oldest first.
+    let days = over_time.as_array().map(Vec::as_slice).unwrap_or_default();
+    if !days.is_empty() {
+        writeln!(out, "  size over time (end of each day that changed it)")?;
+        for day in &days[days.len().saturating_sub(14)..] {
+            writeln!(out, "    {}  {}", day["date"].as_str().unwrap_or_default(), day["size"])?;
+        }
+    }
     Ok(())
 }
 

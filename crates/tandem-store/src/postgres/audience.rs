@@ -135,6 +135,27 @@ impl AudienceStore for PostgresStore {
         })
     }
 
+    fn audience_changes_by_day(&self, name: &str) -> Result<Vec<crate::DailyChanges>, StoreError> {
+        const DAY_MS: i64 = 86_400_000;
+        self.with_client(|client| {
+            client
+                .query(
+                    "SELECT at / $2, COUNT(*) FILTER (WHERE change = 'entered'), COUNT(*) FILTER (WHERE change = 'exited')
+                     FROM audience_history WHERE audience = $1 GROUP BY 1 ORDER BY 1",
+                    &[&name, &DAY_MS],
+                )?
+                .iter()
+                .map(|row| {
+                    Ok(crate::DailyChanges {
+                        day_start_ms: row.try_get::<_, i64>(0)? * DAY_MS,
+                        entered: row.try_get::<_, i64>(1)? as u64,
+                        exited: row.try_get::<_, i64>(2)? as u64,
+                    })
+                })
+                .collect()
+        })
+    }
+
     fn membership_history(&self, name: &str, profile: ProfileId) -> Result<Vec<MembershipChange>, StoreError> {
         self.with_client(|client| {
             client

@@ -6,8 +6,8 @@ use crate::audience::{
     state_to_text,
 };
 use crate::{
-    AudienceCommit, AudienceCommitOutcome, AudienceDefinition, AudienceRecord, Membership, MembershipChange, Stage,
-    StoreError, StoredAudienceState,
+    AudienceCommit, AudienceCommitOutcome, AudienceDefinition, AudienceRecord, DailyChanges, Membership,
+    MembershipChange, Stage, StoreError, StoredAudienceState,
 };
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tandem_core::ProfileId;
@@ -110,6 +110,24 @@ pub fn history(connection: &Connection, name: &str, profile: ProfileId) -> Resul
             profile: ProfileId(row.get::<_, i64>(1)? as u64),
             kind: change_kind_from_text(&row.get::<_, String>(2)?),
             at_ms: row.get(3)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Milliseconds in a day, to group history by UTC day.
+const DAY_MS: i64 = 86_400_000;
+
+pub fn changes_by_day(connection: &Connection, name: &str) -> Result<Vec<DailyChanges>, StoreError> {
+    let mut statement = connection.prepare_cached(
+        "SELECT at / ?2, SUM(change = 'entered'), SUM(change = 'exited') FROM audience_history
+         WHERE audience = ?1 GROUP BY 1 ORDER BY 1",
+    )?;
+    let rows = statement.query_map(params![name, DAY_MS], |row| {
+        Ok(DailyChanges {
+            day_start_ms: row.get::<_, i64>(0)? * DAY_MS,
+            entered: row.get::<_, i64>(1)? as u64,
+            exited: row.get::<_, i64>(2)? as u64,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)

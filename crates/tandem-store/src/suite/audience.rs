@@ -151,6 +151,24 @@ pub fn commits_record_memberships_history_and_states_and_refuse_stale_writers(st
     assert_eq!(states.len(), 1, "profile 2's state was removed");
     assert_eq!((states[0].profile, states[0].next_change_at_ms), (ProfileId(1), Some(700)));
     assert_eq!(states[0].state, state, "the state round-trips");
+    let third = AudienceCommit {
+        from: LogPosition(6),
+        to: LogPosition(7),
+        changes: vec![change("buyers", 4, MembershipChangeKind::Entered, 2 * 86_400_000 + 5)],
+        epoch: 3,
+        ..AudienceCommit::default()
+    };
+    assert_eq!(store.commit_audience(&third).unwrap(), AudienceCommitOutcome::Committed);
+    let days = store.audience_changes_by_day("buyers").unwrap();
+    assert_eq!(
+        days,
+        vec![
+            crate::DailyChanges { day_start_ms: 0, entered: 3, exited: 1 },
+            crate::DailyChanges { day_start_ms: 2 * 86_400_000, entered: 1, exited: 0 }
+        ]
+    );
+    let sizes: Vec<u64> = crate::size_over_time(&days).iter().map(|day| day.size).collect();
+    assert_eq!(sizes, vec![2, 3], "the size at the end of each day");
 }
 
 pub fn due_timers_come_back_soonest_first_until_cleared(store: &impl Store) {

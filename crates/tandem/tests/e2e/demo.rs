@@ -45,6 +45,13 @@ fn the_demo_serves_a_resolved_company_and_its_walkthrough_works() {
         serde_json::from_str(&tandem(&data, &["audience", "members", "recent buyers", "--json"])).unwrap();
     let count = members["members"].as_array().map_or(0, Vec::len);
     assert!(count > 0, "recent buyers is empty: {members}");
+    let shown: Value = serde_json::from_str(&tandem(&data, &["audience", "show", "recent buyers", "--json"])).unwrap();
+    let days = shown["size_over_time"].as_array().expect("size over time");
+    assert_eq!(
+        days.last().map(|day| &day["size"]),
+        Some(&shown["size"]),
+        "the last day's size is the size now: {shown}"
+    );
     assert!(server.terminate(), "the demo stops cleanly");
 
     // Run again: the same company is served, not loaded twice.
