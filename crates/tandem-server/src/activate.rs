@@ -248,6 +248,8 @@ pub enum DeliveryReport {
     DeadLettered,
     /// The destination no longer exists.
     Gone,
+    /// The destination is paused: its items wait, in order.
+    Paused,
 }
 
 /// Delivers one destination's outbox, in order.
@@ -281,6 +283,9 @@ impl DeliveryWorker {
     /// Attempts the head of the outbox once, if it is due.
     pub fn deliver_once(&mut self) -> Result<DeliveryReport, StoreError> {
         let Some(record) = self.store.destination(&self.name)? else { return Ok(DeliveryReport::Gone) };
+        if record.paused {
+            return Ok(DeliveryReport::Paused);
+        }
         // A rate limit also caps a batch at one second's worth of events.
         let rate = record.definition.max_events_per_second;
         let batch_size = rate.map_or(DELIVERY_BATCH, |rate| (rate as usize).clamp(1, DELIVERY_BATCH));
@@ -731,6 +736,30 @@ mod tests {
             OutboxCounts { pending: 0, retrying: 0, delivered: 5, dead: 0 }
         );
         assert!(metrics.render().contains(r#"destination_items_total{destination="crm",outcome="delivered"} 5"#));
+    }
+
+    #[test]
+    fn a_paused_destination_keeps_its_items_in_order_and_sends_them_on_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let runtime = runtime();
+        let receiver = Arc::new(Mutex::new(Receiver::default()));
+        let url = start_receiver(&runtime, receiver.clone());
+        let (clock, now) = manual_clock(1_000_000);
+        create_destination(&*store, &webhook("crm", &url, RetrySettings::default()), 0).unwrap();
+        store.set_destination_paused("crm", true).unwrap();
+        append_and_resolve(&store, &[track("ann", "Order Completed", 1), track("bob", "Order Completed", 2)]);
+        OutboxStage::new(store.clone()).catch_up().unwrap();
+        let mut worker = DeliveryWorker::new(store.clone(), "crm", clock, Metrics::new());
+        assert_eq!(worker.deliver_once().unwrap(), DeliveryReport::Paused);
+        let record = store.destination("crm").unwrap().unwrap();
+        assert!(record.paused);
+        assert_eq!(record.counts.pending, 2, "items are enqueued while paused");
+        assert_eq!(receiver.lock().unwrap().requests, 0, "nothing is sent while paused");
+        store.set_destination_paused("crm", false).unwrap();
+        drain(&mut worker, &now);
+        assert_eq!(numbers(&receiver.lock().unwrap().accepted), vec![1, 2]);
+        assert!(matches!(store.set_destination_paused("nobody", true), Err(StoreError::DestinationNotFound(_))));
     }
 
     #[test]

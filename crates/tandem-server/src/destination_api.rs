@@ -26,6 +26,8 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/destinations/{name}", get(show_destination).delete(delete_destination))
         .route("/api/v1/destinations/{name}/dead-letters", get(list_dead_letters))
         .route("/api/v1/destinations/{name}/replay", post(replay_dead_letters))
+        .route("/api/v1/destinations/{name}/pause", post(pause_destination))
+        .route("/api/v1/destinations/{name}/resume", post(resume_destination))
 }
 
 /// Dead letters per page unless `limit` says otherwise, and at most.
@@ -88,6 +90,7 @@ pub fn destination_json(record: &DestinationRecord) -> Value {
         "definition": definition,
         "created_at": format_ms(record.created_at_ms),
         "counts": record.counts,
+        "paused": record.paused,
     })
 }
 
@@ -184,6 +187,31 @@ async fn list_dead_letters(
 
 /// `POST /api/v1/destinations/{name}/replay`: puts every dead letter back
 /// in the outbox at its place in the order; answers how many.
+/// `POST /api/v1/destinations/{name}/pause`: stop sending; items keep
+/// being enqueued, in order.
+async fn pause_destination(
+    State(state): State<AppState>,
+    _token: AdminToken,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    set_paused(state, name, true).await
+}
+
+/// `POST /api/v1/destinations/{name}/resume`: send what waited, in order.
+async fn resume_destination(
+    State(state): State<AppState>,
+    _token: AdminToken,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    set_paused(state, name, false).await
+}
+
+async fn set_paused(state: AppState, name: String, paused: bool) -> Result<Json<Value>, ApiError> {
+    let wanted = name.clone();
+    blocking(&state, move |store| Ok(store.set_destination_paused(&wanted, paused)?)).await?;
+    Ok(Json(json!({"destination": name, "paused": paused})))
+}
+
 async fn replay_dead_letters(
     State(state): State<AppState>,
     _token: AdminToken,

@@ -1813,6 +1813,17 @@ mod destinations {
         assert_eq!((status, replayed["replayed"].clone()), (StatusCode::OK, json!(1)));
         let (_, shown) = get(&harness, "/api/v1/destinations/crm", Some(&token)).await;
         assert_eq!(shown["counts"], json!({"pending": 1, "retrying": 0, "delivered": 0, "dead": 0}));
+        assert_eq!(shown["paused"], json!(false));
+        let (status, paused) =
+            send_json(&harness, Method::POST, "/api/v1/destinations/crm/pause", &token, json!({})).await;
+        assert_eq!((status, paused["paused"].clone()), (StatusCode::OK, json!(true)));
+        let (_, shown) = get(&harness, "/api/v1/destinations/crm", Some(&token)).await;
+        assert_eq!(shown["paused"], json!(true));
+        let (status, _) = send_json(&harness, Method::POST, "/api/v1/destinations/crm/resume", &token, json!({})).await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, body) =
+            send_json(&harness, Method::POST, "/api/v1/destinations/nobody/pause", &token, json!({})).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::NOT_FOUND, "destination_not_found"));
 
         let (status, _) = send_json(&harness, Method::DELETE, "/api/v1/destinations/crm", &token, json!({})).await;
         assert_eq!(status, StatusCode::NO_CONTENT);

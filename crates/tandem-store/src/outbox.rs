@@ -65,6 +65,8 @@ pub struct DestinationRecord {
     pub definition: DestinationDefinition,
     pub created_at_ms: i64,
     pub counts: OutboxCounts,
+    /// Paused: items are still enqueued, in order, but none is sent.
+    pub paused: bool,
 }
 
 /// An item to enqueue: one event of the log for one destination.
@@ -149,6 +151,10 @@ pub trait OutboxStore: Send + Sync + 'static {
 
     /// One destination by name, with its counts.
     fn destination(&self, name: &str) -> Result<Option<DestinationRecord>, StoreError>;
+
+    /// Pauses (`true`) or resumes a destination's delivery;
+    /// [`StoreError::DestinationNotFound`] when there is none of that name.
+    fn set_destination_paused(&self, name: &str, paused: bool) -> Result<(), StoreError>;
 
     /// Removes a destination with its outbox and dead letters;
     /// [`StoreError::DestinationNotFound`] when there is none of that name.

@@ -241,6 +241,8 @@ const MIGRATIONS: &[&str] = &[
         dead_at BIGINT NOT NULL
     );
     CREATE INDEX dead_letters_by_destination ON dead_letters (destination, id);"#,
+    // 6: a destination can be paused (see `sqlite.rs`, migration 12).
+    r#"ALTER TABLE destinations ADD COLUMN paused BOOLEAN NOT NULL DEFAULT FALSE;"#,
 ];
 
 /// The PostgreSQL implementation of [`crate::Store`].

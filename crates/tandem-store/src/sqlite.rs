@@ -250,6 +250,8 @@ const MIGRATIONS: &[&str] = &[
         dead_at INTEGER NOT NULL
     );
     CREATE INDEX dead_letters_by_destination ON dead_letters (destination, id);",
+    // 12: a destination can be paused (its items are kept, in order, unsent).
+    "ALTER TABLE destinations ADD COLUMN paused INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// The `received_at` of a message id kept for good ([`Dedup::Forever`]).

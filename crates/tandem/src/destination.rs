@@ -51,13 +51,14 @@ pub fn list(store: Arc<dyn Store>, as_json: bool, out: &mut impl Write) -> anyho
         let counts = record.counts;
         writeln!(
             out,
-            "{:<24} {:<8} {:>8} delivered {:>6} pending {:>6} retrying {:>6} dead",
+            "{:<24} {:<8} {:>8} delivered {:>6} pending {:>6} retrying {:>6} dead{}",
             record.definition.name,
             record.definition.destination.kind(),
             counts.delivered,
             counts.pending,
             counts.retrying,
-            counts.dead
+            counts.dead,
+            if record.paused { "  (paused)" } else { "" }
         )?;
     }
     Ok(())
@@ -86,6 +87,16 @@ pub fn dead_letters(
     }
     for letter in &letters {
         writeln!(out, "position {:<10} attempts {:<4} {}", letter.position.0, letter.attempts, letter.last_error)?;
+    }
+    Ok(())
+}
+
+pub fn set_paused(store: Arc<dyn Store>, name: &str, paused: bool, out: &mut impl Write) -> anyhow::Result<()> {
+    store.set_destination_paused(name, paused)?;
+    if paused {
+        writeln!(out, "{name:?} is paused: its items are kept, in order, until `tandem destination resume {name}`")?;
+    } else {
+        writeln!(out, "{name:?} is sending again, starting with what it kept")?;
     }
     Ok(())
 }
@@ -121,6 +132,11 @@ mod tests {
             .contains("name"));
         list(store.clone(), false, &mut out).unwrap();
         replay(store.clone(), "archive", &mut out).unwrap();
+        set_paused(store.clone(), "archive", true, &mut out).unwrap();
+        assert!(store.destination("archive").unwrap().unwrap().paused);
+        set_paused(store.clone(), "archive", false, &mut out).unwrap();
+        assert!(!store.destination("archive").unwrap().unwrap().paused);
+        assert!(set_paused(store.clone(), "nobody", true, &mut out).is_err());
         dead_letters(store.clone(), "archive", 10, false, &mut out).unwrap();
         delete(store.clone(), "archive", &mut out).unwrap();
         assert!(replay(store.clone(), "archive", &mut out).is_err());

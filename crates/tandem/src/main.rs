@@ -382,6 +382,16 @@ enum DestinationCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Stop sending to a destination; its items keep being enqueued, in order
+    Pause {
+        /// The destination's name
+        name: String,
+    },
+    /// Send what a paused destination kept, in order, and go on
+    Resume {
+        /// The destination's name
+        name: String,
+    },
     /// Put a destination's dead letters back in its outbox, at their places in the order
     Replay {
         /// The destination's name
@@ -836,6 +846,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Destination(DestinationCommand::DeadLetters { name, limit, json }) => {
             destination::dead_letters(open(Access::Existing)?, &name, limit, json, &mut out)
+        }
+        Command::Destination(DestinationCommand::Pause { name }) => {
+            destination::set_paused(open(Access::Existing)?, &name, true, &mut out)
+        }
+        Command::Destination(DestinationCommand::Resume { name }) => {
+            destination::set_paused(open(Access::Existing)?, &name, false, &mut out)
         }
         Command::Destination(DestinationCommand::Replay { name }) => {
             destination::replay(open(Access::Existing)?, &name, &mut out)

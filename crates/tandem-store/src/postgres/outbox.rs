@@ -18,7 +18,7 @@ use tandem_core::{LogPosition, ProfileId};
 const RECORD_QUERY: &str = "SELECT d.name, d.definition, d.created_at, d.delivered,
         (SELECT COUNT(*) FROM outbox o WHERE o.destination = d.name AND o.attempts = 0),
         (SELECT COUNT(*) FROM outbox o WHERE o.destination = d.name AND o.attempts > 0),
-        (SELECT COUNT(*) FROM dead_letters l WHERE l.destination = d.name)
+        (SELECT COUNT(*) FROM dead_letters l WHERE l.destination = d.name), d.paused
      FROM destinations d";
 
 fn decode_record(row: &Row) -> Result<DestinationRecord, StoreError> {
@@ -32,6 +32,7 @@ fn decode_record(row: &Row) -> Result<DestinationRecord, StoreError> {
             retrying: row.try_get::<_, i64>(5)? as u64,
             dead: row.try_get::<_, i64>(6)? as u64,
         },
+        paused: row.try_get(7)?,
     })
 }
 
@@ -61,6 +62,16 @@ fn decode_dead_letter(row: &Row) -> Result<DeadLetter, StoreError> {
 }
 
 impl OutboxStore for PostgresStore {
+    fn set_destination_paused(&self, name: &str, paused: bool) -> Result<(), StoreError> {
+        self.with_client(|client| {
+            let changed = client.execute("UPDATE destinations SET paused = $2 WHERE name = $1", &[&name, &paused])?;
+            if changed == 0 {
+                return Err(StoreError::DestinationNotFound(name.to_owned()));
+            }
+            Ok(())
+        })
+    }
+
     fn create_destination(&self, definition: &DestinationDefinition, created_at_ms: i64) -> Result<(), StoreError> {
         let text = definition_to_text(definition)?;
         self.with_client(|client| {

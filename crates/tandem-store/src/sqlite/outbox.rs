@@ -15,17 +15,17 @@ use tandem_core::{LogPosition, ProfileId};
 const RECORD_QUERY: &str = "SELECT d.name, d.definition, d.created_at, d.delivered,
         (SELECT COUNT(*) FROM outbox o WHERE o.destination = d.name AND o.attempts = 0),
         (SELECT COUNT(*) FROM outbox o WHERE o.destination = d.name AND o.attempts > 0),
-        (SELECT COUNT(*) FROM dead_letters l WHERE l.destination = d.name)
+        (SELECT COUNT(*) FROM dead_letters l WHERE l.destination = d.name), d.paused
      FROM destinations d";
 
-type RecordRow = (String, String, i64, i64, i64, i64, i64);
+type RecordRow = (String, String, i64, i64, i64, i64, i64, bool);
 
 fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RecordRow> {
-    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?, row.get(6)?))
+    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?, row.get(6)?, row.get(7)?))
 }
 
 fn decode_record(
-    (_, definition, created_at_ms, delivered, pending, retrying, dead): RecordRow,
+    (_, definition, created_at_ms, delivered, pending, retrying, dead, paused): RecordRow,
 ) -> Result<DestinationRecord, StoreError> {
     Ok(DestinationRecord {
         definition: definition_from_text(&definition)?,
@@ -36,6 +36,7 @@ fn decode_record(
             delivered: delivered as u64,
             dead: dead as u64,
         },
+        paused,
     })
 }
 
@@ -92,6 +93,17 @@ fn commit(connection: &mut Connection, commit: &OutboxCommit) -> Result<OutboxCo
 }
 
 impl OutboxStore for SqliteStore {
+    fn set_destination_paused(&self, name: &str, paused: bool) -> Result<(), StoreError> {
+        self.with_writer(|connection| {
+            let changed =
+                connection.execute("UPDATE destinations SET paused = ?2 WHERE name = ?1", params![name, paused])?;
+            if changed == 0 {
+                return Err(StoreError::DestinationNotFound(name.to_owned()));
+            }
+            Ok(())
+        })
+    }
+
     fn create_destination(&self, definition: &DestinationDefinition, created_at_ms: i64) -> Result<(), StoreError> {
         let text = definition_to_text(definition)?;
         self.with_writer(|connection| {
