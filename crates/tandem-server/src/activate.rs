@@ -34,9 +34,10 @@ use tandem_core::random::Random;
 use tandem_core::{EventType, LogPosition};
 use tandem_store::{
     DeadLetter, DestinationRecord, FailedAttempt, NewOutboxItem, OutboxCommit, OutboxCommitOutcome, OutboxCursor,
-    OutboxItem, Stage, StageLease, Store, StoreError,
+    OutboxItem, Stage, Store, StoreError,
 };
 
+use crate::cluster::{LeaseKeeper, LeaseTurn};
 use crate::log_head::LogHead;
 use crate::metrics::Metrics;
 
@@ -443,36 +444,17 @@ pub fn spawn(
         .spawn(move || {
             let mut stage = OutboxStage::new(store.clone());
             let mut follower = head.follow();
-            let mut lease: Option<StageLease> = None;
+            let mut lease = LeaseKeeper::new(store.clone(), Stage::OUTBOX);
             let mut workers: HashMap<String, (Arc<AtomicBool>, std::thread::JoinHandle<()>)> = HashMap::new();
-            let mut last_check = std::time::Instant::now();
             while !stop.load(Ordering::Relaxed) {
-                match &mut lease {
-                    None => match store.try_lease(Stage::OUTBOX) {
-                        Ok(Some(granted)) => {
-                            lease = Some(granted);
-                            last_check = std::time::Instant::now();
-                        }
-                        Ok(None) => {
-                            std::thread::sleep(Duration::from_secs(1));
-                            continue;
-                        }
-                        Err(error) => {
-                            tracing::warn!(%error, "asking for the outbox lease failed; retrying");
-                            std::thread::sleep(Duration::from_secs(1));
-                            continue;
-                        }
-                    },
-                    Some(held) if last_check.elapsed() >= Duration::from_secs(1) => {
-                        last_check = std::time::Instant::now();
-                        if let Err(lost) = held.check() {
-                            tracing::warn!(%lost, "stopped delivering; waiting for the outbox lease again");
-                            lease = None;
-                            stop_workers(&mut workers, |_| true);
-                            continue;
-                        }
+                match lease.poll() {
+                    LeaseTurn::Held => {}
+                    LeaseTurn::Waiting => continue,
+                    LeaseTurn::Lost(lost) => {
+                        tracing::warn!(%lost, "stopped delivering; waiting for the outbox lease again");
+                        stop_workers(&mut workers, |_| true);
+                        continue;
                     }
-                    Some(_) => {}
                 }
                 let read = match stage.step() {
                     Ok(read) => read,

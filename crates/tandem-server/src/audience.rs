@@ -43,9 +43,10 @@ use tandem_core::audience::{
 use tandem_core::{Event, LogPosition, Profile, ProfileId};
 use tandem_store::{
     AudienceCommit, AudienceCommitOutcome, AudienceDefinition, AudienceStateWrite, Backfill, ComputedTraitRecord,
-    ComputedTraitWrite, MembershipChange, MembershipChangeKind, Stage, StageLease, Store, StoreError, TimelineCursor,
+    ComputedTraitWrite, MembershipChange, MembershipChangeKind, Stage, Store, StoreError, TimelineCursor,
 };
 
+use crate::cluster::{LeaseKeeper, LeaseTurn};
 use crate::log_head::LogHead;
 use crate::metrics::Metrics;
 
@@ -797,37 +798,15 @@ pub fn spawn(
             // Like the resolver, the stage runs on one node of a shared store
             // at a time (a lease saves duplicate work; stale commits are
             // refused anyway); the embedded store grants it at once.
-            let mut lease: Option<StageLease> = None;
-            let mut last_check = std::time::Instant::now();
-            let mut failing = crate::resolve::RateLimitedWarning::new(Duration::from_secs(30));
+            let mut lease = LeaseKeeper::new(store.clone(), Stage::AUDIENCE);
             while !stop.load(Ordering::Relaxed) {
-                match &mut lease {
-                    None => match store.try_lease(Stage::AUDIENCE) {
-                        Ok(Some(granted)) => {
-                            lease = Some(granted);
-                            last_check = std::time::Instant::now();
-                        }
-                        Ok(None) => {
-                            std::thread::sleep(Duration::from_secs(1));
-                            continue;
-                        }
-                        Err(error) => {
-                            if let Some(held_back) = failing.admit(std::time::Instant::now()) {
-                                tracing::warn!(%error, held_back, "asking for the audience lease failed; retrying");
-                            }
-                            std::thread::sleep(Duration::from_secs(1));
-                            continue;
-                        }
-                    },
-                    Some(held) if last_check.elapsed() >= Duration::from_secs(1) => {
-                        last_check = std::time::Instant::now();
-                        if let Err(lost) = held.check() {
-                            tracing::warn!(%lost, "stopped evaluating audiences; waiting for the lease again");
-                            lease = None;
-                            continue;
-                        }
+                match lease.poll() {
+                    LeaseTurn::Held => {}
+                    LeaseTurn::Waiting => continue,
+                    LeaseTurn::Lost(lost) => {
+                        tracing::warn!(%lost, "stopped evaluating audiences; waiting for the lease again");
+                        continue;
                     }
-                    Some(_) => {}
                 }
                 match stage.step() {
                     Ok(report) if report.is_idle() => {

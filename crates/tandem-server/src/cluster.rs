@@ -2,7 +2,8 @@
 //! ([`LeaseBoard`], reported by `/health`), and the whole store's view
 //! ([`ClusterStatus`]: each stage's position and lag against the log head,
 //! and whether some node holds its lease), which `tandem cluster status`
-//! and `/api/v1/cluster` print.
+//! and `/api/v1/cluster` print; and [`LeaseKeeper`], the loop step that
+//! takes and keeps a stage's lease for the stages that follow the log.
 
 use crate::error::{ApiError, ErrorCode};
 use crate::extract::AdminToken;
@@ -12,7 +13,83 @@ use axum::routing::get;
 use axum::{Json, Router};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
-use tandem_store::{LeaseHolder, Stage, Store, StoreError, StoreKind};
+use std::time::{Duration, Instant};
+use tandem_store::{LeaseHolder, LeaseLost, Stage, StageLease, Store, StoreError, StoreKind};
+
+use crate::resolve::RateLimitedWarning;
+
+/// How often a stage without its lease asks again, and how often one that
+/// holds it checks it still does.
+const LEASE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Takes and keeps one stage's lease for a loop that runs the stage only
+/// while it holds it (the audience and outbox stages): call
+/// [`LeaseKeeper::poll`] once per turn.
+pub struct LeaseKeeper {
+    store: Arc<dyn Store>,
+    stage: Stage,
+    lease: Option<StageLease>,
+    last_check: Instant,
+    failing: RateLimitedWarning,
+}
+
+/// What the loop does this turn.
+pub enum LeaseTurn {
+    /// The lease is this node's: run the stage.
+    Held,
+    /// Another node holds it, or asking failed; the call already waited.
+    Waiting,
+    /// The lease was held and is lost: stop what runs under it.
+    Lost(LeaseLost),
+}
+
+impl LeaseKeeper {
+    pub fn new(store: Arc<dyn Store>, stage: Stage) -> Self {
+        LeaseKeeper {
+            store,
+            stage,
+            lease: None,
+            last_check: Instant::now(),
+            failing: RateLimitedWarning::new(Duration::from_secs(30)),
+        }
+    }
+
+    /// Takes the lease when it is free (waiting [`LEASE_INTERVAL`] when it
+    /// is not), and checks a held one at most once per interval.
+    pub fn poll(&mut self) -> LeaseTurn {
+        match &mut self.lease {
+            None => match self.store.try_lease(self.stage) {
+                Ok(Some(granted)) => {
+                    self.lease = Some(granted);
+                    self.last_check = Instant::now();
+                    LeaseTurn::Held
+                }
+                Ok(None) => {
+                    std::thread::sleep(LEASE_INTERVAL);
+                    LeaseTurn::Waiting
+                }
+                Err(error) => {
+                    if let Some(held_back) = self.failing.admit(Instant::now()) {
+                        tracing::warn!(%error, stage = self.stage.0, held_back, "asking for a stage lease failed; retrying");
+                    }
+                    std::thread::sleep(LEASE_INTERVAL);
+                    LeaseTurn::Waiting
+                }
+            },
+            Some(held) if self.last_check.elapsed() >= LEASE_INTERVAL => {
+                self.last_check = Instant::now();
+                match held.check() {
+                    Ok(()) => LeaseTurn::Held,
+                    Err(lost) => {
+                        self.lease = None;
+                        LeaseTurn::Lost(lost)
+                    }
+                }
+            }
+            Some(_) => LeaseTurn::Held,
+        }
+    }
+}
 
 /// `GET /api/v1/cluster`, for an admin token.
 pub fn routes() -> Router<AppState> {

@@ -94,6 +94,11 @@ fn commit(
         transaction.execute("DELETE FROM identity_history WHERE position = ANY($1)", &[&replayed])?;
     }
     if !commit.merged.is_empty() {
+        // Merged-away ids are distinct and none is written live before its
+        // merge, so counting the live ones up front equals counting each
+        // before its retirement.
+        let froms: Vec<i64> = commit.merged.iter().map(|(from, _)| from.0 as i64).collect();
+        live_delta -= live_among(transaction, &froms)?;
         let retire = transaction.prepare(
             "INSERT INTO profiles (id, merged_into, state) VALUES ($1, $2, NULL)
              ON CONFLICT (id) DO UPDATE SET merged_into = excluded.merged_into, state = NULL",
@@ -103,7 +108,6 @@ fn commit(
         let move_events = transaction.prepare("UPDATE profile_events SET profile_id = $2 WHERE profile_id = $1")?;
         for (from, into) in &commit.merged {
             let (from, into) = (from.0 as i64, into.0 as i64);
-            live_delta -= live_among(transaction, &[from])?;
             for statement in [&retire, &repoint, &move_identifiers, &move_events] {
                 transaction.execute(statement, &[&from, &into])?;
             }

@@ -71,22 +71,18 @@ pub fn commit(
     }
     let repairing = repair.is_some();
     // Live profiles gained (new or revived) minus lost (removed or merged
-    // away), counted as each write happens, kept in `identity_state`.
+    // away), kept in `identity_state`: each write first tries the statement
+    // that applies to a live row, and its row count says which case it was.
     let mut live_delta: i64 = 0;
-    let mut is_live = transaction.prepare_cached("SELECT state IS NOT NULL FROM profiles WHERE id = ?1")?;
-    let mut live = |id: ProfileId| -> Result<bool, StoreError> {
-        Ok(is_live.query_row([id.0 as i64], |row| row.get::<_, bool>(0)).optional()?.unwrap_or(false))
-    };
     if let Some(cleared) = repair {
-        for profile in cleared.profiles {
-            live_delta -= i64::from(live(*profile)?);
-        }
         let mut clear_identifiers = transaction.prepare_cached("DELETE FROM identifiers WHERE profile_id = ?1")?;
         let mut clear_events = transaction.prepare_cached("DELETE FROM profile_events WHERE profile_id = ?1")?;
+        let mut clear_live = transaction.prepare_cached("DELETE FROM profiles WHERE id = ?1 AND state IS NOT NULL")?;
         let mut clear_profile = transaction.prepare_cached("DELETE FROM profiles WHERE id = ?1")?;
         for profile in cleared.profiles {
             clear_identifiers.execute([profile.0 as i64])?;
             clear_events.execute([profile.0 as i64])?;
+            live_delta -= clear_live.execute([profile.0 as i64])? as i64;
             clear_profile.execute([profile.0 as i64])?;
         }
         let mut clear_history = transaction.prepare_cached("DELETE FROM identity_history WHERE position = ?1")?;
@@ -95,6 +91,8 @@ pub fn commit(
         }
     }
     {
+        let mut retire_live = transaction
+            .prepare_cached("UPDATE profiles SET merged_into = ?2, state = NULL WHERE id = ?1 AND state IS NOT NULL")?;
         let mut retire = transaction.prepare_cached(
             "INSERT INTO profiles (id, merged_into, state) VALUES (?1, ?2, NULL)
              ON CONFLICT (id) DO UPDATE SET merged_into = excluded.merged_into, state = NULL",
@@ -105,20 +103,28 @@ pub fn commit(
         let mut move_events =
             transaction.prepare_cached("UPDATE profile_events SET profile_id = ?2 WHERE profile_id = ?1")?;
         for (from, into) in &commit.merged {
-            live_delta -= i64::from(live(*from)?);
             let (from, into) = (from.0 as i64, into.0 as i64);
-            retire.execute([from, into])?;
+            if retire_live.execute([from, into])? == 1 {
+                live_delta -= 1;
+            } else {
+                retire.execute([from, into])?;
+            }
             repoint.execute([from, into])?;
             move_identifiers.execute([from, into])?;
             move_events.execute([from, into])?;
         }
+        let mut save_live =
+            transaction.prepare_cached("UPDATE profiles SET state = ?2 WHERE id = ?1 AND state IS NOT NULL")?;
         let mut save_profile = transaction.prepare_cached(
             "INSERT INTO profiles (id, merged_into, state) VALUES (?1, NULL, ?2)
              ON CONFLICT (id) DO UPDATE SET merged_into = NULL, state = excluded.state",
         )?;
         for profile in &commit.profiles {
-            live_delta += i64::from(!live(profile.id)?);
-            save_profile.execute(params![profile.id.0 as i64, serde_json::to_string(profile).map_err(json_error)?])?;
+            let row = params![profile.id.0 as i64, serde_json::to_string(profile).map_err(json_error)?];
+            if save_live.execute(row)? == 0 {
+                save_profile.execute(row)?;
+                live_delta += 1;
+            }
         }
         let mut save_identifier = transaction.prepare_cached(
             "INSERT INTO identifiers (type, value, profile_id) VALUES (?1, ?2, ?3)
@@ -169,7 +175,6 @@ pub fn commit(
         "UPDATE stage_cursors SET position = ?1, epoch = ?2 WHERE stage = ?3",
         params![commit.to.0 as i64, new_epoch, Stage::RESOLVE.0],
     )?;
-    drop(is_live);
     transaction.commit()?;
     Ok(CommitOutcome::Committed)
 }
