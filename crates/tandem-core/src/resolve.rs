@@ -325,32 +325,61 @@ impl IdentityGraph {
         broken.first().map(|kind| (*kind).to_owned())
     }
 
-    /// Keeps profile ids stable across a rebuild: `claims` pairs each profile
-    /// of `rebuilt`, in creation order, with the profile of `self` that held
-    /// its first event; it takes that id unless an earlier claim did, and the
-    /// rest get fresh ids above every id `self` ever used.
-    pub fn adopt_ids(
+    /// Keeps profile ids stable across a rebuild. `held` pairs each event's
+    /// profile in `rebuilt` with the profile of `self` that held it before.
+    /// A rebuilt profile whose identifiers are exactly those of a profile of
+    /// `self` takes its id; then, largest share of events first, a rebuilt
+    /// profile takes the id of the old profile that held most of its events;
+    /// the rest get fresh ids above every id `self` ever used, in creation
+    /// order.
+    fn adopt_ids(
         &self,
         rebuilt: IdentityGraph,
-        claims: impl IntoIterator<Item = (ProfileId, Option<ProfileId>)>,
+        held: impl IntoIterator<Item = (ProfileId, Option<ProfileId>)>,
     ) -> (IdentityGraph, HashMap<ProfileId, ProfileId>) {
         let mut renames: HashMap<ProfileId, ProfileId> = HashMap::new();
         let mut taken: HashSet<ProfileId> = HashSet::new();
-        let mut next = self.next_id.max(rebuilt.next_id);
-        for (rebuilt_id, old) in claims {
-            if renames.contains_key(&rebuilt_id) {
-                continue;
+        let mut rebuilt_ids: Vec<ProfileId> = rebuilt.profiles.keys().copied().collect();
+        rebuilt_ids.sort();
+        for id in &rebuilt_ids {
+            let identifiers = &rebuilt.profiles[id].identifiers;
+            let Some(old) = identifiers.first().and_then(|first| self.lookup(first)) else { continue };
+            let same = self.profiles.get(&old).is_some_and(|profile| {
+                profile.identifiers.len() == identifiers.len()
+                    && identifiers.iter().all(|identifier| self.lookup(identifier) == Some(old))
+            });
+            if same && taken.insert(old) {
+                renames.insert(*id, old);
             }
-            let old_live = old.and_then(|old| self.canonical(old));
-            let new_id = match old_live {
-                Some(old) if taken.insert(old) => old,
-                _ => {
-                    let id = ProfileId(next);
-                    next += 1;
-                    id
-                }
+        }
+        // (events shared, first shared event) per pair of rebuilt and old profile.
+        let mut shares: HashMap<(ProfileId, ProfileId), (u64, usize)> = HashMap::new();
+        for (order, (rebuilt_id, old)) in held.into_iter().enumerate() {
+            let (Some(rebuilt_id), Some(old)) =
+                (rebuilt.canonical(rebuilt_id), old.and_then(|old| self.canonical(old)))
+            else {
+                continue;
             };
-            renames.insert(rebuilt_id, new_id);
+            shares.entry((rebuilt_id, old)).or_insert((0, order)).0 += 1;
+        }
+        let mut shares: Vec<_> = shares.into_iter().collect();
+        shares
+            .sort_by_key(|((rebuilt_id, old), (count, first))| (std::cmp::Reverse(*count), *first, *rebuilt_id, *old));
+        for ((rebuilt_id, old), _) in shares {
+            if !renames.contains_key(&rebuilt_id) && taken.insert(old) {
+                renames.insert(rebuilt_id, old);
+            }
+        }
+        // Profiles merged away during the rebuild need ids of their own too:
+        // the rebuild's history names them.
+        rebuilt_ids.extend(rebuilt.merged_into.keys());
+        rebuilt_ids.sort();
+        let mut next = self.next_id.max(rebuilt.next_id);
+        for id in rebuilt_ids {
+            renames.entry(id).or_insert_with(|| {
+                next += 1;
+                ProfileId(next - 1)
+            });
         }
         let rename = |id: ProfileId| renames.get(&id).copied().unwrap_or(id);
         let profiles = rebuilt.profiles.into_values().map(|mut profile| {
@@ -403,8 +432,9 @@ impl IdentityGraph {
     /// Resolves `events` (the whole log, in order) from scratch under `rules`,
     /// which is how a repair makes profiles exactly as if a bad link had never
     /// existed. `old_owner` says which profile of `self` held the event at a
-    /// position; a rebuilt profile keeps the id of the profile that held its
-    /// first event, when no earlier rebuilt profile claimed it.
+    /// position. Ids stay stable where they can: a rebuilt profile with the
+    /// same identifiers as before keeps its id, and otherwise takes the id of
+    /// the profile that held most of its events, if no other took it first.
     pub fn rebuild(
         &self,
         events: impl IntoIterator<Item = (u64, Event)>,
@@ -413,17 +443,15 @@ impl IdentityGraph {
     ) -> Rebuilt {
         let mut fresh = IdentityGraph::new();
         let mut resolutions = Vec::new();
-        let mut claims = Vec::new();
+        let mut held = Vec::new();
         for (position, event) in events {
             let resolution = fresh.resolve(position, &event, rules);
-            for change in &resolution.changes {
-                if let IdentityChange::Created { profile, .. } = change {
-                    claims.push((*profile, old_owner(position)));
-                }
+            if let Some(profile) = resolution.profile {
+                held.push((profile, old_owner(position)));
             }
             resolutions.push((position, resolution));
         }
-        let (graph, renames) = self.adopt_ids(fresh, claims);
+        let (graph, renames) = self.adopt_ids(fresh, held);
         let rename = |id: &mut ProfileId| *id = renames.get(id).copied().unwrap_or(*id);
         for (_, resolution) in &mut resolutions {
             resolution.profile.as_mut().map(rename);
@@ -651,6 +679,42 @@ mod tests {
         let mut graph = IdentityGraph::new();
         run(&mut graph, &[json!({"type": "alias", "previousId": "visitor-9", "userId": "u3"})]);
         assert_eq!(identifiers_of(&graph, "user_id:u3"), vec!["anonymous_id:visitor-9", "user_id:u3"]);
+    }
+
+    /// A repair keeps the id of a profile it did not touch even when the
+    /// rebuilt profile's first event belonged to another profile before: here
+    /// `a1` was split off by the anonymous-id limit, and once the bad email is
+    /// blocked the event that hit the limit starts `a1`'s profile.
+    #[test]
+    fn a_repair_keeps_the_id_of_a_profile_it_rebuilds_from_a_different_first_event() {
+        let messages = [
+            json!({"type": "identify", "anonymousId": "a2", "context": {"device": {"id": "d0"}}}),
+            json!({"type": "alias", "anonymousId": "a5", "previousId": "a5", "userId": "u0"}),
+            json!({"type": "identify", "anonymousId": "fallback", "context": {"traits": {"email": "p0@example.com"}}}),
+            json!({"type": "identify", "anonymousId": "a3", "context": {"device": {"id": "d2"}, "traits": {"email": "p2@example.com"}}}),
+            json!({"type": "alias", "anonymousId": "fallback", "previousId": "a0", "userId": "u0", "context": {"device": {"id": "d0"}, "traits": {"email": "p2@example.com"}}}),
+            json!({"type": "identify", "anonymousId": "a1", "context": {"traits": {"email": "p0@example.com"}}}),
+            json!({"type": "identify", "anonymousId": "a1"}),
+        ];
+        let events: Vec<(u64, Event)> =
+            messages.iter().enumerate().map(|(index, message)| (index as u64 + 1, event(message.clone()))).collect();
+        let mut before = IdentityGraph::new();
+        let owners: HashMap<u64, ProfileId> = events
+            .iter()
+            .filter_map(|(position, event)| Some((*position, before.resolve(*position, event, &rules()).profile?)))
+            .collect();
+        let split_off = before.lookup(&"anonymous_id:a1".parse().unwrap()).unwrap();
+        assert_ne!(split_off, owners[&6], "the limit kept a1 off the merged profile");
+        let blocked = IdentityRules {
+            blocked_identifiers: vec!["email:p0@example.com".parse().unwrap()],
+            ..IdentityRules::default()
+        }
+        .compile()
+        .unwrap();
+        let repaired = before.rebuild(events, &blocked, |position| owners.get(&position).copied());
+        assert_eq!(repaired.graph.lookup(&"anonymous_id:a1".parse().unwrap()), Some(split_off));
+        assert_eq!(repaired.graph.lookup(&"user_id:u0".parse().unwrap()), Some(owners[&1]));
+        assert_eq!(repaired.graph.profile_count(), 2);
     }
 
     /// A small random population: users, anonymous ids, emails, devices.
