@@ -292,13 +292,35 @@ struct History<'a>(&'a [Event]);
 
 impl EventLeaves for History<'_> {
     fn count(&self, _: usize, leaf: &Leaf, now_ms: i64) -> u64 {
-        let Leaf::Count { matcher, range, .. } = leaf else { return 0 };
+        let Leaf::Count { matcher, range, threshold, .. } = leaf else { return 0 };
         let counted = |event: &&Event| range.contains(millis(&event.timestamp), now_ms) && matcher.matches(event);
-        self.0.iter().filter(counted).count() as u64
+        // One past the threshold decides every comparison.
+        let enough = usize::try_from(threshold.saturating_add(1)).unwrap_or(usize::MAX);
+        self.0.iter().filter(counted).take(enough).count() as u64
     }
 
-    fn funnel_completed(&self, index: usize, leaf: &Leaf, now_ms: i64) -> bool {
-        funnel_completed(self.funnel_timestamps(index, leaf, now_ms), i64::MIN)
+    /// The same greedy walk as [`funnel_completed`], one pass over the
+    /// events per step and nothing allocated: the earliest match of each
+    /// step strictly after the previous step's.
+    fn funnel_completed(&self, _: usize, leaf: &Leaf, now_ms: i64) -> bool {
+        let Leaf::Funnel { steps, range } = leaf else { return false };
+        let mut from = i64::MIN;
+        for step in steps {
+            let earliest = self
+                .0
+                .iter()
+                .map(|event| (millis(&event.timestamp), event))
+                .filter(|(timestamp, event)| {
+                    *timestamp >= from && range.contains(*timestamp, now_ms) && step.matches(event)
+                })
+                .map(|(timestamp, _)| timestamp)
+                .min();
+            match earliest {
+                Some(timestamp) => from = timestamp.saturating_add(1),
+                None => return false,
+            }
+        }
+        true
     }
 
     fn counted_timestamps(&self, _: usize, leaf: &Leaf, now_ms: i64) -> BTreeMap<i64, u64> {
