@@ -804,7 +804,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Stats { json } => commands::stats(&*open(Access::Existing)?, json, &mut out),
         Command::Cluster(ClusterCommand::Status { json }) => {
-            commands::cluster_status(&*open(Access::Existing)?, json, &mut out)
+            let stream = match &settings.log {
+                Some(log) => Some(stream_position(log)?),
+                None => None,
+            };
+            commands::cluster_status(&*open(Access::Existing)?, stream, json, &mut out)
         }
         Command::Token(TokenCommand::Create { name, json }) => {
             commands::create_token(&*open(Access::CreateIfMissing)?, &name, json, &mut out)
@@ -884,7 +888,19 @@ fn server_options(settings: &Settings) -> tandem_server::ServerOptions {
         dedup_window: settings.dedup_window,
         import_dir: settings.data_dir.join("imports"),
         resolver_cache_profiles: settings.resolver_cache_profiles,
+        log: settings.log.clone(),
     }
+}
+
+/// Where the event stream ends, for the drain stage's lag.
+fn stream_position(
+    log: &tandem_server::stream::StreamOptions,
+) -> anyhow::Result<tandem_server::cluster::StreamPosition> {
+    runtime()?.block_on(async {
+        let stream = tandem_server::stream::EventStream::connect(log).await?;
+        let last_sequence = stream.last_sequence().await?;
+        anyhow::Ok(tandem_server::cluster::StreamPosition { stream: stream.name().to_owned(), last_sequence })
+    })
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
