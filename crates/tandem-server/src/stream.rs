@@ -11,6 +11,8 @@
 //! drops an SDK's retry within its duplicate window; the drain applies the
 //! 24-hour (or permanent) `messageId` dedup of the log on top.
 
+pub mod testing;
+
 use async_nats::jetstream;
 use async_nats::jetstream::consumer::pull::Config as PullConfig;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer};
@@ -45,6 +47,9 @@ pub struct StreamOptions {
     pub stream: String,
     /// Replicas of a stream created here; `None` for min(3, cluster size).
     pub replicas: Option<usize>,
+    /// How long JetStream drops a repeated `Nats-Msg-Id` in a stream created
+    /// here (JetStream's default, two minutes, unless set).
+    pub duplicate_window: Duration,
 }
 
 impl StreamOptions {
@@ -55,7 +60,12 @@ impl StreamOptions {
         if servers.is_empty() || servers.iter().any(|url| !url.starts_with("nats://") || url.len() <= "nats://".len()) {
             return Err(StreamError::Url(urls.to_owned()));
         }
-        Ok(StreamOptions { servers, stream: DEFAULT_STREAM_NAME.to_owned(), replicas: None })
+        Ok(StreamOptions {
+            servers,
+            stream: DEFAULT_STREAM_NAME.to_owned(),
+            replicas: None,
+            duplicate_window: DUPLICATE_WINDOW,
+        })
     }
 }
 
@@ -107,7 +117,7 @@ impl EventStream {
             name: options.stream.clone(),
             subjects: vec![format!("{SUBJECT_PREFIX}.>")],
             num_replicas: replicas,
-            duplicate_window: DUPLICATE_WINDOW,
+            duplicate_window: options.duplicate_window,
             max_age: MAX_AGE,
             storage: jetstream::stream::StorageType::File,
             retention: jetstream::stream::RetentionPolicy::Limits,
