@@ -33,9 +33,14 @@ const FETCH_WAIT: Duration = Duration::from_millis(500);
 /// is not among [`Stage::ALL`] and keeps no `stage_cursors` row).
 pub const DRAIN: Stage = Stage("drain");
 
+/// Fetches in a row that bring nothing before [`Drain::catch_up`] gives up.
+const CATCH_UP_IDLE_STEPS: u32 = 60;
+
 /// The drain could not move on this turn.
 #[derive(Debug, thiserror::Error)]
 pub enum DrainError {
+    #[error("the stream stopped delivering at sequence {at} before its end at {last}")]
+    Stalled { at: u64, last: u64 },
     #[error(transparent)]
     Stream(#[from] crate::stream::StreamError),
     #[error(transparent)]
@@ -83,6 +88,25 @@ impl Drain {
     /// recorded sequence (after a lost lease or a failure).
     pub fn reset(&mut self) {
         self.consumer = None;
+    }
+
+    /// Steps until everything the stream held when called is in the log;
+    /// returns the recorded sequence. For one process that loads data and
+    /// then reads the log (the demo, tests); a serving node drains in
+    /// [`spawn`]'s thread instead.
+    pub fn catch_up(&mut self) -> Result<u64, DrainError> {
+        let last = self.runtime.block_on(self.stream.last_sequence())?;
+        let mut idle_steps = 0;
+        loop {
+            let step = self.step()?;
+            if step.sequence >= last {
+                return Ok(step.sequence);
+            }
+            idle_steps = if step.drained == 0 { idle_steps + 1 } else { 0 };
+            if idle_steps >= CATCH_UP_IDLE_STEPS {
+                return Err(DrainError::Stalled { at: step.sequence, last });
+            }
+        }
     }
 
     /// Fetches what the stream holds after the recorded sequence (waiting up

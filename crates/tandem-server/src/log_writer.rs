@@ -52,8 +52,9 @@ pub struct LogWriter {
 enum Target {
     /// The store's log, through the group-committing writer thread.
     Store(mpsc::Sender<AppendRequest>),
-    /// The event stream between nodes.
-    Stream(EventStream),
+    /// The event stream between nodes (boxed: the client is large, and
+    /// every request handler clones the writer).
+    Stream(Box<EventStream>),
 }
 
 impl LogWriter {
@@ -77,7 +78,7 @@ impl LogWriter {
 
     /// A writer that publishes to the event stream; no thread of its own.
     pub fn to_stream(stream: EventStream, metrics: Metrics) -> LogWriter {
-        LogWriter { target: Target::Stream(stream), metrics }
+        LogWriter { target: Target::Stream(Box::new(stream)), metrics }
     }
 
     /// Appends a batch and waits until it is durable: committed to the

@@ -933,6 +933,17 @@ fn run_demo(settings: &Settings, store: Arc<dyn Store>, customers: usize, seed: 
                 started.elapsed().as_secs_f64()
             );
         }
+        if let Some(stream) = running.state().stream {
+            // Published, not yet in the log: drain it before resolving.
+            let mut drain = tandem_server::drain::Drain::new(
+                store.clone(),
+                stream,
+                tokio::runtime::Handle::current(),
+                settings.dedup_window,
+                running.state().metrics,
+            );
+            tokio::task::spawn_blocking(move || drain.catch_up()).await??;
+        }
         let resolving = store.clone();
         let started = std::time::Instant::now();
         tokio::task::spawn_blocking(move || {

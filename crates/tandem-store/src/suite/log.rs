@@ -370,7 +370,7 @@ pub fn a_stale_drain_commit_writes_nothing(store: &impl Store) {
     let web = store.create_source("web", SourceKind::Website).unwrap().id;
     let first = batch(vec![record(&web, "a", EventType::Track, 1_000)]);
     assert!(matches!(
-        store.append_drained("events", StreamRange { after: 0, through: 3 }, &[first.clone()], 0).unwrap(),
+        store.append_drained("events", StreamRange { after: 0, through: 3 }, &[first], 0).unwrap(),
         DrainCommit::Appended(_)
     ));
     // A second drain that read the same messages (it also believed it held
