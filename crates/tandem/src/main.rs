@@ -799,6 +799,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 mapping: &mapping,
                 format: format.as_deref(),
                 as_json: json,
+                log: settings.log.as_ref(),
             };
             import::import(&*open(Access::Existing)?, args, &mut out)
         }

@@ -3,7 +3,7 @@
 //! load runs, restarted, and every event it answered 200 for is in the log
 //! once. Needs the PostgreSQL test server and nats-server (started here).
 
-use crate::common::{tandem, tandem_output, Server};
+use crate::common::{repo_root, tandem, tandem_output, Server};
 use crate::crash::load_until_stopped;
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
@@ -73,8 +73,51 @@ fn every_event_acknowledged_through_the_stream_survives_kill_9_once() {
     assert!(lost.is_empty(), "acknowledged events lost, e.g. {lost:?}");
     let twice: Vec<_> = counts.iter().filter(|(_, count)| **count > 1).take(5).collect();
     assert!(twice.is_empty(), "events in the log more than once, e.g. {twice:?}");
+
+    // `tandem import` with --log publishes to the stream as well; the drain
+    // appends the rows, and a second import of the file adds nothing.
+    tandem(dir.path(), &["--store", &store, "source", "create", "orders", "--kind", "import"]);
+    let before = events_in_log(dir.path(), &store);
+    let file = repo_root().join("examples/data/orders.csv");
+    let mapping = repo_root().join("examples/mappings/orders.toml");
+    let import = |when: &str| -> Value {
+        let output = tandem(
+            dir.path(),
+            &[
+                "--store",
+                &store,
+                "--log",
+                &log,
+                "import",
+                file.to_str().unwrap(),
+                "--source",
+                "orders",
+                "--mapping",
+                mapping.to_str().unwrap(),
+                "--json",
+            ],
+        );
+        serde_json::from_str(&output).unwrap_or_else(|error| panic!("{when} import: {error}: {output}"))
+    };
+    let first = import("first");
+    let rows = first["counts"]["rows_read"].as_u64().unwrap();
+    assert!(rows > 0 && first["counts"]["imported"].as_u64() == Some(rows), "{first}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while events_in_log(dir.path(), &store) < before + rows {
+        assert!(Instant::now() < deadline, "the imported rows did not reach the log");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let again = import("second");
+    assert_eq!(again["counts"]["duplicates"].as_u64(), Some(rows), "JetStream's window drops the repeat: {again}");
+    std::thread::sleep(Duration::from_millis(1_500));
+    assert_eq!(events_in_log(dir.path(), &store), before + rows);
     drop(server);
     drop(database);
+}
+
+fn events_in_log(data: &Path, store: &str) -> u64 {
+    let stats: Value = serde_json::from_str(&tandem(data, &["--store", store, "stats", "--json"])).unwrap();
+    stats["events"].as_u64().unwrap()
 }
 
 #[test]
