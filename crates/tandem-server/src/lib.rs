@@ -178,9 +178,13 @@ pub struct Running {
 
 /// Binds the listener and starts the log writer; call [`Running::serve`] next.
 pub async fn start(store: Arc<dyn Store>, options: &ServerOptions) -> Result<Running, ServeError> {
-    let listener = tokio::net::TcpListener::bind(options.listen)
-        .await
-        .map_err(|source| ServeError::Bind { address: options.listen, source })?;
+    let listener = match tokio::net::TcpListener::bind(options.listen).await {
+        Ok(listener) => listener,
+        Err(source) => {
+            release(store).await;
+            return Err(ServeError::Bind { address: options.listen, source });
+        }
+    };
     let local_addr = listener.local_addr()?;
     let (state, writer_thread) = match &options.log {
         None => {
@@ -188,7 +192,13 @@ pub async fn start(store: Arc<dyn Store>, options: &ServerOptions) -> Result<Run
             (state, Some(thread))
         }
         Some(log) => {
-            let stream = stream::EventStream::connect(log).await?;
+            let stream = match stream::EventStream::connect(log).await {
+                Ok(stream) => stream,
+                Err(error) => {
+                    release(store).await;
+                    return Err(error.into());
+                }
+            };
             tracing::info!(stream = stream.name(), servers = %log.servers.join(","), "ingesting through nats jetstream");
             (AppState::start_streaming(store, stream, options.import_dir.clone()), None)
         }
@@ -202,6 +212,13 @@ pub async fn start(store: Arc<dyn Store>, options: &ServerOptions) -> Result<Run
         resolver_cache_profiles: options.resolver_cache_profiles,
         limits: connection::ConnectionLimits::default(),
     })
+}
+
+/// Drops a store on a blocking thread: PostgreSQL's synchronous client
+/// drives a runtime of its own and panics when dropped on an async worker
+/// (which a failed start would otherwise do).
+async fn release(store: Arc<dyn Store>) {
+    let _ = tokio::task::spawn_blocking(move || drop(store)).await;
 }
 
 impl Running {

@@ -134,3 +134,19 @@ fn the_event_stream_needs_a_postgres_store_and_nats_urls() {
     assert!(!wrong.status.success() && stderr.contains("nats://host:port"), "{stderr}");
     assert!(!tandem_store::SqliteStore::exists(dir.path()), "nothing fell back to the embedded store");
 }
+
+#[test]
+fn a_node_that_cannot_reach_nats_does_not_start() {
+    let Some((database, _)) = TestDatabase::create() else { return };
+    let store = database.url().expect("TANDEM_TEST_POSTGRES is a postgres:// URL");
+    let dir = tempfile::tempdir().unwrap();
+    let output = tandem_output(
+        dir.path(),
+        &["--store", &store, "--log", "nats://127.0.0.1:1", "serve", "--listen", "127.0.0.1:0"],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("cannot connect to nats at nats://127.0.0.1:1"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    drop(database);
+}
