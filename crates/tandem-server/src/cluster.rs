@@ -195,10 +195,10 @@ pub fn cluster_status_with_stream(
     if let Some(stream) = stream {
         let drained = store.drained_sequence(&stream.stream)?;
         stages.push(StageStatus {
-            stage: crate::drain::DRAIN.0,
+            stage: Stage::DRAIN.0,
             position: drained,
             lag: stream.last_sequence.saturating_sub(drained),
-            lease: store.lease_holder(crate::drain::DRAIN)?,
+            lease: store.lease_holder(Stage::DRAIN)?,
         });
     }
     for &stage in Stage::ALL {

@@ -29,10 +29,6 @@ const MAX_MESSAGES_PER_COMMIT: usize = 2_000;
 /// lease goes unnoticed while the stream is idle.
 const FETCH_WAIT: Duration = Duration::from_millis(500);
 
-/// The drain stage's lease name (it reads the stream, not the log, so it
-/// is not among [`Stage::ALL`] and keeps no `stage_cursors` row).
-pub const DRAIN: Stage = Stage("drain");
-
 /// Fetches in a row that bring nothing before [`Drain::catch_up`] gives up.
 const CATCH_UP_IDLE_STEPS: u32 = 60;
 
@@ -50,7 +46,8 @@ pub enum DrainError {
 /// What one [`Drain::step`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DrainStep {
-    /// Messages appended (events and refusals), skipped ones excluded.
+    /// Messages committed past: events and refusals appended, and any
+    /// message that is not Tandem's (skipped with a warning).
     pub drained: u64,
     /// Messages at or below the recorded sequence, delivered again and skipped.
     pub skipped: u64,
@@ -219,20 +216,20 @@ pub fn spawn(
         .name("tandem-drain".into())
         .spawn(move || {
             let mut drain = Drain::new(store.clone(), stream, runtime, dedup_window, metrics.clone());
-            let mut lease = LeaseKeeper::new(store.clone(), DRAIN);
+            let mut lease = LeaseKeeper::new(store.clone(), Stage::DRAIN);
             while !stop.load(Ordering::Relaxed) {
                 match lease.poll() {
                     LeaseTurn::Held => {
-                        leases.set(DRAIN, true);
+                        leases.set(Stage::DRAIN, true);
                         metrics.drain_lease_held.set(1);
                     }
                     LeaseTurn::Waiting => {
-                        leases.set(DRAIN, false);
+                        leases.set(Stage::DRAIN, false);
                         continue;
                     }
                     LeaseTurn::Lost(lost) => {
                         tracing::warn!(%lost, "stopped draining the stream; waiting for the lease again");
-                        leases.set(DRAIN, false);
+                        leases.set(Stage::DRAIN, false);
                         metrics.drain_lease_held.set(0);
                         drain.reset();
                         continue;
@@ -253,7 +250,7 @@ pub fn spawn(
                     }
                 }
             }
-            leases.set(DRAIN, false);
+            leases.set(Stage::DRAIN, false);
             metrics.drain_lease_held.set(0);
             tracing::debug!("drain stage stopped");
         })

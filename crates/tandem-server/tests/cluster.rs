@@ -261,7 +261,7 @@ mod stream {
         let log = StreamOptions::parse(&nats.url()).unwrap();
         let first = start_node(&runtime, first_store.clone(), log.clone());
         let second = start_node(&runtime, second_store.clone(), log);
-        let drain = tandem_server::drain::DRAIN;
+        let drain = tandem_store::Stage::DRAIN;
         wait_for("one node to take the drain lease", || {
             first.state.leases.holds(drain) || second.state.leases.holds(drain)
         });

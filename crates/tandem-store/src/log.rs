@@ -130,6 +130,14 @@ pub struct StageCursor {
     pub epoch: u64,
 }
 
+impl Stage {
+    /// The drain stage, which appends an external event stream (NATS
+    /// JetStream) into the log. It reads the stream, not the log, so it is
+    /// not among [`Stage::ALL`] and keeps its place in `stream_cursors`
+    /// ([`EventLog::drained_sequence`]) rather than in `stage_cursors`.
+    pub const DRAIN: Stage = Stage("drain");
+}
+
 /// Which stream sequences one drain commit covers: the sequence the drain
 /// believes is recorded (`after`) and the last one it is appending (`through`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
