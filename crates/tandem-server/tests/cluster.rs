@@ -312,4 +312,60 @@ mod stream {
         assert!(acknowledged.iter().all(|id| counts.contains_key(id)));
         other.stop(&runtime);
     }
+
+    /// Ends the session holding the drain's advisory lock, as a network
+    /// partition or a restarted database would, while its node runs on.
+    fn take_the_drain_lease_away(config: &postgres::Config) -> u64 {
+        let low =
+            "drain".bytes().fold(0x811c_9dc5_u32, |hash, byte| (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193));
+        let mut client = config.connect(postgres::NoTls).unwrap();
+        client
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted
+                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                   AND classid::bigint = $1 AND objid::bigint = $2",
+                &[&i64::from(0x7464_6d00_u32), &i64::from(low)],
+            )
+            .unwrap()
+            .len() as u64
+    }
+
+    #[test]
+    fn a_drainer_that_loses_its_lease_stops_and_every_event_is_appended_once() {
+        let Some((_database, config)) = TestDatabase::create() else { return };
+        let nats = NatsServer::start();
+        let first_store: Arc<dyn Store> = Arc::new(PostgresStore::connect_with(config.clone(), 8).unwrap());
+        let second_store: Arc<dyn Store> = Arc::new(PostgresStore::connect_with(config.clone(), 8).unwrap());
+        let source = first_store.create_source("web", SourceKind::Website).unwrap();
+        let runtime = runtime();
+        let log = StreamOptions::parse(&nats.url()).unwrap();
+        let first = start_node(&runtime, first_store.clone(), log.clone());
+        let second = start_node(&runtime, second_store, log);
+        let drain = tandem_store::Stage::DRAIN;
+        let holds = |node: &Node| node.state.leases.holds(drain);
+        wait_for("one node to take the drain lease", || holds(&first) || holds(&second));
+        let ingesting = {
+            let (first_app, second_app) = (first.app.clone(), second.app.clone());
+            let key = source.write_key.as_str().to_owned();
+            runtime.spawn(async move {
+                for index in 0..150 {
+                    let app = if index % 2 == 0 { &first_app } else { &second_app };
+                    let (status, _) = track(app, &key, &format!("p-{index}"), "ada").await;
+                    assert_eq!(status, StatusCode::OK);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+        };
+        std::thread::sleep(Duration::from_millis(400));
+        assert_eq!(take_the_drain_lease_away(&config), 1, "one session held the drain lease");
+        runtime.block_on(ingesting).unwrap();
+        wait_for("every acknowledged event in the log", || first_store.head().unwrap() == LogPosition(150));
+        wait_for("a node to drain again", || holds(&first) || holds(&second));
+        let counts = message_id_counts(first_store.as_ref());
+        assert_eq!(counts.len(), 150);
+        assert!(counts.values().all(|&count| count == 1), "every event once: {counts:?}");
+        assert!(!(holds(&first) && holds(&second)), "never two drains at once after the takeover");
+        first.stop(&runtime);
+        second.stop(&runtime);
+    }
 }
