@@ -98,7 +98,20 @@ pub fn routes() -> Router<AppState> {
 
 async fn cluster(State(state): State<AppState>, _token: AdminToken) -> Result<Json<ClusterStatus>, ApiError> {
     let store = state.store.clone();
-    match tokio::task::spawn_blocking(move || cluster_status(store.as_ref())).await {
+    let drain = match &state.stream {
+        Some(stream) => match stream.last_sequence().await {
+            Ok(last_sequence) => Some(StreamPosition { stream: stream.name().to_owned(), last_sequence }),
+            Err(error) => {
+                tracing::error!(%error, "reading the event stream's last sequence failed");
+                return Err(ApiError::new(
+                    ErrorCode::Unavailable,
+                    "the event stream cannot be read right now, retry later",
+                ));
+            }
+        },
+        None => None,
+    };
+    match tokio::task::spawn_blocking(move || cluster_status_with_stream(store.as_ref(), drain)).await {
         Ok(Ok(status)) => Ok(Json(status)),
         Ok(Err(error)) => {
             tracing::error!(%error, "reading the cluster status failed");
@@ -146,9 +159,11 @@ pub struct ClusterStatus {
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct StageStatus {
     pub stage: &'static str,
-    /// The last log position whose effects this stage committed.
+    /// The last log position whose effects this stage committed (for the
+    /// drain stage: the last stream sequence it appended to the log).
     pub position: u64,
-    /// Events in the log this stage has not committed yet.
+    /// Events in the log this stage has not committed yet (for the drain
+    /// stage: messages in the stream it has not appended yet).
     pub lag: u64,
     /// `held`, `vacant` (no node runs it), or `embedded` (SQLite).
     pub lease: LeaseHolder,
@@ -156,8 +171,36 @@ pub struct StageStatus {
 
 /// Reads the cluster's status from the store (a few small queries).
 pub fn cluster_status(store: &dyn Store) -> Result<ClusterStatus, StoreError> {
+    cluster_status_with_stream(store, None)
+}
+
+/// Where an event stream ends, for the drain stage's lag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamPosition {
+    /// The stream's name.
+    pub stream: String,
+    /// The sequence of its newest message.
+    pub last_sequence: u64,
+}
+
+/// [`cluster_status`] of a cluster that ingests through an event stream:
+/// the drain stage comes first, its position the last stream sequence it
+/// appended and its lag the stream's messages it has not appended yet.
+pub fn cluster_status_with_stream(
+    store: &dyn Store,
+    stream: Option<StreamPosition>,
+) -> Result<ClusterStatus, StoreError> {
     let head = store.head()?.0;
     let mut stages = Vec::new();
+    if let Some(stream) = stream {
+        let drained = store.drained_sequence(&stream.stream)?;
+        stages.push(StageStatus {
+            stage: Stage::DRAIN.0,
+            position: drained,
+            lag: stream.last_sequence.saturating_sub(drained),
+            lease: store.lease_holder(Stage::DRAIN)?,
+        });
+    }
     for &stage in Stage::ALL {
         let Some(cursor) = store.stage_cursor(stage)? else { continue };
         stages.push(StageStatus {

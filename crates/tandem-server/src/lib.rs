@@ -11,6 +11,7 @@ pub mod collect;
 pub mod computed_api;
 pub mod connection;
 pub mod destination_api;
+pub mod drain;
 pub mod error;
 pub mod extract;
 pub mod import;
@@ -21,6 +22,7 @@ pub mod ops;
 pub mod profile;
 pub mod resolve;
 pub mod sdk_settings;
+pub mod stream;
 pub mod webhook;
 
 use auth::SourceDirectory;
@@ -57,6 +59,9 @@ pub struct AppState {
     pub imports: Arc<import::jobs::ImportJobs>,
     /// The stage leases this node holds (the resolver's), for `/health`.
     pub leases: cluster::LeaseBoard,
+    /// The event stream between nodes, when the server runs with one: the
+    /// log writer publishes there and the drain stage appends it to the log.
+    pub stream: Option<stream::EventStream>,
 }
 
 impl AppState {
@@ -84,8 +89,29 @@ impl AppState {
             head,
             imports: Arc::new(import::jobs::ImportJobs::new(import_dir)),
             leases: cluster::LeaseBoard::default(),
+            stream: None,
         };
         (state, writer_thread)
+    }
+
+    /// Builds the shared state of a node that ingests through an event
+    /// stream: its log writer publishes to `stream` (no writer thread), and
+    /// the log head follows what the drain stage appends.
+    pub fn start_streaming(store: Arc<dyn Store>, stream: stream::EventStream, import_dir: PathBuf) -> AppState {
+        let metrics = Metrics::new();
+        let committed = std::thread::scope(|scope| scope.spawn(|| store.head()).join());
+        let head = log_head::LogHead::new(committed.ok().and_then(Result::ok).unwrap_or_default());
+        AppState {
+            sources: Arc::new(SourceDirectory::new(store.clone())),
+            tokens: Arc::new(auth::TokenDirectory::new(store.clone())),
+            store,
+            log: LogWriter::to_stream(stream.clone(), metrics.clone()),
+            metrics,
+            head,
+            imports: Arc::new(import::jobs::ImportJobs::new(import_dir)),
+            leases: cluster::LeaseBoard::default(),
+            stream: Some(stream),
+        }
     }
 }
 
@@ -123,6 +149,8 @@ pub struct ServerOptions {
     pub import_dir: PathBuf,
     /// Profiles the resolver keeps in memory.
     pub resolver_cache_profiles: usize,
+    /// The event stream to ingest through; `None` appends to the store's log.
+    pub log: Option<stream::StreamOptions>,
 }
 
 /// The server could not start or stopped abnormally.
@@ -132,6 +160,8 @@ pub enum ServeError {
     Bind { address: SocketAddr, source: std::io::Error },
     #[error("the server failed: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Stream(#[from] stream::StreamError),
 }
 
 /// A started server: the address it listens on and the state it serves.
@@ -139,7 +169,8 @@ pub struct Running {
     pub local_addr: SocketAddr,
     listener: tokio::net::TcpListener,
     state: AppState,
-    writer_thread: std::thread::JoinHandle<()>,
+    /// The log writer's thread; `None` when ingesting through a stream.
+    writer_thread: Option<std::thread::JoinHandle<()>>,
     dedup_window: Duration,
     resolver_cache_profiles: usize,
     limits: connection::ConnectionLimits,
@@ -147,11 +178,31 @@ pub struct Running {
 
 /// Binds the listener and starts the log writer; call [`Running::serve`] next.
 pub async fn start(store: Arc<dyn Store>, options: &ServerOptions) -> Result<Running, ServeError> {
-    let listener = tokio::net::TcpListener::bind(options.listen)
-        .await
-        .map_err(|source| ServeError::Bind { address: options.listen, source })?;
+    let listener = match tokio::net::TcpListener::bind(options.listen).await {
+        Ok(listener) => listener,
+        Err(source) => {
+            release(store).await;
+            return Err(ServeError::Bind { address: options.listen, source });
+        }
+    };
     let local_addr = listener.local_addr()?;
-    let (state, writer_thread) = AppState::start(store, options.dedup_window, options.import_dir.clone());
+    let (state, writer_thread) = match &options.log {
+        None => {
+            let (state, thread) = AppState::start(store, options.dedup_window, options.import_dir.clone());
+            (state, Some(thread))
+        }
+        Some(log) => {
+            let stream = match stream::EventStream::connect(log).await {
+                Ok(stream) => stream,
+                Err(error) => {
+                    release(store).await;
+                    return Err(error.into());
+                }
+            };
+            tracing::info!(stream = stream.name(), servers = %log.servers.join(","), "ingesting through nats jetstream");
+            (AppState::start_streaming(store, stream, options.import_dir.clone()), None)
+        }
+    };
     Ok(Running {
         local_addr,
         listener,
@@ -161,6 +212,13 @@ pub async fn start(store: Arc<dyn Store>, options: &ServerOptions) -> Result<Run
         resolver_cache_profiles: options.resolver_cache_profiles,
         limits: connection::ConnectionLimits::default(),
     })
+}
+
+/// Drops a store on a blocking thread: PostgreSQL's synchronous client
+/// drives a runtime of its own and panics when dropped on an async worker
+/// (which a failed start would otherwise do).
+async fn release(store: Arc<dyn Store>) {
+    let _ = tokio::task::spawn_blocking(move || drop(store)).await;
 }
 
 impl Running {
@@ -181,6 +239,19 @@ impl Running {
         let Running { local_addr, listener, state, writer_thread, dedup_window, resolver_cache_profiles, limits } =
             self;
         let pruner = tokio::spawn(prune_message_ids(state.store.clone(), dedup_window));
+        let stop_drain = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let drain_thread = state.stream.clone().map(|stream| {
+            drain::spawn(
+                state.store.clone(),
+                stream,
+                tokio::runtime::Handle::current(),
+                dedup_window,
+                state.head.clone(),
+                state.metrics.clone(),
+                state.leases.clone(),
+                stop_drain.clone(),
+            )
+        });
         let stop_resolver = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let head = state.head.clone();
         let head_poller = tokio::spawn(head.clone().poll_store(state.store.clone(), HEAD_POLL_INTERVAL));
@@ -218,11 +289,24 @@ impl Running {
         head_poller.abort();
         // Every handle to the log writer lived in the router, now dropped: the
         // writer commits what is queued and stops.
-        tokio::task::spawn_blocking(move || writer_thread.join())
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_else(|| tracing::error!("the log writer stopped abnormally"));
+        if let Some(writer_thread) = writer_thread {
+            tokio::task::spawn_blocking(move || writer_thread.join())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_else(|| tracing::error!("the log writer stopped abnormally"));
+        }
+        // What the stream acknowledged and the drain has not appended yet
+        // stays in the stream; the drain on whichever node holds its lease
+        // next appends it.
+        stop_drain.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(drain_thread) = drain_thread {
+            tokio::task::spawn_blocking(move || drain_thread.join())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_else(|| tracing::error!("the drain stage stopped abnormally"));
+        }
         stop_resolver.store(true, std::sync::atomic::Ordering::Relaxed);
         head.nudge();
         tokio::task::spawn_blocking(move || resolver_thread.join())

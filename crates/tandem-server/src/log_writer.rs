@@ -2,9 +2,15 @@
 //! handlers hand it their batches; it groups everything that is waiting into
 //! one transaction (group commit), so throughput does not depend on one fsync
 //! per request, and it answers each request only after the commit.
+//!
+//! With an event stream between nodes ([`crate::stream`]) the same handle
+//! publishes each batch to the stream instead and answers after JetStream's
+//! acknowledgement; the drain stage ([`crate::drain`]) makes it part of the
+//! log on one node.
 
 use crate::log_head::LogHead;
 use crate::metrics::Metrics;
+use crate::stream::{EventStream, StreamError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -29,14 +35,26 @@ pub enum AppendError {
     Stopped,
     #[error("the commit failed: {0}")]
     Commit(Arc<StoreError>),
+    #[error(transparent)]
+    Stream(#[from] StreamError),
 }
 
 /// A handle to the log writer; clone it freely. The writer stops once every
 /// handle is dropped and the queue is drained.
 #[derive(Clone)]
 pub struct LogWriter {
-    sender: mpsc::Sender<AppendRequest>,
+    target: Target,
     metrics: Metrics,
+}
+
+/// Where a [`LogWriter`] makes batches durable.
+#[derive(Clone)]
+enum Target {
+    /// The store's log, through the group-committing writer thread.
+    Store(mpsc::Sender<AppendRequest>),
+    /// The event stream between nodes (boxed: the client is large, and
+    /// every request handler clones the writer).
+    Stream(Box<EventStream>),
 }
 
 impl LogWriter {
@@ -55,14 +73,36 @@ impl LogWriter {
             .name("tandem-log-writer".into())
             .spawn(move || run(store, receiver, dedup_window, thread_metrics, head))
             .expect("spawning the log writer thread");
-        (LogWriter { sender, metrics }, handle)
+        (LogWriter { target: Target::Store(sender), metrics }, handle)
     }
 
-    /// Appends a batch and waits until it is durable.
+    /// A writer that publishes to the event stream; no thread of its own.
+    pub fn to_stream(stream: EventStream, metrics: Metrics) -> LogWriter {
+        LogWriter { target: Target::Stream(Box::new(stream)), metrics }
+    }
+
+    /// Appends a batch and waits until it is durable: committed to the
+    /// store's log, or acknowledged by the event stream.
     pub async fn append(&self, batch: IngestBatch) -> Result<IngestOutcome, AppendError> {
+        let sender = match &self.target {
+            Target::Store(sender) => sender,
+            Target::Stream(stream) => {
+                let messages = (batch.records.len() + batch.rejected.len()) as u64;
+                return match stream.publish(&batch).await {
+                    Ok(outcome) => {
+                        self.metrics.stream_published.inc_by(messages);
+                        Ok(outcome)
+                    }
+                    Err(error) => {
+                        self.metrics.stream_publish_failures.inc_by(messages);
+                        Err(error.into())
+                    }
+                };
+            }
+        };
         let (reply, answer) = oneshot::channel();
         self.metrics.log_queue_depth.inc();
-        let sent = self.sender.send(AppendRequest { batch, reply }).await;
+        let sent = sender.send(AppendRequest { batch, reply }).await;
         if sent.is_err() {
             self.metrics.log_queue_depth.dec();
             return Err(AppendError::Stopped);

@@ -72,6 +72,24 @@ pub struct Metrics {
     /// Items per destination by what became of their attempt.
     pub destination_items: Family<DeliveryLabels, Counter>,
     pub outbox_lag_events: Gauge,
+    /// Messages the drain stage appended from the event stream into the log.
+    pub drain_messages: Counter,
+    /// Drained events the log already held (the 24-hour or permanent dedup).
+    pub drain_duplicates: Counter,
+    /// Drain commits (one transaction each).
+    pub drain_commits: Counter,
+    /// Drain commits that failed or were refused as stale.
+    pub drain_commit_failures: Counter,
+    /// The last stream sequence the drain stage committed.
+    pub drain_sequence: Gauge,
+    /// Stream messages not drained yet, as of the last fetch.
+    pub drain_lag_messages: Gauge,
+    /// 1 while this node holds the drain stage's lease, else 0.
+    pub drain_lease_held: Gauge,
+    /// Events published to the stream that got JetStream's acknowledgement.
+    pub stream_published: Counter,
+    /// Publishes to the stream that failed or got no acknowledgement.
+    pub stream_publish_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -189,7 +207,62 @@ impl Metrics {
             "Events the resolver committed that the outbox stage has not enqueued yet",
             outbox_lag_events.clone(),
         );
+        let drain_messages = Counter::default();
+        registry.register(
+            "drain_messages",
+            "Stream messages the drain stage appended into the log (events and refusals)",
+            drain_messages.clone(),
+        );
+        let drain_duplicates = Counter::default();
+        registry.register(
+            "drain_duplicates",
+            "Drained events the log already held within the dedup window (or for good)",
+            drain_duplicates.clone(),
+        );
+        let drain_commits = Counter::default();
+        registry.register("drain_commits", "Drain transactions committed", drain_commits.clone());
+        let drain_commit_failures = Counter::default();
+        registry.register(
+            "drain_commit_failures",
+            "Drain transactions that failed or were refused because another node had drained further",
+            drain_commit_failures.clone(),
+        );
+        let drain_sequence = Gauge::default();
+        registry.register("drain_sequence", "Last stream sequence the drain stage committed", drain_sequence.clone());
+        let drain_lag_messages = Gauge::default();
+        registry.register(
+            "drain_lag_messages",
+            "Stream messages the drain stage has not committed yet (stream last sequence minus drained sequence)",
+            drain_lag_messages.clone(),
+        );
+        let drain_lease_held = Gauge::default();
+        registry.register(
+            "drain_lease_held",
+            "1 while this node holds the drain stage's lease and drains the stream, else 0",
+            drain_lease_held.clone(),
+        );
+        let stream_published = Counter::default();
+        registry.register(
+            "stream_published",
+            "Messages published to the event stream and acknowledged by JetStream",
+            stream_published.clone(),
+        );
+        let stream_publish_failures = Counter::default();
+        registry.register(
+            "stream_publish_failures",
+            "Messages whose publish to the event stream failed or was not acknowledged",
+            stream_publish_failures.clone(),
+        );
         Metrics {
+            drain_messages,
+            drain_duplicates,
+            drain_commits,
+            drain_commit_failures,
+            drain_sequence,
+            drain_lag_messages,
+            drain_lease_held,
+            stream_published,
+            stream_publish_failures,
             computed_trait_writes,
             registry: std::sync::Arc::new(registry),
             destination_items,

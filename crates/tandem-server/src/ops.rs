@@ -27,24 +27,39 @@ pub async fn health(State(state): State<AppState>) -> Response {
         Err(_) => Some(format!("the store did not answer within {} s", STORE_CHECK_TIMEOUT.as_secs())),
     };
     let leases = state.leases.snapshot();
-    match problem {
-        None => Json(json!({
+    // With an event stream, an acknowledged event lives there until drained:
+    // a node that cannot reach it cannot take events, so it is unhealthy too.
+    let log = state.stream.as_ref().map(|stream| (stream.name().to_owned(), stream.is_connected()));
+    let log_json = log.as_ref().map(|(stream, ok)| json!({"kind": "nats", "stream": stream, "ok": ok}));
+    let log_ok = log.as_ref().is_none_or(|(_, ok)| *ok);
+    let mut body = match &problem {
+        None => json!({
             "status": "ok",
             "version": env!("CARGO_PKG_VERSION"),
             "store": {"kind": kind, "ok": true},
             "leases": leases,
-        }))
-        .into_response(),
+        }),
         Some(error) => {
             tracing::warn!(%error, "health check: the store does not answer");
-            let body = json!({
+            json!({
                 "status": "unavailable",
                 "version": env!("CARGO_PKG_VERSION"),
                 "store": {"kind": kind, "ok": false, "error": error},
                 "leases": leases,
-            });
-            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+            })
         }
+    };
+    if let Some(log_json) = log_json {
+        body["log"] = log_json;
+    }
+    if problem.is_none() && log_ok {
+        Json(body).into_response()
+    } else {
+        if !log_ok {
+            tracing::warn!("health check: the event stream is not connected");
+        }
+        body["status"] = json!("unavailable");
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
     }
 }
 

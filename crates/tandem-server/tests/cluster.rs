@@ -68,3 +68,304 @@ fn health_reports_the_postgres_store_and_503_once_it_is_gone() {
         assert!(health["store"]["error"].as_str().is_some_and(|error| !error.is_empty()), "{health}");
     });
 }
+
+/// Ingest through NATS JetStream: a real `nats-server` per test
+/// (`tandem_server::stream::testing`), a fresh PostgreSQL database, and
+/// whole servers (`tandem_server::start`, with their drain and resolver
+/// threads) answering through their routers.
+mod stream {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::time::{Duration, Instant};
+    use tandem_core::{LogPosition, SourceKind};
+    use tandem_server::stream::testing::NatsServer;
+    use tandem_server::stream::{EventStream, StreamOptions};
+    use tandem_server::ServerOptions;
+
+    /// One node: its router, its state and the way to stop it.
+    struct Node {
+        app: Router,
+        state: AppState,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        served: Option<tokio::task::JoinHandle<()>>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn options(log: StreamOptions, dir: &tempfile::TempDir) -> ServerOptions {
+        ServerOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            dedup_window: DEFAULT_DEDUP_WINDOW,
+            import_dir: dir.path().join("imports"),
+            resolver_cache_profiles: tandem_server::resolve::DEFAULT_CACHE_PROFILES,
+            log: Some(log),
+        }
+    }
+
+    fn start_node(runtime: &tokio::runtime::Runtime, store: Arc<dyn Store>, log: StreamOptions) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let running = runtime.block_on(tandem_server::start(store, &options(log, &dir))).unwrap();
+        let state = running.state();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = runtime.spawn(async move {
+            running
+                .serve(async move {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        Node { app: router(state.clone()), state, stop: Some(stop), served: Some(served), _dir: dir }
+    }
+
+    impl Node {
+        /// Stops the node the way SIGTERM does; its leases go with it.
+        fn stop(mut self, runtime: &tokio::runtime::Runtime) {
+            let _ = self.stop.take().unwrap().send(());
+            runtime.block_on(self.served.take().unwrap()).unwrap();
+        }
+    }
+
+    async fn track(app: &Router, write_key: &str, message_id: &str, user: &str) -> (StatusCode, Value) {
+        use base64::Engine;
+        let body = json!({"userId": user, "event": "Signed Up", "messageId": message_id});
+        let request = Request::post("/v1/track")
+            .header(
+                header::AUTHORIZATION,
+                format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{write_key}:"))),
+            )
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = to_bytes(response.into_body(), usize::MAX).await.unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    /// Waits until `done` holds, checking every 50 ms for up to 30 s.
+    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// How many times each message id is in the log.
+    fn message_id_counts(store: &dyn Store) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for entry in store.read_log(LogPosition(0), 1_000_000).unwrap() {
+            *counts.entry(entry.message_id.as_str().to_owned()).or_default() += 1;
+        }
+        counts
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    }
+
+    #[test]
+    fn an_acknowledged_event_is_in_the_stream_then_in_the_log_and_resolves_into_a_profile() {
+        let Some((_database, config)) = TestDatabase::create() else { return };
+        let nats = NatsServer::start();
+        let store = Arc::new(PostgresStore::connect_with(config, 8).unwrap());
+        let source = store.create_source("web", SourceKind::Website).unwrap();
+        let runtime = runtime();
+        let log = StreamOptions::parse(&nats.url()).unwrap();
+        // Only the stream for now: no drain runs, so what the API answers
+        // is JetStream's acknowledgement alone.
+        let stream = runtime.block_on(EventStream::connect(&log)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let collector = router(AppState::start_streaming(store.clone(), stream.clone(), dir.path().join("imports")));
+        let (status, body) = runtime.block_on(track(&collector, source.write_key.as_str(), "m-1", "ada"));
+        assert_eq!((status, body), (StatusCode::OK, json!({"success": true})));
+        assert_eq!(runtime.block_on(stream.last_sequence()).unwrap(), 1, "answered 200 only once in the stream");
+        assert_eq!(store.head().unwrap(), LogPosition(0), "nothing drains yet");
+
+        let node = start_node(&runtime, store.clone(), log);
+        wait_for("the drain to append the event", || store.head().unwrap() == LogPosition(1));
+        wait_for("the resolver to make a profile", || {
+            let stats = store.stats().unwrap();
+            stats.profiles == 1 && stats.resolver_position == LogPosition(1)
+        });
+        assert_eq!(message_id_counts(store.as_ref()), BTreeMap::from([("m-1".to_owned(), 1)]));
+        assert_eq!(store.drained_sequence(stream.name()).unwrap(), 1);
+
+        let (_, token) = store.create_token("ops").unwrap();
+        let (status, health) = runtime.block_on(get(&node.app, "/health", None));
+        assert_eq!(status, StatusCode::OK, "{health}");
+        assert_eq!(health["log"], json!({"kind": "nats", "stream": "TANDEM_EVENTS", "ok": true}));
+        assert_eq!(health["leases"]["drain"], json!(true));
+        let (status, cluster) = runtime.block_on(get(&node.app, "/api/v1/cluster", Some(&token)));
+        assert_eq!(status, StatusCode::OK, "{cluster}");
+        assert_eq!(cluster["stages"][0], json!({"stage": "drain", "position": 1, "lag": 0, "lease": "held"}));
+        let metrics = node.state.metrics.render();
+        assert!(metrics.lines().any(|line| line == "tandem_drain_sequence 1"), "{metrics}");
+        assert!(metrics.lines().any(|line| line == "tandem_drain_lag_messages 0"), "{metrics}");
+
+        // The stream gone: unhealthy, and the tracking API cannot take events.
+        drop(nats);
+        wait_for("the client to notice the server is gone", || !stream.is_connected());
+        let (status, health) = runtime.block_on(get(&node.app, "/health", None));
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{health}");
+        assert_eq!((health["log"]["kind"].as_str(), health["log"]["ok"].as_bool()), (Some("nats"), Some(false)));
+        let (status, _) = runtime.block_on(track(&collector, source.write_key.as_str(), "m-2", "bob"));
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "no acknowledgement, no 200");
+        node.stop(&runtime);
+    }
+
+    #[test]
+    fn sdk_retries_of_one_message_id_give_one_event_within_and_after_the_stream_window() {
+        let Some((_database, config)) = TestDatabase::create() else { return };
+        let nats = NatsServer::start();
+        let store = Arc::new(PostgresStore::connect_with(config, 8).unwrap());
+        let source = store.create_source("web", SourceKind::Website).unwrap();
+        let runtime = runtime();
+        let mut log = StreamOptions::parse(&nats.url()).unwrap();
+        log.duplicate_window = Duration::from_secs(1);
+        let node = start_node(&runtime, store.clone(), log);
+        let stream = node.state.stream.clone().unwrap();
+        for _ in 0..2 {
+            let (status, _) = runtime.block_on(track(&node.app, source.write_key.as_str(), "retry-1", "ada"));
+            assert_eq!(status, StatusCode::OK);
+        }
+        assert_eq!(runtime.block_on(stream.last_sequence()).unwrap(), 1, "JetStream dropped the retry in its window");
+        // Past JetStream's window the retry is stored in the stream again,
+        // and the log's 24-hour dedup drops it at the drain.
+        std::thread::sleep(Duration::from_millis(1_500));
+        let (status, _) = runtime.block_on(track(&node.app, source.write_key.as_str(), "retry-1", "ada"));
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(runtime.block_on(stream.last_sequence()).unwrap(), 2);
+        let (status, _) = runtime.block_on(track(&node.app, source.write_key.as_str(), "other", "ada"));
+        assert_eq!(status, StatusCode::OK);
+        wait_for("the drain to reach the end of the stream", || store.drained_sequence(stream.name()).unwrap() == 3);
+        assert_eq!(
+            message_id_counts(store.as_ref()),
+            BTreeMap::from([("other".to_owned(), 1), ("retry-1".to_owned(), 1)])
+        );
+        let stats = store.stats().unwrap();
+        assert_eq!((stats.events, stats.duplicates), (2, 1), "the drain counted the late retry as a duplicate");
+        let metrics = node.state.metrics.render();
+        assert!(metrics.lines().any(|line| line == "tandem_drain_duplicates_total 1"), "{metrics}");
+        node.stop(&runtime);
+    }
+
+    #[test]
+    fn two_nodes_ingest_one_drains_and_the_other_takes_over_with_every_event_once() {
+        let Some((_database, config)) = TestDatabase::create() else { return };
+        let nats = NatsServer::start();
+        let first_store: Arc<dyn Store> = Arc::new(PostgresStore::connect_with(config.clone(), 8).unwrap());
+        let second_store: Arc<dyn Store> = Arc::new(PostgresStore::connect_with(config, 8).unwrap());
+        let source = first_store.create_source("web", SourceKind::Website).unwrap();
+        let runtime = runtime();
+        let log = StreamOptions::parse(&nats.url()).unwrap();
+        let first = start_node(&runtime, first_store.clone(), log.clone());
+        let second = start_node(&runtime, second_store.clone(), log);
+        let drain = tandem_store::Stage::DRAIN;
+        wait_for("one node to take the drain lease", || {
+            first.state.leases.holds(drain) || second.state.leases.holds(drain)
+        });
+        let mut acknowledged = Vec::new();
+        for index in 0..60 {
+            let node = if index % 2 == 0 { &first } else { &second };
+            let message_id = format!("e-{index}");
+            let (status, _) = runtime.block_on(track(
+                &node.app,
+                source.write_key.as_str(),
+                &message_id,
+                &format!("user-{}", index % 7),
+            ));
+            assert_eq!(status, StatusCode::OK);
+            acknowledged.push(message_id);
+        }
+        assert!(
+            first.state.leases.holds(drain) != second.state.leases.holds(drain),
+            "exactly one node drains: {:?} / {:?}",
+            first.state.leases.snapshot(),
+            second.state.leases.snapshot()
+        );
+        let (drainer, other) = if first.state.leases.holds(drain) { (first, second) } else { (second, first) };
+        // Stop the drainer with events still arriving at the other node: its
+        // lease goes with it, and the other node takes over.
+        let other_store = other.state.store.clone();
+        let ingesting = {
+            let app = other.app.clone();
+            let key = source.write_key.as_str().to_owned();
+            runtime.spawn(async move {
+                let mut sent = Vec::new();
+                for index in 60..120 {
+                    let message_id = format!("e-{index}");
+                    let (status, _) = track(&app, &key, &message_id, "late").await;
+                    assert_eq!(status, StatusCode::OK);
+                    sent.push(message_id);
+                }
+                sent
+            })
+        };
+        drainer.stop(&runtime);
+        acknowledged.extend(runtime.block_on(ingesting).unwrap());
+        wait_for("the other node to take the drain lease", || other.state.leases.holds(drain));
+        wait_for("every acknowledged event in the log", || other_store.head().unwrap() == LogPosition(120));
+        let counts = message_id_counts(other_store.as_ref());
+        assert_eq!(counts.len(), 120);
+        assert!(counts.values().all(|&count| count == 1), "every event once: {counts:?}");
+        assert!(acknowledged.iter().all(|id| counts.contains_key(id)));
+        other.stop(&runtime);
+    }
+
+    /// Ends the session holding the drain's advisory lock, as a network
+    /// partition or a restarted database would, while its node runs on.
+    fn take_the_drain_lease_away(config: &postgres::Config) -> u64 {
+        let low =
+            "drain".bytes().fold(0x811c_9dc5_u32, |hash, byte| (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193));
+        let mut client = config.connect(postgres::NoTls).unwrap();
+        client
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted
+                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                   AND classid::bigint = $1 AND objid::bigint = $2",
+                &[&i64::from(0x7464_6d00_u32), &i64::from(low)],
+            )
+            .unwrap()
+            .len() as u64
+    }
+
+    #[test]
+    fn a_drainer_that_loses_its_lease_stops_and_every_event_is_appended_once() {
+        let Some((_database, config)) = TestDatabase::create() else { return };
+        let nats = NatsServer::start();
+        let first_store: Arc<dyn Store> = Arc::new(PostgresStore::connect_with(config.clone(), 8).unwrap());
+        let second_store: Arc<dyn Store> = Arc::new(PostgresStore::connect_with(config.clone(), 8).unwrap());
+        let source = first_store.create_source("web", SourceKind::Website).unwrap();
+        let runtime = runtime();
+        let log = StreamOptions::parse(&nats.url()).unwrap();
+        let first = start_node(&runtime, first_store.clone(), log.clone());
+        let second = start_node(&runtime, second_store, log);
+        let drain = tandem_store::Stage::DRAIN;
+        let holds = |node: &Node| node.state.leases.holds(drain);
+        wait_for("one node to take the drain lease", || holds(&first) || holds(&second));
+        let ingesting = {
+            let (first_app, second_app) = (first.app.clone(), second.app.clone());
+            let key = source.write_key.as_str().to_owned();
+            runtime.spawn(async move {
+                for index in 0..150 {
+                    let app = if index % 2 == 0 { &first_app } else { &second_app };
+                    let (status, _) = track(app, &key, &format!("p-{index}"), "ada").await;
+                    assert_eq!(status, StatusCode::OK);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+        };
+        std::thread::sleep(Duration::from_millis(400));
+        assert_eq!(take_the_drain_lease_away(&config), 1, "one session held the drain lease");
+        runtime.block_on(ingesting).unwrap();
+        wait_for("every acknowledged event in the log", || first_store.head().unwrap() == LogPosition(150));
+        wait_for("a node to drain again", || holds(&first) || holds(&second));
+        let counts = message_id_counts(first_store.as_ref());
+        assert_eq!(counts.len(), 150);
+        assert!(counts.values().all(|&count| count == 1), "every event once: {counts:?}");
+        assert!(!(holds(&first) && holds(&second)), "never two drains at once after the takeover");
+        first.stop(&runtime);
+        second.stop(&runtime);
+    }
+}

@@ -41,8 +41,8 @@ pub use identity::{
 };
 pub use lease::{Coordination, LeaseHolder, LeaseKeeper, LeaseLost, StageLease, StoreKind};
 pub use log::{
-    Dedup, EventLog, IngestBatch, IngestOutcome, IngestStats, LogEntry, LogFilter, QuarantineEntry, QuarantineRecord,
-    SourceStats, StageCursor,
+    Dedup, DrainCommit, EventLog, IngestBatch, IngestOutcome, IngestStats, LogEntry, LogFilter, QuarantineEntry,
+    QuarantineRecord, SourceStats, StageCursor, StreamRange,
 };
 pub use outbox::{
     DeadLetter, DestinationRecord, FailedAttempt, NewOutboxItem, OutboxCommit, OutboxCommitOutcome, OutboxCounts,

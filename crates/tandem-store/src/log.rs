@@ -130,6 +130,33 @@ pub struct StageCursor {
     pub epoch: u64,
 }
 
+impl Stage {
+    /// The drain stage, which appends an external event stream (NATS
+    /// JetStream) into the log. It reads the stream, not the log, so it is
+    /// not among [`Stage::ALL`] and keeps its place in `stream_cursors`
+    /// ([`EventLog::drained_sequence`]) rather than in `stage_cursors`.
+    pub const DRAIN: Stage = Stage("drain");
+}
+
+/// Which stream sequences one drain commit covers: the sequence the drain
+/// believes is recorded (`after`) and the last one it is appending (`through`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamRange {
+    pub after: u64,
+    pub through: u64,
+}
+
+/// What became of one [`EventLog::append_drained`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DrainCommit {
+    /// The batches were appended (their outcomes in order) and the stream's
+    /// recorded sequence is now the range's `through`.
+    Appended(Vec<IngestOutcome>),
+    /// The recorded sequence was not the range's `after` (another node
+    /// drained meanwhile): nothing was written; resume after `recorded`.
+    Stale { recorded: u64 },
+}
+
 /// The event log: what the collect stage writes and every later stage reads.
 ///
 /// **Append order.** Positions are assigned when an append commits, and a
@@ -146,6 +173,24 @@ pub trait EventLog: Send + Sync + 'static {
     /// returns `Ok`. An event whose `(source, messageId)` was stored at or
     /// after `dedup_since_ms` is counted as a duplicate and not stored again.
     fn append(&self, batches: &[IngestBatch], dedup_since_ms: i64) -> Result<Vec<IngestOutcome>, StoreError>;
+
+    /// Appends batches taken from an external event stream (the drain
+    /// stage's) and records `drained.through` as the stream's last drained
+    /// sequence in the same transaction, so a crash neither loses nor
+    /// repeats a message: the drain resumes after the recorded sequence.
+    /// Refuses ([`DrainCommit::Stale`]) when the recorded sequence is not
+    /// `drained.after`. Dedup is [`EventLog::append`]'s.
+    fn append_drained(
+        &self,
+        stream: &str,
+        drained: StreamRange,
+        batches: &[IngestBatch],
+        dedup_since_ms: i64,
+    ) -> Result<DrainCommit, StoreError>;
+
+    /// The last sequence of `stream` appended by [`EventLog::append_drained`];
+    /// 0 before the first.
+    fn drained_sequence(&self, stream: &str) -> Result<u64, StoreError>;
 
     /// The position of the newest committed event; 0 when the log is empty.
     fn head(&self) -> Result<LogPosition, StoreError>;

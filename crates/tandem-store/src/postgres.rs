@@ -243,6 +243,11 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX dead_letters_by_destination ON dead_letters (destination, id);"#,
     // 6: a destination can be paused (see `sqlite.rs`, migration 12).
     r#"ALTER TABLE destinations ADD COLUMN paused BOOLEAN NOT NULL DEFAULT FALSE;"#,
+    // 7: how far the drain stage has appended the event stream (see `sqlite.rs`, migration 13).
+    r#"CREATE TABLE stream_cursors (
+        stream TEXT PRIMARY KEY,
+        sequence BIGINT NOT NULL
+    );"#,
 ];
 
 /// The PostgreSQL implementation of [`crate::Store`].

@@ -11,9 +11,10 @@ mod outbox;
 
 use crate::{
     AudienceCommit, AudienceCommitOutcome, AudienceDefinition, AudienceRecord, AudienceStore, CommitOutcome, Dedup,
-    EventLog, HistoryRecord, IdentityCommit, IdentityRepair, IdentityState, IdentityStore, IngestBatch, IngestOutcome,
-    IngestStats, LogEntry, LogFilter, Membership, MembershipChange, QuarantineEntry, QuarantineRecord, SourceStats,
-    Sources, Stage, StageCursor, StoreError, StoredAudienceState, TimelineCursor, TokenInfo, UnresolvedEvent,
+    DrainCommit, EventLog, HistoryRecord, IdentityCommit, IdentityRepair, IdentityState, IdentityStore, IngestBatch,
+    IngestOutcome, IngestStats, LogEntry, LogFilter, Membership, MembershipChange, QuarantineEntry, QuarantineRecord,
+    SourceStats, Sources, Stage, StageCursor, StoreError, StoredAudienceState, StreamRange, TimelineCursor, TokenInfo,
+    UnresolvedEvent,
 };
 use crate::{ComputedTraitRecord, StoredComputedTrait};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
@@ -252,6 +253,13 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX dead_letters_by_destination ON dead_letters (destination, id);",
     // 12: a destination can be paused (its items are kept, in order, unsent).
     "ALTER TABLE destinations ADD COLUMN paused INTEGER NOT NULL DEFAULT 0;",
+    // 13: how far the drain stage has appended an external event stream
+    // (NATS JetStream) into the log, written in the same transaction as the
+    // events it appended.
+    "CREATE TABLE stream_cursors (
+        stream TEXT PRIMARY KEY,
+        sequence INTEGER NOT NULL
+    );",
 ];
 
 /// The `received_at` of a message id kept for good ([`Dedup::Forever`]).
@@ -495,85 +503,134 @@ impl crate::Coordination for SqliteStore {
     }
 }
 
+/// Appends `batches` inside `transaction` (the body of [`EventLog::append`],
+/// shared with [`EventLog::append_drained`]).
+fn append_in(
+    transaction: &rusqlite::Transaction<'_>,
+    batches: &[IngestBatch],
+    dedup_since_ms: i64,
+) -> Result<Vec<IngestOutcome>, StoreError> {
+    let mut outcomes = Vec::with_capacity(batches.len());
+    let mut counters: HashMap<(&str, EventType), (u64, u64)> = HashMap::new();
+    {
+        // A message id is claimed when it is new, or when its last
+        // sighting fell out of the dedup window.
+        let mut claim = transaction.prepare_cached(
+            "INSERT INTO message_ids (source_id, message_id, received_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (source_id, message_id) DO UPDATE SET received_at = excluded.received_at
+             WHERE message_ids.received_at < ?4",
+        )?;
+        let mut insert_event = transaction.prepare_cached(
+            "INSERT INTO events (source_id, message_id, type, received_at, timestamp, payload)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        let mut insert_quarantine = transaction.prepare_cached(
+            "INSERT INTO quarantine (source_id, received_at, batch_index, code, field, message, payload)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?;
+        for batch in batches {
+            let mut outcome = IngestOutcome::default();
+            for record in &batch.records {
+                // An id kept for good is stamped with the end of time:
+                // never outside the window, never forgotten.
+                let claimed_at = match batch.dedup {
+                    Dedup::Window => record.received_at_ms,
+                    Dedup::Forever => KEPT_FOREVER,
+                };
+                let claimed = claim.execute(params![
+                    record.source_id.as_str(),
+                    record.message_id.as_str(),
+                    claimed_at,
+                    dedup_since_ms
+                ])? == 1;
+                let counter = counters.entry((record.source_id.as_str(), record.event_type)).or_default();
+                if claimed {
+                    insert_event.execute(params![
+                        record.source_id.as_str(),
+                        record.message_id.as_str(),
+                        record.event_type.as_str(),
+                        record.received_at_ms,
+                        record.timestamp_ms,
+                        record.payload
+                    ])?;
+                    outcome.stored += 1;
+                    counter.0 += 1;
+                } else {
+                    outcome.duplicates += 1;
+                    counter.1 += 1;
+                }
+            }
+            for rejected in &batch.rejected {
+                insert_quarantine.execute(params![
+                    rejected.source_id.as_str(),
+                    rejected.received_at_ms,
+                    rejected.batch_index,
+                    rejected.code,
+                    rejected.field,
+                    rejected.message,
+                    rejected.payload
+                ])?;
+                outcome.quarantined += 1;
+            }
+            outcomes.push(outcome);
+        }
+        let mut count = transaction.prepare_cached(
+            "INSERT INTO ingest_counters (source_id, type, stored, duplicates) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (source_id, type) DO UPDATE
+             SET stored = stored + excluded.stored, duplicates = duplicates + excluded.duplicates",
+        )?;
+        for ((source_id, event_type), (stored, duplicates)) in &counters {
+            count.execute(params![source_id, event_type.as_str(), stored, duplicates])?;
+        }
+    }
+    Ok(outcomes)
+}
+
 impl EventLog for SqliteStore {
     fn append(&self, batches: &[IngestBatch], dedup_since_ms: i64) -> Result<Vec<IngestOutcome>, StoreError> {
         self.with_writer(|connection| {
             let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let mut outcomes = Vec::with_capacity(batches.len());
-            let mut counters: HashMap<(&str, EventType), (u64, u64)> = HashMap::new();
-            {
-                // A message id is claimed when it is new, or when its last
-                // sighting fell out of the dedup window.
-                let mut claim = transaction.prepare_cached(
-                    "INSERT INTO message_ids (source_id, message_id, received_at) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (source_id, message_id) DO UPDATE SET received_at = excluded.received_at
-                     WHERE message_ids.received_at < ?4",
-                )?;
-                let mut insert_event = transaction.prepare_cached(
-                    "INSERT INTO events (source_id, message_id, type, received_at, timestamp, payload)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )?;
-                let mut insert_quarantine = transaction.prepare_cached(
-                    "INSERT INTO quarantine (source_id, received_at, batch_index, code, field, message, payload)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )?;
-                for batch in batches {
-                    let mut outcome = IngestOutcome::default();
-                    for record in &batch.records {
-                        // An id kept for good is stamped with the end of time:
-                        // never outside the window, never forgotten.
-                        let claimed_at = match batch.dedup {
-                            Dedup::Window => record.received_at_ms,
-                            Dedup::Forever => KEPT_FOREVER,
-                        };
-                        let claimed = claim.execute(params![
-                            record.source_id.as_str(),
-                            record.message_id.as_str(),
-                            claimed_at,
-                            dedup_since_ms
-                        ])? == 1;
-                        let counter = counters.entry((record.source_id.as_str(), record.event_type)).or_default();
-                        if claimed {
-                            insert_event.execute(params![
-                                record.source_id.as_str(),
-                                record.message_id.as_str(),
-                                record.event_type.as_str(),
-                                record.received_at_ms,
-                                record.timestamp_ms,
-                                record.payload
-                            ])?;
-                            outcome.stored += 1;
-                            counter.0 += 1;
-                        } else {
-                            outcome.duplicates += 1;
-                            counter.1 += 1;
-                        }
-                    }
-                    for rejected in &batch.rejected {
-                        insert_quarantine.execute(params![
-                            rejected.source_id.as_str(),
-                            rejected.received_at_ms,
-                            rejected.batch_index,
-                            rejected.code,
-                            rejected.field,
-                            rejected.message,
-                            rejected.payload
-                        ])?;
-                        outcome.quarantined += 1;
-                    }
-                    outcomes.push(outcome);
-                }
-                let mut count = transaction.prepare_cached(
-                    "INSERT INTO ingest_counters (source_id, type, stored, duplicates) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (source_id, type) DO UPDATE
-                     SET stored = stored + excluded.stored, duplicates = duplicates + excluded.duplicates",
-                )?;
-                for ((source_id, event_type), (stored, duplicates)) in &counters {
-                    count.execute(params![source_id, event_type.as_str(), stored, duplicates])?;
-                }
-            }
+            let outcomes = append_in(&transaction, batches, dedup_since_ms)?;
             transaction.commit()?;
             Ok(outcomes)
+        })
+    }
+
+    fn append_drained(
+        &self,
+        stream: &str,
+        drained: StreamRange,
+        batches: &[IngestBatch],
+        dedup_since_ms: i64,
+    ) -> Result<DrainCommit, StoreError> {
+        self.with_writer(|connection| {
+            let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let recorded: i64 = transaction
+                .prepare_cached("SELECT sequence FROM stream_cursors WHERE stream = ?1")?
+                .query_row([stream], |row| row.get(0))
+                .optional()?
+                .unwrap_or(0);
+            if recorded as u64 != drained.after {
+                return Ok(DrainCommit::Stale { recorded: recorded as u64 });
+            }
+            let outcomes = append_in(&transaction, batches, dedup_since_ms)?;
+            transaction.execute(
+                "INSERT INTO stream_cursors (stream, sequence) VALUES (?1, ?2)
+                 ON CONFLICT (stream) DO UPDATE SET sequence = excluded.sequence",
+                params![stream, drained.through as i64],
+            )?;
+            transaction.commit()?;
+            Ok(DrainCommit::Appended(outcomes))
+        })
+    }
+
+    fn drained_sequence(&self, stream: &str) -> Result<u64, StoreError> {
+        self.with_reader(|connection| {
+            let recorded: Option<i64> = connection
+                .prepare_cached("SELECT sequence FROM stream_cursors WHERE stream = ?1")?
+                .query_row([stream], |row| row.get(0))
+                .optional()?;
+            Ok(recorded.unwrap_or(0) as u64)
         })
     }
 

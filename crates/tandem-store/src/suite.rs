@@ -32,7 +32,9 @@ macro_rules! event_log_test_suite {
             the_log_filters_by_source_type_time_and_direction,
             browsing_events_filters_by_name_and_user_across_chunks,
             a_reader_following_concurrent_appends_skips_nothing,
-            client_text_with_a_nul_character_is_kept_as_sent
+            client_text_with_a_nul_character_is_kept_as_sent,
+            drained_batches_record_their_stream_sequence_with_the_events,
+            a_stale_drain_commit_writes_nothing
         );
     };
 }

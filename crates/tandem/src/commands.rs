@@ -797,9 +797,15 @@ pub fn block(store: Arc<dyn Store>, identifier: &str, out: &mut impl Write) -> a
 }
 
 /// `tandem cluster status`: the store's kind, and each stage's position, lag
-/// and lease as every node sees them.
-pub fn cluster_status(store: &dyn Store, as_json: bool, out: &mut impl Write) -> anyhow::Result<()> {
-    let status = tandem_server::cluster::cluster_status(store)?;
+/// and lease as every node sees them; with an event stream, the drain stage
+/// first (its position and lag in stream messages).
+pub fn cluster_status(
+    store: &dyn Store,
+    stream: Option<tandem_server::cluster::StreamPosition>,
+    as_json: bool,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let status = tandem_server::cluster::cluster_status_with_stream(store, stream)?;
     if as_json {
         writeln!(out, "{}", serde_json::to_string(&status)?)?;
         return Ok(());

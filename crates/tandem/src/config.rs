@@ -29,6 +29,18 @@ pub struct Config {
     #[arg(long, global = true, env = "TANDEM_STORE", value_name = "URL")]
     pub store: Option<String>,
 
+    /// The event stream between nodes: nats://host:4222[,nats://host2:4222…]
+    /// of a NATS JetStream cluster; every node publishes events there and one
+    /// drains them into the store. Needs a PostgreSQL --store [default: none,
+    /// nodes append to the store directly]
+    #[arg(long, global = true, env = "TANDEM_LOG_URL", value_name = "URLS")]
+    pub log: Option<String>,
+
+    /// Replicas of the event stream when Tandem creates it [default: the
+    /// NATS cluster's size, at most 3]
+    #[arg(long, global = true, env = "TANDEM_LOG_REPLICAS", value_name = "N")]
+    pub log_replicas: Option<usize>,
+
     /// The server's address; set by [`ServerArgs`] on the serving commands.
     #[arg(skip)]
     pub listen: Option<SocketAddr>,
@@ -98,6 +110,8 @@ pub struct Settings {
     pub dedup_window: Duration,
     pub resolver_cache_profiles: usize,
     pub log_format: LogFormat,
+    /// The event stream to ingest through; `None` appends to the store directly.
+    pub log: Option<tandem_server::stream::StreamOptions>,
 }
 
 /// The configuration cannot be used.
@@ -113,6 +127,12 @@ pub enum ConfigError {
     ResolverCache(usize),
     #[error("store must be a postgres:// or postgresql:// URL, got {0:?}")]
     StoreUrl(String),
+    #[error(transparent)]
+    LogUrl(#[from] tandem_server::stream::StreamError),
+    #[error("log (the nats event stream) needs a postgresql store shared by the nodes: set store = \"postgres://…\" as well")]
+    LogWithoutStore,
+    #[error("log_replicas must be between 1 and 5, got {0}")]
+    LogReplicas(usize),
 }
 
 /// A PostgreSQL connection URL, shown only without its password.
@@ -197,6 +217,8 @@ impl Config {
         Config {
             data: self.data.or(lower.data),
             store: self.store.or(lower.store),
+            log: self.log.or(lower.log),
+            log_replicas: self.log_replicas.or(lower.log_replicas),
             listen: self.listen.or(lower.listen),
             dedup_window_hours: self.dedup_window_hours.or(lower.dedup_window_hours),
             resolver_cache_profiles: self.resolver_cache_profiles.or(lower.resolver_cache_profiles),
@@ -216,7 +238,24 @@ impl Config {
             return Err(ConfigError::ResolverCache(resolver_cache_profiles));
         }
         let store = self.store.as_deref().map(StoreUrl::parse).transpose()?;
+        let log = match self.log.as_deref() {
+            None => None,
+            Some(urls) => {
+                let mut options = tandem_server::stream::StreamOptions::parse(urls)?;
+                if store.is_none() {
+                    return Err(ConfigError::LogWithoutStore);
+                }
+                if let Some(replicas) = self.log_replicas {
+                    if !(1..=5).contains(&replicas) {
+                        return Err(ConfigError::LogReplicas(replicas));
+                    }
+                    options.replicas = Some(replicas);
+                }
+                Some(options)
+            }
+        };
         Ok(Settings {
+            log,
             data_dir: self.data.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             store,
             listen: self.listen.unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("the default address parses")),
@@ -273,6 +312,25 @@ mod tests {
         let error = wrong.validate().unwrap_err().to_string();
         assert!(error.contains("postgres://") && error.contains("mysql://root:***@db/x"), "{error}");
         assert!(!error.contains("hunter2"), "{error}");
+    }
+
+    #[test]
+    fn the_event_log_needs_nats_urls_and_a_postgres_store() {
+        let file: Config =
+            toml::from_str("store = \"postgres://tandem@db/tandem\"\nlog = \"nats://a:4222,nats://b:4222\"\n").unwrap();
+        let settings = Config::default().layered_over(file.clone()).validate().unwrap();
+        let log = settings.log.unwrap();
+        assert_eq!(log.servers, vec!["nats://a:4222", "nats://b:4222"]);
+        assert_eq!(log.replicas, None, "by default the cluster's size decides");
+        let flags = Config { log_replicas: Some(1), ..Config::default() };
+        assert_eq!(flags.layered_over(file.clone()).validate().unwrap().log.unwrap().replicas, Some(1));
+        let alone = Config { log: Some("nats://a:4222".into()), ..Config::default() };
+        assert!(matches!(alone.validate(), Err(ConfigError::LogWithoutStore)));
+        let wrong = Config { log: Some("kafka://a".into()), ..Config::default() }.layered_over(file.clone());
+        assert!(wrong.validate().unwrap_err().to_string().contains("nats://"));
+        let too_many = Config { log_replicas: Some(9), ..Config::default() }.layered_over(file);
+        assert!(matches!(too_many.validate(), Err(ConfigError::LogReplicas(9))));
+        assert_eq!(Config::default().validate().unwrap().log, None, "without it, nothing changes");
     }
 
     #[test]

@@ -840,6 +840,96 @@ mod tests {
         );
     }
 
+    /// Every live profile as comparable text: keyed by its sorted
+    /// identifiers (profile ids and source ids are each store's own), with
+    /// its traits, groups, event counts and timeline (message ids and types,
+    /// newest first; an imported row's id without its source's hash). Event times are left out: the tracking API stamps
+    /// `receivedAt` at arrival, which differs between two loads.
+    fn normalized_profiles(store: &dyn Store) -> std::collections::BTreeMap<Vec<String>, Value> {
+        let mut dump = std::collections::BTreeMap::new();
+        let mut after = None;
+        loop {
+            let page = store.list_profiles(after, 500).unwrap();
+            let Some(last) = page.last() else { break };
+            after = Some(last.id);
+            for profile in page {
+                let mut identifiers: Vec<String> = profile
+                    .identifiers
+                    .iter()
+                    .map(|identifier| format!("{}:{}", identifier.kind, identifier.value))
+                    .collect();
+                identifiers.sort();
+                let timeline: Vec<String> = store
+                    .profile_events(profile.id, None, 100_000)
+                    .unwrap()
+                    .iter()
+                    .map(|entry| {
+                        // An imported row's id names its source's id, which each store draws itself.
+                        let id = entry.message_id.as_str();
+                        let id = match id.strip_prefix("imp-").and_then(|rest| rest.get(17..)) {
+                            Some(row) => format!("imp-{row}"),
+                            None => id.to_owned(),
+                        };
+                        format!("{} {id}", entry.event_type.as_str())
+                    })
+                    .collect();
+                let normalized = json!({
+                    "traits": profile.traits,
+                    "groups": profile.groups,
+                    "event_counts": profile.event_counts,
+                    "timeline": timeline,
+                });
+                assert!(dump.insert(identifiers, normalized).is_none(), "two profiles share their identifiers");
+            }
+        }
+        dump
+    }
+
+    /// The same company through the embedded store and through PostgreSQL
+    /// with the NATS JetStream event stream: identical profiles,
+    /// identifiers and timelines. Needs the PostgreSQL test server and
+    /// nats-server (see `tandem_server::stream::testing`).
+    #[test]
+    fn the_demo_company_resolves_the_same_embedded_and_through_postgres_and_nats() {
+        let Some((_database, config)) = tandem_store::postgres::testing::TestDatabase::create() else { return };
+        let nats = tandem_server::stream::testing::NatsServer::start();
+        let company = generate(DEFAULT_SEED, 150, History::ending_before(NOW));
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+
+        let embedded: Arc<dyn Store> = Arc::new(tandem_store::SqliteStore::open(&dir.path().join("data")).unwrap());
+        let (state, writer) =
+            AppState::start(embedded.clone(), tandem_server::DEFAULT_DEDUP_WINDOW, dir.path().join("imports-a"));
+        let loaded_embedded = runtime.block_on(load(&state, &company, &dir.path().join("files-a"))).unwrap();
+        drop(state);
+        writer.join().unwrap();
+        Resolver::load(embedded.clone()).unwrap().catch_up(DEFAULT_BATCH).unwrap();
+
+        let shared: Arc<dyn Store> = Arc::new(tandem_store::PostgresStore::connect_with(config, 8).unwrap());
+        let options = tandem_server::stream::StreamOptions::parse(&nats.url()).unwrap();
+        let stream = runtime.block_on(tandem_server::stream::EventStream::connect(&options)).unwrap();
+        let state = AppState::start_streaming(shared.clone(), stream.clone(), dir.path().join("imports-b"));
+        let loaded_shared = runtime.block_on(load(&state, &company, &dir.path().join("files-b"))).unwrap();
+        assert_eq!(loaded_shared, loaded_embedded);
+        let mut drain = tandem_server::drain::Drain::new(
+            shared.clone(),
+            stream,
+            runtime.handle().clone(),
+            tandem_server::DEFAULT_DEDUP_WINDOW,
+            state.metrics.clone(),
+        );
+        drain.catch_up().unwrap();
+        Resolver::load(shared.clone()).unwrap().catch_up(DEFAULT_BATCH).unwrap();
+
+        assert_eq!(shared.stats().unwrap().events, embedded.stats().unwrap().events);
+        let (embedded, shared) = (normalized_profiles(embedded.as_ref()), normalized_profiles(shared.as_ref()));
+        assert_eq!(embedded.len() as u64, company.expected.profiles());
+        assert_eq!(shared.len(), embedded.len());
+        for (identifiers, profile) in &embedded {
+            assert_eq!(shared.get(identifiers), Some(profile), "the profile of {identifiers:?} differs");
+        }
+    }
+
     /// Runs the whole pipeline on a small company and checks that the
     /// resolver rebuilds exactly the people the generator made.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

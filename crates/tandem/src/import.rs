@@ -1,6 +1,7 @@
 //! `tandem import`: runs a bulk import against the data directory, with a
 //! progress bar on a terminal and plain progress lines otherwise, then prints
-//! what happened to every row.
+//! what happened to every row. With an event stream (`--log nats://…`) the
+//! rows are published to it like a server's imports, for the drain to append.
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -22,6 +23,8 @@ pub struct ImportArgs<'a> {
     pub mapping: &'a Path,
     pub format: Option<&'a str>,
     pub as_json: bool,
+    /// The event stream to publish to instead of appending to the store.
+    pub log: Option<&'a tandem_server::stream::StreamOptions>,
 }
 
 pub fn import(store: &dyn Store, args: ImportArgs<'_>, out: &mut impl Write) -> anyhow::Result<()> {
@@ -52,7 +55,20 @@ pub fn import(store: &dyn Store, args: ImportArgs<'_>, out: &mut impl Write) -> 
         reject_path: reject_path_beside(args.file, format),
     };
     let mut progress = Progress::new(size);
-    let summary = run_import(request, &mut StoreSink(store), &mut |counts| progress.update(counts));
+    let summary = match args.log {
+        None => run_import(request, &mut StoreSink(store), &mut |counts| progress.update(counts)),
+        Some(log) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let stream = runtime.block_on(tandem_server::stream::EventStream::connect(log))?;
+            let mut publish = |batch: tandem_store::IngestBatch| {
+                runtime.block_on(stream.publish(&batch)).map_err(|error| error.to_string())
+            };
+            run_import(request, &mut publish, &mut |counts| progress.update(counts))
+        }
+    };
     progress.finish();
     let summary = summary.with_context(|| format!("import of {} stopped", args.file.display()))?;
     report(&summary, args.as_json, out)

@@ -799,12 +799,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 mapping: &mapping,
                 format: format.as_deref(),
                 as_json: json,
+                log: settings.log.as_ref(),
             };
             import::import(&*open(Access::Existing)?, args, &mut out)
         }
         Command::Stats { json } => commands::stats(&*open(Access::Existing)?, json, &mut out),
         Command::Cluster(ClusterCommand::Status { json }) => {
-            commands::cluster_status(&*open(Access::Existing)?, json, &mut out)
+            let stream = match &settings.log {
+                Some(log) => Some(stream_position(log)?),
+                None => None,
+            };
+            commands::cluster_status(&*open(Access::Existing)?, stream, json, &mut out)
         }
         Command::Token(TokenCommand::Create { name, json }) => {
             commands::create_token(&*open(Access::CreateIfMissing)?, &name, json, &mut out)
@@ -884,7 +889,19 @@ fn server_options(settings: &Settings) -> tandem_server::ServerOptions {
         dedup_window: settings.dedup_window,
         import_dir: settings.data_dir.join("imports"),
         resolver_cache_profiles: settings.resolver_cache_profiles,
+        log: settings.log.clone(),
     }
+}
+
+/// Where the event stream ends, for the drain stage's lag.
+fn stream_position(
+    log: &tandem_server::stream::StreamOptions,
+) -> anyhow::Result<tandem_server::cluster::StreamPosition> {
+    runtime()?.block_on(async {
+        let stream = tandem_server::stream::EventStream::connect(log).await?;
+        let last_sequence = stream.last_sequence().await?;
+        anyhow::Ok(tandem_server::cluster::StreamPosition { stream: stream.name().to_owned(), last_sequence })
+    })
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -916,6 +933,17 @@ fn run_demo(settings: &Settings, store: Arc<dyn Store>, customers: usize, seed: 
                 loaded.delivered,
                 started.elapsed().as_secs_f64()
             );
+        }
+        if let Some(stream) = running.state().stream {
+            // Published, not yet in the log: drain it before resolving.
+            let mut drain = tandem_server::drain::Drain::new(
+                store.clone(),
+                stream,
+                tokio::runtime::Handle::current(),
+                settings.dedup_window,
+                running.state().metrics,
+            );
+            tokio::task::spawn_blocking(move || drain.catch_up()).await??;
         }
         let resolving = store.clone();
         let started = std::time::Instant::now();

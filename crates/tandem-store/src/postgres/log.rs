@@ -20,8 +20,8 @@
 
 use super::{text_from_bytes, PostgresStore};
 use crate::{
-    Dedup, EventLog, IngestBatch, IngestOutcome, IngestStats, LogEntry, LogFilter, QuarantineEntry, QuarantineRecord,
-    SourceStats, Stage, StageCursor, StoreError,
+    Dedup, DrainCommit, EventLog, IngestBatch, IngestOutcome, IngestStats, LogEntry, LogFilter, QuarantineEntry,
+    QuarantineRecord, SourceStats, Stage, StageCursor, StoreError, StreamRange,
 };
 use postgres::types::ToSql;
 use postgres::{GenericClient, IsolationLevel, Row, Transaction};
@@ -257,6 +257,47 @@ impl EventLog for PostgresStore {
             let outcomes = append(&mut transaction, batches, dedup_since_ms)?;
             transaction.commit()?;
             Ok(outcomes)
+        })
+    }
+
+    fn append_drained(
+        &self,
+        stream: &str,
+        drained: StreamRange,
+        batches: &[IngestBatch],
+        dedup_since_ms: i64,
+    ) -> Result<DrainCommit, StoreError> {
+        self.with_client(|client| {
+            let mut transaction = client.transaction()?;
+            transaction.execute(
+                "INSERT INTO stream_cursors (stream, sequence) VALUES ($1, 0) ON CONFLICT (stream) DO NOTHING",
+                &[&stream],
+            )?;
+            // Locked until commit: two drains that both believe they hold the
+            // lease check and move the sequence one after the other.
+            let recorded: i64 = transaction
+                .query_one("SELECT sequence FROM stream_cursors WHERE stream = $1 FOR UPDATE", &[&stream])?
+                .try_get(0)?;
+            if recorded as u64 != drained.after {
+                return Ok(DrainCommit::Stale { recorded: recorded as u64 });
+            }
+            let outcomes = append(&mut transaction, batches, dedup_since_ms)?;
+            transaction.execute(
+                "UPDATE stream_cursors SET sequence = $2 WHERE stream = $1",
+                &[&stream, &(drained.through as i64)],
+            )?;
+            transaction.commit()?;
+            Ok(DrainCommit::Appended(outcomes))
+        })
+    }
+
+    fn drained_sequence(&self, stream: &str) -> Result<u64, StoreError> {
+        self.with_client(|client| {
+            let row = client.query_opt("SELECT sequence FROM stream_cursors WHERE stream = $1", &[&stream])?;
+            Ok(match row {
+                Some(row) => row.try_get::<_, i64>(0)? as u64,
+                None => 0,
+            })
         })
     }
 

@@ -2,7 +2,7 @@
 
 use super::{batch, record};
 use crate::browse::{find_events, EventQuery};
-use crate::{IngestBatch, LogFilter, QuarantineRecord, Store};
+use crate::{Dedup, DrainCommit, IngestBatch, LogFilter, QuarantineRecord, Store, StreamRange};
 use tandem_core::{EventType, LogPosition, LogRecord, SourceId, SourceKind};
 
 pub fn appended_events_read_back_in_order(store: &impl Store) {
@@ -334,4 +334,53 @@ pub fn client_text_with_a_nul_character_is_kept_as_sent(store: &impl Store) {
     assert_eq!(store.list_quarantine(0, 10).unwrap()[0].record, refused);
     let again = store.append(&[batch(vec![record(&web, "m\0a", EventType::Track, 2_000)])], 0).unwrap();
     assert_eq!(again[0].duplicates, 1, "the id still deduplicates");
+}
+
+pub fn drained_batches_record_their_stream_sequence_with_the_events(store: &impl Store) {
+    let web = store.create_source("web", SourceKind::Website).unwrap().id;
+    assert_eq!(store.drained_sequence("events").unwrap(), 0, "nothing drained yet");
+    let first = batch(vec![record(&web, "a", EventType::Track, 1_000)]);
+    let mut kept = batch(vec![record(&web, "imported", EventType::Track, 1_000)]);
+    kept.dedup = Dedup::Forever;
+    let outcome = store.append_drained("events", StreamRange { after: 0, through: 2 }, &[first, kept], 0).unwrap();
+    let DrainCommit::Appended(outcomes) = outcome else { panic!("a fresh stream accepts its first commit") };
+    assert_eq!(outcomes.iter().map(|outcome| outcome.stored).collect::<Vec<_>>(), vec![1, 1]);
+    assert_eq!(store.drained_sequence("events").unwrap(), 2);
+    assert_eq!(store.drained_sequence("other").unwrap(), 0, "each stream has its own sequence");
+
+    // The 24-hour dedup applies to drained events as to any append, and a
+    // drained id kept for good stays a duplicate past the window.
+    let again = batch(vec![record(&web, "a", EventType::Track, 2_000), record(&web, "b", EventType::Track, 2_000)]);
+    let mut kept_again = batch(vec![record(&web, "imported", EventType::Track, 99_000)]);
+    kept_again.dedup = Dedup::Forever;
+    let DrainCommit::Appended(outcomes) =
+        store.append_drained("events", StreamRange { after: 2, through: 5 }, &[again, kept_again], 500).unwrap()
+    else {
+        panic!("the commit after the recorded sequence is accepted")
+    };
+    assert_eq!((outcomes[0].stored, outcomes[0].duplicates), (1, 1));
+    assert_eq!((outcomes[1].stored, outcomes[1].duplicates), (0, 1));
+    assert_eq!(store.drained_sequence("events").unwrap(), 5);
+    let ids: Vec<_> =
+        store.read_log(LogPosition(0), 10).unwrap().iter().map(|entry| entry.message_id.as_str().to_owned()).collect();
+    assert_eq!(ids, vec!["a", "imported", "b"]);
+}
+
+pub fn a_stale_drain_commit_writes_nothing(store: &impl Store) {
+    let web = store.create_source("web", SourceKind::Website).unwrap().id;
+    let first = batch(vec![record(&web, "a", EventType::Track, 1_000)]);
+    assert!(matches!(
+        store.append_drained("events", StreamRange { after: 0, through: 3 }, &[first], 0).unwrap(),
+        DrainCommit::Appended(_)
+    ));
+    // A second drain that read the same messages (it also believed it held
+    // the lease) is refused whole: the log keeps one copy.
+    let replay = batch(vec![record(&web, "a2", EventType::Track, 1_000)]);
+    assert_eq!(
+        store.append_drained("events", StreamRange { after: 0, through: 3 }, &[replay], 0).unwrap(),
+        DrainCommit::Stale { recorded: 3 }
+    );
+    assert_eq!(store.drained_sequence("events").unwrap(), 3);
+    assert_eq!(store.read_log(LogPosition(0), 10).unwrap().len(), 1);
+    assert_eq!(store.stats().unwrap().events, 1, "a refused commit counts nothing");
 }

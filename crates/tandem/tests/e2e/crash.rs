@@ -9,7 +9,7 @@ use std::time::Duration;
 
 /// Sends batches from several threads until told to stop or the server is
 /// gone; returns every messageId the server acknowledged.
-fn load_until_stopped(
+pub(crate) fn load_until_stopped(
     url: &str,
     write_key: &str,
     stop: Arc<AtomicBool>,

@@ -10,3 +10,4 @@ mod demo;
 mod destination;
 mod import;
 mod sdk;
+mod stream;

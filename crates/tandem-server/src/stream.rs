@@ -1,0 +1,402 @@
+//! The event stream between nodes (NATS JetStream), used when the server
+//! runs with `--log nats://…` beside a PostgreSQL store. Every node's
+//! collect stage publishes each accepted batch here and answers only after
+//! JetStream acknowledged every message (stored, on a quorum of replicas for
+//! a replicated stream); the drain stage ([`crate::drain`]) on one node then
+//! appends the stream, in order, into the PostgreSQL log that every later
+//! stage follows.
+//!
+//! One message per event or refusal, on the subject `tandem.events.<source>`.
+//! An event carries `Nats-Msg-Id` = source id and `messageId`, so JetStream
+//! drops an SDK's retry within its duplicate window; the drain applies the
+//! 24-hour (or permanent) `messageId` dedup of the log on top.
+
+pub mod testing;
+
+use async_nats::jetstream;
+use async_nats::jetstream::consumer::pull::Config as PullConfig;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use tandem_core::{EventType, LogRecord, MessageId, SourceId};
+use tandem_store::{Dedup, IngestBatch, IngestOutcome, QuarantineRecord};
+
+/// The stream's name unless configured otherwise.
+pub const DEFAULT_STREAM_NAME: &str = "TANDEM_EVENTS";
+/// Every subject of the stream starts with this; the source id follows.
+pub const SUBJECT_PREFIX: &str = "tandem.events";
+/// The drain stage's durable pull consumer.
+pub const DRAIN_CONSUMER: &str = "tandem-drain";
+/// How long JetStream drops a repeated `Nats-Msg-Id` (its own default).
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// How long a message stays in the stream after it was published. The drain
+/// normally keeps up within seconds; this bounds the stream's disk while
+/// leaving a week to bring a stopped drain back.
+const MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How long a drained batch may stay unacknowledged before JetStream
+/// offers it again (the drain skips what it already committed).
+const DRAIN_ACK_WAIT: Duration = Duration::from_secs(60);
+
+/// Where the stream lives and how it is made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamOptions {
+    /// `nats://host:port` of one or more servers of the NATS cluster.
+    pub servers: Vec<String>,
+    /// The stream's name.
+    pub stream: String,
+    /// Replicas of a stream created here; `None` for min(3, cluster size).
+    pub replicas: Option<usize>,
+    /// How long JetStream drops a repeated `Nats-Msg-Id` in a stream created
+    /// here (JetStream's default, two minutes, unless set).
+    pub duplicate_window: Duration,
+}
+
+impl StreamOptions {
+    /// Options for the servers of a `nats://a:4222,b:4222` URL list.
+    pub fn parse(urls: &str) -> Result<StreamOptions, StreamError> {
+        let servers: Vec<String> =
+            urls.split(',').map(str::trim).filter(|url| !url.is_empty()).map(str::to_owned).collect();
+        if servers.is_empty() || servers.iter().any(|url| !url.starts_with("nats://") || url.len() <= "nats://".len()) {
+            return Err(StreamError::Url(urls.to_owned()));
+        }
+        Ok(StreamOptions {
+            servers,
+            stream: DEFAULT_STREAM_NAME.to_owned(),
+            replicas: None,
+            duplicate_window: DUPLICATE_WINDOW,
+        })
+    }
+}
+
+/// The stream could not be reached, set up, written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("log must be a list of nats://host:port URLs separated by commas, got {0:?}")]
+    Url(String),
+    #[error("cannot connect to nats at {servers}: {reason}")]
+    Connect { servers: String, reason: String },
+    #[error("cannot create or open the {stream} stream: {reason}")]
+    Setup { stream: String, reason: String },
+    #[error("publishing to the event stream failed: {0}")]
+    Publish(String),
+    #[error("reading the event stream failed: {0}")]
+    Read(String),
+}
+
+/// A connection to the event stream; cheap to clone.
+#[derive(Clone)]
+pub struct EventStream {
+    client: async_nats::Client,
+    jetstream: jetstream::Context,
+    stream: String,
+}
+
+impl std::fmt::Debug for EventStream {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("EventStream").field("stream", &self.stream).finish()
+    }
+}
+
+impl EventStream {
+    /// Connects (the client reconnects on its own afterwards) and creates
+    /// the stream when it is missing.
+    pub async fn connect(options: &StreamOptions) -> Result<EventStream, StreamError> {
+        let client = async_nats::ConnectOptions::new()
+            .name("tandem")
+            .connection_timeout(Duration::from_secs(5))
+            .connect(options.servers.clone())
+            .await
+            .map_err(|error| StreamError::Connect { servers: options.servers.join(","), reason: error.to_string() })?;
+        let jetstream = jetstream::new(client.clone());
+        let info = client.server_info();
+        // Every server of a cluster is listed in `connect_urls` (this one too).
+        let cluster_size = if info.cluster.is_some() { info.connect_urls.len().max(options.servers.len()) } else { 1 };
+        let replicas = options.replicas.unwrap_or(cluster_size.clamp(1, 3));
+        let config = jetstream::stream::Config {
+            name: options.stream.clone(),
+            subjects: vec![format!("{SUBJECT_PREFIX}.>")],
+            num_replicas: replicas,
+            duplicate_window: options.duplicate_window,
+            max_age: MAX_AGE,
+            storage: jetstream::stream::StorageType::File,
+            retention: jetstream::stream::RetentionPolicy::Limits,
+            ..Default::default()
+        };
+        jetstream
+            .get_or_create_stream(config)
+            .await
+            .map_err(|error| StreamError::Setup { stream: options.stream.clone(), reason: error.to_string() })?;
+        Ok(EventStream { client, jetstream, stream: options.stream.clone() })
+    }
+
+    /// The stream's name.
+    pub fn name(&self) -> &str {
+        &self.stream
+    }
+
+    /// Whether the client is connected to a NATS server now.
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Publishes a batch's events and refusals and waits for JetStream's
+    /// acknowledgement of every one. `stored` counts the events JetStream
+    /// stored, `duplicates` those it dropped as repeats within its window;
+    /// the drain's dedup may still find an event stored in the log before.
+    pub async fn publish(&self, batch: &IngestBatch) -> Result<IngestOutcome, StreamError> {
+        let mut acks = Vec::with_capacity(batch.records.len() + batch.rejected.len());
+        for record in &batch.records {
+            let body = serde_json::to_vec(&StreamMessage::event(record, batch.dedup))
+                .map_err(|error| StreamError::Publish(error.to_string()))?;
+            let publish =
+                jetstream::message::PublishMessage::build().payload(body.into()).message_id(message_id(record));
+            acks.push(
+                self.jetstream
+                    .send_publish(subject(&record.source_id), publish)
+                    .await
+                    .map_err(|error| StreamError::Publish(error.to_string()))?,
+            );
+        }
+        for rejected in &batch.rejected {
+            let body = serde_json::to_vec(&StreamMessage::rejected(rejected))
+                .map_err(|error| StreamError::Publish(error.to_string()))?;
+            acks.push(
+                self.jetstream
+                    .send_publish(
+                        subject(&rejected.source_id),
+                        jetstream::message::PublishMessage::build().payload(body.into()),
+                    )
+                    .await
+                    .map_err(|error| StreamError::Publish(error.to_string()))?,
+            );
+        }
+        let mut outcome = IngestOutcome { quarantined: batch.rejected.len() as u32, ..IngestOutcome::default() };
+        for (index, ack) in acks.into_iter().enumerate() {
+            let ack = ack.await.map_err(|error| StreamError::Publish(error.to_string()))?;
+            if index < batch.records.len() {
+                if ack.duplicate {
+                    outcome.duplicates += 1;
+                } else {
+                    outcome.stored += 1;
+                }
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// The sequence of the newest message in the stream; 0 when empty.
+    pub async fn last_sequence(&self) -> Result<u64, StreamError> {
+        let mut stream =
+            self.jetstream.get_stream(&self.stream).await.map_err(|error| StreamError::Read(error.to_string()))?;
+        let info = stream.info().await.map_err(|error| StreamError::Read(error.to_string()))?;
+        Ok(info.state.last_sequence)
+    }
+
+    /// The drain's durable pull consumer, made anew to start right after
+    /// `drained` (the sequence the log has recorded), so the stream, not the
+    /// consumer's own state, never decides where draining resumes.
+    pub async fn drain_consumer(&self, drained: u64) -> Result<PullConsumer, StreamError> {
+        let stream =
+            self.jetstream.get_stream(&self.stream).await.map_err(|error| StreamError::Read(error.to_string()))?;
+        // Absent the first time; any other failure shows in the create below.
+        let _ = stream.delete_consumer(DRAIN_CONSUMER).await;
+        let config = PullConfig {
+            durable_name: Some(DRAIN_CONSUMER.to_owned()),
+            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: drained + 1 },
+            ack_policy: AckPolicy::All,
+            ack_wait: DRAIN_ACK_WAIT,
+            ..Default::default()
+        };
+        stream.create_consumer(config).await.map_err(|error| StreamError::Read(error.to_string()))
+    }
+}
+
+/// `tandem.events.<source id>`, with characters a subject token cannot hold replaced.
+fn subject(source: &SourceId) -> String {
+    let token: String =
+        source
+            .as_str()
+            .chars()
+            .map(|character| {
+                if character.is_ascii_alphanumeric() || character == '-' || character == '_' {
+                    character
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+    format!("{SUBJECT_PREFIX}.{token}")
+}
+
+/// `Nats-Msg-Id`: the source id and the `messageId`; a `messageId` a header
+/// cannot carry (control characters) is sent base64-encoded.
+fn message_id(record: &LogRecord) -> String {
+    let id = record.message_id.as_str();
+    if id.chars().any(char::is_control) {
+        format!("{}:b64:{}", record.source_id.as_str(), base64::engine::general_purpose::STANDARD.encode(id))
+    } else {
+        format!("{}:{}", record.source_id.as_str(), id)
+    }
+}
+
+/// One message of the stream as the collect stage writes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum StreamMessage {
+    /// An accepted event, with how long its `messageId` keeps repeats out.
+    Event {
+        source_id: String,
+        message_id: String,
+        event_type: String,
+        received_at_ms: i64,
+        timestamp_ms: i64,
+        /// Kept for good (imports, webhooks) instead of for the dedup window.
+        #[serde(default)]
+        dedup_forever: bool,
+        payload: String,
+    },
+    /// A refused message, bound for quarantine.
+    Rejected {
+        source_id: String,
+        received_at_ms: i64,
+        batch_index: Option<u32>,
+        code: String,
+        field: Option<String>,
+        message: String,
+        payload: String,
+    },
+}
+
+impl StreamMessage {
+    fn event(record: &LogRecord, dedup: Dedup) -> StreamMessage {
+        StreamMessage::Event {
+            source_id: record.source_id.as_str().to_owned(),
+            message_id: record.message_id.as_str().to_owned(),
+            event_type: record.event_type.as_str().to_owned(),
+            received_at_ms: record.received_at_ms,
+            timestamp_ms: record.timestamp_ms,
+            dedup_forever: dedup == Dedup::Forever,
+            payload: record.payload.clone(),
+        }
+    }
+
+    fn rejected(rejected: &QuarantineRecord) -> StreamMessage {
+        StreamMessage::Rejected {
+            source_id: rejected.source_id.as_str().to_owned(),
+            received_at_ms: rejected.received_at_ms,
+            batch_index: rejected.batch_index,
+            code: rejected.code.clone(),
+            field: rejected.field.clone(),
+            message: rejected.message.clone(),
+            payload: rejected.payload.clone(),
+        }
+    }
+
+    /// Reads a message body; `None` for one that is not a Tandem stream message.
+    pub fn decode(body: &[u8]) -> Option<StreamMessage> {
+        let message: StreamMessage = serde_json::from_slice(body).ok()?;
+        if let StreamMessage::Event { event_type, .. } = &message {
+            event_type.parse::<EventType>().ok()?;
+        }
+        Some(message)
+    }
+
+    /// The message as a one-message batch for [`tandem_store::EventLog::append_drained`].
+    pub fn into_batch(self) -> IngestBatch {
+        match self {
+            StreamMessage::Event {
+                source_id,
+                message_id,
+                event_type,
+                received_at_ms,
+                timestamp_ms,
+                dedup_forever,
+                payload,
+            } => IngestBatch {
+                records: vec![LogRecord {
+                    source_id: SourceId::new(source_id),
+                    message_id: MessageId::new(message_id),
+                    // `decode` checked it.
+                    event_type: event_type.parse().unwrap_or(EventType::Track),
+                    received_at_ms,
+                    timestamp_ms,
+                    payload,
+                }],
+                rejected: Vec::new(),
+                dedup: if dedup_forever { Dedup::Forever } else { Dedup::Window },
+            },
+            StreamMessage::Rejected { source_id, received_at_ms, batch_index, code, field, message, payload } => {
+                IngestBatch {
+                    records: Vec::new(),
+                    rejected: vec![QuarantineRecord {
+                        source_id: SourceId::new(source_id),
+                        received_at_ms,
+                        batch_index,
+                        code,
+                        field,
+                        message,
+                        payload,
+                    }],
+                    dedup: Dedup::Window,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(message_id: &str) -> LogRecord {
+        LogRecord {
+            source_id: SourceId::new("src.1"),
+            message_id: MessageId::new(message_id),
+            event_type: EventType::Identify,
+            received_at_ms: 5,
+            timestamp_ms: 4,
+            payload: r#"{"type":"identify"}"#.into(),
+        }
+    }
+
+    #[test]
+    fn messages_round_trip_into_the_batches_the_log_stores() {
+        let event = StreamMessage::event(&record("m1"), Dedup::Forever);
+        let body = serde_json::to_vec(&event).unwrap();
+        let batch = StreamMessage::decode(&body).unwrap().into_batch();
+        assert_eq!(batch.records, vec![record("m1")]);
+        assert_eq!(batch.dedup, Dedup::Forever);
+        let refusal = QuarantineRecord {
+            source_id: SourceId::new("s"),
+            received_at_ms: 9,
+            batch_index: Some(3),
+            code: "invalid_value".into(),
+            field: Some("userId".into()),
+            message: "bad".into(),
+            payload: "{}".into(),
+        };
+        let body = serde_json::to_vec(&StreamMessage::rejected(&refusal)).unwrap();
+        assert_eq!(StreamMessage::decode(&body).unwrap().into_batch().rejected, vec![refusal]);
+        assert_eq!(StreamMessage::decode(b"{\"kind\":\"event\"}"), None);
+        assert_eq!(StreamMessage::decode(b"not json"), None);
+    }
+
+    #[test]
+    fn subjects_and_message_ids_are_safe_for_nats() {
+        assert_eq!(subject(&SourceId::new("src.1 x>")), "tandem.events.src_1_x_");
+        assert_eq!(message_id(&record("abc")), "src.1:abc");
+        let odd = message_id(&record("a\r\nb"));
+        assert!(odd.starts_with("src.1:b64:") && !odd.contains('\n'), "{odd}");
+    }
+
+    #[test]
+    fn log_urls_must_all_be_nats() {
+        let options = StreamOptions::parse("nats://a:4222, nats://b:4222").unwrap();
+        assert_eq!(options.servers, vec!["nats://a:4222", "nats://b:4222"]);
+        assert_eq!(options.stream, DEFAULT_STREAM_NAME);
+        assert!(matches!(StreamOptions::parse("kafka://a"), Err(StreamError::Url(_))));
+        assert!(matches!(StreamOptions::parse(""), Err(StreamError::Url(_))));
+        assert!(matches!(StreamOptions::parse("nats://a:1,http://b"), Err(StreamError::Url(_))));
+    }
+}
