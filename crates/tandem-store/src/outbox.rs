@@ -9,7 +9,7 @@
 
 use serde::Serialize;
 use tandem_core::activate::DestinationDefinition;
-use tandem_core::LogPosition;
+use tandem_core::{LogPosition, ProfileId};
 
 use crate::{MembershipChange, Stage, StoreError};
 
@@ -76,6 +76,9 @@ pub struct NewOutboxItem {
     pub position: LogPosition,
     /// What is delivered: the event as Segment JSON.
     pub payload: String,
+    /// The profile the item is about when enqueued (the event's owner, or
+    /// the profile that entered or left), for filtering dead letters.
+    pub profile: Option<ProfileId>,
 }
 
 /// An item waiting in a destination's outbox.
@@ -105,6 +108,16 @@ pub struct DeadLetter {
     pub attempts: u32,
     pub last_error: String,
     pub dead_at_ms: i64,
+    /// The profile the item was about when enqueued, if known.
+    pub profile: Option<ProfileId>,
+}
+
+/// Which dead letters a listing or a replay takes: all, or only those that
+/// died at or after `since_ms`, or only those about `profile`; both narrow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeadLetterFilter {
+    pub since_ms: Option<i64>,
+    pub profile: Option<ProfileId>,
 }
 
 /// What the outbox stage writes in one transaction.
@@ -179,13 +192,20 @@ pub trait OutboxStore: Send + Sync + 'static {
     /// Records a failed attempt of one item: a retry or a dead letter.
     fn record_failure(&self, id: OutboxItemId, failure: &FailedAttempt) -> Result<(), StoreError>;
 
-    /// A destination's dead letters, oldest item first, at most `limit`.
-    fn dead_letters(&self, destination: &str, limit: usize) -> Result<Vec<DeadLetter>, StoreError>;
+    /// Dead letters that pass `filter`, of one destination or (`None`) of
+    /// every destination, in enqueue order (oldest item first), at most `limit`.
+    fn dead_letters(
+        &self,
+        destination: Option<&str>,
+        filter: &DeadLetterFilter,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError>;
 
-    /// Puts every dead letter of a destination back in its outbox, at its
-    /// original place in the order, as new (no attempts); returns how many.
-    /// [`StoreError::DestinationNotFound`] when there is none of that name.
-    fn replay_dead_letters(&self, destination: &str) -> Result<u64, StoreError>;
+    /// Puts the dead letters of a destination that pass `filter` back in
+    /// its outbox, each at its original place in the order, as new (no
+    /// attempts); returns how many. [`StoreError::DestinationNotFound`]
+    /// when there is none of that name.
+    fn replay_dead_letters(&self, destination: &str, filter: &DeadLetterFilter) -> Result<u64, StoreError>;
 }
 
 /// A definition as stored: JSON text.

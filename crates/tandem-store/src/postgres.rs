@@ -243,6 +243,10 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX dead_letters_by_destination ON dead_letters (destination, id);"#,
     // 6: a destination can be paused (see `sqlite.rs`, migration 12).
     r#"ALTER TABLE destinations ADD COLUMN paused BOOLEAN NOT NULL DEFAULT FALSE;"#,
+    // 7: the profile an outbox item is about (see `sqlite.rs`, migration 13).
+    r#"ALTER TABLE outbox ADD COLUMN profile_id BIGINT;
+    ALTER TABLE dead_letters ADD COLUMN profile_id BIGINT;
+    CREATE INDEX dead_letters_by_time ON dead_letters (dead_at);"#,
 ];
 
 /// The PostgreSQL implementation of [`crate::Store`].

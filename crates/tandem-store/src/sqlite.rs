@@ -252,6 +252,11 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX dead_letters_by_destination ON dead_letters (destination, id);",
     // 12: a destination can be paused (its items are kept, in order, unsent).
     "ALTER TABLE destinations ADD COLUMN paused INTEGER NOT NULL DEFAULT 0;",
+    // 13: the profile an outbox item is about, kept into the dead letters
+    // so they can be listed and replayed per profile and by time.
+    "ALTER TABLE outbox ADD COLUMN profile_id INTEGER;
+    ALTER TABLE dead_letters ADD COLUMN profile_id INTEGER;
+    CREATE INDEX dead_letters_by_time ON dead_letters (dead_at);",
 ];
 
 /// The `received_at` of a message id kept for good ([`Dedup::Forever`]).
