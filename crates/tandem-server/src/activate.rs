@@ -41,7 +41,7 @@ use tandem_store::{
 
 use crate::cluster::{LeaseKeeper, LeaseTurn};
 use crate::log_head::LogHead;
-use crate::metrics::Metrics;
+use crate::metrics::{DestinationLabels, Metrics};
 
 /// Events the outbox stage reads per commit.
 const EVENT_BATCH: usize = 1_000;
@@ -355,6 +355,7 @@ impl DeliveryWorker {
         let first_failed_at_ms = head.first_failed_at_ms.unwrap_or(now);
         let jitter = self.random.below(1_000_000) as f64 / 1_000_000.0;
         let error = failure.to_string();
+        self.metrics.count_destination_items(&self.name, "failed", batch.len() as u64);
         if batch.len() > 1 && failure.class() == tandem_core::activate::FailureClass::Permanent {
             // The receiver refused the batch: try its items one by one, so
             // only the item it refuses becomes a dead letter.
@@ -530,8 +531,16 @@ pub fn spawn(
                 }
                 match store.list_destinations() {
                     Ok(destinations) => {
+                        for record in &destinations {
+                            let waiting = record.counts.pending + record.counts.retrying;
+                            let labels = DestinationLabels { destination: record.definition.name.clone() };
+                            metrics.destination_lag_items.get_or_create(&labels).set(waiting as i64);
+                        }
                         let names: Vec<String> =
                             destinations.into_iter().map(|record| record.definition.name).collect();
+                        for name in workers.keys().filter(|name| !names.contains(name)) {
+                            metrics.destination_lag_items.remove(&DestinationLabels { destination: name.clone() });
+                        }
                         stop_workers(&mut workers, |name| !names.contains(&name.to_owned()));
                         for name in names {
                             workers
@@ -776,7 +785,11 @@ mod tests {
             store.destination("crm").unwrap().unwrap().counts,
             OutboxCounts { pending: 0, retrying: 0, delivered: 5, dead: 0 }
         );
-        assert!(metrics.render().contains(r#"destination_items_total{destination="crm",outcome="delivered"} 5"#));
+        let text = metrics.render();
+        assert!(text.contains(r#"destination_items_total{destination="crm",outcome="delivered"} 5"#));
+        assert!(text.contains(r#"destination_items_total{destination="crm",outcome="retrying"} 3"#), "{text}");
+        // The batch of five, then the head item alone, twice.
+        assert!(text.contains(r#"destination_items_total{destination="crm",outcome="failed"} 7"#), "{text}");
     }
 
     #[test]

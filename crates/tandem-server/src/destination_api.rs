@@ -92,6 +92,8 @@ pub fn destination_json(record: &DestinationRecord) -> Value {
         "definition": definition,
         "created_at": format_ms(record.created_at_ms),
         "counts": record.counts,
+        // Items waiting to be sent: the destination's backlog.
+        "lag": record.counts.pending + record.counts.retrying,
         "paused": record.paused,
     })
 }

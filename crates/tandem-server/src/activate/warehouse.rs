@@ -176,10 +176,10 @@ impl Warehouse {
         for profile in &profiles {
             let id = profile.id.to_string();
             profile_rows.ids.push(id.clone());
-            profile_rows.traits.push(Value::Object(profile.traits.clone()).to_string());
+            profile_rows.traits.push(jsonb_text(&Value::Object(profile.traits.clone())));
             profile_rows
                 .computed
-                .push(Value::Object(computed.get(&profile.id).cloned().unwrap_or_default()).to_string());
+                .push(jsonb_text(&Value::Object(computed.get(&profile.id).cloned().unwrap_or_default())));
             profile_rows.first_seen_ms.push(profile.first_seen_ms);
             profile_rows.last_seen_ms.push(profile.last_seen_ms);
             for identifier in &profile.identifiers {
@@ -309,6 +309,18 @@ fn migrate(client: &mut Client, schema: &str) -> Result<(), postgres::Error> {
     transaction.commit()
 }
 
+/// JSON text PostgreSQL's `jsonb` accepts: it refuses the NUL character
+/// (`\u0000`), which a client may send inside a string, so NUL becomes
+/// U+FFFD, the replacement character.
+fn jsonb_text(value: &Value) -> String {
+    let text = value.to_string();
+    if text.contains("\\u0000") {
+        text.replace("\\u0000", "\\ufffd")
+    } else {
+        text
+    }
+}
+
 #[derive(Default)]
 struct EventColumns {
     positions: Vec<i64>,
@@ -333,7 +345,7 @@ impl EventColumns {
                 .and_then(|at| chrono::DateTime::parse_from_rfc3339(&at).ok())
                 .map(|at| at.timestamp_millis()),
         );
-        self.payloads.push(event.to_string());
+        self.payloads.push(jsonb_text(event));
     }
 }
 
@@ -360,4 +372,18 @@ struct IdentifierColumns {
     kinds: Vec<String>,
     values: Vec<String>,
     profiles: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jsonb_text_replaces_the_nul_character_jsonb_refuses() {
+        let value = serde_json::json!({"note": "a\u{0}b", "ok": "plain"});
+        let text = jsonb_text(&value);
+        let back: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(back["note"], "a\u{fffd}b");
+        assert_eq!(back["ok"], "plain");
+    }
 }
