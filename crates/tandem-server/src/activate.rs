@@ -448,9 +448,19 @@ fn batch_body(batch: &[OutboxItem]) -> String {
 
 /// Sends one sample item to a destination right now, outside its outbox
 /// (nothing is enqueued, counted or retried), and says what the receiver
-/// did: for checking a new destination's address, credentials and TLS.
+/// did: for checking a new destination's address, credentials and TLS. A
+/// warehouse is only connected to and migrated.
 pub fn send_test(store: &dyn Store, name: &str, now_ms: i64) -> Result<Result<Receipt, AttemptFailure>, StoreError> {
     let Some(record) = store.destination(name)? else { return Err(StoreError::DestinationNotFound(name.to_owned())) };
+    if let DestinationSettings::Warehouse(settings) = &record.definition.destination {
+        // A sample row would stay in the warehouse's tables for good: the
+        // test connects and migrates, which checks the address, the
+        // credentials and the rights on the schema, and writes nothing else.
+        return Ok(warehouse::Warehouse::connect(settings).map(|_| Receipt {
+            status: None,
+            detail: format!("connected; the tables in schema {} are up to date", settings.schema()),
+        }));
+    }
     let at = chrono::DateTime::from_timestamp_millis(now_ms).map(tandem_core::event::format_timestamp);
     let payload = match record.definition.audiences.first() {
         Some(subscription) if record.definition.events.is_none() => serde_json::json!({
@@ -1393,6 +1403,8 @@ mod tests {
         let mut worker = DeliveryWorker::new(store.clone(), "dwh", clock, Metrics::new());
         assert_eq!(drain(&mut worker, &now), vec![DeliveryReport::Delivered(4)]);
 
+        let tested = send_test(&*store, "dwh", 0).unwrap().unwrap();
+        assert!(tested.detail.contains("schema tandem"), "{tested:?}");
         let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
         let count = |client: &mut postgres::Client, sql: &str| -> i64 { client.query_one(sql, &[]).unwrap().get(0) };
         assert_eq!(count(&mut client, "SELECT count(*) FROM tandem.events"), 1);
