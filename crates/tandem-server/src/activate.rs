@@ -176,8 +176,13 @@ impl OutboxStage {
                 });
             }
         }
-        let commit =
-            OutboxCommit { cursor: OutboxCursor::AudienceHistory, from: LogPosition(from), to: LogPosition(to), items };
+        let commit = OutboxCommit {
+            cursor: OutboxCursor::AudienceHistory,
+            from: LogPosition(from),
+            to: LogPosition(to),
+            items,
+            at_ms: chrono::Utc::now().timestamp_millis(),
+        };
         match self.store.commit_outbox(&commit)? {
             OutboxCommitOutcome::Committed => Ok(changes.len()),
             OutboxCommitOutcome::StalePosition => Ok(0),
@@ -224,7 +229,8 @@ impl OutboxStage {
                 }
             }
         }
-        match self.store.commit_outbox(&OutboxCommit { cursor: OutboxCursor::Log, from, to, items })? {
+        let at_ms = chrono::Utc::now().timestamp_millis();
+        match self.store.commit_outbox(&OutboxCommit { cursor: OutboxCursor::Log, from, to, items, at_ms })? {
             OutboxCommitOutcome::Committed => Ok(entries.len()),
             // Another node's stage enqueued these; read on from its cursor.
             OutboxCommitOutcome::StalePosition => Ok(0),
@@ -541,15 +547,20 @@ pub fn spawn(
                 }
                 match store.list_destinations() {
                     Ok(destinations) => {
+                        let now = clock();
                         for record in &destinations {
                             let waiting = record.counts.pending + record.counts.retrying;
                             let labels = DestinationLabels { destination: record.definition.name.clone() };
                             metrics.destination_lag_items.get_or_create(&labels).set(waiting as i64);
+                            let behind_ms = record.head_enqueued_at_ms.map_or(0, |at| now.saturating_sub(at).max(0));
+                            metrics.destination_lag_seconds.get_or_create(&labels).set(behind_ms / 1_000);
                         }
                         let names: Vec<String> =
                             destinations.into_iter().map(|record| record.definition.name).collect();
                         for name in workers.keys().filter(|name| !names.contains(name)) {
-                            metrics.destination_lag_items.remove(&DestinationLabels { destination: name.clone() });
+                            let labels = DestinationLabels { destination: name.clone() };
+                            metrics.destination_lag_items.remove(&labels);
+                            metrics.destination_lag_seconds.remove(&labels);
                         }
                         stop_workers(&mut workers, |name| !names.contains(&name.to_owned()));
                         for name in names {

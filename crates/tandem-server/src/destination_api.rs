@@ -92,8 +92,10 @@ pub fn destination_json(record: &DestinationRecord) -> Value {
         "definition": definition,
         "created_at": format_ms(record.created_at_ms),
         "counts": record.counts,
-        // Items waiting to be sent: the destination's backlog.
+        // Items waiting to be sent: the destination's backlog, and when
+        // the next of them was enqueued.
         "lag": record.counts.pending + record.counts.retrying,
+        "next_enqueued_at": record.head_enqueued_at_ms.map(format_ms),
         "paused": record.paused,
     })
 }

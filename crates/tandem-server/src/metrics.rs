@@ -78,6 +78,8 @@ pub struct Metrics {
     pub destination_items: Family<DeliveryLabels, Counter>,
     /// Items per destination waiting in its outbox (new or retrying).
     pub destination_lag_items: Family<DestinationLabels, Gauge>,
+    /// How long the next item of each destination has waited, in seconds.
+    pub destination_lag_seconds: Family<DestinationLabels, Gauge>,
     pub outbox_lag_events: Gauge,
 }
 
@@ -196,6 +198,12 @@ impl Metrics {
             "Items waiting in each destination's outbox, new or retrying",
             destination_lag_items.clone(),
         );
+        let destination_lag_seconds = Family::<DestinationLabels, Gauge>::default();
+        registry.register(
+            "destination_lag_seconds",
+            "How long the next item of each destination's outbox has waited since it was enqueued (0 when empty)",
+            destination_lag_seconds.clone(),
+        );
         let outbox_lag_events = Gauge::default();
         registry.register(
             "outbox_lag_events",
@@ -207,6 +215,7 @@ impl Metrics {
             registry: std::sync::Arc::new(registry),
             destination_items,
             destination_lag_items,
+            destination_lag_seconds,
             outbox_lag_events,
             audience_lag_events,
             audience_membership_changes,

@@ -67,6 +67,10 @@ pub struct DestinationRecord {
     pub counts: OutboxCounts,
     /// Paused: items are still enqueued, in order, but none is sent.
     pub paused: bool,
+    /// When the head of the outbox (the next item to send) was first
+    /// enqueued; `None` when the outbox is empty or the item predates the
+    /// record. `now - this` is how far the destination lags.
+    pub head_enqueued_at_ms: Option<i64>,
 }
 
 /// An item to enqueue: one event of the log for one destination.
@@ -132,6 +136,9 @@ pub struct OutboxCommit {
     /// Enqueued in this order; items of a destination that no longer
     /// exists (deleted while the stage read) are dropped.
     pub items: Vec<NewOutboxItem>,
+    /// When the items are enqueued (milliseconds); kept with each item,
+    /// into the dead letters and back, to measure a destination's lag.
+    pub at_ms: i64,
 }
 
 /// What became of an [`OutboxCommit`]; only `Committed` wrote anything.

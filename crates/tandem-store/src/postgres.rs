@@ -246,6 +246,8 @@ const MIGRATIONS: &[&str] = &[
     // 7: the profile an outbox item is about (see `sqlite.rs`, migration 13).
     r#"ALTER TABLE outbox ADD COLUMN profile_id BIGINT;
     ALTER TABLE dead_letters ADD COLUMN profile_id BIGINT;
+    ALTER TABLE outbox ADD COLUMN enqueued_at BIGINT;
+    ALTER TABLE dead_letters ADD COLUMN enqueued_at BIGINT;
     CREATE INDEX dead_letters_by_time ON dead_letters (dead_at);"#,
 ];
 

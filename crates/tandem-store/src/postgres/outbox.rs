@@ -18,7 +18,8 @@ use tandem_core::{LogPosition, ProfileId};
 const RECORD_QUERY: &str = "SELECT d.name, d.definition, d.created_at, d.delivered,
         (SELECT COUNT(*) FROM outbox o WHERE o.destination = d.name AND o.attempts = 0),
         (SELECT COUNT(*) FROM outbox o WHERE o.destination = d.name AND o.attempts > 0),
-        (SELECT COUNT(*) FROM dead_letters l WHERE l.destination = d.name), d.paused
+        (SELECT COUNT(*) FROM dead_letters l WHERE l.destination = d.name), d.paused,
+        (SELECT o.enqueued_at FROM outbox o WHERE o.destination = d.name ORDER BY o.id LIMIT 1)
      FROM destinations d";
 
 fn decode_record(row: &Row) -> Result<DestinationRecord, StoreError> {
@@ -33,6 +34,7 @@ fn decode_record(row: &Row) -> Result<DestinationRecord, StoreError> {
             dead: row.try_get::<_, i64>(6)? as u64,
         },
         paused: row.try_get(7)?,
+        head_enqueued_at_ms: row.try_get(8)?,
     })
 }
 
@@ -138,15 +140,14 @@ impl OutboxStore for PostgresStore {
                 return Ok(OutboxCommitOutcome::StalePosition);
             }
             let enqueue = transaction.prepare(
-                "INSERT INTO outbox (destination, position, payload, profile_id)
-                 SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM destinations WHERE name = $1)",
+                "INSERT INTO outbox (destination, position, payload, profile_id, enqueued_at)
+                 SELECT $1, $2, $3, $4, $5 WHERE EXISTS (SELECT 1 FROM destinations WHERE name = $1)",
             )?;
             for item in &commit.items {
                 let profile = item.profile.map(|id| id.0 as i64);
-                transaction.execute(
-                    &enqueue,
-                    &[&item.destination, &(item.position.0 as i64), &item.payload.as_bytes(), &profile],
-                )?;
+                let values: [&(dyn postgres::types::ToSql + Sync); 5] =
+                    [&item.destination, &(item.position.0 as i64), &item.payload.as_bytes(), &profile, &commit.at_ms];
+                transaction.execute(&enqueue, &values)?;
             }
             transaction.execute(
                 "UPDATE stage_cursors SET position = $2 WHERE stage = $1",
@@ -226,8 +227,8 @@ impl OutboxStore for PostgresStore {
                 FailedAttempt::DeadLetter { at_ms, error } => {
                     transaction.execute(
                         "INSERT INTO dead_letters
-                             (id, destination, position, payload, attempts, last_error, dead_at, profile_id)
-                         SELECT id, destination, position, payload, attempts + 1, $2, $3, profile_id
+                             (id, destination, position, payload, attempts, last_error, dead_at, profile_id, enqueued_at)
+                         SELECT id, destination, position, payload, attempts + 1, $2, $3, profile_id, enqueued_at
                          FROM outbox WHERE id = $1",
                         &[&id, error, at_ms],
                     )?;
@@ -275,8 +276,8 @@ impl OutboxStore for PostgresStore {
             // The original id puts each item back at its place in the order.
             let replayed = transaction.execute(
                 &format!(
-                    "INSERT INTO outbox (id, destination, position, payload, profile_id)
-                     SELECT id, destination, position, payload, profile_id FROM dead_letters
+                    "INSERT INTO outbox (id, destination, position, payload, profile_id, enqueued_at)
+                     SELECT id, destination, position, payload, profile_id, enqueued_at FROM dead_letters
                      WHERE destination = $1 AND {FILTER}"
                 ),
                 &[&destination, &filter.since_ms, &profile],

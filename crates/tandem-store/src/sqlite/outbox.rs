@@ -15,21 +15,32 @@ use tandem_core::{LogPosition, ProfileId};
 const RECORD_QUERY: &str = "SELECT d.name, d.definition, d.created_at, d.delivered,
         (SELECT COUNT(*) FROM outbox o WHERE o.destination = d.name AND o.attempts = 0),
         (SELECT COUNT(*) FROM outbox o WHERE o.destination = d.name AND o.attempts > 0),
-        (SELECT COUNT(*) FROM dead_letters l WHERE l.destination = d.name), d.paused
+        (SELECT COUNT(*) FROM dead_letters l WHERE l.destination = d.name), d.paused,
+        (SELECT o.enqueued_at FROM outbox o WHERE o.destination = d.name ORDER BY o.id LIMIT 1)
      FROM destinations d";
 
 /// A [`DeadLetterFilter`] in SQL: `?2` the time, `?3` the profile, each
 /// ignored when NULL.
 const FILTER: &str = "(?2 IS NULL OR dead_at >= ?2) AND (?3 IS NULL OR profile_id = ?3)";
 
-type RecordRow = (String, String, i64, i64, i64, i64, i64, bool);
+type RecordRow = (String, String, i64, i64, i64, i64, i64, bool, Option<i64>);
 
 fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RecordRow> {
-    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?, row.get(6)?, row.get(7)?))
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+        row.get(5)?,
+        row.get(6)?,
+        row.get(7)?,
+        row.get(8)?,
+    ))
 }
 
 fn decode_record(
-    (_, definition, created_at_ms, delivered, pending, retrying, dead, paused): RecordRow,
+    (_, definition, created_at_ms, delivered, pending, retrying, dead, paused, head_enqueued_at_ms): RecordRow,
 ) -> Result<DestinationRecord, StoreError> {
     Ok(DestinationRecord {
         definition: definition_from_text(&definition)?,
@@ -41,6 +52,7 @@ fn decode_record(
             dead: dead as u64,
         },
         paused,
+        head_enqueued_at_ms,
     })
 }
 
@@ -81,12 +93,12 @@ fn commit(connection: &mut Connection, commit: &OutboxCommit) -> Result<OutboxCo
     }
     {
         let mut enqueue = transaction.prepare_cached(
-            "INSERT INTO outbox (destination, position, payload, profile_id)
-             SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM destinations WHERE name = ?1)",
+            "INSERT INTO outbox (destination, position, payload, profile_id, enqueued_at)
+             SELECT ?1, ?2, ?3, ?4, ?5 WHERE EXISTS (SELECT 1 FROM destinations WHERE name = ?1)",
         )?;
         for item in &commit.items {
             let profile = item.profile.map(|id| id.0 as i64);
-            enqueue.execute(params![item.destination, item.position.0 as i64, item.payload, profile])?;
+            enqueue.execute(params![item.destination, item.position.0 as i64, item.payload, profile, commit.at_ms])?;
         }
     }
     transaction.execute(
@@ -222,8 +234,8 @@ impl OutboxStore for SqliteStore {
                 FailedAttempt::DeadLetter { at_ms, error } => {
                     transaction.execute(
                         "INSERT INTO dead_letters
-                             (id, destination, position, payload, attempts, last_error, dead_at, profile_id)
-                         SELECT id, destination, position, payload, attempts + 1, ?2, ?3, profile_id
+                             (id, destination, position, payload, attempts, last_error, dead_at, profile_id, enqueued_at)
+                         SELECT id, destination, position, payload, attempts + 1, ?2, ?3, profile_id, enqueued_at
                          FROM outbox WHERE id = ?1",
                         params![id.0 as i64, error, at_ms],
                     )?;
@@ -266,8 +278,8 @@ impl OutboxStore for SqliteStore {
             let profile = filter.profile.map(|id| id.0 as i64);
             let replayed = transaction.execute(
                 &format!(
-                    "INSERT INTO outbox (id, destination, position, payload, profile_id)
-                     SELECT id, destination, position, payload, profile_id FROM dead_letters
+                    "INSERT INTO outbox (id, destination, position, payload, profile_id, enqueued_at)
+                     SELECT id, destination, position, payload, profile_id, enqueued_at FROM dead_letters
                      WHERE destination = ?1 AND {FILTER}"
                 ),
                 params![destination, filter.since_ms, profile],

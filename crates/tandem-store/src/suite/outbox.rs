@@ -161,7 +161,13 @@ pub fn dead_letters_are_listed_and_replayed_by_time_and_profile(store: &impl Sto
     store.create_destination(&definition("ads"), 1).unwrap();
     // Positions 1..=4 for crm (profiles 101, 100, 101, 100), 5 for ads.
     let items = vec![item("crm", 1), item("crm", 2), item("crm", 3), item("crm", 4), item("ads", 5)];
-    enqueue(store, 0, 5, items);
+    let commit = OutboxCommit { from: LogPosition(0), to: LogPosition(5), items, at_ms: 5_000, ..Default::default() };
+    assert_eq!(store.commit_outbox(&commit).unwrap(), OutboxCommitOutcome::Committed);
+    assert_eq!(
+        store.destination("crm").unwrap().unwrap().head_enqueued_at_ms,
+        Some(5_000),
+        "when the head was enqueued"
+    );
     let dead_at = |position: u64| 1_000 * position as i64;
     for destination in ["crm", "ads"] {
         for head in store.outbox_head(destination, 10).unwrap() {
@@ -172,6 +178,7 @@ pub fn dead_letters_are_listed_and_replayed_by_time_and_profile(store: &impl Sto
     let positions = |letters: Vec<crate::DeadLetter>| letters.iter().map(|l| l.position.0).collect::<Vec<_>>();
     let all = DeadLetterFilter::default();
     assert_eq!(positions(store.dead_letters(None, &all, 10).unwrap()), vec![1, 2, 3, 4, 5], "every destination");
+    assert_eq!(store.destination("crm").unwrap().unwrap().head_enqueued_at_ms, None, "an empty outbox");
     assert_eq!(positions(store.dead_letters(Some("crm"), &all, 10).unwrap()), vec![1, 2, 3, 4]);
     assert_eq!(positions(store.dead_letters(None, &all, 2).unwrap()), vec![1, 2], "the limit");
     let letters = store.dead_letters(Some("crm"), &all, 10).unwrap();
@@ -187,6 +194,8 @@ pub fn dead_letters_are_listed_and_replayed_by_time_and_profile(store: &impl Sto
     assert_eq!(store.replay_dead_letters("crm", &both).unwrap(), 1);
     assert_eq!(positions(store.dead_letters(None, &all, 10).unwrap()), vec![1, 2, 4, 5]);
     assert_eq!(store.outbox_head("crm", 10).unwrap().iter().map(|i| i.position.0).collect::<Vec<_>>(), vec![3]);
+    let record = store.destination("crm").unwrap().unwrap();
+    assert_eq!(record.head_enqueued_at_ms, Some(5_000), "a replayed item keeps its first enqueue time");
     assert_eq!(store.replay_dead_letters("crm", &of_profile).unwrap(), 2);
     let head: Vec<_> = store.outbox_head("crm", 10).unwrap().iter().map(|i| i.position.0).collect();
     assert_eq!(head, vec![2, 3, 4], "replayed items are back in their order");
@@ -222,6 +231,7 @@ pub fn audience_changes_are_read_after_their_own_cursor(store: &impl Store) {
         from: LogPosition(from),
         to: LogPosition(to),
         items: vec![item("ads", to)],
+        at_ms: 0,
     };
     assert_eq!(store.commit_outbox(&commit(0, read[2].0)).unwrap(), OutboxCommitOutcome::Committed);
     assert_eq!(store.commit_outbox(&commit(0, read[2].0)).unwrap(), OutboxCommitOutcome::StalePosition);

@@ -120,6 +120,7 @@ fn every_acknowledged_event_is_delivered_in_order_across_kill_9() {
         let metrics = agent.get(format!("{}/metrics", server.url)).call().unwrap().body_mut().read_to_string().unwrap();
         if metrics.contains(r#"tandem_destination_lag_items{destination="hook"} 0"#) {
             assert!(metrics.contains(r#"tandem_destination_items_total{destination="hook",outcome="delivered"}"#));
+            assert!(metrics.contains(r#"tandem_destination_lag_seconds{destination="hook"} 0"#), "{metrics}");
             break;
         }
         assert!(started.elapsed() < Duration::from_secs(10), "{metrics}");
