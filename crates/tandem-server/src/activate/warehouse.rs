@@ -378,6 +378,76 @@ struct IdentifierColumns {
 mod tests {
     use super::*;
 
+    fn change(id: u64, kind: &str, at: &str) -> OutboxItem {
+        OutboxItem {
+            id: tandem_store::OutboxItemId(id),
+            destination: "dwh".to_owned(),
+            position: LogPosition(id),
+            payload: serde_json::json!({
+                "type": "audience", "messageId": format!("audience-{id}"), "audience": "pro",
+                "change": kind, "profile": "prof_1", "timestamp": at, "traits": {}
+            })
+            .to_string(),
+            attempts: 0,
+            first_failed_at_ms: None,
+            next_attempt_at_ms: 0,
+            last_error: None,
+        }
+    }
+
+    /// Regression: an exit redelivered after the profile entered again
+    /// must not close the new stay, even when the entry's time is earlier
+    /// (a backfill can stamp an entry with any time).
+    #[test]
+    fn stays_follow_the_history_order_under_redelivery() {
+        let Some((database, _config)) = tandem_store::postgres::testing::TestDatabase::create() else { return };
+        let settings = WarehouseSettings { url: database.url().unwrap(), schema: None };
+        let dir = tempfile::tempdir().unwrap();
+        let store = tandem_store::SqliteStore::open(dir.path()).unwrap();
+        let definition: DestinationDefinition = serde_json::from_value(serde_json::json!({
+            "name": "dwh", "destination": {"kind": "warehouse", "url": settings.url}, "audiences": [{"name": "pro"}]
+        }))
+        .unwrap();
+        let entered = change(10, "entered", "2026-01-01T00:00:10Z");
+        let exited = change(11, "exited", "2026-01-01T00:00:20Z");
+        let entered_again = change(12, "entered", "2026-01-01T00:00:05Z");
+        let exited_again = change(13, "exited", "2026-01-01T00:00:30Z");
+        let mut warehouse = Warehouse::connect(&settings).unwrap();
+        let stays = |warehouse: &mut Warehouse| -> Vec<(i64, Option<i64>)> {
+            warehouse
+                .client
+                .query(
+                    "SELECT entered_change, exited_change FROM public.audience_memberships ORDER BY entered_change",
+                    &[],
+                )
+                .unwrap()
+                .iter()
+                .map(|row| (row.get(0), row.get(1)))
+                .collect()
+        };
+        let batch = [entered.clone(), exited.clone(), entered_again.clone()];
+        warehouse.write_batch(&store, &definition, &batch).unwrap();
+        assert_eq!(stays(&mut warehouse), vec![(10, Some(11)), (12, None)]);
+        warehouse.write_batch(&store, &definition, std::slice::from_ref(&exited)).unwrap();
+        assert_eq!(stays(&mut warehouse), vec![(10, Some(11)), (12, None)], "the old exit leaves the new stay open");
+        warehouse.write_batch(&store, &definition, std::slice::from_ref(&exited_again)).unwrap();
+        let all = [entered, exited, entered_again, exited_again];
+        warehouse.write_batch(&store, &definition, &all).unwrap();
+        assert_eq!(stays(&mut warehouse), vec![(10, Some(11)), (12, Some(13))]);
+        let at: (String, String) = {
+            let row = warehouse
+                .client
+                .query_one(
+                    "SELECT to_char(entered_at AT TIME ZONE 'UTC', 'SS'), to_char(exited_at AT TIME ZONE 'UTC', 'SS')
+                     FROM public.audience_memberships WHERE entered_change = 12",
+                    &[],
+                )
+                .unwrap();
+            (row.get(0), row.get(1))
+        };
+        assert_eq!(at, ("05".to_owned(), "30".to_owned()));
+    }
+
     #[test]
     fn jsonb_text_replaces_the_nul_character_jsonb_refuses() {
         let value = serde_json::json!({"note": "a\u{0}b", "ok": "plain"});
