@@ -54,15 +54,57 @@ pub struct DestinationDefinition {
 pub enum DestinationSettings {
     Webhook(WebhookSettings),
     File(FileSettings),
+    Warehouse(WarehouseSettings),
 }
 
 impl DestinationSettings {
-    /// The kind as stored and shown: `webhook` or `file`.
+    /// The kind as stored and shown: `webhook`, `file` or `warehouse`.
     pub fn kind(&self) -> &'static str {
         match self {
             DestinationSettings::Webhook(_) => "webhook",
             DestinationSettings::File(_) => "file",
+            DestinationSettings::Warehouse(_) => "warehouse",
         }
+    }
+}
+
+/// A PostgreSQL warehouse: Tandem keeps the tables `profiles`,
+/// `identifiers`, `audience_memberships` and `events` in `schema` of the
+/// database at `url`, creating and migrating them itself.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarehouseSettings {
+    /// `postgres://user:password@host:port/database`.
+    pub url: String,
+    /// The schema the tables live in; `public` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<String>,
+}
+
+impl WarehouseSettings {
+    /// The schema the tables live in.
+    pub fn schema(&self) -> &str {
+        self.schema.as_deref().unwrap_or("public")
+    }
+
+    fn validate(&self) -> Result<(), DestinationError> {
+        if !(self.url.starts_with("postgres://") || self.url.starts_with("postgresql://")) {
+            return Err(invalid("destination.url", "must start with postgres:// or postgresql://"));
+        }
+        if let Some(schema) = &self.schema {
+            let mut bytes = schema.bytes();
+            let first_ok = bytes.next().is_some_and(|b| b.is_ascii_lowercase() || b == b'_');
+            if !first_ok
+                || schema.len() > 63
+                || !bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            {
+                return Err(invalid(
+                    "destination.schema",
+                    "must be 1 to 63 lowercase letters, digits and '_', not starting with a digit",
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -83,6 +125,11 @@ pub struct WebhookSettings {
     /// How long one request may take before it counts as a timeout.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// For `https://` receivers: a PEM file of the certificate authorities
+    /// trusted instead of the built-in public roots (a private CA, or a
+    /// receiver's self-signed certificate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
 }
 
 fn default_signature_header() -> String {
@@ -93,11 +140,121 @@ fn default_timeout_ms() -> u64 {
     10_000
 }
 
-/// A file: each item is appended as one line of JSON to `path`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// Files on local disk, in one of two modes:
+///
+/// - `directory` (with `format` and `snapshot_every`): each delivered batch
+///   becomes change files, one per stream (`events`, or an audience's
+///   name), and each followed audience also gets full snapshot files; every
+///   file is written whole under a temporary name and renamed into place.
+/// - `path` (the original mode): each item is appended as one line of JSON
+///   to that one file.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileSettings {
-    pub path: String,
+    /// Append JSON lines to this one file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Write timestamped snapshot and change files into this directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory: Option<String>,
+    /// The format of the files in `directory`; `jsonl` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<FileFormat>,
+    /// How often a followed audience gets a full snapshot (`"30m"`, `"1h"`,
+    /// `"1d"`); when absent, with every batch that changes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_every: Option<String>,
+}
+
+/// The format of a file destination's files.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileFormat {
+    /// RFC 4180 CSV with a header row; values that are not strings are JSON.
+    Csv,
+    /// One JSON object per line.
+    #[default]
+    Jsonl,
+    /// Apache Parquet, every column an optional UTF-8 string.
+    Parquet,
+}
+
+impl FileFormat {
+    /// The file name extension: `csv`, `jsonl` or `parquet`.
+    pub fn extension(self) -> &'static str {
+        match self {
+            FileFormat::Csv => "csv",
+            FileFormat::Jsonl => "jsonl",
+            FileFormat::Parquet => "parquet",
+        }
+    }
+}
+
+impl FileSettings {
+    /// The `snapshot_every` interval in milliseconds, once validated.
+    pub fn snapshot_every_ms(&self) -> Option<u64> {
+        self.snapshot_every.as_deref().and_then(parse_duration_ms)
+    }
+
+    fn validate(&self) -> Result<(), DestinationError> {
+        match (&self.path, &self.directory) {
+            (Some(_), Some(_)) => {
+                return Err(invalid("destination.directory", "give either path (one JSON-lines file) or directory"))
+            }
+            (None, None) => return Err(invalid("destination.directory", "give a directory (or a path)")),
+            (Some(path), None) => {
+                if path.trim().is_empty() {
+                    return Err(invalid("destination.path", "must not be empty"));
+                }
+                if self.format.is_some_and(|format| format != FileFormat::Jsonl) {
+                    return Err(invalid("destination.format", "a path is always JSON lines; use a directory"));
+                }
+                if self.snapshot_every.is_some() {
+                    return Err(invalid("destination.snapshot_every", "needs a directory"));
+                }
+            }
+            (None, Some(directory)) => {
+                if directory.trim().is_empty() {
+                    return Err(invalid("destination.directory", "must not be empty"));
+                }
+            }
+        }
+        if let Some(every) = &self.snapshot_every {
+            if parse_duration_ms(every).is_none_or(|ms| ms == 0) {
+                return Err(invalid("destination.snapshot_every", "must be a duration like 30m, 1h or 1d"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The instant `--since` names, in milliseconds: an RFC 3339 time
+/// (`2026-12-06T08:00:00Z`) or a duration back from `now_ms` (`2h`, `7d`);
+/// `None` when it is neither.
+pub fn parse_since_ms(text: &str, now_ms: i64) -> Option<i64> {
+    if let Ok(at) = chrono::DateTime::parse_from_rfc3339(text.trim()) {
+        return Some(at.timestamp_millis());
+    }
+    let back = i64::try_from(parse_duration_ms(text)?).ok()?;
+    Some(now_ms.saturating_sub(back))
+}
+
+/// A duration written as a whole number and a unit: `500ms`, `30s`, `15m`,
+/// `2h`, `7d`; `None` when it is not one.
+pub fn parse_duration_ms(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let unit_ms = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    number.checked_mul(unit_ms)
 }
 
 /// Which events a destination receives: an event matches when its type is
@@ -186,11 +343,8 @@ impl DestinationDefinition {
         validate_name(&self.name)?;
         match &self.destination {
             DestinationSettings::Webhook(webhook) => webhook.validate()?,
-            DestinationSettings::File(file) => {
-                if file.path.trim().is_empty() {
-                    return Err(invalid("destination.path", "must not be empty"));
-                }
-            }
+            DestinationSettings::File(file) => file.validate()?,
+            DestinationSettings::Warehouse(warehouse) => warehouse.validate()?,
         }
         if self.max_events_per_second == Some(0) {
             return Err(invalid("max_events_per_second", "must be above 0 (leave it out for no limit)"));
@@ -266,6 +420,14 @@ impl WebhookSettings {
         }
         if self.timeout_ms == 0 {
             return Err(invalid("destination.timeout_ms", "must be above 0"));
+        }
+        if let Some(ca_file) = &self.ca_file {
+            if ca_file.trim().is_empty() {
+                return Err(invalid("destination.ca_file", "must not be empty when set"));
+            }
+            if self.url.starts_with("http://") {
+                return Err(invalid("destination.ca_file", "applies to https:// receivers only"));
+            }
         }
         Ok(())
     }
@@ -423,6 +585,7 @@ mod tests {
                 signature_header: default_signature_header(),
                 headers: BTreeMap::new(),
                 timeout_ms: 1000,
+                ca_file: None,
             }),
             events: Some(EventFilter::default()),
             audiences: Vec::new(),
@@ -471,7 +634,7 @@ mod tests {
         bad_retry.retry.max_backoff_ms = 1;
         assert_eq!(bad_retry.validate().unwrap_err().field, "retry.max_backoff_ms");
         let file = DestinationDefinition {
-            destination: DestinationSettings::File(FileSettings { path: " ".to_owned() }),
+            destination: DestinationSettings::File(FileSettings { path: Some(" ".to_owned()), ..Default::default() }),
             ..webhook("http://x")
         };
         assert_eq!(file.validate().unwrap_err().field, "destination.path");
@@ -486,6 +649,68 @@ mod tests {
         audiences_only.validate().unwrap();
         assert_eq!(audiences_only.events, None);
         assert_eq!(audiences_only.audiences[0].traits, vec!["email"]);
+    }
+
+    #[test]
+    fn durations_and_since_parse() {
+        assert_eq!(parse_duration_ms("90s"), Some(90_000));
+        assert_eq!(parse_duration_ms("2h"), Some(7_200_000));
+        assert_eq!(parse_duration_ms("7d"), Some(604_800_000));
+        assert_eq!(parse_duration_ms("1.5h"), None);
+        assert_eq!(parse_duration_ms("h"), None);
+        assert_eq!(parse_duration_ms("10 parsecs"), None);
+        assert_eq!(parse_since_ms("2h", 10_000_000), Some(10_000_000 - 7_200_000));
+        assert_eq!(parse_since_ms("2026-12-06T08:00:00Z", 0), Some(1_796_544_000_000));
+        assert_eq!(parse_since_ms("yesterday", 0), None);
+    }
+
+    #[test]
+    fn file_settings_take_a_directory_or_the_original_path() {
+        let parse = |settings: serde_json::Value| {
+            serde_json::from_value::<DestinationDefinition>(serde_json::json!({
+                "name": "files", "destination": settings, "events": {}
+            }))
+        };
+        let directory = parse(serde_json::json!({
+            "kind": "file", "directory": "/var/out", "format": "parquet", "snapshot_every": "1h"
+        }))
+        .unwrap();
+        directory.validate().unwrap();
+        let DestinationSettings::File(settings) = &directory.destination else { panic!("not a file") };
+        assert_eq!((settings.format, settings.snapshot_every_ms()), (Some(FileFormat::Parquet), Some(3_600_000)));
+        parse(serde_json::json!({"kind": "file", "path": "events.jsonl"})).unwrap().validate().unwrap();
+        let field = |settings| parse(settings).unwrap().validate().unwrap_err().field;
+        assert_eq!(field(serde_json::json!({"kind": "file"})), "destination.directory");
+        assert_eq!(field(serde_json::json!({"kind": "file", "path": "a", "directory": "b"})), "destination.directory");
+        assert_eq!(field(serde_json::json!({"kind": "file", "path": "a", "format": "csv"})), "destination.format");
+        let bad_every = serde_json::json!({"kind": "file", "directory": "b", "snapshot_every": "hourly"});
+        assert_eq!(field(bad_every), "destination.snapshot_every");
+        assert!(parse(serde_json::json!({"kind": "file", "directory": "b", "format": "xlsx"})).is_err());
+    }
+
+    #[test]
+    fn warehouse_settings_need_a_postgres_url_and_a_plain_schema() {
+        let warehouse = |url: &str, schema: Option<&str>| DestinationDefinition {
+            destination: DestinationSettings::Warehouse(WarehouseSettings {
+                url: url.to_owned(),
+                schema: schema.map(str::to_owned),
+            }),
+            ..webhook("http://x")
+        };
+        warehouse("postgres://u@db/x", Some("tandem_out")).validate().unwrap();
+        assert_eq!(warehouse("mysql://db/x", None).validate().unwrap_err().field, "destination.url");
+        for schema in ["Bad", "1abc", "a;drop", ""] {
+            assert_eq!(warehouse("postgres://db/x", Some(schema)).validate().unwrap_err().field, "destination.schema");
+        }
+        let webhook_with_ca = |url: &str| {
+            let mut definition = webhook(url);
+            if let DestinationSettings::Webhook(settings) = &mut definition.destination {
+                settings.ca_file = Some("ca.pem".to_owned());
+            }
+            definition.validate()
+        };
+        webhook_with_ca("https://x/hook").unwrap();
+        assert_eq!(webhook_with_ca("http://x/hook").unwrap_err().field, "destination.ca_file");
     }
 
     #[test]

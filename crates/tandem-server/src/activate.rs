@@ -20,26 +20,28 @@
 //! The stage and the workers run on one node of a shared store at a time,
 //! under the `outbox` stage lease.
 
+mod file;
+mod warehouse;
+mod webhook;
+
 use std::collections::HashMap;
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_core::activate::{
-    AttemptFailure, AudienceSubscription, DestinationDefinition, DestinationError, DestinationSettings, FileSettings,
-    NextStep, WebhookSettings,
+    AttemptFailure, AudienceSubscription, DestinationDefinition, DestinationError, DestinationSettings, NextStep,
 };
 use tandem_core::random::Random;
 use tandem_core::{EventType, LogPosition};
 use tandem_store::{
-    DeadLetter, DestinationRecord, FailedAttempt, NewOutboxItem, OutboxCommit, OutboxCommitOutcome, OutboxCursor,
-    OutboxItem, Stage, Store, StoreError,
+    DeadLetter, DeadLetterFilter, DestinationRecord, FailedAttempt, NewOutboxItem, OutboxCommit, OutboxCommitOutcome,
+    OutboxCursor, OutboxItem, Stage, Store, StoreError,
 };
 
 use crate::cluster::{LeaseKeeper, LeaseTurn};
 use crate::log_head::LogHead;
-use crate::metrics::Metrics;
+use crate::metrics::{DestinationLabels, Metrics};
 
 /// Events the outbox stage reads per commit.
 const EVENT_BATCH: usize = 1_000;
@@ -61,8 +63,6 @@ pub fn system_clock() -> Clock {
 pub enum DestinationDefineError {
     #[error(transparent)]
     Invalid(#[from] DestinationError),
-    #[error("destination.url: https webhooks are not supported by this build (no TLS); use http")]
-    HttpsUnsupported,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -75,27 +75,30 @@ pub fn create_destination(
     now_ms: i64,
 ) -> Result<(), DestinationDefineError> {
     definition.validate()?;
-    if let DestinationSettings::Webhook(webhook) = &definition.destination {
-        if webhook.url.starts_with("https://") {
-            return Err(DestinationDefineError::HttpsUnsupported);
-        }
-    }
     store.create_destination(definition, now_ms)?;
     Ok(())
 }
 
-/// Puts a destination's dead letters back in its outbox at their places;
-/// returns how many.
-pub fn replay(store: &dyn Store, name: &str) -> Result<u64, StoreError> {
-    store.replay_dead_letters(name)
+/// Puts a destination's dead letters that pass `filter` back in its outbox
+/// at their places; returns how many.
+pub fn replay(store: &dyn Store, name: &str, filter: &DeadLetterFilter) -> Result<u64, StoreError> {
+    store.replay_dead_letters(name, filter)
 }
 
-/// A destination's dead letters, oldest first.
-pub fn dead_letters(store: &dyn Store, name: &str, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
-    if store.destination(name)?.is_none() {
-        return Err(StoreError::DestinationNotFound(name.to_owned()));
+/// The dead letters of one destination (or of all) that pass `filter`,
+/// oldest first.
+pub fn dead_letters(
+    store: &dyn Store,
+    name: Option<&str>,
+    filter: &DeadLetterFilter,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, StoreError> {
+    if let Some(name) = name {
+        if store.destination(name)?.is_none() {
+            return Err(StoreError::DestinationNotFound(name.to_owned()));
+        }
     }
-    store.dead_letters(name, limit)
+    store.dead_letters(name, filter, limit)
 }
 
 /// The outbox stage: enqueues the log's events for each destination.
@@ -169,11 +172,17 @@ impl OutboxStage {
                     // The history id: audience items have no log position.
                     position: LogPosition(*id),
                     payload: payload.to_string(),
+                    profile: Some(change.profile),
                 });
             }
         }
-        let commit =
-            OutboxCommit { cursor: OutboxCursor::AudienceHistory, from: LogPosition(from), to: LogPosition(to), items };
+        let commit = OutboxCommit {
+            cursor: OutboxCursor::AudienceHistory,
+            from: LogPosition(from),
+            to: LogPosition(to),
+            items,
+            at_ms: chrono::Utc::now().timestamp_millis(),
+        };
         match self.store.commit_outbox(&commit)? {
             OutboxCommitOutcome::Committed => Ok(changes.len()),
             OutboxCommitOutcome::StalePosition => Ok(0),
@@ -191,6 +200,20 @@ impl OutboxStage {
         let Some(last) = entries.last() else { return Ok(0) };
         let to = last.position;
         let destinations = self.store.list_destinations()?;
+        let wanted = entries.iter().any(|entry| {
+            let name = event_name(entry.event_type, &entry.payload);
+            destinations.iter().any(|record| {
+                record
+                    .definition
+                    .events
+                    .as_ref()
+                    .is_some_and(|events| events.matches(entry.event_type, name.as_deref()))
+            })
+        });
+        // Each item carries its event's profile, so dead letters can be
+        // found per profile; one read for the whole batch.
+        let owners: HashMap<LogPosition, tandem_core::ProfileId> =
+            if wanted { self.store.event_owners(from, to)?.into_iter().collect() } else { HashMap::new() };
         let mut items = Vec::new();
         for entry in &entries {
             let name = event_name(entry.event_type, &entry.payload);
@@ -201,11 +224,13 @@ impl OutboxStage {
                         destination: record.definition.name.clone(),
                         position: entry.position,
                         payload: entry.payload.clone(),
+                        profile: owners.get(&entry.position).copied(),
                     });
                 }
             }
         }
-        match self.store.commit_outbox(&OutboxCommit { cursor: OutboxCursor::Log, from, to, items })? {
+        let at_ms = chrono::Utc::now().timestamp_millis();
+        match self.store.commit_outbox(&OutboxCommit { cursor: OutboxCursor::Log, from, to, items, at_ms })? {
             OutboxCommitOutcome::Committed => Ok(entries.len()),
             // Another node's stage enqueued these; read on from its cursor.
             OutboxCommitOutcome::StalePosition => Ok(0),
@@ -265,6 +290,8 @@ pub struct DeliveryWorker {
     isolate_through: Option<tandem_store::OutboxItemId>,
     /// With a rate limit, no attempt starts before this instant (ms).
     next_allowed_at_ms: i64,
+    /// A warehouse destination's open connection.
+    warehouse: Option<warehouse::Warehouse>,
 }
 
 impl DeliveryWorker {
@@ -278,6 +305,7 @@ impl DeliveryWorker {
             random: Random::new(seed),
             isolate_through: None,
             next_allowed_at_ms: i64::MIN,
+            warehouse: None,
         }
     }
 
@@ -303,7 +331,7 @@ impl DeliveryWorker {
         } else {
             self.isolate_through = None;
         }
-        let attempt = deliver(&record, &batch);
+        let attempt = deliver(self.store.as_ref(), &record, &batch, now, &mut self.warehouse);
         let now = (self.clock)();
         if let Some(rate) = rate {
             // The next attempt waits the time these events take at the rate.
@@ -311,7 +339,7 @@ impl DeliveryWorker {
             self.next_allowed_at_ms = now.saturating_add(spacing);
         }
         match attempt {
-            Ok(()) => {
+            Ok(_) => {
                 let ids: Vec<_> = batch.iter().map(|item| item.id).collect();
                 self.store.mark_delivered(&self.name, &ids)?;
                 self.metrics.count_destination_items(&self.name, "delivered", ids.len() as u64);
@@ -333,6 +361,7 @@ impl DeliveryWorker {
         let first_failed_at_ms = head.first_failed_at_ms.unwrap_or(now);
         let jitter = self.random.below(1_000_000) as f64 / 1_000_000.0;
         let error = failure.to_string();
+        self.metrics.count_destination_items(&self.name, "failed", batch.len() as u64);
         if batch.len() > 1 && failure.class() == tandem_core::activate::FailureClass::Permanent {
             // The receiver refused the batch: try its items one by one, so
             // only the item it refuses becomes a dead letter.
@@ -358,11 +387,54 @@ impl DeliveryWorker {
     }
 }
 
-/// Sends one batch to the destination.
-fn deliver(record: &DestinationRecord, batch: &[OutboxItem]) -> Result<(), AttemptFailure> {
-    match &record.definition.destination {
-        DestinationSettings::Webhook(webhook) => post_batch(webhook, batch),
-        DestinationSettings::File(file) => append_lines(file, batch),
+/// What a receiver did with a delivery it accepted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    /// The webhook's 2xx status; `None` for files and warehouses.
+    pub status: Option<u16>,
+    /// What was done, in a sentence.
+    pub detail: String,
+}
+
+/// Sends one batch to the destination; `warehouse` keeps a warehouse
+/// connection between batches.
+fn deliver(
+    store: &dyn Store,
+    record: &DestinationRecord,
+    batch: &[OutboxItem],
+    now_ms: i64,
+    warehouse: &mut Option<warehouse::Warehouse>,
+) -> Result<Receipt, AttemptFailure> {
+    let definition = &record.definition;
+    match &definition.destination {
+        DestinationSettings::Webhook(settings) => {
+            let accepted = webhook::post(settings, &batch_body(batch))?;
+            Ok(Receipt { status: Some(accepted.status), detail: format!("the receiver answered {}", accepted.status) })
+        }
+        DestinationSettings::File(settings) => match (&settings.directory, &settings.path) {
+            (Some(directory), _) => {
+                file::deliver_batch(store, definition, settings, directory, batch, now_ms)?;
+                Ok(Receipt { status: None, detail: format!("wrote {} items to files in {directory}", batch.len()) })
+            }
+            (None, Some(path)) => {
+                file::append_lines(path, batch)?;
+                Ok(Receipt { status: None, detail: format!("appended {} lines to {path}", batch.len()) })
+            }
+            (None, None) => Err(AttemptFailure::Io("the file destination names no directory".to_owned())),
+        },
+        DestinationSettings::Warehouse(settings) => {
+            let connection = match warehouse {
+                Some(connection) if connection.settings() == settings => connection,
+                _ => warehouse.insert(warehouse::Warehouse::connect(settings)?),
+            };
+            let written = connection.write_batch(store, definition, batch);
+            if written.is_err() {
+                // A broken connection is opened afresh on the next attempt.
+                *warehouse = None;
+            }
+            let counts = written?;
+            Ok(Receipt { status: None, detail: format!("upserted {counts} into {}", settings.schema()) })
+        }
     }
 }
 
@@ -380,54 +452,57 @@ fn batch_body(batch: &[OutboxItem]) -> String {
     body
 }
 
-fn post_batch(webhook: &WebhookSettings, batch: &[OutboxItem]) -> Result<(), AttemptFailure> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_millis(webhook.timeout_ms)))
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let body = batch_body(batch);
-    let mut request = agent.post(&webhook.url).header("content-type", "application/json");
-    if let Some(secret) = &webhook.secret {
-        request = request
-            .header(&webhook.signature_header, tandem_core::activate::webhook_signature(secret, body.as_bytes()));
+/// Sends one sample item to a destination right now, outside its outbox
+/// (nothing is enqueued, counted or retried), and says what the receiver
+/// did: for checking a new destination's address, credentials and TLS. A
+/// warehouse is only connected to and migrated.
+pub fn send_test(store: &dyn Store, name: &str, now_ms: i64) -> Result<Result<Receipt, AttemptFailure>, StoreError> {
+    let Some(record) = store.destination(name)? else { return Err(StoreError::DestinationNotFound(name.to_owned())) };
+    if let DestinationSettings::Warehouse(settings) = &record.definition.destination {
+        // A sample row would stay in the warehouse's tables for good: the
+        // test connects and migrates, which checks the address, the
+        // credentials and the rights on the schema, and writes nothing else.
+        return Ok(warehouse::Warehouse::connect(settings).map(|_| Receipt {
+            status: None,
+            detail: format!("connected; the tables in schema {} are up to date", settings.schema()),
+        }));
     }
-    for (name, value) in &webhook.headers {
-        request = request.header(name, value);
-    }
-    match request.send(body.as_bytes()) {
-        Ok(response) if response.status().is_success() => Ok(()),
-        Ok(response) => {
-            let status = response.status().as_u16();
-            let failure = AttemptFailure::Status(status);
-            let asked =
-                response.headers().get("retry-after").and_then(|value| value.to_str().ok()).and_then(|value| {
-                    tandem_core::activate::retry_after_ms(value, chrono::Utc::now().timestamp_millis())
-                });
-            match asked {
-                Some(after_ms) if failure.class() == tandem_core::activate::FailureClass::Retryable => {
-                    Err(AttemptFailure::RetryAfter { status, after_ms })
-                }
-                _ => Err(failure),
-            }
-        }
-        Err(ureq::Error::Timeout(_)) => Err(AttemptFailure::Timeout),
-        Err(error) => Err(AttemptFailure::Connection(error.to_string())),
-    }
-}
-
-fn append_lines(file: &FileSettings, batch: &[OutboxItem]) -> Result<(), AttemptFailure> {
-    let io = |error: std::io::Error| AttemptFailure::Io(error.to_string());
-    let mut lines = String::new();
-    for item in batch {
-        // The stored payload is one JSON object; a line break inside it is
-        // impossible (JSON escapes it), so each item is exactly one line.
-        lines.push_str(&item.payload);
-        lines.push('\n');
-    }
-    let mut handle = std::fs::OpenOptions::new().create(true).append(true).open(&file.path).map_err(io)?;
-    handle.write_all(lines.as_bytes()).map_err(io)?;
-    handle.sync_data().map_err(io)
+    let at = chrono::DateTime::from_timestamp_millis(now_ms).map(tandem_core::event::format_timestamp);
+    let payload = match record.definition.audiences.first() {
+        Some(subscription) if record.definition.events.is_none() => serde_json::json!({
+            "type": "audience",
+            "messageId": format!("test-{now_ms}"),
+            "audience": subscription.name,
+            "change": "entered",
+            "profile": "prof_test",
+            "timestamp": at,
+            "traits": {},
+            "test": true,
+        }),
+        _ => serde_json::json!({
+            "type": "track",
+            "event": "Tandem Test",
+            "messageId": format!("test-{now_ms}"),
+            "userId": "tandem-test",
+            "timestamp": at,
+            "properties": {"test": true},
+        }),
+    };
+    let item = OutboxItem {
+        id: tandem_store::OutboxItemId(0),
+        destination: name.to_owned(),
+        position: LogPosition(0),
+        payload: payload.to_string(),
+        attempts: 0,
+        first_failed_at_ms: None,
+        next_attempt_at_ms: 0,
+        last_error: None,
+    };
+    // A test never writes snapshots: the sample is no real change.
+    let mut definition = record.definition.clone();
+    definition.audiences.retain(|_| false);
+    let record = DestinationRecord { definition, ..record };
+    Ok(deliver(store, &record, &[item], now_ms, &mut None))
 }
 
 /// Runs the outbox stage and one worker thread per destination until `stop`
@@ -472,8 +547,21 @@ pub fn spawn(
                 }
                 match store.list_destinations() {
                     Ok(destinations) => {
+                        let now = clock();
+                        for record in &destinations {
+                            let waiting = record.counts.pending + record.counts.retrying;
+                            let labels = DestinationLabels { destination: record.definition.name.clone() };
+                            metrics.destination_lag_items.get_or_create(&labels).set(waiting as i64);
+                            let behind_ms = record.head_enqueued_at_ms.map_or(0, |at| now.saturating_sub(at).max(0));
+                            metrics.destination_lag_seconds.get_or_create(&labels).set(behind_ms / 1_000);
+                        }
                         let names: Vec<String> =
                             destinations.into_iter().map(|record| record.definition.name).collect();
+                        for name in workers.keys().filter(|name| !names.contains(name)) {
+                            let labels = DestinationLabels { destination: name.clone() };
+                            metrics.destination_lag_items.remove(&labels);
+                            metrics.destination_lag_seconds.remove(&labels);
+                        }
                         stop_workers(&mut workers, |name| !names.contains(&name.to_owned()));
                         for name in names {
                             workers
@@ -549,7 +637,7 @@ mod tests {
     use axum::Router;
     use serde_json::{json, Value};
     use std::sync::Mutex;
-    use tandem_core::activate::{EventFilter, RetrySettings};
+    use tandem_core::activate::{EventFilter, FileFormat, FileSettings, RetrySettings, WebhookSettings};
     use tandem_core::collect::{normalize_message, BatchDefaults, IdRequirement, RequestContext};
     use tandem_core::SourceKind;
     use tandem_store::{IngestBatch, OutboxCounts, SqliteStore};
@@ -651,6 +739,7 @@ mod tests {
                 signature_header: tandem_core::activate::DEFAULT_SIGNATURE_HEADER.to_owned(),
                 headers: Default::default(),
                 timeout_ms: 5_000,
+                ca_file: None,
             }),
             events: Some(EventFilter { types: vec![EventType::Track], names: vec!["Order Completed".to_owned()] }),
             audiences: Vec::new(),
@@ -717,7 +806,11 @@ mod tests {
             store.destination("crm").unwrap().unwrap().counts,
             OutboxCounts { pending: 0, retrying: 0, delivered: 5, dead: 0 }
         );
-        assert!(metrics.render().contains(r#"destination_items_total{destination="crm",outcome="delivered"} 5"#));
+        let text = metrics.render();
+        assert!(text.contains(r#"destination_items_total{destination="crm",outcome="delivered"} 5"#));
+        assert!(text.contains(r#"destination_items_total{destination="crm",outcome="retrying"} 3"#), "{text}");
+        // The batch of five, then the head item alone, twice.
+        assert!(text.contains(r#"destination_items_total{destination="crm",outcome="failed"} 7"#), "{text}");
     }
 
     #[test]
@@ -797,7 +890,7 @@ mod tests {
             DeliveryReport::WaitingUntil(due) => assert!(due >= 1_030_000, "retried too early: at {due}"),
             report => panic!("expected to wait, got {report:?}"),
         }
-        assert!(store.dead_letters("crm", 10).unwrap().is_empty());
+        assert!(store.dead_letters(Some("crm"), &Default::default(), 10).unwrap().is_empty());
         *now.lock().unwrap() = 1_030_000;
         drain(&mut worker, &now);
         let receiver = receiver.lock().unwrap();
@@ -820,7 +913,7 @@ mod tests {
 
         let mut worker = DeliveryWorker::new(store.clone(), "crm", clock.clone(), Metrics::new());
         let mut reports = Vec::new();
-        while store.dead_letters("crm", 10).unwrap().is_empty() {
+        while store.dead_letters(Some("crm"), &Default::default(), 10).unwrap().is_empty() {
             match worker.deliver_once().unwrap() {
                 DeliveryReport::WaitingUntil(due) => *now.lock().unwrap() = due,
                 report => reports.push(report),
@@ -828,7 +921,7 @@ mod tests {
             assert!(reports.len() < 50, "the item never ran out of retries");
         }
         assert!(*now.lock().unwrap() - 1_000_000 <= 10_000, "gave up within the limit");
-        let dead = store.dead_letters("crm", 10).unwrap();
+        let dead = store.dead_letters(Some("crm"), &Default::default(), 10).unwrap();
         assert_eq!(dead.len(), 1);
         assert_eq!(dead[0].last_error, "the receiver answered 500");
         assert!(dead[0].attempts >= 3);
@@ -838,7 +931,7 @@ mod tests {
         // puts the first back and it is delivered too.
         receiver.lock().unwrap().fail_first = 0;
         drain(&mut worker, &now);
-        assert_eq!(replay(&*store, "crm").unwrap(), 1);
+        assert_eq!(replay(&*store, "crm", &Default::default()).unwrap(), 1);
         append_and_resolve(&store, &[track("cy", "Order Completed", 3)]);
         OutboxStage::new(store.clone()).catch_up().unwrap();
         drain(&mut worker, &now);
@@ -894,7 +987,7 @@ mod tests {
         OutboxStage::new(store.clone()).catch_up().unwrap();
         let mut worker = DeliveryWorker::new(store.clone(), "crm", clock, Metrics::new());
         drain(&mut worker, &now);
-        let dead = store.dead_letters("crm", 10).unwrap();
+        let dead = store.dead_letters(Some("crm"), &Default::default(), 10).unwrap();
         assert_eq!(dead.iter().map(|letter| letter.position.0).collect::<Vec<_>>(), vec![1]);
         assert_eq!(dead[0].last_error, "the receiver answered 400");
         assert_eq!(numbers(&receiver.lock().unwrap().accepted), vec![2, 3]);
@@ -907,7 +1000,10 @@ mod tests {
         let path = dir.path().join("events.jsonl");
         let definition = DestinationDefinition {
             name: "archive".to_owned(),
-            destination: DestinationSettings::File(FileSettings { path: path.to_string_lossy().into_owned() }),
+            destination: DestinationSettings::File(FileSettings {
+                path: Some(path.to_string_lossy().into_owned()),
+                ..Default::default()
+            }),
             events: Some(EventFilter::default()),
             audiences: Vec::new(),
             retry: RetrySettings::default(),
@@ -1003,8 +1099,354 @@ mod tests {
         assert!(
             matches!(create_destination(&*store, &bad, 0), Err(DestinationDefineError::Invalid(e)) if e.field == "destination.url")
         );
-        let https = webhook("crm", "https://example.com/hook", RetrySettings::default());
-        assert!(matches!(create_destination(&*store, &https, 0), Err(DestinationDefineError::HttpsUnsupported)));
         assert!(store.list_destinations().unwrap().is_empty());
+        let https = webhook("crm", "https://example.com/hook", RetrySettings::default());
+        create_destination(&*store, &https, 0).unwrap();
+    }
+
+    /// A certificate authority and a server certificate for `localhost` it
+    /// signed; returns the CA's PEM and the server's chain and key.
+    fn tls_certificates(
+    ) -> (String, rustls::pki_types::CertificateDer<'static>, rustls::pki_types::PrivateKeyDer<'static>) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let server_key = rcgen::KeyPair::generate().unwrap();
+        let server = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .signed_by(&server_key, &issuer)
+            .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(server_key.serialize_der().into());
+        (ca.pem(), server.der().clone(), key)
+    }
+
+    /// An HTTPS receiver on a real socket (rustls over a std listener) that
+    /// answers 200 and keeps each request body; returns its port.
+    fn start_tls_receiver(
+        certificate: rustls::pki_types::CertificateDer<'static>,
+        key: rustls::pki_types::PrivateKeyDer<'static>,
+        bodies: Arc<Mutex<Vec<String>>>,
+    ) -> u16 {
+        use std::io::{Read, Write as _};
+        // The same provider the webhook client uses (ureq's `rustls`
+        // feature is built on ring).
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![certificate], key)
+            .unwrap();
+        let config = Arc::new(config);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().take(20) {
+                let Ok(stream) = stream else { continue };
+                let Ok(connection) = rustls::ServerConnection::new(config.clone()) else { continue };
+                let mut tls = rustls::StreamOwned::new(connection, stream);
+                let mut received = Vec::new();
+                let mut buffer = [0u8; 4096];
+                // Read the head, then as much body as content-length says.
+                let body = loop {
+                    match tls.read(&mut buffer) {
+                        Ok(0) | Err(_) => break None,
+                        Ok(read) => received.extend_from_slice(&buffer[..read]),
+                    }
+                    let text = String::from_utf8_lossy(&received).into_owned();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let length = head
+                            .lines()
+                            .find_map(|line| {
+                                let (name, value) = line.split_once(':')?;
+                                name.eq_ignore_ascii_case("content-length").then(|| value.trim().parse().ok())?
+                            })
+                            .unwrap_or(0usize);
+                        if body.len() >= length {
+                            break Some(body.to_owned());
+                        }
+                    }
+                };
+                if let Some(body) = body {
+                    bodies.lock().unwrap().push(body);
+                    let _ = tls.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                    let _ = tls.flush();
+                    tls.conn.send_close_notify();
+                    let _ = tls.flush();
+                }
+            }
+        });
+        port
+    }
+
+    #[test]
+    fn an_https_webhook_is_delivered_over_tls_trusting_its_ca_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path().join("data").as_path()).unwrap());
+        let (ca_pem, certificate, key) = tls_certificates();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca_pem).unwrap();
+        let bodies = Arc::new(Mutex::new(Vec::new()));
+        let port = start_tls_receiver(certificate, key, bodies.clone());
+        let url = format!("https://localhost:{port}/hook");
+
+        // Without the CA, the receiver's certificate is not trusted.
+        create_destination(&*store, &webhook("public-roots", &url, RetrySettings::default()), 0).unwrap();
+        let mut trusted = webhook("crm", &url, RetrySettings::default());
+        if let DestinationSettings::Webhook(settings) = &mut trusted.destination {
+            settings.ca_file = Some(ca_file.to_string_lossy().into_owned());
+        }
+        create_destination(&*store, &trusted, 0).unwrap();
+        append_and_resolve(&store, &[track("ann", "Order Completed", 1), track("bob", "Order Completed", 2)]);
+        OutboxStage::new(store.clone()).catch_up().unwrap();
+
+        let (clock, now) = manual_clock(1_000_000);
+        let mut untrusting = DeliveryWorker::new(store.clone(), "public-roots", clock.clone(), Metrics::new());
+        assert_eq!(untrusting.deliver_once().unwrap(), DeliveryReport::Retrying);
+        let error = store.outbox_head("public-roots", 1).unwrap()[0].last_error.clone().unwrap();
+        assert!(error.contains("could not reach the receiver"), "{error}");
+
+        let mut worker = DeliveryWorker::new(store.clone(), "crm", clock, Metrics::new());
+        assert_eq!(drain(&mut worker, &now), vec![DeliveryReport::Delivered(2)]);
+        let bodies = bodies.lock().unwrap();
+        let delivered: Vec<Value> =
+            bodies.iter().flat_map(|body| serde_json::from_str::<Vec<Value>>(body).unwrap()).collect();
+        assert_eq!(numbers(&delivered), vec![1, 2]);
+    }
+
+    fn file_destination(
+        name: &str,
+        directory: &std::path::Path,
+        format: FileFormat,
+        every: Option<&str>,
+    ) -> DestinationDefinition {
+        serde_json::from_value(json!({
+            "name": name,
+            "destination": {"kind": "file", "directory": directory, "format": format, "snapshot_every": every},
+            "events": {"types": ["track"]},
+            "audiences": [{"name": "Pro Users", "traits": ["email", "plan"]}]
+        }))
+        .unwrap()
+    }
+
+    /// The files of a directory whose names start with `prefix`, by name.
+    fn files_named(directory: &std::path::Path, prefix: &str) -> Vec<std::path::PathBuf> {
+        let mut files: Vec<_> = std::fs::read_dir(directory)
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .filter(|path| path.file_name().unwrap().to_string_lossy().starts_with(prefix))
+            .collect();
+        files.sort();
+        files
+    }
+
+    fn read_csv(path: &std::path::Path) -> (Vec<String>, Vec<Vec<String>>) {
+        let mut reader = csv::Reader::from_path(path).unwrap();
+        let headers = reader.headers().unwrap().iter().map(str::to_owned).collect();
+        let rows = reader.records().map(|row| row.unwrap().iter().map(str::to_owned).collect()).collect();
+        (headers, rows)
+    }
+
+    /// Creates the `Pro Users` audience and makes ann and bob members, then
+    /// has bob leave; every stage caught up.
+    fn pro_users_enter_and_bob_leaves(store: &Arc<dyn Store>) {
+        let rule = tandem_core::audience::Condition::parse(r#"trait plan = "pro""#).unwrap();
+        crate::audience::create_audience(&**store, "Pro Users", rule, chrono::Utc::now()).unwrap();
+        let settle = |store: &Arc<dyn Store>| {
+            crate::audience::AudienceStage::new(store.clone(), crate::audience::system_clock()).catch_up().unwrap();
+            OutboxStage::new(store.clone()).catch_up().unwrap();
+        };
+        append_and_resolve(
+            store,
+            &[
+                json!({"type": "identify", "userId": "ann", "traits": {"plan": "pro", "email": "ann@example.com"}}),
+                json!({"type": "identify", "userId": "bob", "traits": {"plan": "pro", "email": "bob@example.com"}}),
+                track("ann", "Order Completed", 1),
+            ],
+        );
+        settle(store);
+        append_and_resolve(store, &[json!({"type": "identify", "userId": "bob", "traits": {"plan": "free"}})]);
+        settle(store);
+    }
+
+    #[test]
+    fn a_csv_directory_gets_change_files_and_a_snapshot_of_the_audience() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path().join("data").as_path()).unwrap());
+        let out = dir.path().join("out");
+        create_destination(&*store, &file_destination("exports", &out, FileFormat::Csv, None), 0).unwrap();
+        pro_users_enter_and_bob_leaves(&store);
+        let (clock, now) = manual_clock(1_700_000_000_000);
+        let mut worker = DeliveryWorker::new(store.clone(), "exports", clock, Metrics::new());
+        assert_eq!(drain(&mut worker, &now), vec![DeliveryReport::Delivered(4)]);
+
+        let events = files_named(&out, "events-changes-20231114T221320.000Z");
+        assert_eq!(events.len(), 1, "{:?}", files_named(&out, ""));
+        let (headers, rows) = read_csv(&events[0]);
+        assert_eq!(
+            headers,
+            ["position", "message_id", "type", "name", "user_id", "anonymous_id", "timestamp", "event"]
+        );
+        assert_eq!(rows.len(), 1, "only the track event matches the filter");
+        assert_eq!(
+            (rows[0][2].as_str(), rows[0][3].as_str(), rows[0][4].as_str()),
+            ("track", "Order Completed", "ann")
+        );
+        let event: Value = serde_json::from_str(&rows[0][7]).unwrap();
+        assert_eq!(event["properties"]["n"], 1);
+
+        let changes = files_named(&out, "pro-users-changes-");
+        assert_eq!(changes.len(), 1);
+        let (headers, rows) = read_csv(&changes[0]);
+        assert_eq!(headers, ["audience", "change", "profile", "timestamp", "email", "plan"]);
+        let summary: Vec<(&str, &str, &str)> =
+            rows.iter().map(|row| (row[1].as_str(), row[4].as_str(), row[5].as_str())).collect();
+        assert_eq!(
+            summary,
+            vec![
+                ("entered", "ann@example.com", "pro"),
+                ("entered", "bob@example.com", "pro"),
+                ("exited", "bob@example.com", "free")
+            ],
+            "the traits as they were when enqueued"
+        );
+
+        let snapshots = files_named(&out, "pro-users-snapshot-");
+        assert_eq!(snapshots.len(), 1);
+        let (headers, rows) = read_csv(&snapshots[0]);
+        assert_eq!(headers, ["audience", "profile", "entered_at", "email", "plan"]);
+        assert_eq!(rows.len(), 1, "bob left: {rows:?}");
+        assert_eq!(
+            (rows[0][0].as_str(), rows[0][3].as_str(), rows[0][4].as_str()),
+            ("Pro Users", "ann@example.com", "pro")
+        );
+        assert!(files_named(&out, ".").is_empty(), "no temporary file is left behind");
+    }
+
+    #[test]
+    fn a_parquet_directory_snapshots_on_its_cadence_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path().join("data").as_path()).unwrap());
+        let out = dir.path().join("out");
+        create_destination(&*store, &file_destination("lake", &out, FileFormat::Parquet, Some("1h")), 0).unwrap();
+        pro_users_enter_and_bob_leaves(&store);
+        let (clock, now) = manual_clock(1_700_000_000_000);
+        let mut worker = DeliveryWorker::new(store.clone(), "lake", clock, Metrics::new());
+        drain(&mut worker, &now);
+        let snapshots = files_named(&out, "pro-users-snapshot-");
+        assert_eq!(snapshots.len(), 1);
+        let rows = file::tests::read_parquet(&snapshots[0]);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0][3].as_deref(), Some("ann@example.com"));
+        let changes = file::tests::read_parquet(&files_named(&out, "pro-users-changes-")[0]);
+        let kinds: Vec<_> = changes.iter().map(|row| row[1].clone().unwrap()).collect();
+        assert_eq!(kinds, ["entered", "entered", "exited"]);
+
+        // Within the hour, a new change brings a change file but no snapshot…
+        append_and_resolve(&store, &[track("ann", "Order Completed", 2)]);
+        OutboxStage::new(store.clone()).catch_up().unwrap();
+        *now.lock().unwrap() += 30 * 60 * 1000;
+        drain(&mut worker, &now);
+        assert_eq!(files_named(&out, "events-changes-").len(), 2);
+        assert_eq!(files_named(&out, "pro-users-snapshot-").len(), 1);
+        // …and an hour after the last one, the next batch brings a snapshot.
+        append_and_resolve(&store, &[track("ann", "Order Completed", 3)]);
+        OutboxStage::new(store.clone()).catch_up().unwrap();
+        *now.lock().unwrap() += 30 * 60 * 1000;
+        drain(&mut worker, &now);
+        assert_eq!(files_named(&out, "pro-users-snapshot-").len(), 2);
+        let events = file::tests::read_parquet(&files_named(&out, "events-changes-")[2]);
+        let event: Value = serde_json::from_str(events[0][7].as_deref().unwrap()).unwrap();
+        assert_eq!(event["properties"]["n"], 3);
+    }
+
+    #[test]
+    fn a_test_send_reaches_the_receiver_outside_the_outbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let runtime = runtime();
+        let receiver = Arc::new(Mutex::new(Receiver::default()));
+        let url = start_receiver(&runtime, receiver.clone());
+        create_destination(&*store, &webhook("crm", &url, RetrySettings::default()), 0).unwrap();
+        create_destination(&*store, &webhook("down", "http://127.0.0.1:9/hook", RetrySettings::default()), 0).unwrap();
+        let receipt = send_test(&*store, "crm", 1_700_000_000_000).unwrap().unwrap();
+        assert_eq!(receipt.status, Some(200));
+        let accepted = receiver.lock().unwrap().accepted.clone();
+        assert_eq!(accepted.len(), 1);
+        assert_eq!(accepted[0]["event"], "Tandem Test");
+        assert!(receiver.lock().unwrap().signatures[0].as_deref().is_some_and(|s| s.starts_with("sha256=")));
+        assert_eq!(store.destination("crm").unwrap().unwrap().counts, OutboxCounts::default(), "nothing counted");
+        let failure = send_test(&*store, "down", 0).unwrap().unwrap_err();
+        assert!(matches!(failure, AttemptFailure::Connection(_)), "{failure:?}");
+        assert!(matches!(send_test(&*store, "nobody", 0), Err(StoreError::DestinationNotFound(_))));
+    }
+
+    #[test]
+    fn a_warehouse_gets_tables_and_idempotent_batch_upserts() {
+        let Some((database, _config)) = tandem_store::postgres::testing::TestDatabase::create() else { return };
+        let url = database.url().expect("the test server is named by a URL");
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let definition: DestinationDefinition = serde_json::from_value(json!({
+            "name": "dwh",
+            "destination": {"kind": "warehouse", "url": url, "schema": "tandem"},
+            "events": {"types": ["track"]},
+            "audiences": [{"name": "Pro Users"}]
+        }))
+        .unwrap();
+        create_destination(&*store, &definition, 0).unwrap();
+        pro_users_enter_and_bob_leaves(&store);
+
+        // The same batch twice, as after a crash before the outbox recorded it.
+        let DestinationSettings::Warehouse(settings) = &definition.destination else { unreachable!() };
+        let batch = store.outbox_head("dwh", 100).unwrap();
+        assert_eq!(batch.len(), 4);
+        let mut warehouse = warehouse::Warehouse::connect(settings).unwrap();
+        let first = warehouse.write_batch(&*store, &definition, &batch).unwrap();
+        assert_eq!((first.events, first.profiles), (1, 2));
+        warehouse.write_batch(&*store, &definition, &batch).unwrap();
+        // A second connection finds the tables migrated already.
+        drop(warehouse);
+        let (clock, now) = manual_clock(0);
+        let mut worker = DeliveryWorker::new(store.clone(), "dwh", clock, Metrics::new());
+        assert_eq!(drain(&mut worker, &now), vec![DeliveryReport::Delivered(4)]);
+
+        let tested = send_test(&*store, "dwh", 0).unwrap().unwrap();
+        assert!(tested.detail.contains("schema tandem"), "{tested:?}");
+        let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let count = |client: &mut postgres::Client, sql: &str| -> i64 { client.query_one(sql, &[]).unwrap().get(0) };
+        assert_eq!(count(&mut client, "SELECT count(*) FROM tandem.events"), 1);
+        assert_eq!(count(&mut client, "SELECT count(*) FROM tandem.profiles"), 2);
+        assert_eq!(count(&mut client, "SELECT count(*) FROM tandem.tandem_migrations"), 1);
+        assert_eq!(
+            count(&mut client, "SELECT count(*) FROM tandem.identifiers"),
+            4,
+            "user ids and emails of ann and bob"
+        );
+        let row = client
+            .query_one(
+                "SELECT p.traits->>'email', p.traits->>'plan', i.value, e.name, e.payload->'properties'->>'n'
+                 FROM tandem.events e JOIN tandem.profiles p ON p.id = e.profile_id
+                 JOIN tandem.identifiers i ON i.profile_id = p.id AND i.kind = 'user_id'",
+                &[],
+            )
+            .unwrap();
+        let got: (String, String, String, String, String) =
+            (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+        assert_eq!(got, ("ann@example.com".into(), "pro".into(), "ann".into(), "Order Completed".into(), "1".into()));
+        let stays: Vec<(String, bool)> = client
+            .query(
+                "SELECT p.traits->>'email', m.exited_at IS NOT NULL FROM tandem.audience_memberships m
+                 JOIN tandem.profiles p ON p.id = m.profile_id ORDER BY 1",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
+        assert_eq!(stays, vec![("ann@example.com".into(), false), ("bob@example.com".into(), true)]);
     }
 }

@@ -1,8 +1,10 @@
 //! The destination API: destinations listed with their delivered, pending,
 //! retrying and dead counts, created from a definition (validated before
 //! anything is stored: `422 invalid_destination` naming the setting), shown,
-//! deleted, their dead letters listed and replayed. Every endpoint needs an
-//! admin token; delivery itself is [`crate::activate`]'s.
+//! deleted, paused, sent a test item, and the failed deliveries (dead
+//! letters) listed and replayed, per destination or across all of them,
+//! narrowed by time (`since`) and profile. Every endpoint needs an admin
+//! token; delivery itself is [`crate::activate`]'s.
 
 use crate::activate::{self, DestinationDefineError};
 use crate::error::{ApiError, ErrorCode};
@@ -17,7 +19,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tandem_core::activate::DestinationDefinition;
-use tandem_store::{DeadLetter, DestinationRecord, Store, StoreError};
+use tandem_store::{DeadLetter, DeadLetterFilter, DestinationRecord, Store, StoreError};
 
 /// The destination routes, for [`crate::router`].
 pub fn routes() -> Router<AppState> {
@@ -28,6 +30,9 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/destinations/{name}/replay", post(replay_dead_letters))
         .route("/api/v1/destinations/{name}/pause", post(pause_destination))
         .route("/api/v1/destinations/{name}/resume", post(resume_destination))
+        .route("/api/v1/destinations/{name}/test", post(test_destination))
+        .route("/api/v1/deliveries/failed", get(list_failed_deliveries))
+        .route("/api/v1/deliveries/replay", post(replay_failed_deliveries))
 }
 
 /// Dead letters per page unless `limit` says otherwise, and at most.
@@ -38,9 +43,6 @@ fn define_error(error: DestinationDefineError) -> ApiError {
     match error {
         DestinationDefineError::Invalid(invalid) => {
             ApiError::new(ErrorCode::InvalidDestination, invalid.to_string()).with_field(invalid.field)
-        }
-        DestinationDefineError::HttpsUnsupported => {
-            ApiError::new(ErrorCode::InvalidDestination, error.to_string()).with_field("destination.url")
         }
         DestinationDefineError::Store(error) => store_error(error),
     }
@@ -90,13 +92,20 @@ pub fn destination_json(record: &DestinationRecord) -> Value {
         "definition": definition,
         "created_at": format_ms(record.created_at_ms),
         "counts": record.counts,
+        // Items waiting to be sent: the destination's backlog, and when
+        // the next of them was enqueued.
+        "lag": record.counts.pending + record.counts.retrying,
+        "next_enqueued_at": record.head_enqueued_at_ms.map(format_ms),
         "paused": record.paused,
     })
 }
 
-fn dead_letter_json(letter: &DeadLetter) -> Value {
+/// A dead letter as the API and the CLI show it.
+pub fn dead_letter_json(letter: &DeadLetter) -> Value {
     json!({
+        "destination": letter.destination,
         "position": letter.position.0,
+        "profile": letter.profile.map(|id| id.to_string()),
         "attempts": letter.attempts,
         "last_error": letter.last_error,
         "dead_at": format_ms(letter.dead_at_ms),
@@ -161,6 +170,52 @@ async fn delete_destination(
 #[derive(Deserialize)]
 struct DeadLetterQuery {
     limit: Option<usize>,
+    since: Option<String>,
+    profile: Option<String>,
+    destination: Option<String>,
+}
+
+impl DeadLetterQuery {
+    /// The `since` and `profile` parameters as a store filter; `422
+    /// invalid_value` naming the parameter that is neither.
+    fn filter(&self, now_ms: i64) -> Result<DeadLetterFilter, ApiError> {
+        dead_letter_filter(self.since.as_deref(), self.profile.as_deref(), now_ms)
+            .map_err(|(field, message)| ApiError::new(ErrorCode::InvalidValue, message).with_field(field))
+    }
+
+    fn limit(&self) -> Result<usize, ApiError> {
+        let limit = self.limit.unwrap_or(DEFAULT_DEAD_LETTER_PAGE);
+        if limit == 0 || limit > MAX_DEAD_LETTER_PAGE {
+            return Err(ApiError::new(
+                ErrorCode::InvalidValue,
+                format!("limit must be between 1 and {MAX_DEAD_LETTER_PAGE}"),
+            )
+            .with_field("limit"));
+        }
+        Ok(limit)
+    }
+}
+
+/// A dead-letter filter from its text form (`since`: RFC 3339 or `2h`,
+/// `7d` back from `now_ms`; `profile`: `prof_N`), shared by the API and the
+/// CLI; on a bad value, the parameter's name and what is wrong.
+pub fn dead_letter_filter(
+    since: Option<&str>,
+    profile: Option<&str>,
+    now_ms: i64,
+) -> Result<DeadLetterFilter, (&'static str, String)> {
+    let since_ms = since
+        .map(|text| {
+            tandem_core::activate::parse_since_ms(text, now_ms)
+                .ok_or(("since", format!("{text:?} is neither an RFC 3339 time nor a duration like 2h or 7d")))
+        })
+        .transpose()?;
+    let profile = profile
+        .map(|text| {
+            text.parse::<tandem_core::ProfileId>().map_err(|_| ("profile", format!("{text:?} is not a profile id")))
+        })
+        .transpose()?;
+    Ok(DeadLetterFilter { since_ms, profile })
 }
 
 /// `GET /api/v1/destinations/{name}/dead-letters`: the oldest dead letters
@@ -171,22 +226,15 @@ async fn list_dead_letters(
     ApiPath(name): ApiPath<String>,
     ApiQuery(query): ApiQuery<DeadLetterQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let limit = query.limit.unwrap_or(DEFAULT_DEAD_LETTER_PAGE);
-    if limit == 0 || limit > MAX_DEAD_LETTER_PAGE {
-        return Err(ApiError::new(
-            ErrorCode::InvalidValue,
-            format!("limit must be between 1 and {MAX_DEAD_LETTER_PAGE}"),
-        )
-        .with_field("limit"));
-    }
+    let limit = query.limit()?;
+    let filter = query.filter(chrono::Utc::now().timestamp_millis())?;
     let wanted = name.clone();
-    let letters = blocking(&state, move |store| Ok(activate::dead_letters(store, &wanted, limit)?)).await?;
+    let letters =
+        blocking(&state, move |store| Ok(activate::dead_letters(store, Some(&wanted), &filter, limit)?)).await?;
     let letters: Vec<Value> = letters.iter().map(dead_letter_json).collect();
     Ok(Json(json!({"destination": name, "dead_letters": letters})))
 }
 
-/// `POST /api/v1/destinations/{name}/replay`: puts every dead letter back
-/// in the outbox at its place in the order; answers how many.
 /// `POST /api/v1/destinations/{name}/pause`: stop sending; items keep
 /// being enqueued, in order.
 async fn pause_destination(
@@ -212,12 +260,79 @@ async fn set_paused(state: AppState, name: String, paused: bool) -> Result<Json<
     Ok(Json(json!({"destination": name, "paused": paused})))
 }
 
+/// `POST /api/v1/destinations/{name}/replay?since=&profile=`: puts the
+/// dead letters that pass the filter back in the outbox at their places in
+/// the order; answers how many.
 async fn replay_dead_letters(
+    State(state): State<AppState>,
+    _token: AdminToken,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(query): ApiQuery<DeadLetterQuery>,
+) -> Result<Json<Value>, ApiError> {
+    replay(state, name, &query).await
+}
+
+async fn replay(state: AppState, name: String, query: &DeadLetterQuery) -> Result<Json<Value>, ApiError> {
+    let filter = query.filter(chrono::Utc::now().timestamp_millis())?;
+    let wanted = name.clone();
+    let replayed = blocking(&state, move |store| Ok(activate::replay(store, &wanted, &filter)?)).await?;
+    Ok(Json(json!({"destination": name, "replayed": replayed})))
+}
+
+/// `GET /api/v1/deliveries/failed?destination=&since=&profile=&limit=`:
+/// the failed deliveries (dead letters) of one destination or of all,
+/// oldest first.
+async fn list_failed_deliveries(
+    State(state): State<AppState>,
+    _token: AdminToken,
+    ApiQuery(query): ApiQuery<DeadLetterQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = query.limit()?;
+    let filter = query.filter(chrono::Utc::now().timestamp_millis())?;
+    let destination = query.destination.clone();
+    let letters =
+        blocking(&state, move |store| Ok(activate::dead_letters(store, destination.as_deref(), &filter, limit)?))
+            .await?;
+    let letters: Vec<Value> = letters.iter().map(dead_letter_json).collect();
+    Ok(Json(json!({"failed": letters})))
+}
+
+/// `POST /api/v1/deliveries/replay?destination=&since=&profile=`: as the
+/// destination's replay; `destination` is required.
+async fn replay_failed_deliveries(
+    State(state): State<AppState>,
+    _token: AdminToken,
+    ApiQuery(query): ApiQuery<DeadLetterQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let Some(name) = query.destination.clone() else {
+        return Err(ApiError::new(ErrorCode::InvalidValue, "name the destination to replay").with_field("destination"));
+    };
+    replay(state, name, &query).await
+}
+
+/// `POST /api/v1/destinations/{name}/test`: sends one sample item now,
+/// outside the outbox, and answers what the receiver did: `{"ok": true,
+/// "status", "detail"}` or `{"ok": false, "error", "retryable"}`.
+async fn test_destination(
     State(state): State<AppState>,
     _token: AdminToken,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let wanted = name.clone();
-    let replayed = blocking(&state, move |store| Ok(activate::replay(store, &wanted)?)).await?;
-    Ok(Json(json!({"destination": name, "replayed": replayed})))
+    let now = chrono::Utc::now().timestamp_millis();
+    let outcome = blocking(&state, move |store| Ok(activate::send_test(store, &wanted, now)?)).await?;
+    Ok(Json(test_json(&name, &outcome)))
+}
+
+/// A test send's outcome as the API and the CLI show it.
+pub fn test_json(name: &str, outcome: &Result<activate::Receipt, tandem_core::activate::AttemptFailure>) -> Value {
+    match outcome {
+        Ok(receipt) => json!({"destination": name, "ok": true, "status": receipt.status, "detail": receipt.detail}),
+        Err(failure) => json!({
+            "destination": name,
+            "ok": false,
+            "error": failure.to_string(),
+            "retryable": failure.class() == tandem_core::activate::FailureClass::Retryable,
+        }),
+    }
 }

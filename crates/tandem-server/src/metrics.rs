@@ -28,8 +28,13 @@ pub struct OutcomeLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DeliveryLabels {
     pub destination: String,
-    /// `delivered`, `retrying` or `dead`.
+    /// `delivered`, `failed` (every failed attempt), `retrying` or `dead`.
     pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DestinationLabels {
+    pub destination: String,
 }
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
@@ -71,6 +76,10 @@ pub struct Metrics {
     pub computed_trait_writes: Counter,
     /// Items per destination by what became of their attempt.
     pub destination_items: Family<DeliveryLabels, Counter>,
+    /// Items per destination waiting in its outbox (new or retrying).
+    pub destination_lag_items: Family<DestinationLabels, Gauge>,
+    /// How long the next item of each destination has waited, in seconds.
+    pub destination_lag_seconds: Family<DestinationLabels, Gauge>,
     pub outbox_lag_events: Gauge,
     /// Messages the drain stage appended from the event stream into the log.
     pub drain_messages: Counter,
@@ -198,8 +207,20 @@ impl Metrics {
         let destination_items = Family::<DeliveryLabels, Counter>::default();
         registry.register(
             "destination_items",
-            "Outbox items per destination: delivered, failed and kept for a retry, or moved to the dead letters",
+            "Outbox items per destination: delivered, failed (each failed attempt), kept for a retry, or moved to the dead letters",
             destination_items.clone(),
+        );
+        let destination_lag_items = Family::<DestinationLabels, Gauge>::default();
+        registry.register(
+            "destination_lag_items",
+            "Items waiting in each destination's outbox, new or retrying",
+            destination_lag_items.clone(),
+        );
+        let destination_lag_seconds = Family::<DestinationLabels, Gauge>::default();
+        registry.register(
+            "destination_lag_seconds",
+            "How long the next item of each destination's outbox has waited since it was enqueued (0 when empty)",
+            destination_lag_seconds.clone(),
         );
         let outbox_lag_events = Gauge::default();
         registry.register(
@@ -266,6 +287,8 @@ impl Metrics {
             computed_trait_writes,
             registry: std::sync::Arc::new(registry),
             destination_items,
+            destination_lag_items,
+            destination_lag_seconds,
             outbox_lag_events,
             audience_lag_events,
             audience_membership_changes,

@@ -1809,11 +1809,55 @@ mod destinations {
         assert!(letter["last_error"].as_str().unwrap().starts_with("could not reach the receiver"), "{letter}");
         assert!(letter["attempts"].as_u64().unwrap() >= 2);
 
+        // Failed deliveries across destinations, narrowed by time and profile.
+        let (status, failed) = get(&harness, "/api/v1/deliveries/failed", Some(&token)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(failed["failed"][0]["destination"], "crm");
+        let profile = failed["failed"][0]["profile"].as_str().expect("the event's profile is kept").to_owned();
+        assert!(profile.starts_with("prof_"), "{profile}");
+        let count = |body: &Value| body["failed"].as_array().map(Vec::len);
+        // The worker's clock was in January 1970: nothing failed in the last 2 hours.
+        let (_, recent) = get(&harness, "/api/v1/deliveries/failed?since=2h", Some(&token)).await;
+        assert_eq!(count(&recent), Some(0));
+        let (_, since_epoch) =
+            get(&harness, "/api/v1/deliveries/failed?since=1970-01-01T00:00:00Z&destination=crm", Some(&token)).await;
+        assert_eq!(count(&since_epoch), Some(1));
+        let (_, of_profile) =
+            get(&harness, &format!("/api/v1/deliveries/failed?profile={profile}"), Some(&token)).await;
+        assert_eq!(count(&of_profile), Some(1));
+        let (_, of_other) = get(&harness, "/api/v1/deliveries/failed?profile=prof_999999", Some(&token)).await;
+        assert_eq!(count(&of_other), Some(0));
+        let (status, body) = get(&harness, "/api/v1/deliveries/failed?profile=ann", Some(&token)).await;
+        assert_eq!((status, error_of(&body)), (StatusCode::BAD_REQUEST, ("invalid_value", Some("profile"))));
+        let (status, body) = get(&harness, "/api/v1/deliveries/failed?since=soon", Some(&token)).await;
+        assert_eq!((status, error_of(&body)), (StatusCode::BAD_REQUEST, ("invalid_value", Some("since"))));
+        let (status, body) = get(&harness, "/api/v1/deliveries/failed?destination=nobody", Some(&token)).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::NOT_FOUND, "destination_not_found"));
+        let (status, body) = send_json(&harness, Method::POST, "/api/v1/deliveries/replay", &token, json!({})).await;
+        assert_eq!((status, error_of(&body)), (StatusCode::BAD_REQUEST, ("invalid_value", Some("destination"))));
+        let (status, replayed) =
+            send_json(&harness, Method::POST, "/api/v1/deliveries/replay?destination=crm&since=2h", &token, json!({}))
+                .await;
+        assert_eq!((status, replayed["replayed"].clone()), (StatusCode::OK, json!(0)), "nothing that recent");
+
+        // A test send goes out now, outside the outbox, and reports the failure.
+        let (status, tested) =
+            send_json(&harness, Method::POST, "/api/v1/destinations/crm/test", &token, json!({})).await;
+        assert_eq!(
+            (status, tested["ok"].clone(), tested["retryable"].clone()),
+            (StatusCode::OK, json!(false), json!(true))
+        );
+        assert!(tested["error"].as_str().unwrap().starts_with("could not reach the receiver"), "{tested}");
+        let (status, body) =
+            send_json(&harness, Method::POST, "/api/v1/destinations/nobody/test", &token, json!({})).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::NOT_FOUND, "destination_not_found"));
+
         let (status, replayed) =
             send_json(&harness, Method::POST, "/api/v1/destinations/crm/replay", &token, json!({})).await;
         assert_eq!((status, replayed["replayed"].clone()), (StatusCode::OK, json!(1)));
         let (_, shown) = get(&harness, "/api/v1/destinations/crm", Some(&token)).await;
         assert_eq!(shown["counts"], json!({"pending": 1, "retrying": 0, "delivered": 0, "dead": 0}));
+        assert_eq!(shown["lag"], json!(1), "the replayed item waits again");
         assert_eq!(shown["paused"], json!(false));
         let (status, paused) =
             send_json(&harness, Method::POST, "/api/v1/destinations/crm/pause", &token, json!({})).await;

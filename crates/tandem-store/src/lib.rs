@@ -45,8 +45,8 @@ pub use log::{
     QuarantineRecord, SourceStats, StageCursor, StreamRange,
 };
 pub use outbox::{
-    DeadLetter, DestinationRecord, FailedAttempt, NewOutboxItem, OutboxCommit, OutboxCommitOutcome, OutboxCounts,
-    OutboxCursor, OutboxItem, OutboxItemId, OutboxStore,
+    DeadLetter, DeadLetterFilter, DestinationRecord, FailedAttempt, NewOutboxItem, OutboxCommit, OutboxCommitOutcome,
+    OutboxCounts, OutboxCursor, OutboxItem, OutboxItemId, OutboxStore,
 };
 pub use sources::{Sources, TokenInfo};
 pub use sqlite::SqliteStore;

@@ -9,7 +9,7 @@
 
 use serde::Serialize;
 use tandem_core::activate::DestinationDefinition;
-use tandem_core::LogPosition;
+use tandem_core::{LogPosition, ProfileId};
 
 use crate::{MembershipChange, Stage, StoreError};
 
@@ -67,6 +67,10 @@ pub struct DestinationRecord {
     pub counts: OutboxCounts,
     /// Paused: items are still enqueued, in order, but none is sent.
     pub paused: bool,
+    /// When the head of the outbox (the next item to send) was first
+    /// enqueued; `None` when the outbox is empty or the item predates the
+    /// record. `now - this` is how far the destination lags.
+    pub head_enqueued_at_ms: Option<i64>,
 }
 
 /// An item to enqueue: one event of the log for one destination.
@@ -76,6 +80,9 @@ pub struct NewOutboxItem {
     pub position: LogPosition,
     /// What is delivered: the event as Segment JSON.
     pub payload: String,
+    /// The profile the item is about when enqueued (the event's owner, or
+    /// the profile that entered or left), for filtering dead letters.
+    pub profile: Option<ProfileId>,
 }
 
 /// An item waiting in a destination's outbox.
@@ -105,6 +112,16 @@ pub struct DeadLetter {
     pub attempts: u32,
     pub last_error: String,
     pub dead_at_ms: i64,
+    /// The profile the item was about when enqueued, if known.
+    pub profile: Option<ProfileId>,
+}
+
+/// Which dead letters a listing or a replay takes: all, or only those that
+/// died at or after `since_ms`, or only those about `profile`; both narrow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeadLetterFilter {
+    pub since_ms: Option<i64>,
+    pub profile: Option<ProfileId>,
 }
 
 /// What the outbox stage writes in one transaction.
@@ -119,6 +136,9 @@ pub struct OutboxCommit {
     /// Enqueued in this order; items of a destination that no longer
     /// exists (deleted while the stage read) are dropped.
     pub items: Vec<NewOutboxItem>,
+    /// When the items are enqueued (milliseconds); kept with each item,
+    /// into the dead letters and back, to measure a destination's lag.
+    pub at_ms: i64,
 }
 
 /// What became of an [`OutboxCommit`]; only `Committed` wrote anything.
@@ -179,13 +199,20 @@ pub trait OutboxStore: Send + Sync + 'static {
     /// Records a failed attempt of one item: a retry or a dead letter.
     fn record_failure(&self, id: OutboxItemId, failure: &FailedAttempt) -> Result<(), StoreError>;
 
-    /// A destination's dead letters, oldest item first, at most `limit`.
-    fn dead_letters(&self, destination: &str, limit: usize) -> Result<Vec<DeadLetter>, StoreError>;
+    /// Dead letters that pass `filter`, of one destination or (`None`) of
+    /// every destination, in enqueue order (oldest item first), at most `limit`.
+    fn dead_letters(
+        &self,
+        destination: Option<&str>,
+        filter: &DeadLetterFilter,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError>;
 
-    /// Puts every dead letter of a destination back in its outbox, at its
-    /// original place in the order, as new (no attempts); returns how many.
-    /// [`StoreError::DestinationNotFound`] when there is none of that name.
-    fn replay_dead_letters(&self, destination: &str) -> Result<u64, StoreError>;
+    /// Puts the dead letters of a destination that pass `filter` back in
+    /// its outbox, each at its original place in the order, as new (no
+    /// attempts); returns how many. [`StoreError::DestinationNotFound`]
+    /// when there is none of that name.
+    fn replay_dead_letters(&self, destination: &str, filter: &DeadLetterFilter) -> Result<u64, StoreError>;
 }
 
 /// A definition as stored: JSON text.

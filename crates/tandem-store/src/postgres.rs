@@ -248,6 +248,12 @@ const MIGRATIONS: &[&str] = &[
         stream TEXT PRIMARY KEY,
         sequence BIGINT NOT NULL
     );"#,
+    // 8: the profile an outbox item is about (see `sqlite.rs`, migration 14).
+    r#"ALTER TABLE outbox ADD COLUMN profile_id BIGINT;
+    ALTER TABLE dead_letters ADD COLUMN profile_id BIGINT;
+    ALTER TABLE outbox ADD COLUMN enqueued_at BIGINT;
+    ALTER TABLE dead_letters ADD COLUMN enqueued_at BIGINT;
+    CREATE INDEX dead_letters_by_time ON dead_letters (dead_at);"#,
 ];
 
 /// The PostgreSQL implementation of [`crate::Store`].

@@ -260,6 +260,14 @@ const MIGRATIONS: &[&str] = &[
         stream TEXT PRIMARY KEY,
         sequence INTEGER NOT NULL
     );",
+    // 14: the profile an outbox item is about, kept into the dead letters
+    // so they can be listed and replayed per profile and by time.
+    // The time each item was first enqueued measures a destination's lag.
+    "ALTER TABLE outbox ADD COLUMN profile_id INTEGER;
+    ALTER TABLE dead_letters ADD COLUMN profile_id INTEGER;
+    ALTER TABLE outbox ADD COLUMN enqueued_at INTEGER;
+    ALTER TABLE dead_letters ADD COLUMN enqueued_at INTEGER;
+    CREATE INDEX dead_letters_by_time ON dead_letters (dead_at);",
 ];
 
 /// The `received_at` of a message id kept for good ([`Dedup::Forever`]).

@@ -89,6 +89,7 @@ macro_rules! outbox_store_test_suite {
             destinations_have_unique_names_and_delete_with_their_items,
             commits_enqueue_in_order_and_refuse_stale_writers,
             failures_retry_in_place_then_dead_letters_replay_in_order,
+            dead_letters_are_listed_and_replayed_by_time_and_profile,
             audience_changes_are_read_after_their_own_cursor
         );
     };

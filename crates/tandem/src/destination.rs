@@ -1,8 +1,10 @@
-//! `tandem destination`: create, list, show, delete destinations in the
-//! data directory, list their dead letters and replay them. A definition is
-//! given as JSON (inline, or `@FILE`) and validated before anything is
-//! stored. Delivery itself runs in the server (`tandem serve`); `replay`
-//! puts dead letters back in the outbox for it.
+//! `tandem destination` and `tandem deliveries`: create, list, show, test,
+//! pause and delete destinations in the data directory; list failed
+//! deliveries (dead letters) by destination, time and profile, and replay
+//! them. A definition is given as JSON (inline, or `@FILE`) and validated
+//! before anything is stored. Delivery itself runs in the server (`tandem
+//! serve`); `replay` puts dead letters back in the outbox for it, and
+//! `test` sends one sample item from this process, outside the outbox.
 
 use anyhow::{bail, Context};
 use serde_json::Value;
@@ -10,7 +12,7 @@ use std::io::Write;
 use std::sync::Arc;
 use tandem_core::activate::DestinationDefinition;
 use tandem_server::activate;
-use tandem_server::destination_api::destination_json;
+use tandem_server::destination_api::{dead_letter_filter, dead_letter_json, destination_json, test_json};
 use tandem_store::Store;
 
 /// Dead letters printed unless told otherwise.
@@ -70,23 +72,63 @@ pub fn show(store: Arc<dyn Store>, name: &str, out: &mut impl Write) -> anyhow::
     Ok(())
 }
 
-pub fn dead_letters(
+fn filter(since: Option<&str>, profile: Option<&str>) -> anyhow::Result<tandem_store::DeadLetterFilter> {
+    dead_letter_filter(since, profile, chrono::Utc::now().timestamp_millis())
+        .map_err(|(field, message)| anyhow::anyhow!("--{field}: {message}"))
+}
+
+/// `tandem deliveries failed` (and `destination dead-letters NAME`).
+pub fn failed(
     store: Arc<dyn Store>,
-    name: &str,
+    name: Option<&str>,
+    since: Option<&str>,
+    profile: Option<&str>,
     limit: usize,
     as_json: bool,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
-    let letters = activate::dead_letters(store.as_ref(), name, limit)?;
+    let letters = activate::dead_letters(store.as_ref(), name, &filter(since, profile)?, limit)?;
     if as_json {
-        writeln!(out, "{}", serde_json::to_string(&letters)?)?;
+        writeln!(out, "{}", Value::Array(letters.iter().map(dead_letter_json).collect()))?;
         return Ok(());
     }
     if letters.is_empty() {
-        writeln!(out, "no dead letters for {name:?}")?;
+        match name {
+            Some(name) => writeln!(out, "no failed deliveries for {name:?}")?,
+            None => writeln!(out, "no failed deliveries")?,
+        }
     }
     for letter in &letters {
-        writeln!(out, "position {:<10} attempts {:<4} {}", letter.position.0, letter.attempts, letter.last_error)?;
+        let profile = letter.profile.map(|id| id.to_string()).unwrap_or_else(|| "-".to_owned());
+        writeln!(
+            out,
+            "{:<20} position {:<10} {:<14} attempts {:<4} {}  {}",
+            letter.destination,
+            letter.position.0,
+            profile,
+            letter.attempts,
+            chrono::DateTime::from_timestamp_millis(letter.dead_at_ms)
+                .map(tandem_core::event::format_timestamp)
+                .unwrap_or_default(),
+            letter.last_error
+        )?;
+    }
+    Ok(())
+}
+
+/// `tandem destination test NAME`: one sample item, now, outside the outbox.
+pub fn test(store: Arc<dyn Store>, name: &str, as_json: bool, out: &mut impl Write) -> anyhow::Result<()> {
+    let outcome = activate::send_test(store.as_ref(), name, chrono::Utc::now().timestamp_millis())?;
+    if as_json {
+        writeln!(out, "{}", test_json(name, &outcome))?;
+    } else {
+        match &outcome {
+            Ok(receipt) => writeln!(out, "test sent to {name:?}: {}", receipt.detail)?,
+            Err(failure) => writeln!(out, "test to {name:?} failed: {failure}")?,
+        }
+    }
+    if outcome.is_err() {
+        bail!("the test delivery to {name:?} failed");
     }
     Ok(())
 }
@@ -101,8 +143,15 @@ pub fn set_paused(store: Arc<dyn Store>, name: &str, paused: bool, out: &mut imp
     Ok(())
 }
 
-pub fn replay(store: Arc<dyn Store>, name: &str, out: &mut impl Write) -> anyhow::Result<()> {
-    let replayed = activate::replay(store.as_ref(), name)?;
+/// `tandem deliveries replay` (and `destination replay NAME`).
+pub fn replay(
+    store: Arc<dyn Store>,
+    name: &str,
+    since: Option<&str>,
+    profile: Option<&str>,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let replayed = activate::replay(store.as_ref(), name, &filter(since, profile)?)?;
     writeln!(out, "put {replayed} dead letters of {name:?} back in its outbox, in their order")?;
     Ok(())
 }
@@ -131,19 +180,25 @@ mod tests {
             .to_string()
             .contains("name"));
         list(store.clone(), false, &mut out).unwrap();
-        replay(store.clone(), "archive", &mut out).unwrap();
+        replay(store.clone(), "archive", None, None, &mut out).unwrap();
         set_paused(store.clone(), "archive", true, &mut out).unwrap();
         assert!(store.destination("archive").unwrap().unwrap().paused);
         set_paused(store.clone(), "archive", false, &mut out).unwrap();
         assert!(!store.destination("archive").unwrap().unwrap().paused);
         assert!(set_paused(store.clone(), "nobody", true, &mut out).is_err());
-        dead_letters(store.clone(), "archive", 10, false, &mut out).unwrap();
+        failed(store.clone(), Some("archive"), Some("2h"), None, 10, false, &mut out).unwrap();
+        assert!(failed(store.clone(), None, Some("soon"), None, 10, false, &mut out)
+            .unwrap_err()
+            .to_string()
+            .contains("--since"));
+        assert!(failed(store.clone(), None, None, Some("ann"), 10, false, &mut out).is_err());
         delete(store.clone(), "archive", &mut out).unwrap();
-        assert!(replay(store.clone(), "archive", &mut out).is_err());
+        assert!(replay(store.clone(), "archive", None, None, &mut out).is_err());
+        assert!(failed(store.clone(), Some("archive"), None, None, 10, false, &mut out).is_err());
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("created file destination \"archive\""), "{text}");
         assert!(text.contains("archive                  file            0 delivered"), "{text}");
         assert!(text.contains("put 0 dead letters"), "{text}");
-        assert!(text.contains("no dead letters for \"archive\""), "{text}");
+        assert!(text.contains("no failed deliveries for \"archive\""), "{text}");
     }
 }

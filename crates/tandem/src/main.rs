@@ -69,9 +69,13 @@ enum Command {
     /// Computed traits: a value per profile aggregated from its events, kept current like audiences
     #[command(subcommand)]
     Computed(ComputedCommand),
-    /// Destinations: webhooks and files that receive events, in order, at least once
+    /// Destinations: webhooks, files and PostgreSQL warehouses that receive events and audience
+    /// changes, in order, at least once
     #[command(subcommand)]
     Destination(DestinationCommand),
+    /// Failed deliveries (dead letters): list them, and replay them into their outbox
+    #[command(subcommand)]
+    Deliveries(DeliveriesCommand),
     /// Create a realistic synthetic company and serve it: web and app behaviour, orders, product
     /// usage, tickets, CRM contacts, leads and social mentions
     ///
@@ -357,7 +361,7 @@ enum TokenCommand {
 enum DestinationCommand {
     /// Create a destination from its JSON definition (inline, or @FILE)
     Create {
-        /// The definition: {"name", "destination": {"kind": "webhook"|"file", …}, "events", "retry"}
+        /// The definition: {"name", "destination": {"kind": "webhook"|"file"|"warehouse", …}, "events", "retry"}
         definition: String,
     },
     /// List destinations with their delivered, pending, retrying and dead counts
@@ -371,7 +375,16 @@ enum DestinationCommand {
         /// The destination's name
         name: String,
     },
-    /// List a destination's dead letters, oldest first, with their last error
+    /// Send one sample item to a destination now (not through its outbox) and show what the
+    /// receiver answered
+    Test {
+        /// The destination's name
+        name: String,
+        /// Print the outcome as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a destination's dead letters (same as `deliveries failed --destination NAME`)
     DeadLetters {
         /// The destination's name
         name: String,
@@ -392,7 +405,8 @@ enum DestinationCommand {
         /// The destination's name
         name: String,
     },
-    /// Put a destination's dead letters back in its outbox, at their places in the order
+    /// Put a destination's dead letters back in its outbox (same as `deliveries replay
+    /// --destination NAME`)
     Replay {
         /// The destination's name
         name: String,
@@ -401,6 +415,40 @@ enum DestinationCommand {
     Delete {
         /// The destination's name
         name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DeliveriesCommand {
+    /// List failed deliveries (dead letters), oldest first, with their last error
+    Failed {
+        /// Only this destination's
+        #[arg(long)]
+        destination: Option<String>,
+        /// Only those that failed at or after this time: RFC 3339, or back from now (2h, 7d)
+        #[arg(long)]
+        since: Option<String>,
+        /// Only those about this profile (prof_…)
+        #[arg(long)]
+        profile: Option<String>,
+        /// At most this many
+        #[arg(long, default_value_t = destination::DEFAULT_DEAD_LETTER_PAGE)]
+        limit: usize,
+        /// Print a JSON array
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put failed deliveries back in their destination's outbox, at their places in the order
+    Replay {
+        /// The destination whose failed deliveries are replayed
+        #[arg(long)]
+        destination: String,
+        /// Only those that failed at or after this time: RFC 3339, or back from now (2h, 7d)
+        #[arg(long)]
+        since: Option<String>,
+        /// Only those about this profile (prof_…)
+        #[arg(long)]
+        profile: Option<String>,
     },
 }
 
@@ -850,7 +898,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             destination::show(open(Access::Existing)?, &name, &mut out)
         }
         Command::Destination(DestinationCommand::DeadLetters { name, limit, json }) => {
-            destination::dead_letters(open(Access::Existing)?, &name, limit, json, &mut out)
+            destination::failed(open(Access::Existing)?, Some(&name), None, None, limit, json, &mut out)
+        }
+        Command::Destination(DestinationCommand::Test { name, json }) => {
+            destination::test(open(Access::Existing)?, &name, json, &mut out)
+        }
+        Command::Deliveries(DeliveriesCommand::Failed { destination: name, since, profile, limit, json }) => {
+            let (since, profile) = (since.as_deref(), profile.as_deref());
+            destination::failed(open(Access::Existing)?, name.as_deref(), since, profile, limit, json, &mut out)
+        }
+        Command::Deliveries(DeliveriesCommand::Replay { destination: name, since, profile }) => {
+            destination::replay(open(Access::Existing)?, &name, since.as_deref(), profile.as_deref(), &mut out)
         }
         Command::Destination(DestinationCommand::Pause { name }) => {
             destination::set_paused(open(Access::Existing)?, &name, true, &mut out)
@@ -859,7 +917,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             destination::set_paused(open(Access::Existing)?, &name, false, &mut out)
         }
         Command::Destination(DestinationCommand::Replay { name }) => {
-            destination::replay(open(Access::Existing)?, &name, &mut out)
+            destination::replay(open(Access::Existing)?, &name, None, None, &mut out)
         }
         Command::Destination(DestinationCommand::Delete { name }) => {
             destination::delete(open(Access::Existing)?, &name, &mut out)

@@ -8,8 +8,8 @@ use super::{text_from_bytes, PostgresStore};
 use crate::audience::change_kind_from_text;
 use crate::outbox::{definition_from_text, definition_to_text};
 use crate::{
-    DeadLetter, DestinationRecord, FailedAttempt, MembershipChange, OutboxCommit, OutboxCommitOutcome, OutboxCounts,
-    OutboxItem, OutboxItemId, OutboxStore, StoreError,
+    DeadLetter, DeadLetterFilter, DestinationRecord, FailedAttempt, MembershipChange, OutboxCommit,
+    OutboxCommitOutcome, OutboxCounts, OutboxItem, OutboxItemId, OutboxStore, StoreError,
 };
 use postgres::Row;
 use tandem_core::activate::DestinationDefinition;
@@ -18,7 +18,8 @@ use tandem_core::{LogPosition, ProfileId};
 const RECORD_QUERY: &str = "SELECT d.name, d.definition, d.created_at, d.delivered,
         (SELECT COUNT(*) FROM outbox o WHERE o.destination = d.name AND o.attempts = 0),
         (SELECT COUNT(*) FROM outbox o WHERE o.destination = d.name AND o.attempts > 0),
-        (SELECT COUNT(*) FROM dead_letters l WHERE l.destination = d.name), d.paused
+        (SELECT COUNT(*) FROM dead_letters l WHERE l.destination = d.name), d.paused,
+        (SELECT o.enqueued_at FROM outbox o WHERE o.destination = d.name ORDER BY o.id LIMIT 1)
      FROM destinations d";
 
 fn decode_record(row: &Row) -> Result<DestinationRecord, StoreError> {
@@ -33,6 +34,7 @@ fn decode_record(row: &Row) -> Result<DestinationRecord, StoreError> {
             dead: row.try_get::<_, i64>(6)? as u64,
         },
         paused: row.try_get(7)?,
+        head_enqueued_at_ms: row.try_get(8)?,
     })
 }
 
@@ -49,6 +51,10 @@ fn decode_item(row: &Row) -> Result<OutboxItem, StoreError> {
     })
 }
 
+/// A [`DeadLetterFilter`] in SQL: `$2` the time, `$3` the profile, each
+/// ignored when NULL.
+const FILTER: &str = "($2::bigint IS NULL OR dead_at >= $2) AND ($3::bigint IS NULL OR profile_id = $3)";
+
 fn decode_dead_letter(row: &Row) -> Result<DeadLetter, StoreError> {
     Ok(DeadLetter {
         id: OutboxItemId(row.try_get::<_, i64>(0)? as u64),
@@ -58,6 +64,7 @@ fn decode_dead_letter(row: &Row) -> Result<DeadLetter, StoreError> {
         attempts: row.try_get::<_, i32>(4)? as u32,
         last_error: row.try_get(5)?,
         dead_at_ms: row.try_get(6)?,
+        profile: row.try_get::<_, Option<i64>>(7)?.map(|id| ProfileId(id as u64)),
     })
 }
 
@@ -133,12 +140,14 @@ impl OutboxStore for PostgresStore {
                 return Ok(OutboxCommitOutcome::StalePosition);
             }
             let enqueue = transaction.prepare(
-                "INSERT INTO outbox (destination, position, payload)
-                 SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM destinations WHERE name = $1)",
+                "INSERT INTO outbox (destination, position, payload, profile_id, enqueued_at)
+                 SELECT $1, $2, $3, $4, $5 WHERE EXISTS (SELECT 1 FROM destinations WHERE name = $1)",
             )?;
             for item in &commit.items {
-                transaction
-                    .execute(&enqueue, &[&item.destination, &(item.position.0 as i64), &item.payload.as_bytes()])?;
+                let profile = item.profile.map(|id| id.0 as i64);
+                let values: [&(dyn postgres::types::ToSql + Sync); 5] =
+                    [&item.destination, &(item.position.0 as i64), &item.payload.as_bytes(), &profile, &commit.at_ms];
+                transaction.execute(&enqueue, &values)?;
             }
             transaction.execute(
                 "UPDATE stage_cursors SET position = $2 WHERE stage = $1",
@@ -217,8 +226,10 @@ impl OutboxStore for PostgresStore {
                 }
                 FailedAttempt::DeadLetter { at_ms, error } => {
                     transaction.execute(
-                        "INSERT INTO dead_letters (id, destination, position, payload, attempts, last_error, dead_at)
-                         SELECT id, destination, position, payload, attempts + 1, $2, $3 FROM outbox WHERE id = $1",
+                        "INSERT INTO dead_letters
+                             (id, destination, position, payload, attempts, last_error, dead_at, profile_id, enqueued_at)
+                         SELECT id, destination, position, payload, attempts + 1, $2, $3, profile_id, enqueued_at
+                         FROM outbox WHERE id = $1",
                         &[&id, error, at_ms],
                     )?;
                     transaction.execute("DELETE FROM outbox WHERE id = $1", &[&id])?;
@@ -229,13 +240,22 @@ impl OutboxStore for PostgresStore {
         })
     }
 
-    fn dead_letters(&self, destination: &str, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+    fn dead_letters(
+        &self,
+        destination: Option<&str>,
+        filter: &DeadLetterFilter,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let profile = filter.profile.map(|id| id.0 as i64);
         self.with_client(|client| {
             client
                 .query(
-                    "SELECT id, destination, position, payload, attempts, last_error, dead_at
-                     FROM dead_letters WHERE destination = $1 ORDER BY id LIMIT $2",
-                    &[&destination, &(limit as i64)],
+                    &format!(
+                        "SELECT id, destination, position, payload, attempts, last_error, dead_at, profile_id
+                         FROM dead_letters WHERE ($1::text IS NULL OR destination = $1) AND {FILTER}
+                         ORDER BY id LIMIT $4"
+                    ),
+                    &[&destination, &filter.since_ms, &profile, &(limit as i64)],
                 )?
                 .iter()
                 .map(decode_dead_letter)
@@ -243,7 +263,8 @@ impl OutboxStore for PostgresStore {
         })
     }
 
-    fn replay_dead_letters(&self, destination: &str) -> Result<u64, StoreError> {
+    fn replay_dead_letters(&self, destination: &str, filter: &DeadLetterFilter) -> Result<u64, StoreError> {
+        let profile = filter.profile.map(|id| id.0 as i64);
         self.with_client(|client| {
             let mut transaction = client.transaction()?;
             if transaction
@@ -254,11 +275,17 @@ impl OutboxStore for PostgresStore {
             }
             // The original id puts each item back at its place in the order.
             let replayed = transaction.execute(
-                "INSERT INTO outbox (id, destination, position, payload)
-                 SELECT id, destination, position, payload FROM dead_letters WHERE destination = $1",
-                &[&destination],
+                &format!(
+                    "INSERT INTO outbox (id, destination, position, payload, profile_id, enqueued_at)
+                     SELECT id, destination, position, payload, profile_id, enqueued_at FROM dead_letters
+                     WHERE destination = $1 AND {FILTER}"
+                ),
+                &[&destination, &filter.since_ms, &profile],
             )?;
-            transaction.execute("DELETE FROM dead_letters WHERE destination = $1", &[&destination])?;
+            transaction.execute(
+                &format!("DELETE FROM dead_letters WHERE destination = $1 AND {FILTER}"),
+                &[&destination, &filter.since_ms, &profile],
+            )?;
             transaction.commit()?;
             Ok(replayed)
         })

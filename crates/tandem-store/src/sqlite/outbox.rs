@@ -5,8 +5,8 @@ use super::SqliteStore;
 use crate::audience::change_kind_from_text;
 use crate::outbox::{definition_from_text, definition_to_text};
 use crate::{
-    DeadLetter, DestinationRecord, FailedAttempt, MembershipChange, OutboxCommit, OutboxCommitOutcome, OutboxCounts,
-    OutboxItem, OutboxItemId, OutboxStore, StoreError,
+    DeadLetter, DeadLetterFilter, DestinationRecord, FailedAttempt, MembershipChange, OutboxCommit,
+    OutboxCommitOutcome, OutboxCounts, OutboxItem, OutboxItemId, OutboxStore, StoreError,
 };
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tandem_core::activate::DestinationDefinition;
@@ -15,17 +15,32 @@ use tandem_core::{LogPosition, ProfileId};
 const RECORD_QUERY: &str = "SELECT d.name, d.definition, d.created_at, d.delivered,
         (SELECT COUNT(*) FROM outbox o WHERE o.destination = d.name AND o.attempts = 0),
         (SELECT COUNT(*) FROM outbox o WHERE o.destination = d.name AND o.attempts > 0),
-        (SELECT COUNT(*) FROM dead_letters l WHERE l.destination = d.name), d.paused
+        (SELECT COUNT(*) FROM dead_letters l WHERE l.destination = d.name), d.paused,
+        (SELECT o.enqueued_at FROM outbox o WHERE o.destination = d.name ORDER BY o.id LIMIT 1)
      FROM destinations d";
 
-type RecordRow = (String, String, i64, i64, i64, i64, i64, bool);
+/// A [`DeadLetterFilter`] in SQL: `?2` the time, `?3` the profile, each
+/// ignored when NULL.
+const FILTER: &str = "(?2 IS NULL OR dead_at >= ?2) AND (?3 IS NULL OR profile_id = ?3)";
+
+type RecordRow = (String, String, i64, i64, i64, i64, i64, bool, Option<i64>);
 
 fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RecordRow> {
-    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?, row.get(6)?, row.get(7)?))
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+        row.get(5)?,
+        row.get(6)?,
+        row.get(7)?,
+        row.get(8)?,
+    ))
 }
 
 fn decode_record(
-    (_, definition, created_at_ms, delivered, pending, retrying, dead, paused): RecordRow,
+    (_, definition, created_at_ms, delivered, pending, retrying, dead, paused, head_enqueued_at_ms): RecordRow,
 ) -> Result<DestinationRecord, StoreError> {
     Ok(DestinationRecord {
         definition: definition_from_text(&definition)?,
@@ -37,6 +52,7 @@ fn decode_record(
             dead: dead as u64,
         },
         paused,
+        head_enqueued_at_ms,
     })
 }
 
@@ -62,6 +78,7 @@ fn dead_letter_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter>
         attempts: row.get::<_, i64>(4)? as u32,
         last_error: row.get(5)?,
         dead_at_ms: row.get(6)?,
+        profile: row.get::<_, Option<i64>>(7)?.map(|id| ProfileId(id as u64)),
     })
 }
 
@@ -76,11 +93,12 @@ fn commit(connection: &mut Connection, commit: &OutboxCommit) -> Result<OutboxCo
     }
     {
         let mut enqueue = transaction.prepare_cached(
-            "INSERT INTO outbox (destination, position, payload)
-             SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM destinations WHERE name = ?1)",
+            "INSERT INTO outbox (destination, position, payload, profile_id, enqueued_at)
+             SELECT ?1, ?2, ?3, ?4, ?5 WHERE EXISTS (SELECT 1 FROM destinations WHERE name = ?1)",
         )?;
         for item in &commit.items {
-            enqueue.execute(params![item.destination, item.position.0 as i64, item.payload])?;
+            let profile = item.profile.map(|id| id.0 as i64);
+            enqueue.execute(params![item.destination, item.position.0 as i64, item.payload, profile, commit.at_ms])?;
         }
     }
     transaction.execute(
@@ -215,8 +233,10 @@ impl OutboxStore for SqliteStore {
                 }
                 FailedAttempt::DeadLetter { at_ms, error } => {
                     transaction.execute(
-                        "INSERT INTO dead_letters (id, destination, position, payload, attempts, last_error, dead_at)
-                         SELECT id, destination, position, payload, attempts + 1, ?2, ?3 FROM outbox WHERE id = ?1",
+                        "INSERT INTO dead_letters
+                             (id, destination, position, payload, attempts, last_error, dead_at, profile_id, enqueued_at)
+                         SELECT id, destination, position, payload, attempts + 1, ?2, ?3, profile_id, enqueued_at
+                         FROM outbox WHERE id = ?1",
                         params![id.0 as i64, error, at_ms],
                     )?;
                     transaction.execute("DELETE FROM outbox WHERE id = ?1", [id.0 as i64])?;
@@ -227,18 +247,25 @@ impl OutboxStore for SqliteStore {
         })
     }
 
-    fn dead_letters(&self, destination: &str, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+    fn dead_letters(
+        &self,
+        destination: Option<&str>,
+        filter: &DeadLetterFilter,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
         self.with_reader(|connection| {
-            let mut statement = connection.prepare_cached(
-                "SELECT id, destination, position, payload, attempts, last_error, dead_at
-                 FROM dead_letters WHERE destination = ?1 ORDER BY id LIMIT ?2",
-            )?;
-            let letters = statement.query_map(params![destination, limit as i64], dead_letter_from_row)?;
+            let mut statement = connection.prepare_cached(&format!(
+                "SELECT id, destination, position, payload, attempts, last_error, dead_at, profile_id
+                 FROM dead_letters WHERE (?1 IS NULL OR destination = ?1) AND {FILTER} ORDER BY id LIMIT ?4"
+            ))?;
+            let profile = filter.profile.map(|id| id.0 as i64);
+            let letters = statement
+                .query_map(params![destination, filter.since_ms, profile, limit as i64], dead_letter_from_row)?;
             Ok(letters.collect::<Result<Vec<_>, _>>()?)
         })
     }
 
-    fn replay_dead_letters(&self, destination: &str) -> Result<u64, StoreError> {
+    fn replay_dead_letters(&self, destination: &str, filter: &DeadLetterFilter) -> Result<u64, StoreError> {
         self.with_writer(|connection| {
             let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let exists = transaction
@@ -248,12 +275,19 @@ impl OutboxStore for SqliteStore {
                 return Err(StoreError::DestinationNotFound(destination.to_owned()));
             }
             // The original id puts each item back at its place in the order.
+            let profile = filter.profile.map(|id| id.0 as i64);
             let replayed = transaction.execute(
-                "INSERT INTO outbox (id, destination, position, payload)
-                 SELECT id, destination, position, payload FROM dead_letters WHERE destination = ?1",
-                [destination],
+                &format!(
+                    "INSERT INTO outbox (id, destination, position, payload, profile_id, enqueued_at)
+                     SELECT id, destination, position, payload, profile_id, enqueued_at FROM dead_letters
+                     WHERE destination = ?1 AND {FILTER}"
+                ),
+                params![destination, filter.since_ms, profile],
             )?;
-            transaction.execute("DELETE FROM dead_letters WHERE destination = ?1", [destination])?;
+            transaction.execute(
+                &format!("DELETE FROM dead_letters WHERE destination = ?1 AND {FILTER}"),
+                params![destination, filter.since_ms, profile],
+            )?;
             transaction.commit()?;
             Ok(replayed as u64)
         })

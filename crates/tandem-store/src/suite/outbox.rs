@@ -1,16 +1,20 @@
 //! What every backend's [`OutboxStore`](crate::OutboxStore) must do.
 
 use crate::{
-    AudienceCommit, AudienceDefinition, FailedAttempt, MembershipChange, MembershipChangeKind, NewOutboxItem,
-    OutboxCommit, OutboxCommitOutcome, OutboxCounts, OutboxCursor, OutboxItemId, Stage, StageCursor, Store, StoreError,
+    AudienceCommit, AudienceDefinition, DeadLetterFilter, FailedAttempt, MembershipChange, MembershipChangeKind,
+    NewOutboxItem, OutboxCommit, OutboxCommitOutcome, OutboxCounts, OutboxCursor, OutboxItemId, Stage, StageCursor,
+    Store, StoreError,
 };
 use tandem_core::activate::{DestinationDefinition, DestinationSettings, EventFilter, FileSettings, RetrySettings};
-use tandem_core::LogPosition;
+use tandem_core::{LogPosition, ProfileId};
 
 fn definition(name: &str) -> DestinationDefinition {
     DestinationDefinition {
         name: name.to_owned(),
-        destination: DestinationSettings::File(FileSettings { path: format!("/tmp/{name}.jsonl") }),
+        destination: DestinationSettings::File(FileSettings {
+            path: Some(format!("/tmp/{name}.jsonl")),
+            ..Default::default()
+        }),
         events: Some(EventFilter::default()),
         audiences: Vec::new(),
         retry: RetrySettings::default(),
@@ -24,6 +28,7 @@ fn item(destination: &str, position: u64) -> NewOutboxItem {
         position: LogPosition(position),
         // A NUL character, as a client may send one inside a string.
         payload: format!(r#"{{"position":{position},"note":"a\u0000b"}}"#),
+        profile: Some(ProfileId(100 + position % 2)),
     }
 }
 
@@ -56,7 +61,10 @@ pub fn destinations_have_unique_names_and_delete_with_their_items(store: &impl S
     assert!(matches!(store.delete_destination("crm"), Err(StoreError::DestinationNotFound(_))));
     assert!(store.outbox_head("crm", 10).unwrap().is_empty(), "its items went with it");
     assert_eq!(store.outbox_head("archive", 10).unwrap().len(), 1);
-    assert!(matches!(store.replay_dead_letters("crm"), Err(StoreError::DestinationNotFound(_))));
+    assert!(matches!(
+        store.replay_dead_letters("crm", &DeadLetterFilter::default()),
+        Err(StoreError::DestinationNotFound(_))
+    ));
 }
 
 pub fn commits_enqueue_in_order_and_refuse_stale_writers(store: &impl Store) {
@@ -121,7 +129,7 @@ pub fn failures_retry_in_place_then_dead_letters_replay_in_order(store: &impl St
         .unwrap();
     enqueue(store, 3, 4, vec![item("crm", 4)]);
 
-    let dead = store.dead_letters("crm", 10).unwrap();
+    let dead = store.dead_letters(Some("crm"), &DeadLetterFilter::default(), 10).unwrap();
     assert_eq!(dead.iter().map(|letter| letter.position.0).collect::<Vec<_>>(), vec![1, 3]);
     assert_eq!((dead[0].attempts, dead[0].last_error.as_str(), dead[0].dead_at_ms), (3, "gave up: 503", 2_000));
     assert_eq!(dead[1].attempts, 1);
@@ -131,8 +139,8 @@ pub fn failures_retry_in_place_then_dead_letters_replay_in_order(store: &impl St
         OutboxCounts { pending: 1, retrying: 0, delivered: 1, dead: 2 }
     );
 
-    assert_eq!(store.replay_dead_letters("crm").unwrap(), 2);
-    assert!(store.dead_letters("crm", 10).unwrap().is_empty());
+    assert_eq!(store.replay_dead_letters("crm", &DeadLetterFilter::default()).unwrap(), 2);
+    assert!(store.dead_letters(Some("crm"), &DeadLetterFilter::default(), 10).unwrap().is_empty());
     let replayed = store.outbox_head("crm", 10).unwrap();
     assert_eq!(
         replayed.iter().map(|item| item.position.0).collect::<Vec<_>>(),
@@ -142,10 +150,58 @@ pub fn failures_retry_in_place_then_dead_letters_replay_in_order(store: &impl St
     assert!(replayed
         .iter()
         .all(|item| item.attempts == 0 && item.next_attempt_at_ms == 0 && item.last_error.is_none()));
-    assert_eq!(store.replay_dead_letters("crm").unwrap(), 0);
+    assert_eq!(store.replay_dead_letters("crm", &DeadLetterFilter::default()).unwrap(), 0);
     // New items still come after everything replayed.
     enqueue(store, 4, 5, vec![item("crm", 5)]);
     assert_eq!(store.outbox_head("crm", 10).unwrap().last().unwrap().position, LogPosition(5));
+}
+
+pub fn dead_letters_are_listed_and_replayed_by_time_and_profile(store: &impl Store) {
+    store.create_destination(&definition("crm"), 1).unwrap();
+    store.create_destination(&definition("ads"), 1).unwrap();
+    // Positions 1..=4 for crm (profiles 101, 100, 101, 100), 5 for ads.
+    let items = vec![item("crm", 1), item("crm", 2), item("crm", 3), item("crm", 4), item("ads", 5)];
+    let commit = OutboxCommit { from: LogPosition(0), to: LogPosition(5), items, at_ms: 5_000, ..Default::default() };
+    assert_eq!(store.commit_outbox(&commit).unwrap(), OutboxCommitOutcome::Committed);
+    assert_eq!(
+        store.destination("crm").unwrap().unwrap().head_enqueued_at_ms,
+        Some(5_000),
+        "when the head was enqueued"
+    );
+    let dead_at = |position: u64| 1_000 * position as i64;
+    for destination in ["crm", "ads"] {
+        for head in store.outbox_head(destination, 10).unwrap() {
+            let failure = FailedAttempt::DeadLetter { at_ms: dead_at(head.position.0), error: "400".to_owned() };
+            store.record_failure(head.id, &failure).unwrap();
+        }
+    }
+    let positions = |letters: Vec<crate::DeadLetter>| letters.iter().map(|l| l.position.0).collect::<Vec<_>>();
+    let all = DeadLetterFilter::default();
+    assert_eq!(positions(store.dead_letters(None, &all, 10).unwrap()), vec![1, 2, 3, 4, 5], "every destination");
+    assert_eq!(store.destination("crm").unwrap().unwrap().head_enqueued_at_ms, None, "an empty outbox");
+    assert_eq!(positions(store.dead_letters(Some("crm"), &all, 10).unwrap()), vec![1, 2, 3, 4]);
+    assert_eq!(positions(store.dead_letters(None, &all, 2).unwrap()), vec![1, 2], "the limit");
+    let letters = store.dead_letters(Some("crm"), &all, 10).unwrap();
+    assert_eq!(letters[0].profile, Some(ProfileId(101)), "the profile is kept from the outbox");
+    let since = DeadLetterFilter { since_ms: Some(3_000), profile: None };
+    assert_eq!(positions(store.dead_letters(None, &since, 10).unwrap()), vec![3, 4, 5]);
+    let of_profile = DeadLetterFilter { since_ms: None, profile: Some(ProfileId(100)) };
+    assert_eq!(positions(store.dead_letters(Some("crm"), &of_profile, 10).unwrap()), vec![2, 4]);
+    let both = DeadLetterFilter { since_ms: Some(3_000), profile: Some(ProfileId(101)) };
+    assert_eq!(positions(store.dead_letters(None, &both, 10).unwrap()), vec![3, 5]);
+
+    // Replay takes only what passes the filter, and only of that destination.
+    assert_eq!(store.replay_dead_letters("crm", &both).unwrap(), 1);
+    assert_eq!(positions(store.dead_letters(None, &all, 10).unwrap()), vec![1, 2, 4, 5]);
+    assert_eq!(store.outbox_head("crm", 10).unwrap().iter().map(|i| i.position.0).collect::<Vec<_>>(), vec![3]);
+    let record = store.destination("crm").unwrap().unwrap();
+    assert_eq!(record.head_enqueued_at_ms, Some(5_000), "a replayed item keeps its first enqueue time");
+    assert_eq!(store.replay_dead_letters("crm", &of_profile).unwrap(), 2);
+    let head: Vec<_> = store.outbox_head("crm", 10).unwrap().iter().map(|i| i.position.0).collect();
+    assert_eq!(head, vec![2, 3, 4], "replayed items are back in their order");
+    assert_eq!(store.replay_dead_letters("crm", &all).unwrap(), 1);
+    assert_eq!(positions(store.dead_letters(None, &all, 10).unwrap()), vec![5]);
+    assert!(matches!(store.replay_dead_letters("nobody", &all), Err(StoreError::DestinationNotFound(_))));
 }
 
 pub fn audience_changes_are_read_after_their_own_cursor(store: &impl Store) {
@@ -175,6 +231,7 @@ pub fn audience_changes_are_read_after_their_own_cursor(store: &impl Store) {
         from: LogPosition(from),
         to: LogPosition(to),
         items: vec![item("ads", to)],
+        at_ms: 0,
     };
     assert_eq!(store.commit_outbox(&commit(0, read[2].0)).unwrap(), OutboxCommitOutcome::Committed);
     assert_eq!(store.commit_outbox(&commit(0, read[2].0)).unwrap(), OutboxCommitOutcome::StalePosition);

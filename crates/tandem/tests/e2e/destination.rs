@@ -89,7 +89,7 @@ fn every_acknowledged_event_is_delivered_in_order_across_kill_9() {
     let before_restart = received.lock().unwrap().len();
     assert!(before_restart < sent.len(), "the kill landed before delivery finished ({before_restart} delivered)");
 
-    let _server = Server::start(dir.path());
+    let server = Server::start(dir.path());
     let started = Instant::now();
     loop {
         let mut first_seen = Vec::new();
@@ -113,4 +113,21 @@ fn every_acknowledged_event_is_delivered_in_order_across_kill_9() {
     }
     let listed = tandem(dir.path(), &["destination", "list"]);
     assert!(listed.contains("hook"), "{listed}");
+
+    // The backlog gauge comes down to zero once everything is sent.
+    let started = Instant::now();
+    loop {
+        let metrics = agent.get(format!("{}/metrics", server.url)).call().unwrap().body_mut().read_to_string().unwrap();
+        if metrics.contains(r#"tandem_destination_lag_items{destination="hook"} 0"#) {
+            assert!(metrics.contains(r#"tandem_destination_items_total{destination="hook",outcome="delivered"}"#));
+            assert!(metrics.contains(r#"tandem_destination_lag_seconds{destination="hook"} 0"#), "{metrics}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{metrics}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(tandem(dir.path(), &["deliveries", "failed"]).trim(), "no failed deliveries");
+    let tested = tandem(dir.path(), &["destination", "test", "hook"]);
+    assert_eq!(tested.trim(), r#"test sent to "hook": the receiver answered 200"#);
+    assert!(received.lock().unwrap().last().is_some_and(|id| id.starts_with("test-")), "the sample arrived");
 }
