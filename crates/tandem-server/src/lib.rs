@@ -2,9 +2,11 @@
 //! writer that makes events durable, and the lifecycle that ties them to a
 //! store — start, serve, drain on SIGTERM or Ctrl-C.
 
+pub mod access;
 pub mod activate;
 pub mod audience;
 pub mod audience_api;
+pub mod audit;
 pub mod auth;
 pub mod cluster;
 pub mod collect;
@@ -105,6 +107,7 @@ pub fn router(state: AppState) -> Router {
         .merge(webhook::routes())
         .merge(sdk_settings::routes())
         .merge(cluster::routes())
+        .merge(audit::routes())
         .route("/health", get(ops::health))
         .route("/metrics", get(ops::metrics))
         .fallback(ops::not_found)

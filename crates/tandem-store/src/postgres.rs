@@ -24,6 +24,7 @@
 //! `convert_from(payload, 'UTF8')`.
 
 mod audience;
+mod audit;
 mod computed;
 mod identity;
 mod lease;
@@ -243,6 +244,24 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX dead_letters_by_destination ON dead_letters (destination, id);"#,
     // 6: a destination can be paused (see `sqlite.rs`, migration 12).
     r#"ALTER TABLE destinations ADD COLUMN paused BOOLEAN NOT NULL DEFAULT FALSE;"#,
+    // 7: token roles, expiry and last use; the audit log (see `sqlite.rs`, migration 13).
+    r#"ALTER TABLE api_tokens ADD COLUMN role TEXT NOT NULL DEFAULT 'admin';
+    ALTER TABLE api_tokens ADD COLUMN expires_at BIGINT;
+    ALTER TABLE api_tokens ADD COLUMN last_used_at BIGINT;
+    CREATE TABLE audit_log (
+        seq BIGINT PRIMARY KEY,
+        at BIGINT NOT NULL,
+        actor TEXT NOT NULL,
+        role TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        before TEXT,
+        after TEXT,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    CREATE INDEX audit_log_by_actor ON audit_log (actor, seq);
+    CREATE INDEX audit_log_by_time ON audit_log (at);"#,
 ];
 
 /// The PostgreSQL implementation of [`crate::Store`].
@@ -339,6 +358,12 @@ mod tests {
     use tandem_core::SourceKind;
 
     crate::store_test_suite!(|_dir: &std::path::Path| testing::fresh_store());
+
+    impl crate::suite::audit::RawSql for PostgresStore {
+        fn raw_sql(&self, statement: &str) {
+            self.with_client(|client| Ok(client.batch_execute(statement)?)).expect("raw sql");
+        }
+    }
 
     #[test]
     fn reconnecting_keeps_everything_and_does_not_migrate_twice() {

@@ -346,16 +346,60 @@ pub fn stats(store: &dyn Store, as_json: bool, out: &mut impl Write) -> anyhow::
     Ok(())
 }
 
-pub fn create_token(store: &dyn Store, name: &str, as_json: bool, out: &mut impl Write) -> anyhow::Result<()> {
-    let (info, secret) = store.create_token(name)?;
+/// When a new token stops working: an RFC 3339 time, or a span from now
+/// (`30d`, `12h`, `45m`); milliseconds since the epoch, in the future.
+pub fn parse_expiry(text: &str, now: chrono::DateTime<chrono::Utc>) -> anyhow::Result<i64> {
+    let text = text.trim();
+    let at = if let Ok(time) = chrono::DateTime::parse_from_rfc3339(text) {
+        time.timestamp_millis()
+    } else {
+        let (number, unit) = text.split_at(text.len().saturating_sub(1));
+        let count: i64 = number.parse().map_err(|_| {
+            anyhow::anyhow!("--expires {text:?}: expected a span such as 30d, 12h or 45m, or an RFC 3339 time")
+        })?;
+        let unit_ms = match unit {
+            "d" => 86_400_000,
+            "h" => 3_600_000,
+            "m" => 60_000,
+            _ => anyhow::bail!("--expires {text:?}: the span's unit must be d, h or m"),
+        };
+        now.timestamp_millis() + count.saturating_mul(unit_ms)
+    };
+    if at <= now.timestamp_millis() {
+        anyhow::bail!("--expires {text:?} is not in the future");
+    }
+    Ok(at)
+}
+
+fn format_optional_ms(ms: Option<i64>) -> String {
+    ms.map_or_else(|| "-".to_owned(), format_ms)
+}
+
+pub fn create_token(
+    store: &dyn Store,
+    name: &str,
+    role: tandem_core::govern::Role,
+    expires_at_ms: Option<i64>,
+    as_json: bool,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let (info, secret) = store.create_token_with(name, role, expires_at_ms)?;
     if as_json {
         writeln!(
             out,
             "{}",
-            json!({"id": info.id, "name": info.name, "token": secret, "created_at": format_ms(info.created_at_ms)})
+            json!({
+                "id": info.id,
+                "name": info.name,
+                "role": info.role,
+                "expires_at": info.expires_at_ms.map(format_ms),
+                "token": secret,
+                "created_at": format_ms(info.created_at_ms),
+            })
         )?;
     } else {
-        writeln!(out, "created token {:?} ({}); it is shown only now:", info.name, info.id)?;
+        let expiry = info.expires_at_ms.map_or_else(String::new, |at| format!(", expires {}", format_ms(at)));
+        writeln!(out, "created {} token {:?} ({}{expiry}); it is shown only now:", info.role, info.name, info.id)?;
         writeln!(out, "  {secret}")?;
         writeln!(out, "use it as: Authorization: Bearer {secret}")?;
     }
@@ -367,14 +411,37 @@ pub fn list_tokens(store: &dyn Store, as_json: bool, out: &mut impl Write) -> an
     if as_json {
         let listed: Vec<Value> = tokens
             .iter()
-            .map(|token| json!({"id": token.id, "name": token.name, "created_at": format_ms(token.created_at_ms)}))
+            .map(|token| {
+                json!({
+                    "id": token.id,
+                    "name": token.name,
+                    "role": token.role,
+                    "created_at": format_ms(token.created_at_ms),
+                    "expires_at": token.expires_at_ms.map(format_ms),
+                    "last_used_at": token.last_used_at_ms.map(format_ms),
+                })
+            })
             .collect();
         writeln!(out, "{}", Value::Array(listed))?;
         return Ok(());
     }
-    writeln!(out, "{:<18} {:<24} CREATED", "ID", "NAME")?;
+    writeln!(out, "{:<18} {:<20} {:<9} {:<24} {:<24} LAST USED", "ID", "NAME", "ROLE", "CREATED", "EXPIRES")?;
+    let now = chrono::Utc::now().timestamp_millis();
     for token in &tokens {
-        writeln!(out, "{:<18} {:<24} {}", token.id, token.name, format_ms(token.created_at_ms))?;
+        let expires = match token.expires_at_ms {
+            Some(_) if token.is_expired(now) => format!("{} (expired)", format_optional_ms(token.expires_at_ms)),
+            other => format_optional_ms(other),
+        };
+        writeln!(
+            out,
+            "{:<18} {:<20} {:<9} {:<24} {:<24} {}",
+            token.id,
+            token.name,
+            token.role,
+            format_ms(token.created_at_ms),
+            expires,
+            format_optional_ms(token.last_used_at_ms)
+        )?;
     }
     Ok(())
 }
