@@ -20,6 +20,7 @@ pub mod log_head;
 pub mod log_writer;
 pub mod metrics;
 pub mod ops;
+pub mod pii;
 pub mod profile;
 pub mod resolve;
 pub mod sdk_settings;
@@ -59,6 +60,9 @@ pub struct AppState {
     pub imports: Arc<import::jobs::ImportJobs>,
     /// The stage leases this node holds (the resolver's), for `/health`.
     pub leases: cluster::LeaseBoard,
+    /// How PII is classified: red values hashed at ingestion, yellow ones
+    /// masked for roles without `pii:read`.
+    pub pii: Arc<tandem_core::govern::PiiPolicy>,
 }
 
 impl AppState {
@@ -70,6 +74,16 @@ impl AppState {
         dedup_window: Duration,
         import_dir: PathBuf,
     ) -> (AppState, std::thread::JoinHandle<()>) {
+        Self::start_with_pii(store, dedup_window, import_dir, Arc::default())
+    }
+
+    /// [`AppState::start`] with a PII policy other than the defaults.
+    pub fn start_with_pii(
+        store: Arc<dyn Store>,
+        dedup_window: Duration,
+        import_dir: PathBuf,
+        pii: Arc<tandem_core::govern::PiiPolicy>,
+    ) -> (AppState, std::thread::JoinHandle<()>) {
         let metrics = Metrics::new();
         // Read on a thread of its own: `start` runs on the async runtime,
         // where a backend's synchronous client (PostgreSQL's drives its own
@@ -77,6 +91,7 @@ impl AppState {
         let committed = std::thread::scope(|scope| scope.spawn(|| store.head()).join());
         let head = log_head::LogHead::new(committed.ok().and_then(Result::ok).unwrap_or_default());
         let (log, writer_thread) = LogWriter::spawn(store.clone(), dedup_window, metrics.clone(), head.clone());
+        let log = log.with_pii(pii.clone());
         let state = AppState {
             sources: Arc::new(SourceDirectory::new(store.clone())),
             tokens: Arc::new(auth::TokenDirectory::new(store.clone())),
@@ -86,6 +101,7 @@ impl AppState {
             head,
             imports: Arc::new(import::jobs::ImportJobs::new(import_dir)),
             leases: cluster::LeaseBoard::default(),
+            pii,
         };
         (state, writer_thread)
     }
@@ -126,6 +142,8 @@ pub struct ServerOptions {
     pub import_dir: PathBuf,
     /// Profiles the resolver keeps in memory.
     pub resolver_cache_profiles: usize,
+    /// PII classes beyond the defaults, and the salt of red values' hashes.
+    pub pii: tandem_core::govern::PiiSettings,
 }
 
 /// The server could not start or stopped abnormally.
@@ -135,6 +153,8 @@ pub enum ServeError {
     Bind { address: SocketAddr, source: std::io::Error },
     #[error("the server failed: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Pii(#[from] tandem_core::govern::pii::PiiSettingsError),
 }
 
 /// A started server: the address it listens on and the state it serves.
@@ -154,7 +174,8 @@ pub async fn start(store: Arc<dyn Store>, options: &ServerOptions) -> Result<Run
         .await
         .map_err(|source| ServeError::Bind { address: options.listen, source })?;
     let local_addr = listener.local_addr()?;
-    let (state, writer_thread) = AppState::start(store, options.dedup_window, options.import_dir.clone());
+    let pii = Arc::new(options.pii.compile()?);
+    let (state, writer_thread) = AppState::start_with_pii(store, options.dedup_window, options.import_dir.clone(), pii);
     Ok(Running {
         local_addr,
         listener,

@@ -37,6 +37,7 @@ pub enum AppendError {
 pub struct LogWriter {
     sender: mpsc::Sender<AppendRequest>,
     metrics: Metrics,
+    pii: Arc<tandem_core::govern::PiiPolicy>,
 }
 
 impl LogWriter {
@@ -55,11 +56,18 @@ impl LogWriter {
             .name("tandem-log-writer".into())
             .spawn(move || run(store, receiver, dedup_window, thread_metrics, head))
             .expect("spawning the log writer thread");
-        (LogWriter { sender, metrics }, handle)
+        (LogWriter { sender, metrics, pii: Arc::default() }, handle)
+    }
+
+    /// Hashes red values with `pii` before anything is stored.
+    pub fn with_pii(mut self, pii: Arc<tandem_core::govern::PiiPolicy>) -> Self {
+        self.pii = pii;
+        self
     }
 
     /// Appends a batch and waits until it is durable.
-    pub async fn append(&self, batch: IngestBatch) -> Result<IngestOutcome, AppendError> {
+    pub async fn append(&self, mut batch: IngestBatch) -> Result<IngestOutcome, AppendError> {
+        crate::pii::scrub_batch(&self.pii, &mut batch);
         let (reply, answer) = oneshot::channel();
         self.metrics.log_queue_depth.inc();
         let sent = self.sender.send(AppendRequest { batch, reply }).await;

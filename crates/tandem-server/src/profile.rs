@@ -174,7 +174,8 @@ async fn find_profile(
             ApiError::new(ErrorCode::ProfileNotFound, format!("no profile holds {shown}")).with_field("identifier")
         })?;
         read_in_clear(&state, &token, "profile.read", &profile).await;
-        return Ok(Json(profile_with_audiences(&state, &profile).await?));
+        let body = profile_with_audiences(&state, &profile).await?;
+        return Ok(Json(crate::pii::shown_to(&token, &state.pii, body)));
     }
     let store = state.store.clone();
     let page = tokio::task::spawn_blocking(move || {
@@ -199,7 +200,7 @@ async fn find_profile(
         .await;
     }
     let profiles: Vec<Value> = page.profiles.iter().map(profile_json).collect();
-    Ok(Json(json!({"profiles": profiles, "next_after": page.next_after})))
+    Ok(Json(crate::pii::shown_to(&token, &state.pii, json!({"profiles": profiles, "next_after": page.next_after}))))
 }
 
 /// Records a read of one profile's PII in clear, for callers who see it so.
@@ -216,7 +217,8 @@ async fn get_profile(
 ) -> Result<Json<Value>, ApiError> {
     let profile = load_profile(&state, &id).await?;
     read_in_clear(&state, &token, "profile.read", &profile).await;
-    Ok(Json(profile_with_audiences(&state, &profile).await?))
+    let body = profile_with_audiences(&state, &profile).await?;
+    Ok(Json(crate::pii::shown_to(&token, &state.pii, body)))
 }
 
 #[derive(Deserialize)]
@@ -256,7 +258,8 @@ async fn profile_events(
             event
         })
         .collect();
-    Ok(Json(json!({"profile": profile.id, "events": events, "next_before": next_before})))
+    let body = json!({"profile": profile.id, "events": events, "next_before": next_before});
+    Ok(Json(crate::pii::shown_to(&token, &state.pii, body)))
 }
 
 async fn profile_identities(
@@ -275,5 +278,6 @@ async fn profile_identities(
             .collect::<Result<Vec<_>, _>>()
     })
     .await?;
-    Ok(Json(json!({"id": profile.id, "identifiers": profile.identifiers, "history": history})))
+    let body = json!({"id": profile.id, "identifiers": profile.identifiers, "history": history});
+    Ok(Json(crate::pii::shown_to(&token, &state.pii, body)))
 }

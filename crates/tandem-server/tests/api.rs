@@ -1161,6 +1161,7 @@ mod slow_clients {
             dedup_window: DEFAULT_DEDUP_WINDOW,
             import_dir: dir.path().join("imports"),
             resolver_cache_profiles: tandem_server::resolve::DEFAULT_CACHE_PROFILES,
+            pii: Default::default(),
         };
         let running = tandem_server::start(store, &options).await.unwrap().with_limits(limits);
         let address = running.local_addr;
@@ -2044,5 +2045,98 @@ mod audit_log {
         let (status, verified) = call(&harness, "GET", "/api/v1/audit/verify", &auditor_secret, None).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(verified, json!({"intact": true, "entries": 3}));
+    }
+}
+
+/// PII: red values are hashed before anything is stored; yellow values are
+/// masked for roles without `pii:read`.
+mod pii {
+    use super::*;
+    use tandem_core::govern::Role;
+
+    async fn get_as(harness: &Harness, path: &str, token: &str) -> Value {
+        let request = Request::get(path).header(header::AUTHORIZATION, format!("Bearer {token}"));
+        let (status, body) = harness.send(request.body(Body::empty()).unwrap()).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+        body
+    }
+
+    fn file_bytes(dir: &std::path::Path) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for name in ["tandem.db", "tandem.db-wal"] {
+            if let Ok(mut content) = std::fs::read(dir.join(name)) {
+                bytes.append(&mut content);
+            }
+        }
+        bytes
+    }
+
+    fn contains(haystack: &[u8], needle: &str) -> bool {
+        haystack.windows(needle.len()).any(|window| window == needle.as_bytes())
+    }
+
+    #[tokio::test]
+    async fn red_values_never_reach_the_database_file_in_clear() {
+        let harness = Harness::new();
+        let (status, body) = harness
+            .post_json(
+                "/v1/batch",
+                json!({"batch": [
+                    {"type": "identify", "userId": "ann", "traits": {"email": "ann@example.com", "ssn": "123-45-6789", "Password": "hunter2-secret"}},
+                    {"type": "track", "userId": "ann", "event": "Order Completed", "properties": {"note": "paid by 4111 1111 1111 1111", "card_number": "5500000000000004"}},
+                    {"type": "track", "userId": "ann", "properties": {"passport": "P-998877665"}}
+                ]}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["rejected"].as_array().map(Vec::len), Some(1), "the track without an event is quarantined");
+        let store: Arc<dyn Store> = harness.store.clone();
+        tandem_server::resolve::Resolver::load(store).unwrap().catch_up(100).unwrap();
+        let events = harness.events();
+        assert!(events[0]["traits"]["ssn"].as_str().unwrap().starts_with("sha256:"), "{}", events[0]);
+        assert_eq!(events[0]["traits"]["email"], "ann@example.com", "yellow values are stored");
+
+        let dir = harness.store.path().parent().unwrap().to_owned();
+        let secrets = ["123-45-6789", "hunter2-secret", "4111 1111 1111 1111", "5500000000000004", "P-998877665"];
+        let before = file_bytes(&dir);
+        assert!(contains(&before, "ann@example.com"), "the file is the one written to");
+        let checkpoint = rusqlite::Connection::open(harness.store.path()).unwrap();
+        checkpoint.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).unwrap();
+        drop(checkpoint);
+        let after = file_bytes(&dir);
+        for secret in secrets {
+            assert!(!contains(&before, secret), "{secret} is in the database file or its WAL");
+            assert!(!contains(&after, secret), "{secret} is in the database file after a checkpoint");
+        }
+    }
+
+    #[tokio::test]
+    async fn yellow_values_are_masked_for_roles_without_pii_access() {
+        let harness = Harness::new();
+        harness
+            .post_json(
+                "/v1/identify",
+                json!({"userId": "ann", "traits": {"email": "jane@example.com", "phone": "+15551234567", "plan": "pro"}}),
+            )
+            .await;
+        let store: Arc<dyn Store> = harness.store.clone();
+        tandem_server::resolve::Resolver::load(store).unwrap().catch_up(100).unwrap();
+        let (_, analyst) = harness.store.create_token_with("n", Role::Analyst, None).unwrap();
+        let (_, support) = harness.store.create_token_with("s", Role::Support, None).unwrap();
+
+        let masked = get_as(&harness, "/api/v1/profiles/prof_1", &analyst).await;
+        assert_eq!(masked["traits"]["email"], "j***@example.com");
+        assert_eq!(masked["traits"]["phone"], "+1********67");
+        assert_eq!(masked["traits"]["plan"], "pro");
+        assert!(!masked.to_string().contains("jane@example.com"), "{masked}");
+        let listed = get_as(&harness, "/api/v1/profiles", &analyst).await;
+        assert!(!listed.to_string().contains("jane@example.com"), "{listed}");
+        let timeline = get_as(&harness, "/api/v1/profiles/prof_1/events", &analyst).await;
+        assert!(!timeline.to_string().contains("jane@example.com"), "{timeline}");
+        let identities = get_as(&harness, "/api/v1/profiles/prof_1/identities", &analyst).await;
+        assert!(!identities.to_string().contains("jane@example.com"), "{identities}");
+
+        let clear = get_as(&harness, "/api/v1/profiles?identifier=email:jane@example.com", &support).await;
+        assert_eq!(clear["traits"]["email"], "jane@example.com");
     }
 }

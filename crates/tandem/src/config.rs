@@ -41,6 +41,11 @@ pub struct Config {
     #[arg(skip)]
     pub resolver_cache_profiles: Option<usize>,
 
+    /// PII classes beyond the defaults and the salt of red values' hashes
+    /// (`[pii]` in the file only).
+    #[arg(skip)]
+    pub pii: Option<tandem_core::govern::PiiSettings>,
+
     /// Log format: text or json [default: text]
     #[arg(long, global = true, env = "TANDEM_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -98,6 +103,8 @@ pub struct Settings {
     pub dedup_window: Duration,
     pub resolver_cache_profiles: usize,
     pub log_format: LogFormat,
+    /// PII classes and the salt of red values' hashes.
+    pub pii: tandem_core::govern::PiiSettings,
 }
 
 /// The configuration cannot be used.
@@ -113,6 +120,8 @@ pub enum ConfigError {
     ResolverCache(usize),
     #[error("store must be a postgres:// or postgresql:// URL, got {0:?}")]
     StoreUrl(String),
+    #[error("pii: {0}")]
+    Pii(#[from] tandem_core::govern::pii::PiiSettingsError),
 }
 
 /// A PostgreSQL connection URL, shown only without its password.
@@ -201,6 +210,7 @@ impl Config {
             dedup_window_hours: self.dedup_window_hours.or(lower.dedup_window_hours),
             resolver_cache_profiles: self.resolver_cache_profiles.or(lower.resolver_cache_profiles),
             log_format: self.log_format.or(lower.log_format),
+            pii: self.pii.or(lower.pii),
             config: self.config,
         }
     }
@@ -216,6 +226,8 @@ impl Config {
             return Err(ConfigError::ResolverCache(resolver_cache_profiles));
         }
         let store = self.store.as_deref().map(StoreUrl::parse).transpose()?;
+        let pii = self.pii.unwrap_or_default();
+        pii.compile()?;
         Ok(Settings {
             data_dir: self.data.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             store,
@@ -223,6 +235,7 @@ impl Config {
             dedup_window: Duration::from_secs(dedup_window_hours * 3600),
             resolver_cache_profiles,
             log_format: self.log_format.unwrap_or_default(),
+            pii,
         })
     }
 }
