@@ -67,6 +67,7 @@ pub const PERMISSION_TABLE: &[RouteRule] = &[
     rule("GET", "/api/v1/cluster", P::ClusterRead),
     rule("GET", "/api/v1/audit", P::AuditRead),
     rule("GET", "/api/v1/audit/verify", P::AuditRead),
+    rule("GET", "/api/v1/pii/inventory", P::GovernanceRead),
 ];
 
 /// The permission a request needs, or `None` when the table has no line for

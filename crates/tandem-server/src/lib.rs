@@ -124,6 +124,7 @@ pub fn router(state: AppState) -> Router {
         .merge(sdk_settings::routes())
         .merge(cluster::routes())
         .merge(audit::routes())
+        .merge(pii::routes())
         .route("/health", get(ops::health))
         .route("/metrics", get(ops::metrics))
         .fallback(ops::not_found)

@@ -5,7 +5,8 @@
 
 use crate::log_head::LogHead;
 use crate::metrics::Metrics;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tandem_store::{IngestBatch, IngestOutcome, Store, StoreError};
@@ -38,7 +39,16 @@ pub struct LogWriter {
     sender: mpsc::Sender<AppendRequest>,
     metrics: Metrics,
     pii: Arc<tandem_core::govern::PiiPolicy>,
+    inventory: Arc<KeysSeen>,
 }
+
+/// Trait and property keys seen since the last flush, per key and source:
+/// their class and latest time. The writer thread records them in the store
+/// after a commit, at most once per [`INVENTORY_FLUSH_INTERVAL`].
+type KeysSeen = Mutex<HashMap<(String, tandem_core::SourceId), (tandem_core::govern::PiiClass, i64)>>;
+
+/// How often keys seen are written to the PII inventory.
+const INVENTORY_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 
 impl LogWriter {
     /// Starts the writer thread. `dedup_window` is how long a `messageId`
@@ -52,11 +62,13 @@ impl LogWriter {
     ) -> (LogWriter, JoinHandle<()>) {
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let thread_metrics = metrics.clone();
+        let inventory = Arc::new(KeysSeen::default());
+        let thread_inventory = inventory.clone();
         let handle = std::thread::Builder::new()
             .name("tandem-log-writer".into())
-            .spawn(move || run(store, receiver, dedup_window, thread_metrics, head))
+            .spawn(move || run(store, receiver, dedup_window, thread_metrics, head, thread_inventory))
             .expect("spawning the log writer thread");
-        (LogWriter { sender, metrics, pii: Arc::default() }, handle)
+        (LogWriter { sender, metrics, pii: Arc::default(), inventory }, handle)
     }
 
     /// Hashes red values with `pii` before anything is stored.
@@ -67,7 +79,15 @@ impl LogWriter {
 
     /// Appends a batch and waits until it is durable.
     pub async fn append(&self, mut batch: IngestBatch) -> Result<IngestOutcome, AppendError> {
-        crate::pii::scrub_batch(&self.pii, &mut batch);
+        let mut keys = Vec::new();
+        crate::pii::scrub_batch_noting_keys(&self.pii, &mut batch, &mut keys);
+        if !keys.is_empty() {
+            let mut seen = self.inventory.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            for (key, source_id, class, at) in keys {
+                let entry = seen.entry((key, source_id)).or_insert((class, at));
+                *entry = (entry.0.max(class), entry.1.max(at));
+            }
+        }
         let (reply, answer) = oneshot::channel();
         self.metrics.log_queue_depth.inc();
         let sent = self.sender.send(AppendRequest { batch, reply }).await;
@@ -89,8 +109,10 @@ fn run(
     dedup_window: Duration,
     metrics: Metrics,
     head: LogHead,
+    inventory: Arc<KeysSeen>,
 ) {
     let dedup_window_ms = i64::try_from(dedup_window.as_millis()).unwrap_or(i64::MAX);
+    let mut last_flush: Option<Instant> = None;
     while let Some(first) = receiver.blocking_recv() {
         let mut events = first.batch.records.len();
         let mut group = vec![first];
@@ -126,6 +148,10 @@ fn run(
                     // A requester that went away still had its events stored.
                     let _ = reply.send(Ok(outcome));
                 }
+                if last_flush.is_none_or(|at| at.elapsed() >= INVENTORY_FLUSH_INTERVAL) {
+                    flush_inventory(store.as_ref(), &inventory);
+                    last_flush = Some(Instant::now());
+                }
             }
             Err(error) => {
                 metrics.log_commit_failures.inc();
@@ -137,7 +163,26 @@ fn run(
             }
         }
     }
+    flush_inventory(store.as_ref(), &inventory);
     tracing::debug!("log writer drained and stopped");
+}
+
+/// Records the keys seen since the last flush in the PII inventory.
+fn flush_inventory(store: &dyn Store, inventory: &KeysSeen) {
+    let seen: Vec<tandem_store::PiiKeySeen> = inventory
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .drain()
+        .map(|((key, source_id), (class, last_seen_ms))| tandem_store::PiiKeySeen {
+            key,
+            source_id,
+            class,
+            last_seen_ms,
+        })
+        .collect();
+    if let Err(error) = store.record_pii_keys(&seen) {
+        tracing::warn!(%error, keys = seen.len(), "recording the pii inventory failed");
+    }
 }
 
 #[cfg(test)]

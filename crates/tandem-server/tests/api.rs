@@ -2111,6 +2111,37 @@ mod pii {
     }
 
     #[tokio::test]
+    async fn the_inventory_lists_every_key_seen_with_its_class_and_source() {
+        let harness = Harness::new();
+        let (_, auditor) = harness.store.create_token_with("a", Role::Auditor, None).unwrap();
+        let (status, _) = harness
+            .post_json(
+                "/v1/batch",
+                json!({"batch": [
+                    {"type": "identify", "userId": "ann", "traits": {"email": "ann@example.com", "ssn": "1", "plan": "pro"}},
+                    {"type": "track", "userId": "ann", "event": "Paid", "properties": {"memo": "4111111111111111"}}
+                ]}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        // The writer records keys after its commit, so look until they are there.
+        let mut keys = Vec::new();
+        for _ in 0..50 {
+            let body = get_as(&harness, "/api/v1/pii/inventory", &auditor).await;
+            keys = body["keys"].as_array().unwrap().clone();
+            if keys.len() >= 4 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let classes: Vec<(&str, &str)> =
+            keys.iter().map(|key| (key["key"].as_str().unwrap(), key["class"].as_str().unwrap())).collect();
+        assert_eq!(classes, [("email", "yellow"), ("memo", "red"), ("plan", "green"), ("ssn", "red")]);
+        assert_eq!(keys[0]["sources"], json!(["website"]));
+        assert!(keys[0]["last_seen"].as_str().is_some());
+    }
+
+    #[tokio::test]
     async fn yellow_values_are_masked_for_roles_without_pii_access() {
         let harness = Harness::new();
         harness

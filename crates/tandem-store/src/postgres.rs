@@ -27,6 +27,7 @@ mod audience;
 mod audit;
 mod computed;
 mod identity;
+mod inventory;
 mod lease;
 mod log;
 mod outbox;
@@ -262,6 +263,14 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX audit_log_by_actor ON audit_log (actor, seq);
     CREATE INDEX audit_log_by_time ON audit_log (at);"#,
+    // 8: the PII inventory (see `sqlite.rs`, migration 14).
+    r#"CREATE TABLE pii_keys (
+        key TEXT COLLATE "C" NOT NULL,
+        source_id TEXT COLLATE "C" NOT NULL,
+        class TEXT NOT NULL,
+        last_seen BIGINT NOT NULL,
+        PRIMARY KEY (key, source_id)
+    );"#,
 ];
 
 /// The PostgreSQL implementation of [`crate::Store`].

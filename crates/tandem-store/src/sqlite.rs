@@ -7,6 +7,7 @@ mod audience;
 mod audit;
 mod computed;
 mod identity;
+mod inventory;
 mod manage;
 mod outbox;
 
@@ -273,6 +274,14 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX audit_log_by_actor ON audit_log (actor, seq);
     CREATE INDEX audit_log_by_time ON audit_log (at);",
+    // 14: the PII inventory: every trait and property key seen, per source.
+    "CREATE TABLE pii_keys (
+        key TEXT NOT NULL,
+        source_id TEXT NOT NULL,
+        class TEXT NOT NULL,
+        last_seen INTEGER NOT NULL,
+        PRIMARY KEY (key, source_id)
+    ) WITHOUT ROWID;",
 ];
 
 /// The `received_at` of a message id kept for good ([`Dedup::Forever`]).

@@ -11,6 +11,7 @@ pub mod audience;
 #[cfg(test)]
 pub mod audit;
 pub mod identity;
+pub mod inventory;
 pub mod log;
 pub mod outbox;
 pub mod sources;
@@ -95,6 +96,16 @@ macro_rules! audit_store_test_suite {
             an_edit_with_a_recomputed_hash_is_detected_at_the_next_entry,
             a_deleted_entry_is_detected,
             a_reordered_entry_is_detected
+        );
+    };
+}
+
+/// The [`PiiInventoryStore`](crate::PiiInventoryStore) suite: one `#[test]` per case.
+#[macro_export]
+macro_rules! pii_inventory_test_suite {
+    ($make:expr) => {
+        $crate::suite_cases!(inventory, $make;
+            keys_are_kept_per_source_with_their_latest_sighting
         );
     };
 }

@@ -61,6 +61,9 @@ enum Command {
     /// The tamper-evident audit log of administrative changes and PII reads
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// PII: the keys seen in events and their classes
+    #[command(subcommand)]
+    Pii(PiiCommand),
     /// Unified customer profiles
     #[command(subcommand)]
     Profile(ProfileCommand),
@@ -360,6 +363,16 @@ enum TokenCommand {
     Revoke {
         /// The token's id (tok_…), as `token list` shows it
         id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PiiCommand {
+    /// Every trait and property key seen, with its class (red, yellow, green), sources and last sighting
+    Inventory {
+        /// One JSON object per line
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -808,6 +821,9 @@ fn dispatch(
             audit::list(&*open(Access::Existing)?, filter, json, &mut out)
         }
         Command::Audit(AuditCommand::Verify) => audit::verify(&*open(Access::Existing)?, &mut out),
+        Command::Pii(PiiCommand::Inventory { json }) => {
+            audit::pii_inventory(&*open(Access::Existing)?, &settings.pii.compile()?, json, &mut out)
+        }
         Command::Serve { .. } => serve(&settings, open(Access::CreateIfMissing)?),
         Command::Demo { customers, seed, .. } => {
             let mut settings = Settings::clone(settings);

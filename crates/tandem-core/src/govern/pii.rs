@@ -192,6 +192,20 @@ impl PiiPolicy {
         replaced
     }
 
+    fn visit_keys(&self, map: &Map<String, Value>, seen: &mut dyn FnMut(&str, PiiClass)) {
+        for (key, value) in map {
+            match value {
+                Value::Object(inner) => self.visit_keys(inner, seen),
+                Value::Array(items) => {
+                    let class =
+                        items.iter().map(|item| self.classify(key, item)).max().unwrap_or(self.classify_key(key));
+                    seen(key, class);
+                }
+                other => seen(key, self.classify(key, other)),
+            }
+        }
+    }
+
     fn hash_in(&self, map: &mut Map<String, Value>, path: &str, replaced: &mut Vec<String>) {
         for (key, value) in map.iter_mut() {
             let here = format!("{path}.{key}");
@@ -220,8 +234,27 @@ impl PiiPolicy {
     /// holds none. Text that is not a JSON object (an unreadable message kept
     /// in quarantine) is withheld whole when it holds a card number.
     pub fn scrub_payload(&self, payload: &str) -> Option<String> {
+        self.inspect_payload(payload, &mut |_, _| {})
+    }
+
+    /// [`PiiPolicy::scrub_payload`], also telling `seen` every key of the
+    /// message's `traits`, `properties` and `context.traits` (at any depth)
+    /// with its class, before red values are hashed: what the PII inventory
+    /// is built from, at the cost of the one parse scrubbing needs anyway.
+    pub fn inspect_payload(&self, payload: &str, seen: &mut dyn FnMut(&str, PiiClass)) -> Option<String> {
         match serde_json::from_str::<Value>(payload) {
             Ok(Value::Object(mut message)) => {
+                for (section, inner) in &message {
+                    match (section.as_str(), inner) {
+                        ("traits" | "properties", Value::Object(map)) => self.visit_keys(map, seen),
+                        ("context", Value::Object(context)) => {
+                            if let Some(Value::Object(traits)) = context.get("traits") {
+                                self.visit_keys(traits, seen);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
                 if self.hash_red_values(&mut message).is_empty() {
                     None
                 } else {
@@ -427,6 +460,26 @@ mod tests {
         let raw = policy.scrub_payload("not json 4111 1111 1111 1111").unwrap();
         assert!(!raw.contains("4111"), "{raw}");
         assert_eq!(policy.scrub_payload("not json"), None);
+    }
+
+    #[test]
+    fn inspecting_a_payload_names_every_key_with_its_class() {
+        let policy = PiiPolicy::default();
+        let mut seen = Vec::new();
+        let payload = r#"{"traits":{"email":"a@b.c","address":{"city":"Oslo"}},"properties":{"note":"4111111111111111","plan":"pro"},"context":{"traits":{"ssn":"1"}}}"#;
+        let scrubbed = policy.inspect_payload(payload, &mut |key, class| seen.push((key.to_owned(), class)));
+        assert!(scrubbed.is_some());
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                ("city".to_owned(), PiiClass::Yellow),
+                ("email".to_owned(), PiiClass::Yellow),
+                ("note".to_owned(), PiiClass::Red),
+                ("plan".to_owned(), PiiClass::Green),
+                ("ssn".to_owned(), PiiClass::Red),
+            ]
+        );
     }
 
     #[test]
