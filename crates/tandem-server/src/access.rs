@@ -68,6 +68,7 @@ pub const PERMISSION_TABLE: &[RouteRule] = &[
     rule("GET", "/api/v1/audit", P::AuditRead),
     rule("GET", "/api/v1/audit/verify", P::AuditRead),
     rule("GET", "/api/v1/pii/inventory", P::GovernanceRead),
+    rule("GET", "/api/v1/openapi.json", P::DocsRead),
 ];
 
 /// The permission a request needs, or `None` when the table has no line for

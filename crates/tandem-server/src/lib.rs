@@ -19,6 +19,7 @@ pub mod import;
 pub mod log_head;
 pub mod log_writer;
 pub mod metrics;
+pub mod openapi;
 pub mod ops;
 pub mod pii;
 pub mod profile;
@@ -125,6 +126,7 @@ pub fn router(state: AppState) -> Router {
         .merge(cluster::routes())
         .merge(audit::routes())
         .merge(pii::routes())
+        .merge(openapi::routes())
         .route("/health", get(ops::health))
         .route("/metrics", get(ops::metrics))
         .fallback(ops::not_found)

@@ -53,11 +53,13 @@ pub enum Permission {
     AuditRead,
     /// Reads governance reports (the PII inventory).
     GovernanceRead,
+    /// Reads the API's own description (the OpenAPI document).
+    DocsRead,
 }
 
 impl Permission {
     /// Every permission, for tables and tests.
-    pub const ALL: [Permission; 17] = [
+    pub const ALL: [Permission; 18] = [
         Permission::ProfilesList,
         Permission::ProfilesLookup,
         Permission::EventsRead,
@@ -75,6 +77,7 @@ impl Permission {
         Permission::ClusterRead,
         Permission::AuditRead,
         Permission::GovernanceRead,
+        Permission::DocsRead,
     ];
 
     /// The permission's name, `area:verb`.
@@ -97,6 +100,7 @@ impl Permission {
             Permission::ClusterRead => "cluster:read",
             Permission::AuditRead => "audit:read",
             Permission::GovernanceRead => "governance:read",
+            Permission::DocsRead => "docs:read",
         }
     }
 }
@@ -126,6 +130,8 @@ impl Role {
         use Permission as P;
         match self {
             Role::Admin => true,
+            // Every role may read what the API offers.
+            _ if permission == P::DocsRead => true,
             Role::Marketer => matches!(
                 permission,
                 P::AudiencesRead

@@ -9,4 +9,5 @@ mod crash;
 mod demo;
 mod destination;
 mod import;
+mod openapi;
 mod sdk;
