@@ -824,7 +824,7 @@ fn dispatch(
         Command::Pii(PiiCommand::Inventory { json }) => {
             audit::pii_inventory(&*open(Access::Existing)?, &settings.pii.compile()?, json, &mut out)
         }
-        Command::Serve { .. } => serve(&settings, open(Access::CreateIfMissing)?),
+        Command::Serve { .. } => serve(settings, open(Access::CreateIfMissing)?),
         Command::Demo { customers, seed, .. } => {
             let mut settings = Settings::clone(settings);
             if settings.data_dir == Path::new(config::DEFAULT_DATA_DIR) {

@@ -91,7 +91,9 @@ enum KeyMatch {
     Pattern(Regex),
 }
 
-/// Compiled settings: classifies keys and values, hashes and masks.
+/// Compiled settings: classifies keys and values, hashes and masks. The
+/// default has only the built-in classes and no salt.
+#[derive(Default)]
 pub struct PiiPolicy {
     rules: Vec<(KeyMatch, PiiClass)>,
     salt: String,
@@ -112,12 +114,6 @@ impl PiiSettings {
             rules.push((matcher, rule.class));
         }
         Ok(PiiPolicy { rules, salt: self.salt.clone() })
-    }
-}
-
-impl Default for PiiPolicy {
-    fn default() -> Self {
-        PiiPolicy { rules: Vec::new(), salt: String::new() }
     }
 }
 
@@ -382,7 +378,7 @@ fn luhn(digits: &[u32]) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 #[cfg(test)]
