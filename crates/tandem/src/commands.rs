@@ -221,11 +221,44 @@ pub struct ProfileListing {
     pub query: ProfileQuery,
     pub limit: usize,
     pub as_json: bool,
+    /// Set when the reader's role has no PII access: values are masked.
+    pub mask: Option<tandem_core::govern::PiiPolicy>,
+}
+
+/// The policy that masks what `role` may not see in clear; `None` for a
+/// role with `pii:read` (the command line acts as admin by default).
+pub fn masking_for(
+    role: Option<tandem_core::govern::Role>,
+    settings: &tandem_core::govern::PiiSettings,
+) -> anyhow::Result<Option<tandem_core::govern::PiiPolicy>> {
+    match role {
+        Some(role) if !role.grants(tandem_core::govern::Permission::PiiRead) => Ok(Some(settings.compile()?)),
+        _ => Ok(None),
+    }
+}
+
+/// `profile` with its yellow and red identifier values and traits masked.
+fn masked(profile: &tandem_core::Profile, policy: &tandem_core::govern::PiiPolicy) -> tandem_core::Profile {
+    use tandem_core::govern::{pii::mask, PiiClass};
+    let mut shown = profile.clone();
+    for identifier in &mut shown.identifiers {
+        let value = Value::String(identifier.value.clone());
+        if policy.classify(&identifier.kind, &value) != PiiClass::Green {
+            identifier.value = mask(&identifier.kind, &value);
+        }
+    }
+    if let Value::Object(traits) = policy.mask_json(&Value::Object(shown.traits.clone())) {
+        shown.traits = traits;
+    }
+    shown
 }
 
 pub fn list_profiles(store: Arc<dyn Store>, listing: ProfileListing, out: &mut impl Write) -> anyhow::Result<()> {
     catch_up(&store)?;
-    let page = browse::find_profiles(store.as_ref(), &listing.query, listing.limit, usize::MAX)?;
+    let mut page = browse::find_profiles(store.as_ref(), &listing.query, listing.limit, usize::MAX)?;
+    if let Some(policy) = &listing.mask {
+        page.profiles = page.profiles.iter().map(|profile| masked(profile, policy)).collect();
+    }
     if listing.as_json {
         let profiles: Vec<Value> = page.profiles.iter().map(profile_json).collect();
         writeln!(out, "{}", json!({"profiles": profiles, "next_after": page.next_after}))?;
@@ -495,7 +528,7 @@ pub fn profile_listing(
                 .with_context(|| format!("--trait {pair:?} must be NAME=VALUE"))
         })
         .collect::<anyhow::Result<_>>()?;
-    Ok(ProfileListing { query: ProfileQuery { identifier_prefix, traits, after }, limit, as_json })
+    Ok(ProfileListing { query: ProfileQuery { identifier_prefix, traits, after }, limit, as_json, mask: None })
 }
 
 /// Brings profiles up to date with the log first, so the command line sees
@@ -543,11 +576,21 @@ fn find_profile(store: &Arc<dyn Store>, target: &str) -> anyhow::Result<Profile>
     found.with_context(|| format!("no profile {target}"))
 }
 
-pub fn show_profile(store: Arc<dyn Store>, target: &str, as_json: bool, out: &mut impl Write) -> anyhow::Result<()> {
+pub fn show_profile(
+    store: Arc<dyn Store>,
+    target: &str,
+    as_json: bool,
+    mask: Option<&tandem_core::govern::PiiPolicy>,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
     catch_up(&store)?;
     // Computed traits are kept by the audience stage: bring it up to date too.
     tandem_server::audience::AudienceStage::new(store.clone(), tandem_server::audience::system_clock()).catch_up()?;
     let profile = find_profile(&store, target)?;
+    let profile = match mask {
+        Some(policy) => masked(&profile, policy),
+        None => profile,
+    };
     let computed: std::collections::BTreeMap<String, Value> = store
         .computed_trait_states(&[profile.id])?
         .into_iter()

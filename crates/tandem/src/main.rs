@@ -555,6 +555,9 @@ enum ProfileCommand {
         /// Print one JSON object: the profiles and next_after
         #[arg(long)]
         json: bool,
+        /// Show what this role sees: PII masked unless it is admin or support
+        #[arg(long)]
+        role: Option<tandem_core::govern::Role>,
     },
     /// Show a profile by id (prof_N) or by any identifier (type:value)
     Show {
@@ -563,6 +566,9 @@ enum ProfileCommand {
         /// Print one JSON object
         #[arg(long)]
         json: bool,
+        /// Show what this role sees: PII masked unless it is admin or support
+        #[arg(long)]
+        role: Option<tandem_core::govern::Role>,
     },
     /// Explain why each identifier is on a profile and why profiles were merged
     Explain {
@@ -896,8 +902,9 @@ fn dispatch(
         Command::Events(EventsCommand::Unresolved { limit, after, json }) => {
             commands::list_unresolved(open(Access::Existing)?, tandem_core::LogPosition(after), limit, json, &mut out)
         }
-        Command::Profile(ProfileCommand::List { limit, after, search, traits, json }) => {
-            let listing = commands::profile_listing(limit, after, search, &traits, json)?;
+        Command::Profile(ProfileCommand::List { limit, after, search, traits, json, role }) => {
+            let mut listing = commands::profile_listing(limit, after, search, &traits, json)?;
+            listing.mask = commands::masking_for(role, &settings.pii)?;
             commands::list_profiles(open(Access::Existing)?, listing, &mut out)
         }
         Command::Token(TokenCommand::List { json }) => commands::list_tokens(&*open(Access::Existing)?, json, &mut out),
@@ -945,8 +952,9 @@ fn dispatch(
             let expires_at_ms = expires.map(|text| commands::parse_expiry(&text, chrono::Utc::now())).transpose()?;
             commands::create_token(&*open(Access::CreateIfMissing)?, &name, role, expires_at_ms, json, &mut out)
         }
-        Command::Profile(ProfileCommand::Show { target, json }) => {
-            commands::show_profile(open(Access::Existing)?, &target, json, &mut out)
+        Command::Profile(ProfileCommand::Show { target, json, role }) => {
+            let mask = commands::masking_for(role, &settings.pii)?;
+            commands::show_profile(open(Access::Existing)?, &target, json, mask.as_ref(), &mut out)
         }
         Command::Profile(ProfileCommand::Explain { target, json }) => {
             commands::explain_profile(open(Access::Existing)?, &target, json, &mut out)

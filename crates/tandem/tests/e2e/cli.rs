@@ -304,7 +304,7 @@ fn tokens_have_roles_and_expiry_and_changes_enter_a_verifiable_audit_log() {
     assert!(!refused.status.success());
     let refused = tandem_output(dir.path(), &["token", "create", "--expires", "soon"]);
     assert!(!refused.status.success());
-    create_source(dir.path(), "web");
+    create_source(dir.path(), "app");
     tandem(dir.path(), &["identity", "block", "email:ann@example.com"]);
 
     let entries: Vec<Value> = tandem(dir.path(), &["audit", "list", "--json"])
@@ -320,6 +320,24 @@ fn tokens_have_roles_and_expiry_and_changes_enter_a_verifiable_audit_log() {
     let only_tokens = tandem(dir.path(), &["audit", "list", "--action", "token", "--json"]);
     assert_eq!(only_tokens.lines().count(), 1);
     assert!(tandem(dir.path(), &["audit", "verify"]).contains("intact: 3 entries"));
+
+    // Profiles read as a role without PII access come out masked.
+    with_events(
+        dir.path(),
+        json!([{"type": "identify", "userId": "ann", "traits": {"email": "jane@example.com", "plan": "pro"}}]),
+    );
+    let clear: Value =
+        serde_json::from_str(&tandem(dir.path(), &["profile", "show", "user_id:ann", "--json"])).unwrap();
+    assert_eq!(clear["traits"]["email"], "jane@example.com");
+    let masked: Value =
+        serde_json::from_str(&tandem(dir.path(), &["profile", "show", "user_id:ann", "--json", "--role", "analyst"]))
+            .unwrap();
+    assert_eq!(
+        (masked["traits"]["email"].clone(), masked["traits"]["plan"].clone()),
+        (json!("j***@example.com"), json!("pro"))
+    );
+    let listed = tandem(dir.path(), &["profile", "list", "--role", "marketer"]);
+    assert!(listed.contains("email:j***@example.com") && !listed.contains("jane@"), "{listed}");
 
     let database = rusqlite::Connection::open(dir.path().join("tandem.db")).unwrap();
     database.execute("UPDATE audit_log SET target = 'someone-else' WHERE seq = 2", []).unwrap();
