@@ -1,8 +1,8 @@
 //! Tandem's domain logic, free of I/O: the identifiers that cross module
 //! boundaries, the event model every channel produces, and the rules of the
 //! Segment-compatible tracking API (validation, limits, timestamp correction),
-//! the rule language of audiences and computed traits, and the delivery
-//! policy of destinations.
+//! the rule language of audiences and computed traits, the delivery
+//! policy of destinations, and governance (roles, the audit chain).
 //! The storage and server crates call into it; it calls nothing outside itself,
 //! so every rule here is tested with plain values.
 
@@ -10,6 +10,7 @@ pub mod activate;
 pub mod audience;
 pub mod collect;
 pub mod event;
+pub mod govern;
 pub mod identity;
 pub mod ids;
 pub mod mapping;

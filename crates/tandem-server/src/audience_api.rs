@@ -172,7 +172,7 @@ async fn list_audiences(State(state): State<AppState>, _token: AdminToken) -> Re
 /// which the stage then backfills.
 async fn create_audience(
     State(state): State<AppState>,
-    _token: AdminToken,
+    token: AdminToken,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let body = body_json(&body)?;
@@ -189,7 +189,9 @@ async fn create_audience(
         store.audience(&name)?.ok_or(DefineError::Store(StoreError::AudienceNotFound(name)))
     })
     .await?;
-    Ok((StatusCode::CREATED, Json(audience_json(&record))))
+    let shown = audience_json(&record);
+    crate::audit::record(&state, &token, "audience.create", &record.definition.name, None, Some(shown.clone())).await;
+    Ok((StatusCode::CREATED, Json(shown)))
 }
 
 /// `POST /api/v1/audiences/preview` with `{"rule"}`: how many profiles the
@@ -272,9 +274,16 @@ async fn audience_members(
 /// refers to it.
 async fn delete_audience(
     State(state): State<AppState>,
-    _token: AdminToken,
+    token: AdminToken,
     ApiPath(name): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    blocking(&state, move |store| audience::delete_audience(store, &name)).await?;
+    let wanted = name.clone();
+    let before = blocking(&state, move |store| {
+        let before = store.audience(&wanted).ok().flatten().map(|record| audience_json(&record));
+        audience::delete_audience(store, &wanted)?;
+        Ok(before)
+    })
+    .await?;
+    crate::audit::record(&state, &token, "audience.delete", &name, before, None).await;
     Ok(StatusCode::NO_CONTENT)
 }

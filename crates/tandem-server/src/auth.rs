@@ -142,11 +142,29 @@ impl TokenDirectory {
                 ApiError::new(ErrorCode::MissingToken, "an admin token is required: Authorization: Bearer TOKEN")
                     .with_field("authorization")
             })?;
-        self.cache
-            .get(secret, |store, secret| store.verify_token(secret))
-            .await?
-            .ok_or_else(|| ApiError::new(ErrorCode::InvalidToken, "the token is not valid").with_field("authorization"))
+        let token = self.cache.get(secret, verify_and_touch).await?.ok_or_else(|| {
+            ApiError::new(ErrorCode::InvalidToken, "the token is not valid").with_field("authorization")
+        })?;
+        if token.is_expired(chrono::Utc::now().timestamp_millis()) {
+            return Err(ApiError::new(ErrorCode::TokenExpired, "the token has expired").with_field("authorization"));
+        }
+        Ok(token)
     }
+}
+
+/// Verifies a secret and records the token's use: at most once per cache
+/// period per token, so it costs one small write every few seconds at most.
+fn verify_and_touch(
+    store: &dyn Store,
+    secret: &str,
+) -> Result<Option<tandem_store::TokenInfo>, tandem_store::StoreError> {
+    let token = store.verify_token(secret)?;
+    if let Some(token) = &token {
+        if let Err(error) = store.touch_token(&token.id, chrono::Utc::now().timestamp_millis()) {
+            tracing::warn!(%error, "recording a token's last use failed");
+        }
+    }
+    Ok(token)
 }
 
 #[cfg(test)]

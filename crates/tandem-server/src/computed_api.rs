@@ -134,7 +134,7 @@ async fn list_computed_traits(State(state): State<AppState>, _token: AdminToken)
 /// which the stage then backfills.
 async fn create_computed_trait(
     State(state): State<AppState>,
-    _token: AdminToken,
+    token: AdminToken,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let body = match serde_json::from_slice::<Value>(&body) {
@@ -154,7 +154,9 @@ async fn create_computed_trait(
     let definition = parse_definition(definition)?;
     let now = chrono::Utc::now();
     let record = blocking(&state, move |store| audience::create_computed_trait(store, &name, &definition, now)).await?;
-    Ok((StatusCode::CREATED, Json(computed_trait_json(&record))))
+    let shown = computed_trait_json(&record);
+    crate::audit::record(&state, &token, "computed_trait.create", &record.name, None, Some(shown.clone())).await;
+    Ok((StatusCode::CREATED, Json(shown)))
 }
 
 /// `GET /api/v1/computed-traits/{name}`: the definition and its backfill.
@@ -172,9 +174,16 @@ async fn show_computed_trait(
 /// refused while an audience tests it.
 async fn delete_computed_trait(
     State(state): State<AppState>,
-    _token: AdminToken,
+    token: AdminToken,
     ApiPath(name): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    blocking(&state, move |store| audience::delete_computed_trait(store, &name)).await?;
+    let wanted = name.clone();
+    let before = blocking(&state, move |store| {
+        let before = store.computed_trait(&wanted).ok().flatten().map(|record| computed_trait_json(&record));
+        audience::delete_computed_trait(store, &wanted)?;
+        Ok(before)
+    })
+    .await?;
+    crate::audit::record(&state, &token, "computed_trait.delete", &name, before, None).await;
     Ok(StatusCode::NO_CONTENT)
 }

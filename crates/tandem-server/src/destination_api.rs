@@ -123,7 +123,7 @@ async fn list_destinations(State(state): State<AppState>, _token: AdminToken) ->
 /// `POST /api/v1/destinations` with a definition: `201` with the destination.
 async fn create_destination(
     State(state): State<AppState>,
-    _token: AdminToken,
+    token: AdminToken,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let definition: DestinationDefinition = serde_json::from_slice(&body).map_err(|error| {
@@ -141,7 +141,10 @@ async fn create_destination(
             .ok_or(DestinationDefineError::Store(StoreError::DestinationNotFound(definition.name)))
     })
     .await?;
-    Ok((StatusCode::CREATED, Json(destination_json(&record))))
+    let shown = destination_json(&record);
+    crate::audit::record(&state, &token, "destination.create", &record.definition.name, None, Some(shown.clone()))
+        .await;
+    Ok((StatusCode::CREATED, Json(shown)))
 }
 
 /// `GET /api/v1/destinations/{name}`: the definition and the counts.
@@ -160,10 +163,17 @@ async fn show_destination(
 /// go with it.
 async fn delete_destination(
     State(state): State<AppState>,
-    _token: AdminToken,
+    token: AdminToken,
     ApiPath(name): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    blocking(&state, move |store| Ok(store.delete_destination(&name)?)).await?;
+    let wanted = name.clone();
+    let before = blocking(&state, move |store| {
+        let before = store.destination(&wanted).ok().flatten().map(|record| destination_json(&record));
+        store.delete_destination(&wanted)?;
+        Ok(before)
+    })
+    .await?;
+    crate::audit::record(&state, &token, "destination.delete", &name, before, None).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -239,24 +249,34 @@ async fn list_dead_letters(
 /// being enqueued, in order.
 async fn pause_destination(
     State(state): State<AppState>,
-    _token: AdminToken,
+    token: AdminToken,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
-    set_paused(state, name, true).await
+    set_paused(state, token, name, true).await
 }
 
 /// `POST /api/v1/destinations/{name}/resume`: send what waited, in order.
 async fn resume_destination(
     State(state): State<AppState>,
-    _token: AdminToken,
+    token: AdminToken,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
-    set_paused(state, name, false).await
+    set_paused(state, token, name, false).await
 }
 
-async fn set_paused(state: AppState, name: String, paused: bool) -> Result<Json<Value>, ApiError> {
+async fn set_paused(state: AppState, token: AdminToken, name: String, paused: bool) -> Result<Json<Value>, ApiError> {
     let wanted = name.clone();
     blocking(&state, move |store| Ok(store.set_destination_paused(&wanted, paused)?)).await?;
+    let action = if paused { "destination.pause" } else { "destination.resume" };
+    crate::audit::record(
+        &state,
+        &token,
+        action,
+        &name,
+        Some(json!({"paused": !paused})),
+        Some(json!({"paused": paused})),
+    )
+    .await;
     Ok(Json(json!({"destination": name, "paused": paused})))
 }
 
@@ -265,17 +285,24 @@ async fn set_paused(state: AppState, name: String, paused: bool) -> Result<Json<
 /// the order; answers how many.
 async fn replay_dead_letters(
     State(state): State<AppState>,
-    _token: AdminToken,
+    token: AdminToken,
     ApiPath(name): ApiPath<String>,
     ApiQuery(query): ApiQuery<DeadLetterQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    replay(state, name, &query).await
+    replay(state, token, name, &query).await
 }
 
-async fn replay(state: AppState, name: String, query: &DeadLetterQuery) -> Result<Json<Value>, ApiError> {
+async fn replay(
+    state: AppState,
+    token: AdminToken,
+    name: String,
+    query: &DeadLetterQuery,
+) -> Result<Json<Value>, ApiError> {
     let filter = query.filter(chrono::Utc::now().timestamp_millis())?;
     let wanted = name.clone();
     let replayed = blocking(&state, move |store| Ok(activate::replay(store, &wanted, &filter)?)).await?;
+    let filters = json!({"since": query.since, "profile": query.profile, "replayed": replayed});
+    crate::audit::record(&state, &token, "destination.replay", &name, None, Some(filters)).await;
     Ok(Json(json!({"destination": name, "replayed": replayed})))
 }
 
@@ -301,13 +328,13 @@ async fn list_failed_deliveries(
 /// destination's replay; `destination` is required.
 async fn replay_failed_deliveries(
     State(state): State<AppState>,
-    _token: AdminToken,
+    token: AdminToken,
     ApiQuery(query): ApiQuery<DeadLetterQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let Some(name) = query.destination.clone() else {
         return Err(ApiError::new(ErrorCode::InvalidValue, "name the destination to replay").with_field("destination"));
     };
-    replay(state, name, &query).await
+    replay(state, token, name, &query).await
 }
 
 /// `POST /api/v1/destinations/{name}/test`: sends one sample item now,

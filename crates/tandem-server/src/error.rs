@@ -45,6 +45,9 @@ pub enum ErrorCode {
     InvalidVerifyToken,
     MissingToken,
     InvalidToken,
+    TokenExpired,
+    PermissionDenied,
+    RouteNotPermitted,
     MethodNotAllowed,
     RequestTimeout,
     Unavailable,
@@ -87,6 +90,9 @@ impl ErrorCode {
             ErrorCode::InvalidVerifyToken => "invalid_verify_token",
             ErrorCode::MissingToken => "missing_token",
             ErrorCode::InvalidToken => "invalid_token",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::PermissionDenied => "permission_denied",
+            ErrorCode::RouteNotPermitted => "route_not_permitted",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::Unavailable => "unavailable",
@@ -109,6 +115,7 @@ impl ErrorCode {
             | ErrorCode::InvalidWriteKey
             | ErrorCode::MissingToken
             | ErrorCode::InvalidToken
+            | ErrorCode::TokenExpired
             | ErrorCode::InvalidSignature => StatusCode::UNAUTHORIZED,
             ErrorCode::NotFound
             | ErrorCode::ProfileNotFound
@@ -126,7 +133,9 @@ impl ErrorCode {
             | ErrorCode::ComputedTraitExists
             | ErrorCode::ComputedTraitInUse
             | ErrorCode::DestinationExists => StatusCode::CONFLICT,
-            ErrorCode::InvalidVerifyToken => StatusCode::FORBIDDEN,
+            ErrorCode::InvalidVerifyToken | ErrorCode::PermissionDenied | ErrorCode::RouteNotPermitted => {
+                StatusCode::FORBIDDEN
+            }
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorCode::RequestTooLarge | ErrorCode::MessageTooLarge | ErrorCode::TooManyMessages => {

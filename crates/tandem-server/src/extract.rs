@@ -10,18 +10,39 @@ use crate::error::{ApiError, ErrorCode};
 use crate::AppState;
 use axum::extract::multipart::MultipartRejection;
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{FromRequest, FromRequestParts, Multipart, Path, Query, Request};
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Multipart, Path, Query, Request};
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
+use tandem_core::govern::{Permission, Role};
 
-/// A verified admin bearer token (`Authorization: Bearer TOKEN`), or `401`.
+/// A verified admin bearer token (`Authorization: Bearer TOKEN`) whose role
+/// holds the permission the route requires ([`crate::access`]): `401`
+/// without a valid token, `403` naming the permission otherwise.
 pub struct AdminToken(pub tandem_store::TokenInfo);
+
+impl AdminToken {
+    pub fn role(&self) -> Role {
+        self.0.role
+    }
+
+    /// Whether this caller sees PII in clear; everyone else sees it masked.
+    pub fn sees_pii(&self) -> bool {
+        self.0.role.grants(Permission::PiiRead)
+    }
+}
 
 impl FromRequestParts<AppState> for AdminToken {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        state.tokens.authenticate(&parts.headers).await.map(AdminToken)
+        let token = state.tokens.authenticate(&parts.headers).await?;
+        let Some(route) = parts.extensions.get::<MatchedPath>() else {
+            tracing::error!(path = %parts.uri.path(), "an admin handler was reached without a matched route");
+            return Err(ApiError::new(ErrorCode::RouteNotPermitted, "this route is in no permission table line")
+                .with_field("permission"));
+        };
+        crate::access::authorize(token.role, parts.method.as_str(), route.as_str(), parts.uri.query())?;
+        Ok(AdminToken(token))
     }
 }
 

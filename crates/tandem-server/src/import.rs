@@ -125,7 +125,9 @@ impl<F: FnMut(IngestBatch) -> Result<IngestOutcome, String>> RowSink for F {
 pub struct StoreSink<'a, S: Store + ?Sized>(pub &'a S);
 
 impl<S: Store + ?Sized> RowSink for StoreSink<'_, S> {
-    fn append(&mut self, batch: IngestBatch) -> Result<IngestOutcome, String> {
+    fn append(&mut self, mut batch: IngestBatch) -> Result<IngestOutcome, String> {
+        // The command line hashes red values by the default classes.
+        crate::pii::scrub_batch(&tandem_core::govern::PiiPolicy::default(), &mut batch);
         let dedup_since_ms =
             Utc::now().timestamp_millis() - i64::try_from(crate::DEFAULT_DEDUP_WINDOW.as_millis()).unwrap_or(i64::MAX);
         self.0.append(&[batch], dedup_since_ms).map(|outcomes| outcomes[0]).map_err(|error| error.to_string())

@@ -2,9 +2,11 @@
 //! writer that makes events durable, and the lifecycle that ties them to a
 //! store — start, serve, drain on SIGTERM or Ctrl-C.
 
+pub mod access;
 pub mod activate;
 pub mod audience;
 pub mod audience_api;
+pub mod audit;
 pub mod auth;
 pub mod cluster;
 pub mod collect;
@@ -18,7 +20,9 @@ pub mod import;
 pub mod log_head;
 pub mod log_writer;
 pub mod metrics;
+pub mod openapi;
 pub mod ops;
+pub mod pii;
 pub mod profile;
 pub mod resolve;
 pub mod sdk_settings;
@@ -62,6 +66,9 @@ pub struct AppState {
     /// The event stream between nodes, when the server runs with one: the
     /// log writer publishes there and the drain stage appends it to the log.
     pub stream: Option<stream::EventStream>,
+    /// How PII is classified: red values hashed at ingestion, yellow ones
+    /// masked for roles without `pii:read`.
+    pub pii: Arc<tandem_core::govern::PiiPolicy>,
 }
 
 impl AppState {
@@ -73,6 +80,16 @@ impl AppState {
         dedup_window: Duration,
         import_dir: PathBuf,
     ) -> (AppState, std::thread::JoinHandle<()>) {
+        Self::start_with_pii(store, dedup_window, import_dir, Arc::default())
+    }
+
+    /// [`AppState::start`] with a PII policy other than the defaults.
+    pub fn start_with_pii(
+        store: Arc<dyn Store>,
+        dedup_window: Duration,
+        import_dir: PathBuf,
+        pii: Arc<tandem_core::govern::PiiPolicy>,
+    ) -> (AppState, std::thread::JoinHandle<()>) {
         let metrics = Metrics::new();
         // Read on a thread of its own: `start` runs on the async runtime,
         // where a backend's synchronous client (PostgreSQL's drives its own
@@ -80,6 +97,7 @@ impl AppState {
         let committed = std::thread::scope(|scope| scope.spawn(|| store.head()).join());
         let head = log_head::LogHead::new(committed.ok().and_then(Result::ok).unwrap_or_default());
         let (log, writer_thread) = LogWriter::spawn(store.clone(), dedup_window, metrics.clone(), head.clone());
+        let log = log.with_pii(pii.clone());
         let state = AppState {
             sources: Arc::new(SourceDirectory::new(store.clone())),
             tokens: Arc::new(auth::TokenDirectory::new(store.clone())),
@@ -90,6 +108,7 @@ impl AppState {
             imports: Arc::new(import::jobs::ImportJobs::new(import_dir)),
             leases: cluster::LeaseBoard::default(),
             stream: None,
+            pii,
         };
         (state, writer_thread)
     }
@@ -97,20 +116,26 @@ impl AppState {
     /// Builds the shared state of a node that ingests through an event
     /// stream: its log writer publishes to `stream` (no writer thread), and
     /// the log head follows what the drain stage appends.
-    pub fn start_streaming(store: Arc<dyn Store>, stream: stream::EventStream, import_dir: PathBuf) -> AppState {
+    pub fn start_streaming(
+        store: Arc<dyn Store>,
+        stream: stream::EventStream,
+        import_dir: PathBuf,
+        pii: Arc<tandem_core::govern::PiiPolicy>,
+    ) -> AppState {
         let metrics = Metrics::new();
         let committed = std::thread::scope(|scope| scope.spawn(|| store.head()).join());
         let head = log_head::LogHead::new(committed.ok().and_then(Result::ok).unwrap_or_default());
         AppState {
             sources: Arc::new(SourceDirectory::new(store.clone())),
             tokens: Arc::new(auth::TokenDirectory::new(store.clone())),
+            log: LogWriter::to_stream(stream.clone(), metrics.clone(), store.clone()).with_pii(pii.clone()),
             store,
-            log: LogWriter::to_stream(stream.clone(), metrics.clone()),
             metrics,
             head,
             imports: Arc::new(import::jobs::ImportJobs::new(import_dir)),
             leases: cluster::LeaseBoard::default(),
             stream: Some(stream),
+            pii,
         }
     }
 }
@@ -131,6 +156,9 @@ pub fn router(state: AppState) -> Router {
         .merge(webhook::routes())
         .merge(sdk_settings::routes())
         .merge(cluster::routes())
+        .merge(audit::routes())
+        .merge(pii::routes())
+        .merge(openapi::routes())
         .route("/health", get(ops::health))
         .route("/metrics", get(ops::metrics))
         .fallback(ops::not_found)
@@ -151,6 +179,8 @@ pub struct ServerOptions {
     pub resolver_cache_profiles: usize,
     /// The event stream to ingest through; `None` appends to the store's log.
     pub log: Option<stream::StreamOptions>,
+    /// PII classes beyond the defaults, and the salt of red values' hashes.
+    pub pii: tandem_core::govern::PiiSettings,
 }
 
 /// The server could not start or stopped abnormally.
@@ -162,6 +192,8 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Stream(#[from] stream::StreamError),
+    #[error(transparent)]
+    Pii(#[from] tandem_core::govern::pii::PiiSettingsError),
 }
 
 /// A started server: the address it listens on and the state it serves.
@@ -186,9 +218,17 @@ pub async fn start(store: Arc<dyn Store>, options: &ServerOptions) -> Result<Run
         }
     };
     let local_addr = listener.local_addr()?;
+    let pii = match options.pii.compile() {
+        Ok(pii) => Arc::new(pii),
+        Err(error) => {
+            release(store).await;
+            return Err(error.into());
+        }
+    };
     let (state, writer_thread) = match &options.log {
         None => {
-            let (state, thread) = AppState::start(store, options.dedup_window, options.import_dir.clone());
+            let (state, thread) =
+                AppState::start_with_pii(store, options.dedup_window, options.import_dir.clone(), pii);
             (state, Some(thread))
         }
         Some(log) => {
@@ -200,7 +240,7 @@ pub async fn start(store: Arc<dyn Store>, options: &ServerOptions) -> Result<Run
                 }
             };
             tracing::info!(stream = stream.name(), servers = %log.servers.join(","), "ingesting through nats jetstream");
-            (AppState::start_streaming(store, stream, options.import_dir.clone()), None)
+            (AppState::start_streaming(store, stream, options.import_dir.clone(), pii), None)
         }
     };
     Ok(Running {

@@ -11,7 +11,8 @@
 use crate::log_head::LogHead;
 use crate::metrics::Metrics;
 use crate::stream::{EventStream, StreamError};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tandem_store::{IngestBatch, IngestOutcome, Store, StoreError};
@@ -45,7 +46,19 @@ pub enum AppendError {
 pub struct LogWriter {
     target: Target,
     metrics: Metrics,
+    pii: Arc<tandem_core::govern::PiiPolicy>,
+    inventory: Arc<KeysSeen>,
 }
+
+/// Trait and property keys seen since the last flush, per key and source:
+/// their class and latest time. They are recorded in the store's PII
+/// inventory at most once per [`INVENTORY_FLUSH_INTERVAL`]: by the writer
+/// thread after a commit, or, when batches go to the event stream, by the
+/// request that finds the last flush old enough.
+type KeysSeen = Mutex<HashMap<(String, tandem_core::SourceId), (tandem_core::govern::PiiClass, i64)>>;
+
+/// How often keys seen are written to the PII inventory.
+const INVENTORY_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Where a [`LogWriter`] makes batches durable.
 #[derive(Clone)]
@@ -53,8 +66,9 @@ enum Target {
     /// The store's log, through the group-committing writer thread.
     Store(mpsc::Sender<AppendRequest>),
     /// The event stream between nodes (boxed: the client is large, and
-    /// every request handler clones the writer).
-    Stream(Box<EventStream>),
+    /// every request handler clones the writer), with the store that keeps
+    /// the PII inventory and when it was last written.
+    Stream(Box<EventStream>, Arc<dyn Store>, Arc<Mutex<Instant>>),
 }
 
 impl LogWriter {
@@ -69,24 +83,61 @@ impl LogWriter {
     ) -> (LogWriter, JoinHandle<()>) {
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let thread_metrics = metrics.clone();
+        let inventory = Arc::new(KeysSeen::default());
+        let thread_inventory = inventory.clone();
         let handle = std::thread::Builder::new()
             .name("tandem-log-writer".into())
-            .spawn(move || run(store, receiver, dedup_window, thread_metrics, head))
+            .spawn(move || run(store, receiver, dedup_window, thread_metrics, head, thread_inventory))
             .expect("spawning the log writer thread");
-        (LogWriter { target: Target::Store(sender), metrics }, handle)
+        (LogWriter { target: Target::Store(sender), metrics, pii: Arc::default(), inventory }, handle)
     }
 
     /// A writer that publishes to the event stream; no thread of its own.
-    pub fn to_stream(stream: EventStream, metrics: Metrics) -> LogWriter {
-        LogWriter { target: Target::Stream(Box::new(stream)), metrics }
+    /// `store` keeps the PII inventory of what it publishes.
+    pub fn to_stream(stream: EventStream, metrics: Metrics, store: Arc<dyn Store>) -> LogWriter {
+        LogWriter {
+            target: Target::Stream(Box::new(stream), store, Arc::new(Mutex::new(Instant::now()))),
+            metrics,
+            pii: Arc::default(),
+            inventory: Arc::default(),
+        }
+    }
+
+    /// Hashes red values with `pii` before anything is stored or published.
+    pub fn with_pii(mut self, pii: Arc<tandem_core::govern::PiiPolicy>) -> Self {
+        self.pii = pii;
+        self
     }
 
     /// Appends a batch and waits until it is durable: committed to the
-    /// store's log, or acknowledged by the event stream.
-    pub async fn append(&self, batch: IngestBatch) -> Result<IngestOutcome, AppendError> {
+    /// store's log, or acknowledged by the event stream. Red PII values are
+    /// hashed first, so neither ever holds them in clear.
+    pub async fn append(&self, mut batch: IngestBatch) -> Result<IngestOutcome, AppendError> {
+        let mut keys = Vec::new();
+        crate::pii::scrub_batch_noting_keys(&self.pii, &mut batch, &mut keys);
+        if !keys.is_empty() {
+            let mut seen = self.inventory.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            for (key, source_id, class, at) in keys {
+                let entry = seen.entry((key, source_id)).or_insert((class, at));
+                *entry = (entry.0.max(class), entry.1.max(at));
+            }
+        }
         let sender = match &self.target {
             Target::Store(sender) => sender,
-            Target::Stream(stream) => {
+            Target::Stream(stream, store, last_flush) => {
+                let due = {
+                    let mut last = last_flush.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                    let due = last.elapsed() >= INVENTORY_FLUSH_INTERVAL;
+                    if due {
+                        *last = Instant::now();
+                    }
+                    due
+                };
+                if due {
+                    let (store, inventory) = (store.clone(), self.inventory.clone());
+                    // The store's client may block: not on the async runtime.
+                    tokio::task::spawn_blocking(move || flush_inventory(store.as_ref(), &inventory));
+                }
                 let messages = (batch.records.len() + batch.rejected.len()) as u64;
                 return match stream.publish(&batch).await {
                     Ok(outcome) => {
@@ -121,8 +172,10 @@ fn run(
     dedup_window: Duration,
     metrics: Metrics,
     head: LogHead,
+    inventory: Arc<KeysSeen>,
 ) {
     let dedup_window_ms = i64::try_from(dedup_window.as_millis()).unwrap_or(i64::MAX);
+    let mut last_flush: Option<Instant> = None;
     while let Some(first) = receiver.blocking_recv() {
         let mut events = first.batch.records.len();
         let mut group = vec![first];
@@ -158,6 +211,10 @@ fn run(
                     // A requester that went away still had its events stored.
                     let _ = reply.send(Ok(outcome));
                 }
+                if last_flush.is_none_or(|at| at.elapsed() >= INVENTORY_FLUSH_INTERVAL) {
+                    flush_inventory(store.as_ref(), &inventory);
+                    last_flush = Some(Instant::now());
+                }
             }
             Err(error) => {
                 metrics.log_commit_failures.inc();
@@ -169,7 +226,29 @@ fn run(
             }
         }
     }
+    flush_inventory(store.as_ref(), &inventory);
     tracing::debug!("log writer drained and stopped");
+}
+
+/// Records the keys seen since the last flush in the PII inventory.
+fn flush_inventory(store: &dyn Store, inventory: &KeysSeen) {
+    let seen: Vec<tandem_store::PiiKeySeen> = inventory
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .drain()
+        .map(|((key, source_id), (class, last_seen_ms))| tandem_store::PiiKeySeen {
+            key,
+            source_id,
+            class,
+            last_seen_ms,
+        })
+        .collect();
+    if seen.is_empty() {
+        return;
+    }
+    if let Err(error) = store.record_pii_keys(&seen) {
+        tracing::warn!(%error, keys = seen.len(), "recording the pii inventory failed");
+    }
 }
 
 #[cfg(test)]

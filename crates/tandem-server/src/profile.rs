@@ -25,7 +25,7 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/profiles/{id}/identities", get(profile_identities))
 }
 
-pub(crate) fn format_ms(ms: i64) -> Value {
+pub fn format_ms(ms: i64) -> Value {
     chrono::DateTime::from_timestamp_millis(ms).map(format_timestamp).map_or(Value::Null, Value::String)
 }
 
@@ -128,7 +128,7 @@ fn parse_identifier(normalizer: &Normalizer, field: &str, text: &str) -> Result<
 /// `trait=key:value`; `after` continues from `next_after`.
 async fn find_profile(
     State(state): State<AppState>,
-    _token: AdminToken,
+    token: AdminToken,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.as_deref().unwrap_or(""))
@@ -173,7 +173,9 @@ async fn find_profile(
         let profile = read(&state, move |store| store.profile_by_identifier(&identifier)).await?.ok_or_else(|| {
             ApiError::new(ErrorCode::ProfileNotFound, format!("no profile holds {shown}")).with_field("identifier")
         })?;
-        return Ok(Json(profile_with_audiences(&state, &profile).await?));
+        read_in_clear(&state, &token, "profile.read", &profile).await;
+        let body = profile_with_audiences(&state, &profile).await?;
+        return Ok(Json(crate::pii::shown_to(&token, &state.pii, body)));
     }
     let store = state.store.clone();
     let page = tokio::task::spawn_blocking(move || {
@@ -185,17 +187,38 @@ async fn find_profile(
         BrowseError::InvalidCursor(_) => invalid("after", error.to_string()),
         BrowseError::Store(error) => storage_error(error),
     })?;
+    if token.sees_pii() && !page.profiles.is_empty() {
+        let ids: Vec<String> = page.profiles.iter().map(|profile| profile.id.to_string()).collect();
+        crate::audit::record(
+            &state,
+            &token,
+            "profile.list",
+            &format!("{} profiles", ids.len()),
+            None,
+            Some(json!({"profiles": ids})),
+        )
+        .await;
+    }
     let profiles: Vec<Value> = page.profiles.iter().map(profile_json).collect();
-    Ok(Json(json!({"profiles": profiles, "next_after": page.next_after})))
+    Ok(Json(crate::pii::shown_to(&token, &state.pii, json!({"profiles": profiles, "next_after": page.next_after}))))
+}
+
+/// Records a read of one profile's PII in clear, for callers who see it so.
+async fn read_in_clear(state: &AppState, token: &AdminToken, action: &str, profile: &Profile) {
+    if token.sees_pii() {
+        crate::audit::record(state, token, action, &profile.id.to_string(), None, None).await;
+    }
 }
 
 async fn get_profile(
     State(state): State<AppState>,
-    _token: AdminToken,
+    token: AdminToken,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let profile = load_profile(&state, &id).await?;
-    Ok(Json(profile_with_audiences(&state, &profile).await?))
+    read_in_clear(&state, &token, "profile.read", &profile).await;
+    let body = profile_with_audiences(&state, &profile).await?;
+    Ok(Json(crate::pii::shown_to(&token, &state.pii, body)))
 }
 
 #[derive(Deserialize)]
@@ -209,7 +232,7 @@ const MAX_PAGE: usize = 1_000;
 
 async fn profile_events(
     State(state): State<AppState>,
-    _token: AdminToken,
+    token: AdminToken,
     ApiPath(id): ApiPath<String>,
     ApiQuery(query): ApiQuery<EventsQuery>,
 ) -> Result<Json<Value>, ApiError> {
@@ -223,6 +246,7 @@ async fn profile_events(
         Err(error) => return Err(ApiError::new(ErrorCode::InvalidValue, error.to_string()).with_field("before")),
     };
     let profile = load_profile(&state, &id).await?;
+    read_in_clear(&state, &token, "profile.read_events", &profile).await;
     let entries = read(&state, move |store| store.profile_events(profile.id, before, limit)).await?;
     let next_before =
         (entries.len() == limit).then(|| entries.last().map(|entry| TimelineCursor::at(entry).to_string())).flatten();
@@ -234,15 +258,17 @@ async fn profile_events(
             event
         })
         .collect();
-    Ok(Json(json!({"profile": profile.id, "events": events, "next_before": next_before})))
+    let body = json!({"profile": profile.id, "events": events, "next_before": next_before});
+    Ok(Json(crate::pii::shown_to(&token, &state.pii, body)))
 }
 
 async fn profile_identities(
     State(state): State<AppState>,
-    _token: AdminToken,
+    token: AdminToken,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let profile = load_profile(&state, &id).await?;
+    read_in_clear(&state, &token, "profile.read_identities", &profile).await;
     let profile_id = profile.id;
     let history = read(&state, move |store| {
         store
@@ -252,5 +278,6 @@ async fn profile_identities(
             .collect::<Result<Vec<_>, _>>()
     })
     .await?;
-    Ok(Json(json!({"id": profile.id, "identifiers": profile.identifiers, "history": history})))
+    let body = json!({"id": profile.id, "identifiers": profile.identifiers, "history": history});
+    Ok(Json(crate::pii::shown_to(&token, &state.pii, body)))
 }

@@ -1162,6 +1162,7 @@ mod slow_clients {
             import_dir: dir.path().join("imports"),
             resolver_cache_profiles: tandem_server::resolve::DEFAULT_CACHE_PROFILES,
             log: None,
+            pii: Default::default(),
         };
         let running = tandem_server::start(store, &options).await.unwrap().with_limits(limits);
         let address = running.local_addr;
@@ -1876,5 +1877,342 @@ mod destinations {
         assert_eq!((status, error_of(&body)), (StatusCode::NOT_FOUND, ("destination_not_found", Some("name"))));
         let (status, body) = get(&harness, "/api/v1/destinations/crm/dead-letters", Some(&token)).await;
         assert_eq!((status, error_of(&body).0), (StatusCode::NOT_FOUND, "destination_not_found"));
+    }
+}
+
+/// Roles and the permission table, tested from the table itself: every line,
+/// every role; and every `/api/v1` route the code declares has a line.
+mod access {
+    use super::*;
+    use tandem_core::govern::Role;
+    use tandem_server::access::PERMISSION_TABLE;
+
+    async fn call(harness: &Harness, method: &str, uri: &str, token: Option<&str>) -> (StatusCode, Value) {
+        let mut request = Request::builder().method(method).uri(uri).header(header::CONTENT_TYPE, "application/json");
+        if let Some(token) = token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let body = if method == "GET" || method == "DELETE" { Body::empty() } else { Body::from("{}") };
+        harness.send(request.body(body).unwrap()).await
+    }
+
+    /// A route pattern with each `{parameter}` filled in.
+    fn concrete(pattern: &str) -> String {
+        pattern
+            .split('/')
+            .map(|segment| if segment.starts_with('{') { "nothing-here" } else { segment })
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+
+    #[tokio::test]
+    async fn every_table_line_admits_exactly_the_roles_holding_its_permission() {
+        let harness = Harness::new();
+        let tokens: Vec<(Role, String)> = Role::ALL
+            .into_iter()
+            .map(|role| (role, harness.store.create_token_with(role.as_str(), role, None).unwrap().1))
+            .collect();
+        let mut checked = 0;
+        for rule in PERMISSION_TABLE {
+            let mut uri = concrete(rule.path);
+            if let Some(parameter) = rule.with_query {
+                uri.push_str(&format!("?{parameter}=email:nobody@example.com"));
+            }
+            let (status, body) = call(&harness, rule.method, &uri, None).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{} {uri} without a token: {body}", rule.method);
+            for (role, secret) in &tokens {
+                let (status, body) = call(&harness, rule.method, &uri, Some(secret)).await;
+                let line = format!("{} {uri} as {role} (needs {}): {status} {body}", rule.method, rule.permission);
+                if role.grants(rule.permission) {
+                    assert!(status != StatusCode::FORBIDDEN && status != StatusCode::UNAUTHORIZED, "{line}");
+                } else {
+                    assert_eq!(status, StatusCode::FORBIDDEN, "{line}");
+                    assert_eq!(error_of(&body), ("permission_denied", Some("permission")), "{line}");
+                    let message = body["error"]["message"].as_str().unwrap();
+                    assert!(message.contains(rule.permission.as_str()), "{line}");
+                }
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, PERMISSION_TABLE.len() * Role::ALL.len());
+    }
+
+    /// Every `.route("/api/v1…", …)` in the server's source, found by reading it.
+    fn declared_admin_routes() -> Vec<String> {
+        fn walk(dir: &std::path::Path, found: &mut Vec<String>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    walk(&path, found);
+                } else if path.extension().is_some_and(|extension| extension == "rs") {
+                    let text = std::fs::read_to_string(&path).unwrap();
+                    for (index, _) in text.match_indices(".route(") {
+                        let rest = text[index + ".route(".len()..].trim_start();
+                        if let Some(literal) = rest.strip_prefix('"') {
+                            let route = &literal[..literal.find('"').unwrap()];
+                            if route.starts_with("/api/v1") {
+                                found.push(route.to_owned());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let mut found = Vec::new();
+        walk(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut found);
+        found.sort();
+        found.dedup();
+        found
+    }
+
+    #[tokio::test]
+    async fn every_declared_admin_route_has_a_table_line_and_needs_a_token() {
+        let harness = Harness::new();
+        let admin = harness.store.create_token("root").unwrap().1;
+        let routes = declared_admin_routes();
+        assert!(routes.len() >= 20, "the scan found too few routes: {routes:?}");
+        for route in &routes {
+            let uri = concrete(route);
+            for method in ["GET", "POST", "PUT", "PATCH", "DELETE"] {
+                let (status, body) = call(&harness, method, &uri, Some(&admin)).await;
+                assert!(
+                    body["error"]["code"] != "route_not_permitted",
+                    "{method} {route} is served but has no line in access::PERMISSION_TABLE"
+                );
+                let (status_without, body_without) = call(&harness, method, &uri, None).await;
+                assert!(
+                    status_without == StatusCode::UNAUTHORIZED || status_without == StatusCode::METHOD_NOT_ALLOWED,
+                    "{method} {route} answers {status_without} without a token: {body_without} (admin: {status})"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn expired_tokens_are_refused_and_use_is_recorded() {
+        let harness = Harness::new();
+        let past = chrono::Utc::now().timestamp_millis() - 1_000;
+        let (_, expired) = harness.store.create_token_with("old", Role::Admin, Some(past)).unwrap();
+        let (status, body) = call(&harness, "GET", "/api/v1/audiences", Some(&expired)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(error_of(&body), ("token_expired", Some("authorization")));
+
+        let (info, fresh) = harness.store.create_token_with("new", Role::Marketer, Some(past + 3_600_000)).unwrap();
+        let (status, _) = call(&harness, "GET", "/api/v1/audiences", Some(&fresh)).await;
+        assert_eq!(status, StatusCode::OK);
+        let listed = harness.store.list_tokens().unwrap();
+        let used = listed.iter().find(|token| token.id == info.id).unwrap();
+        assert!(used.last_used_at_ms.is_some_and(|at| at >= past), "{used:?}");
+    }
+
+    #[tokio::test]
+    async fn support_looks_one_customer_up_but_cannot_list() {
+        let harness = Harness::new();
+        let (_, support) = harness.store.create_token_with("desk", Role::Support, None).unwrap();
+        let (status, body) = call(&harness, "GET", "/api/v1/profiles?identifier=email:a@b.c", Some(&support)).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::NOT_FOUND, "profile_not_found"));
+        let (status, body) = call(&harness, "GET", "/api/v1/profiles?search=email:a", Some(&support)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert!(body["error"]["message"].as_str().unwrap().contains("profiles:list"), "{body}");
+    }
+}
+
+/// The audit log through the API: changes and PII reads are recorded with
+/// their actor, without PII or secrets, and the chain verifies.
+mod audit_log {
+    use super::*;
+    use tandem_core::govern::Role;
+
+    async fn call(harness: &Harness, method: &str, uri: &str, token: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::AUTHORIZATION, format!("Bearer {token}"));
+        let body = body.map_or_else(Body::empty, |body| Body::from(body.to_string()));
+        harness.send(request.body(body).unwrap()).await
+    }
+
+    #[tokio::test]
+    async fn changes_and_pii_reads_are_recorded_and_the_chain_verifies() {
+        let harness = Harness::new();
+        let (marketer, marketer_secret) = harness.store.create_token_with("m", Role::Marketer, None).unwrap();
+        let (support, support_secret) = harness.store.create_token_with("s", Role::Support, None).unwrap();
+        let (_, auditor_secret) = harness.store.create_token_with("a", Role::Auditor, None).unwrap();
+        let (_, analyst_secret) = harness.store.create_token_with("n", Role::Analyst, None).unwrap();
+        let rule = json!({"name": "pros", "rule": {"text": "trait plan = \"pro\""}});
+        let (status, body) = call(&harness, "POST", "/api/v1/audiences", &marketer_secret, Some(rule)).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let (status, _) = call(&harness, "DELETE", "/api/v1/audiences/pros", &marketer_secret, None).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        // Looked up with PII in clear (support) and masked (analyst): only the first is a PII read.
+        harness.post_json("/v1/identify", json!({"userId": "ann", "traits": {"email": "ann@example.com"}})).await;
+        let store: Arc<dyn Store> = harness.store.clone();
+        tandem_server::resolve::Resolver::load(store).unwrap().catch_up(100).unwrap();
+        let (status, _) = call(&harness, "GET", "/api/v1/profiles/prof_1", &support_secret, None).await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, _) = call(&harness, "GET", "/api/v1/profiles/prof_1", &analyst_secret, None).await;
+        assert_eq!(status, StatusCode::OK);
+
+        let (status, listed) = call(&harness, "GET", "/api/v1/audit", &auditor_secret, None).await;
+        assert_eq!(status, StatusCode::OK, "{listed}");
+        let entries = listed["entries"].as_array().unwrap();
+        let summary: Vec<(&str, &str, &str)> = entries
+            .iter()
+            .map(|entry| {
+                (entry["actor"].as_str().unwrap(), entry["action"].as_str().unwrap(), entry["target"].as_str().unwrap())
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (marketer.id.as_str(), "audience.create", "pros"),
+                (marketer.id.as_str(), "audience.delete", "pros"),
+                (support.id.as_str(), "profile.read", "prof_1"),
+            ]
+        );
+        assert_eq!(entries[0]["role"], "marketer");
+        assert_eq!(entries[0]["after"]["rule"]["value"], "pro");
+        assert_eq!(entries[1]["before"]["name"], "pros");
+
+        let (_, filtered) = call(
+            &harness,
+            "GET",
+            &format!("/api/v1/audit?actor={}&action=audience", marketer.id),
+            &auditor_secret,
+            None,
+        )
+        .await;
+        assert_eq!(filtered["entries"].as_array().unwrap().len(), 2);
+        let (status, body) = call(&harness, "GET", "/api/v1/audit?since=yesterday", &auditor_secret, None).await;
+        assert_eq!((status, error_of(&body)), (StatusCode::BAD_REQUEST, ("invalid_value", Some("since"))));
+
+        let (status, verified) = call(&harness, "GET", "/api/v1/audit/verify", &auditor_secret, None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(verified, json!({"intact": true, "entries": 3}));
+    }
+}
+
+/// PII: red values are hashed before anything is stored; yellow values are
+/// masked for roles without `pii:read`.
+mod pii {
+    use super::*;
+    use tandem_core::govern::Role;
+
+    async fn get_as(harness: &Harness, path: &str, token: &str) -> Value {
+        let request = Request::get(path).header(header::AUTHORIZATION, format!("Bearer {token}"));
+        let (status, body) = harness.send(request.body(Body::empty()).unwrap()).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+        body
+    }
+
+    fn file_bytes(dir: &std::path::Path) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for name in ["tandem.db", "tandem.db-wal"] {
+            if let Ok(mut content) = std::fs::read(dir.join(name)) {
+                bytes.append(&mut content);
+            }
+        }
+        bytes
+    }
+
+    fn contains(haystack: &[u8], needle: &str) -> bool {
+        haystack.windows(needle.len()).any(|window| window == needle.as_bytes())
+    }
+
+    #[tokio::test]
+    async fn red_values_never_reach_the_database_file_in_clear() {
+        let harness = Harness::new();
+        let (status, body) = harness
+            .post_json(
+                "/v1/batch",
+                json!({"batch": [
+                    {"type": "identify", "userId": "ann", "traits": {"email": "ann@example.com", "ssn": "123-45-6789", "Password": "hunter2-secret"}},
+                    {"type": "track", "userId": "ann", "event": "Order Completed", "properties": {"note": "paid by 4111 1111 1111 1111", "card_number": "5500000000000004"}},
+                    {"type": "track", "userId": "ann", "properties": {"passport": "P-998877665"}}
+                ]}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["rejected"].as_array().map(Vec::len), Some(1), "the track without an event is quarantined");
+        let store: Arc<dyn Store> = harness.store.clone();
+        tandem_server::resolve::Resolver::load(store).unwrap().catch_up(100).unwrap();
+        let events = harness.events();
+        assert!(events[0]["traits"]["ssn"].as_str().unwrap().starts_with("sha256:"), "{}", events[0]);
+        assert_eq!(events[0]["traits"]["email"], "ann@example.com", "yellow values are stored");
+
+        let dir = harness.store.path().parent().unwrap().to_owned();
+        let secrets = ["123-45-6789", "hunter2-secret", "4111 1111 1111 1111", "5500000000000004", "P-998877665"];
+        let before = file_bytes(&dir);
+        assert!(contains(&before, "ann@example.com"), "the file is the one written to");
+        let checkpoint = rusqlite::Connection::open(harness.store.path()).unwrap();
+        checkpoint.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).unwrap();
+        drop(checkpoint);
+        let after = file_bytes(&dir);
+        for secret in secrets {
+            assert!(!contains(&before, secret), "{secret} is in the database file or its WAL");
+            assert!(!contains(&after, secret), "{secret} is in the database file after a checkpoint");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_inventory_lists_every_key_seen_with_its_class_and_source() {
+        let harness = Harness::new();
+        let (_, auditor) = harness.store.create_token_with("a", Role::Auditor, None).unwrap();
+        let (status, _) = harness
+            .post_json(
+                "/v1/batch",
+                json!({"batch": [
+                    {"type": "identify", "userId": "ann", "traits": {"email": "ann@example.com", "ssn": "1", "plan": "pro"}},
+                    {"type": "track", "userId": "ann", "event": "Paid", "properties": {"memo": "4111111111111111"}}
+                ]}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        // The writer records keys after its commit, so look until they are there.
+        let mut keys = Vec::new();
+        for _ in 0..50 {
+            let body = get_as(&harness, "/api/v1/pii/inventory", &auditor).await;
+            keys = body["keys"].as_array().unwrap().clone();
+            if keys.len() >= 4 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let classes: Vec<(&str, &str)> =
+            keys.iter().map(|key| (key["key"].as_str().unwrap(), key["class"].as_str().unwrap())).collect();
+        assert_eq!(classes, [("email", "yellow"), ("memo", "red"), ("plan", "green"), ("ssn", "red")]);
+        assert_eq!(keys[0]["sources"], json!(["website"]));
+        assert!(keys[0]["last_seen"].as_str().is_some());
+    }
+
+    #[tokio::test]
+    async fn yellow_values_are_masked_for_roles_without_pii_access() {
+        let harness = Harness::new();
+        harness
+            .post_json(
+                "/v1/identify",
+                json!({"userId": "ann", "traits": {"email": "jane@example.com", "phone": "+15551234567", "plan": "pro"}}),
+            )
+            .await;
+        let store: Arc<dyn Store> = harness.store.clone();
+        tandem_server::resolve::Resolver::load(store).unwrap().catch_up(100).unwrap();
+        let (_, analyst) = harness.store.create_token_with("n", Role::Analyst, None).unwrap();
+        let (_, support) = harness.store.create_token_with("s", Role::Support, None).unwrap();
+
+        let masked = get_as(&harness, "/api/v1/profiles/prof_1", &analyst).await;
+        assert_eq!(masked["traits"]["email"], "j***@example.com");
+        assert_eq!(masked["traits"]["phone"], "+1********67");
+        assert_eq!(masked["traits"]["plan"], "pro");
+        assert!(!masked.to_string().contains("jane@example.com"), "{masked}");
+        let listed = get_as(&harness, "/api/v1/profiles", &analyst).await;
+        assert!(!listed.to_string().contains("jane@example.com"), "{listed}");
+        let timeline = get_as(&harness, "/api/v1/profiles/prof_1/events", &analyst).await;
+        assert!(!timeline.to_string().contains("jane@example.com"), "{timeline}");
+        let identities = get_as(&harness, "/api/v1/profiles/prof_1/identities", &analyst).await;
+        assert!(!identities.to_string().contains("jane@example.com"), "{identities}");
+
+        let clear = get_as(&harness, "/api/v1/profiles?identifier=email:jane@example.com", &support).await;
+        assert_eq!(clear["traits"]["email"], "jane@example.com");
     }
 }

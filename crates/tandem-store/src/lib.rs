@@ -1,7 +1,8 @@
 //! Storage for Tandem: one interface per stage of the flow — the event log
 //! ([`EventLog`]), sources and tokens ([`Sources`]), the identity graph
 //! ([`IdentityStore`]), audiences and memberships ([`AudienceStore`]), destinations and their
-//! outbox ([`OutboxStore`]) — the embedded SQLite backend behind them (and
+//! outbox ([`OutboxStore`]), the audit log ([`AuditStore`]), the PII
+//! inventory ([`PiiInventoryStore`]) — the embedded SQLite backend behind them (and
 //! PostgreSQL for scale-out, in preview: [`PostgresStore`]), and one
 //! shared test suite per interface ([`event_log_test_suite!`],
 //! [`sources_test_suite!`], [`identity_store_test_suite!`],
@@ -17,8 +18,10 @@
 //! many requests into one transaction without an async runtime in the way.
 
 pub mod audience;
+pub mod audit;
 pub mod browse;
 pub mod identity;
+pub mod inventory;
 pub mod lease;
 pub mod log;
 pub mod outbox;
@@ -35,10 +38,12 @@ pub use audience::{
     AudienceStore, Backfill, ComputedTraitRecord, ComputedTraitWrite, DailyChanges, DailySize, Membership,
     MembershipChange, MembershipChangeKind, StoredAudienceState, StoredComputedTrait,
 };
+pub use audit::{AuditFilter, AuditStore};
 pub use identity::{
     CommitOutcome, EventLink, HistoryRecord, IdentityCommit, IdentityRepair, IdentityState, IdentityStore,
     TimelineCursor, TimelineCursorError, UnresolvedEvent,
 };
+pub use inventory::{PiiInventoryStore, PiiKeyRecord, PiiKeySeen};
 pub use lease::{Coordination, LeaseHolder, LeaseKeeper, LeaseLost, StageLease, StoreKind};
 pub use log::{
     Dedup, DrainCommit, EventLog, IngestBatch, IngestOutcome, IngestStats, LogEntry, LogFilter, QuarantineEntry,
@@ -99,9 +104,24 @@ impl Stage {
 
 /// Every stage's storage, for the server and the CLI, which use all of them.
 /// Implemented for anything that implements each stage's interface.
-pub trait Store: EventLog + Sources + IdentityStore + AudienceStore + OutboxStore + Coordination {}
+pub trait Store:
+    EventLog + Sources + IdentityStore + AudienceStore + OutboxStore + AuditStore + PiiInventoryStore + Coordination
+{
+}
 
-impl<T: EventLog + Sources + IdentityStore + AudienceStore + OutboxStore + Coordination + ?Sized> Store for T {}
+impl<
+        T: EventLog
+            + Sources
+            + IdentityStore
+            + AudienceStore
+            + OutboxStore
+            + AuditStore
+            + PiiInventoryStore
+            + Coordination
+            + ?Sized,
+    > Store for T
+{
+}
 
 /// Runs every stage's shared suite against one backend: `$make` turns a fresh
 /// directory into a fresh, empty store.
@@ -128,6 +148,14 @@ macro_rules! store_test_suite {
             use super::*;
             $crate::outbox_store_test_suite!($make);
         }
+        mod audit_store_suite {
+            use super::*;
+            $crate::audit_store_test_suite!($make);
+        }
+        mod pii_inventory_suite {
+            use super::*;
+            $crate::pii_inventory_test_suite!($make);
+        }
     };
 }
 
@@ -153,5 +181,8 @@ macro_rules! suite_cases {
 /// The stage interfaces, for code that calls them on a concrete backend
 /// (`use tandem_store::prelude::*`).
 pub mod prelude {
-    pub use crate::{AudienceStore, Coordination, EventLog, IdentityStore, OutboxStore, Sources, Store};
+    pub use crate::{
+        AudienceStore, AuditStore, Coordination, EventLog, IdentityStore, OutboxStore, PiiInventoryStore, Sources,
+        Store,
+    };
 }

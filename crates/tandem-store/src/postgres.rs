@@ -24,8 +24,10 @@
 //! `convert_from(payload, 'UTF8')`.
 
 mod audience;
+mod audit;
 mod computed;
 mod identity;
+mod inventory;
 mod lease;
 mod log;
 mod outbox;
@@ -254,6 +256,32 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE outbox ADD COLUMN enqueued_at BIGINT;
     ALTER TABLE dead_letters ADD COLUMN enqueued_at BIGINT;
     CREATE INDEX dead_letters_by_time ON dead_letters (dead_at);"#,
+    // 9: token roles, expiry and last use; the audit log (see `sqlite.rs`, migration 15).
+    r#"ALTER TABLE api_tokens ADD COLUMN role TEXT NOT NULL DEFAULT 'admin';
+    ALTER TABLE api_tokens ADD COLUMN expires_at BIGINT;
+    ALTER TABLE api_tokens ADD COLUMN last_used_at BIGINT;
+    CREATE TABLE audit_log (
+        seq BIGINT PRIMARY KEY,
+        at BIGINT NOT NULL,
+        actor TEXT NOT NULL,
+        role TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        before TEXT,
+        after TEXT,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    CREATE INDEX audit_log_by_actor ON audit_log (actor, seq);
+    CREATE INDEX audit_log_by_time ON audit_log (at);"#,
+    // 10: the PII inventory (see `sqlite.rs`, migration 16).
+    r#"CREATE TABLE pii_keys (
+        key TEXT COLLATE "C" NOT NULL,
+        source_id TEXT COLLATE "C" NOT NULL,
+        class TEXT NOT NULL,
+        last_seen BIGINT NOT NULL,
+        PRIMARY KEY (key, source_id)
+    );"#,
 ];
 
 /// The PostgreSQL implementation of [`crate::Store`].
@@ -350,6 +378,12 @@ mod tests {
     use tandem_core::SourceKind;
 
     crate::store_test_suite!(|_dir: &std::path::Path| testing::fresh_store());
+
+    impl crate::suite::audit::RawSql for PostgresStore {
+        fn raw_sql(&self, statement: &str) {
+            self.with_client(|client| Ok(client.batch_execute(statement)?)).expect("raw sql");
+        }
+    }
 
     #[test]
     fn reconnecting_keeps_everything_and_does_not_migrate_twice() {

@@ -5,6 +5,7 @@
 use rand::distr::{Alphanumeric, SampleString};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
+use tandem_core::govern::Role;
 use tandem_core::source::validate_source_name;
 use tandem_core::webhook::WebhookSettings;
 use tandem_core::{Source, SourceId, SourceKind, WriteKey};
@@ -17,6 +18,20 @@ pub struct TokenInfo {
     pub id: String,
     pub name: String,
     pub created_at_ms: i64,
+    /// What the token may do.
+    pub role: Role,
+    /// When the token stops working; `None` for never.
+    pub expires_at_ms: Option<i64>,
+    /// When the token was last seen by a server (recorded at most once per
+    /// credential-cache period, so it is approximate).
+    pub last_used_at_ms: Option<i64>,
+}
+
+impl TokenInfo {
+    /// Whether the token has expired at `now_ms`.
+    pub fn is_expired(&self, now_ms: i64) -> bool {
+        self.expires_at_ms.is_some_and(|expires| expires <= now_ms)
+    }
 }
 
 /// A new source named `name` (trimmed and validated) with a fresh id and a
@@ -33,10 +48,16 @@ pub fn new_source(name: &str, kind: SourceKind) -> Result<Source, StoreError> {
 }
 
 /// A new admin API token: its listing and its secret, shown once.
-pub fn new_token(name: &str) -> (TokenInfo, String) {
+pub fn new_token(name: &str, role: Role, expires_at_ms: Option<i64>) -> (TokenInfo, String) {
     let secret = format!("tdm_{}", random_token(40));
-    let info =
-        TokenInfo { id: format!("tok_{}", random_token(12)), name: name.trim().to_owned(), created_at_ms: now_ms() };
+    let info = TokenInfo {
+        id: format!("tok_{}", random_token(12)),
+        name: name.trim().to_owned(),
+        created_at_ms: now_ms(),
+        role,
+        expires_at_ms,
+        last_used_at_ms: None,
+    };
     (info, secret)
 }
 
@@ -88,12 +109,26 @@ pub trait Sources: Send + Sync + 'static {
     /// Stores a token made by [`new_token`], keeping only the secret's digest.
     fn insert_token(&self, info: &TokenInfo, secret_digest: &str) -> Result<(), StoreError>;
 
-    /// Creates an admin API token; returns its listing and the secret.
+    /// Creates an `admin` token that never expires; returns its listing and the secret.
     fn create_token(&self, name: &str) -> Result<(TokenInfo, String), StoreError> {
-        let (info, secret) = new_token(name);
+        self.create_token_with(name, Role::Admin, None)
+    }
+
+    /// Creates a token with a role and an optional expiry; returns its
+    /// listing and the secret.
+    fn create_token_with(
+        &self,
+        name: &str,
+        role: Role,
+        expires_at_ms: Option<i64>,
+    ) -> Result<(TokenInfo, String), StoreError> {
+        let (info, secret) = new_token(name, role, expires_at_ms);
         self.insert_token(&info, &secret_digest(&secret))?;
         Ok((info, secret))
     }
+
+    /// Records that a token was used at `at_ms`; unknown ids are ignored.
+    fn touch_token(&self, id: &str, at_ms: i64) -> Result<(), StoreError>;
 
     /// The token whose secret has this digest.
     fn token_by_digest(&self, secret_digest: &str) -> Result<Option<TokenInfo>, StoreError>;

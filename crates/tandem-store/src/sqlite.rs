@@ -4,8 +4,10 @@
 //! (`synchronous = FULL`), which is what makes an acknowledgement durable.
 
 mod audience;
+mod audit;
 mod computed;
 mod identity;
+mod inventory;
 mod manage;
 mod outbox;
 
@@ -268,6 +270,34 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE outbox ADD COLUMN enqueued_at INTEGER;
     ALTER TABLE dead_letters ADD COLUMN enqueued_at INTEGER;
     CREATE INDEX dead_letters_by_time ON dead_letters (dead_at);",
+    // 15: tokens have a role (the tokens made before roles keep all their
+    // power as `admin`), an optional expiry and when they were last used;
+    // the audit log, each entry chained to the one before by its hash.
+    "ALTER TABLE api_tokens ADD COLUMN role TEXT NOT NULL DEFAULT 'admin';
+    ALTER TABLE api_tokens ADD COLUMN expires_at INTEGER;
+    ALTER TABLE api_tokens ADD COLUMN last_used_at INTEGER;
+    CREATE TABLE audit_log (
+        seq INTEGER PRIMARY KEY,
+        at INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        role TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        before TEXT,
+        after TEXT,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    CREATE INDEX audit_log_by_actor ON audit_log (actor, seq);
+    CREATE INDEX audit_log_by_time ON audit_log (at);",
+    // 16: the PII inventory: every trait and property key seen, per source.
+    "CREATE TABLE pii_keys (
+        key TEXT NOT NULL,
+        source_id TEXT NOT NULL,
+        class TEXT NOT NULL,
+        last_seen INTEGER NOT NULL,
+        PRIMARY KEY (key, source_id)
+    ) WITHOUT ROWID;",
 ];
 
 /// The `received_at` of a message id kept for good ([`Dedup::Forever`]).
@@ -452,8 +482,9 @@ impl Sources for SqliteStore {
     fn insert_token(&self, info: &TokenInfo, secret_digest: &str) -> Result<(), StoreError> {
         self.with_writer(|connection| {
             connection.execute(
-                "INSERT INTO api_tokens (id, name, secret_sha256, created_at) VALUES (?1, ?2, ?3, ?4)",
-                params![info.id, info.name, secret_digest, info.created_at_ms],
+                "INSERT INTO api_tokens (id, name, secret_sha256, created_at, role, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![info.id, info.name, secret_digest, info.created_at_ms, info.role.as_str(), info.expires_at_ms],
             )?;
             Ok(())
         })
@@ -462,11 +493,18 @@ impl Sources for SqliteStore {
     fn token_by_digest(&self, secret_digest: &str) -> Result<Option<TokenInfo>, StoreError> {
         self.with_reader(|connection| {
             Ok(connection
-                .prepare_cached("SELECT id, name, created_at FROM api_tokens WHERE secret_sha256 = ?1")?
-                .query_row([secret_digest], |row| {
-                    Ok(TokenInfo { id: row.get(0)?, name: row.get(1)?, created_at_ms: row.get(2)? })
-                })
+                .prepare_cached(&format!("SELECT {} FROM api_tokens WHERE secret_sha256 = ?1", manage::TOKEN_COLUMNS))?
+                .query_row([secret_digest], manage::token_from_row)
                 .optional()?)
+        })
+    }
+
+    fn touch_token(&self, id: &str, at_ms: i64) -> Result<(), StoreError> {
+        self.with_writer(|connection| {
+            connection
+                .prepare_cached("UPDATE api_tokens SET last_used_at = ?2 WHERE id = ?1")?
+                .execute(params![id, at_ms])?;
+            Ok(())
         })
     }
 
@@ -1020,6 +1058,12 @@ mod tests {
 
     crate::store_test_suite!(|dir: &std::path::Path| SqliteStore::open(dir).expect("open sqlite store"));
 
+    impl crate::suite::audit::RawSql for SqliteStore {
+        fn raw_sql(&self, statement: &str) {
+            self.with_writer(|connection| Ok(connection.execute_batch(statement)?)).expect("raw sql");
+        }
+    }
+
     #[test]
     fn reopening_keeps_everything_and_does_not_migrate_twice() {
         let dir = tempfile::tempdir().unwrap();
@@ -1033,6 +1077,31 @@ mod tests {
             .with_reader(|connection| Ok(connection.pragma_query_value(None, "user_version", |row| row.get(0))?))
             .unwrap();
         assert_eq!(version, MIGRATIONS.len() as i64);
+    }
+
+    #[test]
+    fn tokens_made_before_roles_become_admin_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = "tdm_made_before_roles";
+        {
+            let connection = open_connection(&dir.path().join(DATABASE_FILE)).unwrap();
+            for (index, migration) in MIGRATIONS.iter().take(12).enumerate() {
+                connection.execute_batch(migration).unwrap();
+                connection.pragma_update(None, "user_version", index as i64 + 1).unwrap();
+            }
+            connection
+                .execute(
+                    "INSERT INTO api_tokens (id, name, secret_sha256, created_at) VALUES ('tok_old', 'ops', ?1, 5)",
+                    [crate::sources::secret_digest(secret)],
+                )
+                .unwrap();
+        }
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let token = store.verify_token(secret).unwrap().unwrap();
+        assert_eq!(
+            (token.id.as_str(), token.role, token.expires_at_ms),
+            ("tok_old", tandem_core::govern::Role::Admin, None)
+        );
     }
 
     #[test]

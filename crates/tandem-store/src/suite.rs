@@ -8,7 +8,10 @@
 //! source to append for, a log to resolve).
 
 pub mod audience;
+#[cfg(test)]
+pub mod audit;
 pub mod identity;
+pub mod inventory;
 pub mod log;
 pub mod outbox;
 pub mod sources;
@@ -48,6 +51,7 @@ macro_rules! sources_test_suite {
             tokens_verify_by_secret_only,
             webhook_settings_round_trip,
             revoked_tokens_no_longer_verify,
+            tokens_keep_their_role_expiry_and_last_use,
             sources_rename_rotate_and_delete_only_without_events
         );
     };
@@ -77,6 +81,33 @@ macro_rules! audience_store_test_suite {
             retired_profiles_are_found_after_a_merge,
             computed_traits_have_unique_names_and_delete_with_their_values,
             computed_trait_timers_come_back_soonest_first_until_cleared
+        );
+    };
+}
+
+/// The [`AuditStore`](crate::AuditStore) suite: one `#[test]` per case. The
+/// store must also implement `suite::audit::RawSql`, through which the cases
+/// tamper with the log; only the crate's own tests run it.
+#[macro_export]
+macro_rules! audit_store_test_suite {
+    ($make:expr) => {
+        $crate::suite_cases!(audit, $make;
+            entries_chain_in_order_and_filter,
+            concurrent_appends_form_one_chain,
+            an_edited_entry_is_detected,
+            an_edit_with_a_recomputed_hash_is_detected_at_the_next_entry,
+            a_deleted_entry_is_detected,
+            a_reordered_entry_is_detected
+        );
+    };
+}
+
+/// The [`PiiInventoryStore`](crate::PiiInventoryStore) suite: one `#[test]` per case.
+#[macro_export]
+macro_rules! pii_inventory_test_suite {
+    ($make:expr) => {
+        $crate::suite_cases!(inventory, $make;
+            keys_are_kept_per_source_with_their_latest_sighting
         );
     };
 }

@@ -221,11 +221,44 @@ pub struct ProfileListing {
     pub query: ProfileQuery,
     pub limit: usize,
     pub as_json: bool,
+    /// Set when the reader's role has no PII access: values are masked.
+    pub mask: Option<tandem_core::govern::PiiPolicy>,
+}
+
+/// The policy that masks what `role` may not see in clear; `None` for a
+/// role with `pii:read` (the command line acts as admin by default).
+pub fn masking_for(
+    role: Option<tandem_core::govern::Role>,
+    settings: &tandem_core::govern::PiiSettings,
+) -> anyhow::Result<Option<tandem_core::govern::PiiPolicy>> {
+    match role {
+        Some(role) if !role.grants(tandem_core::govern::Permission::PiiRead) => Ok(Some(settings.compile()?)),
+        _ => Ok(None),
+    }
+}
+
+/// `profile` with its yellow and red identifier values and traits masked.
+fn masked(profile: &tandem_core::Profile, policy: &tandem_core::govern::PiiPolicy) -> tandem_core::Profile {
+    use tandem_core::govern::{pii::mask, PiiClass};
+    let mut shown = profile.clone();
+    for identifier in &mut shown.identifiers {
+        let value = Value::String(identifier.value.clone());
+        if policy.classify(&identifier.kind, &value) != PiiClass::Green {
+            identifier.value = mask(&identifier.kind, &value);
+        }
+    }
+    if let Value::Object(traits) = policy.mask_json(&Value::Object(shown.traits.clone())) {
+        shown.traits = traits;
+    }
+    shown
 }
 
 pub fn list_profiles(store: Arc<dyn Store>, listing: ProfileListing, out: &mut impl Write) -> anyhow::Result<()> {
     catch_up(&store)?;
-    let page = browse::find_profiles(store.as_ref(), &listing.query, listing.limit, usize::MAX)?;
+    let mut page = browse::find_profiles(store.as_ref(), &listing.query, listing.limit, usize::MAX)?;
+    if let Some(policy) = &listing.mask {
+        page.profiles = page.profiles.iter().map(|profile| masked(profile, policy)).collect();
+    }
     if listing.as_json {
         let profiles: Vec<Value> = page.profiles.iter().map(profile_json).collect();
         writeln!(out, "{}", json!({"profiles": profiles, "next_after": page.next_after}))?;
@@ -346,16 +379,60 @@ pub fn stats(store: &dyn Store, as_json: bool, out: &mut impl Write) -> anyhow::
     Ok(())
 }
 
-pub fn create_token(store: &dyn Store, name: &str, as_json: bool, out: &mut impl Write) -> anyhow::Result<()> {
-    let (info, secret) = store.create_token(name)?;
+/// When a new token stops working: an RFC 3339 time, or a span from now
+/// (`30d`, `12h`, `45m`); milliseconds since the epoch, in the future.
+pub fn parse_expiry(text: &str, now: chrono::DateTime<chrono::Utc>) -> anyhow::Result<i64> {
+    let text = text.trim();
+    let at = if let Ok(time) = chrono::DateTime::parse_from_rfc3339(text) {
+        time.timestamp_millis()
+    } else {
+        let (number, unit) = text.split_at(text.len().saturating_sub(1));
+        let count: i64 = number.parse().map_err(|_| {
+            anyhow::anyhow!("--expires {text:?}: expected a span such as 30d, 12h or 45m, or an RFC 3339 time")
+        })?;
+        let unit_ms = match unit {
+            "d" => 86_400_000,
+            "h" => 3_600_000,
+            "m" => 60_000,
+            _ => anyhow::bail!("--expires {text:?}: the span's unit must be d, h or m"),
+        };
+        now.timestamp_millis() + count.saturating_mul(unit_ms)
+    };
+    if at <= now.timestamp_millis() {
+        anyhow::bail!("--expires {text:?} is not in the future");
+    }
+    Ok(at)
+}
+
+fn format_optional_ms(ms: Option<i64>) -> String {
+    ms.map_or_else(|| "-".to_owned(), format_ms)
+}
+
+pub fn create_token(
+    store: &dyn Store,
+    name: &str,
+    role: tandem_core::govern::Role,
+    expires_at_ms: Option<i64>,
+    as_json: bool,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let (info, secret) = store.create_token_with(name, role, expires_at_ms)?;
     if as_json {
         writeln!(
             out,
             "{}",
-            json!({"id": info.id, "name": info.name, "token": secret, "created_at": format_ms(info.created_at_ms)})
+            json!({
+                "id": info.id,
+                "name": info.name,
+                "role": info.role,
+                "expires_at": info.expires_at_ms.map(format_ms),
+                "token": secret,
+                "created_at": format_ms(info.created_at_ms),
+            })
         )?;
     } else {
-        writeln!(out, "created token {:?} ({}); it is shown only now:", info.name, info.id)?;
+        let expiry = info.expires_at_ms.map_or_else(String::new, |at| format!(", expires {}", format_ms(at)));
+        writeln!(out, "created {} token {:?} ({}{expiry}); it is shown only now:", info.role, info.name, info.id)?;
         writeln!(out, "  {secret}")?;
         writeln!(out, "use it as: Authorization: Bearer {secret}")?;
     }
@@ -367,14 +444,37 @@ pub fn list_tokens(store: &dyn Store, as_json: bool, out: &mut impl Write) -> an
     if as_json {
         let listed: Vec<Value> = tokens
             .iter()
-            .map(|token| json!({"id": token.id, "name": token.name, "created_at": format_ms(token.created_at_ms)}))
+            .map(|token| {
+                json!({
+                    "id": token.id,
+                    "name": token.name,
+                    "role": token.role,
+                    "created_at": format_ms(token.created_at_ms),
+                    "expires_at": token.expires_at_ms.map(format_ms),
+                    "last_used_at": token.last_used_at_ms.map(format_ms),
+                })
+            })
             .collect();
         writeln!(out, "{}", Value::Array(listed))?;
         return Ok(());
     }
-    writeln!(out, "{:<18} {:<24} CREATED", "ID", "NAME")?;
+    writeln!(out, "{:<18} {:<20} {:<9} {:<24} {:<24} LAST USED", "ID", "NAME", "ROLE", "CREATED", "EXPIRES")?;
+    let now = chrono::Utc::now().timestamp_millis();
     for token in &tokens {
-        writeln!(out, "{:<18} {:<24} {}", token.id, token.name, format_ms(token.created_at_ms))?;
+        let expires = match token.expires_at_ms {
+            Some(_) if token.is_expired(now) => format!("{} (expired)", format_optional_ms(token.expires_at_ms)),
+            other => format_optional_ms(other),
+        };
+        writeln!(
+            out,
+            "{:<18} {:<20} {:<9} {:<24} {:<24} {}",
+            token.id,
+            token.name,
+            token.role,
+            format_ms(token.created_at_ms),
+            expires,
+            format_optional_ms(token.last_used_at_ms)
+        )?;
     }
     Ok(())
 }
@@ -428,7 +528,7 @@ pub fn profile_listing(
                 .with_context(|| format!("--trait {pair:?} must be NAME=VALUE"))
         })
         .collect::<anyhow::Result<_>>()?;
-    Ok(ProfileListing { query: ProfileQuery { identifier_prefix, traits, after }, limit, as_json })
+    Ok(ProfileListing { query: ProfileQuery { identifier_prefix, traits, after }, limit, as_json, mask: None })
 }
 
 /// Brings profiles up to date with the log first, so the command line sees
@@ -476,11 +576,21 @@ fn find_profile(store: &Arc<dyn Store>, target: &str) -> anyhow::Result<Profile>
     found.with_context(|| format!("no profile {target}"))
 }
 
-pub fn show_profile(store: Arc<dyn Store>, target: &str, as_json: bool, out: &mut impl Write) -> anyhow::Result<()> {
+pub fn show_profile(
+    store: Arc<dyn Store>,
+    target: &str,
+    as_json: bool,
+    mask: Option<&tandem_core::govern::PiiPolicy>,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
     catch_up(&store)?;
     // Computed traits are kept by the audience stage: bring it up to date too.
     tandem_server::audience::AudienceStage::new(store.clone(), tandem_server::audience::system_clock()).catch_up()?;
     let profile = find_profile(&store, target)?;
+    let profile = match mask {
+        Some(policy) => masked(&profile, policy),
+        None => profile,
+    };
     let computed: std::collections::BTreeMap<String, Value> = store
         .computed_trait_states(&[profile.id])?
         .into_iter()

@@ -53,6 +53,11 @@ pub struct Config {
     #[arg(skip)]
     pub resolver_cache_profiles: Option<usize>,
 
+    /// PII classes beyond the defaults and the salt of red values' hashes
+    /// (`[pii]` in the file only).
+    #[arg(skip)]
+    pub pii: Option<tandem_core::govern::PiiSettings>,
+
     /// Log format: text or json [default: text]
     #[arg(long, global = true, env = "TANDEM_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -112,6 +117,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// The event stream to ingest through; `None` appends to the store directly.
     pub log: Option<tandem_server::stream::StreamOptions>,
+    /// PII classes and the salt of red values' hashes.
+    pub pii: tandem_core::govern::PiiSettings,
 }
 
 /// The configuration cannot be used.
@@ -133,6 +140,8 @@ pub enum ConfigError {
     LogWithoutStore,
     #[error("log_replicas must be between 1 and 5, got {0}")]
     LogReplicas(usize),
+    #[error("pii: {0}")]
+    Pii(#[from] tandem_core::govern::pii::PiiSettingsError),
 }
 
 /// A PostgreSQL connection URL, shown only without its password.
@@ -223,6 +232,7 @@ impl Config {
             dedup_window_hours: self.dedup_window_hours.or(lower.dedup_window_hours),
             resolver_cache_profiles: self.resolver_cache_profiles.or(lower.resolver_cache_profiles),
             log_format: self.log_format.or(lower.log_format),
+            pii: self.pii.or(lower.pii),
             config: self.config,
         }
     }
@@ -254,6 +264,8 @@ impl Config {
                 Some(options)
             }
         };
+        let pii = self.pii.unwrap_or_default();
+        pii.compile()?;
         Ok(Settings {
             log,
             data_dir: self.data.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
@@ -262,6 +274,7 @@ impl Config {
             dedup_window: Duration::from_secs(dedup_window_hours * 3600),
             resolver_cache_profiles,
             log_format: self.log_format.unwrap_or_default(),
+            pii,
         })
     }
 }

@@ -5,6 +5,7 @@
 //! names, which several servers can share.
 
 mod audience;
+mod audit;
 mod commands;
 mod computed;
 mod config;
@@ -54,9 +55,15 @@ enum Command {
     /// Messages refused by validation, kept with their reason
     #[command(subcommand)]
     Quarantine(QuarantineCommand),
-    /// Admin API tokens
+    /// Admin API tokens: each has a role (admin, marketer, analyst, support, auditor)
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The tamper-evident audit log of administrative changes and PII reads
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// PII: the keys seen in events and their classes
+    #[command(subcommand)]
+    Pii(PiiCommand),
     /// Unified customer profiles
     #[command(subcommand)]
     Profile(ProfileCommand),
@@ -340,11 +347,17 @@ enum TokenCommand {
         /// A name to tell tokens apart
         #[arg(long, default_value = "admin")]
         name: String,
+        /// What the token may do: admin, marketer, analyst, support or auditor
+        #[arg(long, default_value = "admin")]
+        role: tandem_core::govern::Role,
+        /// When it stops working: a span from now (30d, 12h, 45m) or an RFC 3339 time; never by default
+        #[arg(long)]
+        expires: Option<String>,
         /// Print one JSON object
         #[arg(long)]
         json: bool,
     },
-    /// List tokens (their ids and names; secrets are never shown again)
+    /// List tokens (ids, names, roles, expiry, last use; secrets are never shown again)
     List {
         /// Print a JSON array
         #[arg(long)]
@@ -355,6 +368,40 @@ enum TokenCommand {
         /// The token's id (tok_…), as `token list` shows it
         id: String,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum PiiCommand {
+    /// Every trait and property key seen, with its class (red, yellow, green), sources and last sighting
+    Inventory {
+        /// One JSON object per line
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// List entries, oldest first
+    List {
+        /// Only entries by this actor (a token id, or cli)
+        #[arg(long)]
+        actor: Option<String>,
+        /// Only this action (audience.create) or area (audience)
+        #[arg(long)]
+        action: Option<String>,
+        /// Only entries since: RFC 3339, a date, or a span ago (30d, 12h)
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many entries
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// One JSON object per line
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the hash chain: says it is intact, or names the first broken entry (and exits 1)
+    Verify,
 }
 
 #[derive(Subcommand, Debug)]
@@ -556,6 +603,9 @@ enum ProfileCommand {
         /// Print one JSON object: the profiles and next_after
         #[arg(long)]
         json: bool,
+        /// Show what this role sees: PII masked unless it is admin or support
+        #[arg(long)]
+        role: Option<tandem_core::govern::Role>,
     },
     /// Show a profile by id (prof_N) or by any identifier (type:value)
     Show {
@@ -564,6 +614,9 @@ enum ProfileCommand {
         /// Print one JSON object
         #[arg(long)]
         json: bool,
+        /// Show what this role sees: PII masked unless it is admin or support
+        #[arg(long)]
+        role: Option<tandem_core::govern::Role>,
     },
     /// Explain why each identifier is on a profile and why profiles were merged
     Explain {
@@ -736,10 +789,98 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     init_logging(settings.log_format);
     let open = |access: Access| open_store(&settings, access);
     let mut out = std::io::stdout().lock();
-    match cli.command {
-        Command::Serve { .. } => serve(&settings, open(Access::CreateIfMissing)?),
+    let change = audited_change(&cli.command);
+    let result = dispatch(cli.command, &settings, &open, &mut out);
+    if let (Ok(()), Some((action, target, after))) = (&result, change) {
+        audit::record(&*open(Access::Existing)?, action, &target, after)
+            .context("the change was made but recording it in the audit log failed")?;
+    }
+    result
+}
+
+/// The audit entry a changing command leaves once it succeeds: action,
+/// target and what was asked for. Read-only commands leave none.
+fn audited_change(command: &Command) -> Option<(&'static str, String, Option<serde_json::Value>)> {
+    use serde_json::json;
+    Some(match command {
+        Command::Source(SourceCommand::Create { name, kind, format, .. }) => (
+            "source.create",
+            name.trim().to_owned(),
+            Some(json!({"kind": kind.to_string(), "webhook": format.is_some()})),
+        ),
+        Command::Source(SourceCommand::Webhook { name, format, .. }) => {
+            ("source.webhook", name.trim().to_owned(), Some(json!({"format": format.map(|format| format.to_string())})))
+        }
+        Command::Source(SourceCommand::Rename { name, new_name }) => {
+            ("source.rename", name.trim().to_owned(), Some(json!({"name": new_name.trim()})))
+        }
+        Command::Source(SourceCommand::RotateKey { name, .. }) => ("source.rotate_key", name.trim().to_owned(), None),
+        Command::Source(SourceCommand::Delete { name }) => ("source.delete", name.trim().to_owned(), None),
+        Command::Token(TokenCommand::Create { name, role, expires, .. }) => {
+            ("token.create", name.trim().to_owned(), Some(json!({"role": role.as_str(), "expires": expires})))
+        }
+        Command::Token(TokenCommand::Revoke { id }) => ("token.revoke", id.trim().to_owned(), None),
+        Command::Identity(IdentityCommand::Rules { change, .. }) if !change.is_empty() => {
+            ("identity.rules", "identity rules".to_owned(), Some(json!({"change": format!("{change:?}")})))
+        }
+        Command::Identity(IdentityCommand::Unlink { profile, identifier }) => (
+            "identity.unlink",
+            profile.trim().to_owned(),
+            Some(json!({"identifier": audit::identifier_target(identifier)})),
+        ),
+        Command::Identity(IdentityCommand::Block { identifier }) => {
+            ("identity.block", audit::identifier_target(identifier), None)
+        }
+        Command::Identity(IdentityCommand::Unblock { identifier }) => {
+            ("identity.unblock", audit::identifier_target(identifier), None)
+        }
+        Command::Audience(AudienceCommand::Create { name, rule }) => {
+            ("audience.create", name.trim().to_owned(), Some(json!({"rule": rule})))
+        }
+        Command::Audience(AudienceCommand::Delete { name }) => ("audience.delete", name.trim().to_owned(), None),
+        Command::Computed(ComputedCommand::Create { name, definition }) => {
+            ("computed_trait.create", name.trim().to_owned(), Some(json!({"definition": definition})))
+        }
+        Command::Computed(ComputedCommand::Delete { name }) => ("computed_trait.delete", name.trim().to_owned(), None),
+        Command::Destination(DestinationCommand::Create { definition }) => {
+            let parsed: Option<serde_json::Value> = serde_json::from_str(definition).ok();
+            let name = parsed.as_ref().and_then(|value| value["name"].as_str()).unwrap_or("").to_owned();
+            ("destination.create", name, parsed.or_else(|| Some(json!({"definition_file": definition}))))
+        }
+        Command::Destination(DestinationCommand::Delete { name }) => {
+            ("destination.delete", name.trim().to_owned(), None)
+        }
+        Command::Destination(DestinationCommand::Pause { name }) => ("destination.pause", name.trim().to_owned(), None),
+        Command::Destination(DestinationCommand::Resume { name }) => {
+            ("destination.resume", name.trim().to_owned(), None)
+        }
+        Command::Destination(DestinationCommand::Replay { name }) => {
+            ("destination.replay", name.trim().to_owned(), None)
+        }
+        _ => return None,
+    })
+}
+
+fn dispatch(
+    command: Command,
+    settings: &Settings,
+    open: &dyn Fn(Access) -> anyhow::Result<Arc<dyn Store>>,
+    out: &mut std::io::StdoutLock<'static>,
+) -> anyhow::Result<()> {
+    let mut out = out;
+    match command {
+        Command::Audit(AuditCommand::List { actor, action, since, limit, json }) => {
+            let since_ms = since.map(|text| commands::parse_time(&text, chrono::Utc::now())).transpose()?;
+            let filter = tandem_store::AuditFilter { actor, action, since_ms, after_seq: 0, limit };
+            audit::list(&*open(Access::Existing)?, filter, json, &mut out)
+        }
+        Command::Audit(AuditCommand::Verify) => audit::verify(&*open(Access::Existing)?, &mut out),
+        Command::Pii(PiiCommand::Inventory { json }) => {
+            audit::pii_inventory(&*open(Access::Existing)?, &settings.pii.compile()?, json, &mut out)
+        }
+        Command::Serve { .. } => serve(settings, open(Access::CreateIfMissing)?),
         Command::Demo { customers, seed, .. } => {
-            let mut settings = settings.clone();
+            let mut settings = Settings::clone(settings);
             if settings.data_dir == Path::new(config::DEFAULT_DATA_DIR) {
                 settings.data_dir = std::path::PathBuf::from(demo::DEFAULT_DATA_DIR);
             }
@@ -809,8 +950,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Events(EventsCommand::Unresolved { limit, after, json }) => {
             commands::list_unresolved(open(Access::Existing)?, tandem_core::LogPosition(after), limit, json, &mut out)
         }
-        Command::Profile(ProfileCommand::List { limit, after, search, traits, json }) => {
-            let listing = commands::profile_listing(limit, after, search, &traits, json)?;
+        Command::Profile(ProfileCommand::List { limit, after, search, traits, json, role }) => {
+            let mut listing = commands::profile_listing(limit, after, search, &traits, json)?;
+            listing.mask = commands::masking_for(role, &settings.pii)?;
             commands::list_profiles(open(Access::Existing)?, listing, &mut out)
         }
         Command::Token(TokenCommand::List { json }) => commands::list_tokens(&*open(Access::Existing)?, json, &mut out),
@@ -859,11 +1001,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             commands::cluster_status(&*open(Access::Existing)?, stream, json, &mut out)
         }
-        Command::Token(TokenCommand::Create { name, json }) => {
-            commands::create_token(&*open(Access::CreateIfMissing)?, &name, json, &mut out)
+        Command::Token(TokenCommand::Create { name, role, expires, json }) => {
+            let expires_at_ms = expires.map(|text| commands::parse_expiry(&text, chrono::Utc::now())).transpose()?;
+            commands::create_token(&*open(Access::CreateIfMissing)?, &name, role, expires_at_ms, json, &mut out)
         }
-        Command::Profile(ProfileCommand::Show { target, json }) => {
-            commands::show_profile(open(Access::Existing)?, &target, json, &mut out)
+        Command::Profile(ProfileCommand::Show { target, json, role }) => {
+            let mask = commands::masking_for(role, &settings.pii)?;
+            commands::show_profile(open(Access::Existing)?, &target, json, mask.as_ref(), &mut out)
         }
         Command::Profile(ProfileCommand::Explain { target, json }) => {
             commands::explain_profile(open(Access::Existing)?, &target, json, &mut out)
@@ -948,6 +1092,7 @@ fn server_options(settings: &Settings) -> tandem_server::ServerOptions {
         import_dir: settings.data_dir.join("imports"),
         resolver_cache_profiles: settings.resolver_cache_profiles,
         log: settings.log.clone(),
+        pii: settings.pii.clone(),
     }
 }
 

@@ -25,8 +25,20 @@ fn source_from_row(row: &Row) -> Result<Source, StoreError> {
     })
 }
 
+/// The columns [`token_from_row`] reads, in order.
+const TOKEN_COLUMNS: &str = "id, name, created_at, role, expires_at, last_used_at";
+
 fn token_from_row(row: &Row) -> Result<TokenInfo, StoreError> {
-    Ok(TokenInfo { id: row.try_get(0)?, name: row.try_get(1)?, created_at_ms: row.try_get(2)? })
+    let role: String = row.try_get(3)?;
+    Ok(TokenInfo {
+        id: row.try_get(0)?,
+        name: row.try_get(1)?,
+        created_at_ms: row.try_get(2)?,
+        // As in SQLite: a hand-edited role grants no more than the least powerful one.
+        role: role.parse().unwrap_or(tandem_core::govern::Role::Auditor),
+        expires_at_ms: row.try_get(4)?,
+        last_used_at_ms: row.try_get(5)?,
+    })
 }
 
 /// Whether `error` is a violation of the unique constraint `constraint`.
@@ -118,8 +130,9 @@ impl Sources for PostgresStore {
     fn insert_token(&self, info: &TokenInfo, secret_digest: &str) -> Result<(), StoreError> {
         self.with_client(|client| {
             client.execute(
-                "INSERT INTO api_tokens (id, name, secret_sha256, created_at) VALUES ($1, $2, $3, $4)",
-                &[&info.id, &info.name, &secret_digest, &info.created_at_ms],
+                "INSERT INTO api_tokens (id, name, secret_sha256, created_at, role, expires_at)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[&info.id, &info.name, &secret_digest, &info.created_at_ms, &info.role.as_str(), &info.expires_at_ms],
             )?;
             Ok(())
         })
@@ -128,16 +141,26 @@ impl Sources for PostgresStore {
     fn token_by_digest(&self, secret_digest: &str) -> Result<Option<TokenInfo>, StoreError> {
         self.with_client(|client| {
             client
-                .query_opt("SELECT id, name, created_at FROM api_tokens WHERE secret_sha256 = $1", &[&secret_digest])?
+                .query_opt(
+                    &format!("SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE secret_sha256 = $1"),
+                    &[&secret_digest],
+                )?
                 .map(|row| token_from_row(&row))
                 .transpose()
+        })
+    }
+
+    fn touch_token(&self, id: &str, at_ms: i64) -> Result<(), StoreError> {
+        self.with_client(|client| {
+            client.execute("UPDATE api_tokens SET last_used_at = $2 WHERE id = $1", &[&id, &at_ms])?;
+            Ok(())
         })
     }
 
     fn list_tokens(&self) -> Result<Vec<TokenInfo>, StoreError> {
         self.with_client(|client| {
             client
-                .query("SELECT id, name, created_at FROM api_tokens ORDER BY created_at, id", &[])?
+                .query(&format!("SELECT {TOKEN_COLUMNS} FROM api_tokens ORDER BY created_at, id"), &[])?
                 .iter()
                 .map(token_from_row)
                 .collect()
@@ -147,7 +170,7 @@ impl Sources for PostgresStore {
     fn revoke_token(&self, id: &str) -> Result<TokenInfo, StoreError> {
         self.with_client(|client| {
             let row = client
-                .query_opt("DELETE FROM api_tokens WHERE id = $1 RETURNING id, name, created_at", &[&id.trim()])?;
+                .query_opt(&format!("DELETE FROM api_tokens WHERE id = $1 RETURNING {TOKEN_COLUMNS}"), &[&id.trim()])?;
             match row {
                 Some(row) => token_from_row(&row),
                 None => Err(StoreError::TokenNotFound(id.trim().to_owned())),

@@ -83,18 +83,34 @@ pub fn identifiers_with_prefix(
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+/// The columns [`token_from_row`] reads, in order.
+pub const TOKEN_COLUMNS: &str = "id, name, created_at, role, expires_at, last_used_at";
+
+pub fn token_from_row(row: &rusqlite::Row) -> rusqlite::Result<TokenInfo> {
+    let role: String = row.get(3)?;
+    Ok(TokenInfo {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        created_at_ms: row.get(2)?,
+        // The column only ever holds a role's name; a hand-edited value
+        // grants nothing beyond the least powerful role.
+        role: role.parse().unwrap_or(tandem_core::govern::Role::Auditor),
+        expires_at_ms: row.get(4)?,
+        last_used_at_ms: row.get(5)?,
+    })
+}
+
 pub fn list_tokens(connection: &Connection) -> Result<Vec<TokenInfo>, StoreError> {
     let mut statement =
-        connection.prepare_cached("SELECT id, name, created_at FROM api_tokens ORDER BY created_at, id")?;
-    let rows = statement
-        .query_map([], |row| Ok(TokenInfo { id: row.get(0)?, name: row.get(1)?, created_at_ms: row.get(2)? }))?;
+        connection.prepare_cached(&format!("SELECT {TOKEN_COLUMNS} FROM api_tokens ORDER BY created_at, id"))?;
+    let rows = statement.query_map([], token_from_row)?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
 pub fn revoke_token(connection: &Connection, id: &str) -> Result<TokenInfo, StoreError> {
     let found = connection
-        .prepare_cached("DELETE FROM api_tokens WHERE id = ?1 RETURNING id, name, created_at")?
-        .query_row([id.trim()], |row| Ok(TokenInfo { id: row.get(0)?, name: row.get(1)?, created_at_ms: row.get(2)? }))
+        .prepare_cached(&format!("DELETE FROM api_tokens WHERE id = ?1 RETURNING {TOKEN_COLUMNS}"))?
+        .query_row([id.trim()], token_from_row)
         .optional()?;
     found.ok_or_else(|| StoreError::TokenNotFound(id.trim().to_owned()))
 }

@@ -90,3 +90,22 @@ pub fn sources_rename_rotate_and_delete_only_without_events(store: &impl Store) 
     assert_eq!(store.list_sources().unwrap().len(), 1);
     assert!(matches!(store.delete_source("spare"), Err(StoreError::SourceNotFound(_))));
 }
+
+pub fn tokens_keep_their_role_expiry_and_last_use(store: &impl Store) {
+    use tandem_core::govern::Role;
+    let (old, _) = store.create_token("ops").unwrap();
+    assert_eq!((old.role, old.expires_at_ms, old.last_used_at_ms), (Role::Admin, None, None));
+    let (support, secret) = store.create_token_with("desk", Role::Support, Some(4_000_000_000_000)).unwrap();
+    let found = store.verify_token(&secret).unwrap().unwrap();
+    assert_eq!(found, support);
+    assert_eq!(found.role, Role::Support);
+    assert!(!found.is_expired(3_999_999_999_999));
+    assert!(found.is_expired(4_000_000_000_000));
+    store.touch_token(&support.id, 123_456).unwrap();
+    store.touch_token("tok_unknown", 1).unwrap();
+    let listed = store.list_tokens().unwrap();
+    let desk = listed.iter().find(|token| token.id == support.id).unwrap();
+    assert_eq!((desk.role, desk.last_used_at_ms), (Role::Support, Some(123_456)));
+    assert_eq!(store.revoke_token(&support.id).unwrap().role, Role::Support);
+    assert_eq!(store.verify_token(&secret).unwrap(), None);
+}

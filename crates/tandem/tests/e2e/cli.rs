@@ -289,6 +289,66 @@ fn profiles_are_listed_and_searched_from_the_command_line() {
 }
 
 #[test]
+fn tokens_have_roles_and_expiry_and_changes_enter_a_verifiable_audit_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let created: Value = serde_json::from_str(&tandem(
+        dir.path(),
+        &["token", "create", "--name", "desk", "--role", "support", "--expires", "30d", "--json"],
+    ))
+    .unwrap();
+    assert_eq!(created["role"], "support");
+    assert!(created["expires_at"].as_str().is_some(), "{created}");
+    let listed: Value = serde_json::from_str(&tandem(dir.path(), &["token", "list", "--json"])).unwrap();
+    assert_eq!((listed[0]["role"].clone(), listed[0]["last_used_at"].clone()), (json!("support"), Value::Null));
+    let refused = tandem_output(dir.path(), &["token", "create", "--role", "root"]);
+    assert!(!refused.status.success());
+    let refused = tandem_output(dir.path(), &["token", "create", "--expires", "soon"]);
+    assert!(!refused.status.success());
+    create_source(dir.path(), "app");
+    tandem(dir.path(), &["identity", "block", "email:ann@example.com"]);
+
+    let entries: Vec<Value> = tandem(dir.path(), &["audit", "list", "--json"])
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let actions: Vec<(&str, &str)> =
+        entries.iter().map(|entry| (entry["actor"].as_str().unwrap(), entry["action"].as_str().unwrap())).collect();
+    assert_eq!(actions, [("cli", "token.create"), ("cli", "source.create"), ("cli", "identity.block")]);
+    assert_eq!(entries[0]["after"]["role"], "support");
+    let log = tandem(dir.path(), &["audit", "list", "--json"]);
+    assert!(!log.contains("ann@example.com"), "identifiers are digested: {log}");
+    let only_tokens = tandem(dir.path(), &["audit", "list", "--action", "token", "--json"]);
+    assert_eq!(only_tokens.lines().count(), 1);
+    assert!(tandem(dir.path(), &["audit", "verify"]).contains("intact: 3 entries"));
+
+    // Profiles read as a role without PII access come out masked.
+    with_events(
+        dir.path(),
+        json!([{"type": "identify", "userId": "ann", "traits": {"email": "jane@example.com", "plan": "pro"}}]),
+    );
+    let clear: Value =
+        serde_json::from_str(&tandem(dir.path(), &["profile", "show", "user_id:ann", "--json"])).unwrap();
+    assert_eq!(clear["traits"]["email"], "jane@example.com");
+    let masked: Value =
+        serde_json::from_str(&tandem(dir.path(), &["profile", "show", "user_id:ann", "--json", "--role", "analyst"]))
+            .unwrap();
+    assert_eq!(
+        (masked["traits"]["email"].clone(), masked["traits"]["plan"].clone()),
+        (json!("j***@example.com"), json!("pro"))
+    );
+    let listed = tandem(dir.path(), &["profile", "list", "--role", "marketer"]);
+    assert!(listed.contains("email:j***@example.com") && !listed.contains("jane@"), "{listed}");
+
+    let database = rusqlite::Connection::open(dir.path().join("tandem.db")).unwrap();
+    database.execute("UPDATE audit_log SET target = 'someone-else' WHERE seq = 2", []).unwrap();
+    drop(database);
+    let verified = tandem_output(dir.path(), &["audit", "verify"]);
+    assert!(!verified.status.success());
+    let stderr = String::from_utf8_lossy(&verified.stderr);
+    assert!(stderr.contains("entry 2 is broken"), "{stderr}");
+}
+
+#[test]
 fn tokens_sources_and_blocked_identifiers_can_be_managed() {
     let dir = tempfile::tempdir().unwrap();
     let created: Value =

@@ -9,5 +9,6 @@ mod crash;
 mod demo;
 mod destination;
 mod import;
+mod openapi;
 mod sdk;
 mod stream;

@@ -1,0 +1,504 @@
+//! PII classes. Every trait and property key is red (must never be stored in
+//! clear: national ids, card numbers, passwords), yellow (personal and
+//! masked for roles without PII access: e-mail, phone, IP, name, address) or
+//! green (anything else), by matchers on the key — the defaults below, then
+//! the ones configured, by exact name or regular expression, the configured
+//! ones winning. A string value that passes the Luhn check as a card number
+//! is red wherever it appears. Red values are replaced at ingestion by a
+//! salted SHA-256 ([`PiiPolicy::scrub_payload`]), so they are never stored
+//! in clear; yellow values are masked in what roles without PII access see
+//! ([`PiiPolicy::mask_json`]). Settings are validated and compiled once
+//! ([`PiiSettings::compile`]) before any event is seen.
+
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+/// A key's class.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PiiClass {
+    Green,
+    Yellow,
+    Red,
+}
+
+impl PiiClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PiiClass::Green => "green",
+            PiiClass::Yellow => "yellow",
+            PiiClass::Red => "red",
+        }
+    }
+}
+
+/// One configured matcher: an exact key (any case) or a regular expression.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PiiRule {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub pattern: Option<String>,
+    pub class: PiiClass,
+}
+
+/// PII settings as configured (`[pii]` in `tandem.toml`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PiiSettings {
+    #[serde(default)]
+    pub rules: Vec<PiiRule>,
+    /// Mixed into every hash of a red value; keep it secret and stable.
+    #[serde(default)]
+    pub salt: String,
+}
+
+/// Settings that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PiiSettingsError {
+    #[error("a pii rule needs exactly one of name and pattern")]
+    NameOrPattern,
+    #[error("pii rule pattern {pattern:?} is not a regular expression: {reason}")]
+    BadPattern { pattern: String, reason: String },
+}
+
+/// Keys yellow by default (compared in lower case).
+const DEFAULT_YELLOW: &[&str] = &[
+    "email",
+    "phone",
+    "ip",
+    "name",
+    "first_name",
+    "last_name",
+    "firstname",
+    "lastname",
+    "address",
+    "street",
+    "city",
+    "postal_code",
+    "postalcode",
+    "zip",
+];
+
+/// Keys red by default.
+const DEFAULT_RED: &[&str] = &["ssn", "national_id", "passport", "card_number", "credit_card", "password"];
+
+enum KeyMatch {
+    Exact(String),
+    Pattern(Regex),
+}
+
+/// Compiled settings: classifies keys and values, hashes and masks. The
+/// default has only the built-in classes and no salt.
+#[derive(Default)]
+pub struct PiiPolicy {
+    rules: Vec<(KeyMatch, PiiClass)>,
+    salt: String,
+}
+
+impl PiiSettings {
+    /// Validates the settings and compiles their patterns.
+    pub fn compile(&self) -> Result<PiiPolicy, PiiSettingsError> {
+        let mut rules = Vec::with_capacity(self.rules.len());
+        for rule in &self.rules {
+            let matcher = match (&rule.name, &rule.pattern) {
+                (Some(name), None) => KeyMatch::Exact(name.trim().to_ascii_lowercase()),
+                (None, Some(pattern)) => KeyMatch::Pattern(Regex::new(pattern).map_err(|error| {
+                    PiiSettingsError::BadPattern { pattern: pattern.clone(), reason: error.to_string() }
+                })?),
+                _ => return Err(PiiSettingsError::NameOrPattern),
+            };
+            rules.push((matcher, rule.class));
+        }
+        Ok(PiiPolicy { rules, salt: self.salt.clone() })
+    }
+}
+
+/// Where a red value was found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path} holds a red (never stored) value")]
+pub struct RedValue {
+    /// The dotted path, such as `traits.ssn`.
+    pub path: String,
+}
+
+impl PiiPolicy {
+    /// A key's class: the configured rules first, then the defaults.
+    pub fn classify_key(&self, key: &str) -> PiiClass {
+        let lower = key.trim().to_ascii_lowercase();
+        for (matcher, class) in &self.rules {
+            let hit = match matcher {
+                KeyMatch::Exact(name) => *name == lower,
+                KeyMatch::Pattern(regex) => regex.is_match(key),
+            };
+            if hit {
+                return *class;
+            }
+        }
+        if DEFAULT_RED.contains(&lower.as_str()) {
+            PiiClass::Red
+        } else if DEFAULT_YELLOW.contains(&lower.as_str()) {
+            PiiClass::Yellow
+        } else {
+            PiiClass::Green
+        }
+    }
+
+    /// A value under `key`: red when the key is, or when it is a string that
+    /// holds a card number; otherwise the key's class.
+    pub fn classify(&self, key: &str, value: &Value) -> PiiClass {
+        let class = self.classify_key(key);
+        match value {
+            Value::String(text) if class != PiiClass::Red && holds_card_number(text) => PiiClass::Red,
+            _ => class,
+        }
+    }
+
+    /// A red value's replacement: `sha256:` and the hex of SHA-256(salt || value).
+    pub fn hash(&self, value: &Value) -> Value {
+        let text = match value {
+            Value::String(text) => text.clone(),
+            other => other.to_string(),
+        };
+        let mut hasher = Sha256::new();
+        hasher.update(self.salt.as_bytes());
+        hasher.update(text.as_bytes());
+        let digest: String = hasher.finalize().iter().map(|byte| format!("{byte:02x}")).collect();
+        Value::String(format!("sha256:{digest}"))
+    }
+
+    /// Replaces every red value in a message's `traits`, `properties` and
+    /// `context.traits` (at any depth) by its hash; the paths replaced.
+    pub fn hash_red_values(&self, message: &mut Map<String, Value>) -> Vec<String> {
+        let mut replaced = Vec::new();
+        for (section, inner) in message.iter_mut() {
+            match (section.as_str(), inner) {
+                ("traits" | "properties", Value::Object(map)) => self.hash_in(map, section, &mut replaced),
+                ("context", Value::Object(context)) => {
+                    if let Some(Value::Object(traits)) = context.get_mut("traits") {
+                        self.hash_in(traits, "context.traits", &mut replaced);
+                    }
+                }
+                _ => {}
+            }
+        }
+        replaced
+    }
+
+    fn visit_keys(&self, map: &Map<String, Value>, seen: &mut dyn FnMut(&str, PiiClass)) {
+        for (key, value) in map {
+            match value {
+                Value::Object(inner) => self.visit_keys(inner, seen),
+                Value::Array(items) => {
+                    let class =
+                        items.iter().map(|item| self.classify(key, item)).max().unwrap_or(self.classify_key(key));
+                    seen(key, class);
+                }
+                other => seen(key, self.classify(key, other)),
+            }
+        }
+    }
+
+    fn hash_in(&self, map: &mut Map<String, Value>, path: &str, replaced: &mut Vec<String>) {
+        for (key, value) in map.iter_mut() {
+            let here = format!("{path}.{key}");
+            match value {
+                Value::Object(inner) => self.hash_in(inner, &here, replaced),
+                Value::Null => {}
+                Value::Array(items) => {
+                    for item in items.iter_mut() {
+                        if self.classify(key, item) == PiiClass::Red && !item.is_object() {
+                            *item = self.hash(item);
+                            replaced.push(here.clone());
+                        }
+                    }
+                }
+                other => {
+                    if self.classify(key, other) == PiiClass::Red {
+                        *other = self.hash(other);
+                        replaced.push(here);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A stored message's JSON with its red values hashed, or `None` when it
+    /// holds none. Text that is not a JSON object (an unreadable message kept
+    /// in quarantine) is withheld whole when it holds a card number.
+    pub fn scrub_payload(&self, payload: &str) -> Option<String> {
+        self.inspect_payload(payload, &mut |_, _| {})
+    }
+
+    /// [`PiiPolicy::scrub_payload`], also telling `seen` every key of the
+    /// message's `traits`, `properties` and `context.traits` (at any depth)
+    /// with its class, before red values are hashed: what the PII inventory
+    /// is built from, at the cost of the one parse scrubbing needs anyway.
+    pub fn inspect_payload(&self, payload: &str, seen: &mut dyn FnMut(&str, PiiClass)) -> Option<String> {
+        match serde_json::from_str::<Value>(payload) {
+            Ok(Value::Object(mut message)) => {
+                for (section, inner) in &message {
+                    match (section.as_str(), inner) {
+                        ("traits" | "properties", Value::Object(map)) => self.visit_keys(map, seen),
+                        ("context", Value::Object(context)) => {
+                            if let Some(Value::Object(traits)) = context.get("traits") {
+                                self.visit_keys(traits, seen);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                if self.hash_red_values(&mut message).is_empty() {
+                    None
+                } else {
+                    Some(Value::Object(message).to_string())
+                }
+            }
+            _ if holds_card_number(payload) => Some(
+                serde_json::json!({"withheld": "the message held a card number", "digest": self.hash(&Value::String(payload.to_owned()))})
+                    .to_string(),
+            ),
+            _ => None,
+        }
+    }
+
+    /// `value` with every yellow or red value under a classified key masked
+    /// ([`mask`]), at any depth: what a role without PII access sees.
+    /// An identifier (`{"type", "value"}`) is masked by its type's class.
+    pub fn mask_json(&self, value: &Value) -> Value {
+        match value {
+            Value::Object(map) if map.len() == 2 && map.contains_key("value") => {
+                let kind = map.get("type").and_then(Value::as_str).unwrap_or("");
+                let mut shown = map.clone();
+                if let Some(inner) = shown.get_mut("value") {
+                    if self.classify(kind, inner) != PiiClass::Green && !inner.is_null() {
+                        *inner = Value::String(mask(kind, inner));
+                    }
+                }
+                Value::Object(shown)
+            }
+            Value::Object(map) => Value::Object(
+                map.iter()
+                    .map(|(key, inner)| {
+                        let shown = match inner {
+                            Value::Object(_) | Value::Array(_) => self.mask_under(key, inner),
+                            Value::Null => Value::Null,
+                            _ if self.classify(key, inner) != PiiClass::Green => Value::String(mask(key, inner)),
+                            _ => inner.clone(),
+                        };
+                        (key.clone(), shown)
+                    })
+                    .collect(),
+            ),
+            Value::Array(items) => Value::Array(items.iter().map(|item| self.mask_json(item)).collect()),
+            other => other.clone(),
+        }
+    }
+
+    fn mask_under(&self, key: &str, value: &Value) -> Value {
+        match value {
+            Value::Array(items) if self.classify_key(key) != PiiClass::Green => Value::Array(
+                items
+                    .iter()
+                    .map(|item| if item.is_object() { self.mask_json(item) } else { Value::String(mask(key, item)) })
+                    .collect(),
+            ),
+            other => self.mask_json(other),
+        }
+    }
+}
+
+/// A masked value: an e-mail keeps its first letter and domain
+/// (`j***@example.com`), a phone number its first two and last two
+/// characters (`+1******67`), anything else is `***`.
+pub fn mask(key: &str, value: &Value) -> String {
+    let Value::String(text) = value else { return "***".to_owned() };
+    let key = key.to_ascii_lowercase();
+    if let Some((local, domain)) = text.split_once('@') {
+        if key.contains("email") || !local.is_empty() {
+            let first: String = local.chars().take(1).collect();
+            return format!("{first}***@{domain}");
+        }
+    }
+    if key.contains("phone") {
+        let chars: Vec<char> = text.chars().collect();
+        if chars.len() > 4 {
+            let head: String = chars[..2].iter().collect();
+            let tail: String = chars[chars.len() - 2..].iter().collect();
+            return format!("{head}{}{tail}", "*".repeat(chars.len() - 4));
+        }
+    }
+    "***".to_owned()
+}
+
+/// Whether `text` holds a payment card number: 13 to 19 digits (spaces and
+/// dashes between them allowed) with a card network's leading digits (2 to 6:
+/// Mastercard, American Express, Diners, JCB, Visa, Discover, UnionPay)
+/// passing the Luhn check. The leading digits keep numeric ids that happen
+/// to pass the check (one in ten does) from being taken for cards half the
+/// time.
+pub fn holds_card_number(text: &str) -> bool {
+    let mut digits: Vec<u32> = Vec::with_capacity(19);
+    let flush = |digits: &mut Vec<u32>| -> bool {
+        let found = (13..=19).contains(&digits.len()) && (2..=6).contains(&digits[0]) && luhn(digits);
+        digits.clear();
+        found
+    };
+    for c in text.chars() {
+        match c {
+            '0'..='9' => digits.push(c as u32 - '0' as u32),
+            ' ' | '-' if !digits.is_empty() => {}
+            _ => {
+                if flush(&mut digits) {
+                    return true;
+                }
+            }
+        }
+        if digits.len() > 19 {
+            digits.clear();
+        }
+    }
+    flush(&mut digits)
+}
+
+fn luhn(digits: &[u32]) -> bool {
+    let sum: u32 = digits
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(index, digit)| {
+            if index % 2 == 1 {
+                let doubled = digit * 2;
+                if doubled > 9 {
+                    doubled - 9
+                } else {
+                    doubled
+                }
+            } else {
+                *digit
+            }
+        })
+        .sum();
+    sum.is_multiple_of(10)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn keys_are_classified_by_defaults_and_configured_rules() {
+        let policy = PiiPolicy::default();
+        assert_eq!(policy.classify_key("Email"), PiiClass::Yellow);
+        assert_eq!(policy.classify_key("ssn"), PiiClass::Red);
+        assert_eq!(policy.classify_key("plan"), PiiClass::Green);
+        let settings = PiiSettings {
+            rules: vec![
+                PiiRule { name: Some("plan".into()), pattern: None, class: PiiClass::Yellow },
+                PiiRule { name: None, pattern: Some("^tax_".into()), class: PiiClass::Red },
+                PiiRule { name: Some("city".into()), pattern: None, class: PiiClass::Green },
+            ],
+            ..Default::default()
+        };
+        let policy = settings.compile().unwrap();
+        assert_eq!(policy.classify_key("plan"), PiiClass::Yellow);
+        assert_eq!(policy.classify_key("tax_id"), PiiClass::Red);
+        assert_eq!(policy.classify_key("city"), PiiClass::Green, "configured rules win over the defaults");
+        let bad = PiiSettings {
+            rules: vec![PiiRule { name: None, pattern: Some("(".into()), class: PiiClass::Red }],
+            ..Default::default()
+        };
+        assert!(matches!(bad.compile(), Err(PiiSettingsError::BadPattern { .. })));
+        let neither = PiiSettings {
+            rules: vec![PiiRule { name: None, pattern: None, class: PiiClass::Red }],
+            ..Default::default()
+        };
+        assert_eq!(neither.compile().err(), Some(PiiSettingsError::NameOrPattern));
+    }
+
+    #[test]
+    fn card_numbers_are_found_by_the_luhn_check() {
+        assert!(holds_card_number("4111111111111111"));
+        assert!(holds_card_number("card 4111-1111-1111-1111 on file"));
+        assert!(holds_card_number("5500 0000 0000 0004"));
+        assert!(!holds_card_number("4111111111111112"), "fails the check");
+        assert!(holds_card_number("378282246310005"), "american express");
+        assert!(!holds_card_number("8111111111111112"), "passes the check but no network starts with 8");
+        assert!(!holds_card_number("order 12345"));
+        assert!(!holds_card_number("2026-12-06T20:00:00Z"));
+    }
+
+    #[test]
+    fn red_values_are_hashed_with_the_salt_wherever_they_are() {
+        let salted = PiiSettings { salt: "pepper".into(), ..Default::default() }.compile().unwrap();
+        let mut message = json!({
+            "traits": {"ssn": "123-45-6789", "email": "a@b.c", "nested": {"passport": "X1"}},
+            "properties": {"note": "paid with 4111 1111 1111 1111", "cards": ["4111111111111111", "no"]},
+            "context": {"traits": {"password": "hunter2"}}
+        });
+        let replaced = salted.hash_red_values(message.as_object_mut().unwrap());
+        let text = message.to_string();
+        for secret in ["123-45-6789", "X1", "4111", "hunter2"] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        assert_eq!(message["traits"]["email"], "a@b.c", "yellow values are kept");
+        assert_eq!(message["properties"]["cards"][1], "no");
+        assert_eq!(replaced.len(), 5, "{replaced:?}");
+        let unsalted = PiiPolicy::default();
+        assert_ne!(salted.hash(&json!("123-45-6789")), unsalted.hash(&json!("123-45-6789")));
+        assert_eq!(salted.hash(&json!("x")), salted.hash(&json!("x")), "equal values still match");
+    }
+
+    #[test]
+    fn payloads_are_rewritten_only_when_they_hold_red_values() {
+        let policy = PiiPolicy::default();
+        assert_eq!(policy.scrub_payload(r#"{"traits":{"email":"a@b.c"}}"#), None);
+        let scrubbed = policy.scrub_payload(r#"{"properties":{"card_number":"4111111111111111"}}"#).unwrap();
+        assert!(scrubbed.contains("sha256:") && !scrubbed.contains("4111"), "{scrubbed}");
+        let raw = policy.scrub_payload("not json 4111 1111 1111 1111").unwrap();
+        assert!(!raw.contains("4111"), "{raw}");
+        assert_eq!(policy.scrub_payload("not json"), None);
+    }
+
+    #[test]
+    fn inspecting_a_payload_names_every_key_with_its_class() {
+        let policy = PiiPolicy::default();
+        let mut seen = Vec::new();
+        let payload = r#"{"traits":{"email":"a@b.c","address":{"city":"Oslo"}},"properties":{"note":"4111111111111111","plan":"pro"},"context":{"traits":{"ssn":"1"}}}"#;
+        let scrubbed = policy.inspect_payload(payload, &mut |key, class| seen.push((key.to_owned(), class)));
+        assert!(scrubbed.is_some());
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                ("city".to_owned(), PiiClass::Yellow),
+                ("email".to_owned(), PiiClass::Yellow),
+                ("note".to_owned(), PiiClass::Red),
+                ("plan".to_owned(), PiiClass::Green),
+                ("ssn".to_owned(), PiiClass::Red),
+            ]
+        );
+    }
+
+    #[test]
+    fn masking_keeps_a_hint_and_hides_the_rest() {
+        assert_eq!(mask("email", &json!("jane@example.com")), "j***@example.com");
+        assert_eq!(mask("phone", &json!("+15551234567")), "+1********67");
+        assert_eq!(mask("last_name", &json!("Doe")), "***");
+        let policy = PiiPolicy::default();
+        let shown = policy.mask_json(&json!({
+            "traits": {"email": "jane@example.com", "plan": "pro", "ip": "10.0.0.1"},
+            "identifiers": [{"type": "email", "value": "jane@example.com"}],
+            "emails": null
+        }));
+        assert_eq!(shown["traits"]["email"], "j***@example.com");
+        assert_eq!(shown["traits"]["plan"], "pro");
+        assert_eq!(shown["traits"]["ip"], "***");
+        assert_eq!(shown["identifiers"][0], json!({"type": "email", "value": "j***@example.com"}));
+        assert_eq!(shown["emails"], Value::Null);
+    }
+}
