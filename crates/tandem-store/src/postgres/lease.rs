@@ -66,6 +66,15 @@ impl LeaseKeeper for LockSession {
     }
 }
 
+impl Drop for LockSession {
+    /// Releases the lock before the connection closes: closing alone frees
+    /// it only once the server has ended the session, a moment later, and a
+    /// node asking at once would be refused a lease nobody holds.
+    fn drop(&mut self) {
+        let _ = self.client.execute("SELECT pg_advisory_unlock($1)", &[&as_bigint(lease_key(self.stage))]);
+    }
+}
+
 impl Coordination for PostgresStore {
     fn kind(&self) -> StoreKind {
         StoreKind::Postgres
