@@ -10,6 +10,7 @@ pub mod activate;
 pub mod audience;
 pub mod collect;
 pub mod event;
+pub mod govern;
 pub mod identity;
 pub mod ids;
 pub mod mapping;
