@@ -1,7 +1,7 @@
 //! Storage for Tandem: one interface per stage of the flow — the event log
 //! ([`EventLog`]), sources and tokens ([`Sources`]), the identity graph
 //! ([`IdentityStore`]), audiences and memberships ([`AudienceStore`]), destinations and their
-//! outbox ([`OutboxStore`]) — the embedded SQLite backend behind them (and
+//! outbox ([`OutboxStore`]), tracking plans ([`GovernStore`]) — the embedded SQLite backend behind them (and
 //! PostgreSQL for scale-out, in preview: [`PostgresStore`]), and one
 //! shared test suite per interface ([`event_log_test_suite!`],
 //! [`sources_test_suite!`], [`identity_store_test_suite!`],
@@ -18,6 +18,7 @@
 
 pub mod audience;
 pub mod browse;
+pub mod govern;
 pub mod identity;
 pub mod lease;
 pub mod log;
@@ -35,6 +36,7 @@ pub use audience::{
     AudienceStore, Backfill, ComputedTraitRecord, ComputedTraitWrite, DailyChanges, DailySize, Membership,
     MembershipChange, MembershipChangeKind, StoredAudienceState, StoredComputedTrait,
 };
+pub use govern::{GovernStore, PlanViolationRecord, PlanViolationSummary, StoredPlan};
 pub use identity::{
     CommitOutcome, EventLink, HistoryRecord, IdentityCommit, IdentityRepair, IdentityState, IdentityStore,
     TimelineCursor, TimelineCursorError, UnresolvedEvent,
@@ -99,9 +101,12 @@ impl Stage {
 
 /// Every stage's storage, for the server and the CLI, which use all of them.
 /// Implemented for anything that implements each stage's interface.
-pub trait Store: EventLog + Sources + IdentityStore + AudienceStore + OutboxStore + Coordination {}
+pub trait Store: EventLog + Sources + IdentityStore + AudienceStore + OutboxStore + GovernStore + Coordination {}
 
-impl<T: EventLog + Sources + IdentityStore + AudienceStore + OutboxStore + Coordination + ?Sized> Store for T {}
+impl<T: EventLog + Sources + IdentityStore + AudienceStore + OutboxStore + GovernStore + Coordination + ?Sized> Store
+    for T
+{
+}
 
 /// Runs every stage's shared suite against one backend: `$make` turns a fresh
 /// directory into a fresh, empty store.
@@ -128,6 +133,10 @@ macro_rules! store_test_suite {
             use super::*;
             $crate::outbox_store_test_suite!($make);
         }
+        mod govern_store_suite {
+            use super::*;
+            $crate::govern_store_test_suite!($make);
+        }
     };
 }
 
@@ -153,5 +162,5 @@ macro_rules! suite_cases {
 /// The stage interfaces, for code that calls them on a concrete backend
 /// (`use tandem_store::prelude::*`).
 pub mod prelude {
-    pub use crate::{AudienceStore, Coordination, EventLog, IdentityStore, OutboxStore, Sources, Store};
+    pub use crate::{AudienceStore, Coordination, EventLog, GovernStore, IdentityStore, OutboxStore, Sources, Store};
 }

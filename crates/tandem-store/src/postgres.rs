@@ -25,6 +25,7 @@
 
 mod audience;
 mod computed;
+mod govern;
 mod identity;
 mod lease;
 mod log;
@@ -243,6 +244,24 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX dead_letters_by_destination ON dead_letters (destination, id);"#,
     // 6: a destination can be paused (see `sqlite.rs`, migration 12).
     r#"ALTER TABLE destinations ADD COLUMN paused BOOLEAN NOT NULL DEFAULT FALSE;"#,
+    // 7: tracking plans and their violations (see `sqlite.rs`, migration 13).
+    r#"CREATE TABLE tracking_plans (
+        source_id TEXT PRIMARY KEY,
+        plan TEXT NOT NULL,
+        updated_at BIGINT NOT NULL
+    );
+    CREATE TABLE plan_violations (
+        source_id TEXT NOT NULL,
+        kind TEXT COLLATE "C" NOT NULL,
+        event_name TEXT COLLATE "C" NOT NULL,
+        path TEXT COLLATE "C" NOT NULL,
+        count BIGINT NOT NULL,
+        first_seen BIGINT NOT NULL,
+        last_seen BIGINT NOT NULL,
+        message TEXT NOT NULL,
+        sample TEXT NOT NULL,
+        PRIMARY KEY (source_id, kind, event_name, path)
+    );"#,
 ];
 
 /// The PostgreSQL implementation of [`crate::Store`].

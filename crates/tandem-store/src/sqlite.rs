@@ -5,6 +5,7 @@
 
 mod audience;
 mod computed;
+mod govern;
 mod identity;
 mod manage;
 mod outbox;
@@ -252,6 +253,26 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX dead_letters_by_destination ON dead_letters (destination, id);",
     // 12: a destination can be paused (its items are kept, in order, unsent).
     "ALTER TABLE destinations ADD COLUMN paused INTEGER NOT NULL DEFAULT 0;",
+    // 13: tracking plans (one per source, the JSON document) and their
+    // violations, counted per source, kind, event and path with the latest
+    // message and sample.
+    "CREATE TABLE tracking_plans (
+        source_id TEXT PRIMARY KEY,
+        plan TEXT NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE TABLE plan_violations (
+        source_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        event_name TEXT NOT NULL,
+        path TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        first_seen INTEGER NOT NULL,
+        last_seen INTEGER NOT NULL,
+        message TEXT NOT NULL,
+        sample TEXT NOT NULL,
+        PRIMARY KEY (source_id, kind, event_name, path)
+    ) WITHOUT ROWID;",
 ];
 
 /// The `received_at` of a message id kept for good ([`Dedup::Forever`]).
@@ -570,6 +591,9 @@ impl EventLog for SqliteStore {
                 )?;
                 for ((source_id, event_type), (stored, duplicates)) in &counters {
                     count.execute(params![source_id, event_type.as_str(), stored, duplicates])?;
+                }
+                for batch in batches {
+                    govern::record_violations(&transaction, &batch.violations)?;
                 }
             }
             transaction.commit()?;

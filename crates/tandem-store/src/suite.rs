@@ -8,6 +8,7 @@
 //! source to append for, a log to resolve).
 
 pub mod audience;
+pub mod govern;
 pub mod identity;
 pub mod log;
 pub mod outbox;
@@ -88,6 +89,17 @@ macro_rules! outbox_store_test_suite {
             commits_enqueue_in_order_and_refuse_stale_writers,
             failures_retry_in_place_then_dead_letters_replay_in_order,
             audience_changes_are_read_after_their_own_cursor
+        );
+    };
+}
+
+/// The [`GovernStore`](crate::GovernStore) suite: one `#[test]` per case.
+#[macro_export]
+macro_rules! govern_store_test_suite {
+    ($make:expr) => {
+        $crate::suite_cases!(govern, $make;
+            plans_are_kept_per_source_and_replaced,
+            violations_are_counted_with_the_append_per_event_and_path
         );
     };
 }
