@@ -13,11 +13,13 @@ pub mod connection;
 pub mod destination_api;
 pub mod error;
 pub mod extract;
+pub mod govern;
 pub mod import;
 pub mod log_head;
 pub mod log_writer;
 pub mod metrics;
 pub mod ops;
+pub mod plan_api;
 pub mod profile;
 pub mod resolve;
 pub mod sdk_settings;
@@ -50,6 +52,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub sources: Arc<SourceDirectory>,
     pub tokens: Arc<auth::TokenDirectory>,
+    /// Tracking plans per source, cached for ingestion.
+    pub plans: Arc<govern::PlanDirectory>,
     pub log: LogWriter,
     pub metrics: Metrics,
     /// The committed head of the log, which every stage follows.
@@ -78,6 +82,7 @@ impl AppState {
         let state = AppState {
             sources: Arc::new(SourceDirectory::new(store.clone())),
             tokens: Arc::new(auth::TokenDirectory::new(store.clone())),
+            plans: Arc::new(govern::PlanDirectory::new(store.clone())),
             store,
             log,
             metrics,
@@ -101,6 +106,7 @@ pub fn router(state: AppState) -> Router {
         .merge(audience_api::routes())
         .merge(computed_api::routes())
         .merge(destination_api::routes())
+        .merge(plan_api::routes())
         .merge(import::jobs::routes())
         .merge(webhook::routes())
         .merge(sdk_settings::routes())

@@ -26,6 +26,12 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ViolationLabels {
+    /// `unplanned_event`, `invalid_event` or `omitted_property`.
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DeliveryLabels {
     pub destination: String,
     /// `delivered`, `retrying` or `dead`.
@@ -72,6 +78,8 @@ pub struct Metrics {
     /// Items per destination by what became of their attempt.
     pub destination_items: Family<DeliveryLabels, Counter>,
     pub outbox_lag_events: Gauge,
+    /// Tracking-plan violations found at ingestion, by kind.
+    pub plan_violations: Family<ViolationLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -189,7 +197,14 @@ impl Metrics {
             "Events the resolver committed that the outbox stage has not enqueued yet",
             outbox_lag_events.clone(),
         );
+        let plan_violations = Family::<ViolationLabels, Counter>::default();
+        registry.register(
+            "plan_violations",
+            "Tracking-plan violations found at ingestion: unplanned events, schema failures, omitted properties",
+            plan_violations.clone(),
+        );
         Metrics {
+            plan_violations,
             computed_trait_writes,
             registry: std::sync::Arc::new(registry),
             destination_items,
@@ -220,6 +235,11 @@ impl Metrics {
     pub fn observe_request(&self, route: &'static str, status: u16, elapsed: Duration) {
         self.http_requests.get_or_create(&RequestLabels { route, status }).inc();
         self.http_request_duration.get_or_create(&RouteLabels { route }).observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts one tracking-plan violation of this kind.
+    pub fn count_plan_violation(&self, kind: &'static str) {
+        self.plan_violations.get_or_create(&ViolationLabels { kind }).inc();
     }
 
     pub fn count_events(&self, outcome: &'static str, count: u64) {

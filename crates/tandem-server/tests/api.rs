@@ -1833,3 +1833,167 @@ mod destinations {
         assert_eq!((status, error_of(&body).0), (StatusCode::NOT_FOUND, "destination_not_found"));
     }
 }
+
+mod plans {
+    use super::profiles::get;
+    use super::*;
+
+    async fn send_with_token(
+        harness: &Harness,
+        method: Method,
+        path: &str,
+        token: &str,
+        body: String,
+    ) -> (StatusCode, Value) {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Body::from(body))
+            .unwrap();
+        harness.send(request).await
+    }
+
+    fn plan(mode: &str) -> String {
+        json!({
+            "mode": mode,
+            "events": {"Order Completed": {
+                "type": "object",
+                "properties": {"total": {"type": "number"}, "currency": {"type": "string"}},
+                "required": ["total"]
+            }},
+            "identify": {"type": "object", "properties": {"email": {"type": "string"}}}
+        })
+        .to_string()
+    }
+
+    fn batch() -> Value {
+        json!({"batch": [
+            {"type": "track", "userId": "u", "event": "Order Completed", "properties": {"total": 5}, "messageId": "ok"},
+            {"type": "track", "userId": "u", "event": "Order Completed", "properties": {"total": "five"}, "messageId": "bad"},
+            {"type": "track", "userId": "u", "event": "Signed Up", "messageId": "unplanned"},
+            {"type": "track", "userId": "u", "event": "Order Completed",
+             "properties": {"total": 1, "coupon": "X"}, "messageId": "extra"}
+        ]})
+    }
+
+    fn stored_ids(harness: &Harness) -> Vec<String> {
+        harness.events().iter().map(|event| event["messageId"].as_str().unwrap().to_owned()).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn plans_are_set_shown_validated_and_deleted_over_the_api() {
+        let harness = Harness::new();
+        let token = harness.store.create_token("test").unwrap().1;
+        let (status, body) = get(&harness, "/api/v1/plans/website", None).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::UNAUTHORIZED, "missing_token"));
+        let (status, body) = get(&harness, "/api/v1/plans/website", Some(&token)).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::NOT_FOUND, "plan_not_found"));
+        let (status, body) = get(&harness, "/api/v1/plans/nope", Some(&token)).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::NOT_FOUND, "source_not_found"));
+
+        let bad = json!({"events": {"Order Completed": {"type": "nonsense"}}}).to_string();
+        let (status, body) = send_with_token(&harness, Method::PUT, "/api/v1/plans/website", &token, bad).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(error_of(&body), ("invalid_plan", Some("events.Order Completed")));
+        let (status, body) = send_with_token(&harness, Method::PUT, "/api/v1/plans/website", &token, "{".into()).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::BAD_REQUEST, "invalid_json"));
+        let (status, body) = send_with_token(
+            &harness,
+            Method::PUT,
+            "/api/v1/plans/website",
+            &token,
+            json!({"mode": "strict"}).to_string(),
+        )
+        .await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::BAD_REQUEST, "invalid_json"), "{body}");
+
+        let (status, body) =
+            send_with_token(&harness, Method::PUT, "/api/v1/plans/website", &token, plan("report")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["plan"]["mode"], "report");
+        let (status, body) = get(&harness, "/api/v1/plans", Some(&token)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["plans"][0]["source"], "website");
+        let (status, _) =
+            send_with_token(&harness, Method::DELETE, "/api/v1/plans/website", &token, String::new()).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let (status, body) =
+            send_with_token(&harness, Method::DELETE, "/api/v1/plans/website", &token, String::new()).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::NOT_FOUND, "plan_not_found"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn report_mode_keeps_everything_and_lists_violations_with_path_and_sample() {
+        let harness = Harness::new();
+        let token = harness.store.create_token("test").unwrap().1;
+        send_with_token(&harness, Method::PUT, "/api/v1/plans/website", &token, plan("report")).await;
+        let (status, body) = harness.post_json("/v1/batch", batch()).await;
+        assert_eq!((status, &body), (StatusCode::OK, &json!({"success": true})));
+        assert_eq!(stored_ids(&harness), vec!["ok", "bad", "unplanned", "extra"]);
+        let (status, body) = get(&harness, "/api/v1/plans/website/violations", Some(&token)).await;
+        assert_eq!(status, StatusCode::OK);
+        let violations = body["violations"].as_array().unwrap();
+        let mut found: Vec<(&str, &str, &str)> = violations
+            .iter()
+            .map(|v| (v["kind"].as_str().unwrap(), v["event"].as_str().unwrap(), v["path"].as_str().unwrap()))
+            .collect();
+        found.sort();
+        assert_eq!(
+            found,
+            vec![("invalid_event", "Order Completed", "/properties/total"), ("unplanned_event", "Signed Up", "/event")]
+        );
+        let invalid = violations.iter().find(|v| v["kind"] == "invalid_event").unwrap();
+        assert_eq!(invalid["sample"]["messageId"], "bad");
+        assert_eq!(invalid["count"], 1);
+        let (_, metrics) = get(&harness, "/metrics", None).await;
+        assert!(metrics.as_str().unwrap().contains("tandem_plan_violations_total{kind=\"invalid_event\"} 1"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn blocking_modes_quarantine_with_a_clear_code_and_keep_the_rest_of_the_batch() {
+        let harness = Harness::new();
+        let token = harness.store.create_token("test").unwrap().1;
+        send_with_token(&harness, Method::PUT, "/api/v1/plans/website", &token, plan("block_invalid")).await;
+        let (status, body) = harness.post_json("/v1/batch", batch()).await;
+        assert_eq!(status, StatusCode::OK);
+        let rejected = body["rejected"].as_array().unwrap();
+        assert_eq!(rejected.len(), 1, "{body}");
+        assert_eq!(
+            (&rejected[0]["index"], &rejected[0]["code"], &rejected[0]["field"]),
+            (&json!(1), &json!("plan_violation"), &json!("/properties/total"))
+        );
+        assert_eq!(stored_ids(&harness), vec!["ok", "unplanned", "extra"]);
+        let quarantine = harness.store.list_quarantine(0, 10).unwrap();
+        assert_eq!(quarantine.len(), 1);
+        assert_eq!(quarantine[0].record.code, "plan_violation");
+        assert!(quarantine[0].record.payload.contains("\"five\""), "the message is kept as sent");
+
+        send_with_token(&harness, Method::PUT, "/api/v1/plans/website", &token, plan("block_unplanned")).await;
+        let (status, body) =
+            harness.post_json("/v1/track", json!({"userId": "u", "event": "Signed Up", "messageId": "single"})).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(error_of(&body), ("unplanned_event", Some("/event")));
+        let quarantine = harness.store.list_quarantine(0, 10).unwrap();
+        assert_eq!(quarantine.last().unwrap().record.code, "unplanned_event");
+        assert!(!stored_ids(&harness).contains(&"single".to_owned()));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn omit_mode_removes_unplanned_properties_before_the_log() {
+        let harness = Harness::new();
+        let token = harness.store.create_token("test").unwrap().1;
+        send_with_token(&harness, Method::PUT, "/api/v1/plans/website", &token, plan("omit_unplanned_properties"))
+            .await;
+        let (status, _) = harness.post_json("/v1/batch", batch()).await;
+        assert_eq!(status, StatusCode::OK);
+        let events = harness.events();
+        let extra = events.iter().find(|event| event["messageId"] == "extra").unwrap();
+        assert_eq!(extra["properties"], json!({"total": 1}));
+        let (_, body) = get(&harness, "/api/v1/plans/website", Some(&token)).await;
+        let omitted: Vec<&Value> =
+            body["violations"].as_array().unwrap().iter().filter(|v| v["kind"] == "omitted_property").collect();
+        assert_eq!(omitted.len(), 1);
+        assert_eq!(omitted[0]["path"], "/properties/coupon");
+    }
+}

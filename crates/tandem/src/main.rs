@@ -11,6 +11,7 @@ mod config;
 mod demo;
 mod destination;
 mod import;
+mod plan;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -72,6 +73,9 @@ enum Command {
     /// Destinations: webhooks and files that receive events, in order, at least once
     #[command(subcommand)]
     Destination(DestinationCommand),
+    /// Tracking plans: the events a source may send and the JSON Schemas they must pass
+    #[command(subcommand)]
+    Plan(PlanCommand),
     /// Create a realistic synthetic company and serve it: web and app behaviour, orders, product
     /// usage, tickets, CRM contacts, leads and social mentions
     ///
@@ -350,6 +354,38 @@ enum TokenCommand {
     Revoke {
         /// The token's id (tok_…), as `token list` shows it
         id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PlanCommand {
+    /// Set a source's tracking plan from a JSON file: {"mode", "events", "identify", "common"}
+    Set {
+        /// The source's name
+        source: String,
+        /// The plan document
+        file: std::path::PathBuf,
+    },
+    /// Show a source's tracking plan
+    Show {
+        /// The source's name
+        source: String,
+    },
+    /// List a source's plan violations, most recently seen first, with the path at fault
+    Violations {
+        /// The source's name
+        source: String,
+        /// Violations to print
+        #[arg(long, default_value_t = plan::DEFAULT_VIOLATIONS)]
+        limit: usize,
+        /// Print a JSON array with sample payloads
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a source's tracking plan; its events are no longer checked
+    Delete {
+        /// The source's name
+        source: String,
     },
 }
 
@@ -835,6 +871,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audience(AudienceCommand::Members { name, limit, after, json }) => {
             audience::members(open(Access::Existing)?, &name, after.as_deref(), limit, json, &mut out)
         }
+        Command::Plan(PlanCommand::Set { source, file }) => {
+            plan::set(open(Access::Existing)?, &source, &file, &mut out)
+        }
+        Command::Plan(PlanCommand::Show { source }) => plan::show(open(Access::Existing)?, &source, &mut out),
+        Command::Plan(PlanCommand::Violations { source, limit, json }) => {
+            plan::violations(open(Access::Existing)?, &source, limit, json, &mut out)
+        }
+        Command::Plan(PlanCommand::Delete { source }) => plan::delete(open(Access::Existing)?, &source, &mut out),
         Command::Destination(DestinationCommand::Create { definition }) => {
             destination::create(open(Access::Existing)?, &definition, &mut out)
         }

@@ -75,8 +75,8 @@ impl GovernStore for SqliteStore {
 
     fn plans(&self) -> Result<Vec<StoredPlan>, StoreError> {
         let rows: Vec<(String, String, i64)> = self.with_reader(|connection| {
-            let mut statement =
-                connection.prepare_cached("SELECT source_id, plan, updated_at FROM tracking_plans ORDER BY source_id")?;
+            let mut statement = connection
+                .prepare_cached("SELECT source_id, plan, updated_at FROM tracking_plans ORDER BY source_id")?;
             let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
             Ok(rows.collect::<Result<_, _>>()?)
         })?;
