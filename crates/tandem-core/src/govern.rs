@@ -1,5 +1,7 @@
 //! Governance rules, as pure logic: tracking plans (which events a source may
-//! send and what they must look like). The server applies them at ingestion;
-//! storage keeps them.
+//! send and what they must look like) and data subject requests (their kinds,
+//! statuses and the digests that name a person without keeping the
+//! identifier). The server applies them; storage keeps them.
 
+pub mod dsr;
 pub mod plan;

@@ -1,12 +1,15 @@
 //! Governance storage: each source's tracking plan and the violations its
-//! events were found with. Violations arrive with the events that broke the
+//! events were found with; data subject requests, suppressed identifiers
+//! (by digest only) and erasing a person from every table. Violations arrive with the events that broke the
 //! plan ([`crate::IngestBatch::violations`]) and are counted in the same
 //! transaction as the log append, grouped by source, kind, event and path,
 //! keeping the latest message and a sample payload.
 
 use serde::Serialize;
+use std::collections::BTreeMap;
+use tandem_core::govern::dsr::{DsrKind, DsrStatus};
 use tandem_core::govern::plan::TrackingPlan;
-use tandem_core::SourceId;
+use tandem_core::{Identifier, LogPosition, SourceId};
 
 use crate::StoreError;
 
@@ -81,7 +84,49 @@ pub struct StoredPlan {
     pub updated_at_ms: i64,
 }
 
-/// Tracking plans and their violations.
+/// A data subject request. The person is named only by the digest of the
+/// identifier (see `tandem_core::govern::dsr::identifier_digest`), so the
+/// request outlives an erasure without undoing it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DsrRecord {
+    pub id: String,
+    pub kind: DsrKind,
+    pub subject_digest: String,
+    pub status: DsrStatus,
+    pub created_at_ms: i64,
+    pub finished_at_ms: Option<i64>,
+    /// What was done (counts per table for a delete) or why it failed.
+    pub detail: Option<String>,
+}
+
+/// A new pending request with a fresh id.
+pub fn new_dsr(kind: DsrKind, subject_digest: &str) -> DsrRecord {
+    DsrRecord {
+        id: format!("dsr_{}", crate::sources::random_token(16)),
+        kind,
+        subject_digest: subject_digest.to_owned(),
+        status: DsrStatus::Pending,
+        created_at_ms: chrono::Utc::now().timestamp_millis(),
+        finished_at_ms: None,
+        detail: None,
+    }
+}
+
+/// One of a person's events waiting in a destination's outbox or dead letters.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PersonDelivery {
+    pub destination: String,
+    pub position: LogPosition,
+    /// `pending`, `retrying` or `dead`.
+    pub state: &'static str,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+}
+
+/// Rows an erasure removed, per table.
+pub type ErasureReport = BTreeMap<&'static str, u64>;
+
+/// Tracking plans and their violations; data subject requests.
 pub trait GovernStore: Send + Sync + 'static {
     /// Sets (or replaces) the plan of a source.
     fn set_plan(&self, source_id: &SourceId, plan: &TrackingPlan) -> Result<StoredPlan, StoreError>;
@@ -97,6 +142,55 @@ pub trait GovernStore: Send + Sync + 'static {
 
     /// A source's violations, most recently seen first.
     fn plan_violations(&self, source_id: &SourceId, limit: usize) -> Result<Vec<PlanViolationSummary>, StoreError>;
+
+    /// Stores a request made by [`new_dsr`].
+    fn insert_dsr(&self, request: &DsrRecord) -> Result<(), StoreError>;
+
+    /// Records how a request ended.
+    fn finish_dsr(&self, id: &str, status: DsrStatus, detail: &str, at_ms: i64) -> Result<(), StoreError>;
+
+    /// Requests, newest first.
+    fn list_dsr(&self, limit: usize) -> Result<Vec<DsrRecord>, StoreError>;
+
+    /// Adds an identifier digest to the suppressed; whether it was new.
+    fn suppress(&self, digest: &str, at_ms: i64) -> Result<bool, StoreError>;
+
+    /// Removes an identifier digest from the suppressed; whether it was there.
+    fn unsuppress(&self, digest: &str) -> Result<bool, StoreError>;
+
+    /// Every suppressed identifier digest.
+    fn suppressed(&self) -> Result<Vec<String>, StoreError>;
+
+    /// The outbox items and dead letters of these log positions.
+    fn deliveries_of(&self, positions: &[LogPosition]) -> Result<Vec<PersonDelivery>, StoreError>;
+
+    /// Removes the person holding `identifier` from every table, in one
+    /// transaction: their profile (and those merged into it), identifiers,
+    /// timeline, history, memberships, computed traits and audience states;
+    /// their events with their dedup claims; and every event, quarantined
+    /// message, outbox item, dead letter and plan-violation sample whose text
+    /// holds one of their identifier values. The resolver's epoch moves, so a
+    /// running resolver drops what it had cached. A person not found still
+    /// has the requested identifier's value scrubbed from the text.
+    fn erase_person(&self, identifier: &Identifier) -> Result<ErasureReport, StoreError>;
+}
+
+/// The texts an erasure looks for in payloads: each identifier value and
+/// profile id as a JSON string (quoted), so `"42"` does not match `420`.
+pub(crate) fn erasure_patterns(values: &[String]) -> Vec<String> {
+    let mut patterns: Vec<String> = values
+        .iter()
+        .filter(|value| !value.is_empty())
+        .map(|value| serde_json::to_string(value).expect("a string always serializes"))
+        .collect();
+    patterns.sort();
+    patterns.dedup();
+    patterns
+}
+
+/// `text` with LIKE's wildcards escaped by `\`.
+pub(crate) fn like_escape(text: &str) -> String {
+    text.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")
 }
 
 pub(crate) fn plan_to_text(plan: &TrackingPlan) -> String {

@@ -262,6 +262,20 @@ const MIGRATIONS: &[&str] = &[
         sample TEXT NOT NULL,
         PRIMARY KEY (source_id, kind, event_name, path)
     );"#,
+    // 8: data subject requests and suppressions (see `sqlite.rs`, migration 14).
+    r#"CREATE TABLE dsr_requests (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        kind TEXT NOT NULL,
+        subject_digest TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        finished_at BIGINT,
+        detail TEXT
+    );
+    CREATE TABLE suppressions (
+        digest TEXT PRIMARY KEY,
+        created_at BIGINT NOT NULL
+    );"#,
 ];
 
 /// The PostgreSQL implementation of [`crate::Store`].

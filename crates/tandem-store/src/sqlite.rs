@@ -273,6 +273,21 @@ const MIGRATIONS: &[&str] = &[
         sample TEXT NOT NULL,
         PRIMARY KEY (source_id, kind, event_name, path)
     ) WITHOUT ROWID;",
+    // 14: data subject requests (the person named only by a digest of the
+    // identifier) and suppressed identifiers (digests only).
+    "CREATE TABLE dsr_requests (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        subject_digest TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        finished_at INTEGER,
+        detail TEXT
+    );
+    CREATE TABLE suppressions (
+        digest TEXT PRIMARY KEY,
+        created_at INTEGER NOT NULL
+    ) WITHOUT ROWID;",
 ];
 
 /// The `received_at` of a message id kept for good ([`Dedup::Forever`]).

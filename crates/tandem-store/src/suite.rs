@@ -99,7 +99,9 @@ macro_rules! govern_store_test_suite {
     ($make:expr) => {
         $crate::suite_cases!(govern, $make;
             plans_are_kept_per_source_and_replaced,
-            violations_are_counted_with_the_append_per_event_and_path
+            violations_are_counted_with_the_append_per_event_and_path,
+            requests_and_suppressions_are_kept_by_digest,
+            erasing_a_person_removes_their_rows_everywhere_and_keeps_others
         );
     };
 }

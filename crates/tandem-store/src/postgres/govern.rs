@@ -1,12 +1,19 @@
-//! Governance in PostgreSQL: tracking plans and violation counts (see
-//! `sqlite/govern.rs` for the SQLite twin).
+//! Governance in PostgreSQL: tracking plans and violation counts, data
+//! subject requests, suppressions and erasing a person (see
+//! `sqlite/govern.rs` for the SQLite twin). An erasure deletes rows; the
+//! space they held is reclaimed by (auto)vacuum, and until then, and in WAL
+//! segments and backups, their bytes may remain on disk: see the README.
 
 use super::PostgresStore;
-use crate::govern::{plan_from_text, plan_to_text, GovernStore, PlanViolationRecord, PlanViolationSummary, StoredPlan};
-use crate::StoreError;
-use postgres::{GenericClient, Row};
+use crate::govern::{
+    erasure_patterns, like_escape, plan_from_text, plan_to_text, DsrRecord, ErasureReport, GovernStore, PersonDelivery,
+    PlanViolationRecord, PlanViolationSummary, StoredPlan,
+};
+use crate::{Stage, StoreError};
+use postgres::{GenericClient, Row, Transaction};
+use tandem_core::govern::dsr::{DsrKind, DsrStatus};
 use tandem_core::govern::plan::TrackingPlan;
-use tandem_core::SourceId;
+use tandem_core::{Identifier, LogPosition, ProfileId, SourceId};
 
 /// Counts violations inside the log append's transaction.
 pub(super) fn record_violations(
@@ -115,4 +122,241 @@ impl GovernStore for PostgresStore {
                 .collect()
         })
     }
+
+    fn insert_dsr(&self, request: &DsrRecord) -> Result<(), StoreError> {
+        self.with_client(|client| {
+            client.execute(
+                "INSERT INTO dsr_requests (id, kind, subject_digest, status, created_at, finished_at, detail)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[
+                    &request.id,
+                    &request.kind.as_str(),
+                    &request.subject_digest,
+                    &request.status.as_str(),
+                    &request.created_at_ms,
+                    &request.finished_at_ms,
+                    &request.detail,
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn finish_dsr(&self, id: &str, status: DsrStatus, detail: &str, at_ms: i64) -> Result<(), StoreError> {
+        self.with_client(|client| {
+            client.execute(
+                "UPDATE dsr_requests SET status = $2, detail = $3, finished_at = $4 WHERE id = $1",
+                &[&id, &status.as_str(), &detail, &at_ms],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn list_dsr(&self, limit: usize) -> Result<Vec<DsrRecord>, StoreError> {
+        self.with_client(|client| {
+            let rows = client.query(
+                "SELECT id, kind, subject_digest, status, created_at, finished_at, detail
+                 FROM dsr_requests ORDER BY created_at DESC, id DESC LIMIT $1",
+                &[&(limit as i64)],
+            )?;
+            rows.iter()
+                .map(|row| {
+                    let kind: String = row.try_get(1)?;
+                    let status: String = row.try_get(3)?;
+                    Ok(DsrRecord {
+                        id: row.try_get(0)?,
+                        kind: kind.parse().unwrap_or(DsrKind::Access),
+                        subject_digest: row.try_get(2)?,
+                        status: DsrStatus::from_text(&status),
+                        created_at_ms: row.try_get(4)?,
+                        finished_at_ms: row.try_get(5)?,
+                        detail: row.try_get(6)?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn suppress(&self, digest: &str, at_ms: i64) -> Result<bool, StoreError> {
+        self.with_client(|client| {
+            Ok(client.execute(
+                "INSERT INTO suppressions (digest, created_at) VALUES ($1, $2) ON CONFLICT (digest) DO NOTHING",
+                &[&digest, &at_ms],
+            )? > 0)
+        })
+    }
+
+    fn unsuppress(&self, digest: &str) -> Result<bool, StoreError> {
+        self.with_client(|client| Ok(client.execute("DELETE FROM suppressions WHERE digest = $1", &[&digest])? > 0))
+    }
+
+    fn suppressed(&self) -> Result<Vec<String>, StoreError> {
+        self.with_client(|client| {
+            client
+                .query("SELECT digest FROM suppressions ORDER BY digest", &[])?
+                .iter()
+                .map(|row| Ok(row.try_get(0)?))
+                .collect()
+        })
+    }
+
+    fn deliveries_of(&self, positions: &[LogPosition]) -> Result<Vec<PersonDelivery>, StoreError> {
+        let wanted: Vec<i64> = positions.iter().map(|position| position.0 as i64).collect();
+        self.with_client(|client| {
+            let rows = client.query(
+                "SELECT destination, position, attempts, last_error, 0 AS dead, id FROM outbox WHERE position = ANY($1)
+                 UNION ALL
+                 SELECT destination, position, attempts, last_error, 1 AS dead, id FROM dead_letters
+                 WHERE position = ANY($1)
+                 ORDER BY position, dead, id",
+                &[&wanted],
+            )?;
+            rows.iter()
+                .map(|row| {
+                    let attempts: i32 = row.try_get(2)?;
+                    let dead: i32 = row.try_get(4)?;
+                    Ok(PersonDelivery {
+                        destination: row.try_get(0)?,
+                        position: LogPosition(row.try_get::<_, i64>(1)? as u64),
+                        state: if dead == 1 {
+                            "dead"
+                        } else if attempts == 0 {
+                            "pending"
+                        } else {
+                            "retrying"
+                        },
+                        attempts: attempts as u32,
+                        last_error: row.try_get(3)?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn erase_person(&self, identifier: &Identifier) -> Result<ErasureReport, StoreError> {
+        self.with_client(|client| {
+            let mut transaction = client.transaction()?;
+            let report = erase(&mut transaction, identifier)?;
+            transaction.commit()?;
+            Ok(report)
+        })
+    }
+}
+
+/// Erases inside `transaction` (see [`GovernStore::erase_person`]).
+fn erase(transaction: &mut Transaction<'_>, identifier: &Identifier) -> Result<ErasureReport, StoreError> {
+    let mut report = ErasureReport::new();
+    // Taken first, as every appender and resolver commit takes it, so the
+    // erasure does not interleave with them.
+    super::log::lock_log_head(transaction)?;
+    let owner: Option<i64> = transaction
+        .query_opt(
+            "SELECT profile_id FROM identifiers WHERE type = $1 AND value = $2",
+            &[&identifier.kind, &identifier.value.as_bytes()],
+        )?
+        .map(|row| row.try_get(0))
+        .transpose()?;
+    let mut profiles: Vec<i64> = Vec::new();
+    if let Some(mut live) = owner {
+        while let Some(next) = transaction
+            .query_opt("SELECT merged_into FROM profiles WHERE id = $1", &[&live])?
+            .and_then(|row| row.try_get::<_, Option<i64>>(0).ok().flatten())
+        {
+            live = next;
+        }
+        profiles = transaction
+            .query(
+                "WITH RECURSIVE part(id) AS (
+                     SELECT $1::bigint UNION SELECT profiles.id FROM profiles JOIN part ON profiles.merged_into = part.id
+                 ) SELECT id FROM part",
+                &[&live],
+            )?
+            .iter()
+            .map(|row| row.try_get(0))
+            .collect::<Result<_, _>>()?;
+    }
+    let mut values = vec![identifier.value.clone()];
+    let mut dropped: Vec<Vec<u8>> = vec![identifier.to_string().into_bytes()];
+    for row in transaction.query("SELECT type, value FROM identifiers WHERE profile_id = ANY($1)", &[&profiles])? {
+        let kind: String = row.try_get(0)?;
+        let value = super::text_from_bytes(row.try_get(1)?)?;
+        dropped.push(format!("{kind}:{value}").into_bytes());
+        values.push(value);
+    }
+    values.extend(profiles.iter().map(|profile| ProfileId(*profile as u64).to_string()));
+    let patterns: Vec<String> =
+        erasure_patterns(&values).iter().map(|pattern| format!("%{}%", like_escape(pattern))).collect();
+    let mut positions: Vec<i64> = transaction
+        .query("SELECT position FROM profile_events WHERE profile_id = ANY($1)", &[&profiles])?
+        .iter()
+        .map(|row| row.try_get(0))
+        .collect::<Result<_, _>>()?;
+    for row in transaction
+        .query("SELECT position FROM events WHERE convert_from(payload, 'UTF8') ILIKE ANY($1)", &[&patterns])?
+    {
+        positions.push(row.try_get(0)?);
+    }
+    positions.sort_unstable();
+    positions.dedup();
+
+    let mut count = |table: &'static str, rows: u64| *report.entry(table).or_insert(0) += rows;
+    count(
+        "message_ids",
+        transaction.execute(
+            "DELETE FROM message_ids m USING events e
+             WHERE e.position = ANY($1) AND m.source_id = e.source_id AND m.message_id = e.message_id",
+            &[&positions],
+        )?,
+    );
+    for (table, sql) in [
+        ("events", "DELETE FROM events WHERE position = ANY($1)"),
+        ("profile_events", "DELETE FROM profile_events WHERE position = ANY($1)"),
+        ("identity_history", "DELETE FROM identity_history WHERE position = ANY($1)"),
+        ("unresolved_events", "DELETE FROM unresolved_events WHERE position = ANY($1)"),
+        ("outbox", "DELETE FROM outbox WHERE position = ANY($1)"),
+        ("dead_letters", "DELETE FROM dead_letters WHERE position = ANY($1)"),
+    ] {
+        count(table, transaction.execute(sql, &[&positions])?);
+    }
+    let live_removed: i64 = transaction
+        .query_one("SELECT COUNT(*) FROM profiles WHERE id = ANY($1) AND state IS NOT NULL", &[&profiles])?
+        .try_get(0)?;
+    transaction.execute(
+        "UPDATE audiences a SET size = GREATEST(a.size - m.members, 0)
+         FROM (SELECT audience, COUNT(*) AS members FROM audience_members WHERE profile_id = ANY($1) GROUP BY audience) m
+         WHERE a.name = m.audience",
+        &[&profiles],
+    )?;
+    for (table, sql) in [
+        ("profile_events", "DELETE FROM profile_events WHERE profile_id = ANY($1)"),
+        ("identity_history", "DELETE FROM identity_history WHERE profile_id = ANY($1)"),
+        ("identifiers", "DELETE FROM identifiers WHERE profile_id = ANY($1)"),
+        ("profiles", "DELETE FROM profiles WHERE id = ANY($1)"),
+        ("audience_members", "DELETE FROM audience_members WHERE profile_id = ANY($1)"),
+        ("audience_history", "DELETE FROM audience_history WHERE profile_id = ANY($1)"),
+        ("audience_states", "DELETE FROM audience_states WHERE profile_id = ANY($1)"),
+        ("computed_trait_states", "DELETE FROM computed_trait_states WHERE profile_id = ANY($1)"),
+    ] {
+        count(table, transaction.execute(sql, &[&profiles])?);
+    }
+    count(
+        "identity_history",
+        transaction.execute("DELETE FROM identity_history WHERE dropped = ANY($1)", &[&dropped])?,
+    );
+    for (table, sql) in [
+        ("identity_history", "DELETE FROM identity_history WHERE change ILIKE ANY($1)"),
+        ("quarantine", "DELETE FROM quarantine WHERE convert_from(payload, 'UTF8') ILIKE ANY($1)"),
+        ("outbox", "DELETE FROM outbox WHERE convert_from(payload, 'UTF8') ILIKE ANY($1)"),
+        ("dead_letters", "DELETE FROM dead_letters WHERE convert_from(payload, 'UTF8') ILIKE ANY($1)"),
+        ("plan_violations", "DELETE FROM plan_violations WHERE sample ILIKE ANY($1) OR message ILIKE ANY($1)"),
+    ] {
+        count(table, transaction.execute(sql, &[&patterns])?);
+    }
+    transaction.execute(
+        "UPDATE identity_state SET live_profiles = GREATEST(live_profiles - $1, 0) WHERE id = 1",
+        &[&live_removed],
+    )?;
+    transaction.execute("UPDATE stage_cursors SET epoch = epoch + 1 WHERE stage = $1", &[&Stage::RESOLVE.0])?;
+    report.retain(|_, rows| *rows > 0);
+    Ok(report)
 }

@@ -1,11 +1,19 @@
-//! SQLite queries of governance: tracking plans and violation counts.
+//! SQLite queries of governance: tracking plans and violation counts, data
+//! subject requests, suppressions, and erasing a person. An erasure runs
+//! with `secure_delete` on, so the pages it frees are overwritten with
+//! zeros, and ends with a WAL checkpoint that truncates the WAL, so no copy
+//! of an erased page is left in either file.
 
 use super::SqliteStore;
-use crate::govern::{plan_from_text, plan_to_text, GovernStore, PlanViolationRecord, PlanViolationSummary, StoredPlan};
-use crate::StoreError;
-use rusqlite::{params, OptionalExtension, Transaction};
+use crate::govern::{
+    erasure_patterns, like_escape, plan_from_text, plan_to_text, DsrRecord, ErasureReport, GovernStore, PersonDelivery,
+    PlanViolationRecord, PlanViolationSummary, StoredPlan,
+};
+use crate::{Stage, StoreError};
+use rusqlite::{params, OptionalExtension, Transaction, TransactionBehavior};
+use tandem_core::govern::dsr::{DsrKind, DsrStatus};
 use tandem_core::govern::plan::TrackingPlan;
-use tandem_core::SourceId;
+use tandem_core::{Identifier, LogPosition, ProfileId, SourceId};
 
 /// Counts violations inside the log append's transaction.
 pub(super) fn record_violations(
@@ -105,4 +113,281 @@ impl GovernStore for SqliteStore {
             Ok(rows.collect::<Result<_, _>>()?)
         })
     }
+
+    fn insert_dsr(&self, request: &DsrRecord) -> Result<(), StoreError> {
+        self.with_writer(|connection| {
+            connection.execute(
+                "INSERT INTO dsr_requests (id, kind, subject_digest, status, created_at, finished_at, detail)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    request.id,
+                    request.kind.as_str(),
+                    request.subject_digest,
+                    request.status.as_str(),
+                    request.created_at_ms,
+                    request.finished_at_ms,
+                    request.detail
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn finish_dsr(&self, id: &str, status: DsrStatus, detail: &str, at_ms: i64) -> Result<(), StoreError> {
+        self.with_writer(|connection| {
+            connection.execute(
+                "UPDATE dsr_requests SET status = ?2, detail = ?3, finished_at = ?4 WHERE id = ?1",
+                params![id, status.as_str(), detail, at_ms],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn list_dsr(&self, limit: usize) -> Result<Vec<DsrRecord>, StoreError> {
+        self.dsr_requests(limit)
+    }
+
+    fn suppress(&self, digest: &str, at_ms: i64) -> Result<bool, StoreError> {
+        self.with_writer(|connection| {
+            Ok(connection.execute(
+                "INSERT INTO suppressions (digest, created_at) VALUES (?1, ?2) ON CONFLICT (digest) DO NOTHING",
+                params![digest, at_ms],
+            )? > 0)
+        })
+    }
+
+    fn unsuppress(&self, digest: &str) -> Result<bool, StoreError> {
+        self.with_writer(|connection| {
+            Ok(connection.execute("DELETE FROM suppressions WHERE digest = ?1", [digest])? > 0)
+        })
+    }
+
+    fn suppressed(&self) -> Result<Vec<String>, StoreError> {
+        self.with_reader(|connection| {
+            let mut statement = connection.prepare_cached("SELECT digest FROM suppressions ORDER BY digest")?;
+            let rows = statement.query_map([], |row| row.get(0))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn deliveries_of(&self, positions: &[LogPosition]) -> Result<Vec<PersonDelivery>, StoreError> {
+        self.with_reader(|connection| {
+            let mut found = Vec::new();
+            let mut outbox = connection.prepare_cached(
+                "SELECT destination, attempts, last_error FROM outbox WHERE position = ?1 ORDER BY id",
+            )?;
+            let mut dead = connection.prepare_cached(
+                "SELECT destination, attempts, last_error FROM dead_letters WHERE position = ?1 ORDER BY id",
+            )?;
+            for position in positions {
+                let at = position.0 as i64;
+                for row in outbox.query_map([at], |row| {
+                    Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?, row.get::<_, Option<String>>(2)?))
+                })? {
+                    let (destination, attempts, last_error) = row?;
+                    let state = if attempts == 0 { "pending" } else { "retrying" };
+                    found.push(PersonDelivery {
+                        destination,
+                        position: *position,
+                        state,
+                        attempts: attempts as u32,
+                        last_error,
+                    });
+                }
+                for row in dead.query_map([at], |row| {
+                    Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?, row.get::<_, Option<String>>(2)?))
+                })? {
+                    let (destination, attempts, last_error) = row?;
+                    found.push(PersonDelivery {
+                        destination,
+                        position: *position,
+                        state: "dead",
+                        attempts: attempts as u32,
+                        last_error,
+                    });
+                }
+            }
+            Ok(found)
+        })
+    }
+
+    fn erase_person(&self, identifier: &Identifier) -> Result<ErasureReport, StoreError> {
+        self.with_writer(|connection| {
+            connection.pragma_update(None, "secure_delete", true)?;
+            let result = (|| {
+                let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let report = erase(&transaction, identifier)?;
+                transaction.commit()?;
+                Ok::<_, StoreError>(report)
+            })();
+            let reset = connection.pragma_update(None, "secure_delete", false);
+            let report = result?;
+            reset?;
+            // Copy the zeroed pages into the database file and empty the WAL,
+            // which still holds the pages as they were before the erasure.
+            connection.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+            Ok(report)
+        })
+    }
+}
+
+fn dsr_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<DsrRecord> {
+    let kind: String = row.get(1)?;
+    let status: String = row.get(3)?;
+    Ok(DsrRecord {
+        id: row.get(0)?,
+        kind: kind.parse().unwrap_or(DsrKind::Access),
+        subject_digest: row.get(2)?,
+        status: DsrStatus::from_text(&status),
+        created_at_ms: row.get(4)?,
+        finished_at_ms: row.get(5)?,
+        detail: row.get(6)?,
+    })
+}
+
+impl SqliteStore {
+    fn dsr_requests(&self, limit: usize) -> Result<Vec<DsrRecord>, StoreError> {
+        self.with_reader(|connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT id, kind, subject_digest, status, created_at, finished_at, detail
+                 FROM dsr_requests ORDER BY created_at DESC, id DESC LIMIT ?1",
+            )?;
+            let rows = statement.query_map([limit as i64], dsr_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+}
+
+/// Erases inside `transaction` (see [`GovernStore::erase_person`]).
+fn erase(transaction: &Transaction<'_>, identifier: &Identifier) -> Result<ErasureReport, StoreError> {
+    let mut report = ErasureReport::new();
+    let owner: Option<i64> = transaction
+        .query_row(
+            "SELECT profile_id FROM identifiers WHERE type = ?1 AND value = ?2",
+            params![identifier.kind, identifier.value],
+            |row| row.get(0),
+        )
+        .optional()?;
+    // The live profile, then every profile merged into it.
+    let mut profiles: Vec<i64> = Vec::new();
+    if let Some(mut live) = owner {
+        while let Some(Some(next)) = transaction
+            .query_row("SELECT merged_into FROM profiles WHERE id = ?1", [live], |row| row.get::<_, Option<i64>>(0))
+            .optional()?
+        {
+            live = next;
+        }
+        let mut statement = transaction.prepare(
+            "WITH RECURSIVE part(id) AS (
+                 SELECT ?1 UNION SELECT profiles.id FROM profiles JOIN part ON profiles.merged_into = part.id
+             ) SELECT id FROM part",
+        )?;
+        profiles = statement.query_map([live], |row| row.get(0))?.collect::<Result<_, _>>()?;
+    }
+    let mut values = vec![identifier.value.clone()];
+    let mut dropped = vec![identifier.to_string()];
+    let mut positions: Vec<i64> = Vec::new();
+    for profile in &profiles {
+        let mut statement = transaction.prepare_cached("SELECT type, value FROM identifiers WHERE profile_id = ?1")?;
+        let held: Vec<(String, String)> =
+            statement.query_map([profile], |row| Ok((row.get(0)?, row.get(1)?)))?.collect::<Result<_, _>>()?;
+        for (kind, value) in held {
+            dropped.push(format!("{kind}:{value}"));
+            values.push(value);
+        }
+        values.push(ProfileId(*profile as u64).to_string());
+        let mut statement = transaction.prepare_cached("SELECT position FROM profile_events WHERE profile_id = ?1")?;
+        positions.extend(statement.query_map([profile], |row| row.get::<_, i64>(0))?.collect::<Result<Vec<_>, _>>()?);
+    }
+    let patterns = erasure_patterns(&values);
+    for pattern in &patterns {
+        let like = format!("%{}%", like_escape(pattern));
+        let mut statement =
+            transaction.prepare_cached("SELECT position FROM events WHERE payload LIKE ?1 ESCAPE '\\'")?;
+        positions.extend(statement.query_map([&like], |row| row.get::<_, i64>(0))?.collect::<Result<Vec<_>, _>>()?);
+    }
+    positions.sort_unstable();
+    positions.dedup();
+
+    let mut count = |table: &'static str, rows: usize| *report.entry(table).or_insert(0) += rows as u64;
+    for position in &positions {
+        let claim: Option<(String, String)> = transaction
+            .query_row("SELECT source_id, message_id FROM events WHERE position = ?1", [position], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
+            .optional()?;
+        if let Some((source_id, message_id)) = claim {
+            count(
+                "message_ids",
+                transaction.execute(
+                    "DELETE FROM message_ids WHERE source_id = ?1 AND message_id = ?2",
+                    params![source_id, message_id],
+                )?,
+            );
+        }
+        count("events", transaction.execute("DELETE FROM events WHERE position = ?1", [position])?);
+        count("profile_events", transaction.execute("DELETE FROM profile_events WHERE position = ?1", [position])?);
+        count("identity_history", transaction.execute("DELETE FROM identity_history WHERE position = ?1", [position])?);
+        count(
+            "unresolved_events",
+            transaction.execute("DELETE FROM unresolved_events WHERE position = ?1", [position])?,
+        );
+        count("outbox", transaction.execute("DELETE FROM outbox WHERE position = ?1", [position])?);
+        count("dead_letters", transaction.execute("DELETE FROM dead_letters WHERE position = ?1", [position])?);
+    }
+    let live_removed: i64 = profiles
+        .iter()
+        .map(|profile| {
+            transaction.query_row(
+                "SELECT COUNT(*) FROM profiles WHERE id = ?1 AND state IS NOT NULL",
+                [profile],
+                |row| row.get::<_, i64>(0),
+            )
+        })
+        .sum::<rusqlite::Result<i64>>()?;
+    for profile in &profiles {
+        let mut statement =
+            transaction.prepare_cached("SELECT audience FROM audience_members WHERE profile_id = ?1")?;
+        let audiences: Vec<String> = statement.query_map([profile], |row| row.get(0))?.collect::<Result<_, _>>()?;
+        for audience in audiences {
+            transaction.execute("UPDATE audiences SET size = size - 1 WHERE name = ?1 AND size > 0", [&audience])?;
+        }
+        for (table, sql) in [
+            ("profile_events", "DELETE FROM profile_events WHERE profile_id = ?1"),
+            ("identity_history", "DELETE FROM identity_history WHERE profile_id = ?1"),
+            ("identifiers", "DELETE FROM identifiers WHERE profile_id = ?1"),
+            ("profiles", "DELETE FROM profiles WHERE id = ?1"),
+            ("audience_members", "DELETE FROM audience_members WHERE profile_id = ?1"),
+            ("audience_history", "DELETE FROM audience_history WHERE profile_id = ?1"),
+            ("audience_states", "DELETE FROM audience_states WHERE profile_id = ?1"),
+            ("computed_trait_states", "DELETE FROM computed_trait_states WHERE profile_id = ?1"),
+        ] {
+            count(table, transaction.execute(sql, [profile])?);
+        }
+    }
+    for text in &dropped {
+        count("identity_history", transaction.execute("DELETE FROM identity_history WHERE dropped = ?1", [text])?);
+    }
+    for pattern in &patterns {
+        let like = format!("%{}%", like_escape(pattern));
+        for (table, sql) in [
+            ("identity_history", "DELETE FROM identity_history WHERE change LIKE ?1 ESCAPE '\\'"),
+            ("quarantine", "DELETE FROM quarantine WHERE payload LIKE ?1 ESCAPE '\\'"),
+            ("outbox", "DELETE FROM outbox WHERE payload LIKE ?1 ESCAPE '\\'"),
+            ("dead_letters", "DELETE FROM dead_letters WHERE payload LIKE ?1 ESCAPE '\\'"),
+            (
+                "plan_violations",
+                "DELETE FROM plan_violations WHERE sample LIKE ?1 ESCAPE '\\' OR message LIKE ?1 ESCAPE '\\'",
+            ),
+        ] {
+            count(table, transaction.execute(sql, [&like])?);
+        }
+    }
+    transaction
+        .execute("UPDATE identity_state SET live_profiles = MAX(live_profiles - ?1, 0) WHERE id = 1", [live_removed])?;
+    // A running resolver caches profiles: a new epoch makes it start again
+    // from storage rather than write the erased profile back.
+    transaction.execute("UPDATE stage_cursors SET epoch = epoch + 1 WHERE stage = ?1", [Stage::RESOLVE.0])?;
+    report.retain(|_, rows| *rows > 0);
+    Ok(report)
 }

@@ -63,3 +63,116 @@ pub fn violations_are_counted_with_the_append_per_event_and_path(store: &impl St
     let cut = violation(&web.id, "/x", &long, 4_000);
     assert!(cut.sample.len() <= crate::govern::MAX_VIOLATION_SAMPLE_BYTES && cut.sample.starts_with('é'));
 }
+
+pub fn requests_and_suppressions_are_kept_by_digest(store: &impl Store) {
+    use tandem_core::govern::dsr::{DsrKind, DsrStatus};
+    let first = crate::govern::new_dsr(DsrKind::Access, "aaaa");
+    let mut second = crate::govern::new_dsr(DsrKind::Delete, "bbbb");
+    second.created_at_ms = first.created_at_ms + 1;
+    store.insert_dsr(&first).unwrap();
+    store.insert_dsr(&second).unwrap();
+    store.finish_dsr(&second.id, DsrStatus::Done, "{\"events\":3}", second.created_at_ms + 5).unwrap();
+    let listed = store.list_dsr(10).unwrap();
+    assert_eq!(listed.iter().map(|request| request.id.as_str()).collect::<Vec<_>>(), vec![&second.id, &first.id]);
+    assert_eq!(listed[0].status, DsrStatus::Done);
+    assert_eq!(listed[0].finished_at_ms, Some(second.created_at_ms + 5));
+    assert_eq!(listed[0].detail.as_deref(), Some("{\"events\":3}"));
+    assert_eq!((listed[1].status, listed[1].kind), (DsrStatus::Pending, DsrKind::Access));
+    assert_eq!(store.list_dsr(1).unwrap().len(), 1);
+
+    assert!(store.suppress("d1", 1).unwrap());
+    assert!(!store.suppress("d1", 2).unwrap(), "suppressing twice changes nothing");
+    assert!(store.suppress("d2", 3).unwrap());
+    assert_eq!(store.suppressed().unwrap(), vec!["d1", "d2"]);
+    assert!(store.unsuppress("d1").unwrap());
+    assert!(!store.unsuppress("d1").unwrap());
+    assert_eq!(store.suppressed().unwrap(), vec!["d2"]);
+}
+
+pub fn erasing_a_person_removes_their_rows_everywhere_and_keeps_others(store: &impl Store) {
+    use crate::{EventLink, HistoryRecord, IdentityCommit, QuarantineRecord};
+    use tandem_core::{Identifier, IdentityChange, LogPosition, LogRecord, MessageId, Profile, ProfileId};
+    let web = store.create_source("web", SourceKind::Website).unwrap().id;
+    let event = |n: u64, user: &str| LogRecord {
+        source_id: web.clone(),
+        message_id: MessageId::new(format!("m{n}")),
+        event_type: EventType::Track,
+        received_at_ms: n as i64,
+        timestamp_ms: n as i64,
+        payload: format!(r#"{{"messageId":"m{n}","type":"track","userId":"{user}"}}"#),
+    };
+    let mut first = batch(vec![event(1, "ann-secret"), event(2, "ann-secret"), event(3, "bob")]);
+    first.rejected = vec![
+        QuarantineRecord {
+            source_id: web.clone(),
+            received_at_ms: 1,
+            batch_index: None,
+            code: "invalid_type".into(),
+            field: None,
+            message: "bad".into(),
+            payload: r#"{"userId":"ANN-SECRET","event":5}"#.into(),
+        },
+        QuarantineRecord {
+            source_id: web.clone(),
+            received_at_ms: 1,
+            batch_index: None,
+            code: "invalid_type".into(),
+            field: None,
+            message: "bad".into(),
+            payload: r#"{"userId":"bob","event":5}"#.into(),
+        },
+    ];
+    store.append(&[first], 0).unwrap();
+    let ann = Identifier::new("user_id", "ann-secret");
+    let bob = Identifier::new("user_id", "bob");
+    let state = store.identity_state().unwrap();
+    let mut ann_profile = Profile::new(ProfileId(1));
+    ann_profile.identifiers = vec![ann.clone()];
+    ann_profile.traits.insert("email".into(), serde_json::json!("ann@example.com"));
+    let mut bob_profile = Profile::new(ProfileId(2));
+    bob_profile.identifiers = vec![bob.clone()];
+    let link = |position: u64, profile: u64| EventLink {
+        position: LogPosition(position),
+        timestamp_ms: position as i64,
+        profile: ProfileId(profile),
+    };
+    let commit = IdentityCommit {
+        epoch: state.epoch,
+        from: LogPosition(0),
+        to: LogPosition(3),
+        profiles: vec![ann_profile, bob_profile],
+        identifiers: vec![(ann.clone(), ProfileId(1)), (bob.clone(), ProfileId(2))],
+        events: vec![link(1, 1), link(2, 1), link(3, 2)],
+        history: vec![HistoryRecord {
+            position: Some(LogPosition(1)),
+            profile: Some(ProfileId(1)),
+            change: IdentityChange::Created { profile: ProfileId(1), identifiers: vec![ann.clone()] },
+            recorded_at_ms: 5,
+        }],
+        next_profile_id: 3,
+        ..IdentityCommit::default()
+    };
+    store.commit_identity(&commit).unwrap();
+    assert_eq!(store.identity_state().unwrap().live_profiles, 2);
+
+    let report = store.erase_person(&ann).unwrap();
+    assert_eq!(report.get("events"), Some(&2), "{report:?}");
+    assert_eq!(report.get("profiles"), Some(&1), "{report:?}");
+    assert_eq!(report.get("quarantine"), Some(&1), "matched without regard to case: {report:?}");
+    assert_eq!(report.get("message_ids"), Some(&2), "{report:?}");
+    assert_eq!(store.profile_by_identifier(&ann).unwrap(), None);
+    assert!(store.profile_by_identifier(&bob).unwrap().is_some(), "others are kept");
+    let left: Vec<u64> = store.read_log(LogPosition(0), 10).unwrap().iter().map(|entry| entry.position.0).collect();
+    assert_eq!(left, vec![3]);
+    assert!(store.identity_history(ProfileId(1)).unwrap().is_empty());
+    let quarantine = store.list_quarantine(0, 10).unwrap();
+    assert_eq!(quarantine.len(), 1);
+    assert!(quarantine[0].record.payload.contains("bob"));
+    let after = store.identity_state().unwrap();
+    assert_eq!(after.live_profiles, 1);
+    assert_eq!(after.epoch, state.epoch + 1, "a running resolver must start again from storage");
+    // The dedup claims went with the events: the same message is stored anew.
+    let outcome = store.append(&[batch(vec![event(1, "ann-secret")])], 0).unwrap();
+    assert_eq!(outcome[0].stored, 1);
+    assert!(store.erase_person(&Identifier::new("user_id", "nobody")).unwrap().is_empty());
+}
