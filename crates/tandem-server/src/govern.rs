@@ -1,5 +1,7 @@
-//! Governance at ingestion: a request's valid events pass through their
-//! source's tracking plan before they reach the log writer. Blocked events
+//! Governance at ingestion: a request's valid events are checked against
+//! the suppressed identifiers (a match is quarantined as `suppressed`,
+//! keeping only a digest of the message), then pass through their source's
+//! tracking plan before they reach the log writer. Blocked events
 //! become refusals (quarantined with `unplanned_event` or `plan_violation`,
 //! listed in the response like any refused message), unplanned properties are
 //! removed in that mode, and every violation is counted with the append.
@@ -12,12 +14,14 @@
 use crate::error::{ApiError, ErrorCode};
 use crate::metrics::Metrics;
 use crate::AppState;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tandem_core::collect::{RejectedMessage, Rejection, RejectionCode};
+use tandem_core::govern::dsr::{identifier_digest, payload_digest};
 use tandem_core::govern::plan::{CompiledPlan, PlanError, PlanVerdict, TrackingPlan, ViolationKind};
-use tandem_core::{Event, Source, SourceId};
+use tandem_core::identity::CompiledRules;
+use tandem_core::{Event, IdentityGraph, Source, SourceId};
 use tandem_store::{PlanViolationRecord, PlanViolationSummary, Store, StoreError, StoredPlan};
 
 /// How long a source's plan (or its absence) is trusted without reading it again.
@@ -76,6 +80,66 @@ impl PlanDirectory {
     }
 }
 
+/// The suppressed identifier digests with the identity rules that say which
+/// identifiers an event carries, read through from storage every
+/// [`PLAN_CACHE_TTL`]; with no suppression the check costs one look at an
+/// empty set per request.
+pub struct SuppressionDirectory {
+    store: Arc<dyn Store>,
+    known: RwLock<Option<(Arc<Suppressions>, Instant)>>,
+}
+
+/// What the suppression check needs, read at once.
+pub struct Suppressions {
+    digests: HashSet<String>,
+    rules: Option<CompiledRules>,
+}
+
+impl SuppressionDirectory {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        SuppressionDirectory { store, known: RwLock::new(None) }
+    }
+
+    async fn current(&self) -> Result<Arc<Suppressions>, ApiError> {
+        if let Some((known, read_at)) = &*self.known.read().unwrap_or_else(|poisoned| poisoned.into_inner()) {
+            if read_at.elapsed() < PLAN_CACHE_TTL {
+                return Ok(known.clone());
+            }
+        }
+        let store = self.store.clone();
+        let read = tokio::task::spawn_blocking(move || -> Result<Suppressions, StoreError> {
+            let digests: HashSet<String> = store.suppressed()?.into_iter().collect();
+            let rules = if digests.is_empty() { None } else { store.identity_rules()?.compile().ok() };
+            Ok(Suppressions { digests, rules })
+        })
+        .await
+        .map_err(|_| ApiError::new(ErrorCode::Internal, "internal error"))?
+        .map_err(|error| {
+            tracing::error!(%error, "reading suppressions failed");
+            ApiError::unavailable()
+        })?;
+        let read = Arc::new(read);
+        *self.known.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some((read.clone(), Instant::now()));
+        Ok(read)
+    }
+
+    /// Reads the suppressions again on next use (after one was added or removed here).
+    pub fn forget(&self) {
+        *self.known.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+    }
+}
+
+impl Suppressions {
+    /// The type of the first suppressed identifier `event` carries.
+    fn suppressed_identifier(&self, event: &Event) -> Option<String> {
+        let rules = self.rules.as_ref()?;
+        IdentityGraph::identifiers_carried(event, rules)
+            .into_iter()
+            .find(|identifier| self.digests.contains(&identifier_digest(identifier)))
+            .map(|identifier| identifier.kind)
+    }
+}
+
 /// A request's events after governance.
 #[derive(Debug, Default)]
 pub struct Screened {
@@ -97,10 +161,43 @@ pub async fn screen<'a>(
     raw: impl Fn(Option<usize>) -> &'a str,
     received_at_ms: i64,
 ) -> Result<Screened, ApiError> {
-    let Some(plan) = state.plans.plan_for(source_id).await? else {
-        return Ok(Screened { events, ..Screened::default() });
+    let suppressions = state.suppressions.current().await?;
+    let (events, indexes, refused) = if suppressions.digests.is_empty() {
+        (events, std::borrow::Cow::Borrowed(indexes), Vec::new())
+    } else {
+        let mut kept = Vec::with_capacity(events.len());
+        let mut kept_indexes = Vec::with_capacity(events.len());
+        let mut refused = Vec::new();
+        for (event, index) in events.into_iter().zip(indexes.iter().copied()) {
+            match suppressions.suppressed_identifier(&event) {
+                Some(kind) => refused.push(RejectedMessage {
+                    index,
+                    // Only a digest: the message is about someone who asked
+                    // not to be processed.
+                    raw: payload_digest(raw(index).as_bytes()),
+                    rejection: Rejection::new(
+                        RejectionCode::Suppressed,
+                        &kind,
+                        format!("a {kind} of this message belongs to a suppressed person"),
+                    ),
+                }),
+                None => {
+                    kept.push(event);
+                    kept_indexes.push(index);
+                }
+            }
+        }
+        (kept, std::borrow::Cow::Owned(kept_indexes), refused)
     };
-    Ok(apply_plan(&plan, &state.metrics, events, indexes, raw, received_at_ms))
+    let mut screened = match state.plans.plan_for(source_id).await? {
+        Some(plan) => apply_plan(&plan, &state.metrics, events, &indexes, raw, received_at_ms),
+        None => Screened { events, ..Screened::default() },
+    };
+    if !refused.is_empty() {
+        screened.refused.extend(refused);
+        screened.refused.sort_by_key(|refused| refused.index);
+    }
+    Ok(screened)
 }
 
 /// Applies the source's plan to a request's events. `indexes` gives each

@@ -11,6 +11,7 @@ pub mod collect;
 pub mod computed_api;
 pub mod connection;
 pub mod destination_api;
+pub mod dsr;
 pub mod error;
 pub mod extract;
 pub mod govern;
@@ -54,6 +55,8 @@ pub struct AppState {
     pub tokens: Arc<auth::TokenDirectory>,
     /// Tracking plans per source, cached for ingestion.
     pub plans: Arc<govern::PlanDirectory>,
+    /// Suppressed identifiers, cached for ingestion.
+    pub suppressions: Arc<govern::SuppressionDirectory>,
     pub log: LogWriter,
     pub metrics: Metrics,
     /// The committed head of the log, which every stage follows.
@@ -83,6 +86,7 @@ impl AppState {
             sources: Arc::new(SourceDirectory::new(store.clone())),
             tokens: Arc::new(auth::TokenDirectory::new(store.clone())),
             plans: Arc::new(govern::PlanDirectory::new(store.clone())),
+            suppressions: Arc::new(govern::SuppressionDirectory::new(store.clone())),
             store,
             log,
             metrics,
@@ -107,6 +111,7 @@ pub fn router(state: AppState) -> Router {
         .merge(computed_api::routes())
         .merge(destination_api::routes())
         .merge(plan_api::routes())
+        .merge(dsr::routes())
         .merge(import::jobs::routes())
         .merge(webhook::routes())
         .merge(sdk_settings::routes())

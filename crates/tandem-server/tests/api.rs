@@ -1997,3 +1997,194 @@ mod plans {
         assert_eq!(omitted[0]["path"], "/properties/coupon");
     }
 }
+
+mod data_subject_requests {
+    use super::profiles::get;
+    use super::*;
+    use tandem_server::resolve::{Resolver, DEFAULT_BATCH};
+
+    async fn request(harness: &Harness, token: &str, kind: &str, identifier: &str) -> (StatusCode, Value) {
+        let request = Request::post("/api/v1/dsr")
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Body::from(json!({"kind": kind, "identifier": identifier}).to_string()))
+            .unwrap();
+        harness.send(request).await
+    }
+
+    async fn resolve(harness: &Harness) {
+        let store: Arc<dyn Store> = harness.store.clone();
+        tokio::task::spawn_blocking(move || Resolver::load(store).unwrap().catch_up(DEFAULT_BATCH).unwrap())
+            .await
+            .unwrap();
+    }
+
+    /// Ann (with secrets worth finding) and Bob, resolved into profiles; one
+    /// of Ann's messages is also in the quarantine and a plan-violation sample.
+    async fn with_ann_and_bob(harness: &Harness, token: &str) {
+        let plan = json!({"mode": "report", "events": {"Order Completed": {"type": "object", "required": ["total"]}}});
+        let put = Request::put("/api/v1/plans/website")
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Body::from(plan.to_string()))
+            .unwrap();
+        assert_eq!(harness.send(put).await.0, StatusCode::OK);
+        let (status, body) = harness
+            .post_json(
+                "/v1/batch",
+                json!({"batch": [
+                    {"type": "identify", "anonymousId": "anon-zq81x", "userId": "user-zq81x",
+                     "traits": {"email": "Ann.Zq81x@Example.com", "favourite": "crimson-zq81x"}, "messageId": "a1"},
+                    {"type": "track", "userId": "user-zq81x", "event": "Order Completed",
+                     "properties": {"coupon": "coupon-zq81x"}, "messageId": "a2"},
+                    {"type": "track", "userId": "user-zq81x", "event": 5, "messageId": "a3"},
+                    {"type": "identify", "userId": "bob-1", "traits": {"email": "bob@example.com"}, "messageId": "b1"}
+                ]}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["rejected"].as_array().unwrap().len(), 1, "{body}");
+        resolve(harness).await;
+    }
+
+    fn file_bytes(harness: &Harness) -> Vec<u8> {
+        let path = harness.store.path().to_path_buf();
+        let mut bytes = std::fs::read(&path).unwrap();
+        for suffix in ["-wal", "-journal"] {
+            let side = path.with_file_name(format!("{}{suffix}", path.file_name().unwrap().to_string_lossy()));
+            if let Ok(more) = std::fs::read(side) {
+                bytes.extend(more);
+            }
+        }
+        bytes
+    }
+
+    fn contains(haystack: &[u8], needle: &str) -> bool {
+        let needle = needle.as_bytes();
+        haystack.windows(needle.len()).any(|window| window.eq_ignore_ascii_case(needle))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn access_exports_the_profile_events_history_and_deliveries() {
+        let harness = Harness::new();
+        let token = harness.store.create_token("test").unwrap().1;
+        with_ann_and_bob(&harness, &token).await;
+        let (status, body) = request(&harness, &token, "access", "email:ann.zq81x@example.com").await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert_eq!((body["kind"].as_str(), body["status"].as_str()), (Some("access"), Some("done")));
+        let result = &body["result"];
+        let identifiers: Vec<String> = result["profile"]["identifiers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|identifier| {
+                format!("{}:{}", identifier["type"].as_str().unwrap(), identifier["value"].as_str().unwrap())
+            })
+            .collect();
+        for expected in ["anonymous_id:anon-zq81x", "user_id:user-zq81x", "email:ann.zq81x@example.com"] {
+            assert!(identifiers.contains(&expected.to_owned()), "{identifiers:?}");
+        }
+        assert_eq!(result["profile"]["traits"]["favourite"], "crimson-zq81x");
+        let mut ids: Vec<&str> =
+            result["events"].as_array().unwrap().iter().map(|event| event["messageId"].as_str().unwrap()).collect();
+        ids.sort();
+        assert_eq!(ids, vec!["a1", "a2"], "Bob's event is not Ann's");
+        assert!(!result["history"].as_array().unwrap().is_empty());
+        assert!(result["memberships"].is_array() && result["deliveries"].is_array());
+        assert_eq!(result["suppressed"], false);
+        let digest = body["subject_digest"].as_str().unwrap();
+        assert!(!digest.contains("zq81x"), "requests name the person by digest only");
+
+        let (status, body) = request(&harness, &token, "access", "email:nobody@example.com").await;
+        assert_eq!(status, StatusCode::CREATED);
+        assert!(body["result"]["profile"].is_null());
+        let (status, body) = request(&harness, &token, "access", "nonsense").await;
+        assert_eq!((status, error_of(&body)), (StatusCode::BAD_REQUEST, ("invalid_identifier", Some("identifier"))));
+        let (status, body) = request(&harness, &token, "forget", "email:a@b.c").await;
+        assert_eq!((status, error_of(&body)), (StatusCode::BAD_REQUEST, ("invalid_value", Some("kind"))));
+        let (status, body) = get(&harness, "/api/v1/dsr", Some(&token)).await;
+        assert_eq!(status, StatusCode::OK);
+        let requests = body["requests"].as_array().unwrap();
+        assert_eq!(requests.len(), 2, "{body}");
+        assert!(requests.iter().all(|request| request["status"] == "done" && request["finished_at"].is_string()));
+        let (status, _) = get(&harness, "/api/v1/dsr", None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn delete_leaves_no_trace_of_the_person_in_the_database_file() {
+        let harness = Harness::new();
+        let token = harness.store.create_token("test").unwrap().1;
+        with_ann_and_bob(&harness, &token).await;
+        let secrets = ["anon-zq81x", "user-zq81x", "ann.zq81x@example.com", "crimson-zq81x", "coupon-zq81x"];
+        let before = file_bytes(&harness);
+        for secret in secrets {
+            assert!(contains(&before, secret), "{secret} is stored before the erasure");
+        }
+        let (status, body) = request(&harness, &token, "delete", "user_id:user-zq81x").await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert_eq!(body["status"], "done");
+        assert_eq!(body["detail"]["removed"]["events"], 2, "{body}");
+        assert_eq!(body["detail"]["removed"]["quarantine"], 1, "{body}");
+        let after = file_bytes(&harness);
+        for secret in secrets {
+            assert!(!contains(&after, secret), "{secret} is still in the database file");
+        }
+        assert!(contains(&after, "bob@example.com"), "others are kept");
+        let (_, body) = get(&harness, "/api/v1/profiles?identifier=user_id:user-zq81x", Some(&token)).await;
+        assert_eq!(error_of(&body).0, "profile_not_found");
+        // The resolver goes on after the erasure, with Bob intact.
+        harness
+            .post_json("/v1/track", json!({"userId": "bob-1", "event": "Order Completed", "properties": {"total": 1}}))
+            .await;
+        resolve(&harness).await;
+        let (status, _) = get(&harness, "/api/v1/profiles?identifier=user_id:bob-1", Some(&token)).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn suppressed_identifiers_are_refused_at_ingestion_keeping_only_a_digest() {
+        let harness = Harness::new();
+        let token = harness.store.create_token("test").unwrap().1;
+        let (status, body) = request(&harness, &token, "suppress", "email:Carol.Zq81x@example.com").await;
+        assert_eq!((status, body["status"].as_str()), (StatusCode::CREATED, Some("done")));
+        let (status, body) = harness
+            .post_json(
+                "/v1/identify",
+                json!({"userId": "carol-1", "traits": {"email": "carol.zq81x@EXAMPLE.com"}, "messageId": "c1"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        assert_eq!(error_of(&body), ("suppressed", Some("email")));
+        let (status, body) = harness
+            .post_json(
+                "/v1/batch",
+                json!({"batch": [
+                    {"type": "track", "userId": "dave", "event": "A", "messageId": "d1"},
+                    {"type": "track", "userId": "carol-1", "event": "A", "messageId": "c2",
+                     "context": {"traits": {"email": "carol.zq81x@example.com"}}}
+                ]}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["rejected"][0]["index"], 1);
+        assert_eq!(body["rejected"][0]["code"], "suppressed");
+        let stored: Vec<Value> = harness.events();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0]["messageId"], "d1");
+        let quarantine = harness.store.list_quarantine(0, 10).unwrap();
+        assert_eq!(quarantine.len(), 2);
+        for entry in &quarantine {
+            assert_eq!(entry.record.code, "suppressed");
+            assert!(entry.record.payload.starts_with("sha256:"), "{}", entry.record.payload);
+            assert!(!entry.record.payload.contains("zq81x"));
+        }
+        let (status, _) = request(&harness, &token, "unsuppress", "email:carol.zq81x@example.com").await;
+        assert_eq!(status, StatusCode::CREATED);
+        let (status, _) = harness
+            .post_json(
+                "/v1/identify",
+                json!({"userId": "carol-1", "traits": {"email": "carol.zq81x@example.com"}, "messageId": "c3"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+}

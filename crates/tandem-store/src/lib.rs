@@ -36,7 +36,9 @@ pub use audience::{
     AudienceStore, Backfill, ComputedTraitRecord, ComputedTraitWrite, DailyChanges, DailySize, Membership,
     MembershipChange, MembershipChangeKind, StoredAudienceState, StoredComputedTrait,
 };
-pub use govern::{GovernStore, PlanViolationRecord, PlanViolationSummary, StoredPlan};
+pub use govern::{
+    DsrRecord, ErasureReport, GovernStore, PersonDelivery, PlanViolationRecord, PlanViolationSummary, StoredPlan,
+};
 pub use identity::{
     CommitOutcome, EventLink, HistoryRecord, IdentityCommit, IdentityRepair, IdentityState, IdentityStore,
     TimelineCursor, TimelineCursorError, UnresolvedEvent,

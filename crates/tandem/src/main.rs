@@ -10,6 +10,7 @@ mod computed;
 mod config;
 mod demo;
 mod destination;
+mod dsr;
 mod import;
 mod plan;
 
@@ -73,6 +74,9 @@ enum Command {
     /// Destinations: webhooks and files that receive events, in order, at least once
     #[command(subcommand)]
     Destination(DestinationCommand),
+    /// Data subject requests: access, delete, suppress or unsuppress a person by an identifier
+    #[command(subcommand)]
+    Dsr(DsrCommand),
     /// Tracking plans: the events a source may send and the JSON Schemas they must pass
     #[command(subcommand)]
     Plan(PlanCommand),
@@ -354,6 +358,39 @@ enum TokenCommand {
     Revoke {
         /// The token's id (tok_…), as `token list` shows it
         id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DsrCommand {
+    /// Print everything kept about the person holding TYPE:VALUE, as JSON
+    Access {
+        /// The identifier, as TYPE:VALUE (email:ann@example.com)
+        identifier: String,
+    },
+    /// Erase the person holding TYPE:VALUE from every table
+    Delete {
+        /// The identifier, as TYPE:VALUE
+        identifier: String,
+    },
+    /// Refuse future events carrying TYPE:VALUE (quarantined as suppressed, keeping only a digest)
+    Suppress {
+        /// The identifier, as TYPE:VALUE
+        identifier: String,
+    },
+    /// Accept events carrying TYPE:VALUE again
+    Unsuppress {
+        /// The identifier, as TYPE:VALUE
+        identifier: String,
+    },
+    /// List requests, newest first, with their status
+    List {
+        /// Requests to print
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Print a JSON array
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -871,6 +908,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audience(AudienceCommand::Members { name, limit, after, json }) => {
             audience::members(open(Access::Existing)?, &name, after.as_deref(), limit, json, &mut out)
         }
+        Command::Dsr(DsrCommand::Access { identifier }) => {
+            dsr::run(open(Access::Existing)?, tandem_core::govern::dsr::DsrKind::Access, &identifier, &mut out)
+        }
+        Command::Dsr(DsrCommand::Delete { identifier }) => {
+            dsr::run(open(Access::Existing)?, tandem_core::govern::dsr::DsrKind::Delete, &identifier, &mut out)
+        }
+        Command::Dsr(DsrCommand::Suppress { identifier }) => {
+            dsr::run(open(Access::Existing)?, tandem_core::govern::dsr::DsrKind::Suppress, &identifier, &mut out)
+        }
+        Command::Dsr(DsrCommand::Unsuppress { identifier }) => {
+            dsr::run(open(Access::Existing)?, tandem_core::govern::dsr::DsrKind::Unsuppress, &identifier, &mut out)
+        }
+        Command::Dsr(DsrCommand::List { limit, json }) => dsr::list(open(Access::Existing)?, limit, json, &mut out),
         Command::Plan(PlanCommand::Set { source, file }) => {
             plan::set(open(Access::Existing)?, &source, &file, &mut out)
         }
