@@ -1,7 +1,9 @@
 //! Governance rules, as pure logic: tracking plans (which events a source may
-//! send and what they must look like) and data subject requests (their kinds,
+//! send and what they must look like), consent (which categories a person
+//! agreed to and what a destination may receive) and data subject requests (their kinds,
 //! statuses and the digests that name a person without keeping the
 //! identifier). The server applies them; storage keeps them.
 
+pub mod consent;
 pub mod dsr;
 pub mod plan;

@@ -656,6 +656,7 @@ mod tests {
             audiences: Vec::new(),
             retry,
             max_events_per_second: None,
+            consent_categories: Vec::new(),
         }
     }
 
@@ -912,6 +913,7 @@ mod tests {
             audiences: Vec::new(),
             retry: RetrySettings::default(),
             max_events_per_second: None,
+            consent_categories: Vec::new(),
         };
         create_destination(&*store, &definition, 0).unwrap();
         append_and_resolve(&store, &[track("ann", "A", 1), track("ann", "B", 2)]);

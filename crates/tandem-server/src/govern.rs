@@ -27,10 +27,13 @@ use tandem_store::{PlanViolationRecord, PlanViolationSummary, Store, StoreError,
 /// How long a source's plan (or its absence) is trusted without reading it again.
 pub const PLAN_CACHE_TTL: Duration = Duration::from_secs(10);
 
+/// A source's plan (or its absence) and when it was read.
+type CachedPlan = (Option<Arc<CompiledPlan>>, Instant);
+
 /// Source → compiled tracking plan, read through from storage.
 pub struct PlanDirectory {
     store: Arc<dyn Store>,
-    known: RwLock<HashMap<SourceId, (Option<Arc<CompiledPlan>>, Instant)>>,
+    known: RwLock<HashMap<SourceId, CachedPlan>>,
 }
 
 impl PlanDirectory {

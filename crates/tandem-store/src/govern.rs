@@ -7,9 +7,10 @@
 
 use serde::Serialize;
 use std::collections::BTreeMap;
+use tandem_core::govern::consent::Consent;
 use tandem_core::govern::dsr::{DsrKind, DsrStatus};
 use tandem_core::govern::plan::TrackingPlan;
-use tandem_core::{Identifier, LogPosition, SourceId};
+use tandem_core::{Identifier, LogPosition, ProfileId, SourceId};
 
 use crate::StoreError;
 
@@ -123,6 +124,17 @@ pub struct PersonDelivery {
     pub last_error: Option<String>,
 }
 
+/// What an event said about one consent category of its profile.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ConsentChange {
+    pub profile: ProfileId,
+    pub category: String,
+    pub granted: bool,
+    /// The event that said it.
+    pub position: LogPosition,
+    pub at_ms: i64,
+}
+
 /// Rows an erasure removed, per table.
 pub type ErasureReport = BTreeMap<&'static str, u64>;
 
@@ -163,6 +175,23 @@ pub trait GovernStore: Send + Sync + 'static {
 
     /// The outbox items and dead letters of these log positions.
     fn deliveries_of(&self, positions: &[LogPosition]) -> Result<Vec<PersonDelivery>, StoreError>;
+
+    /// Records what events said about their profiles' consent: each
+    /// category's current value (the one from the highest position wins) and
+    /// its history (recording the same change twice keeps one entry).
+    fn record_consent(&self, changes: &[ConsentChange]) -> Result<(), StoreError>;
+
+    /// The current consent of each of these profiles that has any.
+    fn consent_of(&self, profiles: &[ProfileId]) -> Result<BTreeMap<ProfileId, Consent>, StoreError>;
+
+    /// A profile's consent history, oldest first.
+    fn consent_history(&self, profile: ProfileId) -> Result<Vec<ConsentChange>, StoreError>;
+
+    /// Adds to a destination's counts of deliveries withheld per category.
+    fn count_withheld(&self, destination: &str, counts: &BTreeMap<String, u64>) -> Result<(), StoreError>;
+
+    /// A destination's deliveries withheld for want of consent, per category.
+    fn withheld_counts(&self, destination: &str) -> Result<BTreeMap<String, u64>, StoreError>;
 
     /// Removes the person holding `identifier` from every table, in one
     /// transaction: their profile (and those merged into it), identifiers,

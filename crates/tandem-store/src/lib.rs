@@ -37,7 +37,8 @@ pub use audience::{
     MembershipChange, MembershipChangeKind, StoredAudienceState, StoredComputedTrait,
 };
 pub use govern::{
-    DsrRecord, ErasureReport, GovernStore, PersonDelivery, PlanViolationRecord, PlanViolationSummary, StoredPlan,
+    ConsentChange, DsrRecord, ErasureReport, GovernStore, PersonDelivery, PlanViolationRecord, PlanViolationSummary,
+    StoredPlan,
 };
 pub use identity::{
     CommitOutcome, EventLink, HistoryRecord, IdentityCommit, IdentityRepair, IdentityState, IdentityStore,

@@ -276,6 +276,29 @@ const MIGRATIONS: &[&str] = &[
         digest TEXT PRIMARY KEY,
         created_at BIGINT NOT NULL
     );"#,
+    // 9: consent (see `sqlite.rs`, migration 15).
+    r#"CREATE TABLE profile_consent (
+        profile_id BIGINT NOT NULL,
+        category TEXT COLLATE "C" NOT NULL,
+        granted BOOLEAN NOT NULL,
+        position BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        PRIMARY KEY (profile_id, category)
+    );
+    CREATE TABLE consent_history (
+        profile_id BIGINT NOT NULL,
+        category TEXT COLLATE "C" NOT NULL,
+        granted BOOLEAN NOT NULL,
+        position BIGINT NOT NULL,
+        at BIGINT NOT NULL,
+        PRIMARY KEY (profile_id, category, position)
+    );
+    CREATE TABLE consent_withheld (
+        destination TEXT NOT NULL,
+        category TEXT COLLATE "C" NOT NULL,
+        count BIGINT NOT NULL,
+        PRIMARY KEY (destination, category)
+    );"#,
 ];
 
 /// The PostgreSQL implementation of [`crate::Store`].

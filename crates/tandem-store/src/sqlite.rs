@@ -288,6 +288,31 @@ const MIGRATIONS: &[&str] = &[
         digest TEXT PRIMARY KEY,
         created_at INTEGER NOT NULL
     ) WITHOUT ROWID;",
+    // 15: consent: each profile's current value per category (from the
+    // event at `position`), its history, and deliveries withheld per
+    // destination and category.
+    "CREATE TABLE profile_consent (
+        profile_id INTEGER NOT NULL,
+        category TEXT NOT NULL,
+        granted INTEGER NOT NULL,
+        position INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (profile_id, category)
+    ) WITHOUT ROWID;
+    CREATE TABLE consent_history (
+        profile_id INTEGER NOT NULL,
+        category TEXT NOT NULL,
+        granted INTEGER NOT NULL,
+        position INTEGER NOT NULL,
+        at INTEGER NOT NULL,
+        PRIMARY KEY (profile_id, category, position)
+    ) WITHOUT ROWID;
+    CREATE TABLE consent_withheld (
+        destination TEXT NOT NULL,
+        category TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        PRIMARY KEY (destination, category)
+    ) WITHOUT ROWID;",
 ];
 
 /// The `received_at` of a message id kept for good ([`Dedup::Forever`]).

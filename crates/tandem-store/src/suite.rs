@@ -101,7 +101,8 @@ macro_rules! govern_store_test_suite {
             plans_are_kept_per_source_and_replaced,
             violations_are_counted_with_the_append_per_event_and_path,
             requests_and_suppressions_are_kept_by_digest,
-            erasing_a_person_removes_their_rows_everywhere_and_keeps_others
+            erasing_a_person_removes_their_rows_everywhere_and_keeps_others,
+            consent_keeps_the_latest_value_per_category_with_history_and_withheld_counts
         );
     };
 }

@@ -6,11 +6,13 @@
 
 use super::PostgresStore;
 use crate::govern::{
-    erasure_patterns, like_escape, plan_from_text, plan_to_text, DsrRecord, ErasureReport, GovernStore, PersonDelivery,
-    PlanViolationRecord, PlanViolationSummary, StoredPlan,
+    erasure_patterns, like_escape, plan_from_text, plan_to_text, ConsentChange, DsrRecord, ErasureReport, GovernStore,
+    PersonDelivery, PlanViolationRecord, PlanViolationSummary, StoredPlan,
 };
 use crate::{Stage, StoreError};
 use postgres::{GenericClient, Row, Transaction};
+use std::collections::BTreeMap;
+use tandem_core::govern::consent::Consent;
 use tandem_core::govern::dsr::{DsrKind, DsrStatus};
 use tandem_core::govern::plan::TrackingPlan;
 use tandem_core::{Identifier, LogPosition, ProfileId, SourceId};
@@ -233,6 +235,104 @@ impl GovernStore for PostgresStore {
         })
     }
 
+    fn record_consent(&self, changes: &[ConsentChange]) -> Result<(), StoreError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        self.with_client(|client| {
+            let mut transaction = client.transaction()?;
+            let current = transaction.prepare(
+                "INSERT INTO profile_consent (profile_id, category, granted, position, updated_at)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (profile_id, category) DO UPDATE
+                 SET granted = excluded.granted, position = excluded.position, updated_at = excluded.updated_at
+                 WHERE excluded.position >= profile_consent.position",
+            )?;
+            let history = transaction.prepare(
+                "INSERT INTO consent_history (profile_id, category, granted, position, at)
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            )?;
+            for change in changes {
+                let profile = change.profile.0 as i64;
+                let position = change.position.0 as i64;
+                let row: [&(dyn postgres::types::ToSql + Sync); 5] =
+                    [&profile, &change.category, &change.granted, &position, &change.at_ms];
+                transaction.execute(&current, &row)?;
+                transaction.execute(&history, &row)?;
+            }
+            transaction.commit()?;
+            Ok(())
+        })
+    }
+
+    fn consent_of(&self, profiles: &[ProfileId]) -> Result<BTreeMap<ProfileId, Consent>, StoreError> {
+        let ids: Vec<i64> = profiles.iter().map(|profile| profile.0 as i64).collect();
+        self.with_client(|client| {
+            let mut found: BTreeMap<ProfileId, Consent> = BTreeMap::new();
+            for row in client.query(
+                "SELECT profile_id, category, granted FROM profile_consent WHERE profile_id = ANY($1)",
+                &[&ids],
+            )? {
+                let profile = ProfileId(row.try_get::<_, i64>(0)? as u64);
+                found.entry(profile).or_default().insert(row.try_get(1)?, row.try_get(2)?);
+            }
+            Ok(found)
+        })
+    }
+
+    fn consent_history(&self, profile: ProfileId) -> Result<Vec<ConsentChange>, StoreError> {
+        self.with_client(|client| {
+            client
+                .query(
+                    "SELECT category, granted, position, at FROM consent_history WHERE profile_id = $1
+                     ORDER BY position, category",
+                    &[&(profile.0 as i64)],
+                )?
+                .iter()
+                .map(|row| {
+                    Ok(ConsentChange {
+                        profile,
+                        category: row.try_get(0)?,
+                        granted: row.try_get(1)?,
+                        position: LogPosition(row.try_get::<_, i64>(2)? as u64),
+                        at_ms: row.try_get(3)?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn count_withheld(&self, destination: &str, counts: &BTreeMap<String, u64>) -> Result<(), StoreError> {
+        if counts.is_empty() {
+            return Ok(());
+        }
+        let categories: Vec<&str> = counts.keys().map(String::as_str).collect();
+        let added: Vec<i64> = counts.values().map(|count| *count as i64).collect();
+        self.with_client(|client| {
+            client.execute(
+                "INSERT INTO consent_withheld (destination, category, count)
+                 SELECT $1, category, added FROM unnest($2::text[], $3::bigint[]) AS counts (category, added)
+                 ON CONFLICT (destination, category) DO UPDATE
+                 SET count = consent_withheld.count + excluded.count",
+                &[&destination, &categories, &added],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn withheld_counts(&self, destination: &str) -> Result<BTreeMap<String, u64>, StoreError> {
+        self.with_client(|client| {
+            client
+                .query(
+                    "SELECT category, count FROM consent_withheld WHERE destination = $1 ORDER BY category",
+                    &[&destination],
+                )?
+                .iter()
+                .map(|row| Ok((row.try_get(0)?, row.try_get::<_, i64>(1)? as u64)))
+                .collect()
+        })
+    }
+
     fn erase_person(&self, identifier: &Identifier) -> Result<ErasureReport, StoreError> {
         self.with_client(|client| {
             let mut transaction = client.transaction()?;
@@ -336,6 +436,8 @@ fn erase(transaction: &mut Transaction<'_>, identifier: &Identifier) -> Result<E
         ("audience_history", "DELETE FROM audience_history WHERE profile_id = ANY($1)"),
         ("audience_states", "DELETE FROM audience_states WHERE profile_id = ANY($1)"),
         ("computed_trait_states", "DELETE FROM computed_trait_states WHERE profile_id = ANY($1)"),
+        ("profile_consent", "DELETE FROM profile_consent WHERE profile_id = ANY($1)"),
+        ("consent_history", "DELETE FROM consent_history WHERE profile_id = ANY($1)"),
     ] {
         count(table, transaction.execute(sql, &[&profiles])?);
     }

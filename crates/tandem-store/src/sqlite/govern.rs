@@ -6,11 +6,13 @@
 
 use super::SqliteStore;
 use crate::govern::{
-    erasure_patterns, like_escape, plan_from_text, plan_to_text, DsrRecord, ErasureReport, GovernStore, PersonDelivery,
-    PlanViolationRecord, PlanViolationSummary, StoredPlan,
+    erasure_patterns, like_escape, plan_from_text, plan_to_text, ConsentChange, DsrRecord, ErasureReport, GovernStore,
+    PersonDelivery, PlanViolationRecord, PlanViolationSummary, StoredPlan,
 };
 use crate::{Stage, StoreError};
 use rusqlite::{params, OptionalExtension, Transaction, TransactionBehavior};
+use std::collections::BTreeMap;
+use tandem_core::govern::consent::Consent;
 use tandem_core::govern::dsr::{DsrKind, DsrStatus};
 use tandem_core::govern::plan::TrackingPlan;
 use tandem_core::{Identifier, LogPosition, ProfileId, SourceId};
@@ -211,6 +213,107 @@ impl GovernStore for SqliteStore {
         })
     }
 
+    fn record_consent(&self, changes: &[ConsentChange]) -> Result<(), StoreError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        self.with_writer(|connection| {
+            let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            {
+                let mut current = transaction.prepare_cached(
+                    "INSERT INTO profile_consent (profile_id, category, granted, position, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (profile_id, category) DO UPDATE
+                     SET granted = excluded.granted, position = excluded.position, updated_at = excluded.updated_at
+                     WHERE excluded.position >= profile_consent.position",
+                )?;
+                let mut history = transaction.prepare_cached(
+                    "INSERT INTO consent_history (profile_id, category, granted, position, at)
+                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+                )?;
+                for change in changes {
+                    let row = params![
+                        change.profile.0 as i64,
+                        change.category,
+                        change.granted,
+                        change.position.0 as i64,
+                        change.at_ms
+                    ];
+                    current.execute(row)?;
+                    history.execute(row)?;
+                }
+            }
+            transaction.commit()?;
+            Ok(())
+        })
+    }
+
+    fn consent_of(&self, profiles: &[ProfileId]) -> Result<BTreeMap<ProfileId, Consent>, StoreError> {
+        self.with_reader(|connection| {
+            let mut statement =
+                connection.prepare_cached("SELECT category, granted FROM profile_consent WHERE profile_id = ?1")?;
+            let mut found = BTreeMap::new();
+            for profile in profiles {
+                let consent: Consent = statement
+                    .query_map([profile.0 as i64], |row| Ok((row.get(0)?, row.get(1)?)))?
+                    .collect::<Result<_, _>>()?;
+                if !consent.is_empty() {
+                    found.insert(*profile, consent);
+                }
+            }
+            Ok(found)
+        })
+    }
+
+    fn consent_history(&self, profile: ProfileId) -> Result<Vec<ConsentChange>, StoreError> {
+        self.with_reader(|connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT category, granted, position, at FROM consent_history WHERE profile_id = ?1
+                 ORDER BY position, category",
+            )?;
+            let rows = statement.query_map([profile.0 as i64], |row| {
+                Ok(ConsentChange {
+                    profile,
+                    category: row.get(0)?,
+                    granted: row.get(1)?,
+                    position: LogPosition(row.get::<_, i64>(2)? as u64),
+                    at_ms: row.get(3)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn count_withheld(&self, destination: &str, counts: &BTreeMap<String, u64>) -> Result<(), StoreError> {
+        if counts.is_empty() {
+            return Ok(());
+        }
+        self.with_writer(|connection| {
+            let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            {
+                let mut add = transaction.prepare_cached(
+                    "INSERT INTO consent_withheld (destination, category, count) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (destination, category) DO UPDATE SET count = count + excluded.count",
+                )?;
+                for (category, count) in counts {
+                    add.execute(params![destination, category, *count as i64])?;
+                }
+            }
+            transaction.commit()?;
+            Ok(())
+        })
+    }
+
+    fn withheld_counts(&self, destination: &str) -> Result<BTreeMap<String, u64>, StoreError> {
+        self.with_reader(|connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT category, count FROM consent_withheld WHERE destination = ?1 ORDER BY category",
+            )?;
+            let rows = statement.query_map([destination], |row| Ok((row.get(0)?, row.get::<_, i64>(1)? as u64)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
     fn erase_person(&self, identifier: &Identifier) -> Result<ErasureReport, StoreError> {
         self.with_writer(|connection| {
             connection.pragma_update(None, "secure_delete", true)?;
@@ -361,6 +464,8 @@ fn erase(transaction: &Transaction<'_>, identifier: &Identifier) -> Result<Erasu
             ("audience_history", "DELETE FROM audience_history WHERE profile_id = ?1"),
             ("audience_states", "DELETE FROM audience_states WHERE profile_id = ?1"),
             ("computed_trait_states", "DELETE FROM computed_trait_states WHERE profile_id = ?1"),
+            ("profile_consent", "DELETE FROM profile_consent WHERE profile_id = ?1"),
+            ("consent_history", "DELETE FROM consent_history WHERE profile_id = ?1"),
         ] {
             count(table, transaction.execute(sql, [profile])?);
         }

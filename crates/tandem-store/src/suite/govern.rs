@@ -176,3 +176,37 @@ pub fn erasing_a_person_removes_their_rows_everywhere_and_keeps_others(store: &i
     assert_eq!(outcome[0].stored, 1);
     assert!(store.erase_person(&Identifier::new("user_id", "nobody")).unwrap().is_empty());
 }
+
+pub fn consent_keeps_the_latest_value_per_category_with_history_and_withheld_counts(store: &impl Store) {
+    use crate::ConsentChange;
+    use std::collections::BTreeMap;
+    use tandem_core::{LogPosition, ProfileId};
+    let change = |profile: u64, category: &str, granted: bool, position: u64| ConsentChange {
+        profile: ProfileId(profile),
+        category: category.to_owned(),
+        granted,
+        position: LogPosition(position),
+        at_ms: position as i64 * 10,
+    };
+    store.record_consent(&[change(1, "marketing", false, 2), change(1, "ads", true, 2)]).unwrap();
+    store.record_consent(&[change(1, "marketing", true, 5), change(2, "ads", false, 3)]).unwrap();
+    // A replay of an older event neither changes the value nor the history.
+    store.record_consent(&[change(1, "marketing", false, 2)]).unwrap();
+    let consent = store.consent_of(&[ProfileId(1), ProfileId(2), ProfileId(3)]).unwrap();
+    assert_eq!(consent.len(), 2, "profile 3 said nothing");
+    assert_eq!(consent[&ProfileId(1)], BTreeMap::from([("ads".to_owned(), true), ("marketing".to_owned(), true)]));
+    assert_eq!(consent[&ProfileId(2)], BTreeMap::from([("ads".to_owned(), false)]));
+    let history = store.consent_history(ProfileId(1)).unwrap();
+    assert_eq!(
+        history,
+        vec![change(1, "ads", true, 2), change(1, "marketing", false, 2), change(1, "marketing", true, 5)]
+    );
+
+    store.count_withheld("crm", &BTreeMap::from([("ads".to_owned(), 2), ("marketing".to_owned(), 1)])).unwrap();
+    store.count_withheld("crm", &BTreeMap::from([("ads".to_owned(), 3)])).unwrap();
+    assert_eq!(
+        store.withheld_counts("crm").unwrap(),
+        BTreeMap::from([("ads".to_owned(), 5), ("marketing".to_owned(), 1)])
+    );
+    assert!(store.withheld_counts("other").unwrap().is_empty());
+}

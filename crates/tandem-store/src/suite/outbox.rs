@@ -15,6 +15,7 @@ fn definition(name: &str) -> DestinationDefinition {
         audiences: Vec::new(),
         retry: RetrySettings::default(),
         max_events_per_second: None,
+        consent_categories: Vec::new(),
     }
 }
 
