@@ -135,16 +135,24 @@ async fn create_destination(
     Ok((StatusCode::CREATED, Json(destination_json(&record))))
 }
 
-/// `GET /api/v1/destinations/{name}`: the definition and the counts.
+/// `GET /api/v1/destinations/{name}`: the definition, the counts and the
+/// deliveries withheld per consent category.
 async fn show_destination(
     State(state): State<AppState>,
     _token: AdminToken,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let wanted = name.clone();
-    let record =
-        blocking(&state, move |store| Ok(store.destination(&wanted)?)).await?.ok_or_else(|| not_found(&name))?;
-    Ok(Json(destination_json(&record)))
+    let (record, withheld) = blocking(&state, move |store| {
+        let record = store.destination(&wanted)?;
+        Ok((record, store.withheld_counts(&wanted)?))
+    })
+    .await?;
+    let record = record.ok_or_else(|| not_found(&name))?;
+    let mut shown = destination_json(&record);
+    // Deliveries held back because a consent category was not granted.
+    shown["consent_withheld"] = serde_json::to_value(withheld).unwrap_or_default();
+    Ok(Json(shown))
 }
 
 /// `DELETE /api/v1/destinations/{name}`: `204`; its outbox and dead letters

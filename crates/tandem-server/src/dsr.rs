@@ -121,6 +121,10 @@ fn access(store: &dyn Store, identifier: &Identifier, digest: &str) -> Result<Va
         .map(|state| (state.name, state.value.unwrap_or(Value::Null)))
         .collect();
     let history = store.identity_history(profile.id)?;
+    let consent = json!({
+        "current": store.consent_of(&[profile.id])?.remove(&profile.id).unwrap_or_default(),
+        "history": store.consent_history(profile.id)?,
+    });
     Ok(json!({
         "identifier": identifier,
         "profile": profile,
@@ -133,8 +137,7 @@ fn access(store: &dyn Store, identifier: &Identifier, digest: &str) -> Result<Va
         "computed_traits": computed,
         "deliveries": deliveries,
         "suppressed": suppressed,
-        // Consent per category is not recorded yet.
-        "consent": null,
+        "consent": consent,
     }))
 }
 

@@ -134,6 +134,8 @@ pub struct ServerOptions {
     pub import_dir: PathBuf,
     /// Profiles the resolver keeps in memory.
     pub resolver_cache_profiles: usize,
+    /// Consent for a category a person never spoke about.
+    pub consent_default: tandem_core::govern::consent::ConsentDefault,
 }
 
 /// The server could not start or stopped abnormally.
@@ -153,6 +155,7 @@ pub struct Running {
     writer_thread: std::thread::JoinHandle<()>,
     dedup_window: Duration,
     resolver_cache_profiles: usize,
+    consent_default: tandem_core::govern::consent::ConsentDefault,
     limits: connection::ConnectionLimits,
 }
 
@@ -170,6 +173,7 @@ pub async fn start(store: Arc<dyn Store>, options: &ServerOptions) -> Result<Run
         writer_thread,
         dedup_window: options.dedup_window,
         resolver_cache_profiles: options.resolver_cache_profiles,
+        consent_default: options.consent_default,
         limits: connection::ConnectionLimits::default(),
     })
 }
@@ -189,8 +193,16 @@ impl Running {
     /// Serves until `shutdown` resolves, then stops accepting, finishes the
     /// requests in flight, and waits for the log writer to commit them.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
-        let Running { local_addr, listener, state, writer_thread, dedup_window, resolver_cache_profiles, limits } =
-            self;
+        let Running {
+            local_addr,
+            listener,
+            state,
+            writer_thread,
+            dedup_window,
+            resolver_cache_profiles,
+            consent_default,
+            limits,
+        } = self;
         let pruner = tokio::spawn(prune_message_ids(state.store.clone(), dedup_window));
         let stop_resolver = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let head = state.head.clone();
@@ -218,6 +230,7 @@ impl Running {
             activate::system_clock(),
             state.metrics.clone(),
             stop_delivery.clone(),
+            consent_default,
         );
         tracing::info!(address = %local_addr, "tandem is listening");
         let imports = state.imports.clone();

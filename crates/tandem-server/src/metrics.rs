@@ -32,6 +32,12 @@ pub struct ViolationLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConsentLabels {
+    pub destination: String,
+    pub category: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DeliveryLabels {
     pub destination: String,
     /// `delivered`, `retrying` or `dead`.
@@ -80,6 +86,8 @@ pub struct Metrics {
     pub outbox_lag_events: Gauge,
     /// Tracking-plan violations found at ingestion, by kind.
     pub plan_violations: Family<ViolationLabels, Counter>,
+    /// Events and audience changes not delivered for want of consent.
+    pub consent_withheld: Family<ConsentLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -203,7 +211,14 @@ impl Metrics {
             "Tracking-plan violations found at ingestion: unplanned events, schema failures, omitted properties",
             plan_violations.clone(),
         );
+        let consent_withheld = Family::<ConsentLabels, Counter>::default();
+        registry.register(
+            "consent_withheld",
+            "Events and audience changes withheld from a destination because a consent category was not granted",
+            consent_withheld.clone(),
+        );
         Metrics {
+            consent_withheld,
             plan_violations,
             computed_trait_writes,
             registry: std::sync::Arc::new(registry),
@@ -235,6 +250,15 @@ impl Metrics {
     pub fn observe_request(&self, route: &'static str, status: u16, elapsed: Duration) {
         self.http_requests.get_or_create(&RequestLabels { route, status }).inc();
         self.http_request_duration.get_or_create(&RouteLabels { route }).observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts deliveries withheld from `destination` for want of `category`.
+    pub fn count_consent_withheld(&self, destination: &str, category: &str, count: u64) {
+        if count > 0 {
+            self.consent_withheld
+                .get_or_create(&ConsentLabels { destination: destination.to_owned(), category: category.to_owned() })
+                .inc_by(count);
+        }
     }
 
     /// Counts one tracking-plan violation of this kind.

@@ -1161,6 +1161,7 @@ mod slow_clients {
             dedup_window: DEFAULT_DEDUP_WINDOW,
             import_dir: dir.path().join("imports"),
             resolver_cache_profiles: tandem_server::resolve::DEFAULT_CACHE_PROFILES,
+            consent_default: Default::default(),
         };
         let running = tandem_server::start(store, &options).await.unwrap().with_limits(limits);
         let address = running.local_addr;

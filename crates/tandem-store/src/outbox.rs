@@ -119,6 +119,11 @@ pub struct OutboxCommit {
     /// Enqueued in this order; items of a destination that no longer
     /// exists (deleted while the stage read) are dropped.
     pub items: Vec<NewOutboxItem>,
+    /// What the events read said about their profiles' consent, recorded
+    /// as [`crate::GovernStore::record_consent`] does.
+    pub consent: Vec<crate::ConsentChange>,
+    /// Deliveries withheld for want of consent: destination → category → count.
+    pub withheld: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
 }
 
 /// What became of an [`OutboxCommit`]; only `Committed` wrote anything.

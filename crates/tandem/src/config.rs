@@ -7,6 +7,7 @@ use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tandem_core::govern::consent::ConsentDefault;
 
 pub const DEFAULT_DATA_DIR: &str = "./tandem-data";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -41,6 +42,10 @@ pub struct Config {
     #[arg(skip)]
     pub resolver_cache_profiles: Option<usize>,
 
+    /// Consent for categories a person never spoke about; set by [`ServerArgs`] on the serving commands.
+    #[arg(skip)]
+    pub consent_default: Option<ConsentDefault>,
+
     /// Log format: text or json [default: text]
     #[arg(long, global = true, env = "TANDEM_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -66,6 +71,11 @@ pub struct ServerArgs {
     /// server's memory, whatever the number of customers [default: 200000]
     #[arg(long, env = "TANDEM_RESOLVER_CACHE_PROFILES", value_name = "PROFILES")]
     pub resolver_cache_profiles: Option<usize>,
+
+    /// Consent for a category a person never spoke about, when a destination
+    /// needs it: grant or deny [default: grant]
+    #[arg(long, env = "TANDEM_CONSENT_DEFAULT", value_name = "GRANT|DENY")]
+    pub consent_default: Option<ConsentDefault>,
 }
 
 impl Config {
@@ -75,6 +85,7 @@ impl Config {
             listen: server.listen.or(self.listen),
             dedup_window_hours: server.dedup_window_hours.or(self.dedup_window_hours),
             resolver_cache_profiles: server.resolver_cache_profiles.or(self.resolver_cache_profiles),
+            consent_default: server.consent_default.or(self.consent_default),
             ..self
         }
     }
@@ -97,6 +108,7 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub dedup_window: Duration,
     pub resolver_cache_profiles: usize,
+    pub consent_default: ConsentDefault,
     pub log_format: LogFormat,
 }
 
@@ -200,6 +212,7 @@ impl Config {
             listen: self.listen.or(lower.listen),
             dedup_window_hours: self.dedup_window_hours.or(lower.dedup_window_hours),
             resolver_cache_profiles: self.resolver_cache_profiles.or(lower.resolver_cache_profiles),
+            consent_default: self.consent_default.or(lower.consent_default),
             log_format: self.log_format.or(lower.log_format),
             config: self.config,
         }
@@ -222,6 +235,7 @@ impl Config {
             listen: self.listen.unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("the default address parses")),
             dedup_window: Duration::from_secs(dedup_window_hours * 3600),
             resolver_cache_profiles,
+            consent_default: self.consent_default.unwrap_or_default(),
             log_format: self.log_format.unwrap_or_default(),
         })
     }
@@ -239,6 +253,7 @@ mod tests {
         assert_eq!(settings.listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(settings.dedup_window, Duration::from_secs(24 * 3600));
         assert_eq!(settings.resolver_cache_profiles, 200_000);
+        assert_eq!(settings.consent_default, ConsentDefault::Grant);
     }
 
     #[test]

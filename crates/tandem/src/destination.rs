@@ -66,7 +66,9 @@ pub fn list(store: Arc<dyn Store>, as_json: bool, out: &mut impl Write) -> anyho
 
 pub fn show(store: Arc<dyn Store>, name: &str, out: &mut impl Write) -> anyhow::Result<()> {
     let Some(record) = store.destination(name)? else { bail!("no destination named {name:?}") };
-    writeln!(out, "{}", serde_json::to_string_pretty(&destination_json(&record))?)?;
+    let mut shown = destination_json(&record);
+    shown["consent_withheld"] = serde_json::to_value(store.withheld_counts(name)?)?;
+    writeln!(out, "{}", serde_json::to_string_pretty(&shown)?)?;
     Ok(())
 }
 

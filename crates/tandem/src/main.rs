@@ -978,6 +978,7 @@ fn server_options(settings: &Settings) -> tandem_server::ServerOptions {
         dedup_window: settings.dedup_window,
         import_dir: settings.data_dir.join("imports"),
         resolver_cache_profiles: settings.resolver_cache_profiles,
+        consent_default: settings.consent_default,
     }
 }
 

@@ -69,6 +69,17 @@ pub fn stated_consent(event: &Event) -> Option<Consent> {
     Some(preferences.iter().filter_map(|(category, granted)| Some((category.clone(), granted.as_bool()?))).collect())
 }
 
+/// The categories a stored event (its log payload) states; `None` when it
+/// has no consent object. Reads the JSON only when the text mentions consent.
+pub fn stated_consent_in_payload(payload: &str) -> Option<Consent> {
+    if !payload.contains("\"categoryPreferences\"") {
+        return None;
+    }
+    let value: serde_json::Value = serde_json::from_str(payload).ok()?;
+    let preferences = value.get("context")?.get("consent")?.get("categoryPreferences")?.as_object()?;
+    Some(preferences.iter().filter_map(|(category, granted)| Some((category.clone(), granted.as_bool()?))).collect())
+}
+
 /// Whether `category` is granted under `consent`.
 pub fn is_granted(consent: Option<&Consent>, category: &str, default: ConsentDefault) -> bool {
     match consent.and_then(|consent| consent.get(category)) {

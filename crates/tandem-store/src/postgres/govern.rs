@@ -50,6 +50,55 @@ pub(super) fn record_violations(
     Ok(())
 }
 
+/// Records consent changes inside `transaction` (the outbox stage's commit
+/// or [`GovernStore::record_consent`]'s own).
+pub(super) fn write_consent(transaction: &mut Transaction<'_>, changes: &[ConsentChange]) -> Result<(), StoreError> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let current = transaction.prepare(
+        "INSERT INTO profile_consent (profile_id, category, granted, position, updated_at)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (profile_id, category) DO UPDATE
+         SET granted = excluded.granted, position = excluded.position, updated_at = excluded.updated_at
+         WHERE excluded.position >= profile_consent.position",
+    )?;
+    let history = transaction.prepare(
+        "INSERT INTO consent_history (profile_id, category, granted, position, at)
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+    )?;
+    for change in changes {
+        let profile = change.profile.0 as i64;
+        let position = change.position.0 as i64;
+        let row: [&(dyn postgres::types::ToSql + Sync); 5] =
+            [&profile, &change.category, &change.granted, &position, &change.at_ms];
+        transaction.execute(&current, &row)?;
+        transaction.execute(&history, &row)?;
+    }
+    Ok(())
+}
+
+/// Adds withheld counts for one destination.
+pub(super) fn add_withheld(
+    client: &mut impl GenericClient,
+    destination: &str,
+    counts: &BTreeMap<String, u64>,
+) -> Result<(), StoreError> {
+    if counts.is_empty() {
+        return Ok(());
+    }
+    let categories: Vec<&str> = counts.keys().map(String::as_str).collect();
+    let added: Vec<i64> = counts.values().map(|count| *count as i64).collect();
+    client.execute(
+        "INSERT INTO consent_withheld (destination, category, count)
+         SELECT $1, category, added FROM unnest($2::text[], $3::bigint[]) AS counts (category, added)
+         ON CONFLICT (destination, category) DO UPDATE
+         SET count = consent_withheld.count + excluded.count",
+        &[&destination, &categories, &added],
+    )?;
+    Ok(())
+}
+
 fn stored_plan(row: &Row) -> Result<StoredPlan, StoreError> {
     Ok(StoredPlan {
         source_id: SourceId::new(row.try_get::<_, String>(0)?),
@@ -241,25 +290,7 @@ impl GovernStore for PostgresStore {
         }
         self.with_client(|client| {
             let mut transaction = client.transaction()?;
-            let current = transaction.prepare(
-                "INSERT INTO profile_consent (profile_id, category, granted, position, updated_at)
-                 VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (profile_id, category) DO UPDATE
-                 SET granted = excluded.granted, position = excluded.position, updated_at = excluded.updated_at
-                 WHERE excluded.position >= profile_consent.position",
-            )?;
-            let history = transaction.prepare(
-                "INSERT INTO consent_history (profile_id, category, granted, position, at)
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-            )?;
-            for change in changes {
-                let profile = change.profile.0 as i64;
-                let position = change.position.0 as i64;
-                let row: [&(dyn postgres::types::ToSql + Sync); 5] =
-                    [&profile, &change.category, &change.granted, &position, &change.at_ms];
-                transaction.execute(&current, &row)?;
-                transaction.execute(&history, &row)?;
-            }
+            write_consent(&mut transaction, changes)?;
             transaction.commit()?;
             Ok(())
         })
@@ -303,21 +334,7 @@ impl GovernStore for PostgresStore {
     }
 
     fn count_withheld(&self, destination: &str, counts: &BTreeMap<String, u64>) -> Result<(), StoreError> {
-        if counts.is_empty() {
-            return Ok(());
-        }
-        let categories: Vec<&str> = counts.keys().map(String::as_str).collect();
-        let added: Vec<i64> = counts.values().map(|count| *count as i64).collect();
-        self.with_client(|client| {
-            client.execute(
-                "INSERT INTO consent_withheld (destination, category, count)
-                 SELECT $1, category, added FROM unnest($2::text[], $3::bigint[]) AS counts (category, added)
-                 ON CONFLICT (destination, category) DO UPDATE
-                 SET count = consent_withheld.count + excluded.count",
-                &[&destination, &categories, &added],
-            )?;
-            Ok(())
-        })
+        self.with_client(|client| add_withheld(client, destination, counts))
     }
 
     fn withheld_counts(&self, destination: &str) -> Result<BTreeMap<String, u64>, StoreError> {

@@ -46,6 +46,45 @@ pub(super) fn record_violations(
     Ok(())
 }
 
+/// Records consent changes inside `transaction` (the outbox stage's commit
+/// or [`GovernStore::record_consent`]'s own).
+pub(super) fn write_consent(transaction: &Transaction<'_>, changes: &[ConsentChange]) -> Result<(), StoreError> {
+    let mut current = transaction.prepare_cached(
+        "INSERT INTO profile_consent (profile_id, category, granted, position, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (profile_id, category) DO UPDATE
+         SET granted = excluded.granted, position = excluded.position, updated_at = excluded.updated_at
+         WHERE excluded.position >= profile_consent.position",
+    )?;
+    let mut history = transaction.prepare_cached(
+        "INSERT INTO consent_history (profile_id, category, granted, position, at)
+         VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+    )?;
+    for change in changes {
+        let row =
+            params![change.profile.0 as i64, change.category, change.granted, change.position.0 as i64, change.at_ms];
+        current.execute(row)?;
+        history.execute(row)?;
+    }
+    Ok(())
+}
+
+/// Adds withheld counts inside `transaction`.
+pub(super) fn add_withheld(
+    transaction: &Transaction<'_>,
+    destination: &str,
+    counts: &BTreeMap<String, u64>,
+) -> Result<(), StoreError> {
+    let mut add = transaction.prepare_cached(
+        "INSERT INTO consent_withheld (destination, category, count) VALUES (?1, ?2, ?3)
+         ON CONFLICT (destination, category) DO UPDATE SET count = count + excluded.count",
+    )?;
+    for (category, count) in counts {
+        add.execute(params![destination, category, *count as i64])?;
+    }
+    Ok(())
+}
+
 fn stored_plan(source_id: String, text: String, updated_at_ms: i64) -> Result<StoredPlan, StoreError> {
     Ok(StoredPlan { source_id: SourceId::new(source_id), plan: plan_from_text(&text)?, updated_at_ms })
 }
@@ -219,30 +258,7 @@ impl GovernStore for SqliteStore {
         }
         self.with_writer(|connection| {
             let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            {
-                let mut current = transaction.prepare_cached(
-                    "INSERT INTO profile_consent (profile_id, category, granted, position, updated_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5)
-                     ON CONFLICT (profile_id, category) DO UPDATE
-                     SET granted = excluded.granted, position = excluded.position, updated_at = excluded.updated_at
-                     WHERE excluded.position >= profile_consent.position",
-                )?;
-                let mut history = transaction.prepare_cached(
-                    "INSERT INTO consent_history (profile_id, category, granted, position, at)
-                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
-                )?;
-                for change in changes {
-                    let row = params![
-                        change.profile.0 as i64,
-                        change.category,
-                        change.granted,
-                        change.position.0 as i64,
-                        change.at_ms
-                    ];
-                    current.execute(row)?;
-                    history.execute(row)?;
-                }
-            }
+            write_consent(&transaction, changes)?;
             transaction.commit()?;
             Ok(())
         })
@@ -290,15 +306,7 @@ impl GovernStore for SqliteStore {
         }
         self.with_writer(|connection| {
             let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            {
-                let mut add = transaction.prepare_cached(
-                    "INSERT INTO consent_withheld (destination, category, count) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (destination, category) DO UPDATE SET count = count + excluded.count",
-                )?;
-                for (category, count) in counts {
-                    add.execute(params![destination, category, *count as i64])?;
-                }
-            }
+            add_withheld(&transaction, destination, counts)?;
             transaction.commit()?;
             Ok(())
         })

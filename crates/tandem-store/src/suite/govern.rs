@@ -209,4 +209,19 @@ pub fn consent_keeps_the_latest_value_per_category_with_history_and_withheld_cou
         BTreeMap::from([("ads".to_owned(), 5), ("marketing".to_owned(), 1)])
     );
     assert!(store.withheld_counts("other").unwrap().is_empty());
+
+    // The outbox stage records both with its commit, and a stale commit
+    // records neither.
+    use crate::{OutboxCommit, OutboxCommitOutcome};
+    let commit = OutboxCommit {
+        from: LogPosition(0),
+        to: LogPosition(9),
+        consent: vec![change(3, "ads", true, 9)],
+        withheld: BTreeMap::from([("crm".to_owned(), BTreeMap::from([("ads".to_owned(), 1)]))]),
+        ..Default::default()
+    };
+    assert_eq!(store.commit_outbox(&commit).unwrap(), OutboxCommitOutcome::Committed);
+    assert_eq!(store.commit_outbox(&commit).unwrap(), OutboxCommitOutcome::StalePosition);
+    assert_eq!(store.consent_of(&[ProfileId(3)]).unwrap()[&ProfileId(3)]["ads"], true);
+    assert_eq!(store.withheld_counts("crm").unwrap()["ads"], 6);
 }

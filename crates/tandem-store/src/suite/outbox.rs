@@ -176,6 +176,7 @@ pub fn audience_changes_are_read_after_their_own_cursor(store: &impl Store) {
         from: LogPosition(from),
         to: LogPosition(to),
         items: vec![item("ads", to)],
+        ..Default::default()
     };
     assert_eq!(store.commit_outbox(&commit(0, read[2].0)).unwrap(), OutboxCommitOutcome::Committed);
     assert_eq!(store.commit_outbox(&commit(0, read[2].0)).unwrap(), OutboxCommitOutcome::StalePosition);
