@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use tandem_core::govern::consent::Consent;
 use tandem_core::govern::dsr::{DsrKind, DsrStatus};
 use tandem_core::govern::plan::TrackingPlan;
+use tandem_core::govern::stack::{ShadowKey, ToolInfo, ToolKind};
 use tandem_core::{Identifier, LogPosition, ProfileId, SourceId};
 
 use crate::StoreError;
@@ -135,6 +136,21 @@ pub struct ConsentChange {
     pub at_ms: i64,
 }
 
+/// Unknown write keys kept at most; sightings of further keys are dropped.
+pub const MAX_SHADOW_KEYS: i64 = 1_000;
+
+pub(crate) fn tool_info_from_text(text: &str) -> Result<ToolInfo, StoreError> {
+    serde_json::from_str(text).map_err(|error| StoreError::Backend(Box::new(error)))
+}
+
+pub(crate) fn samples_to_text(samples: &[String]) -> String {
+    serde_json::to_string(samples).expect("strings always serialize")
+}
+
+pub(crate) fn samples_from_text(text: &str) -> Vec<String> {
+    serde_json::from_str(text).unwrap_or_default()
+}
+
 /// Rows an erasure removed, per table.
 pub type ErasureReport = BTreeMap<&'static str, u64>;
 
@@ -192,6 +208,19 @@ pub trait GovernStore: Send + Sync + 'static {
 
     /// A destination's deliveries withheld for want of consent, per category.
     fn withheld_counts(&self, destination: &str) -> Result<BTreeMap<String, u64>, StoreError>;
+
+    /// Sets a tool's registry entry (a source by id, a destination by name).
+    fn set_tool_info(&self, kind: ToolKind, key: &str, info: &ToolInfo) -> Result<(), StoreError>;
+
+    /// Every registry entry.
+    fn tool_infos(&self) -> Result<Vec<(ToolKind, String, ToolInfo)>, StoreError>;
+
+    /// Adds sightings of unknown write keys, merged per key digest; keys
+    /// beyond [`MAX_SHADOW_KEYS`] are not added.
+    fn record_shadow_traffic(&self, seen: &[ShadowKey]) -> Result<(), StoreError>;
+
+    /// Unknown write keys seen, most recently seen first.
+    fn shadow_traffic(&self, limit: usize) -> Result<Vec<ShadowKey>, StoreError>;
 
     /// Removes the person holding `identifier` from every table, in one
     /// transaction: their profile (and those merged into it), identifiers,

@@ -299,6 +299,22 @@ const MIGRATIONS: &[&str] = &[
         count BIGINT NOT NULL,
         PRIMARY KEY (destination, category)
     );"#,
+    // 10: the stack registry and unknown write keys (see `sqlite.rs`, migration 16).
+    r#"CREATE TABLE tool_registry (
+        kind TEXT COLLATE "C" NOT NULL,
+        key TEXT COLLATE "C" NOT NULL,
+        info TEXT NOT NULL,
+        PRIMARY KEY (kind, key)
+    );
+    CREATE TABLE shadow_keys (
+        key_digest TEXT COLLATE "C" PRIMARY KEY,
+        key_hint TEXT NOT NULL,
+        requests BIGINT NOT NULL,
+        first_seen BIGINT NOT NULL,
+        last_seen BIGINT NOT NULL,
+        ips TEXT NOT NULL,
+        user_agents TEXT NOT NULL
+    );"#,
 ];
 
 /// The PostgreSQL implementation of [`crate::Store`].

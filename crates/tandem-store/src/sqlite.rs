@@ -313,6 +313,24 @@ const MIGRATIONS: &[&str] = &[
         count INTEGER NOT NULL,
         PRIMARY KEY (destination, category)
     ) WITHOUT ROWID;",
+    // 16: the stack registry (a source by id, a destination by name; the
+    // entry as JSON) and traffic with write keys matching no source, by the
+    // key's digest, with samples of addresses and user agents.
+    "CREATE TABLE tool_registry (
+        kind TEXT NOT NULL,
+        key TEXT NOT NULL,
+        info TEXT NOT NULL,
+        PRIMARY KEY (kind, key)
+    ) WITHOUT ROWID;
+    CREATE TABLE shadow_keys (
+        key_digest TEXT PRIMARY KEY,
+        key_hint TEXT NOT NULL,
+        requests INTEGER NOT NULL,
+        first_seen INTEGER NOT NULL,
+        last_seen INTEGER NOT NULL,
+        ips TEXT NOT NULL,
+        user_agents TEXT NOT NULL
+    ) WITHOUT ROWID;",
 ];
 
 /// The `received_at` of a message id kept for good ([`Dedup::Forever`]).

@@ -102,7 +102,8 @@ macro_rules! govern_store_test_suite {
             violations_are_counted_with_the_append_per_event_and_path,
             requests_and_suppressions_are_kept_by_digest,
             erasing_a_person_removes_their_rows_everywhere_and_keeps_others,
-            consent_keeps_the_latest_value_per_category_with_history_and_withheld_counts
+            consent_keeps_the_latest_value_per_category_with_history_and_withheld_counts,
+            the_stack_registry_keeps_entries_and_merges_unknown_key_sightings
         );
     };
 }

@@ -6,8 +6,9 @@
 
 use super::PostgresStore;
 use crate::govern::{
-    erasure_patterns, like_escape, plan_from_text, plan_to_text, ConsentChange, DsrRecord, ErasureReport, GovernStore,
-    PersonDelivery, PlanViolationRecord, PlanViolationSummary, StoredPlan,
+    erasure_patterns, like_escape, plan_from_text, plan_to_text, samples_from_text, samples_to_text,
+    tool_info_from_text, ConsentChange, DsrRecord, ErasureReport, GovernStore, PersonDelivery, PlanViolationRecord,
+    PlanViolationSummary, StoredPlan, MAX_SHADOW_KEYS,
 };
 use crate::{Stage, StoreError};
 use postgres::{GenericClient, Row, Transaction};
@@ -15,6 +16,7 @@ use std::collections::BTreeMap;
 use tandem_core::govern::consent::Consent;
 use tandem_core::govern::dsr::{DsrKind, DsrStatus};
 use tandem_core::govern::plan::TrackingPlan;
+use tandem_core::govern::stack::{ShadowKey, ToolInfo, ToolKind};
 use tandem_core::{Identifier, LogPosition, ProfileId, SourceId};
 
 /// Counts violations inside the log append's transaction.
@@ -346,6 +348,114 @@ impl GovernStore for PostgresStore {
                 )?
                 .iter()
                 .map(|row| Ok((row.try_get(0)?, row.try_get::<_, i64>(1)? as u64)))
+                .collect()
+        })
+    }
+
+    fn set_tool_info(&self, kind: ToolKind, key: &str, info: &ToolInfo) -> Result<(), StoreError> {
+        let text = serde_json::to_string(info).expect("an entry always serializes");
+        self.with_client(|client| {
+            client.execute(
+                "INSERT INTO tool_registry (kind, key, info) VALUES ($1, $2, $3)
+                 ON CONFLICT (kind, key) DO UPDATE SET info = excluded.info",
+                &[&kind.as_str(), &key, &text],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn tool_infos(&self) -> Result<Vec<(ToolKind, String, ToolInfo)>, StoreError> {
+        self.with_client(|client| {
+            client
+                .query("SELECT kind, key, info FROM tool_registry ORDER BY kind, key", &[])?
+                .iter()
+                .map(|row| {
+                    let kind: String = row.try_get(0)?;
+                    let info: String = row.try_get(2)?;
+                    Ok((ToolKind::from_text(&kind), row.try_get(1)?, tool_info_from_text(&info)?))
+                })
+                .collect()
+        })
+    }
+
+    fn record_shadow_traffic(&self, seen: &[ShadowKey]) -> Result<(), StoreError> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        self.with_client(|client| {
+            let mut transaction = client.transaction()?;
+            // One writer at a time keeps the bound on keys and the merges exact.
+            transaction.execute("LOCK TABLE shadow_keys IN SHARE ROW EXCLUSIVE MODE", &[])?;
+            for sighting in seen {
+                let existing = transaction.query_opt(
+                    "SELECT key_hint, requests, first_seen, last_seen, ips, user_agents FROM shadow_keys
+                     WHERE key_digest = $1",
+                    &[&sighting.key_digest],
+                )?;
+                let merged = match existing {
+                    Some(row) => {
+                        let mut known = ShadowKey {
+                            key_digest: sighting.key_digest.clone(),
+                            key_hint: row.try_get(0)?,
+                            requests: row.try_get::<_, i64>(1)? as u64,
+                            first_seen_ms: row.try_get(2)?,
+                            last_seen_ms: row.try_get(3)?,
+                            ips: samples_from_text(row.try_get(4)?),
+                            user_agents: samples_from_text(row.try_get(5)?),
+                        };
+                        known.absorb(sighting);
+                        known
+                    }
+                    None => {
+                        let kept: i64 = transaction.query_one("SELECT COUNT(*) FROM shadow_keys", &[])?.try_get(0)?;
+                        if kept >= MAX_SHADOW_KEYS {
+                            continue;
+                        }
+                        sighting.clone()
+                    }
+                };
+                transaction.execute(
+                    "INSERT INTO shadow_keys (key_digest, key_hint, requests, first_seen, last_seen, ips, user_agents)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)
+                     ON CONFLICT (key_digest) DO UPDATE SET requests = excluded.requests,
+                         first_seen = excluded.first_seen, last_seen = excluded.last_seen,
+                         ips = excluded.ips, user_agents = excluded.user_agents",
+                    &[
+                        &merged.key_digest,
+                        &merged.key_hint,
+                        &(merged.requests as i64),
+                        &merged.first_seen_ms,
+                        &merged.last_seen_ms,
+                        &samples_to_text(&merged.ips),
+                        &samples_to_text(&merged.user_agents),
+                    ],
+                )?;
+            }
+            transaction.commit()?;
+            Ok(())
+        })
+    }
+
+    fn shadow_traffic(&self, limit: usize) -> Result<Vec<ShadowKey>, StoreError> {
+        self.with_client(|client| {
+            client
+                .query(
+                    "SELECT key_digest, key_hint, requests, first_seen, last_seen, ips, user_agents FROM shadow_keys
+                     ORDER BY last_seen DESC, key_digest LIMIT $1",
+                    &[&(limit as i64)],
+                )?
+                .iter()
+                .map(|row| {
+                    Ok(ShadowKey {
+                        key_digest: row.try_get(0)?,
+                        key_hint: row.try_get(1)?,
+                        requests: row.try_get::<_, i64>(2)? as u64,
+                        first_seen_ms: row.try_get(3)?,
+                        last_seen_ms: row.try_get(4)?,
+                        ips: samples_from_text(row.try_get(5)?),
+                        user_agents: samples_from_text(row.try_get(6)?),
+                    })
+                })
                 .collect()
         })
     }

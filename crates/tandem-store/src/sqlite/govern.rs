@@ -6,8 +6,9 @@
 
 use super::SqliteStore;
 use crate::govern::{
-    erasure_patterns, like_escape, plan_from_text, plan_to_text, ConsentChange, DsrRecord, ErasureReport, GovernStore,
-    PersonDelivery, PlanViolationRecord, PlanViolationSummary, StoredPlan,
+    erasure_patterns, like_escape, plan_from_text, plan_to_text, samples_from_text, samples_to_text,
+    tool_info_from_text, ConsentChange, DsrRecord, ErasureReport, GovernStore, PersonDelivery, PlanViolationRecord,
+    PlanViolationSummary, StoredPlan, MAX_SHADOW_KEYS,
 };
 use crate::{Stage, StoreError};
 use rusqlite::{params, OptionalExtension, Transaction, TransactionBehavior};
@@ -15,6 +16,7 @@ use std::collections::BTreeMap;
 use tandem_core::govern::consent::Consent;
 use tandem_core::govern::dsr::{DsrKind, DsrStatus};
 use tandem_core::govern::plan::TrackingPlan;
+use tandem_core::govern::stack::{ShadowKey, ToolInfo, ToolKind};
 use tandem_core::{Identifier, LogPosition, ProfileId, SourceId};
 
 /// Counts violations inside the log append's transaction.
@@ -318,6 +320,112 @@ impl GovernStore for SqliteStore {
                 "SELECT category, count FROM consent_withheld WHERE destination = ?1 ORDER BY category",
             )?;
             let rows = statement.query_map([destination], |row| Ok((row.get(0)?, row.get::<_, i64>(1)? as u64)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn set_tool_info(&self, kind: ToolKind, key: &str, info: &ToolInfo) -> Result<(), StoreError> {
+        let text = serde_json::to_string(info).expect("an entry always serializes");
+        self.with_writer(|connection| {
+            connection.execute(
+                "INSERT INTO tool_registry (kind, key, info) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (kind, key) DO UPDATE SET info = excluded.info",
+                params![kind.as_str(), key, text],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn tool_infos(&self) -> Result<Vec<(ToolKind, String, ToolInfo)>, StoreError> {
+        let rows: Vec<(String, String, String)> = self.with_reader(|connection| {
+            let mut statement =
+                connection.prepare_cached("SELECT kind, key, info FROM tool_registry ORDER BY kind, key")?;
+            let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })?;
+        rows.into_iter()
+            .map(|(kind, key, info)| Ok((ToolKind::from_text(&kind), key, tool_info_from_text(&info)?)))
+            .collect()
+    }
+
+    fn record_shadow_traffic(&self, seen: &[ShadowKey]) -> Result<(), StoreError> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        self.with_writer(|connection| {
+            let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for sighting in seen {
+                let existing = transaction
+                    .query_row(
+                        "SELECT key_hint, requests, first_seen, last_seen, ips, user_agents FROM shadow_keys
+                         WHERE key_digest = ?1",
+                        [&sighting.key_digest],
+                        |row| {
+                            Ok(ShadowKey {
+                                key_digest: sighting.key_digest.clone(),
+                                key_hint: row.get(0)?,
+                                requests: row.get::<_, i64>(1)? as u64,
+                                first_seen_ms: row.get(2)?,
+                                last_seen_ms: row.get(3)?,
+                                ips: samples_from_text(&row.get::<_, String>(4)?),
+                                user_agents: samples_from_text(&row.get::<_, String>(5)?),
+                            })
+                        },
+                    )
+                    .optional()?;
+                let merged = match existing {
+                    Some(mut known) => {
+                        known.absorb(sighting);
+                        known
+                    }
+                    None => {
+                        let kept: i64 =
+                            transaction.query_row("SELECT COUNT(*) FROM shadow_keys", [], |row| row.get(0))?;
+                        if kept >= MAX_SHADOW_KEYS {
+                            continue;
+                        }
+                        sighting.clone()
+                    }
+                };
+                transaction.execute(
+                    "INSERT INTO shadow_keys (key_digest, key_hint, requests, first_seen, last_seen, ips, user_agents)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                     ON CONFLICT (key_digest) DO UPDATE SET requests = excluded.requests,
+                         first_seen = excluded.first_seen, last_seen = excluded.last_seen,
+                         ips = excluded.ips, user_agents = excluded.user_agents",
+                    params![
+                        merged.key_digest,
+                        merged.key_hint,
+                        merged.requests as i64,
+                        merged.first_seen_ms,
+                        merged.last_seen_ms,
+                        samples_to_text(&merged.ips),
+                        samples_to_text(&merged.user_agents)
+                    ],
+                )?;
+            }
+            transaction.commit()?;
+            Ok(())
+        })
+    }
+
+    fn shadow_traffic(&self, limit: usize) -> Result<Vec<ShadowKey>, StoreError> {
+        self.with_reader(|connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT key_digest, key_hint, requests, first_seen, last_seen, ips, user_agents FROM shadow_keys
+                 ORDER BY last_seen DESC, key_digest LIMIT ?1",
+            )?;
+            let rows = statement.query_map([limit as i64], |row| {
+                Ok(ShadowKey {
+                    key_digest: row.get(0)?,
+                    key_hint: row.get(1)?,
+                    requests: row.get::<_, i64>(2)? as u64,
+                    first_seen_ms: row.get(3)?,
+                    last_seen_ms: row.get(4)?,
+                    ips: samples_from_text(&row.get::<_, String>(5)?),
+                    user_agents: samples_from_text(&row.get::<_, String>(6)?),
+                })
+            })?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
     }

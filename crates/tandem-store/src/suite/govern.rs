@@ -225,3 +225,40 @@ pub fn consent_keeps_the_latest_value_per_category_with_history_and_withheld_cou
     assert_eq!(store.consent_of(&[ProfileId(3)]).unwrap()[&ProfileId(3)]["ads"], true);
     assert_eq!(store.withheld_counts("crm").unwrap()["ads"], 6);
 }
+
+pub fn the_stack_registry_keeps_entries_and_merges_unknown_key_sightings(store: &impl Store) {
+    use tandem_core::govern::stack::{Department, ShadowKey, ToolInfo, ToolKind};
+    let info = ToolInfo {
+        owner: Some("ann".into()),
+        department: Some(Department::Marketing),
+        purpose: Some("ads".into()),
+        annual_cost: Some(1200.5),
+    };
+    store.set_tool_info(ToolKind::Source, "src_1", &info).unwrap();
+    store.set_tool_info(ToolKind::Destination, "ads", &ToolInfo::default()).unwrap();
+    let replaced = ToolInfo { owner: Some("bob".into()), ..info.clone() };
+    store.set_tool_info(ToolKind::Source, "src_1", &replaced).unwrap();
+    let entries = store.tool_infos().unwrap();
+    assert_eq!(entries.len(), 2);
+    assert!(entries.contains(&(ToolKind::Source, "src_1".to_owned(), replaced)));
+    assert!(entries.contains(&(ToolKind::Destination, "ads".to_owned(), ToolInfo::default())));
+
+    let sighting = |digest: &str, at: i64, ip: &str| ShadowKey {
+        key_digest: digest.to_owned(),
+        key_hint: "abcd".to_owned(),
+        requests: 2,
+        first_seen_ms: at,
+        last_seen_ms: at,
+        ips: vec![ip.to_owned()],
+        user_agents: vec!["curl/8".to_owned()],
+    };
+    store.record_shadow_traffic(&[sighting("k1", 100, "10.0.0.1"), sighting("k2", 150, "10.0.0.9")]).unwrap();
+    store.record_shadow_traffic(&[sighting("k1", 200, "10.0.0.2"), sighting("k1", 50, "10.0.0.1")]).unwrap();
+    let seen = store.shadow_traffic(10).unwrap();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].key_digest, "k1", "most recently seen first");
+    assert_eq!((seen[0].requests, seen[0].first_seen_ms, seen[0].last_seen_ms), (6, 50, 200));
+    assert_eq!(seen[0].ips, vec!["10.0.0.1", "10.0.0.2"]);
+    assert_eq!(seen[0].user_agents, vec!["curl/8"]);
+    assert_eq!(store.shadow_traffic(1).unwrap().len(), 1);
+}
