@@ -9,6 +9,7 @@
 
 use crate::error::{ApiError, ErrorCode};
 use crate::govern::Screened;
+use crate::stack::Caller;
 use crate::AppState;
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, State};
@@ -74,6 +75,11 @@ async fn batch_endpoint(
     finish(&state, "/v1/batch", started, result.map_err(ApiError::with_top_level_code))
 }
 
+/// The sender's address and user agent, noted when its write key matches no source.
+fn caller<'a>(client_ip: Option<&'a str>, headers: &'a HeaderMap) -> Caller<'a> {
+    Caller { ip: client_ip, user_agent: headers.get(header::USER_AGENT).and_then(|value| value.to_str().ok()) }
+}
+
 fn client_ip(connect: Option<Extension<ConnectInfo<SocketAddr>>>) -> Option<String> {
     connect.map(|Extension(ConnectInfo(address))| address.ip().to_string())
 }
@@ -103,15 +109,16 @@ async fn ingest_single(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Value, ApiError> {
+    let caller = caller(client_ip, headers);
     let (body, header_source) =
-        read_authenticated(state, headers, body, MAX_MESSAGE_BYTES, ErrorCode::MessageTooLarge).await?;
+        read_authenticated(state, headers, caller, body, MAX_MESSAGE_BYTES, ErrorCode::MessageTooLarge).await?;
     let (message, body_key) = match parse_single(&replace_lone_surrogates(&body)) {
         Ok(parsed) => parsed,
         Err(error) => return Err(quarantine_unreadable(state, header_source, &body, error.into()).await),
     };
     let source = match header_source {
         Some(source) => source,
-        None => state.sources.authenticate(body_key.map(WriteKey::new)).await?,
+        None => state.sources.authenticate_caller(body_key.map(WriteKey::new), caller).await?,
     };
     let received_at = Utc::now();
     let request =
@@ -165,8 +172,9 @@ async fn ingest_batch(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Value, ApiError> {
+    let caller = caller(client_ip, headers);
     let (body, header_source) =
-        read_authenticated(state, headers, body, MAX_REQUEST_BYTES, ErrorCode::RequestTooLarge).await?;
+        read_authenticated(state, headers, caller, body, MAX_REQUEST_BYTES, ErrorCode::RequestTooLarge).await?;
     let repaired = replace_lone_surrogates(&body);
     let batch = match parse_batch(&repaired) {
         Ok(batch) => batch,
@@ -174,7 +182,7 @@ async fn ingest_batch(
     };
     let source = match header_source {
         Some(source) => source,
-        None => state.sources.authenticate(batch.write_key.clone().map(WriteKey::new)).await?,
+        None => state.sources.authenticate_caller(batch.write_key.clone().map(WriteKey::new), caller).await?,
     };
     let received_at = Utc::now();
     let request =
@@ -232,12 +240,13 @@ async fn ingest_batch(
 async fn read_authenticated(
     state: &AppState,
     headers: &HeaderMap,
+    caller: Caller<'_>,
     body: Body,
     limit: usize,
     too_large: ErrorCode,
 ) -> Result<(Bytes, Option<Source>), ApiError> {
     let header_source = match crate::auth::basic_auth_write_key(headers)? {
-        Some(key) => Some(state.sources.authenticate(Some(key)).await?),
+        Some(key) => Some(state.sources.authenticate_caller(Some(key), caller).await?),
         None => None,
     };
     let body = read_body(body, headers, limit, too_large).await?;

@@ -24,6 +24,7 @@ pub mod plan_api;
 pub mod profile;
 pub mod resolve;
 pub mod sdk_settings;
+pub mod stack;
 pub mod webhook;
 
 use auth::SourceDirectory;
@@ -112,6 +113,7 @@ pub fn router(state: AppState) -> Router {
         .merge(destination_api::routes())
         .merge(plan_api::routes())
         .merge(dsr::routes())
+        .merge(stack::routes())
         .merge(import::jobs::routes())
         .merge(webhook::routes())
         .merge(sdk_settings::routes())
@@ -204,6 +206,7 @@ impl Running {
             limits,
         } = self;
         let pruner = tokio::spawn(prune_message_ids(state.store.clone(), dedup_window));
+        let shadow_flusher = tokio::spawn(stack::flush_shadow_traffic(state.store.clone(), state.sources.clone()));
         let stop_resolver = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let head = state.head.clone();
         let head_poller = tokio::spawn(head.clone().poll_store(state.store.clone(), HEAD_POLL_INTERVAL));
@@ -239,6 +242,7 @@ impl Running {
         // rather than wait for their files to end.
         imports.stop_all();
         pruner.abort();
+        shadow_flusher.abort();
         head_poller.abort();
         // Every handle to the log writer lived in the router, now dropped: the
         // writer commits what is queued and stops.

@@ -2189,3 +2189,80 @@ mod data_subject_requests {
         assert_eq!(status, StatusCode::OK);
     }
 }
+
+mod stack_registry {
+    use super::profiles::get;
+    use super::*;
+
+    async fn send(harness: &Harness, method: Method, path: &str, token: &str, body: Value) -> (StatusCode, Value) {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        harness.send(request).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_report_shows_spend_owners_and_traffic_with_unknown_write_keys() {
+        let harness = Harness::new();
+        let token = harness.store.create_token("test").unwrap().1;
+        let entry = json!({"owner": "Ann", "department": "marketing", "purpose": "web analytics", "annual_cost": 1200});
+        let (status, body) = send(&harness, Method::PUT, "/api/v1/stack/sources/website", &token, entry).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!((body["owner"].as_str(), body["kind"].as_str()), (Some("Ann"), Some("source")));
+        let (status, body) =
+            send(&harness, Method::PUT, "/api/v1/stack/sources/website", &token, json!({"annual_cost": 1500})).await;
+        assert_eq!((status, body["owner"].as_str()), (StatusCode::OK, Some("Ann")), "what is not given stays");
+        let (status, body) =
+            send(&harness, Method::PUT, "/api/v1/stack/sources/website", &token, json!({"department": "finance"}))
+                .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(error_of(&body).0, "invalid_value");
+        let (status, body) =
+            send(&harness, Method::PUT, "/api/v1/stack/sources/website", &token, json!({"annual_cost": -5})).await;
+        assert_eq!((status, error_of(&body)), (StatusCode::BAD_REQUEST, ("invalid_value", Some("annual_cost"))));
+        let (status, body) = send(&harness, Method::PUT, "/api/v1/stack/sources/nope", &token, json!({})).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::NOT_FOUND, "source_not_found"));
+
+        let crm = json!({
+            "name": "crm", "destination": {"kind": "webhook", "url": "http://127.0.0.1:9/hook"},
+            "events": {"types": ["track"]},
+            "registry": {"department": "it", "annual_cost": 300.5, "purpose": "sales pipeline"}
+        });
+        let (status, body) = send(&harness, Method::POST, "/api/v1/destinations", &token, crm).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+
+        let unknown = base64::engine::general_purpose::STANDARD.encode("zzzzUNKNOWNKEY123:");
+        for _ in 0..2 {
+            let request = Request::post("/v1/track")
+                .header(header::AUTHORIZATION, format!("Basic {unknown}"))
+                .header(header::USER_AGENT, "shadow-tool/1.0")
+                .body(Body::from(json!({"userId": "u", "event": "E"}).to_string()))
+                .unwrap();
+            let (status, body) = harness.send(request).await;
+            assert_eq!((status, error_of(&body).0), (StatusCode::UNAUTHORIZED, "invalid_write_key"));
+        }
+        let in_body = json!({"writeKey": "yyyyOTHER", "batch": [{"type": "track", "userId": "u", "event": "E"}]});
+        let (status, _) = harness.send(Request::post("/v1/batch").body(Body::from(in_body.to_string())).unwrap()).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+        let (status, report) = get(&harness, "/api/v1/stack", Some(&token)).await;
+        assert_eq!(status, StatusCode::OK, "{report}");
+        assert_eq!(report["spend_by_department"], json!({"marketing": 1500.0, "it": 300.5}));
+        assert_eq!(report["total_annual_cost"], 1800.5);
+        assert_eq!(report["without_owner"], json!(["destination crm"]));
+        assert!(report["tools_touching_pii"].is_null(), "left to the PII inventory");
+        let shadow = report["shadow_traffic"].as_array().unwrap();
+        assert_eq!(shadow.len(), 2, "{report}");
+        let first = shadow.iter().find(|key| key["key_hint"] == "zzzz…").unwrap();
+        assert_eq!(first["requests"], 2);
+        assert_eq!(first["ips"], json!(["192.0.2.7"]));
+        assert_eq!(first["user_agents"], json!(["shadow-tool/1.0"]));
+        assert!(first["first_seen"].is_string() && first["last_seen"].is_string());
+        assert!(!report.to_string().contains("UNKNOWNKEY"), "the key itself is never kept");
+        let (status, _) = get(&harness, "/api/v1/stack", None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+}
