@@ -9,25 +9,31 @@ use serde_json::Value;
 use std::io::Write;
 use std::sync::Arc;
 use tandem_core::activate::DestinationDefinition;
+use tandem_core::govern::stack::{ToolInfo, ToolKind};
 use tandem_server::activate;
-use tandem_server::destination_api::destination_json;
+use tandem_server::destination_api::{destination_json, parse_definition};
+use tandem_server::stack::set_tool;
 use tandem_store::Store;
 
 /// Dead letters printed unless told otherwise.
 pub const DEFAULT_DEAD_LETTER_PAGE: usize = 100;
 
-/// A definition from the command line: JSON text, or `@FILE` naming a file of it.
-fn read_definition(definition: &str) -> anyhow::Result<DestinationDefinition> {
+/// A definition from the command line: JSON text, or `@FILE` naming a file
+/// of it, with an optional `"registry"` entry.
+fn read_definition(definition: &str) -> anyhow::Result<(DestinationDefinition, Option<ToolInfo>)> {
     let text = match definition.strip_prefix('@') {
         Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?,
         None => definition.to_owned(),
     };
-    serde_json::from_str(&text).context("the definition is not a destination")
+    parse_definition(text.as_bytes()).map_err(|error| anyhow::anyhow!("{}", error.message))
 }
 
 pub fn create(store: Arc<dyn Store>, definition: &str, out: &mut impl Write) -> anyhow::Result<()> {
-    let definition = read_definition(definition)?;
+    let (definition, registry) = read_definition(definition)?;
     activate::create_destination(store.as_ref(), &definition, chrono::Utc::now().timestamp_millis())?;
+    if let Some(registry) = registry {
+        set_tool(store.as_ref(), ToolKind::Destination, &definition.name, registry)?;
+    }
     writeln!(
         out,
         "created {} destination {:?}; the server delivers events logged from now on",

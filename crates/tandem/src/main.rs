@@ -13,6 +13,7 @@ mod destination;
 mod dsr;
 mod import;
 mod plan;
+mod stack;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -20,6 +21,7 @@ use config::{Config, LogFormat, Settings};
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
+use tandem_core::govern::stack::ToolKind;
 use tandem_core::webhook::{WebhookFormat, WebhookSettings};
 use tandem_core::SourceKind;
 use tandem_store::{PostgresStore, SqliteStore, Store};
@@ -77,6 +79,9 @@ enum Command {
     /// Data subject requests: access, delete, suppress or unsuppress a person by an identifier
     #[command(subcommand)]
     Dsr(DsrCommand),
+    /// The stack registry: every connected tool's owner, department, purpose and cost
+    #[command(subcommand)]
+    Stack(StackCommand),
     /// Tracking plans: the events a source may send and the JSON Schemas they must pass
     #[command(subcommand)]
     Plan(PlanCommand),
@@ -146,9 +151,18 @@ enum SourceCommand {
         format: Option<WebhookFormat>,
         #[command(flatten)]
         webhook_settings: WebhookArgs,
+        #[command(flatten)]
+        registry: stack::RegistryArgs,
         /// Print one JSON object
         #[arg(long)]
         json: bool,
+    },
+    /// Set a source's stack-registry entry (owner, department, purpose, annual cost); what is not given stays
+    Set {
+        /// The source's name
+        name: String,
+        #[command(flatten)]
+        registry: stack::RegistryArgs,
     },
     /// Change how a source takes webhooks; settings not given stay as they are
     Webhook {
@@ -475,6 +489,23 @@ enum DestinationCommand {
         /// The destination's name
         name: String,
     },
+    /// Set a destination's stack-registry entry (owner, department, purpose, annual cost); what is not given stays
+    Set {
+        /// The destination's name
+        name: String,
+        #[command(flatten)]
+        registry: stack::RegistryArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum StackCommand {
+    /// Spend by department, tools without an owner, and traffic with unknown or revoked write keys
+    Report {
+        /// Print one JSON object
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -777,7 +808,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             run_demo(&settings, store, customers, seed)
         }
-        Command::Source(SourceCommand::Create { name, kind, format, webhook_settings, json }) => {
+        Command::Source(SourceCommand::Set { name, registry }) => {
+            stack::set(&*open(Access::Existing)?, ToolKind::Source, &name, &registry, &mut out)
+        }
+        Command::Destination(DestinationCommand::Set { name, registry }) => {
+            stack::set(&*open(Access::Existing)?, ToolKind::Destination, &name, &registry, &mut out)
+        }
+        Command::Stack(StackCommand::Report { json }) => stack::report(open(Access::Existing)?, json, &mut out),
+        Command::Source(SourceCommand::Create { name, kind, format, webhook_settings, registry, json }) => {
             let webhook = match format {
                 Some(format) => Some(webhook_settings.apply(None, Some(format), WebhookRemovals::default())?),
                 None if kind == SourceKind::Webhook => {
@@ -791,7 +829,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 None => None,
             };
             let kind = if webhook.is_some() { SourceKind::Webhook } else { kind };
-            commands::create_source(&*open(Access::CreateIfMissing)?, &name, kind, webhook.as_ref(), json, &mut out)
+            let store = open(Access::CreateIfMissing)?;
+            commands::create_source(&*store, &name, kind, webhook.as_ref(), json, &mut out)?;
+            if !registry.is_empty() {
+                let mut quiet = Vec::new();
+                stack::set(&*store, ToolKind::Source, name.trim(), &registry, &mut quiet)?;
+                if !json {
+                    out.write_all(&quiet)?;
+                }
+            }
+            Ok(())
         }
         Command::Source(SourceCommand::Webhook { name, format, settings, no_secret, no_verify_token }) => {
             let store = open(Access::Existing)?;
