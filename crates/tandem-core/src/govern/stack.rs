@@ -36,7 +36,7 @@ impl Department {
 
 impl fmt::Display for Department {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 
