@@ -46,6 +46,10 @@ pub struct DestinationDefinition {
     /// spaced out to keep the rate); unlimited when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_events_per_second: Option<u32>,
+    /// The consent categories a person must have granted, every one, for
+    /// this destination to receive their events and audience changes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub consent_categories: Vec<String>,
 }
 
 /// Where deliveries go: one variant per kind of destination.
@@ -352,6 +356,9 @@ impl DestinationDefinition {
         if self.events.as_ref().is_some_and(|events| events.names.iter().any(|name| name.is_empty())) {
             return Err(invalid("events.names", "an event name must not be empty"));
         }
+        if self.consent_categories.iter().any(|category| category.trim().is_empty()) {
+            return Err(invalid("consent_categories", "a consent category must not be empty"));
+        }
         if self.events.is_none() && self.audiences.is_empty() {
             return Err(invalid("events", "a destination receives events, audiences or both; name one"));
         }
@@ -591,6 +598,7 @@ mod tests {
             audiences: Vec::new(),
             retry: RetrySettings::default(),
             max_events_per_second: None,
+            consent_categories: Vec::new(),
         }
     }
 

@@ -34,6 +34,12 @@ pub enum RejectionCode {
     InvalidType,
     InvalidValue,
     MessageTooLarge,
+    /// A track call the source's tracking plan does not list (`block_unplanned`).
+    UnplannedEvent,
+    /// An event failing its tracking plan's schema (`block_invalid`).
+    PlanViolation,
+    /// An event carrying an identifier whose owner asked to be suppressed.
+    Suppressed,
 }
 
 impl RejectionCode {
@@ -44,6 +50,9 @@ impl RejectionCode {
             RejectionCode::InvalidType => "invalid_type",
             RejectionCode::InvalidValue => "invalid_value",
             RejectionCode::MessageTooLarge => "message_too_large",
+            RejectionCode::UnplannedEvent => "unplanned_event",
+            RejectionCode::PlanViolation => "plan_violation",
+            RejectionCode::Suppressed => "suppressed",
         }
     }
 }
@@ -57,7 +66,8 @@ pub struct Rejection {
 }
 
 impl Rejection {
-    fn new(code: RejectionCode, field: &str, message: impl Into<String>) -> Self {
+    /// A refusal of `code` naming `field`.
+    pub fn new(code: RejectionCode, field: &str, message: impl Into<String>) -> Self {
         Rejection { code, field: Some(field.to_owned()), message: message.into() }
     }
 
@@ -241,15 +251,24 @@ pub struct RejectedMessage {
 #[derive(Debug, Default)]
 pub struct NormalizedBatch {
     pub events: Vec<Event>,
+    /// Each event's position in its batch, in the order of `events`.
+    pub indexes: Vec<usize>,
     pub rejected: Vec<RejectedMessage>,
 }
 
 /// Validates and normalizes every message of a batch independently.
 pub fn normalize_batch(batch: &ParsedBatch<'_>, request: &RequestContext<'_>) -> NormalizedBatch {
-    let mut outcome = NormalizedBatch { events: Vec::with_capacity(batch.messages.len()), rejected: Vec::new() };
+    let mut outcome = NormalizedBatch {
+        events: Vec::with_capacity(batch.messages.len()),
+        indexes: Vec::with_capacity(batch.messages.len()),
+        rejected: Vec::new(),
+    };
     for (index, raw) in batch.messages.iter().enumerate() {
         match normalize_raw_message(raw, &batch.defaults, request) {
-            Ok(event) => outcome.events.push(event),
+            Ok(event) => {
+                outcome.events.push(event);
+                outcome.indexes.push(index);
+            }
             Err(rejection) => {
                 outcome.rejected.push(RejectedMessage { index: Some(index), raw: raw.get().to_owned(), rejection })
             }

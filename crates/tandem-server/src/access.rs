@@ -71,6 +71,16 @@ pub const PERMISSION_TABLE: &[RouteRule] = &[
     rule("GET", "/api/v1/audit", P::AuditRead),
     rule("GET", "/api/v1/audit/verify", P::AuditRead),
     rule("GET", "/api/v1/pii/inventory", P::GovernanceRead),
+    rule("GET", "/api/v1/plans", P::GovernanceRead),
+    rule("GET", "/api/v1/plans/{source}", P::GovernanceRead),
+    rule("PUT", "/api/v1/plans/{source}", P::GovernanceWrite),
+    rule("DELETE", "/api/v1/plans/{source}", P::GovernanceWrite),
+    rule("GET", "/api/v1/plans/{source}/violations", P::GovernanceRead),
+    rule("GET", "/api/v1/stack", P::GovernanceRead),
+    rule("PUT", "/api/v1/stack/sources/{name}", P::GovernanceWrite),
+    rule("PUT", "/api/v1/stack/destinations/{name}", P::GovernanceWrite),
+    rule("GET", "/api/v1/dsr", P::GovernanceRead),
+    rule("POST", "/api/v1/dsr", P::GovernanceWrite),
     rule("GET", "/api/v1/openapi.json", P::DocsRead),
 ];
 

@@ -24,7 +24,7 @@ mod file;
 mod warehouse;
 mod webhook;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,11 +32,12 @@ use std::time::Duration;
 use tandem_core::activate::{
     AttemptFailure, AudienceSubscription, DestinationDefinition, DestinationError, DestinationSettings, NextStep,
 };
+use tandem_core::govern::consent::{stated_consent_in_payload, withheld_categories, Consent, ConsentDefault};
 use tandem_core::random::Random;
-use tandem_core::{EventType, LogPosition};
+use tandem_core::{EventType, LogPosition, ProfileId};
 use tandem_store::{
-    DeadLetter, DeadLetterFilter, DestinationRecord, FailedAttempt, NewOutboxItem, OutboxCommit, OutboxCommitOutcome,
-    OutboxCursor, OutboxItem, Stage, Store, StoreError,
+    ConsentChange, DeadLetter, DeadLetterFilter, DestinationRecord, FailedAttempt, NewOutboxItem, OutboxCommit,
+    OutboxCommitOutcome, OutboxCursor, OutboxItem, Stage, Store, StoreError,
 };
 
 use crate::cluster::{LeaseKeeper, LeaseTurn};
@@ -102,8 +103,19 @@ pub fn dead_letters(
 }
 
 /// The outbox stage: enqueues the log's events for each destination.
+///
+/// It also keeps consent: what each event says in
+/// `context.consent.categoryPreferences` is recorded for its profile with the
+/// same commit, and a destination naming `consent_categories` gets an event
+/// or audience change only when the profile granted every one of them
+/// (`tandem_core::govern::consent`); the others are counted as withheld. When
+/// a profile's consent comes to cover such a destination, it gets an
+/// `entered` for each audience it follows that the profile is in now —
+/// never the events it missed.
 pub struct OutboxStage {
     store: Arc<dyn Store>,
+    consent_default: ConsentDefault,
+    metrics: Option<Metrics>,
 }
 
 /// The name an event filter matches: a track's `event`, a page's or a
@@ -120,7 +132,29 @@ fn event_name(event_type: EventType, payload: &str) -> Option<String> {
 
 impl OutboxStage {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        OutboxStage { store }
+        OutboxStage { store, consent_default: ConsentDefault::default(), metrics: None }
+    }
+
+    /// What counts for a consent category a profile never spoke about.
+    pub fn with_consent_default(mut self, consent_default: ConsentDefault) -> Self {
+        self.consent_default = consent_default;
+        self
+    }
+
+    /// Where withheld deliveries are counted.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn count_withheld(&self, withheld: &BTreeMap<String, BTreeMap<String, u64>>) {
+        if let Some(metrics) = &self.metrics {
+            for (destination, counts) in withheld {
+                for (category, count) in counts {
+                    metrics.count_consent_withheld(destination, category, *count);
+                }
+            }
+        }
     }
 
     /// Enqueues the next batch of events the resolver has committed and of
@@ -146,27 +180,25 @@ impl OutboxStage {
         profiles.dedup();
         let traits: HashMap<_, _> =
             self.store.profiles(&profiles)?.into_iter().map(|profile| (profile.id, profile.traits)).collect();
+        let consent = if needs_consent(&destinations) { self.store.consent_of(&profiles)? } else { BTreeMap::new() };
         let mut items = Vec::new();
+        let mut withheld: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
         for (id, change) in &changes {
-            for (destination, subscription) in followers(&destinations, &change.audience) {
-                let profile_traits = traits.get(&change.profile);
-                let chosen: serde_json::Map<String, serde_json::Value> = subscription
-                    .traits
-                    .iter()
-                    .filter_map(|name| Some((name.clone(), profile_traits?.get(name)?.clone())))
-                    .collect();
-                let at = chrono::DateTime::from_timestamp_millis(change.at_ms)
-                    .map(tandem_core::event::format_timestamp)
-                    .unwrap_or_default();
-                let payload = serde_json::json!({
-                    "type": "audience",
-                    "messageId": format!("audience-{id}"),
-                    "audience": change.audience,
-                    "change": change.kind.as_str(),
-                    "profile": change.profile.to_string(),
-                    "timestamp": at,
-                    "traits": chosen,
-                });
+            for (destination, subscription, required) in followers(&destinations, &change.audience) {
+                let missing = withheld_categories(consent.get(&change.profile), required, self.consent_default);
+                if !missing.is_empty() {
+                    count_missing(&mut withheld, destination, &missing);
+                    continue;
+                }
+                let payload = audience_payload(
+                    &format!("audience-{id}"),
+                    &change.audience,
+                    change.kind.as_str(),
+                    change.profile,
+                    change.at_ms,
+                    &subscription.traits,
+                    traits.get(&change.profile),
+                );
                 items.push(NewOutboxItem {
                     destination: destination.to_owned(),
                     // The history id: audience items have no log position.
@@ -182,9 +214,14 @@ impl OutboxStage {
             to: LogPosition(to),
             items,
             at_ms: chrono::Utc::now().timestamp_millis(),
+            withheld,
+            ..OutboxCommit::default()
         };
         match self.store.commit_outbox(&commit)? {
-            OutboxCommitOutcome::Committed => Ok(changes.len()),
+            OutboxCommitOutcome::Committed => {
+                self.count_withheld(&commit.withheld);
+                Ok(changes.len())
+            }
             OutboxCommitOutcome::StalePosition => Ok(0),
         }
     }
@@ -200,6 +237,8 @@ impl OutboxStage {
         let Some(last) = entries.last() else { return Ok(0) };
         let to = last.position;
         let destinations = self.store.list_destinations()?;
+        let stated: Vec<Option<Consent>> =
+            entries.iter().map(|entry| stated_consent_in_payload(&entry.payload)).collect();
         let wanted = entries.iter().any(|entry| {
             let name = event_name(entry.event_type, &entry.payload);
             destinations.iter().any(|record| {
@@ -210,16 +249,61 @@ impl OutboxStage {
                     .is_some_and(|events| events.matches(entry.event_type, name.as_deref()))
             })
         });
+        let consent_matters = needs_consent(&destinations) || stated.iter().any(Option::is_some);
         // Each item carries its event's profile, so dead letters can be
-        // found per profile; one read for the whole batch.
-        let owners: HashMap<LogPosition, tandem_core::ProfileId> =
-            if wanted { self.store.event_owners(from, to)?.into_iter().collect() } else { HashMap::new() };
+        // found per profile, and consent is kept per profile; one read for
+        // the whole batch, and none when neither is needed.
+        let owners: HashMap<LogPosition, ProfileId> = if wanted || consent_matters {
+            self.store.event_owners(from, to)?.into_iter().collect()
+        } else {
+            HashMap::new()
+        };
+        // Consent as it stands before this batch, for the profiles whose
+        // consent can matter here; each event's own statement applies from
+        // that event on.
+        let mut consent: BTreeMap<ProfileId, Consent> = if consent_matters {
+            let mut profiles: Vec<ProfileId> = owners.values().copied().collect();
+            profiles.sort_unstable();
+            profiles.dedup();
+            self.store.consent_of(&profiles)?
+        } else {
+            BTreeMap::new()
+        };
         let mut items = Vec::new();
-        for entry in &entries {
+        let mut changes = Vec::new();
+        let mut withheld: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+        for (entry, stated) in entries.iter().zip(stated) {
+            let profile = owners.get(&entry.position).copied();
+            if let (Some(profile), Some(stated)) = (profile, stated) {
+                let before = consent.get(&profile).cloned();
+                let current = consent.entry(profile).or_default();
+                for (category, granted) in stated {
+                    changes.push(ConsentChange {
+                        profile,
+                        category: category.clone(),
+                        granted,
+                        position: entry.position,
+                        at_ms: entry.timestamp_ms,
+                    });
+                    current.insert(category, granted);
+                }
+                let current = current.clone();
+                items.extend(self.released(&destinations, profile, before.as_ref(), &current, entry.position)?);
+            }
             let name = event_name(entry.event_type, &entry.payload);
             for record in &destinations {
                 let events = record.definition.events.as_ref();
                 if events.is_some_and(|events| events.matches(entry.event_type, name.as_deref())) {
+                    let required = &record.definition.consent_categories;
+                    let missing = withheld_categories(
+                        profile.and_then(|profile| consent.get(&profile)),
+                        required,
+                        self.consent_default,
+                    );
+                    if !missing.is_empty() {
+                        count_missing(&mut withheld, &record.definition.name, &missing);
+                        continue;
+                    }
                     items.push(NewOutboxItem {
                         destination: record.definition.name.clone(),
                         position: entry.position,
@@ -229,12 +313,75 @@ impl OutboxStage {
                 }
             }
         }
-        let at_ms = chrono::Utc::now().timestamp_millis();
-        match self.store.commit_outbox(&OutboxCommit { cursor: OutboxCursor::Log, from, to, items, at_ms })? {
-            OutboxCommitOutcome::Committed => Ok(entries.len()),
+        let commit = OutboxCommit {
+            cursor: OutboxCursor::Log,
+            from,
+            to,
+            items,
+            at_ms: chrono::Utc::now().timestamp_millis(),
+            consent: changes,
+            withheld,
+        };
+        match self.store.commit_outbox(&commit)? {
+            OutboxCommitOutcome::Committed => {
+                self.count_withheld(&commit.withheld);
+                Ok(entries.len())
+            }
             // Another node's stage enqueued these; read on from its cursor.
             OutboxCommitOutcome::StalePosition => Ok(0),
         }
+    }
+
+    /// The `entered` items a profile's consent change releases: for each
+    /// destination that follows audiences and needs consent, when the change
+    /// turned "withheld" into "allowed", one per audience it follows that
+    /// the profile is in now.
+    fn released(
+        &self,
+        destinations: &[DestinationRecord],
+        profile: ProfileId,
+        before: Option<&Consent>,
+        after: &Consent,
+        position: LogPosition,
+    ) -> Result<Vec<NewOutboxItem>, StoreError> {
+        let mut items = Vec::new();
+        let mut memberships = None;
+        let mut traits = None;
+        for record in destinations {
+            let required = &record.definition.consent_categories;
+            if required.is_empty() || record.definition.audiences.is_empty() {
+                continue;
+            }
+            let was_allowed = withheld_categories(before, required, self.consent_default).is_empty();
+            let is_allowed = withheld_categories(Some(after), required, self.consent_default).is_empty();
+            if was_allowed || !is_allowed {
+                continue;
+            }
+            if memberships.is_none() {
+                memberships = Some(self.store.profile_audiences(profile)?);
+                traits = self.store.profile(profile)?.map(|profile| profile.traits);
+            }
+            for membership in memberships.iter().flatten() {
+                for subscription in record.definition.audiences.iter().filter(|s| s.name == membership.audience) {
+                    let payload = audience_payload(
+                        &format!("consent-{}-{}", position.0, membership.audience),
+                        &membership.audience,
+                        "entered",
+                        profile,
+                        membership.entered_at_ms,
+                        &subscription.traits,
+                        traits.as_ref(),
+                    );
+                    items.push(NewOutboxItem {
+                        destination: record.definition.name.clone(),
+                        position,
+                        payload,
+                        profile: Some(profile),
+                    });
+                }
+            }
+        }
+        Ok(items)
     }
 
     /// Runs [`OutboxStage::step`] until it is caught up with the resolver.
@@ -244,19 +391,61 @@ impl OutboxStage {
     }
 }
 
-/// The destinations that follow `audience`, with how each follows it.
-fn followers<'a>(destinations: &'a [DestinationRecord], audience: &str) -> Vec<(&'a str, &'a AudienceSubscription)> {
+/// The destinations that follow `audience`, with how each follows it and
+/// the consent categories it needs.
+fn followers<'a>(
+    destinations: &'a [DestinationRecord],
+    audience: &str,
+) -> Vec<(&'a str, &'a AudienceSubscription, &'a [String])> {
     destinations
         .iter()
         .flat_map(|record| {
-            record
-                .definition
-                .audiences
-                .iter()
-                .filter(|subscription| subscription.name == audience)
-                .map(|subscription| (record.definition.name.as_str(), subscription))
+            record.definition.audiences.iter().filter(|subscription| subscription.name == audience).map(
+                |subscription| {
+                    (record.definition.name.as_str(), subscription, record.definition.consent_categories.as_slice())
+                },
+            )
         })
         .collect()
+}
+
+/// Whether any destination needs consent.
+fn needs_consent(destinations: &[DestinationRecord]) -> bool {
+    destinations.iter().any(|record| !record.definition.consent_categories.is_empty())
+}
+
+fn count_missing(withheld: &mut BTreeMap<String, BTreeMap<String, u64>>, destination: &str, missing: &[&str]) {
+    let counts = withheld.entry(destination.to_owned()).or_default();
+    for category in missing {
+        *counts.entry((*category).to_owned()).or_insert(0) += 1;
+    }
+}
+
+/// An audience entry or exit as a destination receives it, with the traits
+/// its subscription chose.
+fn audience_payload(
+    message_id: &str,
+    audience: &str,
+    change: &str,
+    profile: ProfileId,
+    at_ms: i64,
+    chosen_traits: &[String],
+    profile_traits: Option<&serde_json::Map<String, serde_json::Value>>,
+) -> String {
+    let chosen: serde_json::Map<String, serde_json::Value> =
+        chosen_traits.iter().filter_map(|name| Some((name.clone(), profile_traits?.get(name)?.clone()))).collect();
+    let at =
+        chrono::DateTime::from_timestamp_millis(at_ms).map(tandem_core::event::format_timestamp).unwrap_or_default();
+    serde_json::json!({
+        "type": "audience",
+        "messageId": message_id,
+        "audience": audience,
+        "change": change,
+        "profile": profile.to_string(),
+        "timestamp": at,
+        "traits": chosen,
+    })
+    .to_string()
 }
 
 /// What one [`DeliveryWorker::deliver_once`] did.
@@ -513,11 +702,13 @@ pub fn spawn(
     clock: Clock,
     metrics: Metrics,
     stop: Arc<AtomicBool>,
+    consent_default: ConsentDefault,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("tandem-outbox".into())
         .spawn(move || {
-            let mut stage = OutboxStage::new(store.clone());
+            let mut stage =
+                OutboxStage::new(store.clone()).with_consent_default(consent_default).with_metrics(metrics.clone());
             let mut follower = head.follow();
             let mut lease = LeaseKeeper::new(store.clone(), Stage::OUTBOX);
             let mut workers: HashMap<String, (Arc<AtomicBool>, std::thread::JoinHandle<()>)> = HashMap::new();
@@ -745,6 +936,7 @@ mod tests {
             audiences: Vec::new(),
             retry,
             max_events_per_second: None,
+            consent_categories: Vec::new(),
         }
     }
 
@@ -1008,6 +1200,7 @@ mod tests {
             audiences: Vec::new(),
             retry: RetrySettings::default(),
             max_events_per_second: None,
+            consent_categories: Vec::new(),
         };
         create_destination(&*store, &definition, 0).unwrap();
         append_and_resolve(&store, &[track("ann", "A", 1), track("ann", "B", 2)]);
@@ -1066,6 +1259,77 @@ mod tests {
         assert_eq!(lines[0]["profile"], lines[1]["profile"]);
         assert_eq!(lines[1]["traits"], json!({"email": "ann@example.com", "plan": "free"}), "the chosen traits only");
         assert_ne!(lines[0]["messageId"], lines[1]["messageId"]);
+    }
+
+    #[test]
+    fn deliveries_are_withheld_without_consent_and_the_current_audiences_released_when_it_comes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path().join("data").as_path()).unwrap());
+        let runtime = runtime();
+        let receiver = Arc::new(Mutex::new(Receiver::default()));
+        let url = start_receiver(&runtime, receiver.clone());
+        let definition = DestinationDefinition {
+            audiences: vec![serde_json::from_value(json!({"name": "pro", "traits": ["plan"]})).unwrap()],
+            consent_categories: vec!["marketing".to_owned()],
+            ..webhook("crm", &url, RetrySettings::default())
+        };
+        create_destination(&*store, &definition, 0).unwrap();
+        let rule = tandem_core::audience::Condition::parse(r#"trait plan = "pro""#).unwrap();
+        crate::audience::create_audience(&*store, "pro", rule, chrono::Utc::now()).unwrap();
+        let metrics = Metrics::new();
+        let settle = |store: &Arc<dyn Store>| {
+            crate::audience::AudienceStage::new(store.clone(), crate::audience::system_clock()).catch_up().unwrap();
+            OutboxStage::new(store.clone())
+                .with_consent_default(ConsentDefault::Deny)
+                .with_metrics(metrics.clone())
+                .catch_up()
+                .unwrap();
+        };
+        let consenting = |n: u64, granted: bool| {
+            let mut message = track("ann", "Order Completed", n);
+            message["context"] = json!({"consent": {"categoryPreferences": {"marketing": granted, "ads": false}}});
+            message
+        };
+        // No consent yet, and the default denies: nothing leaves.
+        append_and_resolve(
+            &store,
+            &[
+                json!({"type": "identify", "userId": "ann", "traits": {"plan": "pro"}}),
+                track("ann", "Order Completed", 1),
+            ],
+        );
+        settle(&store);
+        assert_eq!(store.destination("crm").unwrap().unwrap().counts.pending, 0);
+        // Consent arrives: the current membership is released, then the event.
+        append_and_resolve(&store, &[consenting(2, true)]);
+        settle(&store);
+        // Later events without a consent object follow what Ann said last.
+        append_and_resolve(&store, &[track("ann", "Order Completed", 3), consenting(4, false)]);
+        settle(&store);
+        append_and_resolve(&store, &[track("ann", "Order Completed", 5)]);
+        settle(&store);
+
+        let (clock, now) = manual_clock(1_000_000);
+        let mut worker = DeliveryWorker::new(store.clone(), "crm", clock, Metrics::new());
+        drain(&mut worker, &now);
+        let accepted = receiver.lock().unwrap().accepted.clone();
+        assert_eq!(accepted.len(), 3, "{accepted:?}");
+        assert_eq!((accepted[0]["type"].as_str(), accepted[0]["change"].as_str()), (Some("audience"), Some("entered")));
+        assert_eq!(accepted[0]["audience"], "pro");
+        assert_eq!(accepted[0]["traits"], json!({"plan": "pro"}));
+        assert_eq!(numbers(&accepted[1..]), vec![2, 3], "never the events before consent, nor after it was withdrawn");
+
+        let withheld = store.withheld_counts("crm").unwrap();
+        assert_eq!(withheld.get("marketing"), Some(&4), "events 1, 4 and 5 and the first entry: {withheld:?}");
+        assert_eq!(withheld.len(), 1, "only the categories the destination needs");
+        let profile = store.profile_by_identifier(&tandem_core::Identifier::new("user_id", "ann")).unwrap().unwrap();
+        let history = store.consent_history(profile.id).unwrap();
+        let marketing: Vec<bool> =
+            history.iter().filter(|change| change.category == "marketing").map(|change| change.granted).collect();
+        assert_eq!(marketing, vec![true, false]);
+        assert!(!store.consent_of(&[profile.id]).unwrap()[&profile.id]["marketing"]);
+        let text = metrics.render();
+        assert!(text.contains("tandem_consent_withheld_total{destination=\"crm\",category=\"marketing\"} 4"), "{text}");
     }
 
     #[test]

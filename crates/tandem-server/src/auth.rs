@@ -92,14 +92,38 @@ impl<V: Clone + Send + 'static> Cache<V> {
     }
 }
 
-/// Write key → source, backed by storage, with a cache of known keys.
+/// Write key → source, backed by storage, with a cache of known keys, and
+/// the note of requests refused for an unknown key (shadow IT).
 pub struct SourceDirectory {
     cache: Cache<Source>,
+    shadow: crate::stack::ShadowTraffic,
 }
 
 impl SourceDirectory {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        SourceDirectory { cache: Cache::new(store) }
+        SourceDirectory { cache: Cache::new(store), shadow: crate::stack::ShadowTraffic::default() }
+    }
+
+    /// Requests refused for a write key matching no source, not yet stored.
+    pub fn shadow(&self) -> &crate::stack::ShadowTraffic {
+        &self.shadow
+    }
+
+    /// Like [`SourceDirectory::authenticate`], noting who sent a key that
+    /// matches no source.
+    pub async fn authenticate_caller(
+        &self,
+        write_key: Option<WriteKey>,
+        caller: crate::stack::Caller<'_>,
+    ) -> Result<Source, ApiError> {
+        let noted = write_key.clone();
+        let result = self.authenticate(write_key).await;
+        if let (Err(error), Some(key)) = (&result, noted) {
+            if error.code == ErrorCode::InvalidWriteKey {
+                self.shadow.note(&key, caller);
+            }
+        }
+        result
     }
 
     /// The source a write key belongs to, or 401.

@@ -8,6 +8,8 @@
 //! both are durable. Refused messages are quarantined, never dropped.
 
 use crate::error::{ApiError, ErrorCode};
+use crate::govern::Screened;
+use crate::stack::Caller;
 use crate::AppState;
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, State};
@@ -24,7 +26,7 @@ use tandem_core::collect::{
     normalize_batch, normalize_message, parse_batch, parse_single, replace_lone_surrogates, BatchDefaults,
     IdRequirement, RejectedMessage, RequestContext, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES,
 };
-use tandem_core::{EventType, Source, WriteKey};
+use tandem_core::{Event, EventType, Source, WriteKey};
 use tandem_store::{IngestBatch, IngestOutcome, QuarantineRecord};
 
 /// The tracking API's routes, by path.
@@ -73,6 +75,11 @@ async fn batch_endpoint(
     finish(&state, "/v1/batch", started, result.map_err(ApiError::with_top_level_code))
 }
 
+/// The sender's address and user agent, noted when its write key matches no source.
+fn caller<'a>(client_ip: Option<&'a str>, headers: &'a HeaderMap) -> Caller<'a> {
+    Caller { ip: client_ip, user_agent: headers.get(header::USER_AGENT).and_then(|value| value.to_str().ok()) }
+}
+
 fn client_ip(connect: Option<Extension<ConnectInfo<SocketAddr>>>) -> Option<String> {
     connect.map(|Extension(ConnectInfo(address))| address.ip().to_string())
 }
@@ -102,48 +109,61 @@ async fn ingest_single(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Value, ApiError> {
+    let caller = caller(client_ip, headers);
     let (body, header_source) =
-        read_authenticated(state, headers, body, MAX_MESSAGE_BYTES, ErrorCode::MessageTooLarge).await?;
+        read_authenticated(state, headers, caller, body, MAX_MESSAGE_BYTES, ErrorCode::MessageTooLarge).await?;
     let (message, body_key) = match parse_single(&replace_lone_surrogates(&body)) {
         Ok(parsed) => parsed,
         Err(error) => return Err(quarantine_unreadable(state, header_source, &body, error.into()).await),
     };
     let source = match header_source {
         Some(source) => source,
-        None => state.sources.authenticate(body_key.map(WriteKey::new)).await?,
+        None => state.sources.authenticate_caller(body_key.map(WriteKey::new), caller).await?,
     };
     let received_at = Utc::now();
     let request =
         RequestContext { source_id: &source.id, received_at, client_ip, ids: IdRequirement::UserOrAnonymousId };
-    match normalize_message(message, Some(event_type), &BatchDefaults::default(), &request) {
+    let body_text = String::from_utf8_lossy(&body);
+    let received_at_ms = received_at.timestamp_millis();
+    let (screened, refused) = match normalize_message(message, Some(event_type), &BatchDefaults::default(), &request) {
         Ok(event) => {
-            let outcome = append(
-                state,
-                IngestBatch { records: vec![event.to_log_record()], rejected: Vec::new(), ..Default::default() },
-            )
-            .await?;
-            count(state, &outcome);
-            Ok(json!({"success": true}))
+            let mut screened =
+                crate::govern::screen(state, &source.id, vec![event], &[None], |_| &body_text, received_at_ms).await?;
+            let refused = screened.refused.pop();
+            (screened, refused)
         }
         Err(rejection) => {
-            let refused = RejectedMessage { index: None, raw: String::from_utf8_lossy(&body).into_owned(), rejection };
-            let outcome = append(
-                state,
-                IngestBatch {
-                    records: Vec::new(),
-                    rejected: vec![quarantine_record(&source, received_at.timestamp_millis(), &refused)],
-                    ..Default::default()
-                },
-            )
-            .await?;
-            count(state, &outcome);
-            let error = ApiError::new(refused.rejection.code.into(), refused.rejection.message);
-            Err(match refused.rejection.field {
-                Some(field) => error.with_field(field),
-                None => error,
-            })
+            (Screened::default(), Some(RejectedMessage { index: None, raw: body_text.clone().into_owned(), rejection }))
         }
-    }
+    };
+    let Some(refused) = refused else {
+        let outcome = append(
+            state,
+            IngestBatch {
+                records: screened.events.iter().map(Event::to_log_record).collect(),
+                violations: screened.violations,
+                ..Default::default()
+            },
+        )
+        .await?;
+        count(state, &outcome);
+        return Ok(json!({"success": true}));
+    };
+    let outcome = append(
+        state,
+        IngestBatch {
+            rejected: vec![quarantine_record(&source, received_at_ms, &refused)],
+            violations: screened.violations,
+            ..Default::default()
+        },
+    )
+    .await?;
+    count(state, &outcome);
+    let error = ApiError::new(refused.rejection.code.into(), refused.rejection.message);
+    Err(match refused.rejection.field {
+        Some(field) => error.with_field(field),
+        None => error,
+    })
 }
 
 async fn ingest_batch(
@@ -152,8 +172,9 @@ async fn ingest_batch(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Value, ApiError> {
+    let caller = caller(client_ip, headers);
     let (body, header_source) =
-        read_authenticated(state, headers, body, MAX_REQUEST_BYTES, ErrorCode::RequestTooLarge).await?;
+        read_authenticated(state, headers, caller, body, MAX_REQUEST_BYTES, ErrorCode::RequestTooLarge).await?;
     let repaired = replace_lone_surrogates(&body);
     let batch = match parse_batch(&repaired) {
         Ok(batch) => batch,
@@ -161,20 +182,35 @@ async fn ingest_batch(
     };
     let source = match header_source {
         Some(source) => source,
-        None => state.sources.authenticate(batch.write_key.clone().map(WriteKey::new)).await?,
+        None => state.sources.authenticate_caller(batch.write_key.clone().map(WriteKey::new), caller).await?,
     };
     let received_at = Utc::now();
     let request =
         RequestContext { source_id: &source.id, received_at, client_ip, ids: IdRequirement::UserOrAnonymousId };
-    let normalized = normalize_batch(&batch, &request);
+    let mut normalized = normalize_batch(&batch, &request);
     let received_at_ms = received_at.timestamp_millis();
+    let indexes: Vec<Option<usize>> = normalized.indexes.iter().copied().map(Some).collect();
+    let screened = crate::govern::screen(
+        state,
+        &source.id,
+        std::mem::take(&mut normalized.events),
+        &indexes,
+        |index| index.and_then(|index| batch.messages.get(index)).map_or("", |raw| raw.get()),
+        received_at_ms,
+    )
+    .await?;
+    if !screened.refused.is_empty() {
+        normalized.rejected.extend(screened.refused);
+        normalized.rejected.sort_by_key(|refused| refused.index);
+    }
     let ingest = IngestBatch {
-        records: normalized.events.iter().map(|event| event.to_log_record()).collect(),
+        records: screened.events.iter().map(Event::to_log_record).collect(),
         rejected: normalized
             .rejected
             .iter()
             .map(|refused| quarantine_record(&source, received_at_ms, refused))
             .collect(),
+        violations: screened.violations,
         ..Default::default()
     };
     let outcome = append(state, ingest).await?;
@@ -183,7 +219,7 @@ async fn ingest_batch(
         return Ok(json!({"success": true}));
     }
     let rejected = rejected_json(&normalized.rejected);
-    if normalized.events.is_empty() {
+    if screened.events.is_empty() {
         let first = &normalized.rejected[0];
         let index = first.index.unwrap_or(0);
         let field = match &first.rejection.field {
@@ -204,12 +240,13 @@ async fn ingest_batch(
 async fn read_authenticated(
     state: &AppState,
     headers: &HeaderMap,
+    caller: Caller<'_>,
     body: Body,
     limit: usize,
     too_large: ErrorCode,
 ) -> Result<(Bytes, Option<Source>), ApiError> {
     let header_source = match crate::auth::basic_auth_write_key(headers)? {
-        Some(key) => Some(state.sources.authenticate(Some(key)).await?),
+        Some(key) => Some(state.sources.authenticate_caller(Some(key), caller).await?),
         None => None,
     };
     let body = read_body(body, headers, limit, too_large).await?;

@@ -19,6 +19,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tandem_core::activate::DestinationDefinition;
+use tandem_core::govern::stack::{ToolInfo, ToolKind};
 use tandem_store::{DeadLetter, DeadLetterFilter, DestinationRecord, Store, StoreError};
 
 /// The destination routes, for [`crate::router`].
@@ -120,22 +121,56 @@ async fn list_destinations(State(state): State<AppState>, _token: AdminToken) ->
     Ok(Json(json!({ "destinations": destinations })))
 }
 
+/// A destination definition, with its optional stack-registry entry
+/// (`"registry": {"owner", "department", "purpose", "annual_cost"}`) taken
+/// out, checked before anything is stored.
+pub fn parse_definition(body: &[u8]) -> Result<(DestinationDefinition, Option<ToolInfo>), ApiError> {
+    let mut value: Value = serde_json::from_slice(body)
+        .map_err(|error| ApiError::new(ErrorCode::InvalidJson, format!("the body is not JSON: {error}")))?;
+    let registry = value.as_object_mut().and_then(|object| object.remove("registry"));
+    let definition: DestinationDefinition = serde_json::from_value(value).map_err(|error| {
+        ApiError::new(ErrorCode::InvalidDestination, format!("the body is not a destination: {error}"))
+    })?;
+    let registry = match registry {
+        None => None,
+        Some(registry) => Some(
+            serde_json::from_value::<ToolInfo>(registry)
+                .map_err(|error| {
+                    ApiError::new(ErrorCode::InvalidDestination, format!("registry: {error}")).with_field("registry")
+                })?
+                .validated()
+                .map_err(|invalid| {
+                    ApiError::new(ErrorCode::InvalidDestination, invalid.to_string())
+                        .with_field(format!("registry.{}", invalid.field))
+                })?,
+        ),
+    };
+    Ok((definition, registry))
+}
+
 /// `POST /api/v1/destinations` with a definition: `201` with the destination.
 async fn create_destination(
     State(state): State<AppState>,
     token: AdminToken,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let definition: DestinationDefinition = serde_json::from_slice(&body).map_err(|error| {
-        if error.is_syntax() || error.is_eof() {
-            ApiError::new(ErrorCode::InvalidJson, format!("the body is not JSON: {error}"))
-        } else {
-            ApiError::new(ErrorCode::InvalidDestination, format!("the body is not a destination: {error}"))
-        }
-    })?;
+    let (definition, registry) = parse_definition(&body)?;
     let now = chrono::Utc::now().timestamp_millis();
     let record = blocking(&state, move |store| {
         activate::create_destination(store, &definition, now)?;
+        if let Some(registry) = registry {
+            crate::stack::set_tool(store, ToolKind::Destination, &definition.name, registry).map_err(|error| {
+                match error {
+                    crate::stack::StackError::Store(error) => DestinationDefineError::Store(error),
+                    crate::stack::StackError::Invalid(invalid) => {
+                        DestinationDefineError::Invalid(tandem_core::activate::DestinationError {
+                            field: "registry",
+                            message: invalid.to_string(),
+                        })
+                    }
+                }
+            })?;
+        }
         store
             .destination(&definition.name)?
             .ok_or(DestinationDefineError::Store(StoreError::DestinationNotFound(definition.name)))
@@ -147,16 +182,24 @@ async fn create_destination(
     Ok((StatusCode::CREATED, Json(shown)))
 }
 
-/// `GET /api/v1/destinations/{name}`: the definition and the counts.
+/// `GET /api/v1/destinations/{name}`: the definition, the counts and the
+/// deliveries withheld per consent category.
 async fn show_destination(
     State(state): State<AppState>,
     _token: AdminToken,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let wanted = name.clone();
-    let record =
-        blocking(&state, move |store| Ok(store.destination(&wanted)?)).await?.ok_or_else(|| not_found(&name))?;
-    Ok(Json(destination_json(&record)))
+    let (record, withheld) = blocking(&state, move |store| {
+        let record = store.destination(&wanted)?;
+        Ok((record, store.withheld_counts(&wanted)?))
+    })
+    .await?;
+    let record = record.ok_or_else(|| not_found(&name))?;
+    let mut shown = destination_json(&record);
+    // Deliveries held back because a consent category was not granted.
+    shown["consent_withheld"] = serde_json::to_value(withheld).unwrap_or_default();
+    Ok(Json(shown))
 }
 
 /// `DELETE /api/v1/destinations/{name}`: `204`; its outbox and dead letters

@@ -38,6 +38,11 @@ pub enum ErrorCode {
     DestinationNotFound,
     DestinationExists,
     InvalidDestination,
+    InvalidPlan,
+    PlanNotFound,
+    UnplannedEvent,
+    PlanViolation,
+    Suppressed,
     MalformedFile,
     SourceNotFound,
     ImportNotFound,
@@ -83,6 +88,11 @@ impl ErrorCode {
             ErrorCode::DestinationNotFound => "destination_not_found",
             ErrorCode::DestinationExists => "destination_exists",
             ErrorCode::InvalidDestination => "invalid_destination",
+            ErrorCode::InvalidPlan => "invalid_plan",
+            ErrorCode::PlanNotFound => "plan_not_found",
+            ErrorCode::UnplannedEvent => "unplanned_event",
+            ErrorCode::PlanViolation => "plan_violation",
+            ErrorCode::Suppressed => "suppressed",
             ErrorCode::MalformedFile => "malformed_file",
             ErrorCode::SourceNotFound => "source_not_found",
             ErrorCode::ImportNotFound => "import_not_found",
@@ -123,19 +133,24 @@ impl ErrorCode {
             | ErrorCode::ImportNotFound
             | ErrorCode::AudienceNotFound
             | ErrorCode::ComputedTraitNotFound
-            | ErrorCode::DestinationNotFound => StatusCode::NOT_FOUND,
+            | ErrorCode::DestinationNotFound
+            | ErrorCode::PlanNotFound => StatusCode::NOT_FOUND,
             ErrorCode::InvalidMapping
             | ErrorCode::InvalidRule
             | ErrorCode::InvalidComputedTrait
-            | ErrorCode::InvalidDestination => StatusCode::UNPROCESSABLE_ENTITY,
+            | ErrorCode::InvalidDestination
+            | ErrorCode::InvalidPlan
+            | ErrorCode::UnplannedEvent
+            | ErrorCode::PlanViolation => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::AudienceExists
             | ErrorCode::AudienceInUse
             | ErrorCode::ComputedTraitExists
             | ErrorCode::ComputedTraitInUse
             | ErrorCode::DestinationExists => StatusCode::CONFLICT,
-            ErrorCode::InvalidVerifyToken | ErrorCode::PermissionDenied | ErrorCode::RouteNotPermitted => {
-                StatusCode::FORBIDDEN
-            }
+            ErrorCode::InvalidVerifyToken
+            | ErrorCode::PermissionDenied
+            | ErrorCode::RouteNotPermitted
+            | ErrorCode::Suppressed => StatusCode::FORBIDDEN,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorCode::RequestTooLarge | ErrorCode::MessageTooLarge | ErrorCode::TooManyMessages => {
@@ -155,6 +170,9 @@ impl From<RejectionCode> for ErrorCode {
             RejectionCode::InvalidType => ErrorCode::InvalidType,
             RejectionCode::InvalidValue => ErrorCode::InvalidValue,
             RejectionCode::MessageTooLarge => ErrorCode::MessageTooLarge,
+            RejectionCode::UnplannedEvent => ErrorCode::UnplannedEvent,
+            RejectionCode::PlanViolation => ErrorCode::PlanViolation,
+            RejectionCode::Suppressed => ErrorCode::Suppressed,
         }
     }
 }

@@ -283,7 +283,12 @@ pub fn run_import_until(
                 break;
             }
             if !chunk.records.is_empty() {
-                let batch = IngestBatch { records: chunk.records, rejected: Vec::new(), dedup: Dedup::Forever };
+                let batch = IngestBatch {
+                    records: chunk.records,
+                    rejected: Vec::new(),
+                    dedup: Dedup::Forever,
+                    violations: Vec::new(),
+                };
                 match sink.append(batch) {
                     Ok(appended) => {
                         counts.imported += u64::from(appended.stored);

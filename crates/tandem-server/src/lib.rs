@@ -14,8 +14,10 @@ pub mod computed_api;
 pub mod connection;
 pub mod destination_api;
 pub mod drain;
+pub mod dsr;
 pub mod error;
 pub mod extract;
+pub mod govern;
 pub mod import;
 pub mod log_head;
 pub mod log_writer;
@@ -23,9 +25,11 @@ pub mod metrics;
 pub mod openapi;
 pub mod ops;
 pub mod pii;
+pub mod plan_api;
 pub mod profile;
 pub mod resolve;
 pub mod sdk_settings;
+pub mod stack;
 pub mod stream;
 pub mod webhook;
 
@@ -56,6 +60,10 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub sources: Arc<SourceDirectory>,
     pub tokens: Arc<auth::TokenDirectory>,
+    /// Tracking plans per source, cached for ingestion.
+    pub plans: Arc<govern::PlanDirectory>,
+    /// Suppressed identifiers, cached for ingestion.
+    pub suppressions: Arc<govern::SuppressionDirectory>,
     pub log: LogWriter,
     pub metrics: Metrics,
     /// The committed head of the log, which every stage follows.
@@ -101,6 +109,8 @@ impl AppState {
         let state = AppState {
             sources: Arc::new(SourceDirectory::new(store.clone())),
             tokens: Arc::new(auth::TokenDirectory::new(store.clone())),
+            plans: Arc::new(govern::PlanDirectory::new(store.clone())),
+            suppressions: Arc::new(govern::SuppressionDirectory::new(store.clone())),
             store,
             log,
             metrics,
@@ -129,6 +139,8 @@ impl AppState {
             sources: Arc::new(SourceDirectory::new(store.clone())),
             tokens: Arc::new(auth::TokenDirectory::new(store.clone())),
             log: LogWriter::to_stream(stream.clone(), metrics.clone(), store.clone()).with_pii(pii.clone()),
+            plans: Arc::new(govern::PlanDirectory::new(store.clone())),
+            suppressions: Arc::new(govern::SuppressionDirectory::new(store.clone())),
             store,
             metrics,
             head,
@@ -152,6 +164,9 @@ pub fn router(state: AppState) -> Router {
         .merge(audience_api::routes())
         .merge(computed_api::routes())
         .merge(destination_api::routes())
+        .merge(plan_api::routes())
+        .merge(dsr::routes())
+        .merge(stack::routes())
         .merge(import::jobs::routes())
         .merge(webhook::routes())
         .merge(sdk_settings::routes())
@@ -181,6 +196,8 @@ pub struct ServerOptions {
     pub log: Option<stream::StreamOptions>,
     /// PII classes beyond the defaults, and the salt of red values' hashes.
     pub pii: tandem_core::govern::PiiSettings,
+    /// Consent for a category a person never spoke about.
+    pub consent_default: tandem_core::govern::consent::ConsentDefault,
 }
 
 /// The server could not start or stopped abnormally.
@@ -205,6 +222,7 @@ pub struct Running {
     writer_thread: Option<std::thread::JoinHandle<()>>,
     dedup_window: Duration,
     resolver_cache_profiles: usize,
+    consent_default: tandem_core::govern::consent::ConsentDefault,
     limits: connection::ConnectionLimits,
 }
 
@@ -250,6 +268,7 @@ pub async fn start(store: Arc<dyn Store>, options: &ServerOptions) -> Result<Run
         writer_thread,
         dedup_window: options.dedup_window,
         resolver_cache_profiles: options.resolver_cache_profiles,
+        consent_default: options.consent_default,
         limits: connection::ConnectionLimits::default(),
     })
 }
@@ -276,8 +295,16 @@ impl Running {
     /// Serves until `shutdown` resolves, then stops accepting, finishes the
     /// requests in flight, and waits for the log writer to commit them.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
-        let Running { local_addr, listener, state, writer_thread, dedup_window, resolver_cache_profiles, limits } =
-            self;
+        let Running {
+            local_addr,
+            listener,
+            state,
+            writer_thread,
+            dedup_window,
+            resolver_cache_profiles,
+            consent_default,
+            limits,
+        } = self;
         let pruner = tokio::spawn(prune_message_ids(state.store.clone(), dedup_window));
         let stop_drain = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let drain_thread = state.stream.clone().map(|stream| {
@@ -292,6 +319,7 @@ impl Running {
                 stop_drain.clone(),
             )
         });
+        let shadow_flusher = tokio::spawn(stack::flush_shadow_traffic(state.store.clone(), state.sources.clone()));
         let stop_resolver = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let head = state.head.clone();
         let head_poller = tokio::spawn(head.clone().poll_store(state.store.clone(), HEAD_POLL_INTERVAL));
@@ -318,6 +346,7 @@ impl Running {
             activate::system_clock(),
             state.metrics.clone(),
             stop_delivery.clone(),
+            consent_default,
         );
         tracing::info!(address = %local_addr, "tandem is listening");
         let imports = state.imports.clone();
@@ -326,6 +355,7 @@ impl Running {
         // rather than wait for their files to end.
         imports.stop_all();
         pruner.abort();
+        shadow_flusher.abort();
         head_poller.abort();
         // Every handle to the log writer lived in the router, now dropped: the
         // writer commits what is queued and stops.

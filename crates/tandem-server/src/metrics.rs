@@ -26,6 +26,18 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ViolationLabels {
+    /// `unplanned_event`, `invalid_event` or `omitted_property`.
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConsentLabels {
+    pub destination: String,
+    pub category: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DeliveryLabels {
     pub destination: String,
     /// `delivered`, `failed` (every failed attempt), `retrying` or `dead`.
@@ -99,6 +111,10 @@ pub struct Metrics {
     pub stream_published: Counter,
     /// Publishes to the stream that failed or got no acknowledgement.
     pub stream_publish_failures: Counter,
+    /// Tracking-plan violations found at ingestion, by kind.
+    pub plan_violations: Family<ViolationLabels, Counter>,
+    /// Events and audience changes not delivered for want of consent.
+    pub consent_withheld: Family<ConsentLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -274,6 +290,18 @@ impl Metrics {
             "Messages whose publish to the event stream failed or was not acknowledged",
             stream_publish_failures.clone(),
         );
+        let plan_violations = Family::<ViolationLabels, Counter>::default();
+        registry.register(
+            "plan_violations",
+            "Tracking-plan violations found at ingestion: unplanned events, schema failures, omitted properties",
+            plan_violations.clone(),
+        );
+        let consent_withheld = Family::<ConsentLabels, Counter>::default();
+        registry.register(
+            "consent_withheld",
+            "Events and audience changes withheld from a destination because a consent category was not granted",
+            consent_withheld.clone(),
+        );
         Metrics {
             drain_messages,
             drain_duplicates,
@@ -284,6 +312,8 @@ impl Metrics {
             drain_lease_held,
             stream_published,
             stream_publish_failures,
+            consent_withheld,
+            plan_violations,
             computed_trait_writes,
             registry: std::sync::Arc::new(registry),
             destination_items,
@@ -316,6 +346,20 @@ impl Metrics {
     pub fn observe_request(&self, route: &'static str, status: u16, elapsed: Duration) {
         self.http_requests.get_or_create(&RequestLabels { route, status }).inc();
         self.http_request_duration.get_or_create(&RouteLabels { route }).observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts deliveries withheld from `destination` for want of `category`.
+    pub fn count_consent_withheld(&self, destination: &str, category: &str, count: u64) {
+        if count > 0 {
+            self.consent_withheld
+                .get_or_create(&ConsentLabels { destination: destination.to_owned(), category: category.to_owned() })
+                .inc_by(count);
+        }
+    }
+
+    /// Counts one tracking-plan violation of this kind.
+    pub fn count_plan_violation(&self, kind: &'static str) {
+        self.plan_violations.get_or_create(&ViolationLabels { kind }).inc();
     }
 
     pub fn count_events(&self, outcome: &'static str, count: u64) {

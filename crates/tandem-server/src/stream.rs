@@ -325,6 +325,7 @@ impl StreamMessage {
                 }],
                 rejected: Vec::new(),
                 dedup: if dedup_forever { Dedup::Forever } else { Dedup::Window },
+                ..IngestBatch::default()
             },
             StreamMessage::Rejected { source_id, received_at_ms, batch_index, code, field, message, payload } => {
                 IngestBatch {
@@ -339,6 +340,7 @@ impl StreamMessage {
                         payload,
                     }],
                     dedup: Dedup::Window,
+                    ..IngestBatch::default()
                 }
             }
         }

@@ -1163,6 +1163,7 @@ mod slow_clients {
             resolver_cache_profiles: tandem_server::resolve::DEFAULT_CACHE_PROFILES,
             log: None,
             pii: Default::default(),
+            consent_default: Default::default(),
         };
         let running = tandem_server::start(store, &options).await.unwrap().with_limits(limits);
         let address = running.local_addr;
@@ -2214,5 +2215,437 @@ mod pii {
 
         let clear = get_as(&harness, "/api/v1/profiles?identifier=email:jane@example.com", &support).await;
         assert_eq!(clear["traits"]["email"], "jane@example.com");
+    }
+}
+
+mod plans {
+    use super::profiles::get;
+    use super::*;
+
+    async fn send_with_token(
+        harness: &Harness,
+        method: Method,
+        path: &str,
+        token: &str,
+        body: String,
+    ) -> (StatusCode, Value) {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Body::from(body))
+            .unwrap();
+        harness.send(request).await
+    }
+
+    fn plan(mode: &str) -> String {
+        json!({
+            "mode": mode,
+            "events": {"Order Completed": {
+                "type": "object",
+                "properties": {"total": {"type": "number"}, "currency": {"type": "string"}},
+                "required": ["total"]
+            }},
+            "identify": {"type": "object", "properties": {"email": {"type": "string"}}}
+        })
+        .to_string()
+    }
+
+    fn batch() -> Value {
+        json!({"batch": [
+            {"type": "track", "userId": "u", "event": "Order Completed", "properties": {"total": 5}, "messageId": "ok"},
+            {"type": "track", "userId": "u", "event": "Order Completed", "properties": {"total": "five"}, "messageId": "bad"},
+            {"type": "track", "userId": "u", "event": "Signed Up", "messageId": "unplanned"},
+            {"type": "track", "userId": "u", "event": "Order Completed",
+             "properties": {"total": 1, "coupon": "X"}, "messageId": "extra"}
+        ]})
+    }
+
+    fn stored_ids(harness: &Harness) -> Vec<String> {
+        harness.events().iter().map(|event| event["messageId"].as_str().unwrap().to_owned()).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn plans_are_set_shown_validated_and_deleted_over_the_api() {
+        let harness = Harness::new();
+        let token = harness.store.create_token("test").unwrap().1;
+        let (status, body) = get(&harness, "/api/v1/plans/website", None).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::UNAUTHORIZED, "missing_token"));
+        let (status, body) = get(&harness, "/api/v1/plans/website", Some(&token)).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::NOT_FOUND, "plan_not_found"));
+        let (status, body) = get(&harness, "/api/v1/plans/nope", Some(&token)).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::NOT_FOUND, "source_not_found"));
+
+        let bad = json!({"events": {"Order Completed": {"type": "nonsense"}}}).to_string();
+        let (status, body) = send_with_token(&harness, Method::PUT, "/api/v1/plans/website", &token, bad).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(error_of(&body), ("invalid_plan", Some("events.Order Completed")));
+        let (status, body) = send_with_token(&harness, Method::PUT, "/api/v1/plans/website", &token, "{".into()).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::BAD_REQUEST, "invalid_json"));
+        let (status, body) = send_with_token(
+            &harness,
+            Method::PUT,
+            "/api/v1/plans/website",
+            &token,
+            json!({"mode": "strict"}).to_string(),
+        )
+        .await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::BAD_REQUEST, "invalid_json"), "{body}");
+
+        let (status, body) =
+            send_with_token(&harness, Method::PUT, "/api/v1/plans/website", &token, plan("report")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["plan"]["mode"], "report");
+        let (status, body) = get(&harness, "/api/v1/plans", Some(&token)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["plans"][0]["source"], "website");
+        let (status, _) =
+            send_with_token(&harness, Method::DELETE, "/api/v1/plans/website", &token, String::new()).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let (status, body) =
+            send_with_token(&harness, Method::DELETE, "/api/v1/plans/website", &token, String::new()).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::NOT_FOUND, "plan_not_found"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn report_mode_keeps_everything_and_lists_violations_with_path_and_sample() {
+        let harness = Harness::new();
+        let token = harness.store.create_token("test").unwrap().1;
+        send_with_token(&harness, Method::PUT, "/api/v1/plans/website", &token, plan("report")).await;
+        let (status, body) = harness.post_json("/v1/batch", batch()).await;
+        assert_eq!((status, &body), (StatusCode::OK, &json!({"success": true})));
+        assert_eq!(stored_ids(&harness), vec!["ok", "bad", "unplanned", "extra"]);
+        let (status, body) = get(&harness, "/api/v1/plans/website/violations", Some(&token)).await;
+        assert_eq!(status, StatusCode::OK);
+        let violations = body["violations"].as_array().unwrap();
+        let mut found: Vec<(&str, &str, &str)> = violations
+            .iter()
+            .map(|v| (v["kind"].as_str().unwrap(), v["event"].as_str().unwrap(), v["path"].as_str().unwrap()))
+            .collect();
+        found.sort();
+        assert_eq!(
+            found,
+            vec![("invalid_event", "Order Completed", "/properties/total"), ("unplanned_event", "Signed Up", "/event")]
+        );
+        let invalid = violations.iter().find(|v| v["kind"] == "invalid_event").unwrap();
+        assert_eq!(invalid["sample"]["messageId"], "bad");
+        assert_eq!(invalid["count"], 1);
+        let (_, metrics) = get(&harness, "/metrics", None).await;
+        assert!(metrics.as_str().unwrap().contains("tandem_plan_violations_total{kind=\"invalid_event\"} 1"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn blocking_modes_quarantine_with_a_clear_code_and_keep_the_rest_of_the_batch() {
+        let harness = Harness::new();
+        let token = harness.store.create_token("test").unwrap().1;
+        send_with_token(&harness, Method::PUT, "/api/v1/plans/website", &token, plan("block_invalid")).await;
+        let (status, body) = harness.post_json("/v1/batch", batch()).await;
+        assert_eq!(status, StatusCode::OK);
+        let rejected = body["rejected"].as_array().unwrap();
+        assert_eq!(rejected.len(), 1, "{body}");
+        assert_eq!(
+            (&rejected[0]["index"], &rejected[0]["code"], &rejected[0]["field"]),
+            (&json!(1), &json!("plan_violation"), &json!("/properties/total"))
+        );
+        assert_eq!(stored_ids(&harness), vec!["ok", "unplanned", "extra"]);
+        let quarantine = harness.store.list_quarantine(0, 10).unwrap();
+        assert_eq!(quarantine.len(), 1);
+        assert_eq!(quarantine[0].record.code, "plan_violation");
+        assert!(quarantine[0].record.payload.contains("\"five\""), "the message is kept as sent");
+
+        send_with_token(&harness, Method::PUT, "/api/v1/plans/website", &token, plan("block_unplanned")).await;
+        let (status, body) =
+            harness.post_json("/v1/track", json!({"userId": "u", "event": "Signed Up", "messageId": "single"})).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(error_of(&body), ("unplanned_event", Some("/event")));
+        let quarantine = harness.store.list_quarantine(0, 10).unwrap();
+        assert_eq!(quarantine.last().unwrap().record.code, "unplanned_event");
+        assert!(!stored_ids(&harness).contains(&"single".to_owned()));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn omit_mode_removes_unplanned_properties_before_the_log() {
+        let harness = Harness::new();
+        let token = harness.store.create_token("test").unwrap().1;
+        send_with_token(&harness, Method::PUT, "/api/v1/plans/website", &token, plan("omit_unplanned_properties"))
+            .await;
+        let (status, _) = harness.post_json("/v1/batch", batch()).await;
+        assert_eq!(status, StatusCode::OK);
+        let events = harness.events();
+        let extra = events.iter().find(|event| event["messageId"] == "extra").unwrap();
+        assert_eq!(extra["properties"], json!({"total": 1}));
+        let (_, body) = get(&harness, "/api/v1/plans/website", Some(&token)).await;
+        let omitted: Vec<&Value> =
+            body["violations"].as_array().unwrap().iter().filter(|v| v["kind"] == "omitted_property").collect();
+        assert_eq!(omitted.len(), 1);
+        assert_eq!(omitted[0]["path"], "/properties/coupon");
+    }
+}
+
+mod data_subject_requests {
+    use super::profiles::get;
+    use super::*;
+    use tandem_server::resolve::{Resolver, DEFAULT_BATCH};
+
+    async fn request(harness: &Harness, token: &str, kind: &str, identifier: &str) -> (StatusCode, Value) {
+        let request = Request::post("/api/v1/dsr")
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Body::from(json!({"kind": kind, "identifier": identifier}).to_string()))
+            .unwrap();
+        harness.send(request).await
+    }
+
+    async fn resolve(harness: &Harness) {
+        let store: Arc<dyn Store> = harness.store.clone();
+        tokio::task::spawn_blocking(move || Resolver::load(store).unwrap().catch_up(DEFAULT_BATCH).unwrap())
+            .await
+            .unwrap();
+    }
+
+    /// Ann (with secrets worth finding) and Bob, resolved into profiles; one
+    /// of Ann's messages is also in the quarantine and a plan-violation sample.
+    async fn with_ann_and_bob(harness: &Harness, token: &str) {
+        let plan = json!({"mode": "report", "events": {"Order Completed": {"type": "object", "required": ["total"]}}});
+        let put = Request::put("/api/v1/plans/website")
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Body::from(plan.to_string()))
+            .unwrap();
+        assert_eq!(harness.send(put).await.0, StatusCode::OK);
+        let (status, body) = harness
+            .post_json(
+                "/v1/batch",
+                json!({"batch": [
+                    {"type": "identify", "anonymousId": "anon-zq81x", "userId": "user-zq81x",
+                     "traits": {"email": "Ann.Zq81x@Example.com", "favourite": "crimson-zq81x"}, "messageId": "a1"},
+                    {"type": "track", "userId": "user-zq81x", "event": "Order Completed",
+                     "properties": {"coupon": "coupon-zq81x"}, "messageId": "a2"},
+                    {"type": "track", "userId": "user-zq81x", "event": 5, "messageId": "a3"},
+                    {"type": "identify", "userId": "bob-1", "traits": {"email": "bob@example.com"}, "messageId": "b1"}
+                ]}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["rejected"].as_array().unwrap().len(), 1, "{body}");
+        resolve(harness).await;
+    }
+
+    fn file_bytes(harness: &Harness) -> Vec<u8> {
+        let path = harness.store.path().to_path_buf();
+        let mut bytes = std::fs::read(&path).unwrap();
+        for suffix in ["-wal", "-journal"] {
+            let side = path.with_file_name(format!("{}{suffix}", path.file_name().unwrap().to_string_lossy()));
+            if let Ok(more) = std::fs::read(side) {
+                bytes.extend(more);
+            }
+        }
+        bytes
+    }
+
+    fn contains(haystack: &[u8], needle: &str) -> bool {
+        let needle = needle.as_bytes();
+        haystack.windows(needle.len()).any(|window| window.eq_ignore_ascii_case(needle))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn access_exports_the_profile_events_history_and_deliveries() {
+        let harness = Harness::new();
+        let token = harness.store.create_token("test").unwrap().1;
+        with_ann_and_bob(&harness, &token).await;
+        let (status, body) = request(&harness, &token, "access", "email:ann.zq81x@example.com").await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert_eq!((body["kind"].as_str(), body["status"].as_str()), (Some("access"), Some("done")));
+        let result = &body["result"];
+        let identifiers: Vec<String> = result["profile"]["identifiers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|identifier| {
+                format!("{}:{}", identifier["type"].as_str().unwrap(), identifier["value"].as_str().unwrap())
+            })
+            .collect();
+        for expected in ["anonymous_id:anon-zq81x", "user_id:user-zq81x", "email:ann.zq81x@example.com"] {
+            assert!(identifiers.contains(&expected.to_owned()), "{identifiers:?}");
+        }
+        assert_eq!(result["profile"]["traits"]["favourite"], "crimson-zq81x");
+        let mut ids: Vec<&str> =
+            result["events"].as_array().unwrap().iter().map(|event| event["messageId"].as_str().unwrap()).collect();
+        ids.sort();
+        assert_eq!(ids, vec!["a1", "a2"], "Bob's event is not Ann's");
+        assert!(!result["history"].as_array().unwrap().is_empty());
+        assert!(result["memberships"].is_array() && result["deliveries"].is_array());
+        assert_eq!(result["suppressed"], false);
+        let digest = body["subject_digest"].as_str().unwrap();
+        assert!(!digest.contains("zq81x"), "requests name the person by digest only");
+
+        let (status, body) = request(&harness, &token, "access", "email:nobody@example.com").await;
+        assert_eq!(status, StatusCode::CREATED);
+        assert!(body["result"]["profile"].is_null());
+        let (status, body) = request(&harness, &token, "access", "nonsense").await;
+        assert_eq!((status, error_of(&body)), (StatusCode::BAD_REQUEST, ("invalid_identifier", Some("identifier"))));
+        let (status, body) = request(&harness, &token, "forget", "email:a@b.c").await;
+        assert_eq!((status, error_of(&body)), (StatusCode::BAD_REQUEST, ("invalid_value", Some("kind"))));
+        let (status, body) = get(&harness, "/api/v1/dsr", Some(&token)).await;
+        assert_eq!(status, StatusCode::OK);
+        let requests = body["requests"].as_array().unwrap();
+        assert_eq!(requests.len(), 2, "{body}");
+        assert!(requests.iter().all(|request| request["status"] == "done" && request["finished_at"].is_string()));
+        let (status, _) = get(&harness, "/api/v1/dsr", None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn delete_leaves_no_trace_of_the_person_in_the_database_file() {
+        let harness = Harness::new();
+        let token = harness.store.create_token("test").unwrap().1;
+        with_ann_and_bob(&harness, &token).await;
+        let secrets = ["anon-zq81x", "user-zq81x", "ann.zq81x@example.com", "crimson-zq81x", "coupon-zq81x"];
+        let before = file_bytes(&harness);
+        for secret in secrets {
+            assert!(contains(&before, secret), "{secret} is stored before the erasure");
+        }
+        let (status, body) = request(&harness, &token, "delete", "user_id:user-zq81x").await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert_eq!(body["status"], "done");
+        assert_eq!(body["detail"]["removed"]["events"], 2, "{body}");
+        assert_eq!(body["detail"]["removed"]["quarantine"], 1, "{body}");
+        let after = file_bytes(&harness);
+        for secret in secrets {
+            assert!(!contains(&after, secret), "{secret} is still in the database file");
+        }
+        assert!(contains(&after, "bob@example.com"), "others are kept");
+        let (_, body) = get(&harness, "/api/v1/profiles?identifier=user_id:user-zq81x", Some(&token)).await;
+        assert_eq!(error_of(&body).0, "profile_not_found");
+        // The resolver goes on after the erasure, with Bob intact.
+        harness
+            .post_json("/v1/track", json!({"userId": "bob-1", "event": "Order Completed", "properties": {"total": 1}}))
+            .await;
+        resolve(&harness).await;
+        let (status, _) = get(&harness, "/api/v1/profiles?identifier=user_id:bob-1", Some(&token)).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn suppressed_identifiers_are_refused_at_ingestion_keeping_only_a_digest() {
+        let harness = Harness::new();
+        let token = harness.store.create_token("test").unwrap().1;
+        let (status, body) = request(&harness, &token, "suppress", "email:Carol.Zq81x@example.com").await;
+        assert_eq!((status, body["status"].as_str()), (StatusCode::CREATED, Some("done")));
+        let (status, body) = harness
+            .post_json(
+                "/v1/identify",
+                json!({"userId": "carol-1", "traits": {"email": "carol.zq81x@EXAMPLE.com"}, "messageId": "c1"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        assert_eq!(error_of(&body), ("suppressed", Some("email")));
+        let (status, body) = harness
+            .post_json(
+                "/v1/batch",
+                json!({"batch": [
+                    {"type": "track", "userId": "dave", "event": "A", "messageId": "d1"},
+                    {"type": "track", "userId": "carol-1", "event": "A", "messageId": "c2",
+                     "context": {"traits": {"email": "carol.zq81x@example.com"}}}
+                ]}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["rejected"][0]["index"], 1);
+        assert_eq!(body["rejected"][0]["code"], "suppressed");
+        let stored: Vec<Value> = harness.events();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0]["messageId"], "d1");
+        let quarantine = harness.store.list_quarantine(0, 10).unwrap();
+        assert_eq!(quarantine.len(), 2);
+        for entry in &quarantine {
+            assert_eq!(entry.record.code, "suppressed");
+            assert!(entry.record.payload.starts_with("sha256:"), "{}", entry.record.payload);
+            assert!(!entry.record.payload.contains("zq81x"));
+        }
+        let (status, _) = request(&harness, &token, "unsuppress", "email:carol.zq81x@example.com").await;
+        assert_eq!(status, StatusCode::CREATED);
+        let (status, _) = harness
+            .post_json(
+                "/v1/identify",
+                json!({"userId": "carol-1", "traits": {"email": "carol.zq81x@example.com"}, "messageId": "c3"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+}
+
+mod stack_registry {
+    use super::profiles::get;
+    use super::*;
+
+    async fn send(harness: &Harness, method: Method, path: &str, token: &str, body: Value) -> (StatusCode, Value) {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        harness.send(request).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_report_shows_spend_owners_and_traffic_with_unknown_write_keys() {
+        let harness = Harness::new();
+        let token = harness.store.create_token("test").unwrap().1;
+        let entry = json!({"owner": "Ann", "department": "marketing", "purpose": "web analytics", "annual_cost": 1200});
+        let (status, body) = send(&harness, Method::PUT, "/api/v1/stack/sources/website", &token, entry).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!((body["owner"].as_str(), body["kind"].as_str()), (Some("Ann"), Some("source")));
+        let (status, body) =
+            send(&harness, Method::PUT, "/api/v1/stack/sources/website", &token, json!({"annual_cost": 1500})).await;
+        assert_eq!((status, body["owner"].as_str()), (StatusCode::OK, Some("Ann")), "what is not given stays");
+        let (status, body) =
+            send(&harness, Method::PUT, "/api/v1/stack/sources/website", &token, json!({"department": "finance"}))
+                .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(error_of(&body).0, "invalid_value");
+        let (status, body) =
+            send(&harness, Method::PUT, "/api/v1/stack/sources/website", &token, json!({"annual_cost": -5})).await;
+        assert_eq!((status, error_of(&body)), (StatusCode::BAD_REQUEST, ("invalid_value", Some("annual_cost"))));
+        let (status, body) = send(&harness, Method::PUT, "/api/v1/stack/sources/nope", &token, json!({})).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::NOT_FOUND, "source_not_found"));
+
+        let crm = json!({
+            "name": "crm", "destination": {"kind": "webhook", "url": "http://127.0.0.1:9/hook"},
+            "events": {"types": ["track"]},
+            "registry": {"department": "it", "annual_cost": 300.5, "purpose": "sales pipeline"}
+        });
+        let (status, body) = send(&harness, Method::POST, "/api/v1/destinations", &token, crm).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+
+        let unknown = base64::engine::general_purpose::STANDARD.encode("zzzzUNKNOWNKEY123:");
+        for _ in 0..2 {
+            let request = Request::post("/v1/track")
+                .header(header::AUTHORIZATION, format!("Basic {unknown}"))
+                .header(header::USER_AGENT, "shadow-tool/1.0")
+                .body(Body::from(json!({"userId": "u", "event": "E"}).to_string()))
+                .unwrap();
+            let (status, body) = harness.send(request).await;
+            assert_eq!((status, error_of(&body).0), (StatusCode::UNAUTHORIZED, "invalid_write_key"));
+        }
+        let in_body = json!({"writeKey": "yyyyOTHER", "batch": [{"type": "track", "userId": "u", "event": "E"}]});
+        let (status, _) = harness.send(Request::post("/v1/batch").body(Body::from(in_body.to_string())).unwrap()).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+        let (status, report) = get(&harness, "/api/v1/stack", Some(&token)).await;
+        assert_eq!(status, StatusCode::OK, "{report}");
+        assert_eq!(report["spend_by_department"], json!({"marketing": 1500.0, "it": 300.5}));
+        assert_eq!(report["total_annual_cost"], 1800.5);
+        assert_eq!(report["without_owner"], json!(["destination crm"]));
+        assert!(report["tools_touching_pii"].is_null(), "left to the PII inventory");
+        let shadow = report["shadow_traffic"].as_array().unwrap();
+        assert_eq!(shadow.len(), 2, "{report}");
+        let first = shadow.iter().find(|key| key["key_hint"] == "zzzz…").unwrap();
+        assert_eq!(first["requests"], 2);
+        assert_eq!(first["ips"], json!(["192.0.2.7"]));
+        assert_eq!(first["user_agents"], json!(["shadow-tool/1.0"]));
+        assert!(first["first_seen"].is_string() && first["last_seen"].is_string());
+        assert!(!report.to_string().contains("UNKNOWNKEY"), "the key itself is never kept");
+        let (status, _) = get(&harness, "/api/v1/stack", None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
     }
 }

@@ -2,7 +2,8 @@
 //! ([`EventLog`]), sources and tokens ([`Sources`]), the identity graph
 //! ([`IdentityStore`]), audiences and memberships ([`AudienceStore`]), destinations and their
 //! outbox ([`OutboxStore`]), the audit log ([`AuditStore`]), the PII
-//! inventory ([`PiiInventoryStore`]) — the embedded SQLite backend behind them (and
+//! inventory ([`PiiInventoryStore`]), tracking plans, consent, data subject
+//! requests and the stack registry ([`GovernStore`]) — the embedded SQLite backend behind them (and
 //! PostgreSQL for scale-out, in preview: [`PostgresStore`]), and one
 //! shared test suite per interface ([`event_log_test_suite!`],
 //! [`sources_test_suite!`], [`identity_store_test_suite!`],
@@ -20,6 +21,7 @@
 pub mod audience;
 pub mod audit;
 pub mod browse;
+pub mod govern;
 pub mod identity;
 pub mod inventory;
 pub mod lease;
@@ -39,6 +41,10 @@ pub use audience::{
     MembershipChange, MembershipChangeKind, StoredAudienceState, StoredComputedTrait,
 };
 pub use audit::{AuditFilter, AuditStore};
+pub use govern::{
+    ConsentChange, DsrRecord, ErasureReport, GovernStore, PersonDelivery, PlanViolationRecord, PlanViolationSummary,
+    StoredPlan,
+};
 pub use identity::{
     CommitOutcome, EventLink, HistoryRecord, IdentityCommit, IdentityRepair, IdentityState, IdentityStore,
     TimelineCursor, TimelineCursorError, UnresolvedEvent,
@@ -105,7 +111,15 @@ impl Stage {
 /// Every stage's storage, for the server and the CLI, which use all of them.
 /// Implemented for anything that implements each stage's interface.
 pub trait Store:
-    EventLog + Sources + IdentityStore + AudienceStore + OutboxStore + AuditStore + PiiInventoryStore + Coordination
+    EventLog
+    + Sources
+    + IdentityStore
+    + AudienceStore
+    + OutboxStore
+    + AuditStore
+    + PiiInventoryStore
+    + GovernStore
+    + Coordination
 {
 }
 
@@ -117,6 +131,7 @@ impl<
             + OutboxStore
             + AuditStore
             + PiiInventoryStore
+            + GovernStore
             + Coordination
             + ?Sized,
     > Store for T
@@ -156,6 +171,10 @@ macro_rules! store_test_suite {
             use super::*;
             $crate::pii_inventory_test_suite!($make);
         }
+        mod govern_store_suite {
+            use super::*;
+            $crate::govern_store_test_suite!($make);
+        }
     };
 }
 
@@ -182,7 +201,7 @@ macro_rules! suite_cases {
 /// (`use tandem_store::prelude::*`).
 pub mod prelude {
     pub use crate::{
-        AudienceStore, AuditStore, Coordination, EventLog, IdentityStore, OutboxStore, PiiInventoryStore, Sources,
-        Store,
+        AudienceStore, AuditStore, Coordination, EventLog, GovernStore, IdentityStore, OutboxStore, PiiInventoryStore,
+        Sources, Store,
     };
 }

@@ -28,6 +28,9 @@ pub struct IngestBatch {
     pub records: Vec<LogRecord>,
     pub rejected: Vec<QuarantineRecord>,
     pub dedup: Dedup,
+    /// Tracking-plan violations found in this request's messages, counted
+    /// in the same transaction.
+    pub violations: Vec<crate::govern::PlanViolationRecord>,
 }
 
 /// How long the `messageId`s of a batch keep later copies out of the log.

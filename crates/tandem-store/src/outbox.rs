@@ -139,6 +139,11 @@ pub struct OutboxCommit {
     /// When the items are enqueued (milliseconds); kept with each item,
     /// into the dead letters and back, to measure a destination's lag.
     pub at_ms: i64,
+    /// What the events read said about their profiles' consent, recorded
+    /// as [`crate::GovernStore::record_consent`] does.
+    pub consent: Vec<crate::ConsentChange>,
+    /// Deliveries withheld for want of consent: destination → category → count.
+    pub withheld: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
 }
 
 /// What became of an [`OutboxCommit`]; only `Committed` wrote anything.

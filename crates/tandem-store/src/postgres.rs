@@ -26,6 +26,7 @@
 mod audience;
 mod audit;
 mod computed;
+mod govern;
 mod identity;
 mod inventory;
 mod lease;
@@ -281,6 +282,77 @@ const MIGRATIONS: &[&str] = &[
         class TEXT NOT NULL,
         last_seen BIGINT NOT NULL,
         PRIMARY KEY (key, source_id)
+    );"#,
+    // 11: tracking plans and their violations (see `sqlite.rs`, migration 17).
+    r#"CREATE TABLE tracking_plans (
+        source_id TEXT PRIMARY KEY,
+        plan TEXT NOT NULL,
+        updated_at BIGINT NOT NULL
+    );
+    CREATE TABLE plan_violations (
+        source_id TEXT NOT NULL,
+        kind TEXT COLLATE "C" NOT NULL,
+        event_name TEXT COLLATE "C" NOT NULL,
+        path TEXT COLLATE "C" NOT NULL,
+        count BIGINT NOT NULL,
+        first_seen BIGINT NOT NULL,
+        last_seen BIGINT NOT NULL,
+        message TEXT NOT NULL,
+        sample TEXT NOT NULL,
+        PRIMARY KEY (source_id, kind, event_name, path)
+    );"#,
+    // 12: data subject requests and suppressions (see `sqlite.rs`, migration 18).
+    r#"CREATE TABLE dsr_requests (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        kind TEXT NOT NULL,
+        subject_digest TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        finished_at BIGINT,
+        detail TEXT
+    );
+    CREATE TABLE suppressions (
+        digest TEXT PRIMARY KEY,
+        created_at BIGINT NOT NULL
+    );"#,
+    // 13: consent (see `sqlite.rs`, migration 19).
+    r#"CREATE TABLE profile_consent (
+        profile_id BIGINT NOT NULL,
+        category TEXT COLLATE "C" NOT NULL,
+        granted BOOLEAN NOT NULL,
+        position BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        PRIMARY KEY (profile_id, category)
+    );
+    CREATE TABLE consent_history (
+        profile_id BIGINT NOT NULL,
+        category TEXT COLLATE "C" NOT NULL,
+        granted BOOLEAN NOT NULL,
+        position BIGINT NOT NULL,
+        at BIGINT NOT NULL,
+        PRIMARY KEY (profile_id, category, position)
+    );
+    CREATE TABLE consent_withheld (
+        destination TEXT NOT NULL,
+        category TEXT COLLATE "C" NOT NULL,
+        count BIGINT NOT NULL,
+        PRIMARY KEY (destination, category)
+    );"#,
+    // 14: the stack registry and unknown write keys (see `sqlite.rs`, migration 20).
+    r#"CREATE TABLE tool_registry (
+        kind TEXT COLLATE "C" NOT NULL,
+        key TEXT COLLATE "C" NOT NULL,
+        info TEXT NOT NULL,
+        PRIMARY KEY (kind, key)
+    );
+    CREATE TABLE shadow_keys (
+        key_digest TEXT COLLATE "C" PRIMARY KEY,
+        key_hint TEXT NOT NULL,
+        requests BIGINT NOT NULL,
+        first_seen BIGINT NOT NULL,
+        last_seen BIGINT NOT NULL,
+        ips TEXT NOT NULL,
+        user_agents TEXT NOT NULL
     );"#,
 ];
 

@@ -72,7 +72,7 @@ pub fn new_write_key() -> WriteKey {
     WriteKey::new(random_token(32))
 }
 
-fn random_token(length: usize) -> String {
+pub(crate) fn random_token(length: usize) -> String {
     Alphanumeric.sample_string(&mut rand::rng(), length)
 }
 

@@ -6,6 +6,7 @@
 mod audience;
 mod audit;
 mod computed;
+mod govern;
 mod identity;
 mod inventory;
 mod manage;
@@ -297,6 +298,84 @@ const MIGRATIONS: &[&str] = &[
         class TEXT NOT NULL,
         last_seen INTEGER NOT NULL,
         PRIMARY KEY (key, source_id)
+    ) WITHOUT ROWID;",
+    // 17: tracking plans (one per source, the JSON document) and their
+    // violations, counted per source, kind, event and path with the latest
+    // message and sample.
+    "CREATE TABLE tracking_plans (
+        source_id TEXT PRIMARY KEY,
+        plan TEXT NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE TABLE plan_violations (
+        source_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        event_name TEXT NOT NULL,
+        path TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        first_seen INTEGER NOT NULL,
+        last_seen INTEGER NOT NULL,
+        message TEXT NOT NULL,
+        sample TEXT NOT NULL,
+        PRIMARY KEY (source_id, kind, event_name, path)
+    ) WITHOUT ROWID;",
+    // 18: data subject requests (the person named only by a digest of the
+    // identifier) and suppressed identifiers (digests only).
+    "CREATE TABLE dsr_requests (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        subject_digest TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        finished_at INTEGER,
+        detail TEXT
+    );
+    CREATE TABLE suppressions (
+        digest TEXT PRIMARY KEY,
+        created_at INTEGER NOT NULL
+    ) WITHOUT ROWID;",
+    // 19: consent: each profile's current value per category (from the
+    // event at `position`), its history, and deliveries withheld per
+    // destination and category.
+    "CREATE TABLE profile_consent (
+        profile_id INTEGER NOT NULL,
+        category TEXT NOT NULL,
+        granted INTEGER NOT NULL,
+        position INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (profile_id, category)
+    ) WITHOUT ROWID;
+    CREATE TABLE consent_history (
+        profile_id INTEGER NOT NULL,
+        category TEXT NOT NULL,
+        granted INTEGER NOT NULL,
+        position INTEGER NOT NULL,
+        at INTEGER NOT NULL,
+        PRIMARY KEY (profile_id, category, position)
+    ) WITHOUT ROWID;
+    CREATE TABLE consent_withheld (
+        destination TEXT NOT NULL,
+        category TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        PRIMARY KEY (destination, category)
+    ) WITHOUT ROWID;",
+    // 20: the stack registry (a source by id, a destination by name; the
+    // entry as JSON) and traffic with write keys matching no source, by the
+    // key's digest, with samples of addresses and user agents.
+    "CREATE TABLE tool_registry (
+        kind TEXT NOT NULL,
+        key TEXT NOT NULL,
+        info TEXT NOT NULL,
+        PRIMARY KEY (kind, key)
+    ) WITHOUT ROWID;
+    CREATE TABLE shadow_keys (
+        key_digest TEXT PRIMARY KEY,
+        key_hint TEXT NOT NULL,
+        requests INTEGER NOT NULL,
+        first_seen INTEGER NOT NULL,
+        last_seen INTEGER NOT NULL,
+        ips TEXT NOT NULL,
+        user_agents TEXT NOT NULL
     ) WITHOUT ROWID;",
 ];
 
@@ -627,6 +706,9 @@ fn append_in(
         )?;
         for ((source_id, event_type), (stored, duplicates)) in &counters {
             count.execute(params![source_id, event_type.as_str(), stored, duplicates])?;
+        }
+        for batch in batches {
+            govern::record_violations(transaction, &batch.violations)?;
         }
     }
     Ok(outcomes)

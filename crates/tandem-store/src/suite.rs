@@ -10,6 +10,7 @@
 pub mod audience;
 #[cfg(test)]
 pub mod audit;
+pub mod govern;
 pub mod identity;
 pub mod inventory;
 pub mod log;
@@ -122,6 +123,21 @@ macro_rules! outbox_store_test_suite {
             failures_retry_in_place_then_dead_letters_replay_in_order,
             dead_letters_are_listed_and_replayed_by_time_and_profile,
             audience_changes_are_read_after_their_own_cursor
+        );
+    };
+}
+
+/// The [`GovernStore`](crate::GovernStore) suite: one `#[test]` per case.
+#[macro_export]
+macro_rules! govern_store_test_suite {
+    ($make:expr) => {
+        $crate::suite_cases!(govern, $make;
+            plans_are_kept_per_source_and_replaced,
+            violations_are_counted_with_the_append_per_event_and_path,
+            requests_and_suppressions_are_kept_by_digest,
+            erasing_a_person_removes_their_rows_everywhere_and_keeps_others,
+            consent_keeps_the_latest_value_per_category_with_history_and_withheld_counts,
+            the_stack_registry_keeps_entries_and_merges_unknown_key_sightings
         );
     };
 }

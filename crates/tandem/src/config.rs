@@ -7,6 +7,7 @@ use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tandem_core::govern::consent::ConsentDefault;
 
 pub const DEFAULT_DATA_DIR: &str = "./tandem-data";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -57,6 +58,9 @@ pub struct Config {
     /// (`[pii]` in the file only).
     #[arg(skip)]
     pub pii: Option<tandem_core::govern::PiiSettings>,
+    /// Consent for categories a person never spoke about; set by [`ServerArgs`] on the serving commands.
+    #[arg(skip)]
+    pub consent_default: Option<ConsentDefault>,
 
     /// Log format: text or json [default: text]
     #[arg(long, global = true, env = "TANDEM_LOG_FORMAT", value_name = "FORMAT")]
@@ -83,6 +87,11 @@ pub struct ServerArgs {
     /// server's memory, whatever the number of customers [default: 200000]
     #[arg(long, env = "TANDEM_RESOLVER_CACHE_PROFILES", value_name = "PROFILES")]
     pub resolver_cache_profiles: Option<usize>,
+
+    /// Consent for a category a person never spoke about, when a destination
+    /// needs it: grant or deny [default: grant]
+    #[arg(long, env = "TANDEM_CONSENT_DEFAULT", value_name = "GRANT|DENY")]
+    pub consent_default: Option<ConsentDefault>,
 }
 
 impl Config {
@@ -92,6 +101,7 @@ impl Config {
             listen: server.listen.or(self.listen),
             dedup_window_hours: server.dedup_window_hours.or(self.dedup_window_hours),
             resolver_cache_profiles: server.resolver_cache_profiles.or(self.resolver_cache_profiles),
+            consent_default: server.consent_default.or(self.consent_default),
             ..self
         }
     }
@@ -114,6 +124,7 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub dedup_window: Duration,
     pub resolver_cache_profiles: usize,
+    pub consent_default: ConsentDefault,
     pub log_format: LogFormat,
     /// The event stream to ingest through; `None` appends to the store directly.
     pub log: Option<tandem_server::stream::StreamOptions>,
@@ -231,6 +242,7 @@ impl Config {
             listen: self.listen.or(lower.listen),
             dedup_window_hours: self.dedup_window_hours.or(lower.dedup_window_hours),
             resolver_cache_profiles: self.resolver_cache_profiles.or(lower.resolver_cache_profiles),
+            consent_default: self.consent_default.or(lower.consent_default),
             log_format: self.log_format.or(lower.log_format),
             pii: self.pii.or(lower.pii),
             config: self.config,
@@ -273,6 +285,7 @@ impl Config {
             listen: self.listen.unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("the default address parses")),
             dedup_window: Duration::from_secs(dedup_window_hours * 3600),
             resolver_cache_profiles,
+            consent_default: self.consent_default.unwrap_or_default(),
             log_format: self.log_format.unwrap_or_default(),
             pii,
         })
@@ -291,6 +304,7 @@ mod tests {
         assert_eq!(settings.listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(settings.dedup_window, Duration::from_secs(24 * 3600));
         assert_eq!(settings.resolver_cache_profiles, 200_000);
+        assert_eq!(settings.consent_default, ConsentDefault::Grant);
     }
 
     #[test]

@@ -11,25 +11,33 @@ use serde_json::Value;
 use std::io::Write;
 use std::sync::Arc;
 use tandem_core::activate::DestinationDefinition;
+use tandem_core::govern::stack::{ToolInfo, ToolKind};
 use tandem_server::activate;
-use tandem_server::destination_api::{dead_letter_filter, dead_letter_json, destination_json, test_json};
+use tandem_server::destination_api::{
+    dead_letter_filter, dead_letter_json, destination_json, parse_definition, test_json,
+};
+use tandem_server::stack::set_tool;
 use tandem_store::Store;
 
 /// Dead letters printed unless told otherwise.
 pub const DEFAULT_DEAD_LETTER_PAGE: usize = 100;
 
-/// A definition from the command line: JSON text, or `@FILE` naming a file of it.
-fn read_definition(definition: &str) -> anyhow::Result<DestinationDefinition> {
+/// A definition from the command line: JSON text, or `@FILE` naming a file
+/// of it, with an optional `"registry"` entry.
+fn read_definition(definition: &str) -> anyhow::Result<(DestinationDefinition, Option<ToolInfo>)> {
     let text = match definition.strip_prefix('@') {
         Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?,
         None => definition.to_owned(),
     };
-    serde_json::from_str(&text).context("the definition is not a destination")
+    parse_definition(text.as_bytes()).map_err(|error| anyhow::anyhow!("{}", error.message))
 }
 
 pub fn create(store: Arc<dyn Store>, definition: &str, out: &mut impl Write) -> anyhow::Result<()> {
-    let definition = read_definition(definition)?;
+    let (definition, registry) = read_definition(definition)?;
     activate::create_destination(store.as_ref(), &definition, chrono::Utc::now().timestamp_millis())?;
+    if let Some(registry) = registry {
+        set_tool(store.as_ref(), ToolKind::Destination, &definition.name, registry)?;
+    }
     writeln!(
         out,
         "created {} destination {:?}; the server delivers events logged from now on",
@@ -68,7 +76,9 @@ pub fn list(store: Arc<dyn Store>, as_json: bool, out: &mut impl Write) -> anyho
 
 pub fn show(store: Arc<dyn Store>, name: &str, out: &mut impl Write) -> anyhow::Result<()> {
     let Some(record) = store.destination(name)? else { bail!("no destination named {name:?}") };
-    writeln!(out, "{}", serde_json::to_string_pretty(&destination_json(&record))?)?;
+    let mut shown = destination_json(&record);
+    shown["consent_withheld"] = serde_json::to_value(store.withheld_counts(name)?)?;
+    writeln!(out, "{}", serde_json::to_string_pretty(&shown)?)?;
     Ok(())
 }
 

@@ -11,7 +11,10 @@ mod computed;
 mod config;
 mod demo;
 mod destination;
+mod dsr;
 mod import;
+mod plan;
+mod stack;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -19,6 +22,7 @@ use config::{Config, LogFormat, Settings};
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
+use tandem_core::govern::stack::ToolKind;
 use tandem_core::webhook::{WebhookFormat, WebhookSettings};
 use tandem_core::SourceKind;
 use tandem_store::{PostgresStore, SqliteStore, Store};
@@ -83,6 +87,15 @@ enum Command {
     /// Failed deliveries (dead letters): list them, and replay them into their outbox
     #[command(subcommand)]
     Deliveries(DeliveriesCommand),
+    /// Data subject requests: access, delete, suppress or unsuppress a person by an identifier
+    #[command(subcommand)]
+    Dsr(DsrCommand),
+    /// The stack registry: every connected tool's owner, department, purpose and cost
+    #[command(subcommand)]
+    Stack(StackCommand),
+    /// Tracking plans: the events a source may send and the JSON Schemas they must pass
+    #[command(subcommand)]
+    Plan(PlanCommand),
     /// Create a realistic synthetic company and serve it: web and app behaviour, orders, product
     /// usage, tickets, CRM contacts, leads and social mentions
     ///
@@ -149,9 +162,18 @@ enum SourceCommand {
         format: Option<WebhookFormat>,
         #[command(flatten)]
         webhook_settings: WebhookArgs,
+        #[command(flatten)]
+        registry: stack::RegistryArgs,
         /// Print one JSON object
         #[arg(long)]
         json: bool,
+    },
+    /// Set a source's stack-registry entry (owner, department, purpose, annual cost); what is not given stays
+    Set {
+        /// The source's name
+        name: String,
+        #[command(flatten)]
+        registry: stack::RegistryArgs,
     },
     /// Change how a source takes webhooks; settings not given stay as they are
     Webhook {
@@ -405,6 +427,71 @@ enum AuditCommand {
 }
 
 #[derive(Subcommand, Debug)]
+enum DsrCommand {
+    /// Print everything kept about the person holding TYPE:VALUE, as JSON
+    Access {
+        /// The identifier, as TYPE:VALUE (email:ann@example.com)
+        identifier: String,
+    },
+    /// Erase the person holding TYPE:VALUE from every table
+    Delete {
+        /// The identifier, as TYPE:VALUE
+        identifier: String,
+    },
+    /// Refuse future events carrying TYPE:VALUE (quarantined as suppressed, keeping only a digest)
+    Suppress {
+        /// The identifier, as TYPE:VALUE
+        identifier: String,
+    },
+    /// Accept events carrying TYPE:VALUE again
+    Unsuppress {
+        /// The identifier, as TYPE:VALUE
+        identifier: String,
+    },
+    /// List requests, newest first, with their status
+    List {
+        /// Requests to print
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Print a JSON array
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PlanCommand {
+    /// Set a source's tracking plan from a JSON file: {"mode", "events", "identify", "common"}
+    Set {
+        /// The source's name
+        source: String,
+        /// The plan document
+        file: std::path::PathBuf,
+    },
+    /// Show a source's tracking plan
+    Show {
+        /// The source's name
+        source: String,
+    },
+    /// List a source's plan violations, most recently seen first, with the path at fault
+    Violations {
+        /// The source's name
+        source: String,
+        /// Violations to print
+        #[arg(long, default_value_t = plan::DEFAULT_VIOLATIONS)]
+        limit: usize,
+        /// Print a JSON array with sample payloads
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a source's tracking plan; its events are no longer checked
+    Delete {
+        /// The source's name
+        source: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum DestinationCommand {
     /// Create a destination from its JSON definition (inline, or @FILE)
     Create {
@@ -462,6 +549,23 @@ enum DestinationCommand {
     Delete {
         /// The destination's name
         name: String,
+    },
+    /// Set a destination's stack-registry entry (owner, department, purpose, annual cost); what is not given stays
+    Set {
+        /// The destination's name
+        name: String,
+        #[command(flatten)]
+        registry: stack::RegistryArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum StackCommand {
+    /// Spend by department, tools without an owner, and traffic with unknown or revoked write keys
+    Report {
+        /// Print one JSON object
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -857,6 +961,28 @@ fn audited_change(command: &Command) -> Option<(&'static str, String, Option<ser
         Command::Destination(DestinationCommand::Replay { name }) => {
             ("destination.replay", name.trim().to_owned(), None)
         }
+        Command::Deliveries(DeliveriesCommand::Replay { destination, since, profile }) => {
+            ("destination.replay", destination.trim().to_owned(), Some(json!({"since": since, "profile": profile})))
+        }
+        Command::Source(SourceCommand::Set { name, registry }) => {
+            ("stack.set_source", name.trim().to_owned(), Some(json!({"registry": format!("{registry:?}")})))
+        }
+        Command::Destination(DestinationCommand::Set { name, registry }) => {
+            ("stack.set_destination", name.trim().to_owned(), Some(json!({"registry": format!("{registry:?}")})))
+        }
+        Command::Plan(PlanCommand::Set { source, file }) => {
+            ("plan.set", source.trim().to_owned(), Some(json!({"file": file.display().to_string()})))
+        }
+        Command::Plan(PlanCommand::Delete { source }) => ("plan.delete", source.trim().to_owned(), None),
+        // The person is named only by the identifier's digest.
+        Command::Dsr(DsrCommand::Access { identifier }) => ("dsr.access", audit::identifier_target(identifier), None),
+        Command::Dsr(DsrCommand::Delete { identifier }) => ("dsr.delete", audit::identifier_target(identifier), None),
+        Command::Dsr(DsrCommand::Suppress { identifier }) => {
+            ("dsr.suppress", audit::identifier_target(identifier), None)
+        }
+        Command::Dsr(DsrCommand::Unsuppress { identifier }) => {
+            ("dsr.unsuppress", audit::identifier_target(identifier), None)
+        }
         _ => return None,
     })
 }
@@ -893,7 +1019,14 @@ fn dispatch(
             };
             run_demo(&settings, store, customers, seed)
         }
-        Command::Source(SourceCommand::Create { name, kind, format, webhook_settings, json }) => {
+        Command::Source(SourceCommand::Set { name, registry }) => {
+            stack::set(&*open(Access::Existing)?, ToolKind::Source, &name, &registry, &mut out)
+        }
+        Command::Destination(DestinationCommand::Set { name, registry }) => {
+            stack::set(&*open(Access::Existing)?, ToolKind::Destination, &name, &registry, &mut out)
+        }
+        Command::Stack(StackCommand::Report { json }) => stack::report(open(Access::Existing)?, json, &mut out),
+        Command::Source(SourceCommand::Create { name, kind, format, webhook_settings, registry, json }) => {
             let webhook = match format {
                 Some(format) => Some(webhook_settings.apply(None, Some(format), WebhookRemovals::default())?),
                 None if kind == SourceKind::Webhook => {
@@ -907,7 +1040,16 @@ fn dispatch(
                 None => None,
             };
             let kind = if webhook.is_some() { SourceKind::Webhook } else { kind };
-            commands::create_source(&*open(Access::CreateIfMissing)?, &name, kind, webhook.as_ref(), json, &mut out)
+            let store = open(Access::CreateIfMissing)?;
+            commands::create_source(&*store, &name, kind, webhook.as_ref(), json, &mut out)?;
+            if !registry.is_empty() {
+                let mut quiet = Vec::new();
+                stack::set(&*store, ToolKind::Source, name.trim(), &registry, &mut quiet)?;
+                if !json {
+                    out.write_all(&quiet)?;
+                }
+            }
+            Ok(())
         }
         Command::Source(SourceCommand::Webhook { name, format, settings, no_secret, no_verify_token }) => {
             let store = open(Access::Existing)?;
@@ -1032,6 +1174,27 @@ fn dispatch(
         Command::Audience(AudienceCommand::Members { name, limit, after, json }) => {
             audience::members(open(Access::Existing)?, &name, after.as_deref(), limit, json, &mut out)
         }
+        Command::Dsr(DsrCommand::Access { identifier }) => {
+            dsr::run(open(Access::Existing)?, tandem_core::govern::dsr::DsrKind::Access, &identifier, &mut out)
+        }
+        Command::Dsr(DsrCommand::Delete { identifier }) => {
+            dsr::run(open(Access::Existing)?, tandem_core::govern::dsr::DsrKind::Delete, &identifier, &mut out)
+        }
+        Command::Dsr(DsrCommand::Suppress { identifier }) => {
+            dsr::run(open(Access::Existing)?, tandem_core::govern::dsr::DsrKind::Suppress, &identifier, &mut out)
+        }
+        Command::Dsr(DsrCommand::Unsuppress { identifier }) => {
+            dsr::run(open(Access::Existing)?, tandem_core::govern::dsr::DsrKind::Unsuppress, &identifier, &mut out)
+        }
+        Command::Dsr(DsrCommand::List { limit, json }) => dsr::list(open(Access::Existing)?, limit, json, &mut out),
+        Command::Plan(PlanCommand::Set { source, file }) => {
+            plan::set(open(Access::Existing)?, &source, &file, &mut out)
+        }
+        Command::Plan(PlanCommand::Show { source }) => plan::show(open(Access::Existing)?, &source, &mut out),
+        Command::Plan(PlanCommand::Violations { source, limit, json }) => {
+            plan::violations(open(Access::Existing)?, &source, limit, json, &mut out)
+        }
+        Command::Plan(PlanCommand::Delete { source }) => plan::delete(open(Access::Existing)?, &source, &mut out),
         Command::Destination(DestinationCommand::Create { definition }) => {
             destination::create(open(Access::Existing)?, &definition, &mut out)
         }
@@ -1093,6 +1256,7 @@ fn server_options(settings: &Settings) -> tandem_server::ServerOptions {
         resolver_cache_profiles: settings.resolver_cache_profiles,
         log: settings.log.clone(),
         pii: settings.pii.clone(),
+        consent_default: settings.consent_default,
     }
 }
 

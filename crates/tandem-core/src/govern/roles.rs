@@ -51,15 +51,19 @@ pub enum Permission {
     ClusterRead,
     /// Reads the audit log.
     AuditRead,
-    /// Reads governance reports (the PII inventory).
+    /// Reads governance reports (the PII inventory, tracking plans and
+    /// their violations, the stack registry, data subject requests).
     GovernanceRead,
+    /// Changes governance settings (tracking plans, the stack registry) and
+    /// carries out data subject requests.
+    GovernanceWrite,
     /// Reads the API's own description (the OpenAPI document).
     DocsRead,
 }
 
 impl Permission {
     /// Every permission, for tables and tests.
-    pub const ALL: [Permission; 18] = [
+    pub const ALL: [Permission; 19] = [
         Permission::ProfilesList,
         Permission::ProfilesLookup,
         Permission::EventsRead,
@@ -77,6 +81,7 @@ impl Permission {
         Permission::ClusterRead,
         Permission::AuditRead,
         Permission::GovernanceRead,
+        Permission::GovernanceWrite,
         Permission::DocsRead,
     ];
 
@@ -100,6 +105,7 @@ impl Permission {
             Permission::ClusterRead => "cluster:read",
             Permission::AuditRead => "audit:read",
             Permission::GovernanceRead => "governance:read",
+            Permission::GovernanceWrite => "governance:write",
             Permission::DocsRead => "docs:read",
         }
     }

@@ -182,6 +182,9 @@ fn append(
             ],
         )?;
     }
+    for batch in batches {
+        super::govern::record_violations(transaction, &batch.violations)?;
+    }
     if !counters.is_empty() {
         let (mut sources, mut types, mut stored, mut duplicates) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for ((source, event_type), (stored_count, duplicate_count)) in &counters {

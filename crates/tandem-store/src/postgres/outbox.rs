@@ -153,6 +153,10 @@ impl OutboxStore for PostgresStore {
                 "UPDATE stage_cursors SET position = $2 WHERE stage = $1",
                 &[&commit.cursor.stage().0, &(commit.to.0 as i64)],
             )?;
+            super::govern::write_consent(&mut transaction, &commit.consent)?;
+            for (destination, counts) in &commit.withheld {
+                super::govern::add_withheld(&mut transaction, destination, counts)?;
+            }
             transaction.commit()?;
             Ok(OutboxCommitOutcome::Committed)
         })

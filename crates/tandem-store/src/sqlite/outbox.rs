@@ -106,6 +106,10 @@ fn commit(connection: &mut Connection, commit: &OutboxCommit) -> Result<OutboxCo
          ON CONFLICT (stage) DO UPDATE SET position = excluded.position",
         params![commit.cursor.stage().0, commit.to.0 as i64],
     )?;
+    super::govern::write_consent(&transaction, &commit.consent)?;
+    for (destination, counts) in &commit.withheld {
+        super::govern::add_withheld(&transaction, destination, counts)?;
+    }
     transaction.commit()?;
     Ok(OutboxCommitOutcome::Committed)
 }

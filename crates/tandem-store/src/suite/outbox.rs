@@ -19,6 +19,7 @@ fn definition(name: &str) -> DestinationDefinition {
         audiences: Vec::new(),
         retry: RetrySettings::default(),
         max_events_per_second: None,
+        consent_categories: Vec::new(),
     }
 }
 
@@ -232,6 +233,7 @@ pub fn audience_changes_are_read_after_their_own_cursor(store: &impl Store) {
         to: LogPosition(to),
         items: vec![item("ads", to)],
         at_ms: 0,
+        ..Default::default()
     };
     assert_eq!(store.commit_outbox(&commit(0, read[2].0)).unwrap(), OutboxCommitOutcome::Committed);
     assert_eq!(store.commit_outbox(&commit(0, read[2].0)).unwrap(), OutboxCommitOutcome::StalePosition);

@@ -1,0 +1,54 @@
+//! `tandem dsr`: carry out a data subject request about the person holding
+//! an identifier — `access` prints everything kept about them as JSON,
+//! `delete` erases them from every table, `suppress` / `unsuppress` refuse or
+//! accept again their future events — and list past requests with their
+//! status. Works on the data directory directly; a running server sees a
+//! suppression within 10 seconds.
+
+use serde_json::Value;
+use std::io::Write;
+use std::sync::Arc;
+use tandem_core::govern::dsr::DsrKind;
+use tandem_server::dsr::{request_json, run_request};
+use tandem_store::Store;
+
+pub fn run(store: Arc<dyn Store>, kind: DsrKind, subject: &str, out: &mut impl Write) -> anyhow::Result<()> {
+    let (request, export) = run_request(store.as_ref(), kind, subject)?;
+    match export {
+        Some(export) => writeln!(out, "{}", serde_json::to_string_pretty(&export)?)?,
+        None => writeln!(
+            out,
+            "{} {} {}: {}",
+            request.id,
+            kind,
+            request.status.as_str(),
+            request.detail.as_deref().unwrap_or("")
+        )?,
+    }
+    Ok(())
+}
+
+pub fn list(store: Arc<dyn Store>, limit: usize, as_json: bool, out: &mut impl Write) -> anyhow::Result<()> {
+    let requests = store.list_dsr(limit)?;
+    if as_json {
+        writeln!(out, "{}", Value::Array(requests.iter().map(request_json).collect()))?;
+        return Ok(());
+    }
+    if requests.is_empty() {
+        writeln!(out, "no data subject requests")?;
+    }
+    for request in &requests {
+        let shown = request_json(request);
+        writeln!(
+            out,
+            "{:<24} {:<10} {:<8} created {}  finished {}  subject sha256 {}…",
+            request.id,
+            request.kind,
+            request.status.as_str(),
+            shown["created_at"].as_str().unwrap_or(""),
+            shown["finished_at"].as_str().unwrap_or("-"),
+            &request.subject_digest[..request.subject_digest.len().min(12)],
+        )?;
+    }
+    Ok(())
+}
