@@ -51,6 +51,9 @@ struct Options {
     /// throughput: events queued before the destination is resumed
     #[arg(long, default_value_t = 200_000)]
     events: u64,
+    /// throughput: items per webhook request (the destination's batch_size)
+    #[arg(long, default_value_t = 500)]
+    batch_size: u32,
     /// A name to make this run's audience and destination unique
     #[arg(long, default_value = "bench")]
     name: String,
@@ -260,6 +263,7 @@ fn throughput(options: &Options, received: &Arc<Received>, receiver: u16) -> any
             "name": name,
             "destination": {"kind": "webhook", "url": format!("http://127.0.0.1:{receiver}/")},
             "events": {"types": ["track"], "names": ["Bench Delivered"]},
+            "batch_size": options.batch_size,
         })),
     )?;
     admin(options, "POST", &format!("/api/v1/destinations/{name}/pause"), None)?;
@@ -299,7 +303,7 @@ fn throughput(options: &Options, received: &Arc<Received>, receiver: u16) -> any
     }
     let elapsed = start.elapsed();
     let delivered = received.events.load(Ordering::Relaxed);
-    println!("queued:                {} events", options.events);
+    println!("queued:                {} events, delivered {} per request", options.events, options.batch_size);
     println!(
         "delivered:             {delivered} events in {:.2} s = {:.0} events/s",
         elapsed.as_secs_f64(),

@@ -24,6 +24,12 @@ pub const MAX_DESTINATION_NAME_LEN: usize = 64;
 /// letter, unless its settings say otherwise: Segment's four hours.
 pub const DEFAULT_GIVE_UP_AFTER_MS: u64 = 4 * 60 * 60 * 1000;
 
+/// Items per delivery unless a destination's `batch_size` says otherwise.
+pub const DEFAULT_BATCH_SIZE: u32 = 100;
+
+/// The largest `batch_size` a destination may ask for.
+pub const MAX_BATCH_SIZE: u32 = 5_000;
+
 /// The header a webhook's signature travels in unless its settings name another.
 pub const DEFAULT_SIGNATURE_HEADER: &str = "x-tandem-signature";
 
@@ -46,6 +52,10 @@ pub struct DestinationDefinition {
     /// spaced out to keep the rate); unlimited when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_events_per_second: Option<u32>,
+    /// At most this many items per request (webhook) or write (file,
+    /// warehouse); [`DEFAULT_BATCH_SIZE`] when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<u32>,
     /// The consent categories a person must have granted, every one, for
     /// this destination to receive their events and audience changes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -353,6 +363,9 @@ impl DestinationDefinition {
         if self.max_events_per_second == Some(0) {
             return Err(invalid("max_events_per_second", "must be above 0 (leave it out for no limit)"));
         }
+        if self.batch_size.is_some_and(|size| size == 0 || size > MAX_BATCH_SIZE) {
+            return Err(invalid("batch_size", format!("must be between 1 and {MAX_BATCH_SIZE}")));
+        }
         if self.events.as_ref().is_some_and(|events| events.names.iter().any(|name| name.is_empty())) {
             return Err(invalid("events.names", "an event name must not be empty"));
         }
@@ -598,6 +611,7 @@ mod tests {
             audiences: Vec::new(),
             retry: RetrySettings::default(),
             max_events_per_second: None,
+            batch_size: None,
             consent_categories: Vec::new(),
         }
     }

@@ -46,8 +46,6 @@ use crate::metrics::{DestinationLabels, Metrics};
 
 /// Events the outbox stage reads per commit.
 const EVENT_BATCH: usize = 1_000;
-/// Items a worker delivers per request (or per file write).
-pub const DELIVERY_BATCH: usize = 100;
 /// How often idle workers and the stage look for new work and due retries.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -506,7 +504,8 @@ impl DeliveryWorker {
         }
         // A rate limit also caps a batch at one second's worth of events.
         let rate = record.definition.max_events_per_second;
-        let batch_size = rate.map_or(DELIVERY_BATCH, |rate| (rate as usize).clamp(1, DELIVERY_BATCH));
+        let size = record.definition.batch_size.unwrap_or(tandem_core::activate::DEFAULT_BATCH_SIZE) as usize;
+        let batch_size = rate.map_or(size, |rate| (rate as usize).clamp(1, size));
         let mut batch = self.store.outbox_head(&self.name, batch_size)?;
         let Some(head) = batch.first() else { return Ok(DeliveryReport::Idle) };
         let now = (self.clock)();
@@ -936,6 +935,7 @@ mod tests {
             audiences: Vec::new(),
             retry,
             max_events_per_second: None,
+            batch_size: None,
             consent_categories: Vec::new(),
         }
     }
@@ -1027,6 +1027,32 @@ mod tests {
         drain(&mut worker, &now);
         assert_eq!(numbers(&receiver.lock().unwrap().accepted), vec![1, 2]);
         assert!(matches!(store.set_destination_paused("nobody", true), Err(StoreError::DestinationNotFound(_))));
+    }
+
+    #[test]
+    fn a_batch_size_caps_the_items_of_each_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let runtime = runtime();
+        let receiver = Arc::new(Mutex::new(Receiver::default()));
+        let url = start_receiver(&runtime, receiver.clone());
+        let (clock, _now) = manual_clock(1_000_000);
+        let definition =
+            DestinationDefinition { batch_size: Some(3), ..webhook("crm", &url, RetrySettings::default()) };
+        create_destination(&*store, &definition, 0).unwrap();
+        append_and_resolve(&store, &(1..=7).map(|n| track("ann", "Order Completed", n)).collect::<Vec<_>>());
+        OutboxStage::new(store.clone()).catch_up().unwrap();
+        let mut worker = DeliveryWorker::new(store.clone(), "crm", clock, Metrics::new());
+        let mut sizes = Vec::new();
+        while let DeliveryReport::Delivered(count) = worker.deliver_once().unwrap() {
+            sizes.push(count);
+        }
+        assert_eq!(sizes, vec![3, 3, 1]);
+        assert_eq!(numbers(&receiver.lock().unwrap().accepted), (1..=7).collect::<Vec<_>>());
+        for refused in [0, 5_001] {
+            let definition = DestinationDefinition { batch_size: Some(refused), ..definition.clone() };
+            assert_eq!(definition.validate().unwrap_err().field, "batch_size");
+        }
     }
 
     #[test]
@@ -1200,6 +1226,7 @@ mod tests {
             audiences: Vec::new(),
             retry: RetrySettings::default(),
             max_events_per_second: None,
+            batch_size: None,
             consent_categories: Vec::new(),
         };
         create_destination(&*store, &definition, 0).unwrap();

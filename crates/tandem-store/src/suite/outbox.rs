@@ -19,6 +19,7 @@ fn definition(name: &str) -> DestinationDefinition {
         audiences: Vec::new(),
         retry: RetrySettings::default(),
         max_events_per_second: None,
+        batch_size: None,
         consent_categories: Vec::new(),
     }
 }
