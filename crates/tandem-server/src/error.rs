@@ -47,6 +47,7 @@ pub enum ErrorCode {
     InvalidToken,
     TokenExpired,
     PermissionDenied,
+    InvalidCsrfToken,
     RouteNotPermitted,
     MethodNotAllowed,
     RequestTimeout,
@@ -92,6 +93,7 @@ impl ErrorCode {
             ErrorCode::InvalidToken => "invalid_token",
             ErrorCode::TokenExpired => "token_expired",
             ErrorCode::PermissionDenied => "permission_denied",
+            ErrorCode::InvalidCsrfToken => "invalid_csrf_token",
             ErrorCode::RouteNotPermitted => "route_not_permitted",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::RequestTimeout => "request_timeout",
@@ -133,9 +135,10 @@ impl ErrorCode {
             | ErrorCode::ComputedTraitExists
             | ErrorCode::ComputedTraitInUse
             | ErrorCode::DestinationExists => StatusCode::CONFLICT,
-            ErrorCode::InvalidVerifyToken | ErrorCode::PermissionDenied | ErrorCode::RouteNotPermitted => {
-                StatusCode::FORBIDDEN
-            }
+            ErrorCode::InvalidVerifyToken
+            | ErrorCode::PermissionDenied
+            | ErrorCode::InvalidCsrfToken
+            | ErrorCode::RouteNotPermitted => StatusCode::FORBIDDEN,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorCode::RequestTooLarge | ErrorCode::MessageTooLarge | ErrorCode::TooManyMessages => {

@@ -760,6 +760,7 @@ pub fn walkthrough(
     writeln!(out, "       -d '{{\"userId\":\"{}\",\"event\":\"Demo Explored\"}}'", showcase.user_id)?;
     writeln!(out, "  tandem stats")?;
     writeln!(out)?;
+    writeln!(out, "The console: {base}/ (sign in with the admin token below)")?;
     writeln!(out, "Admin token for the API: {token}")?;
     writeln!(out, "Stop with Ctrl-C; run `tandem demo` again to serve the same company.")?;
     out.flush()?;
@@ -908,7 +909,8 @@ mod tests {
         let shared: Arc<dyn Store> = Arc::new(tandem_store::PostgresStore::connect_with(config, 8).unwrap());
         let options = tandem_server::stream::StreamOptions::parse(&nats.url()).unwrap();
         let stream = runtime.block_on(tandem_server::stream::EventStream::connect(&options)).unwrap();
-        let state = AppState::start_streaming(shared.clone(), stream.clone(), dir.path().join("imports-b"), Default::default());
+        let state =
+            AppState::start_streaming(shared.clone(), stream.clone(), dir.path().join("imports-b"), Default::default());
         let loaded_shared = runtime.block_on(load(&state, &company, &dir.path().join("files-b"))).unwrap();
         assert_eq!(loaded_shared, loaded_embedded);
         let mut drain = tandem_server::drain::Drain::new(
