@@ -31,7 +31,7 @@
         const details = body.details;
         const where = details && details.line ? "line " + details.line + ", column " + details.column + ": " : "";
         output.className = "bad";
-        output.textContent = where + body.error.message;
+        output.textContent = where + body.error.message.replace(/^at (line \d+, )?column \d+: /, "");
         delete output.dataset.size;
       }
     } catch (error) {
