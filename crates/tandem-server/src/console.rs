@@ -984,3 +984,22 @@ async fn audience(
     };
     page(StatusCode::OK, template)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_store::MembershipChange;
+
+    fn change(kind: MembershipChangeKind, at_ms: i64) -> MembershipChange {
+        MembershipChange { audience: "vip".into(), profile: ProfileId(7), kind, at_ms }
+    }
+
+    #[test]
+    fn each_stay_in_an_audience_pairs_its_entry_with_its_exit() {
+        use MembershipChangeKind::{Entered, Exited};
+        let rows = membership_rows("vip", &[change(Entered, 0), change(Exited, 60_000), change(Entered, 120_000)]);
+        let shown: Vec<(&str, &str)> = rows.iter().map(|row| (row.entered.as_str(), row.exited.as_str())).collect();
+        assert_eq!(shown, [("1970-01-01T00:00:00.000Z", "1970-01-01T00:01:00.000Z"), ("1970-01-01T00:02:00.000Z", "")]);
+        assert_eq!(path_segment("recent buyers/ä"), "recent%20buyers%2F%C3%A4");
+    }
+}

@@ -334,3 +334,34 @@ async fn a_marketer_sees_member_e_mails_masked_where_admin_sees_them_in_clear() 
     assert!(masked.body.contains("email:a***@example.com"), "{}", masked.body);
     assert!(!masked.body.contains("ann@example.com"), "{}", masked.body);
 }
+
+#[tokio::test]
+async fn the_timeline_pages_back_through_older_events() {
+    let harness = Harness::new().await;
+    let source = harness.store.create_source("app", SourceKind::Website).unwrap();
+    let batch: Vec<Value> = (0..25)
+        .map(|n| {
+            json!({"type": "track", "userId": "ann", "event": format!("Step {n:02}"), "messageId": format!("s{n}"),
+                   "timestamp": format!("2026-11-01T00:00:{n:02}Z")})
+        })
+        .collect();
+    let body = json!({"writeKey": source.write_key.as_str(), "batch": batch});
+    let reply = harness.send(Request::post("/v1/batch").body(Body::from(body.to_string())).unwrap()).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    let store: Arc<dyn Store> = harness.store.clone();
+    Resolver::load(store).unwrap().catch_up(DEFAULT_BATCH).unwrap();
+
+    let (admin, _) = harness.sign_in(Role::Admin).await;
+    let found = harness.get("/console/customers?identifier=user_id:ann", Some(&admin)).await;
+    let first = harness.get(found.location.as_deref().unwrap(), Some(&admin)).await;
+    let rows = |html: &str| html.matches("<td>track</td>").count() + html.matches("<td>identify</td>").count();
+    assert_eq!(rows(&first.body), 20, "a page of the timeline");
+    let at = first.body.find("Older events").expect("a link to older events");
+    let href = first.body[..at].rsplit("href=\"").next().unwrap().split('"').next().unwrap().replace("&amp;", "&");
+    let older = harness.get(&href, Some(&admin)).await;
+    assert_eq!(older.status, StatusCode::OK, "{href}");
+    // 25 steps, Ann's identify and her order: 27 events, 7 on the second page.
+    assert_eq!(rows(&older.body), 7, "{}", older.body);
+    assert!(older.body.contains("Step 00") && !older.body.contains("Step 24"));
+    assert!(!older.body.contains("Older events"));
+}
