@@ -75,7 +75,8 @@ fn parse_error(error: ParseError) -> ApiError {
     )
 }
 
-fn define_error(error: DefineError) -> ApiError {
+/// A definition refused or failed, as the API answers it.
+pub fn define_error(error: DefineError) -> ApiError {
     match error {
         DefineError::InvalidName | DefineError::InvalidComputedTraitName => {
             ApiError::new(ErrorCode::InvalidValue, error.to_string()).with_field("name")

@@ -52,6 +52,7 @@ pub enum ErrorCode {
     InvalidToken,
     TokenExpired,
     PermissionDenied,
+    InvalidCsrfToken,
     RouteNotPermitted,
     MethodNotAllowed,
     RequestTimeout,
@@ -102,6 +103,7 @@ impl ErrorCode {
             ErrorCode::InvalidToken => "invalid_token",
             ErrorCode::TokenExpired => "token_expired",
             ErrorCode::PermissionDenied => "permission_denied",
+            ErrorCode::InvalidCsrfToken => "invalid_csrf_token",
             ErrorCode::RouteNotPermitted => "route_not_permitted",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::RequestTimeout => "request_timeout",
@@ -149,6 +151,7 @@ impl ErrorCode {
             | ErrorCode::DestinationExists => StatusCode::CONFLICT,
             ErrorCode::InvalidVerifyToken
             | ErrorCode::PermissionDenied
+            | ErrorCode::InvalidCsrfToken
             | ErrorCode::RouteNotPermitted
             | ErrorCode::Suppressed => StatusCode::FORBIDDEN,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,

@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod collect;
 pub mod computed_api;
 pub mod connection;
+pub mod console;
 pub mod destination_api;
 pub mod drain;
 pub mod dsr;
@@ -77,6 +78,8 @@ pub struct AppState {
     /// How PII is classified: red values hashed at ingestion, yellow ones
     /// masked for roles without `pii:read`.
     pub pii: Arc<tandem_core::govern::PiiPolicy>,
+    /// The web console's sessions.
+    pub sessions: Arc<console::session::Sessions>,
 }
 
 impl AppState {
@@ -119,6 +122,7 @@ impl AppState {
             leases: cluster::LeaseBoard::default(),
             stream: None,
             pii,
+            sessions: Arc::default(),
         };
         (state, writer_thread)
     }
@@ -148,6 +152,7 @@ impl AppState {
             leases: cluster::LeaseBoard::default(),
             stream: Some(stream),
             pii,
+            sessions: Arc::default(),
         }
     }
 }
@@ -174,6 +179,7 @@ pub fn router(state: AppState) -> Router {
         .merge(audit::routes())
         .merge(pii::routes())
         .merge(openapi::routes())
+        .merge(console::routes())
         .route("/health", get(ops::health))
         .route("/metrics", get(ops::metrics))
         .fallback(ops::not_found)

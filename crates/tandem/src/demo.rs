@@ -760,6 +760,7 @@ pub fn walkthrough(
     writeln!(out, "       -d '{{\"userId\":\"{}\",\"event\":\"Demo Explored\"}}'", showcase.user_id)?;
     writeln!(out, "  tandem stats")?;
     writeln!(out)?;
+    writeln!(out, "The console: {base}/ (sign in with the admin token below)")?;
     writeln!(out, "Admin token for the API: {token}")?;
     writeln!(out, "Stop with Ctrl-C; run `tandem demo` again to serve the same company.")?;
     out.flush()?;

@@ -5,6 +5,7 @@
 mod cli;
 mod cluster;
 mod common;
+mod console;
 mod crash;
 mod demo;
 mod destination;
