@@ -150,12 +150,38 @@ pub fn stack_report(store: &dyn Store) -> Result<StackReport, StoreError> {
     Ok(StackReport::build(tools, store.shadow_traffic(REPORT_SHADOW_KEYS)?))
 }
 
-/// The tools that handle personal data. The PII inventory (which fields of
-/// which sources and destinations carry personal data) is where this answer
-/// comes from; until it exists the report says it is unknown (`null`)
-/// rather than guessing.
-pub fn tools_touching_pii(_store: &dyn Store) -> Option<Vec<String>> {
-    None
+/// The tools that handle personal data, from the PII inventory: a source
+/// that has sent a yellow or red key, and a destination that receives events
+/// while any source sends such keys, or audience changes carrying a trait
+/// the inventory holds as yellow or red. `None` (shown as `null`) when the
+/// inventory cannot be read, rather than a guess.
+pub fn tools_touching_pii(store: &dyn Store) -> Option<Vec<String>> {
+    use tandem_core::govern::PiiClass;
+    let inventory = store.pii_inventory().ok()?;
+    let personal: Vec<_> = inventory.iter().filter(|record| record.class != PiiClass::Green).collect();
+    let source_ids: std::collections::BTreeSet<_> =
+        personal.iter().flat_map(|record| record.sources.iter().cloned()).collect();
+    let keys: std::collections::BTreeSet<&str> = personal.iter().map(|record| record.key.as_str()).collect();
+    let mut tools: Vec<String> = store
+        .list_sources()
+        .ok()?
+        .into_iter()
+        .filter(|source| source_ids.contains(&source.id))
+        .map(|source| format!("source {}", source.name))
+        .collect();
+    for record in store.list_destinations().ok()? {
+        let definition = &record.definition;
+        let events = definition.events.is_some() && !source_ids.is_empty();
+        let traits = definition
+            .audiences
+            .iter()
+            .any(|subscription| subscription.traits.iter().any(|name| keys.contains(name.as_str())));
+        if events || traits {
+            tools.push(format!("destination {}", definition.name));
+        }
+    }
+    tools.sort();
+    Some(tools)
 }
 
 /// The report as the API and `tandem stack report --json` show it.

@@ -2636,7 +2636,25 @@ mod stack_registry {
         assert_eq!(report["spend_by_department"], json!({"marketing": 1500.0, "it": 300.5}));
         assert_eq!(report["total_annual_cost"], 1800.5);
         assert_eq!(report["without_owner"], json!(["destination crm"]));
-        assert!(report["tools_touching_pii"].is_null(), "left to the PII inventory");
+        assert_eq!(report["tools_touching_pii"], json!([]), "nothing personal has been sent yet");
+        let website = harness.store.source_by_name("website").unwrap().id;
+        let seen = |key: &str, class| tandem_store::PiiKeySeen {
+            key: key.into(),
+            source_id: website.clone(),
+            class,
+            last_seen_ms: 1,
+        };
+        use tandem_core::govern::PiiClass;
+        harness.store.record_pii_keys(&[seen("plan", PiiClass::Green)]).unwrap();
+        let (_, report) = get(&harness, "/api/v1/stack", Some(&token)).await;
+        assert_eq!(report["tools_touching_pii"], json!([]), "green keys are not personal");
+        harness.store.record_pii_keys(&[seen("email", PiiClass::Yellow)]).unwrap();
+        let (_, report) = get(&harness, "/api/v1/stack", Some(&token)).await;
+        assert_eq!(
+            report["tools_touching_pii"],
+            json!(["destination crm", "source website"]),
+            "the source that sent an e-mail, and the destination that receives its events"
+        );
         let shadow = report["shadow_traffic"].as_array().unwrap();
         assert_eq!(shadow.len(), 2, "{report}");
         let first = shadow.iter().find(|key| key["key_hint"] == "zzzz…").unwrap();
