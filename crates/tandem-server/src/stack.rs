@@ -265,12 +265,7 @@ async fn set_source(
     ApiPath(name): ApiPath<String>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let change = parse_tool_info(&body)?;
-    let target = name.clone();
-    let tool = blocking(&state, move |store| set_tool(store, ToolKind::Source, &target, change)).await?;
-    let shown = serde_json::to_value(tool).unwrap_or_default();
-    crate::audit::record(&state, &token, "stack.set_source", &name, None, Some(shown.clone())).await;
-    Ok(Json(shown))
+    set_entry(state, token, ToolKind::Source, name, &body).await
 }
 
 /// `PUT /api/v1/stack/destinations/{name}`: the destination's entry.
@@ -280,10 +275,25 @@ async fn set_destination(
     ApiPath(name): ApiPath<String>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let change = parse_tool_info(&body)?;
+    set_entry(state, token, ToolKind::Destination, name, &body).await
+}
+
+/// Changes one tool's registry entry and audits the change.
+async fn set_entry(
+    state: AppState,
+    token: AdminToken,
+    kind: ToolKind,
+    name: String,
+    body: &[u8],
+) -> Result<Json<Value>, ApiError> {
+    let change = parse_tool_info(body)?;
     let target = name.clone();
-    let tool = blocking(&state, move |store| set_tool(store, ToolKind::Destination, &target, change)).await?;
+    let tool = blocking(&state, move |store| set_tool(store, kind, &target, change)).await?;
     let shown = serde_json::to_value(tool).unwrap_or_default();
-    crate::audit::record(&state, &token, "stack.set_destination", &name, None, Some(shown.clone())).await;
+    let action = match kind {
+        ToolKind::Source => "stack.set_source",
+        ToolKind::Destination => "stack.set_destination",
+    };
+    crate::audit::record(&state, &token, action, &name, None, Some(shown.clone())).await;
     Ok(Json(shown))
 }
