@@ -27,7 +27,7 @@ mod webhook;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tandem_core::activate::{
     AttemptFailure, AudienceSubscription, DestinationDefinition, DestinationError, DestinationSettings, NextStep,
@@ -479,7 +479,15 @@ pub struct DeliveryWorker {
     next_allowed_at_ms: i64,
     /// A warehouse destination's open connection.
     warehouse: Option<warehouse::Warehouse>,
+    /// The destination as read before the last batch that went out, and
+    /// when: reused for the next batch while it is younger than
+    /// [`RECORD_REUSE`], since reading it counts the whole outbox.
+    after_delivery: Option<(DestinationRecord, Instant)>,
 }
+
+/// How long a worker sending batch after batch trusts the destination it
+/// read (a pause or a changed definition takes effect within this time).
+const RECORD_REUSE: Duration = Duration::from_millis(100);
 
 impl DeliveryWorker {
     pub fn new(store: Arc<dyn Store>, name: &str, clock: Clock, metrics: Metrics) -> Self {
@@ -493,12 +501,19 @@ impl DeliveryWorker {
             isolate_through: None,
             next_allowed_at_ms: i64::MIN,
             warehouse: None,
+            after_delivery: None,
         }
     }
 
     /// Attempts the head of the outbox once, if it is due.
     pub fn deliver_once(&mut self) -> Result<DeliveryReport, StoreError> {
-        let Some(record) = self.store.destination(&self.name)? else { return Ok(DeliveryReport::Gone) };
+        let (record, read_at) = match self.after_delivery.take() {
+            Some((record, read_at)) if read_at.elapsed() < RECORD_REUSE => (record, read_at),
+            _ => match self.store.destination(&self.name)? {
+                Some(record) => (record, Instant::now()),
+                None => return Ok(DeliveryReport::Gone),
+            },
+        };
         if record.paused {
             return Ok(DeliveryReport::Paused);
         }
@@ -531,6 +546,7 @@ impl DeliveryWorker {
                 let ids: Vec<_> = batch.iter().map(|item| item.id).collect();
                 self.store.mark_delivered(&self.name, &ids)?;
                 self.metrics.count_destination_items(&self.name, "delivered", ids.len() as u64);
+                self.after_delivery = Some((record, read_at));
                 Ok(DeliveryReport::Delivered(ids.len()))
             }
             Err(failure) => self.record(&record, &batch, failure, now),
