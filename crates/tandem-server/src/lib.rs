@@ -102,28 +102,9 @@ impl AppState {
         pii: Arc<tandem_core::govern::PiiPolicy>,
     ) -> (AppState, std::thread::JoinHandle<()>) {
         let metrics = Metrics::new();
-        // Read on a thread of its own: `start` runs on the async runtime,
-        // where a backend's synchronous client (PostgreSQL's drives its own
-        // small runtime) must not block.
-        let committed = std::thread::scope(|scope| scope.spawn(|| store.head()).join());
-        let head = log_head::LogHead::new(committed.ok().and_then(Result::ok).unwrap_or_default());
+        let head = committed_head(&store);
         let (log, writer_thread) = LogWriter::spawn(store.clone(), dedup_window, metrics.clone(), head.clone());
-        let log = log.with_pii(pii.clone());
-        let state = AppState {
-            sources: Arc::new(SourceDirectory::new(store.clone())),
-            tokens: Arc::new(auth::TokenDirectory::new(store.clone())),
-            plans: Arc::new(govern::PlanDirectory::new(store.clone())),
-            suppressions: Arc::new(govern::SuppressionDirectory::new(store.clone())),
-            store,
-            log,
-            metrics,
-            head,
-            imports: Arc::new(import::jobs::ImportJobs::new(import_dir)),
-            leases: cluster::LeaseBoard::default(),
-            stream: None,
-            pii,
-            sessions: Arc::default(),
-        };
+        let state = Self::assemble(store, log.with_pii(pii.clone()), metrics, head, import_dir, None, pii);
         (state, writer_thread)
     }
 
@@ -137,24 +118,45 @@ impl AppState {
         pii: Arc<tandem_core::govern::PiiPolicy>,
     ) -> AppState {
         let metrics = Metrics::new();
-        let committed = std::thread::scope(|scope| scope.spawn(|| store.head()).join());
-        let head = log_head::LogHead::new(committed.ok().and_then(Result::ok).unwrap_or_default());
+        let head = committed_head(&store);
+        let log = LogWriter::to_stream(stream.clone(), metrics.clone(), store.clone()).with_pii(pii.clone());
+        Self::assemble(store, log, metrics, head, import_dir, Some(stream), pii)
+    }
+
+    /// The state around a log writer, whichever way it makes events durable.
+    fn assemble(
+        store: Arc<dyn Store>,
+        log: LogWriter,
+        metrics: Metrics,
+        head: log_head::LogHead,
+        import_dir: PathBuf,
+        stream: Option<stream::EventStream>,
+        pii: Arc<tandem_core::govern::PiiPolicy>,
+    ) -> AppState {
         AppState {
             sources: Arc::new(SourceDirectory::new(store.clone())),
             tokens: Arc::new(auth::TokenDirectory::new(store.clone())),
-            log: LogWriter::to_stream(stream.clone(), metrics.clone(), store.clone()).with_pii(pii.clone()),
             plans: Arc::new(govern::PlanDirectory::new(store.clone())),
             suppressions: Arc::new(govern::SuppressionDirectory::new(store.clone())),
             store,
+            log,
             metrics,
             head,
             imports: Arc::new(import::jobs::ImportJobs::new(import_dir)),
             leases: cluster::LeaseBoard::default(),
-            stream: Some(stream),
+            stream,
             pii,
             sessions: Arc::default(),
         }
     }
+}
+
+/// The store's committed log head, read on a thread of its own: the state
+/// is built on the async runtime, where a backend's synchronous client
+/// (PostgreSQL's drives its own small runtime) must not block.
+fn committed_head(store: &Arc<dyn Store>) -> log_head::LogHead {
+    let committed = std::thread::scope(|scope| scope.spawn(|| store.head()).join());
+    log_head::LogHead::new(committed.ok().and_then(Result::ok).unwrap_or_default())
 }
 
 /// The full HTTP API.
