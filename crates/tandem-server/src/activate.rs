@@ -48,6 +48,9 @@ use crate::metrics::{DestinationLabels, Metrics};
 const EVENT_BATCH: usize = 1_000;
 /// How often idle workers and the stage look for new work and due retries.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the stage lists destinations to start and stop their workers
+/// and to set their lag gauges.
+const DESTINATIONS_REFRESH: Duration = Duration::from_millis(500);
 
 /// The time in milliseconds; injectable so tests can move it.
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
@@ -727,6 +730,9 @@ pub fn spawn(
             let mut follower = head.follow();
             let mut lease = LeaseKeeper::new(store.clone(), Stage::OUTBOX);
             let mut workers: HashMap<String, (Arc<AtomicBool>, std::thread::JoinHandle<()>)> = HashMap::new();
+            // Listing destinations counts every outbox: done at most every
+            // DESTINATIONS_REFRESH, not on every wake-up.
+            let mut listed_at: Option<Instant> = None;
             while !stop.load(Ordering::Relaxed) {
                 match lease.poll() {
                     LeaseTurn::Held => {}
@@ -751,6 +757,13 @@ pub fn spawn(
                     let resolved = resolved.map_or(0, |cursor| cursor.position.0);
                     metrics.outbox_lag_events.set(resolved.saturating_sub(cursor.position.0) as i64);
                 }
+                if listed_at.is_some_and(|at| at.elapsed() < DESTINATIONS_REFRESH) {
+                    if read == 0 {
+                        follower.wait_beyond(head.current(), POLL_INTERVAL);
+                    }
+                    continue;
+                }
+                listed_at = Some(Instant::now());
                 match store.list_destinations() {
                     Ok(destinations) => {
                         let now = clock();
