@@ -3,11 +3,18 @@
 // e-mail, opens the 360° view, types an audience rule (first one that does
 // not parse, to see the error in place, then one that does, to see its size)
 // and saves it; a marketer then signs in and sees the members' e-mails
-// masked. Saves a screenshot per step into SHOTS_DIR and prints one JSON
+// masked, cannot reach the governance pages and sees a failing destination's
+// dead letters masked; an admin opens the stack, that destination's dead
+// letters, starts the receiver and replays one (it must leave the list and
+// arrive). Saves a screenshot per step into SHOTS_DIR and prints one JSON
 // object with what it saw; exits non-zero when a step fails.
 //
-// usage: node console_in_chromium.mjs TANDEM_URL ADMIN_TOKEN MARKETER_TOKEN EMAIL SHOTS_DIR
+// usage: DEAD_LETTER_DESTINATION=NAME RECEIVER_PORT=PORT \
+//   node console_in_chromium.mjs TANDEM_URL ADMIN_TOKEN MARKETER_TOKEN EMAIL SHOTS_DIR
+// (the destination's webhook points at 127.0.0.1:PORT, where nothing listens
+// until this script does)
 import { mkdir } from 'node:fs/promises'
+import http from 'node:http'
 import { chromium } from 'playwright-core'
 
 const [base, adminToken, marketerToken, email, shotsDir] = process.argv.slice(2)
@@ -137,6 +144,65 @@ try {
   seen.marketerCustomersStatus = refused.status()
   seen.marketerCustomersText = await page.locator('main').innerText()
   await shot(page, 'marketer-refused')
+
+  // 5. The marketer reaches no governance page, and sees the failing
+  //    destination's dead letters with e-mails masked.
+  const destination = process.env.DEAD_LETTER_DESTINATION
+  const receiverPort = Number(process.env.RECEIVER_PORT)
+  check(destination && receiverPort, 'DEAD_LETTER_DESTINATION and RECEIVER_PORT are required')
+  const governance = await page.goto(base + '/console/governance')
+  seen.marketerGovernance = { status: governance.status(), text: await page.locator('main').innerText() }
+  await shot(page, 'marketer-governance-refused')
+  seen.marketerGovernance.auditStatus = (await page.goto(base + '/console/governance/audit')).status()
+  await page.goto(base + '/console/stack/destinations/' + encodeURIComponent(destination))
+  seen.marketerDeadLetters = await page.locator('#dead-letter-list tbody tr').allInnerTexts()
+  await shot(page, 'marketer-dead-letters-masked')
+
+  // 6. An admin opens the stack and the destination's dead letters, starts
+  //    the receiver, and replays one from the keyboard.
+  await page.getByRole('button', { name: 'Sign out' }).click()
+  await page.waitForURL(/\/console\/sign-in/)
+  await signIn(page, adminToken)
+  await page.getByRole('link', { name: 'Stack', exact: true }).click()
+  await page.waitForURL(/\/console\/stack$/)
+  await shot(page, 'stack')
+  await page.locator('#delivery-health').getByRole('link', { name: destination, exact: true }).click()
+  await page.waitForURL(/\/console\/stack\/destinations\//)
+  const rows = page.locator('#dead-letter-list tbody tr')
+  const letterIds = () => rows.evaluateAll((found) => found.map((row) => Number(row.id.replace('dead-letter-', ''))))
+  seen.stack = { before: await letterIds(), adminLetters: await rows.allInnerTexts() }
+  await shot(page, 'dead-letters')
+  const received = []
+  const receiver = http.createServer((request, response) => {
+    let body = ''
+    request.on('data', (chunk) => { body += chunk })
+    request.on('end', () => {
+      received.push(body)
+      response.writeHead(200)
+      response.end('ok')
+    })
+  })
+  await new Promise((resolve) => receiver.listen(receiverPort, '127.0.0.1', resolve))
+  try {
+    const replayed = seen.stack.before[0]
+    seen.stack.replayed = replayed
+    await page.getByRole('button', { name: `Replay item ${replayed}` }).focus()
+    await Promise.all([page.waitForURL(/replayed=1/), page.keyboard.press('Enter')])
+    seen.stack.notice = await page.locator('#replayed').innerText()
+    seen.stack.after = await letterIds()
+    await shot(page, 'dead-letter-replayed')
+    for (let attempt = 0; attempt < 100 && received.length === 0; attempt += 1) {
+      await new Promise((resolve) => setTimeout(resolve, 100))
+    }
+    seen.stack.received = received
+  } finally {
+    receiver.close()
+  }
+  await page.goto(base + '/console/governance/audit?action=destination.replay')
+  seen.stack.auditText = await page.locator('#audit-list').innerText()
+  await shot(page, 'audit-log')
+  await page.goto(base + '/console/quality')
+  await shot(page, 'data-quality')
   seen.scriptErrors = failures
   console.log(JSON.stringify(seen))
 } catch (error) {

@@ -145,6 +145,7 @@ async fn list_entries(
         since_ms,
         after_seq: query.after.unwrap_or(0).max(0),
         limit,
+        ..AuditFilter::default()
     };
     let entries = crate::profile::read(&state, move |store| store.audit_entries(&filter)).await?;
     let next_after = (entries.len() == limit).then(|| entries.last().map(|entry| entry.seq)).flatten();

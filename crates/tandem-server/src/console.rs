@@ -7,11 +7,15 @@
 //! API, and every value shown passes through the API's PII masking
 //! ([`crate::pii::shown_to`]). Every POST carries the session's CSRF token.
 //!
-//! Pages: sign-in, customers (search and the 360° view of one profile) and
+//! Pages: sign-in, customers (search and the 360° view of one profile),
 //! audiences (list, the builder with a live size preview, one audience's
-//! members).
+//! members), the stack ([`stack`]), data quality ([`quality`]) and
+//! governance ([`governance`]).
 
+pub mod governance;
+pub mod quality;
 pub mod session;
+pub mod stack;
 
 use crate::error::{ApiError, ErrorCode};
 use crate::extract::AdminToken;
@@ -61,6 +65,9 @@ pub fn routes() -> Router<AppState> {
         .route("/console/audiences/{name}", get(audience))
         .route("/console/assets/console.css", get(stylesheet))
         .route("/console/assets/console.js", get(script))
+        .merge(stack::routes())
+        .merge(quality::routes())
+        .merge(governance::routes())
 }
 
 // ---------------------------------------------------------------------------
@@ -99,6 +106,9 @@ impl Console {
             csrf: self.session.csrf.clone(),
             may_customers: self.may("GET", "/api/v1/profiles", Some("identifier")),
             may_audiences: self.may("GET", "/api/v1/audiences", None),
+            may_stack: stack::visible(self),
+            may_quality: quality::visible(self),
+            may_governance: governance::visible(self),
         }
     }
 
@@ -150,6 +160,9 @@ struct Chrome {
     csrf: String,
     may_customers: bool,
     may_audiences: bool,
+    may_stack: bool,
+    may_quality: bool,
+    may_governance: bool,
 }
 
 fn page(status: StatusCode, template: impl Template) -> Response {
@@ -187,6 +200,9 @@ fn plain_error(error: ApiError) -> Response {
         csrf: String::new(),
         may_customers: false,
         may_audiences: false,
+        may_stack: false,
+        may_quality: false,
+        may_governance: false,
     };
     match (ErrorPage { chrome, status: status.as_u16(), message: error.message.clone() }).render() {
         Ok(html) => (status, [(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response(),
@@ -248,6 +264,9 @@ async fn home(State(state): State<AppState>, headers: HeaderMap) -> Response {
         Some(role) if role.grants(tandem_core::govern::Permission::ProfilesLookup) => {
             Redirect::to("/console/customers").into_response()
         }
+        Some(role) if !role.grants(tandem_core::govern::Permission::AudiencesRead) => {
+            Redirect::to("/console/governance").into_response()
+        }
         Some(_) => Redirect::to("/console/audiences").into_response(),
         None => Redirect::to("/console/sign-in").into_response(),
     }
@@ -263,6 +282,9 @@ fn sign_in_page(status: StatusCode, session: &Session, error: Option<String>) ->
         csrf: session.csrf.clone(),
         may_customers: false,
         may_audiences: false,
+        may_stack: false,
+        may_quality: false,
+        may_governance: false,
     };
     page(status, SignInPage { chrome, error })
 }
@@ -392,6 +414,34 @@ fn text(value: &Value) -> String {
         Value::String(text) => text.clone(),
         Value::Null => String::new(),
         other => other.to_string(),
+    }
+}
+
+/// An instant (milliseconds) as page text; empty for none.
+fn when(ms: Option<i64>) -> String {
+    ms.map(|ms| text(&format_ms(ms))).unwrap_or_default()
+}
+
+/// `text` cut to at most `max` characters, marked with `…` when cut, so a
+/// long payload cannot swell a page.
+fn clipped(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
+    }
+}
+
+impl Console {
+    /// A stored payload (an event, a refused message, a sample) as this
+    /// role may see it, cut to `max` characters: JSON passes through the
+    /// PII masking; text that is not JSON (malformed, or cut when stored)
+    /// cannot be masked, so only a role that sees PII in clear is shown it.
+    fn shown_payload(&self, state: &AppState, payload: &str, max: usize) -> String {
+        match serde_json::from_str::<Value>(payload) {
+            Ok(value) => clipped(&self.shown(state, value).to_string(), max),
+            Err(_) if self.token.sees_pii() => clipped(payload, max),
+            Err(_) => "(not JSON, so it cannot be masked: shown only to roles with pii:read)".to_owned(),
+        }
     }
 }
 
@@ -1001,5 +1051,13 @@ mod tests {
         let shown: Vec<(&str, &str)> = rows.iter().map(|row| (row.entered.as_str(), row.exited.as_str())).collect();
         assert_eq!(shown, [("1970-01-01T00:00:00.000Z", "1970-01-01T00:01:00.000Z"), ("1970-01-01T00:02:00.000Z", "")]);
         assert_eq!(path_segment("recent buyers/ä"), "recent%20buyers%2F%C3%A4");
+    }
+
+    #[test]
+    fn long_text_is_clipped_on_a_character_boundary() {
+        assert_eq!(clipped("short", 5), "short");
+        assert_eq!(clipped("äöüß", 2), "äö…");
+        assert_eq!(when(None), "");
+        assert_eq!(when(Some(60_000)), "1970-01-01T00:01:00.000Z");
     }
 }

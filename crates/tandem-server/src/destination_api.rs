@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tandem_core::activate::DestinationDefinition;
 use tandem_core::govern::stack::{ToolInfo, ToolKind};
-use tandem_store::{DeadLetter, DeadLetterFilter, DestinationRecord, Store, StoreError};
+use tandem_store::{DeadLetter, DeadLetterFilter, DestinationRecord, OutboxItemId, Store, StoreError};
 
 /// The destination routes, for [`crate::router`].
 pub fn routes() -> Router<AppState> {
@@ -105,6 +105,7 @@ pub fn destination_json(record: &DestinationRecord) -> Value {
 pub fn dead_letter_json(letter: &DeadLetter) -> Value {
     json!({
         "destination": letter.destination,
+        "id": letter.id.0,
         "position": letter.position.0,
         "profile": letter.profile.map(|id| id.to_string()),
         "attempts": letter.attempts,
@@ -226,14 +227,23 @@ struct DeadLetterQuery {
     since: Option<String>,
     profile: Option<String>,
     destination: Option<String>,
+    /// One dead letter by its `id`.
+    item: Option<u64>,
+    /// The `id` of the previous page's last dead letter.
+    after: Option<u64>,
 }
 
 impl DeadLetterQuery {
-    /// The `since` and `profile` parameters as a store filter; `422
-    /// invalid_value` naming the parameter that is neither.
+    /// The parameters as a store filter; `400 invalid_value` naming the
+    /// parameter that is not what it should be.
     fn filter(&self, now_ms: i64) -> Result<DeadLetterFilter, ApiError> {
-        dead_letter_filter(self.since.as_deref(), self.profile.as_deref(), now_ms)
-            .map_err(|(field, message)| ApiError::new(ErrorCode::InvalidValue, message).with_field(field))
+        let mut filter = self.replay_request().filter(now_ms)?;
+        filter.after = self.after.map(OutboxItemId);
+        Ok(filter)
+    }
+
+    fn replay_request(&self) -> ReplayRequest {
+        ReplayRequest { since: self.since.clone(), profile: self.profile.clone(), item: self.item }
     }
 
     fn limit(&self) -> Result<usize, ApiError> {
@@ -268,7 +278,47 @@ pub fn dead_letter_filter(
             text.parse::<tandem_core::ProfileId>().map_err(|_| ("profile", format!("{text:?} is not a profile id")))
         })
         .transpose()?;
-    Ok(DeadLetterFilter { since_ms, profile })
+    Ok(DeadLetterFilter { since_ms, profile, ..DeadLetterFilter::default() })
+}
+
+/// Which of a destination's dead letters a replay takes, as a person gave
+/// it (a query string or a console form): those that died `since` (RFC 3339
+/// or `2h`), those about `profile`, the one numbered `item`; all when empty.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct ReplayRequest {
+    pub since: Option<String>,
+    pub profile: Option<String>,
+    pub item: Option<u64>,
+}
+
+impl ReplayRequest {
+    fn filter(&self, now_ms: i64) -> Result<DeadLetterFilter, ApiError> {
+        let mut filter = dead_letter_filter(self.since.as_deref(), self.profile.as_deref(), now_ms)
+            .map_err(|(field, message)| ApiError::new(ErrorCode::InvalidValue, message).with_field(field))?;
+        filter.item = self.item.map(OutboxItemId);
+        Ok(filter)
+    }
+}
+
+/// Puts the dead letters of destination `name` that `request` takes back
+/// in its outbox, at their places in the order, and records the replay in
+/// the audit log (`destination.replay`, with the request and the count):
+/// the one replay behind both the API and the console. Answers how many.
+pub async fn replay_and_audit(
+    state: &AppState,
+    token: &AdminToken,
+    name: &str,
+    request: &ReplayRequest,
+) -> Result<u64, ApiError> {
+    let filter = request.filter(chrono::Utc::now().timestamp_millis())?;
+    let wanted = name.to_owned();
+    let replayed = blocking(state, move |store| Ok(activate::replay(store, &wanted, &filter)?)).await?;
+    let mut after = json!({"since": request.since, "profile": request.profile, "replayed": replayed});
+    if let Some(item) = request.item {
+        after["item"] = json!(item);
+    }
+    crate::audit::record(state, token, "destination.replay", name, None, Some(after)).await;
+    Ok(replayed)
 }
 
 /// `GET /api/v1/destinations/{name}/dead-letters`: the oldest dead letters
@@ -341,11 +391,7 @@ async fn replay(
     name: String,
     query: &DeadLetterQuery,
 ) -> Result<Json<Value>, ApiError> {
-    let filter = query.filter(chrono::Utc::now().timestamp_millis())?;
-    let wanted = name.clone();
-    let replayed = blocking(&state, move |store| Ok(activate::replay(store, &wanted, &filter)?)).await?;
-    let filters = json!({"since": query.since, "profile": query.profile, "replayed": replayed});
-    crate::audit::record(&state, &token, "destination.replay", &name, None, Some(filters)).await;
+    let replayed = replay_and_audit(&state, &token, &name, &query.replay_request()).await?;
     Ok(Json(json!({"destination": name, "replayed": replayed})))
 }
 

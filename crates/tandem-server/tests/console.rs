@@ -16,6 +16,9 @@ use tandem_store::prelude::*;
 use tandem_store::SqliteStore;
 use tower::ServiceExt;
 
+#[path = "console/pages.rs"]
+mod pages;
+
 struct Harness {
     _dir: tempfile::TempDir,
     store: Arc<SqliteStore>,

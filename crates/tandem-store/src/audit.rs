@@ -6,7 +6,7 @@
 use crate::StoreError;
 use tandem_core::govern::audit::{verify, AuditDraft, AuditEntry, ChainBreak};
 
-/// Which entries a listing wants, oldest first.
+/// Which entries a listing wants, oldest first unless `newest_first`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AuditFilter {
     /// Only entries by this actor (a token id, or `cli`).
@@ -20,6 +20,21 @@ pub struct AuditFilter {
     pub after_seq: i64,
     /// At most this many entries; 0 for no limit.
     pub limit: usize,
+    /// Newest first (by sequence number descending) instead of oldest first.
+    pub newest_first: bool,
+    /// Only entries before this sequence number (a newest-first page's last).
+    pub before_seq: Option<i64>,
+}
+
+impl AuditFilter {
+    /// `ORDER BY` for the listing's direction.
+    pub(crate) fn order(&self) -> &'static str {
+        if self.newest_first {
+            "seq DESC"
+        } else {
+            "seq"
+        }
+    }
 }
 
 /// Storage for the audit log.

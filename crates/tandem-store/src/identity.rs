@@ -23,6 +23,12 @@ pub struct IdentityState {
     pub live_profiles: u64,
 }
 
+/// The condition selecting merges and drops in `identity_history`, the
+/// same text as the partial index over them (both backends' migrations), so
+/// the index serves [`IdentityStore::merges_and_drops`]. A change is stored
+/// as JSON that starts with its tag.
+pub(crate) const MERGES_AND_DROPS: &str = r#"(dropped IS NOT NULL OR substr(change, 1, 16) = '{"kind":"merged"')"#;
+
 /// One entry of a profile's identity history.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct HistoryRecord {
@@ -200,6 +206,12 @@ pub trait IdentityStore: Send + Sync + 'static {
 
     /// The identity history of a profile and of every profile merged into it, oldest first.
     fn identity_history(&self, id: ProfileId) -> Result<Vec<HistoryRecord>, StoreError>;
+
+    /// Merges and drops across every profile, newest first: entries with a
+    /// history id below `before` when given, at most `limit`, each with its
+    /// id (pass the last as `before` for the next page). Reads only those
+    /// entries, however much other history there is.
+    fn merges_and_drops(&self, before: Option<u64>, limit: usize) -> Result<Vec<(u64, HistoryRecord)>, StoreError>;
 
     /// Which profile each event belongs to, for events in `(after, up_to]`.
     fn event_owners(&self, after: LogPosition, up_to: LogPosition)

@@ -103,6 +103,9 @@ pub struct SourceStats {
     pub events_by_type: BTreeMap<String, u64>,
     pub duplicates: u64,
     pub rejected: u64,
+    /// When the source's latest event (stored or duplicate) was received;
+    /// `None` before its first.
+    pub last_received_ms: Option<i64>,
 }
 
 /// Ingestion counts for the whole log.
@@ -207,6 +210,10 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// Quarantined messages with an id above `after_id`, oldest first.
     fn list_quarantine(&self, after_id: u64, limit: usize) -> Result<Vec<QuarantineEntry>, StoreError>;
+
+    /// Quarantined messages newest first, those with an id below `before`
+    /// when given (a page's last), at most `limit`: the console's listing.
+    fn recent_quarantine(&self, before: Option<u64>, limit: usize) -> Result<Vec<QuarantineEntry>, StoreError>;
 
     /// Ingestion counts, with the resolver's position and the profile count
     /// so one read gives figures that agree with one another.

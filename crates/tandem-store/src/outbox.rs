@@ -71,6 +71,8 @@ pub struct DestinationRecord {
     /// enqueued; `None` when the outbox is empty or the item predates the
     /// record. `now - this` is how far the destination lags.
     pub head_enqueued_at_ms: Option<i64>,
+    /// When an item was last delivered; `None` before the first.
+    pub last_delivered_at_ms: Option<i64>,
 }
 
 /// An item to enqueue: one event of the log for one destination.
@@ -117,11 +119,16 @@ pub struct DeadLetter {
 }
 
 /// Which dead letters a listing or a replay takes: all, or only those that
-/// died at or after `since_ms`, or only those about `profile`; both narrow.
+/// died at or after `since_ms`, only those about `profile`, only the one
+/// item `item`, only those after `after` (a page's last item); each narrows.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DeadLetterFilter {
     pub since_ms: Option<i64>,
     pub profile: Option<ProfileId>,
+    /// Exactly this item (one dead letter, replayed on its own).
+    pub item: Option<OutboxItemId>,
+    /// Items enqueued after this one: the next page of a listing.
+    pub after: Option<OutboxItemId>,
 }
 
 /// What the outbox stage writes in one transaction.

@@ -354,6 +354,17 @@ const MIGRATIONS: &[&str] = &[
         ips TEXT NOT NULL,
         user_agents TEXT NOT NULL
     );"#,
+    // 15: when each source last sent an event (see `sqlite.rs`, migration 21).
+    r#"ALTER TABLE ingest_counters ADD COLUMN last_received_at BIGINT;
+    UPDATE ingest_counters SET last_received_at = latest.at
+        FROM (SELECT source_id, event_type, MAX(received_at) AS at FROM events GROUP BY source_id, event_type)
+            AS latest
+        WHERE latest.source_id = ingest_counters.source_id AND latest.event_type = ingest_counters.event_type;"#,
+    // 16: identity merges and drops, newest first (see `sqlite.rs`, migration 22).
+    r#"CREATE INDEX identity_history_merges_and_drops ON identity_history (id)
+        WHERE dropped IS NOT NULL OR substr(change, 1, 16) = '{"kind":"merged"';"#,
+    // 17: when each destination last delivered (see `sqlite.rs`, migration 23).
+    "ALTER TABLE destinations ADD COLUMN last_delivered_at BIGINT;",
 ];
 
 /// The PostgreSQL implementation of [`crate::Store`].

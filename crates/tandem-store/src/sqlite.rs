@@ -377,6 +377,22 @@ const MIGRATIONS: &[&str] = &[
         ips TEXT NOT NULL,
         user_agents TEXT NOT NULL
     ) WITHOUT ROWID;",
+    // 21: when each source last sent an event, kept with its counters by
+    // every append so the console's stack page reads it without scanning
+    // the log; filled once here from the log itself.
+    "ALTER TABLE ingest_counters ADD COLUMN last_received_at INTEGER;
+    UPDATE ingest_counters SET last_received_at = latest.at
+        FROM (SELECT source_id, type, MAX(received_at) AS at FROM events GROUP BY source_id, type) AS latest
+        WHERE latest.source_id = ingest_counters.source_id AND latest.type = ingest_counters.type;",
+    // 22: identity merges and drops, newest first, without reading the
+    // creations and attachments around them (most of the history): a
+    // partial index over just those entries. A merge's change is stored
+    // as JSON starting with its tag.
+    "CREATE INDEX identity_history_merges_and_drops ON identity_history (id)
+        WHERE dropped IS NOT NULL OR substr(change, 1, 16) = '{\"kind\":\"merged\"';",
+    // 23: when each destination last had an item delivered, kept by every
+    // delivery, for the stack's "last event" of a destination.
+    "ALTER TABLE destinations ADD COLUMN last_delivered_at INTEGER;",
 ];
 
 /// The `received_at` of a message id kept for good ([`Dedup::Forever`]).
@@ -636,7 +652,8 @@ fn append_in(
     dedup_since_ms: i64,
 ) -> Result<Vec<IngestOutcome>, StoreError> {
     let mut outcomes = Vec::with_capacity(batches.len());
-    let mut counters: HashMap<(&str, EventType), (u64, u64)> = HashMap::new();
+    // Stored, duplicates, and the latest receipt per source and type.
+    let mut counters: HashMap<(&str, EventType), (u64, u64, i64)> = HashMap::new();
     {
         // A message id is claimed when it is new, or when its last
         // sighting fell out of the dedup window.
@@ -669,6 +686,7 @@ fn append_in(
                     dedup_since_ms
                 ])? == 1;
                 let counter = counters.entry((record.source_id.as_str(), record.event_type)).or_default();
+                counter.2 = counter.2.max(record.received_at_ms);
                 if claimed {
                     insert_event.execute(params![
                         record.source_id.as_str(),
@@ -700,12 +718,14 @@ fn append_in(
             outcomes.push(outcome);
         }
         let mut count = transaction.prepare_cached(
-            "INSERT INTO ingest_counters (source_id, type, stored, duplicates) VALUES (?1, ?2, ?3, ?4)
+            "INSERT INTO ingest_counters (source_id, type, stored, duplicates, last_received_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT (source_id, type) DO UPDATE
-             SET stored = stored + excluded.stored, duplicates = duplicates + excluded.duplicates",
+             SET stored = stored + excluded.stored, duplicates = duplicates + excluded.duplicates,
+                 last_received_at = MAX(COALESCE(last_received_at, 0), excluded.last_received_at)",
         )?;
-        for ((source_id, event_type), (stored, duplicates)) in &counters {
-            count.execute(params![source_id, event_type.as_str(), stored, duplicates])?;
+        for ((source_id, event_type), (stored, duplicates, last_received_ms)) in &counters {
+            count.execute(params![source_id, event_type.as_str(), stored, duplicates, last_received_ms])?;
         }
         for batch in batches {
             govern::record_violations(transaction, &batch.violations)?;
@@ -798,24 +818,21 @@ impl EventLog for SqliteStore {
 
     fn list_quarantine(&self, after_id: u64, limit: usize) -> Result<Vec<QuarantineEntry>, StoreError> {
         self.with_reader(|connection| {
-            let mut statement = connection.prepare_cached(
-                "SELECT id, source_id, received_at, batch_index, code, field, message, payload FROM quarantine
-                 WHERE id > ?1 ORDER BY id LIMIT ?2",
-            )?;
-            let rows = statement.query_map(params![after_id as i64, limit as i64], |row| {
-                Ok(QuarantineEntry {
-                    id: row.get::<_, i64>(0)? as u64,
-                    record: QuarantineRecord {
-                        source_id: SourceId::new(row.get::<_, String>(1)?),
-                        received_at_ms: row.get(2)?,
-                        batch_index: row.get(3)?,
-                        code: row.get(4)?,
-                        field: row.get(5)?,
-                        message: row.get(6)?,
-                        payload: row.get(7)?,
-                    },
-                })
-            })?;
+            let mut statement = connection.prepare_cached(&format!(
+                "SELECT {QUARANTINE_COLUMNS} FROM quarantine WHERE id > ?1 ORDER BY id LIMIT ?2"
+            ))?;
+            let rows = statement.query_map(params![after_id as i64, limit as i64], quarantine_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn recent_quarantine(&self, before: Option<u64>, limit: usize) -> Result<Vec<QuarantineEntry>, StoreError> {
+        let before = before.map_or(i64::MAX, |id| id.min(i64::MAX as u64) as i64);
+        self.with_reader(|connection| {
+            let mut statement = connection.prepare_cached(&format!(
+                "SELECT {QUARANTINE_COLUMNS} FROM quarantine WHERE id < ?1 ORDER BY id DESC LIMIT ?2"
+            ))?;
+            let rows = statement.query_map(params![before, limit as i64], quarantine_from_row)?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
     }
@@ -937,6 +954,10 @@ impl IdentityStore for SqliteStore {
 
     fn identity_history(&self, id: ProfileId) -> Result<Vec<HistoryRecord>, StoreError> {
         self.with_reader(|connection| identity::history(connection, id))
+    }
+
+    fn merges_and_drops(&self, before: Option<u64>, limit: usize) -> Result<Vec<(u64, HistoryRecord)>, StoreError> {
+        self.with_reader(|connection| identity::merges_and_drops(connection, before, limit))
     }
 
     fn event_owners(
@@ -1077,6 +1098,23 @@ fn log_entry_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<LogEntry> {
     })
 }
 
+const QUARANTINE_COLUMNS: &str = "id, source_id, received_at, batch_index, code, field, message, payload";
+
+fn quarantine_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<QuarantineEntry> {
+    Ok(QuarantineEntry {
+        id: row.get::<_, i64>(0)? as u64,
+        record: QuarantineRecord {
+            source_id: SourceId::new(row.get::<_, String>(1)?),
+            received_at_ms: row.get(2)?,
+            batch_index: row.get(3)?,
+            code: row.get(4)?,
+            field: row.get(5)?,
+            message: row.get(6)?,
+            payload: row.get(7)?,
+        },
+    })
+}
+
 fn read_stats(connection: &Connection) -> Result<IngestStats, StoreError> {
     let mut stats = IngestStats::default();
     let mut per_source: Vec<SourceStats> = Vec::new();
@@ -1087,17 +1125,19 @@ fn read_stats(connection: &Connection) -> Result<IngestStats, StoreError> {
         index_of.insert(id.clone(), per_source.len());
         per_source.push(SourceStats { source_id: SourceId::new(id), name, ..SourceStats::default() });
     }
-    let mut statement = connection.prepare_cached("SELECT source_id, type, stored, duplicates FROM ingest_counters")?;
+    let mut statement = connection
+        .prepare_cached("SELECT source_id, type, stored, duplicates, last_received_at FROM ingest_counters")?;
     let counters = statement.query_map([], |row| {
         Ok((
             row.get::<_, String>(0)?,
             row.get::<_, String>(1)?,
             row.get::<_, i64>(2)? as u64,
             row.get::<_, i64>(3)? as u64,
+            row.get::<_, Option<i64>>(4)?,
         ))
     })?;
     for counter in counters {
-        let (source_id, event_type, stored, duplicates) = counter?;
+        let (source_id, event_type, stored, duplicates, last_received_ms) = counter?;
         stats.events += stored;
         stats.duplicates += duplicates;
         *stats.events_by_type.entry(event_type.clone()).or_default() += stored;
@@ -1106,6 +1146,7 @@ fn read_stats(connection: &Connection) -> Result<IngestStats, StoreError> {
             source.events += stored;
             source.duplicates += duplicates;
             *source.events_by_type.entry(event_type).or_default() += stored;
+            source.last_received_ms = source.last_received_ms.max(last_received_ms);
         }
     }
     let mut statement = connection.prepare_cached("SELECT source_id, COUNT(*) FROM quarantine GROUP BY source_id")?;

@@ -66,7 +66,8 @@ macro_rules! identity_store_test_suite {
             identity_commits_round_trip_and_refuse_stale_writers,
             batched_look_ups_find_live_owners_and_profiles,
             profiles_list_by_id_and_search_by_identifier_prefix_and_trait,
-            timelines_follow_event_time_and_page_by_cursor
+            timelines_follow_event_time_and_page_by_cursor,
+            merges_and_drops_list_newest_first_a_page_at_a_time
         );
     };
 }
@@ -122,6 +123,7 @@ macro_rules! outbox_store_test_suite {
             commits_enqueue_in_order_and_refuse_stale_writers,
             failures_retry_in_place_then_dead_letters_replay_in_order,
             dead_letters_are_listed_and_replayed_by_time_and_profile,
+            dead_letters_page_after_an_item_and_replay_one_at_a_time,
             audience_changes_are_read_after_their_own_cursor
         );
     };

@@ -997,7 +997,8 @@ fn dispatch(
     match command {
         Command::Audit(AuditCommand::List { actor, action, since, limit, json }) => {
             let since_ms = since.map(|text| commands::parse_time(&text, chrono::Utc::now())).transpose()?;
-            let filter = tandem_store::AuditFilter { actor, action, since_ms, after_seq: 0, limit };
+            let filter =
+                tandem_store::AuditFilter { actor, action, since_ms, after_seq: 0, limit, ..Default::default() };
             audit::list(&*open(Access::Existing)?, filter, json, &mut out)
         }
         Command::Audit(AuditCommand::Verify) => audit::verify(&*open(Access::Existing)?, &mut out),

@@ -97,6 +97,13 @@ impl ImportJobs {
         jobs
     }
 
+    /// The newest `limit` jobs, newest first (the console's list).
+    pub fn recent(&self, limit: usize) -> Vec<Job> {
+        let mut jobs = self.all();
+        jobs.truncate(limit);
+        jobs
+    }
+
     fn insert(&self, mut job: Job) -> Arc<Mutex<Job>> {
         let mut jobs = self.jobs.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         job.sequence = jobs.len() as u64;

@@ -71,9 +71,19 @@ impl AuditStore for PostgresStore {
                            AND ($2::TEXT IS NULL OR actor = $2)
                            AND ($3::TEXT IS NULL OR action = $3 OR action LIKE $4 ESCAPE '\\')
                            AND ($5::BIGINT IS NULL OR at >= $5)
-                         ORDER BY seq LIMIT $6"
+                           AND ($7::BIGINT IS NULL OR seq < $7)
+                         ORDER BY {} LIMIT $6",
+                        filter.order()
                     ),
-                    &[&filter.after_seq, &filter.actor, &filter.action, &action_prefix, &filter.since_ms, &limit],
+                    &[
+                        &filter.after_seq,
+                        &filter.actor,
+                        &filter.action,
+                        &action_prefix,
+                        &filter.since_ms,
+                        &limit,
+                        &filter.before_seq,
+                    ],
                 )?
                 .iter()
                 .map(entry_from_row)

@@ -11,6 +11,7 @@
 
 use super::log::{log_entry_from_row, LOG_ENTRY_COLUMNS};
 use super::{json_error, text_from_bytes, PostgresStore};
+use crate::identity::MERGES_AND_DROPS;
 use crate::{
     CommitOutcome, HistoryRecord, IdentityCommit, IdentityRepair, IdentityState, IdentityStore, LogEntry, Stage,
     StoreError, TimelineCursor, UnresolvedEvent,
@@ -460,6 +461,35 @@ impl IdentityStore for PostgresStore {
 
     fn identity_history(&self, id: ProfileId) -> Result<Vec<HistoryRecord>, StoreError> {
         self.with_client(|client| history(client, id))
+    }
+
+    fn merges_and_drops(&self, before: Option<u64>, limit: usize) -> Result<Vec<(u64, HistoryRecord)>, StoreError> {
+        let before = before.map_or(i64::MAX, |id| id.min(i64::MAX as u64) as i64);
+        self.with_client(|client| {
+            let rows = client.query(
+                &format!(
+                    "SELECT id, position, profile_id, change, recorded_at FROM identity_history
+                     WHERE {MERGES_AND_DROPS} AND id < $1 ORDER BY id DESC LIMIT $2"
+                ),
+                &[&before, &(limit as i64)],
+            )?;
+            rows.iter()
+                .map(|row| {
+                    let position: Option<i64> = row.try_get(1)?;
+                    let profile: Option<i64> = row.try_get(2)?;
+                    let change: IdentityChange = serde_json::from_str(row.try_get(3)?).map_err(json_error)?;
+                    Ok((
+                        row.try_get::<_, i64>(0)? as u64,
+                        HistoryRecord {
+                            position: position.map(|position| LogPosition(position as u64)),
+                            profile: profile.map(|profile| ProfileId(profile as u64)),
+                            change,
+                            recorded_at_ms: row.try_get(4)?,
+                        },
+                    ))
+                })
+                .collect()
+        })
     }
 
     fn event_owners(

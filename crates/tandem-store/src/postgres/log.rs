@@ -111,7 +111,8 @@ fn append(
     };
 
     let mut outcomes = Vec::with_capacity(batches.len());
-    let mut counters: HashMap<(&str, EventType), (i64, i64)> = HashMap::new();
+    // Stored, duplicates, and the latest receipt per source and type.
+    let mut counters: HashMap<(&str, EventType), (i64, i64, i64)> = HashMap::new();
     let mut events = EventColumns::default();
     let mut quarantine = QuarantineColumns::default();
     let (mut record_index, mut offer) = (0, 0_i64);
@@ -127,6 +128,7 @@ fn append(
             };
             record_index += 1;
             let counter = counters.entry((record.source_id.as_str(), record.event_type)).or_default();
+            counter.2 = counter.2.max(record.received_at_ms);
             if stored {
                 position += 1;
                 events.push(position, record);
@@ -187,19 +189,22 @@ fn append(
     }
     if !counters.is_empty() {
         let (mut sources, mut types, mut stored, mut duplicates) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for ((source, event_type), (stored_count, duplicate_count)) in &counters {
+        let mut last_received = Vec::new();
+        for ((source, event_type), (stored_count, duplicate_count, last_received_ms)) in &counters {
             sources.push(*source);
             types.push(event_type.as_str());
             stored.push(*stored_count);
             duplicates.push(*duplicate_count);
+            last_received.push(*last_received_ms);
         }
         transaction.execute(
-            "INSERT INTO ingest_counters (source_id, event_type, stored, duplicates)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
+            "INSERT INTO ingest_counters (source_id, event_type, stored, duplicates, last_received_at)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[])
              ON CONFLICT (source_id, event_type) DO UPDATE
              SET stored = ingest_counters.stored + excluded.stored,
-                 duplicates = ingest_counters.duplicates + excluded.duplicates",
-            &[&sources, &types, &stored, &duplicates],
+                 duplicates = ingest_counters.duplicates + excluded.duplicates,
+                 last_received_at = GREATEST(ingest_counters.last_received_at, excluded.last_received_at)",
+            &[&sources, &types, &stored, &duplicates, &last_received],
         )?;
     }
     Ok(outcomes)
@@ -333,28 +338,21 @@ impl EventLog for PostgresStore {
     fn list_quarantine(&self, after_id: u64, limit: usize) -> Result<Vec<QuarantineEntry>, StoreError> {
         self.with_client(|client| {
             let rows = client.query(
-                "SELECT id, source_id, received_at, batch_index, code, field, message, payload FROM quarantine
-                 WHERE id > $1 ORDER BY id LIMIT $2",
+                &format!("SELECT {QUARANTINE_COLUMNS} FROM quarantine WHERE id > $1 ORDER BY id LIMIT $2"),
                 &[&(after_id as i64), &(limit as i64)],
             )?;
-            rows.iter()
-                .map(|row| {
-                    let batch_index: Option<i64> = row.try_get(3)?;
-                    let field: Option<Vec<u8>> = row.try_get(5)?;
-                    Ok(QuarantineEntry {
-                        id: row.try_get::<_, i64>(0)? as u64,
-                        record: QuarantineRecord {
-                            source_id: SourceId::new(row.try_get::<_, String>(1)?),
-                            received_at_ms: row.try_get(2)?,
-                            batch_index: batch_index.and_then(|index| u32::try_from(index).ok()),
-                            code: row.try_get(4)?,
-                            field: field.map(text_from_bytes).transpose()?,
-                            message: text_from_bytes(row.try_get(6)?)?,
-                            payload: text_from_bytes(row.try_get(7)?)?,
-                        },
-                    })
-                })
-                .collect()
+            rows.iter().map(quarantine_from_row).collect()
+        })
+    }
+
+    fn recent_quarantine(&self, before: Option<u64>, limit: usize) -> Result<Vec<QuarantineEntry>, StoreError> {
+        let before = before.map_or(i64::MAX, |id| id.min(i64::MAX as u64) as i64);
+        self.with_client(|client| {
+            let rows = client.query(
+                &format!("SELECT {QUARANTINE_COLUMNS} FROM quarantine WHERE id < $1 ORDER BY id DESC LIMIT $2"),
+                &[&before, &(limit as i64)],
+            )?;
+            rows.iter().map(quarantine_from_row).collect()
         })
     }
 
@@ -429,6 +427,25 @@ fn filter_log(client: &mut impl GenericClient, filter: &LogFilter, limit: usize)
     entries(client.query(&sql, &parameters)?)
 }
 
+const QUARANTINE_COLUMNS: &str = "id, source_id, received_at, batch_index, code, field, message, payload";
+
+fn quarantine_from_row(row: &Row) -> Result<QuarantineEntry, StoreError> {
+    let batch_index: Option<i64> = row.try_get(3)?;
+    let field: Option<Vec<u8>> = row.try_get(5)?;
+    Ok(QuarantineEntry {
+        id: row.try_get::<_, i64>(0)? as u64,
+        record: QuarantineRecord {
+            source_id: SourceId::new(row.try_get::<_, String>(1)?),
+            received_at_ms: row.try_get(2)?,
+            batch_index: batch_index.and_then(|index| u32::try_from(index).ok()),
+            code: row.try_get(4)?,
+            field: field.map(text_from_bytes).transpose()?,
+            message: text_from_bytes(row.try_get(6)?)?,
+            payload: text_from_bytes(row.try_get(7)?)?,
+        },
+    })
+}
+
 fn read_stats(transaction: &mut Transaction<'_>) -> Result<IngestStats, StoreError> {
     let mut stats = IngestStats::default();
     let mut per_source: Vec<SourceStats> = Vec::new();
@@ -438,11 +455,13 @@ fn read_stats(transaction: &mut Transaction<'_>) -> Result<IngestStats, StoreErr
         index_of.insert(id.clone(), per_source.len());
         per_source.push(SourceStats { source_id: SourceId::new(id), name: row.try_get(1)?, ..SourceStats::default() });
     }
-    for row in transaction.query("SELECT source_id, event_type, stored, duplicates FROM ingest_counters", &[])? {
+    let counters = "SELECT source_id, event_type, stored, duplicates, last_received_at FROM ingest_counters";
+    for row in transaction.query(counters, &[])? {
         let source_id: String = row.try_get(0)?;
         let event_type: String = row.try_get(1)?;
         let stored = row.try_get::<_, i64>(2)? as u64;
         let duplicates = row.try_get::<_, i64>(3)? as u64;
+        let last_received_ms: Option<i64> = row.try_get(4)?;
         stats.events += stored;
         stats.duplicates += duplicates;
         *stats.events_by_type.entry(event_type.clone()).or_default() += stored;
@@ -451,6 +470,7 @@ fn read_stats(transaction: &mut Transaction<'_>) -> Result<IngestStats, StoreErr
             source.events += stored;
             source.duplicates += duplicates;
             *source.events_by_type.entry(event_type).or_default() += stored;
+            source.last_received_ms = source.last_received_ms.max(last_received_ms);
         }
     }
     for row in transaction.query("SELECT source_id, COUNT(*) FROM quarantine GROUP BY source_id", &[])? {

@@ -19,7 +19,8 @@ const RECORD_QUERY: &str = "SELECT d.name, d.definition, d.created_at, d.deliver
         (SELECT COUNT(*) FROM outbox o WHERE o.destination = d.name AND o.attempts = 0),
         (SELECT COUNT(*) FROM outbox o WHERE o.destination = d.name AND o.attempts > 0),
         (SELECT COUNT(*) FROM dead_letters l WHERE l.destination = d.name), d.paused,
-        (SELECT o.enqueued_at FROM outbox o WHERE o.destination = d.name ORDER BY o.id LIMIT 1)
+        (SELECT o.enqueued_at FROM outbox o WHERE o.destination = d.name ORDER BY o.id LIMIT 1),
+        d.last_delivered_at
      FROM destinations d";
 
 fn decode_record(row: &Row) -> Result<DestinationRecord, StoreError> {
@@ -35,6 +36,7 @@ fn decode_record(row: &Row) -> Result<DestinationRecord, StoreError> {
         },
         paused: row.try_get(7)?,
         head_enqueued_at_ms: row.try_get(8)?,
+        last_delivered_at_ms: row.try_get(9)?,
     })
 }
 
@@ -53,7 +55,13 @@ fn decode_item(row: &Row) -> Result<OutboxItem, StoreError> {
 
 /// A [`DeadLetterFilter`] in SQL: `$2` the time, `$3` the profile, each
 /// ignored when NULL.
-const FILTER: &str = "($2::bigint IS NULL OR dead_at >= $2) AND ($3::bigint IS NULL OR profile_id = $3)";
+const FILTER: &str = "($2::bigint IS NULL OR dead_at >= $2) AND ($3::bigint IS NULL OR profile_id = $3)
+     AND ($4::bigint IS NULL OR id = $4) AND ($5::bigint IS NULL OR id > $5)";
+
+/// The filter's profile, item and page start as SQL integers.
+fn filter_ids(filter: &DeadLetterFilter) -> [Option<i64>; 3] {
+    [filter.profile.map(|id| id.0 as i64), filter.item.map(|id| id.0 as i64), filter.after.map(|id| id.0 as i64)]
+}
 
 fn decode_dead_letter(row: &Row) -> Result<DeadLetter, StoreError> {
     Ok(DeadLetter {
@@ -206,10 +214,12 @@ impl OutboxStore for PostgresStore {
             let removed = transaction
                 .execute("DELETE FROM outbox WHERE id = ANY($1) AND destination = $2", &[&ids, &destination])?
                 as i64;
-            transaction.execute(
-                "UPDATE destinations SET delivered = delivered + $2 WHERE name = $1",
-                &[&destination, &removed],
-            )?;
+            if removed > 0 {
+                transaction.execute(
+                    "UPDATE destinations SET delivered = delivered + $2, last_delivered_at = $3 WHERE name = $1",
+                    &[&destination, &removed, &chrono::Utc::now().timestamp_millis()],
+                )?;
+            }
             transaction.commit()?;
             Ok(())
         })
@@ -250,16 +260,16 @@ impl OutboxStore for PostgresStore {
         filter: &DeadLetterFilter,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, StoreError> {
-        let profile = filter.profile.map(|id| id.0 as i64);
+        let [profile, item, after] = filter_ids(filter);
         self.with_client(|client| {
             client
                 .query(
                     &format!(
                         "SELECT id, destination, position, payload, attempts, last_error, dead_at, profile_id
                          FROM dead_letters WHERE ($1::text IS NULL OR destination = $1) AND {FILTER}
-                         ORDER BY id LIMIT $4"
+                         ORDER BY id LIMIT $6"
                     ),
-                    &[&destination, &filter.since_ms, &profile, &(limit as i64)],
+                    &[&destination, &filter.since_ms, &profile, &item, &after, &(limit as i64)],
                 )?
                 .iter()
                 .map(decode_dead_letter)
@@ -268,7 +278,7 @@ impl OutboxStore for PostgresStore {
     }
 
     fn replay_dead_letters(&self, destination: &str, filter: &DeadLetterFilter) -> Result<u64, StoreError> {
-        let profile = filter.profile.map(|id| id.0 as i64);
+        let [profile, item, after] = filter_ids(filter);
         self.with_client(|client| {
             let mut transaction = client.transaction()?;
             if transaction
@@ -284,11 +294,11 @@ impl OutboxStore for PostgresStore {
                      SELECT id, destination, position, payload, profile_id, enqueued_at FROM dead_letters
                      WHERE destination = $1 AND {FILTER}"
                 ),
-                &[&destination, &filter.since_ms, &profile],
+                &[&destination, &filter.since_ms, &profile, &item, &after],
             )?;
             transaction.execute(
                 &format!("DELETE FROM dead_letters WHERE destination = $1 AND {FILTER}"),
-                &[&destination, &filter.since_ms, &profile],
+                &[&destination, &filter.since_ms, &profile, &item, &after],
             )?;
             transaction.commit()?;
             Ok(replayed)

@@ -68,10 +68,20 @@ impl AuditStore for SqliteStore {
                    AND (?2 IS NULL OR actor = ?2)
                    AND (?3 IS NULL OR action = ?3 OR action LIKE ?4 ESCAPE '\\')
                    AND (?5 IS NULL OR at >= ?5)
-                 ORDER BY seq LIMIT ?6"
+                   AND (?7 IS NULL OR seq < ?7)
+                 ORDER BY {} LIMIT ?6",
+                filter.order()
             ))?;
             let rows = statement.query_map(
-                params![filter.after_seq, filter.actor, filter.action, action_prefix, filter.since_ms, limit],
+                params![
+                    filter.after_seq,
+                    filter.actor,
+                    filter.action,
+                    action_prefix,
+                    filter.since_ms,
+                    limit,
+                    filter.before_seq
+                ],
                 entry_from_row,
             )?;
             Ok(rows.collect::<Result<_, _>>()?)

@@ -3,6 +3,7 @@
 //! which profile, the identity history, and the resolver's position, epoch
 //! and rules — all written together in one transaction per resolver batch.
 
+use crate::identity::MERGES_AND_DROPS;
 use crate::{CommitOutcome, HistoryRecord, IdentityCommit, IdentityState, Stage, StoreError};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tandem_core::{Identifier, IdentityChange, LogPosition, Profile, ProfileId};
@@ -302,6 +303,42 @@ pub fn profile(connection: &Connection, id: ProfileId) -> Result<Option<Profile>
 /// A profile from its stored state: the one decoder every read of a profile uses.
 pub fn decode_profile(state: &str) -> Result<Profile, StoreError> {
     serde_json::from_str(state).map_err(json_error)
+}
+
+pub fn merges_and_drops(
+    connection: &Connection,
+    before: Option<u64>,
+    limit: usize,
+) -> Result<Vec<(u64, HistoryRecord)>, StoreError> {
+    let before = before.map_or(i64::MAX, |id| id.min(i64::MAX as u64) as i64);
+    let mut statement = connection.prepare_cached(&format!(
+        "SELECT id, position, profile_id, change, recorded_at FROM identity_history
+         WHERE {MERGES_AND_DROPS} AND id < ?1 ORDER BY id DESC LIMIT ?2"
+    ))?;
+    let rows = statement.query_map(params![before, limit as i64], |row| {
+        Ok((
+            row.get::<_, i64>(0)?,
+            row.get::<_, Option<i64>>(1)?,
+            row.get::<_, Option<i64>>(2)?,
+            row.get::<_, String>(3)?,
+            row.get::<_, i64>(4)?,
+        ))
+    })?;
+    let mut records = Vec::new();
+    for row in rows {
+        let (id, position, profile, change, recorded_at_ms) = row?;
+        let change: IdentityChange = serde_json::from_str(&change).map_err(json_error)?;
+        records.push((
+            id as u64,
+            HistoryRecord {
+                position: position.map(|position| LogPosition(position as u64)),
+                profile: profile.map(|profile| ProfileId(profile as u64)),
+                change,
+                recorded_at_ms,
+            },
+        ));
+    }
+    Ok(records)
 }
 
 pub fn history(connection: &Connection, id: ProfileId) -> Result<Vec<HistoryRecord>, StoreError> {

@@ -16,14 +16,21 @@ const RECORD_QUERY: &str = "SELECT d.name, d.definition, d.created_at, d.deliver
         (SELECT COUNT(*) FROM outbox o WHERE o.destination = d.name AND o.attempts = 0),
         (SELECT COUNT(*) FROM outbox o WHERE o.destination = d.name AND o.attempts > 0),
         (SELECT COUNT(*) FROM dead_letters l WHERE l.destination = d.name), d.paused,
-        (SELECT o.enqueued_at FROM outbox o WHERE o.destination = d.name ORDER BY o.id LIMIT 1)
+        (SELECT o.enqueued_at FROM outbox o WHERE o.destination = d.name ORDER BY o.id LIMIT 1),
+        d.last_delivered_at
      FROM destinations d";
 
 /// A [`DeadLetterFilter`] in SQL: `?2` the time, `?3` the profile, each
 /// ignored when NULL.
-const FILTER: &str = "(?2 IS NULL OR dead_at >= ?2) AND (?3 IS NULL OR profile_id = ?3)";
+const FILTER: &str = "(?2 IS NULL OR dead_at >= ?2) AND (?3 IS NULL OR profile_id = ?3)
+     AND (?4 IS NULL OR id = ?4) AND (?5 IS NULL OR id > ?5)";
 
-type RecordRow = (String, String, i64, i64, i64, i64, i64, bool, Option<i64>);
+/// The filter's profile, item and page start as SQL integers.
+fn filter_ids(filter: &DeadLetterFilter) -> [Option<i64>; 3] {
+    [filter.profile.map(|id| id.0 as i64), filter.item.map(|id| id.0 as i64), filter.after.map(|id| id.0 as i64)]
+}
+
+type RecordRow = (String, String, i64, i64, i64, i64, i64, bool, Option<i64>, Option<i64>);
 
 fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RecordRow> {
     Ok((
@@ -36,11 +43,23 @@ fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RecordRow> {
         row.get(6)?,
         row.get(7)?,
         row.get(8)?,
+        row.get(9)?,
     ))
 }
 
 fn decode_record(
-    (_, definition, created_at_ms, delivered, pending, retrying, dead, paused, head_enqueued_at_ms): RecordRow,
+    (
+        _,
+        definition,
+        created_at_ms,
+        delivered,
+        pending,
+        retrying,
+        dead,
+        paused,
+        head_enqueued_at_ms,
+        last_delivered_at_ms,
+    ): RecordRow,
 ) -> Result<DestinationRecord, StoreError> {
     Ok(DestinationRecord {
         definition: definition_from_text(&definition)?,
@@ -53,6 +72,7 @@ fn decode_record(
         },
         paused,
         head_enqueued_at_ms,
+        last_delivered_at_ms,
     })
 }
 
@@ -214,10 +234,12 @@ impl OutboxStore for SqliteStore {
                     removed += remove.execute(params![id.0 as i64, destination])? as i64;
                 }
             }
-            transaction.execute(
-                "UPDATE destinations SET delivered = delivered + ?2 WHERE name = ?1",
-                params![destination, removed],
-            )?;
+            if removed > 0 {
+                transaction.execute(
+                    "UPDATE destinations SET delivered = delivered + ?2, last_delivered_at = ?3 WHERE name = ?1",
+                    params![destination, removed, chrono::Utc::now().timestamp_millis()],
+                )?;
+            }
             transaction.commit()?;
             Ok(())
         })
@@ -260,11 +282,13 @@ impl OutboxStore for SqliteStore {
         self.with_reader(|connection| {
             let mut statement = connection.prepare_cached(&format!(
                 "SELECT id, destination, position, payload, attempts, last_error, dead_at, profile_id
-                 FROM dead_letters WHERE (?1 IS NULL OR destination = ?1) AND {FILTER} ORDER BY id LIMIT ?4"
+                 FROM dead_letters WHERE (?1 IS NULL OR destination = ?1) AND {FILTER} ORDER BY id LIMIT ?6"
             ))?;
-            let profile = filter.profile.map(|id| id.0 as i64);
-            let letters = statement
-                .query_map(params![destination, filter.since_ms, profile, limit as i64], dead_letter_from_row)?;
+            let [profile, item, after] = filter_ids(filter);
+            let letters = statement.query_map(
+                params![destination, filter.since_ms, profile, item, after, limit as i64],
+                dead_letter_from_row,
+            )?;
             Ok(letters.collect::<Result<Vec<_>, _>>()?)
         })
     }
@@ -279,18 +303,18 @@ impl OutboxStore for SqliteStore {
                 return Err(StoreError::DestinationNotFound(destination.to_owned()));
             }
             // The original id puts each item back at its place in the order.
-            let profile = filter.profile.map(|id| id.0 as i64);
+            let [profile, item, after] = filter_ids(filter);
             let replayed = transaction.execute(
                 &format!(
                     "INSERT INTO outbox (id, destination, position, payload, profile_id, enqueued_at)
                      SELECT id, destination, position, payload, profile_id, enqueued_at FROM dead_letters
                      WHERE destination = ?1 AND {FILTER}"
                 ),
-                params![destination, filter.since_ms, profile],
+                params![destination, filter.since_ms, profile, item, after],
             )?;
             transaction.execute(
                 &format!("DELETE FROM dead_letters WHERE destination = ?1 AND {FILTER}"),
-                params![destination, filter.since_ms, profile],
+                params![destination, filter.since_ms, profile, item, after],
             )?;
             transaction.commit()?;
             Ok(replayed as u64)

@@ -52,6 +52,15 @@ pub fn entries_chain_in_order_and_filter(store: &impl Store) {
     assert_eq!(since.len(), 2);
     let page = store.audit_entries(&AuditFilter { after_seq: 1, limit: 1, ..Default::default() }).unwrap();
     assert_eq!(page.iter().map(|entry| entry.seq).collect::<Vec<_>>(), [2]);
+
+    // Newest first, a page at a time, with the same filters.
+    let seqs = |filter: AuditFilter| store.audit_entries(&filter).unwrap().iter().map(|e| e.seq).collect::<Vec<_>>();
+    let newest = AuditFilter { newest_first: true, ..Default::default() };
+    assert_eq!(seqs(newest.clone()), [3, 2, 1]);
+    assert_eq!(seqs(AuditFilter { limit: 2, ..newest.clone() }), [3, 2]);
+    assert_eq!(seqs(AuditFilter { before_seq: Some(2), ..newest.clone() }), [1]);
+    assert_eq!(seqs(AuditFilter { actor: Some("tok_a".into()), limit: 1, ..newest.clone() }), [3]);
+    assert_eq!(seqs(AuditFilter { actor: Some("tok_a".into()), before_seq: Some(3), ..newest }), [1]);
 }
 
 pub fn concurrent_appends_form_one_chain(store: &(impl Store + Sync)) {

@@ -326,3 +326,78 @@ pub fn timelines_follow_event_time_and_page_by_cursor(store: &impl Store) {
 fn link(position: u64, profile: u64) -> EventLink {
     EventLink { position: LogPosition(position), timestamp_ms: position as i64 - 5, profile: ProfileId(profile) }
 }
+
+pub fn merges_and_drops_list_newest_first_a_page_at_a_time(store: &impl Store) {
+    let web = store.create_source("web", SourceKind::Website).unwrap().id;
+    store
+        .append(&[batch((1..=6).map(|n| record(&web, &format!("m{n}"), EventType::Identify, n)).collect())], 0)
+        .unwrap();
+    let (ann, anon, tablet) = (
+        Identifier::new("user_id", "ann"),
+        Identifier::new("anonymous_id", "a1"),
+        Identifier::new("device_id", "tablet"),
+    );
+    let entry = |position: u64, change: IdentityChange| HistoryRecord {
+        position: Some(LogPosition(position)),
+        profile: change.profile(),
+        change,
+        recorded_at_ms: position as i64,
+    };
+    let merged = entry(
+        3,
+        IdentityChange::Merged {
+            profile: ProfileId(1),
+            merged: vec![ProfileId(2)],
+            identifiers: vec![ann.clone(), anon.clone()],
+        },
+    );
+    let dropped = |position: u64| {
+        entry(
+            position,
+            IdentityChange::Dropped {
+                profile: Some(ProfileId(1)),
+                identifier: tablet.clone(),
+                reason: "user_id limit 1".to_owned(),
+            },
+        )
+    };
+    let history = vec![
+        entry(1, IdentityChange::Created { profile: ProfileId(1), identifiers: vec![anon.clone()] }),
+        entry(2, IdentityChange::Created { profile: ProfileId(2), identifiers: vec![ann.clone()] }),
+        merged.clone(),
+        entry(4, IdentityChange::Attached { profile: ProfileId(1), identifiers: vec![tablet.clone()] }),
+        dropped(5),
+        entry(
+            6,
+            IdentityChange::Repaired {
+                profile: Some(ProfileId(1)),
+                identifier: tablet.clone(),
+                action: "unlink".to_owned(),
+            },
+        ),
+        dropped(6),
+    ];
+    let mut profile = Profile::new(ProfileId(1));
+    profile.identifiers = vec![anon.clone(), ann.clone()];
+    let commit = IdentityCommit {
+        epoch: store.identity_state().unwrap().epoch,
+        from: LogPosition(0),
+        to: LogPosition(6),
+        profiles: vec![profile],
+        identifiers: vec![(anon, ProfileId(1)), (ann, ProfileId(1))],
+        history,
+        next_profile_id: 3,
+        ..IdentityCommit::default()
+    };
+    assert_eq!(store.commit_identity(&commit).unwrap(), CommitOutcome::Committed);
+
+    let all = store.merges_and_drops(None, 10).unwrap();
+    let records: Vec<HistoryRecord> = all.iter().map(|(_, record)| record.clone()).collect();
+    assert_eq!(records, vec![dropped(6), dropped(5), merged.clone()], "only merges and drops, newest first");
+    assert!(all.windows(2).all(|pair| pair[0].0 > pair[1].0), "ids decrease");
+    let first_page = store.merges_and_drops(None, 2).unwrap();
+    assert_eq!(first_page, all[..2]);
+    let next_page = store.merges_and_drops(Some(first_page[1].0), 2).unwrap();
+    assert_eq!(next_page, all[2..]);
+    assert!(store.merges_and_drops(Some(all[2].0), 2).unwrap().is_empty());
+}

@@ -127,6 +127,11 @@ pub fn rejected_messages_are_kept_in_quarantine(store: &impl Store) {
     assert_eq!(quarantine[0].record.source_id, web);
     let after_first = store.list_quarantine(quarantine[0].id, 10).unwrap();
     assert_eq!(after_first, vec![quarantine[1].clone()]);
+    // Newest first, a page at a time.
+    assert_eq!(store.recent_quarantine(None, 10).unwrap(), vec![quarantine[1].clone(), quarantine[0].clone()]);
+    assert_eq!(store.recent_quarantine(None, 1).unwrap(), vec![quarantine[1].clone()]);
+    assert_eq!(store.recent_quarantine(Some(quarantine[1].id), 10).unwrap(), vec![quarantine[0].clone()]);
+    assert_eq!(store.recent_quarantine(Some(quarantine[0].id), 10).unwrap(), vec![]);
 }
 
 pub fn stats_count_per_source_and_type(store: &impl Store) {
@@ -168,6 +173,19 @@ pub fn stats_count_per_source_and_type(store: &impl Store) {
     let app_stats = stats.sources.iter().find(|source| source.source_id == app).unwrap();
     assert_eq!((app_stats.events, app_stats.rejected), (1, 1));
     assert_eq!(app_stats.events_by_type.get("screen"), Some(&1));
+    assert_eq!((web_stats.last_received_ms, app_stats.last_received_ms), (Some(1), Some(1)));
+
+    // The latest receipt per source, whichever of its types it was, also
+    // when a later batch arrives out of order or holds only duplicates.
+    let later = vec![record(&web, "4", EventType::Page, 9), record(&web, "5", EventType::Track, 7)];
+    store.append(&[batch(later)], 0).unwrap();
+    store.append(&[batch(vec![record(&app, "1", EventType::Screen, 5)])], 0).unwrap();
+    store.append(&[batch(vec![record(&web, "6", EventType::Page, 3)])], 0).unwrap();
+    let stats = store.stats().unwrap();
+    let last = |id: &SourceId| stats.sources.iter().find(|source| &source.source_id == id).unwrap().last_received_ms;
+    assert_eq!((last(&web), last(&app)), (Some(9), Some(5)));
+    let quiet = store.create_source("quiet", SourceKind::Website).unwrap().id;
+    assert_eq!(store.stats().unwrap().sources.iter().find(|s| s.source_id == quiet).unwrap().last_received_ms, None);
 }
 
 pub fn concurrent_appends_are_all_kept(store: &impl Store) {

@@ -87,9 +87,16 @@ pub fn commits_enqueue_in_order_and_refuse_stale_writers(store: &impl Store) {
     assert_eq!((head[0].attempts, head[0].next_attempt_at_ms, head[0].last_error.clone()), (0, 0, None));
     assert_eq!(store.outbox_head("crm", 2).unwrap().len(), 2);
 
+    assert_eq!(store.destination("crm").unwrap().unwrap().last_delivered_at_ms, None, "nothing delivered yet");
+    let before_ms = chrono::Utc::now().timestamp_millis();
     store.mark_delivered("crm", &[head[0].id, head[1].id, OutboxItemId(999_999)]).unwrap();
     let record = store.destination("crm").unwrap().unwrap();
     assert_eq!(record.counts, OutboxCounts { pending: 1, retrying: 0, delivered: 2, dead: 0 });
+    let delivered_at = record.last_delivered_at_ms.expect("the time of the last delivery");
+    assert!((before_ms..=chrono::Utc::now().timestamp_millis()).contains(&delivered_at), "{delivered_at}");
+    store.mark_delivered("crm", &[OutboxItemId(999_999)]).unwrap();
+    let unchanged = store.destination("crm").unwrap().unwrap().last_delivered_at_ms;
+    assert_eq!(unchanged, Some(delivered_at), "marking nothing delivered keeps the time");
     assert_eq!(store.outbox_head("crm", 10).unwrap()[0].position, LogPosition(5));
 }
 
@@ -185,11 +192,11 @@ pub fn dead_letters_are_listed_and_replayed_by_time_and_profile(store: &impl Sto
     assert_eq!(positions(store.dead_letters(None, &all, 2).unwrap()), vec![1, 2], "the limit");
     let letters = store.dead_letters(Some("crm"), &all, 10).unwrap();
     assert_eq!(letters[0].profile, Some(ProfileId(101)), "the profile is kept from the outbox");
-    let since = DeadLetterFilter { since_ms: Some(3_000), profile: None };
+    let since = DeadLetterFilter { since_ms: Some(3_000), ..Default::default() };
     assert_eq!(positions(store.dead_letters(None, &since, 10).unwrap()), vec![3, 4, 5]);
-    let of_profile = DeadLetterFilter { since_ms: None, profile: Some(ProfileId(100)) };
+    let of_profile = DeadLetterFilter { profile: Some(ProfileId(100)), ..Default::default() };
     assert_eq!(positions(store.dead_letters(Some("crm"), &of_profile, 10).unwrap()), vec![2, 4]);
-    let both = DeadLetterFilter { since_ms: Some(3_000), profile: Some(ProfileId(101)) };
+    let both = DeadLetterFilter { since_ms: Some(3_000), profile: Some(ProfileId(101)), ..Default::default() };
     assert_eq!(positions(store.dead_letters(None, &both, 10).unwrap()), vec![3, 5]);
 
     // Replay takes only what passes the filter, and only of that destination.
@@ -204,6 +211,41 @@ pub fn dead_letters_are_listed_and_replayed_by_time_and_profile(store: &impl Sto
     assert_eq!(store.replay_dead_letters("crm", &all).unwrap(), 1);
     assert_eq!(positions(store.dead_letters(None, &all, 10).unwrap()), vec![5]);
     assert!(matches!(store.replay_dead_letters("nobody", &all), Err(StoreError::DestinationNotFound(_))));
+}
+
+pub fn dead_letters_page_after_an_item_and_replay_one_at_a_time(store: &impl Store) {
+    store.create_destination(&definition("crm"), 1).unwrap();
+    let items = (1..=5).map(|position| item("crm", position)).collect();
+    assert_eq!(enqueue(store, 0, 5, items), OutboxCommitOutcome::Committed);
+    for head in store.outbox_head("crm", 10).unwrap() {
+        store.record_failure(head.id, &FailedAttempt::DeadLetter { at_ms: 10, error: "410".to_owned() }).unwrap();
+    }
+    let all = DeadLetterFilter::default();
+    let letters = store.dead_letters(Some("crm"), &all, 10).unwrap();
+    let ids: Vec<OutboxItemId> = letters.iter().map(|letter| letter.id).collect();
+    let positions = |letters: Vec<crate::DeadLetter>| letters.iter().map(|l| l.position.0).collect::<Vec<_>>();
+
+    // Pages: two at a time, each after the last one shown.
+    let first = store.dead_letters(Some("crm"), &all, 2).unwrap();
+    assert_eq!(positions(first.clone()), vec![1, 2]);
+    let next = DeadLetterFilter { after: Some(first[1].id), ..Default::default() };
+    assert_eq!(positions(store.dead_letters(Some("crm"), &next, 2).unwrap()), vec![3, 4]);
+    let last = DeadLetterFilter { after: Some(ids[3]), ..Default::default() };
+    assert_eq!(positions(store.dead_letters(Some("crm"), &last, 2).unwrap()), vec![5]);
+
+    // One item alone, listed and replayed; the others stay dead.
+    let third = DeadLetterFilter { item: Some(ids[2]), ..Default::default() };
+    assert_eq!(positions(store.dead_letters(None, &third, 10).unwrap()), vec![3]);
+    assert_eq!(store.replay_dead_letters("crm", &third).unwrap(), 1);
+    assert_eq!(positions(store.dead_letters(Some("crm"), &all, 10).unwrap()), vec![1, 2, 4, 5]);
+    let head = store.outbox_head("crm", 10).unwrap();
+    assert_eq!((head.len(), head[0].id, head[0].attempts), (1, ids[2], 0), "back in the outbox as new");
+    assert_eq!(store.replay_dead_letters("crm", &third).unwrap(), 0, "replaying it again finds nothing");
+    // An item of another destination is not this destination's to replay.
+    store.create_destination(&definition("ads"), 1).unwrap();
+    let first_of_crm = DeadLetterFilter { item: Some(ids[0]), ..Default::default() };
+    assert_eq!(store.replay_dead_letters("ads", &first_of_crm).unwrap(), 0);
+    assert_eq!(store.destination("crm").unwrap().unwrap().counts.dead, 4);
 }
 
 pub fn audience_changes_are_read_after_their_own_cursor(store: &impl Store) {

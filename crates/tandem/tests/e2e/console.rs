@@ -1,14 +1,56 @@
 //! The web console in headless Chromium against a real `tandem demo`: an
 //! admin signs in, finds a customer by e-mail, opens the 360° view, builds
 //! and saves an audience from the text syntax and sees its size; a
-//! marketer sees the members' e-mails masked. The browser script is
+//! marketer sees the members' and dead letters' e-mails masked and cannot
+//! reach the governance pages; an admin opens a failing destination's dead
+//! letters on the stack page and replays one, which leaves the list and
+//! reaches the receiver once it listens. The browser script is
 //! `tests/console/console_in_chromium.mjs` (`scripts/test` installs its
 //! packages and Chromium); its screenshots land in
 //! `target/console-screenshots/`.
 
-use crate::common::{repo_root, tandem, Server};
-use serde_json::Value;
+use crate::common::{agent, create_source, post, repo_root, tandem, Server};
+use serde_json::{json, Value};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The destination the browser replays from, and how many dead letters it has.
+const FAILING_DESTINATION: &str = "console-hook";
+const DEAD_LETTERS: usize = 3;
+
+/// A webhook destination pointed at a loopback port nothing listens on yet
+/// (the browser script listens there before it replays), with retries that
+/// give up at once, fed events with e-mails until they are dead letters:
+/// the port.
+fn failing_destination(data: &std::path::Path, server: &Server) -> u16 {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let definition = json!({
+        "name": FAILING_DESTINATION,
+        "destination": {"kind": "webhook", "url": format!("http://127.0.0.1:{port}/hook")},
+        "events": {"names": ["Console Replay"]},
+        "retry": {"initial_backoff_ms": 1, "max_backoff_ms": 1, "give_up_after_ms": 1},
+    });
+    tandem(data, &["destination", "create", &definition.to_string()]);
+    let source = create_source(data, "console-replay");
+    let write_key = source["write_key"].as_str().unwrap();
+    let agent = agent();
+    for n in 0..DEAD_LETTERS {
+        let event = json!({"userId": format!("replay-{n}"), "event": "Console Replay", "messageId": format!("console-replay-{n}"),
+                           "context": {"traits": {"email": format!("replay.{n}@example.com")}}});
+        let (status, body) = post(&agent, &format!("{}/v1/track", server.url), write_key, &event.to_string()).unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let failed = tandem(data, &["deliveries", "failed", "--destination", FAILING_DESTINATION, "--json"]);
+        let dead = serde_json::from_str::<Value>(&failed).unwrap().as_array().map_or(0, Vec::len);
+        if dead == DEAD_LETTERS {
+            return port;
+        }
+        assert!(Instant::now() < deadline, "no dead letters after 30 s:\n{failed}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
 
 fn after<'a>(text: &'a str, marker: &str) -> &'a str {
     let start = text.find(marker).unwrap_or_else(|| panic!("{marker:?} not in:\n{text}")) + marker.len();
@@ -32,6 +74,7 @@ fn the_console_signs_in_finds_a_customer_builds_an_audience_and_masks_for_a_mark
     ))
     .unwrap();
     let marketer = marketer["token"].as_str().unwrap();
+    let receiver_port = failing_destination(&data, &server);
 
     let screenshots = repo_root().join("target/console-screenshots");
     let script = repo_root().join("tests/console/console_in_chromium.mjs");
@@ -39,6 +82,8 @@ fn the_console_signs_in_finds_a_customer_builds_an_audience_and_masks_for_a_mark
         .arg(&script)
         .args([server.url.as_str(), &admin, marketer, &email])
         .arg(&screenshots)
+        .env("DEAD_LETTER_DESTINATION", FAILING_DESTINATION)
+        .env("RECEIVER_PORT", receiver_port.to_string())
         .current_dir(script.parent().unwrap())
         .output()
         .unwrap_or_else(|error| panic!("cannot run node: {error}; run scripts/test to install the browser test"));
@@ -81,6 +126,29 @@ fn the_console_signs_in_finds_a_customer_builds_an_audience_and_masks_for_a_mark
     assert_eq!(seen["marketerCustomersStatus"], 403, "{seen}");
     assert!(seen["marketerCustomersText"].as_str().unwrap().contains("profiles:lookup"), "{seen}");
     assert_eq!(seen["scriptErrors"], serde_json::json!([]), "{seen}");
+
+    // The marketer cannot reach governance and sees dead letters' e-mails masked.
+    let governance = &seen["marketerGovernance"];
+    assert_eq!(governance["status"], 403, "{seen}");
+    assert!(governance["text"].as_str().unwrap().contains("audit:read"), "{seen}");
+    assert_eq!(governance["auditStatus"], 403, "{seen}");
+    assert!(!seen["marketerNav"].as_str().unwrap().contains("Governance"), "{seen}");
+    let masked_letters = seen["marketerDeadLetters"].to_string();
+    assert!(masked_letters.contains("r***@example.com") && !masked_letters.contains("replay.0@"), "{seen}");
+
+    // The admin replays one dead letter: it leaves the list and reaches the receiver.
+    let stack = &seen["stack"];
+    assert!(stack["adminLetters"].to_string().contains("replay.0@example.com"), "admin sees e-mails in clear: {seen}");
+    let before: Vec<u64> = serde_json::from_value(stack["before"].clone()).unwrap();
+    let after: Vec<u64> = serde_json::from_value(stack["after"].clone()).unwrap();
+    let replayed = stack["replayed"].as_u64().unwrap();
+    assert_eq!(before.len(), DEAD_LETTERS, "{seen}");
+    assert!(before.contains(&replayed) && !after.contains(&replayed), "{seen}");
+    assert_eq!(after.len(), DEAD_LETTERS - 1, "only the one replayed left the list: {seen}");
+    assert!(stack["notice"].as_str().unwrap().contains("1 dead letter put back"), "{seen}");
+    let received = stack["received"].to_string();
+    assert!(received.contains("console-replay-"), "the receiver got the replayed event: {seen}");
+    assert!(stack["auditText"].as_str().unwrap().contains("destination.replay"), "{seen}");
 
     // Every page well under 100 KB; a screenshot per step.
     for (path, size) in seen["pages"].as_object().unwrap() {
