@@ -354,6 +354,16 @@ const MIGRATIONS: &[&str] = &[
         ips TEXT NOT NULL,
         user_agents TEXT NOT NULL
     );"#,
+    // 15: PII rules set by users (see `sqlite.rs`, migration 21).
+    r#"CREATE TABLE pii_rules (
+        kind TEXT COLLATE "C" NOT NULL,
+        matcher TEXT COLLATE "C" NOT NULL,
+        class TEXT NOT NULL,
+        policy TEXT,
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        PRIMARY KEY (kind, matcher)
+    );"#,
 ];
 
 /// The PostgreSQL implementation of [`crate::Store`].
