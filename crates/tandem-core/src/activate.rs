@@ -37,6 +37,7 @@ pub const DEFAULT_SIGNATURE_HEADER: &str = "x-tandem-signature";
 /// go, which events it receives and how long it retries.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DestinationDefinition {
     pub name: String,
     pub destination: DestinationSettings,
@@ -65,6 +66,7 @@ pub struct DestinationDefinition {
 /// Where deliveries go: one variant per kind of destination.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum DestinationSettings {
     Webhook(WebhookSettings),
     File(FileSettings),
@@ -87,6 +89,7 @@ impl DestinationSettings {
 /// database at `url`, creating and migrating them itself.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WarehouseSettings {
     /// `postgres://user:password@host:port/database`.
     pub url: String,
@@ -125,6 +128,7 @@ impl WarehouseSettings {
 /// A webhook: each batch is POSTed as a JSON array to `url`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WebhookSettings {
     pub url: String,
     /// When set, each request carries `sha256=<hex HMAC-SHA256 of the body>`
@@ -164,6 +168,7 @@ fn default_timeout_ms() -> u64 {
 ///   to that one file.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FileSettings {
     /// Append JSON lines to this one file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -183,6 +188,7 @@ pub struct FileSettings {
 /// The format of a file destination's files.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum FileFormat {
     /// RFC 4180 CSV with a header row; values that are not strings are JSON.
     Csv,
@@ -276,6 +282,7 @@ pub fn parse_duration_ms(text: &str) -> Option<u64> {
 /// page's or screen's `name`) is one of `names` (any name when empty).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EventFilter {
     #[serde(default)]
     pub types: Vec<EventType>,
@@ -297,6 +304,7 @@ impl EventFilter {
 /// change is enqueued).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AudienceSubscription {
     pub name: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -307,6 +315,7 @@ pub struct AudienceSubscription {
 /// long after an item's first attempt it gives up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RetrySettings {
     #[serde(default = "default_initial_backoff_ms")]
     pub initial_backoff_ms: u64,

@@ -40,6 +40,8 @@ pub enum RejectionCode {
     PlanViolation,
     /// An event carrying an identifier whose owner asked to be suppressed.
     Suppressed,
+    /// An event carrying a red PII value whose policy is to refuse it.
+    RedValueRefused,
 }
 
 impl RejectionCode {
@@ -53,6 +55,7 @@ impl RejectionCode {
             RejectionCode::UnplannedEvent => "unplanned_event",
             RejectionCode::PlanViolation => "plan_violation",
             RejectionCode::Suppressed => "suppressed",
+            RejectionCode::RedValueRefused => "red_value_refused",
         }
     }
 }

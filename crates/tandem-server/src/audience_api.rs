@@ -230,11 +230,36 @@ async fn show_audience(
     Ok(Json(body))
 }
 
-#[derive(Deserialize)]
-struct MembersQuery {
+/// The query of `GET /api/v1/audiences/{name}/members`.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct MembersQuery {
+    /// Members per page (1 to 1000; 100 when absent).
     limit: Option<usize>,
     /// A `next_after` from the previous page.
     after: Option<String>,
+}
+
+/// The body of `POST /api/v1/audiences`. The handler reads the fields
+/// itself, to name a missing or mistyped one in its error; a test sends the
+/// example below.
+#[derive(utoipa::ToSchema)]
+#[schema(example = json!({"name": "recent buyers", "rule": {"text": "performed \"Order Completed\" within 30d"}}))]
+#[allow(dead_code)] // describes the body; the handler reads it field by field
+pub(crate) struct NewAudience {
+    /// Unique; letters, digits, spaces, `-`, `_` and `.`.
+    pub name: String,
+    /// The rule: its JSON form, or `{"text": "…"}` in the text syntax.
+    pub rule: Value,
+}
+
+/// The body of `POST /api/v1/audiences/preview`: a rule as in [`NewAudience`].
+#[derive(utoipa::ToSchema)]
+#[schema(example = json!({"rule": {"text": "trait plan = \"pro\""}}))]
+#[allow(dead_code)] // describes the body; the handler reads it field by field
+pub(crate) struct AudiencePreview {
+    /// The rule: its JSON form, or `{"text": "…"}` in the text syntax.
+    pub rule: Value,
 }
 
 /// `GET /api/v1/audiences/{name}/members`: members by profile id, a page at

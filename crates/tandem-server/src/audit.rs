@@ -107,15 +107,20 @@ pub fn entry_json(entry: &AuditEntry) -> Value {
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1_000;
 
-#[derive(Deserialize)]
+/// The filters of `GET /api/v1/audit`.
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
-struct ListQuery {
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListQuery {
+    /// Only entries by this actor: a token id, or `cli`.
     actor: Option<String>,
+    /// Only this action (`audience.create`) or area (`audience`).
     action: Option<String>,
-    /// RFC 3339.
+    /// Only entries since this RFC 3339 time.
     since: Option<String>,
     /// A `next_after` from the previous page.
     after: Option<i64>,
+    /// Entries per page (1 to 1000; 100 when absent).
     limit: Option<usize>,
 }
 

@@ -129,6 +129,19 @@ async fn list_computed_traits(State(state): State<AppState>, _token: AdminToken)
     Ok(Json(json!({ "computed_traits": traits })))
 }
 
+/// The body of `POST /api/v1/computed-traits`. The handler reads the fields
+/// itself, to name a missing or mistyped one in its error; a test sends the
+/// example below.
+#[derive(utoipa::ToSchema)]
+#[schema(example = json!({"name": "orders 30d", "definition": {"text": "count(event \"Order Completed\", within 30d)"}}))]
+#[allow(dead_code)] // describes the body; the handler reads it field by field
+pub(crate) struct NewComputedTrait {
+    /// Unique; letters, digits, spaces, `-`, `_` and `.`.
+    pub name: String,
+    /// The definition: its JSON form, or `{"text": "…"}` in the text syntax.
+    pub definition: Value,
+}
+
 /// `POST /api/v1/computed-traits` with `{"name", "definition"}` (the
 /// definition as JSON or `{"text": "…"}`): `201` with the computed trait,
 /// which the stage then backfills.

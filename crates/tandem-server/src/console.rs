@@ -120,7 +120,7 @@ impl Console {
 
     /// `body` as this role may see it ([`crate::pii::shown_to`]).
     fn shown(&self, state: &AppState, body: Value) -> Value {
-        crate::pii::shown_to(&self.token, &state.pii, body)
+        crate::pii::shown_to(&self.token, &state.pii.current(), body)
     }
 }
 

@@ -221,16 +221,40 @@ async fn delete_destination(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
-struct DeadLetterQuery {
+/// The filters of the dead-letter routes (each route documents the ones it reads).
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct DeadLetterQuery {
+    /// Dead letters per page (1 to the most a page holds).
     limit: Option<usize>,
+    /// Only those that died since: an RFC 3339 time, or a span back from now (`2h`, `7d`).
     since: Option<String>,
+    /// Only those about this profile (`prof_N`).
     profile: Option<String>,
+    /// The destination, by name.
     destination: Option<String>,
     /// One dead letter by its `id`.
     item: Option<u64>,
     /// The `id` of the previous page's last dead letter.
     after: Option<u64>,
+}
+
+/// The body of `POST /api/v1/destinations`: a destination definition with,
+/// optionally, its stack-registry entry ([`parse_definition`] reads it).
+#[derive(utoipa::ToSchema)]
+#[schema(example = json!({
+    "name": "crm",
+    "destination": {"kind": "webhook", "url": "http://127.0.0.1:9/hook"},
+    "events": {"types": ["track"], "names": ["Order Completed"]},
+    "consent_categories": ["marketing"],
+    "registry": {"owner": "Bo Chen", "department": "sales", "purpose": "lead follow-up", "annual_cost": 1200.0}
+}))]
+#[allow(dead_code)] // describes the body; the handler reads it field by field
+pub(crate) struct NewDestination {
+    #[serde(flatten)]
+    pub definition: tandem_core::activate::DestinationDefinition,
+    /// Who owns it, for which department and what it costs.
+    pub registry: Option<ToolInfo>,
 }
 
 impl DeadLetterQuery {

@@ -174,10 +174,15 @@ pub fn routes() -> Router<AppState> {
     Router::new().route("/api/v1/dsr", get(list_requests).post(create_request))
 }
 
-#[derive(Deserialize)]
+/// The body of `POST /api/v1/dsr`.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct NewRequest {
+#[schema(example = json!({"kind": "access", "identifier": "email:ann@example.com"}))]
+pub(crate) struct NewRequest {
+    /// What to do (read as text, so an unknown kind is named in the error).
+    #[schema(value_type = DsrKind)]
     kind: String,
+    /// The person, by any identifier they hold: `type:value`.
     identifier: String,
 }
 
@@ -216,8 +221,11 @@ async fn create_request(
     Ok((StatusCode::CREATED, Json(body)))
 }
 
-#[derive(Deserialize)]
-struct ListQuery {
+/// The query of `GET /api/v1/dsr`.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListQuery {
+    /// Requests listed, newest first (1 to 1000; 100 when absent).
     limit: Option<usize>,
 }
 

@@ -43,6 +43,9 @@ pub enum ErrorCode {
     UnplannedEvent,
     PlanViolation,
     Suppressed,
+    RedValueRefused,
+    InvalidPiiRule,
+    PiiRuleNotFound,
     MalformedFile,
     SourceNotFound,
     ImportNotFound,
@@ -94,6 +97,9 @@ impl ErrorCode {
             ErrorCode::UnplannedEvent => "unplanned_event",
             ErrorCode::PlanViolation => "plan_violation",
             ErrorCode::Suppressed => "suppressed",
+            ErrorCode::RedValueRefused => "red_value_refused",
+            ErrorCode::InvalidPiiRule => "invalid_pii_rule",
+            ErrorCode::PiiRuleNotFound => "pii_rule_not_found",
             ErrorCode::MalformedFile => "malformed_file",
             ErrorCode::SourceNotFound => "source_not_found",
             ErrorCode::ImportNotFound => "import_not_found",
@@ -136,14 +142,17 @@ impl ErrorCode {
             | ErrorCode::AudienceNotFound
             | ErrorCode::ComputedTraitNotFound
             | ErrorCode::DestinationNotFound
-            | ErrorCode::PlanNotFound => StatusCode::NOT_FOUND,
+            | ErrorCode::PlanNotFound
+            | ErrorCode::PiiRuleNotFound => StatusCode::NOT_FOUND,
             ErrorCode::InvalidMapping
             | ErrorCode::InvalidRule
             | ErrorCode::InvalidComputedTrait
             | ErrorCode::InvalidDestination
             | ErrorCode::InvalidPlan
             | ErrorCode::UnplannedEvent
-            | ErrorCode::PlanViolation => StatusCode::UNPROCESSABLE_ENTITY,
+            | ErrorCode::PlanViolation
+            | ErrorCode::RedValueRefused
+            | ErrorCode::InvalidPiiRule => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::AudienceExists
             | ErrorCode::AudienceInUse
             | ErrorCode::ComputedTraitExists
@@ -176,6 +185,7 @@ impl From<RejectionCode> for ErrorCode {
             RejectionCode::UnplannedEvent => ErrorCode::UnplannedEvent,
             RejectionCode::PlanViolation => ErrorCode::PlanViolation,
             RejectionCode::Suppressed => ErrorCode::Suppressed,
+            RejectionCode::RedValueRefused => ErrorCode::RedValueRefused,
         }
     }
 }

@@ -1,10 +1,15 @@
-//! Governance at ingestion: a request's valid events are checked against
-//! the suppressed identifiers (a match is quarantined as `suppressed`,
-//! keeping only a digest of the message), then pass through their source's
-//! tracking plan before they reach the log writer. Blocked events
+//! Governance at ingestion, the same on every way in (tracking calls,
+//! webhooks, imports over HTTP and from the command line): each valid event
+//! is checked against the suppressed identifiers (a match is quarantined as
+//! `suppressed`, keeping only a digest of the message), then against the PII
+//! rules (a red value whose policy is `refuse` quarantines the event as
+//! `red_value_refused`; other red values are hashed later, by the log
+//! writer), then passes through its source's tracking plan. Blocked events
 //! become refusals (quarantined with `unplanned_event` or `plan_violation`,
 //! listed in the response like any refused message), unplanned properties are
 //! removed in that mode, and every violation is counted with the append.
+//! [`Gate`] holds what one request or one import is checked against, read
+//! once; its check is synchronous, so an import's reader thread runs it.
 //!
 //! Plans are cached per source for [`PLAN_CACHE_TTL`], including the answer
 //! "no plan", so a source without one costs a map look-up per request and
@@ -20,6 +25,7 @@ use std::time::{Duration, Instant};
 use tandem_core::collect::{RejectedMessage, Rejection, RejectionCode};
 use tandem_core::govern::dsr::{identifier_digest, payload_digest};
 use tandem_core::govern::plan::{CompiledPlan, PlanError, PlanVerdict, TrackingPlan, ViolationKind};
+use tandem_core::govern::PiiPolicy;
 use tandem_core::identity::CompiledRules;
 use tandem_core::{Event, IdentityGraph, Source, SourceId};
 use tandem_store::{PlanViolationRecord, PlanViolationSummary, Store, StoreError, StoredPlan};
@@ -110,17 +116,13 @@ impl SuppressionDirectory {
             }
         }
         let store = self.store.clone();
-        let read = tokio::task::spawn_blocking(move || -> Result<Suppressions, StoreError> {
-            let digests: HashSet<String> = store.suppressed()?.into_iter().collect();
-            let rules = if digests.is_empty() { None } else { store.identity_rules()?.compile().ok() };
-            Ok(Suppressions { digests, rules })
-        })
-        .await
-        .map_err(|_| ApiError::new(ErrorCode::Internal, "internal error"))?
-        .map_err(|error| {
-            tracing::error!(%error, "reading suppressions failed");
-            ApiError::unavailable()
-        })?;
+        let read = tokio::task::spawn_blocking(move || Suppressions::read(store.as_ref()))
+            .await
+            .map_err(|_| ApiError::new(ErrorCode::Internal, "internal error"))?
+            .map_err(|error| {
+                tracing::error!(%error, "reading suppressions failed");
+                ApiError::unavailable()
+            })?;
         let read = Arc::new(read);
         *self.known.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some((read.clone(), Instant::now()));
         Ok(read)
@@ -133,6 +135,13 @@ impl SuppressionDirectory {
 }
 
 impl Suppressions {
+    /// Reads the suppressed digests, and the identity rules when there are any.
+    pub fn read(store: &dyn Store) -> Result<Suppressions, StoreError> {
+        let digests: HashSet<String> = store.suppressed()?.into_iter().collect();
+        let rules = if digests.is_empty() { None } else { store.identity_rules()?.compile().ok() };
+        Ok(Suppressions { digests, rules })
+    }
+
     /// The type of the first suppressed identifier `event` carries.
     fn suppressed_identifier(&self, event: &Event) -> Option<String> {
         let rules = self.rules.as_ref()?;
@@ -154,8 +163,168 @@ pub struct Screened {
     pub violations: Vec<PlanViolationRecord>,
 }
 
-/// Governance for one request's valid events: the source's tracking plan,
-/// when it has one (otherwise the events pass untouched).
+/// What one request's (or one import's) events are checked against, read
+/// once: the suppressed identifiers, the PII rules in force and the
+/// source's tracking plan.
+#[derive(Clone)]
+pub struct Gate {
+    pub suppressions: Arc<Suppressions>,
+    pub pii: Arc<PiiPolicy>,
+    pub plan: Option<Arc<CompiledPlan>>,
+    /// Where violations are counted (`None` outside a server).
+    pub metrics: Option<Metrics>,
+}
+
+impl Gate {
+    /// The server's gate for a source's events, from its caches.
+    pub async fn for_source(state: &AppState, source_id: &SourceId) -> Result<Gate, ApiError> {
+        Ok(Gate {
+            suppressions: state.suppressions.current().await?,
+            pii: state.pii.current(),
+            plan: state.plans.plan_for(source_id).await?,
+            metrics: Some(state.metrics.clone()),
+        })
+    }
+
+    /// The gate for a source's events read straight from `store`, with the
+    /// PII rules `pii` (the command line's imports).
+    pub fn read(store: &dyn Store, pii: Arc<PiiPolicy>, source_id: &SourceId) -> Result<Gate, StoreError> {
+        let plan = match store.plan(source_id)? {
+            Some(stored) => match stored.plan.compile() {
+                Ok(plan) => Some(Arc::new(plan)),
+                Err(error) => {
+                    tracing::error!(source = %source_id, %error, "a stored tracking plan does not compile");
+                    None
+                }
+            },
+            None => None,
+        };
+        Ok(Gate { suppressions: Arc::new(Suppressions::read(store)?), pii, plan, metrics: None })
+    }
+
+    /// A gate that lets everything through with the built-in PII classes:
+    /// for tests of what happens after governance.
+    pub fn open() -> Gate {
+        Gate {
+            suppressions: Arc::new(Suppressions { digests: HashSet::new(), rules: None }),
+            pii: Arc::default(),
+            plan: None,
+            metrics: None,
+        }
+    }
+
+    /// Whether [`Gate::check`] may refuse or change an event: some identifier
+    /// is suppressed, some red value is refused, or the source has a plan.
+    /// When not, callers need not prepare the message as sent.
+    pub fn inspects(&self) -> bool {
+        !self.suppressions.digests.is_empty() || self.pii.refuses_any() || self.plan.is_some()
+    }
+
+    /// Checks one event: suppression, then red values the PII rules refuse,
+    /// then the tracking plan. `raw` gives the message as sent (kept in
+    /// quarantine, with its red values hashed by the log writer, and as a
+    /// violation's sample), asked for only when needed; `index` is its place
+    /// in the request. The event to store (perhaps with properties removed),
+    /// or why it is refused; violations found are added to `violations`
+    /// either way.
+    pub fn check(
+        &self,
+        mut event: Event,
+        index: Option<usize>,
+        raw: &dyn Fn() -> String,
+        received_at_ms: i64,
+        violations: &mut Vec<PlanViolationRecord>,
+    ) -> Result<Event, RejectedMessage> {
+        if let Some(kind) = self.suppressions.suppressed_identifier(&event) {
+            return Err(RejectedMessage {
+                index,
+                // Only a digest: the message is about someone who asked
+                // not to be processed.
+                raw: payload_digest(raw().as_bytes()),
+                rejection: Rejection::new(
+                    RejectionCode::Suppressed,
+                    &kind,
+                    format!("a {kind} of this message belongs to a suppressed person"),
+                ),
+            });
+        }
+        if let Some(path) = self.pii.refused_red_field(&event) {
+            return Err(RejectedMessage {
+                index,
+                raw: raw(),
+                rejection: Rejection::new(
+                    RejectionCode::RedValueRefused,
+                    &path,
+                    format!("{path} holds a red pii value, and the pii rules refuse events carrying it"),
+                ),
+            });
+        }
+        let Some(plan) = &self.plan else { return Ok(event) };
+        let verdict = plan.check(&mut event);
+        let found = verdict.violations();
+        let mut sent = None;
+        if !found.is_empty() {
+            let text: &str = sent.insert(raw());
+            // A sample keeps the message as sent, so it is scrubbed of red
+            // values before it is cut to size (a cut one is no longer JSON).
+            let scrubbed = self.pii.scrub_anywhere(text);
+            let sample = scrubbed.as_deref().unwrap_or(text);
+            for violation in found {
+                if let Some(metrics) = &self.metrics {
+                    metrics.count_plan_violation(violation.kind.as_str());
+                }
+                violations.push(PlanViolationRecord::new(
+                    event.source_id.clone(),
+                    violation.kind.as_str(),
+                    &violation.event_name,
+                    &violation.path,
+                    &violation.message,
+                    sample,
+                    received_at_ms,
+                ));
+            }
+        }
+        match verdict {
+            PlanVerdict::Keep(_) | PlanVerdict::Trimmed(_) => Ok(event),
+            PlanVerdict::Block(blocked) => {
+                let reason = &blocked[0];
+                let code = match reason.kind {
+                    ViolationKind::UnplannedEvent => RejectionCode::UnplannedEvent,
+                    _ => RejectionCode::PlanViolation,
+                };
+                let field = if reason.path.is_empty() { "message" } else { reason.path.as_str() };
+                Err(RejectedMessage {
+                    index,
+                    raw: sent.unwrap_or_else(raw),
+                    rejection: Rejection::new(code, field, format!("tracking plan: {}", reason.message)),
+                })
+            }
+        }
+    }
+
+    /// [`Gate::check`] for a request's events. `indexes` gives each event's
+    /// batch index (`None` for a single call) and `raw` the message as sent.
+    pub fn screen<'a>(
+        &self,
+        events: Vec<Event>,
+        indexes: &[Option<usize>],
+        raw: impl Fn(Option<usize>) -> &'a str,
+        received_at_ms: i64,
+    ) -> Screened {
+        debug_assert_eq!(events.len(), indexes.len());
+        let mut screened = Screened { events: Vec::with_capacity(events.len()), ..Screened::default() };
+        for (event, index) in events.into_iter().zip(indexes.iter().copied()) {
+            let sent = raw(index);
+            match self.check(event, index, &|| sent.to_owned(), received_at_ms, &mut screened.violations) {
+                Ok(event) => screened.events.push(event),
+                Err(refused) => screened.refused.push(refused),
+            }
+        }
+        screened
+    }
+}
+
+/// Governance for one request's valid events (see [`Gate::check`]).
 pub async fn screen<'a>(
     state: &AppState,
     source_id: &SourceId,
@@ -164,91 +333,7 @@ pub async fn screen<'a>(
     raw: impl Fn(Option<usize>) -> &'a str,
     received_at_ms: i64,
 ) -> Result<Screened, ApiError> {
-    let suppressions = state.suppressions.current().await?;
-    let (events, indexes, refused) = if suppressions.digests.is_empty() {
-        (events, std::borrow::Cow::Borrowed(indexes), Vec::new())
-    } else {
-        let mut kept = Vec::with_capacity(events.len());
-        let mut kept_indexes = Vec::with_capacity(events.len());
-        let mut refused = Vec::new();
-        for (event, index) in events.into_iter().zip(indexes.iter().copied()) {
-            match suppressions.suppressed_identifier(&event) {
-                Some(kind) => refused.push(RejectedMessage {
-                    index,
-                    // Only a digest: the message is about someone who asked
-                    // not to be processed.
-                    raw: payload_digest(raw(index).as_bytes()),
-                    rejection: Rejection::new(
-                        RejectionCode::Suppressed,
-                        &kind,
-                        format!("a {kind} of this message belongs to a suppressed person"),
-                    ),
-                }),
-                None => {
-                    kept.push(event);
-                    kept_indexes.push(index);
-                }
-            }
-        }
-        (kept, std::borrow::Cow::Owned(kept_indexes), refused)
-    };
-    let mut screened = match state.plans.plan_for(source_id).await? {
-        Some(plan) => apply_plan(&plan, &state.metrics, events, &indexes, raw, received_at_ms),
-        None => Screened { events, ..Screened::default() },
-    };
-    if !refused.is_empty() {
-        screened.refused.extend(refused);
-        screened.refused.sort_by_key(|refused| refused.index);
-    }
-    Ok(screened)
-}
-
-/// Applies the source's plan to a request's events. `indexes` gives each
-/// event's batch index (`None` for a single call) and `raw` the message as
-/// sent, for quarantine and samples.
-pub fn apply_plan<'a>(
-    plan: &CompiledPlan,
-    metrics: &Metrics,
-    events: Vec<Event>,
-    indexes: &[Option<usize>],
-    raw: impl Fn(Option<usize>) -> &'a str,
-    received_at_ms: i64,
-) -> Screened {
-    debug_assert_eq!(events.len(), indexes.len());
-    let mut screened = Screened { events: Vec::with_capacity(events.len()), ..Screened::default() };
-    for (mut event, index) in events.into_iter().zip(indexes.iter().copied()) {
-        let verdict = plan.check(&mut event);
-        let raw_message = raw(index);
-        for violation in verdict.violations() {
-            metrics.count_plan_violation(violation.kind.as_str());
-            screened.violations.push(PlanViolationRecord::new(
-                event.source_id.clone(),
-                violation.kind.as_str(),
-                &violation.event_name,
-                &violation.path,
-                &violation.message,
-                raw_message,
-                received_at_ms,
-            ));
-        }
-        match verdict {
-            PlanVerdict::Keep(_) | PlanVerdict::Trimmed(_) => screened.events.push(event),
-            PlanVerdict::Block(violations) => {
-                let reason = &violations[0];
-                let code = match reason.kind {
-                    ViolationKind::UnplannedEvent => RejectionCode::UnplannedEvent,
-                    _ => RejectionCode::PlanViolation,
-                };
-                let field = if reason.path.is_empty() { "message" } else { reason.path.as_str() };
-                screened.refused.push(RejectedMessage {
-                    index,
-                    raw: raw_message.to_owned(),
-                    rejection: Rejection::new(code, field, format!("tracking plan: {}", reason.message)),
-                });
-            }
-        }
-    }
-    screened
+    Ok(Gate::for_source(state, source_id).await?.screen(events, indexes, raw, received_at_ms))
 }
 
 /// Setting a plan went wrong.

@@ -5,6 +5,11 @@
 //! goes on; a file that cannot be read as its format stops at the line at
 //! fault. The same runner serves `tandem import` (writing to the store
 //! directly) and `POST /api/v1/imports` (writing through the log writer).
+//! Every mapped row passes the same governance as a tracking call
+//! ([`Gate`]): a row carrying a suppressed identifier, a red value the PII
+//! rules refuse, or blocked by the source's tracking plan goes to the
+//! quarantine (and to the reject file, without its record), and plan
+//! violations are counted with the rows' append.
 //!
 //! Reading and mapping run on their own thread while the caller's thread
 //! appends the previous batch, so parsing and committing overlap.
@@ -12,6 +17,7 @@
 pub mod bounds;
 pub mod jobs;
 
+use crate::govern::Gate;
 use crate::log_writer::LogWriter;
 use bounds::{
     truncated, CountingReader, ExpansionBound, RowBound, RowSyntax, MAX_ECHOED_FIELD_BYTES, MAX_REASON_CHARS,
@@ -28,10 +34,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tandem_core::collect::{normalize_message, BatchDefaults, IdRequirement, RequestContext};
+use tandem_core::collect::{normalize_message, BatchDefaults, IdRequirement, RejectedMessage, RequestContext};
 use tandem_core::mapping::{Cell, Mapping, Record, RowError};
 use tandem_core::{LogRecord, Source};
-use tandem_store::{Dedup, IngestBatch, IngestOutcome, Store};
+use tandem_store::{Dedup, IngestBatch, IngestOutcome, PlanViolationRecord, QuarantineRecord, Store};
 
 /// Rows per append: large enough that a commit's fsync is shared by many
 /// rows, small enough to keep memory flat and progress lively.
@@ -40,8 +46,9 @@ pub const ROWS_PER_BATCH: usize = 10_000;
 const REJECTS_SHOWN: usize = 100;
 
 /// The formats a silo's export may come in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
+#[schema(as = ImportFileFormat)]
 pub enum FileFormat {
     Csv,
     Jsonl,
@@ -98,6 +105,10 @@ pub struct ImportCounts {
     /// Rows whose message the log already held (an earlier import of them).
     pub duplicates: u64,
     pub rejected: u64,
+    /// Of the rejected rows, those governance refused (a suppressed
+    /// person, a red value the PII rules refuse, the tracking plan): they are
+    /// in the quarantine too.
+    pub quarantined: u64,
     /// Bytes of the file read, before decompression.
     pub bytes_read: u64,
 }
@@ -121,16 +132,20 @@ impl<F: FnMut(IngestBatch) -> Result<IngestOutcome, String>> RowSink for F {
     }
 }
 
-/// Straight to a store, as `tandem import` writes beside (or without) a server.
-pub struct StoreSink<'a, S: Store + ?Sized>(pub &'a S);
+/// Straight to a store, as `tandem import` writes beside (or without) a
+/// server, hashing red values by the PII rules given (those in force: see
+/// [`crate::pii::policy_in_force`]).
+pub struct StoreSink<'a, S: Store + ?Sized> {
+    pub store: &'a S,
+    pub pii: &'a tandem_core::govern::PiiPolicy,
+}
 
 impl<S: Store + ?Sized> RowSink for StoreSink<'_, S> {
     fn append(&mut self, mut batch: IngestBatch) -> Result<IngestOutcome, String> {
-        // The command line hashes red values by the default classes.
-        crate::pii::scrub_batch(&tandem_core::govern::PiiPolicy::default(), &mut batch);
+        crate::pii::scrub_batch(self.pii, &mut batch);
         let dedup_since_ms =
             Utc::now().timestamp_millis() - i64::try_from(crate::DEFAULT_DEDUP_WINDOW.as_millis()).unwrap_or(i64::MAX);
-        self.0.append(&[batch], dedup_since_ms).map(|outcomes| outcomes[0]).map_err(|error| error.to_string())
+        self.store.append(&[batch], dedup_since_ms).map(|outcomes| outcomes[0]).map_err(|error| error.to_string())
     }
 }
 
@@ -151,6 +166,8 @@ pub struct ImportRequest<'a> {
     pub input: Box<dyn Read + Send + 'a>,
     /// Where refused rows are written; created only if a row is refused.
     pub reject_path: PathBuf,
+    /// What every mapped row is checked against (read once per import).
+    pub gate: &'a Gate,
 }
 
 /// The reject file beside an input: `orders.csv` → `orders.csv.rejects.csv`.
@@ -181,12 +198,55 @@ fn seconds<S: serde::Serializer>(duration: &Duration, serializer: S) -> Result<S
 struct Chunk {
     records: Vec<LogRecord>,
     rejects: Vec<(RejectedRow, RawRow)>,
+    /// Rows governance refused, for the quarantine.
+    quarantine: Vec<QuarantineRecord>,
+    /// Tracking-plan violations, counted with the append.
+    violations: Vec<PlanViolationRecord>,
     rows_read: u64,
 }
 
 impl Chunk {
     fn empty() -> Chunk {
-        Chunk { records: Vec::with_capacity(ROWS_PER_BATCH), rejects: Vec::new(), rows_read: 0 }
+        Chunk {
+            records: Vec::with_capacity(ROWS_PER_BATCH),
+            rejects: Vec::new(),
+            quarantine: Vec::new(),
+            violations: Vec::new(),
+            rows_read: 0,
+        }
+    }
+
+    /// Keeps what became of a mapped row at `line`: an event, a row
+    /// governance refused (quarantined, and listed in the reject file without
+    /// its record, which the quarantine keeps with red values hashed), or a
+    /// row that did not map (`echoed` as it was in the file).
+    fn keep(&mut self, line: u64, mapped: Result<Mapped, RowError>, mapper: &RowMapper<'_>, echoed: RawRow) {
+        match mapped {
+            Ok(Mapped::Event(record)) => self.records.push(record),
+            Ok(Mapped::Refused(refused)) => {
+                let withheld = match echoed {
+                    RawRow::Fields(_) => RawRow::Fields(Vec::new()),
+                    RawRow::Line(_) => RawRow::Line(String::new()),
+                };
+                self.rejects.push((
+                    RejectedRow {
+                        line,
+                        column: refused.rejection.field.clone(),
+                        reason: truncated(&refused.rejection.message, MAX_REASON_CHARS).into(),
+                    },
+                    withheld,
+                ));
+                self.quarantine.push(crate::collect::quarantine_record(
+                    mapper.source,
+                    mapper.received_at.timestamp_millis(),
+                    &refused,
+                ));
+            }
+            Err(error) => self.rejects.push((
+                RejectedRow { line, column: error.column, reason: truncated(&error.reason, MAX_REASON_CHARS).into() },
+                echoed,
+            )),
+        }
     }
 
     /// Sends the chunk once it holds a batch's rows; `false` when nobody
@@ -237,7 +297,7 @@ pub fn run_import_until(
     let bytes_read = Arc::new(AtomicU64::new(0));
     let input = decompressed(CountingReader { inner: request.input, count: bytes_read.clone() }, bytes_read.clone());
 
-    let ImportRequest { source, mapping, format, reject_path, .. } = request;
+    let ImportRequest { source, mapping, format, reject_path, gate, .. } = request;
     let mut counts = ImportCounts::default();
     let mut rejects = RejectFile::new(reject_path);
     let mut first_rejects = Vec::new();
@@ -248,7 +308,7 @@ pub fn run_import_until(
             .name("tandem-import-reader".into())
             .spawn_scoped(scope, move || {
                 let received_at = Utc::now();
-                let mapper = RowMapper { source, mapping, received_at, stop };
+                let mapper = RowMapper { source, mapping, received_at, stop, gate };
                 let result = match format {
                     FileFormat::Csv => read_csv(input, &mapper, &sender),
                     FileFormat::Jsonl => read_jsonl(input, &mapper, &sender),
@@ -270,6 +330,7 @@ pub fn run_import_until(
             };
             counts.rows_read += chunk.rows_read;
             counts.rejected += chunk.rejects.len() as u64;
+            counts.quarantined += chunk.quarantine.len() as u64;
             for (row, raw) in chunk.rejects {
                 if let Err(error) = rejects.write(&row, raw) {
                     outcome = Err(error);
@@ -282,12 +343,12 @@ pub fn run_import_until(
             if outcome.is_err() {
                 break;
             }
-            if !chunk.records.is_empty() {
+            if !(chunk.records.is_empty() && chunk.quarantine.is_empty() && chunk.violations.is_empty()) {
                 let batch = IngestBatch {
                     records: chunk.records,
-                    rejected: Vec::new(),
+                    rejected: chunk.quarantine,
                     dedup: Dedup::Forever,
-                    violations: Vec::new(),
+                    violations: chunk.violations,
                 };
                 match sink.append(batch) {
                     Ok(appended) => {
@@ -377,6 +438,13 @@ struct RowMapper<'a> {
     mapping: &'a Mapping,
     received_at: chrono::DateTime<Utc>,
     stop: &'a AtomicBool,
+    gate: &'a Gate,
+}
+
+/// A row that mapped to a valid event, after governance.
+enum Mapped {
+    Event(LogRecord),
+    Refused(RejectedMessage),
 }
 
 impl RowMapper<'_> {
@@ -388,7 +456,14 @@ impl RowMapper<'_> {
         }
     }
 
-    fn map(&self, record: &dyn Record) -> Result<LogRecord, RowError> {
+    /// The row at `line` as an event, through governance; violations found
+    /// are added to `violations`.
+    fn map(
+        &self,
+        record: &dyn Record,
+        line: u64,
+        violations: &mut Vec<PlanViolationRecord>,
+    ) -> Result<Mapped, RowError> {
         let message = self.mapping.message_for(&self.source.id, record)?;
         let request = RequestContext {
             source_id: &self.source.id,
@@ -398,7 +473,16 @@ impl RowMapper<'_> {
         };
         let event = normalize_message(message, None, &BatchDefaults::default(), &request)
             .map_err(|rejection| RowError { column: rejection.field, reason: rejection.message })?;
-        Ok(event.to_log_record())
+        // A row has no message as sent: the event it became stands in for
+        // it, serialized before governance may change it, and only when
+        // governance has anything to check.
+        let sent = if self.gate.inspects() { serde_json::to_string(&event).unwrap_or_default() } else { String::new() };
+        let index = usize::try_from(line).ok();
+        let checked = self.gate.check(event, index, &|| sent.clone(), self.received_at.timestamp_millis(), violations);
+        match checked {
+            Ok(event) => Ok(Mapped::Event(event.to_log_record())),
+            Err(refused) => Ok(Mapped::Refused(refused)),
+        }
     }
 }
 
@@ -468,13 +552,13 @@ fn read_csv(input: Box<dyn BufRead + Send + '_>, mapper: &RowMapper<'_>, sender:
             ImportError::Malformed { line, message: format!("column {name} is not valid UTF-8") }
         })?;
         chunk.rows_read += 1;
-        match mapper.map(&CsvRow { columns: &columns, record: &record }) {
-            Ok(log_record) => chunk.records.push(log_record),
-            Err(error) => chunk.rejects.push((
-                RejectedRow { line, column: error.column, reason: truncated(&error.reason, MAX_REASON_CHARS).into() },
-                RawRow::Fields(record.iter().map(echo).collect()),
-            )),
-        }
+        let mapped = mapper.map(&CsvRow { columns: &columns, record: &record }, line, &mut chunk.violations);
+        let echoed = if mapped.is_err() {
+            RawRow::Fields(record.iter().map(echo).collect())
+        } else {
+            RawRow::Fields(Vec::new())
+        };
+        chunk.keep(line, mapped, mapper, echoed);
         bytes = record.into_byte_record();
         if !chunk.send_when_full(sender) {
             return Ok(());
@@ -552,18 +636,13 @@ fn read_jsonl(input: Box<dyn BufRead + Send + '_>, mapper: &RowMapper<'_>, sende
                     check_first_object(mapper.mapping, &object, line)?;
                     checked_columns = true;
                 }
-                mapper.map(&object)
+                mapper.map(&object, line, &mut chunk.violations)
             }
             Ok(_) => Err(RowError::new(None, "the line is not a JSON object")),
             Err(error) => Err(RowError::new(None, format!("the line is not valid JSON: {error}"))),
         };
-        match mapped {
-            Ok(log_record) => chunk.records.push(log_record),
-            Err(error) => chunk.rejects.push((
-                RejectedRow { line, column: error.column, reason: truncated(&error.reason, MAX_REASON_CHARS).into() },
-                RawRow::Line(echo(text)),
-            )),
-        }
+        let echoed = if mapped.is_err() { RawRow::Line(echo(text)) } else { RawRow::Line(String::new()) };
+        chunk.keep(line, mapped, mapper, echoed);
         if !chunk.send_when_full(sender) {
             return Ok(());
         }
@@ -707,14 +786,18 @@ mod tests {
             std::fs::write(&input, bytes).unwrap();
             let format = FileFormat::from_path(&input).unwrap();
             let mapping = Mapping::from_toml(mapping).unwrap();
+            // As `tandem import` does: the rules in force, read from the store.
+            let pii = Arc::new(crate::pii::policy_in_force(&self.store, &Default::default()).unwrap());
+            let gate = Gate::read(&self.store, pii.clone(), &self.source.id).unwrap();
             let request = ImportRequest {
                 source: &self.source,
                 mapping: &mapping,
                 format,
                 input: Box::new(File::open(&input).unwrap()),
                 reject_path: reject_path_beside(&input, format),
+                gate: &gate,
             };
-            run_import(request, &mut StoreSink(&self.store), &mut |_| {})
+            run_import(request, &mut StoreSink { store: &self.store, pii: &pii }, &mut |_| {})
         }
 
         fn events(&self) -> usize {
@@ -778,6 +861,58 @@ mod tests {
         let summary = fixture.import("orders.csv", fixed.as_bytes(), ORDERS).unwrap();
         assert_eq!((summary.counts.imported, summary.reject_file), (1, None));
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn governance_refuses_rows_into_the_quarantine_and_counts_violations() {
+        use tandem_core::govern::dsr::identifier_digest;
+        use tandem_core::govern::pii::{PiiRule, RedPolicy};
+        use tandem_core::govern::plan::TrackingPlan;
+        use tandem_core::govern::PiiClass;
+        let fixture = fixture();
+        let mapping = format!("{ORDERS}\ncoupon = \"coupon\"\ntax_id = \"tax_id\"\n");
+        let plan = r#"{"mode": "block_invalid", "events": {"Order Completed": {"type": "object",
+            "properties": {"revenue": {"type": "number", "maximum": 1000}}}}}"#;
+        fixture.store.set_plan(&fixture.source.id, &TrackingPlan::from_json(plan).unwrap()).unwrap();
+        let refuse = PiiRule {
+            name: Some("tax_id".into()),
+            pattern: None,
+            class: PiiClass::Red,
+            policy: Some(RedPolicy::Refuse),
+        };
+        fixture.store.set_pii_rule(&refuse, 1).unwrap();
+        let suppressed: tandem_core::Identifier = "email:gone@example.com".parse().unwrap();
+        fixture.store.suppress(&identifier_digest(&suppressed), 1).unwrap();
+        let csv = "order_id,customer_id,email,ordered_at,total,coupon,tax_id\n\
+                   o1,u1,a@example.com,2026-01-01T00:00:00Z,10,,\n\
+                   o2,u2,gone@example.com,2026-01-02T00:00:00Z,20,,\n\
+                   o3,u3,c@example.com,2026-01-03T00:00:00Z,5000,,\n\
+                   o4,u4,d@example.com,2026-01-04T00:00:00Z,40,,DE-tax-991\n\
+                   o5,u5,e@example.com,2026-01-05T00:00:00Z,50,SPRING,\n";
+        let summary = fixture.import("orders.csv", csv.as_bytes(), &mapping).unwrap();
+        let counts = summary.counts;
+        assert_eq!(
+            (counts.rows_read, counts.imported, counts.rejected, counts.quarantined),
+            (5, 2, 3, 3),
+            "{counts:?}"
+        );
+        let refused: Vec<(u64, Option<&str>)> =
+            summary.first_rejects.iter().map(|row| (row.line, row.column.as_deref())).collect();
+        assert_eq!(refused, vec![(3, Some("email")), (4, Some("/properties/revenue")), (5, Some("properties.tax_id"))]);
+        let quarantine = fixture.store.list_quarantine(0, 10).unwrap();
+        let codes: Vec<(&str, Option<u32>)> =
+            quarantine.iter().map(|entry| (entry.record.code.as_str(), entry.record.batch_index)).collect();
+        assert_eq!(codes, [("suppressed", Some(3)), ("plan_violation", Some(4)), ("red_value_refused", Some(5))]);
+        assert!(quarantine[0].record.payload.starts_with("sha256:"), "a suppressed person's row is kept as a digest");
+        let red = &quarantine[2].record.payload;
+        assert!(!red.contains("DE-tax-991") && red.contains("sha256:"), "the refused red value is hashed: {red}");
+        let rejects = std::fs::read_to_string(summary.reject_file.unwrap()).unwrap();
+        assert!(!rejects.contains("gone@example.com") && !rejects.contains("DE-tax-991"), "{rejects}");
+        let violations = fixture.store.plan_violations(&fixture.source.id, 10).unwrap();
+        assert_eq!(violations.len(), 1);
+        assert_eq!((violations[0].kind.as_str(), violations[0].count), ("invalid_event", 1));
+        let stats = fixture.store.stats().unwrap();
+        assert_eq!(stats.rejected, 3, "quarantined rows count as rejected like refused tracking calls");
     }
 
     #[test]
@@ -900,9 +1035,11 @@ mod tests {
             format: FileFormat::Csv,
             input: Box::new(File::open(&input).unwrap()),
             reject_path: reject_path_beside(&input, FileFormat::Csv),
+            gate: &Gate::open(),
         };
         let stop = AtomicBool::new(true);
-        let error = run_import_until(request, &mut StoreSink(&fixture.store), &mut |_| {}, &stop).unwrap_err();
+        let sink = &mut StoreSink { store: &fixture.store, pii: &Default::default() };
+        let error = run_import_until(request, sink, &mut |_| {}, &stop).unwrap_err();
         assert!(matches!(error, ImportError::Stopped { line: 2 }), "{error}");
         assert!(error.to_string().contains("import the file again"));
     }

@@ -75,9 +75,10 @@ pub struct AppState {
     /// The event stream between nodes, when the server runs with one: the
     /// log writer publishes there and the drain stage appends it to the log.
     pub stream: Option<stream::EventStream>,
-    /// How PII is classified: red values hashed at ingestion, yellow ones
-    /// masked for roles without `pii:read`.
-    pub pii: Arc<tandem_core::govern::PiiPolicy>,
+    /// How PII is classified (the stored rules in front of the configured
+    /// ones): red values hashed or refused at ingestion, yellow ones masked
+    /// for roles without `pii:read`.
+    pub pii: Arc<pii::PiiDirectory>,
     /// The web console's sessions.
     pub sessions: Arc<console::session::Sessions>,
 }
@@ -91,15 +92,16 @@ impl AppState {
         dedup_window: Duration,
         import_dir: PathBuf,
     ) -> (AppState, std::thread::JoinHandle<()>) {
-        Self::start_with_pii(store, dedup_window, import_dir, Arc::default())
+        let pii = pii::PiiDirectory::new(store.clone(), Default::default()).expect("the default pii settings compile");
+        Self::start_with_pii(store, dedup_window, import_dir, Arc::new(pii))
     }
 
-    /// [`AppState::start`] with a PII policy other than the defaults.
+    /// [`AppState::start`] with PII settings other than the defaults.
     pub fn start_with_pii(
         store: Arc<dyn Store>,
         dedup_window: Duration,
         import_dir: PathBuf,
-        pii: Arc<tandem_core::govern::PiiPolicy>,
+        pii: Arc<pii::PiiDirectory>,
     ) -> (AppState, std::thread::JoinHandle<()>) {
         let metrics = Metrics::new();
         let head = committed_head(&store);
@@ -115,7 +117,7 @@ impl AppState {
         store: Arc<dyn Store>,
         stream: stream::EventStream,
         import_dir: PathBuf,
-        pii: Arc<tandem_core::govern::PiiPolicy>,
+        pii: Arc<pii::PiiDirectory>,
     ) -> AppState {
         let metrics = Metrics::new();
         let head = committed_head(&store);
@@ -131,7 +133,7 @@ impl AppState {
         head: log_head::LogHead,
         import_dir: PathBuf,
         stream: Option<stream::EventStream>,
-        pii: Arc<tandem_core::govern::PiiPolicy>,
+        pii: Arc<pii::PiiDirectory>,
     ) -> AppState {
         AppState {
             sources: Arc::new(SourceDirectory::new(store.clone())),
@@ -244,7 +246,7 @@ pub async fn start(store: Arc<dyn Store>, options: &ServerOptions) -> Result<Run
         }
     };
     let local_addr = listener.local_addr()?;
-    let pii = match options.pii.compile() {
+    let pii = match pii::PiiDirectory::new(store.clone(), options.pii.clone()) {
         Ok(pii) => Arc::new(pii),
         Err(error) => {
             release(store).await;

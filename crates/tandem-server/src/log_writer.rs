@@ -46,7 +46,8 @@ pub enum AppendError {
 pub struct LogWriter {
     target: Target,
     metrics: Metrics,
-    pii: Arc<tandem_core::govern::PiiPolicy>,
+    /// The PII rules red values are hashed by; the built-in classes when `None`.
+    pii: Option<Arc<crate::pii::PiiDirectory>>,
     inventory: Arc<KeysSeen>,
 }
 
@@ -89,7 +90,7 @@ impl LogWriter {
             .name("tandem-log-writer".into())
             .spawn(move || run(store, receiver, dedup_window, thread_metrics, head, thread_inventory))
             .expect("spawning the log writer thread");
-        (LogWriter { target: Target::Store(sender), metrics, pii: Arc::default(), inventory }, handle)
+        (LogWriter { target: Target::Store(sender), metrics, pii: None, inventory }, handle)
     }
 
     /// A writer that publishes to the event stream; no thread of its own.
@@ -98,23 +99,26 @@ impl LogWriter {
         LogWriter {
             target: Target::Stream(Box::new(stream), store, Arc::new(Mutex::new(Instant::now()))),
             metrics,
-            pii: Arc::default(),
+            pii: None,
             inventory: Arc::default(),
         }
     }
 
-    /// Hashes red values with `pii` before anything is stored or published.
-    pub fn with_pii(mut self, pii: Arc<tandem_core::govern::PiiPolicy>) -> Self {
-        self.pii = pii;
+    /// Hashes red values by the rules `pii` has in force before anything
+    /// is stored or published.
+    pub fn with_pii(mut self, pii: Arc<crate::pii::PiiDirectory>) -> Self {
+        self.pii = Some(pii);
         self
     }
 
     /// Appends a batch and waits until it is durable: committed to the
     /// store's log, or acknowledged by the event stream. Red PII values are
-    /// hashed first, so neither ever holds them in clear.
+    /// hashed first (in events, quarantined messages and violation samples),
+    /// so neither ever holds them in clear.
     pub async fn append(&self, mut batch: IngestBatch) -> Result<IngestOutcome, AppendError> {
         let mut keys = Vec::new();
-        crate::pii::scrub_batch_noting_keys(&self.pii, &mut batch, &mut keys);
+        let policy = self.pii.as_ref().map(|pii| pii.current()).unwrap_or_default();
+        crate::pii::scrub_batch_noting_keys(&policy, &mut batch, &mut keys);
         if !keys.is_empty() {
             let mut seen = self.inventory.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             for (key, source_id, class, at) in keys {

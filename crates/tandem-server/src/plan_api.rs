@@ -119,8 +119,11 @@ async fn list_plans(State(state): State<AppState>, _token: AdminToken) -> Result
     Ok(Json(json!({ "plans": plans })))
 }
 
-#[derive(Deserialize)]
-struct ViolationQuery {
+/// The query of the routes that list a plan's violations.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ViolationQuery {
+    /// Violations listed (1 to 1000; 100 when absent).
     limit: Option<usize>,
 }
 

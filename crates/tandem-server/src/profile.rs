@@ -175,7 +175,7 @@ async fn find_profile(
         })?;
         read_in_clear(&state, &token, "profile.read", &profile).await;
         let body = profile_with_audiences(&state, &profile).await?;
-        return Ok(Json(crate::pii::shown_to(&token, &state.pii, body)));
+        return Ok(Json(crate::pii::shown_to(&token, &state.pii.current(), body)));
     }
     let store = state.store.clone();
     let page = tokio::task::spawn_blocking(move || {
@@ -200,7 +200,11 @@ async fn find_profile(
         .await;
     }
     let profiles: Vec<Value> = page.profiles.iter().map(profile_json).collect();
-    Ok(Json(crate::pii::shown_to(&token, &state.pii, json!({"profiles": profiles, "next_after": page.next_after}))))
+    Ok(Json(crate::pii::shown_to(
+        &token,
+        &state.pii.current(),
+        json!({"profiles": profiles, "next_after": page.next_after}),
+    )))
 }
 
 /// Records a read of one profile's PII in clear, for callers who see it so.
@@ -218,14 +222,38 @@ async fn get_profile(
     let profile = load_profile(&state, &id).await?;
     read_in_clear(&state, &token, "profile.read", &profile).await;
     let body = profile_with_audiences(&state, &profile).await?;
-    Ok(Json(crate::pii::shown_to(&token, &state.pii, body)))
+    Ok(Json(crate::pii::shown_to(&token, &state.pii.current(), body)))
 }
 
-#[derive(Deserialize)]
-struct EventsQuery {
+/// The query of `GET /api/v1/profiles/{id}/events`.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct EventsQuery {
+    /// Events per page (1 to 1000; 50 when absent).
     limit: Option<usize>,
     /// A `next_before` from the previous page.
     before: Option<String>,
+}
+
+/// The query of `GET /api/v1/profiles`, for the document: [`find_profile`]
+/// reads the pairs itself, since `trait` may repeat and every unknown or
+/// repeated parameter is named in its error.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub(crate) struct ProfileListQuery {
+    /// Look one profile up: the `type:value` of an identifier it holds
+    /// (needs only `profiles:lookup`); the other parameters then do not apply.
+    identifier: Option<String>,
+    /// Only profiles holding an identifier starting so: `type:prefix`.
+    search: Option<String>,
+    /// Only profiles with this trait value, `name:value` (text ignores case); may repeat.
+    #[param(rename = "trait")]
+    traits: Option<Vec<String>>,
+    /// A `next_after` from the previous page.
+    after: Option<String>,
+    /// Profiles per page (1 to 1000; 50 when absent).
+    limit: Option<usize>,
 }
 
 const MAX_PAGE: usize = 1_000;
@@ -259,7 +287,7 @@ async fn profile_events(
         })
         .collect();
     let body = json!({"profile": profile.id, "events": events, "next_before": next_before});
-    Ok(Json(crate::pii::shown_to(&token, &state.pii, body)))
+    Ok(Json(crate::pii::shown_to(&token, &state.pii.current(), body)))
 }
 
 async fn profile_identities(
@@ -279,5 +307,5 @@ async fn profile_identities(
     })
     .await?;
     let body = json!({"id": profile.id, "identifiers": profile.identifiers, "history": history});
-    Ok(Json(crate::pii::shown_to(&token, &state.pii, body)))
+    Ok(Json(crate::pii::shown_to(&token, &state.pii.current(), body)))
 }

@@ -4,6 +4,9 @@
 //! them through the log writer; `GET` answers Facebook's subscription
 //! handshake (`hub.mode`, `hub.verify_token`, `hub.challenge`). Messages get
 //! ids derived from the delivery, so a redelivered webhook is stored once.
+//! Each event passes the same governance as a tracking call
+//! ([`crate::govern::Gate`]): suppression, refused red values, the source's
+//! tracking plan.
 
 use crate::error::{ApiError, ErrorCode};
 use crate::extract::{ApiPath, ApiQuery};
@@ -23,6 +26,7 @@ use tandem_core::collect::{
     normalize_message, replace_lone_surrogates, BatchDefaults, IdRequirement, RejectedMessage, Rejection,
     RejectionCode, RequestContext, MAX_REQUEST_BYTES,
 };
+use tandem_core::govern::dsr::payload_digest;
 use tandem_core::webhook::{messages_for, verify_signature, WebhookSettings, SIGNATURE_HEADER};
 use tandem_core::{Source, SourceId};
 use tandem_store::{Dedup, IngestBatch};
@@ -108,27 +112,44 @@ async fn receive(
         client_ip: client_ip.as_deref(),
         ids: IdRequirement::Mapped,
     };
+    let received_at_ms = received_at.timestamp_millis();
+    let gate = crate::govern::Gate::for_source(state, &source.id).await?;
     let mut batch = IngestBatch { dedup: Dedup::Forever, ..Default::default() };
     let mut refused = Vec::new();
+    let mut unreadable = Vec::new();
     for (index, message) in messages.into_iter().enumerate() {
         let rejection = match message {
             Ok(message) => match normalize_message(message, None, &BatchDefaults::default(), &request) {
                 Ok(event) => {
-                    batch.records.push(event.to_log_record());
+                    // Governance judges each event on its own: what it
+                    // keeps of a refused one is that event, not the delivery.
+                    let raw =
+                        if gate.inspects() { serde_json::to_string(&event).unwrap_or_default() } else { String::new() };
+                    match gate.check(event, Some(index), &|| raw.clone(), received_at_ms, &mut batch.violations) {
+                        Ok(event) => batch.records.push(event.to_log_record()),
+                        Err(governed) => refused.push(governed),
+                    }
                     continue;
                 }
                 Err(rejection) => rejection,
             },
             Err(error) => Rejection { code: RejectionCode::InvalidValue, field: error.column, message: error.reason },
         };
-        // Quarantine keeps what the sender sent: the delivery.
-        refused.push(RejectedMessage {
-            index: Some(index),
-            raw: String::from_utf8_lossy(&body).into_owned(),
-            rejection,
-        });
+        unreadable.push((index, rejection));
     }
-    let received_at_ms = received_at.timestamp_millis();
+    if !unreadable.is_empty() {
+        // Quarantine keeps what the sender sent: the delivery (its red values
+        // hashed by the log writer), or only its digest when it also
+        // carried a suppressed person.
+        let suppressed = refused.iter().any(|governed| governed.rejection.code == RejectionCode::Suppressed);
+        let delivery = if suppressed { payload_digest(&body) } else { String::from_utf8_lossy(&body).into_owned() };
+        refused.extend(unreadable.into_iter().map(|(index, rejection)| RejectedMessage {
+            index: Some(index),
+            raw: delivery.clone(),
+            rejection,
+        }));
+        refused.sort_by_key(|message| message.index);
+    }
     batch.rejected =
         refused.iter().map(|message| crate::collect::quarantine_record(&source, received_at_ms, message)).collect();
     let rejected = crate::collect::rejected_json(&refused);

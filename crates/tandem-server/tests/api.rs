@@ -674,7 +674,7 @@ mod imports {
     }
 
     /// A multipart/form-data body; a part with a file name is a file.
-    fn multipart(parts: &[(&str, Option<&str>, &str)]) -> String {
+    pub(super) fn multipart(parts: &[(&str, Option<&str>, &str)]) -> String {
         let mut body = String::new();
         for (name, file_name, content) in parts {
             body.push_str(&format!("--{BOUNDARY}\r\n"));
@@ -692,7 +692,11 @@ mod imports {
         body
     }
 
-    async fn upload(harness: &Harness, token: &str, parts: &[(&str, Option<&str>, &str)]) -> (StatusCode, Value) {
+    pub(super) async fn upload(
+        harness: &Harness,
+        token: &str,
+        parts: &[(&str, Option<&str>, &str)],
+    ) -> (StatusCode, Value) {
         let request = Request::post("/api/v1/imports")
             .header(header::AUTHORIZATION, format!("Bearer {token}"))
             .header(header::CONTENT_TYPE, format!("multipart/form-data; boundary={BOUNDARY}"))
@@ -2216,6 +2220,153 @@ mod pii {
         let clear = get_as(&harness, "/api/v1/profiles?identifier=email:jane@example.com", &support).await;
         assert_eq!(clear["traits"]["email"], "jane@example.com");
     }
+
+    async fn send_as(harness: &Harness, method: Method, path: &str, token: &str, body: Value) -> (StatusCode, Value) {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(if body.is_null() { Body::empty() } else { Body::from(body.to_string()) })
+            .unwrap();
+        harness.send(request).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pii_rules_are_set_listed_and_removed_over_the_api_and_apply_at_once() {
+        let harness = Harness::new();
+        let admin = harness.store.create_token("it").unwrap().1;
+        let (_, auditor) = harness.store.create_token_with("a", Role::Auditor, None).unwrap();
+        let (_, analyst) = harness.store.create_token_with("n", Role::Analyst, None).unwrap();
+        let listed = get_as(&harness, "/api/v1/pii/rules", &auditor).await;
+        assert_eq!(listed["rules"], json!([]));
+        assert_eq!(listed["red_policy"], "hash");
+        assert!(listed["defaults"].as_array().unwrap().contains(&json!({"name": "ssn", "class": "red"})));
+
+        harness.post_json("/v1/identify", json!({"userId": "ann", "traits": {"plan": "gold-zq", "tier": "2"}})).await;
+        let store: Arc<dyn Store> = harness.store.clone();
+        tokio::task::spawn_blocking(move || {
+            tandem_server::resolve::Resolver::load(store).unwrap().catch_up(100).unwrap()
+        })
+        .await
+        .unwrap();
+        assert_eq!(get_as(&harness, "/api/v1/profiles/prof_1", &analyst).await["traits"]["plan"], "gold-zq");
+
+        let rule = json!({"name": "Plan", "class": "yellow"});
+        let (status, body) = send_as(&harness, Method::POST, "/api/v1/pii/rules", &admin, rule).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert_eq!(body, json!({"name": "plan", "class": "yellow", "origin": "stored"}));
+        let masked = get_as(&harness, "/api/v1/profiles/prof_1", &analyst).await;
+        assert_eq!(masked["traits"]["plan"], "***", "a rule set over the API masks at once: {masked}");
+        assert_eq!(masked["traits"]["tier"], "2");
+        let (status, body) =
+            send_as(&harness, Method::POST, "/api/v1/pii/rules", &admin, json!({"pattern": "^ti", "class": "yellow"}))
+                .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let (status, _) =
+            send_as(&harness, Method::POST, "/api/v1/pii/rules", &admin, json!({"name": "plan", "class": "green"}))
+                .await;
+        assert_eq!(status, StatusCode::OK, "setting the same name again replaces the rule");
+        let masked = get_as(&harness, "/api/v1/profiles/prof_1", &analyst).await;
+        assert_eq!((&masked["traits"]["plan"], &masked["traits"]["tier"]), (&json!("gold-zq"), &json!("***")));
+        let listed = get_as(&harness, "/api/v1/pii/rules", &auditor).await;
+        let rules: Vec<(Option<&str>, Option<&str>, &str)> = listed["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|rule| (rule["name"].as_str(), rule["pattern"].as_str(), rule["class"].as_str().unwrap()))
+            .collect();
+        assert_eq!(rules, [(Some("plan"), None, "green"), (None, Some("^ti"), "yellow")]);
+
+        for (bad, field) in [
+            (json!({"name": "x", "class": "yellow", "policy": "refuse"}), "policy"),
+            (json!({"pattern": "(", "class": "red"}), "pattern"),
+            (json!({"name": "a", "pattern": "b", "class": "red"}), "name"),
+            (json!({"name": " ", "class": "red"}), "name"),
+        ] {
+            let (status, body) = send_as(&harness, Method::POST, "/api/v1/pii/rules", &admin, bad.clone()).await;
+            assert_eq!(
+                (status, error_of(&body)),
+                (StatusCode::UNPROCESSABLE_ENTITY, ("invalid_pii_rule", Some(field))),
+                "{bad}"
+            );
+        }
+        let (status, body) =
+            send_as(&harness, Method::POST, "/api/v1/pii/rules", &admin, json!({"name": "x", "class": "blue"})).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_pii_rule"), "{body}");
+
+        let (status, _) = send_as(&harness, Method::DELETE, "/api/v1/pii/rules?name=PLAN", &admin, Value::Null).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let (status, body) =
+            send_as(&harness, Method::DELETE, "/api/v1/pii/rules?name=plan", &admin, Value::Null).await;
+        assert_eq!((status, error_of(&body)), (StatusCode::NOT_FOUND, ("pii_rule_not_found", Some("name"))));
+        let (status, body) = send_as(&harness, Method::DELETE, "/api/v1/pii/rules", &admin, Value::Null).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_pii_rule"), "{body}");
+        let (status, _) =
+            send_as(&harness, Method::DELETE, "/api/v1/pii/rules?pattern=%5Eti", &admin, Value::Null).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+
+        let audit = get_as(&harness, "/api/v1/audit?action=pii", &auditor).await;
+        let actions: Vec<(&str, &str)> = audit["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|entry| (entry["action"].as_str().unwrap(), entry["target"].as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            actions,
+            [
+                ("pii.rule_set", "name:plan"),
+                ("pii.rule_set", "pattern:^ti"),
+                ("pii.rule_set", "name:plan"),
+                ("pii.rule_remove", "name:plan"),
+                ("pii.rule_remove", "pattern:^ti"),
+            ]
+        );
+        assert_eq!(audit["entries"][2]["before"]["class"], "yellow", "a replaced rule is audited with what it was");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refusing_rule_quarantines_tracking_calls_with_the_red_value_hashed() {
+        let harness = Harness::new();
+        let admin = harness.store.create_token("it").unwrap().1;
+        let rule = json!({"name": "tax_id", "class": "red", "policy": "refuse"});
+        let (status, _) = send_as(&harness, Method::POST, "/api/v1/pii/rules", &admin, rule).await;
+        assert_eq!(status, StatusCode::CREATED);
+        let (status, body) = harness
+            .post_json("/v1/identify", json!({"userId": "ann", "traits": {"billing": {"tax_id": "DE-998877zq"}}}))
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert_eq!(error_of(&body), ("red_value_refused", Some("traits.billing.tax_id")));
+        let (status, body) = harness
+            .post_json(
+                "/v1/batch",
+                json!({"batch": [
+                    {"type": "identify", "userId": "bob", "traits": {"ssn": "111-22-3333zq"}},
+                    {"type": "track", "userId": "bob", "event": "Paid", "properties": {"tax_id": "DE-112233zq"}}
+                ]}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(
+            body["rejected"],
+            json!([{"index": 1, "code": "red_value_refused", "field": "properties.tax_id",
+            "message": "properties.tax_id holds a red pii value, and the pii rules refuse events carrying it"}])
+        );
+        let events = harness.events();
+        assert_eq!(events.len(), 1);
+        assert!(events[0]["traits"]["ssn"].as_str().unwrap().starts_with("sha256:"), "other red values are hashed");
+        let quarantine = harness.store.list_quarantine(0, 10).unwrap();
+        assert_eq!(quarantine.len(), 2);
+        for entry in &quarantine {
+            assert_eq!(entry.record.code, "red_value_refused");
+            assert!(!entry.record.payload.contains("zq\""), "{}", entry.record.payload);
+        }
+        let dir = harness.store.path().parent().unwrap().to_owned();
+        let bytes = file_bytes(&dir);
+        for secret in ["DE-998877zq", "DE-112233zq", "111-22-3333zq"] {
+            assert!(!contains(&bytes, secret), "{secret} is in the database file");
+        }
+    }
 }
 
 mod plans {
@@ -2665,5 +2816,248 @@ mod stack_registry {
         assert!(!report.to_string().contains("UNKNOWNKEY"), "the key itself is never kept");
         let (status, _) = get(&harness, "/api/v1/stack", None).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+}
+
+/// Governance applies the same way however events arrive — a tracking call,
+/// a webhook delivery, an import over HTTP: a suppressed person, a red value
+/// the PII rules refuse and an event the tracking plan blocks are each
+/// quarantined with the same code, and the violation is counted alike.
+mod governance_on_every_path {
+    use super::profiles::get;
+    use super::*;
+    use tandem_core::mapping::Mapping;
+    use tandem_core::webhook::{WebhookFormat, WebhookSettings};
+
+    async fn admin(harness: &Harness, method: Method, path: &str, token: &str, body: Value) -> (StatusCode, Value) {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        harness.send(request).await
+    }
+
+    /// `Order Completed` by user id and e-mail, with a total and a tax id.
+    const MAPPING: &str =
+        "event = \"Order Completed\"\nrow_key = \"id\"\n[identifiers]\nuser_id = \"user\"\nemail = \"email\"\n\
+                           [properties]\ntotal = { column = \"total\", type = \"number\" }\ntax_id = \"tax_id\"\n";
+
+    /// The same four orders as rows: kept, a suppressed person's, one with
+    /// a tax id (refused), one over the plan's maximum total (blocked).
+    fn rows() -> Vec<Value> {
+        vec![
+            json!({"id": "o1", "user": "u1", "email": "kept@example.com", "total": 10}),
+            json!({"id": "o2", "user": "u2", "email": "gone.zq@example.com", "total": 20}),
+            json!({"id": "o3", "user": "u3", "email": "c@example.com", "total": 30, "tax_id": "DE-tax-991zq"}),
+            json!({"id": "o4", "user": "u4", "email": "d@example.com", "total": 5000}),
+        ]
+    }
+
+    fn quarantined(harness: &Harness, source: &Source) -> Vec<tandem_store::QuarantineRecord> {
+        harness
+            .store
+            .list_quarantine(0, 100)
+            .unwrap()
+            .into_iter()
+            .map(|entry| entry.record)
+            .filter(|record| record.source_id == source.id)
+            .collect()
+    }
+
+    fn stored_users(harness: &Harness, source: &Source) -> Vec<String> {
+        harness
+            .events()
+            .iter()
+            .filter(|event| event["sourceId"] == source.id.as_str())
+            .map(|event| event["userId"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// What each way in must have done with the four orders.
+    async fn assert_governed(harness: &Harness, token: &str, source: &Source) {
+        assert_eq!(stored_users(harness, source), ["u1"], "{}", source.name);
+        let quarantine = quarantined(harness, source);
+        let codes: Vec<&str> = quarantine.iter().map(|record| record.code.as_str()).collect();
+        assert_eq!(codes, ["suppressed", "red_value_refused", "plan_violation"], "{}", source.name);
+        assert!(quarantine[0].payload.starts_with("sha256:"), "{}: {}", source.name, quarantine[0].payload);
+        assert!(!quarantine[1].payload.contains("DE-tax-991zq"), "{}: {}", source.name, quarantine[1].payload);
+        assert_eq!(quarantine[1].field.as_deref(), Some("properties.tax_id"));
+        let path = format!("/api/v1/plans/{}/violations", source.name);
+        let (status, body) = get(harness, &path, Some(token)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let violations: Vec<(&str, &str, u64)> = body["violations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| (v["kind"].as_str().unwrap(), v["path"].as_str().unwrap(), v["count"].as_u64().unwrap()))
+            .collect();
+        assert_eq!(violations, [("invalid_event", "/properties/total", 1)], "{}", source.name);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tracking_calls_webhooks_and_imports_are_governed_alike() {
+        let harness = Harness::new();
+        let token = harness.store.create_token("it").unwrap().1;
+        let hook = harness.store.create_source("hook", SourceKind::Webhook).unwrap();
+        let settings = WebhookSettings {
+            format: WebhookFormat::Generic,
+            secret: None,
+            verify_token: None,
+            mapping: Some(Mapping::from_toml(MAPPING).unwrap()),
+        };
+        harness.store.set_webhook("hook", &settings).unwrap();
+        let orders = harness.store.create_source("orders", SourceKind::Import).unwrap();
+
+        let (status, body) = admin(
+            &harness,
+            Method::POST,
+            "/api/v1/pii/rules",
+            &token,
+            json!({"name": "tax_id", "class": "red", "policy": "refuse"}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let (status, body) = admin(
+            &harness,
+            Method::POST,
+            "/api/v1/dsr",
+            &token,
+            json!({"kind": "suppress", "identifier": "email:gone.zq@example.com"}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let plan = json!({"mode": "block_invalid", "events": {"Order Completed": {
+            "type": "object", "properties": {"total": {"type": "number", "maximum": 1000}}}}});
+        for source in ["website", "hook", "orders"] {
+            let (status, body) =
+                admin(&harness, Method::PUT, &format!("/api/v1/plans/{source}"), &token, plan.clone()).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+        }
+
+        // The tracking API.
+        let batch: Vec<Value> = rows()
+            .into_iter()
+            .map(|row| {
+                let mut properties = json!({"total": row["total"]});
+                if let Some(tax_id) = row.get("tax_id") {
+                    properties["tax_id"] = tax_id.clone();
+                }
+                json!({"type": "track", "event": "Order Completed", "userId": row["user"], "messageId": row["id"],
+                       "context": {"traits": {"email": row["email"]}}, "properties": properties})
+            })
+            .collect();
+        let (status, body) = harness.post_json("/v1/batch", json!({ "batch": batch })).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let codes: Vec<&str> =
+            body["rejected"].as_array().unwrap().iter().map(|r| r["code"].as_str().unwrap()).collect();
+        assert_eq!(codes, ["suppressed", "red_value_refused", "plan_violation"]);
+        assert_governed(&harness, &token, &harness.source).await;
+
+        // A webhook delivery of the same four.
+        let request =
+            Request::post(format!("/v1/webhooks/{}", hook.id)).body(Body::from(Value::Array(rows()).to_string()));
+        let (status, body) = harness.send(request.unwrap()).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!((body["accepted"].as_u64(), body["stored"].as_u64()), (Some(1), Some(1)), "{body}");
+        let refused: Vec<(u64, &str)> = body["rejected"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r["index"].as_u64().unwrap(), r["code"].as_str().unwrap()))
+            .collect();
+        assert_eq!(refused, [(1, "suppressed"), (2, "red_value_refused"), (3, "plan_violation")]);
+        assert_governed(&harness, &token, &hook).await;
+
+        // An import of the same four over HTTP.
+        let mut csv = String::from("id,user,email,total,tax_id\n");
+        for row in rows() {
+            let tax_id = row.get("tax_id").and_then(Value::as_str).unwrap_or("");
+            csv.push_str(&format!(
+                "{},{},{},{},{tax_id}\n",
+                row["id"].as_str().unwrap(),
+                row["user"].as_str().unwrap(),
+                row["email"].as_str().unwrap(),
+                row["total"]
+            ));
+        }
+        let parts =
+            [("source", None, "orders"), ("mapping", None, MAPPING), ("file", Some("orders.csv"), csv.as_str())];
+        let (status, job) = super::imports::upload(&harness, &token, &parts).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+        let id = job["id"].as_str().unwrap().to_owned();
+        let mut job = job;
+        for _ in 0..200 {
+            job = get(&harness, &format!("/api/v1/imports/{id}"), Some(&token)).await.1;
+            if job["status"] != "running" {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(job["status"], "succeeded", "{job}");
+        let counts = &job["counts"];
+        assert_eq!(
+            (&counts["rows_read"], &counts["imported"], &counts["rejected"], &counts["quarantined"]),
+            (&json!(4), &json!(1), &json!(3), &json!(3)),
+            "{job}"
+        );
+        assert_governed(&harness, &token, &orders).await;
+
+        // Same counts everywhere: three refusals per way in.
+        let stats = harness.store.stats().unwrap();
+        assert_eq!((stats.events, stats.rejected), (3, 9), "{stats:?}");
+        let bytes = std::fs::read(harness.store.path()).unwrap();
+        let wal = std::fs::read(harness.store.path().with_extension("db-wal")).unwrap_or_default();
+        for secret in ["DE-tax-991zq", "gone.zq@example.com"] {
+            for haystack in [&bytes, &wal] {
+                assert!(
+                    !haystack.windows(secret.len()).any(|window| window == secret.as_bytes()),
+                    "{secret} is stored"
+                );
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_quarantined_delivery_keeps_no_red_value_and_no_suppressed_person() {
+        let harness = Harness::new();
+        let token = harness.store.create_token("it").unwrap().1;
+        let hook = harness.store.create_source("hook", SourceKind::Webhook).unwrap();
+        let settings = WebhookSettings {
+            format: WebhookFormat::Generic,
+            secret: None,
+            verify_token: None,
+            mapping: Some(Mapping::from_toml(MAPPING).unwrap()),
+        };
+        harness.store.set_webhook("hook", &settings).unwrap();
+        // A row with no identifier is refused; the delivery it came in is
+        // quarantined as sent, except its red values, wherever they sit.
+        let delivery =
+            json!([{"id": "x1", "total": 1, "applicant": {"ssn": "123-45-6789"}, "note": "4111 1111 1111 1111"}]);
+        let request = Request::post(format!("/v1/webhooks/{}", hook.id)).body(Body::from(delivery.to_string()));
+        let (status, body) = harness.send(request.unwrap()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        let record = &quarantined(&harness, &hook)[0];
+        assert!(!record.payload.contains("123-45-6789") && !record.payload.contains("4111"), "{}", record.payload);
+        assert!(record.payload.contains("\"x1\""), "the rest is kept: {}", record.payload);
+
+        // A delivery that also carries a suppressed person is kept as a digest only.
+        let (status, _) = admin(
+            &harness,
+            Method::POST,
+            "/api/v1/dsr",
+            &token,
+            json!({"kind": "suppress", "identifier": "user_id:u-gone"}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED);
+        let delivery = json!([{"id": "x2", "user": "u-gone", "total": 2}, {"id": "x3", "total": 3}]);
+        let request = Request::post(format!("/v1/webhooks/{}", hook.id)).body(Body::from(delivery.to_string()));
+        let (status, body) = harness.send(request.unwrap()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        for record in &quarantined(&harness, &hook)[1..] {
+            assert!(record.payload.starts_with("sha256:") && !record.payload.contains("u-gone"), "{}", record.payload);
+        }
     }
 }

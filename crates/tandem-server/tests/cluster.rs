@@ -178,12 +178,9 @@ mod stream {
         // is JetStream's acknowledgement alone.
         let stream = runtime.block_on(EventStream::connect(&log)).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let collector = router(AppState::start_streaming(
-            store.clone(),
-            stream.clone(),
-            dir.path().join("imports"),
-            Default::default(),
-        ));
+        let pii = Arc::new(tandem_server::pii::PiiDirectory::new(store.clone(), Default::default()).unwrap());
+        let collector =
+            router(AppState::start_streaming(store.clone(), stream.clone(), dir.path().join("imports"), pii));
         let (status, body) = runtime.block_on(track(&collector, source.write_key.as_str(), "m-1", "ada"));
         assert_eq!((status, body), (StatusCode::OK, json!({"success": true})));
         assert_eq!(runtime.block_on(stream.last_sequence()).unwrap(), 1, "answered 200 only once in the stream");

@@ -49,7 +49,7 @@ pub use identity::{
     CommitOutcome, EventLink, HistoryRecord, IdentityCommit, IdentityRepair, IdentityState, IdentityStore,
     TimelineCursor, TimelineCursorError, UnresolvedEvent,
 };
-pub use inventory::{PiiInventoryStore, PiiKeyRecord, PiiKeySeen};
+pub use inventory::{PiiInventoryStore, PiiKeyRecord, PiiKeySeen, StoredPiiRule};
 pub use lease::{Coordination, LeaseHolder, LeaseKeeper, LeaseLost, StageLease, StoreKind};
 pub use log::{
     Dedup, DrainCommit, EventLog, IngestBatch, IngestOutcome, IngestStats, LogEntry, LogFilter, QuarantineEntry,

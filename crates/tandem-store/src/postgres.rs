@@ -365,6 +365,16 @@ const MIGRATIONS: &[&str] = &[
         WHERE dropped IS NOT NULL OR substr(change, 1, 16) = '{"kind":"merged"';"#,
     // 17: when each destination last delivered (see `sqlite.rs`, migration 23).
     "ALTER TABLE destinations ADD COLUMN last_delivered_at BIGINT;",
+    // 18: PII rules set by users (see `sqlite.rs`, migration 24).
+    r#"CREATE TABLE pii_rules (
+        kind TEXT COLLATE "C" NOT NULL,
+        matcher TEXT COLLATE "C" NOT NULL,
+        class TEXT NOT NULL,
+        policy TEXT,
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        PRIMARY KEY (kind, matcher)
+    );"#,
 ];
 
 /// The PostgreSQL implementation of [`crate::Store`].

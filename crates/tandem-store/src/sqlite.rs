@@ -393,6 +393,18 @@ const MIGRATIONS: &[&str] = &[
     // 23: when each destination last had an item delivered, kept by every
     // delivery, for the stack's "last event" of a destination.
     "ALTER TABLE destinations ADD COLUMN last_delivered_at INTEGER;",
+    // 24: PII rules set by users at run time (`tandem pii set`, the API),
+    // keyed by what they match (an exact name, kept in lower case, or a
+    // pattern); `created_at` keeps a pattern's place when it is set again.
+    "CREATE TABLE pii_rules (
+        kind TEXT NOT NULL,
+        matcher TEXT NOT NULL,
+        class TEXT NOT NULL,
+        policy TEXT,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (kind, matcher)
+    ) WITHOUT ROWID;",
 ];
 
 /// The `received_at` of a message id kept for good ([`Dedup::Forever`]).

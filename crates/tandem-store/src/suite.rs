@@ -109,7 +109,8 @@ macro_rules! audit_store_test_suite {
 macro_rules! pii_inventory_test_suite {
     ($make:expr) => {
         $crate::suite_cases!(inventory, $make;
-            keys_are_kept_per_source_with_their_latest_sighting
+            keys_are_kept_per_source_with_their_latest_sighting,
+            pii_rules_are_kept_by_matcher_in_deciding_order
         );
     };
 }

@@ -1,6 +1,6 @@
 //! The CLI's side of governance: `tandem audit list` and `tandem audit
 //! verify`, the entry every changing command leaves in the audit log, with
-//! actor `cli` (the command line acts as admin), and `tandem pii inventory`.
+//! actor `cli` (the command line acts as admin).
 
 use serde_json::{json, Value};
 use std::io::Write;
@@ -45,35 +45,6 @@ pub fn list(store: &dyn Store, filter: AuditFilter, as_json: bool, out: &mut imp
             entry.role,
             entry.action,
             entry.target
-        )?;
-    }
-    Ok(())
-}
-
-/// Prints the PII inventory, a table or one JSON object per key.
-pub fn pii_inventory(
-    store: &dyn Store,
-    policy: &tandem_core::govern::PiiPolicy,
-    as_json: bool,
-    out: &mut impl Write,
-) -> anyhow::Result<()> {
-    let keys = tandem_server::pii::inventory_json(store, policy)?;
-    if as_json {
-        for key in &keys {
-            writeln!(out, "{key}")?;
-        }
-        return Ok(());
-    }
-    writeln!(out, "{:<28} {:<7} {:<24} SOURCES", "KEY", "CLASS", "LAST SEEN")?;
-    for key in &keys {
-        let sources: Vec<&str> = key["sources"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
-        writeln!(
-            out,
-            "{:<28} {:<7} {:<24} {}",
-            key["key"].as_str().unwrap_or_default(),
-            key["class"].as_str().unwrap_or_default(),
-            key["last_seen"].as_str().unwrap_or_default(),
-            sources.join(", ")
         )?;
     }
     Ok(())

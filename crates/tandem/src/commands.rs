@@ -225,14 +225,18 @@ pub struct ProfileListing {
     pub mask: Option<tandem_core::govern::PiiPolicy>,
 }
 
-/// The policy that masks what `role` may not see in clear; `None` for a
-/// role with `pii:read` (the command line acts as admin by default).
+/// The policy that masks what `role` may not see in clear (the PII rules
+/// in force: the stored ones in front of `settings`); `None` for a role
+/// with `pii:read` (the command line acts as admin by default).
 pub fn masking_for(
     role: Option<tandem_core::govern::Role>,
+    store: &dyn Store,
     settings: &tandem_core::govern::PiiSettings,
 ) -> anyhow::Result<Option<tandem_core::govern::PiiPolicy>> {
     match role {
-        Some(role) if !role.grants(tandem_core::govern::Permission::PiiRead) => Ok(Some(settings.compile()?)),
+        Some(role) if !role.grants(tandem_core::govern::Permission::PiiRead) => {
+            Ok(Some(tandem_server::pii::policy_in_force(store, settings)?))
+        }
         _ => Ok(None),
     }
 }

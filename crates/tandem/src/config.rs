@@ -305,6 +305,8 @@ mod tests {
         assert_eq!(settings.dedup_window, Duration::from_secs(24 * 3600));
         assert_eq!(settings.resolver_cache_profiles, 200_000);
         assert_eq!(settings.consent_default, ConsentDefault::Grant);
+        assert_eq!(settings.pii.red_policy, tandem_core::govern::pii::RedPolicy::Hash);
+        assert_eq!(settings.pii.rules[0].policy, Some(tandem_core::govern::pii::RedPolicy::Refuse));
     }
 
     #[test]

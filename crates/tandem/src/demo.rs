@@ -606,6 +606,9 @@ pub async fn load(state: &AppState, company: &Company, files_dir: &Path) -> anyh
         let mapping = Mapping::from_toml(file.mapping)?;
         let format = FileFormat::from_path(&path).context("demo files are csv or jsonl")?;
         let mut log = state.log.clone();
+        let gate = tandem_server::govern::Gate::for_source(state, &source.id)
+            .await
+            .map_err(|error| anyhow::anyhow!("reading the governance settings failed: {}", error.message))?;
         let summary = tokio::task::spawn_blocking(move || {
             let request = ImportRequest {
                 source: &source,
@@ -613,6 +616,7 @@ pub async fn load(state: &AppState, company: &Company, files_dir: &Path) -> anyh
                 format,
                 input: Box::new(std::fs::File::open(&path)?),
                 reject_path: tandem_server::import::reject_path_beside(&path, format),
+                gate: &gate,
             };
             anyhow::Ok(run_import(request, &mut log, &mut |_| {})?)
         })
@@ -909,8 +913,8 @@ mod tests {
         let shared: Arc<dyn Store> = Arc::new(tandem_store::PostgresStore::connect_with(config, 8).unwrap());
         let options = tandem_server::stream::StreamOptions::parse(&nats.url()).unwrap();
         let stream = runtime.block_on(tandem_server::stream::EventStream::connect(&options)).unwrap();
-        let state =
-            AppState::start_streaming(shared.clone(), stream.clone(), dir.path().join("imports-b"), Default::default());
+        let pii = Arc::new(tandem_server::pii::PiiDirectory::new(shared.clone(), Default::default()).unwrap());
+        let state = AppState::start_streaming(shared.clone(), stream.clone(), dir.path().join("imports-b"), pii);
         let loaded_shared = runtime.block_on(load(&state, &company, &dir.path().join("files-b"))).unwrap();
         assert_eq!(loaded_shared, loaded_embedded);
         let mut drain = tandem_server::drain::Drain::new(

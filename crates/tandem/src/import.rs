@@ -2,13 +2,17 @@
 //! progress bar on a terminal and plain progress lines otherwise, then prints
 //! what happened to every row. With an event stream (`--log nats://…`) the
 //! rows are published to it like a server's imports, for the drain to append.
+//! Rows pass the governance a server applies (suppression, the PII rules in
+//! force, the source's tracking plan), read from the store as it starts.
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::{IsTerminal, Write};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_core::mapping::Mapping;
+use tandem_server::govern::Gate;
 use tandem_server::import::{
     reject_path_beside, run_import, FileFormat, ImportCounts, ImportRequest, ImportSummary, StoreSink,
 };
@@ -18,6 +22,8 @@ use tandem_store::Store;
 const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(2);
 
 pub struct ImportArgs<'a> {
+    /// The configured PII settings (`[pii]`), under the stored rules.
+    pub pii: &'a tandem_core::govern::PiiSettings,
     pub file: &'a Path,
     pub source: &'a str,
     pub mapping: &'a Path,
@@ -47,23 +53,28 @@ pub fn import(store: &dyn Store, args: ImportArgs<'_>, out: &mut impl Write) -> 
     };
     let file = std::fs::File::open(args.file).with_context(|| format!("cannot read {}", args.file.display()))?;
     let size = file.metadata().map(|metadata| metadata.len()).unwrap_or(0);
+    let pii = Arc::new(tandem_server::pii::policy_in_force(store, args.pii)?);
+    let gate = Gate::read(store, pii.clone(), &source.id)?;
     let request = ImportRequest {
         source: &source,
         mapping: &mapping,
         format,
         input: Box::new(file),
         reject_path: reject_path_beside(args.file, format),
+        gate: &gate,
     };
     let mut progress = Progress::new(size);
     let summary = match args.log {
-        None => run_import(request, &mut StoreSink(store), &mut |counts| progress.update(counts)),
+        None => run_import(request, &mut StoreSink { store, pii: &pii }, &mut |counts| progress.update(counts)),
         Some(log) => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
             let stream = runtime.block_on(tandem_server::stream::EventStream::connect(log))?;
-            let mut publish = |batch: tandem_store::IngestBatch| {
+            let mut publish = |mut batch: tandem_store::IngestBatch| {
+                // The stream holds what the log will: red values hashed first.
+                tandem_server::pii::scrub_batch(&pii, &mut batch);
                 runtime.block_on(stream.publish(&batch)).map_err(|error| error.to_string())
             };
             run_import(request, &mut publish, &mut |counts| progress.update(counts))
@@ -87,6 +98,13 @@ fn report(summary: &ImportSummary, as_json: bool, out: &mut impl Write) -> anyho
         "read {} rows in {seconds:.1} s ({rate:.0} rows/s): {} imported, {} duplicates, {} rejected",
         counts.rows_read, counts.imported, counts.duplicates, counts.rejected
     )?;
+    if counts.quarantined > 0 {
+        writeln!(
+            out,
+            "{} of the rejected rows were refused by governance (suppressed, a refused red value, the tracking plan) and are in the quarantine",
+            counts.quarantined
+        )?;
+    }
     if let Some(path) = &summary.reject_file {
         writeln!(out, "rejected rows, with their line and reason: {}", path.display())?;
         for row in summary.first_rejects.iter().take(5) {

@@ -13,6 +13,7 @@ mod demo;
 mod destination;
 mod dsr;
 mod import;
+mod pii;
 mod plan;
 mod stack;
 
@@ -65,7 +66,7 @@ enum Command {
     /// The tamper-evident audit log of administrative changes and PII reads
     #[command(subcommand)]
     Audit(AuditCommand),
-    /// PII: the keys seen in events and their classes
+    /// PII: the keys seen in events and their classes; the rules that classify them
     #[command(subcommand)]
     Pii(PiiCommand),
     /// Unified customer profiles
@@ -400,6 +401,57 @@ enum PiiCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Set a rule (replacing the one with the same name or pattern): it decides before the rules
+    /// of tandem.toml and the built-in classes; a running server applies it within 10 seconds
+    Set {
+        #[command(flatten)]
+        matcher: PiiMatcherArgs,
+        /// The class it gives: red (never stored in clear), yellow (masked for roles without PII
+        /// access) or green
+        #[arg(long)]
+        class: tandem_core::govern::PiiClass,
+        /// For a red rule: hash the value (the event is kept) or refuse the event (quarantined);
+        /// without it, the `red_policy` of tandem.toml (hash by default)
+        #[arg(long)]
+        policy: Option<tandem_core::govern::pii::RedPolicy>,
+    },
+    /// Every rule in force, in the order they decide, and the built-in classes
+    List {
+        /// One JSON object
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a rule set with `pii set`
+    Remove {
+        #[command(flatten)]
+        matcher: PiiMatcherArgs,
+    },
+}
+
+/// What a PII rule matches: one of an exact key and a regular expression.
+#[derive(clap::Args, Debug)]
+#[group(required = true, multiple = false)]
+struct PiiMatcherArgs {
+    /// An exact trait or property key (compared without case)
+    #[arg(long)]
+    name: Option<String>,
+    /// A regular expression keys are matched against
+    #[arg(long)]
+    pattern: Option<String>,
+}
+
+impl PiiMatcherArgs {
+    fn matcher(&self) -> anyhow::Result<tandem_core::govern::pii::PiiMatcher> {
+        Ok(tandem_core::govern::pii::PiiMatcher::from_parts(self.name.as_deref(), self.pattern.as_deref())?)
+    }
+
+    /// How the audit log names the rule (its matcher, as stored).
+    fn target(&self) -> String {
+        match self.matcher() {
+            Ok(matcher) => tandem_server::pii::rule_target(&matcher),
+            Err(_) => format!("{:?}{:?}", self.name, self.pattern),
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -974,6 +1026,12 @@ fn audited_change(command: &Command) -> Option<(&'static str, String, Option<ser
             ("plan.set", source.trim().to_owned(), Some(json!({"file": file.display().to_string()})))
         }
         Command::Plan(PlanCommand::Delete { source }) => ("plan.delete", source.trim().to_owned(), None),
+        Command::Pii(PiiCommand::Set { matcher, class, policy }) => (
+            "pii.rule_set",
+            matcher.target(),
+            Some(json!({"class": class.as_str(), "policy": policy.map(|policy| policy.as_str())})),
+        ),
+        Command::Pii(PiiCommand::Remove { matcher }) => ("pii.rule_remove", matcher.target(), None),
         // The person is named only by the identifier's digest.
         Command::Dsr(DsrCommand::Access { identifier }) => ("dsr.access", audit::identifier_target(identifier), None),
         Command::Dsr(DsrCommand::Delete { identifier }) => ("dsr.delete", audit::identifier_target(identifier), None),
@@ -1003,7 +1061,15 @@ fn dispatch(
         }
         Command::Audit(AuditCommand::Verify) => audit::verify(&*open(Access::Existing)?, &mut out),
         Command::Pii(PiiCommand::Inventory { json }) => {
-            audit::pii_inventory(&*open(Access::Existing)?, &settings.pii.compile()?, json, &mut out)
+            pii::inventory(&*open(Access::Existing)?, &settings.pii, json, &mut out)
+        }
+        Command::Pii(PiiCommand::Set { matcher, class, policy }) => {
+            let rule = pii::rule_from_args(matcher.name, matcher.pattern, class, policy);
+            pii::set(&*open(Access::Existing)?, &rule, &mut out)
+        }
+        Command::Pii(PiiCommand::List { json }) => pii::list(&*open(Access::Existing)?, &settings.pii, json, &mut out),
+        Command::Pii(PiiCommand::Remove { matcher }) => {
+            pii::remove(&*open(Access::Existing)?, &matcher.matcher()?, &mut out)
         }
         Command::Serve { .. } => serve(settings, open(Access::CreateIfMissing)?),
         Command::Demo { customers, seed, .. } => {
@@ -1095,8 +1161,9 @@ fn dispatch(
         }
         Command::Profile(ProfileCommand::List { limit, after, search, traits, json, role }) => {
             let mut listing = commands::profile_listing(limit, after, search, &traits, json)?;
-            listing.mask = commands::masking_for(role, &settings.pii)?;
-            commands::list_profiles(open(Access::Existing)?, listing, &mut out)
+            let store = open(Access::Existing)?;
+            listing.mask = commands::masking_for(role, &*store, &settings.pii)?;
+            commands::list_profiles(store, listing, &mut out)
         }
         Command::Token(TokenCommand::List { json }) => commands::list_tokens(&*open(Access::Existing)?, json, &mut out),
         Command::Token(TokenCommand::Revoke { id }) => commands::revoke_token(&*open(Access::Existing)?, &id, &mut out),
@@ -1127,6 +1194,7 @@ fn dispatch(
         }
         Command::Import { file, source, mapping, format, json } => {
             let args = import::ImportArgs {
+                pii: &settings.pii,
                 file: &file,
                 source: &source,
                 mapping: &mapping,
@@ -1149,8 +1217,9 @@ fn dispatch(
             commands::create_token(&*open(Access::CreateIfMissing)?, &name, role, expires_at_ms, json, &mut out)
         }
         Command::Profile(ProfileCommand::Show { target, json, role }) => {
-            let mask = commands::masking_for(role, &settings.pii)?;
-            commands::show_profile(open(Access::Existing)?, &target, json, mask.as_ref(), &mut out)
+            let store = open(Access::Existing)?;
+            let mask = commands::masking_for(role, &*store, &settings.pii)?;
+            commands::show_profile(store, &target, json, mask.as_ref(), &mut out)
         }
         Command::Profile(ProfileCommand::Explain { target, json }) => {
             commands::explain_profile(open(Access::Existing)?, &target, json, &mut out)

@@ -12,6 +12,7 @@ use std::str::FromStr;
 /// What a person asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum DsrKind {
     /// Everything kept about the person, as JSON.
     Access,

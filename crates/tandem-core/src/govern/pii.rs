@@ -4,12 +4,17 @@
 //! green (anything else), by matchers on the key — the defaults below, then
 //! the ones configured, by exact name or regular expression, the configured
 //! ones winning. A string value that passes the Luhn check as a card number
-//! is red wherever it appears. Red values are replaced at ingestion by a
-//! salted SHA-256 ([`PiiPolicy::scrub_payload`]), so they are never stored
-//! in clear; yellow values are masked in what roles without PII access see
-//! ([`PiiPolicy::mask_json`]). Settings are validated and compiled once
-//! ([`PiiSettings::compile`]) before any event is seen.
+//! is red wherever it appears. A red value is handled at ingestion by its
+//! [`RedPolicy`]: replaced by a salted SHA-256 ([`PiiPolicy::scrub_payload`])
+//! or, where a rule (or the default) says `refuse`, the whole event is
+//! refused ([`PiiPolicy::refused_red_field`]) — either way it is never
+//! stored in clear. Yellow values are masked in what roles without PII
+//! access see ([`PiiPolicy::mask_json`]). Settings are validated and
+//! compiled once ([`PiiSettings::compile`]) before any event is seen; rules
+//! kept in storage (set by users at run time) are layered in front of the
+//! configured ones ([`PiiSettings::layered`]).
 
+use crate::event::Event;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -18,6 +23,7 @@ use sha2::{Digest, Sha256};
 /// A key's class.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum PiiClass {
     Green,
     Yellow,
@@ -34,15 +40,143 @@ impl PiiClass {
     }
 }
 
-/// One configured matcher: an exact key (any case) or a regular expression.
+impl std::str::FromStr for PiiClass {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "green" => Ok(PiiClass::Green),
+            "yellow" => Ok(PiiClass::Yellow),
+            "red" => Ok(PiiClass::Red),
+            other => Err(format!("{other:?} is not a pii class (red, yellow, green)")),
+        }
+    }
+}
+
+/// What ingestion does with a red value: replace it by its salted hash
+/// (the event is kept, and equal values still match), or refuse the whole
+/// event, which goes to the quarantine with the red values hashed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum RedPolicy {
+    #[default]
+    Hash,
+    Refuse,
+}
+
+impl RedPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RedPolicy::Hash => "hash",
+            RedPolicy::Refuse => "refuse",
+        }
+    }
+}
+
+impl std::str::FromStr for RedPolicy {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "hash" => Ok(RedPolicy::Hash),
+            "refuse" => Ok(RedPolicy::Refuse),
+            other => Err(format!("{other:?} is not a red-value policy (hash, refuse)")),
+        }
+    }
+}
+
+/// One matcher: an exact key (any case) or a regular expression, the class
+/// it gives, and for a red class what ingestion does with the value (the
+/// settings' `red_policy` when absent).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(
+    feature = "openapi",
+    derive(utoipa::ToSchema),
+    schema(example = json!({"name": "tax_id", "class": "red", "policy": "refuse"}))
+)]
 pub struct PiiRule {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pattern: Option<String>,
     pub class: PiiClass,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<RedPolicy>,
+}
+
+/// What a rule matches: the key that identifies it among the stored rules
+/// (setting a rule with the same matcher replaces it).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PiiMatcher {
+    /// An exact key, kept trimmed and in lower case (keys compare without case).
+    Name(String),
+    /// A regular expression, kept as written.
+    Pattern(String),
+}
+
+impl PiiMatcher {
+    /// `name` or `pattern`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PiiMatcher::Name(_) => "name",
+            PiiMatcher::Pattern(_) => "pattern",
+        }
+    }
+
+    /// The key or the expression.
+    pub fn text(&self) -> &str {
+        match self {
+            PiiMatcher::Name(text) | PiiMatcher::Pattern(text) => text,
+        }
+    }
+
+    /// The matcher from one of a name and a pattern, normalized and checked.
+    pub fn from_parts(name: Option<&str>, pattern: Option<&str>) -> Result<PiiMatcher, PiiSettingsError> {
+        match (name, pattern) {
+            (Some(name), None) => {
+                let name = name.trim().to_ascii_lowercase();
+                if name.is_empty() {
+                    return Err(PiiSettingsError::EmptyMatcher);
+                }
+                Ok(PiiMatcher::Name(name))
+            }
+            (None, Some(pattern)) => {
+                if pattern.is_empty() {
+                    return Err(PiiSettingsError::EmptyMatcher);
+                }
+                Regex::new(pattern).map_err(|error| PiiSettingsError::BadPattern {
+                    pattern: pattern.to_owned(),
+                    reason: error.to_string(),
+                })?;
+                Ok(PiiMatcher::Pattern(pattern.to_owned()))
+            }
+            _ => Err(PiiSettingsError::NameOrPattern),
+        }
+    }
+}
+
+impl PiiRule {
+    /// The rule checked and normalized as it is stored: exactly one of name
+    /// (trimmed, lower case) and pattern (a valid regular expression), and a
+    /// policy only on a red rule.
+    pub fn validated(&self) -> Result<PiiRule, PiiSettingsError> {
+        let matcher = self.matcher()?;
+        if self.policy.is_some() && self.class != PiiClass::Red {
+            return Err(PiiSettingsError::PolicyNeedsRed);
+        }
+        let (name, pattern) = match matcher {
+            PiiMatcher::Name(name) => (Some(name), None),
+            PiiMatcher::Pattern(pattern) => (None, Some(pattern)),
+        };
+        Ok(PiiRule { name, pattern, class: self.class, policy: self.policy })
+    }
+
+    /// What the rule matches.
+    pub fn matcher(&self) -> Result<PiiMatcher, PiiSettingsError> {
+        PiiMatcher::from_parts(self.name.as_deref(), self.pattern.as_deref())
+    }
 }
 
 /// PII settings as configured (`[pii]` in `tandem.toml`).
@@ -54,6 +188,11 @@ pub struct PiiSettings {
     /// Mixed into every hash of a red value; keep it secret and stable.
     #[serde(default)]
     pub salt: String,
+    /// What happens to a red value no rule gives a policy to: the default
+    /// classes' (`ssn`, …), card numbers found by value, and red rules
+    /// without `policy`.
+    #[serde(default)]
+    pub red_policy: RedPolicy,
 }
 
 /// Settings that cannot be used.
@@ -61,8 +200,12 @@ pub struct PiiSettings {
 pub enum PiiSettingsError {
     #[error("a pii rule needs exactly one of name and pattern")]
     NameOrPattern,
+    #[error("a pii rule's name or pattern must not be empty")]
+    EmptyMatcher,
     #[error("pii rule pattern {pattern:?} is not a regular expression: {reason}")]
     BadPattern { pattern: String, reason: String },
+    #[error("a pii rule's policy (hash or refuse) applies only to class red")]
+    PolicyNeedsRed,
 }
 
 /// Keys yellow by default (compared in lower case).
@@ -86,17 +229,34 @@ const DEFAULT_YELLOW: &[&str] = &[
 /// Keys red by default.
 const DEFAULT_RED: &[&str] = &["ssn", "national_id", "passport", "card_number", "credit_card", "password"];
 
+/// The built-in classes, for listing: (key, class), red ones first.
+pub fn default_classes() -> impl Iterator<Item = (&'static str, PiiClass)> {
+    DEFAULT_RED.iter().map(|key| (*key, PiiClass::Red)).chain(DEFAULT_YELLOW.iter().map(|key| (*key, PiiClass::Yellow)))
+}
+
 enum KeyMatch {
     Exact(String),
     Pattern(Regex),
 }
 
+/// One compiled rule: what it matches, the class it gives, and for a red
+/// class the policy it sets (`None`: the settings' default).
+struct CompiledRule {
+    matcher: KeyMatch,
+    class: PiiClass,
+    policy: Option<RedPolicy>,
+}
+
 /// Compiled settings: classifies keys and values, hashes and masks. The
-/// default has only the built-in classes and no salt.
+/// default has only the built-in classes, no salt, and hashes red values.
 #[derive(Default)]
 pub struct PiiPolicy {
-    rules: Vec<(KeyMatch, PiiClass)>,
+    rules: Vec<CompiledRule>,
     salt: String,
+    red_policy: RedPolicy,
+    /// Whether any red value is refused rather than hashed; when not, the
+    /// refusal check costs nothing per event.
+    refuses_any: bool,
 }
 
 impl PiiSettings {
@@ -104,16 +264,26 @@ impl PiiSettings {
     pub fn compile(&self) -> Result<PiiPolicy, PiiSettingsError> {
         let mut rules = Vec::with_capacity(self.rules.len());
         for rule in &self.rules {
-            let matcher = match (&rule.name, &rule.pattern) {
-                (Some(name), None) => KeyMatch::Exact(name.trim().to_ascii_lowercase()),
-                (None, Some(pattern)) => KeyMatch::Pattern(Regex::new(pattern).map_err(|error| {
+            let rule = rule.validated()?;
+            let matcher = match rule.matcher()? {
+                PiiMatcher::Name(name) => KeyMatch::Exact(name),
+                PiiMatcher::Pattern(pattern) => KeyMatch::Pattern(Regex::new(&pattern).map_err(|error| {
                     PiiSettingsError::BadPattern { pattern: pattern.clone(), reason: error.to_string() }
                 })?),
-                _ => return Err(PiiSettingsError::NameOrPattern),
             };
-            rules.push((matcher, rule.class));
+            rules.push(CompiledRule { matcher, class: rule.class, policy: rule.policy });
         }
-        Ok(PiiPolicy { rules, salt: self.salt.clone() })
+        let refuses_any = self.red_policy == RedPolicy::Refuse
+            || rules.iter().any(|rule| rule.class == PiiClass::Red && rule.policy == Some(RedPolicy::Refuse));
+        Ok(PiiPolicy { rules, salt: self.salt.clone(), red_policy: self.red_policy, refuses_any })
+    }
+
+    /// These settings with `stored` rules (set by users at run time) in
+    /// front of the configured ones: the first rule matching a key decides.
+    pub fn layered(&self, stored: &[PiiRule]) -> PiiSettings {
+        let mut rules = stored.to_vec();
+        rules.extend(self.rules.iter().cloned());
+        PiiSettings { rules, salt: self.salt.clone(), red_policy: self.red_policy }
     }
 }
 
@@ -126,18 +296,21 @@ pub struct RedValue {
 }
 
 impl PiiPolicy {
-    /// A key's class: the configured rules first, then the defaults.
-    pub fn classify_key(&self, key: &str) -> PiiClass {
+    /// The first rule matching `key`, if any.
+    fn rule_for(&self, key: &str) -> Option<&CompiledRule> {
         let lower = key.trim().to_ascii_lowercase();
-        for (matcher, class) in &self.rules {
-            let hit = match matcher {
-                KeyMatch::Exact(name) => *name == lower,
-                KeyMatch::Pattern(regex) => regex.is_match(key),
-            };
-            if hit {
-                return *class;
-            }
+        self.rules.iter().find(|rule| match &rule.matcher {
+            KeyMatch::Exact(name) => *name == lower,
+            KeyMatch::Pattern(regex) => regex.is_match(key),
+        })
+    }
+
+    /// A key's class: the rules first, then the defaults.
+    pub fn classify_key(&self, key: &str) -> PiiClass {
+        if let Some(rule) = self.rule_for(key) {
+            return rule.class;
         }
+        let lower = key.trim().to_ascii_lowercase();
         if DEFAULT_RED.contains(&lower.as_str()) {
             PiiClass::Red
         } else if DEFAULT_YELLOW.contains(&lower.as_str()) {
@@ -145,6 +318,67 @@ impl PiiPolicy {
         } else {
             PiiClass::Green
         }
+    }
+
+    /// What ingestion does with `value` under `key`: `None` when it is not
+    /// red; the policy of the rule that made the key red, else the default.
+    pub fn red_policy_for(&self, key: &str, value: &Value) -> Option<RedPolicy> {
+        if self.classify(key, value) != PiiClass::Red {
+            return None;
+        }
+        match self.rule_for(key) {
+            Some(rule) if rule.class == PiiClass::Red => Some(rule.policy.unwrap_or(self.red_policy)),
+            _ => Some(self.red_policy),
+        }
+    }
+
+    /// Whether any red value is refused rather than hashed.
+    pub fn refuses_any(&self) -> bool {
+        self.refuses_any
+    }
+
+    /// The path (`traits.ssn`) of the first red value in an event's
+    /// `traits`, `properties` or `context.traits` (at any depth, as hashing
+    /// looks) whose policy is to refuse the event; `None` when it may be
+    /// stored (its red values hashed).
+    pub fn refused_red_field(&self, event: &Event) -> Option<String> {
+        if !self.refuses_any {
+            return None;
+        }
+        let context_traits = match event.context.get("traits") {
+            Some(Value::Object(traits)) => Some(traits),
+            _ => None,
+        };
+        [
+            ("traits", event.traits.as_ref()),
+            ("properties", event.properties.as_ref()),
+            ("context.traits", context_traits),
+        ]
+        .into_iter()
+        .find_map(|(path, map)| self.refused_in(map?, path))
+    }
+
+    fn refused_in(&self, map: &Map<String, Value>, path: &str) -> Option<String> {
+        for (key, value) in map {
+            let here = format!("{path}.{key}");
+            let refused = match value {
+                Value::Object(inner) => {
+                    if let Some(found) = self.refused_in(inner, &here) {
+                        return Some(found);
+                    }
+                    false
+                }
+                Value::Null => false,
+                Value::Array(items) => items
+                    .iter()
+                    .any(|item| !item.is_object() && self.red_policy_for(key, item) == Some(RedPolicy::Refuse)),
+                other => self.red_policy_for(key, other) == Some(RedPolicy::Refuse),
+            };
+            if refused {
+                return Some(here);
+            }
+        }
+        None
     }
 
     /// A value under `key`: red when the key is, or when it is a string that
@@ -262,6 +496,55 @@ impl PiiPolicy {
                     .to_string(),
             ),
             _ => None,
+        }
+    }
+
+    /// Text kept beside the log — a quarantined message or delivery, a
+    /// plan-violation sample — with every red value hashed wherever it sits
+    /// (under any key at any depth, not only in the sections events are
+    /// scrubbed in: a webhook delivery or an unmapped row has no such
+    /// shape), or `None` when it holds none. Text that is not JSON is
+    /// withheld whole when it holds a card number.
+    pub fn scrub_anywhere(&self, payload: &str) -> Option<String> {
+        match serde_json::from_str::<Value>(payload) {
+            Ok(mut value @ (Value::Object(_) | Value::Array(_))) => {
+                let mut replaced = false;
+                self.hash_everywhere(&mut value, None, &mut replaced);
+                replaced.then(|| value.to_string())
+            }
+            Ok(Value::String(text)) if holds_card_number(&text) => Some(self.hash(&Value::String(text)).to_string()),
+            Ok(_) => None,
+            Err(_) if holds_card_number(payload) => Some(
+                serde_json::json!({"withheld": "the message held a card number", "digest": self.hash(&Value::String(payload.to_owned()))})
+                    .to_string(),
+            ),
+            Err(_) => None,
+        }
+    }
+
+    fn hash_everywhere(&self, value: &mut Value, key: Option<&str>, replaced: &mut bool) {
+        match value {
+            Value::Object(map) => {
+                for (inner_key, inner) in map.iter_mut() {
+                    self.hash_everywhere(inner, Some(inner_key), replaced);
+                }
+            }
+            Value::Array(items) => {
+                for item in items {
+                    self.hash_everywhere(item, key, replaced);
+                }
+            }
+            Value::Null => {}
+            scalar => {
+                let red = match key {
+                    Some(key) => self.classify(key, scalar) == PiiClass::Red,
+                    None => matches!(scalar, Value::String(text) if holds_card_number(text)),
+                };
+                if red {
+                    *scalar = self.hash(scalar);
+                    *replaced = true;
+                }
+            }
         }
     }
 
@@ -398,9 +681,9 @@ mod tests {
         assert_eq!(policy.classify_key("plan"), PiiClass::Green);
         let settings = PiiSettings {
             rules: vec![
-                PiiRule { name: Some("plan".into()), pattern: None, class: PiiClass::Yellow },
-                PiiRule { name: None, pattern: Some("^tax_".into()), class: PiiClass::Red },
-                PiiRule { name: Some("city".into()), pattern: None, class: PiiClass::Green },
+                PiiRule { name: Some("plan".into()), pattern: None, class: PiiClass::Yellow, policy: None },
+                PiiRule { name: None, pattern: Some("^tax_".into()), class: PiiClass::Red, policy: None },
+                PiiRule { name: Some("city".into()), pattern: None, class: PiiClass::Green, policy: None },
             ],
             ..Default::default()
         };
@@ -409,15 +692,110 @@ mod tests {
         assert_eq!(policy.classify_key("tax_id"), PiiClass::Red);
         assert_eq!(policy.classify_key("city"), PiiClass::Green, "configured rules win over the defaults");
         let bad = PiiSettings {
-            rules: vec![PiiRule { name: None, pattern: Some("(".into()), class: PiiClass::Red }],
+            rules: vec![PiiRule { name: None, pattern: Some("(".into()), class: PiiClass::Red, policy: None }],
             ..Default::default()
         };
         assert!(matches!(bad.compile(), Err(PiiSettingsError::BadPattern { .. })));
         let neither = PiiSettings {
-            rules: vec![PiiRule { name: None, pattern: None, class: PiiClass::Red }],
+            rules: vec![PiiRule { name: None, pattern: None, class: PiiClass::Red, policy: None }],
             ..Default::default()
         };
         assert_eq!(neither.compile().err(), Some(PiiSettingsError::NameOrPattern));
+    }
+
+    fn rule(name: &str, class: PiiClass, policy: Option<RedPolicy>) -> PiiRule {
+        PiiRule { name: Some(name.into()), pattern: None, class, policy }
+    }
+
+    fn event(message: Value) -> Event {
+        let mut event: Event = serde_json::from_value(json!({
+            "messageId": "m", "type": "identify", "userId": "u", "timestamp": "2026-01-01T00:00:00.000Z",
+            "receivedAt": "2026-01-01T00:00:00.000Z", "sourceId": "src_1"
+        }))
+        .unwrap();
+        event.traits = message.get("traits").and_then(Value::as_object).cloned();
+        event.properties = message.get("properties").and_then(Value::as_object).cloned();
+        if let Some(context) = message.get("context").and_then(Value::as_object) {
+            event.context = context.clone();
+        }
+        event
+    }
+
+    #[test]
+    fn a_refusing_rule_refuses_events_carrying_its_red_key_and_others_are_hashed() {
+        let settings = PiiSettings {
+            rules: vec![rule("tax_id", PiiClass::Red, Some(RedPolicy::Refuse)), rule("badge", PiiClass::Red, None)],
+            ..Default::default()
+        };
+        let policy = settings.compile().unwrap();
+        let refused = event(json!({"traits": {"profile": {"Tax_ID": "DE123"}, "email": "a@b.c"}}));
+        assert_eq!(policy.refused_red_field(&refused).as_deref(), Some("traits.profile.Tax_ID"));
+        let listed = event(json!({"context": {"traits": {"tax_id": ["DE1", "DE2"]}}}));
+        assert_eq!(policy.refused_red_field(&listed).as_deref(), Some("context.traits.tax_id"));
+        let hashed =
+            event(json!({"traits": {"ssn": "123", "badge": "B-1"}, "properties": {"memo": "4111111111111111"}}));
+        assert_eq!(policy.refused_red_field(&hashed), None, "the default policy hashes");
+        assert_eq!(policy.refused_red_field(&event(json!({"traits": {"tax_id": null}}))), None, "null is no value");
+
+        let strict = PiiSettings { red_policy: RedPolicy::Refuse, ..Default::default() }.compile().unwrap();
+        let card = event(json!({"properties": {"memo": "paid with 4111 1111 1111 1111"}}));
+        assert_eq!(strict.refused_red_field(&card).as_deref(), Some("properties.memo"));
+        let lenient = PiiSettings {
+            rules: vec![rule("ssn", PiiClass::Red, Some(RedPolicy::Hash))],
+            red_policy: RedPolicy::Refuse,
+            ..Default::default()
+        };
+        let lenient = lenient.compile().unwrap();
+        assert_eq!(lenient.refused_red_field(&event(json!({"traits": {"ssn": "1"}}))), None, "the rule wins");
+        assert_eq!(
+            PiiPolicy::default().refused_red_field(&event(json!({"traits": {"ssn": "1"}}))),
+            None,
+            "the built-in policy never refuses"
+        );
+    }
+
+    #[test]
+    fn rules_are_validated_and_stored_rules_come_before_configured_ones() {
+        let yellow_refusing = rule("x", PiiClass::Yellow, Some(RedPolicy::Refuse));
+        assert_eq!(yellow_refusing.validated(), Err(PiiSettingsError::PolicyNeedsRed));
+        assert_eq!(rule("  ", PiiClass::Red, None).validated(), Err(PiiSettingsError::EmptyMatcher));
+        let normalized = rule(" Tax_ID ", PiiClass::Red, None).validated().unwrap();
+        assert_eq!(normalized.name.as_deref(), Some("tax_id"));
+        assert_eq!(normalized.matcher().unwrap(), PiiMatcher::Name("tax_id".into()));
+        let pattern = PiiRule { name: None, pattern: Some("^b_".into()), class: PiiClass::Yellow, policy: None };
+        assert_eq!(pattern.matcher().unwrap(), PiiMatcher::Pattern("^b_".into()));
+
+        let configured = PiiSettings { rules: vec![rule("plan", PiiClass::Yellow, None)], ..Default::default() };
+        let layered = configured.layered(&[rule("plan", PiiClass::Green, None), rule("ssn", PiiClass::Green, None)]);
+        let policy = layered.compile().unwrap();
+        assert_eq!(policy.classify_key("plan"), PiiClass::Green, "the stored rule decides first");
+        assert_eq!(policy.classify_key("SSN"), PiiClass::Green, "over the defaults too");
+        assert_eq!(layered.rules.len(), 3);
+        assert!(default_classes().any(|(key, class)| key == "ssn" && class == PiiClass::Red));
+        assert_eq!("Refuse".parse::<RedPolicy>(), Ok(RedPolicy::Refuse));
+        assert_eq!("YELLOW".parse::<PiiClass>(), Ok(PiiClass::Yellow));
+        assert!("blue".parse::<PiiClass>().is_err());
+    }
+
+    #[test]
+    fn text_kept_beside_the_log_has_red_values_hashed_at_any_depth() {
+        let policy =
+            PiiSettings { rules: vec![rule("tax_id", PiiClass::Red, None)], ..Default::default() }.compile().unwrap();
+        let delivery = json!({
+            "entry": [{"changes": [{"value": {"field_data": [{"name": "ssn", "ssn": "123-45-6789"}]}}]}],
+            "tax_id": "DE-77",
+            "notes": ["call back", "4111 1111 1111 1111"],
+            "email": "a@b.c"
+        })
+        .to_string();
+        let scrubbed = policy.scrub_anywhere(&delivery).unwrap();
+        for secret in ["123-45-6789", "DE-77", "4111"] {
+            assert!(!scrubbed.contains(secret), "{secret} in {scrubbed}");
+        }
+        assert!(scrubbed.contains("a@b.c") && scrubbed.contains("call back"), "{scrubbed}");
+        assert_eq!(policy.scrub_anywhere(r#"{"email":"a@b.c"}"#), None);
+        assert_eq!(policy.scrub_anywhere("not json"), None);
+        assert!(!policy.scrub_anywhere("cut {\"ssn\": 4111111111111111").unwrap().contains("4111"));
     }
 
     #[test]

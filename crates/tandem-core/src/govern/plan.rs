@@ -24,6 +24,7 @@ const MAX_VIOLATIONS_PER_EVENT: usize = 8;
 /// What a plan does with an event that breaks it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum PlanMode {
     /// Nothing is checked: the plan is kept but not applied.
     Allow,
@@ -84,6 +85,16 @@ impl FromStr for PlanMode {
 /// reads and `/api/v1/plans/{source}` takes).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(
+    feature = "openapi",
+    derive(utoipa::ToSchema),
+    schema(example = json!({
+        "mode": "block_invalid",
+        "events": {"Order Completed": {"type": "object", "required": ["total"],
+                                       "properties": {"total": {"type": "number"}}}},
+        "identify": {"type": "object", "properties": {"email": {"type": "string"}}}
+    }))
+)]
 pub struct TrackingPlan {
     #[serde(default)]
     pub mode: PlanMode,

@@ -11,6 +11,7 @@ use std::str::FromStr;
 /// The department a tool belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Department {
     Marketing,
     It,
@@ -80,6 +81,11 @@ impl ToolKind {
 /// A tool's registry entry; every field may be unknown.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(
+    feature = "openapi",
+    derive(utoipa::ToSchema),
+    schema(example = json!({"owner": "Ann Lee", "department": "marketing", "purpose": "web analytics", "annual_cost": 1200.0}))
+)]
 pub struct ToolInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,

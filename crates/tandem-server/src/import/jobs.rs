@@ -138,6 +138,22 @@ fn job_json(job: &Job) -> Value {
     serde_json::to_value(job).unwrap_or(Value::Null)
 }
 
+/// The multipart body of `POST /api/v1/imports`, for the document:
+/// [`read_upload`] reads the parts as they stream, spooling the file to disk.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub(crate) struct ImportUpload {
+    /// The export: CSV with a header line or JSON Lines, either may be gzipped.
+    #[schema(value_type = String, format = Binary)]
+    file: Vec<u8>,
+    /// The mapping, as TOML text.
+    mapping: String,
+    /// The name of the source the rows arrive through.
+    source: String,
+    /// `csv` or `jsonl`; from the file's name when absent.
+    format: Option<FileFormat>,
+}
+
 /// The parts of an upload, the file already spooled to disk.
 struct Upload {
     source: Option<String>,
@@ -217,6 +233,8 @@ struct JobParts {
     format: FileFormat,
     spool: PathBuf,
     reject_path: PathBuf,
+    /// Governance for the job's rows, read as it starts.
+    gate: crate::govern::Gate,
 }
 
 async fn prepare(
@@ -280,6 +298,7 @@ async fn prepare(
         }
     }
     let reject_path = reject_path_beside(&state.imports.directory.join(id), format);
+    let gate = crate::govern::Gate::for_source(state, &source.id).await?;
     let job = state.imports.insert(Job {
         id: id.to_owned(),
         source: source.name.clone(),
@@ -294,7 +313,7 @@ async fn prepare(
         reject_file: None,
         sequence: 0,
     });
-    Ok((job, JobParts { source, mapping, format, spool, reject_path }))
+    Ok((job, JobParts { source, mapping, format, spool, reject_path, gate }))
 }
 
 /// Runs on the blocking pool; appends through the log writer.
@@ -308,6 +327,7 @@ fn run_job(state: AppState, job: Arc<Mutex<Job>>, parts: JobParts) {
             format: parts.format,
             input: Box::new(file),
             reject_path: parts.reject_path.clone(),
+            gate: &parts.gate,
         };
         let progress_job = job.clone();
         run_import_until(
@@ -324,6 +344,7 @@ fn run_job(state: AppState, job: Arc<Mutex<Job>>, parts: JobParts) {
         Ok(summary) => {
             state.metrics.count_events("stored", summary.counts.imported);
             state.metrics.count_events("duplicate", summary.counts.duplicates);
+            state.metrics.count_events("rejected", summary.counts.quarantined);
             job.status = JobStatus::Succeeded;
             job.counts = summary.counts;
             job.first_rejects = summary.first_rejects;

@@ -579,3 +579,73 @@ fn the_running_server_keeps_audiences_current_as_events_arrive() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+#[test]
+fn pii_rules_set_from_the_command_line_are_audited_and_reach_a_running_server_and_imports() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = create_source(dir.path(), "web");
+    let server = Server::start(dir.path());
+    let said = tandem(dir.path(), &["pii", "set", "--name", "Tax_ID", "--class", "red", "--policy", "refuse"]);
+    assert!(said.contains("set pii rule name:tax_id: red, refuse red values"), "{said}");
+    let refused = tandem_output(dir.path(), &["pii", "set", "--name", "x", "--class", "yellow", "--policy", "refuse"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("applies only to class red"));
+    let refused = tandem_output(dir.path(), &["pii", "set", "--name", "x", "--pattern", "y", "--class", "red"]);
+    assert!(!refused.status.success(), "a rule matches by a name or a pattern, not both");
+    let listed: Value = serde_json::from_str(&tandem(dir.path(), &["pii", "list", "--json"])).unwrap();
+    assert_eq!(listed["rules"][0]["name"], "tax_id");
+    assert_eq!(
+        (listed["rules"][0]["policy"].clone(), listed["rules"][0]["origin"].clone()),
+        (json!("refuse"), json!("stored"))
+    );
+    assert!(tandem(dir.path(), &["pii", "list"]).contains("name     tax_id"), "a table by default");
+
+    // The running server reads stored rules again within ten seconds.
+    let key = source["write_key"].as_str().unwrap();
+    let track = json!({"userId": "ann", "event": "Paid", "properties": {"tax_id": "DE-5544zq"}}).to_string();
+    let started = std::time::Instant::now();
+    let status = loop {
+        let (status, body) = post(&agent(), &format!("{}/v1/track", server.url), key, &track).unwrap();
+        if status != 200 || started.elapsed() > std::time::Duration::from_secs(15) {
+            assert!(body.contains("red_value_refused"), "{status} {body}");
+            break status;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    };
+    assert_eq!(status, 422);
+
+    // `tandem import` applies the same rules.
+    tandem(dir.path(), &["source", "create", "orders", "--kind", "import"]);
+    let mapping = dir.path().join("orders.toml");
+    std::fs::write(
+        &mapping,
+        "event = \"Paid\"\nrow_key = \"id\"\n[identifiers]\nuser_id = \"user\"\n[properties]\ntax_id = \"tax_id\"\n",
+    )
+    .unwrap();
+    let file = dir.path().join("orders.csv");
+    std::fs::write(&file, "id,user,tax_id\no1,u1,\no2,u2,DE-6655zq\n").unwrap();
+    let imported = tandem(
+        dir.path(),
+        &["import", file.to_str().unwrap(), "--source", "orders", "--mapping", mapping.to_str().unwrap()],
+    );
+    assert!(imported.contains("1 imported, 0 duplicates, 1 rejected"), "{imported}");
+    assert!(imported.contains("1 of the rejected rows were refused by governance"), "{imported}");
+    drop(server);
+    let quarantine = tandem(dir.path(), &["quarantine", "list", "--json"]);
+    assert_eq!(quarantine.matches("red_value_refused").count(), 2, "{quarantine}");
+    assert!(!quarantine.contains("DE-5544zq") && !quarantine.contains("DE-6655zq"), "{quarantine}");
+
+    assert!(tandem(dir.path(), &["pii", "remove", "--name", "tax_id"]).contains("removed pii rule name:tax_id"));
+    assert!(!tandem_output(dir.path(), &["pii", "remove", "--name", "tax_id"]).status.success());
+    let entries: Vec<Value> = tandem(dir.path(), &["audit", "list", "--action", "pii", "--json"])
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let actions: Vec<(&str, &str, &str)> = entries
+        .iter()
+        .map(|entry| {
+            (entry["actor"].as_str().unwrap(), entry["action"].as_str().unwrap(), entry["target"].as_str().unwrap())
+        })
+        .collect();
+    assert_eq!(actions, [("cli", "pii.rule_set", "name:tax_id"), ("cli", "pii.rule_remove", "name:tax_id")]);
+}
