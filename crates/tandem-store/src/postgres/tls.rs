@@ -104,10 +104,12 @@ pub enum TlsError {
     ClientCertificate(String),
     #[error("tls could not be set up: {0}")]
     Setup(String),
-    #[error("the postgresql server's certificate was refused ({checks}): {source}")]
+    #[error("the postgresql server's certificate was refused ({checks}): {reason}")]
     Refused {
         /// The mode and the authorities it was checked against.
         checks: String,
+        /// rustls' reason.
+        reason: String,
         source: postgres::Error,
     },
 }
@@ -322,30 +324,30 @@ impl Connector {
         match self {
             Connector::Plain => Ok(config.connect(NoTls)?),
             Connector::Rustls(tls, checks) => config.connect(tls.clone()).map_err(|error| {
-                if refused_certificate(&error) {
-                    TlsError::Refused { checks: checks.to_string(), source: error }.into()
-                } else {
-                    error.into()
+                match refused_certificate(&error) {
+                    Some(reason) => TlsError::Refused { checks: checks.to_string(), reason, source: error }.into(),
+                    None => error.into(),
                 }
             }),
         }
     }
 }
 
-/// Whether a connection failed because rustls refused the certificate. The
-/// driver wraps rustls' error in an I/O error, whose `source` skips it.
-fn refused_certificate(error: &postgres::Error) -> bool {
+/// rustls' reason when a connection failed because it refused the
+/// certificate. The driver wraps rustls' error in an I/O error, whose
+/// `source` skips it, and does not show it in its own message.
+fn refused_certificate(error: &postgres::Error) -> Option<String> {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(current) = cause {
         let found = current.downcast_ref::<rustls::Error>().or_else(|| {
             current.downcast_ref::<std::io::Error>()?.get_ref()?.downcast_ref::<rustls::Error>()
         });
-        if matches!(found, Some(rustls::Error::InvalidCertificate(_))) {
-            return true;
+        if let Some(refused @ rustls::Error::InvalidCertificate(_)) = found {
+            return Some(refused.to_string());
         }
         cause = current.source();
     }
-    false
+    None
 }
 
 /// The connector a bare driver configuration implies: its own `sslmode`
@@ -532,12 +534,13 @@ mod tests {
         assert!(none.to_string().ends_with("(sslrootcert) holds no certificate"), "{none}");
     }
 
-    /// A certificate authority, and when `server_names` is given, a server
-    /// certificate for them that it signed: (authority PEM, certificate
+    /// A certificate authority named `authority_name` and a server
+    /// certificate for `server_names` that it signed: (authority PEM, certificate
     /// PEM, key PEM).
-    fn authority_and_server(server_names: &[&str]) -> (String, String, String) {
+    fn authority_and_server(authority_name: &str, server_names: &[&str]) -> (String, String, String) {
         let authority_key = rcgen::KeyPair::generate().unwrap();
         let mut authority = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        authority.distinguished_name.push(rcgen::DnType::CommonName, authority_name);
         authority.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         let authority_pem = authority.self_signed(&authority_key).unwrap().pem();
         let issuer = rcgen::Issuer::new(authority, authority_key);
@@ -565,12 +568,12 @@ mod tests {
     #[test]
     fn a_server_with_tls_is_reached_encrypted_and_its_certificate_checked_as_the_mode_says() {
         use crate::{Coordination, Stage};
-        let (authority, certificate, key) = authority_and_server(&["localhost"]);
+        let (authority, certificate, key) = authority_and_server("Tandem test authority", &["localhost"]);
         let Some(cluster) = super::super::testing::PrivateCluster::start_with_tls(&certificate, &key) else { return };
         let dir = tempfile::tempdir().unwrap();
         let trusted = dir.path().join("authority.pem");
         std::fs::write(&trusted, &authority).unwrap();
-        let (other_authority, _, _) = authority_and_server(&[]);
+        let (other_authority, _, _) = authority_and_server("Another authority", &["localhost"]);
         let untrusted = dir.path().join("other-authority.pem");
         std::fs::write(&untrusted, other_authority).unwrap();
         let url = |host: &str, parameters: &str| format!("postgres://postgres@{host}:{}/postgres?{parameters}", cluster.port);
@@ -578,7 +581,7 @@ mod tests {
         // The server refuses plain connections, so every store that works
         // below used TLS; pg_stat_ssl says so too.
         let plain = PostgresStore::connect(&url("127.0.0.1", "sslmode=disable")).err().unwrap();
-        assert!(plain.to_string().contains("no encryption"), "{plain}");
+        assert!(format!("{plain:?}").contains("no encryption"), "{plain:?}");
         for parameters in ["", "sslmode=prefer", "sslmode=require"] {
             let store = PostgresStore::connect(&url("127.0.0.1", parameters)).unwrap();
             assert_eq!(encrypted_connections(&store).0, true, "{parameters:?}");
