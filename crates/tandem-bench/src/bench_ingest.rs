@@ -1,7 +1,9 @@
 //! Ingest load generator: drives `/v1/batch` of a running Tandem from this
 //! separate process over loopback, with unique `messageId`s, and prints
 //! acknowledged events per second and request latency percentiles.
-//! Every 200 counts only after Tandem has made the batch durable.
+//! Every 200 counts only after Tandem has made the batch durable. Given
+//! several `--url`s (nodes of one cluster), the connections are spread over
+//! them in turn, as a load balancer would.
 
 use anyhow::{bail, Context};
 use clap::Parser;
@@ -10,9 +12,9 @@ use std::time::{Duration, Instant};
 #[derive(Parser, Debug)]
 #[command(about = "Load /v1/batch of a running Tandem and report events/s and latency")]
 struct Options {
-    /// Base URL of the server
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
-    url: String,
+    /// Base URL of the server; repeat for several nodes
+    #[arg(long = "url", default_value = "http://127.0.0.1:8080")]
+    urls: Vec<String>,
     /// Write key of the source to send as
     #[arg(long)]
     write_key: String,
@@ -71,7 +73,7 @@ fn run_connection(
 ) -> anyhow::Result<ConnectionResult> {
     use base64::Engine as _;
     let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    let url = format!("{}/v1/batch", options.url);
+    let url = format!("{}/v1/batch", options.urls[connection % options.urls.len()]);
     let auth = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{}:", options.write_key)));
     let mut result = ConnectionResult { latencies: Vec::new(), events: 0 };
     for request in 0.. {
@@ -133,8 +135,9 @@ fn main() -> anyhow::Result<()> {
     latencies.sort();
     let seconds = options.seconds as f64;
     println!(
-        "bench-ingest: {} connections, {} events of ~{} B per request ({} B bodies), {} s measured after {} s warm-up",
+        "bench-ingest: {} connections to {} node(s), {} events of ~{} B per request ({} B bodies), {} s measured after {} s warm-up",
         options.connections,
+        options.urls.len(),
         options.batch_size,
         options.event_bytes,
         sample.len(),

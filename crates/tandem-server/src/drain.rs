@@ -53,6 +53,9 @@ pub struct DrainStep {
     pub skipped: u64,
     /// The recorded sequence after the step.
     pub sequence: u64,
+    /// Messages the stream holds after the last one fetched (deleted ones
+    /// are not counted, unlike the gap between sequences).
+    pub pending: u64,
 }
 
 /// The drain's state on the node that holds its lease.
@@ -96,7 +99,9 @@ impl Drain {
         let mut idle_steps = 0;
         loop {
             let step = self.step()?;
-            if step.sequence >= last {
+            // Nothing pending also ends it when the last messages were
+            // deleted (by an erasure), which the sequence never reaches.
+            if step.sequence >= last || step.pending == 0 {
                 return Ok(step.sequence);
             }
             idle_steps = if step.drained == 0 { idle_steps + 1 } else { 0 };
@@ -192,9 +197,16 @@ impl Drain {
                 tracing::debug!(%error, "acknowledging drained messages failed; they will be skipped when redelivered");
             }
         }
-        if let Ok(last) = self.runtime.block_on(self.stream.last_sequence()) {
-            self.metrics.drain_lag_messages.set(last.saturating_sub(step.sequence) as i64);
-        }
+        step.pending = match messages.last() {
+            Some(last) => last.info().map_err(|error| crate::stream::StreamError::Read(error.to_string()))?.pending,
+            // A fetch that waited and found nothing: ask the consumer.
+            None => self
+                .runtime
+                .block_on(consumer.info())
+                .map_err(|error| crate::stream::StreamError::Read(error.to_string()))?
+                .num_pending,
+        };
+        self.metrics.drain_lag_messages.set(step.pending as i64);
         Ok(step)
     }
 }

@@ -6,6 +6,12 @@
 //! it, and records it as done or failed with a summary that holds no
 //! personal data. The person is named in storage only by the digest of the
 //! identifier, so the record of an erasure does not undo it.
+//!
+//! With an event stream between nodes, a deletion first deletes the
+//! person's messages from the stream ([`StreamEraser`]), then waits for the
+//! drain to commit what it may have fetched before, then erases the store:
+//! so no event of theirs that was already published, drained or not, can
+//! reach the log afterwards.
 
 use crate::error::{ApiError, ErrorCode};
 use crate::extract::{AdminToken, ApiQuery};
@@ -22,10 +28,18 @@ use tandem_core::govern::dsr::{identifier_digest, DsrKind, DsrStatus};
 use tandem_core::identity::MalformedIdentifier;
 use tandem_core::{Identifier, LogPosition};
 use tandem_store::govern::new_dsr;
-use tandem_store::{DsrRecord, Store, StoreError, TimelineCursor};
+use std::time::{Duration, Instant};
+use tandem_store::{DsrRecord, ErasureReport, LeaseHolder, Stage, Store, StoreError, TimelineCursor};
 
 /// Events read per page while gathering an access export.
 const ACCESS_PAGE: usize = 1_000;
+
+/// How long a deletion waits for the drain to commit messages it may have
+/// fetched before they were deleted from the stream.
+const DRAIN_WAIT: Duration = Duration::from_secs(10);
+/// A drain whose recorded sequence has not moved for this long has nothing
+/// in flight: one fetch waits at most half a second before it commits.
+const DRAIN_SETTLED: Duration = Duration::from_secs(2);
 
 /// A request that could not be carried out.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +48,16 @@ pub enum DsrError {
     Malformed(#[from] MalformedIdentifier),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Stream(#[from] crate::stream::StreamError),
+}
+
+/// The event stream a deletion erases the person's messages from too, and
+/// the runtime that drives its client (the requests run on blocking threads).
+#[derive(Clone, Debug)]
+pub struct StreamEraser {
+    pub stream: crate::stream::EventStream,
+    pub runtime: tokio::runtime::Handle,
 }
 
 /// Parses `type:value` as events' identifiers are normalized, with the
@@ -48,25 +72,35 @@ pub fn parse_subject(store: &dyn Store, text: &str) -> Result<Identifier, DsrErr
 }
 
 /// Carries out a request about the person holding `subject` (`type:value`):
-/// the finished request, and for `access` the export.
-pub fn run_request(store: &dyn Store, kind: DsrKind, subject: &str) -> Result<(DsrRecord, Option<Value>), DsrError> {
+/// the finished request, and for `access` the export. `stream` is the event
+/// stream events pass through, when they do.
+pub fn run_request(
+    store: &dyn Store,
+    kind: DsrKind,
+    subject: &str,
+    stream: Option<&StreamEraser>,
+) -> Result<(DsrRecord, Option<Value>), DsrError> {
     let identifier = parse_subject(store, subject)?;
     let digest = identifier_digest(&identifier);
     let mut request = new_dsr(kind, &digest);
     store.insert_dsr(&request)?;
-    let outcome = match kind {
-        DsrKind::Access => access(store, &identifier, &digest).map(|export| {
+    let outcome: Result<(Value, Option<Value>), DsrError> = match kind {
+        DsrKind::Access => access(store, &identifier, &digest).map_err(DsrError::from).map(|export| {
             let summary = json!({
                 "profile": !export["profile"].is_null(),
                 "events": export["events"].as_array().map_or(0, Vec::len),
             });
             (summary, Some(export))
         }),
-        DsrKind::Delete => store.erase_person(&identifier).map(|report| (json!({ "removed": report }), None)),
+        DsrKind::Delete => erase(store, &identifier, stream).map(|report| (json!({ "removed": report }), None)),
         DsrKind::Suppress => store
             .suppress(&digest, chrono::Utc::now().timestamp_millis())
+            .map_err(DsrError::from)
             .map(|new| (json!({ "suppressed": true, "already": !new }), None)),
-        DsrKind::Unsuppress => store.unsuppress(&digest).map(|was| (json!({ "suppressed": false, "was": was }), None)),
+        DsrKind::Unsuppress => store
+            .unsuppress(&digest)
+            .map_err(DsrError::from)
+            .map(|was| (json!({ "suppressed": false, "was": was }), None)),
     };
     let finished_at = chrono::Utc::now().timestamp_millis();
     match outcome {
@@ -82,9 +116,63 @@ pub fn run_request(store: &dyn Store, kind: DsrKind, subject: &str) -> Result<(D
             tracing::error!(request = %request.id, %error, "a data subject request failed");
             // Best effort: the failure is what is being reported.
             let _ = store.finish_dsr(&request.id, DsrStatus::Failed, &error.to_string(), finished_at);
-            Err(error.into())
+            Err(error)
         }
     }
+}
+
+/// Erases the person holding `identifier`: from the event stream first
+/// (their messages deleted, the drain given time to commit any it had
+/// fetched), then from the store, which also removes whatever the drain
+/// appended. The report counts the stream's deleted messages as
+/// `event_stream`.
+fn erase(store: &dyn Store, identifier: &Identifier, stream: Option<&StreamEraser>) -> Result<ErasureReport, DsrError> {
+    let mut erased_from_stream = None;
+    if let Some(eraser) = stream {
+        // The same texts the store's erasure looks for: every identifier
+        // value of the person's profile, or the one asked about.
+        let mut values = vec![identifier.value.clone()];
+        if let Some(profile) = store.profile_by_identifier(identifier)? {
+            values.extend(profile.identifiers.into_iter().map(|known| known.value));
+        }
+        let patterns = tandem_store::govern::erasure_patterns(&values);
+        let erased = eraser.runtime.block_on(eraser.stream.erase_matching(&patterns))?;
+        wait_for_the_drain(store, eraser.stream.name(), erased.last_erased_sequence)?;
+        erased_from_stream = Some(erased.erased);
+    }
+    let mut report = store.erase_person(identifier)?;
+    if let Some(erased) = erased_from_stream {
+        report.insert("event_stream", erased);
+    }
+    Ok(report)
+}
+
+/// Returns once no drain can still append a message at or below `sequence`
+/// that it fetched before the message was deleted: the recorded sequence
+/// passed it, no node drains, or the drain committed nothing for
+/// [`DRAIN_SETTLED`] (a fetched batch is committed well within that). Gives
+/// up after [`DRAIN_WAIT`] with a warning.
+fn wait_for_the_drain(store: &dyn Store, stream: &str, sequence: u64) -> Result<(), StoreError> {
+    if sequence == 0 {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let (mut seen, mut since) = (store.drained_sequence(stream)?, Instant::now());
+    while seen < sequence {
+        if store.lease_holder(Stage::DRAIN)? == LeaseHolder::Vacant || since.elapsed() >= DRAIN_SETTLED {
+            return Ok(());
+        }
+        if started.elapsed() >= DRAIN_WAIT {
+            tracing::warn!(sequence, drained = seen, "the drain did not settle while erasing a person; erasing the store now");
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let now = store.drained_sequence(stream)?;
+        if now != seen {
+            (seen, since) = (now, Instant::now());
+        }
+    }
+    Ok(())
 }
 
 /// Everything kept about the person holding `identifier`.
@@ -151,6 +239,10 @@ impl From<DsrError> for ApiError {
                 tracing::error!(%error, "data subject request storage failed");
                 ApiError::new(ErrorCode::Unavailable, "the request could not be carried out right now, retry later")
             }
+            DsrError::Stream(error) => {
+                tracing::error!(%error, "data subject request on the event stream failed");
+                ApiError::new(ErrorCode::Unavailable, "the event stream cannot be reached right now, retry later")
+            }
         }
     }
 }
@@ -205,7 +297,12 @@ async fn create_request(
         ApiError::new(ErrorCode::InvalidValue, error.to_string()).with_field("kind")
     })?;
     let store = state.store.clone();
-    let (request, export) = tokio::task::spawn_blocking(move || run_request(store.as_ref(), kind, &new.identifier))
+    let eraser = state
+        .stream
+        .clone()
+        .map(|stream| StreamEraser { stream, runtime: tokio::runtime::Handle::current() });
+    let (request, export) =
+        tokio::task::spawn_blocking(move || run_request(store.as_ref(), kind, &new.identifier, eraser.as_ref()))
         .await
         .map_err(|_| ApiError::new(ErrorCode::Internal, "internal error"))??;
     if matches!(kind, DsrKind::Suppress | DsrKind::Unsuppress) {

@@ -6,10 +6,14 @@
 //! appends the stream, in order, into the PostgreSQL log that every later
 //! stage follows.
 //!
-//! One message per event or refusal, on the subject `tandem.events.<source>`.
-//! An event carries `Nats-Msg-Id` = source id and `messageId`, so JetStream
-//! drops an SDK's retry within its duplicate window; the drain applies the
-//! 24-hour (or permanent) `messageId` dedup of the log on top.
+//! One message per event or refusal, on the subject `tandem.events.<source>`,
+//! and the tracking-plan violations a request was found with in messages of
+//! their own (a few per request at most, see [`MAX_VIOLATION_MESSAGE_BYTES`]),
+//! so the drain counts them in the append that stores the request's events,
+//! as a direct append does. An event carries `Nats-Msg-Id` = source id and
+//! `messageId`, so JetStream drops an SDK's retry within its duplicate
+//! window; the drain applies the 24-hour (or permanent) `messageId` dedup of
+//! the log on top.
 
 pub mod testing;
 
@@ -17,10 +21,11 @@ use async_nats::jetstream;
 use async_nats::jetstream::consumer::pull::Config as PullConfig;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer};
 use base64::Engine;
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 use tandem_core::{EventType, LogRecord, MessageId, SourceId};
-use tandem_store::{Dedup, IngestBatch, IngestOutcome, QuarantineRecord};
+use tandem_store::{Dedup, IngestBatch, IngestOutcome, PlanViolationRecord, QuarantineRecord};
 
 /// The stream's name unless configured otherwise.
 pub const DEFAULT_STREAM_NAME: &str = "TANDEM_EVENTS";
@@ -37,6 +42,12 @@ const MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How long a drained batch may stay unacknowledged before JetStream
 /// offers it again (the drain skips what it already committed).
 const DRAIN_ACK_WAIT: Duration = Duration::from_secs(60);
+/// Messages read per fetch while looking for a person's messages to erase.
+const ERASURE_SCAN_BATCH: usize = 1_000;
+/// A request's violations are split into messages of about this size at
+/// most: one violation keeps a sample of up to 4 KiB, a batch may hold 2,500
+/// violating messages, and NATS refuses messages over 1 MiB by default.
+pub const MAX_VIOLATION_MESSAGE_BYTES: usize = 256 * 1024;
 
 /// Where the stream lives and how it is made.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,6 +93,19 @@ pub enum StreamError {
     Publish(String),
     #[error("reading the event stream failed: {0}")]
     Read(String),
+    #[error("erasing from the event stream failed: {0}")]
+    Erase(String),
+}
+
+/// What [`EventStream::erase_matching`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamErasure {
+    /// Messages read.
+    pub scanned: u64,
+    /// Messages deleted.
+    pub erased: u64,
+    /// The stream sequence of the last message deleted; 0 when none was.
+    pub last_erased_sequence: u64,
 }
 
 /// A connection to the event stream; cheap to clone.
@@ -158,15 +182,13 @@ impl EventStream {
                     .map_err(|error| StreamError::Publish(error.to_string()))?,
             );
         }
-        for rejected in &batch.rejected {
-            let body = serde_json::to_vec(&StreamMessage::rejected(rejected))
-                .map_err(|error| StreamError::Publish(error.to_string()))?;
+        let others = batch.rejected.iter().map(|rejected| (&rejected.source_id, StreamMessage::rejected(rejected)));
+        let violations = violation_messages(&batch.violations);
+        for (source_id, message) in others.chain(violations) {
+            let body = serde_json::to_vec(&message).map_err(|error| StreamError::Publish(error.to_string()))?;
             acks.push(
                 self.jetstream
-                    .send_publish(
-                        subject(&rejected.source_id),
-                        jetstream::message::PublishMessage::build().payload(body.into()),
-                    )
+                    .send_publish(subject(source_id), jetstream::message::PublishMessage::build().payload(body.into()))
                     .await
                     .map_err(|error| StreamError::Publish(error.to_string()))?,
             );
@@ -191,6 +213,74 @@ impl EventStream {
             self.jetstream.get_stream(&self.stream).await.map_err(|error| StreamError::Read(error.to_string()))?;
         let info = stream.info().await.map_err(|error| StreamError::Read(error.to_string()))?;
         Ok(info.state.last_sequence)
+    }
+
+    /// Deletes from the stream every message that holds one of `patterns`
+    /// (the JSON-quoted identifier values of a person being erased, see
+    /// [`tandem_store::govern::erasure_patterns`]) in an event, a refusal or
+    /// a violation's sample, compared without regard to case as the store's
+    /// erasure compares them. Reads every message up to the stream's end
+    /// when called (drained ones too: the stream keeps them for days); a
+    /// deleted message is overwritten on the server's disk and never
+    /// delivered again, so the drain cannot bring it back into the log. A
+    /// violations message holding one is deleted whole: it carries the
+    /// violations of one request.
+    pub async fn erase_matching(&self, patterns: &[String]) -> Result<StreamErasure, StreamError> {
+        let read = |error: &dyn std::fmt::Display| StreamError::Read(error.to_string());
+        let mut erasure = StreamErasure::default();
+        let patterns: Vec<String> = patterns.iter().map(|pattern| pattern.to_lowercase()).collect();
+        let mut stream = self.jetstream.get_stream(&self.stream).await.map_err(|error| read(&error))?;
+        let end = stream.info().await.map_err(|error| read(&error))?.state.last_sequence;
+        if patterns.is_empty() || end == 0 {
+            return Ok(erasure);
+        }
+        // Ephemeral, unacknowledged: the server drops it soon after the scan.
+        let consumer: PullConsumer = stream
+            .create_consumer(PullConfig {
+                deliver_policy: DeliverPolicy::All,
+                ack_policy: AckPolicy::None,
+                inactive_threshold: Duration::from_secs(30),
+                ..Default::default()
+            })
+            .await
+            .map_err(|error| read(&error))?;
+        'scan: loop {
+            let mut batch = consumer
+                .fetch()
+                .max_messages(ERASURE_SCAN_BATCH)
+                .expires(Duration::from_millis(500))
+                .messages()
+                .await
+                .map_err(|error| read(&error))?;
+            let mut fetched = 0;
+            while let Some(message) = batch.next().await {
+                let message = message.map_err(|error| read(&error))?;
+                fetched += 1;
+                let info = message.info().map_err(|error| read(&error))?;
+                let (sequence, pending) = (info.stream_sequence, info.pending);
+                if sequence > end {
+                    break 'scan;
+                }
+                erasure.scanned += 1;
+                if StreamMessage::decode(&message.payload).is_some_and(|decoded| decoded.holds_any(&patterns)) {
+                    stream.delete_message(sequence).await.map_err(|error| {
+                        StreamError::Erase(format!("deleting message {sequence} failed: {error}"))
+                    })?;
+                    erasure.erased += 1;
+                    erasure.last_erased_sequence = sequence;
+                }
+                if sequence == end || pending == 0 {
+                    break 'scan;
+                }
+            }
+            if fetched == 0 {
+                break;
+            }
+        }
+        let name = consumer.cached_info().name.clone();
+        // Best effort: an ephemeral consumer left behind expires by itself.
+        let _ = stream.delete_consumer(&name).await;
+        Ok(erasure)
     }
 
     /// The drain's durable pull consumer, made anew to start right after
@@ -240,6 +330,57 @@ fn message_id(record: &LogRecord) -> String {
     }
 }
 
+/// A request's violations as stream messages, in order, each under about
+/// [`MAX_VIOLATION_MESSAGE_BYTES`] (a single larger violation goes alone),
+/// each with the source the request came from.
+fn violation_messages(violations: &[PlanViolationRecord]) -> Vec<(&SourceId, StreamMessage)> {
+    let mut messages = Vec::new();
+    let mut chunk: Vec<StreamViolation> = Vec::new();
+    let mut chunk_bytes = 0;
+    let mut chunk_source: Option<&SourceId> = None;
+    for violation in violations {
+        // JSON escaping can grow the text; the bound is a budget, not a limit.
+        let bytes = violation.sample.len()
+            + violation.message.len()
+            + violation.path.len()
+            + violation.event_name.len()
+            + violation.kind.len()
+            + 96;
+        let other_source = chunk_source.is_some_and(|source| *source != violation.source_id);
+        if !chunk.is_empty() && (other_source || chunk_bytes + bytes > MAX_VIOLATION_MESSAGE_BYTES) {
+            let source = chunk_source.expect("set with the chunk's first violation");
+            messages.push((source, StreamMessage::violations(source, std::mem::take(&mut chunk))));
+            chunk_bytes = 0;
+        }
+        chunk_source = Some(&violation.source_id);
+        chunk_bytes += bytes;
+        chunk.push(StreamViolation {
+            kind: violation.kind.clone(),
+            event_name: violation.event_name.clone(),
+            path: violation.path.clone(),
+            message: violation.message.clone(),
+            sample: violation.sample.clone(),
+            seen_at_ms: violation.seen_at_ms,
+        });
+    }
+    if let Some(source) = chunk_source.filter(|_| !chunk.is_empty()) {
+        messages.push((source, StreamMessage::violations(source, chunk)));
+    }
+    messages
+}
+
+/// One tracking-plan violation in a [`StreamMessage::Violations`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamViolation {
+    pub kind: String,
+    pub event_name: String,
+    pub path: String,
+    pub message: String,
+    pub sample: String,
+    pub seen_at_ms: i64,
+}
+
 /// One message of the stream as the collect stage writes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
@@ -266,6 +407,9 @@ pub enum StreamMessage {
         message: String,
         payload: String,
     },
+    /// Tracking-plan violations found in one request's messages, counted
+    /// when drained (the request's events and refusals travel apart).
+    Violations { source_id: String, violations: Vec<StreamViolation> },
 }
 
 impl StreamMessage {
@@ -291,6 +435,28 @@ impl StreamMessage {
             message: rejected.message.clone(),
             payload: rejected.payload.clone(),
         }
+    }
+
+    fn violations(source: &SourceId, violations: Vec<StreamViolation>) -> StreamMessage {
+        StreamMessage::Violations { source_id: source.as_str().to_owned(), violations }
+    }
+
+    /// Whether any of `patterns` (lowercase) is in this message's text about
+    /// a person: an event's or refusal's payload, a refusal's reason, a
+    /// violation's message or sample.
+    fn holds_any(&self, patterns: &[String]) -> bool {
+        let texts: Vec<&str> = match self {
+            StreamMessage::Event { payload, .. } => vec![payload],
+            StreamMessage::Rejected { payload, message, .. } => vec![payload, message],
+            StreamMessage::Violations { violations, .. } => violations
+                .iter()
+                .flat_map(|violation| [violation.sample.as_str(), violation.message.as_str()])
+                .collect(),
+        };
+        texts.into_iter().any(|text| {
+            let text = text.to_lowercase();
+            patterns.iter().any(|pattern| text.contains(pattern.as_str()))
+        })
     }
 
     /// Reads a message body; `None` for one that is not a Tandem stream message.
@@ -343,6 +509,24 @@ impl StreamMessage {
                     ..IngestBatch::default()
                 }
             }
+            StreamMessage::Violations { source_id, violations } => {
+                let source_id = SourceId::new(source_id);
+                IngestBatch {
+                    violations: violations
+                        .into_iter()
+                        .map(|violation| PlanViolationRecord {
+                            source_id: source_id.clone(),
+                            kind: violation.kind,
+                            event_name: violation.event_name,
+                            path: violation.path,
+                            message: violation.message,
+                            sample: violation.sample,
+                            seen_at_ms: violation.seen_at_ms,
+                        })
+                        .collect(),
+                    ..IngestBatch::default()
+                }
+            }
         }
     }
 }
@@ -382,6 +566,66 @@ mod tests {
         assert_eq!(StreamMessage::decode(&body).unwrap().into_batch().rejected, vec![refusal]);
         assert_eq!(StreamMessage::decode(b"{\"kind\":\"event\"}"), None);
         assert_eq!(StreamMessage::decode(b"not json"), None);
+    }
+
+    fn violation(source: &str, sample_bytes: usize) -> PlanViolationRecord {
+        PlanViolationRecord::new(
+            SourceId::new(source),
+            "unplanned_event",
+            "Order Placed",
+            "/event",
+            "\"Order Placed\" is not in the tracking plan",
+            &"x".repeat(sample_bytes),
+            7,
+        )
+    }
+
+    #[test]
+    fn a_requests_violations_travel_in_bounded_messages_and_come_back_whole() {
+        // 200 violations with 4 KiB samples: over 800 KiB, more than one message.
+        let violations: Vec<PlanViolationRecord> = (0..200).map(|_| violation("src", 4096)).collect();
+        let messages = violation_messages(&violations);
+        assert!(messages.len() >= 4, "split into {} messages", messages.len());
+        let mut back = Vec::new();
+        for (source, message) in messages {
+            assert_eq!(source.as_str(), "src");
+            let body = serde_json::to_vec(&message).unwrap();
+            assert!(body.len() <= MAX_VIOLATION_MESSAGE_BYTES + 8 * 1024, "a message of {} bytes", body.len());
+            let batch = StreamMessage::decode(&body).unwrap().into_batch();
+            assert!(batch.records.is_empty() && batch.rejected.is_empty());
+            back.extend(batch.violations);
+        }
+        assert_eq!(back, violations, "every violation, in order, as found");
+        assert!(violation_messages(&[]).is_empty(), "no violations, no message");
+        let mixed = [violation("a", 10), violation("b", 10)];
+        let sources: Vec<&str> = violation_messages(&mixed).iter().map(|(source, _)| source.as_str()).collect();
+        assert_eq!(sources, ["a", "b"], "each message names one source");
+    }
+
+    #[test]
+    fn a_person_is_found_in_events_refusals_and_violation_samples_whatever_the_case() {
+        let patterns = tandem_store::govern::erasure_patterns(&["Ada@Example.com".to_owned()]);
+        let patterns: Vec<String> = patterns.iter().map(|pattern| pattern.to_lowercase()).collect();
+        let mut event = record("m1");
+        event.payload = r#"{"type":"identify","traits":{"email":"ada@example.COM"}}"#.into();
+        assert!(StreamMessage::event(&event, Dedup::Window).holds_any(&patterns));
+        event.payload = r#"{"type":"identify","traits":{"email":"ada@example.com.au"}}"#.into();
+        assert!(!StreamMessage::event(&event, Dedup::Window).holds_any(&patterns), "a longer value is someone else");
+        let refusal = QuarantineRecord {
+            source_id: SourceId::new("s"),
+            received_at_ms: 1,
+            batch_index: None,
+            code: "unplanned_event".into(),
+            field: None,
+            message: "bad".into(),
+            payload: r#"{"userId":"ADA@example.com"}"#.into(),
+        };
+        assert!(StreamMessage::rejected(&refusal).holds_any(&patterns));
+        let mut sampled = violation("s", 0);
+        sampled.sample = r#"{"traits":{"email":"ada@example.com"}}"#.into();
+        let messages = violation_messages(&[violation("s", 10), sampled]);
+        assert!(messages[0].1.holds_any(&patterns));
+        assert!(!violation_messages(&[violation("s", 10)])[0].1.holds_any(&patterns));
     }
 
     #[test]

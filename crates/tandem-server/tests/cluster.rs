@@ -317,6 +317,198 @@ mod stream {
         other.stop(&runtime);
     }
 
+    async fn post(app: &Router, path: &str, write_key: &str, body: &Value) -> (StatusCode, Value) {
+        use base64::Engine;
+        let request = Request::post(path)
+            .header(
+                header::AUTHORIZATION,
+                format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{write_key}:"))),
+            )
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = to_bytes(response.into_body(), usize::MAX).await.unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    /// Requests that break a `block_unplanned` plan in every way it counts:
+    /// a blocked unplanned event in a batch and alone, a kept event failing
+    /// its schema, and valid events beside them. Returns the answers.
+    async fn send_plan_breaking_requests(app: &Router, write_key: &str) -> Vec<(StatusCode, Value)> {
+        let mut answers = Vec::new();
+        let batch = json!({"batch": [
+            {"type": "track", "userId": "ada", "event": "Order Completed", "messageId": "ok-1",
+             "properties": {"total": 10}},
+            {"type": "track", "userId": "ada", "event": "Coupon Spun", "messageId": "unplanned-1"},
+            {"type": "track", "userId": "bob", "event": "Order Completed", "messageId": "bad-total-1",
+             "properties": {"total": "ten"}},
+            {"type": "track", "userId": "bob", "event": "Order Completed", "messageId": "no-total-1",
+             "properties": {}},
+        ]});
+        answers.push(post(app, "/v1/batch", write_key, &batch).await);
+        let single = json!({"userId": "cy", "event": "Coupon Spun", "messageId": "unplanned-2"});
+        answers.push(post(app, "/v1/track", write_key, &single).await);
+        let another = json!({"userId": "cy", "event": "Order Completed", "messageId": "bad-total-2",
+                             "properties": {"total": "lots"}});
+        answers.push(post(app, "/v1/track", write_key, &another).await);
+        answers
+    }
+
+    /// What a store counted for a source: each violation without its times,
+    /// the quarantined codes, and the events stored.
+    fn governance_counts(store: &dyn Store, source: &tandem_core::SourceId) -> (Vec<Value>, Vec<String>, u64) {
+        let mut violations: Vec<Value> = store
+            .plan_violations(source, 100)
+            .unwrap()
+            .into_iter()
+            .map(|violation| {
+                json!([violation.kind, violation.event_name, violation.path, violation.count, violation.message,
+                       violation.sample])
+            })
+            .collect();
+        violations.sort_by_key(Value::to_string);
+        let mut codes: Vec<String> =
+            store.list_quarantine(0, 100).unwrap().into_iter().map(|entry| entry.record.code).collect();
+        codes.sort();
+        (violations, codes, store.stats().unwrap().events)
+    }
+
+    #[test]
+    fn tracking_plan_violations_reach_the_store_through_the_stream_as_they_do_embedded() {
+        let plan = r#"{"mode": "block_unplanned", "events": {"Order Completed": {"type": "object",
+            "required": ["total"], "properties": {"total": {"type": "number"}}}}}"#;
+        let runtime = runtime();
+
+        // Embedded: SQLite, the group-committing writer.
+        let embedded_dir = tempfile::tempdir().unwrap();
+        let embedded: Arc<dyn Store> = Arc::new(tandem_store::SqliteStore::open(embedded_dir.path()).unwrap());
+        let embedded_source = embedded.create_source("web", SourceKind::Website).unwrap();
+        tandem_server::govern::set_plan(embedded.as_ref(), "web", plan).unwrap();
+        let (embedded_state, _writer) =
+            AppState::start(embedded.clone(), DEFAULT_DEDUP_WINDOW, embedded_dir.path().join("imports"));
+        let embedded_answers = runtime
+            .block_on(send_plan_breaking_requests(&router(embedded_state), embedded_source.write_key.as_str()));
+        let expected = governance_counts(embedded.as_ref(), &embedded_source.id);
+        assert_eq!(expected.0.len(), 3, "unplanned, and two kinds of schema failure: {:?}", expected.0);
+        assert_eq!(expected.1.len(), 2, "two unplanned events quarantined: {:?}", expected.1);
+        assert_eq!(expected.2, 4, "the kept events");
+
+        // Scale-out: PostgreSQL behind NATS JetStream, drained by the node.
+        let Some((_database, config)) = TestDatabase::create() else { return };
+        let nats = NatsServer::start();
+        let store: Arc<dyn Store> = Arc::new(PostgresStore::connect_with(config, 8).unwrap());
+        let source = store.create_source("web", SourceKind::Website).unwrap();
+        tandem_server::govern::set_plan(store.as_ref(), "web", plan).unwrap();
+        let node = start_node(&runtime, store.clone(), StreamOptions::parse(&nats.url()).unwrap());
+        let answers = runtime.block_on(send_plan_breaking_requests(&node.app, source.write_key.as_str()));
+        assert_eq!(answers, embedded_answers, "the same answers");
+        let stream = node.state.stream.clone().unwrap();
+        let last = runtime.block_on(stream.last_sequence()).unwrap();
+        wait_for("the drain to reach the end of the stream", || {
+            store.drained_sequence(stream.name()).unwrap() == last
+        });
+        assert_eq!(governance_counts(store.as_ref(), &source.id), expected, "the same counts, messages and samples");
+        node.stop(&runtime);
+    }
+
+    /// Identifies `user` with an e-mail, then tracks an event, as one batch.
+    fn person_batch(user: &str, email: &str, prefix: &str) -> Value {
+        json!({"batch": [
+            {"type": "identify", "userId": user, "messageId": format!("{prefix}-identify"),
+             "traits": {"email": email}},
+            {"type": "track", "userId": user, "event": "Signed Up", "messageId": format!("{prefix}-track")},
+        ]})
+    }
+
+    #[test]
+    fn deleting_a_person_deletes_their_messages_from_the_stream_so_none_can_be_drained_back() {
+        let Some((_database, config)) = TestDatabase::create() else { return };
+        let nats = NatsServer::start();
+        let store: Arc<dyn Store> = Arc::new(PostgresStore::connect_with(config, 8).unwrap());
+        let source = store.create_source("web", SourceKind::Website).unwrap();
+        let (_, token) = store.create_token("ops").unwrap();
+        let key = source.write_key.as_str();
+        let runtime = runtime();
+        let log = StreamOptions::parse(&nats.url()).unwrap();
+
+        // Drained and resolved: Ada and Bob each have a profile.
+        let node = start_node(&runtime, store.clone(), log.clone());
+        let stream = node.state.stream.clone().unwrap();
+        for (user, email, prefix) in [("ada", "Ada@Example.com", "ada-1"), ("bob", "bob@example.com", "bob-1")] {
+            let (status, _) = runtime.block_on(post(&node.app, "/v1/batch", key, &person_batch(user, email, prefix)));
+            assert_eq!(status, StatusCode::OK);
+        }
+        wait_for("both profiles", || store.stats().unwrap().profiles == 2);
+        node.stop(&runtime);
+
+        // Published while no node drains: still only in the stream. Ada's
+        // second event names her by e-mail only, and a refused message of
+        // hers goes to the stream for quarantine.
+        let dir = tempfile::tempdir().unwrap();
+        let collector = router(AppState::start_streaming(
+            store.clone(),
+            stream.clone(),
+            dir.path().join("imports"),
+            Default::default(),
+        ));
+        let later = json!({"batch": [
+            {"type": "track", "anonymousId": "device-9", "event": "Viewed", "messageId": "ada-2",
+             "context": {"traits": {"email": "ada@example.com"}}},
+            {"type": "track", "userId": "bob", "event": "Viewed", "messageId": "bob-2"},
+            {"type": "track", "userId": "ada", "messageId": "ada-refused"},
+        ]});
+        let (status, body) = runtime.block_on(post(&collector, "/v1/batch", key, &later));
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["rejected"].as_array().map(Vec::len), Some(1), "the track call without an event is refused");
+        let drained = store.drained_sequence(stream.name()).unwrap();
+        let end = runtime.block_on(stream.last_sequence()).unwrap();
+        assert_eq!(end - drained, 3, "three messages not drained yet");
+
+        let request = Request::post("/api/v1/dsr")
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(json!({"kind": "delete", "identifier": "user_id:ada"}).to_string()))
+            .unwrap();
+        let response = runtime.block_on(collector.clone().oneshot(request)).unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let body: Value =
+            serde_json::from_slice(&runtime.block_on(to_bytes(response.into_body(), usize::MAX)).unwrap()).unwrap();
+        assert_eq!(body["status"], "done", "{body}");
+        assert_eq!(body["detail"]["removed"]["event_stream"], 4, "two drained, two not: {body}");
+        assert_eq!(body["detail"]["removed"]["events"], 2, "the two in the log: {body}");
+
+        // Nothing of Ada's is left in the stream: a second look finds none,
+        // and Bob's messages are all there.
+        let patterns = tandem_store::govern::erasure_patterns(&["ada".to_owned(), "ada@example.com".to_owned()]);
+        let again = runtime.block_on(stream.erase_matching(&patterns)).unwrap();
+        assert_eq!((again.scanned, again.erased), (3, 0), "Bob's three messages remain, none of Ada's");
+
+        // The drain appends what is left; replaying the whole stream into
+        // an empty database brings nothing of Ada's back either.
+        let node = start_node(&runtime, store.clone(), log);
+        wait_for("the drain to finish", || node.state.metrics.render().lines().any(|line| line == "tandem_drain_lag_messages 0")
+            && store.drained_sequence(stream.name()).unwrap() > drained);
+        let ids: Vec<String> = message_id_counts(store.as_ref()).into_keys().collect();
+        assert_eq!(ids, ["bob-1-identify", "bob-1-track", "bob-2"]);
+        assert!(store.list_quarantine(0, 100).unwrap().is_empty(), "Ada's refused message never reached quarantine");
+        node.stop(&runtime);
+
+        let Some((_replay_database, replay_config)) = TestDatabase::create() else { return };
+        let replay: Arc<dyn Store> = Arc::new(PostgresStore::connect_with(replay_config, 4).unwrap());
+        let mut drain = tandem_server::drain::Drain::new(
+            replay.clone(),
+            stream.clone(),
+            runtime.handle().clone(),
+            DEFAULT_DEDUP_WINDOW,
+            tandem_server::metrics::Metrics::new(),
+        );
+        drain.catch_up().unwrap();
+        let replayed: Vec<String> = message_id_counts(replay.as_ref()).into_keys().collect();
+        assert_eq!(replayed, ["bob-1-identify", "bob-1-track", "bob-2"], "the whole stream, drained again");
+    }
+
     /// Ends the session holding the drain's advisory lock, as a network
     /// partition or a restarted database would, while its node runs on.
     fn take_the_drain_lease_away(config: &postgres::Config) -> u64 {

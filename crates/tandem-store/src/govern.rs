@@ -235,7 +235,7 @@ pub trait GovernStore: Send + Sync + 'static {
 
 /// The texts an erasure looks for in payloads: each identifier value and
 /// profile id as a JSON string (quoted), so `"42"` does not match `420`.
-pub(crate) fn erasure_patterns(values: &[String]) -> Vec<String> {
+pub fn erasure_patterns(values: &[String]) -> Vec<String> {
     let mut patterns: Vec<String> = values
         .iter()
         .filter(|value| !value.is_empty())

@@ -89,6 +89,8 @@ pub enum StoreError {
     InvalidSource(#[from] SourceError),
     #[error("the data directory was written by a newer tandem (schema {found}, this build knows {known})")]
     SchemaTooNew { found: i64, known: i64 },
+    #[error(transparent)]
+    Tls(#[from] crate::postgres::tls::TlsError),
     #[error("storage failure: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
 }

@@ -9,7 +9,8 @@
 //! `log.rs` the event log and its append order, `sources.rs` sources and
 //! tokens, `identity.rs` the identity graph, `audience.rs` audiences and
 //! memberships, `outbox.rs` destinations and their outbox, `lease.rs` the stage leases (advisory locks held on
-//! connections outside the pool). The schema is created and
+//! connections outside the pool), `tls.rs` how connections are encrypted and
+//! the server's certificate checked (`sslmode`, `sslrootcert`). The schema is created and
 //! upgraded here, by numbered migrations recorded in `schema_migrations`.
 //!
 //! Text that may hold what PostgreSQL's `TEXT` cannot (a NUL character,
@@ -35,6 +36,7 @@ mod outbox;
 mod pool;
 mod sources;
 pub mod testing;
+pub mod tls;
 
 use crate::StoreError;
 use pool::Pool;
@@ -393,22 +395,32 @@ impl From<postgres::Error> for StoreError {
 
 impl PostgresStore {
     /// Connects to the database at `url` (`postgres://user@host:port/db` or
-    /// `host=… user=… dbname=…`) and applies any pending migrations. The
-    /// connection is not encrypted: TLS is not supported yet.
+    /// `host=… user=… dbname=…`) and applies any pending migrations. TLS is
+    /// as the URL's `sslmode` and `sslrootcert` say, read as libpq reads
+    /// them (see [`tls`]): by default it is used when the server offers it.
     pub fn connect(url: &str) -> Result<Self, StoreError> {
-        let config: Config = url.parse()?;
-        Self::connect_with(config, DEFAULT_MAX_CONNECTIONS)
+        let (rest, tls) = tls::split_settings(url)?;
+        let mut config: Config = rest.parse()?;
+        let connector = tls::Connector::new(&tls, &mut config)?;
+        Self::open(config, connector, DEFAULT_MAX_CONNECTIONS)
     }
 
     /// Like [`PostgresStore::connect`], with the connection settings parsed
     /// and the most connections this store opens at once (at least one).
+    /// TLS is as the settings' own `sslmode` says (`disable`, `prefer` or
+    /// `require`), without checking the server's certificate.
     pub fn connect_with(mut config: Config, max_connections: usize) -> Result<Self, StoreError> {
+        let connector = tls::connector_for(&mut config);
+        Self::open(config, connector, max_connections)
+    }
+
+    fn open(mut config: Config, connector: tls::Connector, max_connections: usize) -> Result<Self, StoreError> {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
         config.application_name("tandem");
         let store = PostgresStore {
-            pool: Pool::new(config, max_connections),
+            pool: Pool::new(config, connector, max_connections),
             #[cfg(test)]
             test_database: None,
         };

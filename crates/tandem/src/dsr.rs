@@ -3,17 +3,37 @@
 //! `delete` erases them from every table, `suppress` / `unsuppress` refuse or
 //! accept again their future events — and list past requests with their
 //! status. Works on the data directory directly; a running server sees a
-//! suppression within 10 seconds.
+//! suppression within 10 seconds. With an event stream (`--log`), a
+//! deletion erases the person's messages from the stream too.
 
 use serde_json::Value;
 use std::io::Write;
 use std::sync::Arc;
 use tandem_core::govern::dsr::DsrKind;
-use tandem_server::dsr::{request_json, run_request};
+use tandem_server::dsr::{request_json, run_request, StreamEraser};
+use tandem_server::stream::{EventStream, StreamOptions};
 use tandem_store::Store;
 
-pub fn run(store: Arc<dyn Store>, kind: DsrKind, subject: &str, out: &mut impl Write) -> anyhow::Result<()> {
-    let (request, export) = run_request(store.as_ref(), kind, subject)?;
+pub fn run(
+    store: Arc<dyn Store>,
+    kind: DsrKind,
+    subject: &str,
+    log: Option<&StreamOptions>,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    // Only a deletion touches the stream; the runtime drives its client.
+    let runtime = match (kind, log) {
+        (DsrKind::Delete, Some(_)) => Some(crate::runtime()?),
+        _ => None,
+    };
+    let eraser = match (&runtime, log) {
+        (Some(runtime), Some(log)) => Some(StreamEraser {
+            stream: runtime.block_on(EventStream::connect(log))?,
+            runtime: runtime.handle().clone(),
+        }),
+        _ => None,
+    };
+    let (request, export) = run_request(store.as_ref(), kind, subject, eraser.as_ref())?;
     match export {
         Some(export) => writeln!(out, "{}", serde_json::to_string_pretty(&export)?)?,
         None => writeln!(

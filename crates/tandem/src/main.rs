@@ -485,7 +485,7 @@ enum DsrCommand {
         /// The identifier, as TYPE:VALUE (email:ann@example.com)
         identifier: String,
     },
-    /// Erase the person holding TYPE:VALUE from every table
+    /// Erase the person holding TYPE:VALUE from every table (and, with --log, their messages from the event stream)
     Delete {
         /// The identifier, as TYPE:VALUE
         identifier: String,
@@ -1245,16 +1245,40 @@ fn dispatch(
             audience::members(open(Access::Existing)?, &name, after.as_deref(), limit, json, &mut out)
         }
         Command::Dsr(DsrCommand::Access { identifier }) => {
-            dsr::run(open(Access::Existing)?, tandem_core::govern::dsr::DsrKind::Access, &identifier, &mut out)
+            dsr::run(
+                open(Access::Existing)?,
+                tandem_core::govern::dsr::DsrKind::Access,
+                &identifier,
+                settings.log.as_ref(),
+                &mut out,
+            )
         }
         Command::Dsr(DsrCommand::Delete { identifier }) => {
-            dsr::run(open(Access::Existing)?, tandem_core::govern::dsr::DsrKind::Delete, &identifier, &mut out)
+            dsr::run(
+                open(Access::Existing)?,
+                tandem_core::govern::dsr::DsrKind::Delete,
+                &identifier,
+                settings.log.as_ref(),
+                &mut out,
+            )
         }
         Command::Dsr(DsrCommand::Suppress { identifier }) => {
-            dsr::run(open(Access::Existing)?, tandem_core::govern::dsr::DsrKind::Suppress, &identifier, &mut out)
+            dsr::run(
+                open(Access::Existing)?,
+                tandem_core::govern::dsr::DsrKind::Suppress,
+                &identifier,
+                settings.log.as_ref(),
+                &mut out,
+            )
         }
         Command::Dsr(DsrCommand::Unsuppress { identifier }) => {
-            dsr::run(open(Access::Existing)?, tandem_core::govern::dsr::DsrKind::Unsuppress, &identifier, &mut out)
+            dsr::run(
+                open(Access::Existing)?,
+                tandem_core::govern::dsr::DsrKind::Unsuppress,
+                &identifier,
+                settings.log.as_ref(),
+                &mut out,
+            )
         }
         Command::Dsr(DsrCommand::List { limit, json }) => dsr::list(open(Access::Existing)?, limit, json, &mut out),
         Command::Plan(PlanCommand::Set { source, file }) => {
@@ -1341,7 +1365,7 @@ fn stream_position(
     })
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
 }
 

@@ -10,7 +10,7 @@
 
 use super::PostgresStore;
 use crate::{Coordination, LeaseHolder, LeaseKeeper, LeaseLost, Stage, StageLease, StoreError, StoreKind};
-use postgres::{Client, NoTls};
+use postgres::Client;
 use std::time::Duration;
 
 /// The high half of every stage lease's advisory-lock key ("tdm\0"); the
@@ -97,7 +97,7 @@ impl Coordination for PostgresStore {
             .keepalives_interval(KEEPALIVE_INTERVAL)
             .keepalives_retries(KEEPALIVE_RETRIES)
             .tcp_user_timeout(DEAD_AFTER);
-        let mut client = config.connect(NoTls)?;
+        let mut client = self.pool.connector().connect(&config)?;
         client.batch_execute(&format!(
             "SET tcp_keepalives_idle = {}; SET tcp_keepalives_interval = {}; SET tcp_keepalives_count = {};
              SET tcp_user_timeout = {}; SET idle_session_timeout = 0",

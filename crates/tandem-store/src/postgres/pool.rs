@@ -10,7 +10,8 @@
 //! fails the check (or whose caller panicked) is closed and frees its slot.
 
 use crate::StoreError;
-use postgres::{Client, Config, NoTls};
+use super::tls::Connector;
+use postgres::{Client, Config};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,7 @@ pub struct PoolExhausted {
 
 pub(super) struct Pool {
     config: Config,
+    connector: Connector,
     max: usize,
     state: Mutex<PoolState>,
     returned: Condvar,
@@ -43,9 +45,10 @@ impl Pool {
     /// How long a caller waits for a busy pool before giving up.
     pub const WAIT: Duration = Duration::from_secs(30);
 
-    pub fn new(config: Config, max: usize) -> Self {
+    pub fn new(config: Config, connector: Connector, max: usize) -> Self {
         Pool {
             config,
+            connector,
             max: max.max(1),
             state: Mutex::new(PoolState { idle: Vec::new(), open: 0 }),
             returned: Condvar::new(),
@@ -55,6 +58,11 @@ impl Pool {
     /// The settings every connection of this pool is opened with.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// How this pool's connections are opened (with TLS or without).
+    pub fn connector(&self) -> &Connector {
+        &self.connector
     }
 
     /// Runs `work` on a pooled connection (opening one while under the
@@ -89,7 +97,7 @@ impl Pool {
             if state.open < self.max {
                 state.open += 1;
                 drop(state);
-                return self.config.connect(NoTls).map_err(|error| {
+                return self.connector.connect(&self.config).map_err(|error| {
                     self.lock().open -= 1;
                     self.returned.notify_one();
                     error.into()

@@ -94,3 +94,158 @@ pub fn fresh_store() -> Option<PostgresStore> {
     store.test_database = Some(database);
     Some(store)
 }
+
+/// A PostgreSQL cluster of a test's own, for what the shared test server
+/// cannot show (TLS with a certificate the test made): `initdb` in a
+/// temporary directory, started on a free port, stopped and removed when
+/// dropped. PostgreSQL refuses to run as root, so as root it runs as the
+/// `postgres` user (or `nobody`) via `runuser`.
+#[cfg(test)]
+pub struct PrivateCluster {
+    dir: tempfile::TempDir,
+    bin: std::path::PathBuf,
+    run_as: Option<String>,
+    /// The port it listens on, at 127.0.0.1.
+    pub port: u16,
+}
+
+#[cfg(test)]
+impl PrivateCluster {
+    /// Starts a cluster that takes only TLS connections over TCP (plain ones
+    /// are refused by `pg_hba.conf`), with `certificate` and `key` (PEM) as
+    /// its server certificate; `None` when PostgreSQL tests are skipped.
+    ///
+    /// # Panics
+    /// When PostgreSQL's programs are missing or the cluster does not start.
+    pub fn start_with_tls(certificate: &str, key: &str) -> Option<PrivateCluster> {
+        use std::os::unix::fs::PermissionsExt;
+        if std::env::var(SERVER_VARIABLE).is_ok_and(|value| value.trim() == "skip") {
+            eprintln!("{SERVER_VARIABLE}=skip: not running this PostgreSQL test");
+            return None;
+        }
+        let bin = server_programs().unwrap_or_else(|| {
+            panic!("no initdb found (looked in /usr/lib/postgresql/*/bin and PATH); install it: apt-get install postgresql (scripts/test does)")
+        });
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let run_as = running_as_root().then(|| {
+            let user = if user_ids("postgres").is_some() { "postgres" } else { "nobody" };
+            let (uid, gid) = user_ids(user).expect("the user to run postgresql as");
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("handing the directory over");
+            user.to_owned()
+        });
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let cluster = PrivateCluster { dir, bin, run_as, port };
+        let data = cluster.dir.path().join("data");
+        cluster.run(
+            "initdb",
+            &["-D", data.to_str().unwrap(), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"],
+        );
+        for (name, text, mode) in [("server.crt", certificate, 0o644), ("server.key", key, 0o600)] {
+            let path = data.join(name);
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            cluster.hand_over(&path);
+        }
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n",
+        )
+        .unwrap();
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c ssl=on \
+             -c ssl_cert_file=server.crt -c ssl_key_file=server.key",
+            cluster.port,
+            cluster.dir.path().display()
+        );
+        let log = cluster.dir.path().join("server.log");
+        let started = cluster.try_run(
+            "pg_ctl",
+            &["start", "-D", data.to_str().unwrap(), "-l", log.to_str().unwrap(), "-w", "-o", &options],
+        );
+        if !started {
+            panic!("the private postgresql did not start; its log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+        }
+        Some(cluster)
+    }
+
+    fn hand_over(&self, path: &std::path::Path) {
+        if let Some(user) = &self.run_as {
+            let (uid, gid) = user_ids(user).expect("the user to run postgresql as");
+            std::os::unix::fs::chown(path, Some(uid), Some(gid)).expect("handing the file over");
+        }
+    }
+
+    fn command(&self, program: &str) -> std::process::Command {
+        let path = self.bin.join(program);
+        match &self.run_as {
+            Some(user) => {
+                let mut command = std::process::Command::new("runuser");
+                command.args(["-u", user, "--"]).arg(path);
+                command
+            }
+            None => std::process::Command::new(path),
+        }
+    }
+
+    fn try_run(&self, program: &str, args: &[&str]) -> bool {
+        let status = self
+            .command(program)
+            .args(args)
+            .current_dir(self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap_or_else(|error| panic!("cannot run {program}: {error}"));
+        status.success()
+    }
+
+    fn run(&self, program: &str, args: &[&str]) {
+        assert!(self.try_run(program, args), "{program} {args:?} failed");
+    }
+}
+
+#[cfg(test)]
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let _ = self.try_run("pg_ctl", &["stop", "-D", data.to_str().unwrap_or_default(), "-m", "immediate"]);
+    }
+}
+
+/// Debian keeps the server programs out of PATH, under a versioned directory.
+#[cfg(test)]
+fn server_programs() -> Option<std::path::PathBuf> {
+    let mut versioned: Vec<std::path::PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path().join("bin"))
+        .filter(|bin| bin.join("initdb").is_file())
+        .collect();
+    versioned.sort_by_key(|bin| {
+        bin.parent().and_then(|version| version.file_name()?.to_str()?.parse::<u32>().ok()).unwrap_or(0)
+    });
+    versioned.pop().or_else(|| {
+        let path = std::env::var_os("PATH")?;
+        std::env::split_paths(&path).find(|dir| dir.join("initdb").is_file())
+    })
+}
+
+#[cfg(test)]
+fn running_as_root() -> bool {
+    // The real user id, from the kernel's own account of this process.
+    std::fs::read_to_string("/proc/self/status").ok().and_then(|status| {
+        let line = status.lines().find(|line| line.starts_with("Uid:"))?;
+        line.split_whitespace().nth(1)?.parse::<u32>().ok()
+    }) == Some(0)
+}
+
+/// A user's ids from `/etc/passwd`.
+#[cfg(test)]
+fn user_ids(user: &str) -> Option<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        (fields.first() == Some(&user) && fields.len() > 3).then(|| Some((fields[2].parse().ok()?, fields[3].parse().ok()?)))?
+    })
+}
