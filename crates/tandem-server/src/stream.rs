@@ -263,9 +263,10 @@ impl EventStream {
                 }
                 erasure.scanned += 1;
                 if StreamMessage::decode(&message.payload).is_some_and(|decoded| decoded.holds_any(&patterns)) {
-                    stream.delete_message(sequence).await.map_err(|error| {
-                        StreamError::Erase(format!("deleting message {sequence} failed: {error}"))
-                    })?;
+                    stream
+                        .delete_message(sequence)
+                        .await
+                        .map_err(|error| StreamError::Erase(format!("deleting message {sequence} failed: {error}")))?;
                     erasure.erased += 1;
                     erasure.last_erased_sequence = sequence;
                 }
