@@ -166,12 +166,21 @@ try {
   await page.getByRole('link', { name: 'Stack', exact: true }).click()
   await page.waitForURL(/\/console\/stack$/)
   await shot(page, 'stack')
+  const phoneOverflow = async (name) => {
+    await page.setViewportSize({ width: 390, height: 844 })
+    await shot(page, name)
+    const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth)
+    await page.setViewportSize({ width: 1280, height: 900 })
+    return overflow
+  }
+  const stackPhoneOverflow = await phoneOverflow('stack-phone')
   await page.locator('#delivery-health').getByRole('link', { name: destination, exact: true }).click()
   await page.waitForURL(/\/console\/stack\/destinations\//)
   const rows = page.locator('#dead-letter-list tbody tr')
   const letterIds = () => rows.evaluateAll((found) => found.map((row) => Number(row.id.replace('dead-letter-', ''))))
   seen.stack = { before: await letterIds(), adminLetters: await rows.allInnerTexts() }
   await shot(page, 'dead-letters')
+  seen.stack.phoneOverflow = { stack: stackPhoneOverflow, deadLetters: await phoneOverflow('dead-letters-phone') }
   const received = []
   const receiver = http.createServer((request, response) => {
     let body = ''
@@ -201,8 +210,10 @@ try {
   await page.goto(base + '/console/governance/audit?action=destination.replay')
   seen.stack.auditText = await page.locator('#audit-list').innerText()
   await shot(page, 'audit-log')
+  seen.stack.phoneOverflow.audit = await phoneOverflow('audit-log-phone')
   await page.goto(base + '/console/quality')
   await shot(page, 'data-quality')
+  seen.stack.phoneOverflow.quality = await phoneOverflow('data-quality-phone')
   seen.scriptErrors = failures
   console.log(JSON.stringify(seen))
 } catch (error) {

@@ -200,11 +200,12 @@ impl Drain {
         step.pending = match messages.last() {
             Some(last) => last.info().map_err(|error| crate::stream::StreamError::Read(error.to_string()))?.pending,
             // A fetch that waited and found nothing: ask the consumer.
-            None => self
-                .runtime
-                .block_on(consumer.info())
-                .map_err(|error| crate::stream::StreamError::Read(error.to_string()))?
-                .num_pending,
+            None => {
+                self.runtime
+                    .block_on(consumer.info())
+                    .map_err(|error| crate::stream::StreamError::Read(error.to_string()))?
+                    .num_pending
+            }
         };
         self.metrics.drain_lag_messages.set(step.pending as i64);
         Ok(step)

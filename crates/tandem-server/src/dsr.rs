@@ -24,11 +24,11 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::time::{Duration, Instant};
 use tandem_core::govern::dsr::{identifier_digest, DsrKind, DsrStatus};
 use tandem_core::identity::MalformedIdentifier;
 use tandem_core::{Identifier, LogPosition};
 use tandem_store::govern::new_dsr;
-use std::time::{Duration, Instant};
 use tandem_store::{DsrRecord, ErasureReport, LeaseHolder, Stage, Store, StoreError, TimelineCursor};
 
 /// Events read per page while gathering an access export.
@@ -163,7 +163,11 @@ fn wait_for_the_drain(store: &dyn Store, stream: &str, sequence: u64) -> Result<
             return Ok(());
         }
         if started.elapsed() >= DRAIN_WAIT {
-            tracing::warn!(sequence, drained = seen, "the drain did not settle while erasing a person; erasing the store now");
+            tracing::warn!(
+                sequence,
+                drained = seen,
+                "the drain did not settle while erasing a person; erasing the store now"
+            );
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -297,14 +301,11 @@ async fn create_request(
         ApiError::new(ErrorCode::InvalidValue, error.to_string()).with_field("kind")
     })?;
     let store = state.store.clone();
-    let eraser = state
-        .stream
-        .clone()
-        .map(|stream| StreamEraser { stream, runtime: tokio::runtime::Handle::current() });
+    let eraser = state.stream.clone().map(|stream| StreamEraser { stream, runtime: tokio::runtime::Handle::current() });
     let (request, export) =
         tokio::task::spawn_blocking(move || run_request(store.as_ref(), kind, &new.identifier, eraser.as_ref()))
-        .await
-        .map_err(|_| ApiError::new(ErrorCode::Internal, "internal error"))??;
+            .await
+            .map_err(|_| ApiError::new(ErrorCode::Internal, "internal error"))??;
     if matches!(kind, DsrKind::Suppress | DsrKind::Unsuppress) {
         state.suppressions.forget();
     }

@@ -263,9 +263,10 @@ impl EventStream {
                 }
                 erasure.scanned += 1;
                 if StreamMessage::decode(&message.payload).is_some_and(|decoded| decoded.holds_any(&patterns)) {
-                    stream.delete_message(sequence).await.map_err(|error| {
-                        StreamError::Erase(format!("deleting message {sequence} failed: {error}"))
-                    })?;
+                    stream
+                        .delete_message(sequence)
+                        .await
+                        .map_err(|error| StreamError::Erase(format!("deleting message {sequence} failed: {error}")))?;
                     erasure.erased += 1;
                     erasure.last_erased_sequence = sequence;
                 }
@@ -623,9 +624,10 @@ mod tests {
         assert!(StreamMessage::rejected(&refusal).holds_any(&patterns));
         let mut sampled = violation("s", 0);
         sampled.sample = r#"{"traits":{"email":"ada@example.com"}}"#.into();
-        let messages = violation_messages(&[violation("s", 10), sampled]);
-        assert!(messages[0].1.holds_any(&patterns));
-        assert!(!violation_messages(&[violation("s", 10)])[0].1.holds_any(&patterns));
+        let violations = [violation("s", 10), sampled];
+        assert!(violation_messages(&violations)[0].1.holds_any(&patterns));
+        let others = [violation("s", 10)];
+        assert!(!violation_messages(&others)[0].1.holds_any(&patterns));
     }
 
     #[test]

@@ -364,8 +364,14 @@ mod stream {
             .unwrap()
             .into_iter()
             .map(|violation| {
-                json!([violation.kind, violation.event_name, violation.path, violation.count, violation.message,
-                       violation.sample])
+                json!([
+                    violation.kind,
+                    violation.event_name,
+                    violation.path,
+                    violation.count,
+                    violation.message,
+                    violation.sample
+                ])
             })
             .collect();
         violations.sort_by_key(Value::to_string);
@@ -388,8 +394,8 @@ mod stream {
         tandem_server::govern::set_plan(embedded.as_ref(), "web", plan).unwrap();
         let (embedded_state, _writer) =
             AppState::start(embedded.clone(), DEFAULT_DEDUP_WINDOW, embedded_dir.path().join("imports"));
-        let embedded_answers = runtime
-            .block_on(send_plan_breaking_requests(&router(embedded_state), embedded_source.write_key.as_str()));
+        let embedded_answers =
+            runtime.block_on(send_plan_breaking_requests(&router(embedded_state), embedded_source.write_key.as_str()));
         let expected = governance_counts(embedded.as_ref(), &embedded_source.id);
         assert_eq!(expected.0.len(), 3, "unplanned, and two kinds of schema failure: {:?}", expected.0);
         assert_eq!(expected.1.len(), 2, "two unplanned events quarantined: {:?}", expected.1);
@@ -406,9 +412,7 @@ mod stream {
         assert_eq!(answers, embedded_answers, "the same answers");
         let stream = node.state.stream.clone().unwrap();
         let last = runtime.block_on(stream.last_sequence()).unwrap();
-        wait_for("the drain to reach the end of the stream", || {
-            store.drained_sequence(stream.name()).unwrap() == last
-        });
+        wait_for("the drain to reach the end of the stream", || store.drained_sequence(stream.name()).unwrap() == last);
         assert_eq!(governance_counts(store.as_ref(), &source.id), expected, "the same counts, messages and samples");
         node.stop(&runtime);
     }
@@ -488,8 +492,10 @@ mod stream {
         // The drain appends what is left; replaying the whole stream into
         // an empty database brings nothing of Ada's back either.
         let node = start_node(&runtime, store.clone(), log);
-        wait_for("the drain to finish", || node.state.metrics.render().lines().any(|line| line == "tandem_drain_lag_messages 0")
-            && store.drained_sequence(stream.name()).unwrap() > drained);
+        wait_for("the drain to finish", || {
+            node.state.metrics.render().lines().any(|line| line == "tandem_drain_lag_messages 0")
+                && store.drained_sequence(stream.name()).unwrap() > drained
+        });
         let ids: Vec<String> = message_id_counts(store.as_ref()).into_keys().collect();
         assert_eq!(ids, ["bob-1-identify", "bob-1-track", "bob-2"]);
         assert!(store.list_quarantine(0, 100).unwrap().is_empty(), "Ada's refused message never reached quarantine");

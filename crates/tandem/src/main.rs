@@ -1244,42 +1244,34 @@ fn dispatch(
         Command::Audience(AudienceCommand::Members { name, limit, after, json }) => {
             audience::members(open(Access::Existing)?, &name, after.as_deref(), limit, json, &mut out)
         }
-        Command::Dsr(DsrCommand::Access { identifier }) => {
-            dsr::run(
-                open(Access::Existing)?,
-                tandem_core::govern::dsr::DsrKind::Access,
-                &identifier,
-                settings.log.as_ref(),
-                &mut out,
-            )
-        }
-        Command::Dsr(DsrCommand::Delete { identifier }) => {
-            dsr::run(
-                open(Access::Existing)?,
-                tandem_core::govern::dsr::DsrKind::Delete,
-                &identifier,
-                settings.log.as_ref(),
-                &mut out,
-            )
-        }
-        Command::Dsr(DsrCommand::Suppress { identifier }) => {
-            dsr::run(
-                open(Access::Existing)?,
-                tandem_core::govern::dsr::DsrKind::Suppress,
-                &identifier,
-                settings.log.as_ref(),
-                &mut out,
-            )
-        }
-        Command::Dsr(DsrCommand::Unsuppress { identifier }) => {
-            dsr::run(
-                open(Access::Existing)?,
-                tandem_core::govern::dsr::DsrKind::Unsuppress,
-                &identifier,
-                settings.log.as_ref(),
-                &mut out,
-            )
-        }
+        Command::Dsr(DsrCommand::Access { identifier }) => dsr::run(
+            open(Access::Existing)?,
+            tandem_core::govern::dsr::DsrKind::Access,
+            &identifier,
+            settings.log.as_ref(),
+            &mut out,
+        ),
+        Command::Dsr(DsrCommand::Delete { identifier }) => dsr::run(
+            open(Access::Existing)?,
+            tandem_core::govern::dsr::DsrKind::Delete,
+            &identifier,
+            settings.log.as_ref(),
+            &mut out,
+        ),
+        Command::Dsr(DsrCommand::Suppress { identifier }) => dsr::run(
+            open(Access::Existing)?,
+            tandem_core::govern::dsr::DsrKind::Suppress,
+            &identifier,
+            settings.log.as_ref(),
+            &mut out,
+        ),
+        Command::Dsr(DsrCommand::Unsuppress { identifier }) => dsr::run(
+            open(Access::Existing)?,
+            tandem_core::govern::dsr::DsrKind::Unsuppress,
+            &identifier,
+            settings.log.as_ref(),
+            &mut out,
+        ),
         Command::Dsr(DsrCommand::List { limit, json }) => dsr::list(open(Access::Existing)?, limit, json, &mut out),
         Command::Plan(PlanCommand::Set { source, file }) => {
             plan::set(open(Access::Existing)?, &source, &file, &mut out)

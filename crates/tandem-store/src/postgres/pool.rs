@@ -9,8 +9,8 @@
 //! because the client only notices a dead server on its next use; one that
 //! fails the check (or whose caller panicked) is closed and frees its slot.
 
-use crate::StoreError;
 use super::tls::Connector;
+use crate::StoreError;
 use postgres::{Client, Config};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -97,10 +97,9 @@ impl Pool {
             if state.open < self.max {
                 state.open += 1;
                 drop(state);
-                return self.connector.connect(&self.config).map_err(|error| {
+                return self.connector.connect(&self.config).inspect_err(|_| {
                     self.lock().open -= 1;
                     self.returned.notify_one();
-                    error.into()
                 });
             }
             let now = Instant::now();

@@ -163,7 +163,10 @@ impl PrivateCluster {
             &["start", "-D", data.to_str().unwrap(), "-l", log.to_str().unwrap(), "-w", "-o", &options],
         );
         if !started {
-            panic!("the private postgresql did not start; its log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+            panic!(
+                "the private postgresql did not start; its log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
         }
         Some(cluster)
     }
@@ -246,6 +249,7 @@ fn user_ids(user: &str) -> Option<(u32, u32)> {
     let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
     passwd.lines().find_map(|line| {
         let fields: Vec<&str> = line.split(':').collect();
-        (fields.first() == Some(&user) && fields.len() > 3).then(|| Some((fields[2].parse().ok()?, fields[3].parse().ok()?)))?
+        (fields.first() == Some(&user) && fields.len() > 3)
+            .then(|| Some((fields[2].parse().ok()?, fields[3].parse().ok()?)))?
     })
 }

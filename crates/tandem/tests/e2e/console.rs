@@ -149,6 +149,9 @@ fn the_console_signs_in_finds_a_customer_builds_an_audience_and_masks_for_a_mark
     let received = stack["received"].to_string();
     assert!(received.contains("console-replay-"), "the receiver got the replayed event: {seen}");
     assert!(stack["auditText"].as_str().unwrap().contains("destination.replay"), "{seen}");
+    for (page, overflow) in stack["phoneOverflow"].as_object().unwrap() {
+        assert_eq!(overflow, 0, "no sideways scrolling of the {page} page at 390 px: {seen}");
+    }
 
     // Every page well under 100 KB; a screenshot per step.
     for (path, size) in seen["pages"].as_object().unwrap() {
