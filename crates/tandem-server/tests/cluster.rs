@@ -455,7 +455,7 @@ mod stream {
             store.clone(),
             stream.clone(),
             dir.path().join("imports"),
-            Default::default(),
+            Arc::new(tandem_server::pii::PiiDirectory::new(store.clone(), Default::default()).unwrap()),
         ));
         let later = json!({"batch": [
             {"type": "track", "anonymousId": "device-9", "event": "Viewed", "messageId": "ada-2",

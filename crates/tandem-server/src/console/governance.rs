@@ -403,7 +403,7 @@ async fn pii(State(state): State<AppState>, console: Console) -> Response {
     if !may_pii(&console) {
         return refused(&console, "GET", "/api/v1/pii/inventory");
     }
-    let policy = state.pii.clone();
+    let policy = state.pii.current();
     let keys = match read(&state, move |store| crate::pii::inventory_json(store, &policy)).await {
         Ok(keys) => keys,
         Err(error) => return console.error_page(error),
