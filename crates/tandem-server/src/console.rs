@@ -7,10 +7,11 @@
 //! API, and every value shown passes through the API's PII masking
 //! ([`crate::pii::shown_to`]). Every POST carries the session's CSRF token.
 //!
-//! Pages: sign-in, customers (search and the 360° view of one profile) and
-//! audiences (list, the builder with a live size preview, one audience's
-//! members).
+//! Pages: sign-in, goals (the landing page, [`goals`]), customers (search
+//! and the 360° view of one profile) and audiences (list, the builder with a
+//! live size preview, one audience's members).
 
+pub mod goals;
 pub mod session;
 
 use crate::error::{ApiError, ErrorCode};
@@ -61,6 +62,7 @@ pub fn routes() -> Router<AppState> {
         .route("/console/audiences/{name}", get(audience))
         .route("/console/assets/console.css", get(stylesheet))
         .route("/console/assets/console.js", get(script))
+        .merge(goals::routes())
 }
 
 // ---------------------------------------------------------------------------
@@ -99,6 +101,7 @@ impl Console {
             csrf: self.session.csrf.clone(),
             may_customers: self.may("GET", "/api/v1/profiles", Some("identifier")),
             may_audiences: self.may("GET", "/api/v1/audiences", None),
+            may_goals: self.may("GET", "/api/v1/goals", None),
         }
     }
 
@@ -150,6 +153,7 @@ struct Chrome {
     csrf: String,
     may_customers: bool,
     may_audiences: bool,
+    may_goals: bool,
 }
 
 fn page(status: StatusCode, template: impl Template) -> Response {
@@ -187,6 +191,7 @@ fn plain_error(error: ApiError) -> Response {
         csrf: String::new(),
         may_customers: false,
         may_audiences: false,
+        may_goals: false,
     };
     match (ErrorPage { chrome, status: status.as_u16(), message: error.message.clone() }).render() {
         Ok(html) => (status, [(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response(),
@@ -245,6 +250,10 @@ async fn home(State(state): State<AppState>, headers: HeaderMap) -> Response {
         .and_then(|session| session.signed_in)
         .map(|signed_in| signed_in.token.role);
     match signed_in {
+        // The goals are the landing page: the numbers both sides own.
+        Some(role) if role.grants(tandem_core::govern::Permission::GoalsRead) => {
+            Redirect::to("/console/goals").into_response()
+        }
         Some(role) if role.grants(tandem_core::govern::Permission::ProfilesLookup) => {
             Redirect::to("/console/customers").into_response()
         }
@@ -263,6 +272,7 @@ fn sign_in_page(status: StatusCode, session: &Session, error: Option<String>) ->
         csrf: session.csrf.clone(),
         may_customers: false,
         may_audiences: false,
+        may_goals: false,
     };
     page(status, SignInPage { chrome, error })
 }

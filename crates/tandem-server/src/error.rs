@@ -38,6 +38,9 @@ pub enum ErrorCode {
     DestinationNotFound,
     DestinationExists,
     InvalidDestination,
+    InvalidGoal,
+    GoalNotFound,
+    GoalExists,
     InvalidPlan,
     PlanNotFound,
     UnplannedEvent,
@@ -89,6 +92,9 @@ impl ErrorCode {
             ErrorCode::DestinationNotFound => "destination_not_found",
             ErrorCode::DestinationExists => "destination_exists",
             ErrorCode::InvalidDestination => "invalid_destination",
+            ErrorCode::InvalidGoal => "invalid_goal",
+            ErrorCode::GoalNotFound => "goal_not_found",
+            ErrorCode::GoalExists => "goal_exists",
             ErrorCode::InvalidPlan => "invalid_plan",
             ErrorCode::PlanNotFound => "plan_not_found",
             ErrorCode::UnplannedEvent => "unplanned_event",
@@ -136,11 +142,13 @@ impl ErrorCode {
             | ErrorCode::AudienceNotFound
             | ErrorCode::ComputedTraitNotFound
             | ErrorCode::DestinationNotFound
+            | ErrorCode::GoalNotFound
             | ErrorCode::PlanNotFound => StatusCode::NOT_FOUND,
             ErrorCode::InvalidMapping
             | ErrorCode::InvalidRule
             | ErrorCode::InvalidComputedTrait
             | ErrorCode::InvalidDestination
+            | ErrorCode::InvalidGoal
             | ErrorCode::InvalidPlan
             | ErrorCode::UnplannedEvent
             | ErrorCode::PlanViolation => StatusCode::UNPROCESSABLE_ENTITY,
@@ -148,7 +156,8 @@ impl ErrorCode {
             | ErrorCode::AudienceInUse
             | ErrorCode::ComputedTraitExists
             | ErrorCode::ComputedTraitInUse
-            | ErrorCode::DestinationExists => StatusCode::CONFLICT,
+            | ErrorCode::DestinationExists
+            | ErrorCode::GoalExists => StatusCode::CONFLICT,
             ErrorCode::InvalidVerifyToken
             | ErrorCode::PermissionDenied
             | ErrorCode::InvalidCsrfToken

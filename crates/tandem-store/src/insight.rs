@@ -130,8 +130,12 @@ pub trait InsightStore: Send + Sync + 'static {
     /// Stores a goal and the trackers it needs (those that exist already are
     /// shared); refused with [`StoreError::GoalExists`] when the name is
     /// taken. New trackers wait for the stage to start them.
-    fn create_goal(&self, settings: &GoalSettings, trackers: &[TrackerSpec], created_at_ms: i64)
-        -> Result<(), StoreError>;
+    fn create_goal(
+        &self,
+        settings: &GoalSettings,
+        trackers: &[TrackerSpec],
+        created_at_ms: i64,
+    ) -> Result<(), StoreError>;
 
     /// Every goal, by name.
     fn list_goals(&self) -> Result<Vec<GoalRecord>, StoreError>;
@@ -224,8 +228,7 @@ pub(crate) fn backfill_from_columns(started: bool, done: bool, after: i64, throu
 /// A history row's change as an [`IdentityEvent`], when it is a creation
 /// or a merge.
 pub(crate) fn identity_event(change: &str, recorded_at_ms: i64) -> Result<Option<IdentityEvent>, StoreError> {
-    let change: IdentityChange =
-        serde_json::from_str(change).map_err(|error| StoreError::Backend(Box::new(error)))?;
+    let change: IdentityChange = serde_json::from_str(change).map_err(|error| StoreError::Backend(Box::new(error)))?;
     let kind = match change {
         IdentityChange::Created { profile, .. } => IdentityEventKind::Created(profile),
         IdentityChange::Merged { profile, merged, .. } => IdentityEventKind::Merged { into: profile, merged },

@@ -234,10 +234,9 @@ impl Metric {
     pub fn unit(&self) -> Unit {
         match self {
             Metric::Revenue { .. } | Metric::StackSpend => Unit::Money,
-            Metric::Conversion { .. }
-            | Metric::ViolationRate
-            | Metric::DeliverySuccessRate
-            | Metric::MergeRate => Unit::Percent,
+            Metric::Conversion { .. } | Metric::ViolationRate | Metric::DeliverySuccessRate | Metric::MergeRate => {
+                Unit::Percent
+            }
             Metric::IngestLatencyP99 => Unit::Milliseconds,
             Metric::ActiveCustomers { .. }
             | Metric::NewCustomers
@@ -265,10 +264,9 @@ impl Metric {
     /// Which way is better unless the goal says.
     pub fn default_direction(&self) -> Direction {
         match self {
-            Metric::ChurnedCustomers { .. }
-            | Metric::ViolationRate
-            | Metric::IngestLatencyP99
-            | Metric::StackSpend => Direction::Lower,
+            Metric::ChurnedCustomers { .. } | Metric::ViolationRate | Metric::IngestLatencyP99 | Metric::StackSpend => {
+                Direction::Lower
+            }
             _ => Direction::Higher,
         }
     }
@@ -378,7 +376,10 @@ impl<'a> Fields<'a> {
     fn days(&self, name: &str) -> Result<u32, GoalError> {
         let Some(days) = self.number(name)? else { return Ok(DEFAULT_ACTIVITY_DAYS) };
         if days.fract() != 0.0 || !(1.0..=f64::from(MAX_WINDOW_DAYS)).contains(&days) {
-            return Err(GoalError::new(self.path(name), format!("must be a whole number of days from 1 to {MAX_WINDOW_DAYS}")));
+            return Err(GoalError::new(
+                self.path(name),
+                format!("must be a whole number of days from 1 to {MAX_WINDOW_DAYS}"),
+            ));
         }
         Ok(days as u32)
     }
@@ -457,11 +458,12 @@ impl Metric {
             }
             "audience_size" => {
                 fields.only(&["kind", "audience"])?;
-                Metric::AudienceSize { audience: event_text(fields.path("audience"), fields.required_text("audience")?)? }
+                Metric::AudienceSize {
+                    audience: event_text(fields.path("audience"), fields.required_text("audience")?)?,
+                }
             }
             simple => {
-                fields.only(&["kind"])?;
-                match simple {
+                let metric = match simple {
                     "new_customers" => Metric::NewCustomers,
                     "ingest_volume" => Metric::IngestVolume,
                     "violation_rate" => Metric::ViolationRate,
@@ -475,7 +477,9 @@ impl Metric {
                             format!("{other:?} is not a metric; use one of {}", METRIC_KINDS.join(", ")),
                         ))
                     }
-                }
+                };
+                fields.only(&["kind"])?;
+                metric
             }
         };
         Ok(metric)
@@ -551,7 +555,10 @@ pub enum Period {
     Quarter,
     Year,
     /// Fixed days, both included.
-    Days { first: NaiveDate, last: NaiveDate },
+    Days {
+        first: NaiveDate,
+        last: NaiveDate,
+    },
 }
 
 const PERIOD_HELP: &str = "must be week, month, quarter, year, a year (2026), a quarter (2026-Q3), \
@@ -705,6 +712,9 @@ pub enum Standing {
     Missed,
     /// Nothing to judge yet (a rate with nothing to divide by).
     NoData,
+    /// A tracker is still reading the log's past: the value is partial
+    /// and not judged yet.
+    Counting,
 }
 
 impl Standing {
@@ -716,6 +726,7 @@ impl Standing {
             Standing::Met => "met",
             Standing::Missed => "missed",
             Standing::NoData => "no_data",
+            Standing::Counting => "counting",
         }
     }
 
@@ -876,7 +887,9 @@ impl Goal {
             return report;
         }
         let baseline = match self.settings.metric.shape() {
-            Shape::Level => self.value_through(data, start, start - 1).or_else(|| self.value_through(data, start, start)),
+            Shape::Level => {
+                self.value_through(data, start, start - 1).or_else(|| self.value_through(data, start, start))
+            }
             _ => None,
         };
         let last = today.min(end - 1);
@@ -893,6 +906,7 @@ impl Goal {
         let expected = self.expected(if over { 1.0 } else { progress }, baseline);
         report.expected = Some(expected);
         report.standing = match report.value {
+            _ if !data.complete => Standing::Counting,
             None => Standing::NoData,
             Some(value) if over => {
                 if self.direction.meets(value, self.settings.target) {
@@ -969,10 +983,7 @@ mod tests {
             "metric": {"kind": "revenue"}
         }))
         .unwrap();
-        assert_eq!(
-            settings.metric,
-            Metric::Revenue { event: "Order Completed".into(), property: "revenue".into() }
-        );
+        assert_eq!(settings.metric, Metric::Revenue { event: "Order Completed".into(), property: "revenue".into() });
         let goal = settings.compile().unwrap();
         assert_eq!(goal.name(), "Q3 revenue");
         assert_eq!(goal.direction, Direction::Higher);
@@ -1014,7 +1025,8 @@ mod tests {
 
     #[test]
     fn bad_settings_name_the_field_at_fault() {
-        let base = json!({"name": "g", "owner": "it", "target": 1, "period": "month", "metric": {"kind": "ingest_volume"}});
+        let base =
+            json!({"name": "g", "owner": "it", "target": 1, "period": "month", "metric": {"kind": "ingest_volume"}});
         let with = |path: &str, value: Value| {
             let mut settings = base.clone();
             match path.split_once('.') {
@@ -1041,10 +1053,15 @@ mod tests {
         };
         assert_eq!(conversion(json!({"kind": "conversion", "to": "b"})).field, "metric.from");
         assert_eq!(conversion(json!({"kind": "conversion", "from": "a", "to": "a"})).field, "metric.to");
-        assert_eq!(conversion(json!({"kind": "conversion", "from": "a", "to": "b", "within": "7w"})).field, "metric.within");
+        assert_eq!(
+            conversion(json!({"kind": "conversion", "from": "a", "to": "b", "within": "7w"})).field,
+            "metric.within"
+        );
         assert_eq!(conversion(json!({"kind": "active_customers", "within_days": 0})).field, "metric.within_days");
         assert_eq!(conversion(json!({"kind": "audience_size"})).field, "metric.audience");
-        let rate = error(json!({"name": "g", "owner": "it", "target": 120, "period": "month", "metric": {"kind": "merge_rate"}}));
+        let rate = error(
+            json!({"name": "g", "owner": "it", "target": 120, "period": "month", "metric": {"kind": "merge_rate"}}),
+        );
         assert_eq!((rate.field.as_str(), rate.malformed), ("target", false));
         assert_eq!(error(json!([1])).field, "goal");
         assert_eq!(error(json!({"name": "g"})).field, "metric");
@@ -1096,6 +1113,13 @@ mod tests {
         // After the period, it was missed.
         let after = goal.evaluate(&data, day_start_ms(start + 20));
         assert_eq!((after.standing, after.progress, after.trend.len()), (Standing::Missed, 1.0, 10));
+        let partial = GoalData { complete: false, ..data.clone() };
+        let counting = goal.evaluate(&partial, now);
+        assert_eq!(
+            (counting.standing, counting.value),
+            (Standing::Counting, Some(400.0)),
+            "a partial value is not judged"
+        );
         let before = goal.evaluate(&data, day_start_ms(start - 3));
         assert_eq!((before.standing, before.value, before.trend.len()), (Standing::NotStarted, None, 0));
     }
@@ -1110,7 +1134,10 @@ mod tests {
         let mut data = GoalData { complete: true, ..GoalData::default() };
         // 150 customers known before the period, 50 of them active: 100 churned.
         data.daily.insert(series::NEW.into(), series_of(&[(start - 30, 150.0)]));
-        data.daily.insert(series::ACTIVE_CHANGE.into(), series_of(&[(start - 30, 150.0), (start - 20, -100.0), (start + 2, 40.0)]));
+        data.daily.insert(
+            series::ACTIVE_CHANGE.into(),
+            series_of(&[(start - 30, 150.0), (start - 20, -100.0), (start + 2, 40.0)]),
+        );
         let report = goal.evaluate(&data, day_start_ms(start + 5));
         // Churned fell from 100 to 60; the line from 100 to 50 is at 75 after 50 %.
         assert_eq!(report.value, Some(60.0));
@@ -1123,7 +1150,9 @@ mod tests {
     #[test]
     fn rates_divide_what_the_period_added_and_have_no_value_with_nothing_to_divide() {
         let settings = |metric: Value, target: f64| {
-            goal(json!({"name": "r", "owner": "it", "target": target, "period": "2026-04-01..2026-04-30", "metric": metric}))
+            goal(
+                json!({"name": "r", "owner": "it", "target": target, "period": "2026-04-01..2026-04-30", "metric": metric}),
+            )
         };
         let start = day("2026-04-01");
         let now = day_start_ms(start + 3);
@@ -1136,7 +1165,8 @@ mod tests {
         assert_eq!((violations.expected, violations.standing), (Some(2.0), Standing::OffTrack));
         // Dead letters rise, are replayed (fall), rise again: 7 died in all.
         data.snapshots.insert(snapshot::DELIVERED.into(), series_of(&[(start, 93.0)]));
-        data.snapshots.insert(snapshot::DEAD_LETTERS.into(), series_of(&[(start, 5.0), (start + 1, 0.0), (start + 2, 2.0)]));
+        data.snapshots
+            .insert(snapshot::DEAD_LETTERS.into(), series_of(&[(start, 5.0), (start + 1, 0.0), (start + 2, 2.0)]));
         let delivery = settings(json!({"kind": "delivery_success_rate"}), 90.0).evaluate(&data, now);
         assert_eq!(delivery.value, Some(93.0));
         assert_eq!(delivery.standing, Standing::OnTrack);

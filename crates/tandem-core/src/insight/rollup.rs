@@ -148,7 +148,8 @@ impl TrackerSpec {
         });
         rollup.add(day, series::COUNT, 1.0);
         if let Some(property) = property {
-            if let Some(value) = event.properties.and_then(|properties| properties.get(property)).and_then(Value::as_f64)
+            if let Some(value) =
+                event.properties.and_then(|properties| properties.get(property)).and_then(Value::as_f64)
             {
                 rollup.add(day, series::SUM, value);
             }
@@ -510,7 +511,8 @@ mod tests {
         for (track, properties) in
             [("Order Completed", Some(&properties)), ("Order Completed", Some(&text)), ("Viewed", Some(&properties))]
         {
-            let event = ObservedEvent { owner: None, timestamp_ms: at, received_at_ms: 0, track: Some(track), properties };
+            let event =
+                ObservedEvent { owner: None, timestamp_ms: at, received_at_ms: 0, track: Some(track), properties };
             spec.observe_totals(&event, &mut rollup);
         }
         let values: Vec<_> = rollup.nonzero().collect();

@@ -54,8 +54,10 @@ impl InsightStore for PostgresStore {
             }
             for spec in trackers {
                 let key = spec.key();
-                transaction
-                    .execute("INSERT INTO insight_trackers (spec) VALUES ($1) ON CONFLICT (spec) DO NOTHING", &[&key])?;
+                transaction.execute(
+                    "INSERT INTO insight_trackers (spec) VALUES ($1) ON CONFLICT (spec) DO NOTHING",
+                    &[&key],
+                )?;
                 transaction.execute(
                     "INSERT INTO goal_trackers (goal, spec) VALUES ($1, $2) ON CONFLICT DO NOTHING",
                     &[&settings.name, &key],
@@ -281,7 +283,12 @@ impl InsightStore for PostgresStore {
                 &[],
             )?;
             let count = |index: usize| -> Result<u64, StoreError> { Ok(row.try_get::<_, i64>(index)?.max(0) as u64) };
-            Ok(InsightCounters { events: count(0)?, violations: count(1)?, delivered: count(2)?, dead_letters: count(3)? })
+            Ok(InsightCounters {
+                events: count(0)?,
+                violations: count(1)?,
+                delivered: count(2)?,
+                dead_letters: count(3)?,
+            })
         })
     }
 

@@ -71,8 +71,8 @@ fn commit(connection: &mut Connection, commit: &InsightCommit) -> Result<Insight
              SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM insight_trackers WHERE id = ?1)
              ON CONFLICT (tracker_id, profile_id) DO UPDATE SET state = excluded.state",
         )?;
-        let mut remove =
-            transaction.prepare_cached("DELETE FROM insight_profile_states WHERE tracker_id = ?1 AND profile_id = ?2")?;
+        let mut remove = transaction
+            .prepare_cached("DELETE FROM insight_profile_states WHERE tracker_id = ?1 AND profile_id = ?2")?;
         for write in &commit.states {
             match &write.state {
                 Some(state) => save.execute(params![write.tracker.0, write.profile.0 as i64, state.to_text()])?,
@@ -108,10 +108,8 @@ impl InsightStore for SqliteStore {
             }
             for spec in trackers {
                 let key = spec.key();
-                transaction.execute(
-                    "INSERT INTO insight_trackers (spec) VALUES (?1) ON CONFLICT (spec) DO NOTHING",
-                    [&key],
-                )?;
+                transaction
+                    .execute("INSERT INTO insight_trackers (spec) VALUES (?1) ON CONFLICT (spec) DO NOTHING", [&key])?;
                 transaction.execute(
                     "INSERT INTO goal_trackers (goal, spec) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
                     params![settings.name, key],

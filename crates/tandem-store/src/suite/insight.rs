@@ -20,7 +20,11 @@ fn settings(name: &str, kind: &str) -> GoalSettings {
 }
 
 fn revenue() -> TrackerSpec {
-    TrackerSpec::Events { event: Some("Order Completed".into()), property: Some("revenue".into()), clock: EventClock::Happened }
+    TrackerSpec::Events {
+        event: Some("Order Completed".into()),
+        property: Some("revenue".into()),
+        clock: EventClock::Happened,
+    }
 }
 
 fn activity() -> TrackerSpec {
@@ -112,7 +116,11 @@ pub fn commits_add_day_values_and_states_with_the_cursor_and_refuse_stale_writer
     assert_eq!(store.commit_insight(&first).unwrap(), InsightCommitOutcome::StalePosition);
     assert_eq!(
         days(store, tracker),
-        vec![("active_change".to_owned(), 100, 2.0), ("active_change".to_owned(), 130, -2.0), ("new".to_owned(), 100, 2.0)],
+        vec![
+            ("active_change".to_owned(), 100, 2.0),
+            ("active_change".to_owned(), 130, -2.0),
+            ("new".to_owned(), 100, 2.0)
+        ],
         "values of one day add up, and a stale commit added nothing"
     );
     assert_eq!(
@@ -137,10 +145,13 @@ pub fn commits_add_day_values_and_states_with_the_cursor_and_refuse_stale_writer
     assert_eq!(states, vec![(tracker, ann, state(&[(100, 101)]))]);
     assert_eq!(store.trackers().unwrap()[0].backfill, TrackerBackfill::Done);
     let values: Vec<_> = store.tracker_days(tracker, Some(101), 200).unwrap();
-    assert_eq!(values, vec![
-        DayValue { series: "active_change".into(), day: 130, value: -2.0 },
-        DayValue { series: "new".into(), day: 101, value: 1.0 },
-    ]);
+    assert_eq!(
+        values,
+        vec![
+            DayValue { series: "active_change".into(), day: 130, value: -2.0 },
+            DayValue { series: "new".into(), day: 101, value: 1.0 },
+        ]
+    );
 
     // A restart forgets every day and state and starts every tracker again.
     let restart = InsightCommit {
@@ -159,7 +170,9 @@ pub fn commits_add_day_values_and_states_with_the_cursor_and_refuse_stale_writer
 
 pub fn identity_events_are_the_creations_and_merges_of_a_position_range(store: &impl Store) {
     let web = store.create_source("web", SourceKind::Website).unwrap().id;
-    store.append(&[batch((1..=3).map(|n| record(&web, &format!("m{n}"), EventType::Identify, n)).collect())], 0).unwrap();
+    store
+        .append(&[batch((1..=3).map(|n| record(&web, &format!("m{n}"), EventType::Identify, n)).collect())], 0)
+        .unwrap();
     let (one, two) = (ProfileId(1), ProfileId(2));
     let ann = Identifier::new("user_id", "ann");
     let history = |position: u64, change: IdentityChange| HistoryRecord {
@@ -219,13 +232,17 @@ pub fn ingest_latency_adds_up_per_day_and_bucket(store: &impl Store) {
 pub fn counters_read_events_violations_deliveries_and_dead_letters(store: &impl Store) {
     assert_eq!(store.insight_counters().unwrap(), InsightCounters::default());
     let web = store.create_source("web", SourceKind::Website).unwrap().id;
-    let violation = |path: &str| PlanViolationRecord::new(web.clone(), "invalid_event", "Signed Up", path, "bad", "{}", 1);
+    let violation =
+        |path: &str| PlanViolationRecord::new(web.clone(), "invalid_event", "Signed Up", path, "bad", "{}", 1);
     let mut first = batch((1..=4).map(|n| record(&web, &format!("m{n}"), EventType::Track, n)).collect());
     first.violations = vec![violation("/properties/plan"), violation("/properties/plan"), violation("/properties/x")];
     store.append(&[first, IngestBatch::default()], 0).unwrap();
     let definition = DestinationDefinition {
         name: "crm".to_owned(),
-        destination: DestinationSettings::File(FileSettings { path: Some("/tmp/crm.jsonl".into()), ..Default::default() }),
+        destination: DestinationSettings::File(FileSettings {
+            path: Some("/tmp/crm.jsonl".into()),
+            ..Default::default()
+        }),
         events: Some(EventFilter::default()),
         audiences: Vec::new(),
         retry: RetrySettings::default(),
