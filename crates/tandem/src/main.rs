@@ -566,7 +566,7 @@ enum DestinationCommand {
 #[derive(Subcommand, Debug)]
 enum GoalCommand {
     /// Create a goal; its past is counted at once
-    Create(goal::GoalFlags),
+    Create(Box<goal::GoalFlags>),
     /// List goals with their value, target, status and progress through their period
     List {
         /// Print a JSON array

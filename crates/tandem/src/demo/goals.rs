@@ -86,7 +86,7 @@ fn demo_goals(customers: usize) -> Vec<DemoGoal> {
             owner: "it",
             metric: json!({"kind": "ingest_volume"}),
             period: "month",
-            target: Target::Reached(1.0),
+            target: Target::Reached(0.8),
         },
         DemoGoal {
             name: "Ingest latency p99",
