@@ -1,5 +1,6 @@
 // Drives Tandem's web console in headless Chromium as people use it, from the
-// keyboard where a form allows: an admin signs in, searches a customer by
+// keyboard where a form allows: an admin signs in and lands on the goals
+// page (each goal's value, target, status and trend chart are read), searches a customer by
 // e-mail, opens the 360° view, types an audience rule (first one that does
 // not parse, to see the error in place, then one that does, to see its size)
 // and saves it; a marketer then signs in and sees the members' e-mails
@@ -52,6 +53,16 @@ function measure(page) {
   })
 }
 
+// Shows the page at a phone's width (a screenshot), then wide again; how far
+// it scrolls sideways there (0 when it fits).
+async function atPhoneWidth(page, name) {
+  await page.setViewportSize({ width: 390, height: 844 })
+  await shot(page, name)
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth)
+  await page.setViewportSize({ width: 1280, height: 900 })
+  return overflow
+}
+
 async function signIn(page, token) {
   await page.goto(base + '/')
   check(new URL(page.url()).pathname === '/console/sign-in', `/ led to ${page.url()}`)
@@ -66,18 +77,36 @@ try {
   const failures = []
   page.on('pageerror', (error) => failures.push(error.message))
 
-  // 1. Sign in as admin.
+  // 1. Sign in as admin: the goals are the landing page.
   await page.goto(base + '/')
   await shot(page, 'sign-in')
   await signIn(page, adminToken)
-  check(new URL(page.url()).pathname === '/console/customers', `signed in to ${page.url()}`)
+  check(new URL(page.url()).pathname === '/console/goals', `signed in to ${page.url()}`)
   const cookies = await context.cookies()
   const session = cookies.find((cookie) => cookie.name === 'tandem_session')
   check(session && session.httpOnly && session.sameSite === 'Strict', `session cookie ${JSON.stringify(session)}`)
   seen.cookie = { httpOnly: session.httpOnly, sameSite: session.sameSite, path: session.path }
-  await shot(page, 'signed-in')
+  await shot(page, 'goals')
+  seen.goalsSummary = await page.locator('#goals-summary').innerText()
+  seen.goals = await page.locator('li.goal').evaluateAll((cards) =>
+    cards.map((card) => ({
+      name: card.dataset.goal,
+      status: card.dataset.status,
+      value: card.dataset.value === '' ? null : Number(card.dataset.value),
+      shown: card.querySelector('.value').textContent,
+      target: card.querySelector('.of').textContent,
+      standsOut: card.classList.contains('bad'),
+      chartPoints: (card.querySelector('svg.trend polyline.value')?.getAttribute('points') ?? '').split(' ').filter(Boolean).length,
+      chartTitle: card.querySelector('svg.trend title')?.textContent ?? '',
+      progress: Number(card.querySelector('progress').getAttribute('value')),
+    })),
+  )
+  check(seen.goals.length > 0, 'no goals on the landing page')
+  seen.goalsPhoneOverflow = await atPhoneWidth(page, 'goals-phone')
 
   // 2. Search a customer by e-mail; the exact identifier opens the 360° view.
+  await page.getByRole('link', { name: 'Customers' }).click()
+  await page.waitForURL(/\/console\/customers$/)
   await page.getByLabel('Identifier').fill('email:' + email)
   await Promise.all([page.waitForURL(/\/console\/customers\/prof_/), page.getByLabel('Identifier').press('Enter')])
   await shot(page, 'customer-360')
@@ -98,10 +127,7 @@ try {
     await shot(page, 'customer-timeline-older')
   }
   // The same view at a phone's width.
-  await page.setViewportSize({ width: 390, height: 844 })
-  await shot(page, 'customer-360-phone')
-  seen.phoneOverflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth)
-  await page.setViewportSize({ width: 1280, height: 900 })
+  seen.phoneOverflow = await atPhoneWidth(page, 'customer-360-phone')
 
   // 3. Build an audience from the text syntax.
   await page.getByRole('link', { name: 'Audiences' }).click()
@@ -134,8 +160,10 @@ try {
   await page.getByRole('button', { name: 'Sign out' }).click()
   await page.waitForURL(/\/console\/sign-in/)
   await signIn(page, marketerToken)
-  check(new URL(page.url()).pathname === '/console/audiences', `marketer landed on ${page.url()}`)
+  check(new URL(page.url()).pathname === '/console/goals', `marketer landed on ${page.url()}`)
   seen.marketerNav = await page.locator('nav').innerText()
+  await page.getByRole('link', { name: 'Audiences' }).click()
+  await page.waitForURL(/\/console\/audiences$/)
   await page.getByRole('link', { name: 'console loyal' }).click()
   await page.waitForURL(/\/console\/audiences\/console%20loyal/)
   seen.marketerMembers = await page.locator('#member-list tbody tr').allInnerTexts()

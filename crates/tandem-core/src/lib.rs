@@ -2,7 +2,8 @@
 //! boundaries, the event model every channel produces, and the rules of the
 //! Segment-compatible tracking API (validation, limits, timestamp correction),
 //! the rule language of audiences and computed traits, the delivery
-//! policy of destinations, and governance (roles, the audit chain).
+//! policy of destinations, governance (roles, the audit chain), and the
+//! shared goals with the daily rollups they are computed from.
 //! The storage and server crates call into it; it calls nothing outside itself,
 //! so every rule here is tested with plain values.
 
@@ -13,6 +14,7 @@ pub mod event;
 pub mod govern;
 pub mod identity;
 pub mod ids;
+pub mod insight;
 pub mod mapping;
 pub mod profile;
 pub mod random;

@@ -84,6 +84,10 @@ pub const PERMISSION_TABLE: &[RouteRule] = &[
     rule("PUT", "/api/v1/stack/destinations/{name}", P::GovernanceWrite),
     rule("GET", "/api/v1/dsr", P::GovernanceRead),
     rule("POST", "/api/v1/dsr", P::GovernanceWrite),
+    rule("GET", "/api/v1/goals", P::GoalsRead),
+    rule("POST", "/api/v1/goals", P::GoalsWrite),
+    rule("GET", "/api/v1/goals/{name}", P::GoalsRead),
+    rule("DELETE", "/api/v1/goals/{name}", P::GoalsWrite),
     rule("GET", "/api/v1/openapi.json", P::DocsRead),
 ];
 

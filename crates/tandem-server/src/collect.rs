@@ -98,7 +98,11 @@ pub(crate) fn finish(
             error.into_response()
         }
     };
-    state.metrics.observe_request(route, response.status().as_u16(), started.elapsed());
+    let elapsed = started.elapsed();
+    state.metrics.observe_request(route, response.status().as_u16(), elapsed);
+    if response.status() == StatusCode::OK {
+        state.ingest_latency.observe(chrono::Utc::now().timestamp_millis(), elapsed);
+    }
     response
 }
 

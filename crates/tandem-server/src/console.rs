@@ -7,11 +7,12 @@
 //! API, and every value shown passes through the API's PII masking
 //! ([`crate::pii::shown_to`]). Every POST carries the session's CSRF token.
 //!
-//! Pages: sign-in, customers (search and the 360° view of one profile),
-//! audiences (list, the builder with a live size preview, one audience's
-//! members), the stack ([`stack`]), data quality ([`quality`]) and
-//! governance ([`governance`]).
+//! Pages: sign-in, goals (the landing page, [`goals`]), customers (search
+//! and the 360° view of one profile), audiences (list, the builder with a
+//! live size preview, one audience's members), the stack ([`stack`]), data
+//! quality ([`quality`]) and governance ([`governance`]).
 
+pub mod goals;
 pub mod governance;
 pub mod quality;
 pub mod session;
@@ -68,6 +69,7 @@ pub fn routes() -> Router<AppState> {
         .merge(stack::routes())
         .merge(quality::routes())
         .merge(governance::routes())
+        .merge(goals::routes())
 }
 
 // ---------------------------------------------------------------------------
@@ -109,6 +111,7 @@ impl Console {
             may_stack: stack::visible(self),
             may_quality: quality::visible(self),
             may_governance: governance::visible(self),
+            may_goals: self.may("GET", "/api/v1/goals", None),
         }
     }
 
@@ -163,6 +166,7 @@ struct Chrome {
     may_stack: bool,
     may_quality: bool,
     may_governance: bool,
+    may_goals: bool,
 }
 
 fn page(status: StatusCode, template: impl Template) -> Response {
@@ -203,6 +207,7 @@ fn plain_error(error: ApiError) -> Response {
         may_stack: false,
         may_quality: false,
         may_governance: false,
+        may_goals: false,
     };
     match (ErrorPage { chrome, status: status.as_u16(), message: error.message.clone() }).render() {
         Ok(html) => (status, [(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response(),
@@ -261,6 +266,10 @@ async fn home(State(state): State<AppState>, headers: HeaderMap) -> Response {
         .and_then(|session| session.signed_in)
         .map(|signed_in| signed_in.token.role);
     match signed_in {
+        // The goals are the landing page: the numbers both sides own.
+        Some(role) if role.grants(tandem_core::govern::Permission::GoalsRead) => {
+            Redirect::to("/console/goals").into_response()
+        }
         Some(role) if role.grants(tandem_core::govern::Permission::ProfilesLookup) => {
             Redirect::to("/console/customers").into_response()
         }
@@ -285,6 +294,7 @@ fn sign_in_page(status: StatusCode, session: &Session, error: Option<String>) ->
         may_stack: false,
         may_quality: false,
         may_governance: false,
+        may_goals: false,
     };
     page(status, SignInPage { chrome, error })
 }

@@ -38,6 +38,9 @@ pub enum ErrorCode {
     DestinationNotFound,
     DestinationExists,
     InvalidDestination,
+    InvalidGoal,
+    GoalNotFound,
+    GoalExists,
     InvalidPlan,
     PlanNotFound,
     UnplannedEvent,
@@ -92,6 +95,9 @@ impl ErrorCode {
             ErrorCode::DestinationNotFound => "destination_not_found",
             ErrorCode::DestinationExists => "destination_exists",
             ErrorCode::InvalidDestination => "invalid_destination",
+            ErrorCode::InvalidGoal => "invalid_goal",
+            ErrorCode::GoalNotFound => "goal_not_found",
+            ErrorCode::GoalExists => "goal_exists",
             ErrorCode::InvalidPlan => "invalid_plan",
             ErrorCode::PlanNotFound => "plan_not_found",
             ErrorCode::UnplannedEvent => "unplanned_event",
@@ -142,12 +148,14 @@ impl ErrorCode {
             | ErrorCode::AudienceNotFound
             | ErrorCode::ComputedTraitNotFound
             | ErrorCode::DestinationNotFound
+            | ErrorCode::GoalNotFound
             | ErrorCode::PlanNotFound
             | ErrorCode::PiiRuleNotFound => StatusCode::NOT_FOUND,
             ErrorCode::InvalidMapping
             | ErrorCode::InvalidRule
             | ErrorCode::InvalidComputedTrait
             | ErrorCode::InvalidDestination
+            | ErrorCode::InvalidGoal
             | ErrorCode::InvalidPlan
             | ErrorCode::UnplannedEvent
             | ErrorCode::PlanViolation
@@ -157,7 +165,8 @@ impl ErrorCode {
             | ErrorCode::AudienceInUse
             | ErrorCode::ComputedTraitExists
             | ErrorCode::ComputedTraitInUse
-            | ErrorCode::DestinationExists => StatusCode::CONFLICT,
+            | ErrorCode::DestinationExists
+            | ErrorCode::GoalExists => StatusCode::CONFLICT,
             ErrorCode::InvalidVerifyToken
             | ErrorCode::PermissionDenied
             | ErrorCode::InvalidCsrfToken

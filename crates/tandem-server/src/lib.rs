@@ -18,8 +18,10 @@ pub mod drain;
 pub mod dsr;
 pub mod error;
 pub mod extract;
+pub mod goal_api;
 pub mod govern;
 pub mod import;
+pub mod insight;
 pub mod log_head;
 pub mod log_writer;
 pub mod metrics;
@@ -81,6 +83,9 @@ pub struct AppState {
     pub pii: Arc<pii::PiiDirectory>,
     /// The web console's sessions.
     pub sessions: Arc<console::session::Sessions>,
+    /// Latencies of collecting requests, until added to the store's
+    /// histogram for the ingest latency goal.
+    pub ingest_latency: Arc<insight::IngestLatency>,
 }
 
 impl AppState {
@@ -149,6 +154,7 @@ impl AppState {
             stream,
             pii,
             sessions: Arc::default(),
+            ingest_latency: Arc::default(),
         }
     }
 }
@@ -173,6 +179,7 @@ pub fn router(state: AppState) -> Router {
         .merge(audience_api::routes())
         .merge(computed_api::routes())
         .merge(destination_api::routes())
+        .merge(goal_api::routes())
         .merge(plan_api::routes())
         .merge(dsr::routes())
         .merge(stack::routes())
@@ -330,6 +337,7 @@ impl Running {
             )
         });
         let shadow_flusher = tokio::spawn(stack::flush_shadow_traffic(state.store.clone(), state.sources.clone()));
+        let latency_flusher = tokio::spawn(insight::flush_latency(state.store.clone(), state.ingest_latency.clone()));
         let stop_resolver = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let head = state.head.clone();
         let head_poller = tokio::spawn(head.clone().poll_store(state.store.clone(), HEAD_POLL_INTERVAL));
@@ -358,14 +366,19 @@ impl Running {
             stop_delivery.clone(),
             consent_default,
         );
+        let stop_insight = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let insight_thread =
+            insight::spawn(state.store.clone(), head.clone(), insight::system_clock(), stop_insight.clone());
         tracing::info!(address = %local_addr, "tandem is listening");
         let imports = state.imports.clone();
+        let (latency_store, latency) = (state.store.clone(), state.ingest_latency.clone());
         connection::serve(listener, router(state), limits, shutdown).await;
         // Running imports hold the log writer open; stop them within a row
         // rather than wait for their files to end.
         imports.stop_all();
         pruner.abort();
         shadow_flusher.abort();
+        latency_flusher.abort();
         head_poller.abort();
         // Every handle to the log writer lived in the router, now dropped: the
         // writer commits what is queued and stops.
@@ -410,6 +423,18 @@ impl Running {
             .ok()
             .and_then(Result::ok)
             .unwrap_or_else(|| tracing::error!("the delivery stage stopped abnormally"));
+        stop_insight.store(true, std::sync::atomic::Ordering::Relaxed);
+        head.nudge();
+        tokio::task::spawn_blocking(move || {
+            if let Err(error) = latency.flush(latency_store.as_ref()) {
+                tracing::warn!(%error, "recording the last ingest latencies failed");
+            }
+            insight_thread.join()
+        })
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_else(|| tracing::error!("the insight stage stopped abnormally"));
         tracing::info!("tandem stopped; every acknowledged event is durable");
         Ok(())
     }

@@ -3061,3 +3061,178 @@ mod governance_on_every_path {
         }
     }
 }
+
+mod goals {
+    use super::*;
+    use tandem_core::govern::Role;
+    use tandem_server::insight::{system_clock, InsightStage};
+
+    async fn call(harness: &Harness, method: &str, uri: &str, token: &str, body: Option<&str>) -> (StatusCode, Value) {
+        let request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::AUTHORIZATION, format!("Bearer {token}"));
+        let body = body.map_or_else(Body::empty, |body| Body::from(body.to_owned()));
+        harness.send(request.body(body).unwrap()).await
+    }
+
+    /// Days from today on (UTC), so the goal's period has just begun.
+    fn this_period() -> String {
+        let today = chrono::Utc::now().date_naive();
+        format!("{today}..{}", today + chrono::Days::new(99))
+    }
+
+    fn revenue_goal(name: &str, target: f64) -> Value {
+        json!({"name": name, "owner": "marketing", "target": target, "period": this_period(),
+               "metric": {"kind": "revenue", "event": "Order Completed", "property": "revenue"}})
+    }
+
+    #[tokio::test]
+    async fn goals_are_created_listed_shown_with_their_trend_and_deleted() {
+        let harness = Harness::new();
+        let (status, _) = harness
+            .post_json(
+                "/v1/batch",
+                json!({"batch": [
+                    {"type": "track", "userId": "ann", "event": "Order Completed", "properties": {"revenue": 30}},
+                    {"type": "track", "userId": "bob", "event": "Order Completed", "properties": {"revenue": 12.5}},
+                    {"type": "track", "userId": "bob", "event": "Product Viewed"}
+                ]}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        let store: Arc<dyn Store> = harness.store.clone();
+        tandem_server::resolve::Resolver::load(store.clone()).unwrap().catch_up(100).unwrap();
+        let admin = harness.store.create_token_with("ops", Role::Admin, None).unwrap().1;
+        let marketer = harness.store.create_token_with("cmo", Role::Marketer, None).unwrap().1;
+        let analyst = harness.store.create_token_with("bi", Role::Analyst, None).unwrap().1;
+
+        let body = revenue_goal("Revenue", 1_000.0).to_string();
+        let (status, created) = call(&harness, "POST", "/api/v1/goals", &marketer, Some(&body)).await;
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        assert_eq!(
+            (created["name"].as_str(), created["owner"].as_str(), created["unit"].as_str(), created["status"].as_str()),
+            (Some("Revenue"), Some("marketing"), Some("money"), Some("counting")),
+            "not judged before the stage has counted the past: {created}"
+        );
+        assert!(!created["complete"].as_bool().unwrap(), "not counted yet: {created}");
+        let (status, body) =
+            call(&harness, "POST", "/api/v1/goals", &marketer, Some(&revenue_goal("Revenue", 5.0).to_string())).await;
+        assert_eq!((status, error_of(&body)), (StatusCode::CONFLICT, ("goal_exists", Some("name"))));
+        let it_goal = json!({"name": "Merges", "owner": "it", "target": 50, "period": this_period(), "metric": {"kind": "merge_rate"}});
+        let (status, body) = call(&harness, "POST", "/api/v1/goals", &analyst, Some(&it_goal.to_string())).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::FORBIDDEN, "permission_denied"));
+        let (status, _) = call(&harness, "POST", "/api/v1/goals", &admin, Some(&it_goal.to_string())).await;
+        assert_eq!(status, StatusCode::CREATED);
+
+        InsightStage::new(store.clone(), system_clock()).catch_up().unwrap();
+        // Every role reads goals.
+        let (status, listed) = call(&harness, "GET", "/api/v1/goals", &analyst, None).await;
+        assert_eq!(status, StatusCode::OK, "{listed}");
+        let goals = listed["goals"].as_array().unwrap();
+        assert_eq!(goals.len(), 2);
+        let revenue = goals.iter().find(|goal| goal["name"] == "Revenue").unwrap();
+        assert_eq!((revenue["value"].as_f64(), revenue["complete"].as_bool()), (Some(42.5), Some(true)), "{revenue}");
+        assert!(revenue.get("trend").is_none(), "the list leaves trends out");
+        let merges = goals.iter().find(|goal| goal["name"] == "Merges").unwrap();
+        assert_eq!((merges["value"].as_f64(), merges["status"].as_str()), (Some(0.0), Some("off_track")), "{merges}");
+
+        let (status, shown) = call(&harness, "GET", "/api/v1/goals/Revenue", &analyst, None).await;
+        assert_eq!(status, StatusCode::OK);
+        let trend = shown["trend"].as_array().unwrap();
+        assert!(!trend.is_empty() && trend.len() <= 2, "one point per day so far: {shown}");
+        assert_eq!(trend.last().unwrap()["value"], shown["value"]);
+        assert_eq!(shown["period_start"].as_str(), Some(this_period().split("..").next().unwrap()));
+        let (status, body) = call(&harness, "GET", "/api/v1/goals/Nope", &analyst, None).await;
+        assert_eq!((status, error_of(&body)), (StatusCode::NOT_FOUND, ("goal_not_found", Some("name"))));
+
+        let (status, _) = call(&harness, "DELETE", "/api/v1/goals/Revenue", &marketer, None).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let (status, body) = call(&harness, "DELETE", "/api/v1/goals/Revenue", &marketer, None).await;
+        assert_eq!((status, error_of(&body).0), (StatusCode::NOT_FOUND, "goal_not_found"));
+        let actions: Vec<String> = harness
+            .store
+            .audit_entries(&tandem_store::AuditFilter { action: Some("goal".into()), limit: 10, ..Default::default() })
+            .unwrap()
+            .into_iter()
+            .map(|entry| format!("{} {}", entry.action, entry.target))
+            .collect();
+        assert_eq!(actions, vec!["goal.create Revenue", "goal.create Merges", "goal.delete Revenue"]);
+    }
+
+    #[tokio::test]
+    async fn bad_settings_are_refused_naming_the_field() {
+        let harness = Harness::new();
+        let admin = harness.store.create_token_with("ops", Role::Admin, None).unwrap().1;
+        let with = |change: &dyn Fn(&mut Value)| {
+            let mut goal = revenue_goal("g", 10.0);
+            change(&mut goal);
+            goal.to_string()
+        };
+        let cases: Vec<(String, StatusCode, &str, Option<&str>)> = vec![
+            ("{not json".to_owned(), StatusCode::BAD_REQUEST, "invalid_json", None),
+            (
+                with(&|goal| _ = goal.as_object_mut().unwrap().remove("name")),
+                StatusCode::BAD_REQUEST,
+                "missing_field",
+                Some("name"),
+            ),
+            (with(&|goal| goal["target"] = json!("lots")), StatusCode::BAD_REQUEST, "invalid_type", Some("target")),
+            (
+                with(&|goal| goal["metric"]["kind"] = json!("profit")),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_goal",
+                Some("metric.kind"),
+            ),
+            (
+                with(&|goal| goal["period"] = json!("soon")),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_goal",
+                Some("period"),
+            ),
+            (
+                with(&|goal| goal["owner"] = json!("sales")),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_goal",
+                Some("owner"),
+            ),
+            (
+                with(&|goal| goal["colour"] = json!("red")),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_goal",
+                Some("colour"),
+            ),
+            (
+                with(&|goal| goal["metric"] = json!({"kind": "conversion", "from": "a", "to": "b", "within": "7w"})),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_goal",
+                Some("metric.within"),
+            ),
+            (
+                with(&|goal| goal["metric"] = json!({"kind": "audience_size", "audience": "nobody"})),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_goal",
+                Some("metric.audience"),
+            ),
+            (
+                with(&|goal| goal["metric"] = json!({"kind": "merge_rate"})),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_goal",
+                Some("target"),
+            ),
+        ];
+        // The last case: a merge rate of 10 is fine, 1,000 % is not.
+        let mut cases = cases;
+        cases.last_mut().unwrap().0 = {
+            let mut goal: Value = serde_json::from_str(&cases.last().unwrap().0).unwrap();
+            goal["target"] = json!(1_000);
+            goal.to_string()
+        };
+        for (body, status, code, field) in &cases {
+            let (got, answer) = call(&harness, "POST", "/api/v1/goals", &admin, Some(body)).await;
+            assert_eq!((got, error_of(&answer)), (*status, (*code, *field)), "{body}: {answer}");
+        }
+        assert!(harness.store.list_goals().unwrap().is_empty());
+    }
+}

@@ -138,7 +138,7 @@ async fn signing_in_starts_a_strict_http_only_session_and_signing_out_ends_it() 
     }
     let cookie = cookie_pair(&set_cookie);
     let home = harness.get("/", Some(&cookie)).await;
-    assert_eq!(home.location.as_deref(), Some("/console/customers"));
+    assert_eq!(home.location.as_deref(), Some("/console/goals"), "the goals are the landing page");
     let customers = harness.get("/console/customers", Some(&cookie)).await;
     assert_eq!(customers.status, StatusCode::OK);
     assert!(customers.body.contains("admin"), "the role is shown");
@@ -252,7 +252,7 @@ async fn pages_a_role_may_not_see_answer_403_and_the_rest_follow_the_role() {
     assert!(customers.body.contains("the marketer role lacks the profiles:lookup permission"), "{}", customers.body);
     assert!(customers.body.contains("<h1>403"), "a readable page");
     assert!(!customers.body.contains("href=\"/console/customers\""), "no link to what the role may not see");
-    assert_eq!(harness.get("/", Some(&marketer)).await.location.as_deref(), Some("/console/audiences"));
+    assert_eq!(harness.get("/", Some(&marketer)).await.location.as_deref(), Some("/console/goals"));
 
     let (auditor, _) = harness.sign_in(Role::Auditor).await;
     assert_eq!(harness.get("/console/audiences", Some(&auditor)).await.status, StatusCode::FORBIDDEN);
@@ -367,4 +367,46 @@ async fn the_timeline_pages_back_through_older_events() {
     assert_eq!(rows(&older.body), 7, "{}", older.body);
     assert!(older.body.contains("Step 00") && !older.body.contains("Step 24"));
     assert!(!older.body.contains("Older events"));
+}
+
+#[tokio::test]
+async fn the_goals_page_is_home_and_shows_each_goal_against_its_target() {
+    let harness = Harness::new().await;
+    let (auditor, _) = harness.sign_in(Role::Auditor).await;
+    let empty = harness.get("/console/goals", Some(&auditor)).await;
+    assert_eq!(empty.status, StatusCode::OK);
+    assert!(empty.body.contains("No goal yet"), "{}", empty.body);
+    let today = chrono::Utc::now().date_naive();
+    let period = format!("{today}..{}", today + chrono::Days::new(99));
+    let store: Arc<dyn Store> = harness.store.clone();
+    for settings in [
+        json!({"name": "Revenue", "owner": "marketing", "target": 1000, "period": period, "metric": {"kind": "revenue"}}),
+        json!({"name": "Merge rate", "owner": "it", "target": 50, "period": period, "metric": {"kind": "merge_rate"}}),
+    ] {
+        let settings = tandem_core::insight::goals::GoalSettings::from_json(&settings).unwrap();
+        tandem_server::insight::goals::create_goal(store.as_ref(), &settings, 0).unwrap();
+    }
+    tandem_server::insight::InsightStage::new(store, tandem_server::insight::system_clock()).catch_up().unwrap();
+
+    let page = harness.get("/console/goals", Some(&auditor)).await;
+    assert_eq!(page.status, StatusCode::OK);
+    let html = &page.body;
+    assert!(html.contains("href=\"/console/goals\" aria-current=\"page\">Goals</a>"), "the nav names the page");
+    assert!(html.contains("1 of 2 goals need attention."), "{html}");
+    let card = |name: &str| {
+        let start = html.find(&format!("data-goal=\"{name}\"")).unwrap_or_else(|| panic!("{name} in {html}"));
+        let end = html[start..].find("</li>").unwrap() + start;
+        html[start..end].to_owned()
+    };
+    let revenue = card("Revenue");
+    assert!(revenue.contains("data-status=\"on_track\"") && revenue.contains("data-value=\"42\""), "{revenue}");
+    assert!(revenue.contains("<span class=\"value\">42.00</span>") && revenue.contains("target 1,000"), "{revenue}");
+    assert!(revenue.contains("<svg class=\"trend\"") && revenue.contains("<progress"), "{revenue}");
+    let merges = card("Merge rate");
+    assert!(merges.contains("data-status=\"off_track\"") && merges.contains("Off track"), "{merges}");
+    assert!(html.contains("<li class=\"goal bad\" data-goal=\"Merge rate\""), "off track stands out: {html}");
+    assert!(html.contains("<li class=\"goal\" data-goal=\"Revenue\""), "{html}");
+    assert!(html.len() < 100_000, "the page is {} bytes", html.len());
+    let css = harness.get("/console/assets/goals.css", None).await;
+    assert_eq!(css.status, StatusCode::OK);
 }

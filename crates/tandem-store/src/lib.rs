@@ -3,7 +3,8 @@
 //! ([`IdentityStore`]), audiences and memberships ([`AudienceStore`]), destinations and their
 //! outbox ([`OutboxStore`]), the audit log ([`AuditStore`]), the PII
 //! inventory ([`PiiInventoryStore`]), tracking plans, consent, data subject
-//! requests and the stack registry ([`GovernStore`]) — the embedded SQLite backend behind them (and
+//! requests and the stack registry ([`GovernStore`]), goals and their daily
+//! rollups ([`InsightStore`]) — the embedded SQLite backend behind them (and
 //! PostgreSQL for scale-out, in preview: [`PostgresStore`]), and one
 //! shared test suite per interface ([`event_log_test_suite!`],
 //! [`sources_test_suite!`], [`identity_store_test_suite!`],
@@ -23,6 +24,7 @@ pub mod audit;
 pub mod browse;
 pub mod govern;
 pub mod identity;
+pub mod insight;
 pub mod inventory;
 pub mod lease;
 pub mod log;
@@ -48,6 +50,10 @@ pub use govern::{
 pub use identity::{
     CommitOutcome, EventLink, HistoryRecord, IdentityCommit, IdentityRepair, IdentityState, IdentityStore,
     TimelineCursor, TimelineCursorError, UnresolvedEvent,
+};
+pub use insight::{
+    DayAdd, DayValue, GoalRecord, InsightCommit, InsightCommitOutcome, InsightCounters, InsightStore,
+    ProfileStateWrite, TrackerBackfill, TrackerId, TrackerRecord,
 };
 pub use inventory::{PiiInventoryStore, PiiKeyRecord, PiiKeySeen, StoredPiiRule};
 pub use lease::{Coordination, LeaseHolder, LeaseKeeper, LeaseLost, StageLease, StoreKind};
@@ -83,6 +89,10 @@ pub enum StoreError {
     DestinationExists(String),
     #[error("no destination named {0:?}")]
     DestinationNotFound(String),
+    #[error("a goal named {0:?} already exists")]
+    GoalExists(String),
+    #[error("no goal named {0:?}")]
+    GoalNotFound(String),
     #[error("no token {0:?}")]
     TokenNotFound(String),
     #[error(transparent)]
@@ -107,7 +117,7 @@ impl Stage {
     pub const RESOLVE: Stage = Stage("resolve");
 
     /// Every stage that reads the log, in the flow's order.
-    pub const ALL: &'static [Stage] = &[Stage::RESOLVE, Stage::AUDIENCE, Stage::OUTBOX];
+    pub const ALL: &'static [Stage] = &[Stage::RESOLVE, Stage::AUDIENCE, Stage::OUTBOX, Stage::INSIGHT];
 }
 
 /// Every stage's storage, for the server and the CLI, which use all of them.
@@ -121,6 +131,7 @@ pub trait Store:
     + AuditStore
     + PiiInventoryStore
     + GovernStore
+    + InsightStore
     + Coordination
 {
 }
@@ -134,6 +145,7 @@ impl<
             + AuditStore
             + PiiInventoryStore
             + GovernStore
+            + InsightStore
             + Coordination
             + ?Sized,
     > Store for T
@@ -177,6 +189,10 @@ macro_rules! store_test_suite {
             use super::*;
             $crate::govern_store_test_suite!($make);
         }
+        mod insight_store_suite {
+            use super::*;
+            $crate::insight_store_test_suite!($make);
+        }
     };
 }
 
@@ -203,7 +219,7 @@ macro_rules! suite_cases {
 /// (`use tandem_store::prelude::*`).
 pub mod prelude {
     pub use crate::{
-        AudienceStore, AuditStore, Coordination, EventLog, GovernStore, IdentityStore, OutboxStore, PiiInventoryStore,
-        Sources, Store,
+        AudienceStore, AuditStore, Coordination, EventLog, GovernStore, IdentityStore, InsightStore, OutboxStore,
+        PiiInventoryStore, Sources, Store,
     };
 }

@@ -8,7 +8,8 @@
 //! store unless told otherwise). Each module below owns one stage's queries:
 //! `log.rs` the event log and its append order, `sources.rs` sources and
 //! tokens, `identity.rs` the identity graph, `audience.rs` audiences and
-//! memberships, `outbox.rs` destinations and their outbox, `lease.rs` the stage leases (advisory locks held on
+//! memberships, `outbox.rs` destinations and their outbox, `insight.rs`
+//! goals and their daily rollups, `lease.rs` the stage leases (advisory locks held on
 //! connections outside the pool), `tls.rs` how connections are encrypted and
 //! the server's certificate checked (`sslmode`, `sslrootcert`). The schema is created and
 //! upgraded here, by numbered migrations recorded in `schema_migrations`.
@@ -29,6 +30,7 @@ mod audit;
 mod computed;
 mod govern;
 mod identity;
+mod insight;
 mod inventory;
 mod lease;
 mod log;
@@ -376,6 +378,51 @@ const MIGRATIONS: &[&str] = &[
         created_at BIGINT NOT NULL,
         updated_at BIGINT NOT NULL,
         PRIMARY KEY (kind, matcher)
+    );"#,
+    // 19: goals, their trackers, day values, per-profile states, snapshots
+    // and ingest latency (see `sqlite.rs`, migration 25).
+    r#"CREATE TABLE goals (
+        name TEXT COLLATE "C" PRIMARY KEY,
+        settings TEXT NOT NULL,
+        created_at BIGINT NOT NULL
+    );
+    CREATE TABLE insight_trackers (
+        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        spec TEXT COLLATE "C" NOT NULL UNIQUE,
+        started BOOLEAN NOT NULL DEFAULT FALSE,
+        done BOOLEAN NOT NULL DEFAULT FALSE,
+        backfill_after BIGINT NOT NULL DEFAULT 0,
+        backfill_through BIGINT NOT NULL DEFAULT 0
+    );
+    CREATE TABLE goal_trackers (
+        goal TEXT COLLATE "C" NOT NULL,
+        spec TEXT COLLATE "C" NOT NULL,
+        PRIMARY KEY (goal, spec)
+    );
+    CREATE TABLE insight_days (
+        tracker_id BIGINT NOT NULL,
+        series TEXT COLLATE "C" NOT NULL,
+        day INTEGER NOT NULL,
+        value DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (tracker_id, series, day)
+    );
+    CREATE TABLE insight_profile_states (
+        tracker_id BIGINT NOT NULL,
+        profile_id BIGINT NOT NULL,
+        state TEXT NOT NULL,
+        PRIMARY KEY (tracker_id, profile_id)
+    );
+    CREATE TABLE insight_snapshots (
+        key TEXT COLLATE "C" NOT NULL,
+        day INTEGER NOT NULL,
+        value DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (key, day)
+    );
+    CREATE TABLE ingest_latency (
+        day INTEGER NOT NULL,
+        bucket INTEGER NOT NULL,
+        count BIGINT NOT NULL,
+        PRIMARY KEY (day, bucket)
     );"#,
 ];
 

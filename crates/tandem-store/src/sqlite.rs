@@ -8,6 +8,7 @@ mod audit;
 mod computed;
 mod govern;
 mod identity;
+mod insight;
 mod inventory;
 mod manage;
 mod outbox;
@@ -404,6 +405,53 @@ const MIGRATIONS: &[&str] = &[
         created_at INTEGER NOT NULL,
         updated_at INTEGER NOT NULL,
         PRIMARY KEY (kind, matcher)
+    ) WITHOUT ROWID;",
+    // 25: goals and the trackers they share (a tracker's spec is its
+    // canonical JSON; its id is never reused), each tracker's values per
+    // UTC day and per-profile states, snapshots of counters per day, and
+    // ingest latency histograms per day.
+    "CREATE TABLE goals (
+        name TEXT PRIMARY KEY,
+        settings TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE insight_trackers (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        spec TEXT NOT NULL UNIQUE,
+        started INTEGER NOT NULL DEFAULT 0,
+        done INTEGER NOT NULL DEFAULT 0,
+        backfill_after INTEGER NOT NULL DEFAULT 0,
+        backfill_through INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE goal_trackers (
+        goal TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        PRIMARY KEY (goal, spec)
+    ) WITHOUT ROWID;
+    CREATE TABLE insight_days (
+        tracker_id INTEGER NOT NULL,
+        series TEXT NOT NULL,
+        day INTEGER NOT NULL,
+        value REAL NOT NULL,
+        PRIMARY KEY (tracker_id, series, day)
+    ) WITHOUT ROWID;
+    CREATE TABLE insight_profile_states (
+        tracker_id INTEGER NOT NULL,
+        profile_id INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        PRIMARY KEY (tracker_id, profile_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE insight_snapshots (
+        key TEXT NOT NULL,
+        day INTEGER NOT NULL,
+        value REAL NOT NULL,
+        PRIMARY KEY (key, day)
+    ) WITHOUT ROWID;
+    CREATE TABLE ingest_latency (
+        day INTEGER NOT NULL,
+        bucket INTEGER NOT NULL,
+        count INTEGER NOT NULL,
+        PRIMARY KEY (day, bucket)
     ) WITHOUT ROWID;",
 ];
 

@@ -12,6 +12,7 @@ pub mod audience;
 pub mod audit;
 pub mod govern;
 pub mod identity;
+pub mod insight;
 pub mod inventory;
 pub mod log;
 pub mod outbox;
@@ -141,6 +142,21 @@ macro_rules! govern_store_test_suite {
             erasing_a_person_removes_their_rows_everywhere_and_keeps_others,
             consent_keeps_the_latest_value_per_category_with_history_and_withheld_counts,
             the_stack_registry_keeps_entries_and_merges_unknown_key_sightings
+        );
+    };
+}
+
+/// The [`InsightStore`](crate::InsightStore) suite: one `#[test]` per case.
+#[macro_export]
+macro_rules! insight_store_test_suite {
+    ($make:expr) => {
+        $crate::suite_cases!(insight, $make;
+            goals_have_unique_names_and_share_trackers_until_the_last_is_deleted,
+            commits_add_day_values_and_states_with_the_cursor_and_refuse_stale_writers,
+            identity_events_are_the_creations_and_merges_of_a_position_range,
+            snapshots_keep_each_days_last_value_and_the_one_before_a_range,
+            ingest_latency_adds_up_per_day_and_bucket,
+            counters_read_events_violations_deliveries_and_dead_letters
         );
     };
 }

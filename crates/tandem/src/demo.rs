@@ -29,6 +29,9 @@ use tandem_server::AppState;
 use tandem_store::Store;
 use tower::ServiceExt;
 
+mod goals;
+pub use goals::define_goals;
+
 /// Where `tandem demo` keeps its data unless told otherwise, apart from a real store.
 pub const DEFAULT_DATA_DIR: &str = "./tandem-demo";
 /// Customers a demo company has unless told otherwise.
@@ -758,6 +761,10 @@ pub fn walkthrough(
     writeln!(out, "  tandem audience list")?;
     writeln!(out, "  tandem audience members \"recent buyers\"")?;
     writeln!(out, "  tandem audience preview --rule 'count(event \"Order Completed\", within 90d) >= 3'")?;
+    writeln!(out)?;
+    writeln!(out, "Goals marketing and IT share, on the console's first page")?;
+    writeln!(out, "  tandem goal list")?;
+    writeln!(out, "  tandem goal show Revenue")?;
     writeln!(out)?;
     writeln!(out, "Send an event of your own, as any Segment SDK would")?;
     writeln!(out, "  curl -u {}: {base}/v1/track -H 'Content-Type: application/json' \\", website.write_key)?;

@@ -12,6 +12,7 @@ mod config;
 mod demo;
 mod destination;
 mod dsr;
+mod goal;
 mod import;
 mod pii;
 mod plan;
@@ -97,6 +98,9 @@ enum Command {
     /// Tracking plans: the events a source may send and the JSON Schemas they must pass
     #[command(subcommand)]
     Plan(PlanCommand),
+    /// Goals marketing and IT share: a metric, a target, a period and an owner
+    #[command(subcommand)]
+    Goal(GoalCommand),
     /// Create a realistic synthetic company and serve it: web and app behaviour, orders, product
     /// usage, tickets, CRM contacts, leads and social mentions
     ///
@@ -612,6 +616,31 @@ enum DestinationCommand {
 }
 
 #[derive(Subcommand, Debug)]
+enum GoalCommand {
+    /// Create a goal; its past is counted at once
+    Create(Box<goal::GoalFlags>),
+    /// List goals with their value, target, status and progress through their period
+    List {
+        /// Print a JSON array
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a goal with its trend: one line per day of its period so far
+    Show {
+        /// The goal's name
+        name: String,
+        /// Print one JSON object
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a goal
+    Delete {
+        /// The goal's name
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum StackCommand {
     /// Spend by department, tools without an owner, and traffic with unknown or revoked write keys
     Report {
@@ -1032,6 +1061,10 @@ fn audited_change(command: &Command) -> Option<(&'static str, String, Option<ser
             Some(json!({"class": class.as_str(), "policy": policy.map(|policy| policy.as_str())})),
         ),
         Command::Pii(PiiCommand::Remove { matcher }) => ("pii.rule_remove", matcher.target(), None),
+        Command::Goal(GoalCommand::Create(flags)) => {
+            ("goal.create", flags.name.trim().to_owned(), Some(json!({"target": flags.target, "metric": flags.metric})))
+        }
+        Command::Goal(GoalCommand::Delete { name }) => ("goal.delete", name.trim().to_owned(), None),
         // The person is named only by the identifier's digest.
         Command::Dsr(DsrCommand::Access { identifier }) => ("dsr.access", audit::identifier_target(identifier), None),
         Command::Dsr(DsrCommand::Delete { identifier }) => ("dsr.delete", audit::identifier_target(identifier), None),
@@ -1331,6 +1364,10 @@ fn dispatch(
         Command::Identity(IdentityCommand::Block { identifier }) => {
             commands::block(open(Access::Existing)?, &identifier, &mut out)
         }
+        Command::Goal(GoalCommand::Create(flags)) => goal::create(open(Access::Existing)?, &flags, &mut out),
+        Command::Goal(GoalCommand::List { json }) => goal::list(open(Access::Existing)?, json, &mut out),
+        Command::Goal(GoalCommand::Show { name, json }) => goal::show(open(Access::Existing)?, &name, json, &mut out),
+        Command::Goal(GoalCommand::Delete { name }) => goal::delete(open(Access::Existing)?, &name, &mut out),
     }
 }
 
@@ -1408,6 +1445,8 @@ fn run_demo(settings: &Settings, store: Arc<dyn Store>, customers: usize, seed: 
         eprintln!("profiles up to date in {:.1} s", started.elapsed().as_secs_f64());
         let defining = store.clone();
         tokio::task::spawn_blocking(move || demo::define_audiences(defining.as_ref())).await??;
+        let defining = store.clone();
+        tokio::task::spawn_blocking(move || demo::define_goals(&defining, customers)).await??;
         tokio::task::block_in_place(|| {
             let (_, token) = store.create_token("demo")?;
             demo::walkthrough(&mut out, store.as_ref(), &company, running.local_addr, &settings.data_dir, &token)

@@ -13,7 +13,7 @@ use std::str::FromStr;
 pub enum Role {
     /// Everything, with PII in clear.
     Admin,
-    /// Audiences, computed traits and destinations; PII masked.
+    /// Audiences, computed traits, destinations and goals; PII masked.
     Marketer,
     /// Reads profiles, events, audiences and computed traits, and exports
     /// audience members; PII masked.
@@ -59,11 +59,15 @@ pub enum Permission {
     GovernanceWrite,
     /// Reads the API's own description (the OpenAPI document).
     DocsRead,
+    /// Reads the shared goals and where each stands.
+    GoalsRead,
+    /// Creates and deletes goals.
+    GoalsWrite,
 }
 
 impl Permission {
     /// Every permission, for tables and tests.
-    pub const ALL: [Permission; 19] = [
+    pub const ALL: [Permission; 21] = [
         Permission::ProfilesList,
         Permission::ProfilesLookup,
         Permission::EventsRead,
@@ -83,6 +87,8 @@ impl Permission {
         Permission::GovernanceRead,
         Permission::GovernanceWrite,
         Permission::DocsRead,
+        Permission::GoalsRead,
+        Permission::GoalsWrite,
     ];
 
     /// The permission's name, `area:verb`.
@@ -107,6 +113,8 @@ impl Permission {
             Permission::GovernanceRead => "governance:read",
             Permission::GovernanceWrite => "governance:write",
             Permission::DocsRead => "docs:read",
+            Permission::GoalsRead => "goals:read",
+            Permission::GoalsWrite => "goals:write",
         }
     }
 }
@@ -136,11 +144,13 @@ impl Role {
         use Permission as P;
         match self {
             Role::Admin => true,
-            // Every role may read what the API offers.
-            _ if permission == P::DocsRead => true,
+            // Every role may read what the API offers, and the goals
+            // marketing and IT share.
+            _ if permission == P::DocsRead || permission == P::GoalsRead => true,
             Role::Marketer => matches!(
                 permission,
-                P::AudiencesRead
+                P::GoalsWrite
+                    | P::AudiencesRead
                     | P::AudiencesWrite
                     | P::AudiencesExport
                     | P::ComputedTraitsRead

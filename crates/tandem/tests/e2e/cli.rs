@@ -649,3 +649,129 @@ fn pii_rules_set_from_the_command_line_are_audited_and_reach_a_running_server_an
         .collect();
     assert_eq!(actions, [("cli", "pii.rule_set", "name:tax_id"), ("cli", "pii.rule_remove", "name:tax_id")]);
 }
+
+#[test]
+fn goals_are_created_listed_shown_and_deleted_from_the_command_line_and_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    with_events(
+        dir.path(),
+        json!([
+            {"type": "track", "userId": "ann", "event": "Order Completed", "properties": {"revenue": 30}, "messageId": "o1"},
+            {"type": "track", "userId": "bob", "event": "Order Completed", "properties": {"revenue": 12.5}, "messageId": "o2"},
+            {"type": "track", "userId": "bob", "event": "Product Viewed", "messageId": "v1"}
+        ]),
+    );
+    let goal = |name: &str, extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> =
+            ["goal", "create", name, "--period", "year"].iter().map(|arg| arg.to_string()).collect();
+        args.extend(extra.iter().map(|arg| arg.to_string()));
+        if !extra.contains(&"--owner") {
+            args.extend(["--owner".to_owned(), "marketing".to_owned()]);
+        }
+        args
+    };
+    let run = |args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        tandem_output(dir.path(), &args)
+    };
+    let bad = run(goal(
+        "checkout",
+        &[
+            "--metric",
+            "conversion",
+            "--target",
+            "10",
+            "--from-event",
+            "Product Viewed",
+            "--to-event",
+            "Order Completed",
+            "--within",
+            "3 weeks",
+        ],
+    ));
+    assert!(!bad.status.success());
+    let error = String::from_utf8_lossy(&bad.stderr);
+    assert!(error.contains("--within: must be a duration such as 7d"), "{error}");
+    let bad = run(goal("revenue", &["--metric", "profit", "--target", "10"]));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--metric: \"profit\" is not a metric"));
+
+    let created = run(goal("Revenue", &["--metric", "revenue", "--target", "1000"]));
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let created = String::from_utf8_lossy(&created.stdout);
+    assert!(created.contains("created goal \"Revenue\"") && created.contains("42.50 of 1,000"), "{created}");
+    let created =
+        run(goal("Shoppers", &["--metric", "active_customers", "--days", "7", "--target", "2", "--owner", "both"]));
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let duplicate = run(goal("Revenue", &["--metric", "new_customers", "--target", "1"]));
+    assert!(String::from_utf8_lossy(&duplicate.stderr).contains("already exists"));
+
+    let listed = tandem(dir.path(), &["goal", "list"]);
+    assert!(listed.contains("Revenue") && listed.contains("Shoppers"), "{listed}");
+    let listed: Value = serde_json::from_str(&tandem(dir.path(), &["goal", "list", "--json"])).unwrap();
+    let values: Vec<_> =
+        listed.as_array().unwrap().iter().map(|goal| (goal["name"].clone(), goal["value"].clone())).collect();
+    assert_eq!(values, vec![(json!("Revenue"), json!(42.5)), (json!("Shoppers"), json!(2.0))]);
+    assert_eq!(listed[1]["owner"], "both");
+    let shown: Value = serde_json::from_str(&tandem(dir.path(), &["goal", "show", "Revenue", "--json"])).unwrap();
+    assert_eq!(shown["trend"].as_array().unwrap().last().unwrap()["value"], json!(42.5));
+    let text = tandem(dir.path(), &["goal", "show", "Revenue"]);
+    assert!(text.contains("sum of revenue over \"Order Completed\" events") && text.contains("trend"), "{text}");
+
+    tandem(dir.path(), &["goal", "delete", "Revenue"]);
+    let gone = tandem_output(dir.path(), &["goal", "show", "Revenue"]);
+    assert!(!gone.status.success() && String::from_utf8_lossy(&gone.stderr).contains("no goal named"));
+    let audit = tandem(dir.path(), &["audit", "list", "--action", "goal", "--json"]);
+    let actions: Vec<String> = audit
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap())
+        .map(|entry| format!("{} {}", entry["action"].as_str().unwrap(), entry["target"].as_str().unwrap()))
+        .collect();
+    assert_eq!(actions.len(), 3, "{audit}");
+    for expected in ["goal.create Revenue", "goal.create Shoppers", "goal.delete Revenue"] {
+        assert!(actions.contains(&expected.to_owned()), "{expected} in {actions:?}");
+    }
+}
+
+/// The server's insight stage counts for goals as events arrive, and the
+/// latency of the tracking calls lands in the ingest latency goal.
+#[test]
+fn the_running_server_counts_for_goals_as_events_arrive() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = create_source(dir.path(), "website");
+    let token: Value = serde_json::from_str(&tandem(dir.path(), &["token", "create", "--json"])).unwrap();
+    let bearer = format!("Bearer {}", token["token"].as_str().unwrap());
+    let server = Server::start(dir.path());
+    for goal in [
+        json!({"name": "Revenue", "owner": "marketing", "target": 100, "period": "year", "metric": {"kind": "revenue"}}),
+        json!({"name": "Latency", "owner": "it", "target": 500, "period": "month", "metric": {"kind": "ingest_latency_p99"}}),
+    ] {
+        let mut created = agent()
+            .post(&format!("{}/api/v1/goals", server.url))
+            .header("Authorization", &bearer)
+            .send(goal.to_string())
+            .unwrap();
+        assert_eq!(created.status().as_u16(), 201, "{}", created.body_mut().read_to_string().unwrap());
+    }
+    for total in [19.5, 20.0] {
+        let body = json!({"userId": "ann", "event": "Order Completed", "properties": {"revenue": total}}).to_string();
+        let (status, _) =
+            post(&agent(), &format!("{}/v1/track", server.url), source["write_key"].as_str().unwrap(), &body).unwrap();
+        assert_eq!(status, 200);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let mut response =
+            agent().get(&format!("{}/api/v1/goals", server.url)).header("Authorization", &bearer).call().unwrap();
+        let listed: Value = serde_json::from_str(&response.body_mut().read_to_string().unwrap()).unwrap();
+        let goal =
+            |name: &str| listed["goals"].as_array().unwrap().iter().find(|goal| goal["name"] == name).unwrap().clone();
+        let (revenue, latency) = (goal("Revenue"), goal("Latency"));
+        if revenue["value"] == json!(39.5) && latency["value"].as_f64().is_some() {
+            assert_eq!(revenue["complete"], true);
+            assert!(latency["value"].as_f64().unwrap() > 0.0, "{latency}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the stage did not count the events: {listed}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

@@ -1,5 +1,6 @@
 //! The web console in headless Chromium against a real `tandem demo`: an
-//! admin signs in, finds a customer by e-mail, opens the 360° view, builds
+//! admin signs in to the goals page and reads every goal (the values the
+//! API gives), finds a customer by e-mail, opens the 360° view, builds
 //! and saves an audience from the text syntax and sees its size; a
 //! marketer sees the members' and dead letters' e-mails masked and cannot
 //! reach the governance pages; an admin opens a failing destination's dead
@@ -94,6 +95,42 @@ fn the_console_signs_in_finds_a_customer_builds_an_audience_and_masks_for_a_mark
         String::from_utf8_lossy(&run.stderr)
     );
     let seen: Value = serde_json::from_slice(&run.stdout).unwrap();
+
+    // The landing page: the demo's goals, each with the value the API
+    // gives, its status, a trend chart and its progress; off-track ones
+    // stand out.
+    let mut answer = crate::common::agent()
+        .get(&format!("{}/api/v1/goals", server.url))
+        .header("Authorization", &format!("Bearer {admin}"))
+        .call()
+        .unwrap();
+    let api: Value = serde_json::from_str(&answer.body_mut().read_to_string().unwrap()).unwrap();
+    let api_goals = api["goals"].as_array().unwrap();
+    let shown = seen["goals"].as_array().unwrap();
+    assert!(shown.len() >= 10 && shown.len() == api_goals.len(), "{seen}");
+    for goal in shown {
+        let name = goal["name"].as_str().unwrap();
+        let from_api = api_goals.iter().find(|known| known["name"] == name).unwrap_or_else(|| panic!("{name}"));
+        assert_eq!(goal["status"], from_api["status"], "{name}");
+        match (goal["value"].as_f64(), from_api["value"].as_f64()) {
+            (Some(page), Some(api)) => {
+                assert!((page - api).abs() < 1e-3, "{name}: {page} on the page, {api} from the API")
+            }
+            (None, None) => {}
+            other => panic!("{name}: {other:?}"),
+        }
+        let bad = matches!(goal["status"].as_str(), Some("off_track" | "missed"));
+        assert_eq!(goal["standsOut"].as_bool(), Some(bad), "{name}: {goal}");
+        assert!(goal["chartTitle"].as_str().unwrap().starts_with(name), "{goal}");
+        assert!(goal["progress"].as_u64().unwrap() <= 100, "{goal}");
+    }
+    let status_of = |name: &str| shown.iter().find(|goal| goal["name"] == name).unwrap()["status"].clone();
+    assert_eq!(status_of("Revenue"), "on_track", "{seen}");
+    assert_eq!(status_of("New customers"), "off_track", "{seen}");
+    let revenue = shown.iter().find(|goal| goal["name"] == "Revenue").unwrap();
+    assert!(revenue["value"].as_f64().unwrap() > 0.0 && revenue["chartPoints"].as_u64().unwrap() > 80, "{revenue}");
+    assert!(seen["goalsSummary"].as_str().unwrap().contains("need attention"), "{seen}");
+    assert_eq!(seen["goalsPhoneOverflow"], 0, "no sideways scrolling at 390 px: {seen}");
 
     // The 360° view of the customer found by e-mail.
     let customer = &seen["customer"];
