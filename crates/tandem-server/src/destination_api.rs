@@ -310,6 +310,9 @@ async fn resume_destination(
 async fn set_paused(state: AppState, token: AdminToken, name: String, paused: bool) -> Result<Json<Value>, ApiError> {
     let wanted = name.clone();
     blocking(&state, move |store| Ok(store.set_destination_paused(&wanted, paused)?)).await?;
+    // The destination's worker waits for the next enqueue; it sends what
+    // waited at once rather than at its next recheck.
+    state.stages.outbox.nudge();
     let action = if paused { "destination.pause" } else { "destination.resume" };
     crate::audit::record(
         &state,
@@ -344,6 +347,9 @@ async fn replay(
     let filter = query.filter(chrono::Utc::now().timestamp_millis())?;
     let wanted = name.clone();
     let replayed = blocking(&state, move |store| Ok(activate::replay(store, &wanted, &filter)?)).await?;
+    if replayed > 0 {
+        state.stages.outbox.count_commit();
+    }
     let filters = json!({"since": query.since, "profile": query.profile, "replayed": replayed});
     crate::audit::record(&state, &token, "destination.replay", &name, None, Some(filters)).await;
     Ok(Json(json!({"destination": name, "replayed": replayed})))
