@@ -19,6 +19,13 @@
 //!
 //! The stage and the workers run on one node of a shared store at a time,
 //! under the `outbox` stage lease.
+//!
+//! Nothing here polls on the hot path: the stage wakes when the resolver or
+//! the audience stage publishes a commit, and the workers when the stage
+//! (or a resume or replay through the API) puts items in an outbox
+//! ([`crate::progress`]). Each also looks again every [`RECHECK_INTERVAL`],
+//! for what no signal reaches: a resolver or audience stage on another
+//! node, and changes made by the CLI.
 
 mod file;
 mod warehouse;
@@ -41,13 +48,15 @@ use tandem_store::{
 };
 
 use crate::cluster::{LeaseKeeper, LeaseTurn};
-use crate::log_head::LogHead;
 use crate::metrics::{DestinationLabels, Metrics};
+use crate::progress::{CommitCount, Progress, StageProgress};
 
 /// Events the outbox stage reads per commit.
 const EVENT_BATCH: usize = 1_000;
-/// How often idle workers and the stage look for new work and due retries.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How often an idle stage and idle workers look for work no signal
+/// announced (its predecessor on another node, the CLI), and the longest a
+/// worker sleeps before looking at a retry that is due later.
+pub const RECHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// How often the stage lists destinations to start and stop their workers
 /// and to set their lag gauges.
 const DESTINATIONS_REFRESH: Duration = Duration::from_millis(500);
@@ -117,6 +126,8 @@ pub struct OutboxStage {
     store: Arc<dyn Store>,
     consent_default: ConsentDefault,
     metrics: Option<Metrics>,
+    /// Counts each commit that put items in an outbox, for the workers.
+    progress: Progress<CommitCount>,
 }
 
 /// The name an event filter matches: a track's `event`, a page's or a
@@ -133,7 +144,13 @@ fn event_name(event_type: EventType, payload: &str) -> Option<String> {
 
 impl OutboxStage {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        OutboxStage { store, consent_default: ConsentDefault::default(), metrics: None }
+        OutboxStage { store, consent_default: ConsentDefault::default(), metrics: None, progress: Progress::default() }
+    }
+
+    /// Counts each commit that put items in an outbox on `progress`.
+    pub fn with_progress(mut self, progress: Progress<CommitCount>) -> Self {
+        self.progress = progress;
+        self
     }
 
     /// What counts for a consent category a profile never spoke about.
@@ -146,6 +163,15 @@ impl OutboxStage {
     pub fn with_metrics(mut self, metrics: Metrics) -> Self {
         self.metrics = Some(metrics);
         self
+    }
+
+    /// Counts what a commit withheld, and wakes the workers when it
+    /// enqueued anything.
+    fn committed(&self, commit: &OutboxCommit) {
+        self.count_withheld(&commit.withheld);
+        if !commit.items.is_empty() {
+            self.progress.count_commit();
+        }
     }
 
     fn count_withheld(&self, withheld: &BTreeMap<String, BTreeMap<String, u64>>) {
@@ -220,7 +246,7 @@ impl OutboxStage {
         };
         match self.store.commit_outbox(&commit)? {
             OutboxCommitOutcome::Committed => {
-                self.count_withheld(&commit.withheld);
+                self.committed(&commit);
                 Ok(changes.len())
             }
             OutboxCommitOutcome::StalePosition => Ok(0),
@@ -325,7 +351,7 @@ impl OutboxStage {
         };
         match self.store.commit_outbox(&commit)? {
             OutboxCommitOutcome::Committed => {
-                self.count_withheld(&commit.withheld);
+                self.committed(&commit);
                 Ok(entries.len())
             }
             // Another node's stage enqueued these; read on from its cursor.
@@ -466,6 +492,9 @@ pub enum DeliveryReport {
     Gone,
     /// The destination is paused: its items wait, in order.
     Paused,
+    /// The outbox is empty, and this many audience snapshots were written
+    /// that no batch brought (file destinations).
+    Snapshotted(usize),
 }
 
 /// Delivers one destination's outbox, in order.
@@ -482,11 +511,18 @@ pub struct DeliveryWorker {
     next_allowed_at_ms: i64,
     /// A warehouse destination's open connection.
     warehouse: Option<warehouse::Warehouse>,
+    /// A file destination owes no snapshot before this instant (ms); the
+    /// directory is read again then.
+    snapshots_checked_until_ms: i64,
     /// The destination as read before the last batch that went out, and
     /// when: reused for the next batch while it is younger than
     /// [`RECORD_REUSE`], since reading it counts the whole outbox.
     after_delivery: Option<(DestinationRecord, Instant)>,
 }
+
+/// How long a file destination waits before trying again to write a
+/// snapshot that failed.
+const SNAPSHOT_RETRY: Duration = Duration::from_secs(30);
 
 /// How long a worker sending batch after batch trusts the destination it
 /// read (a pause or a changed definition takes effect within this time).
@@ -504,6 +540,7 @@ impl DeliveryWorker {
             isolate_through: None,
             next_allowed_at_ms: i64::MIN,
             warehouse: None,
+            snapshots_checked_until_ms: i64::MIN,
             after_delivery: None,
         }
     }
@@ -525,7 +562,7 @@ impl DeliveryWorker {
         let size = record.definition.batch_size.unwrap_or(tandem_core::activate::DEFAULT_BATCH_SIZE) as usize;
         let batch_size = rate.map_or(size, |rate| (rate as usize).clamp(1, size));
         let mut batch = self.store.outbox_head(&self.name, batch_size)?;
-        let Some(head) = batch.first() else { return Ok(DeliveryReport::Idle) };
+        let Some(head) = batch.first() else { return Ok(self.write_owed_snapshots(&record)) };
         let now = (self.clock)();
         let due = head.next_attempt_at_ms.max(self.next_allowed_at_ms);
         if due > now {
@@ -554,6 +591,32 @@ impl DeliveryWorker {
             }
             Err(failure) => self.record(&record, &batch, failure, now),
         }
+    }
+
+    /// With an empty outbox, writes the snapshots a file destination owes
+    /// (see [`file::write_owed_snapshots`]); a failure is retried later,
+    /// since no item waits on it.
+    fn write_owed_snapshots(&mut self, record: &DestinationRecord) -> DeliveryReport {
+        let definition = &record.definition;
+        let DestinationSettings::File(settings) = &definition.destination else { return DeliveryReport::Idle };
+        let Some(directory) = &settings.directory else { return DeliveryReport::Idle };
+        let now = (self.clock)();
+        if definition.audiences.is_empty() || now < self.snapshots_checked_until_ms {
+            return DeliveryReport::Idle;
+        }
+        match file::write_owed_snapshots(self.store.as_ref(), definition, settings, directory, now) {
+            Ok(owed) => {
+                self.snapshots_checked_until_ms = owed.next_due_ms.unwrap_or(i64::MAX);
+                if owed.written > 0 {
+                    return DeliveryReport::Snapshotted(owed.written);
+                }
+            }
+            Err(failure) => {
+                tracing::warn!(destination = %self.name, error = %failure, "writing an audience snapshot failed; will retry");
+                self.snapshots_checked_until_ms = now.saturating_add(SNAPSHOT_RETRY.as_millis() as i64);
+            }
+        }
+        DeliveryReport::Idle
     }
 
     fn record(
@@ -713,23 +776,29 @@ pub fn send_test(store: &dyn Store, name: &str, now_ms: i64) -> Result<Result<Re
 }
 
 /// Runs the outbox stage and one worker thread per destination until `stop`
-/// is set, under the `outbox` stage lease.
+/// is set, under the `outbox` stage lease. The stage wakes on the commits
+/// `stages` publishes for the resolver and the audience stage and counts
+/// its own on `stages.outbox`, which wakes the workers; each looks again at
+/// least every `recheck` (the server's is [`RECHECK_INTERVAL`]).
 pub fn spawn(
     store: Arc<dyn Store>,
-    head: LogHead,
+    stages: StageProgress,
     clock: Clock,
     metrics: Metrics,
     stop: Arc<AtomicBool>,
     consent_default: ConsentDefault,
+    recheck: Duration,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("tandem-outbox".into())
         .spawn(move || {
-            let mut stage =
-                OutboxStage::new(store.clone()).with_consent_default(consent_default).with_metrics(metrics.clone());
-            let mut follower = head.follow();
+            let mut stage = OutboxStage::new(store.clone())
+                .with_consent_default(consent_default)
+                .with_metrics(metrics.clone())
+                .with_progress(stages.outbox.clone());
+            let (mut on_resolved, mut on_audiences) = (stages.resolved.follow(), stages.audiences.follow());
             let mut lease = LeaseKeeper::new(store.clone(), Stage::OUTBOX);
-            let mut workers: HashMap<String, (Arc<AtomicBool>, std::thread::JoinHandle<()>)> = HashMap::new();
+            let mut workers = Workers { running: HashMap::new(), outbox: stages.outbox.clone(), recheck };
             // Listing destinations counts every outbox: done at most every
             // DESTINATIONS_REFRESH, not on every wake-up.
             let mut listed_at: Option<Instant> = None;
@@ -739,7 +808,7 @@ pub fn spawn(
                     LeaseTurn::Waiting => continue,
                     LeaseTurn::Lost(lost) => {
                         tracing::warn!(%lost, "stopped delivering; waiting for the outbox lease again");
-                        stop_workers(&mut workers, |_| true);
+                        workers.stop(|_| true);
                         continue;
                     }
                 }
@@ -757,93 +826,116 @@ pub fn spawn(
                     let resolved = resolved.map_or(0, |cursor| cursor.position.0);
                     metrics.outbox_lag_events.set(resolved.saturating_sub(cursor.position.0) as i64);
                 }
-                if listed_at.is_some_and(|at| at.elapsed() < DESTINATIONS_REFRESH) {
-                    if read == 0 {
-                        follower.wait_beyond(head.current(), POLL_INTERVAL);
-                    }
-                    continue;
-                }
-                listed_at = Some(Instant::now());
-                match store.list_destinations() {
-                    Ok(destinations) => {
-                        let now = clock();
-                        for record in &destinations {
-                            let waiting = record.counts.pending + record.counts.retrying;
-                            let labels = DestinationLabels { destination: record.definition.name.clone() };
-                            metrics.destination_lag_items.get_or_create(&labels).set(waiting as i64);
-                            let behind_ms = record.head_enqueued_at_ms.map_or(0, |at| now.saturating_sub(at).max(0));
-                            metrics.destination_lag_seconds.get_or_create(&labels).set(behind_ms / 1_000);
-                        }
-                        let names: Vec<String> =
-                            destinations.into_iter().map(|record| record.definition.name).collect();
-                        for name in workers.keys().filter(|name| !names.contains(name)) {
-                            let labels = DestinationLabels { destination: name.clone() };
-                            metrics.destination_lag_items.remove(&labels);
-                            metrics.destination_lag_seconds.remove(&labels);
-                        }
-                        stop_workers(&mut workers, |name| !names.contains(&name.to_owned()));
-                        for name in names {
-                            workers
-                                .entry(name.clone())
-                                .or_insert_with(|| spawn_worker(store.clone(), &name, clock.clone(), metrics.clone()));
-                        }
-                    }
-                    Err(error) => tracing::warn!(%error, "listing destinations failed"),
+                if listed_at.is_none_or(|at| at.elapsed() >= DESTINATIONS_REFRESH) {
+                    listed_at = Some(Instant::now());
+                    refresh_workers(&store, &clock, &metrics, &mut workers);
                 }
                 if read == 0 {
-                    follower.wait_beyond(head.current(), POLL_INTERVAL);
+                    on_resolved.wait_either(&mut on_audiences, recheck);
                 }
             }
-            stop_workers(&mut workers, |_| true);
+            workers.stop(|_| true);
             tracing::debug!("outbox stage stopped");
         })
         .expect("spawning the outbox thread")
 }
 
-fn stop_workers(
-    workers: &mut HashMap<String, (Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
-    should_stop: impl Fn(&str) -> bool,
-) {
-    let stopping: Vec<String> = workers.keys().filter(|name| should_stop(name)).cloned().collect();
-    for name in stopping {
-        if let Some((flag, handle)) = workers.remove(&name) {
-            flag.store(true, Ordering::Relaxed);
-            let _ = handle.join();
+/// Lists destinations: sets their lag gauges, starts a worker for each new
+/// one and stops those of destinations that are gone.
+fn refresh_workers(store: &Arc<dyn Store>, clock: &Clock, metrics: &Metrics, workers: &mut Workers) {
+    let destinations = match store.list_destinations() {
+        Ok(destinations) => destinations,
+        Err(error) => {
+            tracing::warn!(%error, "listing destinations failed");
+            return;
         }
+    };
+    let now = clock();
+    for record in &destinations {
+        let waiting = record.counts.pending + record.counts.retrying;
+        let labels = DestinationLabels { destination: record.definition.name.clone() };
+        metrics.destination_lag_items.get_or_create(&labels).set(waiting as i64);
+        let behind_ms = record.head_enqueued_at_ms.map_or(0, |at| now.saturating_sub(at).max(0));
+        metrics.destination_lag_seconds.get_or_create(&labels).set(behind_ms / 1_000);
+    }
+    let names: Vec<String> = destinations.into_iter().map(|record| record.definition.name).collect();
+    for name in workers.running.keys().filter(|name| !names.contains(name)) {
+        let labels = DestinationLabels { destination: name.clone() };
+        metrics.destination_lag_items.remove(&labels);
+        metrics.destination_lag_seconds.remove(&labels);
+    }
+    workers.stop(|name| !names.contains(&name.to_owned()));
+    for name in names {
+        workers.start(store, &name, clock, metrics);
     }
 }
 
-fn spawn_worker(
-    store: Arc<dyn Store>,
-    name: &str,
-    clock: Clock,
-    metrics: Metrics,
-) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let name = name.to_owned();
-    let handle = std::thread::Builder::new()
-        .name(format!("tandem-deliver-{name}"))
-        .spawn(move || {
-            let mut worker = DeliveryWorker::new(store, &name, clock.clone(), metrics);
-            while !flag.load(Ordering::Relaxed) {
-                match worker.deliver_once() {
-                    Ok(DeliveryReport::Delivered(_)) => {}
-                    Ok(DeliveryReport::Gone) => break,
-                    Ok(DeliveryReport::WaitingUntil(due)) => {
-                        let wait = (due - clock()).clamp(1, POLL_INTERVAL.as_millis() as i64);
-                        std::thread::sleep(Duration::from_millis(wait as u64));
-                    }
-                    Ok(_) => std::thread::sleep(POLL_INTERVAL),
-                    Err(error) => {
-                        tracing::error!(destination = %name, %error, "delivery failed in storage; retrying");
-                        std::thread::sleep(Duration::from_secs(1));
+/// The delivery worker threads, one per destination, each with its stop flag.
+struct Workers {
+    running: HashMap<String, (Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
+    /// The outbox stage's signal, which wakes idle workers.
+    outbox: Progress<CommitCount>,
+    recheck: Duration,
+}
+
+impl Workers {
+    fn start(&mut self, store: &Arc<dyn Store>, name: &str, clock: &Clock, metrics: &Metrics) {
+        if self.running.contains_key(name) {
+            return;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let mut worker = DeliveryWorker::new(store.clone(), name, clock.clone(), metrics.clone());
+        let mut outbox = self.outbox.follow();
+        let (recheck, clock, destination) = (self.recheck, clock.clone(), name.to_owned());
+        let handle = std::thread::Builder::new()
+            .name(format!("tandem-deliver-{name}"))
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    match worker.deliver_once() {
+                        // The next item may be due at once.
+                        Ok(
+                            DeliveryReport::Delivered(_)
+                            | DeliveryReport::Retrying
+                            | DeliveryReport::DeadLettered
+                            | DeliveryReport::Snapshotted(_),
+                        ) => {}
+                        Ok(DeliveryReport::Gone) => break,
+                        Ok(DeliveryReport::WaitingUntil(due)) => {
+                            let wait = (due - clock()).clamp(1, recheck.as_millis() as i64);
+                            std::thread::sleep(Duration::from_millis(wait as u64));
+                        }
+                        Ok(DeliveryReport::Idle | DeliveryReport::Paused) => {
+                            outbox.wait(recheck);
+                        }
+                        Err(error) => {
+                            tracing::error!(%destination, %error, "delivery failed in storage; retrying");
+                            std::thread::sleep(Duration::from_secs(1));
+                        }
                     }
                 }
+            })
+            .expect("spawning a delivery thread");
+        self.running.insert(name.to_owned(), (stop, handle));
+    }
+
+    /// Stops the workers of the destinations `should_stop` names, waking
+    /// them so they see their flag, and waits for each to finish.
+    fn stop(&mut self, should_stop: impl Fn(&str) -> bool) {
+        let stopping: Vec<String> = self.running.keys().filter(|name| should_stop(name)).cloned().collect();
+        if stopping.is_empty() {
+            return;
+        }
+        for name in &stopping {
+            self.running[name].0.store(true, Ordering::Relaxed);
+        }
+        self.outbox.nudge();
+        for name in stopping {
+            if let Some((_, handle)) = self.running.remove(&name) {
+                let _ = handle.join();
             }
-        })
-        .expect("spawning a delivery thread");
-    (stop, handle)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1272,6 +1364,94 @@ mod tests {
         assert_eq!(lines[0]["event"], "A");
     }
 
+    /// The regression this pins: the audience and outbox stages woke on the
+    /// log head, which moves before the resolver has committed anything they
+    /// may read, and delivery workers polled every 100 ms, so an entry
+    /// waited for the next tick at each hop. With every recheck set to an
+    /// hour, an event and an audience entry reach the receiver only if each
+    /// stage wakes on its predecessor's commit.
+    #[test]
+    fn every_stage_wakes_on_its_predecessors_commit_without_polling() {
+        const AN_HOUR: Duration = Duration::from_secs(3_600);
+        let runtime = runtime();
+        let receiver = SharedReceiver::default();
+        let url = start_receiver(&runtime, receiver.clone());
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path().join("data").as_path()).unwrap());
+        let mut definition = webhook("hooks", &url, RetrySettings::default());
+        definition.audiences = vec![AudienceSubscription { name: "buyers".to_owned(), traits: Vec::new() }];
+        create_destination(&*store, &definition, 0).unwrap();
+        let rule = tandem_core::audience::Condition::parse(r#"performed "Order Completed""#).unwrap();
+        crate::audience::create_audience(&*store, "buyers", rule, chrono::Utc::now()).unwrap();
+
+        let head = crate::log_head::LogHead::new(store.head().unwrap());
+        let stages = StageProgress::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let metrics = Metrics::new();
+        let resolver = crate::resolve::spawn(
+            store.clone(),
+            head.clone(),
+            stages.resolved.clone(),
+            metrics.clone(),
+            1_000,
+            stop.clone(),
+            crate::cluster::LeaseBoard::default(),
+        );
+        let audiences = crate::audience::spawn(
+            store.clone(),
+            stages.resolved.clone(),
+            stages.audiences.clone(),
+            crate::audience::system_clock(),
+            metrics.clone(),
+            stop.clone(),
+            AN_HOUR,
+        );
+        let outbox = spawn(
+            store.clone(),
+            stages.clone(),
+            system_clock(),
+            metrics,
+            stop.clone(),
+            ConsentDefault::default(),
+            AN_HOUR,
+        );
+        // Let every stage find nothing to do and go to sleep first.
+        std::thread::sleep(Duration::from_millis(300));
+
+        // What the log writer does: append, then publish the head.
+        let source = store.create_source("web", SourceKind::Website).unwrap();
+        let request = RequestContext {
+            source_id: &source.id,
+            received_at: chrono::Utc::now(),
+            client_ip: None,
+            ids: IdRequirement::UserOrAnonymousId,
+        };
+        let Value::Object(message) = track("ann", "Order Completed", 1) else { unreachable!() };
+        let record = normalize_message(message, None, &BatchDefaults::default(), &request).unwrap().to_log_record();
+        store.append(&[IngestBatch { records: vec![record], ..Default::default() }], 0).unwrap();
+        head.publish(store.head().unwrap());
+
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let delivered = loop {
+            let accepted = receiver.lock().unwrap().accepted.clone();
+            if accepted.len() >= 2 || Instant::now() > deadline {
+                break accepted;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        stop.store(true, Ordering::Relaxed);
+        head.nudge();
+        stages.nudge_all();
+        for stage in [resolver, audiences, outbox] {
+            stage.join().unwrap();
+        }
+        let kinds: Vec<_> = delivered.iter().map(|item| item["type"].as_str().unwrap_or_default()).collect();
+        assert_eq!(kinds.len(), 2, "the event and the audience entry arrived without a recheck: {delivered:?}");
+        assert!(kinds.contains(&"track") && kinds.contains(&"audience"), "{delivered:?}");
+        let entry = delivered.iter().find(|item| item["type"] == "audience").unwrap();
+        assert_eq!((entry["audience"].as_str(), entry["change"].as_str()), (Some("buyers"), Some("entered")));
+    }
+
     #[test]
     fn audience_entries_and_exits_are_delivered_with_the_chosen_traits() {
         let dir = tempfile::tempdir().unwrap();
@@ -1681,6 +1861,62 @@ mod tests {
         let events = file::tests::read_parquet(&files_named(&out, "events-changes-")[2]);
         let event: Value = serde_json::from_str(events[0][7].as_deref().unwrap()).unwrap();
         assert_eq!(event["properties"]["n"], 3);
+    }
+
+    /// Snapshots came only with delivered batches: a destination created
+    /// after its audience's members had entered, or one with
+    /// `snapshot_every` whose audience stopped changing, had no current
+    /// snapshot in its directory.
+    #[test]
+    fn a_followed_audience_gets_a_current_snapshot_even_when_nothing_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path().join("data").as_path()).unwrap());
+        pro_users_enter_and_bob_leaves(&store);
+        let (hourly, once) = (dir.path().join("hourly"), dir.path().join("once"));
+        create_destination(&*store, &file_destination("hourly", &hourly, FileFormat::Csv, Some("1h")), 0).unwrap();
+        create_destination(&*store, &file_destination("once", &once, FileFormat::Csv, None), 0).unwrap();
+        OutboxStage::new(store.clone()).catch_up().unwrap();
+        let (clock, now) = manual_clock(1_700_000_000_000);
+        let mut hourly_worker = DeliveryWorker::new(store.clone(), "hourly", clock.clone(), Metrics::new());
+        let mut once_worker = DeliveryWorker::new(store.clone(), "once", clock, Metrics::new());
+        let member_emails = |path: &std::path::Path| -> Vec<String> {
+            read_csv(path).1.into_iter().map(|row| row[3].clone()).collect()
+        };
+
+        // Nothing to deliver (the members entered before the destinations
+        // existed), yet each directory gets a snapshot of who is in now.
+        for (worker, directory) in [(&mut hourly_worker, &hourly), (&mut once_worker, &once)] {
+            assert_eq!(worker.deliver_once().unwrap(), DeliveryReport::Snapshotted(1));
+            assert_eq!(worker.deliver_once().unwrap(), DeliveryReport::Idle, "one snapshot, not one per look");
+            let snapshots = files_named(directory, "pro-users-snapshot-");
+            assert_eq!(snapshots.len(), 1);
+            assert_eq!(member_emails(&snapshots[0]), ["ann@example.com"]);
+        }
+
+        // Ann's e-mail changes, no one enters or leaves: nothing is
+        // enqueued. Within the hour no new snapshot; after it, one that
+        // shows the change.
+        append_and_resolve(
+            &store,
+            &[json!({"type": "identify", "userId": "ann", "traits": {"email": "ann@example.org"}})],
+        );
+        crate::audience::AudienceStage::new(store.clone(), crate::audience::system_clock()).catch_up().unwrap();
+        OutboxStage::new(store.clone()).catch_up().unwrap();
+        *now.lock().unwrap() += 59 * 60 * 1000;
+        assert_eq!(hourly_worker.deliver_once().unwrap(), DeliveryReport::Idle);
+        *now.lock().unwrap() += 60 * 1000;
+        assert_eq!(hourly_worker.deliver_once().unwrap(), DeliveryReport::Snapshotted(1));
+        let snapshots = files_named(&hourly, "pro-users-snapshot-");
+        assert_eq!(snapshots.len(), 2);
+        assert!(snapshots[1].to_string_lossy().contains("20231114T231320.000Z"), "{snapshots:?}");
+        assert_eq!(member_emails(&snapshots[1]), ["ann@example.org"], "the snapshot is current");
+        assert!(files_named(&hourly, "pro-users-changes-").is_empty(), "no change was made up");
+
+        // Without a cadence a snapshot goes with each change, so the one
+        // that exists stays the only one while nothing changes.
+        *now.lock().unwrap() += 24 * 60 * 60 * 1000;
+        assert_eq!(once_worker.deliver_once().unwrap(), DeliveryReport::Idle);
+        assert_eq!(files_named(&once, "pro-users-snapshot-").len(), 1);
     }
 
     #[test]

@@ -47,8 +47,8 @@ use tandem_store::{
 };
 
 use crate::cluster::{LeaseKeeper, LeaseTurn};
-use crate::log_head::LogHead;
 use crate::metrics::Metrics;
+use crate::progress::{CommitCount, Progress};
 
 /// Events read per step.
 const EVENT_BATCH: usize = 2_000;
@@ -60,8 +60,10 @@ const TIMER_BATCH: usize = 2_000;
 const RETIRED_BATCH: usize = 500;
 /// Events read per page of a profile's timeline.
 const TIMELINE_PAGE: usize = 1_000;
-/// How often an idle stage looks at its due timers and the resolver's
-/// position: the delay with which a member leaves after its time.
+/// How often an idle stage looks at its due timers (the delay with which a
+/// member leaves after its time), and at the resolver's position when the
+/// resolver runs in another process; in this one, each resolver commit
+/// wakes the stage at once.
 pub const TIMER_INTERVAL: Duration = Duration::from_millis(250);
 /// Longest audience name.
 pub const MAX_NAME_LENGTH: usize = 100;
@@ -167,6 +169,9 @@ pub struct AudienceStage {
     store: Arc<dyn Store>,
     clock: Clock,
     metrics: Option<Metrics>,
+    /// Counts each commit that recorded membership changes, for the outbox
+    /// stage.
+    progress: Progress<CommitCount>,
     /// The resolver's cursor when retired profiles were last looked for:
     /// profiles are merged away only by resolver commits, so the look-up
     /// (a scan of the audience states) runs only after one.
@@ -176,7 +181,13 @@ pub struct AudienceStage {
 impl AudienceStage {
     /// A stage reading `store`, with `clock` for now.
     pub fn new(store: Arc<dyn Store>, clock: Clock) -> Self {
-        AudienceStage { store, clock, metrics: None, retired_checked_at: None }
+        AudienceStage { store, clock, metrics: None, progress: Progress::default(), retired_checked_at: None }
+    }
+
+    /// Counts each commit that recorded membership changes on `progress`.
+    pub fn with_progress(mut self, progress: Progress<CommitCount>) -> Self {
+        self.progress = progress;
+        self
     }
 
     /// Reports the stage's lag and membership changes to `metrics`.
@@ -300,6 +311,9 @@ impl AudienceStage {
                 if let Some(metrics) = &self.metrics {
                     metrics.audience_membership_changes.inc_by(commit.changes.len() as u64);
                     metrics.computed_trait_writes.inc_by(commit.computed.len() as u64);
+                }
+                if !commit.changes.is_empty() {
+                    self.progress.count_commit();
                 }
                 Ok(true)
             }
@@ -781,20 +795,24 @@ pub fn timeline(store: &dyn Store, profile: ProfileId, up_to: LogPosition) -> Re
 }
 
 /// Runs the stage on its own thread until `stop` is set. It wakes when the
-/// log head moves and at least every [`TIMER_INTERVAL`], for due timers and
-/// the resolver's progress.
+/// resolver publishes a commit to `resolved` and at least every `recheck`
+/// (the server's is [`TIMER_INTERVAL`]), for due timers and a resolver in
+/// another process; it counts its commits that changed memberships on
+/// `audiences`.
 pub fn spawn(
     store: Arc<dyn Store>,
-    head: LogHead,
+    resolved: Progress<LogPosition>,
+    audiences: Progress<CommitCount>,
     clock: Clock,
     metrics: Metrics,
     stop: Arc<AtomicBool>,
+    recheck: Duration,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("tandem-audiences".into())
         .spawn(move || {
-            let mut stage = AudienceStage::new(store.clone(), clock).with_metrics(metrics);
-            let mut follower = head.follow();
+            let mut stage = AudienceStage::new(store.clone(), clock).with_metrics(metrics).with_progress(audiences);
+            let mut follower = resolved.follow();
             // Like the resolver, the stage runs on one node of a shared store
             // at a time (a lease saves duplicate work; stale commits are
             // refused anyway); the embedded store grants it at once.
@@ -810,7 +828,7 @@ pub fn spawn(
                 }
                 match stage.step() {
                     Ok(report) if report.is_idle() => {
-                        follower.wait_beyond(head.current(), TIMER_INTERVAL);
+                        follower.wait(recheck);
                     }
                     Ok(_) => {}
                     Err(error) => {

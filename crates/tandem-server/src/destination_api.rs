@@ -337,6 +337,9 @@ pub async fn replay_and_audit(
     let filter = request.filter(chrono::Utc::now().timestamp_millis())?;
     let wanted = name.to_owned();
     let replayed = blocking(state, move |store| Ok(activate::replay(store, &wanted, &filter)?)).await?;
+    if replayed > 0 {
+        state.stages.outbox.count_commit();
+    }
     let mut after = json!({"since": request.since, "profile": request.profile, "replayed": replayed});
     if let Some(item) = request.item {
         after["item"] = json!(item);
@@ -384,6 +387,9 @@ async fn resume_destination(
 async fn set_paused(state: AppState, token: AdminToken, name: String, paused: bool) -> Result<Json<Value>, ApiError> {
     let wanted = name.clone();
     blocking(&state, move |store| Ok(store.set_destination_paused(&wanted, paused)?)).await?;
+    // The destination's worker waits for the next enqueue; it sends what
+    // waited at once rather than at its next recheck.
+    state.stages.outbox.nudge();
     let action = if paused { "destination.pause" } else { "destination.resume" };
     crate::audit::record(
         &state,

@@ -30,6 +30,7 @@ pub mod ops;
 pub mod pii;
 pub mod plan_api;
 pub mod profile;
+pub mod progress;
 pub mod resolve;
 pub mod sdk_settings;
 pub mod stack;
@@ -69,8 +70,11 @@ pub struct AppState {
     pub suppressions: Arc<govern::SuppressionDirectory>,
     pub log: LogWriter,
     pub metrics: Metrics,
-    /// The committed head of the log, which every stage follows.
+    /// The committed head of the log, which the resolver follows.
     pub head: log_head::LogHead,
+    /// What the stages after the log have committed, each followed by the
+    /// stage after it.
+    pub stages: progress::StageProgress,
     pub imports: Arc<import::jobs::ImportJobs>,
     /// The stage leases this node holds (the resolver's), for `/health`.
     pub leases: cluster::LeaseBoard,
@@ -149,6 +153,7 @@ impl AppState {
             log,
             metrics,
             head,
+            stages: progress::StageProgress::default(),
             imports: Arc::new(import::jobs::ImportJobs::new(import_dir)),
             leases: cluster::LeaseBoard::default(),
             stream,
@@ -341,9 +346,11 @@ impl Running {
         let stop_resolver = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let head = state.head.clone();
         let head_poller = tokio::spawn(head.clone().poll_store(state.store.clone(), HEAD_POLL_INTERVAL));
+        let stages = state.stages.clone();
         let resolver_thread = resolve::spawn(
             state.store.clone(),
             head.clone(),
+            stages.resolved.clone(),
             state.metrics.clone(),
             resolver_cache_profiles,
             stop_resolver.clone(),
@@ -352,19 +359,22 @@ impl Running {
         let stop_audiences = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let audience_thread = audience::spawn(
             state.store.clone(),
-            head.clone(),
+            stages.resolved.clone(),
+            stages.audiences.clone(),
             audience::system_clock(),
             state.metrics.clone(),
             stop_audiences.clone(),
+            audience::TIMER_INTERVAL,
         );
         let stop_delivery = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let delivery_thread = activate::spawn(
             state.store.clone(),
-            head.clone(),
+            stages.clone(),
             activate::system_clock(),
             state.metrics.clone(),
             stop_delivery.clone(),
             consent_default,
+            activate::RECHECK_INTERVAL,
         );
         let stop_insight = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let insight_thread =
@@ -408,7 +418,7 @@ impl Running {
             .and_then(Result::ok)
             .unwrap_or_else(|| tracing::error!("the resolver stopped abnormally"));
         stop_audiences.store(true, std::sync::atomic::Ordering::Relaxed);
-        head.nudge();
+        stages.nudge_all();
         tokio::task::spawn_blocking(move || audience_thread.join())
             .await
             .ok()
@@ -417,7 +427,7 @@ impl Running {
         // Deliveries in flight finish their request; what is not marked
         // delivered is delivered again at the next start (at least once).
         stop_delivery.store(true, std::sync::atomic::Ordering::Relaxed);
-        head.nudge();
+        stages.nudge_all();
         tokio::task::spawn_blocking(move || delivery_thread.join())
             .await
             .ok()

@@ -21,6 +21,7 @@ use tandem_store::{
 use crate::cluster::LeaseBoard;
 use crate::log_head::LogHead;
 use crate::metrics::Metrics;
+use crate::progress::Progress;
 
 /// Events read and resolved per transaction when catching up a backlog.
 pub const DEFAULT_BATCH: usize = 50_000;
@@ -81,6 +82,9 @@ pub struct Resolver {
     /// Live profiles in storage once every resolved batch is committed.
     live_profiles: u64,
     metrics: Metrics,
+    /// Where each durable commit's position is published, for the stages
+    /// that read only what the resolver has committed.
+    progress: Progress<LogPosition>,
     unusable_warning: RateLimitedWarning,
 }
 
@@ -181,6 +185,7 @@ impl Resolver {
             cache,
             live_profiles: state.live_profiles,
             metrics: Metrics::new(),
+            progress: Progress::default(),
             unusable_warning: RateLimitedWarning::new(Duration::from_secs(10)),
         })
     }
@@ -194,10 +199,20 @@ impl Resolver {
         self
     }
 
-    /// Starts again from storage, keeping the metrics and the cache size.
+    /// Publishes each commit's position to `progress` once it is durable.
+    pub fn with_progress(mut self, progress: Progress<LogPosition>) -> Self {
+        progress.publish(self.committed);
+        self.progress = progress;
+        self
+    }
+
+    /// Starts again from storage, keeping the metrics, the progress signal
+    /// and the cache size.
     fn reload(&mut self) -> Result<(), ResolveError> {
-        let metrics = self.metrics.clone();
-        *self = Resolver::with_cache(self.store.clone(), self.cache.capacity)?.with_metrics(metrics);
+        let (metrics, progress) = (self.metrics.clone(), self.progress.clone());
+        *self = Resolver::with_cache(self.store.clone(), self.cache.capacity)?
+            .with_metrics(metrics)
+            .with_progress(progress);
         Ok(())
     }
 
@@ -284,9 +299,19 @@ impl Resolver {
         // The previous batch is durable: what only it used may leave memory.
         self.evict();
         let store = self.store.clone();
+        let progress = self.progress.clone();
         let commit = std::thread::Builder::new()
             .name("tandem-resolver-commit".into())
-            .spawn(move || store.commit_identity(&commit))
+            .spawn(move || {
+                let outcome = store.commit_identity(&commit);
+                // Published from here, not when the resolver next looks:
+                // the stages after it start on the batch while the
+                // resolver is busy with the next one.
+                if matches!(outcome, Ok(CommitOutcome::Committed)) {
+                    progress.publish(to);
+                }
+                outcome
+            })
             .expect("spawning a resolver commit");
         self.in_flight = Some(InFlight { to, commit });
         self.resolved = to;
@@ -762,11 +787,13 @@ const LEASE_INTERVAL: Duration = Duration::from_secs(1);
 /// again every [`LEASE_INTERVAL`]), resolves whatever reaches the log head
 /// while it holds the lease, and goes back to waiting if it loses it. It
 /// waits on the log head, and re-reads the log at least every
-/// [`IDLE_RECHECK`] whatever the head says. Stops once `stop` is set, after
-/// finishing what is already in the log.
+/// [`IDLE_RECHECK`] whatever the head says, and publishes each durable
+/// commit to `resolved`. Stops once `stop` is set, after finishing what is
+/// already in the log.
 pub fn spawn(
     store: Arc<dyn Store>,
     head: LogHead,
+    resolved: Progress<LogPosition>,
     metrics: Metrics,
     cache_profiles: usize,
     stop: Arc<AtomicBool>,
@@ -775,7 +802,7 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("tandem-resolver".into())
         .spawn(move || {
-            let node = ResolverNode { store, head, metrics, cache_profiles, stop, leases };
+            let node = ResolverNode { store, head, resolved, metrics, cache_profiles, stop, leases };
             while let Some(lease) = node.wait_for_lease() {
                 node.leases.set(Stage::RESOLVE, true);
                 node.metrics.resolver_lease_held.set(1);
@@ -796,6 +823,7 @@ pub fn spawn(
 struct ResolverNode {
     store: Arc<dyn Store>,
     head: LogHead,
+    resolved: Progress<LogPosition>,
     metrics: Metrics,
     cache_profiles: usize,
     stop: Arc<AtomicBool>,
@@ -846,7 +874,7 @@ impl ResolverNode {
         };
         let mut resolver = loop {
             match Resolver::with_cache(self.store.clone(), self.cache_profiles) {
-                Ok(resolver) => break resolver.with_metrics(self.metrics.clone()),
+                Ok(resolver) => break resolver.with_metrics(self.metrics.clone()).with_progress(self.resolved.clone()),
                 Err(error) => {
                     tracing::error!(%error, "the resolver cannot start; retrying");
                     if self.stopping() {

@@ -262,12 +262,72 @@ pub fn deliver_batch(
                 .is_none_or(|last| now_ms.saturating_sub(last) >= every as i64),
         };
         if due {
-            let table = snapshot(store, subscription)?;
-            let name = format!("{}-snapshot-{stamp}.{extension}", file_stem(&subscription.name));
-            write_atomically(directory, &name, &encode(format, &table)?).map_err(io_failure)?;
+            write_snapshot(store, subscription, format, directory, now_ms)?;
         }
     }
     Ok(())
+}
+
+/// What [`write_owed_snapshots`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OwedSnapshots {
+    /// Snapshot files written.
+    pub written: usize,
+    /// When the next one falls due if nothing changes (with
+    /// `snapshot_every`); `None` when only a change brings the next.
+    pub next_due_ms: Option<i64>,
+}
+
+/// The snapshots a directory-mode destination owes while its outbox is
+/// empty, when no batch brings them: one for each followed audience that
+/// has none in the directory yet (a new destination, or one following an
+/// audience nothing has changed since), and with `snapshot_every` one for
+/// each whose newest is that old, so the directory holds a current
+/// snapshot even when no member came or went.
+pub fn write_owed_snapshots(
+    store: &dyn Store,
+    definition: &DestinationDefinition,
+    settings: &FileSettings,
+    directory: &str,
+    now_ms: i64,
+) -> Result<OwedSnapshots, AttemptFailure> {
+    let format = settings.format.unwrap_or_default();
+    let directory = Path::new(directory);
+    let every = settings.snapshot_every_ms().map(|every| every as i64);
+    let mut owed = OwedSnapshots { written: 0, next_due_ms: None };
+    for subscription in &definition.audiences {
+        let last = last_snapshot_ms(directory, &subscription.name, format);
+        let due_at = match (last, every) {
+            (None, _) => now_ms,
+            (Some(last), Some(every)) => last.saturating_add(every),
+            (Some(_), None) => continue,
+        };
+        let next_due_ms = if due_at <= now_ms {
+            write_snapshot(store, subscription, format, directory, now_ms)?;
+            owed.written += 1;
+            match every {
+                Some(every) => now_ms.saturating_add(every),
+                None => continue,
+            }
+        } else {
+            due_at
+        };
+        owed.next_due_ms = Some(owed.next_due_ms.map_or(next_due_ms, |soonest| soonest.min(next_due_ms)));
+    }
+    Ok(owed)
+}
+
+/// Writes one snapshot file of the audience, stamped `now_ms`.
+fn write_snapshot(
+    store: &dyn Store,
+    subscription: &AudienceSubscription,
+    format: FileFormat,
+    directory: &Path,
+    now_ms: i64,
+) -> Result<PathBuf, AttemptFailure> {
+    let table = snapshot(store, subscription)?;
+    let name = format!("{}-snapshot-{}.{}", file_stem(&subscription.name), stamp(now_ms), format.extension());
+    write_atomically(directory, &name, &encode(format, &table)?).map_err(io_failure)
 }
 
 /// The instant of an audience's latest snapshot file, from its name.
