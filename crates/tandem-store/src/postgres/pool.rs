@@ -132,6 +132,19 @@ impl Slot<'_> {
     }
 }
 
+impl Drop for Pool {
+    /// Closes the idle connections on a thread of their own: the synchronous
+    /// client closes by blocking on its own runtime, which panics when the
+    /// last holder of the store drops it on an async runtime's thread (a
+    /// server that fails to start, say).
+    fn drop(&mut self) {
+        let idle = std::mem::take(&mut self.state.get_mut().unwrap_or_else(PoisonError::into_inner).idle);
+        if !idle.is_empty() {
+            let _ = std::thread::spawn(move || drop(idle)).join();
+        }
+    }
+}
+
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         self.pool.lock().open -= 1;
