@@ -893,6 +893,8 @@ struct AudiencePage {
     created_at: String,
     backfilled: bool,
     may_members: bool,
+    /// Whether member ids link to their 360° view.
+    may_lookup: bool,
     members: Vec<MemberRow>,
     next_page: Option<String>,
 }
@@ -979,6 +981,7 @@ async fn audience(
         backfilled: record.backfill == tandem_store::Backfill::Done,
         name,
         may_members,
+        may_lookup: console.may("GET", "/api/v1/profiles/{id}", None),
         members,
         next_page,
     };

@@ -109,6 +109,10 @@ enum Command {
         /// The same seed gives the same company
         #[arg(long, default_value_t = demo::DEFAULT_SEED)]
         seed: u64,
+        /// Serve the company without the trickle of live events (browsing, orders, events that
+        /// break the tracking plan, an unregistered tool) it otherwise keeps sending
+        #[arg(long)]
+        no_live_traffic: bool,
     },
     /// Import a silo's export (CSV or JSON Lines, optionally gzipped) into the log
     Import {
@@ -1005,7 +1009,7 @@ fn dispatch(
             audit::pii_inventory(&*open(Access::Existing)?, &settings.pii.compile()?, json, &mut out)
         }
         Command::Serve { .. } => serve(settings, open(Access::CreateIfMissing)?),
-        Command::Demo { customers, seed, .. } => {
+        Command::Demo { customers, seed, no_live_traffic, .. } => {
             let mut settings = Settings::clone(settings);
             if settings.data_dir == Path::new(config::DEFAULT_DATA_DIR) {
                 settings.data_dir = std::path::PathBuf::from(demo::DEFAULT_DATA_DIR);
@@ -1017,7 +1021,7 @@ fn dispatch(
                         .with_context(|| format!("opening the store in {}", settings.data_dir.display()))?,
                 ),
             };
-            run_demo(&settings, store, customers, seed)
+            run_demo(&settings, store, customers, seed, !no_live_traffic)
         }
         Command::Source(SourceCommand::Set { name, registry }) => {
             stack::set(&*open(Access::Existing)?, ToolKind::Source, &name, &registry, &mut out)
@@ -1277,12 +1281,14 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// Loads the demo company (once per data directory), brings profiles up to
 /// date, prints where to look, then serves like `tandem serve`.
-fn run_demo(settings: &Settings, store: Arc<dyn Store>, customers: usize, seed: u64) -> anyhow::Result<()> {
+fn run_demo(settings: &Settings, store: Arc<dyn Store>, customers: usize, seed: u64, live: bool) -> anyhow::Result<()> {
     let options = server_options(settings);
     runtime()?.block_on(async {
         let running = tandem_server::start(store.clone(), &options).await?;
         let mut out = std::io::stdout();
         let company = demo::generate(seed, customers, demo::History::until_now());
+        // Before the company's events, so the outbox stage hands them to the destinations.
+        let _receiver = demo::living::start_destinations(&store, &settings.data_dir).await?;
         // The store's calls block, so they run off the async workers here.
         if tokio::task::block_in_place(|| demo::already_loaded(&store))? {
             eprintln!("the demo company is already in {}; serving it", settings.data_dir.display());
@@ -1322,11 +1328,21 @@ fn run_demo(settings: &Settings, store: Arc<dyn Store>, customers: usize, seed: 
         eprintln!("profiles up to date in {:.1} s", started.elapsed().as_secs_f64());
         let defining = store.clone();
         tokio::task::spawn_blocking(move || demo::define_audiences(defining.as_ref())).await??;
+        demo::living::furnish(&running.state(), &company).await?;
         tokio::task::block_in_place(|| {
-            let (_, token) = store.create_token("demo")?;
-            demo::walkthrough(&mut out, store.as_ref(), &company, running.local_addr, &settings.data_dir, &token)
+            let tokens = demo::living::create_role_tokens(store.as_ref())?;
+            demo::walkthrough(&mut out, store.as_ref(), &company, running.local_addr, &settings.data_dir, &tokens)
         })?;
-        running.serve(tandem_server::shutdown_signal()).await?;
+        let live = live.then(|| tokio::spawn(demo::living::live_traffic(running.state(), Arc::new(company))));
+        running
+            .serve(async move {
+                tandem_server::shutdown_signal().await;
+                // It holds the log writer open; the server waits for the writer to stop.
+                if let Some(live) = live {
+                    live.abort();
+                }
+            })
+            .await?;
         anyhow::Ok(())
     })
 }
