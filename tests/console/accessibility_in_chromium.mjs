@@ -8,9 +8,9 @@
 // checks the error page too.
 //
 // Each page is checked with axe-core (WCAG 2.x A and AA and axe's best
-// practices) at 1280 px, for its size (the HTML as sent, before images) and
-// for sideways scrolling at a 390 px phone width, with a screenshot of both
-// widths into SHOTS_DIR. Prints one JSON object with what it found; the
+// practices) at 1280 px and at a 390 px phone width, for its size (the HTML
+// as sent, before images) and for sideways scrolling at 390 px, with a
+// screenshot of both widths into SHOTS_DIR. Prints one JSON object with what it found; the
 // Rust test judges it. Exits non-zero only when the browser run itself fails.
 //
 // usage: node accessibility_in_chromium.mjs TANDEM_URL ADMIN_TOKEN SHOTS_DIR
@@ -70,35 +70,47 @@ async function addressesOn(page) {
   })
 }
 
-async function check(page, url, name) {
-  const response = await page.goto(url)
-  const body = await response.body()
-  await page.setViewportSize(DESKTOP)
-  await page.evaluate(axeSource)
+// axe's violations of WCAG 2.x A and AA and its best practices, as the page is now.
+async function audit(page) {
   const results = await page.evaluate(() =>
     window.axe.run(document, {
       runOnly: { type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa', 'wcag22aa', 'best-practice'] },
       resultTypes: ['violations'],
     }),
   )
+  return results.violations.map((violation) => ({
+    id: violation.id,
+    impact: violation.impact,
+    help: violation.help,
+    targets: violation.nodes.slice(0, 5).map((node) => node.target.join(' ')),
+  }))
+}
+
+async function check(page, url, name) {
+  const response = await page.goto(url)
+  const body = await response.body()
+  await page.evaluate(axeSource)
   const number = String(found.pages.length + 1).padStart(2, '0')
+  await page.setViewportSize(DESKTOP)
+  const desktop = await audit(page)
   await page.screenshot({ path: `${shotsDir}/${number}-${name}.png`, fullPage: true })
+  // At a phone's width the layout changes (tables scroll on their own), so axe looks again.
   await page.setViewportSize(PHONE)
+  const phone = await audit(page)
   const scrollWidth = await page.evaluate(() => document.documentElement.scrollWidth)
   await page.screenshot({ path: `${shotsDir}/${number}-${name}-390px.png`, fullPage: true })
   await page.setViewportSize(DESKTOP)
+  const violations = [
+    ...desktop.map((violation) => ({ ...violation, width: DESKTOP.width })),
+    ...phone.map((violation) => ({ ...violation, width: PHONE.width })),
+  ]
   const shown = {
     url: new URL(page.url()).pathname + new URL(page.url()).search,
     status: response.status(),
     contentType: response.headers()['content-type'] ?? '',
     bytes: body.length,
     scrollWidth,
-    violations: results.violations.map((violation) => ({
-      id: violation.id,
-      impact: violation.impact,
-      help: violation.help,
-      targets: violation.nodes.slice(0, 5).map((node) => node.target.join(' ')),
-    })),
+    violations,
   }
   found.pages.push(shown)
   return shown
@@ -123,7 +135,7 @@ try {
   while (queue.length > 0 && found.pages.length < MAX_PAGES) {
     const { url, searched } = queue.shift()
     const kind = kindOf(url, searched)
-    const shown = await check(page, url.href, kind.replaceAll(/[^a-z0-9]+/gi, '-'))
+    const shown = await check(page, url.href, kind.replaceAll('/*', '-one').replaceAll(/[^a-z0-9]+/gi, '-'))
     shown.kind = kind
     // A search may redirect to what it found; what is on the page counts.
     for (const next of await addressesOn(page)) {

@@ -148,7 +148,8 @@ fn main() -> anyhow::Result<()> {
     let mut start = 0;
     while start < options.profiles {
         let end = (start + PAGE).min(options.profiles);
-        let page: Vec<Customer> = (start..end).map(|id| customer(id + 1, options.seed, mean_events, &source, NOW_MS)).collect();
+        let page: Vec<Customer> =
+            (start..end).map(|id| customer(id + 1, options.seed, mean_events, &source, NOW_MS)).collect();
         events += page.iter().map(|customer| customer.events.len() as u64).sum::<u64>();
         if let Some(export) = export.as_mut() {
             for customer in &page {

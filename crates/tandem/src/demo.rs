@@ -687,7 +687,8 @@ pub fn walkthrough(
     data_dir: &Path,
     tokens: &[living::RoleToken],
 ) -> anyhow::Result<()> {
-    let token = tokens.iter().find(|token| token.role == tandem_core::govern::Role::Admin).map_or("", |token| &token.secret);
+    let token =
+        tokens.iter().find(|token| token.role == tandem_core::govern::Role::Admin).map_or("", |token| &token.secret);
     let stats = store.stats()?;
     let base = format!("http://{address}");
     // Absolute, so the setting works from any directory in the user's other shell.
@@ -764,10 +765,18 @@ pub fn walkthrough(
         "Destinations: the CRM (a receiver on this machine that fails now and then) and CSV files for the data lake"
     )?;
     writeln!(out, "  tandem destination list")?;
-    writeln!(out, "  tandem deliveries failed --destination {}   # dead letters, replayable", living::WEBHOOK_DESTINATION)?;
+    writeln!(
+        out,
+        "  tandem deliveries failed --destination {}   # dead letters, replayable",
+        living::WEBHOOK_DESTINATION
+    )?;
     writeln!(out)?;
     writeln!(out, "Data quality and the stack")?;
-    writeln!(out, "  tandem plan violations {}      # events that break the website's tracking plan", living::PLANNED_SOURCE)?;
+    writeln!(
+        out,
+        "  tandem plan violations {}      # events that break the website's tracking plan",
+        living::PLANNED_SOURCE
+    )?;
     writeln!(out, "  tandem stack report                  # owners and costs; a quiz widget nobody registered")?;
     writeln!(out)?;
     writeln!(out, "Send an event of your own, as any Segment SDK would")?;
@@ -1016,7 +1025,10 @@ mod tests {
         for tool in &report.tools {
             let info = &tool.info;
             assert!(
-                info.owner.is_some() && info.department.is_some() && info.purpose.is_some() && info.annual_cost > Some(0.0),
+                info.owner.is_some()
+                    && info.department.is_some()
+                    && info.purpose.is_some()
+                    && info.annual_cost > Some(0.0),
                 "{} has no complete entry: {info:?}",
                 tool.name
             );

@@ -1288,7 +1288,7 @@ fn run_demo(settings: &Settings, store: Arc<dyn Store>, customers: usize, seed: 
         let mut out = std::io::stdout();
         let company = demo::generate(seed, customers, demo::History::until_now());
         // Before the company's events, so the outbox stage hands them to the destinations.
-        let _receiver = demo::living::start_destinations(&store, &settings.data_dir).await?;
+        let receiver = demo::living::start_destinations(&store, &settings.data_dir).await?;
         // The store's calls block, so they run off the async workers here.
         if tokio::task::block_in_place(|| demo::already_loaded(&store))? {
             eprintln!("the demo company is already in {}; serving it", settings.data_dir.display());
@@ -1343,6 +1343,11 @@ fn run_demo(settings: &Settings, store: Arc<dyn Store>, customers: usize, seed: 
                 }
             })
             .await?;
+        let answers = receiver.answers();
+        eprintln!(
+            "the demo's CRM took {} deliveries ({} items), was busy for {} and refused {}",
+            answers.accepted, answers.items, answers.busy, answers.refused
+        );
         anyhow::Ok(())
     })
 }

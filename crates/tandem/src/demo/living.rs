@@ -82,7 +82,14 @@ pub const REGISTRY: &[(ToolKind, &str, &str, Department, &str, f64)] = &[
     (ToolKind::Source, "facebook-leads", "Maya Rossi", Department::Marketing, "lead ads", 18_000.0),
     (ToolKind::Source, "social", "Tara Okafor", Department::Marketing, "brand mentions", 7_200.0),
     (ToolKind::Destination, WEBHOOK_DESTINATION, "Bo Chen", Department::Sales, "orders and VIPs into the CRM", 3_000.0),
-    (ToolKind::Destination, FILE_DESTINATION, "Erin Novak", Department::It, "audience files for the data lake", 1_800.0),
+    (
+        ToolKind::Destination,
+        FILE_DESTINATION,
+        "Erin Novak",
+        Department::It,
+        "audience files for the data lake",
+        1_800.0,
+    ),
 ];
 
 /// One of the demo's tokens.
@@ -141,9 +148,10 @@ pub fn what_it_sees(role: Role) -> String {
 pub async fn start_destinations(store: &Arc<dyn Store>, data_dir: &Path) -> anyhow::Result<FlakyReceiver> {
     let existing = blocking(store, |store| Ok(store.destination(WEBHOOK_DESTINATION)?)).await?;
     let known_port = existing.as_ref().and_then(|record| match &record.definition.destination {
-        DestinationSettings::Webhook(settings) => settings.url.rsplit_once(':').and_then(|(_, rest)| {
-            rest.split('/').next().and_then(|port| port.parse::<u16>().ok())
-        }),
+        DestinationSettings::Webhook(settings) => settings
+            .url
+            .rsplit_once(':')
+            .and_then(|(_, rest)| rest.split('/').next().and_then(|port| port.parse::<u16>().ok())),
         _ => None,
     });
     let receiver = match known_port {
@@ -232,9 +240,8 @@ pub async fn furnish(state: &AppState, company: &Company) -> anyhow::Result<()> 
         let users = known_user_ids(company);
         let mut random = Random::new(company.expected.customers ^ 0x5eed);
         let breaking = (company.expected.customers / 250).max(8);
-        let messages: Vec<Value> = (0..breaking)
-            .map(|n| plan_breaking_event(&mut random, &users, &format!("demo-plan-{n}"), None))
-            .collect();
+        let messages: Vec<Value> =
+            (0..breaking).map(|n| plan_breaking_event(&mut random, &users, &format!("demo-plan-{n}"), None)).collect();
         send(&app, website.write_key.as_str(), json!({"batch": messages}), None).await?;
         let shadow_requests = (company.expected.customers / 500).max(5);
         for n in 0..shadow_requests {

@@ -64,9 +64,9 @@ impl Drop for FlakyReceiver {
 /// Whether the receiver finds this item invalid (before it is fixed).
 pub fn is_invalid(message_id: &str) -> bool {
     // FNV-1a: stable across runs and builds, unlike the std hasher.
-    let hash = message_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
+    let hash = message_id
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3));
     hash % INVALID_ONE_IN == 0
 }
 
@@ -101,8 +101,7 @@ async fn receive(State(receiver): State<Arc<Mutex<Receiver>>>, body: Bytes) -> (
         Ok(Value::Array(items)) => items,
         _ => return (StatusCode::BAD_REQUEST, "expected a JSON array"),
     };
-    let ids: Vec<String> =
-        items.iter().map(|item| item["messageId"].as_str().unwrap_or_default().to_owned()).collect();
+    let ids: Vec<String> = items.iter().map(|item| item["messageId"].as_str().unwrap_or_default().to_owned()).collect();
     let mut receiver = receiver.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     receiver.requests += 1;
     if receiver.requests.is_multiple_of(BUSY_EVERY) {
@@ -142,11 +141,12 @@ mod tests {
         let invalid = (0..100_000).map(|n| format!("m-{n}")).find(|id| is_invalid(id)).unwrap();
         let valid = (0..100_000).map(|n| format!("m-{n}")).find(|id| !is_invalid(id)).unwrap();
         let statuses = tokio::task::spawn_blocking(move || {
-            let mut statuses = Vec::new();
-            statuses.push(post(&url, &[&valid, &invalid]));
-            statuses.push(post(&url, &[&valid]));
-            statuses.push(post(&url, &[&invalid]));
-            statuses.push(post(&url, &[&invalid]));
+            let mut statuses = vec![
+                post(&url, &[&valid, &invalid]),
+                post(&url, &[&valid]),
+                post(&url, &[&invalid]),
+                post(&url, &[&invalid]),
+            ];
             for _ in 4..BUSY_EVERY {
                 statuses.push(post(&url, &[&valid]));
             }

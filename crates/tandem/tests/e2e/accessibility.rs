@@ -78,7 +78,10 @@ fn every_console_page_is_accessible_small_and_fits_a_phone() {
         }
         for violation in page["violations"].as_array().unwrap() {
             if matches!(violation["impact"].as_str(), Some("serious" | "critical")) {
-                failures.push(format!("{url}: {} ({}): {} at {}", violation["id"], violation["impact"], violation["help"], violation["targets"]));
+                failures.push(format!(
+                    "{url}: {} ({}): {} at {}",
+                    violation["id"], violation["impact"], violation["help"], violation["targets"]
+                ));
             }
         }
     }

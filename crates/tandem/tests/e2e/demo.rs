@@ -123,8 +123,12 @@ fn the_company_around_the_data_is_there(data: &Path, walkthrough: &str) {
     let replayed_positions: Vec<Value> = dead.iter().map(|letter| letter["position"].clone()).collect();
     eventually("the replayed dead letters delivered", || {
         let failed = json_of(data, &["deliveries", "failed", "--destination", "crm-sync", "--json"]);
-        let still: Vec<&Value> =
-            failed.as_array().unwrap().iter().filter(|letter| replayed_positions.contains(&letter["position"])).collect();
+        let still: Vec<&Value> = failed
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|letter| replayed_positions.contains(&letter["position"]))
+            .collect();
         still.is_empty().then_some(())
     });
     let exports = data.join("demo-exports");
