@@ -133,13 +133,9 @@ fn audience_links(html: &str) -> Vec<String> {
         .collect()
 }
 
-fn form_value(text: &str) -> String {
-    text.bytes()
-        .map(|byte| match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (byte as char).to_string(),
-            other => format!("%{other:02X}"),
-        })
-        .collect()
+/// `name=value` pairs as a form body or query string.
+fn form(pairs: &[(&str, &str)]) -> String {
+    serde_urlencoded::to_string(pairs).unwrap_or_default()
 }
 
 impl Session {
@@ -159,7 +155,7 @@ impl Session {
             .post(&format!("{base}/console/sign-in"))
             .header("Cookie", &anonymous)
             .header("Content-Type", "application/x-www-form-urlencoded")
-            .send(format!("token={}&csrf={}", form_value(token), form_value(&csrf)))?;
+            .send(form(&[("token", token), ("csrf", &csrf)]))?;
         if !signed_in.status().is_redirection() {
             bail!("signing in answered {}", signed_in.status());
         }
@@ -238,8 +234,8 @@ fn measure(options: &Measure) -> anyhow::Result<()> {
     for link in nav_links(&landing) {
         pages.push(Page::Get(link));
     }
-    pages.push(Page::Get(format!("/console/customers?identifier={}", form_value(&options.search))));
-    let (status, found) = session.get(&format!("/console/customers?identifier={}", form_value(&options.customer)))?;
+    pages.push(Page::Get(format!("/console/customers?{}", form(&[("identifier", &options.search)]))));
+    let (status, found) = session.get(&format!("/console/customers?{}", form(&[("identifier", &options.customer)])))?;
     if status != 303 || !found.starts_with("/console/customers/prof_") {
         bail!("no customer holds {} ({status})", options.customer);
     }

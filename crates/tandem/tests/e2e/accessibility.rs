@@ -6,24 +6,14 @@
 //! so a page added later is checked without being named here; screenshots
 //! of each page at both widths land in `target/accessibility-screenshots/`.
 
-use crate::common::{repo_root, Server};
+use crate::common::{repo_root, Demo};
 use serde_json::Value;
-use std::process::{Command, Stdio};
-
-fn after<'a>(text: &'a str, marker: &str) -> &'a str {
-    let start = text.find(marker).unwrap_or_else(|| panic!("{marker:?} not in:\n{text}")) + marker.len();
-    text[start..].split_whitespace().next().unwrap()
-}
+use std::process::Command;
 
 #[test]
 fn every_console_page_is_accessible_small_and_fits_a_phone() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("demo");
-    let output = dir.path().join("walkthrough.txt");
-    let server =
-        Server::run(&data, &["demo", "--customers", "200"], Stdio::from(std::fs::File::create(&output).unwrap()));
-    let text = std::fs::read_to_string(&output).unwrap();
-    let admin = after(&text, "Admin token for the API: ").to_owned();
+    let demo = Demo::start(&["--customers", "200"]);
+    let (server, admin) = (&demo.server, demo.admin_token());
 
     let screenshots = repo_root().join("target/accessibility-screenshots");
     let _ = std::fs::remove_dir_all(&screenshots);
@@ -90,5 +80,5 @@ fn every_console_page_is_accessible_small_and_fits_a_phone() {
 
     let shots = std::fs::read_dir(&screenshots).unwrap().count();
     assert_eq!(shots, 2 * pages.len(), "a screenshot per page at each width");
-    assert!(server.terminate(), "the demo stops cleanly");
+    assert!(demo.server.terminate(), "the demo stops cleanly");
 }

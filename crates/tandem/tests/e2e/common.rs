@@ -117,6 +117,41 @@ impl Drop for Server {
     }
 }
 
+/// The first word after `marker` in `text`.
+pub fn word_after<'a>(text: &'a str, marker: &str) -> &'a str {
+    let start = text.find(marker).unwrap_or_else(|| panic!("{marker:?} not in:\n{text}")) + marker.len();
+    text[start..].split_whitespace().next().unwrap()
+}
+
+/// A `tandem demo` serving from a temporary directory, with the
+/// walkthrough it printed.
+pub struct Demo {
+    /// Holds `data`; dropped last.
+    _dir: tempfile::TempDir,
+    pub data: PathBuf,
+    pub server: Server,
+    pub walkthrough: String,
+}
+
+impl Demo {
+    /// Runs `tandem demo` with `options` (such as `--customers 200`) and
+    /// waits until it serves.
+    pub fn start(options: &[&str]) -> Demo {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("demo");
+        let output = dir.path().join("walkthrough.txt");
+        let command: Vec<&str> = ["demo"].into_iter().chain(options.iter().copied()).collect();
+        let server = Server::run(&data, &command, Stdio::from(std::fs::File::create(&output).unwrap()));
+        let walkthrough = std::fs::read_to_string(&output).unwrap();
+        Demo { _dir: dir, data, server, walkthrough }
+    }
+
+    /// The admin token the walkthrough printed.
+    pub fn admin_token(&self) -> String {
+        word_after(&self.walkthrough, "Admin token for the API: ").to_owned()
+    }
+}
+
 /// An HTTP agent that returns 4xx/5xx responses instead of errors.
 pub fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
