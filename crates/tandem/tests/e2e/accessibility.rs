@@ -6,9 +6,7 @@
 //! so a page added later is checked without being named here; screenshots
 //! of each page at both widths land in `target/accessibility-screenshots/`.
 
-use crate::common::{repo_root, Demo};
-use serde_json::Value;
-use std::process::Command;
+use crate::common::{console_script, repo_root, Demo};
 
 #[test]
 fn every_console_page_is_accessible_small_and_fits_a_phone() {
@@ -17,21 +15,7 @@ fn every_console_page_is_accessible_small_and_fits_a_phone() {
 
     let screenshots = repo_root().join("target/accessibility-screenshots");
     let _ = std::fs::remove_dir_all(&screenshots);
-    let script = repo_root().join("tests/console/accessibility_in_chromium.mjs");
-    let run = Command::new("node")
-        .arg(&script)
-        .args([server.url.as_str(), &admin])
-        .arg(&screenshots)
-        .current_dir(script.parent().unwrap())
-        .output()
-        .unwrap_or_else(|error| panic!("cannot run node: {error}; run scripts/test to install the browser test"));
-    assert!(
-        run.status.success(),
-        "the accessibility check could not run (run scripts/test to install its packages and Chromium):\n{}\n{}",
-        String::from_utf8_lossy(&run.stdout),
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let found: Value = serde_json::from_slice(&run.stdout).unwrap();
+    let found = console_script("accessibility_in_chromium.mjs", &[&server.url, &admin], &screenshots);
     let pages = found["pages"].as_array().unwrap();
     let kinds: Vec<&str> = pages.iter().map(|page| page["kind"].as_str().unwrap()).collect();
 

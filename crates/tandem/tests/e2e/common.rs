@@ -152,6 +152,28 @@ impl Demo {
     }
 }
 
+/// Runs a browser script of `tests/console` with node (its arguments, then
+/// the screenshot directory) and returns the JSON object it prints; panics
+/// with its output when it fails.
+pub fn console_script(script: &str, args: &[&str], screenshots: &Path) -> Value {
+    let script = repo_root().join("tests/console").join(script);
+    let run = Command::new("node")
+        .arg(&script)
+        .args(args)
+        .arg(screenshots)
+        .current_dir(script.parent().unwrap())
+        .output()
+        .unwrap_or_else(|error| panic!("cannot run node: {error}; run scripts/test to install the browser tests"));
+    assert!(
+        run.status.success(),
+        "{} failed (run scripts/test to install its packages and Chromium):\n{}\n{}",
+        script.display(),
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    serde_json::from_slice(&run.stdout).unwrap()
+}
+
 /// An HTTP agent that returns 4xx/5xx responses instead of errors.
 pub fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()

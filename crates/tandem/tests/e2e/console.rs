@@ -6,13 +6,13 @@
 //! packages and Chromium); its screenshots land in
 //! `target/console-screenshots/`.
 
-use crate::common::{repo_root, tandem, word_after, Demo};
+use crate::common::{console_script, repo_root, tandem, word_after, Demo};
 use serde_json::Value;
-use std::process::Command;
 
 #[test]
 fn the_console_signs_in_finds_a_customer_builds_an_audience_and_masks_for_a_marketer() {
-    let demo = Demo::start(&["--customers", "200"]);
+    // Without live traffic, so the saved audience's size is the previewed one.
+    let demo = Demo::start(&["--customers", "200", "--no-live-traffic"]);
     let (data, server, text) = (&demo.data, &demo.server, &demo.walkthrough);
     let admin = demo.admin_token();
     let email = word_after(text, "profile show email:").to_owned();
@@ -25,21 +25,7 @@ fn the_console_signs_in_finds_a_customer_builds_an_audience_and_masks_for_a_mark
     let marketer = marketer["token"].as_str().unwrap();
 
     let screenshots = repo_root().join("target/console-screenshots");
-    let script = repo_root().join("tests/console/console_in_chromium.mjs");
-    let run = Command::new("node")
-        .arg(&script)
-        .args([server.url.as_str(), &admin, marketer, &email])
-        .arg(&screenshots)
-        .current_dir(script.parent().unwrap())
-        .output()
-        .unwrap_or_else(|error| panic!("cannot run node: {error}; run scripts/test to install the browser test"));
-    assert!(
-        run.status.success(),
-        "the console's browser test failed (run scripts/test to install its packages and Chromium):\n{}\n{}",
-        String::from_utf8_lossy(&run.stdout),
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let seen: Value = serde_json::from_slice(&run.stdout).unwrap();
+    let seen = console_script("console_in_chromium.mjs", &[&server.url, &admin, marketer, &email], &screenshots);
 
     // The 360° view of the customer found by e-mail.
     let customer = &seen["customer"];
