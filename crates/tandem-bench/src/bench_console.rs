@@ -147,9 +147,9 @@ impl Session {
             .timeout_global(Some(Duration::from_secs(120)))
             .build()
             .into();
-        let mut form = agent.get(&format!("{base}/console/sign-in")).call()?;
-        let anonymous = cookie_of(&form).context("the sign-in page set no cookie")?;
-        let html = form.body_mut().read_to_string()?;
+        let mut sign_in_page = agent.get(&format!("{base}/console/sign-in")).call()?;
+        let anonymous = cookie_of(&sign_in_page).context("the sign-in page set no cookie")?;
+        let html = sign_in_page.body_mut().read_to_string()?;
         let csrf = attribute_after(&html, "name=\"csrf\"", "value").context("the sign-in form has no csrf")?;
         let signed_in = agent
             .post(&format!("{base}/console/sign-in"))
