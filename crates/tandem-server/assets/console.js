@@ -1,6 +1,7 @@
 // Tandem console: the audience builder's live size preview. The rule is
 // sent to /console/audiences/preview as it is typed (debounced); the answer
-// is its size, or the parse error with its line and column.
+// is its size (estimated from a sample in a large store), or the parse error
+// with its line and column.
 "use strict";
 (function () {
   const rule = document.getElementById("audience-rule");
@@ -25,7 +26,9 @@
       if (ticket !== sent) return;
       if (response.ok) {
         output.className = "good";
-        output.textContent = body.size + (body.size === 1 ? " profile matches now" : " profiles match now");
+        const count = body.size + (body.size === 1 ? " profile matches now" : " profiles match now");
+        output.textContent = body.exact ? count
+          : "about " + count + " (± " + body.margin + "; estimated from " + body.profiles_evaluated + " of about " + body.profiles + " profiles)";
         output.dataset.size = body.size;
       } else {
         const details = body.details;

@@ -950,6 +950,24 @@ pub struct Preview {
     pub sample: Vec<ProfileId>,
 }
 
+/// Whether `profile` is selected by `compiled` now: the batch evaluator
+/// over its whole timeline, its current memberships of other audiences and
+/// its stored computed traits.
+fn selects_now(
+    store: &dyn Store,
+    compiled: &CompiledAudience,
+    profile: &Profile,
+    now: DateTime<Utc>,
+) -> Result<bool, StoreError> {
+    let events = timeline(store, profile.id, LogPosition(u64::MAX >> 1))?;
+    let members: BTreeSet<String> =
+        store.profile_audiences(profile.id)?.into_iter().map(|membership| membership.audience).collect();
+    let computed = stored_computed_values(store, profile.id)?;
+    let facts =
+        ProfileFacts { traits: &profile.traits, computed_traits: &computed, events: &events, audiences: &members };
+    Ok(compiled.is_member(&facts, now))
+}
+
 /// Evaluates a rule over every live profile's timeline (the batch
 /// evaluator), with their current memberships of other audiences.
 pub fn preview(store: &dyn Store, rule: &Condition, now: DateTime<Utc>, sample: usize) -> Result<Preview, DefineError> {
@@ -960,18 +978,8 @@ pub fn preview(store: &dyn Store, rule: &Condition, now: DateTime<Utc>, sample: 
     loop {
         let page = store.list_profiles(after, BACKFILL_PAGE)?;
         for profile in &page {
-            let events = timeline(store, profile.id, LogPosition(u64::MAX >> 1))?;
-            let members: BTreeSet<String> =
-                store.profile_audiences(profile.id)?.into_iter().map(|membership| membership.audience).collect();
-            let computed = stored_computed_values(store, profile.id)?;
-            let facts = ProfileFacts {
-                traits: &profile.traits,
-                computed_traits: &computed,
-                events: &events,
-                audiences: &members,
-            };
             result.profiles_evaluated += 1;
-            if compiled.is_member(&facts, now) {
+            if selects_now(store, &compiled, profile, now)? {
                 result.size += 1;
                 if result.sample.len() < sample {
                     result.sample.push(profile.id);
@@ -984,6 +992,110 @@ pub fn preview(store: &dyn Store, rule: &Condition, now: DateTime<Utc>, sample: 
         }
     }
     Ok(result)
+}
+
+/// Profiles [`estimate`] evaluates unless told otherwise: about 30 ms of
+/// work on two cores, whatever the number of profiles.
+pub const ESTIMATE_PROFILES: usize = 1_000;
+/// Runs of consecutive profiles an estimate's sample is drawn in, spread
+/// evenly over the profile ids.
+const ESTIMATE_RUNS: u64 = 10;
+
+/// How many profiles a rule selects now, exactly or estimated.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Estimate {
+    /// Profiles selected (estimated unless `exact`).
+    pub size: u64,
+    /// Live profiles (estimated unless `exact`).
+    pub profiles: u64,
+    pub profiles_evaluated: u64,
+    /// Whether every profile was evaluated.
+    pub exact: bool,
+    /// Half the width of the 95% confidence interval of `size` (0 when exact).
+    pub margin: u64,
+}
+
+/// What a rule selects now, for a size shown as the rule is typed: exact
+/// (as [`preview`]) when the store holds at most `limit` profiles, else
+/// estimated from `limit` of them, taken in [`ESTIMATE_RUNS`] runs of
+/// consecutive ids spread evenly from the first id to the last, so the
+/// work is the same for ten thousand profiles as for a million. Profile
+/// ids grow with time (a merge keeps the older id), so the runs cover old
+/// and new customers alike; how densely each run's ids are taken gives the
+/// number of live profiles.
+pub fn estimate(
+    store: &dyn Store,
+    rule: &Condition,
+    now: DateTime<Utc>,
+    limit: usize,
+) -> Result<Estimate, DefineError> {
+    let compiled = rule.compile()?;
+    check_references(store, rule)?;
+    let limit = limit.max(ESTIMATE_RUNS as usize);
+    let first = store.list_profiles(None, limit + 1)?;
+    let (Some(lowest), true) = (first.first(), first.len() > limit) else {
+        let mut size = 0;
+        for profile in &first {
+            size += u64::from(selects_now(store, &compiled, profile, now)?);
+        }
+        let profiles = first.len() as u64;
+        return Ok(Estimate { size, profiles, profiles_evaluated: profiles, exact: true, margin: 0 });
+    };
+    let lowest = lowest.id.0;
+    let highest = last_profile_id(store, first[limit].id)?;
+    let span = highest - lowest + 1;
+    let per_run = limit / ESTIMATE_RUNS as usize;
+    let (mut evaluated, mut selected, mut covered) = (0u64, 0u64, 0u64);
+    for run in 0..ESTIMATE_RUNS {
+        let start = lowest + span * run / ESTIMATE_RUNS;
+        let next_start = lowest + span * (run + 1) / ESTIMATE_RUNS;
+        let page = store.list_profiles(start.checked_sub(1).map(ProfileId), per_run)?;
+        let within: Vec<&Profile> = page.iter().filter(|profile| profile.id.0 < next_start).collect();
+        for profile in &within {
+            selected += u64::from(selects_now(store, &compiled, profile, now)?);
+        }
+        evaluated += within.len() as u64;
+        // A full page that ends inside the run covers the ids up to its
+        // last; otherwise the whole run was read.
+        covered += match within.last() {
+            Some(last) if within.len() == per_run => last.id.0 - start + 1,
+            _ => next_start - start,
+        };
+    }
+    let profiles = ((evaluated as f64 / covered.max(1) as f64) * span as f64).round() as u64;
+    let share = selected as f64 / evaluated.max(1) as f64;
+    let margin = 1.96 * (share * (1.0 - share) / evaluated.max(1) as f64).sqrt() * profiles as f64;
+    Ok(Estimate {
+        size: (share * profiles as f64).round() as u64,
+        profiles,
+        profiles_evaluated: evaluated,
+        exact: false,
+        margin: margin.ceil() as u64,
+    })
+}
+
+/// The highest live profile id, given one that exists: doubling past it,
+/// then halving back, a one-row index seek per step.
+fn last_profile_id(store: &dyn Store, known: ProfileId) -> Result<u64, StoreError> {
+    let next_after = |id: u64| -> Result<Option<u64>, StoreError> {
+        Ok(store.list_profiles(Some(ProfileId(id)), 1)?.first().map(|profile| profile.id.0))
+    };
+    // Invariant: `low` exists, and nothing lives after `high`.
+    let mut low = known.0;
+    let mut high = low.saturating_mul(2).max(low + 1);
+    while let Some(found) = next_after(high)? {
+        low = found;
+        high = found.saturating_mul(2);
+    }
+    while high - low > 1 {
+        let middle = low + (high - low) / 2;
+        match next_after(middle)? {
+            Some(found) => low = found,
+            None => high = middle,
+        }
+    }
+    // `low` lives and nothing lives after `high`; `low` may still have a successor up to `high`.
+    Ok(next_after(low)?.unwrap_or(low))
 }
 
 #[cfg(test)]
@@ -1043,6 +1155,43 @@ mod tests {
 
     fn rule(text: &str) -> Condition {
         Condition::parse(text).unwrap()
+    }
+
+    #[test]
+    fn the_builders_estimate_is_exact_in_a_small_store_and_sampled_evenly_in_a_large_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let now_ms = 1_700_000_000_000;
+        // 4,000 people, every fourth ordered yesterday.
+        let messages: Vec<Value> = (0..4_000)
+            .map(|n| {
+                let user = format!("u{n:05}");
+                if n % 4 == 0 {
+                    order(&user, now_ms - DAY_MS)
+                } else {
+                    json!({"type": "identify", "userId": user})
+                }
+            })
+            .collect();
+        append_and_resolve(&store, &messages);
+        let recent = rule(r#"performed "Order Completed" within 30d"#);
+        assert_eq!(preview(store.as_ref(), &recent, at(now_ms), 0).unwrap().size, 1_000);
+
+        let whole = estimate(store.as_ref(), &recent, at(now_ms), 4_000).unwrap();
+        assert_eq!(whole, Estimate { size: 1_000, profiles: 4_000, profiles_evaluated: 4_000, exact: true, margin: 0 });
+
+        let sampled = estimate(store.as_ref(), &recent, at(now_ms), 400).unwrap();
+        assert!(!sampled.exact, "{sampled:?}");
+        assert_eq!(sampled.profiles_evaluated, 400, "ten runs of forty");
+        assert_eq!(sampled.profiles, 4_000, "the ids are dense: {sampled:?}");
+        assert_eq!(sampled.size, 1_000, "each run of forty holds ten buyers: {sampled:?}");
+        assert_eq!(sampled.margin, 170, "1.96 * sqrt(0.25 * 0.75 / 400) * 4000, rounded up");
+
+        let highest = store.list_profiles(None, 4_000).unwrap().last().unwrap().id;
+        for known in [1, 2, 999, highest.0 - 1, highest.0] {
+            assert_eq!(last_profile_id(store.as_ref(), ProfileId(known)).unwrap(), highest.0, "from {known}");
+        }
+        assert!(estimate(store.as_ref(), &rule(r#"in audience "nobody""#), at(now_ms), 400).is_err());
     }
 
     #[test]

@@ -49,8 +49,6 @@ const SCRIPT: &str = include_str!("../assets/console.js");
 const CUSTOMER_PAGE: usize = 25;
 const TIMELINE_PAGE: usize = 20;
 const MEMBER_PAGE: usize = 25;
-/// Members a preview samples.
-const PREVIEW_SAMPLE: usize = 5;
 
 /// The console's routes, for [`crate::router`].
 pub fn routes() -> Router<AppState> {
@@ -906,7 +904,9 @@ struct PreviewBody {
 
 /// `POST /console/audiences/preview` (fetched by the builder as it is
 /// typed, the CSRF token in `X-CSRF-Token`): the size the text rule selects
-/// now, or the parse error with its line and column, as JSON.
+/// now — exact up to [`crate::audience::ESTIMATE_PROFILES`] profiles,
+/// estimated from a sample of that many above, so it answers as fast with a
+/// million profiles — or the parse error with its line and column, as JSON.
 async fn preview_audience(
     State(state): State<AppState>,
     console: Console,
@@ -932,12 +932,19 @@ async fn preview_audience(
     };
     let now = chrono::Utc::now();
     let store = state.store.clone();
-    let preview =
-        tokio::task::spawn_blocking(move || crate::audience::preview(store.as_ref(), &rule, now, PREVIEW_SAMPLE)).await;
-    match preview {
-        Ok(Ok(preview)) => {
-            Json(json!({"size": preview.size, "profiles_evaluated": preview.profiles_evaluated})).into_response()
-        }
+    let estimate = tokio::task::spawn_blocking(move || {
+        crate::audience::estimate(store.as_ref(), &rule, now, crate::audience::ESTIMATE_PROFILES)
+    })
+    .await;
+    match estimate {
+        Ok(Ok(estimate)) => Json(json!({
+            "size": estimate.size,
+            "exact": estimate.exact,
+            "margin": estimate.margin,
+            "profiles": estimate.profiles,
+            "profiles_evaluated": estimate.profiles_evaluated,
+        }))
+        .into_response(),
         Ok(Err(error)) => crate::audience_api::define_error(error).into_response(),
         Err(_) => ApiError::new(ErrorCode::Internal, "internal error").into_response(),
     }
@@ -953,6 +960,8 @@ struct AudiencePage {
     created_at: String,
     backfilled: bool,
     may_members: bool,
+    /// Whether member ids link to their 360° view.
+    may_lookup: bool,
     members: Vec<MemberRow>,
     next_page: Option<String>,
 }
@@ -1039,6 +1048,7 @@ async fn audience(
         backfilled: record.backfill == tandem_store::Backfill::Done,
         name,
         may_members,
+        may_lookup: console.may("GET", "/api/v1/profiles/{id}", None),
         members,
         next_page,
     };

@@ -31,6 +31,8 @@ use tower::ServiceExt;
 
 mod goals;
 pub use goals::define_goals;
+pub mod living;
+pub mod receiver;
 
 /// Where `tandem demo` keeps its data unless told otherwise, apart from a real store.
 pub const DEFAULT_DATA_DIR: &str = "./tandem-demo";
@@ -689,8 +691,10 @@ pub fn walkthrough(
     company: &Company,
     address: std::net::SocketAddr,
     data_dir: &Path,
-    token: &str,
+    tokens: &[living::RoleToken],
 ) -> anyhow::Result<()> {
+    let token =
+        tokens.iter().find(|token| token.role == tandem_core::govern::Role::Admin).map_or("", |token| &token.secret);
     let stats = store.stats()?;
     let base = format!("http://{address}");
     // Absolute, so the setting works from any directory in the user's other shell.
@@ -765,13 +769,34 @@ pub fn walkthrough(
     writeln!(out, "Goals marketing and IT share, on the console's first page")?;
     writeln!(out, "  tandem goal list")?;
     writeln!(out, "  tandem goal show Revenue")?;
+    writeln!(
+        out,
+        "Destinations: the CRM (a receiver on this machine that fails now and then) and CSV files for the data lake"
+    )?;
+    writeln!(out, "  tandem destination list")?;
+    writeln!(
+        out,
+        "  tandem deliveries failed --destination {}   # dead letters, replayable",
+        living::WEBHOOK_DESTINATION
+    )?;
+    writeln!(out)?;
+    writeln!(out, "Data quality and the stack")?;
+    writeln!(
+        out,
+        "  tandem plan violations {}      # events that break the website's tracking plan",
+        living::PLANNED_SOURCE
+    )?;
+    writeln!(out, "  tandem stack report                  # owners and costs; a quiz widget nobody registered")?;
     writeln!(out)?;
     writeln!(out, "Send an event of your own, as any Segment SDK would")?;
     writeln!(out, "  curl -u {}: {base}/v1/track -H 'Content-Type: application/json' \\", website.write_key)?;
     writeln!(out, "       -d '{{\"userId\":\"{}\",\"event\":\"Demo Explored\"}}'", showcase.user_id)?;
     writeln!(out, "  tandem stats")?;
     writeln!(out)?;
-    writeln!(out, "The console: {base}/ (sign in with the admin token below)")?;
+    writeln!(out, "The console: {base}/ (sign in with a token; each role sees what it may)")?;
+    for token in tokens {
+        writeln!(out, "  {:<9} {}  {}", token.role.as_str(), token.secret, living::what_it_sees(token.role))?;
+    }
     writeln!(out, "Admin token for the API: {token}")?;
     writeln!(out, "Stop with Ctrl-C; run `tandem demo` again to serve the same company.")?;
     out.flush()?;
@@ -952,7 +977,14 @@ mod tests {
         let (state, writer) =
             AppState::start(store.clone(), tandem_server::DEFAULT_DEDUP_WINDOW, dir.path().join("imports"));
         let company = generate(DEFAULT_SEED, 300, History::until_now());
+        let receiver = living::start_destinations(&store, dir.path()).await.unwrap();
         let loaded = load(&state, &company, &dir.path().join("files")).await.unwrap();
+        living::furnish(&state, &company).await.unwrap();
+        let violations_once = violation_count(store.as_ref());
+        let shadow_once = store.shadow_traffic(10).unwrap();
+        living::furnish(&state, &company).await.unwrap();
+        assert_eq!(violation_count(store.as_ref()), violations_once, "a second run sends no more off-plan events");
+        assert_eq!(store.shadow_traffic(10).unwrap(), shadow_once, "nor more requests of the unregistered tool");
         drop(state);
         tokio::task::spawn_blocking(move || writer.join().unwrap()).await.unwrap();
         assert_eq!(loaded.rejected, 0, "every generated record is valid");
@@ -980,11 +1012,91 @@ mod tests {
         let second = store.profile_by_identifier(&Identifier::new("user_id", second)).unwrap().unwrap();
         assert_ne!(first.id, second.id, "a shared tablet does not merge two account holders");
 
+        // What the console shows beyond the data: destinations with their receiver,
+        assert_webhook_points_at(store.as_ref(), &receiver.url());
+        let file = store.destination(living::FILE_DESTINATION).unwrap().expect("the file destination");
+        assert_eq!(file.definition.destination.kind(), "file");
+        assert_eq!(file.definition.audiences.len(), 2);
+        // a tracking plan with events that break it,
+        let (_, plan, violations) = tandem_server::govern::plan_report(store.as_ref(), "website", 50).unwrap();
+        assert_eq!(plan.expect("the website's plan").plan.mode.to_string(), "report");
+        let kinds: std::collections::BTreeSet<&str> = violations.iter().map(|found| found.kind.as_str()).collect();
+        assert_eq!(kinds, ["invalid_event", "unplanned_event"].into(), "{violations:?}");
+        assert!(violations_once >= 8, "{violations:?}");
+        // an unregistered tool sending traffic,
+        let [quiz] = shadow_once.as_slice() else { panic!("one unknown key: {shadow_once:?}") };
+        assert!(quiz.requests >= 5 && living::SHADOW_WRITE_KEY.starts_with(quiz.key_hint.trim_end_matches('…')));
+        assert_eq!(quiz.user_agents, [living::SHADOW_USER_AGENT]);
+        assert_eq!(quiz.ips, ["127.0.0.1"]);
+        // an owner, department, purpose and cost on every tool,
+        let report = tandem_server::stack::stack_report(store.as_ref()).unwrap();
+        assert_eq!(report.tools.len(), SOURCES.len() + 1 + 2, "every source and both destinations");
+        for tool in &report.tools {
+            let info = &tool.info;
+            assert!(
+                info.owner.is_some()
+                    && info.department.is_some()
+                    && info.purpose.is_some()
+                    && info.annual_cost > Some(0.0),
+                "{} has no complete entry: {info:?}",
+                tool.name
+            );
+        }
+        assert!(report.without_owner.is_empty() && report.total_annual_cost > 0.0);
+        // and a token for every role, each printed with what it sees.
+        let tokens = living::create_role_tokens(store.as_ref()).unwrap();
+        let roles: Vec<_> = store.list_tokens().unwrap().into_iter().map(|token| token.role).collect();
+        assert_eq!(roles.len(), tandem_core::govern::Role::ALL.len());
+        for role in tandem_core::govern::Role::ALL {
+            assert!(roles.contains(&role), "no {role} token: {roles:?}");
+        }
+
         let mut text = Vec::new();
-        walkthrough(&mut text, store.as_ref(), &company, "127.0.0.1:8080".parse().unwrap(), dir.path(), "tdm_x")
+        walkthrough(&mut text, store.as_ref(), &company, "127.0.0.1:8080".parse().unwrap(), dir.path(), &tokens)
             .unwrap();
         let text = String::from_utf8(text).unwrap();
         assert!(text.contains(&format!("{} profiles", company.expected.profiles())), "{text}");
         assert!(text.contains(&format!("profile show email:{}", showcase.email)), "{text}");
+        for token in &tokens {
+            let line = format!("  {:<9} {}  {}", token.role.as_str(), token.secret, living::what_it_sees(token.role));
+            assert!(text.contains(&line), "{line:?} missing from {text}");
+        }
+        assert!(text.contains(&format!("Admin token for the API: {}", tokens[0].secret)), "{text}");
+        assert!(text.contains("deliveries failed --destination crm-sync"), "{text}");
+    }
+
+    fn violation_count(store: &dyn Store) -> u64 {
+        let (_, _, violations) = tandem_server::govern::plan_report(store, "website", 50).unwrap();
+        violations.iter().map(|found| found.count).sum()
+    }
+
+    fn assert_webhook_points_at(store: &dyn Store, url: &str) {
+        let webhook = store.destination(living::WEBHOOK_DESTINATION).unwrap().expect("the webhook destination");
+        match &webhook.definition.destination {
+            tandem_core::activate::DestinationSettings::Webhook(settings) => assert_eq!(settings.url, url),
+            other => panic!("not a webhook: {other:?}"),
+        }
+    }
+
+    /// A second `tandem demo` finds its receiver's port again, or takes
+    /// another and points the destination there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_crm_receiver_comes_back_on_its_port_or_the_destination_follows_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(tandem_store::SqliteStore::open(&dir.path().join("data")).unwrap());
+        let first = living::start_destinations(&store, dir.path()).await.unwrap();
+        assert_webhook_points_at(store.as_ref(), &first.url());
+        // The first receiver still holds its port: the destination moves.
+        let second = living::start_destinations(&store, dir.path()).await.unwrap();
+        assert_ne!(second.address, first.address);
+        assert_webhook_points_at(store.as_ref(), &second.url());
+        assert_eq!(store.list_destinations().unwrap().len(), 2, "the file destination is kept, not doubled");
+        // Stopped, its port is free again: the next run listens there.
+        let address = second.address;
+        drop((first, second));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let third = living::start_destinations(&store, dir.path()).await.unwrap();
+        assert_eq!(third.address, address);
+        assert_webhook_points_at(store.as_ref(), &third.url());
     }
 }

@@ -114,6 +114,10 @@ enum Command {
         /// The same seed gives the same company
         #[arg(long, default_value_t = demo::DEFAULT_SEED)]
         seed: u64,
+        /// Serve the company without the trickle of live events (browsing, orders, events that
+        /// break the tracking plan, an unregistered tool) it otherwise keeps sending
+        #[arg(long)]
+        no_live_traffic: bool,
     },
     /// Import a silo's export (CSV or JSON Lines, optionally gzipped) into the log
     Import {
@@ -1105,7 +1109,7 @@ fn dispatch(
             pii::remove(&*open(Access::Existing)?, &matcher.matcher()?, &mut out)
         }
         Command::Serve { .. } => serve(settings, open(Access::CreateIfMissing)?),
-        Command::Demo { customers, seed, .. } => {
+        Command::Demo { customers, seed, no_live_traffic, .. } => {
             let mut settings = Settings::clone(settings);
             if settings.data_dir == Path::new(config::DEFAULT_DATA_DIR) {
                 settings.data_dir = std::path::PathBuf::from(demo::DEFAULT_DATA_DIR);
@@ -1117,7 +1121,7 @@ fn dispatch(
                         .with_context(|| format!("opening the store in {}", settings.data_dir.display()))?,
                 ),
             };
-            run_demo(&settings, store, customers, seed)
+            run_demo(&settings, store, customers, seed, !no_live_traffic)
         }
         Command::Source(SourceCommand::Set { name, registry }) => {
             stack::set(&*open(Access::Existing)?, ToolKind::Source, &name, &registry, &mut out)
@@ -1400,12 +1404,14 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// Loads the demo company (once per data directory), brings profiles up to
 /// date, prints where to look, then serves like `tandem serve`.
-fn run_demo(settings: &Settings, store: Arc<dyn Store>, customers: usize, seed: u64) -> anyhow::Result<()> {
+fn run_demo(settings: &Settings, store: Arc<dyn Store>, customers: usize, seed: u64, live: bool) -> anyhow::Result<()> {
     let options = server_options(settings);
     runtime()?.block_on(async {
         let running = tandem_server::start(store.clone(), &options).await?;
         let mut out = std::io::stdout();
         let company = demo::generate(seed, customers, demo::History::until_now());
+        // Before the company's events, so the outbox stage hands them to the destinations.
+        let receiver = demo::living::start_destinations(&store, &settings.data_dir).await?;
         // The store's calls block, so they run off the async workers here.
         if tokio::task::block_in_place(|| demo::already_loaded(&store))? {
             eprintln!("the demo company is already in {}; serving it", settings.data_dir.display());
@@ -1447,11 +1453,26 @@ fn run_demo(settings: &Settings, store: Arc<dyn Store>, customers: usize, seed: 
         tokio::task::spawn_blocking(move || demo::define_audiences(defining.as_ref())).await??;
         let defining = store.clone();
         tokio::task::spawn_blocking(move || demo::define_goals(&defining, customers)).await??;
+        demo::living::furnish(&running.state(), &company).await?;
         tokio::task::block_in_place(|| {
-            let (_, token) = store.create_token("demo")?;
-            demo::walkthrough(&mut out, store.as_ref(), &company, running.local_addr, &settings.data_dir, &token)
+            let tokens = demo::living::create_role_tokens(store.as_ref())?;
+            demo::walkthrough(&mut out, store.as_ref(), &company, running.local_addr, &settings.data_dir, &tokens)
         })?;
-        running.serve(tandem_server::shutdown_signal()).await?;
+        let live = live.then(|| tokio::spawn(demo::living::live_traffic(running.state(), Arc::new(company))));
+        running
+            .serve(async move {
+                tandem_server::shutdown_signal().await;
+                // It holds the log writer open; the server waits for the writer to stop.
+                if let Some(live) = live {
+                    live.abort();
+                }
+            })
+            .await?;
+        let answers = receiver.answers();
+        eprintln!(
+            "the demo's CRM took {} deliveries ({} items), was busy for {} and refused {}",
+            answers.accepted, answers.items, answers.busy, answers.refused
+        );
         anyhow::Ok(())
     })
 }

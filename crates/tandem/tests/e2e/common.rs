@@ -117,6 +117,63 @@ impl Drop for Server {
     }
 }
 
+/// The first word after `marker` in `text`.
+pub fn word_after<'a>(text: &'a str, marker: &str) -> &'a str {
+    let start = text.find(marker).unwrap_or_else(|| panic!("{marker:?} not in:\n{text}")) + marker.len();
+    text[start..].split_whitespace().next().unwrap()
+}
+
+/// A `tandem demo` serving from a temporary directory, with the
+/// walkthrough it printed.
+pub struct Demo {
+    /// Holds `data`; dropped last.
+    _dir: tempfile::TempDir,
+    pub data: PathBuf,
+    pub server: Server,
+    pub walkthrough: String,
+}
+
+impl Demo {
+    /// Runs `tandem demo` with `options` (such as `--customers 200`) and
+    /// waits until it serves.
+    pub fn start(options: &[&str]) -> Demo {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("demo");
+        let output = dir.path().join("walkthrough.txt");
+        let command: Vec<&str> = ["demo"].into_iter().chain(options.iter().copied()).collect();
+        let server = Server::run(&data, &command, Stdio::from(std::fs::File::create(&output).unwrap()));
+        let walkthrough = std::fs::read_to_string(&output).unwrap();
+        Demo { _dir: dir, data, server, walkthrough }
+    }
+
+    /// The admin token the walkthrough printed.
+    pub fn admin_token(&self) -> String {
+        word_after(&self.walkthrough, "Admin token for the API: ").to_owned()
+    }
+}
+
+/// Runs a browser script of `tests/console` with node (its arguments, then
+/// the screenshot directory) and returns the JSON object it prints; panics
+/// with its output when it fails.
+pub fn console_script(script: &str, args: &[&str], screenshots: &Path) -> Value {
+    let script = repo_root().join("tests/console").join(script);
+    let run = Command::new("node")
+        .arg(&script)
+        .args(args)
+        .arg(screenshots)
+        .current_dir(script.parent().unwrap())
+        .output()
+        .unwrap_or_else(|error| panic!("cannot run node: {error}; run scripts/test to install the browser tests"));
+    assert!(
+        run.status.success(),
+        "{} failed (run scripts/test to install its packages and Chromium):\n{}\n{}",
+        script.display(),
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    serde_json::from_slice(&run.stdout).unwrap()
+}
+
 /// An HTTP agent that returns 4xx/5xx responses instead of errors.
 pub fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()

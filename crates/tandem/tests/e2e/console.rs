@@ -10,9 +10,9 @@
 //! packages and Chromium); its screenshots land in
 //! `target/console-screenshots/`.
 
-use crate::common::{agent, create_source, post, repo_root, tandem, Server};
+use crate::common::{agent, create_source, post, repo_root, tandem, word_after, Demo, Server};
 use serde_json::{json, Value};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// The destination the browser replays from, and how many dead letters it has.
@@ -53,29 +53,21 @@ fn failing_destination(data: &std::path::Path, server: &Server) -> u16 {
     }
 }
 
-fn after<'a>(text: &'a str, marker: &str) -> &'a str {
-    let start = text.find(marker).unwrap_or_else(|| panic!("{marker:?} not in:\n{text}")) + marker.len();
-    text[start..].split_whitespace().next().unwrap()
-}
-
 #[test]
 fn the_console_signs_in_finds_a_customer_builds_an_audience_and_masks_for_a_marketer() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("demo");
-    let output = dir.path().join("walkthrough.txt");
-    let server =
-        Server::run(&data, &["demo", "--customers", "200"], Stdio::from(std::fs::File::create(&output).unwrap()));
-    let text = std::fs::read_to_string(&output).unwrap();
-    let admin = after(&text, "Admin token for the API: ").to_owned();
-    let email = after(&text, "profile show email:").to_owned();
+    // Without live traffic, so the saved audience's size is the previewed one.
+    let demo = Demo::start(&["--customers", "200", "--no-live-traffic"]);
+    let (data, server, text) = (&demo.data, &demo.server, &demo.walkthrough);
+    let admin = demo.admin_token();
+    let email = word_after(text, "profile show email:").to_owned();
     assert!(text.contains(&format!("The console: {}/", server.url)), "{text}");
     let marketer: Value = serde_json::from_str(&tandem(
-        &data,
+        data,
         &["token", "create", "--name", "campaigns", "--role", "marketer", "--json"],
     ))
     .unwrap();
     let marketer = marketer["token"].as_str().unwrap();
-    let receiver_port = failing_destination(&data, &server);
+    let receiver_port = failing_destination(data, server);
 
     let screenshots = repo_root().join("target/console-screenshots");
     let script = repo_root().join("tests/console/console_in_chromium.mjs");
@@ -196,5 +188,5 @@ fn the_console_signs_in_finds_a_customer_builds_an_audience_and_masks_for_a_mark
     }
     let shots = std::fs::read_dir(&screenshots).unwrap().count();
     assert!(shots >= seen["steps"].as_array().unwrap().len(), "{shots} screenshots");
-    assert!(server.terminate(), "the demo stops cleanly");
+    assert!(demo.server.terminate(), "the demo stops cleanly");
 }

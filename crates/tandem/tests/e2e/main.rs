@@ -2,6 +2,7 @@
 //! process on a loopback port, the command line beside it, real Segment SDKs,
 //! `kill -9` and SIGTERM. One test binary for all of them.
 
+mod accessibility;
 mod cli;
 mod cluster;
 mod common;
