@@ -226,6 +226,7 @@ async fn create_request(
 #[into_params(parameter_in = Query)]
 pub(crate) struct ListQuery {
     /// Requests listed, newest first (1 to 1000; 100 when absent).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
 }
 

@@ -124,6 +124,7 @@ async fn list_plans(State(state): State<AppState>, _token: AdminToken) -> Result
 #[into_params(parameter_in = Query)]
 pub(crate) struct ViolationQuery {
     /// Violations listed (1 to 1000; 100 when absent).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
 }
 

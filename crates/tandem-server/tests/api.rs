@@ -3061,3 +3061,59 @@ mod governance_on_every_path {
         }
     }
 }
+
+/// The OpenAPI document's request bodies say what the server takes: every
+/// documented JSON body's example is accepted by a live router.
+mod openapi_examples {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_documented_example_body_is_accepted() {
+        let harness = Harness::new();
+        let token = harness.store.create_token("it").unwrap().1;
+        let request = Request::get("/api/v1/openapi.json").header(header::AUTHORIZATION, format!("Bearer {token}"));
+        let (status, document) = harness.send(request.body(Body::empty()).unwrap()).await;
+        assert_eq!(status, StatusCode::OK);
+        let schemas = &document["components"]["schemas"];
+        let mut examples = std::collections::BTreeMap::new();
+        for (path, item) in document["paths"].as_object().unwrap() {
+            for (method, operation) in item.as_object().unwrap() {
+                let Some(content) = operation["requestBody"]["content"]["application/json"].as_object() else {
+                    continue;
+                };
+                let name = content["schema"]["$ref"].as_str().unwrap().rsplit('/').next().unwrap();
+                let schema = &schemas[name];
+                let example = schema["examples"].get(0).or(schema.get("example")).cloned();
+                let example = example.unwrap_or_else(|| panic!("{method} {path}: the {name} schema has no example"));
+                examples.insert(format!("{} {path}", method.to_ascii_uppercase()), example);
+            }
+        }
+        // In an order that gives each the things it names (a source, a destination).
+        let order = [
+            ("POST /api/v1/pii/rules", "/api/v1/pii/rules"),
+            ("PUT /api/v1/plans/{source}", "/api/v1/plans/website"),
+            ("PUT /api/v1/stack/sources/{name}", "/api/v1/stack/sources/website"),
+            ("POST /api/v1/destinations", "/api/v1/destinations"),
+            ("PUT /api/v1/stack/destinations/{name}", "/api/v1/stack/destinations/crm"),
+            ("POST /api/v1/audiences", "/api/v1/audiences"),
+            ("POST /api/v1/audiences/preview", "/api/v1/audiences/preview"),
+            ("POST /api/v1/computed-traits", "/api/v1/computed-traits"),
+            ("POST /api/v1/dsr", "/api/v1/dsr"),
+        ];
+        let documented: Vec<&String> = examples.keys().collect();
+        let mut sent: Vec<&str> = order.iter().map(|(operation, _)| *operation).collect();
+        sent.sort();
+        assert_eq!(documented, sent, "every JSON body is sent below");
+        for (operation, uri) in order {
+            let method = operation.split(' ').next().unwrap();
+            let request = Request::builder()
+                .method(method)
+                .uri(uri)
+                .header(header::AUTHORIZATION, format!("Bearer {token}"))
+                .body(Body::from(examples[operation].to_string()))
+                .unwrap();
+            let (status, body) = harness.send(request).await;
+            assert!(status.is_success(), "{operation} with its example {}: {status} {body}", examples[operation]);
+        }
+    }
+}
