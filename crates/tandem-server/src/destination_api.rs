@@ -346,7 +346,7 @@ pub fn dead_letter_filter(
 /// first, each with its last error.
 async fn list_dead_letters(
     State(state): State<AppState>,
-    _token: AdminToken,
+    token: AdminToken,
     ApiPath(name): ApiPath<String>,
     ApiQuery(query): ApiQuery<DeadLetterQuery>,
 ) -> Result<Json<Value>, ApiError> {
@@ -356,7 +356,18 @@ async fn list_dead_letters(
     let letters =
         blocking(&state, move |store| Ok(activate::dead_letters(store, Some(&wanted), &filter, limit)?)).await?;
     let letters: Vec<Value> = letters.iter().map(dead_letter_json).collect();
-    Ok(Json(json!({"destination": name, "dead_letters": letters})))
+    read_in_clear(&state, &token, &name, letters.len()).await;
+    let body = json!({"destination": name, "dead_letters": letters});
+    Ok(Json(crate::pii::shown_to(&token, &state.pii.current(), body)))
+}
+
+/// Dead letters carry their events, PII and all: a role without `pii:read`
+/// (a marketer) sees them masked, and a read in clear is audited.
+async fn read_in_clear(state: &AppState, token: &AdminToken, target: &str, letters: usize) {
+    if token.sees_pii() && letters > 0 {
+        let read = Some(json!({ "dead_letters": letters }));
+        crate::audit::record(state, token, "destination.read_dead_letters", target, None, read).await;
+    }
 }
 
 /// `POST /api/v1/destinations/{name}/pause`: stop sending; items keep
@@ -425,7 +436,7 @@ async fn replay(
 /// oldest first.
 async fn list_failed_deliveries(
     State(state): State<AppState>,
-    _token: AdminToken,
+    token: AdminToken,
     ApiQuery(query): ApiQuery<DeadLetterQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = query.limit()?;
@@ -435,7 +446,8 @@ async fn list_failed_deliveries(
         blocking(&state, move |store| Ok(activate::dead_letters(store, destination.as_deref(), &filter, limit)?))
             .await?;
     let letters: Vec<Value> = letters.iter().map(dead_letter_json).collect();
-    Ok(Json(json!({"failed": letters})))
+    read_in_clear(&state, &token, query.destination.as_deref().unwrap_or("every destination"), letters.len()).await;
+    Ok(Json(crate::pii::shown_to(&token, &state.pii.current(), json!({"failed": letters}))))
 }
 
 /// `POST /api/v1/deliveries/replay?destination=&since=&profile=`: as the

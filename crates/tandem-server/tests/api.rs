@@ -1775,7 +1775,8 @@ mod destinations {
             .post_json(
                 "/v1/batch",
                 json!({"batch": [
-                    {"type": "track", "userId": "ann", "event": "Order Completed", "messageId": "t1"},
+                    {"type": "track", "userId": "ann", "event": "Order Completed", "messageId": "t1",
+                     "context": {"traits": {"email": "ann.zq@example.com"}}},
                     {"type": "identify", "userId": "ann", "traits": {"plan": "pro"}, "messageId": "i1"}
                 ]}),
             )
@@ -1814,6 +1815,25 @@ mod destinations {
         assert_eq!(letter["event"]["messageId"], "t1", "only the track matched");
         assert!(letter["last_error"].as_str().unwrap().starts_with("could not reach the receiver"), "{letter}");
         assert!(letter["attempts"].as_u64().unwrap() >= 2);
+        assert_eq!(letter["event"]["context"]["traits"]["email"], "ann.zq@example.com", "an admin reads it in clear");
+        // A marketer follows deliveries but never sees PII in clear.
+        let (_, marketer) = harness.store.create_token_with("m", tandem_core::govern::Role::Marketer, None).unwrap();
+        for path in ["/api/v1/destinations/crm/dead-letters", "/api/v1/deliveries/failed"] {
+            let (status, masked) = get(&harness, path, Some(&marketer)).await;
+            assert_eq!(status, StatusCode::OK, "{masked}");
+            assert!(!masked.to_string().contains("ann.zq@"), "{path}: {masked}");
+            assert!(masked.to_string().contains("a***@example.com"), "{path}: {masked}");
+        }
+        let audited = harness.store.audit_entries(&tandem_store::AuditFilter {
+            action: Some("destination.read_dead_letters".into()),
+            limit: 10,
+            ..Default::default()
+        });
+        assert_eq!(
+            audited.unwrap().len(),
+            1,
+            "the admin's read in clear is audited, the marketer's masked reads are not"
+        );
 
         // Failed deliveries across destinations, narrowed by time and profile.
         let (status, failed) = get(&harness, "/api/v1/deliveries/failed", Some(&token)).await;
@@ -2512,6 +2532,41 @@ mod plans {
         let quarantine = harness.store.list_quarantine(0, 10).unwrap();
         assert_eq!(quarantine.last().unwrap().record.code, "unplanned_event");
         assert!(!stored_ids(&harness).contains(&"single".to_owned()));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn violation_samples_are_masked_for_an_auditor_and_clear_reads_are_audited() {
+        let harness = Harness::new();
+        let token = harness.store.create_token("test").unwrap().1;
+        let (_, auditor) = harness.store.create_token_with("a", tandem_core::govern::Role::Auditor, None).unwrap();
+        let plan =
+            json!({"mode": "report", "identify": {"type": "object", "properties": {"email": {"type": "integer"}}}});
+        send_with_token(&harness, Method::PUT, "/api/v1/plans/website", &token, plan.to_string()).await;
+        let (status, _) = harness
+            .post_json(
+                "/v1/identify",
+                json!({"userId": "u", "traits": {"email": "jane.zq@example.com", "plan": "pro"}}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        for path in ["/api/v1/plans/website/violations", "/api/v1/plans/website"] {
+            let (status, body) = get(&harness, path, Some(&auditor)).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            let violation = &body["violations"][0];
+            assert_eq!(violation["path"], "/traits/email");
+            assert_eq!(violation["sample"]["traits"]["email"], "j***@example.com", "{path}: {violation}");
+            assert_eq!(violation["sample"]["traits"]["plan"], "pro");
+            assert_eq!(violation["message"], "***", "the schema error quotes the e-mail");
+            assert!(!body.to_string().contains("jane.zq"), "{body}");
+        }
+        let (_, body) = get(&harness, "/api/v1/plans/website/violations", Some(&token)).await;
+        assert_eq!(body["violations"][0]["sample"]["traits"]["email"], "jane.zq@example.com", "admin reads in clear");
+        let audited = harness.store.audit_entries(&tandem_store::AuditFilter {
+            action: Some("plan.read_violations".into()),
+            limit: 10,
+            ..Default::default()
+        });
+        assert_eq!(audited.unwrap().len(), 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
