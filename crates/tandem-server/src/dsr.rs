@@ -5,7 +5,10 @@
 //! the CLI and `/api/v1/dsr` alike: it records the request as pending, does
 //! it, and records it as done or failed with a summary that holds no
 //! personal data. The person is named in storage only by the digest of the
-//! identifier, so the record of an erasure does not undo it.
+//! identifier, so the record of an erasure does not undo it. With an event
+//! stream between nodes, a deletion reaches the stream too: the person's
+//! messages are erased there before the store, so the drain cannot bring
+//! them back ([`erase_everywhere`]).
 
 use crate::error::{ApiError, ErrorCode};
 use crate::extract::{AdminToken, ApiQuery};
@@ -34,7 +37,22 @@ pub enum DsrError {
     Malformed(#[from] MalformedIdentifier),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("erasing from the event stream failed: {0}")]
+    Stream(#[from] crate::stream::StreamError),
 }
+
+/// The event stream a deletion must reach as well, and the runtime its
+/// client runs on (requests are carried out on a blocking thread).
+#[derive(Clone, Copy)]
+pub struct StreamCopies<'a> {
+    pub stream: &'a crate::stream::EventStream,
+    pub runtime: &'a tokio::runtime::Handle,
+}
+
+/// How long a deletion waits for the drain to pass the messages it erased
+/// from the stream, before erasing from the store what the drain may have
+/// appended from a batch it held.
+const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Parses `type:value` as events' identifiers are normalized, with the
 /// identity rules' phone region.
@@ -50,23 +68,37 @@ pub fn parse_subject(store: &dyn Store, text: &str) -> Result<Identifier, DsrErr
 /// Carries out a request about the person holding `subject` (`type:value`):
 /// the finished request, and for `access` the export.
 pub fn run_request(store: &dyn Store, kind: DsrKind, subject: &str) -> Result<(DsrRecord, Option<Value>), DsrError> {
+    run_request_reaching(store, kind, subject, None)
+}
+
+/// [`run_request`], a deletion also erasing the person from `stream`.
+pub fn run_request_reaching(
+    store: &dyn Store,
+    kind: DsrKind,
+    subject: &str,
+    stream: Option<StreamCopies<'_>>,
+) -> Result<(DsrRecord, Option<Value>), DsrError> {
     let identifier = parse_subject(store, subject)?;
     let digest = identifier_digest(&identifier);
     let mut request = new_dsr(kind, &digest);
     store.insert_dsr(&request)?;
-    let outcome = match kind {
-        DsrKind::Access => access(store, &identifier, &digest).map(|export| {
+    let outcome: Result<(Value, Option<Value>), DsrError> = match kind {
+        DsrKind::Access => access(store, &identifier, &digest).map_err(DsrError::from).map(|export| {
             let summary = json!({
                 "profile": !export["profile"].is_null(),
                 "events": export["events"].as_array().map_or(0, Vec::len),
             });
             (summary, Some(export))
         }),
-        DsrKind::Delete => store.erase_person(&identifier).map(|report| (json!({ "removed": report }), None)),
+        DsrKind::Delete => erase_everywhere(store, &identifier, stream).map(|summary| (summary, None)),
         DsrKind::Suppress => store
             .suppress(&digest, chrono::Utc::now().timestamp_millis())
-            .map(|new| (json!({ "suppressed": true, "already": !new }), None)),
-        DsrKind::Unsuppress => store.unsuppress(&digest).map(|was| (json!({ "suppressed": false, "was": was }), None)),
+            .map(|new| (json!({ "suppressed": true, "already": !new }), None))
+            .map_err(DsrError::from),
+        DsrKind::Unsuppress => store
+            .unsuppress(&digest)
+            .map(|was| (json!({ "suppressed": false, "was": was }), None))
+            .map_err(DsrError::from),
     };
     let finished_at = chrono::Utc::now().timestamp_millis();
     match outcome {
@@ -82,9 +114,40 @@ pub fn run_request(store: &dyn Store, kind: DsrKind, subject: &str) -> Result<(D
             tracing::error!(request = %request.id, %error, "a data subject request failed");
             // Best effort: the failure is what is being reported.
             let _ = store.finish_dsr(&request.id, DsrStatus::Failed, &error.to_string(), finished_at);
-            Err(error.into())
+            Err(error)
         }
     }
+}
+
+/// Erases the person holding `identifier` from the store and, when given,
+/// from the event stream: the stream first (every message holding one of
+/// their identifier values or profile ids), then the store; then, once the
+/// drain has passed the messages scanned (or [`DRAIN_WAIT`] has gone by),
+/// the store again by each identifier they held, for what a drain batch in
+/// flight may have appended meanwhile. The summary counts rows per table
+/// and messages erased from the stream.
+fn erase_everywhere(
+    store: &dyn Store,
+    identifier: &Identifier,
+    stream: Option<StreamCopies<'_>>,
+) -> Result<Value, DsrError> {
+    let Some(copies) = stream else {
+        return Ok(json!({ "removed": store.erase_person(identifier)? }));
+    };
+    let held = store.profile_by_identifier(identifier)?.map(|profile| profile.identifiers).unwrap_or_default();
+    let patterns = store.erasure_patterns_of(identifier)?;
+    let erased = copies.runtime.block_on(copies.stream.erase_matching(&patterns))?;
+    let mut removed = store.erase_person(identifier)?;
+    let deadline = std::time::Instant::now() + DRAIN_WAIT;
+    while store.drained_sequence(copies.stream.name())? < erased.through && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    for known in std::iter::once(identifier).chain(held.iter()) {
+        for (table, rows) in store.erase_person(known)? {
+            *removed.entry(table).or_insert(0) += rows;
+        }
+    }
+    Ok(json!({ "removed": removed, "stream": { "erased": erased.erased, "scanned": erased.scanned } }))
 }
 
 /// Everything kept about the person holding `identifier`.
@@ -151,6 +214,10 @@ impl From<DsrError> for ApiError {
                 tracing::error!(%error, "data subject request storage failed");
                 ApiError::new(ErrorCode::Unavailable, "the request could not be carried out right now, retry later")
             }
+            DsrError::Stream(error) => {
+                tracing::error!(%error, "erasing from the event stream failed");
+                ApiError::new(ErrorCode::Unavailable, "the request could not be carried out right now, retry later")
+            }
         }
     }
 }
@@ -205,9 +272,14 @@ async fn create_request(
         ApiError::new(ErrorCode::InvalidValue, error.to_string()).with_field("kind")
     })?;
     let store = state.store.clone();
-    let (request, export) = tokio::task::spawn_blocking(move || run_request(store.as_ref(), kind, &new.identifier))
-        .await
-        .map_err(|_| ApiError::new(ErrorCode::Internal, "internal error"))??;
+    let stream = state.stream.clone();
+    let runtime = tokio::runtime::Handle::current();
+    let (request, export) = tokio::task::spawn_blocking(move || {
+        let copies = stream.as_ref().map(|stream| StreamCopies { stream, runtime: &runtime });
+        run_request_reaching(store.as_ref(), kind, &new.identifier, copies)
+    })
+    .await
+    .map_err(|_| ApiError::new(ErrorCode::Internal, "internal error"))??;
     if matches!(kind, DsrKind::Suppress | DsrKind::Unsuppress) {
         state.suppressions.forget();
     }

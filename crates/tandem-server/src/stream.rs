@@ -38,6 +38,21 @@ const MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// offers it again (the drain skips what it already committed).
 const DRAIN_ACK_WAIT: Duration = Duration::from_secs(60);
 
+/// How long an erasure's scan waits for the next message before it takes
+/// the stream as read.
+const ERASE_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What [`EventStream::erase_matching`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct StreamErasure {
+    /// Messages read.
+    pub scanned: u64,
+    /// Messages erased.
+    pub erased: u64,
+    /// The last sequence in the stream when the scan began.
+    pub through: u64,
+}
+
 /// Where the stream lives and how it is made.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StreamOptions {
@@ -191,6 +206,60 @@ impl EventStream {
             self.jetstream.get_stream(&self.stream).await.map_err(|error| StreamError::Read(error.to_string()))?;
         let info = stream.info().await.map_err(|error| StreamError::Read(error.to_string()))?;
         Ok(info.state.last_sequence)
+    }
+
+    /// Erases every message whose event or refused message holds one of
+    /// `patterns` (a person's identifier values and profile ids as
+    /// [`tandem_store::erasure_patterns`] quotes them; case ignored), as an
+    /// erasure does in the store: JetStream overwrites each one's bytes
+    /// (a message delete without `no_erase`). Reads the stream once, with an
+    /// ordered consumer of its own, up to the last message there when it
+    /// starts. What it looked at and erased.
+    pub async fn erase_matching(&self, patterns: &[String]) -> Result<StreamErasure, StreamError> {
+        use futures_util::StreamExt;
+        let read = |error: &dyn std::fmt::Display| StreamError::Read(error.to_string());
+        let mut stream = self.jetstream.get_stream(&self.stream).await.map_err(|error| read(&error))?;
+        let state = stream.info().await.map_err(|error| read(&error))?.state.clone();
+        let mut erasure = StreamErasure { through: state.last_sequence, ..StreamErasure::default() };
+        if state.messages == 0 || patterns.is_empty() {
+            return Ok(erasure);
+        }
+        let lowered: Vec<String> = patterns.iter().map(|pattern| pattern.to_lowercase()).collect();
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                deliver_policy: DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(|error| read(&error))?;
+        let mut messages = consumer.messages().await.map_err(|error| read(&error))?;
+        let mut matching = Vec::new();
+        loop {
+            // The ordered consumer waits for new messages at the end; the
+            // scan stops at the last one there was, or when none comes.
+            let next = tokio::time::timeout(ERASE_READ_TIMEOUT, messages.next()).await;
+            let Ok(Some(message)) = next else { break };
+            let message = message.map_err(|error| read(&error))?;
+            let info = message.info().map_err(|error| read(&error))?;
+            let (sequence, pending) = (info.stream_sequence, info.pending);
+            erasure.scanned += 1;
+            let text = match StreamMessage::decode(&message.payload) {
+                Some(StreamMessage::Event { payload, .. } | StreamMessage::Rejected { payload, .. }) => payload,
+                None => String::from_utf8_lossy(&message.payload).into_owned(),
+            }
+            .to_lowercase();
+            if lowered.iter().any(|pattern| text.contains(pattern.as_str())) {
+                matching.push(sequence);
+            }
+            if sequence >= state.last_sequence || pending == 0 {
+                break;
+            }
+        }
+        for sequence in matching {
+            stream.delete_message(sequence).await.map_err(|error| read(&error))?;
+            erasure.erased += 1;
+        }
+        Ok(erasure)
     }
 
     /// The drain's durable pull consumer, made anew to start right after

@@ -219,6 +219,56 @@ mod stream {
     }
 
     #[test]
+    fn a_deletion_erases_the_person_from_the_stream_so_the_drain_cannot_bring_them_back() {
+        let Some((_database, config)) = TestDatabase::create() else { return };
+        let nats = NatsServer::start();
+        let store = Arc::new(PostgresStore::connect_with(config, 8).unwrap());
+        let source = store.create_source("web", SourceKind::Website).unwrap();
+        let key = source.write_key.as_str().to_owned();
+        let (_, token) = store.create_token("ops").unwrap();
+        let runtime = runtime();
+        let log = StreamOptions::parse(&nats.url()).unwrap();
+        let stream = runtime.block_on(EventStream::connect(&log)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let pii = Arc::new(tandem_server::pii::PiiDirectory::new(store.clone(), Default::default()).unwrap());
+        let collector =
+            router(AppState::start_streaming(store.clone(), stream.clone(), dir.path().join("imports"), pii));
+        for (message_id, user) in [("a-1", "ann-zq81x"), ("b-1", "bob")] {
+            assert_eq!(runtime.block_on(track(&collector, &key, message_id, user)).0, StatusCode::OK);
+        }
+        let node = start_node(&runtime, store.clone(), log.clone());
+        wait_for("both to be drained and resolved", || {
+            let stats = store.stats().unwrap();
+            stats.profiles == 2 && stats.resolver_position == LogPosition(2)
+        });
+        node.stop(&runtime);
+        // With no drain running, Ann's next event is in the stream only.
+        for (message_id, user) in [("a-2", "ann-zq81x"), ("b-2", "bob")] {
+            assert_eq!(runtime.block_on(track(&collector, &key, message_id, user)).0, StatusCode::OK);
+        }
+
+        let request = Request::post("/api/v1/dsr")
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Body::from(json!({"kind": "delete", "identifier": "user_id:ann-zq81x"}).to_string()))
+            .unwrap();
+        let response = runtime.block_on(collector.clone().oneshot(request)).unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let bytes = runtime.block_on(to_bytes(response.into_body(), usize::MAX)).unwrap();
+        let done: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(done["status"], "done", "{done}");
+        assert_eq!(done["detail"]["stream"], json!({"erased": 2, "scanned": 4}), "{done}");
+        assert_eq!(done["detail"]["removed"]["events"], 1, "the drained one: {done}");
+
+        // The drain comes back: Bob's second event arrives, Ann's never does.
+        let node = start_node(&runtime, store.clone(), log);
+        wait_for("the drain to pass the stream's end", || store.drained_sequence(stream.name()).unwrap() == 4);
+        assert_eq!(message_id_counts(store.as_ref()), BTreeMap::from([("b-1".to_owned(), 1), ("b-2".to_owned(), 1)]));
+        let again = runtime.block_on(stream.erase_matching(&["\"ann-zq81x\"".to_owned()])).unwrap();
+        assert_eq!((again.scanned, again.erased), (2, 0), "only Bob's messages are left in the stream");
+        node.stop(&runtime);
+    }
+
+    #[test]
     fn sdk_retries_of_one_message_id_give_one_event_within_and_after_the_stream_window() {
         let Some((_database, config)) = TestDatabase::create() else { return };
         let nats = NatsServer::start();

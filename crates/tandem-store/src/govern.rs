@@ -231,11 +231,19 @@ pub trait GovernStore: Send + Sync + 'static {
     /// running resolver drops what it had cached. A person not found still
     /// has the requested identifier's value scrubbed from the text.
     fn erase_person(&self, identifier: &Identifier) -> Result<ErasureReport, StoreError>;
+
+    /// What [`GovernStore::erase_person`] would look for in text, now: each
+    /// of the person's identifier values and profile ids (the requested
+    /// identifier's value alone when no profile holds it), as
+    /// [`erasure_patterns`] quotes them. For erasing the same person from
+    /// copies outside the store (the event stream).
+    fn erasure_patterns_of(&self, identifier: &Identifier) -> Result<Vec<String>, StoreError>;
 }
 
 /// The texts an erasure looks for in payloads: each identifier value and
 /// profile id as a JSON string (quoted), so `"42"` does not match `420`.
-pub(crate) fn erasure_patterns(values: &[String]) -> Vec<String> {
+/// Payloads match when they hold one, case ignored.
+pub fn erasure_patterns(values: &[String]) -> Vec<String> {
     let mut patterns: Vec<String> = values
         .iter()
         .filter(|value| !value.is_empty())

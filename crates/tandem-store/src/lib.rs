@@ -42,8 +42,8 @@ pub use audience::{
 };
 pub use audit::{AuditFilter, AuditStore};
 pub use govern::{
-    ConsentChange, DsrRecord, ErasureReport, GovernStore, PersonDelivery, PlanViolationRecord, PlanViolationSummary,
-    StoredPlan,
+    erasure_patterns, ConsentChange, DsrRecord, ErasureReport, GovernStore, PersonDelivery, PlanViolationRecord,
+    PlanViolationSummary, StoredPlan,
 };
 pub use identity::{
     CommitOutcome, EventLink, HistoryRecord, IdentityCommit, IdentityRepair, IdentityState, IdentityStore,

@@ -1247,7 +1247,7 @@ fn dispatch(
             dsr::run(open(Access::Existing)?, tandem_core::govern::dsr::DsrKind::Access, &identifier, &mut out)
         }
         Command::Dsr(DsrCommand::Delete { identifier }) => {
-            dsr::run(open(Access::Existing)?, tandem_core::govern::dsr::DsrKind::Delete, &identifier, &mut out)
+            dsr::delete(open(Access::Existing)?, &identifier, settings.log.as_ref(), &mut out)
         }
         Command::Dsr(DsrCommand::Suppress { identifier }) => {
             dsr::run(open(Access::Existing)?, tandem_core::govern::dsr::DsrKind::Suppress, &identifier, &mut out)

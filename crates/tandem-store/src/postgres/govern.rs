@@ -468,15 +468,23 @@ impl GovernStore for PostgresStore {
             Ok(report)
         })
     }
+
+    fn erasure_patterns_of(&self, identifier: &Identifier) -> Result<Vec<String>, StoreError> {
+        self.with_client(|client| Ok(erasure_patterns(&person_of(client, identifier)?.values)))
+    }
 }
 
-/// Erases inside `transaction` (see [`GovernStore::erase_person`]).
-fn erase(transaction: &mut Transaction<'_>, identifier: &Identifier) -> Result<ErasureReport, StoreError> {
-    let mut report = ErasureReport::new();
-    // Taken first, as every appender and resolver commit takes it, so the
-    // erasure does not interleave with them.
-    super::log::lock_log_head(transaction)?;
-    let owner: Option<i64> = transaction
+/// A person as an erasure finds them: their profiles (the live one and every
+/// one merged into it), the values to look for in text, and their
+/// identifiers as `type:value`.
+struct Person {
+    profiles: Vec<i64>,
+    values: Vec<String>,
+    identifiers: Vec<Vec<u8>>,
+}
+
+fn person_of(client: &mut impl GenericClient, identifier: &Identifier) -> Result<Person, StoreError> {
+    let owner: Option<i64> = client
         .query_opt(
             "SELECT profile_id FROM identifiers WHERE type = $1 AND value = $2",
             &[&identifier.kind, &identifier.value.as_bytes()],
@@ -485,13 +493,13 @@ fn erase(transaction: &mut Transaction<'_>, identifier: &Identifier) -> Result<E
         .transpose()?;
     let mut profiles: Vec<i64> = Vec::new();
     if let Some(mut live) = owner {
-        while let Some(next) = transaction
+        while let Some(next) = client
             .query_opt("SELECT merged_into FROM profiles WHERE id = $1", &[&live])?
             .and_then(|row| row.try_get::<_, Option<i64>>(0).ok().flatten())
         {
             live = next;
         }
-        profiles = transaction
+        profiles = client
             .query(
                 "WITH RECURSIVE part(id) AS (
                      SELECT $1::bigint UNION SELECT profiles.id FROM profiles JOIN part ON profiles.merged_into = part.id
@@ -503,14 +511,24 @@ fn erase(transaction: &mut Transaction<'_>, identifier: &Identifier) -> Result<E
             .collect::<Result<_, _>>()?;
     }
     let mut values = vec![identifier.value.clone()];
-    let mut dropped: Vec<Vec<u8>> = vec![identifier.to_string().into_bytes()];
-    for row in transaction.query("SELECT type, value FROM identifiers WHERE profile_id = ANY($1)", &[&profiles])? {
+    let mut identifiers: Vec<Vec<u8>> = vec![identifier.to_string().into_bytes()];
+    for row in client.query("SELECT type, value FROM identifiers WHERE profile_id = ANY($1)", &[&profiles])? {
         let kind: String = row.try_get(0)?;
         let value = super::text_from_bytes(row.try_get(1)?)?;
-        dropped.push(format!("{kind}:{value}").into_bytes());
+        identifiers.push(format!("{kind}:{value}").into_bytes());
         values.push(value);
     }
     values.extend(profiles.iter().map(|profile| ProfileId(*profile as u64).to_string()));
+    Ok(Person { profiles, values, identifiers })
+}
+
+/// Erases inside `transaction` (see [`GovernStore::erase_person`]).
+fn erase(transaction: &mut Transaction<'_>, identifier: &Identifier) -> Result<ErasureReport, StoreError> {
+    let mut report = ErasureReport::new();
+    // Taken first, as every appender and resolver commit takes it, so the
+    // erasure does not interleave with them.
+    super::log::lock_log_head(transaction)?;
+    let Person { profiles, values, identifiers: dropped } = person_of(transaction, identifier)?;
     let patterns: Vec<String> =
         erasure_patterns(&values).iter().map(|pattern| format!("%{}%", like_escape(pattern))).collect();
     let mut positions: Vec<i64> = transaction

@@ -448,6 +448,58 @@ impl GovernStore for SqliteStore {
             Ok(report)
         })
     }
+
+    fn erasure_patterns_of(&self, identifier: &Identifier) -> Result<Vec<String>, StoreError> {
+        self.with_reader(|connection| Ok(erasure_patterns(&person_of(connection, identifier)?.values)))
+    }
+}
+
+/// A person as an erasure finds them: their profiles (the live one and every
+/// one merged into it), the values to look for in text, and their
+/// identifiers as `type:value`.
+struct Person {
+    profiles: Vec<i64>,
+    values: Vec<String>,
+    identifiers: Vec<String>,
+}
+
+fn person_of(connection: &rusqlite::Connection, identifier: &Identifier) -> Result<Person, StoreError> {
+    let owner: Option<i64> = connection
+        .query_row(
+            "SELECT profile_id FROM identifiers WHERE type = ?1 AND value = ?2",
+            params![identifier.kind, identifier.value],
+            |row| row.get(0),
+        )
+        .optional()?;
+    // The live profile, then every profile merged into it.
+    let mut profiles: Vec<i64> = Vec::new();
+    if let Some(mut live) = owner {
+        while let Some(Some(next)) = connection
+            .query_row("SELECT merged_into FROM profiles WHERE id = ?1", [live], |row| row.get::<_, Option<i64>>(0))
+            .optional()?
+        {
+            live = next;
+        }
+        let mut statement = connection.prepare(
+            "WITH RECURSIVE part(id) AS (
+                 SELECT ?1 UNION SELECT profiles.id FROM profiles JOIN part ON profiles.merged_into = part.id
+             ) SELECT id FROM part",
+        )?;
+        profiles = statement.query_map([live], |row| row.get(0))?.collect::<Result<_, _>>()?;
+    }
+    let mut values = vec![identifier.value.clone()];
+    let mut identifiers = vec![identifier.to_string()];
+    for profile in &profiles {
+        let mut statement = connection.prepare_cached("SELECT type, value FROM identifiers WHERE profile_id = ?1")?;
+        let held: Vec<(String, String)> =
+            statement.query_map([profile], |row| Ok((row.get(0)?, row.get(1)?)))?.collect::<Result<_, _>>()?;
+        for (kind, value) in held {
+            identifiers.push(format!("{kind}:{value}"));
+            values.push(value);
+        }
+        values.push(ProfileId(*profile as u64).to_string());
+    }
+    Ok(Person { profiles, values, identifiers })
 }
 
 fn dsr_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<DsrRecord> {
@@ -480,41 +532,9 @@ impl SqliteStore {
 /// Erases inside `transaction` (see [`GovernStore::erase_person`]).
 fn erase(transaction: &Transaction<'_>, identifier: &Identifier) -> Result<ErasureReport, StoreError> {
     let mut report = ErasureReport::new();
-    let owner: Option<i64> = transaction
-        .query_row(
-            "SELECT profile_id FROM identifiers WHERE type = ?1 AND value = ?2",
-            params![identifier.kind, identifier.value],
-            |row| row.get(0),
-        )
-        .optional()?;
-    // The live profile, then every profile merged into it.
-    let mut profiles: Vec<i64> = Vec::new();
-    if let Some(mut live) = owner {
-        while let Some(Some(next)) = transaction
-            .query_row("SELECT merged_into FROM profiles WHERE id = ?1", [live], |row| row.get::<_, Option<i64>>(0))
-            .optional()?
-        {
-            live = next;
-        }
-        let mut statement = transaction.prepare(
-            "WITH RECURSIVE part(id) AS (
-                 SELECT ?1 UNION SELECT profiles.id FROM profiles JOIN part ON profiles.merged_into = part.id
-             ) SELECT id FROM part",
-        )?;
-        profiles = statement.query_map([live], |row| row.get(0))?.collect::<Result<_, _>>()?;
-    }
-    let mut values = vec![identifier.value.clone()];
-    let mut dropped = vec![identifier.to_string()];
+    let Person { profiles, values, identifiers: dropped } = person_of(transaction, identifier)?;
     let mut positions: Vec<i64> = Vec::new();
     for profile in &profiles {
-        let mut statement = transaction.prepare_cached("SELECT type, value FROM identifiers WHERE profile_id = ?1")?;
-        let held: Vec<(String, String)> =
-            statement.query_map([profile], |row| Ok((row.get(0)?, row.get(1)?)))?.collect::<Result<_, _>>()?;
-        for (kind, value) in held {
-            dropped.push(format!("{kind}:{value}"));
-            values.push(value);
-        }
-        values.push(ProfileId(*profile as u64).to_string());
         let mut statement = transaction.prepare_cached("SELECT position FROM profile_events WHERE profile_id = ?1")?;
         positions.extend(statement.query_map([profile], |row| row.get::<_, i64>(0))?.collect::<Result<Vec<_>, _>>()?);
     }

@@ -155,6 +155,12 @@ pub fn erasing_a_person_removes_their_rows_everywhere_and_keeps_others(store: &i
     store.commit_identity(&commit).unwrap();
     assert_eq!(store.identity_state().unwrap().live_profiles, 2);
 
+    // What an erasure looks for, also outside the store: the person's
+    // identifier values and profile ids, quoted.
+    assert_eq!(store.erasure_patterns_of(&ann).unwrap(), ["\"ann-secret\"", "\"prof_1\""]);
+    let stranger = Identifier::new("email", "who@example.com");
+    assert_eq!(store.erasure_patterns_of(&stranger).unwrap(), ["\"who@example.com\""]);
+
     let report = store.erase_person(&ann).unwrap();
     assert_eq!(report.get("events"), Some(&2), "{report:?}");
     assert_eq!(report.get("profiles"), Some(&1), "{report:?}");
