@@ -833,6 +833,10 @@ mod imports {
         assert_eq!(status, StatusCode::OK);
         let rejects = rejects.as_str().unwrap();
         assert!(rejects.starts_with("line,column,reason,record\n2,ordered_at,"), "{rejects}");
+        let filter = tandem_store::AuditFilter { action: Some("import.read_rejects".into()), ..Default::default() };
+        let audited = harness.store.audit_entries(&filter).unwrap();
+        assert_eq!(audited.len(), 1, "rows echoed as they were in the file are a read of PII in clear");
+        assert_eq!(audited[0].target, id);
     }
 
     #[tokio::test]
