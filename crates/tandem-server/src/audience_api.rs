@@ -235,6 +235,7 @@ async fn show_audience(
 #[into_params(parameter_in = Query)]
 pub(crate) struct MembersQuery {
     /// Members per page (1 to 1000; 100 when absent).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
     /// A `next_after` from the previous page.
     after: Option<String>,

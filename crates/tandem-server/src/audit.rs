@@ -121,6 +121,7 @@ pub(crate) struct ListQuery {
     /// A `next_after` from the previous page.
     after: Option<i64>,
     /// Entries per page (1 to 1000; 100 when absent).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
 }
 

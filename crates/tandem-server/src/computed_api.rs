@@ -133,7 +133,7 @@ async fn list_computed_traits(State(state): State<AppState>, _token: AdminToken)
 /// itself, to name a missing or mistyped one in its error; a test sends the
 /// example below.
 #[derive(utoipa::ToSchema)]
-#[schema(example = json!({"name": "orders 30d", "definition": {"text": "count(event \"Order Completed\", within 30d)"}}))]
+#[schema(example = json!({"name": "orders 30d", "definition": {"text": "count of \"Order Completed\" within 30d"}}))]
 #[allow(dead_code)] // describes the body; the handler reads it field by field
 pub(crate) struct NewComputedTrait {
     /// Unique; letters, digits, spaces, `-`, `_` and `.`.

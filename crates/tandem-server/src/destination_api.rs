@@ -225,7 +225,8 @@ async fn delete_destination(
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub(crate) struct DeadLetterQuery {
-    /// Dead letters per page (1 to the most a page holds).
+    /// Dead letters per page (1 to 1000; 100 when absent).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
     /// Only those that died since: an RFC 3339 time, or a span back from now (`2h`, `7d`).
     since: Option<String>,
@@ -240,21 +241,67 @@ pub(crate) struct DeadLetterQuery {
 }
 
 /// The body of `POST /api/v1/destinations`: a destination definition with,
-/// optionally, its stack-registry entry ([`parse_definition`] reads it).
-#[derive(utoipa::ToSchema)]
-#[schema(example = json!({
-    "name": "crm",
-    "destination": {"kind": "webhook", "url": "http://127.0.0.1:9/hook"},
-    "events": {"types": ["track"], "names": ["Order Completed"]},
-    "consent_categories": ["marketing"],
-    "registry": {"owner": "Bo Chen", "department": "sales", "purpose": "lead follow-up", "annual_cost": 1200.0}
-}))]
-#[allow(dead_code)] // describes the body; the handler reads it field by field
-pub(crate) struct NewDestination {
-    #[serde(flatten)]
-    pub definition: tandem_core::activate::DestinationDefinition,
-    /// Who owns it, for which department and what it costs.
-    pub registry: Option<ToolInfo>,
+/// optionally, its stack-registry entry under `registry` ([`parse_definition`]
+/// takes that out before reading the definition). Its schema is the
+/// definition's, derived from `DestinationDefinition`, with that one
+/// property added.
+pub(crate) struct NewDestination;
+
+impl utoipa::PartialSchema for NewDestination {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use tandem_core::activate::{DestinationDefinition, FileSettings, WarehouseSettings, WebhookSettings};
+        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Schema, Type};
+        use utoipa::openapi::RefOr;
+        use utoipa::PartialSchema;
+        // `destination` is tagged by `kind` inside each kind's settings;
+        // the derived schema would add `kind` beside settings that allow no
+        // other field (`deny_unknown_fields`), which no value satisfies.
+        let mut kinds = OneOfBuilder::new();
+        for (kind, settings) in [
+            ("webhook", <WebhookSettings as PartialSchema>::schema()),
+            ("file", <FileSettings as PartialSchema>::schema()),
+            ("warehouse", <WarehouseSettings as PartialSchema>::schema()),
+        ] {
+            if let RefOr::T(Schema::Object(mut object)) = settings {
+                let tag = ObjectBuilder::new().schema_type(Type::String).enum_values(Some([kind])).build();
+                object.properties.insert("kind".to_owned(), tag.into());
+                object.required.insert(0, "kind".to_owned());
+                kinds = kinds.item(object);
+            }
+        }
+        let mut schema = <DestinationDefinition as PartialSchema>::schema();
+        if let RefOr::T(Schema::Object(object)) = &mut schema {
+            object.properties.insert("destination".to_owned(), RefOr::T(Schema::OneOf(kinds.build())));
+            object.properties.insert(
+                "registry".to_owned(),
+                utoipa::openapi::Ref::from_schema_name(<ToolInfo as utoipa::ToSchema>::name()).into(),
+            );
+            object.description = Some("A destination definition, with its stack-registry entry.".to_owned());
+            object.examples = vec![json!({
+                "name": "crm",
+                "destination": {"kind": "webhook", "url": "http://127.0.0.1:9/hook"},
+                "events": {"types": ["track"], "names": ["Order Completed"]},
+                "consent_categories": ["marketing"],
+                "registry": {"owner": "Bo Chen", "department": "sales", "purpose": "lead follow-up", "annual_cost": 1200.0}
+            })];
+        }
+        schema
+    }
+}
+
+impl utoipa::ToSchema for NewDestination {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "NewDestination".into()
+    }
+
+    fn schemas(schemas: &mut Vec<(String, utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>)>) {
+        <tandem_core::activate::DestinationDefinition as utoipa::ToSchema>::schemas(schemas);
+        // Described in place, by kind (see `schema`).
+        schemas.retain(|(name, _)| name != "DestinationSettings");
+        schemas
+            .push((<ToolInfo as utoipa::ToSchema>::name().into_owned(), <ToolInfo as utoipa::PartialSchema>::schema()));
+        <ToolInfo as utoipa::ToSchema>::schemas(schemas);
+    }
 }
 
 impl DeadLetterQuery {
@@ -352,7 +399,7 @@ pub async fn replay_and_audit(
 /// first, each with its last error.
 async fn list_dead_letters(
     State(state): State<AppState>,
-    _token: AdminToken,
+    token: AdminToken,
     ApiPath(name): ApiPath<String>,
     ApiQuery(query): ApiQuery<DeadLetterQuery>,
 ) -> Result<Json<Value>, ApiError> {
@@ -362,7 +409,18 @@ async fn list_dead_letters(
     let letters =
         blocking(&state, move |store| Ok(activate::dead_letters(store, Some(&wanted), &filter, limit)?)).await?;
     let letters: Vec<Value> = letters.iter().map(dead_letter_json).collect();
-    Ok(Json(json!({"destination": name, "dead_letters": letters})))
+    read_in_clear(&state, &token, &name, letters.len()).await;
+    let body = json!({"destination": name, "dead_letters": letters});
+    Ok(Json(crate::pii::shown_to(&token, &state.pii.current(), body)))
+}
+
+/// Dead letters carry their events, PII and all: a role without `pii:read`
+/// (a marketer) sees them masked, and a read in clear is audited.
+async fn read_in_clear(state: &AppState, token: &AdminToken, target: &str, letters: usize) {
+    if token.sees_pii() && letters > 0 {
+        let read = Some(json!({ "dead_letters": letters }));
+        crate::audit::record(state, token, "destination.read_dead_letters", target, None, read).await;
+    }
 }
 
 /// `POST /api/v1/destinations/{name}/pause`: stop sending; items keep
@@ -430,7 +488,7 @@ async fn replay(
 /// oldest first.
 async fn list_failed_deliveries(
     State(state): State<AppState>,
-    _token: AdminToken,
+    token: AdminToken,
     ApiQuery(query): ApiQuery<DeadLetterQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = query.limit()?;
@@ -440,7 +498,8 @@ async fn list_failed_deliveries(
         blocking(&state, move |store| Ok(activate::dead_letters(store, destination.as_deref(), &filter, limit)?))
             .await?;
     let letters: Vec<Value> = letters.iter().map(dead_letter_json).collect();
-    Ok(Json(json!({"failed": letters})))
+    read_in_clear(&state, &token, query.destination.as_deref().unwrap_or("every destination"), letters.len()).await;
+    Ok(Json(crate::pii::shown_to(&token, &state.pii.current(), json!({"failed": letters}))))
 }
 
 /// `POST /api/v1/deliveries/replay?destination=&since=&profile=`: as the

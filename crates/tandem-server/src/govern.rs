@@ -64,18 +64,7 @@ impl PlanDirectory {
                 tracing::error!(%error, "reading a tracking plan failed");
                 ApiError::unavailable()
             })?;
-        let compiled = match stored {
-            Some(stored) => match stored.plan.compile() {
-                Ok(plan) => Some(Arc::new(plan)),
-                Err(error) => {
-                    // Plans are compiled before they are stored; one that no
-                    // longer compiles (a newer build stored it) is not applied.
-                    tracing::error!(source = %source_id, %error, "a stored tracking plan does not compile");
-                    None
-                }
-            },
-            None => None,
-        };
+        let compiled = compiled(stored, source_id);
         self.known
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -86,6 +75,18 @@ impl PlanDirectory {
     /// Drops the cached plan of a source, after it was set or deleted here.
     pub fn forget(&self, source_id: &SourceId) {
         self.known.write().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(source_id);
+    }
+}
+
+/// A stored plan, compiled. Plans are compiled before they are stored; one
+/// that no longer compiles (a newer build stored it) is not applied.
+fn compiled(stored: Option<StoredPlan>, source_id: &SourceId) -> Option<Arc<CompiledPlan>> {
+    match stored?.plan.compile() {
+        Ok(plan) => Some(Arc::new(plan)),
+        Err(error) => {
+            tracing::error!(source = %source_id, %error, "a stored tracking plan does not compile");
+            None
+        }
     }
 }
 
@@ -189,16 +190,7 @@ impl Gate {
     /// The gate for a source's events read straight from `store`, with the
     /// PII rules `pii` (the command line's imports).
     pub fn read(store: &dyn Store, pii: Arc<PiiPolicy>, source_id: &SourceId) -> Result<Gate, StoreError> {
-        let plan = match store.plan(source_id)? {
-            Some(stored) => match stored.plan.compile() {
-                Ok(plan) => Some(Arc::new(plan)),
-                Err(error) => {
-                    tracing::error!(source = %source_id, %error, "a stored tracking plan does not compile");
-                    None
-                }
-            },
-            None => None,
-        };
+        let plan = compiled(store.plan(source_id)?, source_id);
         Ok(Gate { suppressions: Arc::new(Suppressions::read(store)?), pii, plan, metrics: None })
     }
 

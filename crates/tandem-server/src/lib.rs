@@ -275,6 +275,8 @@ pub async fn start(store: Arc<dyn Store>, options: &ServerOptions) -> Result<Run
             let stream = match stream::EventStream::connect(log).await {
                 Ok(stream) => stream,
                 Err(error) => {
+                    // The PII rules hold the store too.
+                    drop(pii);
                     release(store).await;
                     return Err(error.into());
                 }

@@ -381,10 +381,19 @@ mod tests {
         assert_eq!(body("/api/v1/imports", "post"), "multipart/form-data #/components/schemas/ImportUpload");
         assert_eq!(body("/api/v1/pii/rules", "post"), "application/json #/components/schemas/PiiRule");
         let schemas = &document["components"]["schemas"];
-        for nested in ["PlanMode", "PiiClass", "RedPolicy", "DestinationDefinition", "DestinationSettings", "ToolInfo"]
+        for nested in ["PlanMode", "PiiClass", "RedPolicy", "NewDestination", "WebhookSettings", "ToolInfo", "DsrKind"]
         {
             assert!(schemas.get(nested).is_some(), "{nested} is referred to but not in the components");
         }
+        let destination = &schemas["NewDestination"]["properties"];
+        assert!(destination.get("registry").is_some(), "{destination}");
+        let kinds: Vec<&Value> = destination["destination"]["oneOf"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|kind| &kind["properties"]["kind"]["enum"][0])
+            .collect();
+        assert_eq!(kinds, [&json!("webhook"), &json!("file"), &json!("warehouse")]);
         let modes = serde_json::to_string(&schemas["PlanMode"]).unwrap();
         assert!(modes.contains("block_invalid") && modes.contains("omit_unplanned_properties"), "{modes}");
         // Every reference resolves.

@@ -102,6 +102,38 @@ pub fn violations_json(violations: &[PlanViolationSummary]) -> Vec<Value> {
         .collect()
 }
 
+/// Violations as `token` may see them: their samples and messages are
+/// events as sent, so a role without `pii:read` (an auditor) sees them
+/// masked, and a read in clear is audited.
+async fn shown_violations(
+    state: &AppState,
+    token: &AdminToken,
+    source: &str,
+    violations: &[PlanViolationSummary],
+) -> Vec<Value> {
+    let listed = violations_json(violations);
+    if token.sees_pii() && !listed.is_empty() {
+        let read = Some(json!({ "violations": listed.len() }));
+        crate::audit::record(state, token, "plan.read_violations", source, None, read).await;
+    }
+    if token.sees_pii() {
+        return listed;
+    }
+    let policy = state.pii.current();
+    listed
+        .into_iter()
+        .map(|violation| {
+            let mut shown = policy.mask_json(&violation);
+            // A schema error quotes the value at fault: masked with it.
+            let key = violation["path"].as_str().and_then(|path| path.rsplit('/').next()).unwrap_or("");
+            if policy.classify_key(key) != tandem_core::govern::PiiClass::Green {
+                shown["message"] = json!("***");
+            }
+            shown
+        })
+        .collect()
+}
+
 /// `GET /api/v1/plans`: every source's plan.
 async fn list_plans(State(state): State<AppState>, _token: AdminToken) -> Result<Json<Value>, ApiError> {
     let plans = blocking(&state, |store| {
@@ -124,6 +156,7 @@ async fn list_plans(State(state): State<AppState>, _token: AdminToken) -> Result
 #[into_params(parameter_in = Query)]
 pub(crate) struct ViolationQuery {
     /// Violations listed (1 to 1000; 100 when absent).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
 }
 
@@ -139,7 +172,7 @@ fn violation_limit(query: &ViolationQuery) -> Result<usize, ApiError> {
 /// `GET /api/v1/plans/{source}`: the plan and its most recent violations.
 async fn show_plan(
     State(state): State<AppState>,
-    _token: AdminToken,
+    token: AdminToken,
     ApiPath(source): ApiPath<String>,
     ApiQuery(query): ApiQuery<ViolationQuery>,
 ) -> Result<Json<Value>, ApiError> {
@@ -151,7 +184,7 @@ async fn show_plan(
             .with_field("source"));
     };
     let mut body = plan_json(&source.name, &plan);
-    body["violations"] = Value::Array(violations_json(&violations));
+    body["violations"] = Value::Array(shown_violations(&state, &token, &source.name, &violations).await);
     Ok(Json(body))
 }
 
@@ -197,12 +230,13 @@ async fn delete_plan(
 /// `GET /api/v1/plans/{source}/violations`: most recently seen first.
 async fn list_violations(
     State(state): State<AppState>,
-    _token: AdminToken,
+    token: AdminToken,
     ApiPath(source): ApiPath<String>,
     ApiQuery(query): ApiQuery<ViolationQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = violation_limit(&query)?;
     let (source, _, violations) =
         blocking(&state, move |store| govern::plan_report(store, &source, limit).map_err(store_error)).await?;
-    Ok(Json(json!({"source": source.name, "violations": violations_json(&violations)})))
+    let shown = shown_violations(&state, &token, &source.name, &violations).await;
+    Ok(Json(json!({"source": source.name, "violations": shown})))
 }

@@ -230,6 +230,7 @@ async fn get_profile(
 #[into_params(parameter_in = Query)]
 pub(crate) struct EventsQuery {
     /// Events per page (1 to 1000; 50 when absent).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
     /// A `next_before` from the previous page.
     before: Option<String>,
@@ -253,6 +254,7 @@ pub(crate) struct ProfileListQuery {
     /// A `next_after` from the previous page.
     after: Option<String>,
     /// Profiles per page (1 to 1000; 50 when absent).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
 }
 

@@ -833,6 +833,10 @@ mod imports {
         assert_eq!(status, StatusCode::OK);
         let rejects = rejects.as_str().unwrap();
         assert!(rejects.starts_with("line,column,reason,record\n2,ordered_at,"), "{rejects}");
+        let filter = tandem_store::AuditFilter { action: Some("import.read_rejects".into()), ..Default::default() };
+        let audited = harness.store.audit_entries(&filter).unwrap();
+        assert_eq!(audited.len(), 1, "rows echoed as they were in the file are a read of PII in clear");
+        assert_eq!(audited[0].target, id);
     }
 
     #[tokio::test]
@@ -1775,7 +1779,8 @@ mod destinations {
             .post_json(
                 "/v1/batch",
                 json!({"batch": [
-                    {"type": "track", "userId": "ann", "event": "Order Completed", "messageId": "t1"},
+                    {"type": "track", "userId": "ann", "event": "Order Completed", "messageId": "t1",
+                     "context": {"traits": {"email": "ann.zq@example.com"}}},
                     {"type": "identify", "userId": "ann", "traits": {"plan": "pro"}, "messageId": "i1"}
                 ]}),
             )
@@ -1814,6 +1819,25 @@ mod destinations {
         assert_eq!(letter["event"]["messageId"], "t1", "only the track matched");
         assert!(letter["last_error"].as_str().unwrap().starts_with("could not reach the receiver"), "{letter}");
         assert!(letter["attempts"].as_u64().unwrap() >= 2);
+        assert_eq!(letter["event"]["context"]["traits"]["email"], "ann.zq@example.com", "an admin reads it in clear");
+        // A marketer follows deliveries but never sees PII in clear.
+        let (_, marketer) = harness.store.create_token_with("m", tandem_core::govern::Role::Marketer, None).unwrap();
+        for path in ["/api/v1/destinations/crm/dead-letters", "/api/v1/deliveries/failed"] {
+            let (status, masked) = get(&harness, path, Some(&marketer)).await;
+            assert_eq!(status, StatusCode::OK, "{masked}");
+            assert!(!masked.to_string().contains("ann.zq@"), "{path}: {masked}");
+            assert!(masked.to_string().contains("a***@example.com"), "{path}: {masked}");
+        }
+        let audited = harness.store.audit_entries(&tandem_store::AuditFilter {
+            action: Some("destination.read_dead_letters".into()),
+            limit: 10,
+            ..Default::default()
+        });
+        assert_eq!(
+            audited.unwrap().len(),
+            1,
+            "the admin's read in clear is audited, the marketer's masked reads are not"
+        );
 
         // Failed deliveries across destinations, narrowed by time and profile.
         let (status, failed) = get(&harness, "/api/v1/deliveries/failed", Some(&token)).await;
@@ -2512,6 +2536,41 @@ mod plans {
         let quarantine = harness.store.list_quarantine(0, 10).unwrap();
         assert_eq!(quarantine.last().unwrap().record.code, "unplanned_event");
         assert!(!stored_ids(&harness).contains(&"single".to_owned()));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn violation_samples_are_masked_for_an_auditor_and_clear_reads_are_audited() {
+        let harness = Harness::new();
+        let token = harness.store.create_token("test").unwrap().1;
+        let (_, auditor) = harness.store.create_token_with("a", tandem_core::govern::Role::Auditor, None).unwrap();
+        let plan =
+            json!({"mode": "report", "identify": {"type": "object", "properties": {"email": {"type": "integer"}}}});
+        send_with_token(&harness, Method::PUT, "/api/v1/plans/website", &token, plan.to_string()).await;
+        let (status, _) = harness
+            .post_json(
+                "/v1/identify",
+                json!({"userId": "u", "traits": {"email": "jane.zq@example.com", "plan": "pro"}}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        for path in ["/api/v1/plans/website/violations", "/api/v1/plans/website"] {
+            let (status, body) = get(&harness, path, Some(&auditor)).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            let violation = &body["violations"][0];
+            assert_eq!(violation["path"], "/traits/email");
+            assert_eq!(violation["sample"]["traits"]["email"], "j***@example.com", "{path}: {violation}");
+            assert_eq!(violation["sample"]["traits"]["plan"], "pro");
+            assert_eq!(violation["message"], "***", "the schema error quotes the e-mail");
+            assert!(!body.to_string().contains("jane.zq"), "{body}");
+        }
+        let (_, body) = get(&harness, "/api/v1/plans/website/violations", Some(&token)).await;
+        assert_eq!(body["violations"][0]["sample"]["traits"]["email"], "jane.zq@example.com", "admin reads in clear");
+        let audited = harness.store.audit_entries(&tandem_store::AuditFilter {
+            action: Some("plan.read_violations".into()),
+            limit: 10,
+            ..Default::default()
+        });
+        assert_eq!(audited.unwrap().len(), 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -3234,5 +3293,61 @@ mod goals {
             assert_eq!((got, error_of(&answer)), (*status, (*code, *field)), "{body}: {answer}");
         }
         assert!(harness.store.list_goals().unwrap().is_empty());
+    }
+}
+
+/// The OpenAPI document's request bodies say what the server takes: every
+/// documented JSON body's example is accepted by a live router.
+mod openapi_examples {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_documented_example_body_is_accepted() {
+        let harness = Harness::new();
+        let token = harness.store.create_token("it").unwrap().1;
+        let request = Request::get("/api/v1/openapi.json").header(header::AUTHORIZATION, format!("Bearer {token}"));
+        let (status, document) = harness.send(request.body(Body::empty()).unwrap()).await;
+        assert_eq!(status, StatusCode::OK);
+        let schemas = &document["components"]["schemas"];
+        let mut examples = std::collections::BTreeMap::new();
+        for (path, item) in document["paths"].as_object().unwrap() {
+            for (method, operation) in item.as_object().unwrap() {
+                let Some(content) = operation["requestBody"]["content"]["application/json"].as_object() else {
+                    continue;
+                };
+                let name = content["schema"]["$ref"].as_str().unwrap().rsplit('/').next().unwrap();
+                let schema = &schemas[name];
+                let example = schema["examples"].get(0).or(schema.get("example")).cloned();
+                let example = example.unwrap_or_else(|| panic!("{method} {path}: the {name} schema has no example"));
+                examples.insert(format!("{} {path}", method.to_ascii_uppercase()), example);
+            }
+        }
+        // In an order that gives each the things it names (a source, a destination).
+        let order = [
+            ("POST /api/v1/pii/rules", "/api/v1/pii/rules"),
+            ("PUT /api/v1/plans/{source}", "/api/v1/plans/website"),
+            ("PUT /api/v1/stack/sources/{name}", "/api/v1/stack/sources/website"),
+            ("POST /api/v1/destinations", "/api/v1/destinations"),
+            ("PUT /api/v1/stack/destinations/{name}", "/api/v1/stack/destinations/crm"),
+            ("POST /api/v1/audiences", "/api/v1/audiences"),
+            ("POST /api/v1/audiences/preview", "/api/v1/audiences/preview"),
+            ("POST /api/v1/computed-traits", "/api/v1/computed-traits"),
+            ("POST /api/v1/dsr", "/api/v1/dsr"),
+        ];
+        let documented: Vec<&String> = examples.keys().collect();
+        let mut sent: Vec<&str> = order.iter().map(|(operation, _)| *operation).collect();
+        sent.sort();
+        assert_eq!(documented, sent, "every JSON body is sent below");
+        for (operation, uri) in order {
+            let method = operation.split(' ').next().unwrap();
+            let request = Request::builder()
+                .method(method)
+                .uri(uri)
+                .header(header::AUTHORIZATION, format!("Bearer {token}"))
+                .body(Body::from(examples[operation].to_string()))
+                .unwrap();
+            let (status, body) = harness.send(request).await;
+            assert!(status.is_success(), "{operation} with its example {}: {status} {body}", examples[operation]);
+        }
     }
 }

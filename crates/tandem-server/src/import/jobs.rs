@@ -388,7 +388,7 @@ async fn list_jobs(State(state): State<AppState>, _token: AdminToken) -> Result<
 
 async fn job_rejects(
     State(state): State<AppState>,
-    _token: AdminToken,
+    token: AdminToken,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let job = state.imports.get(&id).ok_or_else(|| not_found(&id))?;
@@ -407,6 +407,10 @@ async fn job_rejects(
         })?,
         None => Vec::new(),
     };
+    // Refused rows are echoed as they were in the file, PII and all.
+    if !body.is_empty() {
+        crate::audit::record(&state, &token, "import.read_rejects", &id, None, None).await;
+    }
     Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
 }
 

@@ -49,18 +49,13 @@ pub fn pii_rules_are_kept_by_matcher_in_deciding_order(store: &impl Store) {
     let replaced = store.set_pii_rule(&pattern_rule("^billing_", PiiClass::Green), 40).unwrap().unwrap();
     assert_eq!((replaced.rule.class, replaced.created_at_ms, replaced.updated_at_ms), (PiiClass::Yellow, 10, 10));
     let rules = store.pii_rules().unwrap();
-    let listed: Vec<(Option<&str>, Option<&str>, PiiClass, Option<RedPolicy>)> = rules
-        .iter()
-        .map(|stored| {
-            (stored.rule.name.as_deref(), stored.rule.pattern.as_deref(), stored.rule.class, stored.rule.policy)
-        })
-        .collect();
+    let listed: Vec<&PiiRule> = rules.iter().map(|stored| &stored.rule).collect();
     assert_eq!(
         listed,
         [
-            (Some("tax_id"), None, PiiClass::Red, Some(RedPolicy::Refuse)),
-            (None, Some("^billing_"), PiiClass::Green, None),
-            (None, Some("^acct_"), PiiClass::Red, None),
+            &name_rule("tax_id", PiiClass::Red, Some(RedPolicy::Refuse)),
+            &pattern_rule("^billing_", PiiClass::Green),
+            &pattern_rule("^acct_", PiiClass::Red),
         ],
         "names first, then patterns as first set"
     );

@@ -119,6 +119,7 @@ pub fn what_it_sees(role: Role) -> String {
     let mut areas: Vec<&str> = Vec::new();
     for permission in role.permissions() {
         let area = match permission {
+            Permission::GoalsRead | Permission::GoalsWrite => "goals",
             Permission::ProfilesList => "customer search",
             Permission::ProfilesLookup => "one customer at a time",
             Permission::EventsRead => "timelines",
