@@ -172,10 +172,27 @@ pub struct AudienceStage {
     /// Counts each commit that recorded membership changes, for the outbox
     /// stage.
     progress: Progress<CommitCount>,
-    /// The resolver's cursor when retired profiles were last looked for:
-    /// profiles are merged away only by resolver commits, so the look-up
-    /// (a scan of the audience states) runs only after one.
-    retired_checked_at: Option<tandem_store::StageCursor>,
+    /// The identity state's [`RetirementMark`] when retired profiles were
+    /// last looked for: the look-up scans every audience and computed-trait
+    /// state, so it runs only once a profile may have stopped being live,
+    /// not after every resolver commit.
+    retired_checked_at: Option<RetirementMark>,
+}
+
+/// What moves whenever a profile stops being live: the resolver's epoch
+/// (repairs, rule changes and erasure move it) and the number of profile
+/// ids handed out that are not live (each merge adds one; a new profile
+/// adds to both the ids and the live count).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RetirementMark {
+    epoch: u64,
+    not_live: u64,
+}
+
+impl RetirementMark {
+    fn of(state: &tandem_store::IdentityState) -> Self {
+        RetirementMark { epoch: state.epoch, not_live: state.next_profile_id.saturating_sub(state.live_profiles) }
+    }
 }
 
 impl AudienceStage {
@@ -224,11 +241,13 @@ impl AudienceStage {
             // events for them are applied from now on.
             audiences = self.load_audiences()?;
         }
-        let resolver = self.store.stage_cursor(Stage::RESOLVE)?;
-        if resolver != self.retired_checked_at {
+        // Read before the look-up: a merge committed during it moves the
+        // mark again, so the next step looks again.
+        let mark = Some(RetirementMark::of(&self.store.identity_state()?));
+        if mark != self.retired_checked_at {
             report.retired = self.retire_profiles(&audiences, now)?;
             if report.retired < RETIRED_BATCH {
-                self.retired_checked_at = resolver;
+                self.retired_checked_at = mark;
             }
         }
         report.events = self.apply_events(&audiences, now)?;
