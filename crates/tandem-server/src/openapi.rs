@@ -92,11 +92,11 @@ fn destination_dead_letters() -> Vec<Parameter> {
 }
 
 fn destination_replay() -> Vec<Parameter> {
-    dead_letter_query(&["destination", "limit"])
+    dead_letter_query(&["destination", "limit", "after"])
 }
 
 fn deliveries_replay() -> Vec<Parameter> {
-    let mut parameters = dead_letter_query(&["limit"]);
+    let mut parameters = dead_letter_query(&["limit", "after"]);
     for parameter in &mut parameters {
         if parameter.name == "destination" {
             parameter.required = Required::True;
@@ -138,6 +138,12 @@ pub const ROUTE_INPUTS: &[RouteInput] = &[
     input("GET", "/api/v1/imports/{id}"),
     input("GET", "/api/v1/imports/{id}/rejects"),
     input("GET", "/api/v1/cluster"),
+    input("GET", "/api/v1/goals"),
+    // A goal's settings are read by `GoalSettings::from_json`, which names
+    // the field it refuses; the body is documented in the README.
+    input("POST", "/api/v1/goals"),
+    input("GET", "/api/v1/goals/{name}"),
+    input("DELETE", "/api/v1/goals/{name}"),
     with_query("GET", "/api/v1/audit", query::<crate::audit::ListQuery>),
     input("GET", "/api/v1/audit/verify"),
     input("GET", "/api/v1/pii/inventory"),
@@ -367,7 +373,10 @@ mod tests {
         };
         assert_eq!(names("/api/v1/audit", "get"), ["actor", "action", "since", "after", "limit"]);
         assert_eq!(names("/api/v1/profiles", "get"), ["identifier", "search", "trait", "after", "limit"]);
-        assert_eq!(names("/api/v1/destinations/{name}/dead-letters", "get"), ["limit", "since", "profile"]);
+        assert_eq!(
+            names("/api/v1/destinations/{name}/dead-letters", "get"),
+            ["limit", "since", "profile", "item", "after"]
+        );
         let replay = &document["paths"]["/api/v1/deliveries/replay"]["post"]["parameters"];
         let destination = replay.as_array().unwrap().iter().find(|parameter| parameter["name"] == "destination");
         assert_eq!(destination.unwrap()["required"], true);

@@ -409,7 +409,11 @@ async fn governance_pages_follow_the_permission_table_and_a_marketer_reaches_non
 
     // An auditor reads every governance page.
     let (auditor, _) = harness.sign_in(Role::Auditor).await;
-    assert_eq!(harness.get("/", Some(&auditor)).await.location.as_deref(), Some("/console/governance"));
+    assert_eq!(
+        harness.get("/", Some(&auditor)).await.location.as_deref(),
+        Some("/console/goals"),
+        "goals are every role's landing page"
+    );
     for path in [
         "/console/governance/audit",
         "/console/governance/requests",
