@@ -96,6 +96,16 @@ impl Console {
         crate::access::authorize(self.role(), method, route, query).err().map(|error| self.error_page(error))
     }
 
+    /// The `403` page for a page the role may not see, naming what the
+    /// role lacks for the API route it mirrors.
+    fn refused_page(&self, method: &str, route: &str) -> Response {
+        self.refused(method, route, None).unwrap_or_else(|| {
+            self.error_page(
+                ApiError::new(ErrorCode::PermissionDenied, "this role may not see this page").with_field("permission"),
+            )
+        })
+    }
+
     fn chrome(&self, title: &str, section: &'static str) -> Chrome {
         Chrome {
             title: title.to_owned(),

@@ -29,6 +29,22 @@ pub struct IdentityState {
 /// as JSON that starts with its tag.
 pub(crate) const MERGES_AND_DROPS: &str = r#"(dropped IS NOT NULL OR substr(change, 1, 16) = '{"kind":"merged"')"#;
 
+/// A history entry from its stored columns, which every backend keeps alike
+/// (position, profile, the change as JSON text, when).
+pub(crate) fn history_record(
+    position: Option<i64>,
+    profile: Option<i64>,
+    change: &str,
+    recorded_at_ms: i64,
+) -> Result<HistoryRecord, StoreError> {
+    Ok(HistoryRecord {
+        position: position.map(|position| LogPosition(position as u64)),
+        profile: profile.map(|profile| ProfileId(profile as u64)),
+        change: serde_json::from_str(change).map_err(|error| StoreError::Backend(Box::new(error)))?,
+        recorded_at_ms,
+    })
+}
+
 /// One entry of a profile's identity history.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct HistoryRecord {

@@ -11,7 +11,6 @@
 //! them (a marketer) gets neither the pages nor their entry in the nav.
 
 use super::{clipped, page, text, when, Chrome, Console};
-use crate::error::{ApiError, ErrorCode};
 use crate::profile::read;
 use crate::AppState;
 use askama::Template;
@@ -98,17 +97,9 @@ async fn first_page(console: Console) -> Response {
     } else if tabs.pii {
         "/console/governance/pii"
     } else {
-        return refused(&console, "GET", "/api/v1/audit");
+        return console.refused_page("GET", "/api/v1/audit");
     };
     Redirect::to(to).into_response()
-}
-
-fn refused(console: &Console, method: &str, route: &str) -> Response {
-    console.refused(method, route, None).unwrap_or_else(|| {
-        console.error_page(
-            ApiError::new(ErrorCode::PermissionDenied, "this role may not see this page").with_field("permission"),
-        )
-    })
 }
 
 struct AuditRow {
@@ -165,7 +156,7 @@ struct AuditQuery {
 /// reads every entry, so it runs only when asked.
 async fn audit(State(state): State<AppState>, console: Console, RawQuery(raw): RawQuery) -> Response {
     if !may_audit(&console) {
-        return refused(&console, "GET", "/api/v1/audit");
+        return console.refused_page("GET", "/api/v1/audit");
     }
     let query: AuditQuery = serde_urlencoded::from_str(raw.as_deref().unwrap_or("")).unwrap_or_default();
     let mut error = None;
@@ -288,7 +279,7 @@ struct RequestsPage {
 /// with their status; the person only by the digest of the identifier.
 async fn requests(State(state): State<AppState>, console: Console) -> Response {
     if !may_requests(&console) {
-        return refused(&console, "GET", "/api/v1/dsr");
+        return console.refused_page("GET", "/api/v1/dsr");
     }
     let requests = match read(&state, |store| store.list_dsr(REQUESTS_SHOWN)).await {
         Ok(requests) => requests,
@@ -401,7 +392,7 @@ struct PiiPage {
 /// have carried, with its PII class, the sources that sent it and when.
 async fn pii(State(state): State<AppState>, console: Console) -> Response {
     if !may_pii(&console) {
-        return refused(&console, "GET", "/api/v1/pii/inventory");
+        return console.refused_page("GET", "/api/v1/pii/inventory");
     }
     let policy = state.pii.current();
     let keys = match read(&state, move |store| crate::pii::inventory_json(store, &policy)).await {

@@ -82,15 +82,6 @@ impl Tabs {
     }
 }
 
-/// A `403` page naming what the role lacks for this part.
-fn refused_for(console: &Console, method: &str, route: &str) -> Response {
-    console.refused(method, route, None).unwrap_or_else(|| {
-        console.error_page(
-            ApiError::new(ErrorCode::PermissionDenied, "this role may not see this page").with_field("permission"),
-        )
-    })
-}
-
 /// One violation, grouped by source, event, kind and path.
 struct ViolationRow {
     source: String,
@@ -137,7 +128,7 @@ async fn overview(State(state): State<AppState>, console: Console) -> Response {
         return if may_identity(&console) {
             axum::response::IntoResponse::into_response(axum::response::Redirect::to("/console/quality/identity"))
         } else {
-            refused_for(&console, "GET", "/api/v1/plans/{source}/violations")
+            console.refused_page("GET", "/api/v1/plans/{source}/violations")
         };
     }
     let loaded = read(&state, move |store| {
@@ -257,7 +248,7 @@ struct QuarantinePage {
 /// first, with why and the message as sent (masked as the role sees PII).
 async fn quarantine(State(state): State<AppState>, console: Console, RawQuery(raw): RawQuery) -> Response {
     if !may_plans(&console) {
-        return refused_for(&console, "GET", "/api/v1/plans/{source}/violations");
+        return console.refused_page("GET", "/api/v1/plans/{source}/violations");
     }
     let query = match page_query(&console, raw.as_deref()) {
         Ok(query) => query,

@@ -11,7 +11,7 @@
 
 use super::log::{log_entry_from_row, LOG_ENTRY_COLUMNS};
 use super::{json_error, text_from_bytes, PostgresStore};
-use crate::identity::MERGES_AND_DROPS;
+use crate::identity::{history_record, MERGES_AND_DROPS};
 use crate::{
     CommitOutcome, HistoryRecord, IdentityCommit, IdentityRepair, IdentityState, IdentityStore, LogEntry, Stage,
     StoreError, TimelineCursor, UnresolvedEvent,
@@ -264,19 +264,7 @@ fn history(client: &mut impl GenericClient, id: ProfileId) -> Result<Vec<History
          ORDER BY id",
         &[&(live.0 as i64)],
     )?;
-    rows.iter()
-        .map(|row| {
-            let position: Option<i64> = row.try_get(0)?;
-            let profile: Option<i64> = row.try_get(1)?;
-            let change: IdentityChange = serde_json::from_str(row.try_get(2)?).map_err(json_error)?;
-            Ok(HistoryRecord {
-                position: position.map(|position| LogPosition(position as u64)),
-                profile: profile.map(|profile| ProfileId(profile as u64)),
-                change,
-                recorded_at_ms: row.try_get(3)?,
-            })
-        })
-        .collect()
+    rows.iter().map(|row| history_record(row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?)).collect()
 }
 
 fn identifiers_and_owners(rows: Vec<postgres::Row>) -> Result<Vec<(Identifier, ProfileId)>, StoreError> {
@@ -475,18 +463,8 @@ impl IdentityStore for PostgresStore {
             )?;
             rows.iter()
                 .map(|row| {
-                    let position: Option<i64> = row.try_get(1)?;
-                    let profile: Option<i64> = row.try_get(2)?;
-                    let change: IdentityChange = serde_json::from_str(row.try_get(3)?).map_err(json_error)?;
-                    Ok((
-                        row.try_get::<_, i64>(0)? as u64,
-                        HistoryRecord {
-                            position: position.map(|position| LogPosition(position as u64)),
-                            profile: profile.map(|profile| ProfileId(profile as u64)),
-                            change,
-                            recorded_at_ms: row.try_get(4)?,
-                        },
-                    ))
+                    let record = history_record(row.try_get(1)?, row.try_get(2)?, row.try_get(3)?, row.try_get(4)?)?;
+                    Ok((row.try_get::<_, i64>(0)? as u64, record))
                 })
                 .collect()
         })

@@ -3,7 +3,7 @@
 //! which profile, the identity history, and the resolver's position, epoch
 //! and rules — all written together in one transaction per resolver batch.
 
-use crate::identity::MERGES_AND_DROPS;
+use crate::identity::{history_record, MERGES_AND_DROPS};
 use crate::{CommitOutcome, HistoryRecord, IdentityCommit, IdentityState, Stage, StoreError};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tandem_core::{Identifier, IdentityChange, LogPosition, Profile, ProfileId};
@@ -327,16 +327,7 @@ pub fn merges_and_drops(
     let mut records = Vec::new();
     for row in rows {
         let (id, position, profile, change, recorded_at_ms) = row?;
-        let change: IdentityChange = serde_json::from_str(&change).map_err(json_error)?;
-        records.push((
-            id as u64,
-            HistoryRecord {
-                position: position.map(|position| LogPosition(position as u64)),
-                profile: profile.map(|profile| ProfileId(profile as u64)),
-                change,
-                recorded_at_ms,
-            },
-        ));
+        records.push((id as u64, history_record(position, profile, &change, recorded_at_ms)?));
     }
     Ok(records)
 }
@@ -361,13 +352,7 @@ pub fn history(connection: &Connection, id: ProfileId) -> Result<Vec<HistoryReco
     let mut records = Vec::new();
     for row in rows {
         let (position, profile, change, recorded_at_ms) = row?;
-        let change: IdentityChange = serde_json::from_str(&change).map_err(json_error)?;
-        records.push(HistoryRecord {
-            position: position.map(|position| LogPosition(position as u64)),
-            profile: profile.map(|profile| ProfileId(profile as u64)),
-            change,
-            recorded_at_ms,
-        });
+        records.push(history_record(position, profile, &change, recorded_at_ms)?);
     }
     Ok(records)
 }
