@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 /// Every this many requests, one is answered `503`.
-pub const BUSY_EVERY: u64 = 9;
+pub const BUSY_EVERY: u64 = 40;
 /// About one item in this many is refused as invalid, until fixed.
 pub const INVALID_ONE_IN: u64 = 60;
 /// The path deliveries are posted to.
