@@ -1360,7 +1360,10 @@ fn run_demo(settings: &Settings, store: Arc<dyn Store>, customers: usize, seed: 
         let defining = store.clone();
         tokio::task::spawn_blocking(move || demo::define_audiences(defining.as_ref())).await??;
         let defining = store.clone();
-        tokio::task::spawn_blocking(move || demo::define_goals(&defining, customers)).await??;
+        let started = std::time::Instant::now();
+        if tokio::task::spawn_blocking(move || demo::define_goals(&defining, customers)).await?? {
+            eprintln!("goals defined and their history counted in {:.1} s", started.elapsed().as_secs_f64());
+        }
         tokio::task::block_in_place(|| {
             let (_, token) = store.create_token("demo")?;
             demo::walkthrough(&mut out, store.as_ref(), &company, running.local_addr, &settings.data_dir, &token)
