@@ -42,8 +42,8 @@ use tandem_core::insight::rollup::{
 };
 use tandem_core::{EventType, LogPosition, ProfileId};
 use tandem_store::{
-    DayAdd, InsightCommit, InsightCommitOutcome, LogEntry, ProfileStateWrite, Stage, StageCursor, Store, StoreError,
-    TrackerBackfill, TrackerId, TrackerRecord,
+    BackfillMove, DayAdd, InsightCommit, InsightCommitOutcome, LogEntry, ProfileStateWrite, Stage, StageCursor, Store,
+    StoreError, TrackerBackfill, TrackerId, TrackerRecord,
 };
 
 use crate::cluster::{LeaseKeeper, LeaseTurn};
@@ -140,6 +140,7 @@ pub struct InsightStage {
 }
 
 impl InsightStage {
+    /// A stage over `store`, reading the time from `clock`.
     pub fn new(store: Arc<dyn Store>, clock: Clock) -> Self {
         InsightStage { store, clock, snapshotted_at: None, batch: EVENT_BATCH }
     }
@@ -240,7 +241,10 @@ impl InsightStage {
                 from: cursor.position,
                 to: cursor.position,
                 epoch: cursor.epoch,
-                backfill: group.iter().map(|tracker| (tracker.id, progress)).collect(),
+                backfill: group
+                    .iter()
+                    .map(|tracker| BackfillMove { tracker: tracker.id, from: tracker.backfill, to: progress })
+                    .collect(),
                 days,
                 states,
                 ..InsightCommit::default()
@@ -260,16 +264,16 @@ impl InsightStage {
         let from = cursor.position;
         // A tracker starts here: it reads the log up to `from` as a
         // backfill, and this batch's events live.
-        let starting: Vec<(TrackerId, TrackerBackfill)> = trackers
+        let starting: Vec<BackfillMove> = trackers
             .iter()
             .filter(|tracker| tracker.backfill == TrackerBackfill::NotStarted)
             .map(|tracker| {
-                let backfill = if from == LogPosition(0) {
+                let to = if from == LogPosition(0) {
                     TrackerBackfill::Done
                 } else {
                     TrackerBackfill::Running { after: LogPosition(0), through: from }
                 };
-                (tracker.id, backfill)
+                BackfillMove { tracker: tracker.id, from: TrackerBackfill::NotStarted, to }
             })
             .collect();
         if resolver.position <= from {
@@ -306,7 +310,7 @@ impl InsightStage {
         from: LogPosition,
         to: LogPosition,
         epoch: u64,
-        backfill: Vec<(TrackerId, TrackerBackfill)>,
+        backfill: Vec<BackfillMove>,
         days: Vec<DayAdd>,
         states: Vec<ProfileStateWrite>,
     ) -> Result<bool, StoreError> {

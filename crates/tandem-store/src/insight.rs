@@ -84,6 +84,19 @@ pub struct ProfileStateWrite {
     pub state: Option<ProfileState>,
 }
 
+/// A tracker's backfill moved on: `from` is where the stage read it, `to`
+/// where it is once committed. A tracker found anywhere but `from` (another
+/// stage committed that page first, say the command line beside a server on
+/// the embedded store) makes the whole commit
+/// [`InsightCommitOutcome::StalePosition`], so no page is counted twice; a
+/// tracker that no longer exists is skipped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackfillMove {
+    pub tracker: TrackerId,
+    pub from: TrackerBackfill,
+    pub to: TrackerBackfill,
+}
+
 /// What the insight stage writes in one transaction.
 #[derive(Clone, Debug, Default)]
 pub struct InsightCommit {
@@ -97,7 +110,8 @@ pub struct InsightCommit {
     /// (the resolver's epoch moved: a repair or an erasure rewrote
     /// profiles, which no merge of states can follow). Applied first.
     pub restart_all: bool,
-    pub backfill: Vec<(TrackerId, TrackerBackfill)>,
+    /// Backfill progress, each move from where the stage read it.
+    pub backfill: Vec<BackfillMove>,
     pub days: Vec<DayAdd>,
     pub states: Vec<ProfileStateWrite>,
 }
@@ -106,8 +120,9 @@ pub struct InsightCommit {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InsightCommitOutcome {
     Committed,
-    /// The stage's position is no longer the commit's `from`: another
-    /// insight stage applied those events first.
+    /// The stage's position is no longer the commit's `from`, or a
+    /// backfill is no longer where the commit read it: another insight
+    /// stage applied those events first.
     StalePosition,
 }
 

@@ -52,7 +52,7 @@ pub use identity::{
     TimelineCursor, TimelineCursorError, UnresolvedEvent,
 };
 pub use insight::{
-    DayAdd, DayValue, GoalRecord, InsightCommit, InsightCommitOutcome, InsightCounters, InsightStore,
+    BackfillMove, DayAdd, DayValue, GoalRecord, InsightCommit, InsightCommitOutcome, InsightCounters, InsightStore,
     ProfileStateWrite, TrackerBackfill, TrackerId, TrackerRecord,
 };
 pub use inventory::{PiiInventoryStore, PiiKeyRecord, PiiKeySeen, StoredPiiRule};

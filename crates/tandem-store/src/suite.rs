@@ -156,7 +156,8 @@ macro_rules! insight_store_test_suite {
             identity_events_are_the_creations_and_merges_of_a_position_range,
             snapshots_keep_each_days_last_value_and_the_one_before_a_range,
             ingest_latency_adds_up_per_day_and_bucket,
-            counters_read_events_violations_deliveries_and_dead_letters
+            counters_read_events_violations_deliveries_and_dead_letters,
+            a_backfill_page_is_committed_once
         );
     };
 }

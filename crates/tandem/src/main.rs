@@ -1452,7 +1452,10 @@ fn run_demo(settings: &Settings, store: Arc<dyn Store>, customers: usize, seed: 
         let defining = store.clone();
         tokio::task::spawn_blocking(move || demo::define_audiences(defining.as_ref())).await??;
         let defining = store.clone();
-        tokio::task::spawn_blocking(move || demo::define_goals(&defining, customers)).await??;
+        let started = std::time::Instant::now();
+        if tokio::task::spawn_blocking(move || demo::define_goals(&defining, customers)).await?? {
+            eprintln!("goals defined and their history counted in {:.1} s", started.elapsed().as_secs_f64());
+        }
         demo::living::furnish(&running.state(), &company).await?;
         tokio::task::block_in_place(|| {
             let tokens = demo::living::create_role_tokens(store.as_ref())?;

@@ -76,8 +76,10 @@ pub enum Owner {
 }
 
 impl Owner {
+    /// Every owner, in the order settings list them.
     pub const ALL: [Owner; 3] = [Owner::Marketing, Owner::It, Owner::Both];
 
+    /// The owner as settings name it.
     pub fn as_str(self) -> &'static str {
         match self {
             Owner::Marketing => "marketing",
@@ -113,6 +115,7 @@ pub enum Direction {
 }
 
 impl Direction {
+    /// The direction as settings name it.
     pub fn as_str(self) -> &'static str {
         match self {
             Direction::Higher => "higher",
@@ -231,6 +234,7 @@ impl Metric {
         }
     }
 
+    /// What its values are measured in.
     pub fn unit(&self) -> Unit {
         match self {
             Metric::Revenue { .. } | Metric::StackSpend => Unit::Money,
@@ -246,6 +250,7 @@ impl Metric {
         }
     }
 
+    /// How its value accumulates over a period.
     pub fn shape(&self) -> Shape {
         match self {
             Metric::Revenue { .. } | Metric::NewCustomers | Metric::IngestVolume => Shape::Total,
@@ -718,6 +723,7 @@ pub enum Standing {
 }
 
 impl Standing {
+    /// The standing as the API names it.
     pub fn as_str(self) -> &'static str {
         match self {
             Standing::NotStarted => "not_started",
@@ -764,10 +770,12 @@ pub struct GoalReport {
 }
 
 impl Goal {
+    /// The goal's name.
     pub fn name(&self) -> &str {
         &self.settings.name
     }
 
+    /// What the goal measures.
     pub fn metric(&self) -> &Metric {
         &self.settings.metric
     }

@@ -273,6 +273,7 @@ pub struct Rollup {
 }
 
 impl Rollup {
+    /// Adds `value` to a day's series.
     pub fn add(&mut self, day: Day, series: &'static str, value: f64) {
         *self.values.entry((day, series)).or_default() += value;
     }
@@ -289,6 +290,7 @@ impl Rollup {
         self.values.iter().filter(|(_, value)| **value != 0.0).map(|((day, series), value)| (*day, *series, *value))
     }
 
+    /// Whether every value cancelled out.
     pub fn is_empty(&self) -> bool {
         self.nonzero().next().is_none()
     }
@@ -398,6 +400,7 @@ impl ProfileState {
         self.trim_to_times();
     }
 
+    /// Whether the state holds nothing (a profile with no counted event).
     pub fn is_empty(&self) -> bool {
         self.runs.is_empty() && self.first_from_ms.is_none() && self.to_ms.is_empty()
     }

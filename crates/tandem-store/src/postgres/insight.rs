@@ -206,11 +206,31 @@ impl InsightStore for PostgresStore {
             }
             let progress = transaction.prepare(
                 "UPDATE insight_trackers SET started = $2, done = $3, backfill_after = $4, backfill_through = $5
-                 WHERE id = $1",
+                 WHERE id = $1 AND started = $6 AND done = $7 AND backfill_after = $8 AND backfill_through = $9",
             )?;
-            for (tracker, backfill) in &commit.backfill {
-                let (started, done, after, through) = backfill_columns(*backfill);
-                transaction.execute(&progress, &[&tracker.0, &started, &done, &after, &through])?;
+            for moved in &commit.backfill {
+                let (started, done, after, through) = backfill_columns(moved.to);
+                let (was_started, was_done, was_after, was_through) = backfill_columns(moved.from);
+                let values: [&(dyn postgres::types::ToSql + Sync); 9] = [
+                    &moved.tracker.0,
+                    &started,
+                    &done,
+                    &after,
+                    &through,
+                    &was_started,
+                    &was_done,
+                    &was_after,
+                    &was_through,
+                ];
+                let changed = transaction.execute(&progress, &values)?;
+                if changed == 0
+                    && transaction
+                        .query_opt("SELECT 1 FROM insight_trackers WHERE id = $1", &[&moved.tracker.0])?
+                        .is_some()
+                {
+                    // Dropping the transaction rolls back what was written.
+                    return Ok(InsightCommitOutcome::StalePosition);
+                }
             }
             // One statement per kind of row, whatever the batch's size.
             let (mut trackers, mut series, mut days, mut values) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());

@@ -52,11 +52,27 @@ fn commit(connection: &mut Connection, commit: &InsightCommit) -> Result<Insight
     {
         let mut progress = transaction.prepare_cached(
             "UPDATE insight_trackers SET started = ?2, done = ?3, backfill_after = ?4, backfill_through = ?5
-             WHERE id = ?1",
+             WHERE id = ?1 AND started = ?6 AND done = ?7 AND backfill_after = ?8 AND backfill_through = ?9",
         )?;
-        for (tracker, backfill) in &commit.backfill {
-            let (started, done, after, through) = backfill_columns(*backfill);
-            progress.execute(params![tracker.0, started, done, after, through])?;
+        let mut exists = transaction.prepare_cached("SELECT 1 FROM insight_trackers WHERE id = ?1")?;
+        for moved in &commit.backfill {
+            let (started, done, after, through) = backfill_columns(moved.to);
+            let (was_started, was_done, was_after, was_through) = backfill_columns(moved.from);
+            let changed = progress.execute(params![
+                moved.tracker.0,
+                started,
+                done,
+                after,
+                through,
+                was_started,
+                was_done,
+                was_after,
+                was_through
+            ])?;
+            if changed == 0 && exists.exists([moved.tracker.0])? {
+                // Dropping the transaction rolls back what was written.
+                return Ok(InsightCommitOutcome::StalePosition);
+            }
         }
         let mut add = transaction.prepare_cached(
             "INSERT INTO insight_days (tracker_id, series, day, value)

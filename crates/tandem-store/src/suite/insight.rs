@@ -2,9 +2,9 @@
 
 use super::{batch, record};
 use crate::{
-    DayAdd, DayValue, FailedAttempt, HistoryRecord, IdentityCommit, IngestBatch, InsightCommit, InsightCommitOutcome,
-    InsightCounters, NewOutboxItem, OutboxCommit, PlanViolationRecord, ProfileStateWrite, Stage, StageCursor, Store,
-    StoreError, TrackerBackfill, TrackerId,
+    BackfillMove, DayAdd, DayValue, FailedAttempt, HistoryRecord, IdentityCommit, IngestBatch, InsightCommit,
+    InsightCommitOutcome, InsightCounters, NewOutboxItem, OutboxCommit, PlanViolationRecord, ProfileStateWrite, Stage,
+    StageCursor, Store, StoreError, TrackerBackfill, TrackerId,
 };
 use serde_json::json;
 use tandem_core::activate::{DestinationDefinition, DestinationSettings, EventFilter, FileSettings, RetrySettings};
@@ -98,7 +98,11 @@ pub fn commits_add_day_values_and_states_with_the_cursor_and_refuse_stale_writer
         from: LogPosition(0),
         to: LogPosition(10),
         epoch: 2,
-        backfill: vec![(tracker, TrackerBackfill::Running { after: LogPosition(0), through: LogPosition(0) })],
+        backfill: vec![BackfillMove {
+            tracker,
+            from: TrackerBackfill::NotStarted,
+            to: TrackerBackfill::Running { after: LogPosition(0), through: LogPosition(0) },
+        }],
         days: vec![
             add(tracker, series::NEW, 100, 1.0),
             add(tracker, series::NEW, 100, 1.0),
@@ -131,7 +135,11 @@ pub fn commits_add_day_values_and_states_with_the_cursor_and_refuse_stale_writer
         from: LogPosition(10),
         to: LogPosition(12),
         epoch: 2,
-        backfill: vec![(tracker, TrackerBackfill::Done)],
+        backfill: vec![BackfillMove {
+            tracker,
+            from: TrackerBackfill::Running { after: LogPosition(0), through: LogPosition(0) },
+            to: TrackerBackfill::Done,
+        }],
         days: vec![add(tracker, series::NEW, 100, -1.0), add(tracker, series::NEW, 101, 1.0)],
         states: vec![
             ProfileStateWrite { tracker, profile: ann, state: Some(state(&[(100, 101)])) },
@@ -269,4 +277,32 @@ pub fn counters_read_events_violations_deliveries_and_dead_letters(store: &impl 
         store.insight_counters().unwrap(),
         InsightCounters { events: 4, violations: 3, delivered: 2, dead_letters: 1 }
     );
+}
+
+pub fn a_backfill_page_is_committed_once(store: &impl Store) {
+    store.create_goal(&settings("revenue", "revenue"), &[revenue()], 1_000).unwrap();
+    let tracker = id_of(store, &revenue()).unwrap();
+    let running = |after: u64| TrackerBackfill::Running { after: LogPosition(after), through: LogPosition(100) };
+    let start = InsightCommit {
+        backfill: vec![BackfillMove { tracker, from: TrackerBackfill::NotStarted, to: running(0) }],
+        ..InsightCommit::default()
+    };
+    assert_eq!(store.commit_insight(&start).unwrap(), InsightCommitOutcome::Committed);
+    let page = InsightCommit {
+        backfill: vec![BackfillMove { tracker, from: running(0), to: running(50) }],
+        days: vec![add(tracker, series::SUM, 7, 12.5)],
+        ..InsightCommit::default()
+    };
+    assert_eq!(store.commit_insight(&page).unwrap(), InsightCommitOutcome::Committed);
+    // A second stage that read the same page commits it again: refused, nothing added.
+    assert_eq!(store.commit_insight(&page).unwrap(), InsightCommitOutcome::StalePosition);
+    assert_eq!(days(store, tracker), vec![("sum".to_owned(), 7, 12.5)]);
+    assert_eq!(store.trackers().unwrap()[0].backfill, running(50));
+    // A page of a tracker deleted meanwhile is skipped, the rest written.
+    store.delete_goal("revenue").unwrap();
+    let late = InsightCommit {
+        backfill: vec![BackfillMove { tracker, from: running(50), to: TrackerBackfill::Done }],
+        ..InsightCommit::default()
+    };
+    assert_eq!(store.commit_insight(&late).unwrap(), InsightCommitOutcome::Committed);
 }

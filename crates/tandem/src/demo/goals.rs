@@ -149,10 +149,10 @@ fn settings(goal: &DemoGoal, name: &str, target: f64, history: &str) -> anyhow::
     .with_context(|| format!("the demo goal {:?}", goal.name))
 }
 
-/// Defines the demo's goals unless the store has goals already.
-pub fn define_goals(store: &Arc<dyn Store>, customers: usize) -> anyhow::Result<()> {
+/// Defines the demo's goals unless the store has goals already; whether it did.
+pub fn define_goals(store: &Arc<dyn Store>, customers: usize) -> anyhow::Result<bool> {
     if !store.list_goals()?.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
     let now = chrono::Utc::now();
     let first = (now - chrono::Duration::days((super::HISTORY_DAYS + super::FOLLOW_UP_DAYS) as i64)).date_naive();
@@ -186,7 +186,7 @@ pub fn define_goals(store: &Arc<dyn Store>, customers: usize) -> anyhow::Result<
         };
         create_goal(store.as_ref(), &settings(goal, goal.name, target, &history)?, now_ms)?;
     }
-    Ok(())
+    Ok(true)
 }
 
 #[cfg(test)]
