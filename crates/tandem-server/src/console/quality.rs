@@ -216,12 +216,9 @@ struct PageQuery {
     before: Option<u64>,
 }
 
-fn page_query(console: &Console, raw: Option<&str>) -> Result<PageQuery, Response> {
+fn page_query(raw: Option<&str>) -> Result<PageQuery, ApiError> {
     serde_urlencoded::from_str(raw.unwrap_or("")).map_err(|_| {
-        console.error_page(
-            ApiError::new(ErrorCode::InvalidValue, "before must be the number a previous page gave")
-                .with_field("before"),
-        )
+        ApiError::new(ErrorCode::InvalidValue, "before must be the number a previous page gave").with_field("before")
     })
 }
 
@@ -250,9 +247,9 @@ async fn quarantine(State(state): State<AppState>, console: Console, RawQuery(ra
     if !may_plans(&console) {
         return console.refused_page("GET", "/api/v1/plans/{source}/violations");
     }
-    let query = match page_query(&console, raw.as_deref()) {
+    let query = match page_query(raw.as_deref()) {
         Ok(query) => query,
-        Err(refused) => return refused,
+        Err(error) => return console.error_page(error),
     };
     let loaded = read(&state, move |store| {
         let names: HashMap<String, String> =
@@ -320,9 +317,9 @@ async fn identity(State(state): State<AppState>, console: Console, RawQuery(raw)
     {
         return refused;
     }
-    let query = match page_query(&console, raw.as_deref()) {
+    let query = match page_query(raw.as_deref()) {
         Ok(query) => query,
-        Err(refused) => return refused,
+        Err(error) => return console.error_page(error),
     };
     let changes = match read(&state, move |store| store.merges_and_drops(query.before, IDENTITY_PAGE)).await {
         Ok(changes) => changes,
