@@ -60,7 +60,8 @@ async function addressesOn(page) {
     const forms = [...document.querySelectorAll('main form')]
       .filter((form) => (form.getAttribute('method') ?? 'get').toLowerCase() === 'get')
       .map((form) => {
-        const url = new URL(form.action)
+        // Not `form.action`: a field named `action` (the audit log's filter) shadows it.
+        const url = new URL(form.getAttribute('action') ?? '', document.baseURI)
         for (const field of form.querySelectorAll('input[name]')) {
           if (field.type === 'hidden' || field.placeholder) url.searchParams.set(field.name, field.value || field.placeholder)
         }
