@@ -24,6 +24,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tandem_core::govern::dsr::{identifier_digest, DsrKind, DsrStatus};
 use tandem_core::identity::MalformedIdentifier;
@@ -50,6 +51,16 @@ pub enum DsrError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Stream(#[from] crate::stream::StreamError),
+    #[error("cannot erase from the reject files in {directory}: {source}")]
+    Rejects { directory: PathBuf, source: std::io::Error },
+}
+
+/// Where a deletion looks beyond the store: the event stream, and the
+/// import directory whose reject files echo refused rows.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Beyond<'a> {
+    pub stream: Option<&'a StreamEraser>,
+    pub import_dir: Option<&'a Path>,
 }
 
 /// The event stream a deletion erases the person's messages from too, and
@@ -78,7 +89,7 @@ pub fn run_request(
     store: &dyn Store,
     kind: DsrKind,
     subject: &str,
-    stream: Option<&StreamEraser>,
+    beyond: &Beyond<'_>,
 ) -> Result<(DsrRecord, Option<Value>), DsrError> {
     let identifier = parse_subject(store, subject)?;
     let digest = identifier_digest(&identifier);
@@ -92,7 +103,7 @@ pub fn run_request(
             });
             (summary, Some(export))
         }),
-        DsrKind::Delete => erase(store, &identifier, stream).map(|report| (json!({ "removed": report }), None)),
+        DsrKind::Delete => erase(store, &identifier, beyond).map(|report| (json!({ "removed": report }), None)),
         DsrKind::Suppress => store
             .suppress(&digest, chrono::Utc::now().timestamp_millis())
             .map_err(DsrError::from)
@@ -124,17 +135,18 @@ pub fn run_request(
 /// Erases the person holding `identifier`: from the event stream first
 /// (their messages deleted, the drain given time to commit any it had
 /// fetched), then from the store, which also removes whatever the drain
-/// appended. The report counts the stream's deleted messages as
-/// `event_stream`.
-fn erase(store: &dyn Store, identifier: &Identifier, stream: Option<&StreamEraser>) -> Result<ErasureReport, DsrError> {
+/// appended, then from the import directory's reject files. The report
+/// counts the stream's deleted messages as `event_stream` and the reject
+/// rows as `import_rejects`.
+fn erase(store: &dyn Store, identifier: &Identifier, beyond: &Beyond<'_>) -> Result<ErasureReport, DsrError> {
+    // The texts looked for outside the store: every identifier value of
+    // the person's profile, or the one asked about.
+    let mut values = vec![identifier.value.clone()];
+    if let Some(profile) = store.profile_by_identifier(identifier)? {
+        values.extend(profile.identifiers.into_iter().map(|known| known.value));
+    }
     let mut erased_from_stream = None;
-    if let Some(eraser) = stream {
-        // The same texts the store's erasure looks for: every identifier
-        // value of the person's profile, or the one asked about.
-        let mut values = vec![identifier.value.clone()];
-        if let Some(profile) = store.profile_by_identifier(identifier)? {
-            values.extend(profile.identifiers.into_iter().map(|known| known.value));
-        }
+    if let Some(eraser) = beyond.stream {
         let patterns = tandem_store::govern::erasure_patterns(&values);
         let erased = eraser.runtime.block_on(eraser.stream.erase_matching(&patterns))?;
         wait_for_the_drain(store, eraser.stream.name(), erased.last_erased_sequence)?;
@@ -143,6 +155,11 @@ fn erase(store: &dyn Store, identifier: &Identifier, stream: Option<&StreamErase
     let mut report = store.erase_person(identifier)?;
     if let Some(erased) = erased_from_stream {
         report.insert("event_stream", erased);
+    }
+    if let Some(directory) = beyond.import_dir {
+        let removed = crate::import::erase_from_reject_files(directory, &values)
+            .map_err(|source| DsrError::Rejects { directory: directory.to_owned(), source })?;
+        report.insert("import_rejects", removed);
     }
     Ok(report)
 }
@@ -247,6 +264,10 @@ impl From<DsrError> for ApiError {
                 tracing::error!(%error, "data subject request on the event stream failed");
                 ApiError::new(ErrorCode::Unavailable, "the event stream cannot be reached right now, retry later")
             }
+            error @ DsrError::Rejects { .. } => {
+                tracing::error!(%error, "data subject request on the import directory failed");
+                ApiError::new(ErrorCode::Internal, "the import directory's reject files could not be rewritten")
+            }
         }
     }
 }
@@ -302,10 +323,13 @@ async fn create_request(
     })?;
     let store = state.store.clone();
     let eraser = state.stream.clone().map(|stream| StreamEraser { stream, runtime: tokio::runtime::Handle::current() });
-    let (request, export) =
-        tokio::task::spawn_blocking(move || run_request(store.as_ref(), kind, &new.identifier, eraser.as_ref()))
-            .await
-            .map_err(|_| ApiError::new(ErrorCode::Internal, "internal error"))??;
+    let import_dir = state.imports.directory().to_owned();
+    let (request, export) = tokio::task::spawn_blocking(move || {
+        let beyond = Beyond { stream: eraser.as_ref(), import_dir: Some(&import_dir) };
+        run_request(store.as_ref(), kind, &new.identifier, &beyond)
+    })
+    .await
+    .map_err(|_| ApiError::new(ErrorCode::Internal, "internal error"))??;
     if matches!(kind, DsrKind::Suppress | DsrKind::Unsuppress) {
         state.suppressions.forget();
     }

@@ -35,6 +35,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_core::collect::{normalize_message, BatchDefaults, IdRequirement, RejectedMessage, RequestContext};
+use tandem_core::govern::{PiiClass, PiiPolicy};
 use tandem_core::mapping::{Cell, Mapping, Record, RowError};
 use tandem_core::{LogRecord, Source};
 use tandem_store::{Dedup, IngestBatch, IngestOutcome, PlanViolationRecord, QuarantineRecord, Store};
@@ -527,10 +528,10 @@ fn read_csv(input: Box<dyn BufRead + Send + '_>, mapper: &RowMapper<'_>, sender:
         let start = bytes.position().map_or(0, csv::Position::byte);
         if cuts.cut_within(start, reader.position().byte()) {
             chunk.rows_read += 1;
-            chunk.rejects.push((
-                too_long(line),
-                RawRow::Fields(bytes.iter().map(|field| echo(&String::from_utf8_lossy(field))).collect()),
-            ));
+            let fields = bytes.iter().enumerate().map(|(index, field)| {
+                echo_field(&mapper.gate.pii, names.get(index).copied(), &String::from_utf8_lossy(field))
+            });
+            chunk.rejects.push((too_long(line), RawRow::Fields(fields.collect())));
             if !chunk.send_when_full(sender) {
                 return Ok(());
             }
@@ -554,7 +555,11 @@ fn read_csv(input: Box<dyn BufRead + Send + '_>, mapper: &RowMapper<'_>, sender:
         chunk.rows_read += 1;
         let mapped = mapper.map(&CsvRow { columns: &columns, record: &record }, line, &mut chunk.violations);
         let echoed = if mapped.is_err() {
-            RawRow::Fields(record.iter().map(echo).collect())
+            let fields = record
+                .iter()
+                .enumerate()
+                .map(|(index, field)| echo_field(&mapper.gate.pii, names.get(index).copied(), field));
+            RawRow::Fields(fields.collect())
         } else {
             RawRow::Fields(Vec::new())
         };
@@ -617,7 +622,8 @@ fn read_jsonl(input: Box<dyn BufRead + Send + '_>, mapper: &RowMapper<'_>, sende
         offset += read as u64;
         if cuts.cut_within(start, offset) {
             chunk.rows_read += 1;
-            chunk.rejects.push((too_long(line), RawRow::Line(echo(&String::from_utf8_lossy(&raw)))));
+            let start = echo_line(&mapper.gate.pii, &String::from_utf8_lossy(&raw));
+            chunk.rejects.push((too_long(line), RawRow::Line(start)));
             if !chunk.send_when_full(sender) {
                 return Ok(());
             }
@@ -641,7 +647,8 @@ fn read_jsonl(input: Box<dyn BufRead + Send + '_>, mapper: &RowMapper<'_>, sende
             Ok(_) => Err(RowError::new(None, "the line is not a JSON object")),
             Err(error) => Err(RowError::new(None, format!("the line is not valid JSON: {error}"))),
         };
-        let echoed = if mapped.is_err() { RawRow::Line(echo(text)) } else { RawRow::Line(String::new()) };
+        let echoed =
+            if mapped.is_err() { RawRow::Line(echo_line(&mapper.gate.pii, text)) } else { RawRow::Line(String::new()) };
         chunk.keep(line, mapped, mapper, echoed);
         if !chunk.send_when_full(sender) {
             return Ok(());
@@ -665,6 +672,32 @@ fn too_long(line: u64) -> RejectedRow {
 /// again, and cut beyond (no such field fits in a message anyway).
 fn echo(field: &str) -> String {
     truncated(field, MAX_ECHOED_FIELD_BYTES).into_owned()
+}
+
+/// A refused CSV field under `column` as the reject file shows it: a red
+/// value (by its column's class, or a card number anywhere) is replaced by
+/// its hash, as ingestion would store it, so the reject file never holds one
+/// in clear.
+fn echo_field(pii: &PiiPolicy, column: Option<&str>, field: &str) -> String {
+    let value = Value::String(field.to_owned());
+    if pii.classify(column.unwrap_or(""), &value) == PiiClass::Red {
+        match pii.hash(&value) {
+            Value::String(hash) => hash,
+            other => other.to_string(),
+        }
+    } else {
+        echo(field)
+    }
+}
+
+/// A refused JSON line as the reject file shows it: red values hashed under
+/// any key at any depth (a line that is not JSON is withheld whole when it
+/// holds a card number), then cut to [`MAX_ECHOED_FIELD_BYTES`].
+fn echo_line(pii: &PiiPolicy, text: &str) -> String {
+    match pii.scrub_anywhere(text) {
+        Some(scrubbed) => echo(&scrubbed),
+        None => echo(text),
+    }
 }
 
 /// JSON Lines has no header: the first object stands in for one, so a
@@ -736,6 +769,141 @@ impl RejectFile {
     }
 }
 
+/// Removes from every reject file in `directory` (the server's import
+/// directory) the rows that hold any of `values` — a person's identifier
+/// values, when the person is erased: a refused field equal to one (case
+/// apart), a refused JSON record holding one as a value at any depth, or a
+/// reason quoting one. Each file is rewritten beside itself and renamed
+/// over, or removed when no row is left. Returns the rows removed.
+///
+/// A reject file an import is still writing is rewritten too; rows the
+/// import refuses after that go to the file it opened, which is no longer
+/// listed, so the erasure wins over those rows.
+pub fn erase_from_reject_files(directory: &Path, values: &[String]) -> std::io::Result<u64> {
+    let values: Vec<String> =
+        values.iter().map(|value| value.trim().to_lowercase()).filter(|value| !value.is_empty()).collect();
+    let entries = match std::fs::read_dir(directory) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(error) => return Err(error),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|name| name.to_str()).unwrap_or("");
+        let format = if name.ends_with(FileFormat::Csv.reject_extension()) {
+            FileFormat::Csv
+        } else if name.ends_with(FileFormat::Jsonl.reject_extension()) {
+            FileFormat::Jsonl
+        } else {
+            continue;
+        };
+        removed += erase_from_reject_file(&path, format, &values)?;
+    }
+    Ok(removed)
+}
+
+fn erase_from_reject_file(path: &Path, format: FileFormat, values: &[String]) -> std::io::Result<u64> {
+    let text = std::fs::read_to_string(path)?;
+    let (kept, removed) = match format {
+        FileFormat::Csv => {
+            let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(text.as_bytes());
+            let mut kept = Vec::new();
+            let mut removed = 0;
+            for row in reader.records() {
+                let row = row.map_err(std::io::Error::other)?;
+                let fields: Vec<String> = row.iter().map(str::to_owned).collect();
+                let record = csv::ReaderBuilder::new()
+                    .has_headers(false)
+                    .from_reader(fields.get(3).map_or("", String::as_str).as_bytes())
+                    .records()
+                    .next()
+                    .and_then(Result::ok);
+                let in_record = record.is_some_and(|record| record.iter().any(|field| equals_any(field, values)));
+                if in_record || fields.get(2).is_some_and(|reason| quotes_any(reason, values)) {
+                    removed += 1;
+                } else {
+                    kept.push(csv_line(&fields));
+                }
+            }
+            (kept, removed)
+        }
+        FileFormat::Jsonl => {
+            let mut kept = Vec::new();
+            let mut removed = 0;
+            for line in text.lines().filter(|line| !line.trim().is_empty()) {
+                let row: Value = serde_json::from_str(line).unwrap_or(Value::Null);
+                let record = row["record"].as_str().unwrap_or(line);
+                let holds = match serde_json::from_str::<Value>(record) {
+                    Ok(value @ (Value::Object(_) | Value::Array(_))) => holds_any(&value, values),
+                    _ => quotes_any(record, values),
+                };
+                if holds || row["reason"].as_str().is_some_and(|reason| quotes_any(reason, values)) {
+                    removed += 1;
+                } else {
+                    kept.push(line.to_owned());
+                }
+            }
+            (kept, removed)
+        }
+    };
+    if removed == 0 {
+        return Ok(0);
+    }
+    if kept.is_empty() {
+        std::fs::remove_file(path)?;
+        return Ok(removed);
+    }
+    let mut rewritten = path.as_os_str().to_owned();
+    rewritten.push(".erasing");
+    let rewritten = PathBuf::from(rewritten);
+    {
+        let mut file = BufWriter::new(File::create(&rewritten)?);
+        if format == FileFormat::Csv {
+            file.write_all(b"line,column,reason,record\n")?;
+        }
+        for line in &kept {
+            file.write_all(line.as_bytes())?;
+            file.write_all(b"\n")?;
+        }
+        file.into_inner().map_err(|error| error.into_error())?.sync_all()?;
+    }
+    std::fs::rename(&rewritten, path)?;
+    Ok(removed)
+}
+
+/// Whether `field`, trimmed, is one of `values` (lower-cased), case apart.
+fn equals_any(field: &str, values: &[String]) -> bool {
+    let field = field.trim().to_lowercase();
+    values.contains(&field)
+}
+
+/// Whether a JSON value holds one of `values` as a string or number at any depth.
+fn holds_any(value: &Value, values: &[String]) -> bool {
+    match value {
+        Value::Object(map) => map.values().any(|inner| holds_any(inner, values)),
+        Value::Array(items) => items.iter().any(|inner| holds_any(inner, values)),
+        Value::String(text) => equals_any(text, values),
+        Value::Number(number) => equals_any(&number.to_string(), values),
+        _ => false,
+    }
+}
+
+/// Whether free text holds one of `values` as a whole word (not inside a
+/// longer run of letters, digits or `@._-`), case apart.
+fn quotes_any(text: &str, values: &[String]) -> bool {
+    let text = text.to_lowercase();
+    let part_of_value = |character: Option<char>| {
+        character.is_some_and(|character| character.is_alphanumeric() || "@._-+".contains(character))
+    };
+    values.iter().any(|value| {
+        text.match_indices(value.as_str()).any(|(start, found)| {
+            !part_of_value(text[..start].chars().next_back())
+                && !part_of_value(text[start + found.len()..].chars().next())
+        })
+    })
+}
+
 /// Fields as one CSV line, quoted where needed.
 fn csv_line(fields: &[String]) -> String {
     let mut writer =
@@ -751,6 +919,7 @@ fn csv_line(fields: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
     use tandem_core::{LogPosition, SourceKind};
     use tandem_store::prelude::*;
     use tandem_store::SqliteStore;
@@ -913,6 +1082,89 @@ mod tests {
         assert_eq!((violations[0].kind.as_str(), violations[0].count), ("invalid_event", 1));
         let stats = fixture.store.stats().unwrap();
         assert_eq!(stats.rejected, 3, "quarantined rows count as rejected like refused tracking calls");
+    }
+
+    #[test]
+    fn rows_that_do_not_map_are_echoed_with_their_red_values_hashed() {
+        let fixture = fixture();
+        let mapping = format!("{ORDERS}\ncard = \"card\"\npassword = \"password\"\n");
+        // `total` is not a number: each row is refused by its mapping and
+        // echoed in the reject file, but never with a red value in clear.
+        let csv = "order_id,customer_id,email,ordered_at,total,card,password\n\
+                   o1,u1,a@example.com,2026-01-01T00:00:00Z,ten,4111 1111 1111 1111,hunter2\n";
+        let summary = fixture.import("orders.csv", csv.as_bytes(), &mapping).unwrap();
+        assert_eq!(summary.counts.rejected, 1);
+        let rejects = std::fs::read_to_string(summary.reject_file.unwrap()).unwrap();
+        assert!(!rejects.contains("4111 1111 1111 1111") && !rejects.contains("hunter2"), "{rejects}");
+        let mut reader = csv::Reader::from_reader(rejects.as_bytes());
+        let row = reader.records().next().unwrap().unwrap();
+        let fields: Vec<String> = csv::ReaderBuilder::new()
+            .has_headers(false)
+            .from_reader(row[3].as_bytes())
+            .records()
+            .next()
+            .unwrap()
+            .unwrap()
+            .iter()
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(&fields[..5], ["o1", "u1", "a@example.com", "2026-01-01T00:00:00Z", "ten"], "the rest as it was");
+        assert!(fields[5].starts_with("sha256:") && fields[6].starts_with("sha256:"), "{fields:?}");
+
+        let jsonl = concat!(
+            r#"{"order_id":"o2","customer_id":"u2","email":"b@example.com","ordered_at":"2026-01-02T00:00:00Z","#,
+            r#""total":"ten","payment":{"card":"5500 0000 0000 0004"},"note":"pw","password":"swordfish"}"#,
+            "\n",
+            "not json, card 4111111111111111\n",
+        );
+        let summary = fixture.import("orders.jsonl", jsonl.as_bytes(), ORDERS).unwrap();
+        assert_eq!(summary.counts.rejected, 2);
+        let rejects = std::fs::read_to_string(summary.reject_file.unwrap()).unwrap();
+        for secret in ["5500 0000 0000 0004", "swordfish", "4111111111111111"] {
+            assert!(!rejects.contains(secret), "{secret} in {rejects}");
+        }
+        let first: Value = serde_json::from_str(rejects.lines().next().unwrap()).unwrap();
+        let record: Value = serde_json::from_str(first["record"].as_str().unwrap()).unwrap();
+        assert_eq!((record["order_id"].as_str(), record["total"].as_str()), (Some("o2"), Some("ten")));
+        assert!(record["password"].as_str().unwrap().starts_with("sha256:"), "{record}");
+    }
+
+    #[test]
+    fn erasing_a_person_removes_only_their_rows_from_reject_files() {
+        let directory = tempfile::tempdir().unwrap();
+        let lines = [
+            json!({"line": 2, "column": null, "reason": "bad", "record": r#"{"user":{"email":"Ann@Example.com"}}"#}),
+            json!({"line": 3, "column": null, "reason": "bad", "record": r#"{"user":{"email":"joann@example.com"}}"#}),
+            json!({"line": 4, "column": "id", "reason": "\"u-7\" is taken", "record": "not json"}),
+            json!({"line": 5, "column": null, "reason": "bad", "record": "not json, u-77"}),
+        ];
+        let jsonl: String = lines.iter().map(|line| format!("{line}\n")).collect();
+        let jsonl_path = directory.path().join("imp_1.rejects.jsonl");
+        std::fs::write(&jsonl_path, jsonl).unwrap();
+        let csv = "line,column,reason,record\n2,total,not a number,\"o1,ANN@example.com,x\"\n3,total,not a number,\"o2,b@example.com,y\"\n";
+        let csv_path = directory.path().join("imp_2.rejects.csv");
+        std::fs::write(&csv_path, csv).unwrap();
+        let only_ann = "line,column,reason,record\n2,total,not a number,\"o1,ann@example.com,x\"\n";
+        let only_ann_path = directory.path().join("imp_3.rejects.csv");
+        std::fs::write(&only_ann_path, only_ann).unwrap();
+        std::fs::write(directory.path().join("imp_4.upload"), "ann@example.com").unwrap();
+
+        let values = ["ann@example.com".to_owned(), "u-7".to_owned()];
+        assert_eq!(erase_from_reject_files(directory.path(), &values).unwrap(), 4);
+        let kept: Vec<u64> = std::fs::read_to_string(&jsonl_path)
+            .unwrap()
+            .lines()
+            .map(|line| serde_json::from_str::<Value>(line).unwrap()["line"].as_u64().unwrap())
+            .collect();
+        assert_eq!(kept, [3, 5], "a longer value is someone else's");
+        assert_eq!(
+            std::fs::read_to_string(&csv_path).unwrap(),
+            "line,column,reason,record\n3,total,not a number,\"o2,b@example.com,y\"\n"
+        );
+        assert!(!only_ann_path.exists(), "a file left with no row goes");
+        assert!(directory.path().join("imp_4.upload").exists(), "only reject files are read");
+        assert_eq!(erase_from_reject_files(directory.path(), &values).unwrap(), 0);
+        assert_eq!(erase_from_reject_files(&directory.path().join("absent"), &values).unwrap(), 0);
     }
 
     #[test]

@@ -23,6 +23,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tandem_core::govern::stack::{RegistryError, ShadowKey, StackReport, Tool, ToolInfo, ToolKind, MAX_SHADOW_SAMPLES};
+use tandem_core::govern::PiiPolicy;
 use tandem_core::WriteKey;
 use tandem_store::{Store, StoreError};
 
@@ -246,15 +247,29 @@ pub fn parse_tool_info(body: &[u8]) -> Result<ToolInfo, ApiError> {
 }
 
 /// `GET /api/v1/stack`: the report.
-async fn show_report(State(state): State<AppState>, _token: AdminToken) -> Result<Json<Value>, ApiError> {
+async fn show_report(State(state): State<AppState>, token: AdminToken) -> Result<Json<Value>, ApiError> {
     let sources = state.sources.clone();
-    let shown = blocking(&state, move |store| {
+    let mut shown = blocking(&state, move |store| {
         sources.shadow().flush(store)?;
         let report = stack_report(store)?;
         Ok(report_json(store, &report))
     })
     .await?;
+    if !token.sees_pii() {
+        mask_sending_addresses(&state.pii.current(), &mut shown);
+    }
     Ok(Json(shown))
+}
+
+/// Masks the sending addresses of unregistered tools' traffic, as the PII
+/// rules mask an `ip` value: for a caller without `pii:read`.
+fn mask_sending_addresses(policy: &PiiPolicy, shown: &mut Value) {
+    if let Some(keys) = shown["shadow_traffic"].as_array_mut() {
+        for key in keys {
+            let masked = policy.mask_json(&json!({ "ip": key["ips"].take() }));
+            key["ips"] = masked["ip"].clone();
+        }
+    }
 }
 
 /// `PUT /api/v1/stack/sources/{name}` with `{"owner", "department", "purpose", "annual_cost"}`

@@ -42,6 +42,11 @@ const MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How long a drained batch may stay unacknowledged before JetStream
 /// offers it again (the drain skips what it already committed).
 const DRAIN_ACK_WAIT: Duration = Duration::from_secs(60);
+/// Messages the drain consumer may hold unacknowledged: twice a fetch, so a
+/// fetch is never cut short. JetStream's default of 1,000 is below one
+/// fetch of 2,000: the server then delivers 1,000 and holds the request open
+/// until it expires, which capped draining at under 2,000 messages a second.
+const DRAIN_MAX_ACK_PENDING: i64 = 4_000;
 /// Messages read per fetch while looking for a person's messages to erase.
 const ERASURE_SCAN_BATCH: usize = 1_000;
 /// A request's violations are split into messages of about this size at
@@ -297,6 +302,7 @@ impl EventStream {
             deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: drained + 1 },
             ack_policy: AckPolicy::All,
             ack_wait: DRAIN_ACK_WAIT,
+            max_ack_pending: DRAIN_MAX_ACK_PENDING,
             ..Default::default()
         };
         stream.create_consumer(config).await.map_err(|error| StreamError::Read(error.to_string()))

@@ -2713,11 +2713,42 @@ mod data_subject_requests {
         for secret in secrets {
             assert!(contains(&before, secret), "{secret} is stored before the erasure");
         }
+        // An import through the API refuses a row of Ann's and one of Bob's
+        // (no date): the reject file on the server echoes both.
+        harness.store.create_source("orders", SourceKind::Import).unwrap();
+        let mapping = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/mappings/orders.toml"),
+        )
+        .unwrap();
+        let bad = "order_id,customer_id,email,ordered_at,total,currency,items,coupon\n\
+                   o-1,user-zq81x,ANN.ZQ81X@example.com,soon,1,EUR,1,\n\
+                   o-2,bob-1,bob@example.com,later,2,EUR,1,\n";
+        let parts = [("source", None, "orders"), ("mapping", None, mapping.as_str()), ("file", Some("bad.csv"), bad)];
+        let (status, job) = super::imports::upload(&harness, &token, &parts).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+        let rejects_path = format!("/api/v1/imports/{}/rejects", job["id"].as_str().unwrap());
+        let job_path = format!("/api/v1/imports/{}", job["id"].as_str().unwrap());
+        while get(&harness, &job_path, Some(&token)).await.1["status"] == "running" {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let rejects = || async {
+            let request = Request::get(&rejects_path)
+                .header(header::AUTHORIZATION, format!("Bearer {token}"))
+                .body(Body::empty())
+                .unwrap();
+            harness.send(request).await.1.as_str().unwrap_or_default().to_owned()
+        };
+        let before = rejects().await;
+        assert!(before.contains("ANN.ZQ81X@example.com") && before.contains("bob@example.com"), "{before}");
+
         let (status, body) = request(&harness, &token, "delete", "user_id:user-zq81x").await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
         assert_eq!(body["status"], "done");
         assert_eq!(body["detail"]["removed"]["events"], 2, "{body}");
         assert_eq!(body["detail"]["removed"]["quarantine"], 1, "{body}");
+        assert_eq!(body["detail"]["removed"]["import_rejects"], 1, "{body}");
+        let after = rejects().await;
+        assert!(!after.to_lowercase().contains("zq81x") && after.contains("bob@example.com"), "{after}");
         let after = file_bytes(&harness);
         for secret in secrets {
             assert!(!contains(&after, secret), "{secret} is still in the database file");
@@ -2873,6 +2904,15 @@ mod stack_registry {
         assert_eq!(first["user_agents"], json!(["shadow-tool/1.0"]));
         assert!(first["first_seen"].is_string() && first["last_seen"].is_string());
         assert!(!report.to_string().contains("UNKNOWNKEY"), "the key itself is never kept");
+        // Sending addresses are personal data: an auditor sees them masked.
+        let (_, auditor) = harness.store.create_token_with("a", tandem_core::govern::Role::Auditor, None).unwrap();
+        let (status, audited) = get(&harness, "/api/v1/stack", Some(&auditor)).await;
+        assert_eq!(status, StatusCode::OK);
+        let first =
+            audited["shadow_traffic"].as_array().unwrap().iter().find(|key| key["key_hint"] == "zzzz…").unwrap();
+        let shown = first["ips"][0].as_str().unwrap();
+        assert!(!audited.to_string().contains("192.0.2.7") && !shown.is_empty(), "{shown}");
+        assert_eq!(first["user_agents"], json!(["shadow-tool/1.0"]));
         let (status, _) = get(&harness, "/api/v1/stack", None).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
     }

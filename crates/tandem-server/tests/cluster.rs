@@ -426,6 +426,29 @@ mod stream {
         ]})
     }
 
+    /// A node that only collects: it publishes to `stream`, and neither
+    /// drains nor resolves.
+    fn collector(store: &Arc<dyn Store>, stream: &EventStream, dir: &tempfile::TempDir) -> Router {
+        let pii = tandem_server::pii::PiiDirectory::new(store.clone(), Default::default()).unwrap();
+        router(AppState::start_streaming(store.clone(), stream.clone(), dir.path().join("imports"), Arc::new(pii)))
+    }
+
+    /// A drain of `stream` into `store` that the test steps itself.
+    fn drain_into(
+        store: &Arc<dyn Store>,
+        stream: &EventStream,
+        runtime: &tokio::runtime::Runtime,
+    ) -> tandem_server::drain::Drain {
+        let metrics = tandem_server::metrics::Metrics::new();
+        tandem_server::drain::Drain::new(
+            store.clone(),
+            stream.clone(),
+            runtime.handle().clone(),
+            DEFAULT_DEDUP_WINDOW,
+            metrics,
+        )
+    }
+
     #[test]
     fn deleting_a_person_deletes_their_messages_from_the_stream_so_none_can_be_drained_back() {
         let Some((_database, config)) = TestDatabase::create() else { return };
@@ -451,12 +474,7 @@ mod stream {
         // second event names her by e-mail only, and a refused message of
         // hers goes to the stream for quarantine.
         let dir = tempfile::tempdir().unwrap();
-        let collector = router(AppState::start_streaming(
-            store.clone(),
-            stream.clone(),
-            dir.path().join("imports"),
-            Arc::new(tandem_server::pii::PiiDirectory::new(store.clone(), Default::default()).unwrap()),
-        ));
+        let collector = collector(&store, &stream, &dir);
         let later = json!({"batch": [
             {"type": "track", "anonymousId": "device-9", "event": "Viewed", "messageId": "ada-2",
              "context": {"traits": {"email": "ada@example.com"}}},
@@ -503,13 +521,7 @@ mod stream {
 
         let Some((_replay_database, replay_config)) = TestDatabase::create() else { return };
         let replay: Arc<dyn Store> = Arc::new(PostgresStore::connect_with(replay_config, 4).unwrap());
-        let mut drain = tandem_server::drain::Drain::new(
-            replay.clone(),
-            stream.clone(),
-            runtime.handle().clone(),
-            DEFAULT_DEDUP_WINDOW,
-            tandem_server::metrics::Metrics::new(),
-        );
+        let mut drain = drain_into(&replay, &stream, &runtime);
         drain.catch_up().unwrap();
         let replayed: Vec<String> = message_id_counts(replay.as_ref()).into_keys().collect();
         assert_eq!(replayed, ["bob-1-identify", "bob-1-track", "bob-2"], "the whole stream, drained again");
@@ -569,5 +581,38 @@ mod stream {
         assert!(!(holds(&first) && holds(&second)), "never two drains at once after the takeover");
         first.stop(&runtime);
         second.stop(&runtime);
+    }
+
+    #[test]
+    fn one_drain_step_takes_a_whole_fetch_of_messages() {
+        let Some((_database, config)) = TestDatabase::create() else { return };
+        let nats = NatsServer::start();
+        let store: Arc<dyn Store> = Arc::new(PostgresStore::connect_with(config, 4).unwrap());
+        let source = store.create_source("web", SourceKind::Website).unwrap();
+        let runtime = runtime();
+        let stream = runtime.block_on(EventStream::connect(&StreamOptions::parse(&nats.url()).unwrap())).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let collector = collector(&store, &stream, &dir);
+        // 3,000 events published while nothing drains: one message each.
+        for request in 0..6 {
+            let batch: Vec<Value> = (0..500)
+                .map(|index| {
+                    json!({"type": "track", "userId": format!("u{index}"), "event": "Viewed",
+                                    "messageId": format!("m-{request}-{index}")})
+                })
+                .collect();
+            let (status, body) =
+                runtime.block_on(post(&collector, "/v1/batch", source.write_key.as_str(), &json!({"batch": batch})));
+            assert_eq!(status, StatusCode::OK, "{body}");
+        }
+        let mut drain = drain_into(&store, &stream, &runtime);
+        // JetStream holds back messages past the consumer's unacknowledged
+        // limit: a limit below one fetch would cut this step to that limit
+        // and leave the fetch waiting until it expires.
+        let first = drain.step().unwrap();
+        assert_eq!((first.drained, first.pending), (2_000, 1_000), "{first:?}");
+        let second = drain.step().unwrap();
+        assert_eq!((second.drained, second.sequence, second.pending), (1_000, 3_000, 0), "{second:?}");
+        assert_eq!(store.head().unwrap(), LogPosition(3_000));
     }
 }

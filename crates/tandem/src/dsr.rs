@@ -3,14 +3,16 @@
 //! `delete` erases them from every table, `suppress` / `unsuppress` refuse or
 //! accept again their future events — and list past requests with their
 //! status. Works on the data directory directly; a running server sees a
-//! suppression within 10 seconds. With an event stream (`--log`), a
+//! suppression within 10 seconds. A deletion also removes the person's rows
+//! from the reject files of imports made through the API. With an event stream (`--log`), a
 //! deletion erases the person's messages from the stream too.
 
 use serde_json::Value;
 use std::io::Write;
+use std::path::Path;
 use std::sync::Arc;
 use tandem_core::govern::dsr::DsrKind;
-use tandem_server::dsr::{request_json, run_request, StreamEraser};
+use tandem_server::dsr::{request_json, run_request, Beyond, StreamEraser};
 use tandem_server::stream::{EventStream, StreamOptions};
 use tandem_store::Store;
 
@@ -19,6 +21,7 @@ pub fn run(
     kind: DsrKind,
     subject: &str,
     log: Option<&StreamOptions>,
+    import_dir: &Path,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
     // Only a deletion touches the stream; the runtime drives its client.
@@ -33,7 +36,8 @@ pub fn run(
         }),
         _ => None,
     };
-    let (request, export) = run_request(store.as_ref(), kind, subject, eraser.as_ref())?;
+    let beyond = Beyond { stream: eraser.as_ref(), import_dir: Some(import_dir) };
+    let (request, export) = run_request(store.as_ref(), kind, subject, &beyond)?;
     match export {
         Some(export) => writeln!(out, "{}", serde_json::to_string_pretty(&export)?)?,
         None => writeln!(

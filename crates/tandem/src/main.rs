@@ -1286,6 +1286,7 @@ fn dispatch(
             tandem_core::govern::dsr::DsrKind::Access,
             &identifier,
             settings.log.as_ref(),
+            &settings.data_dir.join("imports"),
             &mut out,
         ),
         Command::Dsr(DsrCommand::Delete { identifier }) => dsr::run(
@@ -1293,6 +1294,7 @@ fn dispatch(
             tandem_core::govern::dsr::DsrKind::Delete,
             &identifier,
             settings.log.as_ref(),
+            &settings.data_dir.join("imports"),
             &mut out,
         ),
         Command::Dsr(DsrCommand::Suppress { identifier }) => dsr::run(
@@ -1300,6 +1302,7 @@ fn dispatch(
             tandem_core::govern::dsr::DsrKind::Suppress,
             &identifier,
             settings.log.as_ref(),
+            &settings.data_dir.join("imports"),
             &mut out,
         ),
         Command::Dsr(DsrCommand::Unsuppress { identifier }) => dsr::run(
@@ -1307,6 +1310,7 @@ fn dispatch(
             tandem_core::govern::dsr::DsrKind::Unsuppress,
             &identifier,
             settings.log.as_ref(),
+            &settings.data_dir.join("imports"),
             &mut out,
         ),
         Command::Dsr(DsrCommand::List { limit, json }) => dsr::list(open(Access::Existing)?, limit, json, &mut out),

@@ -18,7 +18,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tandem_core::mapping::Mapping;
 use tandem_store::StoreError;
@@ -75,6 +75,11 @@ pub struct ImportJobs {
 impl ImportJobs {
     pub fn new(directory: PathBuf) -> Self {
         ImportJobs { directory, jobs: Mutex::new(HashMap::new()), stopping: Default::default() }
+    }
+
+    /// Where uploads are spooled and reject files written.
+    pub fn directory(&self) -> &Path {
+        &self.directory
     }
 
     /// Stops every running job promptly (each fails, saying it can be run

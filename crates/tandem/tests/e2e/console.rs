@@ -69,6 +69,20 @@ fn the_console_signs_in_finds_a_customer_builds_an_audience_and_masks_for_a_mark
     let marketer = marketer["token"].as_str().unwrap();
     let receiver_port = failing_destination(data, server);
 
+    // The goals as the API gives them before the browser reads the page
+    // and after: ingest latency is flushed into its histogram every 5 s, so
+    // the demo's last calls may count between the two readings.
+    let goals_from_api = || -> Vec<Value> {
+        let mut answer = crate::common::agent()
+            .get(&format!("{}/api/v1/goals", server.url))
+            .header("Authorization", &format!("Bearer {admin}"))
+            .call()
+            .unwrap();
+        let api: Value = serde_json::from_str(&answer.body_mut().read_to_string().unwrap()).unwrap();
+        api["goals"].as_array().unwrap().clone()
+    };
+    let goals_before = goals_from_api();
+
     let screenshots = repo_root().join("target/console-screenshots");
     let script = repo_root().join("tests/console/console_in_chromium.mjs");
     let run = Command::new("node")
@@ -91,26 +105,25 @@ fn the_console_signs_in_finds_a_customer_builds_an_audience_and_masks_for_a_mark
     // The landing page: the demo's goals, each with the value the API
     // gives, its status, a trend chart and its progress; off-track ones
     // stand out.
-    let mut answer = crate::common::agent()
-        .get(&format!("{}/api/v1/goals", server.url))
-        .header("Authorization", &format!("Bearer {admin}"))
-        .call()
-        .unwrap();
-    let api: Value = serde_json::from_str(&answer.body_mut().read_to_string().unwrap()).unwrap();
-    let api_goals = api["goals"].as_array().unwrap();
+    let goals_after = goals_from_api();
     let shown = seen["goals"].as_array().unwrap();
-    assert!(shown.len() >= 10 && shown.len() == api_goals.len(), "{seen}");
+    assert!(shown.len() >= 10 && shown.len() == goals_after.len(), "{seen}");
+    let same = |page: &Value, api: &Value| {
+        page["status"] == api["status"]
+            && match (page["value"].as_f64(), api["value"].as_f64()) {
+                (Some(page), Some(api)) => (page - api).abs() < 1e-3,
+                (None, None) => true,
+                _ => false,
+            }
+    };
     for goal in shown {
         let name = goal["name"].as_str().unwrap();
-        let from_api = api_goals.iter().find(|known| known["name"] == name).unwrap_or_else(|| panic!("{name}"));
-        assert_eq!(goal["status"], from_api["status"], "{name}");
-        match (goal["value"].as_f64(), from_api["value"].as_f64()) {
-            (Some(page), Some(api)) => {
-                assert!((page - api).abs() < 1e-3, "{name}: {page} on the page, {api} from the API")
-            }
-            (None, None) => {}
-            other => panic!("{name}: {other:?}"),
-        }
+        let api = |goals: &[Value]| goals.iter().find(|known| known["name"] == name).cloned().unwrap_or_default();
+        let (before, after) = (api(&goals_before), api(&goals_after));
+        assert!(
+            same(goal, &before) || same(goal, &after),
+            "{name}: {goal} on the page; from the API {before} before and {after} after"
+        );
         let bad = matches!(goal["status"].as_str(), Some("off_track" | "missed"));
         assert_eq!(goal["standsOut"].as_bool(), Some(bad), "{name}: {goal}");
         assert!(goal["chartTitle"].as_str().unwrap().starts_with(name), "{goal}");
