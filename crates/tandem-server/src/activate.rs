@@ -86,6 +86,12 @@ pub fn create_destination(
     now_ms: i64,
 ) -> Result<(), DestinationDefineError> {
     definition.validate()?;
+    if let tandem_core::activate::DestinationSettings::Warehouse(warehouse) = &definition.destination {
+        // The connection settings as they will be read to connect: a bad
+        // `sslmode` or an unreadable `sslrootcert` is refused now.
+        tandem_store::postgres::tls::check(&warehouse.url)
+            .map_err(|error| DestinationError { field: "destination.url", message: error.to_string() })?;
+    }
     store.create_destination(definition, now_ms)?;
     Ok(())
 }

@@ -1758,6 +1758,14 @@ mod destinations {
         let unknown = json!({"name": "crm", "destination": {"kind": "webhook", "url": "http://x", "colour": 1}});
         let (status, body) = send_json(&harness, Method::POST, "/api/v1/destinations", &token, unknown).await;
         assert_eq!((status, error_of(&body).0), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_destination"));
+        // A warehouse's TLS settings are read when it is defined, as they
+        // will be to connect.
+        let unchecked = json!({"name": "dwh", "destination": {"kind": "warehouse",
+            "url": "postgres://dwh.example.com/analytics?sslmode=verify-full"}, "events": {"types": ["track"]}});
+        let (status, body) = send_json(&harness, Method::POST, "/api/v1/destinations", &token, unchecked).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert_eq!(error_of(&body), ("invalid_destination", Some("destination.url")));
+        assert!(body["error"]["message"].as_str().unwrap().contains("needs sslrootcert"), "{body}");
 
         // Nothing listens on port 9 of this host: every attempt fails.
         let crm = json!({

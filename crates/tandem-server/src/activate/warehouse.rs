@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use postgres::{Client, NoTls};
+use postgres::Client;
 use serde_json::Value;
 use tandem_core::activate::{AttemptFailure, DestinationDefinition, WarehouseSettings};
 use tandem_core::{LogPosition, ProfileId};
@@ -100,7 +100,9 @@ impl std::fmt::Display for Upserted {
 impl Warehouse {
     /// Connects and brings the tables up to the latest migration.
     pub fn connect(settings: &WarehouseSettings) -> Result<Warehouse, AttemptFailure> {
-        let mut client = Client::connect(&settings.url, NoTls).map_err(failure)?;
+        // TLS as the URL's `sslmode` and `sslrootcert` say, as for the store.
+        let mut client = tandem_store::postgres::tls::connect(&settings.url)
+            .map_err(|error| AttemptFailure::Connection(error.to_string()))?;
         migrate(&mut client, settings.schema()).map_err(failure)?;
         Ok(Warehouse { settings: settings.clone(), client })
     }

@@ -261,6 +261,26 @@ fn split_key_values(text: &str) -> Option<(String, Vec<(String, String)>)> {
     Some((kept.join(" "), taken))
 }
 
+/// Checks a connection string as [`connect`] reads it, without connecting:
+/// its `sslmode` and `sslrootcert` (the file is read), and the rest as the
+/// driver parses it. For settings stored to connect later, such as a
+/// warehouse destination's.
+pub fn check(connection: &str) -> Result<(), StoreError> {
+    let (rest, settings) = split_settings(connection)?;
+    let mut config: Config = rest.parse()?;
+    Connector::new(&settings, &mut config)?;
+    Ok(())
+}
+
+/// Opens one connection with TLS as the string's `sslmode` and
+/// `sslrootcert` say, as a store's connections are opened: for a database
+/// outside the store, such as a warehouse destination's.
+pub fn connect(connection: &str) -> Result<Client, StoreError> {
+    let (rest, settings) = split_settings(connection)?;
+    let mut config: Config = rest.parse()?;
+    Connector::new(&settings, &mut config)?.connect(&config)
+}
+
 /// How a store opens its connections: without TLS, or with rustls and the
 /// verifier its `sslmode` asks for. Cheap to clone.
 #[derive(Clone)]
@@ -630,6 +650,24 @@ mod tests {
             assert!(said.contains("UnknownIssuer"), "{said}");
             assert!(matches!(refused, StoreError::Tls(TlsError::Refused { .. })));
         }
+
+        // One connection outside a store (a warehouse destination's) reads
+        // the same settings: encrypted and checked, or refused alike.
+        let checked = url("localhost", &format!("sslmode=verify-full&{trusted_roots}"));
+        check(&checked).unwrap();
+        let mut client = connect(&checked).unwrap();
+        let row = client.query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).unwrap();
+        assert!(row.get::<_, bool>(0), "the connection is encrypted");
+        let untrusted_url = url("localhost", &format!("sslmode=verify-ca&sslrootcert={}", untrusted.display()));
+        let refused = connect(&untrusted_url).err().unwrap();
+        assert!(matches!(refused, StoreError::Tls(TlsError::Refused { .. })), "{refused}");
+        assert!(matches!(connect(&url("127.0.0.1", "sslmode=disable")), Err(StoreError::Backend(_))));
+        let missing = check("postgres://db/x?sslmode=verify-full").unwrap_err();
+        assert!(missing.to_string().starts_with("sslmode=verify-full needs sslrootcert"), "{missing}");
+        let absent =
+            check(&format!("postgres://db/x?sslmode=verify-ca&sslrootcert={}", dir.path().join("no.pem").display()));
+        assert!(absent.unwrap_err().to_string().starts_with("cannot read the certificate authorities in"));
+        assert!(check("postgres://db/x?sslmode=sometimes").is_err());
     }
 
     #[test]
