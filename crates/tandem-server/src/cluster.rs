@@ -99,8 +99,8 @@ pub fn routes() -> Router<AppState> {
 async fn cluster(State(state): State<AppState>, _token: AdminToken) -> Result<Json<ClusterStatus>, ApiError> {
     let store = state.store.clone();
     let drain = match &state.stream {
-        Some(stream) => match stream.last_sequence().await {
-            Ok(last_sequence) => Some(StreamPosition { stream: stream.name().to_owned(), last_sequence }),
+        Some(stream) => match stream.position().await {
+            Ok(position) => Some(position),
             Err(error) => {
                 tracing::error!(%error, "reading the event stream's last sequence failed");
                 return Err(ApiError::new(
@@ -174,13 +174,29 @@ pub fn cluster_status(store: &dyn Store) -> Result<ClusterStatus, StoreError> {
     cluster_status_with_stream(store, None)
 }
 
-/// Where an event stream ends, for the drain stage's lag.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What an event stream holds, for the drain stage's lag.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StreamPosition {
     /// The stream's name.
     pub stream: String,
+    /// The sequence of its oldest message still kept (older ones aged out).
+    pub first_sequence: u64,
     /// The sequence of its newest message.
     pub last_sequence: u64,
+    /// Sequences between the two whose messages were deleted (a person's
+    /// erasure), ascending.
+    pub deleted: Vec<u64>,
+}
+
+impl StreamPosition {
+    /// Messages the stream holds after `sequence`: the sequences past it,
+    /// less those deleted or aged out, which no drain can append.
+    pub fn messages_after(&self, sequence: u64) -> u64 {
+        let from = sequence.max(self.first_sequence.saturating_sub(1));
+        let span = self.last_sequence.saturating_sub(from);
+        let deleted = self.deleted.iter().filter(|&&gone| gone > from && gone <= self.last_sequence).count();
+        span.saturating_sub(deleted as u64)
+    }
 }
 
 /// [`cluster_status`] of a cluster that ingests through an event stream:
@@ -197,7 +213,7 @@ pub fn cluster_status_with_stream(
         stages.push(StageStatus {
             stage: Stage::DRAIN.0,
             position: drained,
-            lag: stream.last_sequence.saturating_sub(drained),
+            lag: stream.messages_after(drained),
             lease: store.lease_holder(Stage::DRAIN)?,
         });
     }
@@ -238,5 +254,19 @@ mod tests {
             status.stages,
             vec![StageStatus { stage: "resolve", position: 0, lag: 0, lease: LeaseHolder::Embedded }]
         );
+    }
+
+    #[test]
+    fn the_drain_lags_by_the_messages_left_not_by_deleted_or_aged_out_sequences() {
+        let position =
+            StreamPosition { stream: "S".into(), first_sequence: 1, last_sequence: 10, deleted: vec![4, 9, 10] };
+        assert_eq!(position.messages_after(0), 7);
+        assert_eq!(position.messages_after(5), 3, "6, 7 and 8");
+        assert_eq!(position.messages_after(8), 0, "only deleted messages are left");
+        assert_eq!(position.messages_after(10), 0);
+        assert_eq!(position.messages_after(12), 0, "a sequence past the end");
+        let aged = StreamPosition { stream: "S".into(), first_sequence: 6, last_sequence: 10, deleted: vec![] };
+        assert_eq!(aged.messages_after(2), 5, "messages 3 to 5 aged out of the stream");
+        assert_eq!(StreamPosition::default().messages_after(0), 0, "an empty stream");
     }
 }

@@ -220,6 +220,28 @@ impl EventStream {
         Ok(info.state.last_sequence)
     }
 
+    /// What the stream holds: its first and last sequences and the
+    /// sequences deleted between them, for the drain stage's lag.
+    pub async fn position(&self) -> Result<crate::cluster::StreamPosition, StreamError> {
+        let stream =
+            self.jetstream.get_stream(&self.stream).await.map_err(|error| StreamError::Read(error.to_string()))?;
+        let info = stream
+            .info_builder()
+            .with_deleted(true)
+            .fetch()
+            .await
+            .map_err(|error| StreamError::Read(error.to_string()))?
+            .info;
+        let mut deleted = info.state.deleted.unwrap_or_default();
+        deleted.sort_unstable();
+        Ok(crate::cluster::StreamPosition {
+            stream: self.stream.clone(),
+            first_sequence: info.state.first_sequence,
+            last_sequence: info.state.last_sequence,
+            deleted,
+        })
+    }
+
     /// Deletes from the stream every message that holds one of `patterns`
     /// (the JSON-quoted identifier values of a person being erased, see
     /// [`tandem_store::govern::erasure_patterns`]) in an event, a refusal or

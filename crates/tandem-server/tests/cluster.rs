@@ -516,6 +516,14 @@ mod stream {
         });
         let ids: Vec<String> = message_id_counts(store.as_ref()).into_keys().collect();
         assert_eq!(ids, ["bob-1-identify", "bob-1-track", "bob-2"]);
+        // The stream's last messages were Ada's and are gone: nothing is
+        // left to drain, and the cluster's status says so.
+        let (status, cluster) = runtime.block_on(get(&node.app, "/api/v1/cluster", Some(&token)));
+        assert_eq!(status, StatusCode::OK, "{cluster}");
+        assert_eq!(
+            (cluster["stages"][0]["stage"].as_str(), cluster["stages"][0]["lag"].as_u64()),
+            (Some("drain"), Some(0))
+        );
         assert!(store.list_quarantine(0, 100).unwrap().is_empty(), "Ada's refused message never reached quarantine");
         node.stop(&runtime);
 

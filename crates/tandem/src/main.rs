@@ -1391,14 +1391,13 @@ fn server_options(settings: &Settings) -> tandem_server::ServerOptions {
     }
 }
 
-/// Where the event stream ends, for the drain stage's lag.
+/// What the event stream holds, for the drain stage's lag.
 fn stream_position(
     log: &tandem_server::stream::StreamOptions,
 ) -> anyhow::Result<tandem_server::cluster::StreamPosition> {
     runtime()?.block_on(async {
         let stream = tandem_server::stream::EventStream::connect(log).await?;
-        let last_sequence = stream.last_sequence().await?;
-        anyhow::Ok(tandem_server::cluster::StreamPosition { stream: stream.name().to_owned(), last_sequence })
+        anyhow::Ok(stream.position().await?)
     })
 }
 
