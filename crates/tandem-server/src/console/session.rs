@@ -142,7 +142,11 @@ impl Sessions {
                     return Ok(None);
                 }
                 if let Some(token) = &session.token {
-                    store.touch_token(&token.id, now_ms)?;
+                    // As for the API's tokens, a failure to note the use
+                    // refuses nothing.
+                    if let Err(error) = store.touch_token(&token.id, now_ms) {
+                        tracing::warn!(%error, "recording a token's last use failed");
+                    }
                 }
                 session.expires_at_ms = wanted;
                 session.extended = true;
