@@ -32,7 +32,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use session::{Session, SignedIn};
+use session::Session;
 use std::collections::HashMap;
 use tandem_core::govern::Role;
 use tandem_core::identity::{needs_phone_region, Normalizer};
@@ -68,6 +68,7 @@ pub fn routes() -> Router<AppState> {
         .merge(quality::routes())
         .merge(governance::routes())
         .merge(goals::routes())
+        .layer(axum::middleware::from_fn(resend_cookie))
 }
 
 // ---------------------------------------------------------------------------
@@ -140,25 +141,69 @@ impl FromRequestParts<AppState> for Console {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
         let to_sign_in = || Redirect::to("/console/sign-in").into_response();
-        let session =
-            session::session_id(&parts.headers).and_then(|id| state.sessions.get(&id)).ok_or_else(to_sign_in)?;
-        let Some(signed_in) = session.signed_in.clone() else {
+        // The session comes with its token as stored now: a revoked or
+        // expired token has ended it.
+        let CurrentSession(session) = CurrentSession::from_request_parts(parts, state).await?;
+        let session = session.ok_or_else(to_sign_in)?;
+        let Some(token) = session.token.clone() else {
             return Err(to_sign_in());
         };
-        // The token is checked again (through the credential cache), so a
-        // revoked or expired token ends its console sessions too.
-        let mut headers = HeaderMap::new();
-        let bearer = HeaderValue::from_str(&format!("Bearer {}", signed_in.secret)).map_err(|_| to_sign_in())?;
-        headers.insert(header::AUTHORIZATION, bearer);
-        match state.tokens.authenticate(&headers).await {
-            Ok(token) => Ok(Console { session, token: AdminToken(token) }),
-            Err(error) if error.status() == StatusCode::UNAUTHORIZED => {
-                state.sessions.end(&session.id);
-                Err(to_sign_in())
+        Ok(Console { session, token: AdminToken(token) })
+    }
+}
+
+/// The live session the request's cookie names, if any, signed in or not;
+/// a storage failure is an error page.
+struct CurrentSession(Option<Session>);
+
+impl FromRequestParts<AppState> for CurrentSession {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
+        let Some(id) = session::session_id(&parts.headers) else {
+            return Ok(CurrentSession(None));
+        };
+        let session = state.sessions.get(&id).await.map_err(plain_error)?;
+        if let (Some(session), Some(extended)) = (&session, parts.extensions.get::<ExtendedSession>()) {
+            if session.extended {
+                extended.note(&session.id);
             }
-            Err(error) => Err(plain_error(error)),
+        }
+        Ok(CurrentSession(session))
+    }
+}
+
+/// Where [`CurrentSession`] leaves the id of a session whose expiry it
+/// moved, for [`resend_cookie`].
+#[derive(Clone, Default)]
+struct ExtendedSession(std::sync::Arc<std::sync::Mutex<Option<String>>>);
+
+impl ExtendedSession {
+    fn note(&self, id: &str) {
+        *self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(id.to_owned());
+    }
+
+    fn take(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take()
+    }
+}
+
+/// Sends the session cookie again, with a fresh `Max-Age`, on a response to
+/// a request that moved its session's expiry, so the browser keeps the
+/// cookie as long as the server keeps the session. A response that sets
+/// the cookie itself (signing in or out) is left as it is.
+async fn resend_cookie(mut request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let extended = ExtendedSession::default();
+    request.extensions_mut().insert(extended.clone());
+    let mut response = next.run(request).await;
+    if let Some(id) = extended.take() {
+        if !response.headers().contains_key(header::SET_COOKIE) {
+            if let Ok(value) = HeaderValue::from_str(&session::cookie(&id)) {
+                response.headers_mut().insert(header::SET_COOKIE, value);
+            }
         }
     }
+    response
 }
 
 /// What every page's frame shows.
@@ -268,11 +313,8 @@ struct ErrorPage {
     message: String,
 }
 
-async fn home(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let signed_in = session::session_id(&headers)
-        .and_then(|id| state.sessions.get(&id))
-        .and_then(|session| session.signed_in)
-        .map(|signed_in| signed_in.token.role);
+async fn home(CurrentSession(session): CurrentSession) -> Response {
+    let signed_in = session.and_then(|session| session.token).map(|token| token.role);
     match signed_in {
         // The goals are the landing page: the numbers both sides own.
         Some(role) if role.grants(tandem_core::govern::Permission::GoalsRead) => {
@@ -309,11 +351,14 @@ fn sign_in_page(status: StatusCode, session: &Session, error: Option<String>) ->
 
 /// `GET /console/sign-in`: the form, under an anonymous session whose CSRF
 /// token the form carries.
-async fn sign_in_form(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if let Some(session) = session::session_id(&headers).and_then(|id| state.sessions.get(&id)) {
+async fn sign_in_form(State(state): State<AppState>, CurrentSession(session): CurrentSession) -> Response {
+    if let Some(session) = session {
         return sign_in_page(StatusCode::OK, &session, None);
     }
-    let session = state.sessions.start(None);
+    let session = match state.sessions.start(None).await {
+        Ok(session) => session,
+        Err(error) => return plain_error(error),
+    };
     let mut response = sign_in_page(StatusCode::OK, &session, None);
     if let Ok(value) = HeaderValue::from_str(&session::cookie(&session.id)) {
         response.headers_mut().insert(header::SET_COOKIE, value);
@@ -332,8 +377,8 @@ struct SignInForm {
 /// `POST /console/sign-in`: checks the form's CSRF token against the
 /// session and the admin token against storage, then replaces the session
 /// by a signed-in one under a new id.
-async fn sign_in(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let Some(session) = session::session_id(&headers).and_then(|id| state.sessions.get(&id)) else {
+async fn sign_in(State(state): State<AppState>, CurrentSession(session): CurrentSession, body: Bytes) -> Response {
+    let Some(session) = session else {
         return plain_error(csrf_refused());
     };
     let form: SignInForm = match form(&body) {
@@ -351,10 +396,14 @@ async fn sign_in(State(state): State<AppState>, headers: HeaderMap, body: Bytes)
     bearer.insert(header::AUTHORIZATION, value);
     match state.tokens.authenticate(&bearer).await {
         Ok(token) => {
-            state.sessions.end(&session.id);
+            if let Err(error) = state.sessions.end(&session.id).await {
+                return plain_error(error);
+            }
             tracing::info!(token = %token.id, role = %token.role, "console sign-in");
-            let signed_in = state.sessions.start(Some(SignedIn { secret, token }));
-            redirect_with_cookie("/", &session::cookie(&signed_in.id))
+            match state.sessions.start(Some(token)).await {
+                Ok(signed_in) => redirect_with_cookie("/", &session::cookie(&signed_in.id)),
+                Err(error) => plain_error(error),
+            }
         }
         Err(error) if error.status() == StatusCode::UNAUTHORIZED => {
             sign_in_page(StatusCode::UNAUTHORIZED, &session, Some(error.message))
@@ -373,8 +422,10 @@ struct CsrfForm {
 async fn sign_out(State(state): State<AppState>, console: Console, body: Bytes) -> Response {
     match form::<CsrfForm>(&body) {
         Ok(form) if session::csrf_matches(&console.session, &form.csrf) => {
-            state.sessions.end(&console.session.id);
-            redirect_with_cookie("/console/sign-in", &session::cleared_cookie())
+            match state.sessions.end(&console.session.id).await {
+                Ok(()) => redirect_with_cookie("/console/sign-in", &session::cleared_cookie()),
+                Err(error) => console.error_page(error),
+            }
         }
         Ok(_) => console.error_page(csrf_refused()),
         Err(error) => console.error_page(error),

@@ -55,7 +55,8 @@ pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(24 * 60 * 60);
 /// another process (the CLI importer) reach the stages within this interval.
 const HEAD_POLL_INTERVAL: Duration = Duration::from_millis(250);
 
-/// How often message ids older than the dedup window are forgotten.
+/// How often message ids older than the dedup window are forgotten, and
+/// expired console sessions deleted.
 const DEDUP_PRUNE_INTERVAL: Duration = Duration::from_secs(10 * 60);
 
 /// What every handler shares.
@@ -85,7 +86,7 @@ pub struct AppState {
     /// ones): red values hashed or refused at ingestion, yellow ones masked
     /// for roles without `pii:read`.
     pub pii: Arc<pii::PiiDirectory>,
-    /// The web console's sessions.
+    /// The web console's sessions (kept in the store).
     pub sessions: Arc<console::session::Sessions>,
     /// Latencies of collecting requests, until added to the store's
     /// histogram for the ingest latency goal.
@@ -149,6 +150,7 @@ impl AppState {
             tokens: Arc::new(auth::TokenDirectory::new(store.clone())),
             plans: Arc::new(govern::PlanDirectory::new(store.clone())),
             suppressions: Arc::new(govern::SuppressionDirectory::new(store.clone())),
+            sessions: Arc::new(console::session::Sessions::new(store.clone())),
             store,
             log,
             metrics,
@@ -158,7 +160,6 @@ impl AppState {
             leases: cluster::LeaseBoard::default(),
             stream,
             pii,
-            sessions: Arc::default(),
             ingest_latency: Arc::default(),
         }
     }
@@ -458,14 +459,23 @@ async fn prune_message_ids(store: Arc<dyn Store>, dedup_window: Duration) {
         interval.tick().await;
         let cutoff =
             chrono::Utc::now().timestamp_millis() - i64::try_from(dedup_window.as_millis()).unwrap_or(i64::MAX);
-        let store = store.clone();
-        match tokio::task::spawn_blocking(move || store.forget_message_ids(cutoff)).await {
+        let forgetting = store.clone();
+        match tokio::task::spawn_blocking(move || forgetting.forget_message_ids(cutoff)).await {
             Ok(Ok(forgotten)) if forgotten > 0 => {
                 tracing::debug!(forgotten, "forgot message ids past the dedup window")
             }
             Ok(Ok(_)) => {}
             Ok(Err(error)) => tracing::warn!(%error, "forgetting old message ids failed"),
             Err(error) => tracing::warn!(%error, "the dedup pruner panicked"),
+        }
+        // Expired console sessions go too (starting a session also deletes
+        // them), so a console nobody signs in to keeps no stale rows.
+        let (pruning, now_ms) = (store.clone(), chrono::Utc::now().timestamp_millis());
+        match tokio::task::spawn_blocking(move || pruning.prune_console_sessions(now_ms)).await {
+            Ok(Ok(ended)) if ended > 0 => tracing::debug!(ended, "deleted expired console sessions"),
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "deleting expired console sessions failed"),
+            Err(error) => tracing::warn!(%error, "the session pruner panicked"),
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The web console through the router (no socket): signing in with a token
 //! starts a session cookie with the right flags, every POST without the
 //! session's CSRF token is refused, pages follow the role's permissions,
-//! and a role without `pii:read` sees e-mail addresses masked.
+//! and a role without `pii:read` sees e-mail addresses masked. Sessions
+//! live in the store: they survive a restart and work on a second node.
 
 use axum::body::{to_bytes, Body};
 use axum::http::{header, Method, Request, StatusCode};
@@ -16,11 +17,13 @@ use tandem_store::prelude::*;
 use tandem_store::SqliteStore;
 use tower::ServiceExt;
 
+#[path = "console/sessions.rs"]
+mod console_sessions;
 #[path = "console/pages.rs"]
 mod pages;
 
 struct Harness {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     store: Arc<SqliteStore>,
     app: Router,
 }
@@ -39,7 +42,7 @@ impl Harness {
         let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
         let source = store.create_source("website", SourceKind::Website).unwrap();
         let (state, _writer) = AppState::start(store.clone(), DEFAULT_DEDUP_WINDOW, dir.path().join("imports"));
-        let harness = Harness { _dir: dir, store, app: router(state) };
+        let harness = Harness { dir, store, app: router(state) };
         let batch = json!({"writeKey": source.write_key.as_str(), "batch": [
             {"type": "identify", "userId": "ann", "traits": {"email": "ann@example.com", "plan": "pro", "name": "Ann Lee"}, "messageId": "m1"},
             {"type": "track", "userId": "ann", "event": "Order Completed", "properties": {"revenue": 42}, "messageId": "m2"},
@@ -54,31 +57,15 @@ impl Harness {
     }
 
     async fn send(&self, request: Request<Body>) -> Reply {
-        let response = self.app.clone().oneshot(request).await.unwrap();
-        let header_of = |name| response.headers().get(name).map(|value| value.to_str().unwrap().to_owned());
-        let (location, set_cookie) = (header_of(header::LOCATION), header_of(header::SET_COOKIE));
-        let status = response.status();
-        let bytes = to_bytes(response.into_body(), usize::MAX).await.unwrap();
-        Reply { status, location, set_cookie, body: String::from_utf8_lossy(&bytes).into_owned() }
+        send(&self.app, request).await
     }
 
     async fn get(&self, path: &str, cookie: Option<&str>) -> Reply {
-        let mut request = Request::get(path);
-        if let Some(cookie) = cookie {
-            request = request.header(header::COOKIE, cookie);
-        }
-        self.send(request.body(Body::empty()).unwrap()).await
+        get(&self.app, path, cookie).await
     }
 
     async fn post_form(&self, path: &str, cookie: Option<&str>, form: &[(&str, &str)]) -> Reply {
-        let mut request = Request::builder()
-            .method(Method::POST)
-            .uri(path)
-            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
-        if let Some(cookie) = cookie {
-            request = request.header(header::COOKIE, cookie);
-        }
-        self.send(request.body(Body::from(serde_urlencoded::to_string(form).unwrap())).unwrap()).await
+        post_form(&self.app, path, cookie, form).await
     }
 
     /// Signs in with a new token of `role`; the session cookie and the
@@ -95,6 +82,34 @@ impl Harness {
         let page = self.get("/console/audiences", Some(&cookie)).await;
         (cookie, csrf_of(&page.body))
     }
+}
+
+async fn send(app: &Router, request: Request<Body>) -> Reply {
+    let response = app.clone().oneshot(request).await.unwrap();
+    let header_of = |name| response.headers().get(name).map(|value| value.to_str().unwrap().to_owned());
+    let (location, set_cookie) = (header_of(header::LOCATION), header_of(header::SET_COOKIE));
+    let status = response.status();
+    let bytes = to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    Reply { status, location, set_cookie, body: String::from_utf8_lossy(&bytes).into_owned() }
+}
+
+async fn get(app: &Router, path: &str, cookie: Option<&str>) -> Reply {
+    let mut request = Request::get(path);
+    if let Some(cookie) = cookie {
+        request = request.header(header::COOKIE, cookie);
+    }
+    send(app, request.body(Body::empty()).unwrap()).await
+}
+
+async fn post_form(app: &Router, path: &str, cookie: Option<&str>, form: &[(&str, &str)]) -> Reply {
+    let mut request = Request::builder()
+        .method(Method::POST)
+        .uri(path)
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+    if let Some(cookie) = cookie {
+        request = request.header(header::COOKIE, cookie);
+    }
+    send(app, request.body(Body::from(serde_urlencoded::to_string(form).unwrap())).unwrap()).await
 }
 
 /// `name=value` of a `Set-Cookie` header.

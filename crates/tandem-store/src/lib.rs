@@ -4,11 +4,13 @@
 //! outbox ([`OutboxStore`]), the audit log ([`AuditStore`]), the PII
 //! inventory ([`PiiInventoryStore`]), tracking plans, consent, data subject
 //! requests and the stack registry ([`GovernStore`]), goals and their daily
-//! rollups ([`InsightStore`]) — the embedded SQLite backend behind them (and
+//! rollups ([`InsightStore`]), the web console's sessions
+//! ([`ConsoleSessionStore`]) — the embedded SQLite backend behind them (and
 //! PostgreSQL for scale-out, in preview: [`PostgresStore`]), and one
 //! shared test suite per interface ([`event_log_test_suite!`],
 //! [`sources_test_suite!`], [`identity_store_test_suite!`],
-//! [`audience_store_test_suite!`], [`outbox_store_test_suite!`]) that every backend
+//! [`audience_store_test_suite!`], [`outbox_store_test_suite!`],
+//! [`console_session_test_suite!`]) that every backend
 //! must pass. [`Store`] bundles the interfaces for the server, which needs
 //! all of them.
 //!
@@ -30,6 +32,7 @@ pub mod lease;
 pub mod log;
 pub mod outbox;
 pub mod postgres;
+pub mod session;
 pub mod sources;
 pub mod sqlite;
 pub mod suite;
@@ -65,6 +68,7 @@ pub use outbox::{
     DeadLetter, DeadLetterFilter, DestinationRecord, FailedAttempt, NewOutboxItem, OutboxCommit, OutboxCommitOutcome,
     OutboxCounts, OutboxCursor, OutboxItem, OutboxItemId, OutboxStore,
 };
+pub use session::{session_id_digest, ConsoleSessionStore, NewConsoleSession, StoredConsoleSession};
 pub use sources::{Sources, TokenInfo};
 pub use sqlite::SqliteStore;
 
@@ -132,6 +136,7 @@ pub trait Store:
     + PiiInventoryStore
     + GovernStore
     + InsightStore
+    + ConsoleSessionStore
     + Coordination
 {
 }
@@ -146,6 +151,7 @@ impl<
             + PiiInventoryStore
             + GovernStore
             + InsightStore
+            + ConsoleSessionStore
             + Coordination
             + ?Sized,
     > Store for T
@@ -193,6 +199,10 @@ macro_rules! store_test_suite {
             use super::*;
             $crate::insight_store_test_suite!($make);
         }
+        mod console_session_suite {
+            use super::*;
+            $crate::console_session_test_suite!($make);
+        }
     };
 }
 
@@ -219,7 +229,7 @@ macro_rules! suite_cases {
 /// (`use tandem_store::prelude::*`).
 pub mod prelude {
     pub use crate::{
-        AudienceStore, AuditStore, Coordination, EventLog, GovernStore, IdentityStore, InsightStore, OutboxStore,
-        PiiInventoryStore, Sources, Store,
+        AudienceStore, AuditStore, ConsoleSessionStore, Coordination, EventLog, GovernStore, IdentityStore,
+        InsightStore, OutboxStore, PiiInventoryStore, Sources, Store,
     };
 }

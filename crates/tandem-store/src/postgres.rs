@@ -9,7 +9,8 @@
 //! `log.rs` the event log and its append order, `sources.rs` sources and
 //! tokens, `identity.rs` the identity graph, `audience.rs` audiences and
 //! memberships, `outbox.rs` destinations and their outbox, `insight.rs`
-//! goals and their daily rollups, `lease.rs` the stage leases (advisory locks held on
+//! goals and their daily rollups, `session.rs` the console's sessions,
+//! `lease.rs` the stage leases (advisory locks held on
 //! connections outside the pool), `tls.rs` how connections are encrypted and
 //! the server's certificate checked (`sslmode`, `sslrootcert`). The schema is created and
 //! upgraded here, by numbered migrations recorded in `schema_migrations`.
@@ -36,6 +37,7 @@ mod lease;
 mod log;
 mod outbox;
 mod pool;
+mod session;
 mod sources;
 pub mod testing;
 pub mod tls;
@@ -424,6 +426,16 @@ const MIGRATIONS: &[&str] = &[
         count BIGINT NOT NULL,
         PRIMARY KEY (day, bucket)
     );"#,
+    // 20: the console's sessions (see `sqlite.rs`, migration 26).
+    r#"CREATE TABLE console_sessions (
+        id_sha256 TEXT COLLATE "C" PRIMARY KEY,
+        csrf TEXT NOT NULL,
+        token_id TEXT COLLATE "C",
+        created_at BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL
+    );
+    CREATE INDEX console_sessions_by_expiry ON console_sessions (expires_at);
+    CREATE INDEX console_sessions_by_token ON console_sessions (token_id) WHERE token_id IS NOT NULL;"#,
 ];
 
 /// The PostgreSQL implementation of [`crate::Store`].

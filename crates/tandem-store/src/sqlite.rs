@@ -12,6 +12,7 @@ mod insight;
 mod inventory;
 mod manage;
 mod outbox;
+mod session;
 
 use crate::{
     AudienceCommit, AudienceCommitOutcome, AudienceDefinition, AudienceRecord, AudienceStore, CommitOutcome, Dedup,
@@ -453,6 +454,18 @@ const MIGRATIONS: &[&str] = &[
         count INTEGER NOT NULL,
         PRIMARY KEY (day, bucket)
     ) WITHOUT ROWID;",
+    // 26: the console's sessions, by the SHA-256 of their id (never the id
+    // itself), naming the signed-in token by id; expired ones are found by
+    // expiry, a revoked token's by token.
+    "CREATE TABLE console_sessions (
+        id_sha256 TEXT PRIMARY KEY,
+        csrf TEXT NOT NULL,
+        token_id TEXT,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX console_sessions_by_expiry ON console_sessions (expires_at);
+    CREATE INDEX console_sessions_by_token ON console_sessions (token_id) WHERE token_id IS NOT NULL;",
 ];
 
 /// The `received_at` of a message id kept for good ([`Dedup::Forever`]).

@@ -16,6 +16,7 @@ pub mod insight;
 pub mod inventory;
 pub mod log;
 pub mod outbox;
+pub mod session;
 pub mod sources;
 
 use crate::{IngestBatch, Store};
@@ -158,6 +159,20 @@ macro_rules! insight_store_test_suite {
             ingest_latency_adds_up_per_day_and_bucket,
             counters_read_events_violations_deliveries_and_dead_letters,
             a_backfill_page_is_committed_once
+        );
+    };
+}
+
+/// The [`ConsoleSessionStore`](crate::ConsoleSessionStore) suite: one `#[test]` per case.
+#[macro_export]
+macro_rules! console_session_test_suite {
+    ($make:expr) => {
+        $crate::suite_cases!(session, $make;
+            sessions_are_found_by_digest_until_they_expire_or_end,
+            signed_in_sessions_read_their_token_as_stored_now,
+            revoking_a_token_ends_its_sessions,
+            starting_a_session_prunes_expired_ones_and_keeps_the_cap,
+            extending_never_shortens_a_session
         );
     };
 }

@@ -487,7 +487,7 @@ pub fn revoke_token(store: &dyn Store, id: &str, out: &mut impl Write) -> anyhow
     let token = store.revoke_token(id)?;
     writeln!(
         out,
-        "revoked token {:?} ({}); a running server refuses it within {} s",
+        "revoked token {:?} ({}); a running server refuses it within {} s, and its console sessions have ended",
         token.name,
         token.id,
         tandem_server::auth::CACHE_TTL.as_secs()

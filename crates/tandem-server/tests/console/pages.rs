@@ -376,7 +376,7 @@ async fn governance_pages_follow_the_permission_table_and_a_marketer_reaches_non
     assert!(verified.body.contains("Intact: all 1 entries verify."), "{}", verified.body);
 
     // An edited entry breaks the chain, and the page says where.
-    let db = rusqlite::Connection::open(harness._dir.path().join("tandem.db")).unwrap();
+    let db = rusqlite::Connection::open(harness.dir.path().join("tandem.db")).unwrap();
     db.execute("UPDATE audit_log SET target = 'someone else' WHERE seq = 1", []).unwrap();
     let broken = harness.get("/console/governance/audit?verify=1", Some(&admin)).await;
     assert!(broken.body.contains("Broken at entry 1"), "{}", broken.body);

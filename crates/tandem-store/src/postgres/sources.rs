@@ -28,7 +28,7 @@ fn source_from_row(row: &Row) -> Result<Source, StoreError> {
 /// The columns [`token_from_row`] reads, in order.
 const TOKEN_COLUMNS: &str = "id, name, created_at, role, expires_at, last_used_at";
 
-fn token_from_row(row: &Row) -> Result<TokenInfo, StoreError> {
+pub(super) fn token_from_row(row: &Row) -> Result<TokenInfo, StoreError> {
     let role: String = row.try_get(3)?;
     Ok(TokenInfo {
         id: row.try_get(0)?,
@@ -169,12 +169,17 @@ impl Sources for PostgresStore {
 
     fn revoke_token(&self, id: &str) -> Result<TokenInfo, StoreError> {
         self.with_client(|client| {
-            let row = client
+            let mut transaction = client.transaction()?;
+            let row = transaction
                 .query_opt(&format!("DELETE FROM api_tokens WHERE id = $1 RETURNING {TOKEN_COLUMNS}"), &[&id.trim()])?;
-            match row {
-                Some(row) => token_from_row(&row),
-                None => Err(StoreError::TokenNotFound(id.trim().to_owned())),
-            }
+            let token = match row {
+                Some(row) => token_from_row(&row)?,
+                None => return Err(StoreError::TokenNotFound(id.trim().to_owned())),
+            };
+            // The console sessions it signed in end with it.
+            transaction.execute("DELETE FROM console_sessions WHERE token_id = $1", &[&token.id])?;
+            transaction.commit()?;
+            Ok(token)
         })
     }
 

@@ -107,12 +107,18 @@ pub fn list_tokens(connection: &Connection) -> Result<Vec<TokenInfo>, StoreError
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-pub fn revoke_token(connection: &Connection, id: &str) -> Result<TokenInfo, StoreError> {
-    let found = connection
+/// Deletes a token and, in the same transaction, the console sessions it
+/// signed in.
+pub fn revoke_token(connection: &mut Connection, id: &str) -> Result<TokenInfo, StoreError> {
+    let transaction = connection.transaction()?;
+    let found = transaction
         .prepare_cached(&format!("DELETE FROM api_tokens WHERE id = ?1 RETURNING {TOKEN_COLUMNS}"))?
         .query_row([id.trim()], token_from_row)
         .optional()?;
-    found.ok_or_else(|| StoreError::TokenNotFound(id.trim().to_owned()))
+    let token = found.ok_or_else(|| StoreError::TokenNotFound(id.trim().to_owned()))?;
+    transaction.prepare_cached("DELETE FROM console_sessions WHERE token_id = ?1")?.execute([&token.id])?;
+    transaction.commit()?;
+    Ok(token)
 }
 
 fn source_named(connection: &Connection, name: &str) -> Result<Source, StoreError> {
