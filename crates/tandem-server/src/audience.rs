@@ -1130,15 +1130,25 @@ pub fn estimate(
 ) -> Result<Estimate, DefineError> {
     let evaluation = SampleEvaluation::new(store, rule, now)?;
     let limit = limit.max(ESTIMATE_RUNS as usize);
-    let first = store.list_profiles(None, limit + 1)?;
-    let (Some(lowest), true) = (first.first(), first.len() > limit) else {
-        let profiles: Vec<&Profile> = first.iter().collect();
-        let size = evaluation.select(&profiles)?.into_iter().filter(|selected| *selected).count() as u64;
-        let profiles = first.len() as u64;
-        return Ok(Estimate { size, profiles, profiles_evaluated: profiles, exact: true, margin: 0 });
+    // The kept count of live profiles says which way to go without reading
+    // them all; the exact way still reads one more than the limit to be sure.
+    let (lowest, known) = if store.identity_state()?.live_profiles > limit as u64 {
+        match store.list_profiles(None, 1)?.first() {
+            Some(lowest) => (lowest.id, lowest.id),
+            None => return Ok(Estimate { size: 0, profiles: 0, profiles_evaluated: 0, exact: true, margin: 0 }),
+        }
+    } else {
+        let first = store.list_profiles(None, limit + 1)?;
+        if first.len() <= limit {
+            let profiles: Vec<&Profile> = first.iter().collect();
+            let size = evaluation.select(&profiles)?.into_iter().filter(|selected| *selected).count() as u64;
+            let profiles = first.len() as u64;
+            return Ok(Estimate { size, profiles, profiles_evaluated: profiles, exact: true, margin: 0 });
+        }
+        (first[0].id, first[limit].id)
     };
-    let lowest = lowest.id.0;
-    let highest = last_profile_id(store, first[limit].id)?;
+    let lowest = lowest.0;
+    let highest = last_profile_id(store, known)?;
     let span = highest - lowest + 1;
     let per_run = limit / ESTIMATE_RUNS as usize;
     let (mut evaluated, mut selected, mut covered) = (0u64, 0u64, 0u64);
