@@ -3,7 +3,9 @@
 //! session cookie) and requests each kind of console page again and again
 //! from this separate process, one request at a time, printing the time
 //! to the whole response (p50, p99, max) and its size per page: every page
-//! the navigation links to (so pages added later are measured too), a
+//! the navigation links to and every tab of those pages (so pages added
+//! later are measured too; a section that redirects to its first tab is
+//! measured there), a
 //! customer search, one customer's 360° view, every audience's page, the
 //! audience builder's live preview, and the sign-in page.
 //!
@@ -117,11 +119,22 @@ fn cookie_of(response: &ureq::http::Response<ureq::Body>) -> Option<String> {
     Some(set.split(';').next()?.to_owned())
 }
 
-/// Every `href="/console/…"` inside the first `<nav`.
-fn nav_links(html: &str) -> Vec<String> {
-    let Some(start) = html.find("<nav") else { return Vec::new() };
+/// Every `href` inside the first element opening with `opening` (a `<nav`)
+/// up to its `</nav>`.
+fn links_in(html: &str, opening: &str) -> Vec<String> {
+    let Some(start) = html.find(opening) else { return Vec::new() };
     let nav = &html[start..start + html[start..].find("</nav>").unwrap_or(0)];
     nav.split("href=\"").skip(1).filter_map(|rest| rest.split('"').next()).map(str::to_owned).collect()
+}
+
+/// Every link of the console's navigation (the first `<nav`).
+fn nav_links(html: &str) -> Vec<String> {
+    links_in(html, "<nav")
+}
+
+/// Every link of a section's tabs (`<nav class="tabs"`).
+fn tab_links(html: &str) -> Vec<String> {
+    links_in(html, "<nav class=\"tabs\"")
 }
 
 /// Every `href` of an audience's page on the audiences page.
@@ -231,9 +244,29 @@ fn measure(options: &Measure) -> anyhow::Result<()> {
     let session = Session::sign_in(base, &options.token)?;
     let (_, landing) = session.get("/console/audiences")?;
     let mut pages: Vec<Page> = vec![Page::SignIn];
+    // Each section the navigation links to, where a section that redirects
+    // to its first tab is measured at that tab, then each of its other tabs.
+    let mut paths: Vec<String> = Vec::new();
     for link in nav_links(&landing) {
-        pages.push(Page::Get(link));
+        let (status, body) = session.get(&link)?;
+        let (path, html) = match status {
+            200 => (link, body),
+            303 if body.starts_with("/console/") => {
+                let (status, html) = session.get(&body)?;
+                if status != 200 {
+                    bail!("{link} leads to {body}, which answered {status}");
+                }
+                (body, html)
+            }
+            _ => bail!("{link} answered {status}"),
+        };
+        for path in std::iter::once(path).chain(tab_links(&html)) {
+            if !paths.contains(&path) {
+                paths.push(path);
+            }
+        }
     }
+    pages.extend(paths.into_iter().map(Page::Get));
     pages.push(Page::Get(format!("/console/customers?{}", form(&[("identifier", &options.search)]))));
     let (status, found) = session.get(&format!("/console/customers?{}", form(&[("identifier", &options.customer)])))?;
     if status != 303 || !found.starts_with("/console/customers/prof_") {

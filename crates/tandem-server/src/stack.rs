@@ -136,6 +136,15 @@ pub fn set_tool(store: &dyn Store, kind: ToolKind, name: &str, change: ToolInfo)
 /// The report over every source and destination (with an empty entry for a
 /// tool nobody described) and the unknown keys seen.
 pub fn stack_report(store: &dyn Store) -> Result<StackReport, StoreError> {
+    stack_report_over(store, store.list_destinations()?)
+}
+
+/// [`stack_report`] over destinations already read (each read counts its
+/// outbox, so a page that shows them too reads them once).
+pub fn stack_report_over(
+    store: &dyn Store,
+    destinations: Vec<tandem_store::DestinationRecord>,
+) -> Result<StackReport, StoreError> {
     let entries: HashMap<(ToolKind, String), ToolInfo> =
         store.tool_infos()?.into_iter().map(|(kind, key, info)| ((kind, key), info)).collect();
     let mut tools = Vec::new();
@@ -143,7 +152,7 @@ pub fn stack_report(store: &dyn Store) -> Result<StackReport, StoreError> {
         let info = entries.get(&(ToolKind::Source, source.id.as_str().to_owned())).cloned().unwrap_or_default();
         tools.push(Tool { kind: ToolKind::Source, name: source.name, info });
     }
-    for record in store.list_destinations()? {
+    for record in destinations {
         let name = record.definition.name;
         let info = entries.get(&(ToolKind::Destination, name.clone())).cloned().unwrap_or_default();
         tools.push(Tool { kind: ToolKind::Destination, name, info });

@@ -232,6 +232,9 @@ pub trait AudienceStore: Send + Sync + 'static {
     /// The audiences a profile is a member of now, by audience name.
     fn profile_audiences(&self, profile: ProfileId) -> Result<Vec<Membership>, StoreError>;
 
+    /// The memberships of many profiles at once, in no order.
+    fn memberships_of(&self, profiles: &[ProfileId]) -> Result<Vec<Membership>, StoreError>;
+
     /// A profile's history in one audience, oldest first.
     fn membership_history(&self, name: &str, profile: ProfileId) -> Result<Vec<MembershipChange>, StoreError>;
 

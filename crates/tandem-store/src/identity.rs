@@ -220,6 +220,13 @@ pub trait IdentityStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<LogEntry>, StoreError>;
 
+    /// The events of many profiles at once (each with those of every
+    /// profile merged into it) stamped at or after `since_ms`, each with
+    /// the profile whose timeline holds it, in no order; an id that names
+    /// no live profile has none. What evaluates a rule over a sample of
+    /// profiles reads, instead of one timeline at a time.
+    fn events_of_profiles(&self, ids: &[ProfileId], since_ms: i64) -> Result<Vec<(ProfileId, LogEntry)>, StoreError>;
+
     /// The identity history of a profile and of every profile merged into it, oldest first.
     fn identity_history(&self, id: ProfileId) -> Result<Vec<HistoryRecord>, StoreError>;
 

@@ -1025,6 +1025,25 @@ impl IdentityStore for SqliteStore {
         })
     }
 
+    fn events_of_profiles(&self, ids: &[ProfileId], since_ms: i64) -> Result<Vec<(ProfileId, LogEntry)>, StoreError> {
+        // One range seek per profile on one connection: in process, a seek
+        // costs what a row of a larger query would, with no round trip to save.
+        self.with_reader(|connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT e.position, e.source_id, e.message_id, e.type, e.received_at, e.payload, e.timestamp
+                 FROM profile_events p JOIN events e ON e.position = p.position
+                 WHERE p.profile_id = ?1 AND p.timestamp >= ?2",
+            )?;
+            let mut found = Vec::new();
+            for id in ids {
+                for entry in statement.query_map(params![id.0 as i64, since_ms], log_entry_from_row)? {
+                    found.push((*id, entry?));
+                }
+            }
+            Ok(found)
+        })
+    }
+
     fn identity_history(&self, id: ProfileId) -> Result<Vec<HistoryRecord>, StoreError> {
         self.with_reader(|connection| identity::history(connection, id))
     }
@@ -1100,6 +1119,16 @@ impl AudienceStore for SqliteStore {
 
     fn profile_audiences(&self, profile: ProfileId) -> Result<Vec<Membership>, StoreError> {
         self.with_reader(|connection| audience::profile_audiences(connection, profile))
+    }
+
+    fn memberships_of(&self, profiles: &[ProfileId]) -> Result<Vec<Membership>, StoreError> {
+        self.with_reader(|connection| {
+            let mut found = Vec::new();
+            for profile in profiles {
+                found.extend(audience::profile_audiences(connection, *profile)?);
+            }
+            Ok(found)
+        })
     }
 
     fn membership_history(&self, name: &str, profile: ProfileId) -> Result<Vec<MembershipChange>, StoreError> {

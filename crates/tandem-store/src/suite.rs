@@ -69,6 +69,7 @@ macro_rules! identity_store_test_suite {
             batched_look_ups_find_live_owners_and_profiles,
             profiles_list_by_id_and_search_by_identifier_prefix_and_trait,
             timelines_follow_event_time_and_page_by_cursor,
+            events_of_many_profiles_are_read_at_once_from_a_time,
             merges_and_drops_list_newest_first_a_page_at_a_time
         );
     };

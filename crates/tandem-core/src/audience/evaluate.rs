@@ -193,6 +193,34 @@ impl CompiledAudience {
         self.next_change(&facts.values(), &History(facts.events), millis(&now))
     }
 
+    /// The names of the `track` events the rule's event conditions count:
+    /// no other event changes any of its answers, so an evaluation may be
+    /// given only these.
+    pub fn event_names(&self) -> BTreeSet<&str> {
+        self.leaves
+            .iter()
+            .flat_map(|leaf| match leaf {
+                Leaf::Count { matcher, .. } => std::slice::from_ref(matcher),
+                Leaf::Funnel { steps, .. } => steps.as_slice(),
+            })
+            .map(|matcher| matcher.event.as_str())
+            .collect()
+    }
+
+    /// The earliest event timestamp, in milliseconds, that any of the
+    /// rule's event conditions counts at `now`, or `None` when the rule
+    /// reads no events: [`Self::is_member`] at `now` gives the same answer
+    /// given only the events stamped at or after it.
+    pub fn earliest_counted_ms(&self, now: DateTime<Utc>) -> Option<i64> {
+        let now_ms = millis(&now);
+        self.leaves
+            .iter()
+            .map(|leaf| match leaf {
+                Leaf::Count { range, .. } | Leaf::Funnel { range, .. } => range.earliest(now_ms),
+            })
+            .min()
+    }
+
     pub(crate) fn evaluate(&self, values: &ProfileValues<'_>, events: &impl EventLeaves, now_ms: i64) -> bool {
         evaluate(&self.root, &self.leaves, values, events, now_ms)
     }
@@ -754,6 +782,33 @@ pub(crate) mod tests {
             let compiled = condition.compile().unwrap();
             let now = at(NOW_MS + later);
             prop_assert_eq!(compiled.is_member(&profile.facts(), now), reference(&condition, &profile, now), "{}", condition);
+        }
+
+        #[test]
+        fn only_the_named_events_from_the_earliest_counted_time_decide_the_answer(
+            condition in prop_oneof![condition(), event_leaf()],
+            profile in profile(),
+            later in offset(),
+        ) {
+            let compiled = condition.compile().unwrap();
+            let now = at(NOW_MS + later);
+            let names = compiled.event_names();
+            let earliest = compiled.earliest_counted_ms(now);
+            let read: Vec<Event> = profile
+                .events
+                .iter()
+                .filter(|event| {
+                    earliest.is_some_and(|earliest| millis(&event.timestamp) >= earliest)
+                        && event.event.as_deref().is_some_and(|name| names.contains(name))
+                })
+                .cloned()
+                .collect();
+            let facts = profile.facts();
+            prop_assert_eq!(
+                compiled.is_member(&ProfileFacts { events: &read, ..facts }, now),
+                compiled.is_member(&facts, now),
+                "{}", condition
+            );
         }
 
         #[test]

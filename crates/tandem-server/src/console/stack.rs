@@ -161,15 +161,15 @@ async fn stack(State(state): State<AppState>, console: Console) -> Response {
     let (with_registry, with_health) = (may_registry(&console), may_deliveries(&console));
     let sources = state.sources.clone();
     let loaded = read(&state, move |store| {
+        let destinations = store.list_destinations()?;
         let report = if with_registry {
             // As the API's report: what was noted since the last flush counts too.
             sources.shadow().flush(store)?;
-            Some(crate::stack::stack_report(store)?)
+            Some(crate::stack::stack_report_over(store, destinations.clone())?)
         } else {
             None
         };
         let stats = if with_registry { Some(store.stats()?) } else { None };
-        let destinations = store.list_destinations()?;
         Ok::<_, StoreError>(Loaded { report, stats, destinations })
     })
     .await;

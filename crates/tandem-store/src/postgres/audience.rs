@@ -156,6 +156,23 @@ impl AudienceStore for PostgresStore {
         })
     }
 
+    fn memberships_of(&self, profiles: &[ProfileId]) -> Result<Vec<Membership>, StoreError> {
+        if profiles.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<i64> = profiles.iter().map(|id| id.0 as i64).collect();
+        self.with_client(|client| {
+            client
+                .query(
+                    "SELECT audience, profile_id, entered_at FROM audience_members WHERE profile_id = ANY($1)",
+                    &[&ids],
+                )?
+                .iter()
+                .map(decode_membership)
+                .collect()
+        })
+    }
+
     fn membership_history(&self, name: &str, profile: ProfileId) -> Result<Vec<MembershipChange>, StoreError> {
         self.with_client(|client| {
             client

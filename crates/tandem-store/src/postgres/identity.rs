@@ -447,6 +447,27 @@ impl IdentityStore for PostgresStore {
         })
     }
 
+    fn events_of_profiles(&self, ids: &[ProfileId], since_ms: i64) -> Result<Vec<(ProfileId, LogEntry)>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<i64> = ids.iter().map(|id| id.0 as i64).collect();
+        self.with_client(|client| {
+            client
+                .query(
+                    &format!(
+                        "SELECT {LOG_ENTRY_COLUMNS}, p.profile_id FROM profile_events p
+                         JOIN events e ON e.position = p.position
+                         WHERE p.profile_id = ANY($1) AND p.timestamp_ms >= $2"
+                    ),
+                    &[&ids, &since_ms],
+                )?
+                .iter()
+                .map(|row| Ok((ProfileId(row.try_get::<_, i64>(7)? as u64), log_entry_from_row(row)?)))
+                .collect()
+        })
+    }
+
     fn identity_history(&self, id: ProfileId) -> Result<Vec<HistoryRecord>, StoreError> {
         self.with_client(|client| history(client, id))
     }

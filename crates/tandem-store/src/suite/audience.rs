@@ -136,6 +136,28 @@ pub fn commits_record_memberships_history_and_states_and_refuse_stale_writers(st
         .map(|member| (member.profile.0, member.entered_at_ms))
         .collect();
     assert_eq!(members, vec![(1, 100), (3, 120)]);
+    store.create_audience(&definition("pro", r#"trait plan = "pro""#)).unwrap();
+    let pro = AudienceCommit {
+        from: LogPosition(6),
+        to: LogPosition(6),
+        changes: vec![change("pro", 3, MembershipChangeKind::Entered, 130)],
+        epoch: 3,
+        ..AudienceCommit::default()
+    };
+    assert_eq!(store.commit_audience(&pro).unwrap(), AudienceCommitOutcome::Committed);
+    let mut batched: Vec<(u64, String, i64)> = store
+        .memberships_of(&[ProfileId(3), ProfileId(2), ProfileId(1), ProfileId(99)])
+        .unwrap()
+        .into_iter()
+        .map(|membership| (membership.profile.0, membership.audience, membership.entered_at_ms))
+        .collect();
+    batched.sort();
+    assert_eq!(
+        batched,
+        vec![(1, "buyers".into(), 100), (3, "buyers".into(), 120), (3, "pro".into(), 130)],
+        "the memberships of many profiles in one read; one who left and one unknown have none"
+    );
+    assert!(store.memberships_of(&[]).unwrap().is_empty());
     let page: Vec<u64> =
         store.audience_members("buyers", Some(ProfileId(1)), 1).unwrap().iter().map(|m| m.profile.0).collect();
     assert_eq!(page, vec![3], "members page by profile id");

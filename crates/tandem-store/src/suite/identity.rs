@@ -321,6 +321,84 @@ pub fn timelines_follow_event_time_and_page_by_cursor(store: &impl Store) {
     assert!("x_4".parse::<TimelineCursor>().is_err());
 }
 
+/// Many profiles' events come back from one read, each with the profile
+/// whose timeline holds it (a merged profile's events with its survivor),
+/// only those stamped at or after the time asked for.
+pub fn events_of_many_profiles_are_read_at_once_from_a_time(store: &impl Store) {
+    let web = store.create_source("web", SourceKind::Website).unwrap().id;
+    // Positions 1..=6 at times 10, 20, 30, 40, 50, 60.
+    let records = (1..=6)
+        .map(|n| {
+            let mut record = record(&web, &format!("m{n}"), EventType::Track, 1_000);
+            record.timestamp_ms = n * 10;
+            record
+        })
+        .collect();
+    store.append(&[IngestBatch { records, ..Default::default() }], 0).unwrap();
+    let epoch = store.identity_state().unwrap().epoch;
+    let owners = [1, 2, 1, 3, 2, 3];
+    let linked = |positions: std::ops::RangeInclusive<u64>| -> Vec<EventLink> {
+        positions
+            .map(|position| EventLink {
+                position: LogPosition(position),
+                timestamp_ms: position as i64 * 10,
+                profile: ProfileId(owners[position as usize - 1]),
+            })
+            .collect()
+    };
+    let created = IdentityCommit {
+        epoch,
+        to: LogPosition(5),
+        profiles: vec![Profile::new(ProfileId(1)), Profile::new(ProfileId(2)), Profile::new(ProfileId(3))],
+        events: linked(1..=5),
+        next_profile_id: 4,
+        ..IdentityCommit::default()
+    };
+    assert_eq!(store.commit_identity(&created).unwrap(), CommitOutcome::Committed);
+    // Event 6 merges profile 2 into profile 3.
+    let merged = IdentityCommit {
+        epoch,
+        from: LogPosition(5),
+        to: LogPosition(6),
+        profiles: vec![Profile::new(ProfileId(3))],
+        merged: vec![(ProfileId(2), ProfileId(3))],
+        events: linked(6..=6),
+        next_profile_id: 4,
+        ..IdentityCommit::default()
+    };
+    assert_eq!(store.commit_identity(&merged).unwrap(), CommitOutcome::Committed);
+    let read = |ids: &[u64], since_ms: i64| -> Vec<(u64, u64, i64)> {
+        let ids: Vec<ProfileId> = ids.iter().copied().map(ProfileId).collect();
+        let mut found: Vec<(u64, u64, i64)> = store
+            .events_of_profiles(&ids, since_ms)
+            .unwrap()
+            .into_iter()
+            .map(|(profile, entry)| (profile.0, entry.position.0, entry.timestamp_ms))
+            .collect();
+        found.sort();
+        found
+    };
+    assert_eq!(
+        read(&[3, 1, 2], i64::MIN),
+        vec![(1, 1, 10), (1, 3, 30), (3, 2, 20), (3, 4, 40), (3, 5, 50), (3, 6, 60)],
+        "each event once, on the timeline that holds it; the merged-away id has none"
+    );
+    assert_eq!(read(&[1, 3], 30), vec![(1, 3, 30), (3, 4, 40), (3, 5, 50), (3, 6, 60)], "from a time, inclusive");
+    assert_eq!(read(&[1], 31), vec![]);
+    assert_eq!(read(&[], i64::MIN), vec![]);
+    let (_, entry) = store
+        .events_of_profiles(&[ProfileId(1)], 0)
+        .unwrap()
+        .into_iter()
+        .find(|(_, entry)| entry.position == LogPosition(1))
+        .expect("event 1");
+    assert_eq!(
+        entry,
+        store.profile_events(ProfileId(1), None, 10).unwrap().pop().unwrap(),
+        "entries as a timeline reads them"
+    );
+}
+
 /// Event `position` tied to profile `profile`, with the time `record()` gave
 /// it: received at `position` ms, dated 5 ms earlier.
 fn link(position: u64, profile: u64) -> EventLink {
