@@ -177,6 +177,14 @@ fn main() -> anyhow::Result<()> {
         options.cache_profiles,
         100.0 * hits / (hits + misses).max(1.0)
     );
+    let (resolving, committing) = (
+        counter("tandem_resolver_batch_duration_seconds_sum "),
+        counter("tandem_resolver_commit_duration_seconds_sum "),
+    );
+    println!(
+        "batches:               {:.0}, {resolving:.1} s resolving (reads included), {committing:.1} s committing (overlapped)",
+        counter("tandem_resolver_batch_duration_seconds_count ")
+    );
     if let Some(peak) = peak_memory_mib() {
         println!(
             "peak memory:           {peak:.0} MiB (generator and resolver in one process), {:.0} bytes per profile",

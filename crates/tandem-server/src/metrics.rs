@@ -78,6 +78,8 @@ pub struct Metrics {
     /// 1 while this node holds the resolver's stage lease, else 0.
     pub resolver_lease_held: Gauge,
     pub resolver_batch_duration: Histogram,
+    /// Time to write one resolver batch's transaction (on the commit thread).
+    pub resolver_commit_duration: Histogram,
     pub resolver_profiles: Gauge,
     pub resolver_unusable_events: Counter,
     pub resolver_cache_hits: Counter,
@@ -175,6 +177,12 @@ impl Metrics {
             "resolver_batch_duration_seconds",
             "Time to resolve one batch of events (before its commit)",
             resolver_batch_duration.clone(),
+        );
+        let resolver_commit_duration = latency_histogram();
+        registry.register(
+            "resolver_commit_duration_seconds",
+            "Time to write one resolver batch to storage (while the next batch is resolved)",
+            resolver_commit_duration.clone(),
         );
         let resolver_profiles = Gauge::default();
         registry.register("resolver_profiles", "Live profiles in the identity graph", resolver_profiles.clone());
@@ -330,6 +338,7 @@ impl Metrics {
             resolver_lag_events,
             resolver_lease_held,
             resolver_batch_duration,
+            resolver_commit_duration,
             resolver_profiles,
             resolver_unusable_events,
             http_requests,

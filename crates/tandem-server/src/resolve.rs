@@ -14,8 +14,8 @@ use tandem_core::{
     Resolution,
 };
 use tandem_store::{
-    CommitOutcome, EventLink, HistoryRecord, IdentityCommit, IdentityRepair, LeaseLost, Stage, StageLease, Store,
-    StoreError, UnresolvedEvent,
+    CommitOutcome, EventLink, HistoryRecord, IdentityCommit, IdentityRepair, LeaseLost, LogEntry, Stage, StageLease,
+    Store, StoreError, UnresolvedEvent,
 };
 
 use crate::cluster::LeaseBoard;
@@ -23,8 +23,10 @@ use crate::log_head::LogHead;
 use crate::metrics::Metrics;
 use crate::progress::Progress;
 
-/// Events read and resolved per transaction when catching up a backlog.
-pub const DEFAULT_BATCH: usize = 50_000;
+/// Events read and resolved per transaction when catching up a backlog, at
+/// most: a batch also ends once it has touched half the cache's profiles.
+/// Larger commits write each page of the identity tables for more events.
+pub const DEFAULT_BATCH: usize = 200_000;
 /// Per transaction inside the server, smaller so a resolver commit holds the
 /// store's write lock (and so ingestion) for less time.
 const SERVER_BATCH: usize = 20_000;
@@ -107,6 +109,10 @@ impl CacheBook {
 
 /// Events resolved per look-up of their identifiers' owners.
 const LOOK_UP_CHUNK: usize = 512;
+
+/// Log entries read at a time within a batch, so a large batch does not
+/// hold all its raw events in memory at once.
+const READ_PAGE: usize = 10_000;
 
 /// Profiles read per page when a store small enough for the cache is loaded whole.
 const PRELOAD_PAGE: usize = 10_000;
@@ -231,49 +237,42 @@ impl Resolver {
     /// caught up (after waiting for the last commit), or when identity state
     /// was rewritten elsewhere and the resolver had to start again.
     pub fn step(&mut self, limit: usize) -> Result<usize, ResolveError> {
-        let entries = self.store.read_log(self.resolved, limit)?;
-        let Some(last) = entries.last() else {
-            self.flush()?;
-            return Ok(0);
-        };
-        let to = last.position;
         let started = std::time::Instant::now();
         self.cache.batch += 1;
         self.graph.forget_merges();
         let mut batch = BatchChanges::default();
-        // Parsed events are held a chunk at a time: storage is read once per
-        // chunk, and memory is reused rather than grown with the batch.
-        for chunk in entries.chunks(LOOK_UP_CHUNK) {
-            let events: Vec<Result<(Event, EventIdentifiers), serde_json::Error>> = chunk
-                .iter()
-                .map(|entry| {
-                    let event = serde_json::from_str::<Event>(&entry.payload)?;
-                    let identifiers = EventIdentifiers::of(&event, &self.rules);
-                    Ok((event, identifiers))
-                })
-                .collect();
-            let wanted: HashSet<&Identifier> =
-                events.iter().flatten().flat_map(|(_, identifiers)| identifiers.to_look_up()).collect();
-            if let Err(error) = self.load_owners(&wanted) {
-                // Memory may hold part of a load: start again from storage.
-                self.flush()?;
-                self.reload()?;
-                return Err(error);
-            }
-            drop(wanted);
-            for (entry, event) in chunk.iter().zip(events) {
-                match event {
-                    Ok((event, identifiers)) => {
-                        let resolution =
-                            self.graph.resolve_identified(entry.position.0, &event, &self.rules, identifiers);
-                        if resolution.profile.is_none() {
-                            self.unusable(&mut batch, entry.position, unusable_reason(&resolution));
-                        }
-                        batch.add(entry.position, entry.timestamp_ms, resolution);
-                    }
-                    Err(error) => self.unusable(&mut batch, entry.position, format!("unreadable event: {error}")),
+        let mut to = self.resolved;
+        let mut resolved = 0;
+        // A batch also ends once it has touched half the cache's profiles:
+        // they stay in memory until its commit is durable, beside those of
+        // the batch resolved meanwhile.
+        let touched_bound = (self.cache.capacity / 2).max(LOOK_UP_CHUNK);
+        'reading: while resolved < limit {
+            let wanted = (limit - resolved).min(READ_PAGE);
+            let entries = self.store.read_log(to, wanted)?;
+            let end_of_log = entries.len() < wanted;
+            // Parsed events are held a chunk at a time: storage is read once
+            // per chunk, and memory is reused rather than grown with the batch.
+            for chunk in entries.chunks(LOOK_UP_CHUNK) {
+                if let Err(error) = self.resolve_chunk(chunk, &mut batch) {
+                    // Memory may hold part of a load: start again from storage.
+                    self.flush()?;
+                    self.reload()?;
+                    return Err(error);
+                }
+                to = chunk.last().expect("chunks are not empty").position;
+                resolved += chunk.len();
+                if batch.touched.len() >= touched_bound {
+                    break 'reading;
                 }
             }
+            if end_of_log {
+                break;
+            }
+        }
+        if resolved == 0 {
+            self.flush()?;
+            return Ok(0);
         }
         // What the batch changed stays in memory until its commit is durable
         // (eviction skips the current batch), and counts as recently used.
@@ -287,7 +286,7 @@ impl Resolver {
         self.metrics.resolver_profiles.set(self.live_profiles as i64);
         let commit = batch.into_commit(&self.graph, self.epoch, self.resolved, to);
         tracing::debug!(
-            events = entries.len(),
+            events = resolved,
             profiles = commit.profiles.len(),
             resolve_ms = started.elapsed().as_millis() as u64,
             "resolved a batch"
@@ -300,10 +299,13 @@ impl Resolver {
         self.evict();
         let store = self.store.clone();
         let progress = self.progress.clone();
+        let commit_duration = self.metrics.resolver_commit_duration.clone();
         let commit = std::thread::Builder::new()
             .name("tandem-resolver-commit".into())
             .spawn(move || {
+                let writing = Instant::now();
                 let outcome = store.commit_identity(&commit);
+                commit_duration.observe(writing.elapsed().as_secs_f64());
                 // Published from here, not when the resolver next looks:
                 // the stages after it start on the batch while the
                 // resolver is busy with the next one.
@@ -315,7 +317,37 @@ impl Resolver {
             .expect("spawning a resolver commit");
         self.in_flight = Some(InFlight { to, commit });
         self.resolved = to;
-        Ok(entries.len())
+        Ok(resolved)
+    }
+
+    /// Resolves consecutive log entries into `batch`, first loading the
+    /// owners of every identifier they look up.
+    fn resolve_chunk(&mut self, chunk: &[LogEntry], batch: &mut BatchChanges) -> Result<(), ResolveError> {
+        let events: Vec<Result<(Event, EventIdentifiers), serde_json::Error>> = chunk
+            .iter()
+            .map(|entry| {
+                let event = serde_json::from_str::<Event>(&entry.payload)?;
+                let identifiers = EventIdentifiers::of(&event, &self.rules);
+                Ok((event, identifiers))
+            })
+            .collect();
+        let wanted: HashSet<&Identifier> =
+            events.iter().flatten().flat_map(|(_, identifiers)| identifiers.to_look_up()).collect();
+        self.load_owners(&wanted)?;
+        drop(wanted);
+        for (entry, event) in chunk.iter().zip(events) {
+            match event {
+                Ok((event, identifiers)) => {
+                    let resolution = self.graph.resolve_identified(entry.position.0, &event, &self.rules, identifiers);
+                    if resolution.profile.is_none() {
+                        self.unusable(batch, entry.position, unusable_reason(&resolution));
+                    }
+                    batch.add(entry.position, entry.timestamp_ms, resolution);
+                }
+                Err(error) => self.unusable(batch, entry.position, format!("unreadable event: {error}")),
+            }
+        }
+        Ok(())
     }
 
     /// Puts in memory the owner of every identifier in `wanted` that has one,

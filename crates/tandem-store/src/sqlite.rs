@@ -12,6 +12,7 @@ mod insight;
 mod inventory;
 mod manage;
 mod outbox;
+mod profile_state;
 mod session;
 
 use crate::{

@@ -3,9 +3,10 @@
 //! which profile, the identity history, and the resolver's position, epoch
 //! and rules — all written together in one transaction per resolver batch.
 
+use super::profile_state;
 use crate::identity::{history_record, MERGES_AND_DROPS};
 use crate::{CommitOutcome, HistoryRecord, IdentityCommit, IdentityState, Stage, StoreError};
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, TransactionBehavior};
 use tandem_core::{Identifier, IdentityChange, LogPosition, Profile, ProfileId};
 
 fn json_error(error: serde_json::Error) -> StoreError {
@@ -121,7 +122,7 @@ pub fn commit(
              ON CONFLICT (id) DO UPDATE SET merged_into = NULL, state = excluded.state",
         )?;
         for profile in &commit.profiles {
-            let row = params![profile.id.0 as i64, serde_json::to_string(profile).map_err(json_error)?];
+            let row = params![profile.id.0 as i64, profile_state::encode(profile)];
             if save_live.execute(row)? == 0 {
                 save_profile.execute(row)?;
                 live_delta += 1;
@@ -131,13 +132,28 @@ pub fn commit(
             "INSERT INTO identifiers (type, value, profile_id) VALUES (?1, ?2, ?3)
              ON CONFLICT (type, value) DO UPDATE SET profile_id = excluded.profile_id",
         )?;
-        for (identifier, profile) in &commit.identifiers {
+        // Rows go in key order: consecutive inserts land on the same or the
+        // next B-tree page, which SQLite then has at hand.
+        let mut identifiers: Vec<&(Identifier, ProfileId)> = commit.identifiers.iter().collect();
+        identifiers.sort_by(|(left, _), (right, _)| left.cmp(right));
+        for (identifier, profile) in identifiers {
             save_identifier.execute(params![identifier.kind, identifier.value, profile.0 as i64])?;
         }
-        let mut save_event = transaction
-            .prepare_cached("INSERT INTO profile_events (profile_id, timestamp, position) VALUES (?1, ?2, ?3)")?;
-        for link in &commit.events {
-            save_event.execute([link.profile.0 as i64, link.timestamp_ms, link.position.0 as i64])?;
+        let mut links: Vec<[i64; 3]> = commit
+            .events
+            .iter()
+            .map(|link| [link.profile.0 as i64, link.timestamp_ms, link.position.0 as i64])
+            .collect();
+        links.sort_unstable();
+        let insert_links = "INSERT INTO profile_events (profile_id, timestamp, position) VALUES ";
+        let mut save_links = transaction.prepare_cached(&repeated(insert_links, "(?, ?, ?)", INSERT_CHUNK, ""))?;
+        let mut save_link = transaction.prepare_cached(&repeated(insert_links, "(?, ?, ?)", 1, ""))?;
+        let mut chunks = links.chunks_exact(INSERT_CHUNK);
+        for rows in chunks.by_ref() {
+            save_links.execute(rusqlite::params_from_iter(rows.iter().flatten()))?;
+        }
+        for row in chunks.remainder() {
+            save_link.execute(*row)?;
         }
         let mut save_history = transaction.prepare_cached(
             "INSERT INTO identity_history (position, profile_id, change, recorded_at, dropped)
@@ -184,6 +200,10 @@ pub fn commit(
 /// statement per chunk rather than per key saves SQLite's per-statement
 /// work, and keys are sorted so neighbouring look-ups share B-tree pages.
 const LOOK_UP_CHUNK: usize = 256;
+
+/// Rows per multi-row `INSERT`: one statement per chunk saves SQLite's
+/// per-statement work (a full chunk's text is prepared once and cached).
+const INSERT_CHUNK: usize = 128;
 
 /// A statement text with `count` copies of `row` joined by commas, for a
 /// `VALUES` list or an `IN` list.
@@ -272,37 +292,34 @@ pub fn profiles(connection: &Connection, ids: &[ProfileId]) -> Result<Vec<Profil
             ") AND merged_into IS NULL AND state IS NOT NULL",
         );
         let mut statement = connection.prepare_cached(&text)?;
-        let rows = statement.query_map(rusqlite::params_from_iter(chunk), |row| row.get::<_, String>(0))?;
-        for state in rows {
-            profiles.push(decode_profile(&state?)?);
+        let mut rows = statement.query(rusqlite::params_from_iter(chunk))?;
+        while let Some(row) = rows.next()? {
+            profiles.push(profile_state::decode(row.get_ref(0)?)?);
         }
     }
     Ok(profiles)
 }
 
 /// Follows merges from `id` to the live profile.
-fn live_id(connection: &Connection, id: ProfileId) -> Result<Option<(ProfileId, String)>, StoreError> {
+fn live_id(connection: &Connection, id: ProfileId) -> Result<Option<(ProfileId, Profile)>, StoreError> {
     let mut statement = connection.prepare_cached("SELECT merged_into, state FROM profiles WHERE id = ?1")?;
     let mut current = id;
     for _ in 0..64 {
-        let row: Option<(Option<i64>, Option<String>)> =
-            statement.query_row([current.0 as i64], |row| Ok((row.get(0)?, row.get(1)?))).optional()?;
-        match row {
-            Some((Some(into), _)) => current = ProfileId(into as u64),
-            Some((None, Some(state))) => return Ok(Some((current, state))),
-            _ => return Ok(None),
+        let mut rows = statement.query([current.0 as i64])?;
+        let Some(row) = rows.next()? else {
+            return Ok(None);
+        };
+        match (row.get::<_, Option<i64>>(0)?, row.get_ref(1)?) {
+            (Some(into), _) => current = ProfileId(into as u64),
+            (None, rusqlite::types::ValueRef::Null) => return Ok(None),
+            (None, state) => return Ok(Some((current, profile_state::decode(state)?))),
         }
     }
     Ok(None)
 }
 
 pub fn profile(connection: &Connection, id: ProfileId) -> Result<Option<Profile>, StoreError> {
-    live_id(connection, id)?.map(|(_, state)| decode_profile(&state)).transpose()
-}
-
-/// A profile from its stored state: the one decoder every read of a profile uses.
-pub fn decode_profile(state: &str) -> Result<Profile, StoreError> {
-    serde_json::from_str(state).map_err(json_error)
+    Ok(live_id(connection, id)?.map(|(_, profile)| profile))
 }
 
 pub fn merges_and_drops(

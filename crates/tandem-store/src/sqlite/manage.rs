@@ -2,7 +2,7 @@
 //! log, profile listing and identifier search, and the administration of
 //! sources and tokens.
 
-use super::identity::decode_profile;
+use super::profile_state;
 use super::{log_entry_from_row, source_from_row, SOURCE_COLUMNS};
 use crate::{LogEntry, LogFilter, StoreError, TokenInfo};
 use rusqlite::types::Value as SqlValue;
@@ -57,8 +57,12 @@ pub fn list_profiles(
         "SELECT state FROM profiles WHERE id > ?1 AND merged_into IS NULL AND state IS NOT NULL ORDER BY id LIMIT ?2",
     )?;
     let after = after.map_or(0, |id| id.0 as i64);
-    let states = statement.query_map(params![after, limit as i64], |row| row.get::<_, String>(0))?;
-    states.map(|state| decode_profile(&state?)).collect()
+    let mut rows = statement.query(params![after, limit as i64])?;
+    let mut profiles = Vec::new();
+    while let Some(row) = rows.next()? {
+        profiles.push(profile_state::decode(row.get_ref(0)?)?);
+    }
+    Ok(profiles)
 }
 
 pub fn identifiers_with_prefix(
