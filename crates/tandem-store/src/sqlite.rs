@@ -5,6 +5,7 @@
 
 mod audience;
 mod audit;
+mod checkpoint;
 mod computed;
 mod govern;
 mod identity;
@@ -479,6 +480,8 @@ pub struct SqliteStore {
     path: PathBuf,
     writer: Mutex<Connection>,
     readers: Mutex<Vec<Connection>>,
+    /// Copies the write-ahead log into the database file off the commit path.
+    _checkpointer: checkpoint::Checkpointer,
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -503,8 +506,15 @@ impl SqliteStore {
         // tables' indexes stay in memory while they are updated. Readers keep
         // SQLite's default.
         writer.pragma_update(None, "cache_size", -65_536)?;
+        writer.pragma_update(None, "wal_autocheckpoint", checkpoint::SAFETY_CHECKPOINT_PAGES)?;
         migrate(&mut writer)?;
-        Ok(SqliteStore { path, writer: Mutex::new(writer), readers: Mutex::new(Vec::new()) })
+        let checkpointer = checkpoint::Checkpointer::start(&path, open_connection)?;
+        Ok(SqliteStore {
+            path,
+            writer: Mutex::new(writer),
+            readers: Mutex::new(Vec::new()),
+            _checkpointer: checkpointer,
+        })
     }
 
     pub fn path(&self) -> &Path {
