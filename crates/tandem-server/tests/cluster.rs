@@ -91,19 +91,25 @@ mod stream {
         _dir: tempfile::TempDir,
     }
 
-    fn options(log: StreamOptions, dir: &tempfile::TempDir) -> ServerOptions {
+    fn options(log: Option<StreamOptions>, dir: &tempfile::TempDir) -> ServerOptions {
         ServerOptions {
             listen: "127.0.0.1:0".parse().unwrap(),
             dedup_window: DEFAULT_DEDUP_WINDOW,
             import_dir: dir.path().join("imports"),
             resolver_cache_profiles: tandem_server::resolve::DEFAULT_CACHE_PROFILES,
-            log: Some(log),
+            log,
             pii: Default::default(),
             consent_default: Default::default(),
         }
     }
 
     fn start_node(runtime: &tokio::runtime::Runtime, store: Arc<dyn Store>, log: StreamOptions) -> Node {
+        start_server(runtime, store, Some(log))
+    }
+
+    /// A whole server over `store`: ingesting through the stream `log`, or
+    /// appending to the store's own log (embedded mode) without one.
+    fn start_server(runtime: &tokio::runtime::Runtime, store: Arc<dyn Store>, log: Option<StreamOptions>) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let running = runtime.block_on(tandem_server::start(store, &options(log, &dir))).unwrap();
         let state = running.state();
@@ -121,9 +127,13 @@ mod stream {
 
     impl Node {
         /// Stops the node the way SIGTERM does; its leases go with it.
-        fn stop(mut self, runtime: &tokio::runtime::Runtime) {
-            let _ = self.stop.take().unwrap().send(());
-            runtime.block_on(self.served.take().unwrap()).unwrap();
+        fn stop(self, runtime: &tokio::runtime::Runtime) {
+            let Node { app, state, stop, served, _dir } = self;
+            // An embedded server's log writer stops once every handle to it
+            // (the router's state) is gone.
+            drop((app, state));
+            let _ = stop.unwrap().send(());
+            runtime.block_on(served.unwrap()).unwrap();
         }
     }
 
@@ -424,6 +434,79 @@ mod stream {
              "traits": {"email": email}},
             {"type": "track", "userId": user, "event": "Signed Up", "messageId": format!("{prefix}-track")},
         ]})
+    }
+
+    /// A small company as SDKs would send it, the same every time: people
+    /// browse anonymously, sign in, order; some share an e-mail with
+    /// another person (a merge or a drop, as the rules decide) and some
+    /// add a second e-mail. Explicit timestamps and message ids.
+    fn company() -> Vec<Value> {
+        let start_ms = 1_767_225_600_000_i64;
+        let mut messages = Vec::new();
+        for person in 0..120_i64 {
+            let at = |step: i64| {
+                chrono::DateTime::from_timestamp_millis(start_ms + person * 60_000 + step * 1_000).unwrap().to_rfc3339()
+            };
+            let (user, anonymous) = (format!("user-{person}"), format!("anon-{person}"));
+            let email = format!("p{}@example.com", person % 100);
+            let plan = if person % 3 == 0 { "pro" } else { "free" };
+            messages.push(json!({"type": "page", "anonymousId": anonymous, "name": "Home",
+                                 "timestamp": at(0), "messageId": format!("{person}-page")}));
+            messages.push(json!({"type": "identify", "anonymousId": anonymous, "userId": user,
+                                 "traits": {"email": email, "plan": plan},
+                                 "timestamp": at(1), "messageId": format!("{person}-identify")}));
+            messages.push(json!({"type": "track", "userId": user, "event": "Order Completed",
+                                 "properties": {"total": person * 7 % 90},
+                                 "timestamp": at(2), "messageId": format!("{person}-order")}));
+            if person % 10 == 0 {
+                messages.push(json!({"type": "identify", "userId": user,
+                                     "traits": {"email": format!("second-{person}@example.com")},
+                                     "timestamp": at(3), "messageId": format!("{person}-second")}));
+            }
+        }
+        messages
+    }
+
+    #[test]
+    fn the_same_events_give_the_same_profiles_embedded_and_through_the_stream() {
+        let Some((_database, config)) = TestDatabase::create() else { return };
+        let nats = NatsServer::start();
+        let runtime = runtime();
+        let dir = tempfile::tempdir().unwrap();
+        let embedded: Arc<dyn Store> = Arc::new(tandem_store::SqliteStore::open(dir.path()).unwrap());
+        let scaled: Arc<dyn Store> = Arc::new(PostgresStore::connect_with(config, 8).unwrap());
+        let messages = company();
+        let total = messages.len() as u64;
+        for (store, log) in [(&embedded, None), (&scaled, Some(StreamOptions::parse(&nats.url()).unwrap()))] {
+            let source = store.create_source("web", SourceKind::Website).unwrap();
+            let node = start_server(&runtime, store.clone(), log);
+            for batch in messages.chunks(50) {
+                let body = json!({ "batch": batch });
+                let (status, answer) = runtime.block_on(post(&node.app, "/v1/batch", source.write_key.as_str(), &body));
+                assert_eq!(status, StatusCode::OK, "{answer}");
+            }
+            wait_for("every event appended and resolved", || {
+                let stats = store.stats().unwrap();
+                store.head().unwrap() == LogPosition(total) && stats.resolver_position == LogPosition(total)
+            });
+            node.stop(&runtime);
+        }
+        let profiles = embedded.stats().unwrap().profiles;
+        assert!(profiles >= 100, "{profiles} profiles");
+        assert_eq!(profiles, scaled.stats().unwrap().profiles);
+        let timeline = |store: &Arc<dyn Store>, profile: &tandem_core::Profile| -> Vec<(String, i64)> {
+            let events = store.profile_events(profile.id, None, 1_000).unwrap();
+            events.into_iter().map(|event| (event.message_id.as_str().to_owned(), event.timestamp_ms)).collect()
+        };
+        for person in 0..120 {
+            let user: tandem_core::Identifier = format!("user_id:user-{person}").parse().unwrap();
+            let (one, other) =
+                (embedded.profile_by_identifier(&user).unwrap(), scaled.profile_by_identifier(&user).unwrap());
+            assert_eq!(one, other, "user-{person}: identifiers, traits, counts and ids alike");
+            if let (Some(one), Some(other)) = (one, other) {
+                assert_eq!(timeline(&embedded, &one), timeline(&scaled, &other), "user-{person}'s timeline");
+            }
+        }
     }
 
     /// A node that only collects: it publishes to `stream`, and neither
