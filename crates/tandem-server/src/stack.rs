@@ -23,7 +23,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tandem_core::govern::stack::{RegistryError, ShadowKey, StackReport, Tool, ToolInfo, ToolKind, MAX_SHADOW_SAMPLES};
-use tandem_core::govern::PiiPolicy;
 use tandem_core::WriteKey;
 use tandem_store::{Store, StoreError};
 
@@ -264,21 +263,15 @@ async fn show_report(State(state): State<AppState>, token: AdminToken) -> Result
         Ok(report_json(store, &report))
     })
     .await?;
-    if !token.sees_pii() {
-        mask_sending_addresses(&state.pii.current(), &mut shown);
-    }
-    Ok(Json(shown))
-}
-
-/// Masks the sending addresses of unregistered tools' traffic, as the PII
-/// rules mask an `ip` value: for a caller without `pii:read`.
-fn mask_sending_addresses(policy: &PiiPolicy, shown: &mut Value) {
+    // Sending addresses are of the `ip` class: shown as the caller may see them.
+    let policy = state.pii.current();
     if let Some(keys) = shown["shadow_traffic"].as_array_mut() {
         for key in keys {
-            let masked = policy.mask_json(&json!({ "ip": key["ips"].take() }));
-            key["ips"] = masked["ip"].clone();
+            let mut ips = crate::pii::shown_to(&token, &policy, json!({ "ip": key["ips"].take() }));
+            key["ips"] = ips["ip"].take();
         }
     }
+    Ok(Json(shown))
 }
 
 /// `PUT /api/v1/stack/sources/{name}` with `{"owner", "department", "purpose", "annual_cost"}`

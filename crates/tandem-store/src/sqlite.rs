@@ -508,7 +508,7 @@ impl SqliteStore {
         writer.pragma_update(None, "cache_size", -65_536)?;
         writer.pragma_update(None, "wal_autocheckpoint", checkpoint::SAFETY_CHECKPOINT_PAGES)?;
         migrate(&mut writer)?;
-        let checkpointer = checkpoint::Checkpointer::start(&path, open_connection)?;
+        let checkpointer = checkpoint::Checkpointer::start(&path)?;
         Ok(SqliteStore {
             path,
             writer: Mutex::new(writer),

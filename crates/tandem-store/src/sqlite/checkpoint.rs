@@ -33,14 +33,11 @@ pub struct Checkpointer {
 }
 
 impl Checkpointer {
-    /// Starts checkpointing the database at `path` on a connection opened by
-    /// `open`. A failed checkpoint is logged and tried again a second later;
+    /// Starts checkpointing the database at `path` on a connection of its
+    /// own. A failed checkpoint is logged and tried again a second later;
     /// the writer's safety valve covers a thread that cannot run at all.
-    pub fn start(
-        path: &Path,
-        open: fn(&Path) -> Result<Connection, crate::StoreError>,
-    ) -> Result<Checkpointer, crate::StoreError> {
-        let connection = open(path)?;
+    pub fn start(path: &Path) -> Result<Checkpointer, crate::StoreError> {
+        let connection = super::open_connection(path)?;
         let (stop, stopped) = mpsc::channel::<()>();
         std::thread::Builder::new()
             .name("tandem-checkpoint".into())
