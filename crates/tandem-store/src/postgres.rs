@@ -436,6 +436,8 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX console_sessions_by_expiry ON console_sessions (expires_at);
     CREATE INDEX console_sessions_by_token ON console_sessions (token_id) WHERE token_id IS NOT NULL;"#,
+    // 21: the owners of a range of log positions (see `sqlite.rs`, migration 27).
+    r#"CREATE INDEX profile_events_by_position ON profile_events (position) INCLUDE (profile_id);"#,
 ];
 
 /// The PostgreSQL implementation of [`crate::Store`].

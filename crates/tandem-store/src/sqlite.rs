@@ -468,6 +468,11 @@ const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     CREATE INDEX console_sessions_by_expiry ON console_sessions (expires_at);
     CREATE INDEX console_sessions_by_token ON console_sessions (token_id) WHERE token_id IS NOT NULL;",
+    // 27: the owners of a range of log positions (what the stages after the
+    // resolver ask for every batch) are found by position, not by scanning
+    // every timeline; positions only grow, so each commit appends at the
+    // index's right edge.
+    "CREATE INDEX profile_events_by_position ON profile_events (position, profile_id);",
 ];
 
 /// The `received_at` of a message id kept for good ([`Dedup::Forever`]).
@@ -946,6 +951,10 @@ impl EventLog for SqliteStore {
     }
 }
 
+/// The profile of each event in a range of log positions; read by every
+/// stage after the resolver once per batch, so it must seek, not scan.
+const EVENT_OWNERS: &str = "SELECT position, profile_id FROM profile_events WHERE position > ?1 AND position <= ?2";
+
 impl IdentityStore for SqliteStore {
     fn identity_state(&self) -> Result<IdentityState, StoreError> {
         self.with_reader(identity::state)
@@ -1069,9 +1078,7 @@ impl IdentityStore for SqliteStore {
         up_to: LogPosition,
     ) -> Result<Vec<(LogPosition, ProfileId)>, StoreError> {
         self.with_reader(|connection| {
-            let mut statement = connection.prepare_cached(
-                "SELECT position, profile_id FROM profile_events WHERE position > ?1 AND position <= ?2",
-            )?;
+            let mut statement = connection.prepare_cached(EVENT_OWNERS)?;
             let rows = statement.query_map(params![after.0 as i64, up_to.0 as i64], |row| {
                 Ok((LogPosition(row.get::<_, i64>(0)? as u64), ProfileId(row.get::<_, i64>(1)? as u64)))
             })?;
@@ -1384,6 +1391,27 @@ mod tests {
             .map(|entry| (entry.position.0, entry.timestamp_ms))
             .collect();
         assert_eq!(timeline, vec![(1, 900), (2, 100)], "old links gain their event's time");
+    }
+
+    /// Regression: the owners of a range of positions were found by scanning
+    /// every profile's timeline, so each batch of the stages after the
+    /// resolver cost time in proportion to the whole log.
+    #[test]
+    fn regression_event_owners_seek_by_position_rather_than_scan_every_timeline() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(SqliteStore::open(dir.path()).unwrap());
+        let connection = Connection::open(dir.path().join(DATABASE_FILE)).unwrap();
+        let plan: Vec<String> = connection
+            .prepare(&format!("EXPLAIN QUERY PLAN {EVENT_OWNERS}"))
+            .unwrap()
+            .query_map(params![0, 10], |row| row.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            plan.iter().any(|step| step.contains("USING COVERING INDEX profile_events_by_position")),
+            "{plan:?}"
+        );
     }
 
     #[test]
