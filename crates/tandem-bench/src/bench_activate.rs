@@ -166,6 +166,95 @@ fn millis(duration: Duration) -> String {
     format!("{:.1} ms", duration.as_secs_f64() * 1000.0)
 }
 
+/// One histogram's cumulative bucket counts as `/metrics` shows them, by
+/// upper bound (seconds), in increasing order.
+type Buckets = Vec<(f64, f64)>;
+
+/// Reads the buckets of histogram `name` whose labels include `label`
+/// (`key="value"`) from the server's `/metrics`.
+fn scrape_histogram(options: &Options, name: &str, label: &str) -> anyhow::Result<Buckets> {
+    let text = ureq::get(&format!("{}/metrics", options.url)).call()?.body_mut().read_to_string()?;
+    Ok(histogram_buckets(&text, name, label))
+}
+
+fn histogram_buckets(text: &str, name: &str, label: &str) -> Buckets {
+    let prefix = format!("{name}_bucket{{");
+    let mut buckets: Buckets = text
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(&prefix)?;
+            let (labels, count) = rest.split_once("} ")?;
+            if !labels.split(',').any(|pair| pair == label) {
+                return None;
+            }
+            let bound = labels.split(',').find_map(|pair| pair.strip_prefix("le=\""))?.trim_end_matches('"');
+            let bound = if bound == "+Inf" { f64::INFINITY } else { bound.parse().ok()? };
+            Some((bound, count.trim().parse().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    buckets
+}
+
+/// The `fraction` percentile of what a histogram counted between two
+/// scrapes, interpolated linearly inside its bucket; `None` when nothing
+/// was counted.
+fn histogram_percentile(before: &Buckets, after: &Buckets, fraction: f64) -> Option<Duration> {
+    let counted = |bound: f64| before.iter().find(|(b, _)| *b == bound).map_or(0.0, |(_, count)| *count);
+    let delta: Vec<(f64, f64)> = after.iter().map(|(bound, count)| (*bound, count - counted(*bound))).collect();
+    let total = delta.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = total * fraction;
+    let (mut lower, mut below) = (0.0, 0.0);
+    for (bound, count) in delta {
+        if count >= rank {
+            let upper = if bound.is_finite() { bound } else { lower * 2.0 };
+            let share = if count > below { (rank - below) / (count - below) } else { 1.0 };
+            return Some(Duration::from_secs_f64(lower + (upper - lower) * share));
+        }
+        (lower, below) = (bound, count);
+    }
+    None
+}
+
+/// The server's own histograms, read before and after a run, for where the
+/// time of an audience entry goes.
+struct StageHistograms {
+    rows: Vec<(&'static str, &'static str, String)>,
+    before: Vec<Buckets>,
+}
+
+impl StageHistograms {
+    fn scrape(options: &Options, destination: &str) -> anyhow::Result<StageHistograms> {
+        let rows = vec![
+            ("received -> resolver committed", "tandem_stage_event_age_seconds", "stage=\"resolve\"".to_owned()),
+            ("received -> audience committed", "tandem_stage_event_age_seconds", "stage=\"audience\"".to_owned()),
+            (
+                "enqueued -> webhook accepted",
+                "tandem_destination_delivery_wait_seconds",
+                format!("destination=\"{destination}\""),
+            ),
+        ];
+        let before = rows
+            .iter()
+            .map(|(_, name, label)| scrape_histogram(options, name, label))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(StageHistograms { rows, before })
+    }
+
+    fn print(&self, options: &Options) -> anyhow::Result<()> {
+        println!("per stage (the server's histograms; bucket-interpolated):");
+        for ((title, name, label), before) in self.rows.iter().zip(&self.before) {
+            let after = scrape_histogram(options, name, label)?;
+            let shown = |fraction| histogram_percentile(before, &after, fraction).map_or("-".to_owned(), millis);
+            println!("  {title:<32} p50 {}  p99 {}", shown(0.50), shown(0.99));
+        }
+        Ok(())
+    }
+}
+
 fn latency(options: &Options, received: &Arc<Received>, receiver: u16) -> anyhow::Result<()> {
     let audience = format!("{}-buyers", options.name);
     admin(
@@ -174,12 +263,13 @@ fn latency(options: &Options, received: &Arc<Received>, receiver: u16) -> anyhow
         "/api/v1/audiences",
         Some(json!({"name": audience, "rule": {"text": "performed \"Order Completed\""}})),
     )?;
+    let destination = format!("{}-entries", options.name);
     admin(
         options,
         "POST",
         "/api/v1/destinations",
         Some(json!({
-            "name": format!("{}-entries", options.name),
+            "name": destination,
             "destination": {"kind": "webhook", "url": format!("http://127.0.0.1:{receiver}/")},
             "audiences": [{"name": audience, "traits": ["bench_id"]}],
         })),
@@ -189,6 +279,7 @@ fn latency(options: &Options, received: &Arc<Received>, receiver: u16) -> anyhow
     let people_per_second = (options.rate / 2).max(1);
     let total = people_per_second * options.seconds;
     let connections = 8u64;
+    let stages = StageHistograms::scrape(options, &destination)?;
     let acknowledged: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
     let start = Instant::now();
     let run = chrono::Utc::now().timestamp_millis();
@@ -247,6 +338,7 @@ fn latency(options: &Options, received: &Arc<Received>, receiver: u16) -> anyhow
         millis(percentile(&latencies, 0.99)),
         millis(latencies.last().copied().unwrap_or_default()),
     );
+    stages.print(options)?;
     if latencies.len() < total as usize {
         bail!("{} entries never arrived", total as usize - latencies.len());
     }
@@ -322,5 +414,30 @@ fn main() -> anyhow::Result<()> {
     match options.mode {
         Mode::Latency => latency(&options, &received, receiver),
         Mode::Throughput => throughput(&options, &received, receiver),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_percentile_is_read_from_what_a_histogram_counted_between_two_scrapes() {
+        let scrape = |counts: [u32; 4]| {
+            format!(
+                "tandem_x_bucket{{le=\"0.01\",stage=\"a\"}} {}\ntandem_x_bucket{{le=\"0.02\",stage=\"a\"}} {}\n\
+                 tandem_x_bucket{{le=\"0.04\",stage=\"a\"}} {}\ntandem_x_bucket{{le=\"+Inf\",stage=\"a\"}} {}\n\
+                 tandem_x_bucket{{le=\"0.01\",stage=\"b\"}} 7\n",
+                counts[0], counts[1], counts[2], counts[3]
+            )
+        };
+        let before = histogram_buckets(&scrape([5, 5, 5, 5]), "tandem_x", "stage=\"a\"");
+        assert_eq!(before.len(), 4, "only the series asked for: {before:?}");
+        // Between the scrapes: 50 at most 10 ms, 48 between 10 and 20 ms, 2 between 20 and 40 ms.
+        let after = histogram_buckets(&scrape([55, 103, 105, 105]), "tandem_x", "stage=\"a\"");
+        let at = |fraction| histogram_percentile(&before, &after, fraction).unwrap().as_secs_f64();
+        assert!((at(0.50) - 0.010).abs() < 1e-9, "{}", at(0.50));
+        assert!((at(0.99) - 0.030).abs() < 1e-9, "{}", at(0.99));
+        assert_eq!(histogram_percentile(&before, &before, 0.5), None, "nothing counted");
     }
 }

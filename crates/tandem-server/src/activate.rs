@@ -358,6 +358,10 @@ impl OutboxStage {
         match self.store.commit_outbox(&commit)? {
             OutboxCommitOutcome::Committed => {
                 self.committed(&commit);
+                if let Some(metrics) = &self.metrics {
+                    let received = entries.iter().map(|entry| entry.received_at_ms);
+                    metrics.observe_event_ages("outbox", chrono::Utc::now().timestamp_millis(), received);
+                }
                 Ok(entries.len())
             }
             // Another node's stage enqueued these; read on from its cursor.
@@ -592,6 +596,8 @@ impl DeliveryWorker {
                 let ids: Vec<_> = batch.iter().map(|item| item.id).collect();
                 self.store.mark_delivered(&self.name, &ids)?;
                 self.metrics.count_destination_items(&self.name, "delivered", ids.len() as u64);
+                let enqueued = batch.iter().filter_map(|item| item.enqueued_at_ms);
+                self.metrics.observe_delivery_waits(&self.name, (self.clock)(), enqueued);
                 self.after_delivery = Some((record, read_at));
                 Ok(DeliveryReport::Delivered(ids.len()))
             }
@@ -773,6 +779,7 @@ pub fn send_test(store: &dyn Store, name: &str, now_ms: i64) -> Result<Result<Re
         first_failed_at_ms: None,
         next_attempt_at_ms: 0,
         last_error: None,
+        enqueued_at_ms: None,
     };
     // A test never writes snapshots: the sample is no real change.
     let mut definition = record.definition.clone();
@@ -1416,7 +1423,7 @@ mod tests {
             store.clone(),
             stages.clone(),
             system_clock(),
-            metrics,
+            metrics.clone(),
             stop.clone(),
             ConsentDefault::default(),
             AN_HOUR,
@@ -1456,6 +1463,17 @@ mod tests {
         assert!(kinds.contains(&"track") && kinds.contains(&"audience"), "{delivered:?}");
         let entry = delivered.iter().find(|item| item["type"] == "audience").unwrap();
         assert_eq!((entry["audience"].as_str(), entry["change"].as_str()), (Some("buyers"), Some("entered")));
+        // Each hop is measured: the event's age at each stage's commit, and
+        // both items' wait in the outbox.
+        let text = metrics.render();
+        for series in [
+            r#"tandem_stage_event_age_seconds_count{stage="resolve"} 1"#,
+            r#"tandem_stage_event_age_seconds_count{stage="audience"} 1"#,
+            r#"tandem_stage_event_age_seconds_count{stage="outbox"} 1"#,
+            r#"tandem_destination_delivery_wait_seconds_count{destination="hooks"} 2"#,
+        ] {
+            assert!(text.contains(series), "{series} missing from:\n{text}");
+        }
     }
 
     #[test]

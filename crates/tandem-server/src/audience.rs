@@ -575,7 +575,12 @@ impl AudienceStage {
             }
             evaluate(audiences, &mut work, now, at_ms, &mut commit);
         }
-        self.commit(&commit)?;
+        if self.commit(&commit)? {
+            if let Some(metrics) = &self.metrics {
+                let received = entries.iter().map(|entry| entry.received_at_ms);
+                metrics.observe_event_ages("audience", Utc::now().timestamp_millis(), received);
+            }
+        }
         Ok(entries.len())
     }
 

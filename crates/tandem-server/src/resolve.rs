@@ -243,6 +243,8 @@ impl Resolver {
         let mut batch = BatchChanges::default();
         let mut to = self.resolved;
         let mut resolved = 0;
+        // When each event of the batch was received, for the age metric.
+        let mut received_at_ms = Vec::new();
         // A batch also ends once it has touched half the cache's profiles:
         // they stay in memory until its commit is durable, beside those of
         // the batch resolved meanwhile.
@@ -262,6 +264,7 @@ impl Resolver {
                 }
                 to = chunk.last().expect("chunks are not empty").position;
                 resolved += chunk.len();
+                received_at_ms.extend(chunk.iter().map(|entry| entry.received_at_ms));
                 if batch.touched.len() >= touched_bound {
                     break 'reading;
                 }
@@ -299,18 +302,19 @@ impl Resolver {
         self.evict();
         let store = self.store.clone();
         let progress = self.progress.clone();
-        let commit_duration = self.metrics.resolver_commit_duration.clone();
+        let metrics = self.metrics.clone();
         let commit = std::thread::Builder::new()
             .name("tandem-resolver-commit".into())
             .spawn(move || {
                 let writing = Instant::now();
                 let outcome = store.commit_identity(&commit);
-                commit_duration.observe(writing.elapsed().as_secs_f64());
+                metrics.resolver_commit_duration.observe(writing.elapsed().as_secs_f64());
                 // Published from here, not when the resolver next looks:
                 // the stages after it start on the batch while the
                 // resolver is busy with the next one.
                 if matches!(outcome, Ok(CommitOutcome::Committed)) {
                     progress.publish(to);
+                    metrics.observe_event_ages("resolve", chrono::Utc::now().timestamp_millis(), received_at_ms);
                 }
                 outcome
             })

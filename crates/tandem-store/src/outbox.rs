@@ -102,6 +102,9 @@ pub struct OutboxItem {
     /// Not attempted before this instant (0 for a new item).
     pub next_attempt_at_ms: i64,
     pub last_error: Option<String>,
+    /// When the item was first enqueued (milliseconds); `None` for an item
+    /// that predates the column.
+    pub enqueued_at_ms: Option<i64>,
 }
 
 /// An item that ran out of retries, kept with the last error.

@@ -394,6 +394,7 @@ mod tests {
             first_failed_at_ms: None,
             next_attempt_at_ms: 0,
             last_error: None,
+            enqueued_at_ms: None,
         }
     }
 

@@ -50,6 +50,7 @@ fn decode_item(row: &Row) -> Result<OutboxItem, StoreError> {
         first_failed_at_ms: row.try_get(5)?,
         next_attempt_at_ms: row.try_get(6)?,
         last_error: row.try_get(7)?,
+        enqueued_at_ms: row.try_get(8)?,
     })
 }
 
@@ -197,7 +198,8 @@ impl OutboxStore for PostgresStore {
         self.with_client(|client| {
             client
                 .query(
-                    "SELECT id, destination, position, payload, attempts, first_failed_at, next_attempt_at, last_error
+                    "SELECT id, destination, position, payload, attempts, first_failed_at, next_attempt_at, last_error,
+                            enqueued_at
                      FROM outbox WHERE destination = $1 ORDER BY id LIMIT $2",
                     &[&destination, &(limit as i64)],
                 )?

@@ -253,7 +253,7 @@ impl InsightStore for SqliteStore {
     }
 
     fn commit_insight(&self, insight: &InsightCommit) -> Result<InsightCommitOutcome, StoreError> {
-        self.with_writer(|connection| commit(connection, insight))
+        self.with_stage_writer(|connection| commit(connection, insight))
     }
 
     fn insight_counters(&self) -> Result<InsightCounters, StoreError> {

@@ -86,6 +86,7 @@ fn item_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxItem> {
         first_failed_at_ms: row.get(5)?,
         next_attempt_at_ms: row.get(6)?,
         last_error: row.get(7)?,
+        enqueued_at_ms: row.get(8)?,
     })
 }
 
@@ -190,7 +191,7 @@ impl OutboxStore for SqliteStore {
     }
 
     fn commit_outbox(&self, outbox_commit: &OutboxCommit) -> Result<OutboxCommitOutcome, StoreError> {
-        self.with_writer(|connection| commit(connection, outbox_commit))
+        self.with_stage_writer(|connection| commit(connection, outbox_commit))
     }
 
     fn membership_changes_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, MembershipChange)>, StoreError> {
@@ -216,7 +217,8 @@ impl OutboxStore for SqliteStore {
     fn outbox_head(&self, destination: &str, limit: usize) -> Result<Vec<OutboxItem>, StoreError> {
         self.with_reader(|connection| {
             let mut statement = connection.prepare_cached(
-                "SELECT id, destination, position, payload, attempts, first_failed_at, next_attempt_at, last_error
+                "SELECT id, destination, position, payload, attempts, first_failed_at, next_attempt_at, last_error,
+                        enqueued_at
                  FROM outbox WHERE destination = ?1 ORDER BY id LIMIT ?2",
             )?;
             let items = statement.query_map(params![destination, limit as i64], item_from_row)?;
@@ -225,7 +227,7 @@ impl OutboxStore for SqliteStore {
     }
 
     fn mark_delivered(&self, destination: &str, ids: &[OutboxItemId]) -> Result<(), StoreError> {
-        self.with_writer(|connection| {
+        self.with_stage_writer(|connection| {
             let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut removed = 0;
             {
@@ -246,7 +248,7 @@ impl OutboxStore for SqliteStore {
     }
 
     fn record_failure(&self, id: OutboxItemId, failure: &FailedAttempt) -> Result<(), StoreError> {
-        self.with_writer(|connection| {
+        self.with_stage_writer(|connection| {
             let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
             match failure {
                 FailedAttempt::Retry { first_failed_at_ms, next_attempt_at_ms, error } => {
