@@ -31,6 +31,7 @@ pub mod pii;
 pub mod plan_api;
 pub mod profile;
 pub mod progress;
+pub(crate) mod read_through;
 pub mod resolve;
 pub mod sdk_settings;
 pub mod stack;

@@ -33,6 +33,7 @@ const RETRY_FOR: Duration = Duration::from_secs(45);
 struct Answer {
     sent: Instant,
     answered: Instant,
+    /// 0 when no HTTP answer came (the connection failed).
     status: u16,
     body: String,
 }
@@ -135,7 +136,7 @@ fn send_until_stopped(nodes: &Mutex<Vec<String>>, stop: &AtomicBool, write_key: 
                     report.answers.push(Answer { sent, answered, status, body: text });
                 }
                 // The node is gone (killed, or restarting on a new port).
-                Err(_) => {}
+                Err(error) => report.answers.push(Answer { sent, answered, status: 0, body: error.to_string() }),
             }
             assert!(first_sent.elapsed() < RETRY_FOR, "no node answered 200 for a batch within {RETRY_FOR:?}");
             std::thread::sleep(Duration::from_millis(50));
@@ -253,7 +254,9 @@ fn three_nodes_and_three_nats_servers_lose_a_node_the_resolver_and_a_nats_server
     std::thread::sleep(Duration::from_secs(2));
 
     // A NATS server: the stream's leader when one is known.
-    let server = nats.stream_leader(DEFAULT_STREAM_NAME).unwrap_or(0);
+    let leader = nats.stream_leader(DEFAULT_STREAM_NAME);
+    let server = leader.unwrap_or(0);
+    eprintln!("killing nats server {server} (the stream's leader: {leader:?})");
     nats.kill(server);
     std::thread::sleep(Duration::from_secs(2));
     nats.restart(server);
@@ -261,6 +264,9 @@ fn three_nodes_and_three_nats_servers_lose_a_node_the_resolver_and_a_nats_server
     let report = load.finish();
     let acknowledged = report.acknowledged_ids().len();
     assert!(acknowledged >= 1_000, "the load ran ({acknowledged} events acknowledged)");
+    let retried = report.answers.iter().filter(|answer| answer.status != 200).count();
+    eprintln!("{acknowledged} events acknowledged; {retried} requests answered 503 or not at all, and sent again");
+    let catching_up = Instant::now();
 
     // Everything drained and resolved.
     let status = eventually(60, "the drain and the resolver catching up", || {
@@ -270,6 +276,7 @@ fn three_nodes_and_three_nats_servers_lose_a_node_the_resolver_and_a_nats_server
             && status["head"].as_u64() == Some(acknowledged as u64))
         .then_some(status)
     });
+    eprintln!("drained and resolved {} ms after the load stopped", catching_up.elapsed().as_millis());
     let logged = logged_message_ids(data, &store);
     assert_logged_once(&report, &logged);
 
@@ -302,9 +309,14 @@ struct Outage {
 }
 
 /// A node on a private PostgreSQL (with an event stream when `log` is
-/// given) under load while PostgreSQL stops for a few seconds and starts
+/// given) under load while PostgreSQL stops for `down_for` and starts
 /// again; returns the node, still serving, and what the load saw.
-fn run_through_a_postgres_restart(postgres: &PrivateCluster, data: &Path, log: Option<&str>) -> (Server, Outage) {
+fn run_through_a_postgres_restart(
+    postgres: &PrivateCluster,
+    data: &Path,
+    log: Option<&str>,
+    down_for: Duration,
+) -> (Server, Outage) {
     let store = postgres.url();
     let source: Value =
         serde_json::from_str(&tandem(data, &["--store", &store, "source", "create", "web", "--json"])).unwrap();
@@ -313,13 +325,27 @@ fn run_through_a_postgres_restart(postgres: &PrivateCluster, data: &Path, log: O
     std::thread::sleep(Duration::from_millis(1_500));
     postgres.stop();
     let stopped = Instant::now();
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(down_for);
     let restarted = Instant::now();
     postgres.start_again();
+    let started_in = restarted.elapsed();
     // The load retries what was refused until it is answered 200; give the
     // node a moment of normal work after PostgreSQL is back.
     std::thread::sleep(Duration::from_millis(1_500));
     let report = load.finish();
+    let first_after = report
+        .answers
+        .iter()
+        .filter(|answer| answer.sent >= restarted && answer.status == 200)
+        .map(|answer| answer.answered)
+        .min();
+    eprintln!(
+        "postgresql down for {down_for:?}: {} answers while it was down, {} of them 503; the first 200 came {:?} after it was started again (pg_ctl start -w took {:?})",
+        report.answers.iter().filter(|answer| answer.sent >= stopped && answer.answered <= restarted).count(),
+        report.answers.iter().filter(|answer| answer.sent >= stopped && answer.answered <= restarted && answer.status == 503).count(),
+        first_after.map(|at| at - restarted),
+        started_in,
+    );
     (node, Outage { report, stopped, restarted })
 }
 
@@ -327,7 +353,7 @@ fn run_through_a_postgres_restart(postgres: &PrivateCluster, data: &Path, log: O
 fn a_node_refuses_events_while_postgres_is_down_and_takes_them_again_when_it_is_back() {
     let Some(postgres) = PrivateCluster::start() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let (node, outage) = run_through_a_postgres_restart(&postgres, dir.path(), None);
+    let (node, outage) = run_through_a_postgres_restart(&postgres, dir.path(), None, Duration::from_secs(3));
     let answers = &outage.report.answers;
     let while_down: Vec<&Answer> =
         answers.iter().filter(|answer| answer.sent >= outage.stopped && answer.answered <= outage.restarted).collect();
@@ -349,7 +375,9 @@ fn a_node_with_an_event_stream_keeps_taking_events_while_postgres_is_down() {
     let Some(postgres) = PrivateCluster::start() else { return };
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let (node, outage) = run_through_a_postgres_restart(&postgres, dir.path(), Some(&nats.url()));
+    // Longer than a node trusts a write key or a tracking plan it read.
+    let down_for = tandem_server::auth::CACHE_TTL.max(tandem_server::govern::PLAN_CACHE_TTL) + Duration::from_secs(2);
+    let (node, outage) = run_through_a_postgres_restart(&postgres, dir.path(), Some(&nats.url()), down_for);
     let refused: Vec<&Answer> = outage.report.answers.iter().filter(|answer| answer.status != 200).collect();
     assert!(refused.is_empty(), "JetStream holds the events, yet {} were refused: {}", refused.len(), refused[0].body);
     let while_down = outage
