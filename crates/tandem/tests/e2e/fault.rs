@@ -60,18 +60,21 @@ struct Load {
 
 impl Load {
     /// Starts `workers` threads, each sending batches of [`BATCH`] track
-    /// events spread over [`USERS`] users, in turn to each node of `nodes`.
+    /// events spread over [`USERS`] users, in turn to each node of `nodes`,
+    /// pausing `pace` after each batch answered 200.
     /// A batch not answered 200 (the node is gone, or answered 503) is sent
     /// again, with the same messageIds, to the next node until one answers
     /// 200, as an SDK retries; any other answer fails the test.
-    fn start(write_key: &str, nodes: Vec<String>, workers: usize, run: &str) -> Load {
+    fn start(write_key: &str, nodes: Vec<String>, workers: usize, pace: Duration, run: &str) -> Load {
         let nodes = Arc::new(Mutex::new(nodes));
         let stop = Arc::new(AtomicBool::new(false));
         let threads = (0..workers)
             .map(|worker| {
                 let (nodes, stop, write_key) = (nodes.clone(), stop.clone(), write_key.to_owned());
                 let run = run.to_owned();
-                std::thread::spawn(move || send_until_stopped(&nodes, &stop, &write_key, &format!("{run}-w{worker}")))
+                std::thread::spawn(move || {
+                    send_until_stopped(&nodes, &stop, &write_key, pace, &format!("{run}-w{worker}"))
+                })
             })
             .collect();
         Load { nodes, stop, threads }
@@ -97,7 +100,13 @@ impl Load {
     }
 }
 
-fn send_until_stopped(nodes: &Mutex<Vec<String>>, stop: &AtomicBool, write_key: &str, prefix: &str) -> LoadReport {
+fn send_until_stopped(
+    nodes: &Mutex<Vec<String>>,
+    stop: &AtomicBool,
+    write_key: &str,
+    pace: Duration,
+    prefix: &str,
+) -> LoadReport {
     let agent = agent();
     let mut report = LoadReport::default();
     let mut turn = 0;
@@ -129,6 +138,7 @@ fn send_until_stopped(nodes: &Mutex<Vec<String>>, stop: &AtomicBool, write_key: 
                     for (id, user) in &events {
                         report.acknowledged.entry(user.clone()).or_default().insert(id.clone());
                     }
+                    std::thread::sleep(pace);
                     break;
                 }
                 Ok((status, text)) => {
@@ -227,7 +237,7 @@ fn three_nodes_and_three_nats_servers_lose_a_node_the_resolver_and_a_nats_server
         assert!(holding.len() <= 1, "nodes {holding:?} all hold the resolver lease");
         holding.first().copied()
     });
-    let load = Load::start(write_key, urls(&nodes), 3, "cluster");
+    let load = Load::start(write_key, urls(&nodes), 3, Duration::ZERO, "cluster");
     std::thread::sleep(Duration::from_secs(2));
 
     // A node not running the resolver (the drain's, when that is another).
@@ -316,12 +326,13 @@ fn run_through_a_postgres_restart(
     data: &Path,
     log: Option<&str>,
     down_for: Duration,
+    pace: Duration,
 ) -> (Server, Outage) {
     let store = postgres.url();
     let source: Value =
         serde_json::from_str(&tandem(data, &["--store", &store, "source", "create", "web", "--json"])).unwrap();
     let node = serve(data, &store, log);
-    let load = Load::start(source["write_key"].as_str().unwrap(), vec![node.url.clone()], 2, "outage");
+    let load = Load::start(source["write_key"].as_str().unwrap(), vec![node.url.clone()], 2, pace, "outage");
     std::thread::sleep(Duration::from_millis(1_500));
     postgres.stop();
     let stopped = Instant::now();
@@ -353,7 +364,8 @@ fn run_through_a_postgres_restart(
 fn a_node_refuses_events_while_postgres_is_down_and_takes_them_again_when_it_is_back() {
     let Some(postgres) = PrivateCluster::start() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let (node, outage) = run_through_a_postgres_restart(&postgres, dir.path(), None, Duration::from_secs(3));
+    let (node, outage) =
+        run_through_a_postgres_restart(&postgres, dir.path(), None, Duration::from_secs(3), Duration::ZERO);
     let answers = &outage.report.answers;
     let while_down: Vec<&Answer> =
         answers.iter().filter(|answer| answer.sent >= outage.stopped && answer.answered <= outage.restarted).collect();
@@ -375,9 +387,11 @@ fn a_node_with_an_event_stream_keeps_taking_events_while_postgres_is_down() {
     let Some(postgres) = PrivateCluster::start() else { return };
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
-    // Longer than a node trusts a write key or a tracking plan it read.
+    // Longer than a node trusts a write key or a tracking plan it read; the
+    // load paced, as what JetStream holds meanwhile is drained afterwards.
     let down_for = tandem_server::auth::CACHE_TTL.max(tandem_server::govern::PLAN_CACHE_TTL) + Duration::from_secs(2);
-    let (node, outage) = run_through_a_postgres_restart(&postgres, dir.path(), Some(&nats.url()), down_for);
+    let (node, outage) =
+        run_through_a_postgres_restart(&postgres, dir.path(), Some(&nats.url()), down_for, Duration::from_millis(50));
     let refused: Vec<&Answer> = outage.report.answers.iter().filter(|answer| answer.status != 200).collect();
     assert!(refused.is_empty(), "JetStream holds the events, yet {} were refused: {}", refused.len(), refused[0].body);
     let while_down = outage
