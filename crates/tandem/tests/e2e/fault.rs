@@ -243,6 +243,7 @@ fn three_nodes_and_three_nats_servers_lose_a_node_the_resolver_and_a_nats_server
     // A node not running the resolver (the drain's, when that is another).
     let drain = holders(&urls(&nodes), "drain");
     let victim = drain.into_iter().find(|&index| index != resolver).unwrap_or((resolver + 1) % 3);
+    eprintln!("killing node {victim}, holding {}", health(&nodes[victim].url).unwrap()["leases"]);
     let restarted = kill_and_restart(&mut nodes, victim, &dirs[victim], &store, &log);
     load.replace_node(victim, &restarted);
     std::thread::sleep(Duration::from_secs(2));
@@ -251,6 +252,7 @@ fn three_nodes_and_three_nats_servers_lose_a_node_the_resolver_and_a_nats_server
     let resolver =
         eventually(10, "a node holding the resolver lease", || holders(&urls(&nodes), "resolve").first().copied());
     let others: Vec<String> = (0..3).filter(|&index| index != resolver).map(|index| nodes[index].url.clone()).collect();
+    eprintln!("killing node {resolver}, holding {}", health(&nodes[resolver].url).unwrap()["leases"]);
     let killed_at = Instant::now();
     nodes.remove(resolver).kill_hard();
     eventually(10, "a surviving node taking over the resolver lease", || {
@@ -316,6 +318,8 @@ struct Outage {
     report: LoadReport,
     stopped: Instant,
     restarted: Instant,
+    /// `/health`'s status half a second into the outage.
+    health_while_down: u16,
 }
 
 /// A node on a private PostgreSQL (with an event stream when `log` is
@@ -336,7 +340,9 @@ fn run_through_a_postgres_restart(
     std::thread::sleep(Duration::from_millis(1_500));
     postgres.stop();
     let stopped = Instant::now();
-    std::thread::sleep(down_for);
+    std::thread::sleep(Duration::from_millis(500));
+    let health_while_down = agent().get(&format!("{}/health", node.url)).call().unwrap().status().as_u16();
+    std::thread::sleep(down_for.saturating_sub(stopped.elapsed()));
     let restarted = Instant::now();
     postgres.start_again();
     let started_in = restarted.elapsed();
@@ -357,7 +363,7 @@ fn run_through_a_postgres_restart(
         first_after.map(|at| at - restarted),
         started_in,
     );
-    (node, Outage { report, stopped, restarted })
+    (node, Outage { report, stopped, restarted, health_while_down })
 }
 
 #[test]
@@ -370,6 +376,7 @@ fn a_node_refuses_events_while_postgres_is_down_and_takes_them_again_when_it_is_
     let while_down: Vec<&Answer> =
         answers.iter().filter(|answer| answer.sent >= outage.stopped && answer.answered <= outage.restarted).collect();
     assert!(!while_down.is_empty(), "the load sent requests while postgresql was stopped");
+    assert_eq!(outage.health_while_down, 503, "/health while postgresql was stopped");
     for answer in &while_down {
         assert_eq!(answer.status, 503, "answered while postgresql was stopped: {}", answer.body);
         let body: Value = serde_json::from_str(&answer.body).unwrap_or_else(|_| panic!("not JSON: {}", answer.body));
