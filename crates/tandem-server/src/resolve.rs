@@ -126,7 +126,7 @@ pub(crate) struct RateLimitedWarning {
 }
 
 impl RateLimitedWarning {
-    pub(crate) fn new(interval: Duration) -> Self {
+    pub(crate) const fn new(interval: Duration) -> Self {
         RateLimitedWarning { interval, last: None, suppressed: 0 }
     }
 

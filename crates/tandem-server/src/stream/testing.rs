@@ -48,13 +48,27 @@ fn storage_dir() -> PathBuf {
     dir
 }
 
-fn spawn(binary: &Path, args: &[String], dir: &Path) -> Child {
+/// `count` distinct free ports, all bound at once so none is handed out twice.
+fn free_ports(count: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..count).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    listeners.iter().map(|listener| listener.local_addr().unwrap().port()).collect()
+}
+
+/// Starts the server on storage directory `dir`; its output goes to `log`
+/// (appended, so a restart keeps what came before) when given.
+fn spawn(binary: &Path, args: &[String], dir: &Path, log: Option<&Path>) -> Child {
+    let output = || match log {
+        Some(log) => Stdio::from(
+            std::fs::OpenOptions::new().create(true).append(true).open(log).expect("opening the nats-server log"),
+        ),
+        None => Stdio::null(),
+    };
     Command::new(binary)
         .args(args)
         .arg("-sd")
         .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stdout(output())
+        .stderr(output())
         .spawn()
         .unwrap_or_else(|error| panic!("cannot start {}: {error}", binary.display()))
 }
@@ -87,7 +101,7 @@ impl NatsServer {
         let port = free_port();
         let dir = storage_dir();
         let args = ["-js", "-a", "127.0.0.1", "-p", &port.to_string()].map(str::to_owned);
-        let child = spawn(&binary(), &args, &dir);
+        let child = spawn(&binary(), &args, &dir, None);
         let server = NatsServer { child, dir, port };
         wait_for_port(port);
         server
@@ -118,6 +132,11 @@ struct Member {
 }
 
 impl Member {
+    /// Where the server's output goes: beside its storage directory, removed with it.
+    fn log(&self) -> PathBuf {
+        self.dir.join("server.log")
+    }
+
     fn monitor(&self, path: &str) -> Option<Value> {
         let mut response = ureq::get(&format!("http://127.0.0.1:{}{path}", self.monitor_port)).call().ok()?;
         serde_json::from_str(&response.body_mut().read_to_string().ok()?).ok()
@@ -141,13 +160,15 @@ impl NatsCluster {
     pub fn start(size: usize) -> NatsCluster {
         assert!(size >= 1, "a cluster of at least one server");
         let binary = binary();
-        let route_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let ports = free_ports(3 * size);
+        let route_ports = &ports[..size];
         let routes: Vec<String> = route_ports.iter().map(|port| format!("nats://127.0.0.1:{port}")).collect();
         let members = route_ports
             .iter()
             .enumerate()
             .map(|(index, route_port)| {
-                let (name, client_port, monitor_port) = (format!("n{index}"), free_port(), free_port());
+                let (name, client_port, monitor_port) =
+                    (format!("n{index}"), ports[size + index], ports[2 * size + index]);
                 let args = vec![
                     "-js".to_owned(),
                     "-n".to_owned(),
@@ -181,18 +202,17 @@ impl NatsCluster {
     fn spawn(&mut self, index: usize) {
         let member = &mut self.members[index];
         assert!(member.child.is_none(), "server {} is running already", member.name);
-        member.child = Some(spawn(&self.binary, &member.args, &member.dir));
+        member.child = Some(spawn(&self.binary, &member.args, &member.dir, Some(&member.log())));
     }
 
     /// Waits until server `index` accepts connections, is routed to every
     /// other running server and names the same JetStream meta leader as they do.
-    fn wait_until_joined(&self, index: usize) {
-        let member = &self.members[index];
-        wait_for_port(member.client_port);
+    fn wait_until_joined(&mut self, index: usize) {
+        wait_for_port(self.members[index].client_port);
         let others = self.members.iter().filter(|other| other.child.is_some()).count() - 1;
         let deadline = Instant::now() + START_WITHIN;
         loop {
-            let routes = member.monitor("/routez").and_then(|routez| routez["num_routes"].as_u64());
+            let routes = self.members[index].monitor("/routez").and_then(|routez| routez["num_routes"].as_u64());
             let leader = self.meta_leader_seen_by(index);
             let agreed = leader.is_some()
                 && self
@@ -204,13 +224,35 @@ impl NatsCluster {
             if routes.is_some_and(|routes| routes as usize >= others) && agreed {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "nats server {} did not join the cluster within {START_WITHIN:?} (routes {routes:?}, meta leader {leader:?})",
-                member.name
-            );
+            let exited = self.members[index].child.as_mut().and_then(|child| child.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                let name = &self.members[index].name;
+                panic!("nats server {name} exited ({status}); the servers' logs end:\n{}", self.log_tails());
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "nats server {} did not join the cluster within {START_WITHIN:?} (routes {routes:?}, meta leader {leader:?}); the servers' logs end:\n{}",
+                    self.members[index].name,
+                    self.log_tails()
+                );
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The last lines of every server's output, for a failure's message.
+    fn log_tails(&self) -> String {
+        let tails: Vec<String> = self
+            .members
+            .iter()
+            .map(|member| {
+                let log = std::fs::read_to_string(member.log()).unwrap_or_default();
+                let mut tail: Vec<&str> = log.lines().rev().take(15).collect();
+                tail.reverse();
+                format!("{}:\n{}", member.name, tail.join("\n"))
+            })
+            .collect();
+        tails.join("\n")
     }
 
     fn meta_leader_seen_by(&self, index: usize) -> Option<String> {
