@@ -1408,10 +1408,7 @@ mod tests {
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
-        assert!(
-            plan.iter().any(|step| step.contains("USING COVERING INDEX profile_events_by_position")),
-            "{plan:?}"
-        );
+        assert!(plan.iter().any(|step| step.contains("USING COVERING INDEX profile_events_by_position")), "{plan:?}");
     }
 
     #[test]
