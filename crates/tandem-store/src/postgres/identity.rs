@@ -525,6 +525,21 @@ impl IdentityStore for PostgresStore {
         })
     }
 
+    fn list_profile_ids(&self, after: Option<ProfileId>, limit: usize) -> Result<Vec<ProfileId>, StoreError> {
+        let after = after.map_or(0, |id| id.0 as i64);
+        self.with_client(|client| {
+            client
+                .query(
+                    "SELECT id FROM profiles WHERE id > $1 AND merged_into IS NULL AND state IS NOT NULL
+                     ORDER BY id LIMIT $2",
+                    &[&after, &(limit as i64)],
+                )?
+                .iter()
+                .map(|row| Ok(ProfileId(row.try_get::<_, i64>(0)? as u64)))
+                .collect()
+        })
+    }
+
     fn identifiers_with_prefix(
         &self,
         kind: &str,
