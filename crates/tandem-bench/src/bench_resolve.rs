@@ -15,7 +15,9 @@ use tandem_core::collect::{normalize_message, BatchDefaults, IdRequirement, Requ
 use tandem_core::random::Random;
 use tandem_core::SourceKind;
 use tandem_server::metrics::Metrics;
-use tandem_server::resolve::{Resolver, DEFAULT_BATCH, DEFAULT_CACHE_PROFILES};
+use tandem_server::resolve::{
+    Resolver, ResolverCache, DEFAULT_BATCH, DEFAULT_CACHE_PROFILES, DEFAULT_RECORD_CACHE_BYTES,
+};
 use tandem_store::{IngestBatch, PostgresStore, SqliteStore, Store};
 
 /// The allocator the shipped binary uses, so the resolver is measured as it runs.
@@ -41,9 +43,12 @@ struct Options {
     /// Share of people who use a second e-mail address
     #[arg(long, default_value_t = 0.1)]
     second_email_share: f64,
-    /// Profiles the resolver keeps in memory
+    /// Profiles the resolver keeps in its graph
     #[arg(long, default_value_t = DEFAULT_CACHE_PROFILES)]
     cache_profiles: usize,
+    /// MiB of compact records the resolver keeps beside its graph
+    #[arg(long, default_value_t = DEFAULT_RECORD_CACHE_BYTES >> 20)]
+    record_cache_mib: usize,
 }
 
 /// The `n`-th event of the stream.
@@ -143,9 +148,10 @@ fn main() -> anyhow::Result<()> {
     let written_before = bytes_written();
     let started = Instant::now();
     let metrics = Metrics::new();
-    let mut resolver = Resolver::with_cache(store.clone(), options.cache_profiles)?.with_metrics(metrics.clone());
+    let cache = ResolverCache { profiles: options.cache_profiles, record_bytes: options.record_cache_mib << 20 };
+    let mut resolver = Resolver::with_cache(store.clone(), cache)?.with_metrics(metrics.clone());
     let resolved = resolver.catch_up(DEFAULT_BATCH)?;
-    let cached = resolver.cached_profiles();
+    let (cached, kept_as_records) = (resolver.cached_profiles(), resolver.record_profiles());
     drop(resolver);
     let seconds = started.elapsed().as_secs_f64();
     let resolver_writes = bytes_written().zip(written_before).map(|(after, before)| after.saturating_sub(before));
@@ -173,8 +179,10 @@ fn main() -> anyhow::Result<()> {
     };
     let (hits, misses) = (counter("tandem_resolver_cache_hits_total "), counter("tandem_resolver_cache_misses_total "));
     println!(
-        "resolver cache:        {} profiles at most, {cached} held at the end; {:.0}% of identifier look-ups found in memory",
+        "resolver cache:        {} profiles at most, {cached} held at the end; {kept_as_records} kept as records in {:.0} MiB (at most {} MiB); {:.0}% of identifier look-ups found in memory",
         options.cache_profiles,
+        counter("tandem_resolver_record_bytes ") / 1_048_576.0,
+        options.record_cache_mib,
         100.0 * hits / (hits + misses).max(1.0)
     );
     let (resolving, committing) = (

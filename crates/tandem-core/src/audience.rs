@@ -442,6 +442,14 @@ impl Condition {
         names
     }
 
+    /// Whether the rule tests any of the profile's own traits (`trait …`,
+    /// at any depth); one that does not is evaluated without reading them.
+    pub fn tests_traits(&self) -> bool {
+        let mut found = false;
+        self.visit(&mut |condition| found |= matches!(condition, Condition::Trait(_)));
+        found
+    }
+
     fn visit<'a>(&'a self, visitor: &mut impl FnMut(&'a Condition)) {
         visitor(self);
         match self {
@@ -609,6 +617,17 @@ mod tests {
         condition.validate().unwrap();
         assert_eq!(serde_json::to_value(&condition).unwrap(), rule);
         assert_eq!(condition.referenced_audiences(), vec!["vip"]);
+        assert!(condition.tests_traits());
+    }
+
+    #[test]
+    fn only_a_trait_test_at_any_depth_reads_traits() {
+        let tests = |text: &str| Condition::parse(text).unwrap().tests_traits();
+        assert!(tests(r#"trait plan = "pro""#));
+        assert!(tests(r#"performed "Order Completed" within 30d or not trait plan = "pro""#));
+        assert!(!tests(r#"performed "Order Completed" within 30d"#));
+        assert!(!tests(r#"computed ltv > 100 and in audience "vip""#));
+        assert!(!tests(r#"count(event "Order Completed" where plan = "pro", within 30d) >= 2"#));
     }
 
     #[test]

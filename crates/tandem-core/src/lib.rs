@@ -17,6 +17,7 @@ pub mod ids;
 pub mod insight;
 pub mod mapping;
 pub mod profile;
+pub mod profile_record;
 pub mod random;
 pub mod resolve;
 pub mod source;

@@ -112,15 +112,19 @@ impl IdentityGraph {
     /// Drops a profile from memory (it stays in storage), with its
     /// identifiers; `false` when it was not in memory.
     pub fn evict(&mut self, id: ProfileId) -> bool {
-        let Some(profile) = self.profiles.remove(&id) else {
-            return false;
-        };
+        self.remove_profile(id).is_some()
+    }
+
+    /// Takes a profile out of memory (it stays in storage), with its
+    /// identifiers; `None` when it was not in memory.
+    pub fn remove_profile(&mut self, id: ProfileId) -> Option<Profile> {
+        let profile = self.profiles.remove(&id)?;
         for identifier in &profile.identifiers {
             if self.index.get(identifier) == Some(&id) {
                 self.index.remove(identifier);
             }
         }
-        true
+        Some(profile)
     }
 
     /// Forgets where merged profiles went: a partial graph keeps them only

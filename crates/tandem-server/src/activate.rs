@@ -1406,7 +1406,7 @@ mod tests {
             head.clone(),
             stages.resolved.clone(),
             metrics.clone(),
-            1_000,
+            crate::resolve::ResolverCache::profiles(1_000),
             stop.clone(),
             crate::cluster::LeaseBoard::default(),
         );

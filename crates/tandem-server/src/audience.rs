@@ -977,8 +977,9 @@ pub struct Preview {
 /// A rule ready to be evaluated now over many profiles at once (the
 /// builder's preview and estimate), from a few store reads per batch of
 /// profiles rather than a few per profile. It reads only what the rule can
-/// look at: the `track` events of the names it counts, stamped from the
-/// earliest time it counts at `now` (see
+/// look at: the profiles themselves only when it tests a trait (else just
+/// their ids, see [`SamplePage`]); the `track` events of the names it
+/// counts, stamped from the earliest time it counts at `now` (see
 /// [`CompiledAudience::earliest_counted_ms`]), decoding in full only those
 /// whose name it counts; memberships when it tests audiences; computed
 /// traits when it tests them. Its answers are the batch evaluator's over
@@ -988,9 +989,30 @@ struct SampleEvaluation<'a> {
     compiled: CompiledAudience,
     event_names: HashSet<String>,
     earliest_counted_ms: Option<i64>,
+    reads_traits: bool,
     reads_audiences: bool,
     reads_computed_traits: bool,
     now: DateTime<Utc>,
+}
+
+/// Live profiles listed by id for a [`SampleEvaluation`]: with their
+/// traits when the rule tests any, else the ids alone, which the store
+/// lists without reading or decoding a profile.
+struct SamplePage {
+    /// Ascending.
+    ids: Vec<ProfileId>,
+    /// Each profile's traits, in the order of `ids`; empty when the rule
+    /// tests no trait.
+    traits: Vec<Map<String, Value>>,
+}
+
+impl SamplePage {
+    /// Drops the profiles whose id is `end` or above.
+    fn keep_below(&mut self, end: u64) {
+        let kept = self.ids.partition_point(|id| id.0 < end);
+        self.ids.truncate(kept);
+        self.traits.truncate(kept);
+    }
 }
 
 /// Just the name of an event, read without decoding the rest of it.
@@ -1009,6 +1031,7 @@ impl<'a> SampleEvaluation<'a> {
             store,
             event_names: compiled.event_names().into_iter().map(str::to_owned).collect(),
             earliest_counted_ms: compiled.earliest_counted_ms(now),
+            reads_traits: rule.tests_traits(),
             reads_audiences: !rule.referenced_audiences().is_empty(),
             reads_computed_traits: !rule.referenced_computed_traits().is_empty(),
             compiled,
@@ -1016,12 +1039,23 @@ impl<'a> SampleEvaluation<'a> {
         })
     }
 
-    /// Whether the rule selects each of `profiles` now, in their order.
-    fn select(&self, profiles: &[&Profile]) -> Result<Vec<bool>, StoreError> {
-        let ids: Vec<ProfileId> = profiles.iter().map(|profile| profile.id).collect();
+    /// Live profiles with an id above `after`, by id, at most `limit`.
+    fn page(&self, after: Option<ProfileId>, limit: usize) -> Result<SamplePage, StoreError> {
+        if !self.reads_traits {
+            return Ok(SamplePage { ids: self.store.list_profile_ids(after, limit)?, traits: Vec::new() });
+        }
+        let (ids, traits) =
+            self.store.list_profiles(after, limit)?.into_iter().map(|profile| (profile.id, profile.traits)).unzip();
+        Ok(SamplePage { ids, traits })
+    }
+
+    /// Whether the rule selects each of the page's profiles now, in its order.
+    fn select(&self, page: &SamplePage) -> Result<Vec<bool>, StoreError> {
+        debug_assert!(!self.reads_traits || page.traits.len() == page.ids.len());
+        let ids = &page.ids;
         let mut events: HashMap<ProfileId, Vec<Event>> = HashMap::new();
         if let Some(since_ms) = self.earliest_counted_ms {
-            for (profile, entry) in self.store.events_of_profiles(&ids, since_ms)? {
+            for (profile, entry) in self.store.events_of_profiles(ids, since_ms)? {
                 if entry.event_type != tandem_core::EventType::Track || !self.may_count(&entry.payload) {
                     continue;
                 }
@@ -1033,27 +1067,28 @@ impl<'a> SampleEvaluation<'a> {
         }
         let mut audiences: HashMap<ProfileId, BTreeSet<String>> = HashMap::new();
         if self.reads_audiences {
-            for membership in self.store.memberships_of(&ids)? {
+            for membership in self.store.memberships_of(ids)? {
                 audiences.entry(membership.profile).or_default().insert(membership.audience);
             }
         }
         let mut computed: HashMap<ProfileId, Map<String, Value>> = HashMap::new();
         if self.reads_computed_traits {
-            for stored in self.store.computed_trait_states(&ids)? {
+            for stored in self.store.computed_trait_states(ids)? {
                 if let Some(value) = stored.value {
                     computed.entry(stored.profile).or_default().insert(stored.name, value);
                 }
             }
         }
         let (no_events, no_audiences, no_values) = (Vec::new(), BTreeSet::new(), Map::new());
-        Ok(profiles
+        Ok(ids
             .iter()
-            .map(|profile| {
+            .enumerate()
+            .map(|(index, id)| {
                 let facts = ProfileFacts {
-                    traits: &profile.traits,
-                    computed_traits: computed.get(&profile.id).unwrap_or(&no_values),
-                    events: events.get(&profile.id).unwrap_or(&no_events),
-                    audiences: audiences.get(&profile.id).unwrap_or(&no_audiences),
+                    traits: page.traits.get(index).unwrap_or(&no_values),
+                    computed_traits: computed.get(id).unwrap_or(&no_values),
+                    events: events.get(id).unwrap_or(&no_events),
+                    audiences: audiences.get(id).unwrap_or(&no_audiences),
                 };
                 self.compiled.is_member(&facts, self.now)
             })
@@ -1079,19 +1114,18 @@ pub fn preview(store: &dyn Store, rule: &Condition, now: DateTime<Utc>, sample: 
     let mut result = Preview { size: 0, profiles_evaluated: 0, sample: Vec::new() };
     let mut after = None;
     loop {
-        let page = store.list_profiles(after, BACKFILL_PAGE)?;
-        let profiles: Vec<&Profile> = page.iter().collect();
-        for (profile, selected) in profiles.iter().zip(evaluation.select(&profiles)?) {
+        let page = evaluation.page(after, BACKFILL_PAGE)?;
+        for (id, selected) in page.ids.iter().zip(evaluation.select(&page)?) {
             result.profiles_evaluated += 1;
             if selected {
                 result.size += 1;
                 if result.sample.len() < sample {
-                    result.sample.push(profile.id);
+                    result.sample.push(*id);
                 }
             }
         }
-        match page.last() {
-            Some(last) if page.len() == BACKFILL_PAGE => after = Some(last.id),
+        match page.ids.last() {
+            Some(last) if page.ids.len() == BACKFILL_PAGE => after = Some(*last),
             _ => break,
         }
     }
@@ -1138,19 +1172,18 @@ pub fn estimate(
     // The kept count of live profiles says which way to go without reading
     // them all; the exact way still reads one more than the limit to be sure.
     let (lowest, known) = if store.identity_state()?.live_profiles > limit as u64 {
-        match store.list_profiles(None, 1)?.first() {
-            Some(lowest) => (lowest.id, lowest.id),
+        match store.list_profile_ids(None, 1)?.first() {
+            Some(lowest) => (*lowest, *lowest),
             None => return Ok(Estimate { size: 0, profiles: 0, profiles_evaluated: 0, exact: true, margin: 0 }),
         }
     } else {
-        let first = store.list_profiles(None, limit + 1)?;
-        if first.len() <= limit {
-            let profiles: Vec<&Profile> = first.iter().collect();
-            let size = evaluation.select(&profiles)?.into_iter().filter(|selected| *selected).count() as u64;
-            let profiles = first.len() as u64;
+        let first = evaluation.page(None, limit + 1)?;
+        if first.ids.len() <= limit {
+            let size = evaluation.select(&first)?.into_iter().filter(|selected| *selected).count() as u64;
+            let profiles = first.ids.len() as u64;
             return Ok(Estimate { size, profiles, profiles_evaluated: profiles, exact: true, margin: 0 });
         }
-        (first[0].id, first[limit].id)
+        (first.ids[0], first.ids[limit])
     };
     let lowest = lowest.0;
     let highest = last_profile_id(store, known)?;
@@ -1160,14 +1193,14 @@ pub fn estimate(
     for run in 0..ESTIMATE_RUNS {
         let start = lowest + span * run / ESTIMATE_RUNS;
         let next_start = lowest + span * (run + 1) / ESTIMATE_RUNS;
-        let page = store.list_profiles(start.checked_sub(1).map(ProfileId), per_run)?;
-        let within: Vec<&Profile> = page.iter().filter(|profile| profile.id.0 < next_start).collect();
+        let mut within = evaluation.page(start.checked_sub(1).map(ProfileId), per_run)?;
+        within.keep_below(next_start);
         selected += evaluation.select(&within)?.into_iter().filter(|selected| *selected).count() as u64;
-        evaluated += within.len() as u64;
+        evaluated += within.ids.len() as u64;
         // A full page that ends inside the run covers the ids up to its
         // last; otherwise the whole run was read.
-        covered += match within.last() {
-            Some(last) if within.len() == per_run => last.id.0 - start + 1,
+        covered += match within.ids.last() {
+            Some(last) if within.ids.len() == per_run => last.0 - start + 1,
             _ => next_start - start,
         };
     }
@@ -1187,7 +1220,7 @@ pub fn estimate(
 /// then halving back, a one-row index seek per step.
 fn last_profile_id(store: &dyn Store, known: ProfileId) -> Result<u64, StoreError> {
     let next_after = |id: u64| -> Result<Option<u64>, StoreError> {
-        Ok(store.list_profiles(Some(ProfileId(id)), 1)?.first().map(|profile| profile.id.0))
+        Ok(store.list_profile_ids(Some(ProfileId(id)), 1)?.first().map(|found| found.0))
     };
     // Invariant: `low` exists, and nothing lives after `high`.
     let mut low = known.0;
@@ -1706,8 +1739,9 @@ mod tests {
     }
 
     /// Rules a preview is checked with: windows, no window, a time range,
-    /// a funnel, a name never sent, audiences and computed traits.
-    const PREVIEW_RULES: [&str; 7] = [
+    /// a funnel, a name never sent, audiences, computed traits and traits
+    /// (which it reads whole profiles for; the others, ids alone).
+    const PREVIEW_RULES: [&str; 9] = [
         r#"count(event "Order Completed", within 3d) >= 2"#,
         r#"not performed "Order Completed" within 2d"#,
         r#"count(event "Order Completed") >= 3"#,
@@ -1715,6 +1749,8 @@ mod tests {
         r#"performed "Order Completed" then "Order Completed" within 1d and not performed "Signed Up""#,
         r#"in audience "twice" or computed recent >= 1"#,
         r#"not in audience "lately" and (computed recent < 3 or performed "Order Completed" within 5d)"#,
+        r#"trait plan = "pro" or count(event "Order Completed", within 3d) >= 2"#,
+        r#"not trait plan = "pro" and performed "Order Completed" within 2d"#,
     ];
 
     /// What a preview's answers are checked against: the batch evaluator
@@ -1775,6 +1811,7 @@ mod tests {
                         &store,
                         &[json!({"type": "identify", "userId": format!("u{user}"), "anonymousId": format!("a{device}"),
                                  "messageId": format!("m{messages}"),
+                                 "traits": {"plan": if user == 0 { "pro" } else { "free" }},
                                  "timestamp": tandem_core::event::format_timestamp(at(now_ms))})],
                     ),
                     Happening::Wait { ms } => *now.lock().unwrap() = at(now_ms + ms),
@@ -1809,9 +1846,14 @@ mod tests {
                     }
                 }
                 let profiles = store.list_profiles(None, 100).unwrap();
-                let sample: Vec<&Profile> = profiles.iter().collect();
                 for text in PREVIEW_RULES {
                     let evaluation = SampleEvaluation::new(store.as_ref(), &rule(text), now_time).unwrap();
+                    let sample = evaluation.page(None, 100).unwrap();
+                    proptest::prop_assert_eq!(&sample.ids, &profiles.iter().map(|profile| profile.id).collect::<Vec<_>>());
+                    let traits_read = if text.contains("trait plan") { sample.ids.len() } else { 0 };
+                    proptest::prop_assert_eq!(
+                        sample.traits.len(), traits_read, "only a rule testing a trait reads whole profiles"
+                    );
                     let one_at_a_time: Vec<bool> = profiles
                         .iter()
                         .map(|profile| selects_now_one_at_a_time(store.as_ref(), &rule(text), profile, now_time))

@@ -3,14 +3,16 @@
 //! caching the sources it has seen so the hot path does not query storage.
 //! Admin clients: a bearer token (`tandem token create`), checked against
 //! its stored hash. Both are cached for a few seconds once found, so a
-//! revoked token or a rotated key stops working without a restart.
+//! revoked token or a rotated key stops working without a restart; while
+//! storage cannot be read, what was found before still counts
+//! ([`crate::read_through`]).
 
 use crate::error::{ApiError, ErrorCode};
+use crate::read_through::ReadThrough;
 use axum::http::{header, HeaderMap};
 use base64::Engine;
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 use tandem_core::{Source, WriteKey};
 use tandem_store::Store;
 
@@ -42,66 +44,23 @@ pub fn basic_auth_write_key(headers: &HeaderMap) -> Result<Option<WriteKey>, Api
 
 /// How long a credential found in storage is trusted without asking again:
 /// a revoked token or a rotated or deleted write key stops working within
-/// this time, also when another process (the CLI) changed it.
+/// this time, also when another process (the CLI) changed it. Only hits are
+/// cached: a key matching nothing is asked again next time.
 pub const CACHE_TTL: Duration = Duration::from_secs(10);
-
-/// A read-through cache of what storage found for a secret (a write key, a
-/// token). Only hits are cached, each for [`CACHE_TTL`]: a miss is asked
-/// again next time, and a hit is asked again once it is older, so revoking
-/// needs no message to every server.
-struct Cache<V> {
-    store: Arc<dyn Store>,
-    known: RwLock<HashMap<String, (V, Instant)>>,
-    ttl: Duration,
-}
-
-impl<V: Clone + Send + 'static> Cache<V> {
-    fn new(store: Arc<dyn Store>) -> Self {
-        Cache { store, known: RwLock::new(HashMap::new()), ttl: CACHE_TTL }
-    }
-
-    async fn get(
-        &self,
-        key: &str,
-        lookup: fn(&dyn Store, &str) -> Result<Option<V>, tandem_store::StoreError>,
-    ) -> Result<Option<V>, ApiError> {
-        if let Some((value, found_at)) = self.known.read().unwrap_or_else(|poisoned| poisoned.into_inner()).get(key) {
-            if found_at.elapsed() < self.ttl {
-                return Ok(Some(value.clone()));
-            }
-        }
-        let store = self.store.clone();
-        let owned_key = key.to_owned();
-        let found = tokio::task::spawn_blocking(move || lookup(store.as_ref(), &owned_key))
-            .await
-            .map_err(|_| ApiError::new(ErrorCode::Internal, "internal error"))?
-            .map_err(|error| {
-                tracing::error!(%error, "looking up a credential failed");
-                ApiError::unavailable()
-            })?;
-        let mut known = self.known.write().unwrap_or_else(|poisoned| poisoned.into_inner());
-        match &found {
-            Some(value) => {
-                known.insert(key.to_owned(), (value.clone(), Instant::now()));
-            }
-            None => {
-                known.remove(key);
-            }
-        }
-        Ok(found)
-    }
-}
 
 /// Write key → source, backed by storage, with a cache of known keys, and
 /// the note of requests refused for an unknown key (shadow IT).
 pub struct SourceDirectory {
-    cache: Cache<Source>,
+    cache: ReadThrough<Source>,
     shadow: crate::stack::ShadowTraffic,
 }
 
 impl SourceDirectory {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        SourceDirectory { cache: Cache::new(store), shadow: crate::stack::ShadowTraffic::default() }
+        SourceDirectory {
+            cache: ReadThrough::new(store, "a write key", CACHE_TTL),
+            shadow: crate::stack::ShadowTraffic::default(),
+        }
     }
 
     /// Requests refused for a write key matching no source, not yet stored.
@@ -146,12 +105,12 @@ impl SourceDirectory {
 
 /// Verified admin tokens, cached by secret.
 pub struct TokenDirectory {
-    cache: Cache<tandem_store::TokenInfo>,
+    cache: ReadThrough<tandem_store::TokenInfo>,
 }
 
 impl TokenDirectory {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        TokenDirectory { cache: Cache::new(store) }
+        TokenDirectory { cache: ReadThrough::new(store, "an admin token", CACHE_TTL) }
     }
 
     /// The token of an `Authorization: Bearer` header, or 401.
@@ -222,8 +181,8 @@ mod tests {
         let (info, secret) = store.create_token("ops").unwrap();
         let lookup: fn(&dyn Store, &str) -> Result<Option<tandem_store::TokenInfo>, tandem_store::StoreError> =
             |store, secret| store.verify_token(secret);
-        let cached = Cache::new(store.clone());
-        let expiring = Cache { ttl: Duration::ZERO, ..Cache::new(store.clone()) };
+        let cached = ReadThrough::new(store.clone(), "a token", CACHE_TTL);
+        let expiring = ReadThrough::new(store.clone(), "a token", Duration::ZERO);
         assert_eq!(cached.get(&secret, lookup).await.unwrap(), Some(info.clone()));
         assert_eq!(expiring.get(&secret, lookup).await.unwrap(), Some(info.clone()));
         store.revoke_token(&info.id).unwrap();

@@ -9,6 +9,7 @@
 
 use crate::error::{ApiError, ErrorCode};
 use crate::govern::Screened;
+use crate::resolve::RateLimitedWarning;
 use crate::stack::Caller;
 use crate::AppState;
 use axum::body::{Body, Bytes};
@@ -21,7 +22,8 @@ use chrono::Utc;
 use serde_json::{json, Value};
 use std::io::Read;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 use tandem_core::collect::{
     normalize_batch, normalize_message, parse_batch, parse_single, replace_lone_surrogates, BatchDefaults,
     IdRequirement, RejectedMessage, RequestContext, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES,
@@ -263,9 +265,17 @@ pub(crate) fn count(state: &AppState, outcome: &IngestOutcome) {
     state.metrics.count_events("rejected", u64::from(outcome.quarantined));
 }
 
+/// Requests whose events could not be made durable, logged at most every
+/// 10 s (with how many were not): while the store or the stream is down,
+/// every request fails, and the metrics count them all.
+static FAILED_APPENDS: Mutex<RateLimitedWarning> = Mutex::new(RateLimitedWarning::new(Duration::from_secs(10)));
+
 async fn append(state: &AppState, batch: IngestBatch) -> Result<IngestOutcome, ApiError> {
     state.log.append(batch).await.map_err(|error| {
-        tracing::error!(%error, "events could not be made durable");
+        let admitted = FAILED_APPENDS.lock().unwrap_or_else(PoisonError::into_inner).admit(Instant::now());
+        if let Some(held_back) = admitted {
+            tracing::error!(%error, held_back, "events could not be made durable");
+        }
         ApiError::unavailable()
     })
 }

@@ -14,14 +14,17 @@
 //! Plans are cached per source for [`PLAN_CACHE_TTL`], including the answer
 //! "no plan", so a source without one costs a map look-up per request and
 //! nothing per event; a plan set through this server's API applies at once,
-//! one set by another process within the TTL.
+//! one set by another process within the TTL. Suppressions are cached the
+//! same way; while storage cannot be read, both keep what was read before
+//! ([`crate::read_through`]).
 
 use crate::error::{ApiError, ErrorCode};
 use crate::metrics::Metrics;
+use crate::read_through::ReadThrough;
 use crate::AppState;
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
 use tandem_core::collect::{RejectedMessage, Rejection, RejectionCode};
 use tandem_core::govern::dsr::{identifier_digest, payload_digest};
 use tandem_core::govern::plan::{CompiledPlan, PlanError, PlanVerdict, TrackingPlan, ViolationKind};
@@ -33,48 +36,31 @@ use tandem_store::{PlanViolationRecord, PlanViolationSummary, Store, StoreError,
 /// How long a source's plan (or its absence) is trusted without reading it again.
 pub const PLAN_CACHE_TTL: Duration = Duration::from_secs(10);
 
-/// A source's plan (or its absence) and when it was read.
-type CachedPlan = (Option<Arc<CompiledPlan>>, Instant);
-
 /// Source → compiled tracking plan, read through from storage.
 pub struct PlanDirectory {
-    store: Arc<dyn Store>,
-    known: RwLock<HashMap<SourceId, CachedPlan>>,
+    plans: ReadThrough<Option<Arc<CompiledPlan>>>,
 }
 
 impl PlanDirectory {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        PlanDirectory { store, known: RwLock::new(HashMap::new()) }
+        PlanDirectory { plans: ReadThrough::new(store, "a tracking plan", PLAN_CACHE_TTL) }
     }
 
     /// The source's compiled plan, if it has one.
     pub async fn plan_for(&self, source_id: &SourceId) -> Result<Option<Arc<CompiledPlan>>, ApiError> {
-        if let Some((plan, read_at)) = self.known.read().unwrap_or_else(|poisoned| poisoned.into_inner()).get(source_id)
-        {
-            if read_at.elapsed() < PLAN_CACHE_TTL {
-                return Ok(plan.clone());
-            }
-        }
-        let store = self.store.clone();
-        let wanted = source_id.clone();
-        let stored = tokio::task::spawn_blocking(move || store.plan(&wanted))
-            .await
-            .map_err(|_| ApiError::new(ErrorCode::Internal, "internal error"))?
-            .map_err(|error| {
-                tracing::error!(%error, "reading a tracking plan failed");
-                ApiError::unavailable()
-            })?;
-        let compiled = compiled(stored, source_id);
-        self.known
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(source_id.clone(), (compiled.clone(), Instant::now()));
-        Ok(compiled)
+        let read = self
+            .plans
+            .get(source_id.as_str(), |store, source| {
+                let source_id = SourceId::new(source);
+                Ok(Some(compiled(store.plan(&source_id)?, &source_id)))
+            })
+            .await?;
+        Ok(read.flatten())
     }
 
     /// Drops the cached plan of a source, after it was set or deleted here.
     pub fn forget(&self, source_id: &SourceId) {
-        self.known.write().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(source_id);
+        self.plans.forget(source_id.as_str());
     }
 }
 
@@ -95,9 +81,12 @@ fn compiled(stored: Option<StoredPlan>, source_id: &SourceId) -> Option<Arc<Comp
 /// [`PLAN_CACHE_TTL`]; with no suppression the check costs one look at an
 /// empty set per request.
 pub struct SuppressionDirectory {
-    store: Arc<dyn Store>,
-    known: RwLock<Option<(Arc<Suppressions>, Instant)>>,
+    /// Under the one key [`SUPPRESSIONS_KEY`].
+    read: ReadThrough<Arc<Suppressions>>,
 }
+
+/// The key of the suppressions in [`SuppressionDirectory`]'s cache.
+const SUPPRESSIONS_KEY: &str = "";
 
 /// What the suppression check needs, read at once.
 pub struct Suppressions {
@@ -107,31 +96,17 @@ pub struct Suppressions {
 
 impl SuppressionDirectory {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        SuppressionDirectory { store, known: RwLock::new(None) }
+        SuppressionDirectory { read: ReadThrough::new(store, "suppressions", PLAN_CACHE_TTL) }
     }
 
     async fn current(&self) -> Result<Arc<Suppressions>, ApiError> {
-        if let Some((known, read_at)) = &*self.known.read().unwrap_or_else(|poisoned| poisoned.into_inner()) {
-            if read_at.elapsed() < PLAN_CACHE_TTL {
-                return Ok(known.clone());
-            }
-        }
-        let store = self.store.clone();
-        let read = tokio::task::spawn_blocking(move || Suppressions::read(store.as_ref()))
-            .await
-            .map_err(|_| ApiError::new(ErrorCode::Internal, "internal error"))?
-            .map_err(|error| {
-                tracing::error!(%error, "reading suppressions failed");
-                ApiError::unavailable()
-            })?;
-        let read = Arc::new(read);
-        *self.known.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some((read.clone(), Instant::now()));
-        Ok(read)
+        let read = self.read.get(SUPPRESSIONS_KEY, |store, _| Ok(Some(Arc::new(Suppressions::read(store)?)))).await?;
+        read.ok_or_else(|| ApiError::new(ErrorCode::Internal, "internal error"))
     }
 
     /// Reads the suppressions again on next use (after one was added or removed here).
     pub fn forget(&self) {
-        *self.known.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+        self.read.forget(SUPPRESSIONS_KEY);
     }
 }
 

@@ -403,6 +403,10 @@ impl InsightStage {
                         touched.insert(*survivor);
                     }
                 }
+                // In id order: the store's states are keyed by (tracker,
+                // profile), so sorted writes land on neighbouring pages.
+                let mut touched: Vec<ProfileId> = touched.into_iter().collect();
+                touched.sort_unstable();
                 for profile in touched {
                     let old = before.get(&profile);
                     let new = current.get(&profile).filter(|state| !state.is_empty());

@@ -31,6 +31,7 @@ pub mod pii;
 pub mod plan_api;
 pub mod profile;
 pub mod progress;
+pub(crate) mod read_through;
 pub mod resolve;
 pub mod sdk_settings;
 pub mod stack;
@@ -213,8 +214,8 @@ pub struct ServerOptions {
     pub dedup_window: Duration,
     /// Where uploaded imports and their reject files are kept.
     pub import_dir: PathBuf,
-    /// Profiles the resolver keeps in memory.
-    pub resolver_cache_profiles: usize,
+    /// What the resolver keeps in memory.
+    pub resolver_cache: resolve::ResolverCache,
     /// The event stream to ingest through; `None` appends to the store's log.
     pub log: Option<stream::StreamOptions>,
     /// PII classes beyond the defaults, and the salt of red values' hashes.
@@ -244,7 +245,7 @@ pub struct Running {
     /// The log writer's thread; `None` when ingesting through a stream.
     writer_thread: Option<std::thread::JoinHandle<()>>,
     dedup_window: Duration,
-    resolver_cache_profiles: usize,
+    resolver_cache: resolve::ResolverCache,
     consent_default: tandem_core::govern::consent::ConsentDefault,
     limits: connection::ConnectionLimits,
 }
@@ -292,7 +293,7 @@ pub async fn start(store: Arc<dyn Store>, options: &ServerOptions) -> Result<Run
         state,
         writer_thread,
         dedup_window: options.dedup_window,
-        resolver_cache_profiles: options.resolver_cache_profiles,
+        resolver_cache: options.resolver_cache,
         consent_default: options.consent_default,
         limits: connection::ConnectionLimits::default(),
     })
@@ -326,7 +327,7 @@ impl Running {
             state,
             writer_thread,
             dedup_window,
-            resolver_cache_profiles,
+            resolver_cache,
             consent_default,
             limits,
         } = self;
@@ -355,7 +356,7 @@ impl Running {
             head.clone(),
             stages.resolved.clone(),
             state.metrics.clone(),
-            resolver_cache_profiles,
+            resolver_cache,
             stop_resolver.clone(),
             state.leases.clone(),
         );

@@ -60,6 +60,8 @@ type KeysSeen = Mutex<HashMap<(String, tandem_core::SourceId), (tandem_core::gov
 
 /// How often keys seen are written to the PII inventory.
 const INVENTORY_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// A failing commit is logged at most this often, with how many were not.
+const FAILURE_WARNING_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Where a [`LogWriter`] makes batches durable.
 #[derive(Clone)]
@@ -180,6 +182,8 @@ fn run(
 ) {
     let dedup_window_ms = i64::try_from(dedup_window.as_millis()).unwrap_or(i64::MAX);
     let mut last_flush: Option<Instant> = None;
+    // While the store is down every group fails; `log_commit_failures` counts them all.
+    let mut failing = crate::resolve::RateLimitedWarning::new(FAILURE_WARNING_INTERVAL);
     while let Some(first) = receiver.blocking_recv() {
         let mut events = first.batch.records.len();
         let mut group = vec![first];
@@ -222,7 +226,9 @@ fn run(
             }
             Err(error) => {
                 metrics.log_commit_failures.inc();
-                tracing::error!(%error, requests = replies.len(), events, "group commit failed");
+                if let Some(held_back) = failing.admit(Instant::now()) {
+                    tracing::error!(%error, requests = replies.len(), events, held_back, "group commit failed");
+                }
                 let error = Arc::new(error);
                 for reply in replies {
                     let _ = reply.send(Err(error.clone()));

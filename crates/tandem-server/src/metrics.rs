@@ -98,6 +98,8 @@ pub struct Metrics {
     pub resolver_cache_hits: Counter,
     pub resolver_cache_misses: Counter,
     pub resolver_cached_profiles: Gauge,
+    pub resolver_record_profiles: Gauge,
+    pub resolver_record_bytes: Gauge,
     pub audience_lag_events: Gauge,
     pub audience_membership_changes: Counter,
     pub computed_trait_writes: Counter,
@@ -214,13 +216,13 @@ impl Metrics {
         let resolver_cache_hits = Counter::default();
         registry.register(
             "resolver_cache_hits",
-            "Identifiers the resolver found in memory with their profile",
+            "Identifiers the resolver found in memory with their profile (in its graph or as a compact record)",
             resolver_cache_hits.clone(),
         );
         let resolver_cache_misses = Counter::default();
         registry.register(
             "resolver_cache_misses",
-            "Identifiers the resolver looked up in storage (new identifiers included)",
+            "Identifiers the resolver did not find in memory: new ones, and ones read from storage unless memory holds every stored profile",
             resolver_cache_misses.clone(),
         );
         let resolver_cached_profiles = Gauge::default();
@@ -228,6 +230,18 @@ impl Metrics {
             "resolver_cached_profiles",
             "Profiles the resolver holds in memory (bounded by its cache size)",
             resolver_cached_profiles.clone(),
+        );
+        let resolver_record_profiles = Gauge::default();
+        registry.register(
+            "resolver_record_profiles",
+            "Profiles the resolver keeps as compact records beside its graph (bounded by its record cache)",
+            resolver_record_profiles.clone(),
+        );
+        let resolver_record_bytes = Gauge::default();
+        registry.register(
+            "resolver_record_bytes",
+            "Memory the resolver's compact records and their index take, about",
+            resolver_record_bytes.clone(),
         );
         let audience_lag_events = Gauge::default();
         registry.register(
@@ -367,6 +381,8 @@ impl Metrics {
             resolver_cache_hits,
             resolver_cache_misses,
             resolver_cached_profiles,
+            resolver_record_profiles,
+            resolver_record_bytes,
             log_head,
             resolver_position,
             resolver_lag_events,

@@ -18,6 +18,8 @@ use tandem_store::{
     Store, StoreError, UnresolvedEvent,
 };
 
+mod records;
+
 use crate::cluster::LeaseBoard;
 use crate::log_head::LogHead;
 use crate::metrics::Metrics;
@@ -52,16 +54,47 @@ pub enum ResolveError {
     Inconsistent(String),
 }
 
-/// Profiles the resolver keeps in memory by default (about 1-2 KB each).
+/// Profiles the resolver keeps in its graph by default (about 3 KB each).
 pub const DEFAULT_CACHE_PROFILES: usize = 200_000;
+/// Memory for profiles kept as compact records beside the graph, by
+/// default: about 300 bytes each with their identifiers indexed, so about a
+/// million profiles.
+pub const DEFAULT_RECORD_CACHE_BYTES: usize = 384 << 20;
+
+/// How much the resolver keeps in memory: the profiles of its graph, and
+/// the bytes of compact records of profiles the graph dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResolverCache {
+    pub profiles: usize,
+    pub record_bytes: usize,
+}
+
+impl Default for ResolverCache {
+    fn default() -> Self {
+        ResolverCache { profiles: DEFAULT_CACHE_PROFILES, record_bytes: DEFAULT_RECORD_CACHE_BYTES }
+    }
+}
+
+impl ResolverCache {
+    /// `profiles` in the graph, with the default record memory.
+    pub fn profiles(profiles: usize) -> Self {
+        ResolverCache { profiles, ..ResolverCache::default() }
+    }
+}
+
+/// What a stored profile is expected to cost as a compact record, to decide
+/// at start whether the whole store is worth loading.
+const EXPECTED_RECORD_COST: usize = 400;
 
 /// The resolver's bounded graph and where it stands in the log.
 ///
 /// The graph in memory is a cache over storage: before each batch, the
-/// owners of every identifier the batch looks up are loaded (one batched
-/// read), and after the batch's commit the least recently used profiles are
-/// dropped until at most the cache size remains. Memory is set by the cache
-/// size, not by the number of customers.
+/// owners of every identifier the batch looks up are loaded (from the
+/// compact records beside the graph, or in one batched read of storage), and
+/// after the batch's commit the least recently used profiles leave the graph
+/// until at most the cache size remains; they are kept as compact records
+/// while the record memory lasts. Memory is set by the two cache sizes, not
+/// by the number of customers.
 ///
 /// Resolving and committing overlap: while batch N is being written on a
 /// committer thread, batch N+1 is resolved in memory. Profiles batch N
@@ -81,6 +114,7 @@ pub struct Resolver {
     committed: LogPosition,
     in_flight: Option<InFlight>,
     cache: CacheBook,
+    records: records::ProfileRecords,
     /// Live profiles in storage once every resolved batch is committed.
     live_profiles: u64,
     metrics: Metrics,
@@ -93,17 +127,29 @@ pub struct Resolver {
 /// Which profiles in memory were used when, to drop the least recently used.
 struct CacheBook {
     capacity: usize,
+    record_bytes: usize,
     /// Batches resolved so far; the current one's number.
     batch: u64,
     last_used: HashMap<ProfileId, u64>,
-    /// Memory holds every stored profile (none was ever dropped): an
-    /// identifier not in memory belongs to no one, without asking storage.
+    /// The graph and the compact records together hold every stored
+    /// profile: an identifier found in neither belongs to no one, without
+    /// asking storage.
     complete: bool,
 }
 
 impl CacheBook {
-    fn new(capacity: usize) -> Self {
-        CacheBook { capacity, batch: 0, last_used: HashMap::new(), complete: false }
+    fn new(cache: ResolverCache) -> Self {
+        CacheBook {
+            capacity: cache.profiles,
+            record_bytes: cache.record_bytes,
+            batch: 0,
+            last_used: HashMap::new(),
+            complete: false,
+        }
+    }
+
+    fn size(&self) -> ResolverCache {
+        ResolverCache { profiles: self.capacity, record_bytes: self.record_bytes }
     }
 }
 
@@ -117,6 +163,11 @@ const READ_PAGE: usize = 10_000;
 /// Profiles read per page when a store small enough for the cache is loaded whole.
 const PRELOAD_PAGE: usize = 10_000;
 
+/// A compact record the resolver wrote and cannot read back.
+fn unreadable_record(error: tandem_core::profile_record::ProfileRecordError) -> ResolveError {
+    ResolveError::Inconsistent(format!("a profile record kept in memory is unreadable: {error}"))
+}
+
 /// A warning that repeats at most once per interval, saying how many were
 /// held back, so a stream of bad events cannot flood the log.
 pub(crate) struct RateLimitedWarning {
@@ -126,7 +177,7 @@ pub(crate) struct RateLimitedWarning {
 }
 
 impl RateLimitedWarning {
-    pub(crate) fn new(interval: Duration) -> Self {
+    pub(crate) const fn new(interval: Duration) -> Self {
         RateLimitedWarning { interval, last: None, suppressed: 0 }
     }
 
@@ -153,32 +204,43 @@ struct InFlight {
 impl Resolver {
     /// A resolver continuing where the last commit ended, with the default cache size.
     pub fn load(store: Arc<dyn Store>) -> Result<Resolver, ResolveError> {
-        Resolver::with_cache(store, DEFAULT_CACHE_PROFILES)
+        Resolver::with_cache(store, ResolverCache::default())
     }
 
-    /// A resolver keeping at most `cache_profiles` profiles in memory
-    /// (more only while one batch needs more at once).
-    pub fn with_cache(store: Arc<dyn Store>, cache_profiles: usize) -> Result<Resolver, ResolveError> {
+    /// A resolver keeping at most `cache.profiles` profiles in its graph
+    /// (more only while one batch needs more at once) and about
+    /// `cache.record_bytes` of compact records beside it.
+    pub fn with_cache(store: Arc<dyn Store>, cache: ResolverCache) -> Result<Resolver, ResolveError> {
         let state = store.identity_state()?;
         let rules = state.rules.compile()?;
         let mut graph = IdentityGraph::from_parts([], [], state.next_profile_id);
-        let mut cache = CacheBook::new(cache_profiles);
-        // A store that fits in three quarters of the cache is loaded whole:
-        // then a miss means a new identifier, and needs no read.
-        if state.live_profiles as usize <= cache_profiles / 4 * 3 {
+        let mut records = records::ProfileRecords::new(cache.record_bytes);
+        let in_graph = cache.profiles / 4 * 3;
+        let mut book = CacheBook::new(cache);
+        // A store that is expected to fit in memory is loaded whole (three
+        // quarters of the graph's cache first, the rest as records): then a
+        // miss means a new identifier, and needs no read.
+        let room = in_graph.saturating_add(cache.record_bytes / EXPECTED_RECORD_COST);
+        if state.live_profiles as usize <= room {
             let mut after = None;
-            loop {
+            let mut lost = false;
+            'loading: loop {
                 let page = store.list_profiles(after, PRELOAD_PAGE)?;
                 let Some(last) = page.last() else {
                     break;
                 };
                 after = Some(last.id);
                 for profile in page {
-                    cache.last_used.insert(profile.id, 0);
-                    graph.insert_profile(profile);
+                    if graph.profile_count() < in_graph {
+                        book.last_used.insert(profile.id, 0);
+                        graph.insert_profile(profile);
+                    } else if !records.keep(&profile) {
+                        lost = true;
+                        break 'loading;
+                    }
                 }
             }
-            cache.complete = graph.profile_count() as u64 == state.live_profiles;
+            book.complete = !lost && (graph.profile_count() + records.len()) as u64 == state.live_profiles;
         }
         Ok(Resolver {
             store,
@@ -188,7 +250,8 @@ impl Resolver {
             resolved: state.position,
             committed: state.position,
             in_flight: None,
-            cache,
+            cache: book,
+            records,
             live_profiles: state.live_profiles,
             metrics: Metrics::new(),
             progress: Progress::default(),
@@ -201,7 +264,7 @@ impl Resolver {
         self.metrics = metrics;
         self.metrics.resolver_position.set(self.committed.0 as i64);
         self.metrics.resolver_profiles.set(self.live_profiles as i64);
-        self.metrics.resolver_cached_profiles.set(self.graph.profile_count() as i64);
+        self.publish_cache_sizes();
         self
     }
 
@@ -216,9 +279,8 @@ impl Resolver {
     /// and the cache size.
     fn reload(&mut self) -> Result<(), ResolveError> {
         let (metrics, progress) = (self.metrics.clone(), self.progress.clone());
-        *self = Resolver::with_cache(self.store.clone(), self.cache.capacity)?
-            .with_metrics(metrics)
-            .with_progress(progress);
+        *self =
+            Resolver::with_cache(self.store.clone(), self.cache.size())?.with_metrics(metrics).with_progress(progress);
         Ok(())
     }
 
@@ -227,9 +289,20 @@ impl Resolver {
         self.committed
     }
 
-    /// Profiles held in memory now.
+    /// Profiles held in the graph now.
     pub fn cached_profiles(&self) -> usize {
         self.graph.profile_count()
+    }
+
+    /// Profiles kept as compact records now.
+    pub fn record_profiles(&self) -> usize {
+        self.records.len()
+    }
+
+    fn publish_cache_sizes(&self) {
+        self.metrics.resolver_cached_profiles.set(self.graph.profile_count() as i64);
+        self.metrics.resolver_record_profiles.set(self.records.len() as i64);
+        self.metrics.resolver_record_bytes.set(self.records.used_bytes() as i64);
     }
 
     /// Resolves up to `limit` events after the last resolved position and
@@ -354,24 +427,51 @@ impl Resolver {
         Ok(())
     }
 
-    /// Puts in memory the owner of every identifier in `wanted` that has one,
-    /// with its whole profile, reading storage once for those not in memory.
+    /// Puts in the graph the owner of every identifier in `wanted` that has
+    /// one, with its whole profile: from the compact records, or reading
+    /// storage once for those found in neither (unless memory holds every
+    /// stored profile, when those are new).
     fn load_owners(&mut self, wanted: &HashSet<&Identifier>) -> Result<(), ResolveError> {
-        let missing: Vec<&Identifier> =
-            wanted.iter().copied().filter(|identifier| self.graph.lookup(identifier).is_none()).collect();
-        self.metrics.resolver_cache_hits.inc_by((wanted.len() - missing.len()) as u64);
-        self.metrics.resolver_cache_misses.inc_by(missing.len() as u64);
-        if missing.is_empty() || self.cache.complete {
+        let mut in_memory = 0;
+        let mut ask_storage = Vec::new();
+        for identifier in wanted.iter().copied() {
+            if self.graph.lookup(identifier).is_some() {
+                in_memory += 1;
+                continue;
+            }
+            match self.records.take_owner(identifier).map_err(unreadable_record)? {
+                records::Owner::Found(profile) => {
+                    in_memory += 1;
+                    self.cache.last_used.insert(profile.id, self.cache.batch);
+                    self.graph.insert_profile(profile);
+                }
+                records::Owner::NotHere if !self.cache.complete => ask_storage.push(identifier.clone()),
+                records::Owner::NotHere => {}
+            }
+        }
+        self.metrics.resolver_cache_hits.inc_by(in_memory);
+        self.metrics.resolver_cache_misses.inc_by(wanted.len() as u64 - in_memory);
+        if ask_storage.is_empty() {
             return Ok(());
         }
-        let missing: Vec<Identifier> = missing.into_iter().cloned().collect();
-        let owners = self.store.identifier_owners(&missing)?;
+        let owners = self.store.identifier_owners(&ask_storage)?;
         // A profile in memory is never older than storage's copy, and holds
-        // every identifier storage gives it: only absent profiles are read.
+        // every identifier storage gives it: only profiles in neither the
+        // graph nor the records are read.
         let absent: BTreeSet<ProfileId> =
             owners.iter().map(|(_, owner)| *owner).filter(|owner| !self.graph.holds(*owner)).collect();
-        let absent: Vec<ProfileId> = absent.into_iter().collect();
-        for profile in self.store.profiles(&absent)? {
+        let mut to_read = Vec::new();
+        for id in absent {
+            match self.records.take(id) {
+                Some(profile) => {
+                    let profile = profile.map_err(unreadable_record)?;
+                    self.cache.last_used.insert(profile.id, self.cache.batch);
+                    self.graph.insert_profile(profile);
+                }
+                None => to_read.push(id),
+            }
+        }
+        for profile in self.store.profiles(&to_read)? {
             self.cache.last_used.insert(profile.id, self.cache.batch);
             self.graph.insert_profile(profile);
         }
@@ -381,9 +481,10 @@ impl Resolver {
         Ok(())
     }
 
-    /// Drops the least recently used profiles down to three quarters of the
-    /// cache size once it is exceeded (so eviction runs once per quarter of
-    /// the cache, not every batch). Profiles the current batch used stay.
+    /// Moves the least recently used profiles out of the graph, down to
+    /// three quarters of the cache size once it is exceeded (so eviction
+    /// runs once per quarter of the cache, not every batch), into the
+    /// compact records. Profiles the current batch used stay.
     fn evict(&mut self) {
         let graph = &self.graph;
         let cache = &mut self.cache;
@@ -401,12 +502,15 @@ impl Resolver {
                 candidates.select_nth_unstable(excess);
             }
             for (_, id) in candidates.into_iter().take(excess) {
-                self.graph.evict(id);
+                if let Some(profile) = self.graph.remove_profile(id) {
+                    if !self.records.keep(&profile) {
+                        self.cache.complete = false;
+                    }
+                }
                 self.cache.last_used.remove(&id);
-                self.cache.complete = false;
             }
         }
-        self.metrics.resolver_cached_profiles.set(self.graph.profile_count() as i64);
+        self.publish_cache_sizes();
     }
 
     /// Keeps an event the graph could not use in the commit's unresolved
@@ -831,14 +935,14 @@ pub fn spawn(
     head: LogHead,
     resolved: Progress<LogPosition>,
     metrics: Metrics,
-    cache_profiles: usize,
+    cache: ResolverCache,
     stop: Arc<AtomicBool>,
     leases: LeaseBoard,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("tandem-resolver".into())
         .spawn(move || {
-            let node = ResolverNode { store, head, resolved, metrics, cache_profiles, stop, leases };
+            let node = ResolverNode { store, head, resolved, metrics, cache, stop, leases };
             while let Some(lease) = node.wait_for_lease() {
                 node.leases.set(Stage::RESOLVE, true);
                 node.metrics.resolver_lease_held.set(1);
@@ -861,7 +965,7 @@ struct ResolverNode {
     head: LogHead,
     resolved: Progress<LogPosition>,
     metrics: Metrics,
-    cache_profiles: usize,
+    cache: ResolverCache,
     stop: Arc<AtomicBool>,
     leases: LeaseBoard,
 }
@@ -909,7 +1013,7 @@ impl ResolverNode {
             lease.check()
         };
         let mut resolver = loop {
-            match Resolver::with_cache(self.store.clone(), self.cache_profiles) {
+            match Resolver::with_cache(self.store.clone(), self.cache) {
                 Ok(resolver) => break resolver.with_metrics(self.metrics.clone()).with_progress(self.resolved.clone()),
                 Err(error) => {
                     tracing::error!(%error, "the resolver cannot start; retrying");
@@ -1073,18 +1177,23 @@ mod tests {
 
         /// A resolver that keeps almost nothing in memory, over any batch
         /// size (so commits overlap the next batch), stores exactly what one
-        /// holding every profile stores.
+        /// holding every profile stores: with no compact records (every
+        /// profile the graph drops is read from storage again), with records
+        /// for only a few profiles (the tier keeps losing track), and with
+        /// records for all (storage is never read).
         #[test]
         fn a_tiny_cache_stores_exactly_what_an_unbounded_one_stores(
             messages in arbitrary_messages(),
             cache in 0..4usize,
+            record_bytes in prop_oneof![Just(0usize), Just(700), Just(1 << 20)],
             batch in 1..7usize,
         ) {
             let (unbounded_dir, bounded_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
             let unbounded = store_with(unbounded_dir.path(), &messages);
-            Resolver::with_cache(unbounded.clone(), usize::MAX).unwrap().catch_up(DEFAULT_BATCH).unwrap();
+            let everything = ResolverCache { profiles: usize::MAX, record_bytes: 0 };
+            Resolver::with_cache(unbounded.clone(), everything).unwrap().catch_up(DEFAULT_BATCH).unwrap();
             let bounded = store_with(bounded_dir.path(), &messages);
-            let mut resolver = Resolver::with_cache(bounded.clone(), cache).unwrap();
+            let mut resolver = Resolver::with_cache(bounded.clone(), ResolverCache { profiles: cache, record_bytes }).unwrap();
             resolver.catch_up(batch).unwrap();
             // At most the cache, or what the last two batches used (an event
             // looks up at most five identifiers here).
@@ -1200,7 +1309,8 @@ mod tests {
             .collect();
         let store = store_with(dir.path(), &messages);
         let metrics = Metrics::new();
-        let mut resolver = Resolver::with_cache(store.clone(), 100).unwrap().with_metrics(metrics.clone());
+        let no_records = ResolverCache { profiles: 100, record_bytes: 0 };
+        let mut resolver = Resolver::with_cache(store.clone(), no_records).unwrap().with_metrics(metrics.clone());
         assert_eq!(resolver.catch_up(50).unwrap(), 3_000);
         assert_eq!(store.stats().unwrap().profiles, 520);
         assert!(resolver.cached_profiles() <= 100, "{} profiles in memory", resolver.cached_profiles());
@@ -1215,7 +1325,51 @@ mod tests {
         // events find the regulars in memory, the rest in storage again.
         let (hits, misses) =
             (counter("tandem_resolver_cache_hits_total "), counter("tandem_resolver_cache_misses_total "));
-        assert!(misses >= 2 * 520 && hits >= 1_000, "hits {hits}, misses {misses}");
+        assert!(misses > 2 * 520 && hits >= 1_000, "hits {hits}, misses {misses}");
+    }
+
+    #[test]
+    fn profiles_the_graph_drops_are_kept_as_records_and_never_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let people: Vec<u32> = (0..3_000u32).map(|n| if n % 2 == 0 { n % 40 } else { n * 7 % 1_000 }).collect();
+        let mut messages: Vec<Value> = people
+            .iter()
+            .map(|person| json!({"type": "identify", "userId": format!("u{person}"), "anonymousId": format!("a{person}")}))
+            .collect();
+        // A returning person, resolved by a second resolver below.
+        messages.push(json!({"type": "track", "event": "Back", "userId": "u7"}));
+        let store = store_with(dir.path(), &messages);
+        let metrics = Metrics::new();
+        let cache = ResolverCache { profiles: 100, record_bytes: 1 << 20 };
+        let mut resolver = Resolver::with_cache(store.clone(), cache).unwrap().with_metrics(metrics.clone());
+        let mut resolved = 0;
+        while resolved < 3_000 {
+            resolved += resolver.step((3_000 - resolved).min(50)).unwrap();
+        }
+        resolver.flush().unwrap();
+        assert!(resolver.cached_profiles() <= 100, "{} profiles in the graph", resolver.cached_profiles());
+        assert_eq!(resolver.cached_profiles() + resolver.record_profiles(), 520, "every profile is in memory");
+        let text = metrics.render();
+        let counter = |name: &str| -> u64 {
+            text.lines()
+                .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+                .unwrap_or_else(|| panic!("{name} in {text}"))
+        };
+        // Only each person's two identifiers, new on their first event, are
+        // not found in memory; everyone returning is found in the graph or
+        // in the records.
+        // (Look-ups are counted once per chunk of events.)
+        assert_eq!(counter("tandem_resolver_cache_misses_total "), 2 * 520);
+        assert!(counter("tandem_resolver_cache_hits_total ") >= 1_000, "{text}");
+        assert!(counter("tandem_resolver_record_profiles ") >= 420, "{text}");
+
+        // Started again over that store, the resolver loads it whole (part
+        // as records) and resolves a returning person without a miss.
+        let metrics = Metrics::new();
+        let mut resolver = Resolver::with_cache(store.clone(), cache).unwrap().with_metrics(metrics.clone());
+        assert_eq!(resolver.cached_profiles() + resolver.record_profiles(), 520);
+        assert_eq!(resolver.catch_up(50).unwrap(), 1);
+        assert!(metrics.render().contains("tandem_resolver_cache_misses_total 0"), "{}", metrics.render());
     }
 
     #[test]

@@ -1168,7 +1168,7 @@ mod slow_clients {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             dedup_window: DEFAULT_DEDUP_WINDOW,
             import_dir: dir.path().join("imports"),
-            resolver_cache_profiles: tandem_server::resolve::DEFAULT_CACHE_PROFILES,
+            resolver_cache: tandem_server::resolve::ResolverCache::default(),
             log: None,
             pii: Default::default(),
             consent_default: Default::default(),

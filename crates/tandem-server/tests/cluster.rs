@@ -96,7 +96,7 @@ mod stream {
             listen: "127.0.0.1:0".parse().unwrap(),
             dedup_window: DEFAULT_DEDUP_WINDOW,
             import_dir: dir.path().join("imports"),
-            resolver_cache_profiles: tandem_server::resolve::DEFAULT_CACHE_PROFILES,
+            resolver_cache: tandem_server::resolve::ResolverCache::default(),
             log,
             pii: Default::default(),
             consent_default: Default::default(),

@@ -244,6 +244,10 @@ pub trait IdentityStore: Send + Sync + 'static {
     /// most `limit`; decoded as [`IdentityStore::profile`] decodes one.
     fn list_profiles(&self, after: Option<ProfileId>, limit: usize) -> Result<Vec<Profile>, StoreError>;
 
+    /// The ids [`IdentityStore::list_profiles`] would list, without reading
+    /// or decoding the profiles: what samples a rule that tests no trait.
+    fn list_profile_ids(&self, after: Option<ProfileId>, limit: usize) -> Result<Vec<ProfileId>, StoreError>;
+
     /// Identifiers of type `kind` whose value starts with `prefix` and sorts
     /// after `after`, by value, at most `limit`, with the profile holding each.
     fn identifiers_with_prefix(

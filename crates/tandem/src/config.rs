@@ -54,6 +54,10 @@ pub struct Config {
     #[arg(skip)]
     pub resolver_cache_profiles: Option<usize>,
 
+    /// MiB of compact profile records beside the resolver's graph; set by [`ServerArgs`] on the serving commands.
+    #[arg(skip)]
+    pub resolver_record_cache_mib: Option<usize>,
+
     /// PII classes beyond the defaults and the salt of red values' hashes
     /// (`[pii]` in the file only).
     #[arg(skip)]
@@ -83,10 +87,17 @@ pub struct ServerArgs {
     #[arg(long, env = "TANDEM_DEDUP_WINDOW_HOURS", value_name = "HOURS")]
     pub dedup_window_hours: Option<u64>,
 
-    /// Profiles the resolver keeps in memory, about 1-2 KB each; sets the
-    /// server's memory, whatever the number of customers [default: 200000]
+    /// Profiles the resolver keeps in its graph, about 3 KB each; with the
+    /// record cache, sets the server's memory, whatever the number of
+    /// customers [default: 200000]
     #[arg(long, env = "TANDEM_RESOLVER_CACHE_PROFILES", value_name = "PROFILES")]
     pub resolver_cache_profiles: Option<usize>,
+
+    /// MiB for profiles the resolver's graph dropped, kept as compact
+    /// records (about 300 bytes each) so they are not read from the store
+    /// again [default: 384]
+    #[arg(long, env = "TANDEM_RESOLVER_RECORD_CACHE_MIB", value_name = "MIB")]
+    pub resolver_record_cache_mib: Option<usize>,
 
     /// Consent for a category a person never spoke about, when a destination
     /// needs it: grant or deny [default: grant]
@@ -101,6 +112,7 @@ impl Config {
             listen: server.listen.or(self.listen),
             dedup_window_hours: server.dedup_window_hours.or(self.dedup_window_hours),
             resolver_cache_profiles: server.resolver_cache_profiles.or(self.resolver_cache_profiles),
+            resolver_record_cache_mib: server.resolver_record_cache_mib.or(self.resolver_record_cache_mib),
             consent_default: server.consent_default.or(self.consent_default),
             ..self
         }
@@ -123,7 +135,7 @@ pub struct Settings {
     pub store: Option<StoreUrl>,
     pub listen: SocketAddr,
     pub dedup_window: Duration,
-    pub resolver_cache_profiles: usize,
+    pub resolver_cache: tandem_server::resolve::ResolverCache,
     pub consent_default: ConsentDefault,
     pub log_format: LogFormat,
     /// The event stream to ingest through; `None` appends to the store directly.
@@ -143,6 +155,8 @@ pub enum ConfigError {
     DedupWindow(u64),
     #[error("resolver_cache_profiles must be between 1000 and 100000000, got {0}")]
     ResolverCache(usize),
+    #[error("resolver_record_cache_mib must be between 0 and 1048576, got {0}")]
+    ResolverRecordCache(usize),
     #[error("store must be a postgres:// or postgresql:// URL, got {0:?}")]
     StoreUrl(String),
     #[error(transparent)]
@@ -242,6 +256,7 @@ impl Config {
             listen: self.listen.or(lower.listen),
             dedup_window_hours: self.dedup_window_hours.or(lower.dedup_window_hours),
             resolver_cache_profiles: self.resolver_cache_profiles.or(lower.resolver_cache_profiles),
+            resolver_record_cache_mib: self.resolver_record_cache_mib.or(lower.resolver_record_cache_mib),
             consent_default: self.consent_default.or(lower.consent_default),
             log_format: self.log_format.or(lower.log_format),
             pii: self.pii.or(lower.pii),
@@ -258,6 +273,11 @@ impl Config {
             self.resolver_cache_profiles.unwrap_or(tandem_server::resolve::DEFAULT_CACHE_PROFILES);
         if !(1_000..=100_000_000).contains(&resolver_cache_profiles) {
             return Err(ConfigError::ResolverCache(resolver_cache_profiles));
+        }
+        let resolver_record_cache_mib =
+            self.resolver_record_cache_mib.unwrap_or(tandem_server::resolve::DEFAULT_RECORD_CACHE_BYTES >> 20);
+        if resolver_record_cache_mib > 1 << 20 {
+            return Err(ConfigError::ResolverRecordCache(resolver_record_cache_mib));
         }
         let store = self.store.as_deref().map(StoreUrl::parse).transpose()?;
         let log = match self.log.as_deref() {
@@ -284,7 +304,10 @@ impl Config {
             store,
             listen: self.listen.unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("the default address parses")),
             dedup_window: Duration::from_secs(dedup_window_hours * 3600),
-            resolver_cache_profiles,
+            resolver_cache: tandem_server::resolve::ResolverCache {
+                profiles: resolver_cache_profiles,
+                record_bytes: resolver_record_cache_mib << 20,
+            },
             consent_default: self.consent_default.unwrap_or_default(),
             log_format: self.log_format.unwrap_or_default(),
             pii,
@@ -303,7 +326,7 @@ mod tests {
         let settings = config.layered_over(Config::default()).validate().unwrap();
         assert_eq!(settings.listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(settings.dedup_window, Duration::from_secs(24 * 3600));
-        assert_eq!(settings.resolver_cache_profiles, 200_000);
+        assert_eq!(settings.resolver_cache, tandem_server::resolve::ResolverCache::default());
         assert_eq!(settings.consent_default, ConsentDefault::Grant);
         assert_eq!(settings.pii.red_policy, tandem_core::govern::pii::RedPolicy::Hash);
         assert_eq!(settings.pii.rules[0].policy, Some(tandem_core::govern::pii::RedPolicy::Refuse));
@@ -326,6 +349,8 @@ mod tests {
         assert!(matches!(bad.validate(), Err(ConfigError::DedupWindow(0))));
         let tiny = Config { resolver_cache_profiles: Some(10), ..Config::default() };
         assert!(matches!(tiny.validate(), Err(ConfigError::ResolverCache(10))));
+        let huge = Config { resolver_record_cache_mib: Some(2 << 20), ..Config::default() };
+        assert!(matches!(huge.validate(), Err(ConfigError::ResolverRecordCache(_))));
     }
 
     #[test]

@@ -1384,7 +1384,7 @@ fn server_options(settings: &Settings) -> tandem_server::ServerOptions {
         listen: settings.listen,
         dedup_window: settings.dedup_window,
         import_dir: settings.data_dir.join("imports"),
-        resolver_cache_profiles: settings.resolver_cache_profiles,
+        resolver_cache: settings.resolver_cache,
         log: settings.log.clone(),
         pii: settings.pii.clone(),
         consent_default: settings.consent_default,

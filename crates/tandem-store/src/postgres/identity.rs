@@ -276,6 +276,24 @@ fn identifiers_and_owners(rows: Vec<postgres::Row>) -> Result<Vec<(Identifier, P
         .collect()
 }
 
+/// One column (`state` or `id`) of the live profiles with an id above
+/// `after`, by id, at most `limit`.
+fn live_profiles_after(
+    client: &mut impl GenericClient,
+    column: &str,
+    after: Option<ProfileId>,
+    limit: usize,
+) -> Result<Vec<postgres::Row>, StoreError> {
+    let after = after.map_or(0, |id| id.0 as i64);
+    Ok(client.query(
+        &format!(
+            "SELECT {column} FROM profiles WHERE id > $1 AND merged_into IS NULL AND state IS NOT NULL
+             ORDER BY id LIMIT $2"
+        ),
+        &[&after, &(limit as i64)],
+    )?)
+}
+
 impl IdentityStore for PostgresStore {
     fn identity_state(&self) -> Result<IdentityState, StoreError> {
         self.with_client(|client| {
@@ -511,16 +529,19 @@ impl IdentityStore for PostgresStore {
     }
 
     fn list_profiles(&self, after: Option<ProfileId>, limit: usize) -> Result<Vec<Profile>, StoreError> {
-        let after = after.map_or(0, |id| id.0 as i64);
         self.with_client(|client| {
-            client
-                .query(
-                    "SELECT state FROM profiles WHERE id > $1 AND merged_into IS NULL AND state IS NOT NULL
-                     ORDER BY id LIMIT $2",
-                    &[&after, &(limit as i64)],
-                )?
+            live_profiles_after(client, "state", after, limit)?
                 .iter()
                 .map(|row| decode_profile(row.try_get(0)?))
+                .collect()
+        })
+    }
+
+    fn list_profile_ids(&self, after: Option<ProfileId>, limit: usize) -> Result<Vec<ProfileId>, StoreError> {
+        self.with_client(|client| {
+            live_profiles_after(client, "id", after, limit)?
+                .iter()
+                .map(|row| Ok(ProfileId(row.try_get::<_, i64>(0)? as u64)))
                 .collect()
         })
     }

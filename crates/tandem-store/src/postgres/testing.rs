@@ -7,9 +7,13 @@
 //! provide one: CI must never pass without having run these suites. Only
 //! `TANDEM_TEST_POSTGRES=skip`, set on purpose, skips them.
 //!
+//! [`PrivateCluster`] is a server of one test's own, for what a shared one
+//! cannot show: TLS with the test's certificate, or the server stopped and
+//! started again under a running node.
+//!
 //! Public for other crates' tests (the binary's end-to-end tests start
-//! servers on a fresh database with [`TestDatabase::url`]); not for use
-//! outside tests.
+//! servers on a fresh database with [`TestDatabase::url`], or on a
+//! [`PrivateCluster`]); not for use outside tests.
 
 #[cfg(test)]
 use super::PostgresStore;
@@ -96,21 +100,32 @@ pub fn fresh_store() -> Option<PostgresStore> {
 }
 
 /// A PostgreSQL cluster of a test's own, for what the shared test server
-/// cannot show (TLS with a certificate the test made): `initdb` in a
-/// temporary directory, started on a free port, stopped and removed when
-/// dropped. PostgreSQL refuses to run as root, so as root it runs as the
-/// `postgres` user (or `nobody`) via `runuser`.
-#[cfg(test)]
+/// cannot show: TLS with a certificate the test made, or the server going
+/// away under a running node and coming back. `initdb` in a temporary
+/// directory, started on a free port, stopped and removed when dropped.
+/// PostgreSQL refuses to run as root, so as root it runs as the `postgres`
+/// user (or `nobody`) via `runuser`.
 pub struct PrivateCluster {
-    dir: tempfile::TempDir,
+    /// Holds the data directory, the log and the socket; removed when dropped.
+    dir: std::path::PathBuf,
     bin: std::path::PathBuf,
     run_as: Option<String>,
+    /// `pg_ctl start`'s server options (port, TLS files).
+    options: String,
     /// The port it listens on, at 127.0.0.1.
     pub port: u16,
 }
 
-#[cfg(test)]
 impl PrivateCluster {
+    /// Starts a cluster that takes plain connections over TCP from
+    /// 127.0.0.1 without a password; `None` when PostgreSQL tests are skipped.
+    ///
+    /// # Panics
+    /// When PostgreSQL's programs are missing or the cluster does not start.
+    pub fn start() -> Option<PrivateCluster> {
+        PrivateCluster::start_configured("local all all trust\nhost all all 127.0.0.1/32 trust\n", "", &[])
+    }
+
     /// Starts a cluster that takes only TLS connections over TCP (plain ones
     /// are refused by `pg_hba.conf`), with `certificate` and `key` (PEM) as
     /// its server certificate; `None` when PostgreSQL tests are skipped.
@@ -118,6 +133,17 @@ impl PrivateCluster {
     /// # Panics
     /// When PostgreSQL's programs are missing or the cluster does not start.
     pub fn start_with_tls(certificate: &str, key: &str) -> Option<PrivateCluster> {
+        PrivateCluster::start_configured(
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n",
+            " -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key",
+            &[("server.crt", certificate, 0o644), ("server.key", key, 0o600)],
+        )
+    }
+
+    /// `initdb`, then `files` (name, text, mode) written into the data
+    /// directory, `hba` as its `pg_hba.conf`, and a start with `options`
+    /// added to the port's.
+    fn start_configured(hba: &str, options: &str, files: &[(&str, &str, u32)]) -> Option<PrivateCluster> {
         use std::os::unix::fs::PermissionsExt;
         if std::env::var(SERVER_VARIABLE).is_ok_and(|value| value.trim() == "skip") {
             eprintln!("{SERVER_VARIABLE}=skip: not running this PostgreSQL test");
@@ -126,41 +152,65 @@ impl PrivateCluster {
         let bin = server_programs().unwrap_or_else(|| {
             panic!("no initdb found (looked in /usr/lib/postgresql/*/bin and PATH); install it: apt-get install postgresql (scripts/test does)")
         });
-        let dir = tempfile::tempdir().expect("a temporary directory");
+        let dir = std::env::temp_dir()
+            .join(format!("tandem-pg-{}", Alphanumeric.sample_string(&mut rand::rng(), 12).to_lowercase()));
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
         let run_as = running_as_root().then(|| {
             let user = if user_ids("postgres").is_some() { "postgres" } else { "nobody" };
             let (uid, gid) = user_ids(user).expect("the user to run postgresql as");
-            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("handing the directory over");
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).expect("handing the directory over");
             user.to_owned()
         });
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let cluster = PrivateCluster { dir, bin, run_as, port };
-        let data = cluster.dir.path().join("data");
+        let options = format!("-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off{options}", dir.display());
+        let cluster = PrivateCluster { dir, bin, run_as, options, port };
+        let data = cluster.data();
         cluster.run(
             "initdb",
             &["-D", data.to_str().unwrap(), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"],
         );
-        for (name, text, mode) in [("server.crt", certificate, 0o644), ("server.key", key, 0o600)] {
+        for (name, text, mode) in files {
             let path = data.join(name);
             std::fs::write(&path, text).unwrap();
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(*mode)).unwrap();
             cluster.hand_over(&path);
         }
-        std::fs::write(
-            data.join("pg_hba.conf"),
-            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n",
-        )
-        .unwrap();
-        let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c ssl=on \
-             -c ssl_cert_file=server.crt -c ssl_key_file=server.key",
-            cluster.port,
-            cluster.dir.path().display()
-        );
-        let log = cluster.dir.path().join("server.log");
-        let started = cluster.try_run(
+        std::fs::write(data.join("pg_hba.conf"), hba).unwrap();
+        cluster.start_again();
+        Some(cluster)
+    }
+
+    /// `postgres://postgres@127.0.0.1:PORT/postgres`.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn data(&self) -> std::path::PathBuf {
+        self.dir.join("data")
+    }
+
+    /// Stops the server at once (`pg_ctl stop -m immediate`: every session
+    /// is cut without a goodbye, as when the server crashes), keeping its
+    /// data directory and port for [`PrivateCluster::start_again`].
+    ///
+    /// # Panics
+    /// When the server does not stop.
+    pub fn stop(&self) {
+        let data = self.data();
+        self.run("pg_ctl", &["stop", "-D", data.to_str().unwrap(), "-m", "immediate", "-w"]);
+    }
+
+    /// Starts the stopped server again on its data directory and port, and
+    /// waits until it takes connections (after recovering from its log).
+    ///
+    /// # Panics
+    /// When the server does not start.
+    pub fn start_again(&self) {
+        let data = self.data();
+        let log = self.dir.join("server.log");
+        let started = self.try_run(
             "pg_ctl",
-            &["start", "-D", data.to_str().unwrap(), "-l", log.to_str().unwrap(), "-w", "-o", &options],
+            &["start", "-D", data.to_str().unwrap(), "-l", log.to_str().unwrap(), "-w", "-o", &self.options],
         );
         if !started {
             panic!(
@@ -168,7 +218,6 @@ impl PrivateCluster {
                 std::fs::read_to_string(&log).unwrap_or_default()
             );
         }
-        Some(cluster)
     }
 
     fn hand_over(&self, path: &std::path::Path) {
@@ -194,7 +243,7 @@ impl PrivateCluster {
         let status = self
             .command(program)
             .args(args)
-            .current_dir(self.dir.path())
+            .current_dir(&self.dir)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .status()
@@ -207,16 +256,15 @@ impl PrivateCluster {
     }
 }
 
-#[cfg(test)]
 impl Drop for PrivateCluster {
     fn drop(&mut self) {
-        let data = self.dir.path().join("data");
+        let data = self.data();
         let _ = self.try_run("pg_ctl", &["stop", "-D", data.to_str().unwrap_or_default(), "-m", "immediate"]);
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
 /// Debian keeps the server programs out of PATH, under a versioned directory.
-#[cfg(test)]
 fn server_programs() -> Option<std::path::PathBuf> {
     let mut versioned: Vec<std::path::PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
         .into_iter()
@@ -234,7 +282,6 @@ fn server_programs() -> Option<std::path::PathBuf> {
     })
 }
 
-#[cfg(test)]
 fn running_as_root() -> bool {
     // The real user id, from the kernel's own account of this process.
     std::fs::read_to_string("/proc/self/status").ok().and_then(|status| {
@@ -244,7 +291,6 @@ fn running_as_root() -> bool {
 }
 
 /// A user's ids from `/etc/passwd`.
-#[cfg(test)]
 fn user_ids(user: &str) -> Option<(u32, u32)> {
     let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
     passwd.lines().find_map(|line| {

@@ -217,7 +217,7 @@ impl InsightStore for SqliteStore {
         trackers: &[TrackerId],
         profiles: &[ProfileId],
     ) -> Result<Vec<(TrackerId, ProfileId, ProfileState)>, StoreError> {
-        self.with_reader(|connection| {
+        self.with_read_transaction(|connection| {
             let mut statement = connection
                 .prepare_cached("SELECT state FROM insight_profile_states WHERE tracker_id = ?1 AND profile_id = ?2")?;
             let mut found = Vec::new();

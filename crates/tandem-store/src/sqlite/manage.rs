@@ -65,6 +65,19 @@ pub fn list_profiles(
     Ok(profiles)
 }
 
+pub fn list_profile_ids(
+    connection: &Connection,
+    after: Option<ProfileId>,
+    limit: usize,
+) -> Result<Vec<ProfileId>, StoreError> {
+    let mut statement = connection.prepare_cached(
+        "SELECT id FROM profiles WHERE id > ?1 AND merged_into IS NULL AND state IS NOT NULL ORDER BY id LIMIT ?2",
+    )?;
+    let after = after.map_or(0, |id| id.0 as i64);
+    let rows = statement.query_map(params![after, limit as i64], |row| Ok(ProfileId(row.get::<_, i64>(0)? as u64)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 pub fn identifiers_with_prefix(
     connection: &Connection,
     kind: &str,

@@ -245,6 +245,13 @@ pub fn profiles_list_by_id_and_search_by_identifier_prefix_and_trait(store: &imp
     let after: Vec<u64> =
         store.list_profiles(Some(ProfileId(4)), 10).unwrap().iter().map(|profile| profile.id.0).collect();
     assert_eq!(after, [5, 6]);
+    let ids = |after: Option<u64>, limit: usize| -> Vec<u64> {
+        store.list_profile_ids(after.map(ProfileId), limit).unwrap().iter().map(|id| id.0).collect()
+    };
+    assert_eq!(ids(None, 10), listed, "ids are listed as whole profiles are");
+    assert_eq!(ids(Some(4), 10), after);
+    assert_eq!(ids(Some(1), 2), [2, 3]);
+    assert_eq!(ids(Some(6), 10), Vec::<u64>::new(), "the merged-away profile 7 is not listed");
 
     let page_ids =
         |page: &crate::browse::ProfilePage| page.profiles.iter().map(|profile| profile.id.0).collect::<Vec<_>>();

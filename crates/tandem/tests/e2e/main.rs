@@ -10,6 +10,7 @@ mod console;
 mod crash;
 mod demo;
 mod destination;
+mod fault;
 mod import;
 mod openapi;
 mod sdk;
