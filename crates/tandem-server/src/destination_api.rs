@@ -177,6 +177,8 @@ async fn create_destination(
             .ok_or(DestinationDefineError::Store(StoreError::DestinationNotFound(definition.name)))
     })
     .await?;
+    // Its worker starts now, not at the outbox stage's next listing.
+    state.stages.destinations_changed();
     let shown = destination_json(&record);
     crate::audit::record(&state, &token, "destination.create", &record.definition.name, None, Some(shown.clone()))
         .await;
@@ -217,6 +219,7 @@ async fn delete_destination(
         Ok(before)
     })
     .await?;
+    state.stages.destinations_changed();
     crate::audit::record(&state, &token, "destination.delete", &name, before, None).await;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -144,6 +144,26 @@ impl<P: Copy + PartialOrd> Follower<P> {
             .await
         }))
     }
+
+    /// As [`Follower::wait_either`], with a third follower.
+    pub fn wait_any<Q: Copy + PartialOrd, R: Copy + PartialOrd>(
+        &mut self,
+        second: &mut Follower<Q>,
+        third: &mut Follower<R>,
+        timeout: Duration,
+    ) -> WaitOutcome {
+        let (first, second, third) = (&mut self.receiver, &mut second.receiver, &mut third.receiver);
+        outcome(self.runtime.block_on(async {
+            tokio::time::timeout(timeout, async {
+                tokio::select! {
+                    () = changed(first) => {}
+                    () = changed(second) => {}
+                    () = changed(third) => {}
+                }
+            })
+            .await
+        }))
+    }
 }
 
 fn outcome(waited: Result<(), tokio::time::error::Elapsed>) -> WaitOutcome {
@@ -175,6 +195,11 @@ pub struct StageProgress {
     pub audiences: Progress<CommitCount>,
     /// Commits that put items in an outbox, for the delivery workers.
     pub outbox: Progress<CommitCount>,
+    /// Destinations created or deleted through this node's API: the outbox
+    /// stage starts (or stops) their delivery workers at once rather than
+    /// at its next periodic listing, so the first items a new destination
+    /// gets do not wait for a worker.
+    pub destinations: Progress<CommitCount>,
 }
 
 impl StageProgress {
@@ -183,6 +208,12 @@ impl StageProgress {
         self.resolved.nudge();
         self.audiences.nudge();
         self.outbox.nudge();
+        self.destinations.nudge();
+    }
+
+    /// Says the set of destinations changed, and wakes the outbox stage.
+    pub fn destinations_changed(&self) {
+        self.destinations.count_commit();
     }
 }
 
@@ -194,6 +225,20 @@ mod tests {
     /// A timeout no wait in these tests should reach: one that returns
     /// [`WaitOutcome::Woken`] woke on a signal, not on its timer.
     const LONG: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn a_wait_on_three_followers_wakes_on_the_third() {
+        let (first, second, third) =
+            (Progress::new(LogPosition(0)), Progress::new(CommitCount(0)), Progress::new(CommitCount(0)));
+        let (mut on_first, mut on_second, mut on_third) = (first.follow(), second.follow(), third.follow());
+        let waker = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            third.count_commit();
+        });
+        assert_eq!(on_first.wait_any(&mut on_second, &mut on_third, LONG), WaitOutcome::Woken);
+        waker.join().unwrap();
+        drop((first, second));
+    }
 
     #[test]
     fn every_follower_wakes_when_progress_moves() {
