@@ -438,6 +438,9 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX console_sessions_by_token ON console_sessions (token_id) WHERE token_id IS NOT NULL;"#,
     // 21: the owners of a range of log positions (see `sqlite.rs`, migration 27).
     r#"CREATE INDEX profile_events_by_position ON profile_events (position) INCLUDE (profile_id);"#,
+    // 22: outbox counts from the index alone (see `sqlite.rs`, migration 28).
+    r#"DROP INDEX outbox_by_destination;
+    CREATE INDEX outbox_by_destination ON outbox (destination, id) INCLUDE (attempts);"#,
 ];
 
 /// The PostgreSQL implementation of [`crate::Store`].

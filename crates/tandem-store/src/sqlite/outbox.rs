@@ -12,7 +12,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tandem_core::activate::DestinationDefinition;
 use tandem_core::{LogPosition, ProfileId};
 
-const RECORD_QUERY: &str = "SELECT d.name, d.definition, d.created_at, d.delivered,
+pub(super) const RECORD_QUERY: &str = "SELECT d.name, d.definition, d.created_at, d.delivered,
         (SELECT COUNT(*) FROM outbox o WHERE o.destination = d.name AND o.attempts = 0),
         (SELECT COUNT(*) FROM outbox o WHERE o.destination = d.name AND o.attempts > 0),
         (SELECT COUNT(*) FROM dead_letters l WHERE l.destination = d.name), d.paused,
