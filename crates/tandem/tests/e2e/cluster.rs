@@ -4,11 +4,11 @@
 //! resolves what arrives next. Needs the PostgreSQL test server
 //! (`TANDEM_TEST_POSTGRES`, see `tandem_store::postgres::testing`).
 
-use crate::common::{agent, post, tandem, tandem_output, Server};
+use crate::common::{agent, eventually, post, tandem, tandem_output, Server};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tandem_store::postgres::testing::TestDatabase;
 
 fn get_json(url: &str, token: Option<&str>) -> (u16, Value) {
@@ -27,18 +27,6 @@ fn holds_resolver_lease(url: &str) -> bool {
     assert_eq!(status, 200, "{health}");
     assert_eq!(health["store"], json!({"kind": "postgres", "ok": true}), "{health}");
     health["leases"]["resolve"] == true
-}
-
-/// Waits until `check` gives `Some`, for at most `seconds`.
-fn eventually<T>(seconds: u64, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    loop {
-        if let Some(found) = check() {
-            return found;
-        }
-        assert!(Instant::now() < deadline, "{what} did not happen within {seconds} s");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn profile_of(server: &Server, token: &str, user: &str) -> Option<Value> {

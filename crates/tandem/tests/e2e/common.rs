@@ -196,3 +196,15 @@ pub fn post(agent: &ureq::Agent, url: &str, write_key: &str, body: &str) -> Resu
     let text = response.body_mut().read_to_string()?;
     Ok((status, text))
 }
+
+/// Waits until `check` gives `Some`, for at most `seconds`.
+pub fn eventually<T>(seconds: u64, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    loop {
+        if let Some(found) = check() {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "{what} did not happen within {seconds} s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -8,7 +8,7 @@
 //! PostgreSQL test server, PostgreSQL's programs (a private cluster) and
 //! nats-server.
 
-use crate::common::{agent, post, tandem, Server};
+use crate::common::{agent, eventually, post, tandem, Server};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -165,18 +165,6 @@ fn holders(urls: &[String], stage: &str) -> Vec<usize> {
     (0..urls.len())
         .filter(|&index| health(&urls[index]).is_some_and(|health| health["leases"][stage] == true))
         .collect()
-}
-
-/// Waits until `check` gives `Some`, for at most `seconds`.
-fn eventually<T>(seconds: u64, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    loop {
-        if let Some(found) = check() {
-            return found;
-        }
-        assert!(Instant::now() < deadline, "{what} did not happen within {seconds} s");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Every messageId in the log with how often it is there.
