@@ -1498,21 +1498,22 @@ mod tests {
         assert_eq!(timeline, vec![(1, 900), (2, 100)], "old links gain their event's time");
     }
 
+    /// The steps of SQLite's plan for `sql` (with `parameters`) over a fresh store's schema.
+    fn query_plan(sql: &str, parameters: impl rusqlite::Params) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        drop(SqliteStore::open(dir.path()).unwrap());
+        let connection = Connection::open(dir.path().join(DATABASE_FILE)).unwrap();
+        let mut statement = connection.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let steps = statement.query_map(parameters, |row| row.get::<_, String>(3)).unwrap();
+        steps.collect::<Result<_, _>>().unwrap()
+    }
+
     /// Regression: the owners of a range of positions were found by scanning
     /// every profile's timeline, so each batch of the stages after the
     /// resolver cost time in proportion to the whole log.
     #[test]
     fn regression_event_owners_seek_by_position_rather_than_scan_every_timeline() {
-        let dir = tempfile::tempdir().unwrap();
-        drop(SqliteStore::open(dir.path()).unwrap());
-        let connection = Connection::open(dir.path().join(DATABASE_FILE)).unwrap();
-        let plan: Vec<String> = connection
-            .prepare(&format!("EXPLAIN QUERY PLAN {EVENT_OWNERS}"))
-            .unwrap()
-            .query_map(params![0, 10], |row| row.get::<_, String>(3))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let plan = query_plan(EVENT_OWNERS, params![0, 10]);
         assert!(plan.iter().any(|step| step.contains("USING COVERING INDEX profile_events_by_position")), "{plan:?}");
     }
 
@@ -1522,16 +1523,7 @@ mod tests {
     /// show` about 10 ms.
     #[test]
     fn regression_outbox_counts_read_the_index_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        drop(SqliteStore::open(dir.path()).unwrap());
-        let connection = Connection::open(dir.path().join(DATABASE_FILE)).unwrap();
-        let plan: Vec<String> = connection
-            .prepare(&format!("EXPLAIN QUERY PLAN {}", outbox::RECORD_QUERY))
-            .unwrap()
-            .query_map([], |row| row.get::<_, String>(3))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let plan = query_plan(outbox::RECORD_QUERY, []);
         let counts_from_index =
             plan.iter().filter(|step| step.contains("USING COVERING INDEX outbox_by_destination")).count();
         assert!(counts_from_index >= 2, "{plan:?}");
