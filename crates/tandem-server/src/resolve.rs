@@ -99,7 +99,9 @@ const EXPECTED_RECORD_COST: usize = 400;
 /// Resolving and committing overlap: while batch N is being written on a
 /// committer thread, batch N+1 is resolved in memory. Profiles batch N
 /// touched stay in memory until its commit is durable (they are the overlay
-/// over storage that reads during batch N+1 need). Commits are applied in
+/// over storage that reads during batch N+1 need): as compact records when
+/// the records can hold them all, so that batch N+1 has the whole graph,
+/// otherwise in the graph. The commit carries them encoded, not as copies. Commits are applied in
 /// order, each checked against the position the previous one left, so a
 /// failed or refused commit refuses the ones after it too, and the resolver
 /// starts again from storage. Dropping a resolver waits for its commit.
@@ -150,6 +152,23 @@ impl CacheBook {
 
     fn size(&self) -> ResolverCache {
         ResolverCache { profiles: self.capacity, record_bytes: self.record_bytes }
+    }
+
+    /// Whether the records can take a whole graph's profiles, so that a
+    /// batch's profiles leave the graph as records while its commit is
+    /// written. Then a batch may fill the graph; otherwise it stays within
+    /// half of it, the other half holding the batch being written.
+    fn demotes_unwritten(&self) -> bool {
+        self.record_bytes >= self.capacity.saturating_mul(EXPECTED_RECORD_COST)
+    }
+
+    /// Graph profiles above which eviction runs, and how many it keeps.
+    fn eviction_levels(&self) -> (usize, usize) {
+        if self.demotes_unwritten() {
+            (self.capacity / 4 * 3, self.capacity / 4)
+        } else {
+            (self.capacity, self.capacity / 4 * 3)
+        }
     }
 }
 
@@ -208,17 +227,18 @@ impl Resolver {
     }
 
     /// A resolver keeping at most `cache.profiles` profiles in its graph
-    /// (more only while one batch needs more at once) and about
-    /// `cache.record_bytes` of compact records beside it.
+    /// (more only while one chunk of a batch needs more at once, or while
+    /// the records cannot take the profiles of a commit being written) and
+    /// about `cache.record_bytes` of compact records beside it.
     pub fn with_cache(store: Arc<dyn Store>, cache: ResolverCache) -> Result<Resolver, ResolveError> {
         let state = store.identity_state()?;
         let rules = state.rules.compile()?;
         let mut graph = IdentityGraph::from_parts([], [], state.next_profile_id);
         let mut records = records::ProfileRecords::new(cache.record_bytes);
-        let in_graph = cache.profiles / 4 * 3;
         let mut book = CacheBook::new(cache);
-        // A store that is expected to fit in memory is loaded whole (three
-        // quarters of the graph's cache first, the rest as records): then a
+        let in_graph = book.eviction_levels().1;
+        // A store that is expected to fit in memory is loaded whole (the
+        // graph up to the level eviction keeps, the rest as records): then a
         // miss means a new identifier, and needs no read.
         let room = in_graph.saturating_add(cache.record_bytes / EXPECTED_RECORD_COST);
         if state.live_profiles as usize <= room {
@@ -318,10 +338,16 @@ impl Resolver {
         let mut resolved = 0;
         // When each event of the batch was received, for the age metric.
         let mut received_at_ms = Vec::new();
-        // A batch also ends once it has touched half the cache's profiles:
-        // they stay in memory until its commit is durable, beside those of
-        // the batch resolved meanwhile.
-        let touched_bound = (self.cache.capacity / 2).max(LOOK_UP_CHUNK);
+        // A batch also ends once the graph is full. Its profiles stay in
+        // memory until its commit is durable, beside those of the batch
+        // resolved meanwhile: as records when the records can take them all,
+        // otherwise in the graph, when a batch ends once it has touched half
+        // the cache's profiles.
+        let (graph_bound, touched_bound) = if self.cache.demotes_unwritten() {
+            (self.cache.capacity, usize::MAX)
+        } else {
+            (usize::MAX, (self.cache.capacity / 2).max(LOOK_UP_CHUNK))
+        };
         'reading: while resolved < limit {
             let wanted = (limit - resolved).min(READ_PAGE);
             let entries = self.store.read_log(to, wanted)?;
@@ -338,7 +364,7 @@ impl Resolver {
                 to = chunk.last().expect("chunks are not empty").position;
                 resolved += chunk.len();
                 received_at_ms.extend(chunk.iter().map(|entry| entry.received_at_ms));
-                if batch.touched.len() >= touched_bound {
+                if batch.touched.len() >= touched_bound || self.graph.profile_count() >= graph_bound {
                     break 'reading;
                 }
             }
@@ -481,28 +507,46 @@ impl Resolver {
         Ok(())
     }
 
-    /// Moves the least recently used profiles out of the graph, down to
-    /// three quarters of the cache size once it is exceeded (so eviction
-    /// runs once per quarter of the cache, not every batch), into the
-    /// compact records. Profiles the current batch used stay.
+    /// Moves the least recently used profiles out of the graph into the
+    /// compact records once the graph passes its eviction level, down to the
+    /// level it keeps (so eviction runs once per batch or fewer, not at every
+    /// profile). Profiles the current batch used, whose commit is being
+    /// written, leave only when the records promise to keep them
+    /// ([`records::ProfileRecords::keep_unwritten`]); others stay.
     fn evict(&mut self) {
         let graph = &self.graph;
         let cache = &mut self.cache;
-        if graph.profile_count() > cache.capacity {
+        let (above, keep) = cache.eviction_levels();
+        if graph.profile_count() > above {
             cache.last_used.retain(|id, _| graph.holds(*id));
-            let keep = cache.capacity * 3 / 4;
+            let demoting = cache.demotes_unwritten();
             let mut candidates: Vec<(u64, ProfileId)> = cache
                 .last_used
                 .iter()
-                .filter(|(_, batch)| **batch < cache.batch)
+                .filter(|(_, batch)| demoting || **batch < cache.batch)
                 .map(|(id, batch)| (*batch, *id))
                 .collect();
             let excess = graph.profile_count().saturating_sub(keep).min(candidates.len());
             if excess > 0 && excess < candidates.len() {
                 candidates.select_nth_unstable(excess);
             }
-            for (_, id) in candidates.into_iter().take(excess) {
-                if let Some(profile) = self.graph.remove_profile(id) {
+            candidates.truncate(excess);
+            // Written profiles first: the records drop their oldest first,
+            // so the unwritten ones, kept last, are never the ones dropped.
+            candidates.sort_unstable();
+            let mut unwritten_bytes = 0;
+            for (batch, id) in candidates {
+                if batch == self.cache.batch {
+                    let Some(profile) = self.graph.profile(id) else { continue };
+                    match self.records.keep_unwritten(profile, &mut unwritten_bytes) {
+                        Some(whole) => {
+                            self.cache.complete &= whole;
+                            self.graph.remove_profile(id);
+                        }
+                        // It stays in the graph until its commit is durable.
+                        None => continue,
+                    }
+                } else if let Some(profile) = self.graph.remove_profile(id) {
                     if !self.records.keep(&profile) {
                         self.cache.complete = false;
                     }
@@ -636,7 +680,7 @@ impl BatchChanges {
             epoch,
             from,
             to,
-            profiles: live_touched.iter().filter_map(|id| graph.profile(*id).cloned()).collect(),
+            profiles: live_touched.iter().filter_map(|id| graph.profile(*id)).collect(),
             merged: self.merged,
             identifiers: self
                 .added
@@ -873,7 +917,7 @@ pub fn repair(store: &Arc<dyn Store>, repair: &Repair) -> Result<RepairReport, R
                 recorded_at_ms,
             });
         }
-        let profiles: Vec<Profile> = rebuilt.graph.profiles().cloned().collect();
+        let profiles: Vec<&Profile> = rebuilt.graph.profiles().collect();
         let profiles_after = (state.live_profiles + profiles.len() as u64).saturating_sub(part.profiles.len() as u64);
         let commit = IdentityCommit {
             epoch: state.epoch,
@@ -883,7 +927,7 @@ pub fn repair(store: &Arc<dyn Store>, repair: &Repair) -> Result<RepairReport, R
                 .iter()
                 .flat_map(|profile| profile.identifiers.iter().map(move |identifier| (identifier.clone(), profile.id)))
                 .collect(),
-            profiles,
+            profiles: profiles.into_iter().collect(),
             merged,
             events,
             history,

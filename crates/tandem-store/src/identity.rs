@@ -66,6 +66,57 @@ pub struct EventLink {
     pub profile: ProfileId,
 }
 
+/// The profiles a commit writes in full, each as its compact record
+/// ([`tandem_core::profile_record`]). A resolver batch holds up to hundreds
+/// of thousands of them while it is written: as records they take about
+/// 200 bytes each, against some 3 KB as decoded profiles, and the batch
+/// encodes each once rather than cloning it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CommitProfiles(Vec<(ProfileId, Box<[u8]>)>);
+
+impl CommitProfiles {
+    /// Adds `profile`'s current state.
+    pub fn push(&mut self, profile: &Profile) {
+        self.0.push((profile.id, tandem_core::profile_record::encode(profile).into_boxed_slice()));
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Each profile's id and record, in the order they were added.
+    pub fn records(&self) -> impl Iterator<Item = (ProfileId, &[u8])> {
+        self.0.iter().map(|(id, record)| (*id, &record[..]))
+    }
+
+    /// Each profile decoded, for a backend that stores another encoding.
+    pub fn decoded(&self) -> impl Iterator<Item = Result<Profile, StoreError>> + '_ {
+        self.0.iter().map(|(_, record)| {
+            tandem_core::profile_record::decode_record(record).map_err(|error| StoreError::Backend(Box::new(error)))
+        })
+    }
+}
+
+impl<'a> FromIterator<&'a Profile> for CommitProfiles {
+    fn from_iter<I: IntoIterator<Item = &'a Profile>>(profiles: I) -> Self {
+        let mut encoded = CommitProfiles::default();
+        for profile in profiles {
+            encoded.push(profile);
+        }
+        encoded
+    }
+}
+
+impl From<Vec<Profile>> for CommitProfiles {
+    fn from(profiles: Vec<Profile>) -> Self {
+        profiles.iter().collect()
+    }
+}
+
 /// What the resolver (or a repair) writes in one transaction.
 #[derive(Clone, Debug, Default)]
 pub struct IdentityCommit {
@@ -76,7 +127,7 @@ pub struct IdentityCommit {
     /// The resolver position once committed.
     pub to: LogPosition,
     /// Live profiles to write in full.
-    pub profiles: Vec<Profile>,
+    pub profiles: CommitProfiles,
     /// Profiles merged away, in the order it happened: (from, into).
     pub merged: Vec<(ProfileId, ProfileId)>,
     /// Identifiers and the profile that now holds each.

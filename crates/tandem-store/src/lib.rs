@@ -51,8 +51,8 @@ pub use govern::{
     StoredPlan,
 };
 pub use identity::{
-    CommitOutcome, EventLink, HistoryRecord, IdentityCommit, IdentityRepair, IdentityState, IdentityStore,
-    TimelineCursor, TimelineCursorError, UnresolvedEvent,
+    CommitOutcome, CommitProfiles, EventLink, HistoryRecord, IdentityCommit, IdentityRepair, IdentityState,
+    IdentityStore, TimelineCursor, TimelineCursorError, UnresolvedEvent,
 };
 pub use insight::{
     BackfillMove, DayAdd, DayValue, GoalRecord, InsightCommit, InsightCommitOutcome, InsightCounters, InsightStore,

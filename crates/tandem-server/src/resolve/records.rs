@@ -33,10 +33,14 @@ pub(crate) struct ProfileRecords {
     budget_bytes: usize,
     used_bytes: usize,
     hasher: RandomState,
-    records: HashMap<ProfileId, Box<[u8]>>,
+    /// Each kept record with the number it was kept under.
+    records: HashMap<ProfileId, (u64, Box<[u8]>)>,
     owners: HashMap<u64, ProfileId>,
-    /// Kept ids, oldest first; ids taken out since are skipped when dropping.
-    order: VecDeque<ProfileId>,
+    /// Kept ids with their numbers, oldest first. An entry whose number is
+    /// not its record's any more (taken out, perhaps kept again since) is
+    /// skipped when dropping: a profile kept again is dropped in its turn.
+    order: VecDeque<(u64, ProfileId)>,
+    next_number: u64,
 }
 
 /// What the tier knows of an identifier's owner.
@@ -57,6 +61,7 @@ impl ProfileRecords {
             records: HashMap::new(),
             owners: HashMap::new(),
             order: VecDeque::new(),
+            next_number: 0,
         }
     }
 
@@ -91,16 +96,57 @@ impl ProfileRecords {
                 whole &= previous == profile.id;
             }
         }
-        self.records.insert(profile.id, record);
-        self.order.push_back(profile.id);
+        self.insert(profile.id, record, cost);
+        whole & self.drop_over_budget()
+    }
+
+    fn insert(&mut self, id: ProfileId, record: Box<[u8]>, cost: usize) {
+        self.next_number += 1;
+        self.records.insert(id, (self.next_number, record));
+        self.order.push_back((self.next_number, id));
         self.used_bytes += cost;
+    }
+
+    /// Drops the oldest records until the tier is within its budget;
+    /// returns `false` when it dropped any.
+    fn drop_over_budget(&mut self) -> bool {
+        let mut whole = true;
         while self.used_bytes > self.budget_bytes {
-            let Some(oldest) = self.order.pop_front() else { break };
-            if self.take(oldest).is_some() {
+            let Some((number, oldest)) = self.order.pop_front() else { break };
+            if self.records.get(&oldest).is_some_and(|(kept, _)| *kept == number) && self.take(oldest).is_some() {
                 whole = false;
             }
         }
         whole
+    }
+
+    /// Keeps `profile` whose latest state is not durable yet (its commit is
+    /// being written), so it must not be lost from memory: storage would
+    /// answer with an older state. Returns whether the tier still holds
+    /// every profile it held (as [`ProfileRecords::keep`]), or `None`,
+    /// keeping nothing, when it cannot promise to keep this one: one of its identifiers' hashes points at another
+    /// profile (a look-up by that identifier would miss it), or the unwritten
+    /// records kept so far, `unwritten_bytes`, would pass the budget with it
+    /// (the tier drops its oldest records first, so unwritten ones within the
+    /// budget are never dropped while the caller keeps them the newest).
+    pub(crate) fn keep_unwritten(&mut self, profile: &Profile, unwritten_bytes: &mut usize) -> Option<bool> {
+        let collides = profile.identifiers.iter().any(|identifier| {
+            self.owners.get(&self.hasher.hash_one(identifier)).is_some_and(|owner| *owner != profile.id)
+        });
+        if collides || self.records.contains_key(&profile.id) {
+            return None;
+        }
+        let record = profile_record::encode(profile).into_boxed_slice();
+        let cost = cost_of(record.len(), profile.identifiers.len());
+        if *unwritten_bytes + cost > self.budget_bytes {
+            return None;
+        }
+        *unwritten_bytes += cost;
+        for identifier in &profile.identifiers {
+            self.owners.insert(self.hasher.hash_one(identifier), profile.id);
+        }
+        self.insert(profile.id, record, cost);
+        Some(self.drop_over_budget())
     }
 
     /// Takes out the profile holding `identifier`, if it is kept here.
@@ -109,7 +155,7 @@ impl ProfileRecords {
         let Some(&id) = self.owners.get(&hash) else {
             return Ok(Owner::NotHere);
         };
-        let Some(record) = self.records.get(&id) else {
+        let Some((_, record)) = self.records.get(&id) else {
             return Ok(Owner::NotHere);
         };
         let length = record.len();
@@ -124,7 +170,7 @@ impl ProfileRecords {
 
     /// Takes out profile `id`, if it is kept here.
     pub(crate) fn take(&mut self, id: ProfileId) -> Option<Result<Profile, ProfileRecordError>> {
-        let record = self.records.get(&id)?;
+        let (_, record) = self.records.get(&id)?;
         let length = record.len();
         match profile_record::decode_record(record) {
             Ok(profile) => {
@@ -154,7 +200,7 @@ impl ProfileRecords {
         // queue is compacted when it is mostly such ids.
         if self.order.len() > 2 * self.records.len() + 1024 {
             let records = &self.records;
-            self.order.retain(|id| records.contains_key(id));
+            self.order.retain(|(number, id)| records.get(id).is_some_and(|(kept, _)| kept == number));
         }
     }
 }
@@ -208,6 +254,50 @@ mod tests {
         assert!(records.used_bytes() <= one * 3);
         assert!(records.take(ProfileId(1)).is_none(), "the oldest went first");
         assert!(found(records.take_owner(&"user_id:u4".parse().unwrap()).unwrap()).is_some());
+    }
+
+    #[test]
+    fn unwritten_profiles_are_kept_only_when_none_of_them_can_be_lost() {
+        let one = cost_of(profile_record::encode(&profile(1, &["user_id:u1"])).len(), 1);
+        let mut records = ProfileRecords::new(one * 3);
+        for id in 1..=3 {
+            assert!(records.keep(&profile(id, &[&format!("user_id:u{id}")])));
+        }
+        let mut unwritten = 0;
+        for id in 4..=6 {
+            let kept = records.keep_unwritten(&profile(id, &[&format!("user_id:u{id}")]), &mut unwritten);
+            assert_eq!(kept, Some(false), "each pushes out an older, written record");
+        }
+        assert_eq!(
+            records.keep_unwritten(&profile(7, &["user_id:u7"]), &mut unwritten),
+            None,
+            "a fourth would push out an unwritten one"
+        );
+        for id in 4..=6 {
+            assert!(records.take(ProfileId(id)).is_some(), "unwritten profile {id} is still held");
+        }
+        assert!(records.take(ProfileId(1)).is_none());
+
+        // Kept, taken out and kept again unwritten: its first, older turn in
+        // the queue does not drop it.
+        let mut records = ProfileRecords::new(one * 3);
+        assert!(records.keep(&profile(1, &["user_id:u1"])));
+        assert!(records.take(ProfileId(1)).is_some());
+        assert!(records.keep(&profile(2, &["user_id:u2"])));
+        let mut unwritten = 0;
+        assert_eq!(records.keep_unwritten(&profile(1, &["user_id:u1"]), &mut unwritten), Some(true));
+        assert!(records.keep(&profile(3, &["user_id:u3"])));
+        assert!(!records.keep(&profile(4, &["user_id:u4"])), "one is pushed out");
+        assert!(records.take(ProfileId(2)).is_none(), "the oldest kept went");
+        assert!(records.take(ProfileId(1)).is_some(), "the unwritten one stayed");
+
+        // A hash another profile holds: a look-up could not find this one.
+        let mut records = ProfileRecords::new(1 << 20);
+        assert!(records.keep(&profile(1, &["user_id:ann"])));
+        let hash = records.hasher.hash_one("user_id:bob".parse::<Identifier>().unwrap());
+        records.owners.insert(hash, ProfileId(1));
+        assert_eq!(records.keep_unwritten(&profile(2, &["user_id:bob"]), &mut 0), None);
+        assert_eq!(records.len(), 1, "nothing was kept");
     }
 
     #[test]

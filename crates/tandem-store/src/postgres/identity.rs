@@ -13,8 +13,8 @@ use super::log::{log_entry_from_row, LOG_ENTRY_COLUMNS};
 use super::{json_error, text_from_bytes, PostgresStore};
 use crate::identity::{history_record, MERGES_AND_DROPS};
 use crate::{
-    CommitOutcome, HistoryRecord, IdentityCommit, IdentityRepair, IdentityState, IdentityStore, LogEntry, Stage,
-    StoreError, TimelineCursor, UnresolvedEvent,
+    CommitOutcome, CommitProfiles, HistoryRecord, IdentityCommit, IdentityRepair, IdentityState, IdentityStore,
+    LogEntry, Stage, StoreError, TimelineCursor, UnresolvedEvent,
 };
 use postgres::{GenericClient, IsolationLevel, Transaction};
 use std::collections::HashMap;
@@ -116,8 +116,8 @@ fn commit(
     }
     let saved: Vec<i64> = commit
         .profiles
-        .iter()
-        .map(|profile| profile.id.0 as i64)
+        .records()
+        .map(|(id, _)| id.0 as i64)
         .collect::<std::collections::BTreeSet<i64>>()
         .into_iter()
         .collect();
@@ -161,13 +161,14 @@ fn commit(
 }
 
 /// Writes live profiles in full; the last copy of a profile in the commit wins.
-fn save_profiles(transaction: &mut Transaction<'_>, profiles: &[Profile]) -> Result<(), StoreError> {
+fn save_profiles(transaction: &mut Transaction<'_>, profiles: &CommitProfiles) -> Result<(), StoreError> {
     if profiles.is_empty() {
         return Ok(());
     }
     let mut latest: HashMap<i64, String> = HashMap::with_capacity(profiles.len());
-    for profile in profiles {
-        latest.insert(profile.id.0 as i64, serde_json::to_string(profile).map_err(json_error)?);
+    for profile in profiles.decoded() {
+        let profile = profile?;
+        latest.insert(profile.id.0 as i64, serde_json::to_string(&profile).map_err(json_error)?);
     }
     let (ids, states): (Vec<i64>, Vec<String>) = latest.into_iter().unzip();
     transaction.execute(
@@ -589,7 +590,7 @@ mod tests {
         let reason = UnresolvedEvent { position: LogPosition(2), reason: "user_id:\0 (blocked value)".into() };
         let commit = IdentityCommit {
             to: LogPosition(2),
-            profiles: vec![profile.clone()],
+            profiles: vec![profile.clone()].into(),
             identifiers: vec![(odd.clone(), ProfileId(1))],
             unresolved: vec![reason.clone()],
             next_profile_id: 2,
@@ -612,7 +613,7 @@ mod tests {
                     scope.spawn(move || {
                         let commit = IdentityCommit {
                             to: LogPosition(10),
-                            profiles: vec![Profile::new(ProfileId(racer))],
+                            profiles: vec![Profile::new(ProfileId(racer))].into(),
                             next_profile_id: racer + 1,
                             ..IdentityCommit::default()
                         };
@@ -646,7 +647,7 @@ mod tests {
                         epoch: snapshot.epoch,
                         from: snapshot.position,
                         to: LogPosition(snapshot.position.0 + 1),
-                        profiles: vec![Profile::new(ProfileId(round + 1))],
+                        profiles: vec![Profile::new(ProfileId(round + 1))].into(),
                         next_profile_id: round + 2,
                         ..IdentityCommit::default()
                     };

@@ -121,8 +121,8 @@ pub fn commit(
             "INSERT INTO profiles (id, merged_into, state) VALUES (?1, NULL, ?2)
              ON CONFLICT (id) DO UPDATE SET merged_into = NULL, state = excluded.state",
         )?;
-        for profile in &commit.profiles {
-            let row = params![profile.id.0 as i64, profile_state::encode(profile)];
+        for (id, record) in commit.profiles.records() {
+            let row = params![id.0 as i64, record];
             if save_live.execute(row)? == 0 {
                 save_profile.execute(row)?;
                 live_delta += 1;

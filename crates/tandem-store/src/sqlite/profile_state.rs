@@ -13,8 +13,6 @@ use crate::StoreError;
 use tandem_core::profile_record::{decode_record, ProfileRecordError};
 use tandem_core::Profile;
 
-pub use tandem_core::profile_record::encode;
-
 /// A stored state that cannot be read back as a profile.
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileStateError {
@@ -62,7 +60,8 @@ mod tests {
         let profile = sample();
         let json = serde_json::to_string(&profile).unwrap();
         assert_eq!(decode(ValueRef::Text(json.as_bytes())).unwrap(), profile);
-        assert_eq!(decode(ValueRef::Blob(&encode(&profile))).unwrap(), profile);
+        let record = tandem_core::profile_record::encode(&profile);
+        assert_eq!(decode(ValueRef::Blob(&record)).unwrap(), profile);
         assert!(decode(ValueRef::Integer(3)).is_err());
         assert!(decode(ValueRef::Text(b"{not json")).is_err());
     }

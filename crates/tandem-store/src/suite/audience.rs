@@ -228,7 +228,7 @@ pub fn retired_profiles_are_found_after_a_merge(store: &impl Store) {
     let identity = store.identity_state().unwrap();
     let commit = IdentityCommit {
         epoch: identity.epoch,
-        profiles: vec![Profile::new(ProfileId(1)), Profile::new(ProfileId(2))],
+        profiles: vec![Profile::new(ProfileId(1)), Profile::new(ProfileId(2))].into(),
         next_profile_id: 3,
         ..IdentityCommit::default()
     };
@@ -246,7 +246,7 @@ pub fn retired_profiles_are_found_after_a_merge(store: &impl Store) {
     assert!(store.retired_audience_profiles(10).unwrap().is_empty(), "both profiles are live");
     let merge = IdentityCommit {
         epoch: identity.epoch,
-        profiles: vec![Profile::new(ProfileId(1))],
+        profiles: vec![Profile::new(ProfileId(1))].into(),
         merged: vec![(ProfileId(2), ProfileId(1))],
         next_profile_id: 3,
         ..IdentityCommit::default()

@@ -140,7 +140,7 @@ pub fn erasing_a_person_removes_their_rows_everywhere_and_keeps_others(store: &i
         epoch: state.epoch,
         from: LogPosition(0),
         to: LogPosition(3),
-        profiles: vec![ann_profile, bob_profile],
+        profiles: vec![ann_profile, bob_profile].into(),
         identifiers: vec![(ann.clone(), ProfileId(1)), (bob.clone(), ProfileId(2))],
         events: vec![link(1, 1), link(2, 1), link(3, 2)],
         history: vec![HistoryRecord {

@@ -26,7 +26,7 @@ pub fn identity_commits_round_trip_and_refuse_stale_writers(store: &impl Store) 
         epoch: empty.epoch,
         from: LogPosition(0),
         to: LogPosition(2),
-        profiles: vec![first.clone(), second.clone()],
+        profiles: vec![first.clone(), second.clone()].into(),
         identifiers: vec![(anon.clone(), ProfileId(1)), (ann.clone(), ProfileId(2))],
         events: vec![link(1, 1), link(2, 2)],
         history: vec![HistoryRecord {
@@ -50,7 +50,7 @@ pub fn identity_commits_round_trip_and_refuse_stale_writers(store: &impl Store) 
         epoch: empty.epoch,
         from: LogPosition(2),
         to: LogPosition(3),
-        profiles: vec![first.clone()],
+        profiles: vec![first.clone()].into(),
         merged: vec![(ProfileId(2), ProfileId(1))],
         events: vec![link(3, 1)],
         history: vec![HistoryRecord {
@@ -115,7 +115,7 @@ pub fn identity_commits_round_trip_and_refuse_stale_writers(store: &impl Store) 
             epoch: reloaded.epoch,
             from: LogPosition(3),
             to: LogPosition(3),
-            profiles: vec![kept.clone(), second.clone()],
+            profiles: vec![kept.clone(), second.clone()].into(),
             identifiers: vec![(anon.clone(), ProfileId(1)), (ann.clone(), ProfileId(2))],
             events: vec![link(1, 1), link(2, 2), link(3, 1)],
             history: vec![HistoryRecord {
@@ -189,7 +189,7 @@ pub fn batched_look_ups_find_live_owners_and_profiles(store: &impl Store) {
     let epoch = store.identity_state().unwrap().epoch;
     let commit = IdentityCommit {
         epoch,
-        profiles: vec![first.clone(), second.clone()],
+        profiles: vec![first.clone(), second.clone()].into(),
         identifiers: vec![(ann.clone(), ProfileId(1)), (bob.clone(), ProfileId(2))],
         next_profile_id: 3,
         ..IdentityCommit::default()
@@ -202,7 +202,7 @@ pub fn batched_look_ups_find_live_owners_and_profiles(store: &impl Store) {
     first.identifiers.push(bob.clone());
     let merge = IdentityCommit {
         epoch,
-        profiles: vec![first.clone()],
+        profiles: vec![first.clone()].into(),
         merged: vec![(ProfileId(2), ProfileId(1))],
         next_profile_id: 3,
         ..IdentityCommit::default()
@@ -229,8 +229,13 @@ pub fn profiles_list_by_id_and_search_by_identifier_prefix_and_trait(store: &imp
         identifiers.push((email, ProfileId(n)));
         profiles.push(profile);
     }
-    let commit =
-        IdentityCommit { epoch: empty.epoch, profiles, identifiers, next_profile_id: 8, ..IdentityCommit::default() };
+    let commit = IdentityCommit {
+        epoch: empty.epoch,
+        profiles: profiles.into(),
+        identifiers,
+        next_profile_id: 8,
+        ..IdentityCommit::default()
+    };
     assert_eq!(store.commit_identity(&commit).unwrap(), CommitOutcome::Committed);
     // Profile 7 is then merged into profile 6: it is no longer listed.
     let merge = IdentityCommit {
@@ -297,7 +302,7 @@ pub fn timelines_follow_event_time_and_page_by_cursor(store: &impl Store) {
     let commit = IdentityCommit {
         epoch,
         to: LogPosition(5),
-        profiles: vec![Profile::new(ProfileId(1))],
+        profiles: vec![Profile::new(ProfileId(1))].into(),
         events: (1..=5u64)
             .map(|position| EventLink {
                 position: LogPosition(position),
@@ -356,7 +361,7 @@ pub fn events_of_many_profiles_are_read_at_once_from_a_time(store: &impl Store) 
     let created = IdentityCommit {
         epoch,
         to: LogPosition(5),
-        profiles: vec![Profile::new(ProfileId(1)), Profile::new(ProfileId(2)), Profile::new(ProfileId(3))],
+        profiles: vec![Profile::new(ProfileId(1)), Profile::new(ProfileId(2)), Profile::new(ProfileId(3))].into(),
         events: linked(1..=5),
         next_profile_id: 4,
         ..IdentityCommit::default()
@@ -367,7 +372,7 @@ pub fn events_of_many_profiles_are_read_at_once_from_a_time(store: &impl Store) 
         epoch,
         from: LogPosition(5),
         to: LogPosition(6),
-        profiles: vec![Profile::new(ProfileId(3))],
+        profiles: vec![Profile::new(ProfileId(3))].into(),
         merged: vec![(ProfileId(2), ProfileId(3))],
         events: linked(6..=6),
         next_profile_id: 4,
@@ -468,7 +473,7 @@ pub fn merges_and_drops_list_newest_first_a_page_at_a_time(store: &impl Store) {
         epoch: store.identity_state().unwrap().epoch,
         from: LogPosition(0),
         to: LogPosition(6),
-        profiles: vec![profile],
+        profiles: vec![profile].into(),
         identifiers: vec![(anon, ProfileId(1)), (ann, ProfileId(1))],
         history,
         next_profile_id: 3,
