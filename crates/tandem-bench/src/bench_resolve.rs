@@ -49,6 +49,14 @@ struct Options {
     /// MiB of compact records the resolver keeps beside its graph
     #[arg(long, default_value_t = DEFAULT_RECORD_CACHE_BYTES >> 20)]
     record_cache_mib: usize,
+    /// Fill the log and stop, leaving the store to copy for several
+    /// resolver runs over the same events
+    #[arg(long, conflicts_with = "filled")]
+    fill_only: bool,
+    /// The store in --data is a copy of one `--fill-only` left: resolve
+    /// its log without filling it again
+    #[arg(long, requires = "data")]
+    filled: bool,
 }
 
 /// The `n`-th event of the stream.
@@ -109,16 +117,8 @@ fn bytes_written() -> Option<u64> {
     io.lines().find_map(|line| line.strip_prefix("write_bytes: ")).and_then(|value| value.trim().parse().ok())
 }
 
-fn main() -> anyhow::Result<()> {
-    let options = Options::parse();
-    let store: Arc<dyn Store> = match (&options.postgres, &options.data) {
-        (Some(url), _) => Arc::new(PostgresStore::connect(url).context("connecting to PostgreSQL")?),
-        (None, Some(data)) => {
-            anyhow::ensure!(!data.exists(), "{} exists; give a new directory", data.display());
-            Arc::new(SqliteStore::open(data).context("opening the store")?)
-        }
-        (None, None) => anyhow::bail!("give --data DIR or --postgres URL"),
-    };
+/// Appends `options.events` synthetic events to the store's log.
+fn fill(options: &Options, store: &dyn Store) -> anyhow::Result<()> {
     let source = store.create_source("bench", SourceKind::Backend)?;
     let received_at = chrono::Utc::now();
     let request = RequestContext {
@@ -135,7 +135,7 @@ fn main() -> anyhow::Result<()> {
         let count = (options.events - written).min(20_000);
         let records = (0..count)
             .map(|_| {
-                let Value::Object(message) = message(&options, &mut random, &mut seen) else { unreachable!() };
+                let Value::Object(message) = message(options, &mut random, &mut seen) else { unreachable!() };
                 normalize_message(message, None, &BatchDefaults::default(), &request).map(|event| event.to_log_record())
             })
             .collect::<Result<Vec<_>, _>>()
@@ -144,6 +144,30 @@ fn main() -> anyhow::Result<()> {
         written += count;
     }
     println!("log filled: {} events in {:.1} s", written, filling.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let options = Options::parse();
+    let store: Arc<dyn Store> = match (&options.postgres, &options.data) {
+        (Some(url), _) => Arc::new(PostgresStore::connect(url).context("connecting to PostgreSQL")?),
+        (None, Some(data)) => {
+            anyhow::ensure!(
+                options.filled == data.exists(),
+                "{} {}",
+                data.display(),
+                if options.filled { "does not exist" } else { "exists; give a new directory" }
+            );
+            Arc::new(SqliteStore::open(data).context("opening the store")?)
+        }
+        (None, None) => anyhow::bail!("give --data DIR or --postgres URL"),
+    };
+    if !options.filled {
+        fill(&options, store.as_ref())?;
+        if options.fill_only {
+            return Ok(());
+        }
+    }
 
     let written_before = bytes_written();
     let started = Instant::now();
