@@ -559,7 +559,7 @@ impl SqliteStore {
     ///
     /// Nothing acknowledged is put at risk: the log's own commits stay
     /// fully synced, and a stage's commit is in the write-ahead log before
-    /// the next log commit's sync (or the checkpoint thread's, within a
+    /// the next log commit's sync (or the checkpoint thread's sync of the log, within a
     /// second), which makes it durable too. A power loss before that rolls
     /// a stage back to an earlier commit, its cursor with its effects, and
     /// it replays from the log; deliveries are at least once already. A
