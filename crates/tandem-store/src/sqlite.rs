@@ -511,15 +511,6 @@ impl SqliteStore {
     /// Opens (creating if needed) the store in `data_dir` and applies any
     /// pending migrations.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        SqliteStore::open_with_checkpoints(data_dir, checkpoint::CheckpointPolicy::default())
-    }
-
-    /// [`SqliteStore::open`], copying the write-ahead log into the database
-    /// file as `policy` says.
-    pub(crate) fn open_with_checkpoints(
-        data_dir: &Path,
-        policy: checkpoint::CheckpointPolicy,
-    ) -> Result<Self, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|error| StoreError::Backend(Box::new(error)))?;
         let path = data_dir.join(DATABASE_FILE);
         let mut writer = open_connection(&path)?;
@@ -529,7 +520,7 @@ impl SqliteStore {
         writer.pragma_update(None, "cache_size", -65_536)?;
         writer.pragma_update(None, "wal_autocheckpoint", checkpoint::SAFETY_CHECKPOINT_PAGES)?;
         migrate(&mut writer)?;
-        let checkpointer = checkpoint::Checkpointer::start(&path, policy)?;
+        let checkpointer = checkpoint::Checkpointer::start(&path)?;
         Ok(SqliteStore {
             path,
             writer: Mutex::new(writer),
@@ -559,7 +550,7 @@ impl SqliteStore {
     ///
     /// Nothing acknowledged is put at risk: the log's own commits stay
     /// fully synced, and a stage's commit is in the write-ahead log before
-    /// the next log commit's sync (or the checkpoint thread's sync of the log, within a
+    /// the next log commit's sync (or the checkpoint thread's, within a
     /// second), which makes it durable too. A power loss before that rolls
     /// a stage back to an earlier commit, its cursor with its effects, and
     /// it replays from the log; deliveries are at least once already. A
