@@ -38,6 +38,9 @@ use tandem_core::{
 /// The file inside the data directory.
 pub const DATABASE_FILE: &str = "tandem.db";
 
+/// The size the write-ahead log file is cut back to when it restarts.
+const WAL_SIZE_LIMIT_BYTES: i64 = 64 << 20;
+
 /// Schema versions, applied in order; the index + 1 is `PRAGMA user_version`.
 const MIGRATIONS: &[&str] = &[
     // 1: sources, the event log, dedup, quarantine, ingest counters.
@@ -519,6 +522,10 @@ impl SqliteStore {
         // SQLite's default.
         writer.pragma_update(None, "cache_size", -65_536)?;
         writer.pragma_update(None, "wal_autocheckpoint", checkpoint::SAFETY_CHECKPOINT_PAGES)?;
+        // A log that grew large (a bulk import, a resolver catching up at a
+        // million customers) is cut back to this size once it restarts after
+        // a checkpoint, rather than keeping its largest size on disk.
+        writer.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT_BYTES)?;
         migrate(&mut writer)?;
         let checkpointer = checkpoint::Checkpointer::start(&path)?;
         Ok(SqliteStore {
@@ -1552,6 +1559,41 @@ mod tests {
                 Ok(())
             })
             .unwrap();
+    }
+
+    #[test]
+    fn a_large_write_ahead_log_is_cut_back_once_it_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let wal = dir.path().join(DATABASE_FILE).with_extension("db-wal");
+        let write = |rows: i64| {
+            store
+                .with_writer(|connection| {
+                    connection.execute_batch("CREATE TABLE IF NOT EXISTS scratch (b BLOB)")?;
+                    connection.execute(
+                        "WITH RECURSIVE n (i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1)
+                         INSERT INTO scratch SELECT zeroblob(1048576) FROM n",
+                        [rows],
+                    )?;
+                    Ok(())
+                })
+                .unwrap()
+        };
+        write(96);
+        let grown = std::fs::metadata(&wal).unwrap().len();
+        assert!(grown > 96 << 20, "the log holds the write: {grown} bytes");
+        // Once the checkpoint thread has copied it, the next write restarts
+        // the log and cuts the file back.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            write(1);
+            let size = std::fs::metadata(&wal).unwrap().len();
+            if size <= WAL_SIZE_LIMIT_BYTES as u64 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the log is still {size} bytes");
+        }
     }
 
     /// Regression: every stage's commit used to sync on its own, under the
