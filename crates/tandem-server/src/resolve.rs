@@ -14,8 +14,8 @@ use tandem_core::{
     Resolution,
 };
 use tandem_store::{
-    CommitOutcome, EventLink, HistoryRecord, IdentityCommit, IdentityRepair, LeaseLost, LogEntry, Stage, StageLease,
-    Store, StoreError, UnresolvedEvent,
+    CommitOutcome, CommitProfiles, EventLink, HistoryRecord, IdentityCommit, IdentityRepair, LeaseLost, LogEntry,
+    Stage, StageLease, Store, StoreError, UnresolvedEvent,
 };
 
 mod records;
@@ -55,11 +55,13 @@ pub enum ResolveError {
 }
 
 /// Profiles the resolver keeps in its graph by default (about 3 KB each).
-pub const DEFAULT_CACHE_PROFILES: usize = 200_000;
+/// With the default records, a server resolving for ten million customers
+/// stays under 1 GiB (measured: README, Performance).
+pub const DEFAULT_CACHE_PROFILES: usize = 100_000;
 /// Memory for profiles kept as compact records beside the graph, by
 /// default: about 300 bytes each with their identifiers indexed, so about a
 /// million profiles.
-pub const DEFAULT_RECORD_CACHE_BYTES: usize = 384 << 20;
+pub const DEFAULT_RECORD_CACHE_BYTES: usize = 320 << 20;
 
 /// How much the resolver keeps in memory: the profiles of its graph, and
 /// the bytes of compact records of profiles the graph dropped.
@@ -398,7 +400,7 @@ impl Resolver {
             return Ok(0);
         }
         // The previous batch is durable: what only it used may leave memory.
-        self.evict();
+        self.evict(&commit.profiles);
         let store = self.store.clone();
         let progress = self.progress.clone();
         let metrics = self.metrics.clone();
@@ -512,8 +514,9 @@ impl Resolver {
     /// level it keeps (so eviction runs once per batch or fewer, not at every
     /// profile). Profiles the current batch used, whose commit is being
     /// written, leave only when the records promise to keep them
-    /// ([`records::ProfileRecords::keep_unwritten`]); others stay.
-    fn evict(&mut self) {
+    /// ([`records::ProfileRecords::keep_unwritten`]), as the records
+    /// `unwritten` (their commit) holds; others stay.
+    fn evict(&mut self, unwritten: &CommitProfiles) {
         let graph = &self.graph;
         let cache = &mut self.cache;
         let (above, keep) = cache.eviction_levels();
@@ -535,10 +538,13 @@ impl Resolver {
             // so the unwritten ones, kept last, are never the ones dropped.
             candidates.sort_unstable();
             let mut unwritten_bytes = 0;
+            let encoded: HashMap<ProfileId, &[u8]> =
+                if demoting { unwritten.records().collect() } else { HashMap::new() };
             for (batch, id) in candidates {
                 if batch == self.cache.batch {
                     let Some(profile) = self.graph.profile(id) else { continue };
-                    match self.records.keep_unwritten(profile, &mut unwritten_bytes) {
+                    let record = encoded.get(&id).copied();
+                    match self.records.keep_unwritten(profile, record, &mut unwritten_bytes) {
                         Some(whole) => {
                             self.cache.complete &= whole;
                             self.graph.remove_profile(id);

@@ -89,13 +89,13 @@ pub struct ServerArgs {
 
     /// Profiles the resolver keeps in its graph, about 3 KB each; with the
     /// record cache, sets the server's memory, whatever the number of
-    /// customers [default: 200000]
+    /// customers [default: 100000]
     #[arg(long, env = "TANDEM_RESOLVER_CACHE_PROFILES", value_name = "PROFILES")]
     pub resolver_cache_profiles: Option<usize>,
 
     /// MiB for profiles the resolver's graph dropped, kept as compact
     /// records (about 300 bytes each) so they are not read from the store
-    /// again [default: 384]
+    /// again [default: 320]
     #[arg(long, env = "TANDEM_RESOLVER_RECORD_CACHE_MIB", value_name = "MIB")]
     pub resolver_record_cache_mib: Option<usize>,
 

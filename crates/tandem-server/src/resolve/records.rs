@@ -129,14 +129,24 @@ impl ProfileRecords {
     /// records kept so far, `unwritten_bytes`, would pass the budget with it
     /// (the tier drops its oldest records first, so unwritten ones within the
     /// budget are never dropped while the caller keeps them the newest).
-    pub(crate) fn keep_unwritten(&mut self, profile: &Profile, unwritten_bytes: &mut usize) -> Option<bool> {
+    /// `encoded` is the profile's record as its commit carries it, copied
+    /// rather than encoded again; `None` encodes it here.
+    pub(crate) fn keep_unwritten(
+        &mut self,
+        profile: &Profile,
+        encoded: Option<&[u8]>,
+        unwritten_bytes: &mut usize,
+    ) -> Option<bool> {
         let collides = profile.identifiers.iter().any(|identifier| {
             self.owners.get(&self.hasher.hash_one(identifier)).is_some_and(|owner| *owner != profile.id)
         });
         if collides || self.records.contains_key(&profile.id) {
             return None;
         }
-        let record = profile_record::encode(profile).into_boxed_slice();
+        let record: Box<[u8]> = match encoded {
+            Some(record) => record.into(),
+            None => profile_record::encode(profile).into_boxed_slice(),
+        };
         let cost = cost_of(record.len(), profile.identifiers.len());
         if *unwritten_bytes + cost > self.budget_bytes {
             return None;
@@ -265,11 +275,11 @@ mod tests {
         }
         let mut unwritten = 0;
         for id in 4..=6 {
-            let kept = records.keep_unwritten(&profile(id, &[&format!("user_id:u{id}")]), &mut unwritten);
+            let kept = records.keep_unwritten(&profile(id, &[&format!("user_id:u{id}")]), None, &mut unwritten);
             assert_eq!(kept, Some(false), "each pushes out an older, written record");
         }
         assert_eq!(
-            records.keep_unwritten(&profile(7, &["user_id:u7"]), &mut unwritten),
+            records.keep_unwritten(&profile(7, &["user_id:u7"]), None, &mut unwritten),
             None,
             "a fourth would push out an unwritten one"
         );
@@ -285,7 +295,7 @@ mod tests {
         assert!(records.take(ProfileId(1)).is_some());
         assert!(records.keep(&profile(2, &["user_id:u2"])));
         let mut unwritten = 0;
-        assert_eq!(records.keep_unwritten(&profile(1, &["user_id:u1"]), &mut unwritten), Some(true));
+        assert_eq!(records.keep_unwritten(&profile(1, &["user_id:u1"]), None, &mut unwritten), Some(true));
         assert!(records.keep(&profile(3, &["user_id:u3"])));
         assert!(!records.keep(&profile(4, &["user_id:u4"])), "one is pushed out");
         assert!(records.take(ProfileId(2)).is_none(), "the oldest kept went");
@@ -296,8 +306,19 @@ mod tests {
         assert!(records.keep(&profile(1, &["user_id:ann"])));
         let hash = records.hasher.hash_one("user_id:bob".parse::<Identifier>().unwrap());
         records.owners.insert(hash, ProfileId(1));
-        assert_eq!(records.keep_unwritten(&profile(2, &["user_id:bob"]), &mut 0), None);
+        assert_eq!(records.keep_unwritten(&profile(2, &["user_id:bob"]), None, &mut 0), None);
         assert_eq!(records.len(), 1, "nothing was kept");
+    }
+
+    #[test]
+    fn an_unwritten_profile_kept_as_its_commit_encoded_it_comes_back_whole() {
+        let ann = profile(1, &["user_id:ann", "email:ann@example.com"]);
+        let encoded = profile_record::encode(&ann);
+        let mut records = ProfileRecords::new(1 << 20);
+        let mut unwritten = 0;
+        assert_eq!(records.keep_unwritten(&ann, Some(&encoded), &mut unwritten), Some(true));
+        assert_eq!(unwritten, cost_of(encoded.len(), 2));
+        assert_eq!(found(records.take_owner(&"email:ann@example.com".parse().unwrap()).unwrap()), Some(ann));
     }
 
     #[test]
