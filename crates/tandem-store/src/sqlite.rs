@@ -497,6 +497,8 @@ pub struct SqliteStore {
     readers: Mutex<Vec<Connection>>,
     /// Copies the write-ahead log into the database file off the commit path.
     _checkpointer: checkpoint::Checkpointer,
+    /// Audit entries waiting to be appended together.
+    audit_queue: audit::AuditQueue,
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -547,6 +549,7 @@ impl SqliteStore {
             writer_queue: WriterQueue::default(),
             readers: Mutex::new(Vec::new()),
             _checkpointer: checkpointer,
+            audit_queue: audit::AuditQueue::default(),
         })
     }
 

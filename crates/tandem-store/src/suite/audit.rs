@@ -64,16 +64,35 @@ pub fn entries_chain_in_order_and_filter(store: &impl Store) {
 }
 
 pub fn concurrent_appends_form_one_chain(store: &(impl Store + Sync)) {
-    std::thread::scope(|scope| {
-        for writer in 0..4 {
-            scope.spawn(move || {
-                for index in 0..10 {
-                    store.append_audit(draft(&format!("tok_{writer}"), "audience.create", "x", index)).unwrap();
-                }
-            });
-        }
+    // Each caller gets back its own entry, as stored, whichever caller's
+    // transaction wrote it.
+    let returned: Vec<_> = std::thread::scope(|scope| {
+        let writers: Vec<_> = (0..8)
+            .map(|writer| {
+                scope.spawn(move || {
+                    (0..10)
+                        .map(|index| {
+                            let target = format!("w{writer}-{index}");
+                            let entry = store
+                                .append_audit(draft(&format!("tok_{writer}"), "audience.create", &target, index))
+                                .unwrap();
+                            assert_eq!(
+                                (entry.actor.as_str(), entry.target.as_str()),
+                                (format!("tok_{writer}").as_str(), target.as_str())
+                            );
+                            entry
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        writers.into_iter().flat_map(|writer| writer.join().unwrap()).collect()
     });
-    assert_eq!(store.verify_audit().unwrap(), Ok(40));
+    assert_eq!(store.verify_audit().unwrap(), Ok(80));
+    let stored = store.audit_entries(&AuditFilter::default()).unwrap();
+    for entry in returned {
+        assert_eq!(stored[entry.seq as usize - 1], entry, "entry {} as stored", entry.seq);
+    }
 }
 
 pub fn an_edited_entry_is_detected(store: &(impl Store + RawSql)) {
