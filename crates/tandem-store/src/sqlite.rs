@@ -1583,7 +1583,7 @@ mod tests {
         // The thread copies the log once it passes 64 MiB.
         let policy = checkpoint::CheckpointPolicy { log_bytes: 64 << 20, delay: std::time::Duration::from_secs(3600) };
         let store = SqliteStore::open_with(dir.path(), policy).unwrap();
-        let wal = dir.path().join(DATABASE_FILE).with_extension("db-wal");
+        let wal = checkpoint::log_path(&dir.path().join(DATABASE_FILE));
         let write = |rows: i64| {
             store
                 .with_writer(|connection| {

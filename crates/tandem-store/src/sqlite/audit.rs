@@ -46,9 +46,9 @@ impl AuditStore for SqliteStore {
             if let Some(done) = self.audit_queue.take_done(ticket) {
                 return done;
             }
-            let waiting = self.audit_queue.take_waiting();
-            let written = append_all(connection, waiting.iter().map(|(_, draft)| draft));
-            self.audit_queue.finish(waiting.iter().map(|(ticket, _)| *ticket), written);
+            let (tickets, drafts): (Vec<u64>, Vec<AuditDraft>) = self.audit_queue.take_waiting().into_iter().unzip();
+            let written = append_all(connection, drafts);
+            self.audit_queue.finish(tickets, written);
             self.audit_queue
                 .take_done(ticket)
                 .unwrap_or_else(|| Err(StoreError::Backend("the audit entry was not written".into())))
@@ -87,10 +87,7 @@ impl AuditStore for SqliteStore {
 }
 
 /// Appends `drafts` in order in one transaction, chained after the newest entry.
-fn append_all<'a>(
-    connection: &mut Connection,
-    drafts: impl Iterator<Item = &'a AuditDraft>,
-) -> Result<Vec<AuditEntry>, StoreError> {
+fn append_all(connection: &mut Connection, drafts: Vec<AuditDraft>) -> Result<Vec<AuditEntry>, StoreError> {
     let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let newest: Option<(i64, String)> = transaction
         .prepare_cached("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")?
@@ -103,7 +100,7 @@ fn append_all<'a>(
             "INSERT INTO audit_log ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
         ))?;
         for draft in drafts {
-            let entry = AuditEntry::chain(draft.clone(), seq + 1, &prev_hash);
+            let entry = AuditEntry::chain(draft, seq + 1, &prev_hash);
             insert.execute(params![
                 entry.seq,
                 entry.at_ms,
@@ -157,13 +154,13 @@ impl AuditQueue {
         std::mem::take(&mut self.state().waiting)
     }
 
-    fn finish(&self, tickets: impl Iterator<Item = u64>, written: Result<Vec<AuditEntry>, StoreError>) {
+    fn finish(&self, tickets: Vec<u64>, written: Result<Vec<AuditEntry>, StoreError>) {
         let mut state = self.state();
         match written {
-            Ok(entries) => state.done.extend(tickets.zip(entries.into_iter().map(Ok))),
+            Ok(entries) => state.done.extend(tickets.into_iter().zip(entries.into_iter().map(Ok))),
             Err(error) => {
                 let error = error.to_string();
-                state.done.extend(tickets.map(|ticket| (ticket, Err(error.clone()))));
+                state.done.extend(tickets.into_iter().map(|ticket| (ticket, Err(error.clone()))));
             }
         }
     }

@@ -11,21 +11,19 @@
 //! The thread copies once the log file has grown by
 //! [`CheckpointPolicy::log_bytes`] (1 GiB by default) since the last copy or
 //! has held changes for [`CheckpointPolicy::delay`] (30 s), rather than
-//! every second: a page
-//! that several commits change is written to the database file once for
-//! all of them. At a million customers a resolver commit changes most pages
+//! every second: a page that several commits change is written to the
+//! database file once for all of them. At a million customers a resolver commit changes most pages
 //! of the profile, identifier and timeline tables, so copying every second
 //! wrote each of those pages to the file once per commit. It looks at the
 //! log file's size and modification time only (`stat`): the file is never
 //! opened for that, and SQLite's index beside it (`-shm`) is never touched,
 //! since opening and closing a file SQLite locks would drop the process's
-//! locks on it. After a checkpoint the next commit starts the log again from
-//! its beginning and cuts the file back to the journal size limit, and the
-//! file grows again once what was written since passes that limit. When a
-//! reader keeps the log from starting again (the resolver reading the log
-//! while its commits are copied, say), new frames go on at the end of the
-//! file, so its growth past its size after the last copy is what was
-//! written since. Either way the count is right within the size limit.
+//! locks on it. What was written since the last copy is the file's size
+//! past the end of the frames that copy reached (the checkpoint reports how
+//! many it copied), so frames a commit added during the copy count as new.
+//! When a write starts the log again from its beginning, the file is cut
+//! back to the journal size limit and the count starts from nothing; it is
+//! right within that limit.
 //!
 //! The stages' commits are not synced one by one (see `with_stage_writer`):
 //! between copies the thread syncs the log file at each look when it
@@ -107,7 +105,7 @@ impl Checkpointer {
 }
 
 /// The write-ahead log file of the database at `path`.
-pub fn log_path(path: &Path) -> PathBuf {
+pub(super) fn log_path(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push("-wal");
     PathBuf::from(name)
