@@ -139,13 +139,23 @@ pub struct OutboxStage {
 /// The name an event filter matches: a track's `event`, a page's or a
 /// screen's `name`.
 fn event_name(event_type: EventType, payload: &str) -> Option<String> {
+    /// The two fields a destination's event filter reads; the rest of the
+    /// payload is skipped without being built.
+    #[derive(serde::Deserialize)]
+    struct Names {
+        event: Option<serde_json::Value>,
+        name: Option<serde_json::Value>,
+    }
+    let names: Names = serde_json::from_str(payload).ok()?;
     let field = match event_type {
-        EventType::Track => "event",
-        EventType::Page | EventType::Screen => "name",
+        EventType::Track => names.event,
+        EventType::Page | EventType::Screen => names.name,
         _ => return None,
     };
-    let value: serde_json::Value = serde_json::from_str(payload).ok()?;
-    value.get(field)?.as_str().map(str::to_owned)
+    match field? {
+        serde_json::Value::String(name) => Some(name),
+        _ => None,
+    }
 }
 
 impl OutboxStage {
@@ -272,8 +282,13 @@ impl OutboxStage {
         let destinations = self.store.list_destinations()?;
         let stated: Vec<Option<Consent>> =
             entries.iter().map(|entry| stated_consent_in_payload(&entry.payload)).collect();
-        let wanted = entries.iter().any(|entry| {
-            let name = event_name(entry.event_type, &entry.payload);
+        // Names are read only when some destination filters events by them.
+        let names: Vec<Option<String>> = if destinations.iter().any(|record| record.definition.events.is_some()) {
+            entries.iter().map(|entry| event_name(entry.event_type, &entry.payload)).collect()
+        } else {
+            vec![None; entries.len()]
+        };
+        let wanted = entries.iter().zip(&names).any(|(entry, name)| {
             destinations.iter().any(|record| {
                 record
                     .definition
@@ -305,7 +320,7 @@ impl OutboxStage {
         let mut items = Vec::new();
         let mut changes = Vec::new();
         let mut withheld: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
-        for (entry, stated) in entries.iter().zip(stated) {
+        for ((entry, stated), name) in entries.iter().zip(stated).zip(names) {
             let profile = owners.get(&entry.position).copied();
             if let (Some(profile), Some(stated)) = (profile, stated) {
                 let before = consent.get(&profile).cloned();
@@ -323,7 +338,6 @@ impl OutboxStage {
                 let current = current.clone();
                 items.extend(self.released(&destinations, profile, before.as_ref(), &current, entry.position)?);
             }
-            let name = event_name(entry.event_type, &entry.payload);
             for record in &destinations {
                 let events = record.definition.events.as_ref();
                 if events.is_some_and(|events| events.matches(entry.event_type, name.as_deref())) {

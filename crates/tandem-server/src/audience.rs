@@ -520,6 +520,14 @@ impl AudienceStage {
         if resolved <= cursor {
             return Ok(0);
         }
+        if audiences.audiences.is_empty() && audiences.computed.is_empty() {
+            // Nothing to evaluate: the stage moves to the resolver's
+            // position without reading the events. An audience defined
+            // later is backfilled from timelines up to where the stage stands.
+            commit.to = resolved;
+            self.commit(&commit)?;
+            return Ok((resolved.0 - cursor.0) as usize);
+        }
         let entries: Vec<_> = self
             .store
             .read_log(cursor, EVENT_BATCH)?
@@ -1482,6 +1490,48 @@ mod tests {
             create_audience(store.as_ref(), "typo", rule(r#"in audience "nope""#), at(start)),
             Err(DefineError::UnknownAudience(name)) if name == "nope"
         ));
+    }
+
+    #[test]
+    fn with_nothing_to_evaluate_the_stage_skips_to_the_resolver_and_a_later_audience_counts_what_it_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let start = 1_700_000_000_000;
+        let (clock, _now) = manual_clock(at(start));
+        // More events than one step reads when there is something to evaluate.
+        let orders: Vec<Value> =
+            (0..EVENT_BATCH + 500).map(|n| order(&format!("user-{}", n % 1_000), start - DAY_MS)).collect();
+        append_and_resolve(&store, &orders);
+        let resolved = store.stage_cursor(Stage::RESOLVE).unwrap().unwrap().position;
+        let mut stage = AudienceStage::new(store.clone(), clock);
+        let report = stage.step().unwrap();
+        assert_eq!(report.events, EVENT_BATCH + 500, "one step covers every resolved event");
+        assert_eq!(store.stage_cursor(Stage::AUDIENCE).unwrap().unwrap().position, resolved);
+        assert!(stage.step().unwrap().is_idle());
+
+        create_audience(
+            store.as_ref(),
+            "repeat buyers",
+            rule(r#"count(event "Order Completed", within 30d) >= 3"#),
+            at(start),
+        )
+        .unwrap();
+        stage.catch_up().unwrap();
+        // 2,500 orders over 1,000 users: users 0 to 499 ordered three times.
+        let all_members = || -> Vec<ProfileId> {
+            let members = store.audience_members("repeat buyers", None, 1_000).unwrap();
+            members.iter().map(|member| member.profile).collect()
+        };
+        let members = all_members();
+        assert_eq!(members.len(), 500);
+        let id =
+            |user: &str| store.profile_by_identifier(&format!("user_id:{user}").parse().unwrap()).unwrap().unwrap();
+        assert!(members.contains(&id("user-499").id) && !members.contains(&id("user-500").id));
+
+        // With an audience defined, events are read and evaluated again.
+        append_and_resolve(&store, &[order("user-500", start - 10)]);
+        stage.catch_up().unwrap();
+        assert!(all_members().contains(&id("user-500").id));
     }
 
     #[test]
