@@ -23,6 +23,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -136,15 +137,34 @@ pub fn scrub_batch_noting_keys(
     batch: &mut IngestBatch,
     keys: &mut Vec<(String, SourceId, PiiClass, i64)>,
 ) {
+    // Keys are gathered per run of records from one source (a request's
+    // records share theirs), so a key repeated by every event of a batch
+    // is noted once.
+    /// Each key of a run: its highest class, and its last receipt time.
+    type Run = (SourceId, HashMap<String, (PiiClass, i64)>);
+    let mut run: Option<Run> = None;
+    let mut note_run = |run: Option<Run>| {
+        if let Some((source_id, seen)) = run {
+            keys.extend(seen.into_iter().map(|(key, (class, at))| (key, source_id.clone(), class, at)));
+        }
+    };
     for record in &mut batch.records {
-        let (source_id, at) = (&record.source_id, record.received_at_ms);
-        let scrubbed = policy.inspect_payload(&record.payload, &mut |key, class| {
-            keys.push((key.to_owned(), source_id.clone(), class, at));
+        if run.as_ref().is_none_or(|(source_id, _)| *source_id != record.source_id) {
+            note_run(run.replace((record.source_id.clone(), HashMap::new())));
+        }
+        let seen = &mut run.as_mut().expect("a run was just started").1;
+        let at = record.received_at_ms;
+        let scrubbed = policy.inspect_payload(&record.payload, &mut |key, class| match seen.get_mut(key) {
+            Some(noted) => *noted = (noted.0.max(class), noted.1.max(at)),
+            None => {
+                seen.insert(key.to_owned(), (class, at));
+            }
         });
         if let Some(scrubbed) = scrubbed {
             record.payload = scrubbed;
         }
     }
+    note_run(run);
     // Quarantined text need not be a Segment message (a webhook delivery,
     // an unreadable body): red values are hashed wherever they sit.
     for rejected in &mut batch.rejected {
@@ -359,4 +379,51 @@ async fn remove_rule(
     let before = rule_json(&removed.rule, "stored", Some(&removed));
     crate::audit::record(&state, &token, "pii.rule_remove", &target, Some(before), None).await;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_core::event::{EventType, LogRecord};
+    use tandem_core::MessageId;
+
+    fn record(source: &str, at: i64, payload: &str) -> LogRecord {
+        LogRecord {
+            source_id: SourceId::new(source),
+            message_id: MessageId::new(format!("m-{at}")),
+            event_type: EventType::Identify,
+            received_at_ms: at,
+            timestamp_ms: at,
+            payload: payload.to_owned(),
+        }
+    }
+
+    #[test]
+    fn a_batch_notes_each_key_once_per_source_with_its_highest_class_and_last_time() {
+        let mut batch = IngestBatch {
+            records: vec![
+                record("web", 1, r#"{"traits":{"plan":"pro","memo":"hello"}}"#),
+                record("web", 3, r#"{"traits":{"plan":"free","memo":"4111111111111111"}}"#),
+                record("web", 2, r#"{"traits":{"plan":"pro"}}"#),
+                record("app", 5, r#"{"traits":{"plan":"pro"}}"#),
+                record("web", 4, r#"{"traits":{"plan":"pro"}}"#),
+            ],
+            ..Default::default()
+        };
+        let mut keys = Vec::new();
+        scrub_batch_noting_keys(&PiiPolicy::default(), &mut batch, &mut keys);
+        keys.sort();
+        let web = SourceId::new("web");
+        let app = SourceId::new("app");
+        assert_eq!(
+            keys,
+            [
+                ("memo".to_owned(), web.clone(), PiiClass::Red, 3),
+                ("plan".to_owned(), app, PiiClass::Green, 5),
+                ("plan".to_owned(), web.clone(), PiiClass::Green, 3),
+                ("plan".to_owned(), web, PiiClass::Green, 4),
+            ]
+        );
+        assert!(!batch.records[1].payload.contains("4111"), "the card number is hashed");
+    }
 }

@@ -20,6 +20,54 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+/// The sections of a stored message where PII is looked for: `traits`,
+/// `properties` and `context.traits`, each kept when it is an object.
+struct PiiSections {
+    traits: Option<Value>,
+    properties: Option<Value>,
+    context_traits: Option<Value>,
+}
+
+impl PiiSections {
+    /// The sections of `payload`, read without building the rest of it, or
+    /// `None` when it does not read so (not an object, a section given
+    /// twice, a `context` that is not an object): then it is read whole.
+    fn read(payload: &str) -> Option<PiiSections> {
+        #[derive(Deserialize)]
+        struct Message<'a> {
+            traits: Option<Value>,
+            properties: Option<Value>,
+            #[serde(borrow)]
+            context: Option<&'a serde_json::value::RawValue>,
+        }
+        #[derive(Deserialize)]
+        struct Context {
+            traits: Option<Value>,
+        }
+        let message: Message = serde_json::from_str(payload).ok()?;
+        let context_traits = match message.context.map(|raw| raw.get()) {
+            Some(raw) if raw.starts_with('{') => serde_json::from_str::<Context>(raw).ok()?.traits,
+            Some("null") | None => None,
+            Some(_) => return None,
+        };
+        Some(PiiSections { traits: message.traits, properties: message.properties, context_traits })
+    }
+
+    /// Each section that is an object, with its path.
+    fn maps(&mut self) -> impl Iterator<Item = (&'static str, &mut Map<String, Value>)> {
+        [
+            ("traits", &mut self.traits),
+            ("properties", &mut self.properties),
+            ("context.traits", &mut self.context_traits),
+        ]
+        .into_iter()
+        .filter_map(|(path, section)| match section {
+            Some(Value::Object(map)) => Some((path, map)),
+            _ => None,
+        })
+    }
+}
+
 /// A key's class.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -438,22 +486,21 @@ impl PiiPolicy {
 
     fn hash_in(&self, map: &mut Map<String, Value>, path: &str, replaced: &mut Vec<String>) {
         for (key, value) in map.iter_mut() {
-            let here = format!("{path}.{key}");
             match value {
-                Value::Object(inner) => self.hash_in(inner, &here, replaced),
+                Value::Object(inner) => self.hash_in(inner, &format!("{path}.{key}"), replaced),
                 Value::Null => {}
                 Value::Array(items) => {
                     for item in items.iter_mut() {
                         if self.classify(key, item) == PiiClass::Red && !item.is_object() {
                             *item = self.hash(item);
-                            replaced.push(here.clone());
+                            replaced.push(format!("{path}.{key}"));
                         }
                     }
                 }
                 other => {
                     if self.classify(key, other) == PiiClass::Red {
                         *other = self.hash(other);
-                        replaced.push(here);
+                        replaced.push(format!("{path}.{key}"));
                     }
                 }
             }
@@ -472,17 +519,36 @@ impl PiiPolicy {
     /// with its class, before red values are hashed: what the PII inventory
     /// is built from, at the cost of the one parse scrubbing needs anyway.
     pub fn inspect_payload(&self, payload: &str, seen: &mut dyn FnMut(&str, PiiClass)) -> Option<String> {
+        // Most messages hold no red value: reading only the three sections
+        // that can hold one (skipping the rest of the message unbuilt) tells,
+        // and the message is parsed whole only to be rewritten.
+        let visited = match PiiSections::read(payload) {
+            Some(mut sections) => {
+                let mut replaced = Vec::new();
+                for (path, map) in sections.maps() {
+                    self.visit_keys(map, seen);
+                    self.hash_in(map, path, &mut replaced);
+                }
+                if replaced.is_empty() {
+                    return None;
+                }
+                true
+            }
+            None => false,
+        };
         match serde_json::from_str::<Value>(payload) {
             Ok(Value::Object(mut message)) => {
-                for (section, inner) in &message {
-                    match (section.as_str(), inner) {
-                        ("traits" | "properties", Value::Object(map)) => self.visit_keys(map, seen),
-                        ("context", Value::Object(context)) => {
-                            if let Some(Value::Object(traits)) = context.get("traits") {
-                                self.visit_keys(traits, seen);
+                if !visited {
+                    for (section, inner) in &message {
+                        match (section.as_str(), inner) {
+                            ("traits" | "properties", Value::Object(map)) => self.visit_keys(map, seen),
+                            ("context", Value::Object(context)) => {
+                                if let Some(Value::Object(traits)) = context.get("traits") {
+                                    self.visit_keys(traits, seen);
+                                }
                             }
+                            _ => {}
                         }
-                        _ => {}
                     }
                 }
                 if self.hash_red_values(&mut message).is_empty() {
@@ -860,6 +926,34 @@ mod tests {
                 ("ssn".to_owned(), PiiClass::Red),
             ]
         );
+    }
+
+    #[test]
+    fn a_message_is_read_whole_only_to_be_rewritten_or_when_its_sections_do_not_read_alone() {
+        let policy = PiiPolicy::default();
+        let inspect = |payload: &str| {
+            let mut seen = Vec::new();
+            let scrubbed = policy.inspect_payload(payload, &mut |key, _| seen.push(key.to_owned()));
+            (scrubbed, seen)
+        };
+        // Red only in context.traits: the rest of the message is kept as it was.
+        let (scrubbed, seen) =
+            inspect(r#"{"event":"x","context":{"ip":"1.2.3.4","traits":{"ssn":"123"}},"properties":{"plan":"pro"}}"#);
+        let scrubbed: Value = serde_json::from_str(&scrubbed.unwrap()).unwrap();
+        assert!(scrubbed["context"]["traits"]["ssn"].as_str().unwrap().starts_with("sha256:"));
+        assert_eq!((&scrubbed["event"], &scrubbed["context"]["ip"]), (&json!("x"), &json!("1.2.3.4")));
+        assert_eq!(seen, ["plan", "ssn"], "each key is named once");
+        // A context that is not an object, and a section given twice (the
+        // last one counts, as when the message is read whole).
+        let (scrubbed, _) = inspect(r#"{"context":"web","properties":{"ssn":"123"}}"#);
+        assert!(scrubbed.unwrap().contains("sha256:"));
+        let (scrubbed, _) = inspect(r#"{"traits":{"plan":"pro"},"traits":{"ssn":"456"}}"#);
+        let scrubbed = scrubbed.unwrap();
+        assert!(scrubbed.contains("sha256:") && !scrubbed.contains("456"), "{scrubbed}");
+        // Nothing red, however deep the rest of the message: no rewrite.
+        let (scrubbed, seen) =
+            inspect(r#"{"context":{"page":{"ssn":"789"},"traits":{"email":"a@b.c"}},"traits":{"plan":"pro"}}"#);
+        assert_eq!((scrubbed, seen), (None, vec!["plan".to_owned(), "email".to_owned()]));
     }
 
     #[test]
