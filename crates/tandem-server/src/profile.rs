@@ -15,7 +15,7 @@ use tandem_core::event::format_timestamp;
 use tandem_core::identity::{needs_phone_region, Normalizer};
 use tandem_core::{Identifier, LogPosition, Profile, ProfileId};
 use tandem_store::browse::{self, BrowseError, ProfileQuery};
-use tandem_store::{HistoryRecord, Store, StoreError, TimelineCursor};
+use tandem_store::{HistoryRecord, Membership, Store, StoreError, StoredComputedTrait, TimelineCursor};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -42,25 +42,39 @@ pub fn profile_json(profile: &Profile) -> Value {
     })
 }
 
-/// A profile as one profile's endpoint shows it: [`profile_json`] with its
-/// current audience memberships (`audiences`: name and `entered_at`) and its
-/// computed traits (`computed_traits`: name to value, as the audience stage
-/// last computed them; a trait with no value is left out).
-async fn profile_with_audiences(state: &AppState, profile: &Profile) -> Result<Value, ApiError> {
-    let profile_id = profile.id;
-    let (memberships, computed) = read(state, move |store| {
-        Ok((store.profile_audiences(profile_id)?, store.computed_trait_states(&[profile_id])?))
-    })
-    .await?;
-    let mut body = profile_json(profile);
-    body["audiences"] = memberships
-        .iter()
-        .map(|membership| json!({"name": membership.audience, "entered_at": format_ms(membership.entered_at_ms)}))
-        .collect();
-    let computed: std::collections::BTreeMap<String, Value> =
-        computed.into_iter().filter_map(|stored| Some((stored.name, stored.value?))).collect();
-    body["computed_traits"] = json!(computed);
-    Ok(body)
+/// A profile with what its endpoint shows beside it: its current audience
+/// memberships and its computed traits.
+struct ProfileView {
+    profile: Profile,
+    memberships: Vec<Membership>,
+    computed: Vec<StoredComputedTrait>,
+}
+
+impl ProfileView {
+    /// What the endpoint shows beside `profile`, read from `store` (in the
+    /// same call on the blocking pool as the profile itself).
+    fn read(store: &dyn Store, profile: Option<Profile>) -> Result<Option<ProfileView>, StoreError> {
+        let Some(profile) = profile else { return Ok(None) };
+        let memberships = store.profile_audiences(profile.id)?;
+        let computed = store.computed_trait_states(&[profile.id])?;
+        Ok(Some(ProfileView { profile, memberships, computed }))
+    }
+
+    /// [`profile_json`] with `audiences` (name and `entered_at`) and
+    /// `computed_traits` (name to value, as the audience stage last computed
+    /// them; a trait with no value is left out).
+    fn into_json(self) -> Value {
+        let mut body = profile_json(&self.profile);
+        body["audiences"] = self
+            .memberships
+            .iter()
+            .map(|membership| json!({"name": membership.audience, "entered_at": format_ms(membership.entered_at_ms)}))
+            .collect();
+        let computed: std::collections::BTreeMap<String, Value> =
+            self.computed.into_iter().filter_map(|stored| Some((stored.name, stored.value?))).collect();
+        body["computed_traits"] = json!(computed);
+        body
+    }
 }
 
 /// One identity-history entry, with the message id of the event behind it.
@@ -170,12 +184,13 @@ async fn find_profile(
         };
         let identifier = parse_identifier(&normalizer, "identifier", &text)?;
         let shown = identifier.to_string();
-        let profile = read(&state, move |store| store.profile_by_identifier(&identifier)).await?.ok_or_else(|| {
-            ApiError::new(ErrorCode::ProfileNotFound, format!("no profile holds {shown}")).with_field("identifier")
-        })?;
-        read_in_clear(&state, &token, "profile.read", &profile).await;
-        let body = profile_with_audiences(&state, &profile).await?;
-        return Ok(Json(crate::pii::shown_to(&token, &state.pii.current(), body)));
+        let view = read(&state, move |store| ProfileView::read(store, store.profile_by_identifier(&identifier)?))
+            .await?
+            .ok_or_else(|| {
+                ApiError::new(ErrorCode::ProfileNotFound, format!("no profile holds {shown}")).with_field("identifier")
+            })?;
+        read_in_clear(&state, &token, "profile.read", &view.profile).await;
+        return Ok(Json(crate::pii::shown_to(&token, &state.pii.current(), view.into_json())));
     }
     let store = state.store.clone();
     let page = tokio::task::spawn_blocking(move || {
@@ -219,10 +234,12 @@ async fn get_profile(
     token: AdminToken,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let profile = load_profile(&state, &id).await?;
-    read_in_clear(&state, &token, "profile.read", &profile).await;
-    let body = profile_with_audiences(&state, &profile).await?;
-    Ok(Json(crate::pii::shown_to(&token, &state.pii.current(), body)))
+    let profile_id: ProfileId = id.parse().map_err(|_| not_found(&id))?;
+    let view = read(&state, move |store| ProfileView::read(store, store.profile(profile_id)?))
+        .await?
+        .ok_or_else(|| not_found(&id))?;
+    read_in_clear(&state, &token, "profile.read", &view.profile).await;
+    Ok(Json(crate::pii::shown_to(&token, &state.pii.current(), view.into_json())))
 }
 
 /// The query of `GET /api/v1/profiles/{id}/events`.
