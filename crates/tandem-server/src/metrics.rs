@@ -73,10 +73,22 @@ fn commit_size_histogram() -> Histogram {
     Histogram::new(exponential_buckets(1.0, 4.0, 9))
 }
 
-/// The server's metrics; cheap to clone (every handle is shared).
+/// The server's metrics; cheap to clone (one shared handle, since the
+/// state every request clones holds it).
 #[derive(Clone)]
-pub struct Metrics {
-    registry: std::sync::Arc<Registry>,
+pub struct Metrics(std::sync::Arc<MetricHandles>);
+
+impl std::ops::Deref for Metrics {
+    type Target = MetricHandles;
+
+    fn deref(&self) -> &MetricHandles {
+        &self.0
+    }
+}
+
+/// Every metric the server keeps, registered in one registry.
+pub struct MetricHandles {
+    registry: Registry,
     pub http_requests: Family<RequestLabels, Counter>,
     pub http_request_duration: HistogramFamily<RouteLabels>,
     pub ingest_events: Family<OutcomeLabels, Counter>,
@@ -356,7 +368,7 @@ impl Metrics {
             "Events and audience changes withheld from a destination because a consent category was not granted",
             consent_withheld.clone(),
         );
-        Metrics {
+        Metrics(std::sync::Arc::new(MetricHandles {
             drain_messages,
             drain_duplicates,
             drain_commits,
@@ -369,7 +381,7 @@ impl Metrics {
             consent_withheld,
             plan_violations,
             computed_trait_writes,
-            registry: std::sync::Arc::new(registry),
+            registry,
             destination_items,
             destination_lag_items,
             destination_lag_seconds,
@@ -399,7 +411,7 @@ impl Metrics {
             log_commit_duration,
             log_commit_failures,
             log_queue_depth,
-        }
+        }))
     }
 
     pub fn observe_request(&self, route: &'static str, status: u16, elapsed: Duration) {
