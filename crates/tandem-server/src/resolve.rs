@@ -134,7 +134,7 @@ struct CacheBook {
     record_bytes: usize,
     /// Batches resolved so far; the current one's number.
     batch: u64,
-    last_used: HashMap<ProfileId, u64>,
+    last_used: HashMap<ProfileId, u64, foldhash::fast::RandomState>,
     /// The graph and the compact records together hold every stored
     /// profile: an identifier found in neither belongs to no one, without
     /// asking storage.
@@ -147,7 +147,7 @@ impl CacheBook {
             capacity: cache.profiles,
             record_bytes: cache.record_bytes,
             batch: 0,
-            last_used: HashMap::new(),
+            last_used: HashMap::default(),
             complete: false,
         }
     }

@@ -15,7 +15,7 @@
 //! identifiers share makes the tier report that it lost track (the resolver
 //! then asks storage about whatever it cannot find).
 
-use std::collections::hash_map::RandomState;
+use foldhash::fast::RandomState;
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use tandem_core::profile_record::{self, ProfileRecordError};
@@ -34,8 +34,8 @@ pub(crate) struct ProfileRecords {
     used_bytes: usize,
     hasher: RandomState,
     /// Each kept record with the number it was kept under.
-    records: HashMap<ProfileId, (u64, Box<[u8]>)>,
-    owners: HashMap<u64, ProfileId>,
+    records: HashMap<ProfileId, (u64, Box<[u8]>), RandomState>,
+    owners: HashMap<u64, ProfileId, RandomState>,
     /// Kept ids with their numbers, oldest first. An entry whose number is
     /// not its record's any more (taken out, perhaps kept again since) is
     /// skipped when dropping: a profile kept again is dropped in its turn.
@@ -57,9 +57,9 @@ impl ProfileRecords {
         ProfileRecords {
             budget_bytes,
             used_bytes: 0,
-            hasher: RandomState::new(),
-            records: HashMap::new(),
-            owners: HashMap::new(),
+            hasher: RandomState::default(),
+            records: HashMap::default(),
+            owners: HashMap::default(),
             order: VecDeque::new(),
             next_number: 0,
         }
