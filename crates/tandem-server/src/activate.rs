@@ -146,12 +146,11 @@ fn event_name(event_type: EventType, payload: &str) -> Option<String> {
         event: Option<serde_json::Value>,
         name: Option<serde_json::Value>,
     }
+    if !matches!(event_type, EventType::Track | EventType::Page | EventType::Screen) {
+        return None;
+    }
     let names: Names = serde_json::from_str(payload).ok()?;
-    let field = match event_type {
-        EventType::Track => names.event,
-        EventType::Page | EventType::Screen => names.name,
-        _ => return None,
-    };
+    let field = if event_type == EventType::Track { names.event } else { names.name };
     match field? {
         serde_json::Value::String(name) => Some(name),
         _ => None,

@@ -33,6 +33,10 @@ impl PiiSections {
     /// `None` when it does not read so (not an object, a section given
     /// twice, a `context` that is not an object): then it is read whole.
     fn read(payload: &str) -> Option<PiiSections> {
+        // A derived struct also reads an array of three as its fields.
+        if !payload.trim_start().starts_with('{') {
+            return None;
+        }
         #[derive(Deserialize)]
         struct Message<'a> {
             traits: Option<Value>,
@@ -521,7 +525,9 @@ impl PiiPolicy {
     pub fn inspect_payload(&self, payload: &str, seen: &mut dyn FnMut(&str, PiiClass)) -> Option<String> {
         // Most messages hold no red value: reading only the three sections
         // that can hold one (skipping the rest of the message unbuilt) tells,
-        // and the message is parsed whole only to be rewritten.
+        // and the message is parsed whole only to be rewritten. Skipping is
+        // lenient with what it skips, so text holding a card number is also
+        // parsed whole, to be withheld when it is not JSON after all.
         let visited = match PiiSections::read(payload) {
             Some(mut sections) => {
                 let mut replaced = Vec::new();
@@ -529,7 +535,7 @@ impl PiiPolicy {
                     self.visit_keys(map, seen);
                     self.hash_in(map, path, &mut replaced);
                 }
-                if replaced.is_empty() {
+                if replaced.is_empty() && !holds_card_number(payload) {
                     return None;
                 }
                 true
@@ -950,6 +956,13 @@ mod tests {
         let (scrubbed, _) = inspect(r#"{"traits":{"plan":"pro"},"traits":{"ssn":"456"}}"#);
         let scrubbed = scrubbed.unwrap();
         assert!(scrubbed.contains("sha256:") && !scrubbed.contains("456"), "{scrubbed}");
+        // An array is no message, even one of three values.
+        let (scrubbed, seen) = inspect(r#"["4111111111111111",null,null]"#);
+        assert!(!scrubbed.unwrap().contains("4111"));
+        assert!(seen.is_empty());
+        // Text whose skipped part is not valid JSON is withheld when it holds a card number.
+        let (scrubbed, _) = inspect(r#"{"page":{"n":1e400},"note":"4111111111111111"}"#);
+        assert!(!scrubbed.unwrap().contains("4111"));
         // Nothing red, however deep the rest of the message: no rewrite.
         let (scrubbed, seen) =
             inspect(r#"{"context":{"page":{"ssn":"789"},"traits":{"email":"a@b.c"}},"traits":{"plan":"pro"}}"#);

@@ -16,6 +16,7 @@
 //! then asks storage about whatever it cannot find).
 
 use foldhash::fast::RandomState;
+use std::collections::hash_map::RandomState as SipHashState;
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use tandem_core::profile_record::{self, ProfileRecordError};
@@ -32,7 +33,11 @@ const IDENTIFIER_OVERHEAD: usize = 32;
 pub(crate) struct ProfileRecords {
     budget_bytes: usize,
     used_bytes: usize,
-    hasher: RandomState,
+    /// Hashes identifiers into the index's keys: SipHash, since a hash two
+    /// identifiers share costs the tier its completeness (a read per new
+    /// identifier until the resolver restarts), and identifiers come from
+    /// clients. The maps hash their keys with foldhash.
+    hasher: SipHashState,
     /// Each kept record with the number it was kept under.
     records: HashMap<ProfileId, (u64, Box<[u8]>), RandomState>,
     owners: HashMap<u64, ProfileId, RandomState>,
@@ -57,7 +62,7 @@ impl ProfileRecords {
         ProfileRecords {
             budget_bytes,
             used_bytes: 0,
-            hasher: RandomState::default(),
+            hasher: SipHashState::new(),
             records: HashMap::default(),
             owners: HashMap::default(),
             order: VecDeque::new(),
