@@ -457,6 +457,18 @@ pub fn corrected_timestamp(
 /// same way. Both escapes are six bytes, so the text keeps its length, and the
 /// body is copied only when it holds one. Linear in the input.
 pub fn replace_lone_surrogates(json: &[u8]) -> Cow<'_, [u8]> {
+    // A surrogate's escape is `\u` then `d` or `D`: most bodies hold none,
+    // which a vectorized search tells without walking their strings.
+    let may_hold = memchr::memmem::find_iter(json, b"\\u").any(|at| matches!(json.get(at + 2), Some(b'd' | b'D')));
+    if may_hold {
+        repair_surrogates(json)
+    } else {
+        Cow::Borrowed(json)
+    }
+}
+
+/// [`replace_lone_surrogates`], walking the whole body.
+fn repair_surrogates(json: &[u8]) -> Cow<'_, [u8]> {
     const REPLACEMENT: &[u8; 6] = b"\\ufffd";
     let mut repaired: Option<Vec<u8>> = None;
     let mut in_string = false;
@@ -938,6 +950,19 @@ mod tests {
     }
 
     proptest! {
+        /// Skipping bodies without a `\u` that could start a surrogate's
+        /// escape changes nothing.
+        #[test]
+        fn the_quick_look_for_surrogates_misses_none(
+            pieces in prop::collection::vec(
+                prop::sample::select(vec![r"\ud83d", r"\uDE00", r"\ude00", r"\u0041", r"\\", r"\", "\"", "u", "d", "a "]),
+                0..24,
+            )
+        ) {
+            let body = pieces.concat();
+            prop_assert_eq!(replace_lone_surrogates(body.as_bytes()), repair_surrogates(body.as_bytes()));
+        }
+
         /// The correction preserves the interval between the event and its sending.
         #[test]
         fn skew_correction_preserves_the_send_delay(skew in -86_400i64..86_400, delay in 0i64..86_400) {
