@@ -49,6 +49,9 @@ struct Options {
     /// MiB of compact records the resolver keeps beside its graph
     #[arg(long, default_value_t = DEFAULT_RECORD_CACHE_BYTES >> 20)]
     record_cache_mib: usize,
+    /// Events the resolver reads and commits per transaction, at most
+    #[arg(long, default_value_t = DEFAULT_BATCH)]
+    batch: usize,
     /// Fill the log and stop, leaving the store to copy for several
     /// resolver runs over the same events
     #[arg(long, conflicts_with = "filled")]
@@ -174,7 +177,7 @@ fn main() -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let cache = ResolverCache { profiles: options.cache_profiles, record_bytes: options.record_cache_mib << 20 };
     let mut resolver = Resolver::with_cache(store.clone(), cache)?.with_metrics(metrics.clone());
-    let resolved = resolver.catch_up(DEFAULT_BATCH)?;
+    let resolved = resolver.catch_up(options.batch)?;
     let (cached, kept_as_records) = (resolver.cached_profiles(), resolver.record_profiles());
     drop(resolver);
     let seconds = started.elapsed().as_secs_f64();

@@ -178,6 +178,20 @@ impl IdentityGraph {
         None
     }
 
+    /// Where an id ends up after the merges this graph remembers, whether
+    /// or not that profile is in memory now: `id` itself when it was not
+    /// merged.
+    pub fn survivor(&self, id: ProfileId) -> ProfileId {
+        let mut current = id;
+        for _ in 0..=self.merged_into.len() {
+            match self.merged_into.get(&current) {
+                Some(into) => current = *into,
+                None => break,
+            }
+        }
+        current
+    }
+
     pub fn profile(&self, id: ProfileId) -> Option<&Profile> {
         self.profiles.get(&self.canonical(id)?)
     }

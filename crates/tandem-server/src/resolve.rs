@@ -26,8 +26,11 @@ use crate::metrics::Metrics;
 use crate::progress::Progress;
 
 /// Events read and resolved per transaction when catching up a backlog, at
-/// most: a batch also ends once it has touched half the cache's profiles.
-/// Larger commits write each page of the identity tables for more events.
+/// most. Larger commits write each page of the identity tables for more
+/// events. A batch outgrows the graph by moving its own profiles into the
+/// compact records as it goes; it ends early only when the records cannot
+/// promise to keep them (or, with too little record memory for that, once
+/// it has touched half the cache's profiles).
 pub const DEFAULT_BATCH: usize = 200_000;
 /// Per transaction inside the server, smaller so a resolver commit holds the
 /// store's write lock (and so ingestion) for less time.
@@ -126,6 +129,8 @@ pub struct Resolver {
     /// that read only what the resolver has committed.
     progress: Progress<LogPosition>,
     unusable_warning: RateLimitedWarning,
+    /// Events resolved per look-up of their identifiers' owners.
+    chunk: usize,
 }
 
 /// Which profiles in memory were used when, to drop the least recently used.
@@ -219,6 +224,8 @@ impl RateLimitedWarning {
 
 struct InFlight {
     to: LogPosition,
+    /// The batch it writes.
+    batch: u64,
     commit: std::thread::JoinHandle<Result<CommitOutcome, StoreError>>,
 }
 
@@ -278,7 +285,16 @@ impl Resolver {
             metrics: Metrics::new(),
             progress: Progress::default(),
             unusable_warning: RateLimitedWarning::new(Duration::from_secs(10)),
+            chunk: LOOK_UP_CHUNK,
         })
+    }
+
+    /// Resolves `chunk` events per look-up of their owners, so that tests
+    /// with a handful of events can fill a tiny graph in the middle of a batch.
+    #[cfg(test)]
+    fn with_chunk(mut self, chunk: usize) -> Self {
+        self.chunk = chunk.max(1);
+        self
     }
 
     /// Reports to these metrics (the server's) instead of private ones.
@@ -300,9 +316,10 @@ impl Resolver {
     /// Starts again from storage, keeping the metrics, the progress signal
     /// and the cache size.
     fn reload(&mut self) -> Result<(), ResolveError> {
-        let (metrics, progress) = (self.metrics.clone(), self.progress.clone());
+        let (metrics, progress, chunk) = (self.metrics.clone(), self.progress.clone(), self.chunk);
         *self =
             Resolver::with_cache(self.store.clone(), self.cache.size())?.with_metrics(metrics).with_progress(progress);
+        self.chunk = chunk;
         Ok(())
     }
 
@@ -340,23 +357,24 @@ impl Resolver {
         let mut resolved = 0;
         // When each event of the batch was received, for the age metric.
         let mut received_at_ms = Vec::new();
-        // A batch also ends once the graph is full. Its profiles stay in
-        // memory until its commit is durable, beside those of the batch
-        // resolved meanwhile: as records when the records can take them all,
-        // otherwise in the graph, when a batch ends once it has touched half
-        // the cache's profiles.
-        let (graph_bound, touched_bound) = if self.cache.demotes_unwritten() {
-            (self.cache.capacity, usize::MAX)
-        } else {
-            (usize::MAX, (self.cache.capacity / 2).max(LOOK_UP_CHUNK))
-        };
+        // Time spent waiting for the previous commit in the middle of the
+        // batch, which the batch duration leaves out.
+        let mut waited = Duration::ZERO;
+        // A batch's profiles stay in memory until its commit is durable,
+        // beside those of the batch resolved meanwhile: as records when the
+        // records can take a graph's worth, when the batch moves its own
+        // profiles there each time it fills the graph; otherwise in the
+        // graph, when a batch ends once it has touched half the cache's
+        // profiles.
+        let demoting = self.cache.demotes_unwritten();
+        let touched_bound = if demoting { usize::MAX } else { (self.cache.capacity / 2).max(self.chunk) };
         'reading: while resolved < limit {
             let wanted = (limit - resolved).min(READ_PAGE);
             let entries = self.store.read_log(to, wanted)?;
             let end_of_log = entries.len() < wanted;
             // Parsed events are held a chunk at a time: storage is read once
             // per chunk, and memory is reused rather than grown with the batch.
-            for chunk in entries.chunks(LOOK_UP_CHUNK) {
+            for chunk in entries.chunks(self.chunk) {
                 if let Err(error) = self.resolve_chunk(chunk, &mut batch) {
                     // Memory may hold part of a load: start again from storage.
                     self.flush()?;
@@ -366,8 +384,22 @@ impl Resolver {
                 to = chunk.last().expect("chunks are not empty").position;
                 resolved += chunk.len();
                 received_at_ms.extend(chunk.iter().map(|entry| entry.received_at_ms));
-                if batch.touched.len() >= touched_bound || self.graph.profile_count() >= graph_bound {
+                if batch.touched.len() >= touched_bound {
                     break 'reading;
+                }
+                if demoting && self.graph.profile_count() >= self.cache.capacity {
+                    // The previous commit must be durable before this batch's
+                    // profiles can leave the graph beside its own.
+                    let waiting = Instant::now();
+                    let flushed = self.flush()?;
+                    waited += waiting.elapsed();
+                    if !flushed {
+                        // The resolver started again: this batch was computed on stale state.
+                        return Ok(0);
+                    }
+                    if !self.make_room(&mut batch) {
+                        break 'reading;
+                    }
                 }
             }
             if end_of_log {
@@ -378,17 +410,18 @@ impl Resolver {
             self.flush()?;
             return Ok(0);
         }
-        // What the batch changed stays in memory until its commit is durable
-        // (eviction skips the current batch), and counts as recently used.
-        for id in &batch.touched {
-            if let Some(live) = self.graph.canonical(*id) {
-                self.cache.last_used.insert(live, self.cache.batch);
-            }
-        }
-        self.metrics.resolver_batch_duration.observe(started.elapsed().as_secs_f64());
+        self.mark_used(&batch);
+        self.metrics.resolver_batch_duration.observe(started.elapsed().saturating_sub(waited).as_secs_f64());
         self.live_profiles = (self.live_profiles + batch.created).saturating_sub(batch.merged.len() as u64);
         self.metrics.resolver_profiles.set(self.live_profiles as i64);
-        let commit = batch.into_commit(&self.graph, self.epoch, self.resolved, to);
+        let commit = match batch.into_commit(&self.graph, &self.records, self.epoch, self.resolved, to) {
+            Ok(commit) => commit,
+            Err(error) => {
+                self.flush()?;
+                self.reload()?;
+                return Err(error);
+            }
+        };
         tracing::debug!(
             events = resolved,
             profiles = commit.profiles.len(),
@@ -400,7 +433,7 @@ impl Resolver {
             return Ok(0);
         }
         // The previous batch is durable: what only it used may leave memory.
-        self.evict(&commit.profiles);
+        self.evict(Some(&commit.profiles));
         let store = self.store.clone();
         let progress = self.progress.clone();
         let metrics = self.metrics.clone();
@@ -420,9 +453,34 @@ impl Resolver {
                 outcome
             })
             .expect("spawning a resolver commit");
-        self.in_flight = Some(InFlight { to, commit });
+        self.in_flight = Some(InFlight { to, batch: self.cache.batch, commit });
         self.resolved = to;
         Ok(resolved)
+    }
+
+    /// What the current batch changed stays in memory until its commit is
+    /// durable (only as records it promises to keep), and counts as
+    /// recently used.
+    fn mark_used(&mut self, batch: &BatchChanges) {
+        for id in &batch.touched {
+            if let Some(live) = self.graph.canonical(*id) {
+                self.cache.last_used.insert(live, self.cache.batch);
+            }
+        }
+    }
+
+    /// Makes room in a full graph in the middle of a batch, once no commit
+    /// is in flight: moves profiles out as [`Resolver::evict`] does, this
+    /// batch's own included (as unwritten records, which its commit will
+    /// copy). First the batch's new identifiers are settled on their
+    /// owners, since a moved profile's identifiers leave the graph's index.
+    /// Returns `false` when too few could leave, and the batch must end.
+    fn make_room(&mut self, batch: &mut BatchChanges) -> bool {
+        debug_assert!(self.in_flight.is_none(), "the previous commit is durable");
+        batch.settle_owners(&self.graph);
+        self.mark_used(batch);
+        self.evict(None);
+        self.graph.profile_count() <= self.cache.eviction_levels().0
     }
 
     /// Resolves consecutive log entries into `batch`, first loading the
@@ -515,8 +573,8 @@ impl Resolver {
     /// profile). Profiles the current batch used, whose commit is being
     /// written, leave only when the records promise to keep them
     /// ([`records::ProfileRecords::keep_unwritten`]), as the records
-    /// `unwritten` (their commit) holds; others stay.
-    fn evict(&mut self, unwritten: &CommitProfiles) {
+    /// `unwritten` (their commit, once made) holds; others stay.
+    fn evict(&mut self, unwritten: Option<&CommitProfiles>) {
         let graph = &self.graph;
         let cache = &mut self.cache;
         let (above, keep) = cache.eviction_levels();
@@ -537,14 +595,15 @@ impl Resolver {
             // Written profiles first: the records drop their oldest first,
             // so the unwritten ones, kept last, are never the ones dropped.
             candidates.sort_unstable();
-            let mut unwritten_bytes = 0;
-            let encoded: HashMap<ProfileId, &[u8]> =
-                if demoting { unwritten.records().collect() } else { HashMap::new() };
+            let encoded: HashMap<ProfileId, &[u8]> = match unwritten {
+                Some(commit) if demoting => commit.records().collect(),
+                _ => HashMap::new(),
+            };
             for (batch, id) in candidates {
                 if batch == self.cache.batch {
                     let Some(profile) = self.graph.profile(id) else { continue };
                     let record = encoded.get(&id).copied();
-                    match self.records.keep_unwritten(profile, record, &mut unwritten_bytes) {
+                    match self.records.keep_unwritten(profile, record, self.cache.batch) {
                         Some(whole) => {
                             self.cache.complete &= whole;
                             self.graph.remove_profile(id);
@@ -583,6 +642,7 @@ impl Resolver {
         match outcome {
             Ok(Ok(CommitOutcome::Committed)) => {
                 self.committed = in_flight.to;
+                self.records.written_through(in_flight.batch);
                 self.metrics.resolver_position.set(self.committed.0 as i64);
                 Ok(true)
             }
@@ -648,7 +708,11 @@ struct BatchChanges {
     touched: BTreeSet<ProfileId>,
     merged: Vec<(ProfileId, ProfileId)>,
     created: u64,
+    /// Identifiers the batch gave a profile, not yet settled on their owner.
     added: Vec<Identifier>,
+    /// Identifiers the batch gave a profile, with that profile when the
+    /// batch last made room (a later merge may have moved them on).
+    settled: Vec<(Identifier, ProfileId)>,
     events: Vec<EventLink>,
     history: Vec<(LogPosition, IdentityChange)>,
     unresolved: Vec<UnresolvedEvent>,
@@ -676,23 +740,48 @@ impl BatchChanges {
         }
     }
 
+    /// Settles each identifier added so far on the profile holding it in
+    /// the graph now, before profiles leave the graph's index.
+    fn settle_owners(&mut self, graph: &IdentityGraph) {
+        for identifier in self.added.drain(..) {
+            if let Some(owner) = graph.lookup(&identifier) {
+                self.settled.push((identifier, owner));
+            }
+        }
+    }
+
     /// Ids as they stand at the end of the batch: a profile merged later in
-    /// the same batch is written under its survivor.
-    fn into_commit(self, graph: &IdentityGraph, epoch: u64, from: LogPosition, to: LogPosition) -> IdentityCommit {
-        let live = |id: ProfileId| graph.canonical(id).unwrap_or(id);
+    /// the same batch is written under its survivor. A profile the batch
+    /// moved out of the graph is written as the records keep it.
+    fn into_commit(
+        mut self,
+        graph: &IdentityGraph,
+        records: &records::ProfileRecords,
+        epoch: u64,
+        from: LogPosition,
+        to: LogPosition,
+    ) -> Result<IdentityCommit, ResolveError> {
+        self.settle_owners(graph);
+        let live = |id: ProfileId| graph.survivor(id);
         let recorded_at_ms = chrono::Utc::now().timestamp_millis();
         let live_touched: BTreeSet<ProfileId> = self.touched.iter().map(|id| live(*id)).collect();
-        IdentityCommit {
+        let mut profiles = CommitProfiles::default();
+        for id in live_touched {
+            match (graph.profile(id), records.unwritten_record(id)) {
+                (Some(profile), _) => profiles.push(profile),
+                (None, Some(record)) => profiles.push_record(id, record.into()),
+                (None, None) => {
+                    return Err(ResolveError::Inconsistent(format!("profile {id} changed and is no longer in memory")))
+                }
+            }
+        }
+        Ok(IdentityCommit {
             epoch,
             from,
             to,
-            profiles: live_touched.iter().filter_map(|id| graph.profile(*id)).collect(),
+            profiles,
             merged: self.merged,
-            identifiers: self
-                .added
-                .into_iter()
-                .filter_map(|identifier| graph.lookup(&identifier).map(|owner| (identifier, owner)))
-                .collect(),
+            identifiers: self.settled.into_iter().map(|(identifier, owner)| (identifier, live(owner))).collect(),
             events: self.events.into_iter().map(|link| EventLink { profile: live(link.profile), ..link }).collect(),
             unresolved: self.unresolved,
             history: self
@@ -707,7 +796,7 @@ impl BatchChanges {
                 .collect(),
             next_profile_id: graph.next_id(),
             rules: None,
-        }
+        })
     }
 }
 
@@ -1236,18 +1325,25 @@ mod tests {
             messages in arbitrary_messages(),
             cache in 0..4usize,
             record_bytes in prop_oneof![Just(0usize), Just(700), Just(1 << 20)],
-            batch in 1..7usize,
+            batch in prop_oneof![1..7usize, Just(DEFAULT_BATCH)],
+            chunk in 1..4usize,
         ) {
             let (unbounded_dir, bounded_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
             let unbounded = store_with(unbounded_dir.path(), &messages);
             let everything = ResolverCache { profiles: usize::MAX, record_bytes: 0 };
             Resolver::with_cache(unbounded.clone(), everything).unwrap().catch_up(DEFAULT_BATCH).unwrap();
             let bounded = store_with(bounded_dir.path(), &messages);
-            let mut resolver = Resolver::with_cache(bounded.clone(), ResolverCache { profiles: cache, record_bytes }).unwrap();
+            // Chunks of a few events: a batch fills the tiny graph and moves
+            // its own profiles out again and again before its commit.
+            let mut resolver = Resolver::with_cache(bounded.clone(), ResolverCache { profiles: cache, record_bytes })
+                .unwrap()
+                .with_chunk(chunk);
             resolver.catch_up(batch).unwrap();
-            // At most the cache, or what the last two batches used (an event
-            // looks up at most five identifiers here).
-            prop_assert!(resolver.cached_profiles() <= cache.max(2 * 5 * batch), "{} in memory", resolver.cached_profiles());
+            // At most the cache, or what the last two batches (or chunks,
+            // when a batch makes room as it goes) used: an event looks up at
+            // most five identifiers here.
+            let bound = cache.max(2 * 5 * batch.min(messages.len()));
+            prop_assert!(resolver.cached_profiles() <= bound, "{} in memory", resolver.cached_profiles());
             prop_assert_eq!(stored_state(&unbounded), stored_state(&bounded));
         }
 
@@ -1376,6 +1472,39 @@ mod tests {
         let (hits, misses) =
             (counter("tandem_resolver_cache_hits_total "), counter("tandem_resolver_cache_misses_total "));
         assert!(misses > 2 * 520 && hits >= 1_000, "hits {hits}, misses {misses}");
+    }
+
+    #[test]
+    fn a_batch_outgrows_the_graph_by_moving_its_own_profiles_to_records() {
+        let dir = tempfile::tempdir().unwrap();
+        // 520 people, each met again later in the batch, some by an email
+        // that merges a second profile into them.
+        let people: Vec<u32> = (0..3_000u32).map(|n| if n % 2 == 0 { n % 40 } else { n * 7 % 1_000 }).collect();
+        let mut messages: Vec<Value> = people
+            .iter()
+            .map(|person| json!({"type": "identify", "userId": format!("u{person}"), "anonymousId": format!("a{person}")}))
+            .collect();
+        for person in 0..60u32 {
+            messages.push(json!({"type": "identify", "anonymousId": format!("late{person}"), "traits": {"email": format!("p{person}@example.com")}}));
+        }
+        for person in 0..60u32 {
+            messages.push(json!({"type": "identify", "userId": format!("u{}", person * 7), "traits": {"email": format!("p{person}@example.com")}}));
+        }
+        let store = store_with(dir.path(), &messages);
+        let cache = ResolverCache { profiles: 100, record_bytes: 1 << 20 };
+        let mut resolver = Resolver::with_cache(store.clone(), cache).unwrap().with_chunk(16);
+        assert_eq!(resolver.step(DEFAULT_BATCH).unwrap(), messages.len(), "one batch for five times the graph");
+        resolver.flush().unwrap();
+        assert!(resolver.cached_profiles() <= 100, "{} profiles in the graph", resolver.cached_profiles());
+
+        let unbounded_dir = tempfile::tempdir().unwrap();
+        let unbounded = store_with(unbounded_dir.path(), &messages);
+        let everything = ResolverCache { profiles: usize::MAX, record_bytes: 0 };
+        Resolver::with_cache(unbounded.clone(), everything).unwrap().catch_up(DEFAULT_BATCH).unwrap();
+        // 520 people and 60 late profiles, 33 of which merge into someone
+        // known (the rest take the new user id).
+        assert_eq!(store.stats().unwrap().profiles, 547);
+        assert_eq!(stored_state(&unbounded), stored_state(&store));
     }
 
     #[test]

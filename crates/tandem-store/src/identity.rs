@@ -80,6 +80,11 @@ impl CommitProfiles {
         self.0.push((profile.id, tandem_core::profile_record::encode(profile).into_boxed_slice()));
     }
 
+    /// Adds a profile's record as already encoded.
+    pub fn push_record(&mut self, id: ProfileId, record: Box<[u8]>) {
+        self.0.push((id, record));
+    }
+
     pub fn len(&self) -> usize {
         self.0.len()
     }

@@ -46,6 +46,11 @@ pub(crate) struct ProfileRecords {
     /// skipped when dropping: a profile kept again is dropped in its turn.
     order: VecDeque<(u64, ProfileId)>,
     next_number: u64,
+    /// Profiles kept here whose latest state is not durable yet, each with
+    /// the batch whose commit will write it and its cost. They are never
+    /// dropped: storage would answer with an older state.
+    unwritten: HashMap<ProfileId, (u64, usize), RandomState>,
+    unwritten_bytes: usize,
 }
 
 /// What the tier knows of an identifier's owner.
@@ -67,6 +72,8 @@ impl ProfileRecords {
             owners: HashMap::default(),
             order: VecDeque::new(),
             next_number: 0,
+            unwritten: HashMap::default(),
+            unwritten_bytes: 0,
         }
     }
 
@@ -97,8 +104,14 @@ impl ProfileRecords {
         let mut whole = true;
         for identifier in &profile.identifiers {
             let hash = self.hasher.hash_one(identifier);
-            if let Some(previous) = self.owners.insert(hash, profile.id) {
-                whole &= previous == profile.id;
+            match self.owners.get(&hash) {
+                Some(previous) if *previous == profile.id => {}
+                // An unwritten profile keeps its entry: it must stay found.
+                Some(previous) if self.unwritten.contains_key(previous) => whole = false,
+                previous => {
+                    whole &= previous.is_none();
+                    self.owners.insert(hash, profile.id);
+                }
             }
         }
         self.insert(profile.id, record, cost);
@@ -112,36 +125,42 @@ impl ProfileRecords {
         self.used_bytes += cost;
     }
 
-    /// Drops the oldest records until the tier is within its budget;
-    /// returns `false` when it dropped any.
+    /// Drops the oldest written records until the tier is within its
+    /// budget (unwritten ones go to the back of the queue instead); returns
+    /// `false` when it dropped any.
     fn drop_over_budget(&mut self) -> bool {
         let mut whole = true;
-        while self.used_bytes > self.budget_bytes {
+        // Unwritten records never pass the budget on their own, so written
+        // ones remain to drop while the tier is over it; the bound only
+        // guards against a queue of unwritten ones alone.
+        let mut turns = self.order.len();
+        while self.used_bytes > self.budget_bytes && turns > 0 {
+            turns -= 1;
             let Some((number, oldest)) = self.order.pop_front() else { break };
-            if self.records.get(&oldest).is_some_and(|(kept, _)| *kept == number) && self.take(oldest).is_some() {
+            if self.records.get(&oldest).is_none_or(|(kept, _)| *kept != number) {
+                continue;
+            }
+            if self.unwritten.contains_key(&oldest) {
+                self.order.push_back((number, oldest));
+            } else if self.take(oldest).is_some() {
                 whole = false;
             }
         }
         whole
     }
 
-    /// Keeps `profile` whose latest state is not durable yet (its commit is
-    /// being written), so it must not be lost from memory: storage would
-    /// answer with an older state. Returns whether the tier still holds
-    /// every profile it held (as [`ProfileRecords::keep`]), or `None`,
-    /// keeping nothing, when it cannot promise to keep this one: one of its identifiers' hashes points at another
-    /// profile (a look-up by that identifier would miss it), or the unwritten
-    /// records kept so far, `unwritten_bytes`, would pass the budget with it
-    /// (the tier drops its oldest records first, so unwritten ones within the
-    /// budget are never dropped while the caller keeps them the newest).
-    /// `encoded` is the profile's record as its commit carries it, copied
-    /// rather than encoded again; `None` encodes it here.
-    pub(crate) fn keep_unwritten(
-        &mut self,
-        profile: &Profile,
-        encoded: Option<&[u8]>,
-        unwritten_bytes: &mut usize,
-    ) -> Option<bool> {
+    /// Keeps `profile` whose latest state is not durable yet: batch
+    /// `batch` changed it and the commit that writes it is in flight or not
+    /// yet made. Such a record is never dropped until
+    /// [`ProfileRecords::written_through`] says its batch is durable.
+    /// Returns whether the tier still holds every profile it held (as
+    /// [`ProfileRecords::keep`]), or `None`, keeping nothing, when it cannot
+    /// promise to keep this one: one of its identifiers' hashes points at
+    /// another profile (a look-up by that identifier would miss it), or the
+    /// unwritten records would pass the budget with it. `encoded` is the
+    /// profile's record as its commit carries it, copied rather than encoded
+    /// again; `None` encodes it here.
+    pub(crate) fn keep_unwritten(&mut self, profile: &Profile, encoded: Option<&[u8]>, batch: u64) -> Option<bool> {
         let collides = profile.identifiers.iter().any(|identifier| {
             self.owners.get(&self.hasher.hash_one(identifier)).is_some_and(|owner| *owner != profile.id)
         });
@@ -153,15 +172,43 @@ impl ProfileRecords {
             None => profile_record::encode(profile).into_boxed_slice(),
         };
         let cost = cost_of(record.len(), profile.identifiers.len());
-        if *unwritten_bytes + cost > self.budget_bytes {
+        if self.unwritten_bytes + cost > self.budget_bytes {
             return None;
         }
-        *unwritten_bytes += cost;
+        self.unwritten_bytes += cost;
+        self.unwritten.insert(profile.id, (batch, cost));
         for identifier in &profile.identifiers {
             self.owners.insert(self.hasher.hash_one(identifier), profile.id);
         }
         self.insert(profile.id, record, cost);
         Some(self.drop_over_budget())
+    }
+
+    /// The record of unwritten profile `id` as it was kept, for the commit
+    /// that writes it.
+    pub(crate) fn unwritten_record(&self, id: ProfileId) -> Option<&[u8]> {
+        self.unwritten.get(&id)?;
+        self.records.get(&id).map(|(_, record)| &record[..])
+    }
+
+    /// Batches up to `batch` are durable: their records may be dropped like
+    /// any other.
+    pub(crate) fn written_through(&mut self, batch: u64) {
+        let mut freed = 0;
+        self.unwritten.retain(|_, (changed_in, cost)| {
+            let written = *changed_in <= batch;
+            if written {
+                freed += *cost;
+            }
+            !written
+        });
+        self.unwritten_bytes -= freed;
+    }
+
+    /// Bytes of the records that are not durable yet.
+    #[cfg(test)]
+    pub(crate) fn unwritten_bytes(&self) -> usize {
+        self.unwritten_bytes
     }
 
     /// Takes out the profile holding `identifier`, if it is kept here.
@@ -196,6 +243,9 @@ impl ProfileRecords {
                 // A record this tier wrote and cannot read: the caller
                 // reports it and starts again from storage.
                 self.records.remove(&id);
+                if let Some((_, cost)) = self.unwritten.remove(&id) {
+                    self.unwritten_bytes -= cost;
+                }
                 Some(Err(error))
             }
         }
@@ -204,6 +254,9 @@ impl ProfileRecords {
     /// Removes a decoded profile's record and the index entries pointing at it.
     fn forget(&mut self, profile: &Profile, record_length: usize) {
         self.records.remove(&profile.id);
+        if let Some((_, cost)) = self.unwritten.remove(&profile.id) {
+            self.unwritten_bytes -= cost;
+        }
         for identifier in &profile.identifiers {
             let hash = self.hasher.hash_one(identifier);
             if self.owners.get(&hash) == Some(&profile.id) {
@@ -278,19 +331,20 @@ mod tests {
         for id in 1..=3 {
             assert!(records.keep(&profile(id, &[&format!("user_id:u{id}")])));
         }
-        let mut unwritten = 0;
         for id in 4..=6 {
-            let kept = records.keep_unwritten(&profile(id, &[&format!("user_id:u{id}")]), None, &mut unwritten);
+            let kept = records.keep_unwritten(&profile(id, &[&format!("user_id:u{id}")]), None, 7);
             assert_eq!(kept, Some(false), "each pushes out an older, written record");
         }
+        assert_eq!(records.unwritten_bytes(), 3 * one);
         assert_eq!(
-            records.keep_unwritten(&profile(7, &["user_id:u7"]), None, &mut unwritten),
+            records.keep_unwritten(&profile(7, &["user_id:u7"]), None, 7),
             None,
             "a fourth would push out an unwritten one"
         );
         for id in 4..=6 {
             assert!(records.take(ProfileId(id)).is_some(), "unwritten profile {id} is still held");
         }
+        assert_eq!(records.unwritten_bytes(), 0, "taken out, they are no longer the tier's to keep");
         assert!(records.take(ProfileId(1)).is_none());
 
         // Kept, taken out and kept again unwritten: its first, older turn in
@@ -299,8 +353,7 @@ mod tests {
         assert!(records.keep(&profile(1, &["user_id:u1"])));
         assert!(records.take(ProfileId(1)).is_some());
         assert!(records.keep(&profile(2, &["user_id:u2"])));
-        let mut unwritten = 0;
-        assert_eq!(records.keep_unwritten(&profile(1, &["user_id:u1"]), None, &mut unwritten), Some(true));
+        assert_eq!(records.keep_unwritten(&profile(1, &["user_id:u1"]), None, 1), Some(true));
         assert!(records.keep(&profile(3, &["user_id:u3"])));
         assert!(!records.keep(&profile(4, &["user_id:u4"])), "one is pushed out");
         assert!(records.take(ProfileId(2)).is_none(), "the oldest kept went");
@@ -311,19 +364,31 @@ mod tests {
         assert!(records.keep(&profile(1, &["user_id:ann"])));
         let hash = records.hasher.hash_one("user_id:bob".parse::<Identifier>().unwrap());
         records.owners.insert(hash, ProfileId(1));
-        assert_eq!(records.keep_unwritten(&profile(2, &["user_id:bob"]), None, &mut 0), None);
+        assert_eq!(records.keep_unwritten(&profile(2, &["user_id:bob"]), None, 1), None);
         assert_eq!(records.len(), 1, "nothing was kept");
     }
 
     #[test]
-    fn an_unwritten_profile_kept_as_its_commit_encoded_it_comes_back_whole() {
-        let ann = profile(1, &["user_id:ann", "email:ann@example.com"]);
-        let encoded = profile_record::encode(&ann);
-        let mut records = ProfileRecords::new(1 << 20);
-        let mut unwritten = 0;
-        assert_eq!(records.keep_unwritten(&ann, Some(&encoded), &mut unwritten), Some(true));
-        assert_eq!(unwritten, cost_of(encoded.len(), 2));
-        assert_eq!(found(records.take_owner(&"email:ann@example.com".parse().unwrap()).unwrap()), Some(ann));
+    fn unwritten_records_older_than_written_ones_survive_until_their_batch_is_durable() {
+        let one = cost_of(profile_record::encode(&profile(1, &["user_id:u1"])).len(), 1);
+        let mut records = ProfileRecords::new(one * 3);
+        assert_eq!(records.keep_unwritten(&profile(1, &["user_id:u1"]), None, 1), Some(true));
+        assert_eq!(records.keep_unwritten(&profile(2, &["user_id:u2"]), None, 2), Some(true));
+        // Written profiles kept after them push out only written ones.
+        assert!(records.keep(&profile(3, &["user_id:u3"])));
+        assert!(!records.keep(&profile(4, &["user_id:u4"])));
+        assert!(records.take(ProfileId(3)).is_none(), "the written one went, though kept after the unwritten");
+        assert!(records.unwritten_record(ProfileId(1)).is_some() && records.unwritten_record(ProfileId(2)).is_some());
+        assert!(records.unwritten_record(ProfileId(4)).is_none(), "a written record is not offered as unwritten");
+
+        // Batch 1 is durable: its record is now the oldest written one.
+        records.written_through(1);
+        assert_eq!(records.unwritten_bytes(), one);
+        assert!(records.unwritten_record(ProfileId(1)).is_none());
+        assert!(!records.keep(&profile(5, &["user_id:u5"])));
+        assert!(!records.keep(&profile(6, &["user_id:u6"])));
+        assert!(records.take(ProfileId(1)).is_none(), "written now, it may go");
+        assert!(records.take(ProfileId(2)).is_some(), "batch 2 is not durable yet");
     }
 
     #[test]
