@@ -30,8 +30,12 @@ use crate::progress::Progress;
 /// events. A batch outgrows the graph by moving its own profiles into the
 /// compact records as it goes; it ends early only when the records cannot
 /// promise to keep them (or, with too little record memory for that, once
-/// it has touched half the cache's profiles).
-pub const DEFAULT_BATCH: usize = 200_000;
+/// it has touched half the cache's profiles). At a million customers a
+/// commit of a million events rewrites about as many pages of the identity
+/// tables as one of 200,000, and writes half the bytes per event of it
+/// (README, Performance); each batch costs a few hundred bytes of memory
+/// per event while it is resolved and written.
+pub const DEFAULT_BATCH: usize = 1_000_000;
 /// Per transaction inside the server, smaller so a resolver commit holds the
 /// store's write lock (and so ingestion) for less time.
 const SERVER_BATCH: usize = 20_000;
@@ -93,20 +97,21 @@ const EXPECTED_RECORD_COST: usize = 400;
 
 /// The resolver's bounded graph and where it stands in the log.
 ///
-/// The graph in memory is a cache over storage: before each batch, the
-/// owners of every identifier the batch looks up are loaded (from the
-/// compact records beside the graph, or in one batched read of storage), and
-/// after the batch's commit the least recently used profiles leave the graph
-/// until at most the cache size remains; they are kept as compact records
-/// while the record memory lasts. Memory is set by the two cache sizes, not
-/// by the number of customers.
+/// The graph in memory is a cache over storage: before each chunk of a
+/// batch, the owners of every identifier the chunk looks up are loaded (from
+/// the compact records beside the graph, or in one batched read of
+/// storage), and whenever the graph fills (within a batch or after its
+/// commit) the least recently used profiles leave it; they are kept as
+/// compact records while the record memory lasts. Memory is set by the two
+/// cache sizes and the batch size, not by the number of customers.
 ///
 /// Resolving and committing overlap: while batch N is being written on a
-/// committer thread, batch N+1 is resolved in memory. Profiles batch N
+/// committer thread, batch N+1 is resolved in memory. Profiles a batch
 /// touched stay in memory until its commit is durable (they are the overlay
-/// over storage that reads during batch N+1 need): as compact records when
-/// the records can hold them all, so that batch N+1 has the whole graph,
-/// otherwise in the graph. The commit carries them encoded, not as copies. Commits are applied in
+/// over storage that later reads need): as compact records marked unwritten
+/// when the records can promise to keep them, so that a batch is not bound
+/// by the graph, otherwise in the graph. The commit shares the records'
+/// bytes rather than copying them. Commits are applied in
 /// order, each checked against the position the previous one left, so a
 /// failed or refused commit refuses the ones after it too, and the resolver
 /// starts again from storage. Dropping a resolver waits for its commit.
@@ -139,7 +144,13 @@ struct CacheBook {
     record_bytes: usize,
     /// Batches resolved so far; the current one's number.
     batch: u64,
+    /// The last batch whose commit is durable.
+    durable_batch: u64,
+    /// When each profile in the graph was last used: the batch in the high
+    /// 32 bits, the chunk within it in the low ones.
     last_used: HashMap<ProfileId, u64, foldhash::fast::RandomState>,
+    /// The current chunk's time, as `last_used` counts it.
+    now: u64,
     /// The graph and the compact records together hold every stored
     /// profile: an identifier found in neither belongs to no one, without
     /// asking storage.
@@ -152,9 +163,27 @@ impl CacheBook {
             capacity: cache.profiles,
             record_bytes: cache.record_bytes,
             batch: 0,
+            durable_batch: 0,
             last_used: HashMap::default(),
+            now: 0,
             complete: false,
         }
+    }
+
+    /// Starts the next batch, and its first chunk.
+    fn next_batch(&mut self) {
+        self.batch += 1;
+        self.now = self.batch << 32;
+    }
+
+    /// Starts the next chunk of the current batch.
+    fn next_chunk(&mut self) {
+        self.now += 1;
+    }
+
+    /// The batch a `last_used` time falls in.
+    fn batch_of(time: u64) -> u64 {
+        time >> 32
     }
 
     fn size(&self) -> ResolverCache {
@@ -350,16 +379,13 @@ impl Resolver {
     /// was rewritten elsewhere and the resolver had to start again.
     pub fn step(&mut self, limit: usize) -> Result<usize, ResolveError> {
         let started = std::time::Instant::now();
-        self.cache.batch += 1;
+        self.cache.next_batch();
         self.graph.forget_merges();
         let mut batch = BatchChanges::default();
         let mut to = self.resolved;
         let mut resolved = 0;
         // When each event of the batch was received, for the age metric.
         let mut received_at_ms = Vec::new();
-        // Time spent waiting for the previous commit in the middle of the
-        // batch, which the batch duration leaves out.
-        let mut waited = Duration::ZERO;
         // A batch's profiles stay in memory until its commit is durable,
         // beside those of the batch resolved meanwhile: as records when the
         // records can take a graph's worth, when the batch moves its own
@@ -387,19 +413,8 @@ impl Resolver {
                 if batch.touched.len() >= touched_bound {
                     break 'reading;
                 }
-                if demoting && self.graph.profile_count() >= self.cache.capacity {
-                    // The previous commit must be durable before this batch's
-                    // profiles can leave the graph beside its own.
-                    let waiting = Instant::now();
-                    let flushed = self.flush()?;
-                    waited += waiting.elapsed();
-                    if !flushed {
-                        // The resolver started again: this batch was computed on stale state.
-                        return Ok(0);
-                    }
-                    if !self.make_room(&mut batch) {
-                        break 'reading;
-                    }
+                if demoting && self.graph.profile_count() >= self.cache.capacity && !self.make_room(&mut batch) {
+                    break 'reading;
                 }
             }
             if end_of_log {
@@ -410,8 +425,7 @@ impl Resolver {
             self.flush()?;
             return Ok(0);
         }
-        self.mark_used(&batch);
-        self.metrics.resolver_batch_duration.observe(started.elapsed().saturating_sub(waited).as_secs_f64());
+        self.metrics.resolver_batch_duration.observe(started.elapsed().as_secs_f64());
         self.live_profiles = (self.live_profiles + batch.created).saturating_sub(batch.merged.len() as u64);
         self.metrics.resolver_profiles.set(self.live_profiles as i64);
         let commit = match batch.into_commit(&self.graph, &self.records, self.epoch, self.resolved, to) {
@@ -458,27 +472,14 @@ impl Resolver {
         Ok(resolved)
     }
 
-    /// What the current batch changed stays in memory until its commit is
-    /// durable (only as records it promises to keep), and counts as
-    /// recently used.
-    fn mark_used(&mut self, batch: &BatchChanges) {
-        for id in &batch.touched {
-            if let Some(live) = self.graph.canonical(*id) {
-                self.cache.last_used.insert(live, self.cache.batch);
-            }
-        }
-    }
-
-    /// Makes room in a full graph in the middle of a batch, once no commit
-    /// is in flight: moves profiles out as [`Resolver::evict`] does, this
-    /// batch's own included (as unwritten records, which its commit will
-    /// copy). First the batch's new identifiers are settled on their
-    /// owners, since a moved profile's identifiers leave the graph's index.
-    /// Returns `false` when too few could leave, and the batch must end.
+    /// Makes room in a full graph in the middle of a batch: moves profiles
+    /// out as [`Resolver::evict`] does, this batch's own included (as
+    /// unwritten records, which its commit will copy). First the batch's
+    /// new identifiers are settled on their owners, since a moved profile's
+    /// identifiers leave the graph's index. Returns `false` when too few
+    /// could leave, and the batch must end.
     fn make_room(&mut self, batch: &mut BatchChanges) -> bool {
-        debug_assert!(self.in_flight.is_none(), "the previous commit is durable");
         batch.settle_owners(&self.graph);
-        self.mark_used(batch);
         self.evict(None);
         self.graph.profile_count() <= self.cache.eviction_levels().0
     }
@@ -496,14 +497,20 @@ impl Resolver {
             .collect();
         let wanted: HashSet<&Identifier> =
             events.iter().flatten().flat_map(|(_, identifiers)| identifiers.to_look_up()).collect();
+        self.cache.next_chunk();
         self.load_owners(&wanted)?;
         drop(wanted);
         for (entry, event) in chunk.iter().zip(events) {
             match event {
                 Ok((event, identifiers)) => {
                     let resolution = self.graph.resolve_identified(entry.position.0, &event, &self.rules, identifiers);
-                    if resolution.profile.is_none() {
-                        self.unusable(batch, entry.position, unusable_reason(&resolution));
+                    match resolution.profile {
+                        // What the batch changed stays in memory until its
+                        // commit is durable, and counts as recently used.
+                        Some(profile) => {
+                            self.cache.last_used.insert(profile, self.cache.now);
+                        }
+                        None => self.unusable(batch, entry.position, unusable_reason(&resolution)),
                     }
                     batch.add(entry.position, entry.timestamp_ms, resolution);
                 }
@@ -528,7 +535,7 @@ impl Resolver {
             match self.records.take_owner(identifier).map_err(unreadable_record)? {
                 records::Owner::Found(profile) => {
                     in_memory += 1;
-                    self.cache.last_used.insert(profile.id, self.cache.batch);
+                    self.cache.last_used.insert(profile.id, self.cache.now);
                     self.graph.insert_profile(profile);
                 }
                 records::Owner::NotHere if !self.cache.complete => ask_storage.push(identifier.clone()),
@@ -551,14 +558,14 @@ impl Resolver {
             match self.records.take(id) {
                 Some(profile) => {
                     let profile = profile.map_err(unreadable_record)?;
-                    self.cache.last_used.insert(profile.id, self.cache.batch);
+                    self.cache.last_used.insert(profile.id, self.cache.now);
                     self.graph.insert_profile(profile);
                 }
                 None => to_read.push(id),
             }
         }
         for profile in self.store.profiles(&to_read)? {
-            self.cache.last_used.insert(profile.id, self.cache.batch);
+            self.cache.last_used.insert(profile.id, self.cache.now);
             self.graph.insert_profile(profile);
         }
         if let Some((identifier, owner)) = owners.iter().find(|(_, owner)| !self.graph.holds(*owner)) {
@@ -570,10 +577,11 @@ impl Resolver {
     /// Moves the least recently used profiles out of the graph into the
     /// compact records once the graph passes its eviction level, down to the
     /// level it keeps (so eviction runs once per batch or fewer, not at every
-    /// profile). Profiles the current batch used, whose commit is being
-    /// written, leave only when the records promise to keep them
-    /// ([`records::ProfileRecords::keep_unwritten`]), as the records
-    /// `unwritten` (their commit, once made) holds; others stay.
+    /// profile). Profiles a batch whose commit is not durable yet used (the
+    /// one in flight, the one being resolved) leave only when the records
+    /// promise to keep them ([`records::ProfileRecords::keep_unwritten`]),
+    /// the current batch's as `unwritten` (its commit, once made) holds;
+    /// others stay.
     fn evict(&mut self, unwritten: Option<&CommitProfiles>) {
         let graph = &self.graph;
         let cache = &mut self.cache;
@@ -584,8 +592,8 @@ impl Resolver {
             let mut candidates: Vec<(u64, ProfileId)> = cache
                 .last_used
                 .iter()
-                .filter(|(_, batch)| demoting || **batch < cache.batch)
-                .map(|(id, batch)| (*batch, *id))
+                .filter(|(_, used)| demoting || CacheBook::batch_of(**used) <= cache.durable_batch)
+                .map(|(id, used)| (*used, *id))
                 .collect();
             let excess = graph.profile_count().saturating_sub(keep).min(candidates.len());
             if excess > 0 && excess < candidates.len() {
@@ -595,15 +603,16 @@ impl Resolver {
             // Written profiles first: the records drop their oldest first,
             // so the unwritten ones, kept last, are never the ones dropped.
             candidates.sort_unstable();
-            let encoded: HashMap<ProfileId, &[u8]> = match unwritten {
-                Some(commit) if demoting => commit.records().collect(),
+            let encoded: HashMap<ProfileId, &Arc<[u8]>> = match unwritten {
+                Some(commit) if demoting => commit.shared_records().collect(),
                 _ => HashMap::new(),
             };
-            for (batch, id) in candidates {
-                if batch == self.cache.batch {
+            for (used, id) in candidates {
+                let batch = CacheBook::batch_of(used);
+                if batch > self.cache.durable_batch {
                     let Some(profile) = self.graph.profile(id) else { continue };
-                    let record = encoded.get(&id).copied();
-                    match self.records.keep_unwritten(profile, record, self.cache.batch) {
+                    let record = if batch == self.cache.batch { encoded.get(&id).copied() } else { None };
+                    match self.records.keep_unwritten(profile, record, batch) {
                         Some(whole) => {
                             self.cache.complete &= whole;
                             self.graph.remove_profile(id);
@@ -642,6 +651,7 @@ impl Resolver {
         match outcome {
             Ok(Ok(CommitOutcome::Committed)) => {
                 self.committed = in_flight.to;
+                self.cache.durable_batch = in_flight.batch;
                 self.records.written_through(in_flight.batch);
                 self.metrics.resolver_position.set(self.committed.0 as i64);
                 Ok(true)
@@ -769,7 +779,7 @@ impl BatchChanges {
         for id in live_touched {
             match (graph.profile(id), records.unwritten_record(id)) {
                 (Some(profile), _) => profiles.push(profile),
-                (None, Some(record)) => profiles.push_record(id, record.into()),
+                (None, Some(record)) => profiles.push_record(id, record.clone()),
                 (None, None) => {
                     return Err(ResolveError::Inconsistent(format!("profile {id} changed and is no longer in memory")))
                 }

@@ -3,6 +3,7 @@
 //! API and the CLI make.
 
 use serde::Serialize;
+use std::sync::Arc;
 use tandem_core::{Identifier, IdentityChange, IdentityRules, LogPosition, Profile, ProfileId};
 
 use crate::log::LogEntry;
@@ -72,16 +73,17 @@ pub struct EventLink {
 /// 200 bytes each, against some 3 KB as decoded profiles, and the batch
 /// encodes each once rather than cloning it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CommitProfiles(Vec<(ProfileId, Box<[u8]>)>);
+pub struct CommitProfiles(Vec<(ProfileId, Arc<[u8]>)>);
 
 impl CommitProfiles {
     /// Adds `profile`'s current state.
     pub fn push(&mut self, profile: &Profile) {
-        self.0.push((profile.id, tandem_core::profile_record::encode(profile).into_boxed_slice()));
+        self.0.push((profile.id, tandem_core::profile_record::encode(profile).into()));
     }
 
-    /// Adds a profile's record as already encoded.
-    pub fn push_record(&mut self, id: ProfileId, record: Box<[u8]>) {
+    /// Adds a profile's record as already encoded, shared with whoever else
+    /// holds it (the resolver's records) rather than copied.
+    pub fn push_record(&mut self, id: ProfileId, record: Arc<[u8]>) {
         self.0.push((id, record));
     }
 
@@ -96,6 +98,11 @@ impl CommitProfiles {
     /// Each profile's id and record, in the order they were added.
     pub fn records(&self) -> impl Iterator<Item = (ProfileId, &[u8])> {
         self.0.iter().map(|(id, record)| (*id, &record[..]))
+    }
+
+    /// Each profile's id and record as shared, to keep a record without copying it.
+    pub fn shared_records(&self) -> impl Iterator<Item = (ProfileId, &Arc<[u8]>)> {
+        self.0.iter().map(|(id, record)| (*id, record))
     }
 
     /// Each profile decoded, for a backend that stores another encoding.

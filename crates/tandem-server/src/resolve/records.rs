@@ -19,6 +19,7 @@ use foldhash::fast::RandomState;
 use std::collections::hash_map::RandomState as SipHashState;
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
+use std::sync::Arc;
 use tandem_core::profile_record::{self, ProfileRecordError};
 use tandem_core::{Identifier, Profile, ProfileId};
 
@@ -39,7 +40,7 @@ pub(crate) struct ProfileRecords {
     /// clients. The maps hash their keys with foldhash.
     hasher: SipHashState,
     /// Each kept record with the number it was kept under.
-    records: HashMap<ProfileId, (u64, Box<[u8]>), RandomState>,
+    records: HashMap<ProfileId, (u64, Arc<[u8]>), RandomState>,
     owners: HashMap<u64, ProfileId, RandomState>,
     /// Kept ids with their numbers, oldest first. An entry whose number is
     /// not its record's any more (taken out, perhaps kept again since) is
@@ -96,7 +97,7 @@ impl ProfileRecords {
             // the newer state replaces the kept one.
             let _ = self.take(profile.id);
         }
-        let record = profile_record::encode(profile).into_boxed_slice();
+        let record: Arc<[u8]> = profile_record::encode(profile).into();
         let cost = cost_of(record.len(), profile.identifiers.len());
         if cost > self.budget_bytes {
             return false;
@@ -118,7 +119,7 @@ impl ProfileRecords {
         whole & self.drop_over_budget()
     }
 
-    fn insert(&mut self, id: ProfileId, record: Box<[u8]>, cost: usize) {
+    fn insert(&mut self, id: ProfileId, record: Arc<[u8]>, cost: usize) {
         self.next_number += 1;
         self.records.insert(id, (self.next_number, record));
         self.order.push_back((self.next_number, id));
@@ -158,18 +159,23 @@ impl ProfileRecords {
     /// promise to keep this one: one of its identifiers' hashes points at
     /// another profile (a look-up by that identifier would miss it), or the
     /// unwritten records would pass the budget with it. `encoded` is the
-    /// profile's record as its commit carries it, copied rather than encoded
+    /// profile's record as its commit carries it, shared rather than encoded
     /// again; `None` encodes it here.
-    pub(crate) fn keep_unwritten(&mut self, profile: &Profile, encoded: Option<&[u8]>, batch: u64) -> Option<bool> {
+    pub(crate) fn keep_unwritten(
+        &mut self,
+        profile: &Profile,
+        encoded: Option<&Arc<[u8]>>,
+        batch: u64,
+    ) -> Option<bool> {
         let collides = profile.identifiers.iter().any(|identifier| {
             self.owners.get(&self.hasher.hash_one(identifier)).is_some_and(|owner| *owner != profile.id)
         });
         if collides || self.records.contains_key(&profile.id) {
             return None;
         }
-        let record: Box<[u8]> = match encoded {
-            Some(record) => record.into(),
-            None => profile_record::encode(profile).into_boxed_slice(),
+        let record: Arc<[u8]> = match encoded {
+            Some(record) => record.clone(),
+            None => profile_record::encode(profile).into(),
         };
         let cost = cost_of(record.len(), profile.identifiers.len());
         if self.unwritten_bytes + cost > self.budget_bytes {
@@ -184,11 +190,11 @@ impl ProfileRecords {
         Some(self.drop_over_budget())
     }
 
-    /// The record of unwritten profile `id` as it was kept, for the commit
-    /// that writes it.
-    pub(crate) fn unwritten_record(&self, id: ProfileId) -> Option<&[u8]> {
+    /// The record of unwritten profile `id` as it was kept, shared, for the
+    /// commit that writes it.
+    pub(crate) fn unwritten_record(&self, id: ProfileId) -> Option<&Arc<[u8]>> {
         self.unwritten.get(&id)?;
-        self.records.get(&id).map(|(_, record)| &record[..])
+        self.records.get(&id).map(|(_, record)| record)
     }
 
     /// Batches up to `batch` are durable: their records may be dropped like
