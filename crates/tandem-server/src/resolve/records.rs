@@ -24,8 +24,9 @@ use tandem_core::profile_record::{self, ProfileRecordError};
 use tandem_core::{Identifier, Profile, ProfileId};
 
 /// Memory a kept record costs beyond its bytes: its entry in the record
-/// map and in the eviction queue, with the maps' spare capacity.
-const RECORD_OVERHEAD: usize = 64;
+/// map and in the eviction queue, the reference counts of its shared
+/// allocation (a commit may hold it too), with the maps' spare capacity.
+const RECORD_OVERHEAD: usize = 80;
 /// Memory one indexed identifier costs (a hash and a profile id, with the
 /// map's spare capacity).
 const IDENTIFIER_OVERHEAD: usize = 32;
