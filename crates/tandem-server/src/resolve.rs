@@ -191,9 +191,10 @@ impl CacheBook {
     }
 
     /// Whether the records can take a whole graph's profiles, so that a
-    /// batch's profiles leave the graph as records while its commit is
-    /// written. Then a batch may fill the graph; otherwise it stays within
-    /// half of it, the other half holding the batch being written.
+    /// batch's profiles leave the graph as records, before or while its
+    /// commit is written. Then a batch may outgrow the graph; otherwise it
+    /// stays within half of it, the other half holding the batch being
+    /// written.
     fn demotes_unwritten(&self) -> bool {
         self.record_bytes >= self.capacity.saturating_mul(EXPECTED_RECORD_COST)
     }
@@ -396,7 +397,19 @@ impl Resolver {
         let touched_bound = if demoting { usize::MAX } else { (self.cache.capacity / 2).max(self.chunk) };
         'reading: while resolved < limit {
             let wanted = (limit - resolved).min(READ_PAGE);
-            let entries = self.store.read_log(to, wanted)?;
+            let entries = match self.store.read_log(to, wanted) {
+                Ok(entries) => entries,
+                Err(error) => {
+                    // Memory holds part of a batch that will not be
+                    // committed: start again from storage, or the next step
+                    // would apply those events a second time.
+                    if resolved > 0 {
+                        self.flush()?;
+                        self.reload()?;
+                    }
+                    return Err(error.into());
+                }
+            };
             let end_of_log = entries.len() < wanted;
             // Parsed events are held a chunk at a time: storage is read once
             // per chunk, and memory is reused rather than grown with the batch.
@@ -474,7 +487,7 @@ impl Resolver {
 
     /// Makes room in a full graph in the middle of a batch: moves profiles
     /// out as [`Resolver::evict`] does, this batch's own included (as
-    /// unwritten records, which its commit will copy). First the batch's
+    /// unwritten records, which its commit will share). First the batch's
     /// new identifiers are settled on their owners, since a moved profile's
     /// identifiers leave the graph's index. Returns `false` when too few
     /// could leave, and the batch must end.
@@ -576,8 +589,8 @@ impl Resolver {
 
     /// Moves the least recently used profiles out of the graph into the
     /// compact records once the graph passes its eviction level, down to the
-    /// level it keeps (so eviction runs once per batch or fewer, not at every
-    /// profile). Profiles a batch whose commit is not durable yet used (the
+    /// level it keeps (so eviction runs once per batch, or each time a batch
+    /// fills the graph, not at every profile). Profiles a batch whose commit is not durable yet used (the
     /// one in flight, the one being resolved) leave only when the records
     /// promise to keep them ([`records::ProfileRecords::keep_unwritten`]),
     /// the current batch's as `unwritten` (its commit, once made) holds;
@@ -600,8 +613,8 @@ impl Resolver {
                 candidates.select_nth_unstable(excess);
             }
             candidates.truncate(excess);
-            // Written profiles first: the records drop their oldest first,
-            // so the unwritten ones, kept last, are never the ones dropped.
+            // Least recently used first. The records never drop an unwritten
+            // one; written ones kept before them are the first to go.
             candidates.sort_unstable();
             let encoded: HashMap<ProfileId, &Arc<[u8]>> = match unwritten {
                 Some(commit) if demoting => commit.shared_records().collect(),

@@ -40,8 +40,8 @@ pub(crate) struct ProfileRecords {
     /// identifier until the resolver restarts), and identifiers come from
     /// clients. The maps hash their keys with foldhash.
     hasher: SipHashState,
-    /// Each kept record with the number it was kept under.
-    records: HashMap<ProfileId, (u64, Arc<[u8]>), RandomState>,
+    /// Each kept record with the number it was kept under and its cost.
+    records: HashMap<ProfileId, (u64, usize, Arc<[u8]>), RandomState>,
     owners: HashMap<u64, ProfileId, RandomState>,
     /// Kept ids with their numbers, oldest first. An entry whose number is
     /// not its record's any more (taken out, perhaps kept again since) is
@@ -93,6 +93,10 @@ impl ProfileRecords {
     /// stored profile doing so: it dropped older records to stay within its
     /// budget, or an identifier's hash was already another profile's.
     pub(crate) fn keep(&mut self, profile: &Profile) -> bool {
+        debug_assert!(
+            !self.unwritten.contains_key(&profile.id),
+            "an unwritten record is replaced only by taking it out"
+        );
         if self.records.contains_key(&profile.id) {
             // Not expected (a profile is kept only once it left the graph);
             // the newer state replaces the kept one.
@@ -122,7 +126,7 @@ impl ProfileRecords {
 
     fn insert(&mut self, id: ProfileId, record: Arc<[u8]>, cost: usize) {
         self.next_number += 1;
-        self.records.insert(id, (self.next_number, record));
+        self.records.insert(id, (self.next_number, cost, record));
         self.order.push_back((self.next_number, id));
         self.used_bytes += cost;
     }
@@ -139,7 +143,7 @@ impl ProfileRecords {
         while self.used_bytes > self.budget_bytes && turns > 0 {
             turns -= 1;
             let Some((number, oldest)) = self.order.pop_front() else { break };
-            if self.records.get(&oldest).is_none_or(|(kept, _)| *kept != number) {
+            if self.records.get(&oldest).is_none_or(|(kept, _, _)| *kept != number) {
                 continue;
             }
             if self.unwritten.contains_key(&oldest) {
@@ -195,7 +199,7 @@ impl ProfileRecords {
     /// commit that writes it.
     pub(crate) fn unwritten_record(&self, id: ProfileId) -> Option<&Arc<[u8]>> {
         self.unwritten.get(&id)?;
-        self.records.get(&id).map(|(_, record)| record)
+        self.records.get(&id).map(|(_, _, record)| record)
     }
 
     /// Batches up to `batch` are durable: their records may be dropped like
@@ -224,58 +228,67 @@ impl ProfileRecords {
         let Some(&id) = self.owners.get(&hash) else {
             return Ok(Owner::NotHere);
         };
-        let Some((_, record)) = self.records.get(&id) else {
+        let Some((_, _, record)) = self.records.get(&id) else {
             return Ok(Owner::NotHere);
         };
-        let length = record.len();
-        let profile = profile_record::decode_record(record)?;
+        let profile = match profile_record::decode_record(record) {
+            Ok(profile) => profile,
+            Err(error) => {
+                // The caller reports it and starts again from storage.
+                self.remove_record(id);
+                return Err(error);
+            }
+        };
         if !profile.identifiers.contains(identifier) {
             // Another identifier with the same hash.
             return Ok(Owner::NotHere);
         }
-        self.forget(&profile, length);
+        self.forget(&profile);
         Ok(Owner::Found(profile))
     }
 
     /// Takes out profile `id`, if it is kept here.
     pub(crate) fn take(&mut self, id: ProfileId) -> Option<Result<Profile, ProfileRecordError>> {
-        let (_, record) = self.records.get(&id)?;
-        let length = record.len();
+        let (_, _, record) = self.records.get(&id)?;
         match profile_record::decode_record(record) {
             Ok(profile) => {
-                self.forget(&profile, length);
+                self.forget(&profile);
                 Some(Ok(profile))
             }
             Err(error) => {
                 // A record this tier wrote and cannot read: the caller
-                // reports it and starts again from storage.
-                self.records.remove(&id);
-                if let Some((_, cost)) = self.unwritten.remove(&id) {
-                    self.unwritten_bytes -= cost;
-                }
+                // reports it and starts again from storage. Its index
+                // entries stay, pointing at nothing: a look-up by them
+                // finds nothing here.
+                self.remove_record(id);
                 Some(Err(error))
             }
         }
     }
 
     /// Removes a decoded profile's record and the index entries pointing at it.
-    fn forget(&mut self, profile: &Profile, record_length: usize) {
-        self.records.remove(&profile.id);
-        if let Some((_, cost)) = self.unwritten.remove(&profile.id) {
-            self.unwritten_bytes -= cost;
-        }
+    fn forget(&mut self, profile: &Profile) {
+        self.remove_record(profile.id);
         for identifier in &profile.identifiers {
             let hash = self.hasher.hash_one(identifier);
             if self.owners.get(&hash) == Some(&profile.id) {
                 self.owners.remove(&hash);
             }
         }
-        self.used_bytes -= cost_of(record_length, profile.identifiers.len());
+    }
+
+    /// Removes record `id` with its cost (its index entries are the caller's).
+    fn remove_record(&mut self, id: ProfileId) {
+        let Some((_, cost, _)) = self.records.remove(&id) else { return };
+        self.used_bytes -= cost;
+        if let Some((_, cost)) = self.unwritten.remove(&id) {
+            self.unwritten_bytes -= cost;
+        }
         // The id stays in `order` and is skipped when its turn comes; the
         // queue is compacted when it is mostly such ids.
         if self.order.len() > 2 * self.records.len() + 1024 {
             let records = &self.records;
-            self.order.retain(|(number, id)| records.get(id).is_some_and(|(kept, _)| kept == number));
+            self.order.retain(|(number, id)| records.get(id).is_some_and(|(kept, _, _)| kept == number));
         }
     }
 }
@@ -396,6 +409,18 @@ mod tests {
         assert!(!records.keep(&profile(6, &["user_id:u6"])));
         assert!(records.take(ProfileId(1)).is_none(), "written now, it may go");
         assert!(records.take(ProfileId(2)).is_some(), "batch 2 is not durable yet");
+    }
+
+    #[test]
+    fn an_unreadable_record_leaves_with_its_cost() {
+        let mut records = ProfileRecords::new(1 << 20);
+        let junk: Arc<[u8]> = vec![0xff; 40].into();
+        records.insert(ProfileId(9), junk, cost_of(40, 1));
+        records.unwritten.insert(ProfileId(9), (1, cost_of(40, 1)));
+        records.unwritten_bytes = cost_of(40, 1);
+        assert!(matches!(records.take(ProfileId(9)), Some(Err(_))));
+        assert_eq!((records.len(), records.used_bytes(), records.unwritten_bytes()), (0, 0, 0));
+        assert!(records.take(ProfileId(9)).is_none(), "gone");
     }
 
     #[test]
