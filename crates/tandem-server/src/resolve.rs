@@ -403,11 +403,7 @@ impl Resolver {
                     // Memory holds part of a batch that will not be
                     // committed: start again from storage, or the next step
                     // would apply those events a second time.
-                    if resolved > 0 {
-                        self.flush()?;
-                        self.reload()?;
-                    }
-                    return Err(error.into());
+                    return Err(if resolved > 0 { self.start_over(error.into()) } else { error.into() });
                 }
             };
             let end_of_log = entries.len() < wanted;
@@ -415,10 +411,8 @@ impl Resolver {
             // per chunk, and memory is reused rather than grown with the batch.
             for chunk in entries.chunks(self.chunk) {
                 if let Err(error) = self.resolve_chunk(chunk, &mut batch) {
-                    // Memory may hold part of a load: start again from storage.
-                    self.flush()?;
-                    self.reload()?;
-                    return Err(error);
+                    // Memory may hold part of a load.
+                    return Err(self.start_over(error));
                 }
                 to = chunk.last().expect("chunks are not empty").position;
                 resolved += chunk.len();
@@ -443,11 +437,7 @@ impl Resolver {
         self.metrics.resolver_profiles.set(self.live_profiles as i64);
         let commit = match batch.into_commit(&self.graph, &self.records, self.epoch, self.resolved, to) {
             Ok(commit) => commit,
-            Err(error) => {
-                self.flush()?;
-                self.reload()?;
-                return Err(error);
-            }
+            Err(error) => return Err(self.start_over(error)),
         };
         tracing::debug!(
             events = resolved,
@@ -483,6 +473,17 @@ impl Resolver {
         self.in_flight = Some(InFlight { to, batch: self.cache.batch, commit });
         self.resolved = to;
         Ok(resolved)
+    }
+
+    /// Drops the batch being resolved after `error`: waits for the commit in
+    /// flight and starts again from storage, so the next step does not apply
+    /// the batch's events on top of their own effects. Answers the error to
+    /// report (the first of these to fail, if one does).
+    fn start_over(&mut self, error: ResolveError) -> ResolveError {
+        match self.flush().and_then(|_| self.reload()) {
+            Ok(()) => error,
+            Err(failed) => failed,
+        }
     }
 
     /// Makes room in a full graph in the middle of a batch: moves profiles
@@ -590,11 +591,11 @@ impl Resolver {
     /// Moves the least recently used profiles out of the graph into the
     /// compact records once the graph passes its eviction level, down to the
     /// level it keeps (so eviction runs once per batch, or each time a batch
-    /// fills the graph, not at every profile). Profiles a batch whose commit is not durable yet used (the
-    /// one in flight, the one being resolved) leave only when the records
-    /// promise to keep them ([`records::ProfileRecords::keep_unwritten`]),
-    /// the current batch's as `unwritten` (its commit, once made) holds;
-    /// others stay.
+    /// fills the graph, not at every profile). Profiles last used by a batch
+    /// whose commit is not durable yet (the one in flight, the one being
+    /// resolved) leave only when the records promise to keep them
+    /// ([`records::ProfileRecords::keep_unwritten`]), the current batch's as
+    /// `unwritten` (its commit, once made) holds; others stay.
     fn evict(&mut self, unwritten: Option<&CommitProfiles>) {
         let graph = &self.graph;
         let cache = &mut self.cache;
@@ -1467,15 +1468,19 @@ mod tests {
         assert!(text.contains("tandem_resolver_batch_duration_seconds_count 1"), "{text}");
     }
 
+    /// 3,000 identifies of 520 people: half the traffic from twenty
+    /// regulars, half spread over 500 others.
+    fn regulars_and_others() -> Vec<Value> {
+        (0..3_000u32)
+            .map(|n| if n % 2 == 0 { n % 40 } else { n * 7 % 1_000 })
+            .map(|person| json!({"type": "identify", "userId": format!("u{person}"), "anonymousId": format!("a{person}")}))
+            .collect()
+    }
+
     #[test]
     fn memory_is_set_by_the_cache_size_not_by_the_customer_base() {
         let dir = tempfile::tempdir().unwrap();
-        // Half the traffic from twenty regulars, half spread over 500 others.
-        let people: Vec<u32> = (0..3_000u32).map(|n| if n % 2 == 0 { n % 40 } else { n * 7 % 1_000 }).collect();
-        let messages: Vec<Value> = people
-            .iter()
-            .map(|person| json!({"type": "identify", "userId": format!("u{person}"), "anonymousId": format!("a{person}")}))
-            .collect();
+        let messages = regulars_and_others();
         let store = store_with(dir.path(), &messages);
         let metrics = Metrics::new();
         let no_records = ResolverCache { profiles: 100, record_bytes: 0 };
@@ -1502,11 +1507,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // 520 people, each met again later in the batch, some by an email
         // that merges a second profile into them.
-        let people: Vec<u32> = (0..3_000u32).map(|n| if n % 2 == 0 { n % 40 } else { n * 7 % 1_000 }).collect();
-        let mut messages: Vec<Value> = people
-            .iter()
-            .map(|person| json!({"type": "identify", "userId": format!("u{person}"), "anonymousId": format!("a{person}")}))
-            .collect();
+        let mut messages = regulars_and_others();
         for person in 0..60u32 {
             messages.push(json!({"type": "identify", "anonymousId": format!("late{person}"), "traits": {"email": format!("p{person}@example.com")}}));
         }
@@ -1533,11 +1534,7 @@ mod tests {
     #[test]
     fn profiles_the_graph_drops_are_kept_as_records_and_never_read_again() {
         let dir = tempfile::tempdir().unwrap();
-        let people: Vec<u32> = (0..3_000u32).map(|n| if n % 2 == 0 { n % 40 } else { n * 7 % 1_000 }).collect();
-        let mut messages: Vec<Value> = people
-            .iter()
-            .map(|person| json!({"type": "identify", "userId": format!("u{person}"), "anonymousId": format!("a{person}")}))
-            .collect();
+        let mut messages = regulars_and_others();
         // A returning person, resolved by a second resolver below.
         messages.push(json!({"type": "track", "event": "Back", "userId": "u7"}));
         let store = store_with(dir.path(), &messages);

@@ -49,9 +49,9 @@ pub(crate) struct ProfileRecords {
     order: VecDeque<(u64, ProfileId)>,
     next_number: u64,
     /// Profiles kept here whose latest state is not durable yet, each with
-    /// the batch whose commit will write it and its cost. They are never
-    /// dropped: storage would answer with an older state.
-    unwritten: HashMap<ProfileId, (u64, usize), RandomState>,
+    /// the batch whose commit will write it. They are never dropped:
+    /// storage would answer with an older state.
+    unwritten: HashMap<ProfileId, u64, RandomState>,
     unwritten_bytes: usize,
 }
 
@@ -187,7 +187,7 @@ impl ProfileRecords {
             return None;
         }
         self.unwritten_bytes += cost;
-        self.unwritten.insert(profile.id, (batch, cost));
+        self.unwritten.insert(profile.id, batch);
         for identifier in &profile.identifiers {
             self.owners.insert(self.hasher.hash_one(identifier), profile.id);
         }
@@ -205,11 +205,12 @@ impl ProfileRecords {
     /// Batches up to `batch` are durable: their records may be dropped like
     /// any other.
     pub(crate) fn written_through(&mut self, batch: u64) {
+        let records = &self.records;
         let mut freed = 0;
-        self.unwritten.retain(|_, (changed_in, cost)| {
+        self.unwritten.retain(|id, changed_in| {
             let written = *changed_in <= batch;
             if written {
-                freed += *cost;
+                freed += records.get(id).map_or(0, |(_, cost, _)| *cost);
             }
             !written
         });
@@ -281,7 +282,7 @@ impl ProfileRecords {
     fn remove_record(&mut self, id: ProfileId) {
         let Some((_, cost, _)) = self.records.remove(&id) else { return };
         self.used_bytes -= cost;
-        if let Some((_, cost)) = self.unwritten.remove(&id) {
+        if self.unwritten.remove(&id).is_some() {
             self.unwritten_bytes -= cost;
         }
         // The id stays in `order` and is skipped when its turn comes; the
@@ -416,7 +417,7 @@ mod tests {
         let mut records = ProfileRecords::new(1 << 20);
         let junk: Arc<[u8]> = vec![0xff; 40].into();
         records.insert(ProfileId(9), junk, cost_of(40, 1));
-        records.unwritten.insert(ProfileId(9), (1, cost_of(40, 1)));
+        records.unwritten.insert(ProfileId(9), 1);
         records.unwritten_bytes = cost_of(40, 1);
         assert!(matches!(records.take(ProfileId(9)), Some(Err(_))));
         assert_eq!((records.len(), records.used_bytes(), records.unwritten_bytes()), (0, 0, 0));
